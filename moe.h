@@ -1,0 +1,2561 @@
+/* moe.h - v0.1.0 - MIT licence - Mixture-of-Experts in one C99 header: numeric core, experts, routers.
+
+   Define MOE_IMPLEMENTATION in exactly ONE .c (or .cpp / .cu) file before including this header:
+
+       #define MOE_IMPLEMENTATION
+       #include "moe.h"
+
+   Other files include "moe.h" for the declarations only.
+
+   ABOUT
+   A reference implementation, small enough to read, of the Mixture-of-Experts research line:
+   a numeric core (kernels with their backward passes, AdamW, one flat parameter store,
+   checkpoints), experts stacked per layer, and the router family: softmax top-k with and
+   without renormalisation, sigmoid gating, Shazeer noisy top-k, expert-choice, capacity factor,
+   shared and fine-grained experts, the standard auxiliary losses. Everything is float32, every
+   parallel loop owns its outputs, so results are bit-identical for any number of threads.
+
+   QUICK START (one MoE layer, trained on your own data)
+
+       moe_store S;                       // THE parameter store: params/grads/Adam m,v
+       moe_layer L;                       // one MoE layer: config, tensor ids, activations
+       moe_layer_config c = moe_layer_config_default();
+       c.d = 64; c.d_ff = 128; c.n_experts = 8; c.top_k = 2;
+       moe_store_init(&S);
+       moe_layer_init(&L, &c, &S, "moe.", 1024);    // declares tensors, sizes activations
+       moe_store_alloc(&S, 1);                        // params + grads + Adam moments
+       moe_layer_init_weights(&L, &S, &rng);
+       moe_layer_forward(&L, &S, y, x, T, NULL);      // y = MoE(x), T <= 1024 tokens
+       ... dy = dLoss/dy ...
+       moe_store_zero_grad(&S);
+       moe_layer_backward(&L, &S, dx, dy);            // ACCUMULATES into S.grads (+ aux losses)
+       moe_adamw_step(&S, &opt, lr, step);
+       moe_layer_free(&L); moe_store_free(&S);
+
+   Every function that can fail on user input returns a moe_status (0 = MOE_OK, negative =
+   error) and leaves a sentence in the caller's moe_err (a field of the object it works on, or
+   an argument). The library never prints, never exits.
+
+   BUILD OPTIONS (define before including; "everywhere" = in every file that includes moe.h)
+       MOE_IMPLEMENTATION   this file holds the implementation                    (one file)
+       MOE_STATIC           all functions static (private copy per file)          (everywhere)
+       MOEDEF               override the declaration qualifier                    (everywhere)
+       MOE_ASSERT(x)        internal invariant check, default assert()            (impl. file)
+       MOE_MALLOC(n), MOE_FREE(p)  allocator, both or neither, default malloc/free (impl. file)
+       MOE_NO_STDIO         drop file I/O (checkpoints)                           (everywhere)
+       MOE_NO_OPENMP        ignore OpenMP even when the compiler enables it       (impl. file)
+   OpenMP is used when the compiler defines _OPENMP (-fopenmp). Thread count: OMP_NUM_THREADS.
+
+   CONVENTIONS
+   - Shapes are written outermost-first, (T, d) = T rows of d contiguous floats.
+     Letters: T tokens, d model width, D expert hidden width, E experts, K experts per token,
+     S shared experts, N assignments (token, expert) pairs, V vocabulary.
+   - Weights are (out, in) as in PyTorch's nn.Linear; experts stack as (E, out, in).
+   - Forward functions: outputs, caches, inputs, weights, sizes. Backward functions: input
+     gradients, weight gradients, output gradient, forward inputs/caches, sizes.
+   - BACKWARD FUNCTIONS ACCUMULATE (+=) INTO EVERY GRADIENT. Zero the gradients once per
+     optimizer step (moe_store_zero_grad); micro-batch accumulation is then free.
+   - Routing is data: every router fills the same assignment list (token, expert, weight),
+     grouped by expert with a stable counting sort; experts consume it; combine sums each
+     token's contributions in a fixed order. Top-k ties go to the lower expert index.
+
+   TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
+       1. core        >>moe:core      status codes, errors, allocator, RNG, timer
+       2. store       >>moe:store     THE tensor table over flat params/grads/m/v, fingerprint
+       3. optim       >>moe:optim     AdamW, global gradient-norm clipping, warm-up + cosine
+       4. ckpt        >>moe:ckpt      checkpoint file: one versioned format, atomic, CRC-32
+       5. matmul      >>moe:matmul    blocked GEMM, matmul forward/backward (+ naive reference)
+       6. kernels     >>moe:kernels   softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
+                                      cross-entropy: forward/backward pairs
+       7. experts     >>moe:experts   SwiGLU and two-matrix FFN experts on gathered tokens
+       8. router      >>moe:router    top-k / sigmoid / noisy top-k / expert-choice, aux losses
+       9. dispatch    >>moe:dispatch  assignment list, counting sort, capacity, combine
+      10. layer       >>moe:layer     the MoE layer: forward, backward, routing statistics
+
+   Tests: tests/test_core.c (1-4), tests/test_kernels.c (5-6), tests/test_layer.c (7-10),
+   tests/test_golden.c (PyTorch goldens for 5-10). Benchmarks: bench/.
+
+   LICENCE: MIT, at the end of the file.
+*/
+#ifndef MOE_H_INCLUDED
+#define MOE_H_INCLUDED
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_STRING "0.1.0"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifndef MOEDEF
+#ifdef MOE_STATIC
+#define MOEDEF static
+#else
+#define MOEDEF extern
+#endif
+#endif
+
+#if defined(__cplusplus) || defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
+#define MOE_RESTRICT __restrict
+#else
+#define MOE_RESTRICT restrict
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ============================================================================================
+   >>moe:core  status codes, errors, allocator, RNG
+   ============================================================================================ */
+
+/* One X-macro list gives the enum and its strings. */
+#define MOE__STATUS_LIST(X)                                                   \
+    X(MOE_OK, 0, "ok")                                                        \
+    X(MOE_ERR_INVALID_ARG, -1, "invalid argument")                            \
+    X(MOE_ERR_SHAPE, -2, "shape mismatch")                                    \
+    X(MOE_ERR_NOMEM, -3, "out of memory")                                     \
+    X(MOE_ERR_IO, -4, "file input/output error")                              \
+    X(MOE_ERR_FORMAT, -5, "bad file format")                                  \
+    X(MOE_ERR_STATE, -6, "call out of order")                                 \
+    X(MOE_ERR_NO_DEVICE, -7, "no compute device")                             \
+    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")
+
+#define MOE__STATUS_ENUM(name, value, text) name = value,
+typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -9 } moe_status;
+#undef MOE__STATUS_ENUM
+
+/* The sentence that goes with a status. Lives in the caller's object, never in a global. */
+typedef struct moe_err {
+    moe_status status; /* last status set                                   */
+    char msg[256];     /* human sentence, "" when status == MOE_OK           */
+} moe_err;
+
+MOEDEF const char *moe_status_string(moe_status s);
+/* sets e->status and e->msg (printf format); returns s; e may be NULL */
+MOEDEF moe_status moe_err_set(moe_err *e, moe_status s, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* PCG32 random numbers; the whole state is two integers, so checkpoints can store it. */
+typedef struct moe_rng {
+    uint64_t state;
+    uint64_t inc;
+} moe_rng;
+
+MOEDEF void moe_rng_seed(moe_rng *r, uint64_t seed);
+MOEDEF uint32_t moe_rng_u32(moe_rng *r);
+MOEDEF float moe_rng_uniform(moe_rng *r);  /* [0, 1), 24 random bits                 */
+MOEDEF float moe_rng_normal(moe_rng *r);   /* N(0,1), Box-Muller in double, no cache  */
+MOEDEF int moe_rng_below(moe_rng *r, int n); /* uniform integer in [0, n), unbiased    */
+
+MOEDEF int moe_num_threads(void); /* threads an OpenMP loop would use here, 1 without OpenMP */
+MOEDEF double moe_time_seconds(void); /* monotonic wall clock (seconds), for benchmarks       */
+
+/* ============================================================================================
+   >>moe:store  THE tensor table over flat buffers
+   ============================================================================================
+   Parameters, gradients and the AdamW moments are each ONE flat float buffer in the same order.
+   The table lists every tensor (name, shape, offset); optimizer, clipping, checkpoints and
+   (later) averaging, growth and masking all walk these flat buffers through this one table. */
+
+#define MOE_MAX_DIMS 4
+#define MOE_NAME_LEN 64
+
+enum { MOE_TENSOR_DECAY = 1 }; /* flags: apply AdamW weight decay to this tensor */
+
+typedef struct moe_tensor {
+    char name[MOE_NAME_LEN]; /* e.g. "layer0.moe.w_gate"                          */
+    int ndim;                /* 1..MOE_MAX_DIMS                                   */
+    int shape[MOE_MAX_DIMS]; /* outermost first                                    */
+    size_t offset;           /* in floats, into params/grads/adam_m/adam_v        */
+    size_t numel;
+    int flags;               /* MOE_TENSOR_DECAY                                  */
+} moe_tensor;
+
+typedef struct moe_store {
+    moe_tensor *tensors; /* (count) the table                                        */
+    int count, capacity;
+    size_t numel;        /* total floats per buffer                                   */
+    float *params;       /* (numel)                                                   */
+    float *grads;        /* (numel) backward passes accumulate here                   */
+    float *adam_m;       /* (numel) NULL unless allocated with the optimizer          */
+    float *adam_v;       /* (numel)                                                   */
+    int allocated;       /* 1 after moe_store_alloc: the table is frozen               */
+    moe_err err;
+} moe_store;
+
+MOEDEF void moe_store_init(moe_store *s);
+/* Declares a tensor; dims after the last used one are 0. Returns its id (>= 0) or -1. */
+MOEDEF int moe_store_add(moe_store *s, const char *name, int flags, int n0, int n1, int n2, int n3);
+MOEDEF moe_status moe_store_alloc(moe_store *s, int with_optimizer); /* zero-filled buffers */
+MOEDEF void moe_store_free(moe_store *s);
+MOEDEF int moe_store_find(const moe_store *s, const char *name); /* id or -1 */
+MOEDEF float *moe_store_param(const moe_store *s, int id);      /* NULL for id < 0 */
+MOEDEF float *moe_store_grad(const moe_store *s, int id);
+MOEDEF void moe_store_zero_grad(moe_store *s);
+/* FNV-1a 64 over every (name, shape, flags): two stores with equal fingerprints have the
+   same layout, so their flat buffers can be copied, averaged or loaded into each other. */
+MOEDEF uint64_t moe_store_fingerprint(const moe_store *s);
+
+/* ============================================================================================
+   >>moe:optim  AdamW, gradient clipping, learning-rate schedule
+   ============================================================================================ */
+
+typedef struct moe_adamw_config {
+    float beta1;        /* 0.9                                                            */
+    float beta2;        /* 0.999                                                          */
+    float eps;          /* 1e-8                                                           */
+    float weight_decay; /* 0.01, decoupled (Loshchilov & Hutter), only MOE_TENSOR_DECAY    */
+} moe_adamw_config;
+
+MOEDEF moe_adamw_config moe_adamw_config_default(void);
+/* One AdamW update of every parameter, PyTorch's torch.optim.AdamW arithmetic (bias-corrected,
+   decay applied as p *= 1 - lr*wd before the Adam step). step counts from 1. */
+MOEDEF moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step);
+/* Global L2 norm of all gradients (double sum in a fixed order); if max_norm > 0 and the norm
+   exceeds it, scales every gradient by max_norm / (norm + 1e-6) as torch's clip_grad_norm_.
+   Returns the norm before clipping. */
+MOEDEF float moe_clip_grad_norm(moe_store *s, float max_norm);
+/* Linear warm-up over `warmup` steps to lr_max, then cosine decay to lr_min at `total`. */
+MOEDEF float moe_lr_cosine(long long step, long long warmup, long long total, float lr_max, float lr_min);
+
+/* ============================================================================================
+   >>moe:ckpt  checkpoints
+   ============================================================================================
+   One format for every model in moe.h and reward.h. Little-endian:
+     "MOECKPT\0", u32 version, u32 flags (1 = Adam moments present), u64 layout fingerprint,
+     u64 numel, i64 step, u64 config bytes, u64 state bytes,
+     config blob, state blob (caller's: RNG, data position, ...), params, [adam_m, adam_v],
+     u32 CRC-32 (zlib polynomial) of everything before it.
+   Saving writes "<path>.tmp", flushes, fsyncs (POSIX), renames: an existing checkpoint is
+   never left half-written. Loading reads and verifies the whole file before it touches the
+   store: on any error the store is unchanged. */
+
+#define MOE_CKPT_VERSION 1
+
+typedef struct moe_ckpt_info {
+    int version;
+    int has_moments;
+    uint64_t fingerprint;
+    uint64_t numel;
+    long long step;
+    uint64_t config_bytes;
+    uint64_t state_bytes;
+} moe_ckpt_info;
+
+#ifndef MOE_NO_STDIO
+MOEDEF moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
+                                      long long step, const void *config, size_t config_bytes,
+                                      const void *state, size_t state_bytes, moe_err *err);
+/* Verifies magic, version, CRC, fingerprint, sizes; config_bytes/state_bytes must equal the
+   stored sizes (pass 0 / NULL to skip). If `expect_config` is non-NULL the stored config blob
+   must equal it byte for byte. step/config_out/state_out may be NULL. */
+MOEDEF moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,
+                                      const void *expect_config, void *config_out,
+                                      size_t config_bytes, void *state_out, size_t state_bytes,
+                                      moe_err *err);
+/* Reads only the header (after checking the CRC), to learn sizes before loading. */
+MOEDEF moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, moe_err *err);
+#endif
+MOEDEF uint32_t moe_crc32(uint32_t crc, const void *data, size_t n); /* crc = 0 to start */
+
+/* ============================================================================================
+   >>moe:matmul  matrix multiplication
+   ============================================================================================
+   out (M, N) = inp (M, K) . weight (N, K)^T + bias (N): PyTorch's F.linear.
+   The fast path is a cache-blocked, register-tiled GEMM written as plain loops that gcc and
+   clang vectorize (-O3 -march=native); each output element is always computed by the same
+   sequence of operations, whatever the thread count or its position in the matrix. */
+
+MOEDEF void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                               int M, int K, int N);
+/* dinp (M,K) += dout . weight;  dweight (N,K) += dout^T . inp;  dbias (N) += colsum(dout).
+   Any gradient pointer may be NULL to skip it. */
+MOEDEF void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                const float *inp, const float *weight, int M, int K, int N);
+MOEDEF void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
+                                     const float *bias, int M, int K, int N);
+MOEDEF void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, int M, int K, int N);
+/* The engine under both: C (M,N) (+)= op(A) (M,K) . B (K,N), row-major with leading dims.
+   a_trans: A is stored (K, M). accumulate: 0 overwrites C. Single-threaded; callers split
+   C into row or column blocks per thread. */
+MOEDEF void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                     int ldb, float *C, int ldc, int accumulate);
+MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
+                           const float *B, int ldb, float *C, int ldc, int accumulate);
+
+/* ============================================================================================
+   >>moe:kernels  elementwise, normalisation, loss
+   ============================================================================================
+   Rows are contiguous. These loops are already the fast form, so each is its own reference;
+   tests/test_kernels.c checks every pair by finite differences and against PyTorch. */
+
+typedef enum moe_activation {
+    MOE_ACT_SILU = 0,      /* x * sigmoid(x)                                */
+    MOE_ACT_GELU = 1,      /* exact, erf form (PyTorch's default)           */
+    MOE_ACT_GELU_TANH = 2, /* tanh approximation (GPT-2)                    */
+    MOE_ACT_RELU = 3
+} moe_activation;
+
+/* softmax over the last dim of (rows, n) */
+MOEDEF void moe_softmax_forward(float *out, const float *inp, int rows, int n);
+MOEDEF void moe_softmax_backward(float *dinp, const float *dout, const float *out, int rows, int n);
+MOEDEF void moe_activation_forward(float *out, const float *inp, size_t n, moe_activation act);
+MOEDEF void moe_activation_backward(float *dinp, const float *dout, const float *inp, size_t n,
+                                    moe_activation act);
+/* SwiGLU: out = silu(gate) * up, elementwise */
+MOEDEF void moe_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+MOEDEF void moe_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                                const float *up, size_t n);
+/* RMSNorm over (rows, n): out = x * rstd * weight, rstd = 1/sqrt(mean(x^2) + eps) */
+MOEDEF void moe_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
+                                int rows, int n, float eps);
+MOEDEF void moe_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                                 const float *weight, const float *rstd, int rows, int n);
+/* LayerNorm over (rows, n): out = (x - mean) * rstd * weight + bias */
+MOEDEF void moe_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                  const float *weight, const float *bias, int rows, int n, float eps);
+MOEDEF void moe_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                   const float *inp, const float *weight, const float *mean,
+                                   const float *rstd, int rows, int n);
+/* Cross-entropy of (rows, V) logits against int targets; targets < 0 are ignored (as
+   PyTorch's ignore_index). losses (rows) gets -log p[target] (0 when ignored); returns the
+   mean over counted rows (double accumulation). */
+MOEDEF double moe_crossentropy_forward(float *losses, const float *logits, const int *targets,
+                                       int rows, int V);
+/* dlogits += dloss * (softmax(logits) - onehot(target)) for each counted row; dloss is the
+   gradient of the loss with respect to each counted row's loss (1/count for a mean). */
+MOEDEF void moe_crossentropy_backward(float *dlogits, const float *logits, const int *targets,
+                                      int rows, int V, float dloss);
+
+/* ============================================================================================
+   >>moe:experts  experts on gathered tokens
+   ============================================================================================
+   A bank of E experts with stacked weights. Rows of xg (N, d) are the tokens routed to the
+   bank, grouped by expert: rows [offset[e], offset[e+1]) belong to expert e.
+     SwiGLU expert:  h = silu(xg . gate_e^T) * (xg . up_e^T);  out = h . down_e^T
+     FFN expert:     h = act(xg . up_e^T + b_up_e);            out = h . down_e^T + b_down_e
+   gate, up: (E, D, d); down: (E, d, D); b_up: (E, D); b_down: (E, d). */
+
+typedef enum moe_expert_kind {
+    MOE_EXPERT_SWIGLU = 0, /* A gate, B up, O down (Mixtral, DeepSeekMoE)   */
+    MOE_EXPERT_FFN = 1     /* two matrices and an activation (Switch, GPT-2) */
+} moe_expert_kind;
+
+typedef struct moe_expert_weights {
+    float *gate;   /* (E, D, d) SwiGLU only, else NULL  */
+    float *up;     /* (E, D, d)                         */
+    float *down;   /* (E, d, D)                         */
+    float *b_up;   /* (E, D) FFN with biases, else NULL */
+    float *b_down; /* (E, d) FFN with biases, else NULL */
+} moe_expert_weights;
+
+/* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). */
+MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                moe_expert_kind kind, moe_activation act);
+/* dxg (N,d) is OVERWRITTEN (it is a per-assignment buffer, not a gradient of a parameter);
+   weight gradients accumulate. scratch1, scratch2: (N, D) each. */
+MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                 const float *xg, const float *h_gate, const float *h_up,
+                                 const moe_expert_weights *w, const int *offset, int E, int d,
+                                 int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                 float *scratch2);
+
+/* ============================================================================================
+   >>moe:dispatch  the assignment list
+   ============================================================================================
+   Every router fills one of these. After moe_dispatch the list is grouped by expert (a stable
+   counting sort: within an expert, the order of the input list is kept) and each token knows
+   its assignments in slot order, so combine sums them in a fixed order. */
+
+typedef struct moe_assign {
+    int n;           /* assignments in the list                                        */
+    int T, E;        /* tokens, experts                                                */
+    int *token;      /* (cap) token of each assignment, grouped by expert               */
+    int *expert;     /* (cap) expert                                                   */
+    int *slot;       /* (cap) position in its token's combine order                    */
+    float *weight;   /* (cap) mixing weight                                            */
+    int *offset;     /* (E+1) expert e owns [offset[e], offset[e+1])                   */
+    int *tok_offset; /* (T+1) token t owns tok_index[tok_offset[t] .. tok_offset[t+1]) */
+    int *tok_index;  /* (cap) positions in the grouped list, in slot order              */
+} moe_assign;
+
+/* Groups n raw assignments (token[i], expert[i], slot[i], weight[i]) into `a`.
+   The raw arrays must not alias a's arrays. Invalid ids return MOE_ERR_INVALID_ARG. */
+MOEDEF moe_status moe_dispatch(moe_assign *a, const int *token, const int *expert, const int *slot,
+                               const float *weight, int n, int T, int E, moe_err *err);
+/* xg (N, d): row i = x[token[i]] */
+MOEDEF void moe_gather(float *xg, const float *x, const moe_assign *a, int d);
+/* dx (T, d) += sum over the token's assignments of dxg rows, in slot order */
+MOEDEF void moe_gather_backward(float *dx, const float *dxg, const moe_assign *a, int d);
+/* y (T, d) (+)= sum over each token's assignments of weight * eout, in slot order.
+   accumulate = 0 overwrites y. */
+MOEDEF void moe_combine_forward(float *y, const float *eout, const moe_assign *a, int d, int accumulate);
+/* deout (N, d) = weight * dy[token] (overwritten); dweight (N) = <dy[token], eout> (overwritten,
+   may be NULL). */
+MOEDEF void moe_combine_backward(float *deout, float *dweight, const float *dy, const float *eout,
+                                 const moe_assign *a, int d);
+
+/* ============================================================================================
+   >>moe:router  routers and their auxiliary losses
+   ============================================================================================ */
+
+typedef enum moe_router_kind {
+    MOE_ROUTER_TOPK = 0,          /* softmax over E, keep the top k (Switch, DeepSeekMoE;
+                                     renormalize = 1 gives Mixtral)                          */
+    MOE_ROUTER_SIGMOID = 1,       /* independent sigmoid scores, top k (renormalize optional) */
+    MOE_ROUTER_NOISY_TOPK = 2,    /* Shazeer 2017: H = z + noise * (softplus(x Wn) + eps),
+                                     weights = softmax over the k kept H                      */
+    MOE_ROUTER_EXPERT_CHOICE = 3  /* Zhou 2022: expert e takes its ceil(k*T/E) best tokens.
+                                     NOT CAUSAL: a token's routing depends on later tokens    */
+} moe_router_kind;
+
+typedef enum moe_balance_loss {
+    MOE_BALANCE_NONE = 0,
+    MOE_BALANCE_SWITCH = 1,   /* coef * E * sum_i f_i P_i, f_i = share of tokens whose top-1 is i */
+    MOE_BALANCE_MIXTRAL = 2,  /* coef * E * sum_i f_i P_i, f_i = (top-k picks of i) / T  (= k at
+                                 perfect balance; HF transformers' load_balancing_loss_func)     */
+    MOE_BALANCE_DEEPSEEK = 3  /* coef * sum_i f_i P_i, f_i = E/(k T) (picks of i)  (= 1 at balance) */
+} moe_balance_loss;
+
+typedef struct moe_layer_config {
+    int d;                    /* model width                                             */
+    int d_ff;                 /* expert hidden width D                                   */
+    int n_experts;            /* routed experts E                                        */
+    int top_k;                /* k, experts per token (per-expert capacity factor for EC) */
+    int n_shared;             /* DeepSeekMoE shared experts: always on, weight 1; 0 = none */
+    int d_ff_shared;          /* hidden width of a shared expert; 0 = d_ff               */
+    moe_expert_kind expert;   /* SwiGLU (default) or two-matrix FFN                      */
+    moe_activation activation;/* FFN experts' activation (GELU default)                  */
+    int expert_bias;          /* FFN experts carry b_up, b_down                           */
+    moe_router_kind router;
+    int renormalize;          /* divide the k weights by their sum (>= 1e-20)            */
+    int router_bias;          /* router logits get a bias (E)                             */
+    float capacity_factor;    /* 0 = dropless (default); else each expert keeps at most
+                                 ceil(cf * k * T / E) assignments, see moe_layer_forward   */
+    moe_balance_loss balance; /* load-balancing loss form                                */
+    float balance_coef;       /* 0.01                                                    */
+    float z_coef;             /* ST-MoE router z-loss coefficient; 0 (1e-3 typical)       */
+    float importance_coef;    /* noisy top-k: CV^2 of importance; 0.01 (HyperMoE code)     */
+    float load_coef;          /* noisy top-k: CV^2 of smooth load; 0.01                    */
+    float noise_eps;          /* noisy top-k: added to softplus(x Wn); 1e-2                */
+    float router_init_std;    /* router init N(0, std); 0 = zeros (Shazeer); 0.02         */
+} moe_layer_config;
+
+/* Routing statistics of the last forward, per layer. */
+typedef struct moe_routing_stats {
+    int tokens;           /* T                                                               */
+    int requested;        /* assignments the router asked for                                */
+    int kept;             /* assignments the experts computed                                */
+    int dropped;          /* requested - kept (capacity)                                     */
+    float drop_rate;      /* dropped / requested                                             */
+    float *load;          /* (E) share of kept assignments per expert, sums to 1            */
+    float *mean_prob;     /* (E) P_i: mean router probability (normalised scores)           */
+    float load_entropy;   /* H(load), nats; ln E = perfectly balanced                       */
+    float gate_entropy;   /* mean over tokens of H(probabilities), nats                      */
+    float aux_balance;    /* balance loss, coefficient included                              */
+    float aux_z;          /* router z-loss, coefficient included                             */
+    float aux_cv;         /* noisy top-k CV^2 losses, coefficients included                  */
+    float aux_total;      /* the sum: what backward differentiates besides dy              */
+} moe_routing_stats;
+
+MOEDEF moe_layer_config moe_layer_config_default(void);
+/* Checks a config; a sentence in err on failure. */
+MOEDEF moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *err);
+
+/* ============================================================================================
+   >>moe:layer  the MoE layer
+   ============================================================================================ */
+
+typedef struct moe_layer {
+    moe_layer_config cfg;
+    int max_tokens;
+    int cap;              /* capacity of the routed assignment list                          */
+    /* tensor ids in the store, -1 when absent */
+    int id_router_w;      /* (E, d)                                                          */
+    int id_router_b;      /* (E)                                                             */
+    int id_noise_w;       /* (E, d) noisy top-k                                              */
+    int id_gate, id_up, id_down, id_b_up, id_b_down;        /* routed bank                 */
+    int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank             */
+    /* forward caches (sized for max_tokens) */
+    int T;                /* tokens of the last forward, 0 = none                           */
+    int has_noise;        /* last forward was given noise                                    */
+    float *logits;        /* (T, E) x . Wr^T + b                                             */
+    float *probs;         /* (T, E) softmax (or sigmoid) of logits                           */
+    float *gates;         /* (T, E) mixing weight of each (token, expert), 0 when not chosen */
+    float *noise;         /* (T, E) noisy top-k: the N(0,1) draws used                      */
+    float *noise_logits;  /* (T, E) noisy top-k: x . Wn^T                                    */
+    float *noisy;         /* (T, E) noisy top-k: H                                           */
+    float *lse;           /* (T) logsumexp of logits (z-loss)                                */
+    int *topk;            /* (T, K) chosen experts, descending score, -1 = none              */
+    int *thresh;          /* (T, E) noisy top-k: index of the threshold logit for Load       */
+    moe_assign routed;    /* assignment list of the routed bank                              */
+    moe_assign shared;    /* assignment list of the shared bank (every token, weight 1)      */
+    float *xg, *hg, *hu, *eout;     /* routed bank caches: (cap,d) (cap,D) (cap,D) (cap,d)  */
+    float *s_xg, *s_hg, *s_hu, *s_eout; /* shared bank caches, (S*T, ...)                   */
+    /* scratch */
+    int *raw_i;           /* (4 * cap) raw token/expert/slot lists before dispatch          */
+    float *raw_w;         /* (cap)                                                           */
+    float *work_a, *work_b; /* (max(cap, S*T), max(D, Ds))                                  */
+    float *dxg;           /* (max(cap, S*T), d)                                             */
+    float *deout;         /* (max(cap, S*T), d)                                             */
+    float *dgate;         /* (T, E)                                                          */
+    float *dlogits;       /* (T, E)                                                          */
+    float *dnoise_logits; /* (T, E)                                                          */
+    float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
+    float *stat_load, *stat_prob; /* (E) backing for stats                                  */
+    moe_routing_stats stats;
+    moe_err err;
+} moe_layer;
+
+/* Validates cfg, declares the layer's tensors in s under `prefix` (s must not be allocated
+   yet) and allocates activations for up to max_tokens tokens. */
+MOEDEF moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
+                                 const char *prefix, int max_tokens);
+MOEDEF void moe_layer_free(moe_layer *L);
+/* Router N(0, router_init_std); expert matrices U(-1/sqrt(in), 1/sqrt(in)) as nn.Linear;
+   biases 0. */
+MOEDEF void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
+/* Pointers to the layer's weights in the params (grads = 0) or grads (grads = 1) buffer. */
+MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store *s, int shared, int grads);
+/* y (T, d) = MoE(x (T, d)). noise (T, E): N(0,1) draws for the noisy top-k router during
+   training, NULL at evaluation (then H = z). Fills L->stats. Capacity: assignments are admitted
+   slot by slot (every token's first choice before any second choice), tokens in index order;
+   a dropped assignment contributes nothing (the token keeps its residual), weights are not
+   renormalised afterwards. */
+MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
+                                    int T, const float *noise);
+/* dx (T, d) += dLoss/dx; parameter gradients += into s->grads. The auxiliary losses of the
+   last forward (L->stats.aux_total) are part of the differentiated objective. x must be the
+   forward's input. */
+MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, const float *dy,
+                                     const float *x);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_H_INCLUDED */
+
+/* ############################################################################################
+   IMPLEMENTATION
+   ############################################################################################ */
+#if defined(MOE_IMPLEMENTATION) && !defined(MOE_IMPLEMENTATION_INCLUDED)
+#define MOE_IMPLEMENTATION_INCLUDED
+
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifndef MOE_ASSERT
+#include <assert.h>
+#define MOE_ASSERT(x) assert(x)
+#endif
+
+#if defined(MOE_MALLOC) && defined(MOE_FREE)
+#elif !defined(MOE_MALLOC) && !defined(MOE_FREE)
+#define MOE_MALLOC(n) malloc(n)
+#define MOE_FREE(p) free(p)
+#else
+#error "moe.h: define both MOE_MALLOC and MOE_FREE, or neither"
+#endif
+
+#if defined(_OPENMP) && !defined(MOE_NO_OPENMP)
+#include <omp.h>
+#define MOE__OMP 1
+#define MOE__PRAGMA(x) _Pragma(#x)
+/* A parallel loop; each iteration owns its outputs (no reductions, no atomics). */
+#define MOE_OMP_FOR MOE__PRAGMA(omp parallel for schedule(static))
+/* The same, only when the loop has enough work to pay for waking the threads. */
+#define MOE_OMP_FOR_IF(cond) MOE__PRAGMA(omp parallel for schedule(static) if (cond))
+/* Uneven tasks (experts with different token counts): hand them out one at a time. */
+#define MOE_OMP_FOR_DYNAMIC MOE__PRAGMA(omp parallel for schedule(dynamic, 1))
+#else
+#define MOE__OMP 0
+#define MOE_OMP_FOR
+#define MOE_OMP_FOR_IF(cond)
+#define MOE_OMP_FOR_DYNAMIC
+#endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h> /* fsync, for atomic checkpoint writes */
+#define MOE__HAVE_FSYNC 1
+#endif
+
+#ifdef MOE_STATIC
+#define MOE__IMPL static
+#else
+#define MOE__IMPL
+#endif
+
+/* ============================================================================================
+   >>moe:core
+   ============================================================================================ */
+
+MOE__IMPL const char *moe_status_string(moe_status s) {
+#define MOE__STATUS_CASE(name, value, text) \
+    case name: return text;
+    switch (s) {
+        MOE__STATUS_LIST(MOE__STATUS_CASE)
+    default: return "unknown status";
+    }
+#undef MOE__STATUS_CASE
+}
+
+MOE__IMPL moe_status moe_err_set(moe_err *e, moe_status s, const char *fmt, ...) {
+    if (e) {
+        va_list ap;
+        e->status = s;
+        va_start(ap, fmt);
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+    }
+    return s;
+}
+
+static void *moe__calloc(size_t count, size_t size) {
+    void *p;
+    if (count == 0 || size == 0) count = size = 1;
+    if (count > (size_t)-1 / size) return NULL;
+    p = MOE_MALLOC(count * size);
+    if (p) memset(p, 0, count * size);
+    return p;
+}
+
+MOE__IMPL void moe_rng_seed(moe_rng *r, uint64_t seed) {
+    /* PCG32 seeding as in pcg32_srandom_r with a fixed stream */
+    r->state = 0u;
+    r->inc = (0xda3e39cb94b95bdbULL << 1u) | 1u;
+    (void)moe_rng_u32(r);
+    r->state += seed;
+    (void)moe_rng_u32(r);
+}
+
+MOE__IMPL uint32_t moe_rng_u32(moe_rng *r) {
+    uint64_t old = r->state;
+    uint32_t xorshifted, rot;
+    r->state = old * 6364136223846793005ULL + r->inc;
+    xorshifted = (uint32_t)(((old >> 18u) ^ old) >> 27u);
+    rot = (uint32_t)(old >> 59u);
+    return (xorshifted >> rot) | (xorshifted << ((32u - rot) & 31u));
+}
+
+MOE__IMPL float moe_rng_uniform(moe_rng *r) {
+    return (float)(moe_rng_u32(r) >> 8) * (1.0f / 16777216.0f);
+}
+
+MOE__IMPL float moe_rng_normal(moe_rng *r) {
+    /* u1 in (0, 1] so the log is finite; 53-bit-free but deterministic and plenty for init */
+    double u1 = ((double)(moe_rng_u32(r) >> 8) + 1.0) / 16777216.0;
+    double u2 = (double)(moe_rng_u32(r) >> 8) / 16777216.0;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+MOE__IMPL int moe_rng_below(moe_rng *r, int n) {
+    uint32_t bound, x;
+    if (n <= 1) return 0;
+    bound = (uint32_t)(-(uint32_t)n) % (uint32_t)n; /* rejection threshold: 2^32 mod n */
+    do x = moe_rng_u32(r);
+    while (x < bound);
+    return (int)(x % (uint32_t)n);
+}
+
+MOE__IMPL int moe_num_threads(void) {
+#if MOE__OMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+MOE__IMPL double moe_time_seconds(void) {
+#if MOE__OMP
+    return omp_get_wtime();
+#elif defined(CLOCK_MONOTONIC) && defined(_POSIX_C_SOURCE)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#else
+    return (double)clock() / CLOCKS_PER_SEC;
+#endif
+}
+
+/* ============================================================================================
+   >>moe:store
+   ============================================================================================ */
+
+MOE__IMPL void moe_store_init(moe_store *s) { memset(s, 0, sizeof *s); }
+
+MOE__IMPL int moe_store_add(moe_store *s, const char *name, int flags, int n0, int n1, int n2, int n3) {
+    int dims[MOE_MAX_DIMS], nd = 0, i;
+    size_t numel = 1;
+    moe_tensor *t;
+    dims[0] = n0; dims[1] = n1; dims[2] = n2; dims[3] = n3;
+    if (s->allocated) {
+        moe_err_set(&s->err, MOE_ERR_STATE, "tensor '%s' declared after moe_store_alloc", name);
+        return -1;
+    }
+    if (!name || strlen(name) >= MOE_NAME_LEN) {
+        moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "tensor name missing or longer than %d bytes", MOE_NAME_LEN - 1);
+        return -1;
+    }
+    if (moe_store_find(s, name) >= 0) {
+        moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "tensor '%s' declared twice", name);
+        return -1;
+    }
+    while (nd < MOE_MAX_DIMS && dims[nd] != 0) nd++;
+    for (i = nd; i < MOE_MAX_DIMS; i++)
+        if (dims[i] != 0) nd = -1;
+    if (nd <= 0) {
+        moe_err_set(&s->err, MOE_ERR_SHAPE, "tensor '%s' needs 1 to 4 dimensions, listed first", name);
+        return -1;
+    }
+    for (i = 0; i < nd; i++) {
+        if (dims[i] < 0 || (size_t)dims[i] > ((size_t)1 << 40) / numel) {
+            moe_err_set(&s->err, MOE_ERR_SHAPE, "tensor '%s': dimension %d is %d (negative or too large)", name, i, dims[i]);
+            return -1;
+        }
+        numel *= (size_t)dims[i];
+    }
+    if (s->count == s->capacity) {
+        int cap = s->capacity ? 2 * s->capacity : 16;
+        moe_tensor *nt = (moe_tensor *)moe__calloc((size_t)cap, sizeof *nt);
+        if (!nt) {
+            moe_err_set(&s->err, MOE_ERR_NOMEM, "out of memory growing the tensor table");
+            return -1;
+        }
+        if (s->tensors) memcpy(nt, s->tensors, (size_t)s->count * sizeof *nt);
+        MOE_FREE(s->tensors);
+        s->tensors = nt;
+        s->capacity = cap;
+    }
+    t = &s->tensors[s->count];
+    memset(t, 0, sizeof *t);
+    strcpy(t->name, name);
+    t->ndim = nd;
+    for (i = 0; i < nd; i++) t->shape[i] = dims[i];
+    t->offset = s->numel;
+    t->numel = numel;
+    t->flags = flags;
+    s->numel += numel;
+    return s->count++;
+}
+
+MOE__IMPL moe_status moe_store_alloc(moe_store *s, int with_optimizer) {
+    if (s->allocated) return moe_err_set(&s->err, MOE_ERR_STATE, "store already allocated");
+    s->params = (float *)moe__calloc(s->numel, sizeof(float));
+    s->grads = (float *)moe__calloc(s->numel, sizeof(float));
+    if (with_optimizer) {
+        s->adam_m = (float *)moe__calloc(s->numel, sizeof(float));
+        s->adam_v = (float *)moe__calloc(s->numel, sizeof(float));
+    }
+    if (!s->params || !s->grads || (with_optimizer && (!s->adam_m || !s->adam_v))) {
+        MOE_FREE(s->params); MOE_FREE(s->grads); MOE_FREE(s->adam_m); MOE_FREE(s->adam_v);
+        s->params = s->grads = s->adam_m = s->adam_v = NULL;
+        return moe_err_set(&s->err, MOE_ERR_NOMEM, "out of memory for %zu parameters", s->numel);
+    }
+    s->allocated = 1;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_store_free(moe_store *s) {
+    MOE_FREE(s->tensors); MOE_FREE(s->params); MOE_FREE(s->grads);
+    MOE_FREE(s->adam_m); MOE_FREE(s->adam_v);
+    memset(s, 0, sizeof *s);
+}
+
+MOE__IMPL int moe_store_find(const moe_store *s, const char *name) {
+    int i;
+    for (i = 0; i < s->count; i++)
+        if (strcmp(s->tensors[i].name, name) == 0) return i;
+    return -1;
+}
+
+MOE__IMPL float *moe_store_param(const moe_store *s, int id) {
+    return (id >= 0 && id < s->count && s->params) ? s->params + s->tensors[id].offset : NULL;
+}
+
+MOE__IMPL float *moe_store_grad(const moe_store *s, int id) {
+    return (id >= 0 && id < s->count && s->grads) ? s->grads + s->tensors[id].offset : NULL;
+}
+
+MOE__IMPL void moe_store_zero_grad(moe_store *s) {
+    if (s->grads) memset(s->grads, 0, s->numel * sizeof(float));
+}
+
+static uint64_t moe__fnv1a(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+MOE__IMPL uint64_t moe_store_fingerprint(const moe_store *s) {
+    uint64_t h = 14695981039346656037ULL;
+    int i, j;
+    for (i = 0; i < s->count; i++) {
+        const moe_tensor *t = &s->tensors[i];
+        unsigned char dims[4 * (MOE_MAX_DIMS + 2)];
+        h = moe__fnv1a(h, t->name, strlen(t->name) + 1);
+        /* integers as little-endian bytes so the fingerprint is the same on every host */
+        for (j = 0; j < MOE_MAX_DIMS + 2; j++) {
+            uint32_t v = j < MOE_MAX_DIMS ? (uint32_t)t->shape[j] : j == MOE_MAX_DIMS ? (uint32_t)t->ndim : (uint32_t)t->flags;
+            dims[4 * j] = (unsigned char)v; dims[4 * j + 1] = (unsigned char)(v >> 8);
+            dims[4 * j + 2] = (unsigned char)(v >> 16); dims[4 * j + 3] = (unsigned char)(v >> 24);
+        }
+        h = moe__fnv1a(h, dims, sizeof dims);
+    }
+    return h;
+}
+
+/* ============================================================================================
+   >>moe:optim
+   ============================================================================================ */
+
+MOE__IMPL moe_adamw_config moe_adamw_config_default(void) {
+    moe_adamw_config c;
+    c.beta1 = 0.9f; c.beta2 = 0.999f; c.eps = 1e-8f; c.weight_decay = 0.01f;
+    return c;
+}
+
+MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step) {
+    int ti;
+    float bc1, bc2_sqrt, step_size;
+    if (!s->adam_m || !s->adam_v) return moe_err_set(&s->err, MOE_ERR_STATE, "AdamW step on a store allocated without optimizer moments");
+    if (step < 1) return moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "AdamW step counts from 1, got %lld", step);
+    /* torch computes the corrections in double (Python floats) then uses them as scalars */
+    bc1 = (float)(1.0 - pow((double)c->beta1, (double)step));
+    bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
+    step_size = (float)((double)lr / (double)bc1);
+    for (ti = 0; ti < s->count; ti++) {
+        const moe_tensor *t = &s->tensors[ti];
+        float *p = s->params + t->offset, *g = s->grads + t->offset;
+        float *m = s->adam_m + t->offset, *v = s->adam_v + t->offset;
+        float decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * c->weight_decay : 1.0f;
+        long long i, n = (long long)t->numel;
+        MOE_OMP_FOR_IF(n > 32768)
+        for (i = 0; i < n; i++) {
+            float gi = g[i], denom;
+            p[i] *= decay;
+            m[i] += (gi - m[i]) * (1.0f - c->beta1); /* torch's lerp */
+            v[i] = v[i] * c->beta2 + (1.0f - c->beta2) * gi * gi;
+            denom = sqrtf(v[i]) / bc2_sqrt + c->eps;
+            p[i] -= step_size * (m[i] / denom);
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL float moe_clip_grad_norm(moe_store *s, float max_norm) {
+    /* fixed chunks summed in order: the same norm for any thread count */
+    enum { CHUNK = 1 << 14 };
+    long long nchunk = (long long)((s->numel + CHUNK - 1) / CHUNK), c;
+    double *part = (double *)moe__calloc((size_t)nchunk + 1, sizeof(double)), total = 0.0;
+    float norm;
+    if (!part) { /* no memory: serial sum, same value */
+        size_t i;
+        for (i = 0; i < s->numel; i++) total += (double)s->grads[i] * s->grads[i];
+    } else {
+        MOE_OMP_FOR_IF(nchunk > 4)
+        for (c = 0; c < nchunk; c++) {
+            size_t i, lo = (size_t)c * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;
+            double acc = 0.0;
+            for (i = lo; i < hi; i++) acc += (double)s->grads[i] * s->grads[i];
+            part[c] = acc;
+        }
+        for (c = 0; c < nchunk; c++) total += part[c];
+        MOE_FREE(part);
+    }
+    norm = (float)sqrt(total);
+    if (max_norm > 0.0f && norm > max_norm) {
+        float scale = max_norm / (norm + 1e-6f);
+        long long i, n = (long long)s->numel;
+        MOE_OMP_FOR_IF(n > 32768)
+        for (i = 0; i < n; i++) s->grads[i] *= scale;
+    }
+    return norm;
+}
+
+MOE__IMPL float moe_lr_cosine(long long step, long long warmup, long long total, float lr_max, float lr_min) {
+    double progress;
+    if (warmup > 0 && step < warmup) return lr_max * (float)(step + 1) / (float)warmup;
+    if (total <= warmup || step >= total) return lr_min;
+    progress = (double)(step - warmup) / (double)(total - warmup);
+    return (float)(lr_min + 0.5 * (lr_max - lr_min) * (1.0 + cos(3.141592653589793 * progress)));
+}
+
+/* ============================================================================================
+   >>moe:ckpt
+   ============================================================================================ */
+
+MOE__IMPL uint32_t moe_crc32(uint32_t crc, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    int k;
+    crc = ~crc;
+    for (i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+#ifndef MOE_NO_STDIO
+#define MOE__CKPT_MAGIC "MOECKPT"
+#define MOE__CKPT_HEADER 56 /* 8 magic + 4 version + 4 flags + 5 * 8 */
+
+static int moe__little_endian(void) {
+    const uint32_t one = 1;
+    return *(const unsigned char *)&one == 1;
+}
+
+static void moe__put_u32(unsigned char *p, uint32_t v) {
+    int i;
+    for (i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static void moe__put_u64(unsigned char *p, uint64_t v) {
+    int i;
+    for (i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static uint32_t moe__get_u32(const unsigned char *p) {
+    uint32_t v = 0;
+    int i;
+    for (i = 3; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+static uint64_t moe__get_u64(const unsigned char *p) {
+    uint64_t v = 0;
+    int i;
+    for (i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+/* writes n bytes and folds them into the running CRC */
+static int moe__write(FILE *f, const void *p, size_t n, uint32_t *crc) {
+    if (n == 0) return 1;
+    *crc = moe_crc32(*crc, p, n);
+    return fwrite(p, 1, n, f) == n;
+}
+
+MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
+                                         long long step, const void *config, size_t config_bytes,
+                                         const void *state, size_t state_bytes, moe_err *err) {
+    unsigned char h[MOE__CKPT_HEADER], tail[4];
+    char tmp[4096];
+    uint32_t crc = 0;
+    FILE *f;
+    int ok;
+    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
+    if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
+    if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
+    if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
+    if (strlen(path) + 5 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
+    sprintf(tmp, "%s.tmp", path);
+    memset(h, 0, sizeof h);
+    memcpy(h, MOE__CKPT_MAGIC, 8);
+    moe__put_u32(h + 8, MOE_CKPT_VERSION);
+    moe__put_u32(h + 12, with_moments ? 1u : 0u);
+    moe__put_u64(h + 16, moe_store_fingerprint(s));
+    moe__put_u64(h + 24, (uint64_t)s->numel);
+    moe__put_u64(h + 32, (uint64_t)step);
+    moe__put_u64(h + 40, (uint64_t)config_bytes);
+    moe__put_u64(h + 48, (uint64_t)state_bytes);
+    f = fopen(tmp, "wb");
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open '%s' for writing", tmp);
+    ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
+         moe__write(f, state, state_bytes, &crc) &&
+         moe__write(f, s->params, s->numel * sizeof(float), &crc);
+    if (ok && with_moments)
+        ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
+             moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
+    moe__put_u32(tail, crc);
+    ok = ok && fwrite(tail, 1, 4, f) == 4 && fflush(f) == 0;
+#ifdef MOE__HAVE_FSYNC
+    ok = ok && fsync(fileno(f)) == 0;
+#endif
+    if (fclose(f) != 0) ok = 0;
+    if (!ok) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
+    }
+    if (rename(tmp, path) != 0) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
+    }
+    return MOE_OK;
+}
+
+/* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */
+static moe_status moe__ckpt_read(const char *path, unsigned char **buf, size_t *len, moe_ckpt_info *info, moe_err *err) {
+    FILE *f;
+    long size;
+    unsigned char *b;
+    uint64_t need;
+    *buf = NULL;
+    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
+    if (!path) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is NULL");
+    f = fopen(path, "rb");
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open checkpoint '%s'", path);
+    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fclose(f);
+        return moe_err_set(err, MOE_ERR_IO, "cannot determine the size of '%s'", path);
+    }
+    if ((size_t)size < MOE__CKPT_HEADER + 4) {
+        fclose(f);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is %ld bytes, too short for a checkpoint (truncated?)", path, size);
+    }
+    b = (unsigned char *)MOE_MALLOC((size_t)size);
+    if (!b) { fclose(f); return moe_err_set(err, MOE_ERR_NOMEM, "no memory to read '%s'", path); }
+    if (fread(b, 1, (size_t)size, f) != (size_t)size) {
+        fclose(f); MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_IO, "read error on '%s'", path);
+    }
+    fclose(f);
+    if (memcmp(b, MOE__CKPT_MAGIC, 8) != 0) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is not a moe.h checkpoint (bad magic)", path);
+    }
+    info->version = (int)moe__get_u32(b + 8);
+    if (info->version != MOE_CKPT_VERSION) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' has checkpoint format version %d; this moe.h reads version %d", path, info->version, MOE_CKPT_VERSION);
+    }
+    info->has_moments = (int)(moe__get_u32(b + 12) & 1u);
+    info->fingerprint = moe__get_u64(b + 16);
+    info->numel = moe__get_u64(b + 24);
+    info->step = (long long)moe__get_u64(b + 32);
+    info->config_bytes = moe__get_u64(b + 40);
+    info->state_bytes = moe__get_u64(b + 48);
+    /* sizes are checked before any multiplication can overflow */
+    if (info->numel > ((uint64_t)1 << 40) || info->config_bytes > ((uint64_t)1 << 30) || info->state_bytes > ((uint64_t)1 << 30)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' has an implausible header (corrupt?)", path);
+    }
+    need = MOE__CKPT_HEADER + info->config_bytes + info->state_bytes + info->numel * 4u * (info->has_moments ? 3u : 1u) + 4u;
+    if (need != (uint64_t)size) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is %ld bytes but its header describes %llu (truncated or corrupt)", path, size, (unsigned long long)need);
+    }
+    if (moe_crc32(0, b, (size_t)size - 4) != moe__get_u32(b + size - 4)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' fails its CRC-32 check (corrupt file)", path);
+    }
+    *buf = b;
+    *len = (size_t)size;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, moe_err *err) {
+    unsigned char *b;
+    size_t len;
+    moe_status st = moe__ckpt_read(path, &b, &len, info, err);
+    if (st == MOE_OK) MOE_FREE(b);
+    return st;
+}
+
+MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,
+                                         const void *expect_config, void *config_out,
+                                         size_t config_bytes, void *state_out, size_t state_bytes,
+                                         moe_err *err) {
+    unsigned char *b, *p;
+    size_t len, nb;
+    moe_ckpt_info info;
+    moe_status st;
+    if (!s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint load needs an allocated store");
+    st = moe__ckpt_read(path, &b, &len, &info, err);
+    if (st != MOE_OK) return st;
+    st = MOE_ERR_FORMAT;
+    if (info.fingerprint != moe_store_fingerprint(s) || info.numel != (uint64_t)s->numel)
+        moe_err_set(err, st, "'%s' holds a different model layout (fingerprint or size differs from this store)", path);
+    else if ((expect_config || config_out) && info.config_bytes != (uint64_t)config_bytes)
+        moe_err_set(err, st, "'%s' has a %llu-byte config, expected %zu", path, (unsigned long long)info.config_bytes, config_bytes);
+    else if (expect_config && config_bytes && memcmp(b + MOE__CKPT_HEADER, expect_config, config_bytes) != 0)
+        moe_err_set(err, st, "'%s' was saved with a different config", path);
+    else if (state_out && info.state_bytes != (uint64_t)state_bytes)
+        moe_err_set(err, st, "'%s' has %llu bytes of state, expected %zu", path, (unsigned long long)info.state_bytes, state_bytes);
+    else
+        st = MOE_OK;
+    if (st != MOE_OK) { MOE_FREE(b); return st; }
+    p = b + MOE__CKPT_HEADER;
+    if (config_out && config_bytes) memcpy(config_out, p, config_bytes);
+    p += info.config_bytes;
+    if (state_out && state_bytes) memcpy(state_out, p, state_bytes);
+    p += info.state_bytes;
+    nb = s->numel * sizeof(float);
+    memcpy(s->params, p, nb);
+    p += nb;
+    if (info.has_moments && s->adam_m && s->adam_v) {
+        memcpy(s->adam_m, p, nb);
+        memcpy(s->adam_v, p + nb, nb);
+    } else if (s->adam_m && s->adam_v) { /* fresh moments for a store that has them */
+        memset(s->adam_m, 0, nb);
+        memset(s->adam_v, 0, nb);
+    }
+    if (step) *step = info.step;
+    MOE_FREE(b);
+    return MOE_OK;
+}
+#endif /* MOE_NO_STDIO */
+
+/* ============================================================================================
+   >>moe:matmul
+   ============================================================================================
+   GEMM in the GotoBLAS shape: for each (KC x NC) block of B, pack it into NR-wide column
+   panels; for each (MC x KC) block of A, pack it into MR-tall row panels; a micro-kernel keeps
+   an MR x NR tile of C in registers (a local array the compiler maps to vector registers) and
+   runs the whole KC loop over it. Panels are zero-padded, so edge tiles use the same kernel
+   and every element of C sees the same operations wherever it lies. */
+
+#ifndef MOE_GEMM_MR
+#define MOE_GEMM_MR 8
+#endif
+#ifndef MOE_GEMM_NR
+#define MOE_GEMM_NR 32
+#endif
+#ifndef MOE_GEMM_KC
+#define MOE_GEMM_KC 256
+#endif
+#ifndef MOE_GEMM_MC
+#define MOE_GEMM_MC 128
+#endif
+#ifndef MOE_GEMM_NC
+#define MOE_GEMM_NC 1024
+#endif
+
+/* Ap (kc, MR) = rows [0, mr) of op(A), columns [0, kc), zero rows beyond mr */
+static void moe__pack_a(float *MOE_RESTRICT Ap, const float *A, int lda, int a_trans, int mr, int kc) {
+    int i, p;
+    if (!a_trans) {
+        for (p = 0; p < kc; p++)
+            for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = i < mr ? A[(size_t)i * lda + p] : 0.0f;
+    } else { /* A stored (K, M): element (i, p) at A[p * lda + i] */
+        for (p = 0; p < kc; p++)
+            for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = i < mr ? A[(size_t)p * lda + i] : 0.0f;
+    }
+}
+
+/* Bp (kc, NR) = columns [0, nr) of B, zero columns beyond nr */
+static void moe__pack_b(float *MOE_RESTRICT Bp, const float *B, int ldb, int nr, int kc) {
+    int j, p;
+    for (p = 0; p < kc; p++) {
+        const float *b = B + (size_t)p * ldb;
+        for (j = 0; j < nr; j++) Bp[p * MOE_GEMM_NR + j] = b[j];
+        for (; j < MOE_GEMM_NR; j++) Bp[p * MOE_GEMM_NR + j] = 0.0f;
+    }
+}
+
+/* C tile (mr, nr) (+)= Ap . Bp over kc */
+static void moe__gemm_micro(int kc, const float *MOE_RESTRICT Ap, const float *MOE_RESTRICT Bp,
+                            float *MOE_RESTRICT C, int ldc, int mr, int nr, int accumulate) {
+    float acc[MOE_GEMM_MR][MOE_GEMM_NR];
+    int i, j, p;
+    for (i = 0; i < MOE_GEMM_MR; i++)
+        for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] = 0.0f;
+    for (p = 0; p < kc; p++) {
+        const float *b = Bp + p * MOE_GEMM_NR;
+        for (i = 0; i < MOE_GEMM_MR; i++) {
+            float a = Ap[p * MOE_GEMM_MR + i];
+            for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] += a * b[j];
+        }
+    }
+    for (i = 0; i < mr; i++) {
+        float *c = C + (size_t)i * ldc;
+        if (accumulate)
+            for (j = 0; j < nr; j++) c[j] += acc[i][j];
+        else
+            for (j = 0; j < nr; j++) c[j] = acc[i][j];
+    }
+}
+
+MOE__IMPL void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                        int ldb, float *C, int ldc, int accumulate) {
+    /* packing buffers on the stack would be too large for some threads; one allocation each */
+    float *Ap, *Bp;
+    int jc, pc, ic, jr, ir;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (!accumulate) {
+            int i;
+            for (i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
+        }
+        return;
+    }
+    Ap = (float *)MOE_MALLOC(sizeof(float) * MOE_GEMM_MC * MOE_GEMM_KC);
+    Bp = (float *)MOE_MALLOC(sizeof(float) * MOE_GEMM_KC * (MOE_GEMM_NC + MOE_GEMM_NR));
+    if (!Ap || !Bp) { /* no memory for packing: the reference is always possible */
+        MOE_FREE(Ap); MOE_FREE(Bp);
+        moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
+        return;
+    }
+    for (jc = 0; jc < N; jc += MOE_GEMM_NC) {
+        int nc = N - jc < MOE_GEMM_NC ? N - jc : MOE_GEMM_NC;
+        for (pc = 0; pc < K; pc += MOE_GEMM_KC) {
+            int kc = K - pc < MOE_GEMM_KC ? K - pc : MOE_GEMM_KC;
+            int acc = accumulate || pc > 0;
+            for (jr = 0; jr < nc; jr += MOE_GEMM_NR) {
+                int nr = nc - jr < MOE_GEMM_NR ? nc - jr : MOE_GEMM_NR;
+                moe__pack_b(Bp + (size_t)jr * kc, B + (size_t)pc * ldb + jc + jr, ldb, nr, kc);
+            }
+            for (ic = 0; ic < M; ic += MOE_GEMM_MC) {
+                int mc = M - ic < MOE_GEMM_MC ? M - ic : MOE_GEMM_MC;
+                for (ir = 0; ir < mc; ir += MOE_GEMM_MR) {
+                    int mr = mc - ir < MOE_GEMM_MR ? mc - ir : MOE_GEMM_MR;
+                    const float *a = a_trans ? A + (size_t)pc * lda + ic + ir : A + (size_t)(ic + ir) * lda + pc;
+                    moe__pack_a(Ap + (size_t)ir * kc, a, lda, a_trans, mr, kc);
+                }
+                for (jr = 0; jr < nc; jr += MOE_GEMM_NR) {
+                    int nr = nc - jr < MOE_GEMM_NR ? nc - jr : MOE_GEMM_NR;
+                    for (ir = 0; ir < mc; ir += MOE_GEMM_MR) {
+                        int mr = mc - ir < MOE_GEMM_MR ? mc - ir : MOE_GEMM_MR;
+                        moe__gemm_micro(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
+                                        C + (size_t)(ic + ir) * ldc + jc + jr, ldc, mr, nr, acc);
+                    }
+                }
+            }
+        }
+    }
+    MOE_FREE(Ap);
+    MOE_FREE(Bp);
+}
+
+MOE__IMPL void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
+                              const float *B, int ldb, float *C, int ldc, int accumulate) {
+    int i, j, p;
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) {
+            double acc = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
+            for (p = 0; p < K; p++) {
+                float a = a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                acc += (double)a * B[(size_t)p * ldb + j];
+            }
+            C[(size_t)i * ldc + j] = (float)acc;
+        }
+}
+
+/* Work split shared by the parallel matmuls: row blocks of C when there are enough rows,
+   else column blocks. Blocks are multiples of the micro-tile, so the split never changes
+   any element's arithmetic. */
+static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int a_trans,
+                               const float *B, int ldb, float *C, int ldc, int accumulate) {
+    int nthreads = moe_num_threads();
+    double flops = 2.0 * M * N * K;
+    if (nthreads <= 1 || flops < 2e6) {
+        moe_gemm(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
+        return;
+    }
+    if (M >= 4 * MOE_GEMM_MR * nthreads) {
+        int rb = ((M + 4 * nthreads - 1) / (4 * nthreads) + MOE_GEMM_MR - 1) / MOE_GEMM_MR * MOE_GEMM_MR;
+        int nb = (M + rb - 1) / rb, b;
+        MOE_OMP_FOR_DYNAMIC
+        for (b = 0; b < nb; b++) {
+            int r0 = b * rb, rows = M - r0 < rb ? M - r0 : rb;
+            const float *a = a_trans ? A + r0 : A + (size_t)r0 * lda;
+            moe_gemm(rows, N, K, a, lda, a_trans, B, ldb, C + (size_t)r0 * ldc, ldc, accumulate);
+        }
+    } else {
+        int cb = ((N + 2 * nthreads - 1) / (2 * nthreads) + MOE_GEMM_NR - 1) / MOE_GEMM_NR * MOE_GEMM_NR;
+        int nb = (N + cb - 1) / cb, b;
+        MOE_OMP_FOR_DYNAMIC
+        for (b = 0; b < nb; b++) {
+            int c0 = b * cb, cols = N - c0 < cb ? N - c0 : cb;
+            moe_gemm(M, cols, K, A, lda, a_trans, B + c0, ldb, C + c0, ldc, accumulate);
+        }
+    }
+}
+
+/* (rows, cols) -> (cols, rows) */
+static void moe__transpose(float *MOE_RESTRICT dst, const float *MOE_RESTRICT src, int rows, int cols) {
+    int i, j, ib, jb;
+    for (ib = 0; ib < rows; ib += 32)
+        for (jb = 0; jb < cols; jb += 32)
+            for (i = ib; i < ib + 32 && i < rows; i++)
+                for (j = jb; j < jb + 32 && j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
+}
+
+static void moe__add_bias_rows(float *out, const float *bias, int M, int N) {
+    int i, j;
+    if (!bias) return;
+    MOE_OMP_FOR_IF((double)M * N > 1e5)
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) out[(size_t)i * N + j] += bias[j];
+}
+
+/* db (N) += column sums of dout (M, N), each column summed in row order */
+static void moe__colsum_acc_serial(float *db, const float *dout, int M, int N) {
+    int j, i;
+    for (j = 0; j < N; j++) {
+        float acc = 0.0f;
+        for (i = 0; i < M; i++) acc += dout[(size_t)i * N + j];
+        db[j] += acc;
+    }
+}
+
+/* the same, columns split over threads */
+static void moe__colsum_acc(float *db, const float *dout, int M, int N) {
+    int nb = (N + 63) / 64, b;
+    MOE_OMP_FOR_IF((double)M * N > 1e5)
+    for (b = 0; b < nb; b++) {
+        int c0 = b * 64, cols = N - c0 < 64 ? N - c0 : 64, i, j;
+        for (j = 0; j < cols; j++) {
+            float acc = 0.0f;
+            for (i = 0; i < M; i++) acc += dout[(size_t)i * N + c0 + j];
+            db[c0 + j] += acc;
+        }
+    }
+}
+
+MOE__IMPL void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                  int M, int K, int N) {
+    float *wt = (float *)MOE_MALLOC(sizeof(float) * (size_t)K * N + 1);
+    if (!wt) { moe_matmul_forward_naive(out, inp, weight, bias, M, K, N); return; }
+    moe__transpose(wt, weight, N, K); /* (K, N): the GEMM streams rows of B */
+    moe__gemm_parallel(M, N, K, inp, K, 0, wt, N, out, N, 0);
+    moe__add_bias_rows(out, bias, M, N);
+    MOE_FREE(wt);
+}
+
+MOE__IMPL void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                   const float *inp, const float *weight, int M, int K, int N) {
+    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, dinp, K, 1);    /* dout . W   */
+    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, dweight, K, 1); /* dout^T . x */
+    if (dbias) moe__colsum_acc(dbias, dout, M, N);
+}
+
+MOE__IMPL void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
+                                        const float *bias, int M, int K, int N) {
+    int i, j, p;
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) {
+            double acc = bias ? bias[j] : 0.0;
+            for (p = 0; p < K; p++) acc += (double)inp[(size_t)i * K + p] * weight[(size_t)j * K + p];
+            out[(size_t)i * N + j] = (float)acc;
+        }
+}
+
+MOE__IMPL void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                                         const float *inp, const float *weight, int M, int K, int N) {
+    int i, j, p;
+    if (dinp)
+        for (i = 0; i < M; i++)
+            for (p = 0; p < K; p++) {
+                double acc = 0.0;
+                for (j = 0; j < N; j++) acc += (double)dout[(size_t)i * N + j] * weight[(size_t)j * K + p];
+                dinp[(size_t)i * K + p] += (float)acc;
+            }
+    if (dweight)
+        for (j = 0; j < N; j++)
+            for (p = 0; p < K; p++) {
+                double acc = 0.0;
+                for (i = 0; i < M; i++) acc += (double)dout[(size_t)i * N + j] * inp[(size_t)i * K + p];
+                dweight[(size_t)j * K + p] += (float)acc;
+            }
+    if (dbias)
+        for (j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (i = 0; i < M; i++) acc += dout[(size_t)i * N + j];
+            dbias[j] += (float)acc;
+        }
+}
+
+/* ============================================================================================
+   >>moe:kernels
+   ============================================================================================ */
+
+MOE__IMPL void moe_softmax_forward(float *out, const float *inp, int rows, int n) {
+    int r;
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)r * n;
+        float *y = out + (size_t)r * n, mx = -FLT_MAX, sum = 0.0f, inv;
+        int i;
+        for (i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+        for (i = 0; i < n; i++) { y[i] = expf(x[i] - mx); sum += y[i]; }
+        inv = 1.0f / sum;
+        for (i = 0; i < n; i++) y[i] *= inv;
+    }
+}
+
+MOE__IMPL void moe_softmax_backward(float *dinp, const float *dout, const float *out, int rows, int n) {
+    int r;
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *dy = dout + (size_t)r * n, *y = out + (size_t)r * n;
+        float *dx = dinp + (size_t)r * n, dot = 0.0f;
+        int i;
+        for (i = 0; i < n; i++) dot += dy[i] * y[i];
+        for (i = 0; i < n; i++) dx[i] += y[i] * (dy[i] - dot);
+    }
+}
+
+static float moe__sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static float moe__act(float x, moe_activation act) {
+    switch (act) {
+    case MOE_ACT_SILU: return x * moe__sigmoid(x);
+    case MOE_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case MOE_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(u));
+    }
+    case MOE_ACT_RELU: return x > 0.0f ? x : 0.0f;
+    }
+    return x;
+}
+
+static float moe__act_grad(float x, moe_activation act) {
+    switch (act) {
+    case MOE_ACT_SILU: {
+        float s = moe__sigmoid(x);
+        return s * (1.0f + x * (1.0f - s));
+    }
+    case MOE_ACT_GELU: {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = 0.3989422804014327f * expf(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    case MOE_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        float t = tanhf(u);
+        float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case MOE_ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+    }
+    return 1.0f;
+}
+
+MOE__IMPL void moe_activation_forward(float *out, const float *inp, size_t n, moe_activation act) {
+    long long i, nn = (long long)n;
+    MOE_OMP_FOR_IF(nn > 65536)
+    for (i = 0; i < nn; i++) out[i] = moe__act(inp[i], act);
+}
+
+MOE__IMPL void moe_activation_backward(float *dinp, const float *dout, const float *inp, size_t n,
+                                       moe_activation act) {
+    long long i, nn = (long long)n;
+    MOE_OMP_FOR_IF(nn > 65536)
+    for (i = 0; i < nn; i++) dinp[i] += dout[i] * moe__act_grad(inp[i], act);
+}
+
+MOE__IMPL void moe_swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
+    long long i, nn = (long long)n;
+    MOE_OMP_FOR_IF(nn > 65536)
+    for (i = 0; i < nn; i++) out[i] = gate[i] * moe__sigmoid(gate[i]) * up[i];
+}
+
+MOE__IMPL void moe_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                                   const float *up, size_t n) {
+    long long i, nn = (long long)n;
+    MOE_OMP_FOR_IF(nn > 65536)
+    for (i = 0; i < nn; i++) {
+        float s = moe__sigmoid(gate[i]), silu = gate[i] * s;
+        dgate[i] += dout[i] * up[i] * s * (1.0f + gate[i] * (1.0f - s));
+        dup[i] += dout[i] * silu;
+    }
+}
+
+MOE__IMPL void moe_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
+                                   int rows, int n, float eps) {
+    int r;
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)r * n;
+        float *y = out + (size_t)r * n, ss = 0.0f, rs;
+        int i;
+        for (i = 0; i < n; i++) ss += x[i] * x[i];
+        rs = 1.0f / sqrtf(ss / (float)n + eps);
+        rstd[r] = rs;
+        for (i = 0; i < n; i++) y[i] = x[i] * rs * weight[i];
+    }
+}
+
+MOE__IMPL void moe_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                                    const float *weight, const float *rstd, int rows, int n) {
+    int r, i;
+    /* dx = rstd * (w*dy - x * rstd^2 * mean(w*dy*x)); dweight owned per column, serial rows */
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)r * n, *dy = dout + (size_t)r * n;
+        float *dx = dinp + (size_t)r * n, rs = rstd[r], dot = 0.0f;
+        int j;
+        for (j = 0; j < n; j++) dot += weight[j] * dy[j] * x[j];
+        dot /= (float)n;
+        for (j = 0; j < n; j++) dx[j] += rs * (weight[j] * dy[j] - x[j] * rs * rs * dot);
+    }
+    if (dweight)
+        for (i = 0; i < n; i++) {
+            float acc = 0.0f;
+            for (r = 0; r < rows; r++) acc += dout[(size_t)r * n + i] * inp[(size_t)r * n + i] * rstd[r];
+            dweight[i] += acc;
+        }
+}
+
+MOE__IMPL void moe_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                     const float *weight, const float *bias, int rows, int n, float eps) {
+    int r;
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)r * n;
+        float *y = out + (size_t)r * n, m = 0.0f, v = 0.0f, rs;
+        int i;
+        for (i = 0; i < n; i++) m += x[i];
+        m /= (float)n;
+        for (i = 0; i < n; i++) v += (x[i] - m) * (x[i] - m);
+        v /= (float)n;
+        rs = 1.0f / sqrtf(v + eps);
+        mean[r] = m;
+        rstd[r] = rs;
+        for (i = 0; i < n; i++) y[i] = (x[i] - m) * rs * weight[i] + (bias ? bias[i] : 0.0f);
+    }
+}
+
+MOE__IMPL void moe_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, const float *mean,
+                                      const float *rstd, int rows, int n) {
+    int r, i;
+    MOE_OMP_FOR_IF((double)rows * n > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)r * n, *dy = dout + (size_t)r * n;
+        float *dx = dinp + (size_t)r * n, m = mean[r], rs = rstd[r], mdn = 0.0f, mdnx = 0.0f;
+        int j;
+        for (j = 0; j < n; j++) {
+            float dn = weight[j] * dy[j];
+            mdn += dn;
+            mdnx += dn * (x[j] - m) * rs;
+        }
+        mdn /= (float)n;
+        mdnx /= (float)n;
+        for (j = 0; j < n; j++) dx[j] += rs * (weight[j] * dy[j] - mdn - (x[j] - m) * rs * mdnx);
+    }
+    for (i = 0; i < n; i++) {
+        float aw = 0.0f, ab = 0.0f;
+        for (r = 0; r < rows; r++) {
+            float dy = dout[(size_t)r * n + i];
+            aw += dy * (inp[(size_t)r * n + i] - mean[r]) * rstd[r];
+            ab += dy;
+        }
+        if (dweight) dweight[i] += aw;
+        if (dbias) dbias[i] += ab;
+    }
+}
+
+MOE__IMPL double moe_crossentropy_forward(float *losses, const float *logits, const int *targets,
+                                          int rows, int V) {
+    int r, count = 0;
+    double total = 0.0;
+    MOE_OMP_FOR_IF((double)rows * V > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *z = logits + (size_t)r * V;
+        int t = targets[r], i;
+        float mx = -FLT_MAX;
+        double sum = 0.0;
+        if (t < 0 || t >= V) { losses[r] = 0.0f; continue; }
+        for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+        for (i = 0; i < V; i++) sum += exp((double)(z[i] - mx));
+        losses[r] = (float)(log(sum) + mx - z[t]);
+    }
+    for (r = 0; r < rows; r++)
+        if (targets[r] >= 0 && targets[r] < V) { total += losses[r]; count++; }
+    return count ? total / count : 0.0;
+}
+
+MOE__IMPL void moe_crossentropy_backward(float *dlogits, const float *logits, const int *targets,
+                                         int rows, int V, float dloss) {
+    int r;
+    MOE_OMP_FOR_IF((double)rows * V > 1e5)
+    for (r = 0; r < rows; r++) {
+        const float *z = logits + (size_t)r * V;
+        float *dz = dlogits + (size_t)r * V, mx = -FLT_MAX;
+        int t = targets[r], i;
+        double sum = 0.0;
+        if (t < 0 || t >= V) continue;
+        for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+        for (i = 0; i < V; i++) sum += exp((double)(z[i] - mx));
+        for (i = 0; i < V; i++) {
+            float p = (float)(exp((double)(z[i] - mx)) / sum);
+            dz[i] += dloss * (p - (i == t ? 1.0f : 0.0f));
+        }
+    }
+}
+
+/* ============================================================================================
+   >>moe:experts
+   ============================================================================================
+   Work is split into tasks of (expert, block of rows) for the token-parallel products and
+   (expert, block of weight rows) for the weight gradients; each task owns what it writes. */
+
+#define MOE__ROWS_PER_TASK 64
+
+/* tasks (expert, row block) over a grouped bank: fills te/tr, returns the count */
+static int moe__bank_tasks(int *te, int *tr, const int *offset, int E, int rows_per_task) {
+    int e, n = 0;
+    for (e = 0; e < E; e++) {
+        int r;
+        for (r = offset[e]; r < offset[e + 1]; r += rows_per_task) {
+            te[n] = e;
+            tr[n] = r;
+            n++;
+        }
+    }
+    return n;
+}
+
+static int moe__bank_task_capacity(const int *offset, int E, int rows_per_task) {
+    return offset[E] / rows_per_task + E + 1;
+}
+
+MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                   const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                   moe_expert_kind kind, moe_activation act) {
+    int ntask, t, e;
+    int cap = moe__bank_task_capacity(offset, E, MOE__ROWS_PER_TASK);
+    int *te = (int *)moe__calloc((size_t)cap * 2, sizeof(int)), *tr = te ? te + cap : NULL;
+    /* transposed weights (in, out) per expert so the GEMM streams contiguous rows */
+    size_t wsz = (size_t)D * d;
+    float *t_gate = NULL, *t_up, *t_down;
+    float *tw = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)E * 3 + 1);
+    MOE_ASSERT(te && tw);
+    t_up = tw;
+    t_down = tw + wsz * E;
+    if (kind == MOE_EXPERT_SWIGLU) t_gate = tw + 2 * wsz * E;
+    MOE_OMP_FOR_IF(E > 1)
+    for (e = 0; e < E; e++) {
+        if (offset[e + 1] == offset[e]) continue;
+        moe__transpose(t_up + wsz * e, w->up + wsz * e, D, d);
+        moe__transpose(t_down + wsz * e, w->down + wsz * e, d, D);
+        if (t_gate) moe__transpose(t_gate + wsz * e, w->gate + wsz * e, D, d);
+    }
+    ntask = moe__bank_tasks(te, tr, offset, E, MOE__ROWS_PER_TASK);
+    MOE_OMP_FOR_DYNAMIC
+    for (t = 0; t < ntask; t++) {
+        int ex = te[t], r0 = tr[t], end = offset[ex + 1], rows = end - r0 < MOE__ROWS_PER_TASK ? end - r0 : MOE__ROWS_PER_TASK;
+        const float *x = xg + (size_t)r0 * d;
+        float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
+        float *hbuf = (float *)MOE_MALLOC(sizeof(float) * (size_t)rows * D);
+        int i, j;
+        MOE_ASSERT(hbuf);
+        moe_gemm(rows, D, d, x, d, 0, t_up + wsz * ex, D, hu, D, 0);
+        if (kind == MOE_EXPERT_SWIGLU) {
+            float *hg = h_gate + (size_t)r0 * D;
+            moe_gemm(rows, D, d, x, d, 0, t_gate + wsz * ex, D, hg, D, 0);
+            for (i = 0; i < rows * D; i++) hbuf[i] = hg[i] * moe__sigmoid(hg[i]) * hu[i];
+        } else {
+            if (w->b_up)
+                for (i = 0; i < rows; i++)
+                    for (j = 0; j < D; j++) hu[(size_t)i * D + j] += w->b_up[(size_t)ex * D + j];
+            for (i = 0; i < rows * D; i++) hbuf[i] = moe__act(hu[i], act);
+        }
+        moe_gemm(rows, d, D, hbuf, D, 0, t_down + wsz * ex, d, o, d, 0);
+        if (kind == MOE_EXPERT_FFN && w->b_down)
+            for (i = 0; i < rows; i++)
+                for (j = 0; j < d; j++) o[(size_t)i * d + j] += w->b_down[(size_t)ex * d + j];
+        MOE_FREE(hbuf);
+    }
+    MOE_FREE(tw);
+    MOE_FREE(te);
+}
+
+/* dW_e (R, C) += dY_e^T . X_e for every expert; tasks own blocks of R rows of dW */
+static void moe__bank_weight_grad(float *dW, const float *dY, const float *X, const int *offset,
+                                  int E, int R, int C) {
+    enum { WROWS = 32 };
+    int nb = (R + WROWS - 1) / WROWS, t, ntask = E * nb;
+    MOE_OMP_FOR_DYNAMIC
+    for (t = 0; t < ntask; t++) {
+        int e = t / nb, r0 = (t % nb) * WROWS, rows = R - r0 < WROWS ? R - r0 : WROWS;
+        int n = offset[e + 1] - offset[e];
+        if (n == 0) continue;
+        moe_gemm(rows, C, n, dY + (size_t)offset[e] * R + r0, R, 1, X + (size_t)offset[e] * C, C,
+                 dW + (size_t)e * R * C + (size_t)r0 * C, C, 1);
+    }
+}
+
+/* db_e (R) += column sums of dY_e (n_e, R) */
+static void moe__bank_bias_grad(float *db, const float *dY, const int *offset, int E, int R) {
+    int e;
+    MOE_OMP_FOR_IF(E > 1)
+    for (e = 0; e < E; e++)
+        moe__colsum_acc_serial(db + (size_t)e * R, dY + (size_t)offset[e] * R, offset[e + 1] - offset[e], R);
+}
+
+MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                    const float *xg, const float *h_gate, const float *h_up,
+                                    const moe_expert_weights *w, const int *offset, int E, int d,
+                                    int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                    float *scratch2) {
+    int ntask, t;
+    int cap = moe__bank_task_capacity(offset, E, MOE__ROWS_PER_TASK);
+    int *te = (int *)moe__calloc((size_t)cap * 2, sizeof(int)), *tr = te ? te + cap : NULL;
+    size_t wsz = (size_t)D * d;
+    MOE_ASSERT(te);
+    ntask = moe__bank_tasks(te, tr, offset, E, MOE__ROWS_PER_TASK);
+    /* 1. recompute h into scratch1 (cheaper than caching a third (N, D) buffer) */
+    MOE_OMP_FOR_DYNAMIC
+    for (t = 0; t < ntask; t++) {
+        int ex = te[t], r0 = tr[t], end = offset[ex + 1], rows = end - r0 < MOE__ROWS_PER_TASK ? end - r0 : MOE__ROWS_PER_TASK;
+        size_t i, lo = (size_t)r0 * D, hi = lo + (size_t)rows * D;
+        if (kind == MOE_EXPERT_SWIGLU)
+            for (i = lo; i < hi; i++) scratch1[i] = h_gate[i] * moe__sigmoid(h_gate[i]) * h_up[i];
+        else
+            for (i = lo; i < hi; i++) scratch1[i] = moe__act(h_up[i], act);
+    }
+    /* 2. down projection gradients */
+    moe__bank_weight_grad(gw->down, dout, scratch1, offset, E, d, D);
+    if (kind == MOE_EXPERT_FFN && gw->b_down) moe__bank_bias_grad(gw->b_down, dout, offset, E, d);
+    /* 3. dh = dout . down_e, through the activation, then dxg */
+    MOE_OMP_FOR_DYNAMIC
+    for (t = 0; t < ntask; t++) {
+        int ex = te[t], r0 = tr[t], end = offset[ex + 1], rows = end - r0 < MOE__ROWS_PER_TASK ? end - r0 : MOE__ROWS_PER_TASK;
+        size_t i, lo = (size_t)r0 * D, hi = lo + (size_t)rows * D;
+        moe_gemm(rows, D, d, dout + (size_t)r0 * d, d, 0, w->down + wsz * ex, D, scratch2 + lo, D, 0);
+        if (kind == MOE_EXPERT_SWIGLU) {
+            for (i = lo; i < hi; i++) {
+                float g = h_gate[i], s = moe__sigmoid(g), dh = scratch2[i];
+                scratch1[i] = dh * h_up[i] * s * (1.0f + g * (1.0f - s)); /* d gate pre-act */
+                scratch2[i] = dh * g * s;                                 /* d up          */
+            }
+        } else {
+            for (i = lo; i < hi; i++) scratch2[i] *= moe__act_grad(h_up[i], act);
+        }
+        moe_gemm(rows, d, D, scratch2 + lo, D, 0, w->up + wsz * ex, d, dxg + (size_t)r0 * d, d, 0);
+        if (kind == MOE_EXPERT_SWIGLU)
+            moe_gemm(rows, d, D, scratch1 + lo, D, 0, w->gate + wsz * ex, d, dxg + (size_t)r0 * d, d, 1);
+    }
+    /* 4. up (and gate) projection gradients */
+    moe__bank_weight_grad(gw->up, scratch2, xg, offset, E, D, d);
+    if (kind == MOE_EXPERT_SWIGLU) moe__bank_weight_grad(gw->gate, scratch1, xg, offset, E, D, d);
+    if (kind == MOE_EXPERT_FFN && gw->b_up) moe__bank_bias_grad(gw->b_up, scratch2, offset, E, D);
+    MOE_FREE(te);
+}
+
+/* ============================================================================================
+   >>moe:dispatch
+   ============================================================================================ */
+
+MOE__IMPL moe_status moe_dispatch(moe_assign *a, const int *token, const int *expert, const int *slot,
+                                  const float *weight, int n, int T, int E, moe_err *err) {
+    int i, e, t;
+    int *fill = a->tok_index; /* reused as a cursor array before it is filled */
+    for (i = 0; i < n; i++)
+        if (token[i] < 0 || token[i] >= T || expert[i] < 0 || expert[i] >= E)
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "assignment %d has token %d / expert %d outside [0,%d) / [0,%d)", i, token[i], expert[i], T, E);
+    a->n = n;
+    a->T = T;
+    a->E = E;
+    /* counting sort by expert; stable because the input is walked in order */
+    for (e = 0; e <= E; e++) a->offset[e] = 0;
+    for (i = 0; i < n; i++) a->offset[expert[i] + 1]++;
+    for (e = 0; e < E; e++) a->offset[e + 1] += a->offset[e];
+    for (e = 0; e < E; e++) fill[e] = a->offset[e];
+    for (i = 0; i < n; i++) {
+        int pos = fill[expert[i]]++;
+        a->token[pos] = token[i];
+        a->expert[pos] = expert[i];
+        a->slot[pos] = slot[i];
+        a->weight[pos] = weight[i];
+    }
+    /* per-token lists, then each token's few entries sorted by slot (insertion sort) */
+    for (t = 0; t <= T; t++) a->tok_offset[t] = 0;
+    for (i = 0; i < n; i++) a->tok_offset[a->token[i] + 1]++;
+    for (t = 0; t < T; t++) a->tok_offset[t + 1] += a->tok_offset[t];
+    {
+        int *cursor = (int *)moe__calloc((size_t)T + 1, sizeof(int));
+        if (!cursor) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory in dispatch");
+        for (i = 0; i < n; i++) {
+            int tk = a->token[i];
+            a->tok_index[a->tok_offset[tk] + cursor[tk]++] = i;
+        }
+        MOE_FREE(cursor);
+    }
+    for (t = 0; t < T; t++) {
+        int lo = a->tok_offset[t], hi = a->tok_offset[t + 1], j;
+        for (i = lo + 1; i < hi; i++) {
+            int v = a->tok_index[i];
+            for (j = i - 1; j >= lo && a->slot[a->tok_index[j]] > a->slot[v]; j--) a->tok_index[j + 1] = a->tok_index[j];
+            a->tok_index[j + 1] = v;
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_gather(float *xg, const float *x, const moe_assign *a, int d) {
+    int i;
+    MOE_OMP_FOR_IF((double)a->n * d > 1e5)
+    for (i = 0; i < a->n; i++) memcpy(xg + (size_t)i * d, x + (size_t)a->token[i] * d, sizeof(float) * (size_t)d);
+}
+
+MOE__IMPL void moe_gather_backward(float *dx, const float *dxg, const moe_assign *a, int d) {
+    int t;
+    MOE_OMP_FOR_IF((double)a->n * d > 1e5)
+    for (t = 0; t < a->T; t++) {
+        float *o = dx + (size_t)t * d;
+        int k, j;
+        for (k = a->tok_offset[t]; k < a->tok_offset[t + 1]; k++) {
+            const float *g = dxg + (size_t)a->tok_index[k] * d;
+            for (j = 0; j < d; j++) o[j] += g[j];
+        }
+    }
+}
+
+MOE__IMPL void moe_combine_forward(float *y, const float *eout, const moe_assign *a, int d, int accumulate) {
+    int t;
+    MOE_OMP_FOR_IF((double)a->n * d > 1e5)
+    for (t = 0; t < a->T; t++) {
+        float *o = y + (size_t)t * d;
+        int k, j;
+        if (!accumulate) memset(o, 0, sizeof(float) * (size_t)d);
+        for (k = a->tok_offset[t]; k < a->tok_offset[t + 1]; k++) {
+            int pos = a->tok_index[k];
+            const float *src = eout + (size_t)pos * d;
+            float w = a->weight[pos];
+            for (j = 0; j < d; j++) o[j] += w * src[j];
+        }
+    }
+}
+
+MOE__IMPL void moe_combine_backward(float *deout, float *dweight, const float *dy, const float *eout,
+                                    const moe_assign *a, int d) {
+    int i;
+    MOE_OMP_FOR_IF((double)a->n * d > 1e5)
+    for (i = 0; i < a->n; i++) {
+        const float *g = dy + (size_t)a->token[i] * d, *e = eout + (size_t)i * d;
+        float *o = deout + (size_t)i * d, w = a->weight[i], dot = 0.0f;
+        int j;
+        for (j = 0; j < d; j++) {
+            o[j] = w * g[j];
+            dot += g[j] * e[j];
+        }
+        if (dweight) dweight[i] = dot;
+    }
+}
+
+/* ============================================================================================
+   >>moe:router
+   ============================================================================================ */
+
+MOE__IMPL moe_layer_config moe_layer_config_default(void) {
+    moe_layer_config c;
+    memset(&c, 0, sizeof c);
+    c.d = 64;
+    c.d_ff = 128;
+    c.n_experts = 8;
+    c.top_k = 2;
+    c.expert = MOE_EXPERT_SWIGLU;
+    c.activation = MOE_ACT_GELU;
+    c.router = MOE_ROUTER_TOPK;
+    c.renormalize = 1;
+    c.balance = MOE_BALANCE_MIXTRAL;
+    c.balance_coef = 0.01f;
+    c.importance_coef = 0.01f;
+    c.load_coef = 0.01f;
+    c.noise_eps = 1e-2f;
+    c.router_init_std = 0.02f;
+    return c;
+}
+
+static int moe__bad_coef(float x) { return !(x >= 0.0f) || x > 1e30f; } /* negative, NaN, inf */
+
+MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *err) {
+    const moe_status bad = MOE_ERR_INVALID_ARG;
+    if (!c) return moe_err_set(err, bad, "layer config is NULL");
+    if (c->d <= 0 || c->d_ff <= 0) return moe_err_set(err, bad, "d (%d) and d_ff (%d) must be positive", c->d, c->d_ff);
+    if (c->n_experts <= 0) return moe_err_set(err, bad, "n_experts must be positive, got %d", c->n_experts);
+    if (c->top_k <= 0) return moe_err_set(err, bad, "top_k must be at least 1, got %d", c->top_k);
+    if (c->top_k > c->n_experts) return moe_err_set(err, bad, "top_k (%d) exceeds n_experts (%d)", c->top_k, c->n_experts);
+    if ((int)c->router < 0 || (int)c->router > MOE_ROUTER_EXPERT_CHOICE) return moe_err_set(err, bad, "unknown router kind %d", (int)c->router);
+    if (c->router == MOE_ROUTER_NOISY_TOPK && c->top_k >= c->n_experts)
+        return moe_err_set(err, bad, "noisy top-k needs top_k < n_experts (its load estimate compares with the (k+1)-th logit); got k=%d, E=%d", c->top_k, c->n_experts);
+    if ((int)c->expert < 0 || (int)c->expert > MOE_EXPERT_FFN) return moe_err_set(err, bad, "unknown expert kind %d", (int)c->expert);
+    if ((int)c->activation < 0 || (int)c->activation > MOE_ACT_RELU) return moe_err_set(err, bad, "unknown activation %d", (int)c->activation);
+    if (c->expert_bias && c->expert != MOE_EXPERT_FFN) return moe_err_set(err, bad, "expert_bias applies to MOE_EXPERT_FFN experts only");
+    if ((int)c->balance < 0 || (int)c->balance > MOE_BALANCE_DEEPSEEK) return moe_err_set(err, bad, "unknown balance loss %d", (int)c->balance);
+    if (c->n_shared < 0 || c->d_ff_shared < 0) return moe_err_set(err, bad, "n_shared (%d) and d_ff_shared (%d) must not be negative", c->n_shared, c->d_ff_shared);
+    if (!(c->capacity_factor >= 0.0f) || c->capacity_factor > 1e6f)
+        return moe_err_set(err, bad, "capacity_factor must be 0 (dropless) or positive, got %g", (double)c->capacity_factor);
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->capacity_factor != 0.0f)
+        return moe_err_set(err, bad, "expert-choice takes its capacity from top_k (each expert keeps ceil(k*T/E) tokens); leave capacity_factor at 0");
+    if (moe__bad_coef(c->balance_coef) || moe__bad_coef(c->z_coef) || moe__bad_coef(c->importance_coef) ||
+        moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
+        return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
+    if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
+    return MOE_OK;
+}
+
+static float moe__softplus(float x) { return (x > 0.0f ? x : 0.0f) + log1pf(expf(-fabsf(x))); }
+
+/* idx[0..k) = indices of the k largest scores, descending; ties go to the lower index.
+   Each pick is the best entry that ranks below the previous pick in (score desc, index asc). */
+static void moe__topk_row(const float *score, int E, int k, int *idx) {
+    int s, j;
+    for (s = 0; s < k; s++) {
+        int best = -1;
+        for (j = 0; j < E; j++) {
+            if (s > 0) {
+                float ps = score[idx[s - 1]];
+                if (!(score[j] < ps || (score[j] == ps && j > idx[s - 1]))) continue;
+            }
+            if (best < 0 || score[j] > score[best]) best = j;
+        }
+        idx[s] = best;
+    }
+}
+
+typedef struct moe__scored {
+    float score;
+    int index;
+} moe__scored;
+
+static int moe__scored_cmp(const void *pa, const void *pb) {
+    const moe__scored *a = (const moe__scored *)pa, *b = (const moe__scored *)pb;
+    if (a->score > b->score) return -1;
+    if (a->score < b->score) return 1;
+    return a->index < b->index ? -1 : a->index > b->index;
+}
+
+static int moe__int_cmp(const void *pa, const void *pb) {
+    int a = *(const int *)pa, b = *(const int *)pb;
+    return a < b ? -1 : a > b;
+}
+
+/* population CV^2 = var / (mean^2 + 1e-10) of x (n), and its gradient dx (n) times coef */
+static float moe__cv2(const float *x, int n, float coef, float *dx) {
+    double m = 0.0, var = 0.0, den;
+    int i;
+    for (i = 0; i < n; i++) m += x[i];
+    m /= n;
+    for (i = 0; i < n; i++) var += (x[i] - m) * (x[i] - m);
+    var /= n;
+    den = m * m + 1e-10;
+    if (dx)
+        for (i = 0; i < n; i++)
+            dx[i] = (float)(coef * ((2.0 * (x[i] - m) / n) * den - var * 2.0 * m / n) / (den * den));
+    return (float)(coef * var / den);
+}
+
+static double moe__entropy(const float *p, int n) {
+    double h = 0.0;
+    int i;
+    for (i = 0; i < n; i++)
+        if (p[i] > 0.0f) h -= (double)p[i] * log((double)p[i]);
+    return h;
+}
+
+/* Normalised routing probabilities of token t: the softmax itself, or sigmoid / sum. */
+static void moe__norm_probs(const moe_layer *L, int t, float *out) {
+    int E = L->cfg.n_experts, j;
+    const float *p = L->probs + (size_t)t * E;
+    if (L->cfg.router == MOE_ROUTER_SIGMOID) {
+        float s = 0.0f;
+        for (j = 0; j < E; j++) s += p[j];
+        for (j = 0; j < E; j++) out[j] = p[j] / s;
+    } else {
+        for (j = 0; j < E; j++) out[j] = p[j];
+    }
+}
+
+/* ============================================================================================
+   >>moe:layer
+   ============================================================================================ */
+
+static int moe__declare(moe_layer *L, moe_store *s, const char *prefix, const char *name, int flags,
+                        int n0, int n1, int n2) {
+    char full[MOE_NAME_LEN + 64];
+    int id;
+    if (L->err.status != MOE_OK) return -1;
+    if (strlen(prefix) + strlen(name) >= MOE_NAME_LEN) {
+        moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "tensor name '%s%s' is longer than %d bytes", prefix, name, MOE_NAME_LEN - 1);
+        return -1;
+    }
+    sprintf(full, "%s%s", prefix, name);
+    id = moe_store_add(s, full, flags, n0, n1, n2, 0);
+    if (id < 0) moe_err_set(&L->err, s->err.status, "%s", s->err.msg);
+    return id;
+}
+
+static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, const char *bank, int E,
+                              int D, int *id_gate, int *id_up, int *id_down, int *id_b_up, int *id_b_down) {
+    const moe_layer_config *c = &L->cfg;
+    char name[48];
+    int d = c->d;
+    *id_gate = *id_b_up = *id_b_down = -1;
+    if (c->expert == MOE_EXPERT_SWIGLU) {
+        sprintf(name, "%s.w_gate", bank);
+        *id_gate = moe__declare(L, s, prefix, name, MOE_TENSOR_DECAY, E, D, d);
+    }
+    sprintf(name, "%s.w_up", bank);
+    *id_up = moe__declare(L, s, prefix, name, MOE_TENSOR_DECAY, E, D, d);
+    sprintf(name, "%s.w_down", bank);
+    *id_down = moe__declare(L, s, prefix, name, MOE_TENSOR_DECAY, E, d, D);
+    if (c->expert == MOE_EXPERT_FFN && c->expert_bias) {
+        sprintf(name, "%s.b_up", bank);
+        *id_b_up = moe__declare(L, s, prefix, name, 0, E, D, 0);
+        sprintf(name, "%s.b_down", bank);
+        *id_b_down = moe__declare(L, s, prefix, name, 0, E, d, 0);
+    }
+}
+
+static int moe__assign_alloc(moe_assign *a, int cap, int T, int E) {
+    a->token = (int *)moe__calloc((size_t)cap, sizeof(int));
+    a->expert = (int *)moe__calloc((size_t)cap, sizeof(int));
+    a->slot = (int *)moe__calloc((size_t)cap, sizeof(int));
+    a->weight = (float *)moe__calloc((size_t)cap, sizeof(float));
+    a->offset = (int *)moe__calloc((size_t)E + 1, sizeof(int));
+    a->tok_offset = (int *)moe__calloc((size_t)T + 1, sizeof(int));
+    a->tok_index = (int *)moe__calloc((size_t)(cap > E ? cap : E), sizeof(int));
+    return a->token && a->expert && a->slot && a->weight && a->offset && a->tok_offset && a->tok_index;
+}
+
+static void moe__assign_free(moe_assign *a) {
+    MOE_FREE(a->token); MOE_FREE(a->expert); MOE_FREE(a->slot); MOE_FREE(a->weight);
+    MOE_FREE(a->offset); MOE_FREE(a->tok_offset); MOE_FREE(a->tok_index);
+    memset(a, 0, sizeof *a);
+}
+
+MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
+                                    const char *prefix, int max_tokens) {
+    int E, K, d, D, S, Ds, cap, rows_b, wide, ok;
+    size_t TE;
+    memset(L, 0, sizeof *L);
+    L->id_router_b = L->id_noise_w = L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
+    if (moe_layer_config_validate(cfg, &L->err) != MOE_OK) return L->err.status;
+    if (!s || s->allocated) return moe_err_set(&L->err, MOE_ERR_STATE, "moe_layer_init needs a store that is not allocated yet (declare every layer, then moe_store_alloc)");
+    if (max_tokens <= 0 || max_tokens > (1 << 24)) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "max_tokens must be in [1, 2^24], got %d", max_tokens);
+    if (!prefix) prefix = "";
+    L->cfg = *cfg;
+    E = cfg->n_experts; K = cfg->top_k; d = cfg->d; D = cfg->d_ff;
+    S = cfg->n_shared; Ds = cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D;
+    L->cfg.d_ff_shared = Ds;
+    L->max_tokens = max_tokens;
+    /* token choice needs T*K rows; expert choice E*ceil(K*T/E) <= K*T + E */
+    cap = max_tokens * K + E;
+    L->cap = cap;
+    L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, d, 0);
+    if (cfg->router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, E, 0, 0);
+    if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, d, 0);
+    moe__declare_bank(L, s, prefix, "experts", E, D, &L->id_gate, &L->id_up, &L->id_down, &L->id_b_up, &L->id_b_down);
+    if (S > 0) moe__declare_bank(L, s, prefix, "shared", S, Ds, &L->id_s_gate, &L->id_s_up, &L->id_s_down, &L->id_s_b_up, &L->id_s_b_down);
+    if (L->err.status != MOE_OK) return L->err.status;
+    TE = (size_t)max_tokens * E;
+    rows_b = cap > S * max_tokens ? cap : S * max_tokens;
+    wide = D > Ds ? D : Ds;
+    L->logits = (float *)moe__calloc(TE, sizeof(float));
+    L->probs = (float *)moe__calloc(TE, sizeof(float));
+    L->gates = (float *)moe__calloc(TE, sizeof(float));
+    L->noise = (float *)moe__calloc(TE, sizeof(float));
+    L->noise_logits = (float *)moe__calloc(TE, sizeof(float));
+    L->noisy = (float *)moe__calloc(TE, sizeof(float));
+    L->lse = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
+    L->topk = (int *)moe__calloc((size_t)max_tokens * K, sizeof(int));
+    L->thresh = (int *)moe__calloc(TE, sizeof(int));
+    L->xg = (float *)moe__calloc((size_t)cap * d, sizeof(float));
+    L->eout = (float *)moe__calloc((size_t)cap * d, sizeof(float));
+    L->hg = (float *)moe__calloc((size_t)cap * D, sizeof(float));
+    L->hu = (float *)moe__calloc((size_t)cap * D, sizeof(float));
+    L->raw_i = (int *)moe__calloc((size_t)cap * 4, sizeof(int));
+    L->raw_w = (float *)moe__calloc((size_t)cap, sizeof(float));
+    L->work_a = (float *)moe__calloc((size_t)rows_b * wide, sizeof(float));
+    L->work_b = (float *)moe__calloc((size_t)rows_b * wide, sizeof(float));
+    L->dxg = (float *)moe__calloc((size_t)rows_b * d, sizeof(float));
+    L->deout = (float *)moe__calloc((size_t)rows_b * d, sizeof(float));
+    L->dgate = (float *)moe__calloc(TE, sizeof(float));
+    L->dlogits = (float *)moe__calloc(TE, sizeof(float));
+    L->dnoise_logits = (float *)moe__calloc(TE, sizeof(float));
+    L->aux_tmp = (float *)moe__calloc((size_t)E * 5, sizeof(float));
+    L->stat_load = (float *)moe__calloc((size_t)E, sizeof(float));
+    L->stat_prob = (float *)moe__calloc((size_t)E, sizeof(float));
+    ok = L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
+         L->topk && L->thresh && L->xg && L->eout && L->hg && L->hu && L->raw_i && L->raw_w &&
+         L->work_a && L->work_b && L->dxg && L->deout && L->dgate && L->dlogits && L->dnoise_logits &&
+         L->aux_tmp && L->stat_load && L->stat_prob && moe__assign_alloc(&L->routed, cap, max_tokens, E);
+    if (ok && S > 0) {
+        ok = moe__assign_alloc(&L->shared, S * max_tokens, max_tokens, S);
+        L->s_xg = (float *)moe__calloc((size_t)S * max_tokens * d, sizeof(float));
+        L->s_eout = (float *)moe__calloc((size_t)S * max_tokens * d, sizeof(float));
+        L->s_hg = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
+        L->s_hu = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
+        ok = ok && L->s_xg && L->s_eout && L->s_hg && L->s_hu;
+    }
+    if (!ok) {
+        moe_layer_free(L);
+        return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the activations of %d tokens", max_tokens);
+    }
+    L->stats.load = L->stat_load;
+    L->stats.mean_prob = L->stat_prob;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_layer_free(moe_layer *L) {
+    float **fp[] = {&L->logits, &L->probs, &L->gates, &L->noise, &L->noise_logits, &L->noisy, &L->lse,
+                    &L->xg, &L->eout, &L->hg, &L->hu, &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout,
+                    &L->raw_w, &L->work_a, &L->work_b, &L->dxg, &L->deout, &L->dgate, &L->dlogits,
+                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob};
+    size_t i;
+    for (i = 0; i < sizeof fp / sizeof fp[0]; i++) {
+        MOE_FREE(*fp[i]);
+        *fp[i] = NULL;
+    }
+    MOE_FREE(L->topk); MOE_FREE(L->thresh); MOE_FREE(L->raw_i);
+    L->topk = L->thresh = L->raw_i = NULL;
+    moe__assign_free(&L->routed);
+    moe__assign_free(&L->shared);
+    L->T = 0;
+}
+
+MOE__IMPL moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store *s, int shared, int grads) {
+    moe_expert_weights w;
+    float *(*get)(const moe_store *, int) = grads ? moe_store_grad : moe_store_param;
+    w.gate = get(s, shared ? L->id_s_gate : L->id_gate);
+    w.up = get(s, shared ? L->id_s_up : L->id_up);
+    w.down = get(s, shared ? L->id_s_down : L->id_down);
+    w.b_up = get(s, shared ? L->id_s_b_up : L->id_b_up);
+    w.b_down = get(s, shared ? L->id_s_b_down : L->id_b_down);
+    return w;
+}
+
+MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
+    int ids[] = {L->id_router_w, L->id_router_b, L->id_noise_w, L->id_gate, L->id_up, L->id_down,
+                 L->id_b_up, L->id_b_down, L->id_s_gate, L->id_s_up, L->id_s_down, L->id_s_b_up, L->id_s_b_down};
+    size_t k, i;
+    for (k = 0; k < sizeof ids / sizeof ids[0]; k++) {
+        const moe_tensor *t;
+        float *p = moe_store_param(s, ids[k]);
+        if (!p) continue;
+        t = &s->tensors[ids[k]];
+        if (ids[k] == L->id_router_w) {
+            for (i = 0; i < t->numel; i++) p[i] = L->cfg.router_init_std * moe_rng_normal(rng);
+        } else if (t->ndim == 3) { /* (E, out, in): nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) */
+            float bound = 1.0f / sqrtf((float)t->shape[2]);
+            for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(rng) - 1.0f);
+        } else {
+            memset(p, 0, t->numel * sizeof(float)); /* biases, noise projection (Shazeer: zero) */
+        }
+    }
+}
+
+/* token-choice routers: top-k ids and dense gates of token t */
+static void moe__route_token(moe_layer *L, int t) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, s;
+    const float *p = L->probs + (size_t)t * E;
+    int *idx = L->topk + (size_t)t * K;
+    float *g = L->gates + (size_t)t * E;
+    if (c->router == MOE_ROUTER_NOISY_TOPK) {
+        const float *H = L->noisy + (size_t)t * E;
+        int *th = L->thresh + (size_t)t * E, j;
+        float mx, sum = 0.0f;
+        moe__topk_row(H, E, K + 1, th); /* th is scratch here: the k+1 best */
+        for (s = 0; s < K; s++) idx[s] = th[s];
+        {
+            int kth = th[K - 1], k1th = th[K];
+            for (j = 0; j < E; j++) th[j] = kth;
+            for (s = 0; s < K; s++) th[idx[s]] = k1th; /* selected: compare with the (k+1)-th */
+        }
+        mx = H[idx[0]];
+        for (s = 0; s < K; s++) sum += expf(H[idx[s]] - mx);
+        for (s = 0; s < K; s++) g[idx[s]] = expf(H[idx[s]] - mx) / sum;
+        return;
+    }
+    moe__topk_row(p, E, K, idx);
+    if (c->renormalize) {
+        float sum = 0.0f;
+        for (s = 0; s < K; s++) sum += p[idx[s]];
+        if (sum < 1e-20f) sum = 1e-20f;
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]] / sum;
+    } else {
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]];
+    }
+}
+
+/* Builds the raw (token, expert, slot, weight) list of the routed bank; returns its length.
+   Counts requested picks per expert into `picks` (E). */
+static int moe__build_assignments(moe_layer *L, int T, float *picks) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, n = 0, t, s, e;
+    int *rt = L->raw_i, *re = rt + L->cap, *rs = re + L->cap, *keep = rs + L->cap;
+    float *rw = L->raw_w;
+    for (e = 0; e < E; e++) picks[e] = 0.0f;
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
+        int C = (int)(((long long)K * T + E - 1) / E);
+        moe__scored *sc = (moe__scored *)moe__calloc((size_t)T, sizeof *sc);
+        int *chosen = (int *)moe__calloc((size_t)C, sizeof(int));
+        MOE_ASSERT(sc && chosen);
+        if (C > T) C = T;
+        for (e = 0; e < E; e++) {
+            for (t = 0; t < T; t++) {
+                sc[t].score = L->probs[(size_t)t * E + e];
+                sc[t].index = t;
+            }
+            qsort(sc, (size_t)T, sizeof *sc, moe__scored_cmp);
+            for (s = 0; s < C; s++) chosen[s] = sc[s].index;
+            qsort(chosen, (size_t)C, sizeof(int), moe__int_cmp);
+            for (s = 0; s < C; s++) {
+                float p = L->probs[(size_t)chosen[s] * E + e];
+                rt[n] = chosen[s]; re[n] = e; rs[n] = e; rw[n] = p;
+                L->gates[(size_t)chosen[s] * E + e] = p;
+                n++;
+            }
+            picks[e] = (float)C;
+        }
+        MOE_FREE(sc);
+        MOE_FREE(chosen);
+        return n;
+    }
+    for (t = 0; t < T; t++)
+        for (s = 0; s < K; s++) picks[L->topk[(size_t)t * K + s]] += 1.0f;
+    if (c->capacity_factor > 0.0f) {
+        /* admission: every first choice before any second choice, tokens in index order */
+        int C = (int)ceil((double)c->capacity_factor * K * T / E);
+        int *count = (int *)moe__calloc((size_t)E, sizeof(int));
+        MOE_ASSERT(count);
+        for (s = 0; s < K; s++)
+            for (t = 0; t < T; t++) {
+                e = L->topk[(size_t)t * K + s];
+                keep[(size_t)t * K + s] = count[e] < C;
+                if (count[e] < C) count[e]++;
+            }
+        MOE_FREE(count);
+    }
+    for (t = 0; t < T; t++)
+        for (s = 0; s < K; s++) {
+            if (c->capacity_factor > 0.0f && !keep[(size_t)t * K + s]) continue;
+            e = L->topk[(size_t)t * K + s];
+            rt[n] = t; re[n] = e; rs[n] = s; rw[n] = L->gates[(size_t)t * E + e];
+            n++;
+        }
+    return n;
+}
+
+/* auxiliary losses of the last forward and the routing statistics */
+static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, t, e;
+    float *f = L->aux_tmp, *P = f + E, *imp = P + E, *load = imp + E;
+    float *pn = (float *)moe__calloc((size_t)E, sizeof(float));
+    double gate_h = 0.0, acc, z = 0.0;
+    moe_routing_stats *st = &L->stats;
+    MOE_ASSERT(pn);
+    for (e = 0; e < E; e++) P[e] = imp[e] = load[e] = f[e] = 0.0f;
+    /* P_i: mean normalised probability, summed in token order */
+    for (t = 0; t < T; t++) {
+        moe__norm_probs(L, t, pn);
+        for (e = 0; e < E; e++) P[e] += pn[e];
+        gate_h += moe__entropy(pn, E);
+    }
+    for (e = 0; e < E; e++) P[e] /= (float)T;
+    /* f_i for the balance loss */
+    if (c->balance == MOE_BALANCE_SWITCH) {
+        for (t = 0; t < T; t++) {
+            const float *p = L->probs + (size_t)t * E;
+            int best = 0;
+            for (e = 1; e < E; e++)
+                if (p[e] > p[best]) best = e;
+            f[best] += 1.0f;
+        }
+        for (e = 0; e < E; e++) f[e] /= (float)T;
+    } else if (c->balance == MOE_BALANCE_MIXTRAL) {
+        for (e = 0; e < E; e++) f[e] = picks[e] / (float)T;
+    } else if (c->balance == MOE_BALANCE_DEEPSEEK) {
+        for (e = 0; e < E; e++) f[e] = picks[e] * (float)E / ((float)K * (float)T);
+    }
+    acc = 0.0;
+    for (e = 0; e < E; e++) acc += (double)f[e] * P[e];
+    st->aux_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)(c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
+    for (t = 0; t < T; t++) z += (double)L->lse[t] * L->lse[t];
+    st->aux_z = (float)(c->z_coef * z / T);
+    st->aux_cv = 0.0f;
+    if (c->router == MOE_ROUTER_NOISY_TOPK) {
+        for (t = 0; t < T; t++)
+            for (e = 0; e < E; e++) imp[e] += L->gates[(size_t)t * E + e];
+        if (L->has_noise) {
+            for (t = 0; t < T; t++)
+                for (e = 0; e < E; e++) {
+                    size_t i = (size_t)t * E + e;
+                    float sd = moe__softplus(L->noise_logits[i]) + c->noise_eps;
+                    float u = (L->logits[i] - L->noisy[(size_t)t * E + L->thresh[i]]) / sd;
+                    load[e] += 0.5f * erfcf(-u * 0.70710678118654752f);
+                }
+        } else {
+            for (e = 0; e < E; e++) load[e] = picks[e];
+        }
+        st->aux_cv = moe__cv2(imp, E, c->importance_coef, NULL) + moe__cv2(load, E, c->load_coef, NULL);
+    }
+    st->aux_total = st->aux_balance + st->aux_z + st->aux_cv;
+    /* statistics */
+    st->tokens = T;
+    st->kept = L->routed.n;
+    st->requested = 0;
+    for (e = 0; e < E; e++) st->requested += (int)picks[e];
+    st->dropped = st->requested - st->kept;
+    st->drop_rate = st->requested ? (float)st->dropped / (float)st->requested : 0.0f;
+    for (e = 0; e < E; e++) {
+        st->load[e] = st->kept ? (float)(L->routed.offset[e + 1] - L->routed.offset[e]) / (float)st->kept : 0.0f;
+        st->mean_prob[e] = P[e];
+    }
+    st->load_entropy = (float)moe__entropy(st->load, E);
+    st->gate_entropy = (float)(gate_h / T);
+    MOE_FREE(pn);
+}
+
+static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
+    if (!L->logits) return moe_err_set(&L->err, MOE_ERR_STATE, "layer is not initialised (moe_layer_init failed or was not called)");
+    if (!s || !s->allocated || L->id_down >= s->count) return moe_err_set(&L->err, MOE_ERR_STATE, "the store is not allocated or does not hold this layer's tensors");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
+                                       int T, const float *noise) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, d = c->d, S = c->n_shared, t, n;
+    size_t TE = (size_t)T * E, i;
+    moe_expert_weights w;
+    float *picks = L->aux_tmp + 4 * E; /* requested picks per expert */
+    moe_status st;
+    if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
+    if (!y || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer forward: x and y must not be NULL");
+    if (T <= 0 || T > L->max_tokens) return moe_err_set(&L->err, MOE_ERR_SHAPE, "layer forward: T = %d tokens, the layer was sized for 1..%d", T, L->max_tokens);
+    L->T = 0;
+    /* 1. router logits and probabilities */
+    moe_matmul_forward(L->logits, x, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, d, E);
+    for (t = 0; t < T; t++) {
+        const float *z = L->logits + (size_t)t * E;
+        float mx = -FLT_MAX;
+        double sum = 0.0;
+        int e;
+        for (e = 0; e < E; e++) mx = z[e] > mx ? z[e] : mx;
+        for (e = 0; e < E; e++) sum += exp((double)(z[e] - mx));
+        L->lse[t] = (float)(log(sum) + mx);
+    }
+    if (c->router == MOE_ROUTER_SIGMOID)
+        for (i = 0; i < TE; i++) L->probs[i] = moe__sigmoid(L->logits[i]);
+    else
+        moe_softmax_forward(L->probs, L->logits, T, E);
+    L->has_noise = 0;
+    if (c->router == MOE_ROUTER_NOISY_TOPK) {
+        moe_matmul_forward(L->noise_logits, x, moe_store_param(s, L->id_noise_w), NULL, T, d, E);
+        L->has_noise = noise != NULL;
+        for (i = 0; i < TE; i++) {
+            L->noise[i] = noise ? noise[i] : 0.0f;
+            L->noisy[i] = L->logits[i] + L->noise[i] * (moe__softplus(L->noise_logits[i]) + c->noise_eps);
+        }
+    }
+    /* 2. selection: dense gates, then the assignment list */
+    memset(L->gates, 0, TE * sizeof(float));
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
+        for (i = 0; i < (size_t)T * K; i++) L->topk[i] = -1;
+    } else {
+        MOE_OMP_FOR_IF(T > 256)
+        for (t = 0; t < T; t++) moe__route_token(L, t);
+    }
+    n = moe__build_assignments(L, T, picks);
+    st = moe_dispatch(&L->routed, L->raw_i, L->raw_i + L->cap, L->raw_i + 2 * L->cap, L->raw_w, n, T, E, &L->err);
+    if (st != MOE_OK) return st;
+    /* 3. experts on gathered tokens, then combine (shared experts first, then slots 0..k-1) */
+    if (S > 0) {
+        int *rt = L->raw_i, *re = rt + L->cap, *rs = re + L->cap, k;
+        float *rw = L->raw_w;
+        for (t = 0, k = 0; t < T; t++) {
+            int j;
+            for (j = 0; j < S; j++, k++) { rt[k] = t; re[k] = j; rs[k] = j; rw[k] = 1.0f; }
+        }
+        st = moe_dispatch(&L->shared, rt, re, rs, rw, S * T, T, S, &L->err);
+        if (st != MOE_OK) return st;
+        w = moe_layer_experts(L, s, 1, 0);
+        moe_gather(L->s_xg, x, &L->shared, d);
+        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation);
+        moe_combine_forward(y, L->s_eout, &L->shared, d, 0);
+    }
+    w = moe_layer_experts(L, s, 0, 0);
+    moe_gather(L->xg, x, &L->routed, d);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
+    moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
+    moe__layer_aux(L, T, picks);
+    L->T = T;
+    return MOE_OK;
+}
+
+/* dlogits (and dnoise_logits) of token t from dgate, the router kind and the aux losses */
+static void moe__router_backward_token(moe_layer *L, int t, const float *dimp, const float *dload,
+                                       const float *dP) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, e, s;
+    size_t r = (size_t)t * E;
+    const float *p = L->probs + r, *g = L->gates + r, *z = L->logits + r;
+    float *dg = L->dgate + r, *dz = L->dlogits + r, *dzn = L->dnoise_logits + r;
+    const int *idx = L->topk + (size_t)t * K;
+    float dot;
+    /* importance = sum_t gates: its gradient joins dgate on the selected experts */
+    if (dimp)
+        for (s = 0; s < K; s++) dg[idx[s]] += dimp[idx[s]];
+    switch (c->router) {
+    case MOE_ROUTER_TOPK:
+    case MOE_ROUTER_EXPERT_CHOICE:
+        if (c->router == MOE_ROUTER_TOPK && c->renormalize) { /* g = softmax over the selected logits */
+            dot = 0.0f;
+            for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+            for (s = 0; s < K; s++) dz[idx[s]] += g[idx[s]] * (dg[idx[s]] - dot);
+        } else { /* g = softmax over all E, read at the selected experts */
+            dot = 0.0f;
+            for (e = 0; e < E; e++) dot += dg[e] * p[e];
+            for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
+        }
+        break;
+    case MOE_ROUTER_SIGMOID:
+        if (c->renormalize) {
+            float sum = 0.0f;
+            for (s = 0; s < K; s++) sum += p[idx[s]];
+            if (sum < 1e-20f) sum = 1e-20f;
+            dot = 0.0f;
+            for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+            for (s = 0; s < K; s++) {
+                e = idx[s];
+                dz[e] += (dg[e] - dot) / sum * p[e] * (1.0f - p[e]);
+            }
+        } else {
+            for (s = 0; s < K; s++) {
+                e = idx[s];
+                dz[e] += dg[e] * p[e] * (1.0f - p[e]);
+            }
+        }
+        break;
+    case MOE_ROUTER_NOISY_TOPK: {
+        const float *xi = L->noise + r, *zn = L->noise_logits + r;
+        dot = 0.0f;
+        for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+        for (s = 0; s < K; s++) {
+            float dH;
+            e = idx[s];
+            dH = g[e] * (dg[e] - dot);
+            dz[e] += dH;
+            dzn[e] += dH * xi[e] * moe__sigmoid(zn[e]);
+        }
+        if (dload && L->has_noise) { /* smooth load: Phi((z_i - thr_i) / sd_i) */
+            const float *H = L->noisy + r;
+            const int *th = L->thresh + r;
+            for (e = 0; e < E; e++) {
+                float sd = moe__softplus(zn[e]) + c->noise_eps;
+                int m = th[e];
+                float u = (z[e] - H[m]) / sd;
+                float du = dload[e] * 0.3989422804014327f * expf(-0.5f * u * u);
+                float dthr = -du / sd, dsd = -du * u / sd;
+                dz[e] += du / sd;
+                dz[m] += dthr; /* H_m = z_m + xi_m * sd_m */
+                dzn[m] += dthr * xi[m] * moe__sigmoid(zn[m]);
+                dzn[e] += dsd * moe__sigmoid(zn[e]);
+            }
+        }
+        break;
+    }
+    }
+    /* balance loss through P (normalised probabilities) */
+    if (dP) {
+        if (c->router == MOE_ROUTER_SIGMOID) {
+            float sum = 0.0f;
+            dot = 0.0f;
+            for (e = 0; e < E; e++) sum += p[e];
+            for (e = 0; e < E; e++) dot += dP[e] * p[e] / sum;
+            for (e = 0; e < E; e++) dz[e] += (dP[e] - dot) / sum * p[e] * (1.0f - p[e]);
+        } else {
+            dot = 0.0f;
+            for (e = 0; e < E; e++) dot += dP[e] * p[e];
+            for (e = 0; e < E; e++) dz[e] += p[e] * (dP[e] - dot);
+        }
+    }
+    /* z-loss: d/dz_j of c/T * lse^2 = 2c/T * lse * softmax(z)_j */
+    if (c->z_coef > 0.0f) {
+        float a = 2.0f * c->z_coef / (float)L->T * L->lse[t];
+        for (e = 0; e < E; e++) dz[e] += a * expf(z[e] - L->lse[t]);
+    }
+}
+
+MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, const float *dy,
+                                        const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, d = c->d, S = c->n_shared, T = L->T, t, i, e;
+    size_t TE = (size_t)T * E;
+    moe_expert_weights w, gw;
+    float *f = L->aux_tmp, *imp = f + 2 * E, *load = f + 3 * E;
+    float *dimp = NULL, *dload = NULL, *dP = NULL, *buf;
+    moe_status st;
+    if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
+    if (T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "layer backward called without a forward before it");
+    if (!dx || !dy || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: dx, dy and x must not be NULL");
+    /* 1. routed bank: combine -> experts -> gather; the combine yields dL/dweight */
+    memset(L->dgate, 0, TE * sizeof(float));
+    memset(L->dlogits, 0, TE * sizeof(float));
+    memset(L->dnoise_logits, 0, TE * sizeof(float));
+    moe_combine_backward(L->deout, L->raw_w, dy, L->eout, &L->routed, d);
+    for (i = 0; i < L->routed.n; i++) L->dgate[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->raw_w[i];
+    w = moe_layer_experts(L, s, 0, 0);
+    gw = moe_layer_experts(L, s, 0, 1);
+    moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,
+                         c->expert, c->activation, L->work_a, L->work_b);
+    moe_gather_backward(dx, L->dxg, &L->routed, d);
+    if (S > 0) {
+        w = moe_layer_experts(L, s, 1, 0);
+        gw = moe_layer_experts(L, s, 1, 1);
+        moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, d);
+        moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, S, d,
+                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b);
+        moe_gather_backward(dx, L->dxg, &L->shared, d);
+    }
+    /* 2. auxiliary-loss gradients with respect to their per-expert pieces */
+    buf = (float *)moe__calloc((size_t)E * 3, sizeof(float));
+    if (!buf) return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory in layer backward");
+    if (c->router == MOE_ROUTER_NOISY_TOPK) {
+        dimp = buf;
+        moe__cv2(imp, E, c->importance_coef, dimp);
+        if (L->has_noise) {
+            dload = buf + E;
+            moe__cv2(load, E, c->load_coef, dload);
+        }
+    }
+    if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
+        float scale = c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
+        dP = buf + 2 * E;
+        for (e = 0; e < E; e++) dP[e] = scale * f[e]; /* f is a constant */
+    }
+    /* 3. router: per token (owner computes), then the two small matmuls */
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) moe__router_backward_token(L, t, dimp, dload, dP);
+    MOE_FREE(buf);
+    moe_matmul_backward(dx, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, x,
+                        moe_store_param(s, L->id_router_w), T, d, E);
+    if (c->router == MOE_ROUTER_NOISY_TOPK)
+        moe_matmul_backward(dx, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, x,
+                            moe_store_param(s, L->id_noise_w), T, d, E);
+    return MOE_OK;
+}
+
+#endif /* MOE_IMPLEMENTATION */
+
+/*
+   REVISION HISTORY
+   0.1.0  numeric core, experts, standard router family, MoE layer.
+
+   ------------------------------------------------------------------------------------------
+   MIT License. Copyright (c) 2026 The moe.h authors.
+   Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+   and associated documentation files (the "Software"), to deal in the Software without
+   restriction, including without limitation the rights to use, copy, modify, merge, publish,
+   distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+   Software is furnished to do so, subject to the following conditions: The above copyright
+   notice and this permission notice shall be included in all copies or substantial portions of
+   the Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+   IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A
+   PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE
+   LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+   OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER
+   DEALINGS IN THE SOFTWARE.
+*/

@@ -589,10 +589,17 @@ MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, cons
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h> /* fsync, for atomic checkpoint writes */
 #define MOE__HAVE_FSYNC 1
+#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
+extern int fileno(FILE *); /* POSIX; hidden by strict -std=c99 headers */
+#endif
 #endif
 
-#ifdef MOE_STATIC
+#ifdef MOE_STATIC /* a static copy need not use every function */
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE__IMPL static __attribute__((unused))
+#else
 #define MOE__IMPL static
+#endif
 #else
 #define MOE__IMPL
 #endif

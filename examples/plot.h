@@ -68,7 +68,7 @@ typedef struct plot_heatmap_opts {
     const char *title, *xlabel, *ylabel; /* each may be NULL */
     const char *const *row_labels;       /* rows strings, or NULL for row indices */
     const char *const *col_labels;       /* cols strings, or NULL for column indices */
-    int cell;                            /* cell size in pixels; 0 picks one (1..48) */
+    int cell;                            /* square cells of this many pixels; 0: automatic */
     int annotate;                        /* non-zero: print each value in its cell if it fits */
     float v_min, v_max;                  /* colour range when v_min < v_max, else data min/max */
 } plot_heatmap_opts;
@@ -775,14 +775,23 @@ int plot_heatmap(const char *path, const plot_heatmap_opts *opts, const float *v
     plot_canvas c;
     char buf[32], vlab[3][32];
     double vmin = 1e300, vmax = -1e300;
-    int r, q, i, cell, rstride, cstride = 1, cvert = 0, rlw = 0, clh = 8, cmaxw = 0, blw = 0;
+    int r, q, i, cw, ch, rstride, cstride = 1, cvert = 0, rlw = 0, clh = 8, cmaxw = 0, blw = 0;
     int top, left, gw, gh, bx, bh, body, w, h, rc;
-    if (!plot__has(path) || !values || rows <= 0 || cols <= 0 || rows > PLOT__MAX_PIXELS ||
-        cols > PLOT__MAX_PIXELS)
+    if (!plot__has(path) || !values || rows <= 0 || cols <= 0 || rows > 4096 || cols > 4096)
         return PLOT_ERR_ARG;
     if (opts) o = *opts;
     else memset(&o, 0, sizeof o);
     if (o.cell < 0 || o.cell > 256) return PLOT_ERR_ARG;
+    cw = ch = o.cell;
+    if (!o.cell) { /* fill about 640 x 400, cells at most 48 and at most 3:1 */
+        cw = plot__imax(1, plot__imin(48, 640 / cols));
+        ch = plot__imax(1, plot__imin(48, 400 / rows));
+        cw = plot__imin(cw, 3 * ch);
+        ch = plot__imin(ch, 3 * cw);
+    }
+    gw = cw * cols;
+    gh = ch * rows;
+    if (gw > PLOT__MAX_PIXELS - 400 || gh > PLOT__MAX_PIXELS - 400) return PLOT_ERR_ARG;
     for (i = 0; i < rows * cols; i++) {
         double v = values[i];
         if (!plot__finite(v)) continue;
@@ -792,25 +801,21 @@ int plot_heatmap(const char *path, const plot_heatmap_opts *opts, const float *v
     if (o.v_min < o.v_max) vmin = o.v_min, vmax = o.v_max;
     else if (vmin > vmax) vmin = 0.0, vmax = 1.0; /* all NaN */
     else if (vmin == vmax) vmin -= 0.5, vmax += 0.5;
-    cell = o.cell ? o.cell : plot__imax(1, plot__imin(48, plot__imin(640 / cols, 440 / rows)));
-    gw = cell * cols;
-    gh = cell * rows;
-    if (gw > PLOT__MAX_PIXELS - 400 || gh > PLOT__MAX_PIXELS - 400) return PLOT_ERR_ARG;
 
     /* labels: every rstride-th row and cstride-th column, so that none collide */
-    rstride = plot__stride(10.0 / cell);
+    rstride = plot__stride(10.0 / ch);
     for (r = 0; r < rows; r += rstride)
         rlw = plot__imax(rlw, plot_text_width(plot__label(o.row_labels, r, buf, sizeof buf), 1));
     for (q = 0; q < cols; q++)
         cmaxw = plot__imax(cmaxw, plot_text_width(plot__label(o.col_labels, q, buf, sizeof buf), 1));
-    if (cmaxw + 3 > cell) {
+    if (cmaxw + 3 > cw) {
         if (o.col_labels) { /* names: turn them, keep as many as fit */
             cvert = 1;
-            cstride = plot__stride(10.0 / cell);
+            cstride = plot__stride(10.0 / cw);
             for (q = 0, clh = 0; q < cols; q += cstride)
                 clh = plot__imax(clh, plot_text_width(o.col_labels[q], 1));
         } else { /* indices: flat, every cstride-th */
-            cstride = plot__stride((cmaxw + 8.0) / cell);
+            cstride = plot__stride((cmaxw + 8.0) / cw);
         }
     }
     snprintf(vlab[0], sizeof vlab[0], "%.3g", vmax);
@@ -834,14 +839,14 @@ int plot_heatmap(const char *path, const plot_heatmap_opts *opts, const float *v
             double v = values[(size_t)r * (size_t)cols + (size_t)q];
             unsigned col = plot__finite(v) ? plot_colormap((v - vmin) / (vmax - vmin))
                                            : PLOT__NAN_CELL;
-            int x = left + q * cell, y = top + r * cell, tw;
-            plot_fill_rect(&c, x, y, cell, cell, col);
-            if (!o.annotate || cell < 10 || !plot__finite(v)) continue;
+            int x = left + q * cw, y = top + r * ch, tw;
+            plot_fill_rect(&c, x, y, cw, ch, col);
+            if (!o.annotate || ch < 10 || !plot__finite(v)) continue;
             snprintf(buf, sizeof buf, "%.3g", v);
-            if (plot_text_width(buf, 1) > cell - 2) snprintf(buf, sizeof buf, "%.2g", v);
+            if (plot_text_width(buf, 1) > cw - 2) snprintf(buf, sizeof buf, "%.2g", v);
             tw = plot_text_width(buf, 1);
-            if (tw > cell - 2) continue;
-            plot_draw_text(&c, x + (cell - tw) / 2, y + cell / 2 - 3, buf, 1, 0,
+            if (tw > cw - 2) continue;
+            plot_draw_text(&c, x + (cw - tw) / 2, y + ch / 2 - 3, buf, 1, 0,
                            (0.299 * (col >> 16) + 0.587 * ((col >> 8) & 255) +
                             0.114 * (col & 255)) > 140.0
                                ? 0x000000u
@@ -849,12 +854,12 @@ int plot_heatmap(const char *path, const plot_heatmap_opts *opts, const float *v
         }
     for (r = 0; r < rows; r += rstride) {
         const char *s = plot__label(o.row_labels, r, buf, sizeof buf);
-        plot_draw_text(&c, left - 6 - plot_text_width(s, 1), top + r * cell + cell / 2 - 3, s, 1,
-                       0, PLOT__INK);
+        plot_draw_text(&c, left - 6 - plot_text_width(s, 1), top + r * ch + ch / 2 - 3, s, 1, 0,
+                       PLOT__INK);
     }
     for (q = 0; q < cols; q += cstride) {
         const char *s = plot__label(o.col_labels, q, buf, sizeof buf);
-        int x = left + q * cell + cell / 2, tw = plot_text_width(s, 1);
+        int x = left + q * cw + cw / 2, tw = plot_text_width(s, 1);
         if (cvert) plot_draw_text(&c, x - 3, top + gh + 5, s, 1, 1, PLOT__INK);
         else plot_draw_text(&c, x - tw / 2, top + gh + 5, s, 1, 0, PLOT__INK);
     }

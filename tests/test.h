@@ -24,18 +24,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define TEST_FN static __attribute__((unused))
+#else
+#define TEST_FN static
+#endif
+
 static int test_passed_count = 0;
 static int test_failed_count = 0;
 static int test_verbose = 0;
 
-static void test_begin(const char *name) {
+TEST_FN void test_begin(const char *name) {
     if (getenv("TEST_VERBOSE")) test_verbose = 1;
     printf("-- %s\n", name);
     fflush(stdout);
 }
 #define TEST_BEGIN(name) test_begin(name)
 
-static int test_check(int ok, const char *file, int line, const char *fmt, ...) {
+TEST_FN int test_check(int ok, const char *file, int line, const char *fmt, ...) {
     if (ok) {
         test_passed_count++;
         return 1;
@@ -55,7 +61,7 @@ static int test_check(int ok, const char *file, int line, const char *fmt, ...) 
 #define CHECK(cond, ...) test_check((cond) ? 1 : 0, __FILE__, __LINE__, __VA_ARGS__)
 
 /* elementwise |got - ref| <= atol + rtol * |ref|; NaN anywhere fails */
-static int test_close(const char *file, int line, const char *name, const float *got,
+TEST_FN int test_close(const char *file, int line, const char *name, const float *got,
                       const float *ref, size_t n, double atol, double rtol) {
     size_t i, worst = 0, bad = 0;
     double worst_excess = -1e300, se = 0.0, sr = 0.0;
@@ -86,7 +92,7 @@ static int test_close(const char *file, int line, const char *name, const float 
     test_close(__FILE__, __LINE__, name, got, ref, (size_t)(n), atol, rtol)
 
 /* analytic <g, v> against the central difference (L(p+eps v) - L(p-eps v)) / 2eps */
-static int test_grad(const char *file, int line, const char *name, double analytic,
+TEST_FN int test_grad(const char *file, int line, const char *name, double analytic,
                      double numeric, double rtol) {
     double scale = fabs(analytic) > fabs(numeric) ? fabs(analytic) : fabs(numeric);
     double err = fabs(analytic - numeric);
@@ -105,13 +111,13 @@ static int test_grad(const char *file, int line, const char *name, double analyt
 #define check_grad(name, analytic, numeric, rtol) \
     test_grad(__FILE__, __LINE__, name, analytic, numeric, rtol)
 
-static int test_summary(void) {
+TEST_FN int test_summary(void) {
     printf("%d passed, %d failed\n", test_passed_count, test_failed_count);
     return test_failed_count == 0 ? 0 : 1;
 }
 
 /* path of the shared data folder: $MOE_SHARED_DATA or ../shared/data; NULL if absent */
-static const char *test_shared_data(void) {
+TEST_FN const char *test_shared_data(void) {
     static char path[1024];
     const char *env = getenv("MOE_SHARED_DATA");
     FILE *f;

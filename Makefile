@@ -1,0 +1,92 @@
+# moe.h + reward.h: tests, examples, benchmarks.
+#   make              build tests, examples and benchmarks
+#   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
+#   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
+#   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
+#   make demo         the README's first command
+# Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
+
+CC      ?= cc
+CXX     ?= c++
+PYTHON  ?= /usr/bin/python3
+BUILD   ?= build
+WARN     = -Wall -Wextra -Wpedantic -Werror
+INC      = -I. -Iexamples -I/usr/include/stb
+LDLIBS   = -lm
+# Tests: reproducible arithmetic (no FMA contraction, no fast-math).
+TEST_CFLAGS = -std=c99 -O2 -ffp-contract=off $(WARN) $(INC)
+# Examples and benchmarks: what a user would build for speed (still no fast-math).
+FAST_CFLAGS = -std=c99 -O3 -ffp-contract=fast $(WARN) $(INC)
+
+# ---- detection, printed once ----------------------------------------------------------------
+probe = $(shell printf 'int main(void){return 0;}\n' | $(CC) $(1) -x c - -o /dev/null >/dev/null 2>&1 && echo yes)
+ifeq ($(NO_OMP),1)
+  OMP_FLAG :=
+  $(info [moe] OpenMP: off (NO_OMP=1))
+else ifeq ($(call probe,-fopenmp),yes)
+  OMP_FLAG := -fopenmp
+  $(info [moe] OpenMP: on (-fopenmp); threads from OMP_NUM_THREADS)
+else
+  OMP_FLAG :=
+  $(info [moe] OpenMP: not supported by $(CC); single-threaded)
+endif
+ifneq ($(NATIVE),0)
+  ifeq ($(call probe,-march=native),yes)
+    FAST_CFLAGS += -march=native
+  endif
+endif
+$(info [moe] CC=$(CC); fast builds: $(FAST_CFLAGS))
+ifeq ($(wildcard /usr/include/stb/stb_image_write.h),)
+  $(info [moe] stb_image_write.h not found: examples need Debian's libstb-dev)
+endif
+
+TEST_SRCS    := $(wildcard tests/test_*.c)
+TEST_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
+ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/asan/%)
+EXAMPLE_SRCS := $(wildcard examples/*.c)
+EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
+BENCH_SRCS   := $(wildcard bench/*.c)
+BENCH_BINS   := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
+HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) tests/test.h
+
+.PHONY: all test test-asan bench goldens demo clean
+all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
+
+$(BUILD)/tests/%: tests/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
+$(BUILD)/asan/%: tests/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -ffp-contract=off $(WARN) $(INC) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
+$(BUILD)/examples/%: examples/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
+
+# The suite: the build matrix first (each header alone, C++, static, two TUs, with and
+# without OpenMP), then every test program; example smoke runs (--quick) are test programs too.
+test: $(TEST_BINS) $(EXAMPLE_BINS)
+	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
+
+test-asan: $(ASAN_BINS)
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
+
+ifeq ($(BLAS),1)
+  BENCH_EXTRA += -DMOE_BENCH_BLAS
+  BENCH_LIBS  += -lopenblas
+endif
+bench: $(BENCH_BINS)
+	@sh bench/run.sh $(BENCH_BINS)
+
+goldens:
+	$(PYTHON) tests/ref/make_goldens.py
+
+clean:
+	rm -rf $(BUILD)

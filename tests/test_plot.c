@@ -29,7 +29,7 @@
 
 static char dir[64];
 
-static const char *at(const char *name) { /* dir/name, in one of 4 rotating buffers */
+static const char *at(const char *name) { /* dir/name; valid for the next 3 calls */
     static char buf[4][256];
     static int k = 0;
     k = (k + 1) % 4;
@@ -273,9 +273,10 @@ static void test_errors(void) {
     plot_series s[2];
     plot_chart ch;
     image im;
-    const char *keep = at("keep.png");
+    char keep[256];
     int i;
     TEST_BEGIN("bad arguments: an error, and an existing file stays as it was");
+    snprintf(keep, sizeof keep, "%s", at("keep.png"));
     write_text(keep, "sentinel");
     memset(s, 0, sizeof s);
     memset(&ch, 0, sizeof ch);

@@ -1,0 +1,457 @@
+/* test_layer.c - the MoE layer (moe.h sections 7-10): dispatch, routers, gradients of every
+   router variant, capacity drops, determinism across thread counts, bad input. */
+#define MOE_IMPLEMENTATION
+#include "moe.h" /* defines: moe_layer_*, moe_dispatch, moe_store_*, moe_rng_* */
+#include "test.h" /* defines: CHECK, check_close, check_grad, test_summary */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct fixture {
+    moe_store S;
+    moe_layer L;
+    int T;
+    float *x, *y, *dy, *dx, *noise;
+} fixture;
+
+static void fill_normal(float *p, size_t n, float scale, moe_rng *r) {
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = scale * moe_rng_normal(r);
+}
+
+static int fixture_init(fixture *f, const moe_layer_config *c, int T, uint64_t seed) {
+    moe_rng r;
+    size_t TE = (size_t)T * c->n_experts, Td = (size_t)T * c->d;
+    memset(f, 0, sizeof *f);
+    moe_store_init(&f->S);
+    if (moe_layer_init(&f->L, c, &f->S, "moe.", T) != MOE_OK) {
+        printf("layer init failed: %s\n", f->L.err.msg);
+        return 0;
+    }
+    if (moe_store_alloc(&f->S, 1) != MOE_OK) return 0;
+    moe_rng_seed(&r, seed);
+    moe_layer_init_weights(&f->L, &f->S, &r);
+    /* noise projection and biases start at zero; give them values so their gradients matter */
+    {
+        int id;
+        for (id = 0; id < f->S.count; id++)
+            if (f->S.tensors[id].ndim < 3 && strstr(f->S.tensors[id].name, "router.w") == NULL)
+                fill_normal(moe_store_param(&f->S, id), f->S.tensors[id].numel, 0.3f, &r);
+    }
+    f->T = T;
+    f->x = (float *)calloc(Td, sizeof(float));
+    f->y = (float *)calloc(Td, sizeof(float));
+    f->dy = (float *)calloc(Td, sizeof(float));
+    f->dx = (float *)calloc(Td, sizeof(float));
+    f->noise = (float *)calloc(TE, sizeof(float));
+    fill_normal(f->x, Td, 1.0f, &r);
+    fill_normal(f->dy, Td, 1.0f, &r);
+    fill_normal(f->noise, TE, 1.0f, &r);
+    return 1;
+}
+
+static void fixture_free(fixture *f) {
+    moe_layer_free(&f->L);
+    moe_store_free(&f->S);
+    free(f->x); free(f->y); free(f->dy); free(f->dx); free(f->noise);
+}
+
+/* J = sum(y * dy) + aux_total, in double */
+static double objective(fixture *f, const float *noise) {
+    double J = 0.0;
+    size_t i, n = (size_t)f->T * f->L.cfg.d;
+    if (moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, noise) != MOE_OK) return NAN;
+    for (i = 0; i < n; i++) J += (double)f->y[i] * f->dy[i];
+    return J + f->L.stats.aux_total;
+}
+
+/* routing decisions of the last forward, to detect a perturbation that flips a choice */
+static void routing_snapshot(const fixture *f, int *ids) {
+    const moe_layer *L = &f->L;
+    int i, E = L->cfg.n_experts;
+    for (i = 0; i < L->routed.n; i++) ids[i] = L->routed.token[i] * E + L->routed.expert[i];
+    ids[L->cap] = L->routed.n;
+    if (L->cfg.router == MOE_ROUTER_NOISY_TOPK)
+        for (i = 0; i < f->T * E; i++) ids[L->cap + 1 + i] = L->thresh[i];
+}
+
+/* Directional finite differences over all parameters and the input at once. */
+static void gradcheck_layer_mode(const char *name, const moe_layer_config *c, int T, int with_noise, int aux_only) {
+    fixture f;
+    moe_rng r;
+    const float *noise;
+    size_t np, nx, i;
+    float *v, *vx, *p0, *x0;
+    int *ids0, *ids1, trial, checked = 0;
+    if (!fixture_init(&f, c, T, 1234)) {
+        CHECK(0, "%s: fixture", name);
+        return;
+    }
+    noise = with_noise ? f.noise : NULL;
+    if (aux_only) memset(f.dy, 0, sizeof(float) * (size_t)T * c->d); /* J = aux_total alone */
+    np = f.S.numel;
+    nx = (size_t)T * c->d;
+    v = (float *)calloc(np, sizeof(float));
+    vx = (float *)calloc(nx, sizeof(float));
+    p0 = (float *)malloc(np * sizeof(float));
+    x0 = (float *)malloc(nx * sizeof(float));
+    ids0 = (int *)calloc((size_t)f.L.cap + 1 + (size_t)T * c->n_experts, sizeof(int));
+    ids1 = (int *)calloc((size_t)f.L.cap + 1 + (size_t)T * c->n_experts, sizeof(int));
+    memcpy(p0, f.S.params, np * sizeof(float));
+    memcpy(x0, f.x, nx * sizeof(float));
+    /* analytic gradient */
+    objective(&f, noise);
+    routing_snapshot(&f, ids0);
+    moe_store_zero_grad(&f.S);
+    memset(f.dx, 0, nx * sizeof(float));
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
+    moe_rng_seed(&r, 99);
+    for (trial = 0; trial < 6 && checked < 3; trial++) {
+        const double eps = 5e-4; // small: the central difference error is O(eps^2)
+        double analytic = 0.0, jp, jm;
+        int same = 1;
+        fill_normal(v, np, 1.0f, &r);
+        fill_normal(vx, nx, 1.0f, &r);
+        for (i = 0; i < np; i++) analytic += (double)f.S.grads[i] * v[i];
+        for (i = 0; i < nx; i++) analytic += (double)f.dx[i] * vx[i];
+        for (i = 0; i < np; i++) f.S.params[i] = p0[i] + (float)eps * v[i];
+        for (i = 0; i < nx; i++) f.x[i] = x0[i] + (float)eps * vx[i];
+        jp = objective(&f, noise);
+        routing_snapshot(&f, ids1);
+        same &= memcmp(ids0, ids1, ((size_t)f.L.cap + 1 + (size_t)T * c->n_experts) * sizeof(int)) == 0;
+        for (i = 0; i < np; i++) f.S.params[i] = p0[i] - (float)eps * v[i];
+        for (i = 0; i < nx; i++) f.x[i] = x0[i] - (float)eps * vx[i];
+        jm = objective(&f, noise);
+        routing_snapshot(&f, ids1);
+        same &= memcmp(ids0, ids1, ((size_t)f.L.cap + 1 + (size_t)T * c->n_experts) * sizeof(int)) == 0;
+        memcpy(f.S.params, p0, np * sizeof(float));
+        memcpy(f.x, x0, nx * sizeof(float));
+        if (!same) continue; /* the nudge changed a routing decision: not differentiable there */
+        check_grad(name, analytic, (jp - jm) / (2 * eps), 3e-3);
+        checked++;
+    }
+    CHECK(checked >= 2, "%s: only %d of 6 directions kept the routing fixed", name, checked);
+    free(v); free(vx); free(p0); free(x0); free(ids0); free(ids1);
+    fixture_free(&f);
+}
+
+static void gradcheck_layer(const char *name, const moe_layer_config *c, int T, int with_noise) {
+    gradcheck_layer_mode(name, c, T, with_noise, 0);
+}
+
+static moe_layer_config small_config(void) {
+    moe_layer_config c = moe_layer_config_default();
+    c.d = 12;
+    c.d_ff = 16;
+    c.n_experts = 6;
+    c.top_k = 2;
+    c.router_init_std = 1.0f; /* large logits: clear margins at the top-k boundary */
+    c.z_coef = 1e-2f;
+    return c;
+}
+
+static void test_gradients(void) {
+    moe_layer_config c;
+    TEST_BEGIN("gradients of every router variant (directional finite differences)");
+    c = small_config();
+    c.renormalize = 0;
+    c.balance = MOE_BALANCE_SWITCH;
+    gradcheck_layer("topk softmax (Switch/DeepSeek), switch loss", &c, 20, 0);
+    c = small_config();
+    gradcheck_layer("topk renormalised (Mixtral), mixtral loss", &c, 20, 0);
+    c = small_config();
+    c.balance = MOE_BALANCE_DEEPSEEK;
+    c.n_shared = 2;
+    c.d_ff_shared = 8;
+    c.router_bias = 1;
+    gradcheck_layer("topk + shared experts, deepseek loss, router bias", &c, 20, 0);
+    c = small_config();
+    c.router = MOE_ROUTER_SIGMOID;
+    c.renormalize = 0;
+    gradcheck_layer("sigmoid top-k", &c, 20, 0);
+    c.renormalize = 1;
+    gradcheck_layer("sigmoid top-k renormalised", &c, 20, 0);
+    c = small_config();
+    c.router = MOE_ROUTER_NOISY_TOPK;
+    c.balance = MOE_BALANCE_NONE;
+    c.importance_coef = 0.5f;
+    c.load_coef = 0.5f;
+    gradcheck_layer("noisy top-k with CV^2 losses", &c, 20, 1);
+    gradcheck_layer("noisy top-k at evaluation (no noise)", &c, 20, 0);
+    c = small_config();
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.balance = MOE_BALANCE_NONE;
+    gradcheck_layer("expert choice", &c, 20, 0);
+    c = small_config();
+    c.capacity_factor = 0.6f;
+    gradcheck_layer("capacity factor 0.6 (drops)", &c, 20, 0);
+    c = small_config();
+    c.expert = MOE_EXPERT_FFN;
+    c.activation = MOE_ACT_GELU;
+    c.expert_bias = 1;
+    gradcheck_layer("FFN experts (GELU, biases)", &c, 20, 0);
+    c.activation = MOE_ACT_GELU_TANH; /* (ReLU's kink defeats finite differences) */
+    c.top_k = 1;
+    c.balance = MOE_BALANCE_SWITCH;
+    gradcheck_layer("FFN experts (GELU tanh), top-1", &c, 20, 0);
+}
+
+/* J = aux_total alone: the auxiliary losses' gradients are not hidden under the main term */
+static void test_aux_gradients(void) {
+    moe_layer_config c;
+    int b;
+    const char *names[] = {"aux only: switch balance + z-loss", "aux only: mixtral balance + z-loss",
+                           "aux only: deepseek balance + z-loss"};
+    TEST_BEGIN("gradients of the auxiliary losses alone");
+    for (b = 0; b < 3; b++) {
+        c = small_config();
+        c.balance = (moe_balance_loss)(MOE_BALANCE_SWITCH + b);
+        c.balance_coef = 1.0f;
+        c.z_coef = 0.1f;
+        gradcheck_layer_mode(names[b], &c, 20, 0, 1);
+    }
+    c = small_config();
+    c.router = MOE_ROUTER_SIGMOID;
+    c.balance_coef = 1.0f;
+    gradcheck_layer_mode("aux only: sigmoid router, balance on normalised scores", &c, 20, 0, 1);
+    c = small_config();
+    c.router = MOE_ROUTER_NOISY_TOPK;
+    c.balance = MOE_BALANCE_NONE;
+    c.z_coef = 0.0f;
+    c.importance_coef = 1.0f;
+    c.load_coef = 0.0f;
+    gradcheck_layer_mode("aux only: noisy top-k importance CV^2", &c, 20, 1, 1);
+    c.importance_coef = 0.0f;
+    c.load_coef = 1.0f;
+    gradcheck_layer_mode("aux only: noisy top-k smooth-load CV^2", &c, 20, 1, 1);
+    c = small_config();
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.balance = MOE_BALANCE_NONE;
+    c.z_coef = 0.5f;
+    gradcheck_layer_mode("aux only: expert choice z-loss", &c, 20, 0, 1);
+}
+
+static void test_dispatch(void) {
+    /* raw list in token order; expert 1 gets tokens 0, 2, 3 (in that order) */
+    int tok[] = {0, 0, 1, 2, 2, 3}, exp_[] = {1, 2, 0, 2, 1, 1}, slot[] = {0, 1, 0, 1, 0, 0};
+    float w[] = {0.6f, 0.4f, 1.0f, 0.3f, 0.7f, 1.0f};
+    int cap = 6, T = 4, E = 3;
+    moe_assign a;
+    moe_err err;
+    float x[4 * 2] = {1, 2, 3, 4, 5, 6, 7, 8}, xg[6 * 2], y[4 * 2], eout[6 * 2], dx[4 * 2];
+    int i;
+    TEST_BEGIN("dispatch: stable counting sort, per-token slot order, gather/combine");
+    memset(&a, 0, sizeof a);
+    a.token = (int *)calloc((size_t)cap, sizeof(int));
+    a.expert = (int *)calloc((size_t)cap, sizeof(int));
+    a.slot = (int *)calloc((size_t)cap, sizeof(int));
+    a.weight = (float *)calloc((size_t)cap, sizeof(float));
+    a.offset = (int *)calloc((size_t)E + 1, sizeof(int));
+    a.tok_offset = (int *)calloc((size_t)T + 1, sizeof(int));
+    a.tok_index = (int *)calloc((size_t)cap, sizeof(int));
+    CHECK(moe_dispatch(&a, tok, exp_, slot, w, 6, T, E, &err) == MOE_OK, "dispatch ok");
+    CHECK(a.offset[0] == 0 && a.offset[1] == 1 && a.offset[2] == 4 && a.offset[3] == 6, "offsets %d %d %d %d", a.offset[0], a.offset[1], a.offset[2], a.offset[3]);
+    CHECK(a.token[1] == 0 && a.token[2] == 2 && a.token[3] == 3, "expert 1 keeps token order: %d %d %d", a.token[1], a.token[2], a.token[3]);
+    CHECK(a.token[4] == 0 && a.token[5] == 2, "expert 2 keeps token order");
+    /* token 2 has slot 0 -> expert 1 (position 2), slot 1 -> expert 2 (position 5) */
+    CHECK(a.tok_index[a.tok_offset[2]] == 2 && a.tok_index[a.tok_offset[2] + 1] == 5, "token 2 in slot order");
+    moe_gather(xg, x, &a, 2);
+    CHECK(xg[2 * 2] == 5.0f && xg[5 * 2 + 1] == 6.0f, "gather copies token rows");
+    for (i = 0; i < 12; i++) eout[i] = (float)(i + 1);
+    moe_combine_forward(y, eout, &a, 2, 0);
+    /* token 2: 0.7 * eout[2] + 0.3 * eout[5] */
+    CHECK(fabsf(y[4] - (0.7f * 5.0f + 0.3f * 11.0f)) < 1e-6f, "combine weights: %g", (double)y[4]);
+    memset(dx, 0, sizeof dx);
+    moe_gather_backward(dx, eout, &a, 2);
+    CHECK(dx[0] == eout[2] + eout[8], "gather backward sums a token's rows: %g", (double)dx[0]);
+    exp_[3] = 7;
+    CHECK(moe_dispatch(&a, tok, exp_, slot, w, 6, T, E, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "expert 7"), "bad expert id rejected: %s", err.msg);
+    free(a.token); free(a.expert); free(a.slot); free(a.weight); free(a.offset); free(a.tok_offset); free(a.tok_index);
+}
+
+static void test_topk_semantics(void) {
+    fixture f;
+    moe_layer_config c = small_config();
+    int t, s, ok_renorm = 1, ok_ties = 1;
+    TEST_BEGIN("top-k: ties to the lower index; renormalised = softmax over the chosen logits");
+    c.n_experts = 5;
+    c.top_k = 3;
+    c.n_shared = 0;
+    if (!fixture_init(&f, &c, 8, 7)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    for (t = 0; t < 8; t++) {
+        const float *z = f.L.logits + (size_t)t * 5;
+        const int *idx = f.L.topk + (size_t)t * 3;
+        double mx = z[idx[0]], sum = 0.0;
+        for (s = 0; s < 3; s++) sum += exp(z[idx[s]] - mx);
+        for (s = 0; s < 3; s++)
+            if (fabs(f.L.gates[(size_t)t * 5 + idx[s]] - exp(z[idx[s]] - mx) / sum) > 1e-6) ok_renorm = 0;
+        for (s = 1; s < 3; s++)
+            if (z[idx[s]] > z[idx[s - 1]]) ok_ties = 0;
+    }
+    CHECK(ok_renorm, "renormalised top-k equals the softmax of the chosen logits");
+    CHECK(ok_ties, "top-k ids in descending score order");
+    /* all-zero router: every score ties; the chosen experts must be 0, 1, 2 in that order */
+    memset(moe_store_param(&f.S, f.L.id_router_w), 0, sizeof(float) * 5 * (size_t)c.d);
+    objective(&f, NULL);
+    for (t = 0; t < 8; t++)
+        if (f.L.topk[t * 3] != 0 || f.L.topk[t * 3 + 1] != 1 || f.L.topk[t * 3 + 2] != 2) ok_ties = 0;
+    CHECK(ok_ties, "tied scores go to the lower expert index");
+    fixture_free(&f);
+}
+
+static void test_capacity(void) {
+    fixture f;
+    moe_layer_config c = small_config();
+    float *wr;
+    int t, e, dropped_zero = 1;
+    TEST_BEGIN("capacity: admission order, drop counter, dropped tokens keep only the residual");
+    c.n_experts = 4;
+    c.top_k = 1;
+    c.capacity_factor = 1.0f; /* C = ceil(1 * 1 * 8 / 4) = 2 */
+    c.router_bias = 1;
+    if (!fixture_init(&f, &c, 8, 3)) { CHECK(0, "fixture"); return; }
+    /* every token prefers expert 0 */
+    wr = moe_store_param(&f.S, f.L.id_router_w);
+    memset(wr, 0, sizeof(float) * 4 * (size_t)c.d);
+    for (e = 0; e < 4; e++) moe_store_param(&f.S, f.L.id_router_b)[e] = e == 0 ? 5.0f : 0.0f;
+    objective(&f, NULL);
+    CHECK(f.L.stats.requested == 8 && f.L.stats.kept == 2 && f.L.stats.dropped == 6, "requested %d kept %d dropped %d", f.L.stats.requested, f.L.stats.kept, f.L.stats.dropped);
+    CHECK(fabsf(f.L.stats.drop_rate - 0.75f) < 1e-6f, "drop rate %g", (double)f.L.stats.drop_rate);
+    CHECK(f.L.routed.token[0] == 0 && f.L.routed.token[1] == 1, "the first tokens in index order are admitted");
+    for (t = 2; t < 8; t++)
+        for (e = 0; e < c.d; e++)
+            if (f.y[(size_t)t * c.d + e] != 0.0f) dropped_zero = 0;
+    CHECK(dropped_zero, "a dropped token's MoE output is zero");
+    CHECK(f.L.stats.load[0] == 1.0f && f.L.stats.load_entropy == 0.0f, "load statistics see only kept tokens");
+    fixture_free(&f);
+    /* top-2: first choices are admitted before second choices */
+    c.top_k = 2;
+    c.capacity_factor = 0.5f; /* C = ceil(0.5 * 2 * 8 / 4) = 2 */
+    if (!fixture_init(&f, &c, 8, 3)) { CHECK(0, "fixture"); return; }
+    memset(moe_store_param(&f.S, f.L.id_router_w), 0, sizeof(float) * 4 * (size_t)c.d);
+    for (e = 0; e < 4; e++) moe_store_param(&f.S, f.L.id_router_b)[e] = (float)(4 - e); /* 0 > 1 > 2 > 3 */
+    objective(&f, NULL);
+    CHECK(f.L.stats.kept == 4 && f.L.routed.offset[1] == 2 && f.L.routed.offset[2] == 4, "experts 0 and 1 keep 2 each (kept %d)", f.L.stats.kept);
+    fixture_free(&f);
+}
+
+static void test_expert_choice(void) {
+    fixture f;
+    moe_layer_config c = small_config();
+    int e, ok = 1;
+    TEST_BEGIN("expert choice: each expert takes ceil(k*T/E) tokens, ascending token order");
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.n_experts = 4;
+    c.top_k = 2;
+    if (!fixture_init(&f, &c, 10, 5)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    for (e = 0; e < 4; e++) {
+        int i;
+        if (f.L.routed.offset[e + 1] - f.L.routed.offset[e] != 5) ok = 0;
+        for (i = f.L.routed.offset[e] + 1; i < f.L.routed.offset[e + 1]; i++)
+            if (f.L.routed.token[i] <= f.L.routed.token[i - 1]) ok = 0;
+    }
+    CHECK(ok, "5 tokens per expert, sorted");
+    CHECK(f.L.stats.kept == 20 && f.L.stats.dropped == 0, "kept %d", f.L.stats.kept);
+    fixture_free(&f);
+}
+
+static void test_determinism(void) {
+#ifdef _OPENMP
+    moe_layer_config c = moe_layer_config_default();
+    fixture f1, f2;
+    int nt = omp_get_max_threads();
+    int variants, v;
+    TEST_BEGIN("determinism: 1 and 2 threads give bit-identical outputs and gradients");
+    for (variants = 0; variants < 3; variants++) {
+        c = moe_layer_config_default();
+        c.d = 64; c.d_ff = 96; c.n_experts = 8; c.top_k = 2; c.z_coef = 1e-3f;
+        if (variants == 1) { c.router = MOE_ROUTER_NOISY_TOPK; c.n_shared = 1; }
+        if (variants == 2) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.expert = MOE_EXPERT_FFN; c.expert_bias = 1; }
+        for (v = 0; v < 2; v++) {
+            fixture *f = v == 0 ? &f1 : &f2;
+            omp_set_num_threads(v == 0 ? 1 : 2);
+            if (!fixture_init(f, &c, 600, 11)) { CHECK(0, "fixture"); return; }
+            moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, f->noise);
+            moe_store_zero_grad(&f->S);
+            moe_layer_backward(&f->L, &f->S, f->dx, f->dy, f->x);
+        }
+        omp_set_num_threads(nt);
+        CHECK(memcmp(f1.y, f2.y, sizeof(float) * 600 * 64) == 0, "variant %d: y differs between 1 and 2 threads", variants);
+        CHECK(memcmp(f1.dx, f2.dx, sizeof(float) * 600 * 64) == 0, "variant %d: dx differs", variants);
+        CHECK(memcmp(f1.S.grads, f2.S.grads, sizeof(float) * f1.S.numel) == 0, "variant %d: parameter gradients differ", variants);
+        CHECK(f1.L.stats.aux_total == f2.L.stats.aux_total, "variant %d: aux loss differs", variants);
+        fixture_free(&f1);
+        fixture_free(&f2);
+    }
+#else
+    TEST_BEGIN("determinism: built without OpenMP, one thread only (skipped)");
+#endif
+}
+
+static void test_bad_input(void) {
+    moe_layer_config c;
+    moe_store S;
+    moe_layer L;
+    moe_err err;
+    fixture f;
+    float x[4], y[4];
+    TEST_BEGIN("bad input: a status and a sentence, no crash");
+#define EXPECT_BAD(mutate, word)                                                                     \
+    do {                                                                                             \
+        c = small_config();                                                                          \
+        mutate;                                                                                      \
+        memset(&err, 0, sizeof err);                                                                 \
+        CHECK(moe_layer_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, word),   \
+              "%s rejected with a sentence naming '%s': got '%s'", #mutate, word, err.msg);           \
+    } while (0)
+    EXPECT_BAD(c.top_k = 7, "top_k");
+    EXPECT_BAD(c.top_k = 0, "top_k");
+    EXPECT_BAD(c.d = 0, "d (0)");
+    EXPECT_BAD(c.d_ff = -3, "d_ff");
+    EXPECT_BAD(c.n_experts = 0, "n_experts");
+    EXPECT_BAD(c.capacity_factor = -1.0f, "capacity_factor");
+    EXPECT_BAD(c.capacity_factor = NAN, "capacity_factor");
+    EXPECT_BAD((c.router = MOE_ROUTER_NOISY_TOPK, c.top_k = 6), "noisy top-k");
+    EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.capacity_factor = 1.0f), "expert-choice");
+    EXPECT_BAD(c.expert_bias = 1, "expert_bias");
+    EXPECT_BAD(c.balance_coef = -0.1f, "coefficients");
+    EXPECT_BAD(c.n_shared = -1, "n_shared");
+#undef EXPECT_BAD
+    /* init errors */
+    c = small_config();
+    moe_store_init(&S);
+    CHECK(moe_layer_init(&L, &c, &S, "a.", 0) == MOE_ERR_INVALID_ARG, "max_tokens 0 rejected: %s", L.err.msg);
+    moe_store_add(&S, "dummy", 0, 3, 0, 0, 0);
+    moe_store_alloc(&S, 0);
+    CHECK(moe_layer_init(&L, &c, &S, "a.", 8) == MOE_ERR_STATE && strstr(L.err.msg, "store"), "init on an allocated store rejected: %s", L.err.msg);
+    moe_store_free(&S);
+    moe_store_init(&S);
+    CHECK(moe_store_add(&S, "t", 0, 2, -1, 0, 0) < 0 && S.err.status == MOE_ERR_SHAPE, "negative dimension rejected: %s", S.err.msg);
+    CHECK(moe_store_add(&S, "t", 0, 0, 0, 0, 0) < 0, "no dimensions rejected");
+    CHECK(moe_store_add(&S, "t", 0, 2, 0, 3, 0) < 0, "a gap in the dimensions rejected");
+    CHECK(moe_store_add(&S, "t", 0, 2, 0, 0, 0) == 0 && moe_store_add(&S, "t", 0, 2, 0, 0, 0) < 0, "duplicate names rejected: %s", S.err.msg);
+    moe_store_free(&S);
+    /* forward/backward errors */
+    if (!fixture_init(&f, &c, 4, 1)) { CHECK(0, "fixture"); return; }
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_ERR_STATE && strstr(f.L.err.msg, "without a forward"), "backward before forward: %s", f.L.err.msg);
+    CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 5, NULL) == MOE_ERR_SHAPE && strstr(f.L.err.msg, "T = 5"), "too many tokens: %s", f.L.err.msg);
+    CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 0, NULL) == MOE_ERR_SHAPE, "zero tokens: %s", f.L.err.msg);
+    CHECK(moe_layer_forward(&f.L, &f.S, NULL, f.x, 2, NULL) == MOE_ERR_INVALID_ARG, "NULL output: %s", f.L.err.msg);
+    CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 4, NULL) == MOE_OK, "valid call after errors works");
+    (void)x; (void)y;
+    fixture_free(&f);
+}
+
+int main(void) {
+    test_dispatch();
+    test_topk_semantics();
+    test_capacity();
+    test_expert_choice();
+    test_gradients();
+    test_aux_gradients();
+    test_determinism();
+    test_bad_input();
+    return test_summary();
+}

@@ -455,9 +455,8 @@ typedef struct plot__axis {
 
 /* linear ticks at 1, 2 or 5 times a power of ten; `expand` widens lo/hi onto ticks */
 static void plot__ticks_linear(plot__axis *a, int target, int expand) {
-    double span, raw, mag, f, step;
-    long k, k0, k1;
-    int decimals;
+    double span, raw, mag, f, step, k, k0, k1, big;
+    int decimals, digits;
     if (!(a->hi > a->lo)) {
         double d = fabs(a->lo) * 0.1;
         if (!(d > 0.0)) d = 1.0;
@@ -473,16 +472,17 @@ static void plot__ticks_linear(plot__axis *a, int target, int expand) {
         a->lo = floor(a->lo / step + 1e-4) * step;
         a->hi = ceil(a->hi / step - 1e-4) * step;
     }
-    k0 = (long)ceil(a->lo / step - 1e-4);
-    k1 = (long)floor(a->hi / step + 1e-4);
+    k0 = ceil(a->lo / step - 1e-4);
+    k1 = floor(a->hi / step + 1e-4);
+    big = fabs(a->lo) > fabs(a->hi) ? fabs(a->lo) : fabs(a->hi);
     decimals = step >= 1.0 ? 0 : (int)ceil(-log10(step) - 1e-9);
+    digits = (int)floor(log10(big)) - (int)floor(log10(step) + 1e-9) + 1; /* to tell ticks apart */
     a->n = 0;
     for (k = k0; k <= k1 && a->n < PLOT__MAX_TICKS; k++) {
-        double v = (double)k * step;
-        double big = fabs(a->lo) > fabs(a->hi) ? fabs(a->lo) : fabs(a->hi);
+        double v = k * step;
         a->v[a->n] = v;
         if (big >= 1e6 || step < 1e-4)
-            plot__num(a->label[a->n], sizeof a->label[0], v, 3);
+            plot__num(a->label[a->n], sizeof a->label[0], v, digits < 2 ? 2 : digits);
         else
             snprintf(a->label[a->n], sizeof a->label[0], "%.*f", decimals, v);
         a->n++;

@@ -435,7 +435,9 @@ typedef struct moe_layer_config {
     moe_activation activation;/* FFN experts' activation (GELU default)                  */
     int expert_bias;          /* FFN experts carry b_up, b_down                           */
     moe_router_kind router;
-    int renormalize;          /* divide the k weights by their sum (>= 1e-20)            */
+    int renormalize;          /* divide the k weights by their sum (>= 1e-20). With k = 1
+                                 the weight is always 1: the router then learns only from
+                                 the auxiliary losses (use Switch's unnormalised form)   */
     int router_bias;          /* router logits get a bias (E)                             */
     float capacity_factor;    /* 0 = dropless (default); else each expert keeps at most
                                  ceil(cf * k * T / E) assignments, see moe_layer_forward   */

@@ -1,0 +1,67 @@
+/* test_examples.c - runs each example's --quick mode as a user would and checks what it
+   prints and writes. The examples are built by `make test` before this program runs. */
+#include "test.h"
+
+/* runs cmd with its output in `log`; returns the exit status */
+static int run(const char *cmd, const char *log) {
+    char full[1024];
+    snprintf(full, sizeof full, "%s > %s 2>&1", cmd, log);
+    return system(full);
+}
+
+/* value of `key=` on the last line of `log` that starts with `prefix` */
+static double value_of(const char *log, const char *prefix, const char *key) {
+    FILE *f = fopen(log, "r");
+    char line[4096], found[4096] = "";
+    const char *p;
+    char pat[128];
+    if (!f) return NAN;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, prefix, strlen(prefix)) == 0) strcpy(found, line);
+    fclose(f);
+    snprintf(pat, sizeof pat, " %s=", key);
+    p = strstr(found, pat);
+    return p ? atof(p + strlen(pat)) : NAN;
+}
+
+static int file_contains(const char *path, const char *needle) {
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int found = 0;
+    if (!f) return 0;
+    while (!found && fgets(line, sizeof line, f)) found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+static long file_size(const char *path) {
+    FILE *f = fopen(path, "rb");
+    long n;
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fclose(f);
+    return n;
+}
+
+static void test_train_moe(void) {
+    const char *log = "build/tmp_examples/train_moe.log";
+    double spec, ratio;
+    TEST_BEGIN("examples/train_moe --quick: experts specialise, MoE beats the dense baseline");
+    CHECK(run("mkdir -p build/tmp_examples", "/dev/null") == 0, "mkdir");
+    CHECK(run("build/examples/train_moe --quick --out build/tmp_examples", log) == 0, "train_moe exits 0 (see %s)", log);
+    spec = value_of(log, "result", "specialisation");
+    ratio = value_of(log, "result", "ratio");
+    /* one expert per cluster: on average >= 90% of a cluster's tokens go to its top expert */
+    CHECK(spec > 0.9, "specialisation %.3f > 0.9", spec);
+    CHECK(ratio < 0.9, "MoE/dense MSE ratio %.3f < 0.9", ratio);
+    CHECK(file_size("build/tmp_examples/train_moe_loss.png") > 1000 && file_size("build/tmp_examples/train_moe_load.png") > 1000, "PNG files written");
+    CHECK(run("build/examples/train_moe --router nonsense", log) != 0, "an unknown router is refused");
+    CHECK(run("build/examples/train_moe --quick --top-k 9 --out build/tmp_examples", log) != 0 &&
+          file_contains(log, "top_k (9) exceeds n_experts (8)"), "top_k > experts is refused with a sentence");
+}
+
+int main(void) {
+    test_train_moe();
+    return test_summary();
+}

@@ -88,5 +88,10 @@ bench: $(BENCH_BINS)
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py
 
+# The main demo; grows into the tiny MoE language model (issue 3). For now: one MoE layer whose
+# experts specialise, against a dense layer with the same active parameters.
+demo: $(BUILD)/examples/train_moe
+	$(BUILD)/examples/train_moe --out out
+
 clean:
 	rm -rf $(BUILD)

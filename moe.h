@@ -513,6 +513,8 @@ typedef struct moe_layer {
     float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
     float *stat_load, *stat_prob; /* (E) backing for stats                                  */
     moe_routing_stats stats;
+    float aux_grad_scale; /* multiplies the aux losses' gradients in backward; 1 after init
+                             (set 1/n for gradient accumulation over n micro-batches)     */
     moe_err err;
 } moe_layer;
 
@@ -2102,6 +2104,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     }
     L->stats.load = L->stat_load;
     L->stats.mean_prob = L->stat_prob;
+    L->aux_grad_scale = 1.0f;
     return MOE_OK;
 }
 
@@ -2483,7 +2486,7 @@ static void moe__router_backward_token(moe_layer *L, int t, const float *dimp, c
     }
     /* z-loss: d/dz_j of c/T * lse^2 = 2c/T * lse * softmax(z)_j */
     if (c->z_coef > 0.0f) {
-        float a = 2.0f * c->z_coef / (float)L->T * L->lse[t];
+        float a = 2.0f * c->z_coef * L->aux_grad_scale / (float)L->T * L->lse[t];
         for (e = 0; e < E; e++) dz[e] += a * expf(z[e] - L->lse[t]);
     }
 }
@@ -2524,14 +2527,14 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     if (!buf) return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory in layer backward");
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
         dimp = buf;
-        moe__cv2(imp, E, c->importance_coef, dimp);
+        moe__cv2(imp, E, c->importance_coef * L->aux_grad_scale, dimp);
         if (L->has_noise) {
             dload = buf + E;
-            moe__cv2(load, E, c->load_coef, dload);
+            moe__cv2(load, E, c->load_coef * L->aux_grad_scale, dload);
         }
     }
     if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
-        float scale = c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
+        float scale = c->balance_coef * L->aux_grad_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
         dP = buf + 2 * E;
         for (e = 0; e < E; e++) dP[e] = scale * f[e]; /* f is a constant */
     }

@@ -665,7 +665,10 @@ PLOT__IMPL int plot_lines(const char *path, const plot_chart *chart, const plot_
     h = ch.height > 0 ? ch.height : 450;
     if (ch.width < 0 || ch.height < 0 || w > PLOT__MAX_PIXELS || h > PLOT__MAX_PIXELS)
         return PLOT_ERR_ARG;
-    if (ch.log_y && ch.y_min < ch.y_max && !(ch.y_min > 0.0f)) return PLOT_ERR_ARG;
+    if ((ch.x_min < ch.x_max && !(plot__finite(ch.x_min) && plot__finite(ch.x_max))) ||
+        (ch.y_min < ch.y_max && !(plot__finite(ch.y_min) && plot__finite(ch.y_max))) ||
+        (ch.log_y && ch.y_min < ch.y_max && !(ch.y_min > 0.0f)))
+        return PLOT_ERR_ARG;
 
     /* data ranges (log10 units on a log y axis) */
     memset(&m, 0, sizeof m);
@@ -771,7 +774,9 @@ PLOT__IMPL int plot_heatmap(const char *path, const plot_heatmap_opts *opts, con
         return PLOT_ERR_ARG;
     if (opts) o = *opts;
     else memset(&o, 0, sizeof o);
-    if (o.cell < 0 || o.cell > 256) return PLOT_ERR_ARG;
+    if (o.cell < 0 || o.cell > 256 ||
+        (o.v_min < o.v_max && !(plot__finite(o.v_min) && plot__finite(o.v_max))))
+        return PLOT_ERR_ARG;
     cw = ch = o.cell;
     if (!o.cell) { /* fill about 640 x 400, cells at most 48 and at most 3:1 */
         cw = plot__imax(1, plot__imin(48, 640 / cols));

@@ -541,6 +541,153 @@ MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, 
 MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, const float *dy,
                                      const float *x);
 
+/* ============================================================================================
+   >>moe:attention  causal multi-head self-attention, rotary positions
+   ============================================================================================
+   qkv (B, T, 3d) holds q | k | v per token, heads of width hd = d / NH inside each.
+   att (B, NH, T, T) keeps the softmax probabilities for backward (tiny models: T <= 1024).
+   Probabilities above the diagonal are 0 (causal). Scale 1/sqrt(hd). */
+
+MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH);
+/* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
+MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                   int B, int T, int d, int NH);
+/* Rotary positions (rotate-half pairing i, i + hd/2, as GPT-NeoX / HF LLaMA) applied in place
+   to the q and k parts of qkv; inverse = 1 rotates backwards (the backward pass). cos_sin
+   (T, hd/2, 2) from moe_rope_table. */
+MOEDEF void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, int d, int NH, int inverse);
+MOEDEF void moe_rope_table(float *cos_sin, int T, int hd, float theta);
+
+/* ============================================================================================
+   >>moe:model  a tiny decoder-only MoE transformer over bytes
+   ============================================================================================
+   x = wte[token] (+ wpe[pos]);  for each layer:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x))
+   where FFN is a dense SwiGLU (a bank of one expert that every token visits) or an MoE layer;
+   logits = RMSNorm(x) . wte^T (tied head). Loss: mean cross-entropy + every MoE layer's aux.
+   Layer l is MoE when moe_every > 0, l >= dense_first and (l - dense_first) % moe_every == 0.
+   Parameters: one moe_store; tensor names "wte", "wpe", "l3.attn.wqkv", "l3.moe.experts.w_up",
+   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind. */
+
+typedef enum moe_pos_kind {
+    MOE_POS_LEARNED = 0, /* wpe (max_seq, d) added to the embeddings */
+    MOE_POS_ROPE = 1     /* rotary q/k, no position parameters        */
+} moe_pos_kind;
+
+typedef struct moe_model_config {
+    int vocab;              /* 256 (bytes)                                            */
+    int max_seq;            /* longest sequence (and learned position table)          */
+    int d;                  /* model width                                            */
+    int n_layers;
+    int n_heads;            /* d % n_heads == 0                                       */
+    int d_ff;               /* dense SwiGLU FFN width                                 */
+    moe_pos_kind pos;
+    float rope_theta;       /* 10000                                                  */
+    float norm_eps;         /* RMSNorm epsilon, 1e-5                                  */
+    int moe_every;          /* 0 = dense model; 1 = every layer MoE; 2 = every other  */
+    int dense_first;        /* that many first layers stay dense                      */
+    moe_layer_config moe;   /* the MoE FFN; its d is set to the model's d             */
+    float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+} moe_model_config;
+
+typedef struct moe_block {
+    int is_moe;
+    int id_ln1, id_qkv, id_wo, id_ln2;    /* tensor ids                              */
+    int id_gate, id_up, id_down;          /* dense FFN (-1 for MoE blocks)           */
+    moe_layer moe;                        /* MoE FFN (is_moe)                        */
+    float *x;        /* (N, d) block input: the residual stream                     */
+    float *ln1;      /* (N, d) RMSNorm(x)                                            */
+    float *rstd1;    /* (N)                                                          */
+    float *qkv;      /* (N, 3d) q, k (rotated under RoPE), v                         */
+    float *att;      /* (B, NH, T, T) attention probabilities                        */
+    float *atty;     /* (N, d) attention output before the projection               */
+    float *x2;       /* (N, d) x + attention                                         */
+    float *ln2;      /* (N, d) RMSNorm(x2)                                           */
+    float *rstd2;    /* (N)                                                          */
+    float *hg, *hu;  /* (N, d_ff) dense FFN caches                                   */
+    float *ffn;      /* (N, d) FFN output                                            */
+} moe_block;
+
+typedef struct moe_model {
+    moe_model_config cfg;
+    moe_store S;            /* every parameter, gradient and Adam moment              */
+    moe_block *blocks;      /* (n_layers)                                             */
+    int id_wte, id_wpe, id_lnf;
+    int max_B, max_T;       /* activation buffers are sized for these                 */
+    int B, T;               /* the last forward's batch shape, 0 = none              */
+    int has_targets;        /* the last forward had targets: backward is allowed      */
+    int *inputs, *targets;  /* (N) copies of the last forward's tokens                */
+    float *x_final;         /* (N, d) residual stream after the last block            */
+    float *lnf, *rstd_f;    /* (N, d), (N)                                            */
+    float *logits;          /* (N, V)                                                 */
+    float *losses;          /* (N) per-token cross-entropy                            */
+    float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
+    float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
+    double loss;            /* mean cross-entropy of the last forward (nats)          */
+    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    moe_err err;
+} moe_model;
+
+typedef struct moe_sampler {
+    float temperature; /* 0 = greedy                         */
+    int top_k;         /* 0 = off                            */
+    float top_p;       /* 1 = off (nucleus sampling)         */
+} moe_sampler;
+
+MOEDEF moe_model_config moe_model_config_default(void);
+MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err);
+/* Declares every tensor, allocates parameters, gradients, Adam moments and the activations
+   for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
+   moe_model_init_weights or a checkpoint load. */
+MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
+MOEDEF void moe_model_free(moe_model *m);
+/* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
+   routers N(0, moe.router_init_std), noise projections and biases 0. */
+MOEDEF void moe_model_init_weights(moe_model *m, uint64_t seed);
+/* inputs, targets: (B, T) bytes in [0, vocab). targets may be NULL (logits only). noise: NULL,
+   or for noisy top-k routers an RNG that draws the routing noise (training). Sets m->loss and
+   m->aux_loss. */
+MOEDEF moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                    moe_rng *noise);
+/* Gradients of (loss + aux_loss) * scale, ACCUMULATED into m->S.grads (scale = 1/n for n
+   micro-batches of gradient accumulation). */
+MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
+/* total parameters, and those one token uses (routers + its k experts + everything dense) */
+MOEDEF size_t moe_model_params_total(const moe_model *m);
+MOEDEF size_t moe_model_params_active(const moe_model *m);
+/* Appends n_new sampled bytes to prompt (n_prompt >= 1); out must hold n_prompt + n_new.
+   Uses the last max_T tokens as context. Refused for expert-choice routers (not causal). */
+MOEDEF moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
+                                     const moe_sampler *sampler, moe_rng *rng);
+
+/* ============================================================================================
+   >>moe:data  batches of byte windows from one or several sources
+   ============================================================================================
+   Each row of a batch picks a source with probability proportional to its length, then a
+   uniformly random window. The whole position is the RNG state plus a batch counter, so a
+   checkpoint stores it in a few bytes and resuming replays the same batches. */
+
+typedef struct moe_loader {
+    int n_sources;
+    const unsigned char *const *data; /* (n_sources) borrowed byte buffers          */
+    const size_t *len;                /* (n_sources)                                */
+    moe_rng rng;
+    long long batches;                /* batches drawn so far                       */
+} moe_loader;
+
+typedef struct moe_loader_state { /* what a checkpoint stores */
+    moe_rng rng;
+    long long batches;
+} moe_loader_state;
+
+MOEDEF moe_status moe_loader_init(moe_loader *ld, const unsigned char *const *data, const size_t *len,
+                                  int n_sources, int T, uint64_t seed, moe_err *err);
+/* inputs, targets (B, T); source (B) which source each row came from (may be NULL) */
+MOEDEF void moe_loader_next(moe_loader *ld, int *inputs, int *targets, int *source, int B, int T);
+/* Evaluation: consecutive non-overlapping windows of one source. Returns the rows filled
+   (< B at the end); start is the byte offset, advanced past what was used. */
+MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *start, int *inputs,
+                                 int *targets, int B, int T);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1935,6 +2082,11 @@ static int moe__scored_cmp(const void *pa, const void *pb) {
     return a->index < b->index ? -1 : a->index > b->index;
 }
 
+static int moe__float_desc(const void *pa, const void *pb) {
+    float a = *(const float *)pa, b = *(const float *)pb;
+    return a > b ? -1 : a < b;
+}
+
 static int moe__int_cmp(const void *pa, const void *pb) {
     int a = *(const int *)pa, b = *(const int *)pb;
     return a < b ? -1 : a > b;
@@ -2548,6 +2700,601 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         moe_matmul_backward(dx, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, x,
                             moe_store_param(s, L->id_noise_w), T, d, E);
     return MOE_OK;
+}
+
+/* ============================================================================================
+   >>moe:attention
+   ============================================================================================
+   One task per (sequence, head) owns its slice of out / att / dqkv: the products are small
+   GEMMs (T x T x hd) run by the single-threaded moe_gemm inside the task. */
+
+MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
+    int hd = d / NH, task;
+    float scale = 1.0f / sqrtf((float)hd);
+    MOE_OMP_FOR_DYNAMIC
+    for (task = 0; task < B * NH; task++) {
+        int b = task / NH, h = task % NH, t, u, i;
+        const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
+        const float *k = q + d, *v = q + 2 * d;
+        float *P = att + (size_t)task * T * T;
+        float *kt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
+        MOE_ASSERT(kt);
+        for (u = 0; u < T; u++)
+            for (i = 0; i < hd; i++) kt[(size_t)i * T + u] = k[(size_t)u * 3 * d + i];
+        moe_gemm(T, T, hd, q, 3 * d, 0, kt, T, P, T, 0); /* scores = q . k^T */
+        for (t = 0; t < T; t++) {
+            float *row = P + (size_t)t * T, mx = -FLT_MAX, sum = 0.0f;
+            for (u = 0; u <= t; u++) {
+                row[u] *= scale;
+                mx = row[u] > mx ? row[u] : mx;
+            }
+            for (u = 0; u <= t; u++) {
+                row[u] = expf(row[u] - mx);
+                sum += row[u];
+            }
+            for (u = 0; u <= t; u++) row[u] /= sum;
+            for (u = t + 1; u < T; u++) row[u] = 0.0f;
+        }
+        moe_gemm(T, hd, T, P, T, 0, v, 3 * d, out + (size_t)b * T * d + (size_t)h * hd, d, 0);
+        MOE_FREE(kt);
+    }
+}
+
+MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                      int B, int T, int d, int NH) {
+    int hd = d / NH, task;
+    float scale = 1.0f / sqrtf((float)hd);
+    MOE_OMP_FOR_DYNAMIC
+    for (task = 0; task < B * NH; task++) {
+        int b = task / NH, h = task % NH, t, u, i;
+        size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
+        const float *q = qkv + base, *k = q + d, *v = q + 2 * d;
+        const float *dy = dout + (size_t)b * T * d + (size_t)h * hd;
+        const float *P = att + (size_t)task * T * T;
+        float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
+        float *dP = (float *)MOE_MALLOC(sizeof(float) * (size_t)T * T);
+        float *vt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
+        MOE_ASSERT(dP && vt);
+        for (u = 0; u < T; u++)
+            for (i = 0; i < hd; i++) vt[(size_t)i * T + u] = v[(size_t)u * 3 * d + i];
+        moe_gemm(T, T, hd, dy, d, 0, vt, T, dP, T, 0); /* dP = dy . v^T */
+        for (t = 0; t < T; t++) {                       /* dS = P * (dP - <dP, P>) * scale */
+            const float *p = P + (size_t)t * T;
+            float *g = dP + (size_t)t * T, dot = 0.0f;
+            for (u = 0; u <= t; u++) dot += g[u] * p[u];
+            for (u = 0; u <= t; u++) g[u] = p[u] * (g[u] - dot) * scale;
+            for (u = t + 1; u < T; u++) g[u] = 0.0f;
+        }
+        moe_gemm(T, hd, T, dP, T, 0, k, 3 * d, dq, 3 * d, 0); /* dq = dS . k   */
+        moe_gemm(T, hd, T, dP, T, 1, q, 3 * d, dk, 3 * d, 0); /* dk = dS^T . q */
+        moe_gemm(T, hd, T, P, T, 1, dy, d, dv, 3 * d, 0);     /* dv = P^T . dy */
+        MOE_FREE(dP);
+        MOE_FREE(vt);
+    }
+}
+
+MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {
+    int t, i, half = hd / 2;
+    for (t = 0; t < T; t++)
+        for (i = 0; i < half; i++) {
+            double freq = pow((double)theta, -2.0 * i / hd), a = t * freq;
+            cos_sin[((size_t)t * half + i) * 2] = (float)cos(a);
+            cos_sin[((size_t)t * half + i) * 2 + 1] = (float)sin(a);
+        }
+}
+
+MOE__IMPL void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, int d, int NH, int inverse) {
+    int hd = d / NH, half = hd / 2, row;
+    MOE_OMP_FOR_IF((double)B * T * d > 1e5)
+    for (row = 0; row < B * T; row++) {
+        int t = row % T, part, h, i;
+        const float *cs = cos_sin + (size_t)t * half * 2;
+        for (part = 0; part < 2; part++) /* q, then k */
+            for (h = 0; h < NH; h++) {
+                float *x = qkv + (size_t)row * 3 * d + (size_t)part * d + (size_t)h * hd;
+                for (i = 0; i < half; i++) {
+                    float c = cs[2 * i], s = inverse ? -cs[2 * i + 1] : cs[2 * i + 1];
+                    float a = x[i], b = x[i + half];
+                    x[i] = a * c - b * s;
+                    x[i + half] = a * s + b * c;
+                }
+            }
+    }
+}
+
+/* ============================================================================================
+   >>moe:model
+   ============================================================================================ */
+
+MOE__IMPL moe_model_config moe_model_config_default(void) {
+    moe_model_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab = 256;
+    c.max_seq = 256;
+    c.d = 128;
+    c.n_layers = 4;
+    c.n_heads = 4;
+    c.d_ff = 256;
+    c.pos = MOE_POS_LEARNED;
+    c.rope_theta = 10000.0f;
+    c.norm_eps = 1e-5f;
+    c.moe_every = 1;
+    c.dense_first = 0;
+    c.moe = moe_layer_config_default();
+    c.moe.d_ff = 128;
+    c.init_std = 0.02f;
+    return c;
+}
+
+static int moe__block_is_moe(const moe_model_config *c, int l) {
+    return c->moe_every > 0 && l >= c->dense_first && (l - c->dense_first) % c->moe_every == 0;
+}
+
+MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err) {
+    const moe_status bad = MOE_ERR_INVALID_ARG;
+    int l, any = 0;
+    if (!c) return moe_err_set(err, bad, "model config is NULL");
+    if (c->vocab <= 0 || c->max_seq <= 0 || c->d <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->d_ff <= 0)
+        return moe_err_set(err, bad, "vocab, max_seq, d, n_layers, n_heads and d_ff must be positive");
+    if (c->d % c->n_heads != 0) return moe_err_set(err, bad, "d (%d) must be a multiple of n_heads (%d)", c->d, c->n_heads);
+    if (c->pos != MOE_POS_LEARNED && c->pos != MOE_POS_ROPE) return moe_err_set(err, bad, "unknown position kind %d", (int)c->pos);
+    if (c->pos == MOE_POS_ROPE && (c->d / c->n_heads) % 2 != 0) return moe_err_set(err, bad, "rotary positions need an even head width, got %d", c->d / c->n_heads);
+    if (c->pos == MOE_POS_ROPE && !(c->rope_theta > 1.0f)) return moe_err_set(err, bad, "rope_theta must be > 1");
+    if (!(c->norm_eps > 0.0f) || !(c->init_std >= 0.0f)) return moe_err_set(err, bad, "norm_eps must be > 0 and init_std >= 0");
+    if (c->moe_every < 0 || c->dense_first < 0) return moe_err_set(err, bad, "moe_every and dense_first must not be negative");
+    for (l = 0; l < c->n_layers; l++) any |= moe__block_is_moe(c, l);
+    if (any) {
+        moe_layer_config mc = c->moe;
+        mc.d = c->d;
+        if (moe_layer_config_validate(&mc, err) != MOE_OK) return err ? err->status : bad;
+    }
+    if ((double)c->max_seq * c->max_seq * c->n_heads > 1e9) return moe_err_set(err, bad, "max_seq %d is too long for the stored attention matrices", c->max_seq);
+    return MOE_OK;
+}
+
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1) {
+    int id;
+    if (m->err.status != MOE_OK) return -1;
+    id = moe_store_add(&m->S, name, flags, n0, n1, 0, 0);
+    if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
+    return id;
+}
+
+MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+    int l, d, N, L, NH, V, F;
+    char name[MOE_NAME_LEN];
+    size_t Nd;
+    int ok = 1;
+    memset(m, 0, sizeof *m);
+    if (moe_model_config_validate(c, &m->err) != MOE_OK) return m->err.status;
+    if (max_B <= 0 || max_T <= 0 || max_T > c->max_seq)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch shape %d x %d: need B >= 1 and 1 <= T <= max_seq (%d)", max_B, max_T, c->max_seq);
+    if ((double)max_B * max_T > (1 << 24)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch of %d x %d tokens is too large", max_B, max_T);
+    m->cfg = *c;
+    m->cfg.moe.d = c->d;
+    d = c->d; L = c->n_layers; NH = c->n_heads; V = c->vocab; F = c->d_ff;
+    m->max_B = max_B; m->max_T = max_T;
+    N = max_B * max_T;
+    Nd = (size_t)N * d;
+    moe_store_init(&m->S);
+    m->blocks = (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
+    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
+    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    for (l = 0; l < L; l++) {
+        moe_block *b = &m->blocks[l];
+        b->is_moe = moe__block_is_moe(c, l);
+        sprintf(name, "l%d.ln1.w", l);
+        b->id_ln1 = moe__model_add(m, name, 0, d, 0);
+        sprintf(name, "l%d.attn.wqkv", l);
+        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d);
+        sprintf(name, "l%d.attn.wo", l);
+        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
+        sprintf(name, "l%d.ln2.w", l);
+        b->id_ln2 = moe__model_add(m, name, 0, d, 0);
+        b->id_gate = b->id_up = b->id_down = -1;
+        if (b->is_moe) {
+            if (m->err.status == MOE_OK) {
+                sprintf(name, "l%d.moe.", l);
+                if (moe_layer_init(&b->moe, &m->cfg.moe, &m->S, name, N) != MOE_OK)
+                    moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+            }
+        } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
+            sprintf(name, "l%d.ffn.w_gate", l);
+            b->id_gate = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            sprintf(name, "l%d.ffn.w_up", l);
+            b->id_up = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            sprintf(name, "l%d.ffn.w_down", l);
+            b->id_down = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, d, F, 0);
+        }
+    }
+    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
+    if (moe_store_alloc(&m->S, 1) != MOE_OK) {
+        moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
+        moe_model_free(m);
+        return m->err.status;
+    }
+    for (l = 0; l < L; l++) {
+        moe_block *b = &m->blocks[l];
+        b->x = (float *)moe__calloc(Nd, sizeof(float));
+        b->ln1 = (float *)moe__calloc(Nd, sizeof(float));
+        b->rstd1 = (float *)moe__calloc((size_t)N, sizeof(float));
+        b->qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
+        b->att = (float *)moe__calloc((size_t)max_B * NH * max_T * max_T, sizeof(float));
+        b->atty = (float *)moe__calloc(Nd, sizeof(float));
+        b->x2 = (float *)moe__calloc(Nd, sizeof(float));
+        b->ln2 = (float *)moe__calloc(Nd, sizeof(float));
+        b->rstd2 = (float *)moe__calloc((size_t)N, sizeof(float));
+        b->ffn = (float *)moe__calloc(Nd, sizeof(float));
+        if (!b->is_moe) {
+            b->hg = (float *)moe__calloc((size_t)N * F, sizeof(float));
+            b->hu = (float *)moe__calloc((size_t)N * F, sizeof(float));
+        }
+        ok = ok && b->x && b->ln1 && b->rstd1 && b->qkv && b->att && b->atty && b->x2 && b->ln2 &&
+             b->rstd2 && b->ffn && (b->is_moe || (b->hg && b->hu));
+    }
+    m->inputs = (int *)moe__calloc((size_t)N, sizeof(int));
+    m->targets = (int *)moe__calloc((size_t)N, sizeof(int));
+    m->x_final = (float *)moe__calloc(Nd, sizeof(float));
+    m->lnf = (float *)moe__calloc(Nd, sizeof(float));
+    m->rstd_f = (float *)moe__calloc((size_t)N, sizeof(float));
+    m->logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
+    m->losses = (float *)moe__calloc((size_t)N, sizeof(float));
+    m->rope = (float *)moe__calloc((size_t)max_T * (d / NH), sizeof(float));
+    m->d_res = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_res2 = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_ln = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
+    m->d_atty = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
+    m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
+         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+    if (!ok) {
+        moe_model_free(m);
+        return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the activations of %d x %d tokens", max_B, max_T);
+    }
+    if (c->pos == MOE_POS_ROPE) moe_rope_table(m->rope, max_T, d / NH, c->rope_theta);
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_model_free(moe_model *m) {
+    int l;
+    if (m->blocks) {
+        for (l = 0; l < m->cfg.n_layers; l++) {
+            moe_block *b = &m->blocks[l];
+            if (b->is_moe) moe_layer_free(&b->moe);
+            MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
+            MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
+            MOE_FREE(b->hg); MOE_FREE(b->hu);
+        }
+        MOE_FREE(m->blocks);
+    }
+    MOE_FREE(m->inputs); MOE_FREE(m->targets); MOE_FREE(m->x_final); MOE_FREE(m->lnf); MOE_FREE(m->rstd_f);
+    MOE_FREE(m->logits); MOE_FREE(m->losses); MOE_FREE(m->rope); MOE_FREE(m->d_res); MOE_FREE(m->d_res2);
+    MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
+    MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
+    moe_store_free(&m->S);
+    {
+        moe_err keep = m->err;
+        memset(m, 0, sizeof *m);
+        m->err = keep;
+    }
+}
+
+static int moe__ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
+    moe_rng r;
+    int id;
+    size_t i;
+    float std = m->cfg.init_std, res_std = std / sqrtf(2.0f * (float)m->cfg.n_layers);
+    moe_rng_seed(&r, seed);
+    for (id = 0; id < m->S.count; id++) {
+        const moe_tensor *t = &m->S.tensors[id];
+        float *p = m->S.params + t->offset, sd;
+        if (moe__ends_with(t->name, "ln1.w") || moe__ends_with(t->name, "ln2.w") || strcmp(t->name, "lnf.w") == 0) {
+            for (i = 0; i < t->numel; i++) p[i] = 1.0f;
+            continue;
+        }
+        if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
+        else if (t->ndim == 1 || moe__ends_with(t->name, "router.w_noise") || moe__ends_with(t->name, ".b") ||
+                 moe__ends_with(t->name, "b_up") || moe__ends_with(t->name, "b_down")) sd = 0.0f;
+        else if (moe__ends_with(t->name, "attn.wo") || moe__ends_with(t->name, "w_down")) sd = res_std;
+        else sd = std;
+        for (i = 0; i < t->numel; i++) p[i] = sd * moe_rng_normal(&r);
+    }
+}
+
+static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b, int grads) {
+    moe_expert_weights w;
+    float *(*get)(const moe_store *, int) = grads ? moe_store_grad : moe_store_param;
+    w.gate = get(&m->S, b->id_gate);
+    w.up = get(&m->S, b->id_up);
+    w.down = get(&m->S, b->id_down);
+    w.b_up = w.b_down = NULL;
+    return w;
+}
+
+MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                       moe_rng *noise) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
+    const float *wte, *wpe;
+    float *x;
+    float *noise_buf = NULL;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (!inputs) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "inputs must not be NULL");
+    if (B <= 0 || T <= 0 || B > m->max_B || T > m->max_T)
+        return moe_err_set(&m->err, MOE_ERR_SHAPE, "batch %d x %d does not fit the activations (%d x %d)", B, T, m->max_B, m->max_T);
+    for (i = 0; i < N; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "input token %d at position %d is outside [0, %d)", inputs[i], i, V);
+        if (targets && (targets[i] < -1 || targets[i] >= V)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "target %d at position %d is outside [-1, %d)", targets[i], i, V);
+    }
+    m->B = m->T = 0;
+    m->has_targets = 0;
+    memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
+    if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
+    /* embeddings */
+    wte = moe_store_param(&m->S, m->id_wte);
+    wpe = moe_store_param(&m->S, m->id_wpe);
+    x = m->blocks[0].x;
+    for (i = 0; i < N; i++) {
+        const float *e = wte + (size_t)inputs[i] * d;
+        float *o = x + (size_t)i * d;
+        int j;
+        t = i % T;
+        for (j = 0; j < d; j++) o[j] = e[j] + (wpe ? wpe[(size_t)t * d + j] : 0.0f);
+    }
+    m->aux_loss = 0.0;
+    for (l = 0; l < c->n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
+        moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
+        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
+        if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
+        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
+        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
+        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
+        moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
+        if (b->is_moe) {
+            moe_status st;
+            if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
+                size_t n = (size_t)N * c->moe.n_experts, k;
+                if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
+                if (!noise_buf) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for routing noise");
+                for (k = 0; k < n; k++) noise_buf[k] = moe_rng_normal(noise);
+            }
+            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise_buf);
+            if (st != MOE_OK) {
+                MOE_FREE(noise_buf);
+                return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+            }
+            m->aux_loss += b->moe.stats.aux_total;
+        } else {
+            moe_expert_weights w = moe__dense_ffn(m, b, 0);
+            int offset[2];
+            offset[0] = 0;
+            offset[1] = N;
+            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
+        }
+        for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
+    }
+    MOE_FREE(noise_buf);
+    moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
+    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
+    m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
+    m->B = B;
+    m->T = T;
+    m->has_targets = targets != NULL;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+    const moe_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T, d = c->d, NH = c->n_heads, V = c->vocab, l, i, count = 0;
+    float *d_res = m->d_res, *d_res2 = m->d_res2;
+    moe_store *S = &m->S;
+    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
+    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
+    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
+    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    /* tied head: logits = lnf . wte^T */
+    memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+    moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
+    memset(d_res, 0, sizeof(float) * (size_t)N * d);
+    moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
+    for (l = c->n_layers - 1; l >= 0; l--) {
+        moe_block *b = &m->blocks[l];
+        /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
+        memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
+        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+        if (b->is_moe) {
+            moe_status st;
+            b->moe.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
+            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+        } else {
+            moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
+            int offset[2];
+            offset[0] = 0;
+            offset[1] = N;
+            moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d,
+                                 c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2);
+        }
+        moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+        /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
+        memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
+        memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
+        moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo), N, d, d);
+        moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH);
+        if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
+        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+        moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d);
+        /* d_res now holds dL/dx of this block: the output gradient of the block below */
+        moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
+    }
+    /* embeddings: a scatter by token id, serial so the sum order is fixed */
+    {
+        float *gwte = moe_store_grad(S, m->id_wte), *gwpe = moe_store_grad(S, m->id_wpe);
+        int j;
+        for (i = 0; i < N; i++) {
+            const float *g = d_res + (size_t)i * d;
+            float *o = gwte + (size_t)m->inputs[i] * d;
+            for (j = 0; j < d; j++) o[j] += g[j];
+            if (gwpe) {
+                float *p = gwpe + (size_t)(i % T) * d;
+                for (j = 0; j < d; j++) p[j] += g[j];
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
+
+MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
+    size_t total = m->S.numel;
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        const moe_layer_config *c = &b->moe.cfg;
+        size_t per_expert;
+        if (!b->is_moe) continue;
+        per_expert = (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff +
+                     (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
+        total -= (size_t)(c->n_experts - c->top_k) * per_expert;
+    }
+    return total;
+}
+
+MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
+                                        const moe_sampler *sampler, moe_rng *rng) {
+    int V = m->cfg.vocab, n = n_prompt, step, i;
+    float *p;
+    moe_status st;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate needs a prompt of at least one token, an output buffer, a sampler and an RNG");
+    if (m->cfg.moe_every > 0 && m->cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
+    if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
+    memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
+    p = (float *)MOE_MALLOC(sizeof(float) * (size_t)V * 2);
+    if (!p) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
+    for (step = 0; step < n_new; step++) {
+        int ctx = n < m->max_T ? n : m->max_T, next = 0;
+        const float *z;
+        st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
+        if (st != MOE_OK) { MOE_FREE(p); return st; }
+        z = m->logits + (size_t)(ctx - 1) * V;
+        if (sampler->temperature == 0.0f) {
+            for (i = 1; i < V; i++)
+                if (z[i] > z[next]) next = i;
+        } else {
+            /* softmax at temperature, then keep the top-k and the top-p mass, sample */
+            float mx = -FLT_MAX, *order = p + V, cut = -FLT_MAX;
+            double sum = 0.0, acc = 0.0, u;
+            for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+            for (i = 0; i < V; i++) { p[i] = expf((z[i] - mx) / sampler->temperature); sum += p[i]; }
+            for (i = 0; i < V; i++) { p[i] = (float)(p[i] / sum); order[i] = p[i]; }
+            if (sampler->top_k > 0 || sampler->top_p < 1.0f) {
+                /* threshold = the smallest probability kept by both rules */
+                int kept = 0;
+                qsort(order, (size_t)V, sizeof(float), moe__float_desc);
+                for (i = 0; i < V; i++) {
+                    if (sampler->top_k > 0 && kept >= sampler->top_k) break;
+                    if (acc >= sampler->top_p) break;
+                    acc += order[i];
+                    cut = order[i];
+                    kept++;
+                }
+                for (i = 0; i < V; i++)
+                    if (p[i] < cut) p[i] = 0.0f;
+            }
+            sum = 0.0;
+            for (i = 0; i < V; i++) sum += p[i];
+            u = moe_rng_uniform(rng) * sum;
+            acc = 0.0;
+            next = -1;
+            for (i = 0; i < V; i++) {
+                if (p[i] <= 0.0f) continue;
+                acc += p[i];
+                next = i;
+                if (u < acc) break;
+            }
+        }
+        out[n++] = next;
+    }
+    MOE_FREE(p);
+    m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
+    m->has_targets = 0;
+    return MOE_OK;
+}
+
+/* ============================================================================================
+   >>moe:data
+   ============================================================================================ */
+
+MOE__IMPL moe_status moe_loader_init(moe_loader *ld, const unsigned char *const *data, const size_t *len,
+                                     int n_sources, int T, uint64_t seed, moe_err *err) {
+    int i;
+    memset(ld, 0, sizeof *ld);
+    if (!data || !len || n_sources <= 0 || T <= 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "loader needs at least one source and T >= 1");
+    for (i = 0; i < n_sources; i++)
+        if (!data[i] || len[i] < (size_t)T + 1)
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "source %d has %zu bytes; a window needs T + 1 = %d", i, data[i] ? len[i] : (size_t)0, T + 1);
+    ld->n_sources = n_sources;
+    ld->data = data;
+    ld->len = len;
+    moe_rng_seed(&ld->rng, seed);
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_loader_next(moe_loader *ld, int *inputs, int *targets, int *source, int B, int T) {
+    int b, t, s;
+    double total = 0.0;
+    for (s = 0; s < ld->n_sources; s++) total += (double)(ld->len[s] - (size_t)T);
+    for (b = 0; b < B; b++) {
+        /* a source in proportion to its windows, then a window: two draws per row */
+        double u = (double)moe_rng_u32(&ld->rng) / 4294967296.0 * total, acc = 0.0;
+        size_t off, span;
+        const unsigned char *p;
+        for (s = 0; s + 1 < ld->n_sources; s++) {
+            acc += (double)(ld->len[s] - (size_t)T);
+            if (u < acc) break;
+        }
+        span = ld->len[s] - (size_t)T;
+        off = (size_t)(((uint64_t)moe_rng_u32(&ld->rng) << 32 | moe_rng_u32(&ld->rng)) % span);
+        p = ld->data[s] + off;
+        for (t = 0; t < T; t++) {
+            inputs[(size_t)b * T + t] = p[t];
+            targets[(size_t)b * T + t] = p[t + 1];
+        }
+        if (source) source[b] = s;
+    }
+    ld->batches++;
+}
+
+MOE__IMPL int moe_loader_sequential(const unsigned char *data, size_t len, size_t *start, int *inputs,
+                                    int *targets, int B, int T) {
+    int b, t;
+    for (b = 0; b < B; b++) {
+        const unsigned char *p = data + *start;
+        if (*start + (size_t)T + 1 > len) break;
+        for (t = 0; t < T; t++) {
+            inputs[(size_t)b * T + t] = p[t];
+            targets[(size_t)b * T + t] = p[t + 1];
+        }
+        *start += (size_t)T;
+    }
+    return b;
 }
 
 #endif /* MOE_IMPLEMENTATION */

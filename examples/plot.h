@@ -795,7 +795,10 @@ PLOT__IMPL int plot_heatmap(const char *path, const plot_heatmap_opts *opts, con
     }
     if (o.v_min < o.v_max) vmin = o.v_min, vmax = o.v_max;
     else if (vmin > vmax) vmin = 0.0, vmax = 1.0; /* all NaN */
-    else if (vmin == vmax) vmin -= 0.5, vmax += 0.5;
+    else if (vmin == vmax) { /* one value: the middle colour */
+        double d = fabs(vmin) * 0.1 > 0.5 ? fabs(vmin) * 0.1 : 0.5;
+        vmin -= d, vmax += d;
+    }
 
     /* labels: every rstride-th row and cstride-th column, so that none collide */
     rstride = plot__stride(10.0 / ch);

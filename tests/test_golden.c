@@ -468,6 +468,8 @@ static void test_layer(const char *which, const char *what) {
     }
     cmp("stats.load", L.stats.load, need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     cmp("stats.mean_prob", L.stats.mean_prob, need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if ((ref = need(&g, "stats.gate_entropy", 1)) != NULL) cmp_scalar("stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = need(&g, "stats.load_entropy", 1)) != NULL) cmp_scalar("stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
     if ((ref = need(&g, "aux_balance", 1)) != NULL) cmp_scalar("aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
     if ((ref = need(&g, "aux_z", 1)) != NULL) cmp_scalar("aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
     if ((ref = need(&g, "aux_cv", 1)) != NULL) cmp_scalar("aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
@@ -507,6 +509,17 @@ static void test_layer(const char *which, const char *what) {
                 continue;
             }
             cmp_scaled(pass == 1 ? label : nm, moe_store_grad(&S, i), need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            if (pass == 0 && strncmp(tn->name, "moe.experts.", 12) == 0) {
+                /* an expert that got no tokens gets exactly zero gradient */
+                size_t per = tn->numel / (size_t)E, j, nz;
+                int e;
+                for (e = 0; e < E; e++) {
+                    const float *gr = moe_store_grad(&S, i) + per * (size_t)e;
+                    if (L.routed.offset[e + 1] != L.routed.offset[e]) continue;
+                    for (j = 0, nz = 0; j < per; j++) nz += gr[j] != 0.0f;
+                    CHECK(nz == 0, "%s: idle expert %d has %zu non-zero gradients", nm, e, nz);
+                }
+            }
         }
     }
     summary_skip = 0;
@@ -523,12 +536,13 @@ int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "-v") == 0) setenv("TEST_VERBOSE", "1", 1);
     test_reader_errors();
     test_kernels();
-    test_layer("switch", "softmax top-1 (no renorm), FFN(GELU)+biases, router bias, Switch balance, z-loss");
+    test_layer("switch", "softmax top-1 (no renorm), FFN(GELU)+biases, router bias, an idle expert, Switch balance, z-loss");
     test_layer("mixtral", "renormalised softmax top-2, SwiGLU, Mixtral balance, z-loss");
     test_layer("deepseek", "2 shared + 16 fine-grained experts, softmax top-4 (no renorm), DeepSeek balance, z-loss");
     test_layer("sigmoid", "sigmoid top-2 (no renorm), Mixtral balance on normalised scores, z-loss");
     test_layer("sigmoid_renorm", "sigmoid top-3 renormalised, FFN(GELU tanh), router bias, DeepSeek balance");
     test_layer("noisy", "Shazeer noisy top-2 with stored noise, importance + smooth-load CV^2");
+    test_layer("noisy_large", "noisy top-2 at T = 320 (parallel router loops, multi-block experts), Mixtral balance, z-loss");
     test_layer("noisy_eval", "noisy top-1 without noise (H = z, Load = counts), Switch balance");
     test_layer("expert_choice", "expert choice, ceil(k*T/E) = 11 tokens per expert, z-loss");
     test_layer("topk_ties", "exact score ties (experts 1 and 4 share a router row): the lower expert index first");

@@ -370,6 +370,11 @@ def moe_reference(c, P, x, noise):
     out["dropped"] = sum(requested) - kept
     out["load"] = torch.tensor([n / kept if kept else 0.0 for n in kept_per_expert])
     out["mean_prob"] = Pm
+    pd = pn.detach().double()
+    out["gate_entropy"] = float(-(pd * torch.log(pd)).nan_to_num().sum(-1).mean())
+    ld = out["load"].double()
+    out["load_entropy"] = float(-(ld * torch.log(ld)).nan_to_num().sum())
+    out["kept_per_expert"] = kept_per_expert
     return out
 
 
@@ -472,6 +477,8 @@ def make_layer(path, name, c, T, seed, skew=None, expect_drops=False):
         assert torch.equal(r["probs"][:half].detach(), r["probs"][half:].detach()), name
     if expect_drops and r["dropped"] == 0:
         raise RuntimeError("%s: the skewed router dropped nothing" % name)
+    if c.get("idle") is not None and r["kept_per_expert"][c["idle"]] != 0:
+        raise RuntimeError("%s: expert %d was meant to stay idle" % (name, c["idle"]))
     objective = (r["y"] * t32(dy)).sum() + r["aux_total"]
     names = list(P)
     grads = torch.autograd.grad(objective, [xt] + [P[n] for n in names], retain_graph=True,
@@ -517,6 +524,8 @@ def make_layer(path, name, c, T, seed, skew=None, expect_drops=False):
     g.add("stats.dropped", np.int32(r["dropped"]), "i32")
     g.add("stats.load", r["load"])
     g.add("stats.mean_prob", r["mean_prob"])
+    g.add("stats.gate_entropy", np.float32(r["gate_entropy"]))
+    g.add("stats.load_entropy", np.float32(r["load_entropy"]))
     g.add("grad.dx", grads[0])
     for n, gr in zip(names, grads[1:]):
         g.add("grad." + n, gr)
@@ -530,10 +539,12 @@ def make_layer(path, name, c, T, seed, skew=None, expect_drops=False):
 def layer_cases():
     """name -> (config overrides, tokens, seed, router-bias skew, drops expected)"""
     return [
-        # Switch: softmax top-1, no renormalisation, FFN(GELU) with biases, Switch balance loss
+        # Switch: softmax top-1, no renormalisation, FFN(GELU) with biases, Switch balance loss;
+        # a router bias of -6 keeps expert 6 idle (its gradients must be exactly zero)
         ("switch", dict(k=1, renormalize=0, expert="ffn", activation="gelu", expert_bias=1,
-                        balance="switch", balance_coef=0.05, z_coef=0.01, router_bias=1),
-         48, 101, None, False),
+                        balance="switch", balance_coef=0.05, z_coef=0.01, router_bias=1,
+                        idle=6),
+         48, 101, np.array([0, 0, 0, 0, 0, 0, -6.0, 0]), False),
         # Mixtral: renormalised softmax top-2, SwiGLU, Mixtral balance loss, z-loss
         ("mixtral", dict(k=2, renormalize=1, balance="mixtral", balance_coef=0.05, z_coef=0.01),
          48, 102, None, False),
@@ -556,6 +567,11 @@ def layer_cases():
         ("noisy", dict(router="noisy", k=2, balance="none", importance_coef=0.1,
                        load_coef=0.1, noise_eps=1e-2),
          48, 106, None, False),
+        # the same at T = 320: the router's per-token loops run in parallel (T > 256) and
+        # experts see more than one 64-row block; plus a Mixtral balance loss and the z-loss
+        ("noisy_large", dict(router="noisy", k=2, d_ff=16, balance="mixtral", balance_coef=0.05,
+                             z_coef=0.01, importance_coef=0.1, load_coef=0.1),
+         320, 113, None, False),
         # noisy top-k at evaluation (no noise): H = z, Load = pick counts (no gradient)
         ("noisy_eval", dict(router="noisy", E=4, k=1, balance="switch", balance_coef=0.05,
                             importance_coef=0.1, load_coef=0.1, use_noise=0),

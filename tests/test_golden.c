@@ -1,0 +1,553 @@
+/* test_golden.c - moe.h against PyTorch: the golden files under tests/ref/, written by
+ * tests/ref/make_goldens.py (`make goldens`) and committed, so this test needs no PyTorch.
+ *
+ *   kernels.bin       matmul (fast and naive) forward/backward, softmax, SiLU, GELU (erf, tanh),
+ *                     ReLU, SwiGLU, RMSNorm, LayerNorm, cross-entropy with ignored targets
+ *   layer_<case>.bin  moe_layer_forward/backward for every router variant: logits,
+ *                     probabilities, gates, top-k ids (exactly), y, routing counts (exactly),
+ *                     aux losses, every gradient of sum(y*dy) + aux_total, and the gradient of
+ *                     aux_total alone (dy = 0)
+ *
+ * Each tensor passes when |got - ref| <= atol + rtol*|ref| elementwise. TEST_VERBOSE=1 (or -v)
+ * prints one line per tensor with its largest absolute and relative error. A missing or stale
+ * golden file is a failure with a HINT: the files are committed, so it is a broken checkout.
+ * Golden folder: $MOE_GOLDEN_DIR, default tests/ref (run from the repository root).
+ */
+#define _POSIX_C_SOURCE 200809L
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "test.h"
+#include "golden.h"
+
+#include <unistd.h>
+
+/* ---- comparison helpers -------------------------------------------------------------------- */
+
+typedef struct err_summary {
+    int tensors;
+    double max_abs, max_rel; /* rel = |got-ref| / |ref| over elements with |ref| >= 1e-3 */
+    const char *worst_abs, *worst_rel;
+} err_summary;
+
+static err_summary summary;
+static int summary_skip = 0; /* 1: the checks of the accumulation pass stay out of the summary */
+static char name_buf[64][96]; /* stable storage for the worst tensors' names */
+static int name_next = 0;
+
+static const char *keep_name(const char *s) {
+    char *b = name_buf[name_next++ % 64];
+    snprintf(b, 96, "%s", s);
+    return b;
+}
+
+static void summary_reset(void) {
+    memset(&summary, 0, sizeof summary);
+    summary.worst_abs = summary.worst_rel = "-";
+}
+
+static void summary_print(const char *what) {
+    printf("   %s: %d tensors, max abs err %.3g (%s), max rel err %.3g (%s)\n", what,
+           summary.tensors, summary.max_abs, summary.worst_abs, summary.max_rel, summary.worst_rel);
+}
+
+/* check_close plus the error summary; one line per tensor when verbose */
+static int cmp(const char *name, const float *got, const float *ref, size_t n, double atol, double rtol) {
+    size_t i;
+    double ma = 0.0, mr = 0.0;
+    int ok, verbose = test_verbose;
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
+        if (d != d) d = HUGE_VAL;
+        if (d > ma) ma = d;
+        if (r >= 1e-3 && d / r > mr) mr = d / r;
+    }
+    test_verbose = 0; /* our own line below replaces check_close's */
+    ok = check_close(name, got, ref, n, atol, rtol);
+    test_verbose = verbose;
+    if (verbose)
+        printf("   %-4s %-30s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e)\n",
+               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol);
+    if (summary_skip) return ok;
+    summary.tensors++;
+    if (ma > summary.max_abs) { summary.max_abs = ma; summary.worst_abs = keep_name(name); }
+    if (mr > summary.max_rel) { summary.max_rel = mr; summary.worst_rel = keep_name(name); }
+    return ok;
+}
+
+/* a scalar computed in double against its float32 reference */
+static int cmp_scalar(const char *name, double got, float ref, double atol, double rtol) {
+    float g = (float)got;
+    return cmp(name, &g, &ref, 1, atol, rtol);
+}
+
+/* got against scale * ref (scale = 2 after two accumulating backward passes) */
+static int cmp_scaled(const char *name, const float *got, const float *ref, float scale, size_t n,
+                      double atol, double rtol) {
+    float *r;
+    size_t i;
+    int ok;
+    if (scale == 1.0f || !ref) return cmp(name, got, ref, n, atol, rtol);
+    r = (float *)malloc(sizeof(float) * (n ? n : 1));
+    if (!r) return CHECK(0, "out of memory");
+    for (i = 0; i < n; i++) r[i] = scale * ref[i];
+    ok = cmp(name, got, r, n, scale * atol, rtol);
+    free(r);
+    return ok;
+}
+
+static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
+    size_t i, bad = 0, first = 0;
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++)
+        if (got[i] != (int)ref[i]) {
+            if (!bad) first = i;
+            bad++;
+        }
+    if (test_verbose) printf("   %-4s %-30s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
+    summary.tensors++;
+    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name,
+                 bad, n, first, got[first], (int)ref[first]);
+}
+
+static const char *golden_dir(void) {
+    const char *d = getenv("MOE_GOLDEN_DIR");
+    return d ? d : "tests/ref";
+}
+
+static int open_golden(golden_file *g, const char *file) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", golden_dir(), file);
+    if (golden_load(g, path) != 0) {
+        CHECK(0, "%s", g->err);
+        return 0;
+    }
+    if (test_verbose) printf("   %s: %d records, %s\n", path, g->count, g->note);
+    return 1;
+}
+
+/* a required float32 record; NULL counts as a failure */
+static const float *need(golden_file *g, const char *name, size_t n) {
+    const float *p = golden_f32(g, name, n);
+    if (!p) CHECK(0, "%s", g->err);
+    return p;
+}
+
+static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
+
+/* ---- the reader itself: missing file, wrong magic, wrong version ----------------------------- */
+
+static void test_reader_errors(void) {
+    char path[256];
+    unsigned char hdr[128];
+    golden_file g;
+    FILE *f;
+    TEST_BEGIN("golden reader: missing file, wrong magic and wrong version fail with a HINT");
+    CHECK(golden_load(&g, "tests/ref/no_such_golden_file.bin") != 0, "a missing file must fail");
+    CHECK(strstr(g.err, "missing") && strstr(g.err, "HINT: run make goldens"), "message: %s", g.err);
+    snprintf(path, sizeof path, "/tmp/moe_golden_test_%ld.bin", (long)getpid());
+    memset(hdr, 0, sizeof hdr);
+    memcpy(hdr, "NOTGOLD", 8);
+    f = fopen(path, "wb");
+    if (!CHECK(f != NULL, "cannot create %s", path)) return;
+    fwrite(hdr, 1, sizeof hdr, f);
+    fclose(f);
+    CHECK(golden_load(&g, path) != 0, "wrong magic must fail");
+    CHECK(strstr(g.err, "magic") && strstr(g.err, "HINT: run make goldens"), "message: %s", g.err);
+    memcpy(hdr, "MOEGOLD", 8);
+    hdr[8] = 99; /* version 99 */
+    f = fopen(path, "wb");
+    if (f) {
+        fwrite(hdr, 1, sizeof hdr, f);
+        fclose(f);
+    }
+    CHECK(golden_load(&g, path) != 0, "wrong version must fail");
+    CHECK(strstr(g.err, "version 99") && strstr(g.err, "HINT: run make goldens"), "message: %s", g.err);
+    hdr[8] = GOLDEN_VERSION;
+    hdr[12] = 1; /* one record promised, none there */
+    f = fopen(path, "wb");
+    if (f) {
+        fwrite(hdr, 1, sizeof hdr, f);
+        fclose(f);
+    }
+    CHECK(golden_load(&g, path) != 0, "a truncated file must fail");
+    CHECK(strstr(g.err, "truncated") != NULL, "message: %s", g.err);
+    remove(path);
+}
+
+/* ---- kernels --------------------------------------------------------------------------------- */
+
+static void test_matmul(golden_file *g, const char *tag) {
+    char nm[64];
+    const golden_tensor *tw;
+    const float *inp, *w, *b, *out, *dout, *dinp, *dw, *db;
+    int M, K, N, naive;
+    snprintf(nm, sizeof nm, "%s.weight", tag);
+    tw = golden_find(g, nm);
+    snprintf(nm, sizeof nm, "%s.inp", tag);
+    if (!CHECK(tw && golden_find(g, nm), "%s: records missing", tag)) return;
+    N = tw->shape[0];
+    K = tw->shape[1];
+    M = golden_find(g, nm)->shape[0];
+#define REC(var, field, n) snprintf(nm, sizeof nm, "%s." field, tag); var = need(g, nm, n)
+    REC(inp, "inp", (size_t)M * K); REC(w, "weight", (size_t)N * K); REC(b, "bias", N);
+    REC(out, "out", (size_t)M * N); REC(dout, "dout", (size_t)M * N); REC(dinp, "dinp", (size_t)M * K);
+    REC(dw, "dweight", (size_t)N * K); REC(db, "dbias", N);
+#undef REC
+    if (!inp || !w || !b || !out || !dout || !dinp || !dw || !db) return;
+    for (naive = 0; naive < 2; naive++) {
+        float *o = zeros((size_t)M * N), *gi = zeros((size_t)M * K), *gw = zeros((size_t)N * K), *gb = zeros(N);
+        const char *how = naive ? "naive" : "fast";
+        (naive ? moe_matmul_forward_naive : moe_matmul_forward)(o, inp, w, b, M, K, N);
+        (naive ? moe_matmul_backward_naive : moe_matmul_backward)(gi, gw, gb, dout, inp, w, M, K, N);
+        /* float32 rounding grows with the sum: out and dinp add K or N terms of size ~1/sqrt(K)
+           (results ~1); dweight and dbias add M = 67 terms of size ~1 (results up to ~20,
+           with cancellation), so their absolute error reaches a few 1e-6 */
+        snprintf(nm, sizeof nm, "%s.out (%s)", tag, how); cmp(nm, o, out, (size_t)M * N, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dinp (%s)", tag, how); cmp(nm, gi, dinp, (size_t)M * K, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dweight (%s)", tag, how); cmp(nm, gw, dw, (size_t)N * K, 2e-5, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dbias (%s)", tag, how); cmp(nm, gb, db, N, 1e-5, 1e-5);
+        free(o); free(gi); free(gw); free(gb);
+    }
+}
+
+static void test_kernels(void) {
+    golden_file g;
+    const golden_tensor *t;
+    static const char *acts[4] = {"silu", "gelu", "gelu_tanh", "relu"};
+    static const moe_activation act_ids[4] = {MOE_ACT_SILU, MOE_ACT_GELU, MOE_ACT_GELU_TANH, MOE_ACT_RELU};
+    char nm[64];
+    int a;
+    TEST_BEGIN("golden kernels: matmul, softmax, activations, SwiGLU, RMSNorm, LayerNorm, cross-entropy vs PyTorch");
+    summary_reset();
+    if (!open_golden(&g, "kernels.bin")) return;
+    test_matmul(&g, "matmul_small");
+    test_matmul(&g, "matmul");
+
+    /* softmax */
+    if ((t = golden_find(&g, "softmax.inp")) != NULL && t->ndim == 2) {
+        int rows = t->shape[0], n = t->shape[1];
+        size_t sz = (size_t)rows * n;
+        const float *inp = need(&g, "softmax.inp", sz), *out = need(&g, "softmax.out", sz);
+        const float *dout = need(&g, "softmax.dout", sz), *dinp = need(&g, "softmax.dinp", sz);
+        float *o = zeros(sz), *gi = zeros(sz);
+        if (inp && out && dout && dinp) {
+            moe_softmax_forward(o, inp, rows, n);
+            cmp("softmax.out", o, out, sz, 1e-7, 1e-5);
+            moe_softmax_backward(gi, dout, o, rows, n);
+            cmp("softmax.dinp", gi, dinp, sz, 1e-6, 1e-5);
+        }
+        free(o); free(gi);
+    } else CHECK(0, "softmax records missing");
+
+    /* activations */
+    for (a = 0; a < 4; a++) {
+        size_t n;
+        const float *inp, *out, *dout, *dinp;
+        float *o, *gi;
+        snprintf(nm, sizeof nm, "%s.inp", acts[a]);
+        if (!CHECK((t = golden_find(&g, nm)) != NULL, "%s missing", nm)) continue;
+        n = t->numel;
+        inp = t->f32;
+        snprintf(nm, sizeof nm, "%s.out", acts[a]); out = need(&g, nm, n);
+        snprintf(nm, sizeof nm, "%s.dout", acts[a]); dout = need(&g, nm, n);
+        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); dinp = need(&g, nm, n);
+        if (!out || !dout || !dinp) continue;
+        o = zeros(n);
+        gi = zeros(n);
+        moe_activation_forward(o, inp, n, act_ids[a]);
+        moe_activation_backward(gi, dout, inp, n, act_ids[a]);
+        snprintf(nm, sizeof nm, "%s.out", acts[a]); cmp(nm, o, out, n, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); cmp(nm, gi, dinp, n, 1e-6, 1e-5);
+        free(o); free(gi);
+    }
+
+    /* SwiGLU */
+    if ((t = golden_find(&g, "swiglu.gate")) != NULL) {
+        size_t n = t->numel;
+        const float *gate = t->f32, *up = need(&g, "swiglu.up", n), *out = need(&g, "swiglu.out", n);
+        const float *dout = need(&g, "swiglu.dout", n), *dgate = need(&g, "swiglu.dgate", n), *dup = need(&g, "swiglu.dup", n);
+        float *o = zeros(n), *gg = zeros(n), *gu = zeros(n);
+        if (up && out && dout && dgate && dup) {
+            moe_swiglu_forward(o, gate, up, n);
+            moe_swiglu_backward(gg, gu, dout, gate, up, n);
+            cmp("swiglu.out", o, out, n, 1e-6, 1e-5);
+            cmp("swiglu.dgate", gg, dgate, n, 1e-6, 1e-5);
+            cmp("swiglu.dup", gu, dup, n, 1e-6, 1e-5);
+        }
+        free(o); free(gg); free(gu);
+    } else CHECK(0, "swiglu records missing");
+
+    /* RMSNorm */
+    if ((t = golden_find(&g, "rmsnorm.inp")) != NULL && t->ndim == 2) {
+        int rows = t->shape[0], n = t->shape[1];
+        size_t sz = (size_t)rows * n;
+        const float *inp = t->f32, *w = need(&g, "rmsnorm.weight", n), *out = need(&g, "rmsnorm.out", sz);
+        const float *rstd = need(&g, "rmsnorm.rstd", rows), *dout = need(&g, "rmsnorm.dout", sz);
+        const float *dinp = need(&g, "rmsnorm.dinp", sz), *dw = need(&g, "rmsnorm.dweight", n);
+        float eps = golden_float(&g, "rmsnorm.eps", -1.0f);
+        float *o = zeros(sz), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n);
+        CHECK(eps > 0.0f, "rmsnorm.eps missing");
+        if (w && out && rstd && dout && dinp && dw) {
+            moe_rmsnorm_forward(o, rs, inp, w, rows, n, eps);
+            moe_rmsnorm_backward(gi, gw, dout, inp, w, rs, rows, n);
+            cmp("rmsnorm.out", o, out, sz, 1e-6, 1e-5);
+            cmp("rmsnorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
+            cmp("rmsnorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
+            cmp("rmsnorm.dweight", gw, dw, n, 1e-6, 1e-5);
+        }
+        free(o); free(rs); free(gi); free(gw);
+    } else CHECK(0, "rmsnorm records missing");
+
+    /* LayerNorm */
+    if ((t = golden_find(&g, "layernorm.inp")) != NULL && t->ndim == 2) {
+        int rows = t->shape[0], n = t->shape[1];
+        size_t sz = (size_t)rows * n;
+        const float *inp = t->f32, *w = need(&g, "layernorm.weight", n), *b = need(&g, "layernorm.bias", n);
+        const float *out = need(&g, "layernorm.out", sz), *mean = need(&g, "layernorm.mean", rows);
+        const float *rstd = need(&g, "layernorm.rstd", rows), *dout = need(&g, "layernorm.dout", sz);
+        const float *dinp = need(&g, "layernorm.dinp", sz), *dw = need(&g, "layernorm.dweight", n);
+        const float *db = need(&g, "layernorm.dbias", n);
+        float eps = golden_float(&g, "layernorm.eps", -1.0f);
+        float *o = zeros(sz), *mu = zeros(rows), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n), *gb = zeros(n);
+        CHECK(eps > 0.0f, "layernorm.eps missing");
+        if (w && b && out && mean && rstd && dout && dinp && dw && db) {
+            moe_layernorm_forward(o, mu, rs, inp, w, b, rows, n, eps);
+            moe_layernorm_backward(gi, gw, gb, dout, inp, w, mu, rs, rows, n);
+            cmp("layernorm.out", o, out, sz, 1e-6, 1e-5);
+            cmp("layernorm.mean", mu, mean, rows, 1e-6, 1e-5);
+            cmp("layernorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
+            cmp("layernorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
+            cmp("layernorm.dweight", gw, dw, n, 1e-6, 1e-5);
+            cmp("layernorm.dbias", gb, db, n, 1e-6, 1e-5);
+        }
+        free(o); free(mu); free(rs); free(gi); free(gw); free(gb);
+    } else CHECK(0, "layernorm records missing");
+
+    /* cross-entropy, ignore_index = -1 */
+    if ((t = golden_find(&g, "xent.logits")) != NULL && t->ndim == 2) {
+        int rows = t->shape[0], V = t->shape[1], r, count = 0, *tg = (int *)calloc((size_t)rows, sizeof(int));
+        size_t sz = (size_t)rows * V;
+        const int32_t *targets = golden_i32(&g, "xent.targets", rows);
+        const float *losses = need(&g, "xent.losses", rows), *loss = need(&g, "xent.loss", 1);
+        const float *dlogits = need(&g, "xent.dlogits", sz);
+        float *l = zeros(rows), *gl = zeros(sz);
+        CHECK(targets != NULL, "%s", g.err);
+        if (targets && losses && loss && dlogits) {
+            double mean;
+            for (r = 0; r < rows; r++) {
+                tg[r] = targets[r];
+                count += tg[r] >= 0;
+            }
+            mean = moe_crossentropy_forward(l, t->f32, tg, rows, V);
+            moe_crossentropy_backward(gl, t->f32, tg, rows, V, 1.0f / (float)count);
+            cmp("xent.losses", l, losses, rows, 1e-6, 1e-5);
+            cmp_scalar("xent.loss", mean, loss[0], 1e-6, 1e-5);
+            cmp("xent.dlogits", gl, dlogits, sz, 1e-7, 1e-5);
+        }
+        free(l); free(gl); free(tg);
+    } else CHECK(0, "xent records missing");
+    summary_print("kernels");
+    golden_free(&g);
+}
+
+/* ---- the MoE layer --------------------------------------------------------------------------- */
+
+/* tolerances: forward values, gradients of the full objective, gradients of aux_total alone */
+#define TOL_FWD_ATOL 1e-6
+#define TOL_FWD_RTOL 1e-5
+#define TOL_GRAD_ATOL 1e-5
+#define TOL_GRAD_RTOL 1e-4
+#define TOL_AUX_ATOL 1e-7
+#define TOL_AUX_RTOL 1e-4
+
+static int cfg_int(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    int v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_int(g, nm, -12345);
+    if (v == -12345) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0;
+    }
+    return v;
+}
+
+static float cfg_float(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    float v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_float(g, nm, -12345.0f);
+    if (v == -12345.0f) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0.0f;
+    }
+    return v;
+}
+
+static void test_layer(const char *which, const char *what) {
+    char file[128], title[256], nm[128];
+    golden_file g;
+    moe_layer_config c = moe_layer_config_default();
+    moe_store S;
+    moe_layer L;
+    int ok = 1, T, E, K, d, i, has_noise, pass, nparam_records = 0;
+    const float *x, *dy, *noise = NULL, *ref;
+    float *y = NULL, *dx = NULL, *zero_dy = NULL;
+    moe_status st;
+    snprintf(file, sizeof file, "layer_%s.bin", which);
+    snprintf(title, sizeof title, "golden layer %s: %s", which, what);
+    TEST_BEGIN(title);
+    summary_reset();
+    if (!open_golden(&g, file)) return;
+    c.d = cfg_int(&g, "d", &ok);
+    c.d_ff = cfg_int(&g, "d_ff", &ok);
+    c.n_experts = cfg_int(&g, "n_experts", &ok);
+    c.top_k = cfg_int(&g, "top_k", &ok);
+    c.n_shared = cfg_int(&g, "n_shared", &ok);
+    c.d_ff_shared = cfg_int(&g, "d_ff_shared", &ok);
+    c.expert = (moe_expert_kind)cfg_int(&g, "expert", &ok);
+    c.activation = (moe_activation)cfg_int(&g, "activation", &ok);
+    c.expert_bias = cfg_int(&g, "expert_bias", &ok);
+    c.router = (moe_router_kind)cfg_int(&g, "router", &ok);
+    c.renormalize = cfg_int(&g, "renormalize", &ok);
+    c.router_bias = cfg_int(&g, "router_bias", &ok);
+    c.balance = (moe_balance_loss)cfg_int(&g, "balance", &ok);
+    c.capacity_factor = cfg_float(&g, "capacity_factor", &ok);
+    c.balance_coef = cfg_float(&g, "balance_coef", &ok);
+    c.z_coef = cfg_float(&g, "z_coef", &ok);
+    c.importance_coef = cfg_float(&g, "importance_coef", &ok);
+    c.load_coef = cfg_float(&g, "load_coef", &ok);
+    c.noise_eps = cfg_float(&g, "noise_eps", &ok);
+    T = cfg_int(&g, "tokens", &ok);
+    has_noise = cfg_int(&g, "has_noise", &ok);
+    if (!ok) { golden_free(&g); return; }
+    E = c.n_experts; K = c.top_k; d = c.d;
+
+    moe_store_init(&S);
+    /* sized for more tokens than used: strides must follow T, not max_tokens */
+    st = moe_layer_init(&L, &c, &S, "moe.", T + 5);
+    if (!CHECK(st == MOE_OK, "moe_layer_init: %s", L.err.msg)) { moe_store_free(&S); golden_free(&g); return; }
+    st = moe_store_alloc(&S, 0);
+    if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
+    /* the initial weights, by tensor name; the file and the store must list the same tensors */
+    for (i = 0; i < g.count; i++) nparam_records += strncmp(g.t[i].name, "param.", 6) == 0;
+    CHECK(nparam_records == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam_records, S.count);
+    for (i = 0; i < S.count; i++) {
+        snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
+        ref = need(&g, nm, S.tensors[i].numel);
+        if (!ref) goto done;
+        memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
+    }
+    x = need(&g, "x", (size_t)T * d);
+    dy = need(&g, "dy", (size_t)T * d);
+    if (has_noise) noise = need(&g, "noise", (size_t)T * E);
+    if (!x || !dy || (has_noise && !noise)) goto done;
+    y = zeros((size_t)T * d);
+    dx = zeros((size_t)T * d);
+    zero_dy = zeros((size_t)T * d);
+
+    /* forward; y starts as garbage: forward overwrites it */
+    for (i = 0; i < T * d; i++) y[i] = 1e3f;
+    st = moe_layer_forward(&L, &S, y, x, T, noise);
+    if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
+    cmp("logits", L.logits, need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("probs", L.probs, need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if (golden_find(&g, "noisy")) cmp("noisy logits H", L.noisy, need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
+    cmp("gates", L.gates, need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("y", y, need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    {
+        int counts[3];
+        int32_t refc[3];
+        counts[0] = L.stats.requested; counts[1] = L.stats.kept; counts[2] = L.stats.dropped;
+        refc[0] = golden_int(&g, "stats.requested", -1);
+        refc[1] = golden_int(&g, "stats.kept", -1);
+        refc[2] = golden_int(&g, "stats.dropped", -1);
+        cmp_ints("stats requested/kept/dropped", counts, refc, 3);
+    }
+    cmp("stats.load", L.stats.load, need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("stats.mean_prob", L.stats.mean_prob, need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if ((ref = need(&g, "stats.gate_entropy", 1)) != NULL) cmp_scalar("stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = need(&g, "stats.load_entropy", 1)) != NULL) cmp_scalar("stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = need(&g, "aux_balance", 1)) != NULL) cmp_scalar("aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
+    if ((ref = need(&g, "aux_z", 1)) != NULL) cmp_scalar("aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
+    if ((ref = need(&g, "aux_cv", 1)) != NULL) cmp_scalar("aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
+    if ((ref = need(&g, "aux_total", 1)) != NULL) cmp_scalar("aux_total", L.stats.aux_total, ref[0], 1e-7, 1e-5);
+
+    /* backward. pass 0: the gradient of sum(y*dy) + aux_total; pass 1: the same forward and
+       backward once more without zeroing, so every gradient (dx included) must double, as
+       backward accumulates; pass 2: aux_total alone (dy = 0) */
+    for (pass = 0; pass < 3; pass++) {
+        const char *pre = pass == 2 ? "aux_grad." : "grad.";
+        double atol = pass == 2 ? TOL_AUX_ATOL : TOL_GRAD_ATOL, rtol = pass == 2 ? TOL_AUX_RTOL : TOL_GRAD_RTOL;
+        float scale = pass == 1 ? 2.0f : 1.0f;
+        summary_skip = pass == 1;
+        if (pass > 0) {
+            st = moe_layer_forward(&L, &S, y, x, T, noise);
+            if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
+        }
+        if (pass != 1) {
+            moe_store_zero_grad(&S);
+            memset(dx, 0, sizeof(float) * (size_t)T * d);
+        }
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
+        snprintf(nm, sizeof nm, "%sdx", pre);
+        cmp_scaled(pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        for (i = 0; i < S.count; i++) {
+            const moe_tensor *tn = &S.tensors[i];
+            char label[160];
+            snprintf(nm, sizeof nm, "%s%s", pre, tn->name);
+            snprintf(label, sizeof label, "2x %s (accumulated)", nm);
+            if (pass == 2 && strncmp(tn->name, "moe.router.", 11) != 0) {
+                /* experts get nothing from the auxiliary losses */
+                size_t j, nz = 0;
+                const float *gr = moe_store_grad(&S, i);
+                for (j = 0; j < tn->numel; j++) nz += gr[j] != 0.0f;
+                CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
+                continue;
+            }
+            cmp_scaled(pass == 1 ? label : nm, moe_store_grad(&S, i), need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            if (pass == 0 && strncmp(tn->name, "moe.experts.", 12) == 0) {
+                /* an expert that got no tokens gets exactly zero gradient */
+                size_t per = tn->numel / (size_t)E, j, nz;
+                int e;
+                for (e = 0; e < E; e++) {
+                    const float *gr = moe_store_grad(&S, i) + per * (size_t)e;
+                    if (L.routed.offset[e + 1] != L.routed.offset[e]) continue;
+                    for (j = 0, nz = 0; j < per; j++) nz += gr[j] != 0.0f;
+                    CHECK(nz == 0, "%s: idle expert %d has %zu non-zero gradients", nm, e, nz);
+                }
+            }
+        }
+    }
+    summary_skip = 0;
+    summary_print(which);
+done:
+    summary_skip = 0;
+    free(y); free(dx); free(zero_dy);
+    moe_layer_free(&L);
+    moe_store_free(&S);
+    golden_free(&g);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "-v") == 0) setenv("TEST_VERBOSE", "1", 1);
+    test_reader_errors();
+    test_kernels();
+    test_layer("switch", "softmax top-1 (no renorm), FFN(GELU)+biases, router bias, an idle expert, Switch balance, z-loss");
+    test_layer("mixtral", "renormalised softmax top-2, SwiGLU, Mixtral balance, z-loss");
+    test_layer("deepseek", "2 shared + 16 fine-grained experts, softmax top-4 (no renorm), DeepSeek balance, z-loss");
+    test_layer("sigmoid", "sigmoid top-2 (no renorm), Mixtral balance on normalised scores, z-loss");
+    test_layer("sigmoid_renorm", "sigmoid top-3 renormalised, FFN(GELU tanh), router bias, DeepSeek balance");
+    test_layer("noisy", "Shazeer noisy top-2 with stored noise, importance + smooth-load CV^2");
+    test_layer("noisy_large", "noisy top-2 at T = 320 (parallel router loops, multi-block experts), Mixtral balance, z-loss");
+    test_layer("noisy_eval", "noisy top-1 without noise (H = z, Load = counts), Switch balance");
+    test_layer("expert_choice", "expert choice, ceil(k*T/E) = 11 tokens per expert, z-loss");
+    test_layer("topk_ties", "exact score ties (experts 1 and 4 share a router row): the lower expert index first");
+    test_layer("expert_choice_ties", "exact ties (duplicated tokens) at each expert's capacity: the lower token index kept");
+    test_layer("capacity", "capacity factor 1.0 with drops, renormalised top-2, FFN(ReLU)+biases, 1 shared FFN expert, Mixtral balance, z-loss");
+    test_layer("capacity_switch", "capacity factor 1.25 with drops, top-1, FFN(SiLU), Switch balance");
+    return test_summary();
+}

@@ -479,7 +479,7 @@ static void plot__ticks_linear(plot__axis *a, int target, int expand) {
     digits = (int)floor(log10(big)) - (int)floor(log10(step) + 1e-9) + 1; /* to tell ticks apart */
     a->n = 0;
     for (k = k0; k <= k1 && a->n < PLOT__MAX_TICKS; k++) {
-        double v = k * step;
+        double v = k * step + 0.0; /* + 0.0 turns -0 into 0 */
         a->v[a->n] = v;
         if (big >= 1e6 || step < 1e-4)
             plot__num(a->label[a->n], sizeof a->label[0], v, digits < 2 ? 2 : digits);

@@ -11,6 +11,7 @@
  *                                 prints the worst element and an NMSE summary
  *   check_grad(name, analytic, numeric, rtol)
  *                                 directional finite-difference agreement
+ *   check_grad_tol(name, analytic, numeric, rtol, atol)   the same with an absolute floor
  *
  * Only this header's functions are static, so every test is one translation
  * unit that also defines MOE_IMPLEMENTATION.
@@ -93,10 +94,10 @@ TEST_FN int test_close(const char *file, int line, const char *name, const float
 
 /* analytic <g, v> against the central difference (L(p+eps v) - L(p-eps v)) / 2eps */
 TEST_FN int test_grad(const char *file, int line, const char *name, double analytic,
-                     double numeric, double rtol) {
+                     double numeric, double rtol, double atol) {
     double scale = fabs(analytic) > fabs(numeric) ? fabs(analytic) : fabs(numeric);
     double err = fabs(analytic - numeric);
-    int ok = err <= rtol * scale + 1e-6;
+    int ok = err <= rtol * scale + atol;
     if (ok) {
         test_passed_count++;
         if (test_verbose) printf("   ok %-28s analytic %.8g numeric %.8g\n", name, analytic, numeric);
@@ -109,7 +110,10 @@ TEST_FN int test_grad(const char *file, int line, const char *name, double analy
     return 0;
 }
 #define check_grad(name, analytic, numeric, rtol) \
-    test_grad(__FILE__, __LINE__, name, analytic, numeric, rtol)
+    test_grad(__FILE__, __LINE__, name, analytic, numeric, rtol, 1e-6)
+/* the same with an absolute floor, for small derivatives of float computations */
+#define check_grad_tol(name, analytic, numeric, rtol, atol) \
+    test_grad(__FILE__, __LINE__, name, analytic, numeric, rtol, atol)
 
 TEST_FN int test_summary(void) {
     printf("%d passed, %d failed\n", test_passed_count, test_failed_count);

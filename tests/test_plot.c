@@ -320,7 +320,7 @@ static void test_errors(void) {
 
 static void cleanup(void) {
     static const char *names[] = {"lines.png", "loss.png", "scatter.png", "nan.png", "clip.png",
-                                  "heat.png", "load.png", "annot.png", "keep.png"};
+                                  "heat.png", "load.png", "annot.png", "keep.png", "keep.png.tmp"};
     size_t i;
     if (getenv("PLOT_TEST_KEEP")) {
         printf("   kept %s\n", dir);

@@ -1,0 +1,360 @@
+/* test_model.c - moe.h sections >>moe:attention, >>moe:model, >>moe:data: gradients of the
+   whole tiny transformer (dense and MoE, learned and rotary positions), 1-vs-2-thread
+   bit-identity, gradient accumulation, a learning test, checkpoint resume bit-exactness,
+   generation, the loader. PyTorch goldens of the same model: tests/test_golden.c. */
+#define MOE_IMPLEMENTATION
+#include "moe.h" /* defines: moe_model_*, moe_loader_*, moe_checkpoint_*, moe_adamw_step */
+#include "test.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static moe_model_config tiny_config(int moe, moe_pos_kind pos) {
+    moe_model_config c = moe_model_config_default();
+    c.vocab = 32;
+    c.max_seq = 12;
+    c.d = 16;
+    c.n_layers = 2;
+    c.n_heads = 2;
+    c.d_ff = 24;
+    c.pos = pos;
+    c.moe_every = moe ? 1 : 0;
+    c.moe.n_experts = 4;
+    c.moe.top_k = 2;
+    c.moe.d_ff = 12;
+    c.moe.z_coef = 1e-2f;
+    c.moe.router_init_std = 1.0f; /* clear top-k margins for finite differences */
+    return c;
+}
+
+static void random_tokens(int *x, int n, int V, moe_rng *r) {
+    int i;
+    for (i = 0; i < n; i++) x[i] = moe_rng_below(r, V);
+}
+
+/* routing of every MoE block, to skip directions that flip a decision */
+static int routing_hash(const moe_model *m) {
+    int l, i, h = 17;
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (m->blocks[l].is_moe)
+            for (i = 0; i < m->blocks[l].moe.routed.n; i++)
+                h = h * 31 + m->blocks[l].moe.routed.token[i] * 7 + m->blocks[l].moe.routed.expert[i];
+    return h;
+}
+
+/* One directional check per tensor (direction scaled to the tensor's RMS), so a wrong
+   gradient of any single tensor stands out instead of drowning in the sum. */
+static void gradcheck_model(const char *name, const moe_model_config *c) {
+    moe_model m;
+    moe_rng r;
+    int B = 2, T = 10, inputs[20], targets[20], id, h0, skipped = 0;
+    float *p0;
+    size_t i, n;
+    if (moe_model_init(&m, c, B, T) != MOE_OK) {
+        CHECK(0, "%s: init: %s", name, m.err.msg);
+        return;
+    }
+    moe_model_init_weights(&m, 3);
+    n = m.S.numel;
+    for (i = 0; i < n; i++) m.S.params[i] *= 2.0f; /* larger than the init: every path matters */
+    moe_rng_seed(&r, 8);
+    random_tokens(inputs, B * T, c->vocab, &r);
+    random_tokens(targets, B * T, c->vocab, &r);
+    targets[3] = -1; /* ignored position */
+    p0 = (float *)malloc(n * sizeof(float));
+    memcpy(p0, m.S.params, n * sizeof(float));
+    moe_store_zero_grad(&m.S);
+    CHECK(moe_model_forward(&m, inputs, targets, B, T, NULL) == MOE_OK, "%s: forward", name);
+    h0 = routing_hash(&m);
+    CHECK(moe_model_backward(&m, 1.0f) == MOE_OK, "%s: backward", name);
+    for (id = 0; id < m.S.count; id++) {
+        const moe_tensor *t = &m.S.tensors[id];
+        float *p = m.S.params + t->offset;
+        const float *g = m.S.grads + t->offset;
+        double rms = 0.0, analytic = 0.0, jp, jm, eps = 1e-3;
+        float *v = (float *)malloc(t->numel * sizeof(float));
+        int same;
+        char label[160];
+        for (i = 0; i < t->numel; i++) rms += (double)p0[t->offset + i] * p0[t->offset + i];
+        rms = sqrt(rms / t->numel);
+        if (rms < 1e-3) rms = 1e-3;
+        for (i = 0; i < t->numel; i++) {
+            v[i] = (float)rms * moe_rng_normal(&r);
+            analytic += (double)g[i] * v[i];
+        }
+        for (i = 0; i < t->numel; i++) p[i] = p0[t->offset + i] + (float)eps * v[i];
+        moe_model_forward(&m, inputs, targets, B, T, NULL);
+        jp = m.loss + m.aux_loss;
+        same = routing_hash(&m) == h0;
+        for (i = 0; i < t->numel; i++) p[i] = p0[t->offset + i] - (float)eps * v[i];
+        moe_model_forward(&m, inputs, targets, B, T, NULL);
+        jm = m.loss + m.aux_loss;
+        same &= routing_hash(&m) == h0;
+        memcpy(p, p0 + t->offset, t->numel * sizeof(float));
+        free(v);
+        if (!same) { skipped++; continue; }
+        snprintf(label, sizeof label, "%s: %s", name, t->name);
+        /* float forward passes: differences below ~1e-4 are rounding noise of J ~ 3 */
+        check_grad_tol(label, analytic, (jp - jm) / (2 * eps), 1e-2, 1e-4);
+    }
+    CHECK(skipped * 4 <= m.S.count, "%s: %d of %d tensors flipped a routing decision", name, skipped, m.S.count);
+    free(p0);
+    moe_model_free(&m);
+}
+
+static void test_gradients(void) {
+    moe_model_config c;
+    TEST_BEGIN("model gradients by directional finite differences");
+    c = tiny_config(0, MOE_POS_LEARNED);
+    gradcheck_model("dense, learned positions", &c);
+    c = tiny_config(1, MOE_POS_ROPE);
+    gradcheck_model("MoE every layer, rotary positions", &c);
+    c = tiny_config(1, MOE_POS_LEARNED);
+    c.n_layers = 3;
+    c.dense_first = 1;
+    c.moe_every = 2;
+    c.moe.n_shared = 1;
+    c.moe.router = MOE_ROUTER_NOISY_TOPK; /* evaluated without noise here */
+    gradcheck_model("dense first, MoE every 2nd, shared expert, noisy router", &c);
+}
+
+/* one training step; returns the loss */
+static double train_step(moe_model *m, const int *x, const int *y, int B, int T, const moe_adamw_config *opt,
+                         float lr, long long step, moe_rng *noise) {
+    moe_store_zero_grad(&m->S);
+    moe_model_forward(m, x, y, B, T, noise);
+    moe_model_backward(m, 1.0f);
+    moe_clip_grad_norm(&m->S, 1.0f);
+    moe_adamw_step(&m->S, opt, lr, step);
+    return m->loss;
+}
+
+static void test_determinism_and_accumulation(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_ROPE);
+    moe_model a, b;
+    moe_rng r;
+    int x[4 * 12], y[4 * 12];
+    size_t i;
+    double worst = 0.0;
+    TEST_BEGIN("model: 1 vs 2 threads bit-identical; 2 micro-batches = 1 batch");
+    c.d = 32;
+    c.max_seq = 12;
+    moe_rng_seed(&r, 4);
+    random_tokens(x, 48, c.vocab, &r);
+    random_tokens(y, 48, c.vocab, &r);
+#ifdef _OPENMP
+    {
+        int nt = omp_get_max_threads(), k;
+        moe_model *ms[2];
+        ms[0] = &a;
+        ms[1] = &b;
+        for (k = 0; k < 2; k++) {
+            omp_set_num_threads(k + 1);
+            moe_model_init(ms[k], &c, 4, 12);
+            moe_model_init_weights(ms[k], 1);
+            moe_store_zero_grad(&ms[k]->S);
+            moe_model_forward(ms[k], x, y, 4, 12, NULL);
+            moe_model_backward(ms[k], 1.0f);
+        }
+        omp_set_num_threads(nt);
+        CHECK(a.loss == b.loss && memcmp(a.logits, b.logits, sizeof(float) * 48 * c.vocab) == 0, "logits and loss identical");
+        CHECK(memcmp(a.S.grads, b.S.grads, sizeof(float) * a.S.numel) == 0, "gradients identical");
+        moe_model_free(&a);
+        moe_model_free(&b);
+    }
+#endif
+    /* dense model: mean over 4 rows == average of two means over 2 rows */
+    c = tiny_config(0, MOE_POS_LEARNED);
+    moe_model_init(&a, &c, 4, 12);
+    moe_model_init(&b, &c, 4, 12);
+    moe_model_init_weights(&a, 2);
+    memcpy(b.S.params, a.S.params, sizeof(float) * a.S.numel);
+    moe_store_zero_grad(&a.S);
+    moe_model_forward(&a, x, y, 4, 12, NULL);
+    moe_model_backward(&a, 1.0f);
+    moe_store_zero_grad(&b.S);
+    moe_model_forward(&b, x, y, 2, 12, NULL);
+    moe_model_backward(&b, 0.5f);
+    moe_model_forward(&b, x + 24, y + 24, 2, 12, NULL);
+    moe_model_backward(&b, 0.5f);
+    for (i = 0; i < a.S.numel; i++) {
+        double e = fabs(a.S.grads[i] - b.S.grads[i]) / (1e-4 + fabs(a.S.grads[i]));
+        worst = e > worst ? e : worst;
+    }
+    CHECK(worst < 1e-3, "accumulated gradients match the full batch (worst rel %.2g)", worst);
+    moe_model_free(&a);
+    moe_model_free(&b);
+}
+
+/* x[t] = x[t - 4]: the model must learn to copy from 4 positions back */
+static void make_copy_batch(int *x, int *y, int B, int T, int V, moe_rng *r) {
+    int b, t, seq[32];
+    for (b = 0; b < B; b++) {
+        for (t = 0; t < 4; t++) seq[t] = moe_rng_below(r, V);
+        for (t = 4; t <= T; t++) seq[t] = seq[t - 4];
+        for (t = 0; t < T; t++) {
+            x[b * T + t] = seq[t];
+            y[b * T + t] = t >= 3 ? seq[t + 1] : -1; /* the first 4 are unpredictable */
+        }
+    }
+}
+
+static void test_learning(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_adamw_config opt = moe_adamw_config_default();
+    moe_rng r;
+    int x[32 * 12], y[32 * 12], step;
+    double first = 0.0, last = 0.0;
+    TEST_BEGIN("learning: an MoE transformer learns to copy from 4 tokens back");
+    c.vocab = 16;
+    c.d = 32;
+    c.moe.router_init_std = 0.02f;
+    c.moe.d_ff = 32;
+    opt.weight_decay = 0.0f;
+    opt.beta2 = 0.99f;
+    moe_model_init(&m, &c, 32, 12);
+    moe_model_init_weights(&m, 5);
+    moe_rng_seed(&r, 6);
+    for (step = 1; step <= 300; step++) {
+        make_copy_batch(x, y, 32, 12, c.vocab, &r);
+        last = train_step(&m, x, y, 32, 12, &opt, moe_lr_cosine(step - 1, 20, 300, 1e-2f, 1e-3f), step, NULL);
+        if (step == 1) first = last;
+    }
+    /* chance is ln 16 = 2.77 nats */
+    CHECK(first > 2.5 && last < 0.3, "loss %.3f -> %.3f (chance 2.77) in 300 steps", first, last);
+    moe_model_free(&m);
+}
+
+typedef struct train_state {
+    moe_loader_state loader;
+    moe_rng noise;
+} train_state;
+
+static void test_resume(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_ROPE);
+    moe_model a, b;
+    moe_loader ld;
+    moe_adamw_config opt = moe_adamw_config_default();
+    moe_rng noise;
+    unsigned char text[600];
+    const unsigned char *src[1];
+    size_t len[1];
+    int x[4 * 12], y[4 * 12], i, step;
+    double losses_a[10], losses_b[10];
+    train_state st;
+    moe_err err;
+    char path[256];
+    long long saved_step;
+    TEST_BEGIN("checkpoint resume: bit-identical to an uninterrupted run");
+    c.moe.router = MOE_ROUTER_NOISY_TOPK; /* the routing noise RNG is part of the state */
+    c.moe.top_k = 2;
+    for (i = 0; i < 600; i++) text[i] = (unsigned char)("the quick brown fox jumps over the lazy dog "[i % 44] % 32);
+    src[0] = text;
+    len[0] = sizeof text;
+    snprintf(path, sizeof path, "build/tmp_model_%ld.ckpt", (long)clock());
+    moe_model_init(&a, &c, 4, 12);
+    moe_model_init_weights(&a, 9);
+    moe_loader_init(&ld, src, len, 1, 12, 77, &err);
+    moe_rng_seed(&noise, 55);
+    for (step = 1; step <= 20; step++) {
+        if (step == 11) { /* save before step 11 */
+            st.loader.rng = ld.rng;
+            st.loader.batches = ld.batches;
+            st.noise = noise;
+            CHECK(moe_checkpoint_save(path, &a.S, 1, step - 1, &a.cfg, sizeof a.cfg, &st, sizeof st, &err) == MOE_OK, "save: %s", err.msg);
+        }
+        moe_loader_next(&ld, x, y, NULL, 4, 12);
+        if (step > 10) losses_a[step - 11] = train_step(&a, x, y, 4, 12, &opt, 1e-2f, step, &noise);
+        else train_step(&a, x, y, 4, 12, &opt, 1e-2f, step, &noise);
+    }
+    /* a fresh process would do exactly this */
+    moe_model_init(&b, &c, 4, 12);
+    CHECK(moe_checkpoint_load(path, &b.S, &saved_step, &b.cfg, NULL, sizeof b.cfg, &st, sizeof st, &err) == MOE_OK, "load: %s", err.msg);
+    moe_loader_init(&ld, src, len, 1, 12, 0, &err);
+    ld.rng = st.loader.rng;
+    ld.batches = st.loader.batches;
+    noise = st.noise;
+    for (step = (int)saved_step + 1; step <= 20; step++) {
+        moe_loader_next(&ld, x, y, NULL, 4, 12);
+        losses_b[step - 11] = train_step(&b, x, y, 4, 12, &opt, 1e-2f, step, &noise);
+    }
+    CHECK(saved_step == 10, "saved step %lld", saved_step);
+    CHECK(memcmp(losses_a, losses_b, sizeof losses_a) == 0, "losses of steps 11-20 bit-identical (%.9g vs %.9g)", losses_a[9], losses_b[9]);
+    CHECK(memcmp(a.S.params, b.S.params, sizeof(float) * a.S.numel) == 0, "parameters bit-identical after step 20");
+    {
+        moe_model_config other = c;
+        other.moe.top_k = 1; /* same layout, other config */
+        CHECK(moe_checkpoint_load(path, &b.S, NULL, &other, NULL, sizeof other, NULL, 0, &err) == MOE_ERR_FORMAT, "other config rejected: %s", err.msg);
+    }
+    remove(path);
+    moe_model_free(&a);
+    moe_model_free(&b);
+}
+
+static void test_generate_and_loader(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_sampler s;
+    moe_rng r1, r2;
+    int prompt[3] = {1, 2, 3}, o1[23], o2[23], i, ok = 1, x[24], y[24], src[2];
+    moe_loader ld;
+    moe_err err;
+    unsigned char a[50], b[100];
+    const unsigned char *srcs[2];
+    size_t lens[2], start = 0;
+    TEST_BEGIN("generation (seeded, in range; expert choice refused) and the loader");
+    moe_model_init(&m, &c, 2, 12);
+    moe_model_init_weights(&m, 1);
+    s.temperature = 0.8f;
+    s.top_k = 5;
+    s.top_p = 0.9f;
+    moe_rng_seed(&r1, 3);
+    moe_rng_seed(&r2, 3);
+    CHECK(moe_model_generate(&m, prompt, 3, 20, o1, &s, &r1) == MOE_OK, "generate: %s", m.err.msg);
+    moe_model_generate(&m, prompt, 3, 20, o2, &s, &r2);
+    for (i = 0; i < 23; i++) ok &= o1[i] >= 0 && o1[i] < c.vocab;
+    CHECK(ok && memcmp(o1, o2, sizeof o1) == 0 && o1[0] == 1 && o1[2] == 3, "same seed, same text; bytes in range");
+    s.temperature = 0.0f;
+    moe_model_generate(&m, prompt, 3, 20, o1, &s, &r1);
+    moe_model_generate(&m, prompt, 3, 20, o2, &s, &r2);
+    CHECK(memcmp(o1, o2, sizeof o1) == 0, "greedy decoding ignores the RNG");
+    s.top_p = 1.5f;
+    CHECK(moe_model_generate(&m, prompt, 3, 5, o1, &s, &r1) == MOE_ERR_INVALID_ARG, "bad top_p: %s", m.err.msg);
+    moe_model_free(&m);
+    c.moe.router = MOE_ROUTER_EXPERT_CHOICE;
+    moe_model_init(&m, &c, 2, 12);
+    s.top_p = 1.0f;
+    CHECK(moe_model_generate(&m, prompt, 3, 5, o1, &s, &r1) == MOE_ERR_UNSUPPORTED && strstr(m.err.msg, "causal"), "expert choice cannot generate: %s", m.err.msg);
+    CHECK(moe_model_forward(&m, prompt, NULL, 1, 13, NULL) == MOE_ERR_SHAPE, "sequence longer than the buffers: %s", m.err.msg);
+    o1[0] = 40;
+    CHECK(moe_model_forward(&m, o1, NULL, 1, 1, NULL) == MOE_ERR_INVALID_ARG, "token outside the vocabulary: %s", m.err.msg);
+    CHECK(moe_model_backward(&m, 1.0f) == MOE_ERR_STATE, "backward without targets: %s", m.err.msg);
+    moe_model_free(&m);
+    /* loader: windows inside their source, targets shifted by one, proportional sampling */
+    for (i = 0; i < 50; i++) a[i] = (unsigned char)i;
+    for (i = 0; i < 100; i++) b[i] = (unsigned char)(100 + i);
+    srcs[0] = a; srcs[1] = b; lens[0] = 50; lens[1] = 100;
+    CHECK(moe_loader_init(&ld, srcs, lens, 2, 12, 1, &err) == MOE_OK, "loader init");
+    ok = 1;
+    for (i = 0; i < 200; i++) {
+        int t;
+        moe_loader_next(&ld, x, y, src, 2, 12);
+        for (t = 0; t < 24; t++) {
+            int s0 = src[t / 12];
+            ok &= y[t] == x[t] + 1 && (s0 == 0 ? x[t] < 50 : x[t] >= 100);
+        }
+    }
+    CHECK(ok && ld.batches == 200, "windows are contiguous and come from the named source");
+    CHECK(moe_loader_init(&ld, srcs, lens, 2, 60, 1, &err) == MOE_ERR_INVALID_ARG, "a source shorter than a window: %s", err.msg);
+    CHECK(moe_loader_sequential(b, 100, &start, x, y, 2, 12) == 2 && start == 24 && x[12] == 112, "sequential windows");
+}
+
+int main(void) {
+    test_gradients();
+    test_determinism_and_accumulation();
+    test_learning();
+    test_resume();
+    test_generate_and_loader();
+    return test_summary();
+}

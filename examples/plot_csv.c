@@ -1,0 +1,121 @@
+/* plot_csv.c - draw one column of several CSV logs against another, one series per file.
+ *
+ *   build/examples/plot_csv OUT.png --x step --y val_bpb [--title T] [--ylabel L] [--log]
+ *                           run1.csv[=label] run2.csv[=label] ...
+ *
+ * Rows whose x or y cell is empty or not a number (nan) are skipped, so sparse columns such
+ * as train_lm's val_bpb plot as lines through their points.
+ */
+#define PLOT_IMPLEMENTATION
+#include "plot.h" /* defines: plot_lines */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_FILES 8
+
+/* column index of `name` in a comma-separated header, or -1 */
+static int column(char *header, const char *name) {
+    int i = 0;
+    char *tok = strtok(header, ",\r\n");
+    while (tok) {
+        if (strcmp(tok, name) == 0) return i;
+        tok = strtok(NULL, ",\r\n");
+        i++;
+    }
+    return -1;
+}
+
+/* the cell of column `c` in a CSV line (no quoting: these are our own logs) */
+static int cell(const char *line, int c, double *out) {
+    const char *p = line;
+    char *end;
+    while (c-- > 0) {
+        p = strchr(p, ',');
+        if (!p) return 0;
+        p++;
+    }
+    *out = strtod(p, &end);
+    return end != p && *out == *out;
+}
+
+int main(int argc, char **argv) {
+    const char *out = NULL, *xname = "step", *yname = NULL, *title = NULL, *ylabel = NULL;
+    const char *files[MAX_FILES];
+    plot_series s[MAX_FILES];
+    plot_chart ch;
+    int nf = 0, i, log_y = 0, rc;
+    char labels[MAX_FILES][1024];
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--x") == 0 && i + 1 < argc) xname = argv[++i];
+        else if (strcmp(argv[i], "--y") == 0 && i + 1 < argc) yname = argv[++i];
+        else if (strcmp(argv[i], "--title") == 0 && i + 1 < argc) title = argv[++i];
+        else if (strcmp(argv[i], "--ylabel") == 0 && i + 1 < argc) ylabel = argv[++i];
+        else if (strcmp(argv[i], "--log") == 0) log_y = 1;
+        else if (!out) out = argv[i];
+        else if (nf < MAX_FILES) files[nf++] = argv[i];
+        else { fprintf(stderr, "at most %d files\n", MAX_FILES); return 2; }
+    }
+    if (!out || !yname || nf == 0) {
+        fprintf(stderr, "usage: plot_csv OUT.png --x COL --y COL [--title T] [--ylabel L] [--log] file.csv[=label] ...\n");
+        return 2;
+    }
+    memset(s, 0, sizeof s);
+    for (i = 0; i < nf; i++) {
+        char path[1024], line[4096], *eq;
+        FILE *f;
+        int cx, cy, cap = 1024, n = 0;
+        float *xs = (float *)malloc(sizeof(float) * (size_t)cap), *ys = (float *)malloc(sizeof(float) * (size_t)cap);
+        snprintf(path, sizeof path, "%s", files[i]);
+        eq = strchr(path, '=');
+        if (eq) *eq = 0;
+        snprintf(labels[i], sizeof labels[i], "%s", eq ? eq + 1 : path);
+        f = fopen(path, "r");
+        if (!f || !fgets(line, sizeof line, f)) {
+            fprintf(stderr, "cannot read %s\n", path);
+            return 1;
+        }
+        cx = column(line, xname);
+        fseek(f, 0, SEEK_SET);
+        if (!fgets(line, sizeof line, f)) return 1;
+        cy = column(line, yname);
+        if (cx < 0 || cy < 0) {
+            fprintf(stderr, "%s has no column '%s' or '%s'\n", path, xname, yname);
+            return 1;
+        }
+        while (fgets(line, sizeof line, f)) {
+            double vx, vy;
+            if (!cell(line, cx, &vx) || !cell(line, cy, &vy)) continue;
+            if (n == cap) {
+                cap *= 2;
+                xs = (float *)realloc(xs, sizeof(float) * (size_t)cap);
+                ys = (float *)realloc(ys, sizeof(float) * (size_t)cap);
+            }
+            xs[n] = (float)vx;
+            ys[n++] = (float)vy;
+        }
+        fclose(f);
+        s[i].name = labels[i];
+        s[i].x = xs;
+        s[i].y = ys;
+        s[i].n = n;
+        s[i].style = n < 40 ? PLOT_LINE_POINTS : PLOT_LINE;
+        if (n == 0) {
+            fprintf(stderr, "%s: no rows with numbers in '%s' and '%s'\n", path, xname, yname);
+            return 1;
+        }
+    }
+    memset(&ch, 0, sizeof ch);
+    ch.title = title ? title : yname;
+    ch.xlabel = xname;
+    ch.ylabel = ylabel ? ylabel : yname;
+    ch.log_y = log_y;
+    rc = plot_lines(out, &ch, s, nf);
+    if (rc != 0) fprintf(stderr, "could not write %s\n", out);
+    for (i = 0; i < nf; i++) {
+        free((void *)s[i].x);
+        free((void *)s[i].y);
+    }
+    return rc != 0;
+}

@@ -452,6 +452,17 @@ typedef struct moe_layer_config {
     float load_coef;          /* noisy top-k: CV^2 of smooth load; 0.01                    */
     float noise_eps;          /* noisy top-k: added to softplus(x Wn); 1e-2                */
     float router_init_std;    /* router init N(0, std); 0 = zeros (Shazeer); 0.02         */
+    /* GW-MoE (Global Workspace broadcast, fine-tuning only; softmax top-k routers): while the
+       layer's gw_active flag is set, a token whose routing entropy u = -sum p ln(p + 1e-5)
+       (the released code's form; divided by ln E when gw_normalized) is >= gw_threshold is
+       sent to ALL experts with the full softmax weights. gw_slots > 0 keeps only the first
+       gw_slots uncertain tokens of each sequence (seq_len tokens each). Broadcast
+       assignments are not subject to capacity. gw_released = 1 reproduces the released
+       code instead: an uncertain token skips the experts and outputs p_{E-1} * x.        */
+    float gw_threshold;       /* 0 = off                                                 */
+    int gw_normalized;
+    int gw_slots;
+    int gw_released;
 } moe_layer_config;
 
 /* Routing statistics of the last forward, per layer. */
@@ -461,6 +472,7 @@ typedef struct moe_routing_stats {
     int kept;             /* assignments the experts computed                                */
     int dropped;          /* requested - kept (capacity)                                     */
     float drop_rate;      /* dropped / requested                                             */
+    int broadcast;        /* GW-MoE: tokens sent to every expert                             */
     float *load;          /* (E) share of kept assignments per expert, sums to 1            */
     float *mean_prob;     /* (E) P_i: mean router probability (normalised scores)           */
     float load_entropy;   /* H(load), nats; ln E = perfectly balanced                       */
@@ -516,6 +528,10 @@ typedef struct moe_layer {
     float *dnoise_logits; /* (T, E)                                                          */
     float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
     float *stat_load, *stat_prob; /* (E) backing for stats                                  */
+    int *uncertain;       /* (T) GW-MoE: 1 when the token was broadcast to every expert      */
+    float *bypass;        /* (T) GW-MoE released-code emulation: y += bypass * x             */
+    int gw_active;        /* GW-MoE broadcast on (set while fine-tuning; off = sparse)       */
+    int seq_len;          /* tokens per sequence, for gw_slots (0: the batch is one sequence) */
     moe_routing_stats stats;
     float aux_grad_scale; /* multiplies the aux losses' gradients in backward; 1 after init
                              (set 1/n for gradient accumulation over n micro-batches)     */
@@ -2073,6 +2089,9 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (moe__bad_coef(c->balance_coef) || moe__bad_coef(c->z_coef) || moe__bad_coef(c->importance_coef) ||
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
+    if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
+    if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
+        return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;
 }
@@ -2227,8 +2246,8 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     S = cfg->n_shared; Ds = cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D;
     L->cfg.d_ff_shared = Ds;
     L->max_tokens = max_tokens;
-    /* token choice needs T*K rows; expert choice E*ceil(K*T/E) <= K*T + E */
-    cap = max_tokens * K + E;
+    /* token choice needs T*K rows; expert choice E*ceil(K*T/E) <= K*T + E; GW broadcast T*E */
+    cap = max_tokens * (cfg->gw_threshold > 0.0f ? E : K) + E;
     L->cap = cap;
     L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, d, 0);
     if (cfg->router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, E, 0, 0);
@@ -2264,7 +2283,9 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     L->aux_tmp = (float *)moe__calloc((size_t)E * 5, sizeof(float));
     L->stat_load = (float *)moe__calloc((size_t)E, sizeof(float));
     L->stat_prob = (float *)moe__calloc((size_t)E, sizeof(float));
-    ok = L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
+    L->uncertain = (int *)moe__calloc((size_t)max_tokens, sizeof(int));
+    L->bypass = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
+    ok = L->uncertain && L->bypass && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
          L->topk && L->thresh && L->xg && L->eout && L->hg && L->hu && L->raw_i && L->raw_w &&
          L->work_a && L->work_b && L->dxg && L->deout && L->dgate && L->dlogits && L->dnoise_logits &&
          L->aux_tmp && L->stat_load && L->stat_prob && moe__assign_alloc(&L->routed, cap, max_tokens, E);
@@ -2290,14 +2311,14 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     float **fp[] = {&L->logits, &L->probs, &L->gates, &L->noise, &L->noise_logits, &L->noisy, &L->lse,
                     &L->xg, &L->eout, &L->hg, &L->hu, &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout,
                     &L->raw_w, &L->work_a, &L->work_b, &L->dxg, &L->deout, &L->dgate, &L->dlogits,
-                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob};
+                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob, &L->bypass};
     size_t i;
     for (i = 0; i < sizeof fp / sizeof fp[0]; i++) {
         MOE_FREE(*fp[i]);
         *fp[i] = NULL;
     }
-    MOE_FREE(L->topk); MOE_FREE(L->thresh); MOE_FREE(L->raw_i);
-    L->topk = L->thresh = L->raw_i = NULL;
+    MOE_FREE(L->topk); MOE_FREE(L->thresh); MOE_FREE(L->raw_i); MOE_FREE(L->uncertain);
+    L->topk = L->thresh = L->raw_i = L->uncertain = NULL;
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
     L->T = 0;
@@ -2368,6 +2389,34 @@ static void moe__route_token(moe_layer *L, int t) {
     }
 }
 
+/* GW-MoE: marks the uncertain tokens (serial: the slot cap counts in sequence order) and
+   gives them the full softmax as gates (paper) or a bypass weight (released code). */
+static void moe__gw_mark(moe_layer *L, int T) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, t, e, used = 0, seq = L->seq_len > 0 ? L->seq_len : T;
+    double norm = c->gw_normalized ? log((double)E) : 1.0;
+    L->stats.broadcast = 0;
+    for (t = 0; t < T; t++) {
+        const float *p = L->probs + (size_t)t * E;
+        double u = 0.0;
+        L->uncertain[t] = 0;
+        L->bypass[t] = 0.0f;
+        if (!L->gw_active || c->gw_threshold <= 0.0f) continue;
+        if (t % seq == 0) used = 0;
+        for (e = 0; e < E; e++) u -= (double)p[e] * log((double)p[e] + 1e-5);
+        if (u / norm < c->gw_threshold || (c->gw_slots > 0 && used >= c->gw_slots)) continue;
+        used++;
+        L->uncertain[t] = 1;
+        L->stats.broadcast++;
+        if (c->gw_released) {
+            memset(L->gates + (size_t)t * E, 0, sizeof(float) * (size_t)E);
+            L->bypass[t] = p[E - 1];
+        } else {
+            memcpy(L->gates + (size_t)t * E, p, sizeof(float) * (size_t)E);
+        }
+    }
+}
+
 /* Builds the raw (token, expert, slot, weight) list of the routed bank; returns its length.
    Counts requested picks per expert into `picks` (E). */
 static int moe__build_assignments(moe_layer *L, int T, float *picks) {
@@ -2411,19 +2460,29 @@ static int moe__build_assignments(moe_layer *L, int T, float *picks) {
         MOE_ASSERT(count);
         for (s = 0; s < K; s++)
             for (t = 0; t < T; t++) {
+                if (L->uncertain[t]) continue; /* broadcast tokens bypass capacity */
                 e = L->topk[(size_t)t * K + s];
                 keep[(size_t)t * K + s] = count[e] < C;
                 if (count[e] < C) count[e]++;
             }
         MOE_FREE(count);
     }
-    for (t = 0; t < T; t++)
+    for (t = 0; t < T; t++) {
+        if (L->uncertain[t]) { /* GW-MoE broadcast: every expert, in expert order */
+            if (!c->gw_released)
+                for (e = 0; e < E; e++) {
+                    rt[n] = t; re[n] = e; rs[n] = e; rw[n] = L->gates[(size_t)t * E + e];
+                    n++;
+                }
+            continue;
+        }
         for (s = 0; s < K; s++) {
             if (c->capacity_factor > 0.0f && !keep[(size_t)t * K + s]) continue;
             e = L->topk[(size_t)t * K + s];
             rt[n] = t; re[n] = e; rs[n] = s; rw[n] = L->gates[(size_t)t * E + e];
             n++;
         }
+    }
     return n;
 }
 
@@ -2484,8 +2543,9 @@ static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
     st->aux_total = st->aux_balance + st->aux_z + st->aux_cv;
     /* statistics */
     st->tokens = T;
-    st->kept = L->routed.n;
-    st->requested = 0;
+    /* broadcast (GW) tokens are outside the requested/kept/dropped accounting */
+    st->kept = L->routed.n - (c->gw_released ? 0 : E * st->broadcast);
+    st->requested = -K * st->broadcast;
     for (e = 0; e < E; e++) st->requested += (int)picks[e];
     st->dropped = st->requested - st->kept;
     st->drop_rate = st->requested ? (float)st->dropped / (float)st->requested : 0.0f;
@@ -2548,6 +2608,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         MOE_OMP_FOR_IF(T > 256)
         for (t = 0; t < T; t++) moe__route_token(L, t);
     }
+    moe__gw_mark(L, T);
     n = moe__build_assignments(L, T, picks);
     st = moe_dispatch(&L->routed, L->raw_i, L->raw_i + L->cap, L->raw_i + 2 * L->cap, L->raw_w, n, T, E, &L->err);
     if (st != MOE_OK) return st;
@@ -2570,6 +2631,12 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     moe_gather(L->xg, x, &L->routed, d);
     moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
     moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
+    if (c->gw_released && L->stats.broadcast > 0)
+        for (t = 0; t < T; t++)
+            if (L->bypass[t] != 0.0f) {
+                int j;
+                for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->bypass[t] * x[(size_t)t * d + j];
+            }
     moe__layer_aux(L, T, picks);
     L->T = T;
     return MOE_OK;
@@ -2588,7 +2655,11 @@ static void moe__router_backward_token(moe_layer *L, int t, const float *dimp, c
     /* importance = sum_t gates: its gradient joins dgate on the selected experts */
     if (dimp)
         for (s = 0; s < K; s++) dg[idx[s]] += dimp[idx[s]];
-    switch (c->router) {
+    if (L->uncertain[t]) { /* GW broadcast: gates are the full softmax (or p_{E-1} bypass) */
+        dot = 0.0f;
+        for (e = 0; e < E; e++) dot += dg[e] * p[e];
+        for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
+    } else switch (c->router) {
     case MOE_ROUTER_TOPK:
     case MOE_ROUTER_EXPERT_CHOICE:
         if (c->router == MOE_ROUTER_TOPK && c->renormalize) { /* g = softmax over the selected logits */
@@ -2687,6 +2758,18 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     memset(L->dnoise_logits, 0, TE * sizeof(float));
     moe_combine_backward(L->deout, L->raw_w, dy, L->eout, &L->routed, d);
     for (i = 0; i < L->routed.n; i++) L->dgate[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->raw_w[i];
+    if (c->gw_released && L->stats.broadcast > 0) /* y += p_{E-1} x for broadcast tokens */
+        for (t = 0; t < T; t++)
+            if (L->uncertain[t]) {
+                const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
+                float dot = 0.0f;
+                int j;
+                for (j = 0; j < d; j++) {
+                    dot += g[j] * xt[j];
+                    dx[(size_t)t * d + j] += L->bypass[t] * g[j];
+                }
+                L->dgate[(size_t)t * E + E - 1] = dot;
+            }
     w = moe_layer_experts(L, s, 0, 0);
     gw = moe_layer_experts(L, s, 0, 1);
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,

@@ -19,6 +19,8 @@ static void fill_normal(float *p, size_t n, float scale, moe_rng *r) {
     for (i = 0; i < n; i++) p[i] = scale * moe_rng_normal(r);
 }
 
+static int fixture_gw_active = 0; /* GW-MoE broadcast for the next fixtures */
+
 static int fixture_init(fixture *f, const moe_layer_config *c, int T, uint64_t seed) {
     moe_rng r;
     size_t TE = (size_t)T * c->n_experts, Td = (size_t)T * c->d;
@@ -29,6 +31,8 @@ static int fixture_init(fixture *f, const moe_layer_config *c, int T, uint64_t s
         return 0;
     }
     if (moe_store_alloc(&f->S, 1) != MOE_OK) return 0;
+    f->L.gw_active = fixture_gw_active;
+    f->L.seq_len = T / 2;
     moe_rng_seed(&r, seed);
     moe_layer_init_weights(&f->L, &f->S, &r);
     /* noise projection and biases start at zero; give them values so their gradients matter */
@@ -102,6 +106,7 @@ static void gradcheck_layer_mode(const char *name, const moe_layer_config *c, in
     /* analytic gradient */
     objective(&f, noise);
     routing_snapshot(&f, ids0);
+    if (fixture_gw_active) CHECK(f.L.stats.broadcast > 0, "%s: some tokens are broadcast (%d)", name, f.L.stats.broadcast);
     moe_store_zero_grad(&f.S);
     memset(f.dx, 0, nx * sizeof(float));
     CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
@@ -194,6 +199,60 @@ static void test_gradients(void) {
     c.top_k = 1;
     c.balance = MOE_BALANCE_SWITCH;
     gradcheck_layer("FFN experts (GELU tanh), top-1", &c, 20, 0);
+}
+
+static void test_gw(void) {
+    moe_layer_config c = small_config();
+    fixture f;
+    int t, sparse_ok = 1, e;
+    TEST_BEGIN("GW-MoE: uncertain tokens broadcast while fine-tuning, sparse otherwise");
+    c.router_init_std = 0.15f; /* flat-ish routing: some tokens have high entropy */
+    c.gw_threshold = 0.9f;
+    c.gw_normalized = 1;
+    fixture_gw_active = 1;
+    if (!fixture_init(&f, &c, 20, 21)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    CHECK(f.L.stats.broadcast > 0 && f.L.stats.broadcast < 20, "some but not all tokens are uncertain (%d of 20)", f.L.stats.broadcast);
+    for (t = 0; t < 20; t++) {
+        const float *p = f.L.probs + (size_t)t * c.n_experts;
+        double u = 0.0;
+        int n = f.L.routed.tok_offset[t + 1] - f.L.routed.tok_offset[t];
+        for (e = 0; e < c.n_experts; e++) u -= p[e] * log(p[e] + 1e-5);
+        if ((u / log((double)c.n_experts) >= 0.9) != f.L.uncertain[t]) sparse_ok = 0;
+        if (n != (f.L.uncertain[t] ? c.n_experts : c.top_k)) sparse_ok = 0;
+    }
+    CHECK(sparse_ok, "uncertain = normalised entropy >= threshold; they reach all experts, others top-k");
+    CHECK(f.L.stats.dropped == 0 && f.L.stats.requested == (20 - f.L.stats.broadcast) * 2, "broadcast tokens are outside the drop accounting");
+    f.L.gw_active = 0;
+    objective(&f, NULL);
+    CHECK(f.L.stats.broadcast == 0 && f.L.routed.n == 40, "inference: sparse top-k only");
+    fixture_free(&f);
+    c.gw_slots = 1; /* one uncertain token per sequence of 10 */
+    if (!fixture_init(&f, &c, 20, 21)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    {
+        int a = 0, b = 0;
+        for (t = 0; t < 10; t++) a += f.L.uncertain[t];
+        for (t = 10; t < 20; t++) b += f.L.uncertain[t];
+        CHECK(a <= 1 && b <= 1 && a + b == f.L.stats.broadcast && a + b > 0, "slot cap: at most one per sequence (%d, %d)", a, b);
+    }
+    fixture_free(&f);
+    c.gw_slots = 0;
+    gradcheck_layer("GW-MoE broadcast (paper)", &c, 20, 0);
+    c.gw_released = 1;
+    gradcheck_layer("GW-MoE released-code emulation (p_last * x)", &c, 20, 0);
+    c.gw_released = 0;
+    c.renormalize = 0;
+    c.capacity_factor = 0.8f;
+    gradcheck_layer("GW-MoE with softmax top-k and capacity", &c, 20, 0);
+    fixture_gw_active = 0;
+    c = small_config();
+    c.router = MOE_ROUTER_SIGMOID;
+    c.gw_threshold = 0.5f;
+    {
+        moe_err err;
+        CHECK(moe_layer_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "GW-MoE"), "GW needs the softmax router: %s", err.msg);
+    }
 }
 
 /* J = aux_total alone: the auxiliary losses' gradients are not hidden under the main term */
@@ -451,6 +510,7 @@ int main(void) {
     test_expert_choice();
     test_gradients();
     test_aux_gradients();
+    test_gw();
     test_determinism();
     test_bad_input();
     return test_summary();

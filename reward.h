@@ -307,7 +307,7 @@ RWDDEF void rwd_rewardbench_scores(double *section, double *overall, const char 
 typedef struct rwd_winrate {
     double win_rate;          /* 100 * mean(p), p = preference - 1 (a stored 0 is a draw)     */
     double standard_error;    /* 100 * std(p, ddof=1) / sqrt(n)                                */
-    double discrete_win_rate; /* 100 * (wins + draws/2) / n                                    */
+    double discrete_win_rate; /* (wins + draws/2) / n * 100                                    */
     double avg_length;        /* floor(mean code points of the model's outputs)                */
     int n_wins, n_wins_base, n_draws, n_total;
 } rwd_winrate;
@@ -1557,7 +1557,8 @@ RWD__IMPL moe_status rwd_winrate_compute(rwd_winrate *w, const double *preferenc
     w->n_total = (int)n;
     w->win_rate = 100.0 * mean;
     w->standard_error = 100.0 * sqrt(ss / (double)(n - 1)) / sqrt((double)n);
-    w->discrete_win_rate = 100.0 * ((double)w->n_wins + 0.5 * (double)w->n_draws) / (double)n;
+    /* divide, then scale: AlpacaEval's order, which the leaderboard's last digit shows */
+    w->discrete_win_rate = ((double)w->n_wins + 0.5 * (double)w->n_draws) / (double)n * 100.0;
     w->avg_length = length ? floor(lsum / (double)n) : NAN;
     return MOE_OK;
 }

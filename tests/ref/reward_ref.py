@@ -5,6 +5,7 @@ python3-torch):  /usr/bin/python3 tests/ref/reward_ref.py
 
   lowess_ref.csv    statsmodels LOWESS on 400 integer-like lengths with ties (spec 2.4)
   rc_ref.csv        RC-Mean and RC-LWR as the paper's code computes them (spec 2.2, 2.3)
+  metrics_ref.csv   two series with ties; metrics_ref.txt: scipy's Pearson, Spearman, Kendall tau-b
   bt_ref.txt        Bradley-Terry / PoE losses and gradients of tiny heads in PyTorch (spec 0.1, 1)
 """
 import bisect
@@ -72,6 +73,20 @@ def rc_ref():
               [lw, ll, sw, sl, mw, ml, q, pred])
 
 
+def metrics_ref():
+    import scipy.stats
+    rng = np.random.default_rng(9)
+    n = 300
+    a = np.floor(rng.normal(0, 3, n))  # ties
+    b = np.round(0.5 * a + rng.normal(0, 2, n), 1)
+    write_csv("metrics_ref.csv", ["a", "b"], [a, b])
+    with open(os.path.join(HERE, "metrics_ref.txt"), "w") as f:
+        f.write("pearson=%r\n" % float(scipy.stats.pearsonr(a, b)[0]))
+        f.write("spearman=%r\n" % float(scipy.stats.spearmanr(a, b)[0]))
+        f.write("kendall=%r\n" % float(scipy.stats.kendalltau(a, b)[0]))
+
+
 if __name__ == "__main__":
     lowess_ref()
     rc_ref()
+    metrics_ref()

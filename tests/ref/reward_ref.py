@@ -86,7 +86,64 @@ def metrics_ref():
         f.write("kendall=%r\n" % float(scipy.stats.kendalltau(a, b)[0]))
 
 
+def write_arrays(name, arrays):
+    """one array per line: name count v0 v1 ... (float64 repr)"""
+    with open(os.path.join(HERE, name), "w") as f:
+        for key, a in arrays:
+            a = np.asarray(a, dtype=np.float64).ravel()
+            f.write("%s %d %s\n" % (key, a.size, " ".join(repr(float(v)) for v in a)))
+
+
+def bt_ref():
+    """Bradley-Terry loss (margin + centering) of an MLP head (GELU), PoE loss of two linear
+    heads, and 3 full-batch AdamW steps of a linear BT head, in PyTorch (spec 0.1, 1.2)."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_default_dtype(torch.float64)
+    rng = np.random.default_rng(3)
+    B, d, H, db = 5, 7, 6, 3
+    xw, xl = rng.normal(size=(B, d)), rng.normal(size=(B, d))
+    margin = rng.uniform(0, 0.5, B)
+    w1, b1 = rng.normal(0, 0.4, (H, d)), rng.normal(0, 0.1, H)
+    w2 = rng.normal(0, 0.4, (1, H))
+    center = 0.05
+    P = [torch.tensor(a, requires_grad=True) for a in (w1, b1, w2)]
+
+    def mlp(x):  # no output bias (it cancels in BT margins), as HF's reward score head
+        return (F.gelu(torch.tensor(x) @ P[0].T + P[1]) @ P[2].T).squeeze(1)
+
+    rw, rl = mlp(xw), mlp(xl)
+    loss = -F.logsigmoid(rw - rl - torch.tensor(margin)).mean() + center * ((rw + rl) ** 2).mean()
+    loss.backward()
+    out = [("xw", xw), ("xl", xl), ("margin", margin), ("center", [center]), ("w1", w1), ("b1", b1), ("w2", w2),
+           ("mlp_loss", [loss.item()])] + [("mlp_g" + k, p.grad.numpy()) for k, p in zip(("w1", "b1", "w2"), P)]
+    # PoE: main linear head on x, bias linear head on xb (no noise: the loss itself)
+    xbw, xbl = rng.normal(size=(B, db)), rng.normal(size=(B, db))
+    mw = torch.tensor(rng.normal(0, 0.5, (1, d)), requires_grad=True)
+    bw = torch.tensor(rng.normal(0, 0.5, (1, db)), requires_grad=True)
+    dm = (torch.tensor(xw) @ mw.T - torch.tensor(xl) @ mw.T).squeeze(1)
+    dbias = (torch.tensor(xbw) @ bw.T - torch.tensor(xbl) @ bw.T).squeeze(1)
+    ploss = -F.logsigmoid(dm + dbias).mean()
+    ploss.backward()
+    out += [("xbw", xbw), ("xbl", xbl), ("poe_mw", mw.detach().numpy()), ("poe_bw", bw.detach().numpy()),
+            ("poe_loss", [ploss.item()]), ("poe_gmw", mw.grad.numpy()), ("poe_gbw", bw.grad.numpy())]
+    # 3 AdamW steps, full batch, constant lr 0.01, decay 0.1, float32
+    torch.set_default_dtype(torch.float32)
+    lw = torch.tensor(rng.normal(0, 0.3, (1, d)), dtype=torch.float32, requires_grad=True)
+    w0 = lw.detach().numpy().copy()
+    opt = torch.optim.AdamW([lw], lr=0.01, weight_decay=0.1)
+    X_w, X_l = torch.tensor(xw, dtype=torch.float32), torch.tensor(xl, dtype=torch.float32)
+    for _ in range(3):
+        opt.zero_grad()
+        l = -F.logsigmoid((X_w @ lw.T - X_l @ lw.T).squeeze(1)).mean()
+        l.backward()
+        opt.step()
+    out += [("train_w0", w0), ("train_w3", lw.detach().numpy())]
+    write_arrays("bt_ref.txt", out)
+
+
 if __name__ == "__main__":
     lowess_ref()
     rc_ref()
     metrics_ref()
+    bt_ref()

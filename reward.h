@@ -411,7 +411,8 @@ typedef struct rwd_train_config {
     float clip;         /* global gradient-norm clip, 0 = off; 0                               */
     uint64_t seed;      /* shuffling and PoE noise; 1                                          */
     float bias_lr;      /* PoE: the bias expert's peak learning rate (larger, spec 1.2); 1e-2    */
-    float noise_std;    /* PoE: s of the N(0, s^2) noise on the bias expert's inputs; 1.0         */
+    float noise_std;    /* PoE: s of the N(0, s^2) noise on the bias expert's inputs; 0.1, about
+                           one hashed word feature (rwd_featurize scales them by 1/sqrt(words)) */
     int noise_cols;     /* PoE: noise goes to the first noise_cols input columns (the hashed
                            words), < 0 = all; -1. See the PoE section for why length stays clean */
 } rwd_train_config;
@@ -1078,57 +1079,94 @@ RWD__IMPL moe_status rwd_lowess_naive(double *fit, const double *x, const double
 }
 
 /* The fast LOWESS. Points with equal x get equal tricube weights, so within a tie group only
-   the sums S_rho = sum rho_j and S_rhoy = sum rho_j y_j matter. Window edges may cut a tie
-   group; the cut part is summed point by point (it almost always has weight 0 anyway).
-   statsmodels' "at least two weights > 1e-12" test needs only the two largest rho of a group.
-   Queries (one per distinct x) are independent once the windows are known: parallel. */
+   S_rho = sum rho_j and S_rhoy = sum rho_j y_j matter: a query costs O(distinct x in its
+   window), not O(window). Window edges may cut a tie group; the cut part is summed point by
+   point (it almost always has weight 0 anyway). statsmodels' "at least two weights > 1e-12"
+   test needs only the two largest rho of a group. Queries (one per distinct x) are
+   independent once the windows are known, so they run in parallel, each summing in a fixed
+   order (4 interleaved partial sums, so the loop vectorizes): any thread count, same bits. */
 typedef struct rwd__lw {
-    const double *xs, *ys, *rho; /* (n) sorted points, robustness weights                   */
-    const size_t *gstart;        /* (G+1) first sorted point of each distinct x              */
-    const size_t *gof;           /* (n) group of each sorted point                          */
-    const double *srho, *srhoy;  /* (G) group sums                                            */
-    const double *r1, *r2;       /* (G) largest and second largest rho in the group (or -1)   */
+    const double *xs, *ys, *rho;   /* (n) sorted points, robustness weights             */
+    const size_t *gstart, *gof;    /* (G+1) first point of each distinct x; (n) group of a point */
+    const double *gx;              /* (G) the distinct x values                          */
+    const double *srho, *srhoy;    /* (G) group sums                                     */
+    const double *r1, *r2;         /* (G) largest, second largest rho in the group (or -1) */
 } rwd__lw;
 
-/* sums over the window [L, R) for query x0: what == 0: S0 = sum w, S1 = sum w x, nonzero;
-   what == 1: sum w (x - xbar)^2, sum w y, sum w y (x - xbar) */
-static void rwd__lowess_sums(const rwd__lw *a, size_t L, size_t R, double x0, double h, double xbar, int what,
-                             double *s0, double *s1, double *s2, int *nonzero) {
-    size_t gl = a->gof[L], gr = a->gof[R - 1], g, j;
-    double A = 0.0, B = 0.0, C = 0.0;
-    int nz = 0;
-    for (g = gl; g <= gr; g++) {
-        double xg = a->xs[a->gstart[g]], t = rwd__tricube(xg, x0, h), sr, sry;
-        size_t lo = a->gstart[g], hi = a->gstart[g + 1];
-        if (lo < L || hi > R) { /* a group cut by the window edge: its points one by one */
-            sr = sry = 0.0;
-            for (j = (lo < L ? L : lo); j < (hi > R ? R : hi); j++) {
-                sr += a->rho[j];
-                sry += a->rho[j] * a->ys[j];
-                nz += t * a->rho[j] > 1e-12;
-            }
-        } else {
-            sr = a->srho[g];
-            sry = a->srhoy[g];
-            nz += (t * a->r1[g] > 1e-12) + (t * a->r2[g] > 1e-12);
-        }
-        if (what == 0) {
-            A += t * sr;
-            B += t * sr * xg;
-        } else {
-            double dx = xg - xbar;
-            A += t * sr * dx * dx;
-            B += t * sry;
-            C += t * sry * dx;
-        }
+/* what a window holds for the local fit at x0: S0 = sum w, S1 = sum w x (pass 1, with the
+   count of weights > 1e-12); then V = sum w (x - xbar)^2, Ty = sum w y, Txy = sum w y (x - xbar)
+   (pass 2, xbar = S1 / S0). w = tricube * rho, unnormalised. */
+typedef struct rwd__wsum { double s0, s1, v, ty, txy; int nonzero; } rwd__wsum;
+
+static void rwd__lowess_group(rwd__wsum *w, int pass, double xg, double t, double sr, double sry, double xbar) {
+    if (pass == 1) {
+        w->s0 += t * sr;
+        w->s1 += t * sr * xg;
+    } else {
+        double dx = xg - xbar;
+        w->v += t * sr * dx * dx;
+        w->ty += t * sry;
+        w->txy += t * sry * dx;
     }
-    *s0 = A; *s1 = B; *s2 = C;
-    if (nonzero) *nonzero = nz;
+}
+
+static void rwd__lowess_window(const rwd__lw *a, rwd__wsum *w, int pass, size_t L, size_t R, double x0, double h, double xbar) {
+    size_t gl = a->gof[L], gr = a->gof[R - 1], g0 = gl, g1 = gr + 1, g, j, e;
+    double acc[3][4], nzl[4];
+    int k, nz = 0;
+    for (e = 0; e < 2; e++) { /* a group cut by the left (e = 0) or right edge: point by point */
+        size_t g_edge = e ? gr : gl, lo = a->gstart[g_edge], hi = a->gstart[g_edge + 1];
+        double t, sr = 0.0, sry = 0.0;
+        if ((lo >= L && hi <= R) || (e == 1 && gr < g0)) continue;
+        t = rwd__tricube(a->gx[g_edge], x0, h);
+        for (j = lo < L ? L : lo; j < (hi > R ? R : hi); j++) {
+            sr += a->rho[j];
+            sry += a->rho[j] * a->ys[j];
+            nz += t * a->rho[j] > 1e-12;
+        }
+        rwd__lowess_group(w, pass, a->gx[g_edge], t, sr, sry, xbar);
+        if (e == 0) g0 = gl + 1;
+        else g1 = gr;
+    }
+    memset(acc, 0, sizeof acc);
+    memset(nzl, 0, sizeof nzl);
+    g = g0;
+    if (pass == 1) /* whole groups, 4 lanes, no branches: the compiler vectorizes this */
+        for (; g + 4 <= g1; g += 4)
+            for (k = 0; k < 4; k++) {
+                double t = rwd__tricube(a->gx[g + k], x0, h), ts = t * a->srho[g + k];
+                acc[0][k] += ts;
+                acc[1][k] += ts * a->gx[g + k];
+                nzl[k] += (double)(t * a->r1[g + k] > 1e-12) + (double)(t * a->r2[g + k] > 1e-12);
+            }
+    else
+        for (; g + 4 <= g1; g += 4)
+            for (k = 0; k < 4; k++) {
+                double t = rwd__tricube(a->gx[g + k], x0, h), dx = a->gx[g + k] - xbar, ty = t * a->srhoy[g + k];
+                acc[0][k] += t * a->srho[g + k] * dx * dx;
+                acc[1][k] += ty;
+                acc[2][k] += ty * dx;
+            }
+    nz += (int)((nzl[0] + nzl[1]) + (nzl[2] + nzl[3]));
+    for (; g < g1; g++) { /* the last 0-3 groups */
+        double t = rwd__tricube(a->gx[g], x0, h);
+        if (pass == 1) nz += (t * a->r1[g] > 1e-12) + (t * a->r2[g] > 1e-12);
+        rwd__lowess_group(w, pass, a->gx[g], t, a->srho[g], a->srhoy[g], xbar);
+    }
+    if (pass == 1) {
+        w->s0 += (acc[0][0] + acc[0][1]) + (acc[0][2] + acc[0][3]);
+        w->s1 += (acc[1][0] + acc[1][1]) + (acc[1][2] + acc[1][3]);
+        w->nonzero = nz;
+    } else {
+        w->v += (acc[0][0] + acc[0][1]) + (acc[0][2] + acc[0][3]);
+        w->ty += (acc[1][0] + acc[1][1]) + (acc[1][2] + acc[1][3]);
+        w->txy += (acc[2][0] + acc[2][1]) + (acc[2][2] + acc[2][3]);
+    }
 }
 
 RWD__IMPL moe_status rwd_lowess(double *fit, const double *x, const double *y, size_t n, double frac,
                                 int iters, moe_err *err) {
-    double *mem, *xs, *ys, *rho, *fs, *resid, *srho, *srhoy, *r1, *r2, *gfit;
+    double *mem, *xs, *ys, *rho, *fs, *resid, *gx, *srho, *srhoy, *r1, *r2, *gfit;
     size_t *order, *gstart, *gof, *wl, *wr, k, G = 0, i, j, g;
     long long gq, ng;
     int pass;
@@ -1136,15 +1174,15 @@ RWD__IMPL moe_status rwd_lowess(double *fit, const double *x, const double *y, s
     moe_status st = rwd__lowess_check(x, y, n, frac, iters, err);
     if (st != MOE_OK) return st;
     if (!fit) return moe_err_set(err, MOE_ERR_INVALID_ARG, "LOWESS needs an output array");
-    /* doubles after xs, ys: rho, fs, resid (n each), srho, srhoy, r1, r2, gfit (n each, G used) */
-    if ((st = rwd__lowess_sorted(&mem, &order, &xs, &ys, x, y, n, 8 * n, err)) != MOE_OK) return st;
+    /* doubles after xs, ys: rho, fs, resid (n each); gx, srho, srhoy, r1, r2, gfit (G <= n each) */
+    if ((st = rwd__lowess_sorted(&mem, &order, &xs, &ys, x, y, n, 9 * n, err)) != MOE_OK) return st;
     rho = ys + n; fs = rho + n; resid = fs + n;
-    srho = resid + n; srhoy = srho + n; r1 = srhoy + n; r2 = r1 + n; gfit = r2 + n;
+    gx = resid + n; srho = gx + n; srhoy = srho + n; r1 = srhoy + n; r2 = r1 + n; gfit = r2 + n;
     gstart = (size_t *)MOE_MALLOC((4 * n + 1) * sizeof(size_t));
     if (!gstart) { MOE_FREE(mem); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for LOWESS on %zu points", n); }
     gof = gstart + n + 1; wl = gof + n; wr = wl + n;
     for (i = 0; i < n; i++) {
-        if (i == 0 || xs[i] != xs[i - 1]) gstart[G++] = i;
+        if (i == 0 || xs[i] != xs[i - 1]) { gx[G] = xs[i]; gstart[G++] = i; }
         gof[i] = G - 1;
     }
     gstart[G] = n;
@@ -1153,13 +1191,13 @@ RWD__IMPL moe_status rwd_lowess(double *fit, const double *x, const double *y, s
     {
         size_t L = 0, R = k;
         for (g = 0; g < G; g++) {
-            double x0 = xs[gstart[g]];
+            double x0 = gx[g];
             while (R < n && x0 > (xs[L] + xs[R]) / 2.0) { L++; R++; }
             wl[g] = L; wr[g] = R;
         }
     }
     for (j = 0; j < n; j++) rho[j] = 1.0;
-    a.xs = xs; a.ys = ys; a.rho = rho; a.gstart = gstart; a.gof = gof;
+    a.xs = xs; a.ys = ys; a.rho = rho; a.gstart = gstart; a.gof = gof; a.gx = gx;
     a.srho = srho; a.srhoy = srhoy; a.r1 = r1; a.r2 = r2;
     ng = (long long)G;
     for (pass = 0; pass <= iters; pass++) {
@@ -1175,17 +1213,18 @@ RWD__IMPL moe_status rwd_lowess(double *fit, const double *x, const double *y, s
             srho[g] = s; srhoy[g] = sy; r1[g] = m1; r2[g] = m2;
             work += (double)(gof[wr[g] - 1] - gof[wl[g]] + 1);
         }
-        MOE_OMP_FOR_IF(work > 2e5)
+        MOE_OMP_FOR_IF(work > 1e6)
         for (gq = 0; gq < ng; gq++) {
             size_t L = wl[gq], R = wr[gq];
-            double x0 = xs[gstart[gq]], h = fmax(x0 - xs[L], xs[R - 1] - x0), s0, s1, dummy, v, ty, txy, xbar;
-            int nonzero = 0;
-            if (h > 0.0) rwd__lowess_sums(&a, L, R, x0, h, 0.0, 0, &s0, &s1, &dummy, &nonzero);
-            if (nonzero < 2) { gfit[gq] = ys[gstart[gq]]; continue; } /* also h == 0 */
-            xbar = s1 / s0;
-            rwd__lowess_sums(&a, L, R, x0, h, xbar, 1, &v, &ty, &txy, NULL);
-            v = fmax(v / s0, 1e-12);
-            gfit[gq] = ty / s0 + (x0 - xbar) * (txy / s0) / v;
+            double x0 = gx[gq], h = fmax(x0 - xs[L], xs[R - 1] - x0), xbar, v;
+            rwd__wsum w;
+            memset(&w, 0, sizeof w);
+            if (h > 0.0) rwd__lowess_window(&a, &w, 1, L, R, x0, h, 0.0);
+            if (w.nonzero < 2) { gfit[gq] = ys[gstart[gq]]; continue; } /* also h == 0 */
+            xbar = w.s1 / w.s0;
+            rwd__lowess_window(&a, &w, 2, L, R, x0, h, xbar);
+            v = fmax(w.v / w.s0, 1e-12);
+            gfit[gq] = w.ty / w.s0 + (x0 - xbar) * (w.txy / w.s0) / v;
         }
         for (j = 0; j < n; j++) fs[j] = gfit[gof[j]];
         if (pass < iters && !rwd__lowess_robust(rho, resid, ys, fs, n)) break;
@@ -1981,7 +2020,7 @@ RWD__IMPL rwd_train_config rwd_train_config_default(void) {
     c.clip = 0.0f;
     c.seed = 1;
     c.bias_lr = 1e-2f;
-    c.noise_std = 1.0f;
+    c.noise_std = 0.1f;
     c.noise_cols = -1;
     return c;
 }

@@ -299,6 +299,10 @@ enum { RWD_SECTION_CHAT = 0, RWD_SECTION_CHAT_HARD, RWD_SECTION_SAFETY, RWD_SECT
 RWDDEF const char *rwd_section_name(int section); /* "chat", "chat_hard", "safety", "reasoning" */
 /* section of a RewardBench subset and its weight; returns -1 (weight 0) for other names */
 RWDDEF int rwd_rewardbench_subset(const char *name, double *weight);
+/* per-subset accuracy: subset[i] in [0, n_subsets) names pair i's subset; acc (n_subsets) gets
+   each subset's accuracy (NaN if empty), count (may be NULL) its number of pairs */
+RWDDEF moe_status rwd_subset_accuracy(double *acc, size_t *count, const int *subset, const double *s_w,
+                                      const double *s_l, size_t n, int n_subsets, moe_err *err);
 /* section[4] (NaN where no subset of it is present) and *overall from per-subset accuracies */
 RWDDEF void rwd_rewardbench_scores(double *section, double *overall, const char *const *names,
                                    const double *acc, size_t n_subsets);
@@ -1213,6 +1217,7 @@ RWD__IMPL moe_status rwd_lowess(double *fit, const double *x, const double *y, s
             srho[g] = s; srhoy[g] = sy; r1[g] = m1; r2[g] = m2;
             work += (double)(gof[wr[g] - 1] - gof[wl[g]] + 1);
         }
+        (void)work; /* read only by the OpenMP clause */
         MOE_OMP_FOR_IF(work > 1e6)
         for (gq = 0; gq < ng; gq++) {
             size_t L = wl[gq], R = wr[gq];
@@ -1693,6 +1698,28 @@ RWD__IMPL int rwd_rewardbench_subset(const char *name, double *weight) {
         }
     if (weight) *weight = 0.0;
     return -1;
+}
+
+RWD__IMPL moe_status rwd_subset_accuracy(double *acc, size_t *count, const int *subset, const double *s_w,
+                                         const double *s_l, size_t n, int n_subsets, moe_err *err) {
+    size_t i;
+    int k;
+    if (!acc || !subset || !s_w || !s_l || n_subsets < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_subset_accuracy needs arrays and n_subsets >= 1");
+    for (i = 0; i < n; i++)
+        if (subset[i] < 0 || subset[i] >= n_subsets) return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair %zu has subset %d, outside [0, %d)", i, subset[i], n_subsets);
+    for (k = 0; k < n_subsets; k++) acc[k] = 0.0;
+    if (count) memset(count, 0, (size_t)n_subsets * sizeof(size_t));
+    { /* counts go to the caller's array, or to a scratch one */
+        size_t *c = count ? count : (size_t *)moe__calloc((size_t)n_subsets, sizeof(size_t));
+        if (!c) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for %d subsets", n_subsets);
+        for (i = 0; i < n; i++) {
+            c[subset[i]]++;
+            acc[subset[i]] += s_w[i] > s_l[i];
+        }
+        for (k = 0; k < n_subsets; k++) acc[k] = c[k] ? acc[k] / (double)c[k] : NAN;
+        if (!count) MOE_FREE(c);
+    }
+    return MOE_OK;
 }
 
 RWD__IMPL void rwd_rewardbench_scores(double *section, double *overall, const char *const *names,

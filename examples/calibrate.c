@@ -267,25 +267,18 @@ int main(int argc, char **argv) {
     { /* per subset, in order of first appearance; then sections and overall */
         const char **names = (const char **)malloc(t.n * sizeof(char *));
         double *acc = (double *)malloc(2 * t.n * sizeof(double)), sec[2][RWD_N_SECTIONS], overall[2];
-        size_t ns = 0;
-        int s;
-        if (!names || !acc) return fail("out of memory");
+        size_t ns = 0, *count = (size_t *)malloc(t.n * sizeof(size_t));
+        int s, *sid = (int *)malloc(t.n * sizeof(int));
+        if (!names || !acc || !count || !sid) return fail("out of memory");
         for (i = 0; i < t.n; i++) {
             for (j = 0; j < ns && strcmp(names[j], t.subset[i]) != 0; j++) {}
             if (j == ns) names[ns++] = t.subset[i];
+            sid[i] = (int)j;
         }
-        for (j = 0; j < ns; j++) {
-            size_t n = 0, ok0 = 0, ok1 = 0;
-            for (i = 0; i < t.n; i++)
-                if (strcmp(t.subset[i], names[j]) == 0) {
-                    n++;
-                    ok0 += t.v[COL_SW][i] > t.v[COL_SL][i];
-                    ok1 += cw[i] > cl[i];
-                }
-            acc[j] = (double)ok0 / (double)n;
-            acc[ns + j] = (double)ok1 / (double)n;
-            printf("subset=%s n=%zu acc_before=%.6f acc_after=%.6f\n", names[j], n, acc[j], acc[ns + j]);
-        }
+        if (rwd_subset_accuracy(acc, count, sid, t.v[COL_SW], t.v[COL_SL], t.n, (int)ns, &err) != MOE_OK ||
+            rwd_subset_accuracy(acc + ns, NULL, sid, cw, cl, t.n, (int)ns, &err) != MOE_OK)
+            return fail("%s", err.msg);
+        for (j = 0; j < ns; j++) printf("subset=%s n=%zu acc_before=%.6f acc_after=%.6f\n", names[j], count[j], acc[j], acc[ns + j]);
         rwd_rewardbench_scores(sec[0], &overall[0], names, acc, ns);
         rwd_rewardbench_scores(sec[1], &overall[1], names, acc + ns, ns);
         for (s = 0; s < RWD_N_SECTIONS; s++)
@@ -297,6 +290,8 @@ int main(int argc, char **argv) {
                rwd_length_correlation(cw, cl, t.v[COL_LW], t.v[COL_LL], t.n));
         free(names);
         free(acc);
+        free(count);
+        free(sid);
     }
     {
         char header[8192];

@@ -42,12 +42,22 @@ static void test_accuracy_rules(void) {
     double sw[4] = {1, 2, 3, 4}, sl[4] = {0, 2, 5, 1}, lw[4] = {10, 20, 30, 40}, ll[4] = {20, 20, 10, 50};
     double bw[4] = {1, 3, 3, 0}, bl[4] = {0, 2, 5, 1};
     size_t m;
-    TEST_BEGIN("accuracy (ties wrong), longer-wins, shorter-chosen, preference changed");
+    TEST_BEGIN("accuracy (ties wrong), longer-wins, shorter-chosen, preference changed, per subset");
     CHECK(rwd_pair_accuracy(sw, sl, 4) == 0.5, "2 of 4 right, the tie counts as wrong");
     CHECK(rwd_longer_wins_accuracy(lw, ll, 4) == 0.25, "only pair 2 has a longer chosen");
     CHECK(rwd_shorter_chosen_accuracy(sw, sl, lw, ll, 4, &m) == 1.0 && m == 2, "pairs 0 and 3, both right");
     CHECK(rwd_shorter_chosen_accuracy(sl, sw, lw, ll, 4, &m) == 0.0 && m == 2, "swapped scores: both wrong");
     CHECK(rwd_preference_changed(sw, sl, bw, bl, 4) == 0.5, "pairs 1 and 3 flip");
+    {
+        int sub[4] = {1, 0, 1, 1};
+        double acc[3];
+        size_t cnt[3];
+        moe_err err;
+        CHECK(rwd_subset_accuracy(acc, cnt, sub, sw, sl, 4, 3, &err) == MOE_OK && acc[0] == 0.0 && fabs(acc[1] - 2.0 / 3.0) < 1e-15 &&
+              isnan(acc[2]) && cnt[1] == 3 && cnt[2] == 0, "per-subset accuracy");
+        sub[2] = 3;
+        CHECK(rwd_subset_accuracy(acc, cnt, sub, sw, sl, 4, 3, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "pair 2"), "bad subset id: %s", err.msg);
+    }
 }
 
 static void test_rewardbench_sections(void) {

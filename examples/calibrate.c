@@ -1,0 +1,314 @@
+/* calibrate.c - post-hoc reward calibration of your own reward model's scores (reward.h, spec 2).
+
+   Input: a CSV whose header names at least
+       id,subset,score_chosen,score_rejected,len_chosen,len_rejected
+   in any order; extra columns are kept. Optional: text_len_chosen,text_len_rejected (code
+   points of the full chat-formatted text, which the length penalty uses, as the paper's code).
+   Lengths are read as real numbers. Quoted fields (with commas or doubled quotes) are fine.
+
+       build/examples/calibrate scores.csv [--method lwr|mean|penalty|penalty+lwr|penalty+mean]
+           [--frac 1.0] [--iters 3] [--alpha 1.0] [--ratio 4] [--min-count 20]
+           [--seed N | --no-shuffle] [--penalty 0.001] [--out out/calibrated.csv]
+
+   Output: the rows with cal_chosen,cal_rejected appended (written atomically); a PNG of score
+   against length before and after (out/calibrate.png); on stdout, after the settings, one
+   key=value line per subset, per RewardBench section and overall (weights of spec 2.6).
+   Exit status 0 on success, 1 with a sentence on stderr on bad input. */
+#define _POSIX_C_SOURCE 200809L
+#define MOE_IMPLEMENTATION
+#define RWD_IMPLEMENTATION
+#include "reward.h" /* defines: rwd_calibrate_pairs, rwd_pair_accuracy, rwd_rewardbench_*, rwd_lowess */
+#define PLOT_IMPLEMENTATION
+#include "plot.h" /* defines: plot_lines */
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+enum { COL_ID, COL_SUBSET, COL_SW, COL_SL, COL_LW, COL_LL, COL_TW, COL_TL, N_COLS };
+static const char *const col_names[N_COLS] = {"id", "subset", "score_chosen", "score_rejected", "len_chosen",
+                                              "len_rejected", "text_len_chosen", "text_len_rejected"};
+
+typedef struct table {
+    char **record;  /* (n) raw text of each data record, without its line end */
+    int *line;      /* (n) line where the record starts */
+    char **subset;  /* (n) subset of each row */
+    double *v[N_COLS]; /* numeric columns (COL_SW..COL_TL), (n) each */
+    size_t n;
+    int has_text_len;
+} table;
+
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "calibrate: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    return 1;
+}
+
+/* Splits one CSV record starting at *p into fields (unquoted, in place in `buf`); advances *p
+   past the record's line end and counts the lines it spans. Returns the number of fields. */
+static int split_record(const char **p, char *buf, char **field, int max_fields, int *lines) {
+    const char *s = *p;
+    char *o = buf;
+    int nf = 0, quoted = 0;
+    field[nf++] = o;
+    for (; *s; s++) {
+        if (quoted) {
+            if (*s == '"' && s[1] == '"') { *o++ = '"'; s++; }
+            else if (*s == '"') quoted = 0;
+            else { if (*s == '\n') (*lines)++; *o++ = *s; }
+        } else if (*s == '"') quoted = 1;
+        else if (*s == ',') {
+            *o++ = 0;
+            if (nf < max_fields) field[nf] = o;
+            nf++;
+        } else if (*s == '\n' || *s == '\r') break;
+        else *o++ = *s;
+    }
+    *o = 0;
+    if (*s == '\r') s++;
+    if (*s == '\n') { s++; (*lines)++; }
+    *p = s;
+    return nf;
+}
+
+static int parse_number(const char *s, double *v) {
+    char *end;
+    errno = 0;
+    *v = strtod(s, &end);
+    while (*end == ' ' || *end == '\t') end++;
+    return end != s && *end == 0 && errno != ERANGE && isfinite(*v);
+}
+
+static int read_table(table *t, const char *path) {
+    FILE *f = fopen(path, "rb");
+    char *text, *buf, *field[256];
+    const char *p;
+    size_t len, cap = 0;
+    int col[N_COLS], nf, i, line = 1, header_fields;
+    moe_err err;
+    memset(t, 0, sizeof *t);
+    if (!f) return fail("cannot open '%s'", path);
+    if (rwd_read_all(f, &text, &len, &err) != MOE_OK) { fclose(f); return fail("%s", err.msg); }
+    fclose(f);
+    buf = (char *)malloc(len + 1);
+    if (!buf) { free(text); return fail("out of memory reading '%s'", path); }
+    p = text;
+    if (strncmp(p, "\xef\xbb\xbf", 3) == 0) p += 3; /* a UTF-8 byte-order mark */
+    header_fields = split_record(&p, buf, field, 256, &line);
+    for (i = 0; i < N_COLS; i++) {
+        int j;
+        col[i] = -1;
+        for (j = 0; j < header_fields && j < 256; j++) {
+            const char *h = field[j];
+            while (*h == ' ') h++;
+            if (strcmp(h, col_names[i]) == 0) col[i] = j;
+        }
+        if (col[i] < 0 && i < COL_TW) { free(buf); free(text); return fail("line 1: the header has no column '%s'", col_names[i]); }
+    }
+    t->has_text_len = col[COL_TW] >= 0 && col[COL_TL] >= 0;
+    while (*p) {
+        int start = line;
+        const char *rec = p;
+        size_t rlen;
+        nf = split_record(&p, buf, field, 256, &line);
+        rlen = (size_t)(p - rec);
+        while (rlen > 0 && (rec[rlen - 1] == '\n' || rec[rlen - 1] == '\r')) rlen--;
+        if (nf == 1 && field[0][0] == 0) continue; /* blank line */
+        if (nf != header_fields) {
+            free(buf); free(text);
+            return fail("line %d: %d fields, the header has %d", start, nf, header_fields);
+        }
+        if (t->n == cap) {
+            cap = cap ? 2 * cap : 1024;
+            t->record = (char **)realloc(t->record, cap * sizeof(char *));
+            t->subset = (char **)realloc(t->subset, cap * sizeof(char *));
+            t->line = (int *)realloc(t->line, cap * sizeof(int));
+            for (i = COL_SW; i < N_COLS; i++) t->v[i] = (double *)realloc(t->v[i], cap * sizeof(double));
+            if (!t->record || !t->subset || !t->line || !t->v[COL_TL]) { free(buf); free(text); return fail("out of memory at line %d", start); }
+        }
+        for (i = COL_SW; i < N_COLS; i++) {
+            if (col[i] < 0) continue;
+            if (!parse_number(field[col[i]], &t->v[i][t->n])) {
+                free(buf); free(text);
+                return fail("line %d: column '%s' is not a finite number", start, col_names[i]);
+            }
+        }
+        t->record[t->n] = (char *)malloc(rlen + 1);
+        t->subset[t->n] = (char *)malloc(strlen(field[col[COL_SUBSET]]) + 1);
+        if (!t->record[t->n] || !t->subset[t->n]) { free(buf); free(text); return fail("out of memory at line %d", start); }
+        memcpy(t->record[t->n], rec, rlen);
+        t->record[t->n][rlen] = 0;
+        strcpy(t->subset[t->n], field[col[COL_SUBSET]]);
+        t->line[t->n] = start;
+        t->n++;
+    }
+    free(buf);
+    free(text);
+    if (t->n == 0) return fail("'%s' has a header but no rows", path);
+    return 0;
+}
+
+static int write_rows(const table *t, const char *path, const char *header, const double *cw, const double *cl) {
+    char tmp[4200];
+    FILE *f;
+    size_t i;
+    int ok;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    f = fopen(tmp, "wb");
+    if (!f) return fail("cannot write '%s'", tmp);
+    ok = fprintf(f, "%s,cal_chosen,cal_rejected\n", header) > 0;
+    for (i = 0; ok && i < t->n; i++) ok = fprintf(f, "%s,%.17g,%.17g\n", t->record[i], cw[i], cl[i]) > 0;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || rename(tmp, path) != 0) { remove(tmp); return fail("writing '%s' failed", path); }
+    return 0;
+}
+
+typedef struct point { float x, y, fit; } point;
+
+static int by_x(const void *a, const void *b) {
+    float p = ((const point *)a)->x, q = ((const point *)b)->x;
+    return (p > q) - (p < q);
+}
+
+/* score against length: points before (grey) and after, with their LOWESS curves */
+static void plot_scores(const char *path, const table *t, const double *cw, const double *cl, double frac) {
+    size_t n = t->n, m = 2 * n, i;
+    point *pt = (point *)malloc(2 * m * sizeof(point));
+    float *buf = (float *)malloc(6 * m * sizeof(float));
+    double *x = (double *)malloc(3 * m * sizeof(double)), *y = x + m, *fit = y + m;
+    plot_series s[4];
+    plot_chart c;
+    moe_err err;
+    int k;
+    if (!pt || !buf || !x) { free(pt); free(buf); free(x); return; }
+    memset(s, 0, sizeof s);
+    memset(&c, 0, sizeof c);
+    for (i = 0; i < n; i++) { x[i] = t->v[COL_LW][i]; x[n + i] = t->v[COL_LL][i]; }
+    for (k = 0; k < 2; k++) {
+        float *px = buf + 3 * (size_t)k * m, *py = px + m, *pf = py + m;
+        for (i = 0; i < n; i++) {
+            y[i] = k ? cw[i] : t->v[COL_SW][i];
+            y[n + i] = k ? cl[i] : t->v[COL_SL][i];
+        }
+        if (rwd_lowess(fit, x, y, m, frac, 3, &err) != MOE_OK) break;
+        for (i = 0; i < m; i++) { pt[i].x = (float)x[i]; pt[i].y = (float)y[i]; pt[i].fit = (float)fit[i]; }
+        qsort(pt, m, sizeof *pt, by_x); /* the curve is drawn as a line, left to right */
+        for (i = 0; i < m; i++) { px[i] = pt[i].x; py[i] = pt[i].y; pf[i] = pt[i].fit; }
+        s[2 * k].name = k ? "calibrated" : "original";
+        s[2 * k].x = px; s[2 * k].y = py; s[2 * k].n = (int)m; s[2 * k].style = PLOT_POINTS;
+        s[2 * k].color = k ? 0x1f77b4 : 0xbbbbbb;
+        s[2 * k + 1].name = k ? "LOWESS after" : "LOWESS before";
+        s[2 * k + 1].x = px; s[2 * k + 1].y = pf; s[2 * k + 1].n = (int)m;
+        s[2 * k + 1].color = k ? 0x2ca02c : 0xd62728;
+    }
+    c.title = "reward vs response length";
+    c.xlabel = "length (code points)";
+    c.ylabel = "reward";
+    if (k == 2 && plot_lines(path, &c, s, 4) != PLOT_OK) fprintf(stderr, "calibrate: could not write %s\n", path);
+    free(pt); free(buf); free(x);
+}
+
+int main(int argc, char **argv) {
+    const char *in = NULL, *out = "out/calibrated.csv", *method = "lwr";
+    rwd_cal_config cfg = rwd_cal_config_default();
+    table t;
+    double *cw, *cl;
+    moe_err err;
+    size_t i, j;
+    int a, rc;
+    for (a = 1; a < argc; a++) {
+        const char *k = argv[a], *v = a + 1 < argc ? argv[a + 1] : NULL;
+        double num = 0.0;
+        if (k[0] != '-') { in = k; continue; }
+        if (strcmp(k, "--no-shuffle") == 0) { cfg.shuffle = 0; continue; }
+        if (!v) return fail("option %s needs a value", k);
+        a++;
+        if (strcmp(k, "--method") == 0) method = v;
+        else if (strcmp(k, "--out") == 0) out = v;
+        else if (!parse_number(v, &num)) return fail("option %s needs a number", k);
+        else if (strcmp(k, "--frac") == 0) cfg.frac = num;
+        else if (strcmp(k, "--iters") == 0) cfg.iters = (int)num;
+        else if (strcmp(k, "--alpha") == 0) cfg.alpha = num;
+        else if (strcmp(k, "--ratio") == 0) cfg.ratio = num;
+        else if (strcmp(k, "--min-count") == 0) cfg.min_count = (int)num;
+        else if (strcmp(k, "--seed") == 0) { cfg.seed = (uint64_t)num; cfg.shuffle = 1; }
+        else if (strcmp(k, "--penalty") == 0) cfg.penalty = num;
+        else return fail("unknown option %s (see the top of examples/calibrate.c)", k);
+    }
+    if (!in) return fail("usage: calibrate scores.csv [--method lwr|mean|penalty|penalty+lwr|penalty+mean] [--out FILE] ...");
+    if (strcmp(method, "lwr") == 0) cfg.method = RWD_CAL_LWR;
+    else if (strcmp(method, "mean") == 0) cfg.method = RWD_CAL_MEAN;
+    else if (strcmp(method, "penalty") == 0) cfg.method = RWD_CAL_PENALTY;
+    else if (strcmp(method, "penalty+lwr") == 0) cfg.method = RWD_CAL_PENALTY_LWR;
+    else if (strcmp(method, "penalty+mean") == 0) cfg.method = RWD_CAL_PENALTY_MEAN;
+    else return fail("unknown method '%s' (lwr, mean, penalty, penalty+lwr, penalty+mean)", method);
+    if (rwd_cal_config_check(&cfg, &err) != MOE_OK) return fail("%s", err.msg);
+    if (read_table(&t, in)) return 1;
+
+    printf("%-22s %s\n%-22s %s\n%-22s %zu\n%-22s %g\n%-22s %d\n%-22s %g\n%-22s %g\n%-22s %d\n%-22s %s\n%-22s %g (%s)\n%-22s %s\n",
+           "input", in, "method", method, "pairs", t.n, "frac", cfg.frac, "iters", cfg.iters, "alpha", cfg.alpha, "ratio", cfg.ratio,
+           "min_count", cfg.min_count, "shuffle", cfg.shuffle ? "seeded" : "off", "penalty", cfg.penalty,
+           t.has_text_len ? "text_len columns" : "len columns", "output", out);
+
+    cw = (double *)malloc(2 * t.n * sizeof(double));
+    cl = cw + t.n;
+    if (!cw) return fail("out of memory");
+    if (rwd_calibrate_pairs(cw, cl, t.v[COL_SW], t.v[COL_SL], t.v[COL_LW], t.v[COL_LL], t.has_text_len ? t.v[COL_TW] : NULL,
+                            t.has_text_len ? t.v[COL_TL] : NULL, t.n, &cfg, &err) != MOE_OK)
+        return fail("%s", err.msg);
+
+    { /* per subset, in order of first appearance; then sections and overall */
+        const char **names = (const char **)malloc(t.n * sizeof(char *));
+        double *acc = (double *)malloc(2 * t.n * sizeof(double)), sec[2][RWD_N_SECTIONS], overall[2];
+        size_t ns = 0, *count = (size_t *)malloc(t.n * sizeof(size_t));
+        int s, *sid = (int *)malloc(t.n * sizeof(int));
+        if (!names || !acc || !count || !sid) return fail("out of memory");
+        for (i = 0; i < t.n; i++) {
+            for (j = 0; j < ns && strcmp(names[j], t.subset[i]) != 0; j++) {}
+            if (j == ns) names[ns++] = t.subset[i];
+            sid[i] = (int)j;
+        }
+        if (rwd_subset_accuracy(acc, count, sid, t.v[COL_SW], t.v[COL_SL], t.n, (int)ns, &err) != MOE_OK ||
+            rwd_subset_accuracy(acc + ns, NULL, sid, cw, cl, t.n, (int)ns, &err) != MOE_OK)
+            return fail("%s", err.msg);
+        for (j = 0; j < ns; j++) printf("subset=%s n=%zu acc_before=%.6f acc_after=%.6f\n", names[j], count[j], acc[j], acc[ns + j]);
+        rwd_rewardbench_scores(sec[0], &overall[0], names, acc, ns);
+        rwd_rewardbench_scores(sec[1], &overall[1], names, acc + ns, ns);
+        for (s = 0; s < RWD_N_SECTIONS; s++)
+            if (!isnan(sec[0][s])) printf("section=%s before=%.6f after=%.6f\n", rwd_section_name(s), sec[0][s], sec[1][s]);
+        printf("overall before=%.6f after=%.6f\n", overall[0], overall[1]);
+        printf("all_pairs acc_before=%.6f acc_after=%.6f preference_changed=%.6f\n", rwd_pair_accuracy(t.v[COL_SW], t.v[COL_SL], t.n),
+               rwd_pair_accuracy(cw, cl, t.n), rwd_preference_changed(t.v[COL_SW], t.v[COL_SL], cw, cl, t.n));
+        printf("length_spearman before=%.6f after=%.6f\n", rwd_length_correlation(t.v[COL_SW], t.v[COL_SL], t.v[COL_LW], t.v[COL_LL], t.n),
+               rwd_length_correlation(cw, cl, t.v[COL_LW], t.v[COL_LL], t.n));
+        free(names);
+        free(acc);
+        free(count);
+        free(sid);
+    }
+    {
+        char header[8192];
+        FILE *f = fopen(in, "rb");
+        size_t hl = 0;
+        if (f && fgets(header, sizeof header, f)) hl = strcspn(header, "\r\n");
+        if (f) fclose(f);
+        header[hl] = 0;
+        if (strncmp(header, "\xef\xbb\xbf", 3) == 0) memmove(header, header + 3, hl - 2);
+        mkdir("out", 0755);
+        rc = write_rows(&t, out, header, cw, cl);
+        plot_scores("out/calibrate.png", &t, cw, cl, cfg.frac);
+        if (!rc) printf("wrote=%s plot=out/calibrate.png\n", out);
+    }
+    for (i = 0; i < t.n; i++) { free(t.record[i]); free(t.subset[i]); }
+    free(t.record); free(t.subset); free(t.line);
+    for (a = COL_SW; a < N_COLS; a++) free(t.v[a]);
+    free(cw);
+    return rc;
+}

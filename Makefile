@@ -48,7 +48,7 @@ EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 BENCH_SRCS   := $(wildcard bench/*.c)
 BENCH_BINS   := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
-HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) tests/test.h
+HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) $(wildcard tests/*.h)
 
 .PHONY: all test test-asan bench goldens demo clean
 all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)

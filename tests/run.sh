@@ -29,11 +29,15 @@ if [ "$1" = "--matrix" ]; then
     headers="moe"
     [ -f reward.h ] && headers="moe reward"
     for h in $headers; do
-        H=$(echo $h | tr a-z A-Z)
-        printf '#define %s_IMPLEMENTATION\n#include "%s.h"\nint main(void) { return 0; }\n' "$H" "$h" > "$B/alone_$h.c"
-        printf '#define %s_STATIC\n#define %s_IMPLEMENTATION\n#include "%s.h"\nint main(void) { return 0; }\n' "$H" "$H" "$h" > "$B/static_$h.c"
+        # reward.h's macros are RWD_*; its implementation needs moe.h's in the same file
+        case $h in
+            moe) H=MOE; dep=""; dep_static="" ;;
+            reward) H=RWD; dep='#define MOE_IMPLEMENTATION\n'; dep_static='#define MOE_STATIC\n#define MOE_IMPLEMENTATION\n' ;;
+        esac
+        printf "$dep"'#define %s_IMPLEMENTATION\n#include "%s.h"\nint main(void) { return 0; }\n' "$H" "$h" > "$B/alone_$h.c"
+        printf "$dep_static"'#define %s_STATIC\n#define %s_IMPLEMENTATION\n#include "%s.h"\nint main(void) { return 0; }\n' "$H" "$H" "$h" > "$B/static_$h.c"
         printf '#include "%s.h"\nint matrix_other(void) { return 1; }\n' "$h" > "$B/tu_b_$h.c"
-        printf '#define %s_IMPLEMENTATION\n#include "%s.h"\nint matrix_other(void);\nint main(void) { return matrix_other() - 1; }\n' "$H" "$h" > "$B/tu_a_$h.c"
+        printf "$dep"'#define %s_IMPLEMENTATION\n#include "%s.h"\nint matrix_other(void);\nint main(void) { return matrix_other() - 1; }\n' "$H" "$h" > "$B/tu_a_$h.c"
         set -- "$@" # keep the test list
         for spec in \
             "c99:$CC -std=c99 $W $OMP_FLAG $B/alone_$h.c -o $B/a_$h -lm" \

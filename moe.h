@@ -463,6 +463,9 @@ typedef struct moe_layer_config {
     int gw_normalized;
     int gw_slots;
     int gw_released;
+    int router_dim;           /* width of the router's input; 0 = d (the router reads x).
+                                 Another width means the caller supplies router_input:
+                                 RMoE's GRU state, an MLP router's hidden layer          */
 } moe_layer_config;
 
 /* Routing statistics of the last forward, per layer. */
@@ -496,9 +499,9 @@ typedef struct moe_layer {
     int max_tokens;
     int cap;              /* capacity of the routed assignment list                          */
     /* tensor ids in the store, -1 when absent */
-    int id_router_w;      /* (E, d)                                                          */
+    int id_router_w;      /* (E, router_dim)                                                 */
     int id_router_b;      /* (E)                                                             */
-    int id_noise_w;       /* (E, d) noisy top-k                                              */
+    int id_noise_w;       /* (E, router_dim) noisy top-k                                     */
     int id_gate, id_up, id_down, id_b_up, id_b_down;        /* routed bank                 */
     int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank             */
     /* forward caches (sized for max_tokens) */
@@ -532,6 +535,11 @@ typedef struct moe_layer {
     float *bypass;        /* (T) GW-MoE released-code emulation: y += bypass * x             */
     int gw_active;        /* GW-MoE broadcast on (set while fine-tuning; off = sparse)       */
     int seq_len;          /* tokens per sequence, for gw_slots (0: the batch is one sequence) */
+    /* THE extension point for routers that read something other than x (RMoE, MLP router):
+       when router_input is set, logits = router_input (T, router_dim) . Wr^T, and backward
+       accumulates the router's input gradient into d_router_input instead of dx. */
+    const float *router_input;
+    float *d_router_input;
     moe_routing_stats stats;
     float aux_grad_scale; /* multiplies the aux losses' gradients in backward; 1 after init
                              (set 1/n for gradient accumulation over n micro-batches)     */
@@ -579,6 +587,21 @@ MOEDEF void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, int d
 MOEDEF void moe_rope_table(float *cos_sin, int T, int hd, float theta);
 
 /* ============================================================================================
+   >>moe:gru  a GRU cell (PyTorch's gate order r, z, n), for the layerwise recurrent router
+   ============================================================================================
+   gi = x . w_ih^T + b_ih, gh = h_prev . w_hh^T + b_hh  (N, 3p), split r | z | n;
+   r = sig(gi_r + gh_r), z = sig(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
+   h = (1 - z) * n + z * h_prev.  gi and gh are the caches backward needs. */
+
+MOEDEF void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                            const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                            int N, int p);
+/* dx, dh_prev (N, p) and the weight gradients ACCUMULATE; dh (N, p) is dL/dh; scratch (N, 6p). */
+MOEDEF void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                             const float *dh, const float *x, const float *h_prev, const float *gi,
+                             const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch);
+
+/* ============================================================================================
    >>moe:model  a tiny decoder-only MoE transformer over bytes
    ============================================================================================
    x = wte[token] (+ wpe[pos]);  for each layer:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x))
@@ -593,6 +616,16 @@ typedef enum moe_pos_kind {
     MOE_POS_ROPE = 1     /* rotary q/k, no position parameters        */
 } moe_pos_kind;
 
+/* What the MoE layers' routers read (RMoE, Qiu et al. ICLR 2025, and its ablations). */
+typedef enum moe_router_input {
+    MOE_RIN_DIRECT = 0,     /* the layer's normalised hidden state x (a linear router)        */
+    MOE_RIN_GRU = 1,        /* RMoE: h_l = GRU(x_l P_l, h_{l-1}), one GRU shared by all MoE
+                               layers, state carried through depth with full gradients       */
+    MOE_RIN_GRU_NP = 2,     /* ablation "no previous state": h_l = GRU(x_l P_l, 0)            */
+    MOE_RIN_GRU_DETACH = 3, /* ablation: h_{l-1} enters layer l without a gradient back      */
+    MOE_RIN_MLP = 4         /* baseline SMoE-MLP: router on GELU(x_l P_l), no recurrence      */
+} moe_router_input;
+
 typedef struct moe_model_config {
     int vocab;              /* 256 (bytes)                                            */
     int max_seq;            /* longest sequence (and learned position table)          */
@@ -606,6 +639,8 @@ typedef struct moe_model_config {
     int moe_every;          /* 0 = dense model; 1 = every layer MoE; 2 = every other  */
     int dense_first;        /* that many first layers stay dense                      */
     moe_layer_config moe;   /* the MoE FFN; its d is set to the model's d             */
+    moe_router_input router_input; /* linear router, RMoE's GRU state, an MLP router  */
+    int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
     float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
 } moe_model_config;
 
@@ -625,6 +660,11 @@ typedef struct moe_block {
     float *rstd2;    /* (N)                                                          */
     float *hg, *hu;  /* (N, d_ff) dense FFN caches                                   */
     float *ffn;      /* (N, d) FFN output                                            */
+    int id_rproj;    /* (p, d) router-input projector (RMoE, MLP router), else -1      */
+    float *rxp;      /* (N, p) projector output                                       */
+    float *rh;       /* (N, p) the router's input: GRU state h_l or GELU(rxp)          */
+    float *rgi, *rgh;/* (N, 3p) GRU caches                                             */
+    const float *rh_prev; /* (N, p) the state this layer's GRU step read               */
 } moe_block;
 
 typedef struct moe_model {
@@ -632,6 +672,7 @@ typedef struct moe_model {
     moe_store S;            /* every parameter, gradient and Adam moment              */
     moe_block *blocks;      /* (n_layers)                                             */
     int id_wte, id_wpe, id_lnf;
+    int id_gru_wih, id_gru_whh, id_gru_bih, id_gru_bhh; /* RMoE's shared GRU, else -1      */
     int max_B, max_T;       /* activation buffers are sized for these                 */
     int B, T;               /* the last forward's batch shape, 0 = none              */
     int has_targets;        /* the last forward had targets: backward is allowed      */
@@ -642,6 +683,7 @@ typedef struct moe_model {
     float *losses;          /* (N) per-token cross-entropy                            */
     float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
     float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
+    float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses                      */
     moe_err err;
@@ -2092,6 +2134,7 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
     if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
         return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
+    if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;
 }
@@ -2249,9 +2292,10 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     /* token choice needs T*K rows; expert choice E*ceil(K*T/E) <= K*T + E; GW broadcast T*E */
     cap = max_tokens * (cfg->gw_threshold > 0.0f ? E : K) + E;
     L->cap = cap;
-    L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, d, 0);
+    L->cfg.router_dim = cfg->router_dim > 0 ? cfg->router_dim : d;
+    L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
     if (cfg->router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, E, 0, 0);
-    if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, d, 0);
+    if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
     moe__declare_bank(L, s, prefix, "experts", E, D, &L->id_gate, &L->id_up, &L->id_down, &L->id_b_up, &L->id_b_down);
     if (S > 0) moe__declare_bank(L, s, prefix, "shared", S, Ds, &L->id_s_gate, &L->id_s_up, &L->id_s_down, &L->id_s_b_up, &L->id_s_b_down);
     if (L->err.status != MOE_OK) return L->err.status;
@@ -2571,13 +2615,17 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     size_t TE = (size_t)T * E, i;
     moe_expert_weights w;
     float *picks = L->aux_tmp + 4 * E; /* requested picks per expert */
+    const float *rin;
     moe_status st;
     if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
     if (!y || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer forward: x and y must not be NULL");
     if (T <= 0 || T > L->max_tokens) return moe_err_set(&L->err, MOE_ERR_SHAPE, "layer forward: T = %d tokens, the layer was sized for 1..%d", T, L->max_tokens);
     L->T = 0;
     /* 1. router logits and probabilities */
-    moe_matmul_forward(L->logits, x, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, d, E);
+    if (c->router_dim != d && !L->router_input)
+        return moe_err_set(&L->err, MOE_ERR_STATE, "router_dim %d differs from d %d: set router_input before forward", c->router_dim, d);
+    rin = L->router_input ? L->router_input : x;
+    moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
     for (t = 0; t < T; t++) {
         const float *z = L->logits + (size_t)t * E;
         float mx = -FLT_MAX;
@@ -2593,7 +2641,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         moe_softmax_forward(L->probs, L->logits, T, E);
     L->has_noise = 0;
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        moe_matmul_forward(L->noise_logits, x, moe_store_param(s, L->id_noise_w), NULL, T, d, E);
+        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E);
         L->has_noise = noise != NULL;
         for (i = 0; i < TE; i++) {
             L->noise[i] = noise ? noise[i] : 0.0f;
@@ -2747,11 +2795,13 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     size_t TE = (size_t)T * E;
     moe_expert_weights w, gw;
     float *f = L->aux_tmp, *imp = f + 2 * E, *load = f + 3 * E;
-    float *dimp = NULL, *dload = NULL, *dP = NULL, *buf;
+    float *dimp = NULL, *dload = NULL, *dP = NULL, *buf, *drin;
+    const float *rin;
     moe_status st;
     if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
     if (T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "layer backward called without a forward before it");
     if (!dx || !dy || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: dx, dy and x must not be NULL");
+    if (L->router_input && !L->d_router_input) return moe_err_set(&L->err, MOE_ERR_STATE, "router_input is set: set d_router_input too before backward");
     /* 1. routed bank: combine -> experts -> gather; the combine yields dL/dweight */
     memset(L->dgate, 0, TE * sizeof(float));
     memset(L->dlogits, 0, TE * sizeof(float));
@@ -2803,11 +2853,13 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) moe__router_backward_token(L, t, dimp, dload, dP);
     MOE_FREE(buf);
-    moe_matmul_backward(dx, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, x,
-                        moe_store_param(s, L->id_router_w), T, d, E);
+    rin = L->router_input ? L->router_input : x;
+    drin = L->router_input ? L->d_router_input : dx;
+    moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
+                        moe_store_param(s, L->id_router_w), T, c->router_dim, E);
     if (c->router == MOE_ROUTER_NOISY_TOPK)
-        moe_matmul_backward(dx, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, x,
-                            moe_store_param(s, L->id_noise_w), T, d, E);
+        moe_matmul_backward(drin, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, rin,
+                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E);
     return MOE_OK;
 }
 
@@ -2912,6 +2964,55 @@ MOE__IMPL void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, in
 }
 
 /* ============================================================================================
+   >>moe:gru
+   ============================================================================================ */
+
+MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                               const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                               int N, int p) {
+    int i;
+    moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p);
+    moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p);
+    MOE_OMP_FOR_IF((double)N * p > 1e5)
+    for (i = 0; i < N; i++) {
+        const float *a = gi + (size_t)i * 3 * p, *b = gh + (size_t)i * 3 * p, *hp = h_prev + (size_t)i * p;
+        float *o = h + (size_t)i * p;
+        int j;
+        for (j = 0; j < p; j++) {
+            float r = moe__sigmoid(a[j] + b[j]), z = moe__sigmoid(a[p + j] + b[p + j]);
+            float n = tanhf(a[2 * p + j] + r * b[2 * p + j]);
+            o[j] = (1.0f - z) * n + z * hp[j];
+        }
+    }
+}
+
+MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                const float *dh, const float *x, const float *h_prev, const float *gi,
+                                const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch) {
+    float *dgi = scratch, *dgh = scratch + (size_t)N * 3 * p;
+    int i;
+    MOE_OMP_FOR_IF((double)N * p > 1e5)
+    for (i = 0; i < N; i++) {
+        const float *a = gi + (size_t)i * 3 * p, *b = gh + (size_t)i * 3 * p, *hp = h_prev + (size_t)i * p;
+        const float *g = dh + (size_t)i * p;
+        float *da = dgi + (size_t)i * 3 * p, *db = dgh + (size_t)i * 3 * p, *dhp = dh_prev + (size_t)i * p;
+        int j;
+        for (j = 0; j < p; j++) {
+            float r = moe__sigmoid(a[j] + b[j]), z = moe__sigmoid(a[p + j] + b[p + j]);
+            float n = tanhf(a[2 * p + j] + r * b[2 * p + j]);
+            float dn = g[j] * (1.0f - z) * (1.0f - n * n); /* through tanh */
+            float dz = g[j] * (hp[j] - n) * z * (1.0f - z);
+            float dr = dn * b[2 * p + j] * r * (1.0f - r);
+            da[j] = dr; da[p + j] = dz; da[2 * p + j] = dn;
+            db[j] = dr; db[p + j] = dz; db[2 * p + j] = dn * r;
+            dhp[j] += g[j] * z;
+        }
+    }
+    moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p);
+    moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p);
+}
+
+/* ============================================================================================
    >>moe:model
    ============================================================================================ */
 
@@ -2951,10 +3052,13 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     if (c->pos == MOE_POS_ROPE && !(c->rope_theta > 1.0f)) return moe_err_set(err, bad, "rope_theta must be > 1");
     if (!(c->norm_eps > 0.0f) || !(c->init_std >= 0.0f)) return moe_err_set(err, bad, "norm_eps must be > 0 and init_std >= 0");
     if (c->moe_every < 0 || c->dense_first < 0) return moe_err_set(err, bad, "moe_every and dense_first must not be negative");
+    if ((int)c->router_input < 0 || (int)c->router_input > MOE_RIN_MLP) return moe_err_set(err, bad, "unknown router input %d", (int)c->router_input);
+    if (c->router_input != MOE_RIN_DIRECT && c->router_dim <= 0) return moe_err_set(err, bad, "a GRU or MLP router needs router_dim > 0");
     for (l = 0; l < c->n_layers; l++) any |= moe__block_is_moe(c, l);
     if (any) {
         moe_layer_config mc = c->moe;
         mc.d = c->d;
+        mc.router_dim = 0;
         if (moe_layer_config_validate(&mc, err) != MOE_OK) return err ? err->status : bad;
     }
     if ((double)c->max_seq * c->max_seq * c->n_heads > 1e9) return moe_err_set(err, bad, "max_seq %d is too long for the stored attention matrices", c->max_seq);
@@ -2981,6 +3085,8 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     if ((double)max_B * max_T > (1 << 24)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch of %d x %d tokens is too large", max_B, max_T);
     m->cfg = *c;
     m->cfg.moe.d = c->d;
+    m->cfg.moe.router_dim = c->router_input != MOE_RIN_DIRECT ? c->router_dim : 0;
+    m->id_gru_wih = m->id_gru_whh = m->id_gru_bih = m->id_gru_bhh = -1;
     d = c->d; L = c->n_layers; NH = c->n_heads; V = c->vocab; F = c->d_ff;
     m->max_B = max_B; m->max_T = max_T;
     N = max_B * max_T;
@@ -2990,6 +3096,13 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
     m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
+        int P = c->router_dim;
+        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
+        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
+        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
+        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+    }
     for (l = 0; l < L; l++) {
         moe_block *b = &m->blocks[l];
         b->is_moe = moe__block_is_moe(c, l);
@@ -3001,7 +3114,11 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
         b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
         sprintf(name, "l%d.ln2.w", l);
         b->id_ln2 = moe__model_add(m, name, 0, d, 0);
-        b->id_gate = b->id_up = b->id_down = -1;
+        b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
+        if (b->is_moe && c->router_input != MOE_RIN_DIRECT) {
+            sprintf(name, "l%d.rmoe.proj", l);
+            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d);
+        }
         if (b->is_moe) {
             if (m->err.status == MOE_OK) {
                 sprintf(name, "l%d.moe.", l);
@@ -3040,6 +3157,15 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
             b->hg = (float *)moe__calloc((size_t)N * F, sizeof(float));
             b->hu = (float *)moe__calloc((size_t)N * F, sizeof(float));
         }
+        if (b->id_rproj >= 0) {
+            size_t Np = (size_t)N * c->router_dim;
+            b->rxp = (float *)moe__calloc(Np, sizeof(float));
+            b->rh = (float *)moe__calloc(Np, sizeof(float));
+            b->rgi = (float *)moe__calloc(Np * 3, sizeof(float));
+            b->rgh = (float *)moe__calloc(Np * 3, sizeof(float));
+            ok = ok && b->rxp && b->rh && b->rgi && b->rgh;
+            b->moe.router_input = b->rh;
+        }
         ok = ok && b->x && b->ln1 && b->rstd1 && b->qkv && b->att && b->atty && b->x2 && b->ln2 &&
              b->rstd2 && b->ffn && (b->is_moe || (b->hg && b->hu));
     }
@@ -3059,6 +3185,16 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
     m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
     m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    if (c->router_input != MOE_RIN_DIRECT) {
+        size_t Np = (size_t)N * c->router_dim;
+        m->r_zero = (float *)moe__calloc(Np, sizeof(float));
+        m->r_drin = (float *)moe__calloc(Np, sizeof(float));
+        m->r_carry = (float *)moe__calloc(Np, sizeof(float));
+        m->r_dxp = (float *)moe__calloc(Np, sizeof(float));
+        m->r_scratch = (float *)moe__calloc(Np * 6, sizeof(float));
+        ok = ok && m->r_zero && m->r_drin && m->r_carry && m->r_dxp && m->r_scratch;
+        for (l = 0; l < L; l++) m->blocks[l].moe.d_router_input = m->r_drin;
+    }
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     if (!ok) {
@@ -3078,6 +3214,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);
+            MOE_FREE(b->rxp); MOE_FREE(b->rh); MOE_FREE(b->rgi); MOE_FREE(b->rgh);
         }
         MOE_FREE(m->blocks);
     }
@@ -3085,6 +3222,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->logits); MOE_FREE(m->losses); MOE_FREE(m->rope); MOE_FREE(m->d_res); MOE_FREE(m->d_res2);
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
+    MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -3111,7 +3249,9 @@ MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
             for (i = 0; i < t->numel; i++) p[i] = 1.0f;
             continue;
         }
-        if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
+        if (strncmp(t->name, "rmoe.gru.w", 10) == 0) sd = 1.0f / sqrtf((float)m->cfg.router_dim); /* torch's scale */
+        else if (moe__ends_with(t->name, "rmoe.proj")) sd = 1.0f / sqrtf((float)m->cfg.d); /* x' ~ unit scale */
+        else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
         else if (t->ndim == 1 || moe__ends_with(t->name, "router.w_noise") || moe__ends_with(t->name, ".b") ||
                  moe__ends_with(t->name, "b_up") || moe__ends_with(t->name, "b_down")) sd = 0.0f;
         else if (moe__ends_with(t->name, "attn.wo") || moe__ends_with(t->name, "w_down")) sd = res_std;
@@ -3134,7 +3274,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
-    const float *wte, *wpe;
+    const float *wte, *wpe, *rh_prev;
     float *x;
     float *noise_buf = NULL;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
@@ -3161,6 +3301,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         for (j = 0; j < d; j++) o[j] = e[j] + (wpe ? wpe[(size_t)t * d + j] : 0.0f);
     }
     m->aux_loss = 0.0;
+    rh_prev = m->r_zero; /* RMoE: h_0 = 0 before the first MoE layer; dense layers pass h on */
     for (l = 0; l < c->n_layers; l++) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
@@ -3173,6 +3314,20 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
             moe_status st;
+            if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
+                size_t Np = (size_t)N * c->router_dim;
+                moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim);
+                if (c->router_input == MOE_RIN_MLP) {
+                    moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
+                } else {
+                    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : rh_prev;
+                    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
+                    rh_prev = b->rh;
+                }
+            }
+            b->moe.seq_len = T;
             if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
                 size_t n = (size_t)N * c->moe.n_experts, k;
                 if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
@@ -3204,6 +3359,30 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     return MOE_OK;
 }
 
+/* Backward of one MoE block's router input (RMoE GRU step or MLP router). On entry r_drin
+   holds dL/d(router input) from the layer and, for the GRU kinds, r_carry holds dL/dh_l from
+   the MoE layer above; on exit r_carry holds dL/dh_{l-1} (0 for the NP and detach
+   ablations) and d_ln has received the projector's input gradient. */
+static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+    const moe_model_config *c = &m->cfg;
+    int N = m->B * m->T, P = c->router_dim;
+    size_t i, Np = (size_t)N * P;
+    moe_store *S = &m->S;
+    memset(m->r_dxp, 0, sizeof(float) * Np);
+    if (c->router_input == MOE_RIN_MLP) {
+        moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
+    } else {
+        for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
+        memset(m->r_carry, 0, sizeof(float) * Np);
+        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
+                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
+    }
+    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                        moe_store_param(S, b->id_rproj), N, c->d, P);
+}
+
 MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     const moe_model_config *c = &m->cfg;
     int B = m->B, T = m->T, N = B * T, d = c->d, NH = c->n_heads, V = c->vocab, l, i, count = 0;
@@ -3218,6 +3397,7 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
+    if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
     for (l = c->n_layers - 1; l >= 0; l--) {
         moe_block *b = &m->blocks[l];
         /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
@@ -3226,8 +3406,10 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         if (b->is_moe) {
             moe_status st;
             b->moe.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            if (b->id_rproj >= 0) memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
             st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+            if (b->id_rproj >= 0) moe__router_input_backward(m, b);
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
             int offset[2];

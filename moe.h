@@ -713,6 +713,9 @@ MOEDEF moe_status moe_model_forward(moe_model *m, const int *inputs, const int *
 /* Gradients of (loss + aux_loss) * scale, ACCUMULATED into m->S.grads (scale = 1/n for n
    micro-batches of gradient accumulation). */
 MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
+/* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
+   inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
+MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
 /* total parameters, and those one token uses (routers + its k experts + everything dense) */
 MOEDEF size_t moe_model_params_total(const moe_model *m);
 MOEDEF size_t moe_model_params_active(const moe_model *m);
@@ -3629,6 +3632,12 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         }
     }
     return MOE_OK;
+}
+
+MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) {
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (m->blocks[l].is_moe) m->blocks[l].moe.gw_active = on;
 }
 
 MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }

@@ -359,7 +359,9 @@ typedef struct moe_expert_weights {
     float *b_down; /* (E, d) FFN with biases, else NULL */
 } moe_expert_weights;
 
-/* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). */
+/* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). A SwiGLU bank whose
+   w->gate is NULL takes h_gate as an INPUT: the gate pre-activation computed elsewhere (AoE
+   builds it from its low-rank cache); backward then leaves d h_gate in scratch1. */
 MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
                                 const moe_expert_weights *w, const int *offset, int E, int d, int D,
                                 moe_expert_kind kind, moe_activation act);
@@ -2026,8 +2028,9 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
                                    const moe_expert_weights *w, const int *offset, int E, int d, int D,
                                    moe_expert_kind kind, moe_activation act) {
     int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
-    int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (swiglu ? 2 : 1) * qD + qd;
+    int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
     float *buf, *pu, *pg, *pd, *thr;
@@ -2040,7 +2043,7 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
     thr = pd + szout;
     for (e = 0; e < E; e++) {
         int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = swiglu ? w->gate + wsz * e : NULL;
+        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
         if (n == 0) continue;
         /* 1. B panels: up^T and gate^T (d -> D), down^T (D -> d); the weights are (out, in) */
         MOE_OMP_FOR_IF((double)n * d * D > 1e6)
@@ -2062,7 +2065,7 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
             moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
             if (swiglu) {
                 float *hg = h_gate + (size_t)r0 * D;
-                moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
+                if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
                 moe__swiglu_rows(hbuf, hg, hu, nh);
             } else {
                 if (w->b_up)
@@ -2085,17 +2088,18 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
                                     int D, moe_expert_kind kind, moe_activation act, float *scratch1,
                                     float *scratch2) {
     int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
-    int nq = qD + (swiglu ? 3 : 2) * qd; /* down, up, x (, gate) */
+    int nq = qD + (own_gate ? 3 : 2) * qd; /* down, up, x (, gate) */
     size_t szdown = moe__packed_b_floats(d, D), szup = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
     size_t szx = moe__packed_b_floats(nmax, d), szh = (size_t)nmax * D, szph = moe__packed_b_floats(nmax, D);
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
     /* weight-gradient tasks: blocks of wb rows over down (d rows), up and gate (D rows each) */
-    int wb = moe__task_rows(d + (swiglu ? 2 : 1) * D, nthreads);
+    int wb = moe__task_rows(d + (own_gate ? 2 : 1) * D, nthreads);
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
-    int nwt = nbd + (swiglu ? 2 : 1) * nbD + has_bias;
+    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias;
     float *buf, *pdown, *pup, *pgate, *px, *H, *pH, *thr;
     if (nmax == 0) return;
     buf = (float *)MOE_MALLOC(sizeof(float) * (szdown + 2 * szup + szx + szh + szph + work * (size_t)nthreads));
@@ -2109,7 +2113,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     thr = pH + szph;
     for (e = 0; e < E; e++) {
         int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b, t;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = swiglu ? w->gate + wsz * e : NULL;
+        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
         const float *xe = xg + (size_t)base * d, *dye = dout + (size_t)base * d;
         if (n == 0) continue;
         /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, this expert's x for dW */
@@ -2142,7 +2146,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
                 }
             }
             moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
-            if (swiglu) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
         }
         /* 3. H as B panels for dW2 */
         MOE_OMP_FOR_IF((double)n * D > 1e5)
@@ -2155,7 +2159,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
             if (t < nbd) {
                 int r = t * wb, rows = d - r < wb ? d - r : wb;
                 moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * e + (size_t)r * D, D, 1, Ap);
-            } else if (t < nbd + (swiglu ? 2 : 1) * nbD) {
+            } else if (t < nbd + (own_gate ? 2 : 1) * nbD) {
                 int k = t - nbd, gate = k >= nbD, r = (k % nbD) * wb, rows = D - r < wb ? D - r : wb;
                 const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
                 float *dw = (gate ? gw->gate : gw->up) + wsz * e + (size_t)r * d;

@@ -418,8 +418,14 @@ typedef enum moe_router_kind {
     MOE_ROUTER_SIGMOID = 1,       /* independent sigmoid scores, top k (renormalize optional) */
     MOE_ROUTER_NOISY_TOPK = 2,    /* Shazeer 2017: H = z + noise * (softplus(x Wn) + eps),
                                      weights = softmax over the k kept H                      */
-    MOE_ROUTER_EXPERT_CHOICE = 3  /* Zhou 2022: expert e takes its ceil(k*T/E) best tokens.
+    MOE_ROUTER_EXPERT_CHOICE = 3, /* Zhou 2022: expert e takes its ceil(k*T/E) best tokens.
                                      NOT CAUSAL: a token's routing depends on later tokens    */
+    MOE_ROUTER_AOE = 4            /* Autonomy-of-Experts (Lv et al. 2025): no router. Every
+                                     expert computes C_e = x . W_in_e^T (rank aoe_rank), the
+                                     logits are the norms ||C_e||, top-k by norm; the chosen
+                                     experts reuse C_e for their gate: h_gate = C_e . W_out_e^T.
+                                     renormalize = 1: softmax over the k chosen norms (paper);
+                                     0: softmax over all norms, unrenormalised (official code) */
 } moe_router_kind;
 
 typedef enum moe_balance_loss {
@@ -465,6 +471,7 @@ typedef struct moe_layer_config {
     int gw_normalized;
     int gw_slots;
     int gw_released;
+    int aoe_rank;             /* AoE: rank r of the factorised gate (paper: about d/3)   */
     int router_dim;           /* width of the router's input; 0 = d (the router reads x).
                                  Another width means the caller supplies router_input:
                                  RMoE's GRU state, an MLP router's hidden layer          */
@@ -489,6 +496,9 @@ typedef struct moe_routing_stats {
 } moe_routing_stats;
 
 MOEDEF moe_layer_config moe_layer_config_default(void);
+/* AoE's parameter matching (paper Eq. 5): the expert width D' that gives a rank-r AoE layer the
+   parameters of a SwiGLU MoE layer of width D: (3 d D - r d) / (r + 2 d), rounded up. */
+MOEDEF int moe_aoe_matched_width(int d, int D, int r);
 /* Checks a config; a sentence in err on failure. */
 MOEDEF moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *err);
 
@@ -506,6 +516,9 @@ typedef struct moe_layer {
     int id_noise_w;       /* (E, router_dim) noisy top-k                                     */
     int id_gate, id_up, id_down, id_b_up, id_b_down;        /* routed bank                 */
     int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank             */
+    int id_aoe_in, id_aoe_out;     /* AoE: gate factors (E, r, d) and (E, D, r)            */
+    float *aoe_c, *aoe_dc;         /* AoE: (T, E r) every expert's cache and its gradient   */
+    float *aoe_cg, *aoe_dcg;       /* AoE: (cap, r) the chosen experts' caches, gathered    */
     /* forward caches (sized for max_tokens) */
     int T;                /* tokens of the last forward, 0 = none                           */
     int has_noise;        /* last forward was given noise                                    */
@@ -2298,6 +2311,11 @@ MOE__IMPL moe_layer_config moe_layer_config_default(void) {
     return c;
 }
 
+MOE__IMPL int moe_aoe_matched_width(int d, int D, int r) {
+    /* rounded up, as the paper's 6469.2 -> 6470 (the 1e-9 keeps exact integers exact) */
+    return (int)ceil((3.0 * d * D - (double)r * d) / ((double)r + 2.0 * d) - 1e-9);
+}
+
 static int moe__bad_coef(float x) { return !(x >= 0.0f) || x > 1e30f; } /* negative, NaN, inf */
 
 MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *err) {
@@ -2307,7 +2325,9 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (c->n_experts <= 0) return moe_err_set(err, bad, "n_experts must be positive, got %d", c->n_experts);
     if (c->top_k <= 0) return moe_err_set(err, bad, "top_k must be at least 1, got %d", c->top_k);
     if (c->top_k > c->n_experts) return moe_err_set(err, bad, "top_k (%d) exceeds n_experts (%d)", c->top_k, c->n_experts);
-    if ((int)c->router < 0 || (int)c->router > MOE_ROUTER_EXPERT_CHOICE) return moe_err_set(err, bad, "unknown router kind %d", (int)c->router);
+    if ((int)c->router < 0 || (int)c->router > MOE_ROUTER_AOE) return moe_err_set(err, bad, "unknown router kind %d", (int)c->router);
+    if (c->router == MOE_ROUTER_AOE && (c->aoe_rank <= 0 || c->expert != MOE_EXPERT_SWIGLU || c->router_bias || c->router_dim > 0))
+        return moe_err_set(err, bad, "AoE needs aoe_rank > 0 and SwiGLU experts, and has no router (no router_bias, no router_input)");
     if (c->router == MOE_ROUTER_NOISY_TOPK && c->top_k >= c->n_experts)
         return moe_err_set(err, bad, "noisy top-k needs top_k < n_experts (its load estimate compares with the (k+1)-th logit); got k=%d, E=%d", c->top_k, c->n_experts);
     if ((int)c->expert < 0 || (int)c->expert > MOE_EXPERT_FFN) return moe_err_set(err, bad, "unknown expert kind %d", (int)c->expert);
@@ -2432,7 +2452,8 @@ static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, co
     char name[48];
     int d = c->d;
     *id_gate = *id_b_up = *id_b_down = -1;
-    if (c->expert == MOE_EXPERT_SWIGLU) {
+    /* AoE's routed experts factorise their gate (w_gate_in, w_gate_out), declared by the router */
+    if (c->expert == MOE_EXPERT_SWIGLU && !(c->router == MOE_ROUTER_AOE && strcmp(bank, "experts") == 0)) {
         sprintf(name, "%s.w_gate", bank);
         *id_gate = moe__declare(L, s, prefix, name, MOE_TENSOR_DECAY, E, D, d);
     }
@@ -2471,6 +2492,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     size_t TE;
     memset(L, 0, sizeof *L);
     L->id_router_b = L->id_noise_w = L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
+    L->id_router_w = L->id_aoe_in = L->id_aoe_out = -1;
     if (moe_layer_config_validate(cfg, &L->err) != MOE_OK) return L->err.status;
     if (!s || s->allocated) return moe_err_set(&L->err, MOE_ERR_STATE, "moe_layer_init needs a store that is not allocated yet (declare every layer, then moe_store_alloc)");
     if (max_tokens <= 0 || max_tokens > (1 << 24)) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "max_tokens must be in [1, 2^24], got %d", max_tokens);
@@ -2484,7 +2506,12 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     cap = max_tokens * (cfg->gw_threshold > 0.0f ? E : K) + E;
     L->cap = cap;
     L->cfg.router_dim = cfg->router_dim > 0 ? cfg->router_dim : d;
-    L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
+    if (cfg->router == MOE_ROUTER_AOE) { /* router-free: the gate factors replace router and w_gate */
+        L->id_aoe_in = moe__declare(L, s, prefix, "experts.w_gate_in", MOE_TENSOR_DECAY, E, cfg->aoe_rank, d);
+        L->id_aoe_out = moe__declare(L, s, prefix, "experts.w_gate_out", MOE_TENSOR_DECAY, E, D, cfg->aoe_rank);
+    } else {
+        L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
+    }
     if (cfg->router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, E, 0, 0);
     if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
     moe__declare_bank(L, s, prefix, "experts", E, D, &L->id_gate, &L->id_up, &L->id_down, &L->id_b_up, &L->id_b_down);
@@ -2519,8 +2546,15 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     L->stat_load = (float *)moe__calloc((size_t)E, sizeof(float));
     L->stat_prob = (float *)moe__calloc((size_t)E, sizeof(float));
     L->uncertain = (int *)moe__calloc((size_t)max_tokens, sizeof(int));
+    if (cfg->router == MOE_ROUTER_AOE) {
+        size_t r = (size_t)cfg->aoe_rank;
+        L->aoe_c = (float *)moe__calloc(TE * r, sizeof(float));
+        L->aoe_dc = (float *)moe__calloc(TE * r, sizeof(float));
+        L->aoe_cg = (float *)moe__calloc((size_t)cap * r, sizeof(float));
+        L->aoe_dcg = (float *)moe__calloc((size_t)cap * r, sizeof(float));
+    }
     L->bypass = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
-    ok = L->uncertain && L->bypass && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
+    ok = L->uncertain && L->bypass && (cfg->router != MOE_ROUTER_AOE || (L->aoe_c && L->aoe_dc && L->aoe_cg && L->aoe_dcg)) && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
          L->topk && L->thresh && L->xg && L->eout && L->hg && L->hu && L->raw_i && L->raw_w &&
          L->work_a && L->work_b && L->dxg && L->deout && L->dgate && L->dlogits && L->dnoise_logits &&
          L->aux_tmp && L->stat_load && L->stat_prob && moe__assign_alloc(&L->routed, cap, max_tokens, E);
@@ -2546,7 +2580,8 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     float **fp[] = {&L->logits, &L->probs, &L->gates, &L->noise, &L->noise_logits, &L->noisy, &L->lse,
                     &L->xg, &L->eout, &L->hg, &L->hu, &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout,
                     &L->raw_w, &L->work_a, &L->work_b, &L->dxg, &L->deout, &L->dgate, &L->dlogits,
-                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob, &L->bypass};
+                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob, &L->bypass,
+                    &L->aoe_c, &L->aoe_dc, &L->aoe_cg, &L->aoe_dcg};
     size_t i;
     for (i = 0; i < sizeof fp / sizeof fp[0]; i++) {
         MOE_FREE(*fp[i]);
@@ -2571,7 +2606,7 @@ MOE__IMPL moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_sto
 }
 
 MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
-    int ids[] = {L->id_router_w, L->id_router_b, L->id_noise_w, L->id_gate, L->id_up, L->id_down,
+    int ids[] = {L->id_router_w, L->id_router_b, L->id_noise_w, L->id_aoe_in, L->id_aoe_out, L->id_gate, L->id_up, L->id_down,
                  L->id_b_up, L->id_b_down, L->id_s_gate, L->id_s_up, L->id_s_down, L->id_s_b_up, L->id_s_b_down};
     size_t k, i;
     for (k = 0; k < sizeof ids / sizeof ids[0]; k++) {
@@ -2793,6 +2828,76 @@ static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
     MOE_FREE(pn);
 }
 
+/* ---- AoE: the router-free path (logits are norms of each expert's low-rank cache) ---- */
+
+/* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
+static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
+    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r);
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) {
+        int e, j;
+        for (e = 0; e < E; e++) {
+            const float *c = L->aoe_c + ((size_t)t * E + e) * r;
+            double ss = 0.0;
+            for (j = 0; j < r; j++) ss += (double)c[j] * c[j];
+            L->logits[(size_t)t * E + e] = (float)sqrt(ss);
+        }
+    }
+}
+
+/* the chosen experts' caches, gathered, then h_gate = C_e . W_out_e^T per expert */
+static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, i, e;
+    const moe_assign *a = &L->routed;
+    const float *wout = moe_store_param(s, L->id_aoe_out);
+    for (i = 0; i < a->n; i++)
+        memcpy(L->aoe_cg + (size_t)i * r, L->aoe_c + ((size_t)a->token[i] * E + a->expert[i]) * r, sizeof(float) * (size_t)r);
+    for (e = 0; e < E; e++) {
+        int lo = a->offset[e], n = a->offset[e + 1] - lo;
+        if (n > 0)
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+    }
+}
+
+/* d h_gate (in work_a) -> d W_out and the gathered caches' gradient aoe_dcg */
+static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, e;
+    const moe_assign *a = &L->routed;
+    const float *wout = moe_store_param(s, L->id_aoe_out);
+    float *gout = moe_store_grad(s, L->id_aoe_out);
+    memset(L->aoe_dcg, 0, sizeof(float) * (size_t)a->n * r);
+    for (e = 0; e < E; e++) {
+        int lo = a->offset[e], n = a->offset[e + 1] - lo;
+        if (n > 0)
+            moe_matmul_backward(L->aoe_dcg + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->work_a + (size_t)lo * D,
+                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+    }
+}
+
+/* dC = the chosen experts' cache gradients + dlogit * C / ||C||; then dW_in and dx */
+static void moe__aoe_logits_backward(moe_layer *L, moe_store *s, float *dx, const float *x) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, T = L->T, i, t;
+    const moe_assign *a = &L->routed;
+    size_t n = (size_t)T * E * r;
+    memset(L->aoe_dc, 0, sizeof(float) * n);
+    for (i = 0; i < a->n; i++) /* each (token, expert) appears once: plain copies */
+        memcpy(L->aoe_dc + ((size_t)a->token[i] * E + a->expert[i]) * r, L->aoe_dcg + (size_t)i * r, sizeof(float) * (size_t)r);
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) {
+        int e, j;
+        for (e = 0; e < E; e++) {
+            size_t k = (size_t)t * E + e;
+            const float *c = L->aoe_c + k * r;
+            float *dc = L->aoe_dc + k * r, norm = L->logits[k];
+            float g = L->dlogits[k] / (norm > 1e-12f ? norm : 1e-12f);
+            for (j = 0; j < r; j++) dc[j] += g * c[j];
+        }
+    }
+    moe_matmul_backward(dx, moe_store_grad(s, L->id_aoe_in), NULL, L->aoe_dc, x, moe_store_param(s, L->id_aoe_in), T,
+                        L->cfg.d, E * r);
+}
+
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
     if (!L->logits) return moe_err_set(&L->err, MOE_ERR_STATE, "layer is not initialised (moe_layer_init failed or was not called)");
     if (!s || !s->allocated || L->id_down >= s->count) return moe_err_set(&L->err, MOE_ERR_STATE, "the store is not allocated or does not hold this layer's tensors");
@@ -2816,7 +2921,10 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     if (c->router_dim != d && !L->router_input)
         return moe_err_set(&L->err, MOE_ERR_STATE, "router_dim %d differs from d %d: set router_input before forward", c->router_dim, d);
     rin = L->router_input ? L->router_input : x;
-    moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
+    if (c->router == MOE_ROUTER_AOE)
+        moe__aoe_logits(L, s, x, T);
+    else
+        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
     for (t = 0; t < T; t++) {
         const float *z = L->logits + (size_t)t * E;
         float mx = -FLT_MAX;
@@ -2868,6 +2976,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     }
     w = moe_layer_experts(L, s, 0, 0);
     moe_gather(L->xg, x, &L->routed, d);
+    if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_forward(L, s); /* h_gate from the caches */
     moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
     moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
     if (c->gw_released && L->stats.broadcast > 0)
@@ -2901,7 +3010,8 @@ static void moe__router_backward_token(moe_layer *L, int t, const float *dimp, c
     } else switch (c->router) {
     case MOE_ROUTER_TOPK:
     case MOE_ROUTER_EXPERT_CHOICE:
-        if (c->router == MOE_ROUTER_TOPK && c->renormalize) { /* g = softmax over the selected logits */
+    case MOE_ROUTER_AOE: /* top-k on the norm logits: the same two weightings */
+        if ((c->router == MOE_ROUTER_TOPK || c->router == MOE_ROUTER_AOE) && c->renormalize) { /* g = softmax over the selected logits */
             dot = 0.0f;
             for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
             for (s = 0; s < K; s++) dz[idx[s]] += g[idx[s]] * (dg[idx[s]] - dot);
@@ -3016,6 +3126,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,
                          c->expert, c->activation, L->work_a, L->work_b);
     moe_gather_backward(dx, L->dxg, &L->routed, d);
+    if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_backward(L, s); /* work_a holds d h_gate */
     if (S > 0) {
         w = moe_layer_experts(L, s, 1, 0);
         gw = moe_layer_experts(L, s, 1, 1);
@@ -3046,8 +3157,11 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     MOE_FREE(buf);
     rin = L->router_input ? L->router_input : x;
     drin = L->router_input ? L->d_router_input : dx;
-    moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
-                        moe_store_param(s, L->id_router_w), T, c->router_dim, E);
+    if (c->router == MOE_ROUTER_AOE)
+        moe__aoe_logits_backward(L, s, dx, x);
+    else
+        moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
+                            moe_store_param(s, L->id_router_w), T, c->router_dim, E);
     if (c->router == MOE_ROUTER_NOISY_TOPK)
         moe_matmul_backward(drin, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, rin,
                             moe_store_param(s, L->id_noise_w), T, c->router_dim, E);
@@ -3656,6 +3770,8 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
         if (!b->is_moe) continue;
         per_expert = (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff +
                      (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
+        if (c->router == MOE_ROUTER_AOE) /* every expert's W_in runs for every token; W_out only if chosen */
+            per_expert = 2 * (size_t)c->d * c->d_ff + (size_t)c->d_ff * c->aoe_rank;
         total -= (size_t)(c->n_experts - c->top_k) * per_expert;
     }
     return total;

@@ -116,6 +116,10 @@ static void test_gradients(void) {
     c.moe.n_shared = 1;
     c.moe.router = MOE_ROUTER_NOISY_TOPK; /* evaluated without noise here */
     gradcheck_model("dense first, MoE every 2nd, shared expert, noisy router", &c);
+    c = tiny_config(1, MOE_POS_ROPE);
+    c.moe.router = MOE_ROUTER_AOE;
+    c.moe.aoe_rank = 4;
+    gradcheck_model("AoE in every layer", &c);
 }
 
 static void test_recurrent_router(void) {

@@ -472,6 +472,14 @@ typedef struct moe_layer_config {
     int gw_slots;
     int gw_released;
     int aoe_rank;             /* AoE: rank r of the factorised gate (paper: about d/3)   */
+    /* HyperMoE (Zhao et al. 2024): hyper = 1 adds a per-token hyper-expert whose weights a
+       hypernetwork generates from the embeddings of the experts the token did NOT choose.
+       Sizes (official code / tiny): expert embedding e 128/32, processor hidden 128/32,
+       condition q 128/32, layer embedding 10/4, hypernetwork b 128/32, adapter a 64/16. */
+    int hyper;
+    int hyper_embed, hyper_hidden, hyper_cond, hyper_layer_dim, hyper_width, hyper_adapter;
+    int hyper_layers;         /* rows of the shared layer embedding (a model: its layers) */
+    int hyper_layer;          /* this layer's row                                       */
     int router_dim;           /* width of the router's input; 0 = d (the router reads x).
                                  Another width means the caller supplies router_input:
                                  RMoE's GRU state, an MLP router's hidden layer          */
@@ -519,6 +527,10 @@ typedef struct moe_layer {
     int id_aoe_in, id_aoe_out;     /* AoE: gate factors (E, r, d) and (E, D, r)            */
     float *aoe_c, *aoe_dc;         /* AoE: (T, E r) every expert's cache and its gradient   */
     float *aoe_cg, *aoe_dcg;       /* AoE: (cap, r) the chosen experts' caches, gathered    */
+    int id_hyper[11];     /* HyperMoE: expert_emb, proc1.w/b, proc2.w/b (this layer);
+                             layer_emb, net.w/b, head_down, head_down_b, head_up (shared)  */
+    float *hy_sig, *hy_h1, *hy_c, *hy_z, *hy_hb, *hy_m, *hy_u, *hy_o, *hy_out; /* caches       */
+    float *hy_do, *hy_dm, *hy_dhb, *hy_dz, *hy_dc, *hy_dh1, *hy_dsig;          /* backward     */
     /* forward caches (sized for max_tokens) */
     int T;                /* tokens of the last forward, 0 = none                           */
     int has_noise;        /* last forward was given noise                                    */
@@ -867,6 +879,11 @@ static void *moe__calloc(size_t count, size_t size) {
     p = MOE_MALLOC(count * size);
     if (p) memset(p, 0, count * size);
     return p;
+}
+
+static int moe__ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
 }
 
 MOE__IMPL void moe_rng_seed(moe_rng *r, uint64_t seed) {
@@ -2308,6 +2325,10 @@ MOE__IMPL moe_layer_config moe_layer_config_default(void) {
     c.load_coef = 0.01f;
     c.noise_eps = 1e-2f;
     c.router_init_std = 0.02f;
+    c.hyper_embed = c.hyper_hidden = c.hyper_cond = c.hyper_width = 32; /* used when hyper = 1 */
+    c.hyper_layer_dim = 4;
+    c.hyper_adapter = 16;
+    c.hyper_layers = 1;
     return c;
 }
 
@@ -2346,6 +2367,10 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
         return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
     if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");
+    if (c->hyper && (c->hyper_embed <= 0 || c->hyper_hidden <= 0 || c->hyper_cond <= 0 || c->hyper_layer_dim <= 0 ||
+                     c->hyper_width <= 0 || c->hyper_adapter <= 0 || c->hyper_layers <= 0 || c->hyper_layer < 0 ||
+                     c->hyper_layer >= c->hyper_layers))
+        return moe_err_set(err, bad, "HyperMoE needs positive hyper sizes and 0 <= hyper_layer < hyper_layers");
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;
 }
@@ -2469,6 +2494,163 @@ static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, co
     }
 }
 
+/* ---- HyperMoE: a per-token hyper-expert generated from the UNselected experts ----
+   sig_t = sum of the expert embeddings Q_j of the experts t did not choose;
+   c_t = proc(sig_t) (Linear-ReLU-Linear); z_t = [c_t ; layer_emb[l]]; hb_t = ReLU(net(z_t));
+   u_t[j] = sum_k (M_t[j][k] + head_down_b[j][k]) hb_t[k]   with M = x . head_down^T, (T, a b);
+   act = ReLU(u);  out_t = ([act_t ; 1] (x) hb_t) . head_up^T   (the "1" row is the up bias head).
+   The generated adapter weights W_dn(t) = sum_k hb_k head_down[:, k] are never materialised:
+   both products are single GEMMs over all tokens. net and the heads are shared by every
+   layer (found by name in the store), the embeddings and processor are per layer. */
+
+/* the HyperMoE tensors' initialisation; returns 0 for other tensors */
+static int moe__hyper_init_tensor(const moe_tensor *t, float *p, moe_rng *r) {
+    size_t i;
+    float bound;
+    const char *name = strstr(t->name, "hyper.");
+    if (!name) return 0;
+    if (moe__ends_with(name, ".b") || strcmp(name, "hyper.head_down_b") == 0) bound = 0.0f;
+    else if (strstr(name, "hyper.head_")) bound = 1e-3f * sqrtf(3.0f / (float)t->shape[1]); /* near-zero adapter */
+    else if (moe__ends_with(name, "emb")) bound = sqrtf(3.0f); /* unit variance, as nn.Embedding */
+    else bound = 1.0f / sqrtf((float)t->shape[1]); /* nn.Linear */
+    for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(r) - 1.0f);
+    return 1;
+}
+
+static void moe__hyper_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter;
+    const char *shared[6] = {"hyper.layer_emb", "hyper.net.w", "hyper.net.b", "hyper.head_down", "hyper.head_down_b", "hyper.head_up"};
+    int dims[6][2], k;
+    dims[0][0] = c->hyper_layers; dims[0][1] = lam;
+    dims[1][0] = b; dims[1][1] = q + lam;
+    dims[2][0] = b; dims[2][1] = 0;
+    dims[3][0] = a * b; dims[3][1] = d;
+    dims[4][0] = a; dims[4][1] = b;
+    dims[5][0] = d; dims[5][1] = (a + 1) * b;
+    L->id_hyper[0] = moe__declare(L, s, prefix, "hyper.expert_emb", MOE_TENSOR_DECAY, E, e, 0);
+    L->id_hyper[1] = moe__declare(L, s, prefix, "hyper.proc1.w", MOE_TENSOR_DECAY, h, e, 0);
+    L->id_hyper[2] = moe__declare(L, s, prefix, "hyper.proc1.b", 0, h, 0, 0);
+    L->id_hyper[3] = moe__declare(L, s, prefix, "hyper.proc2.w", MOE_TENSOR_DECAY, q, h, 0);
+    L->id_hyper[4] = moe__declare(L, s, prefix, "hyper.proc2.b", 0, q, 0, 0);
+    for (k = 0; k < 6 && L->err.status == MOE_OK; k++) { /* shared: reuse the first layer's */
+        int id = moe_store_find(s, shared[k]);
+        if (id < 0) {
+            id = moe__declare(L, s, "", shared[k], (k == 2 || k == 4) ? 0 : MOE_TENSOR_DECAY, dims[k][0], dims[k][1], 0);
+        } else if (s->tensors[id].shape[0] != dims[k][0] || (dims[k][1] && s->tensors[id].shape[1] != dims[k][1])) {
+            moe_err_set(&L->err, MOE_ERR_SHAPE, "shared HyperMoE tensor '%s' exists with another shape (layers must agree on the hyper sizes)", shared[k]);
+            id = -1;
+        }
+        L->id_hyper[5 + k] = id;
+    }
+}
+
+/* y (T, d) += the hyper-expert's output */
+static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j;
+    const float *Q = moe_store_param(s, L->id_hyper[0]), *lemb = moe_store_param(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
+    const float *bdn = moe_store_param(s, L->id_hyper[9]);
+    float *sum = (float *)moe__calloc((size_t)e, sizeof(float)), *out = L->hy_out;
+    MOE_ASSERT(sum);
+    for (j = 0; j < E; j++) { /* sum of all embeddings, in expert order */
+        int i;
+        for (i = 0; i < e; i++) sum[i] += Q[(size_t)j * e + i];
+    }
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) { /* sig_t = sum - the chosen ones */
+        float *sg = L->hy_sig + (size_t)t * e;
+        int i, k;
+        memcpy(sg, sum, sizeof(float) * (size_t)e);
+        for (k = 0; k < E; k++)
+            if (L->gates[(size_t)t * E + k] != 0.0f)
+                for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
+    }
+    MOE_FREE(sum);
+    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h);
+    for (t = 0; t < T * h; t++) L->hy_h1[t] = L->hy_h1[t] > 0.0f ? L->hy_h1[t] : 0.0f;
+    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q);
+    for (t = 0; t < T; t++) {
+        memcpy(L->hy_z + (size_t)t * (q + lam), L->hy_c + (size_t)t * q, sizeof(float) * (size_t)q);
+        memcpy(L->hy_z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
+    }
+    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b);
+    for (t = 0; t < T * b; t++) L->hy_hb[t] = L->hy_hb[t] > 0.0f ? L->hy_hb[t] : 0.0f;
+    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab);
+    MOE_OMP_FOR_IF(T > 64)
+    for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
+        const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b;
+        float *u = L->hy_u + (size_t)t * a, *o = L->hy_o + (size_t)t * (ab + b);
+        int i, k;
+        for (i = 0; i < a; i++) {
+            float acc = 0.0f;
+            for (k = 0; k < b; k++) acc += (M[i * b + k] + bdn[i * b + k]) * hb[k];
+            u[i] = acc;
+        }
+        for (i = 0; i <= a; i++) {
+            float act = i < a ? (u[i] > 0.0f ? u[i] : 0.0f) : 1.0f;
+            for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
+        }
+    }
+    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d);
+    for (t = 0; t < T * d; t++) y[t] += out[t];
+}
+
+static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond, T = L->T;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j, i;
+    const float *bdn = moe_store_param(s, L->id_hyper[9]);
+    float *dO = L->hy_do, *dM = L->hy_dm, *dhb = L->hy_dhb, *dz = L->hy_dz, *dc = L->hy_dc, *dh1 = L->hy_dh1, *dsig = L->hy_dsig;
+    float *gQ = moe_store_grad(s, L->id_hyper[0]), *glemb = moe_store_grad(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
+    memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
+    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d);
+    MOE_OMP_FOR_IF(T > 64)
+    for (t = 0; t < T; t++) {
+        const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b, *u = L->hy_u + (size_t)t * a;
+        const float *g = dO + (size_t)t * (ab + b);
+        float *gm = dM + (size_t)t * ab, *ghb = dhb + (size_t)t * b;
+        int ii, k;
+        for (k = 0; k < b; k++) ghb[k] = g[ab + k]; /* the bias row: act = 1 */
+        for (ii = 0; ii < a; ii++) {
+            float act = u[ii] > 0.0f ? u[ii] : 0.0f, dact = 0.0f, du;
+            for (k = 0; k < b; k++) {
+                dact += g[ii * b + k] * hb[k];
+                ghb[k] += g[ii * b + k] * act;
+            }
+            du = u[ii] > 0.0f ? dact : 0.0f;
+            for (k = 0; k < b; k++) {
+                gm[ii * b + k] = du * hb[k];
+                ghb[k] += du * (M[ii * b + k] + bdn[ii * b + k]);
+            }
+        }
+        for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
+    }
+    moe__colsum_acc(moe_store_grad(s, L->id_hyper[9]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
+    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab);
+    memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
+    moe_matmul_backward(dz, moe_store_grad(s, L->id_hyper[6]), moe_store_grad(s, L->id_hyper[7]), dhb, L->hy_z,
+                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b);
+    for (t = 0; t < T; t++) {
+        memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
+        for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
+    }
+    memset(dh1, 0, sizeof(float) * (size_t)T * h);
+    moe_matmul_backward(dh1, moe_store_grad(s, L->id_hyper[3]), moe_store_grad(s, L->id_hyper[4]), dc, L->hy_h1,
+                        moe_store_param(s, L->id_hyper[3]), T, h, q);
+    for (t = 0; t < T * h; t++) dh1[t] = L->hy_h1[t] > 0.0f ? dh1[t] : 0.0f;
+    memset(dsig, 0, sizeof(float) * (size_t)T * e);
+    moe_matmul_backward(dsig, moe_store_grad(s, L->id_hyper[1]), moe_store_grad(s, L->id_hyper[2]), dh1, L->hy_sig,
+                        moe_store_param(s, L->id_hyper[1]), T, e, h);
+    /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
+    for (j = 0; j < E; j++)
+        for (t = 0; t < T; t++)
+            if (L->gates[(size_t)t * E + j] == 0.0f)
+                for (i = 0; i < e; i++) gQ[(size_t)j * e + i] += dsig[(size_t)t * e + i];
+}
+
 static int moe__assign_alloc(moe_assign *a, int cap, int T, int E) {
     a->token = (int *)moe__calloc((size_t)cap, sizeof(int));
     a->expert = (int *)moe__calloc((size_t)cap, sizeof(int));
@@ -2516,6 +2698,11 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
     moe__declare_bank(L, s, prefix, "experts", E, D, &L->id_gate, &L->id_up, &L->id_down, &L->id_b_up, &L->id_b_down);
     if (S > 0) moe__declare_bank(L, s, prefix, "shared", S, Ds, &L->id_s_gate, &L->id_s_up, &L->id_s_down, &L->id_s_b_up, &L->id_s_b_down);
+    {
+        int k;
+        for (k = 0; k < 11; k++) L->id_hyper[k] = -1;
+    }
+    if (cfg->hyper) moe__hyper_declare(L, s, prefix);
     if (L->err.status != MOE_OK) return L->err.status;
     TE = (size_t)max_tokens * E;
     rows_b = cap > S * max_tokens ? cap : S * max_tokens;
@@ -2546,6 +2733,22 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     L->stat_load = (float *)moe__calloc((size_t)E, sizeof(float));
     L->stat_prob = (float *)moe__calloc((size_t)E, sizeof(float));
     L->uncertain = (int *)moe__calloc((size_t)max_tokens, sizeof(int));
+    if (cfg->hyper) {
+        size_t T = (size_t)max_tokens, ab = (size_t)cfg->hyper_adapter * cfg->hyper_width;
+        size_t zq = (size_t)cfg->hyper_cond + cfg->hyper_layer_dim, ob = ab + (size_t)cfg->hyper_width;
+        float **hb[16];
+        size_t hn[16];
+        int k, nb = 0;
+#define MOE__HY(ptr, n) (hb[nb] = &(ptr), hn[nb++] = (n))
+        MOE__HY(L->hy_sig, T * cfg->hyper_embed); MOE__HY(L->hy_h1, T * cfg->hyper_hidden); MOE__HY(L->hy_c, T * cfg->hyper_cond);
+        MOE__HY(L->hy_z, T * zq); MOE__HY(L->hy_hb, T * cfg->hyper_width); MOE__HY(L->hy_m, T * ab);
+        MOE__HY(L->hy_u, T * cfg->hyper_adapter); MOE__HY(L->hy_o, T * ob); MOE__HY(L->hy_out, T * d);
+        MOE__HY(L->hy_do, T * ob); MOE__HY(L->hy_dm, T * ab); MOE__HY(L->hy_dhb, T * cfg->hyper_width);
+        MOE__HY(L->hy_dz, T * zq); MOE__HY(L->hy_dc, T * cfg->hyper_cond); MOE__HY(L->hy_dh1, T * cfg->hyper_hidden);
+        MOE__HY(L->hy_dsig, T * cfg->hyper_embed);
+#undef MOE__HY
+        for (k = 0; k < nb; k++) *hb[k] = (float *)moe__calloc(hn[k], sizeof(float));
+    }
     if (cfg->router == MOE_ROUTER_AOE) {
         size_t r = (size_t)cfg->aoe_rank;
         L->aoe_c = (float *)moe__calloc(TE * r, sizeof(float));
@@ -2554,7 +2757,8 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
         L->aoe_dcg = (float *)moe__calloc((size_t)cap * r, sizeof(float));
     }
     L->bypass = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
-    ok = L->uncertain && L->bypass && (cfg->router != MOE_ROUTER_AOE || (L->aoe_c && L->aoe_dc && L->aoe_cg && L->aoe_dcg)) && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
+    ok = L->uncertain && L->bypass && (!cfg->hyper || (L->hy_sig && L->hy_h1 && L->hy_c && L->hy_z && L->hy_hb && L->hy_m &&
+         L->hy_u && L->hy_o && L->hy_out && L->hy_do && L->hy_dm && L->hy_dhb && L->hy_dz && L->hy_dc && L->hy_dh1 && L->hy_dsig)) && (cfg->router != MOE_ROUTER_AOE || (L->aoe_c && L->aoe_dc && L->aoe_cg && L->aoe_dcg)) && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
          L->topk && L->thresh && L->xg && L->eout && L->hg && L->hu && L->raw_i && L->raw_w &&
          L->work_a && L->work_b && L->dxg && L->deout && L->dgate && L->dlogits && L->dnoise_logits &&
          L->aux_tmp && L->stat_load && L->stat_prob && moe__assign_alloc(&L->routed, cap, max_tokens, E);
@@ -2581,7 +2785,9 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
                     &L->xg, &L->eout, &L->hg, &L->hu, &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout,
                     &L->raw_w, &L->work_a, &L->work_b, &L->dxg, &L->deout, &L->dgate, &L->dlogits,
                     &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob, &L->bypass,
-                    &L->aoe_c, &L->aoe_dc, &L->aoe_cg, &L->aoe_dcg};
+                    &L->aoe_c, &L->aoe_dc, &L->aoe_cg, &L->aoe_dcg, &L->hy_sig, &L->hy_h1, &L->hy_c, &L->hy_z,
+                    &L->hy_hb, &L->hy_m, &L->hy_u, &L->hy_o, &L->hy_out, &L->hy_do, &L->hy_dm, &L->hy_dhb,
+                    &L->hy_dz, &L->hy_dc, &L->hy_dh1, &L->hy_dsig};
     size_t i;
     for (i = 0; i < sizeof fp / sizeof fp[0]; i++) {
         MOE_FREE(*fp[i]);
@@ -2609,6 +2815,8 @@ MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) 
     int ids[] = {L->id_router_w, L->id_router_b, L->id_noise_w, L->id_aoe_in, L->id_aoe_out, L->id_gate, L->id_up, L->id_down,
                  L->id_b_up, L->id_b_down, L->id_s_gate, L->id_s_up, L->id_s_down, L->id_s_b_up, L->id_s_b_down};
     size_t k, i;
+    for (k = 0; k < 11; k++) /* HyperMoE tensors (shared ones are re-drawn per layer: harmless) */
+        if (L->id_hyper[k] >= 0) moe__hyper_init_tensor(&s->tensors[L->id_hyper[k]], moe_store_param(s, L->id_hyper[k]), rng);
     for (k = 0; k < sizeof ids / sizeof ids[0]; k++) {
         const moe_tensor *t;
         float *p = moe_store_param(s, ids[k]);
@@ -2985,6 +3193,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
                 int j;
                 for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->bypass[t] * x[(size_t)t * d + j];
             }
+    if (c->hyper) moe__hyper_forward(L, s, y, x, T);
     moe__layer_aux(L, T, picks);
     L->T = T;
     return MOE_OK;
@@ -3109,6 +3318,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     memset(L->dnoise_logits, 0, TE * sizeof(float));
     moe_combine_backward(L->deout, L->raw_w, dy, L->eout, &L->routed, d);
     for (i = 0; i < L->routed.n; i++) L->dgate[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->raw_w[i];
+    if (c->hyper) moe__hyper_backward(L, s, dx, dy, x); /* no gradient to the router: the set is discrete */
     if (c->gw_released && L->stats.broadcast > 0) /* y += p_{E-1} x for broadcast tokens */
         for (t = 0; t < T; t++)
             if (L->uncertain[t]) {
@@ -3427,7 +3637,10 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
         if (b->is_moe) {
             if (m->err.status == MOE_OK) {
                 sprintf(name, "l%d.moe.", l);
-                if (moe_layer_init(&b->moe, &m->cfg.moe, &m->S, name, N) != MOE_OK)
+                moe_layer_config lc = m->cfg.moe;
+                lc.hyper_layers = L; /* the shared layer embedding has a row per layer */
+                lc.hyper_layer = l;
+                if (moe_layer_init(&b->moe, &lc, &m->S, name, N) != MOE_OK)
                     moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
             }
         } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
@@ -3536,11 +3749,6 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     }
 }
 
-static int moe__ends_with(const char *s, const char *suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && strcmp(s + a - b, suffix) == 0;
-}
-
 MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
     moe_rng r;
     int id;
@@ -3550,6 +3758,7 @@ MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
     for (id = 0; id < m->S.count; id++) {
         const moe_tensor *t = &m->S.tensors[id];
         float *p = m->S.params + t->offset, sd;
+        if (moe__hyper_init_tensor(t, p, &r)) continue;
         if (moe__ends_with(t->name, "ln1.w") || moe__ends_with(t->name, "ln2.w") || strcmp(t->name, "lnf.w") == 0) {
             for (i = 0; i < t->numel; i++) p[i] = 1.0f;
             continue;

@@ -242,6 +242,74 @@ static void test_aoe(void) {
     }
 }
 
+static moe_layer_config hyper_config(void) {
+    moe_layer_config c = small_config();
+    c.hyper = 1;
+    c.hyper_embed = 6; c.hyper_hidden = 5; c.hyper_cond = 4; c.hyper_layer_dim = 3;
+    c.hyper_width = 5; c.hyper_adapter = 4;
+    c.hyper_layers = 2; c.hyper_layer = 1;
+    return c;
+}
+
+static void test_hyper(void) {
+    moe_layer_config c = hyper_config();
+    fixture f;
+    float *y0;
+    size_t i, n;
+    int id;
+    TEST_BEGIN("HyperMoE: hyper-expert generated from the unselected experts");
+    c.top_k = 1;
+    c.renormalize = 0;
+    gradcheck_layer("HyperMoE top-1 (Switch weights)", &c, 20, 0);
+    c.top_k = 2;
+    c.renormalize = 1;
+    gradcheck_layer("HyperMoE top-2 (renormalised)", &c, 20, 0);
+    c.router = MOE_ROUTER_NOISY_TOPK; /* the code's gating */
+    c.balance = MOE_BALANCE_NONE;
+    gradcheck_layer("HyperMoE with noisy top-k", &c, 20, 1);
+    /* with a zero up head the hyper-expert adds nothing */
+    c = hyper_config();
+    if (!fixture_init(&f, &c, 12, 41)) { CHECK(0, "fixture: %s", f.L.err.msg); return; }
+    n = (size_t)12 * c.d;
+    y0 = (float *)malloc(n * sizeof(float));
+    objective(&f, NULL);
+    memcpy(y0, f.y, n * sizeof(float));
+    id = moe_store_find(&f.S, "hyper.head_up");
+    CHECK(id >= 0 && moe_store_find(&f.S, "moe.hyper.expert_emb") >= 0, "shared head, per-layer embeddings");
+    memset(moe_store_param(&f.S, id), 0, f.S.tensors[id].numel * sizeof(float));
+    objective(&f, NULL);
+    {
+        double diff = 0.0;
+        for (i = 0; i < n; i++) diff += fabs(y0[i] - f.y[i]);
+        CHECK(diff > 1e-3, "the hyper-expert changes the output (|diff| %.3g)", diff);
+    }
+    /* the same layer without hyper = the output with a zero head */
+    {
+        fixture g;
+        moe_layer_config c2 = c;
+        c2.hyper = 0;
+        if (fixture_init(&g, &c2, 12, 41)) {
+            int k;
+            for (k = 0; k < g.S.count; k++) { /* copy the common tensors by name */
+                int j = moe_store_find(&f.S, g.S.tensors[k].name);
+                if (j >= 0) memcpy(moe_store_param(&g.S, k), moe_store_param(&f.S, j), g.S.tensors[k].numel * sizeof(float));
+            }
+            memcpy(g.x, f.x, n * sizeof(float));
+            objective(&g, NULL);
+            CHECK(memcmp(g.y, f.y, n * sizeof(float)) == 0, "zero up head: exactly the plain MoE output");
+            fixture_free(&g);
+        }
+    }
+    free(y0);
+    fixture_free(&f);
+    c = hyper_config();
+    c.hyper_layer = 2;
+    {
+        moe_err err;
+        CHECK(moe_layer_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "hyper_layer"), "layer row out of range: %s", err.msg);
+    }
+}
+
 static void test_gw(void) {
     moe_layer_config c = small_config();
     fixture f;
@@ -553,6 +621,7 @@ int main(void) {
     test_aux_gradients();
     test_gw();
     test_aoe();
+    test_hyper();
     test_determinism();
     test_bad_input();
     return test_summary();

@@ -55,8 +55,12 @@ static void gradcheck_model(const char *name, const moe_model_config *c) {
         return;
     }
     moe_model_init_weights(&m, 3);
+    moe_rng_seed(&r, 8);
     n = m.S.numel;
     for (i = 0; i < n; i++) m.S.params[i] *= 2.0f; /* larger than the init: every path matters */
+    for (id = 0; id < m.S.count; id++) /* the hyper-expert starts near zero by design: wake it up */
+        if (strstr(m.S.tensors[id].name, "hyper.head"))
+            for (i = 0; i < m.S.tensors[id].numel; i++) m.S.params[m.S.tensors[id].offset + i] = 0.3f * moe_rng_normal(&r);
     moe_rng_seed(&r, 8);
     random_tokens(inputs, B * T, c->vocab, &r);
     random_tokens(targets, B * T, c->vocab, &r);
@@ -120,6 +124,15 @@ static void test_gradients(void) {
     c.moe.router = MOE_ROUTER_AOE;
     c.moe.aoe_rank = 4;
     gradcheck_model("AoE in every layer", &c);
+    c = tiny_config(1, MOE_POS_LEARNED);
+    c.n_layers = 3;
+    c.moe.top_k = 1;
+    c.moe.renormalize = 0;
+    c.moe.hyper = 1;
+    c.moe.hyper_embed = c.moe.hyper_hidden = c.moe.hyper_cond = c.moe.hyper_width = 6;
+    c.moe.hyper_adapter = 4;
+    c.moe.hyper_layer_dim = 3;
+    gradcheck_model("HyperMoE, hypernetwork shared by 3 layers", &c);
 }
 
 static void test_recurrent_router(void) {

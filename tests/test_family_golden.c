@@ -1,0 +1,533 @@
+/* test_family_golden.c - moe.h's newer router families against PyTorch: the golden files
+ * tests/ref/family_<case>.bin and tests/ref/rmoe_<case>.bin, written by tests/ref/family_ref.py
+ * (`make goldens`) and committed, so this test needs no PyTorch.
+ *
+ *   family_<case>.bin  one MoE layer: AoE (paper and official-code weights), GW-MoE (paper
+ *                      broadcast, slot cap with capacity, released-code emulation), HyperMoE
+ *                      (top-1 and top-2). moe_layer_forward: router logits (AoE: expert norms),
+ *                      probabilities, gates, top-k ids and uncertain flags (exactly), y, the
+ *                      hyper-expert's output, routing counts (exactly), load, aux losses;
+ *                      moe_layer_backward: every gradient of sum(y*dy) + aux_total, the same
+ *                      accumulated twice, and the gradient of aux_total alone (dy = 0; a tensor
+ *                      the aux losses do not reach must get exactly zero).
+ *   rmoe_<case>.bin    the tiny model with RMoE's GRU router through depth, a dense layer
+ *                      between MoE layers, the NP and detach ablations and the MLP router:
+ *                      logits, loss, aux, each MoE layer's router input (GRU state), router
+ *                      logits, top-k ids and aux; every parameter gradient (also accumulated
+ *                      as 1/4 + 3/4); for the GRU case 5 AdamW steps (objective, top-k ids at
+ *                      each forward, final parameters).
+ *
+ * Each tensor passes when |got - ref| <= atol + rtol*|ref| elementwise. One summary line per
+ * case (per group for the models) gives the largest absolute and relative errors and how much
+ * of the tolerance they use; TEST_VERBOSE=1 (or -v) adds a line per tensor.
+ * Golden folder: $MOE_GOLDEN_DIR, default tests/ref (run from the repository root).
+ */
+#define _POSIX_C_SOURCE 200809L
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "test.h"
+#include "golden.h"
+
+/* ---- error bookkeeping per group of tensors ------------------------------------------------- */
+
+enum { G_FWD, G_LOSS, G_ROUTER, G_GRAD, G_GRAD_RIN, G_AUXGRAD, G_TRAJ, G_FINAL, G_COUNT };
+static const char *group_name[G_COUNT] = {"forward", "losses", "router logits / input", "gradients",
+                                          "grad router input path", "grad of aux alone", "loss trajectory",
+                                          "final params"};
+
+typedef struct group_err {
+    int tensors;
+    double max_abs, max_rel; /* rel over elements with |ref| >= 1e-3 */
+    double max_use;          /* max |got - ref| / (atol + rtol |ref|): 1 = at the tolerance */
+    char worst_abs[80], worst_rel[80], worst_use[80];
+} group_err;
+
+static group_err groups[G_COUNT];
+static int record = 1; /* 0: checks of the accumulation pass stay out of the summary */
+
+static int cmp(int group, const char *name, const float *got, const float *ref, size_t n, double atol, double rtol) {
+    size_t i;
+    double ma = 0.0, mr = 0.0, mu = 0.0;
+    int ok, verbose = test_verbose;
+    group_err *g = &groups[group];
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
+        if (d != d) d = HUGE_VAL;
+        if (d > ma) ma = d;
+        if (r >= 1e-3 && d / r > mr) mr = d / r;
+        if (d / (atol + rtol * r) > mu) mu = d / (atol + rtol * r);
+    }
+    test_verbose = 0;
+    ok = check_close(name, got, ref, n, atol, rtol);
+    test_verbose = verbose;
+    if (verbose)
+        printf("   %-4s %-40s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e: %.2f of it)\n",
+               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol, mu);
+    if (!record) return ok;
+    g->tensors++;
+    if (mu > g->max_use) { g->max_use = mu; snprintf(g->worst_use, sizeof g->worst_use, "%s", name); }
+    if (ma > g->max_abs) { g->max_abs = ma; snprintf(g->worst_abs, sizeof g->worst_abs, "%s", name); }
+    if (mr > g->max_rel) { g->max_rel = mr; snprintf(g->worst_rel, sizeof g->worst_rel, "%s", name); }
+    return ok;
+}
+
+static int cmp_scalar(int group, const char *name, double got, float ref, double atol, double rtol) {
+    float g = (float)got;
+    return cmp(group, name, &g, &ref, 1, atol, rtol);
+}
+
+/* got against scale * ref (scale = 2 after two accumulating backward passes) */
+static int cmp_scaled(int group, const char *name, const float *got, const float *ref, float scale, size_t n,
+                      double atol, double rtol) {
+    float *r;
+    size_t i;
+    int ok;
+    if (scale == 1.0f || !ref) return cmp(group, name, got, ref, n, atol, rtol);
+    r = (float *)malloc(sizeof(float) * (n ? n : 1));
+    if (!r) return CHECK(0, "out of memory");
+    for (i = 0; i < n; i++) r[i] = scale * ref[i];
+    ok = cmp(group, name, got, r, n, scale * atol, rtol);
+    free(r);
+    return ok;
+}
+
+static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
+    size_t i, bad = 0, first = 0;
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++)
+        if (got[i] != (int)ref[i]) {
+            if (!bad) first = i;
+            bad++;
+        }
+    if (test_verbose) printf("   %-4s %-40s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
+    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name, bad, n,
+                 first, got[first], (int)ref[first]);
+}
+
+static void groups_print(void) {
+    int i;
+    for (i = 0; i < G_COUNT; i++)
+        if (groups[i].tensors)
+            printf("   %-23s %3d tensors: max abs err %-9.3g (%s), max rel err %-9.3g (%s), %.2f of the tolerance (%s)\n",
+                   group_name[i], groups[i].tensors, groups[i].max_abs, groups[i].max_abs > 0 ? groups[i].worst_abs : "-",
+                   groups[i].max_rel, groups[i].max_rel > 0 ? groups[i].worst_rel : "-", groups[i].max_use,
+                   groups[i].max_use > 0 ? groups[i].worst_use : "-");
+}
+
+/* ---- golden access ----------------------------------------------------------------------------- */
+
+static int open_golden(golden_file *g, const char *file) {
+    char path[200];
+    const char *dir = getenv("MOE_GOLDEN_DIR");
+    snprintf(path, sizeof path, "%s/%s", dir ? dir : "tests/ref", file);
+    if (golden_load(g, path) != 0) {
+        CHECK(0, "%s", g->err);
+        return 0;
+    }
+    if (test_verbose) printf("   %s: %d records, %s\n", path, g->count, g->note);
+    return 1;
+}
+
+static const float *need(golden_file *g, const char *name, size_t n) {
+    const float *p = golden_f32(g, name, n);
+    if (!p) CHECK(0, "%s", g->err);
+    return p;
+}
+
+static const int32_t *need_i32(golden_file *g, const char *name, size_t n) {
+    const int32_t *p = golden_i32(g, name, n);
+    if (!p) CHECK(0, "%s", g->err);
+    return p;
+}
+
+static int cfg_int(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    int v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_int(g, nm, -12345);
+    if (v == -12345) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0;
+    }
+    return v;
+}
+
+static float cfg_float(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    float v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_float(g, nm, -12345.0f);
+    if (v == -12345.0f) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0.0f;
+    }
+    return v;
+}
+
+static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
+
+/* ---- one layer ----------------------------------------------------------------------------------
+   Tolerances. Forward: float32 on both sides, sums of at most d + D + a b ~ 60 terms in a
+   different order, results of order 1: a few ulps. Gradients: sums over T = 40..48 tokens and
+   through two softmaxes (or a norm), results up to ~10. */
+#define L_FWD_ATOL 1e-6
+#define L_FWD_RTOL 1e-5
+#define L_GRAD_ATOL 2e-6
+#define L_GRAD_RTOL 4e-5
+#define L_LOSS_ATOL 1e-7
+#define L_LOSS_RTOL 1e-6
+#define L_AUX_ATOL 1e-8
+#define L_AUX_RTOL 1e-5
+
+static void test_layer(const char *which, const char *what) {
+    char file[128], title[256], nm[128];
+    golden_file g;
+    moe_layer_config c = moe_layer_config_default();
+    moe_store S;
+    moe_layer L;
+    int ok = 1, T, E, K, d, i, pass, nparam = 0, gw_active, seq_len;
+    const float *x, *dy, *ref;
+    float *y = NULL, *dx = NULL, *zero_dy = NULL;
+    moe_status st;
+    snprintf(file, sizeof file, "family_%s.bin", which);
+    snprintf(title, sizeof title, "golden family %s: %s", which, what);
+    TEST_BEGIN(title);
+    memset(groups, 0, sizeof groups);
+    if (!open_golden(&g, file)) return;
+    c.d = cfg_int(&g, "d", &ok);
+    c.d_ff = cfg_int(&g, "d_ff", &ok);
+    c.n_experts = cfg_int(&g, "n_experts", &ok);
+    c.top_k = cfg_int(&g, "top_k", &ok);
+    c.router = (moe_router_kind)cfg_int(&g, "router", &ok);
+    c.renormalize = cfg_int(&g, "renormalize", &ok);
+    c.router_bias = cfg_int(&g, "router_bias", &ok);
+    c.balance = (moe_balance_loss)cfg_int(&g, "balance", &ok);
+    c.aoe_rank = cfg_int(&g, "aoe_rank", &ok);
+    c.gw_normalized = cfg_int(&g, "gw_normalized", &ok);
+    c.gw_slots = cfg_int(&g, "gw_slots", &ok);
+    c.gw_released = cfg_int(&g, "gw_released", &ok);
+    c.hyper = cfg_int(&g, "hyper", &ok);
+    c.hyper_embed = cfg_int(&g, "hyper_embed", &ok);
+    c.hyper_hidden = cfg_int(&g, "hyper_hidden", &ok);
+    c.hyper_cond = cfg_int(&g, "hyper_cond", &ok);
+    c.hyper_layer_dim = cfg_int(&g, "hyper_layer_dim", &ok);
+    c.hyper_width = cfg_int(&g, "hyper_width", &ok);
+    c.hyper_adapter = cfg_int(&g, "hyper_adapter", &ok);
+    c.hyper_layers = cfg_int(&g, "hyper_layers", &ok);
+    c.hyper_layer = cfg_int(&g, "hyper_layer", &ok);
+    c.capacity_factor = cfg_float(&g, "capacity_factor", &ok);
+    c.balance_coef = cfg_float(&g, "balance_coef", &ok);
+    c.z_coef = cfg_float(&g, "z_coef", &ok);
+    c.gw_threshold = cfg_float(&g, "gw_threshold", &ok);
+    gw_active = cfg_int(&g, "gw_active", &ok);
+    seq_len = cfg_int(&g, "seq_len", &ok);
+    T = cfg_int(&g, "tokens", &ok);
+    if (!ok) { golden_free(&g); return; }
+    E = c.n_experts; K = c.top_k; d = c.d;
+
+    moe_store_init(&S);
+    /* sized for more tokens than used: strides must follow T, not max_tokens */
+    st = moe_layer_init(&L, &c, &S, "moe.", T + 5);
+    if (!CHECK(st == MOE_OK, "moe_layer_init: %s", L.err.msg)) { moe_store_free(&S); golden_free(&g); return; }
+    st = moe_store_alloc(&S, 0);
+    if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
+    L.gw_active = gw_active;
+    L.seq_len = seq_len;
+    for (i = 0; i < g.count; i++) nparam += strncmp(g.t[i].name, "param.", 6) == 0;
+    CHECK(nparam == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam, S.count);
+    for (i = 0; i < S.count; i++) {
+        snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
+        ref = need(&g, nm, S.tensors[i].numel);
+        if (!ref) goto done;
+        memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
+    }
+    x = need(&g, "x", (size_t)T * d);
+    dy = need(&g, "dy", (size_t)T * d);
+    if (!x || !dy) goto done;
+    y = zeros((size_t)T * d);
+    dx = zeros((size_t)T * d);
+    zero_dy = zeros((size_t)T * d);
+
+    for (i = 0; i < T * d; i++) y[i] = 1e3f; /* forward overwrites y */
+    st = moe_layer_forward(&L, &S, y, x, T, NULL);
+    if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
+    cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
+        need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_ROUTER, "probs", L.probs, need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp_ints("top-k ids", L.topk, need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
+    cmp_ints("uncertain (broadcast) tokens", L.uncertain, need_i32(&g, "uncertain", (size_t)T), (size_t)T);
+    cmp(G_FWD, "gates", L.gates, need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_FWD, "y", y, need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    if (c.hyper) cmp(G_FWD, "hyper-expert output", L.hy_out, need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    {
+        int counts[4];
+        int32_t refc[4];
+        counts[0] = L.stats.broadcast; counts[1] = L.stats.requested; counts[2] = L.stats.kept; counts[3] = L.stats.dropped;
+        refc[0] = golden_int(&g, "stats.broadcast", -1);
+        refc[1] = golden_int(&g, "stats.requested", -1);
+        refc[2] = golden_int(&g, "stats.kept", -1);
+        refc[3] = golden_int(&g, "stats.dropped", -1);
+        cmp_ints("stats broadcast/requested/kept/dropped", counts, refc, 4);
+    }
+    cmp(G_FWD, "stats.load", L.stats.load, need(&g, "stats.load", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_FWD, "stats.mean_prob", L.stats.mean_prob, need(&g, "stats.mean_prob", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    if ((ref = need(&g, "stats.gate_entropy", 1)) != NULL)
+        cmp_scalar(G_FWD, "stats.gate_entropy", L.stats.gate_entropy, ref[0], L_FWD_ATOL, L_FWD_RTOL);
+    if ((ref = need(&g, "aux_balance", 1)) != NULL) cmp_scalar(G_LOSS, "aux_balance", L.stats.aux_balance, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = need(&g, "aux_z", 1)) != NULL) cmp_scalar(G_LOSS, "aux_z", L.stats.aux_z, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = need(&g, "aux_total", 1)) != NULL) cmp_scalar(G_LOSS, "aux_total", L.stats.aux_total, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+
+    /* backward. pass 0: sum(y*dy) + aux_total; pass 1: forward and backward once more without
+       zeroing (every gradient, dx included, must double); pass 2: aux_total alone (dy = 0) */
+    for (pass = 0; pass < 3; pass++) {
+        const char *pre = pass == 2 ? "aux_grad." : "grad.";
+        int grp = pass == 2 ? G_AUXGRAD : G_GRAD;
+        double atol = pass == 2 ? L_AUX_ATOL : L_GRAD_ATOL, rtol = pass == 2 ? L_AUX_RTOL : L_GRAD_RTOL;
+        float scale = pass == 1 ? 2.0f : 1.0f;
+        record = pass != 1;
+        if (pass > 0) {
+            st = moe_layer_forward(&L, &S, y, x, T, NULL);
+            if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
+        }
+        if (pass != 1) {
+            moe_store_zero_grad(&S);
+            memset(dx, 0, sizeof(float) * (size_t)T * d);
+        }
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
+        snprintf(nm, sizeof nm, "%sdx", pre);
+        cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        for (i = 0; i < S.count; i++) {
+            const moe_tensor *tn = &S.tensors[i];
+            char label[160];
+            snprintf(nm, sizeof nm, "%s%s", pre, tn->name);
+            snprintf(label, sizeof label, "2x %s (accumulated)", nm);
+            if (pass == 2 && !golden_find(&g, nm)) { /* a tensor the aux losses do not reach */
+                size_t j, nz = 0;
+                const float *gr = moe_store_grad(&S, i);
+                for (j = 0; j < tn->numel; j++) nz += gr[j] != 0.0f;
+                CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
+                continue;
+            }
+            cmp_scaled(grp, pass == 1 ? label : nm, moe_store_grad(&S, i), need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+        }
+    }
+    record = 1;
+    groups_print();
+done:
+    record = 1;
+    free(y); free(dx); free(zero_dy);
+    moe_layer_free(&L);
+    moe_store_free(&S);
+    golden_free(&g);
+}
+
+/* ---- the tiny model with a recurrent / MLP router input -----------------------------------------
+   Tolerances as tests/test_model_golden.c (float32 on both sides, sums of at most a few hundred
+   terms; N = 24 tokens, d = 16, V = 32), the trajectory after 5 AdamW steps of lr 1e-2. */
+#define M_FWD_ATOL 5e-6
+#define M_FWD_RTOL 1e-5
+#define M_LOSS_ATOL 1e-7
+#define M_LOSS_RTOL 1e-6
+#define M_GRAD_ATOL 2e-7
+#define M_GRAD_RTOL 1e-4
+#define M_TRAJ_ATOL 1e-6
+#define M_TRAJ_RTOL 2e-6
+#define M_FINAL_ATOL 2e-6
+#define M_FINAL_RTOL 5e-5
+
+static int rin_group(const char *name) {
+    return (strstr(name, "rmoe.") || strstr(name, "router.")) ? G_GRAD_RIN : G_GRAD;
+}
+
+static void test_model(const char *which, const char *what) {
+    char file[200], title[256], nm[128];
+    golden_file g;
+    moe_model_config c = moe_model_config_default();
+    moe_adamw_config opt = moe_adamw_config_default();
+    moe_model m;
+    moe_status st;
+    int ok = 1, B, T, N, V, K, P, steps, i, l, step, nparam = 0, *inputs = NULL, *targets = NULL;
+    float lr;
+    const int32_t *in32, *tg32;
+    snprintf(file, sizeof file, "rmoe_%s.bin", which);
+    snprintf(title, sizeof title, "golden rmoe %s: %s", which, what);
+    TEST_BEGIN(title);
+    memset(groups, 0, sizeof groups);
+    if (!open_golden(&g, file)) return;
+    c.vocab = cfg_int(&g, "vocab", &ok);
+    c.max_seq = cfg_int(&g, "max_seq", &ok);
+    c.d = cfg_int(&g, "d", &ok);
+    c.n_layers = cfg_int(&g, "n_layers", &ok);
+    c.n_heads = cfg_int(&g, "n_heads", &ok);
+    c.d_ff = cfg_int(&g, "d_ff", &ok);
+    c.pos = MOE_POS_LEARNED;
+    c.norm_eps = cfg_float(&g, "norm_eps", &ok);
+    c.moe_every = cfg_int(&g, "moe_every", &ok);
+    c.dense_first = cfg_int(&g, "dense_first", &ok);
+    c.router_input = (moe_router_input)cfg_int(&g, "router_input", &ok);
+    c.router_dim = cfg_int(&g, "router_dim", &ok);
+    c.moe.d_ff = cfg_int(&g, "moe.d_ff", &ok);
+    c.moe.n_experts = cfg_int(&g, "moe.n_experts", &ok);
+    c.moe.top_k = cfg_int(&g, "moe.top_k", &ok);
+    c.moe.renormalize = cfg_int(&g, "moe.renormalize", &ok);
+    c.moe.balance = (moe_balance_loss)cfg_int(&g, "moe.balance", &ok);
+    c.moe.balance_coef = cfg_float(&g, "moe.balance_coef", &ok);
+    c.moe.z_coef = cfg_float(&g, "moe.z_coef", &ok);
+    B = cfg_int(&g, "B", &ok);
+    T = cfg_int(&g, "T", &ok);
+    steps = cfg_int(&g, "steps", &ok);
+    lr = cfg_float(&g, "lr", &ok);
+    opt.beta1 = cfg_float(&g, "beta1", &ok);
+    opt.beta2 = cfg_float(&g, "beta2", &ok);
+    opt.eps = cfg_float(&g, "eps", &ok);
+    opt.weight_decay = cfg_float(&g, "weight_decay", &ok);
+    if (!ok) { golden_free(&g); return; }
+    N = B * T; V = c.vocab; K = c.moe.top_k; P = c.router_dim;
+
+    st = moe_model_init(&m, &c, B + 1, T); /* one sequence more than used */
+    if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
+    for (i = 0; i < g.count; i++) nparam += strncmp(g.t[i].name, "param.", 6) == 0;
+    CHECK(nparam == m.S.count, "%s holds %d parameter tensors, the model declares %d", file, nparam, m.S.count);
+    for (i = 0; i < m.S.count; i++) {
+        const moe_tensor *tn = &m.S.tensors[i];
+        const golden_tensor *gt;
+        int k, same;
+        snprintf(nm, sizeof nm, "param.%s", tn->name);
+        gt = golden_find(&g, nm);
+        if (!CHECK(gt && gt->dtype == GOLDEN_F32 && gt->numel == tn->numel, "%s: no float32 record of %zu elements",
+                   nm, tn->numel)) { ok = 0; continue; }
+        same = gt->ndim == tn->ndim;
+        for (k = 0; same && k < tn->ndim; k++) same = gt->shape[k] == tn->shape[k];
+        CHECK(same, "%s: shape differs between the golden file and the store", tn->name);
+        CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
+              tn->name, tn->flags, tn->ndim);
+        memcpy(moe_store_param(&m.S, i), gt->f32, tn->numel * sizeof(float));
+    }
+    in32 = need_i32(&g, "inputs", (size_t)N);
+    tg32 = need_i32(&g, "targets", (size_t)N);
+    if (!ok || !in32 || !tg32) goto done;
+    inputs = (int *)malloc(sizeof(int) * (size_t)N);
+    targets = (int *)malloc(sizeof(int) * (size_t)N);
+    if (!CHECK(inputs && targets, "out of memory")) goto done;
+    for (i = 0; i < N; i++) { inputs[i] = in32[i]; targets[i] = tg32[i]; }
+
+    /* 1. forward */
+    st = moe_model_forward(&m, inputs, targets, B, T, NULL);
+    if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
+    cmp(G_FWD, "logits", m.logits, need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
+    {
+        const float *ce = need(&g, "ce", 1), *aux = need(&g, "aux", 1);
+        if (ce) cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], M_LOSS_ATOL, M_LOSS_RTOL);
+        if (aux) cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], M_LOSS_ATOL, M_LOSS_RTOL);
+    }
+    for (l = 0; l < c.n_layers; l++) {
+        moe_block *b = &m.blocks[l];
+        const float *ref;
+        snprintf(nm, sizeof nm, "l%d.router_logits", l);
+        CHECK((golden_find(&g, nm) != NULL) == (b->is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
+        if (!b->is_moe) continue;
+        cmp(G_ROUTER, nm, b->moe.logits, need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
+            M_FWD_ATOL, M_FWD_RTOL);
+        snprintf(nm, sizeof nm, "l%d.router_in", l);
+        cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, need(&g, nm, (size_t)N * P),
+            (size_t)N * P, M_FWD_ATOL, M_FWD_RTOL);
+        snprintf(nm, sizeof nm, "l%d.topk", l);
+        cmp_ints(nm, b->moe.topk, need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
+        snprintf(nm, sizeof nm, "l%d.aux", l);
+        if ((ref = need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
+    }
+
+    /* 2. backward: every parameter gradient; then the same accumulated as 1/4 + 3/4 */
+    moe_store_zero_grad(&m.S);
+    st = moe_model_backward(&m, 1.0f);
+    if (!CHECK(st == MOE_OK, "moe_model_backward: %s", m.err.msg)) goto done;
+    for (i = 0; i < m.S.count; i++) {
+        const moe_tensor *tn = &m.S.tensors[i];
+        snprintf(nm, sizeof nm, "grad.%s", tn->name);
+        cmp(rin_group(tn->name), nm, moe_store_grad(&m.S, i), need(&g, nm, tn->numel), tn->numel, M_GRAD_ATOL, M_GRAD_RTOL);
+    }
+    moe_store_zero_grad(&m.S);
+    st = moe_model_backward(&m, 0.25f);
+    if (st == MOE_OK) st = moe_model_forward(&m, inputs, targets, B, T, NULL);
+    if (st == MOE_OK) st = moe_model_backward(&m, 0.75f);
+    if (!CHECK(st == MOE_OK, "accumulating backward: %s", m.err.msg)) goto done;
+    record = 0;
+    for (i = 0; i < m.S.count; i++) {
+        const moe_tensor *tn = &m.S.tensors[i];
+        const float *ref;
+        snprintf(nm, sizeof nm, "grad.%s", tn->name);
+        ref = need(&g, nm, tn->numel);
+        snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
+        if (ref && !cmp(G_GRAD, nm, moe_store_grad(&m.S, i), ref, tn->numel, M_GRAD_ATOL, M_GRAD_RTOL)) break;
+    }
+    record = 1;
+
+    /* 3. AdamW on the same batch (GRU case): forward k sees the parameters after k steps */
+    if (steps > 0) {
+        const float *traj_loss = need(&g, "traj.loss", (size_t)steps + 1), *traj_ce = need(&g, "traj.ce", (size_t)steps + 1);
+        const float *traj_aux = need(&g, "traj.aux", (size_t)steps + 1);
+        int nfinal = 0, found = 0;
+        if (!traj_loss || !traj_ce || !traj_aux) goto done;
+        for (step = 0; step <= steps; step++) {
+            moe_store_zero_grad(&m.S);
+            st = moe_model_forward(&m, inputs, targets, B, T, NULL);
+            if (!CHECK(st == MOE_OK, "step %d: moe_model_forward: %s", step, m.err.msg)) goto done;
+            snprintf(nm, sizeof nm, "objective after %d steps", step);
+            cmp_scalar(G_TRAJ, nm, m.loss + m.aux_loss, traj_loss[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
+            snprintf(nm, sizeof nm, "cross-entropy after %d steps", step);
+            cmp_scalar(G_TRAJ, nm, m.loss, traj_ce[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
+            snprintf(nm, sizeof nm, "aux loss after %d steps", step);
+            cmp_scalar(G_TRAJ, nm, m.aux_loss, traj_aux[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
+            for (l = 0; l < c.n_layers; l++) {
+                const int32_t *ids;
+                char rec[64];
+                if (!m.blocks[l].is_moe) continue;
+                snprintf(rec, sizeof rec, "traj.l%d.topk", l);
+                ids = need_i32(&g, rec, (size_t)(steps + 1) * N * K);
+                snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
+                if (ids) cmp_ints(nm, m.blocks[l].moe.topk, ids + (size_t)step * N * K, (size_t)N * K);
+            }
+            if (step == steps) break;
+            st = moe_model_backward(&m, 1.0f);
+            if (!CHECK(st == MOE_OK, "step %d: moe_model_backward: %s", step, m.err.msg)) goto done;
+            st = moe_adamw_step(&m.S, &opt, lr, step + 1);
+            if (!CHECK(st == MOE_OK, "moe_adamw_step: %s", m.S.err.msg)) goto done;
+        }
+        for (i = 0; i < g.count; i++) nfinal += strncmp(g.t[i].name, "final.", 6) == 0;
+        for (i = 0; i < m.S.count; i++) {
+            const moe_tensor *tn = &m.S.tensors[i];
+            snprintf(nm, sizeof nm, "final.%s", tn->name);
+            if (!golden_find(&g, nm)) continue;
+            found++;
+            cmp(G_FINAL, nm, moe_store_param(&m.S, i), need(&g, nm, tn->numel), tn->numel, M_FINAL_ATOL, M_FINAL_RTOL);
+        }
+        CHECK(nfinal == m.S.count && found == nfinal, "%s: %d final parameter records, %d of them match a tensor", file,
+              nfinal, found);
+    }
+    groups_print();
+done:
+    record = 1;
+    free(inputs);
+    free(targets);
+    moe_model_free(&m);
+    golden_free(&g);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "-v") == 0) setenv("TEST_VERBOSE", "1", 1);
+    test_layer("aoe_paper", "AoE, expert norms of rank-4 caches, top-2, softmax over the chosen norms (paper), Mixtral balance, z-loss");
+    test_layer("aoe_code", "AoE, rank 5, top-2 of 6, softmax over all norms unrenormalised (official code), capacity 1.0 with drops, Mixtral balance, z-loss");
+    test_layer("gw_paper", "GW-MoE, Switch top-1, normalised entropy, uncertain tokens broadcast with the full softmax, Switch balance, z-loss");
+    test_layer("gw_slots", "GW-MoE, renormalised top-2, raw entropy, 2 slots per sequence of 12, capacity 1.0 with drops, router bias");
+    test_layer("gw_released", "GW-MoE released-code emulation: uncertain tokens output p_{E-1} x, Switch top-1");
+    test_layer("hyper_switch", "HyperMoE, Switch top-1, hyper-expert from the unselected experts (layer row 1 of 2), Switch balance, z-loss");
+    test_layer("hyper_top2", "HyperMoE, renormalised top-2 of 6 (layer row 1 of 3), Mixtral balance");
+    test_model("gru", "RMoE: 3 MoE layers, one GRU (p = 8) through depth, top-2 of 4, Mixtral balance, z-loss, 5 AdamW steps");
+    test_model("gru_dense", "RMoE: MoE / dense / MoE / dense, the dense layers pass the GRU state on");
+    test_model("gru_np", "RMoE ablation NP: h_{l-1} = 0 in every layer");
+    test_model("gru_detach", "RMoE ablation detach: h_{l-1} enters layer l without a gradient");
+    test_model("mlp", "SMoE-MLP: router on GELU(x P^T), 3 MoE layers");
+    return test_summary();
+}

@@ -217,4 +217,60 @@ GOLDEN_FN float golden_float(const golden_file *g, const char *name, float fallb
     return (t && t->dtype == GOLDEN_F32 && t->numel == 1) ? t->f32[0] : fallback;
 }
 
+/* ---- helpers shared by the golden tests (they need tests/test.h's CHECK before this) ---- */
+#ifdef MOE_TEST_H
+
+/* opens $MOE_GOLDEN_DIR/file (default tests/ref); a failed CHECK with the HINT otherwise */
+GOLDEN_FN int golden_open(golden_file *g, const char *file) {
+    char path[200]; /* golden_file keeps the path in a 256-byte field */
+    const char *dir = getenv("MOE_GOLDEN_DIR");
+    snprintf(path, sizeof path, "%s/%s", dir ? dir : "tests/ref", file);
+    if (golden_load(g, path) != 0) {
+        CHECK(0, "%s", g->err);
+        return 0;
+    }
+    if (test_verbose) printf("   %s: %d records, %s\n", path, g->count, g->note);
+    return 1;
+}
+
+/* a record that must exist: NULL and a failed CHECK otherwise */
+GOLDEN_FN const float *golden_need(golden_file *g, const char *name, size_t n) {
+    const float *p = golden_f32(g, name, n);
+    if (!p) CHECK(0, "%s", g->err);
+    return p;
+}
+
+GOLDEN_FN const int32_t *golden_need_i32(golden_file *g, const char *name, size_t n) {
+    const int32_t *p = golden_i32(g, name, n);
+    if (!p) CHECK(0, "%s", g->err);
+    return p;
+}
+
+/* config values "cfg.<key>"; a missing one clears *ok with a failed CHECK */
+GOLDEN_FN int golden_cfg_int(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    int v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_int(g, nm, -12345);
+    if (v == -12345) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0;
+    }
+    return v;
+}
+
+GOLDEN_FN float golden_cfg_float(golden_file *g, const char *key, int *ok) {
+    char nm[64];
+    float v;
+    snprintf(nm, sizeof nm, "cfg.%s", key);
+    v = golden_float(g, nm, -12345.0f);
+    if (v == -12345.0f) {
+        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
+        return 0.0f;
+    }
+    return v;
+}
+
+#endif /* MOE_TEST_H */
+
 #endif /* MOE_GOLDEN_H */

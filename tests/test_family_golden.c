@@ -117,53 +117,10 @@ static void groups_print(void) {
 
 /* ---- golden access ----------------------------------------------------------------------------- */
 
-static int open_golden(golden_file *g, const char *file) {
-    char path[200];
-    const char *dir = getenv("MOE_GOLDEN_DIR");
-    snprintf(path, sizeof path, "%s/%s", dir ? dir : "tests/ref", file);
-    if (golden_load(g, path) != 0) {
-        CHECK(0, "%s", g->err);
-        return 0;
-    }
-    if (test_verbose) printf("   %s: %d records, %s\n", path, g->count, g->note);
-    return 1;
-}
 
-static const float *need(golden_file *g, const char *name, size_t n) {
-    const float *p = golden_f32(g, name, n);
-    if (!p) CHECK(0, "%s", g->err);
-    return p;
-}
 
-static const int32_t *need_i32(golden_file *g, const char *name, size_t n) {
-    const int32_t *p = golden_i32(g, name, n);
-    if (!p) CHECK(0, "%s", g->err);
-    return p;
-}
 
-static int cfg_int(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    int v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_int(g, nm, -12345);
-    if (v == -12345) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0;
-    }
-    return v;
-}
 
-static float cfg_float(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    float v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_float(g, nm, -12345.0f);
-    if (v == -12345.0f) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0.0f;
-    }
-    return v;
-}
 
 static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 
@@ -194,35 +151,35 @@ static void test_layer(const char *which, const char *what) {
     snprintf(title, sizeof title, "golden family %s: %s", which, what);
     TEST_BEGIN(title);
     memset(groups, 0, sizeof groups);
-    if (!open_golden(&g, file)) return;
-    c.d = cfg_int(&g, "d", &ok);
-    c.d_ff = cfg_int(&g, "d_ff", &ok);
-    c.n_experts = cfg_int(&g, "n_experts", &ok);
-    c.top_k = cfg_int(&g, "top_k", &ok);
-    c.router = (moe_router_kind)cfg_int(&g, "router", &ok);
-    c.renormalize = cfg_int(&g, "renormalize", &ok);
-    c.router_bias = cfg_int(&g, "router_bias", &ok);
-    c.balance = (moe_balance_loss)cfg_int(&g, "balance", &ok);
-    c.aoe_rank = cfg_int(&g, "aoe_rank", &ok);
-    c.gw_normalized = cfg_int(&g, "gw_normalized", &ok);
-    c.gw_slots = cfg_int(&g, "gw_slots", &ok);
-    c.gw_released = cfg_int(&g, "gw_released", &ok);
-    c.hyper = cfg_int(&g, "hyper", &ok);
-    c.hyper_embed = cfg_int(&g, "hyper_embed", &ok);
-    c.hyper_hidden = cfg_int(&g, "hyper_hidden", &ok);
-    c.hyper_cond = cfg_int(&g, "hyper_cond", &ok);
-    c.hyper_layer_dim = cfg_int(&g, "hyper_layer_dim", &ok);
-    c.hyper_width = cfg_int(&g, "hyper_width", &ok);
-    c.hyper_adapter = cfg_int(&g, "hyper_adapter", &ok);
-    c.hyper_layers = cfg_int(&g, "hyper_layers", &ok);
-    c.hyper_layer = cfg_int(&g, "hyper_layer", &ok);
-    c.capacity_factor = cfg_float(&g, "capacity_factor", &ok);
-    c.balance_coef = cfg_float(&g, "balance_coef", &ok);
-    c.z_coef = cfg_float(&g, "z_coef", &ok);
-    c.gw_threshold = cfg_float(&g, "gw_threshold", &ok);
-    gw_active = cfg_int(&g, "gw_active", &ok);
-    seq_len = cfg_int(&g, "seq_len", &ok);
-    T = cfg_int(&g, "tokens", &ok);
+    if (!golden_open(&g, file)) return;
+    c.d = golden_cfg_int(&g, "d", &ok);
+    c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
+    c.n_experts = golden_cfg_int(&g, "n_experts", &ok);
+    c.top_k = golden_cfg_int(&g, "top_k", &ok);
+    c.router = (moe_router_kind)golden_cfg_int(&g, "router", &ok);
+    c.renormalize = golden_cfg_int(&g, "renormalize", &ok);
+    c.router_bias = golden_cfg_int(&g, "router_bias", &ok);
+    c.balance = (moe_balance_loss)golden_cfg_int(&g, "balance", &ok);
+    c.aoe_rank = golden_cfg_int(&g, "aoe_rank", &ok);
+    c.gw_normalized = golden_cfg_int(&g, "gw_normalized", &ok);
+    c.gw_slots = golden_cfg_int(&g, "gw_slots", &ok);
+    c.gw_released = golden_cfg_int(&g, "gw_released", &ok);
+    c.hyper = golden_cfg_int(&g, "hyper", &ok);
+    c.hyper_embed = golden_cfg_int(&g, "hyper_embed", &ok);
+    c.hyper_hidden = golden_cfg_int(&g, "hyper_hidden", &ok);
+    c.hyper_cond = golden_cfg_int(&g, "hyper_cond", &ok);
+    c.hyper_layer_dim = golden_cfg_int(&g, "hyper_layer_dim", &ok);
+    c.hyper_width = golden_cfg_int(&g, "hyper_width", &ok);
+    c.hyper_adapter = golden_cfg_int(&g, "hyper_adapter", &ok);
+    c.hyper_layers = golden_cfg_int(&g, "hyper_layers", &ok);
+    c.hyper_layer = golden_cfg_int(&g, "hyper_layer", &ok);
+    c.capacity_factor = golden_cfg_float(&g, "capacity_factor", &ok);
+    c.balance_coef = golden_cfg_float(&g, "balance_coef", &ok);
+    c.z_coef = golden_cfg_float(&g, "z_coef", &ok);
+    c.gw_threshold = golden_cfg_float(&g, "gw_threshold", &ok);
+    gw_active = golden_cfg_int(&g, "gw_active", &ok);
+    seq_len = golden_cfg_int(&g, "seq_len", &ok);
+    T = golden_cfg_int(&g, "tokens", &ok);
     if (!ok) { golden_free(&g); return; }
     E = c.n_experts; K = c.top_k; d = c.d;
 
@@ -238,12 +195,12 @@ static void test_layer(const char *which, const char *what) {
     CHECK(nparam == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam, S.count);
     for (i = 0; i < S.count; i++) {
         snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
-        ref = need(&g, nm, S.tensors[i].numel);
+        ref = golden_need(&g, nm, S.tensors[i].numel);
         if (!ref) goto done;
         memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
     }
-    x = need(&g, "x", (size_t)T * d);
-    dy = need(&g, "dy", (size_t)T * d);
+    x = golden_need(&g, "x", (size_t)T * d);
+    dy = golden_need(&g, "dy", (size_t)T * d);
     if (!x || !dy) goto done;
     y = zeros((size_t)T * d);
     dx = zeros((size_t)T * d);
@@ -253,13 +210,13 @@ static void test_layer(const char *which, const char *what) {
     st = moe_layer_forward(&L, &S, y, x, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
     cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
-        need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_ROUTER, "probs", L.probs, need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp_ints("top-k ids", L.topk, need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    cmp_ints("uncertain (broadcast) tokens", L.uncertain, need_i32(&g, "uncertain", (size_t)T), (size_t)T);
-    cmp(G_FWD, "gates", L.gates, need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_FWD, "y", y, need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
-    if (c.hyper) cmp(G_FWD, "hyper-expert output", L.hy_out, need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+        golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_ROUTER, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp_ints("top-k ids", L.topk, golden_need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
+    cmp_ints("uncertain (broadcast) tokens", L.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
+    cmp(G_FWD, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_FWD, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    if (c.hyper) cmp(G_FWD, "hyper-expert output", L.hy_out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
     {
         int counts[4];
         int32_t refc[4];
@@ -270,13 +227,13 @@ static void test_layer(const char *which, const char *what) {
         refc[3] = golden_int(&g, "stats.dropped", -1);
         cmp_ints("stats broadcast/requested/kept/dropped", counts, refc, 4);
     }
-    cmp(G_FWD, "stats.load", L.stats.load, need(&g, "stats.load", E), E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_FWD, "stats.mean_prob", L.stats.mean_prob, need(&g, "stats.mean_prob", E), E, L_FWD_ATOL, L_FWD_RTOL);
-    if ((ref = need(&g, "stats.gate_entropy", 1)) != NULL)
+    cmp(G_FWD, "stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    cmp(G_FWD, "stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    if ((ref = golden_need(&g, "stats.gate_entropy", 1)) != NULL)
         cmp_scalar(G_FWD, "stats.gate_entropy", L.stats.gate_entropy, ref[0], L_FWD_ATOL, L_FWD_RTOL);
-    if ((ref = need(&g, "aux_balance", 1)) != NULL) cmp_scalar(G_LOSS, "aux_balance", L.stats.aux_balance, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
-    if ((ref = need(&g, "aux_z", 1)) != NULL) cmp_scalar(G_LOSS, "aux_z", L.stats.aux_z, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
-    if ((ref = need(&g, "aux_total", 1)) != NULL) cmp_scalar(G_LOSS, "aux_total", L.stats.aux_total, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) cmp_scalar(G_LOSS, "aux_balance", L.stats.aux_balance, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) cmp_scalar(G_LOSS, "aux_z", L.stats.aux_z, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) cmp_scalar(G_LOSS, "aux_total", L.stats.aux_total, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
 
     /* backward. pass 0: sum(y*dy) + aux_total; pass 1: forward and backward once more without
        zeroing (every gradient, dx included, must double); pass 2: aux_total alone (dy = 0) */
@@ -297,7 +254,7 @@ static void test_layer(const char *which, const char *what) {
         st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
-        cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
         for (i = 0; i < S.count; i++) {
             const moe_tensor *tn = &S.tensors[i];
             char label[160];
@@ -310,7 +267,7 @@ static void test_layer(const char *which, const char *what) {
                 CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
                 continue;
             }
-            cmp_scaled(grp, pass == 1 ? label : nm, moe_store_grad(&S, i), need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            cmp_scaled(grp, pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
         }
     }
     record = 1;
@@ -355,34 +312,34 @@ static void test_model(const char *which, const char *what) {
     snprintf(title, sizeof title, "golden rmoe %s: %s", which, what);
     TEST_BEGIN(title);
     memset(groups, 0, sizeof groups);
-    if (!open_golden(&g, file)) return;
-    c.vocab = cfg_int(&g, "vocab", &ok);
-    c.max_seq = cfg_int(&g, "max_seq", &ok);
-    c.d = cfg_int(&g, "d", &ok);
-    c.n_layers = cfg_int(&g, "n_layers", &ok);
-    c.n_heads = cfg_int(&g, "n_heads", &ok);
-    c.d_ff = cfg_int(&g, "d_ff", &ok);
+    if (!golden_open(&g, file)) return;
+    c.vocab = golden_cfg_int(&g, "vocab", &ok);
+    c.max_seq = golden_cfg_int(&g, "max_seq", &ok);
+    c.d = golden_cfg_int(&g, "d", &ok);
+    c.n_layers = golden_cfg_int(&g, "n_layers", &ok);
+    c.n_heads = golden_cfg_int(&g, "n_heads", &ok);
+    c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
     c.pos = MOE_POS_LEARNED;
-    c.norm_eps = cfg_float(&g, "norm_eps", &ok);
-    c.moe_every = cfg_int(&g, "moe_every", &ok);
-    c.dense_first = cfg_int(&g, "dense_first", &ok);
-    c.router_input = (moe_router_input)cfg_int(&g, "router_input", &ok);
-    c.router_dim = cfg_int(&g, "router_dim", &ok);
-    c.moe.d_ff = cfg_int(&g, "moe.d_ff", &ok);
-    c.moe.n_experts = cfg_int(&g, "moe.n_experts", &ok);
-    c.moe.top_k = cfg_int(&g, "moe.top_k", &ok);
-    c.moe.renormalize = cfg_int(&g, "moe.renormalize", &ok);
-    c.moe.balance = (moe_balance_loss)cfg_int(&g, "moe.balance", &ok);
-    c.moe.balance_coef = cfg_float(&g, "moe.balance_coef", &ok);
-    c.moe.z_coef = cfg_float(&g, "moe.z_coef", &ok);
-    B = cfg_int(&g, "B", &ok);
-    T = cfg_int(&g, "T", &ok);
-    steps = cfg_int(&g, "steps", &ok);
-    lr = cfg_float(&g, "lr", &ok);
-    opt.beta1 = cfg_float(&g, "beta1", &ok);
-    opt.beta2 = cfg_float(&g, "beta2", &ok);
-    opt.eps = cfg_float(&g, "eps", &ok);
-    opt.weight_decay = cfg_float(&g, "weight_decay", &ok);
+    c.norm_eps = golden_cfg_float(&g, "norm_eps", &ok);
+    c.moe_every = golden_cfg_int(&g, "moe_every", &ok);
+    c.dense_first = golden_cfg_int(&g, "dense_first", &ok);
+    c.router_input = (moe_router_input)golden_cfg_int(&g, "router_input", &ok);
+    c.router_dim = golden_cfg_int(&g, "router_dim", &ok);
+    c.moe.d_ff = golden_cfg_int(&g, "moe.d_ff", &ok);
+    c.moe.n_experts = golden_cfg_int(&g, "moe.n_experts", &ok);
+    c.moe.top_k = golden_cfg_int(&g, "moe.top_k", &ok);
+    c.moe.renormalize = golden_cfg_int(&g, "moe.renormalize", &ok);
+    c.moe.balance = (moe_balance_loss)golden_cfg_int(&g, "moe.balance", &ok);
+    c.moe.balance_coef = golden_cfg_float(&g, "moe.balance_coef", &ok);
+    c.moe.z_coef = golden_cfg_float(&g, "moe.z_coef", &ok);
+    B = golden_cfg_int(&g, "B", &ok);
+    T = golden_cfg_int(&g, "T", &ok);
+    steps = golden_cfg_int(&g, "steps", &ok);
+    lr = golden_cfg_float(&g, "lr", &ok);
+    opt.beta1 = golden_cfg_float(&g, "beta1", &ok);
+    opt.beta2 = golden_cfg_float(&g, "beta2", &ok);
+    opt.eps = golden_cfg_float(&g, "eps", &ok);
+    opt.weight_decay = golden_cfg_float(&g, "weight_decay", &ok);
     if (!ok) { golden_free(&g); return; }
     N = B * T; V = c.vocab; K = c.moe.top_k; P = c.router_dim;
 
@@ -405,8 +362,8 @@ static void test_model(const char *which, const char *what) {
               tn->name, tn->flags, tn->ndim);
         memcpy(moe_store_param(&m.S, i), gt->f32, tn->numel * sizeof(float));
     }
-    in32 = need_i32(&g, "inputs", (size_t)N);
-    tg32 = need_i32(&g, "targets", (size_t)N);
+    in32 = golden_need_i32(&g, "inputs", (size_t)N);
+    tg32 = golden_need_i32(&g, "targets", (size_t)N);
     if (!ok || !in32 || !tg32) goto done;
     inputs = (int *)malloc(sizeof(int) * (size_t)N);
     targets = (int *)malloc(sizeof(int) * (size_t)N);
@@ -416,9 +373,9 @@ static void test_model(const char *which, const char *what) {
     /* 1. forward */
     st = moe_model_forward(&m, inputs, targets, B, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
-    cmp(G_FWD, "logits", m.logits, need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
+    cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
     {
-        const float *ce = need(&g, "ce", 1), *aux = need(&g, "aux", 1);
+        const float *ce = golden_need(&g, "ce", 1), *aux = golden_need(&g, "aux", 1);
         if (ce) cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], M_LOSS_ATOL, M_LOSS_RTOL);
         if (aux) cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], M_LOSS_ATOL, M_LOSS_RTOL);
     }
@@ -428,15 +385,15 @@ static void test_model(const char *which, const char *what) {
         snprintf(nm, sizeof nm, "l%d.router_logits", l);
         CHECK((golden_find(&g, nm) != NULL) == (b->is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
         if (!b->is_moe) continue;
-        cmp(G_ROUTER, nm, b->moe.logits, need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
+        cmp(G_ROUTER, nm, b->moe.logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
             M_FWD_ATOL, M_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.router_in", l);
-        cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, need(&g, nm, (size_t)N * P),
+        cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, golden_need(&g, nm, (size_t)N * P),
             (size_t)N * P, M_FWD_ATOL, M_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.topk", l);
-        cmp_ints(nm, b->moe.topk, need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
+        cmp_ints(nm, b->moe.topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
         snprintf(nm, sizeof nm, "l%d.aux", l);
-        if ((ref = need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
+        if ((ref = golden_need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
     }
 
     /* 2. backward: every parameter gradient; then the same accumulated as 1/4 + 3/4 */
@@ -446,7 +403,7 @@ static void test_model(const char *which, const char *what) {
     for (i = 0; i < m.S.count; i++) {
         const moe_tensor *tn = &m.S.tensors[i];
         snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        cmp(rin_group(tn->name), nm, moe_store_grad(&m.S, i), need(&g, nm, tn->numel), tn->numel, M_GRAD_ATOL, M_GRAD_RTOL);
+        cmp(rin_group(tn->name), nm, moe_store_grad(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, M_GRAD_ATOL, M_GRAD_RTOL);
     }
     moe_store_zero_grad(&m.S);
     st = moe_model_backward(&m, 0.25f);
@@ -458,7 +415,7 @@ static void test_model(const char *which, const char *what) {
         const moe_tensor *tn = &m.S.tensors[i];
         const float *ref;
         snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        ref = need(&g, nm, tn->numel);
+        ref = golden_need(&g, nm, tn->numel);
         snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
         if (ref && !cmp(G_GRAD, nm, moe_store_grad(&m.S, i), ref, tn->numel, M_GRAD_ATOL, M_GRAD_RTOL)) break;
     }
@@ -466,8 +423,8 @@ static void test_model(const char *which, const char *what) {
 
     /* 3. AdamW on the same batch (GRU case): forward k sees the parameters after k steps */
     if (steps > 0) {
-        const float *traj_loss = need(&g, "traj.loss", (size_t)steps + 1), *traj_ce = need(&g, "traj.ce", (size_t)steps + 1);
-        const float *traj_aux = need(&g, "traj.aux", (size_t)steps + 1);
+        const float *traj_loss = golden_need(&g, "traj.loss", (size_t)steps + 1), *traj_ce = golden_need(&g, "traj.ce", (size_t)steps + 1);
+        const float *traj_aux = golden_need(&g, "traj.aux", (size_t)steps + 1);
         int nfinal = 0, found = 0;
         if (!traj_loss || !traj_ce || !traj_aux) goto done;
         for (step = 0; step <= steps; step++) {
@@ -485,7 +442,7 @@ static void test_model(const char *which, const char *what) {
                 char rec[64];
                 if (!m.blocks[l].is_moe) continue;
                 snprintf(rec, sizeof rec, "traj.l%d.topk", l);
-                ids = need_i32(&g, rec, (size_t)(steps + 1) * N * K);
+                ids = golden_need_i32(&g, rec, (size_t)(steps + 1) * N * K);
                 snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
                 if (ids) cmp_ints(nm, m.blocks[l].moe.topk, ids + (size_t)step * N * K, (size_t)N * K);
             }
@@ -501,7 +458,7 @@ static void test_model(const char *which, const char *what) {
             snprintf(nm, sizeof nm, "final.%s", tn->name);
             if (!golden_find(&g, nm)) continue;
             found++;
-            cmp(G_FINAL, nm, moe_store_param(&m.S, i), need(&g, nm, tn->numel), tn->numel, M_FINAL_ATOL, M_FINAL_RTOL);
+            cmp(G_FINAL, nm, moe_store_param(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, M_FINAL_ATOL, M_FINAL_RTOL);
         }
         CHECK(nfinal == m.S.count && found == nfinal, "%s: %d final parameter records, %d of them match a tensor", file,
               nfinal, found);

@@ -110,28 +110,9 @@ static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t
                  bad, n, first, got[first], (int)ref[first]);
 }
 
-static const char *golden_dir(void) {
-    const char *d = getenv("MOE_GOLDEN_DIR");
-    return d ? d : "tests/ref";
-}
 
-static int open_golden(golden_file *g, const char *file) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", golden_dir(), file);
-    if (golden_load(g, path) != 0) {
-        CHECK(0, "%s", g->err);
-        return 0;
-    }
-    if (test_verbose) printf("   %s: %d records, %s\n", path, g->count, g->note);
-    return 1;
-}
 
 /* a required float32 record; NULL counts as a failure */
-static const float *need(golden_file *g, const char *name, size_t n) {
-    const float *p = golden_f32(g, name, n);
-    if (!p) CHECK(0, "%s", g->err);
-    return p;
-}
 
 static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 
@@ -189,7 +170,7 @@ static void test_matmul(golden_file *g, const char *tag) {
     N = tw->shape[0];
     K = tw->shape[1];
     M = golden_find(g, nm)->shape[0];
-#define REC(var, field, n) snprintf(nm, sizeof nm, "%s." field, tag); var = need(g, nm, n)
+#define REC(var, field, n) snprintf(nm, sizeof nm, "%s." field, tag); var = golden_need(g, nm, n)
     REC(inp, "inp", (size_t)M * K); REC(w, "weight", (size_t)N * K); REC(b, "bias", N);
     REC(out, "out", (size_t)M * N); REC(dout, "dout", (size_t)M * N); REC(dinp, "dinp", (size_t)M * K);
     REC(dw, "dweight", (size_t)N * K); REC(db, "dbias", N);
@@ -220,7 +201,7 @@ static void test_kernels(void) {
     int a;
     TEST_BEGIN("golden kernels: matmul, softmax, activations, SwiGLU, RMSNorm, LayerNorm, cross-entropy vs PyTorch");
     summary_reset();
-    if (!open_golden(&g, "kernels.bin")) return;
+    if (!golden_open(&g, "kernels.bin")) return;
     test_matmul(&g, "matmul_small");
     test_matmul(&g, "matmul");
 
@@ -228,8 +209,8 @@ static void test_kernels(void) {
     if ((t = golden_find(&g, "softmax.inp")) != NULL && t->ndim == 2) {
         int rows = t->shape[0], n = t->shape[1];
         size_t sz = (size_t)rows * n;
-        const float *inp = need(&g, "softmax.inp", sz), *out = need(&g, "softmax.out", sz);
-        const float *dout = need(&g, "softmax.dout", sz), *dinp = need(&g, "softmax.dinp", sz);
+        const float *inp = golden_need(&g, "softmax.inp", sz), *out = golden_need(&g, "softmax.out", sz);
+        const float *dout = golden_need(&g, "softmax.dout", sz), *dinp = golden_need(&g, "softmax.dinp", sz);
         float *o = zeros(sz), *gi = zeros(sz);
         if (inp && out && dout && dinp) {
             moe_softmax_forward(o, inp, rows, n);
@@ -249,9 +230,9 @@ static void test_kernels(void) {
         if (!CHECK((t = golden_find(&g, nm)) != NULL, "%s missing", nm)) continue;
         n = t->numel;
         inp = t->f32;
-        snprintf(nm, sizeof nm, "%s.out", acts[a]); out = need(&g, nm, n);
-        snprintf(nm, sizeof nm, "%s.dout", acts[a]); dout = need(&g, nm, n);
-        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); dinp = need(&g, nm, n);
+        snprintf(nm, sizeof nm, "%s.out", acts[a]); out = golden_need(&g, nm, n);
+        snprintf(nm, sizeof nm, "%s.dout", acts[a]); dout = golden_need(&g, nm, n);
+        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); dinp = golden_need(&g, nm, n);
         if (!out || !dout || !dinp) continue;
         o = zeros(n);
         gi = zeros(n);
@@ -265,8 +246,8 @@ static void test_kernels(void) {
     /* SwiGLU */
     if ((t = golden_find(&g, "swiglu.gate")) != NULL) {
         size_t n = t->numel;
-        const float *gate = t->f32, *up = need(&g, "swiglu.up", n), *out = need(&g, "swiglu.out", n);
-        const float *dout = need(&g, "swiglu.dout", n), *dgate = need(&g, "swiglu.dgate", n), *dup = need(&g, "swiglu.dup", n);
+        const float *gate = t->f32, *up = golden_need(&g, "swiglu.up", n), *out = golden_need(&g, "swiglu.out", n);
+        const float *dout = golden_need(&g, "swiglu.dout", n), *dgate = golden_need(&g, "swiglu.dgate", n), *dup = golden_need(&g, "swiglu.dup", n);
         float *o = zeros(n), *gg = zeros(n), *gu = zeros(n);
         if (up && out && dout && dgate && dup) {
             moe_swiglu_forward(o, gate, up, n);
@@ -282,9 +263,9 @@ static void test_kernels(void) {
     if ((t = golden_find(&g, "rmsnorm.inp")) != NULL && t->ndim == 2) {
         int rows = t->shape[0], n = t->shape[1];
         size_t sz = (size_t)rows * n;
-        const float *inp = t->f32, *w = need(&g, "rmsnorm.weight", n), *out = need(&g, "rmsnorm.out", sz);
-        const float *rstd = need(&g, "rmsnorm.rstd", rows), *dout = need(&g, "rmsnorm.dout", sz);
-        const float *dinp = need(&g, "rmsnorm.dinp", sz), *dw = need(&g, "rmsnorm.dweight", n);
+        const float *inp = t->f32, *w = golden_need(&g, "rmsnorm.weight", n), *out = golden_need(&g, "rmsnorm.out", sz);
+        const float *rstd = golden_need(&g, "rmsnorm.rstd", rows), *dout = golden_need(&g, "rmsnorm.dout", sz);
+        const float *dinp = golden_need(&g, "rmsnorm.dinp", sz), *dw = golden_need(&g, "rmsnorm.dweight", n);
         float eps = golden_float(&g, "rmsnorm.eps", -1.0f);
         float *o = zeros(sz), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n);
         CHECK(eps > 0.0f, "rmsnorm.eps missing");
@@ -303,11 +284,11 @@ static void test_kernels(void) {
     if ((t = golden_find(&g, "layernorm.inp")) != NULL && t->ndim == 2) {
         int rows = t->shape[0], n = t->shape[1];
         size_t sz = (size_t)rows * n;
-        const float *inp = t->f32, *w = need(&g, "layernorm.weight", n), *b = need(&g, "layernorm.bias", n);
-        const float *out = need(&g, "layernorm.out", sz), *mean = need(&g, "layernorm.mean", rows);
-        const float *rstd = need(&g, "layernorm.rstd", rows), *dout = need(&g, "layernorm.dout", sz);
-        const float *dinp = need(&g, "layernorm.dinp", sz), *dw = need(&g, "layernorm.dweight", n);
-        const float *db = need(&g, "layernorm.dbias", n);
+        const float *inp = t->f32, *w = golden_need(&g, "layernorm.weight", n), *b = golden_need(&g, "layernorm.bias", n);
+        const float *out = golden_need(&g, "layernorm.out", sz), *mean = golden_need(&g, "layernorm.mean", rows);
+        const float *rstd = golden_need(&g, "layernorm.rstd", rows), *dout = golden_need(&g, "layernorm.dout", sz);
+        const float *dinp = golden_need(&g, "layernorm.dinp", sz), *dw = golden_need(&g, "layernorm.dweight", n);
+        const float *db = golden_need(&g, "layernorm.dbias", n);
         float eps = golden_float(&g, "layernorm.eps", -1.0f);
         float *o = zeros(sz), *mu = zeros(rows), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n), *gb = zeros(n);
         CHECK(eps > 0.0f, "layernorm.eps missing");
@@ -329,8 +310,8 @@ static void test_kernels(void) {
         int rows = t->shape[0], V = t->shape[1], r, count = 0, *tg = (int *)calloc((size_t)rows, sizeof(int));
         size_t sz = (size_t)rows * V;
         const int32_t *targets = golden_i32(&g, "xent.targets", rows);
-        const float *losses = need(&g, "xent.losses", rows), *loss = need(&g, "xent.loss", 1);
-        const float *dlogits = need(&g, "xent.dlogits", sz);
+        const float *losses = golden_need(&g, "xent.losses", rows), *loss = golden_need(&g, "xent.loss", 1);
+        const float *dlogits = golden_need(&g, "xent.dlogits", sz);
         float *l = zeros(rows), *gl = zeros(sz);
         CHECK(targets != NULL, "%s", g.err);
         if (targets && losses && loss && dlogits) {
@@ -361,29 +342,7 @@ static void test_kernels(void) {
 #define TOL_AUX_ATOL 1e-7
 #define TOL_AUX_RTOL 1e-4
 
-static int cfg_int(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    int v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_int(g, nm, -12345);
-    if (v == -12345) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0;
-    }
-    return v;
-}
 
-static float cfg_float(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    float v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_float(g, nm, -12345.0f);
-    if (v == -12345.0f) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0.0f;
-    }
-    return v;
-}
 
 static void test_layer(const char *which, const char *what) {
     char file[128], title[256], nm[128];
@@ -399,28 +358,28 @@ static void test_layer(const char *which, const char *what) {
     snprintf(title, sizeof title, "golden layer %s: %s", which, what);
     TEST_BEGIN(title);
     summary_reset();
-    if (!open_golden(&g, file)) return;
-    c.d = cfg_int(&g, "d", &ok);
-    c.d_ff = cfg_int(&g, "d_ff", &ok);
-    c.n_experts = cfg_int(&g, "n_experts", &ok);
-    c.top_k = cfg_int(&g, "top_k", &ok);
-    c.n_shared = cfg_int(&g, "n_shared", &ok);
-    c.d_ff_shared = cfg_int(&g, "d_ff_shared", &ok);
-    c.expert = (moe_expert_kind)cfg_int(&g, "expert", &ok);
-    c.activation = (moe_activation)cfg_int(&g, "activation", &ok);
-    c.expert_bias = cfg_int(&g, "expert_bias", &ok);
-    c.router = (moe_router_kind)cfg_int(&g, "router", &ok);
-    c.renormalize = cfg_int(&g, "renormalize", &ok);
-    c.router_bias = cfg_int(&g, "router_bias", &ok);
-    c.balance = (moe_balance_loss)cfg_int(&g, "balance", &ok);
-    c.capacity_factor = cfg_float(&g, "capacity_factor", &ok);
-    c.balance_coef = cfg_float(&g, "balance_coef", &ok);
-    c.z_coef = cfg_float(&g, "z_coef", &ok);
-    c.importance_coef = cfg_float(&g, "importance_coef", &ok);
-    c.load_coef = cfg_float(&g, "load_coef", &ok);
-    c.noise_eps = cfg_float(&g, "noise_eps", &ok);
-    T = cfg_int(&g, "tokens", &ok);
-    has_noise = cfg_int(&g, "has_noise", &ok);
+    if (!golden_open(&g, file)) return;
+    c.d = golden_cfg_int(&g, "d", &ok);
+    c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
+    c.n_experts = golden_cfg_int(&g, "n_experts", &ok);
+    c.top_k = golden_cfg_int(&g, "top_k", &ok);
+    c.n_shared = golden_cfg_int(&g, "n_shared", &ok);
+    c.d_ff_shared = golden_cfg_int(&g, "d_ff_shared", &ok);
+    c.expert = (moe_expert_kind)golden_cfg_int(&g, "expert", &ok);
+    c.activation = (moe_activation)golden_cfg_int(&g, "activation", &ok);
+    c.expert_bias = golden_cfg_int(&g, "expert_bias", &ok);
+    c.router = (moe_router_kind)golden_cfg_int(&g, "router", &ok);
+    c.renormalize = golden_cfg_int(&g, "renormalize", &ok);
+    c.router_bias = golden_cfg_int(&g, "router_bias", &ok);
+    c.balance = (moe_balance_loss)golden_cfg_int(&g, "balance", &ok);
+    c.capacity_factor = golden_cfg_float(&g, "capacity_factor", &ok);
+    c.balance_coef = golden_cfg_float(&g, "balance_coef", &ok);
+    c.z_coef = golden_cfg_float(&g, "z_coef", &ok);
+    c.importance_coef = golden_cfg_float(&g, "importance_coef", &ok);
+    c.load_coef = golden_cfg_float(&g, "load_coef", &ok);
+    c.noise_eps = golden_cfg_float(&g, "noise_eps", &ok);
+    T = golden_cfg_int(&g, "tokens", &ok);
+    has_noise = golden_cfg_int(&g, "has_noise", &ok);
     if (!ok) { golden_free(&g); return; }
     E = c.n_experts; K = c.top_k; d = c.d;
 
@@ -435,13 +394,13 @@ static void test_layer(const char *which, const char *what) {
     CHECK(nparam_records == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam_records, S.count);
     for (i = 0; i < S.count; i++) {
         snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
-        ref = need(&g, nm, S.tensors[i].numel);
+        ref = golden_need(&g, nm, S.tensors[i].numel);
         if (!ref) goto done;
         memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
     }
-    x = need(&g, "x", (size_t)T * d);
-    dy = need(&g, "dy", (size_t)T * d);
-    if (has_noise) noise = need(&g, "noise", (size_t)T * E);
+    x = golden_need(&g, "x", (size_t)T * d);
+    dy = golden_need(&g, "dy", (size_t)T * d);
+    if (has_noise) noise = golden_need(&g, "noise", (size_t)T * E);
     if (!x || !dy || (has_noise && !noise)) goto done;
     y = zeros((size_t)T * d);
     dx = zeros((size_t)T * d);
@@ -451,12 +410,12 @@ static void test_layer(const char *which, const char *what) {
     for (i = 0; i < T * d; i++) y[i] = 1e3f;
     st = moe_layer_forward(&L, &S, y, x, T, noise);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
-    cmp("logits", L.logits, need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("probs", L.probs, need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if (golden_find(&g, "noisy")) cmp("noisy logits H", L.noisy, need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("logits", L.logits, golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if (golden_find(&g, "noisy")) cmp("noisy logits H", L.noisy, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    cmp("gates", L.gates, need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("y", y, need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
     {
         int counts[3];
         int32_t refc[3];
@@ -466,14 +425,14 @@ static void test_layer(const char *which, const char *what) {
         refc[2] = golden_int(&g, "stats.dropped", -1);
         cmp_ints("stats requested/kept/dropped", counts, refc, 3);
     }
-    cmp("stats.load", L.stats.load, need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("stats.mean_prob", L.stats.mean_prob, need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if ((ref = need(&g, "stats.gate_entropy", 1)) != NULL) cmp_scalar("stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
-    if ((ref = need(&g, "stats.load_entropy", 1)) != NULL) cmp_scalar("stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
-    if ((ref = need(&g, "aux_balance", 1)) != NULL) cmp_scalar("aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
-    if ((ref = need(&g, "aux_z", 1)) != NULL) cmp_scalar("aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
-    if ((ref = need(&g, "aux_cv", 1)) != NULL) cmp_scalar("aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
-    if ((ref = need(&g, "aux_total", 1)) != NULL) cmp_scalar("aux_total", L.stats.aux_total, ref[0], 1e-7, 1e-5);
+    cmp("stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp("stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if ((ref = golden_need(&g, "stats.gate_entropy", 1)) != NULL) cmp_scalar("stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = golden_need(&g, "stats.load_entropy", 1)) != NULL) cmp_scalar("stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) cmp_scalar("aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) cmp_scalar("aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_cv", 1)) != NULL) cmp_scalar("aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) cmp_scalar("aux_total", L.stats.aux_total, ref[0], 1e-7, 1e-5);
 
     /* backward. pass 0: the gradient of sum(y*dy) + aux_total; pass 1: the same forward and
        backward once more without zeroing, so every gradient (dx included) must double, as
@@ -494,7 +453,7 @@ static void test_layer(const char *which, const char *what) {
         st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
-        cmp_scaled(pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        cmp_scaled(pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
         for (i = 0; i < S.count; i++) {
             const moe_tensor *tn = &S.tensors[i];
             char label[160];
@@ -508,7 +467,7 @@ static void test_layer(const char *which, const char *what) {
                 CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
                 continue;
             }
-            cmp_scaled(pass == 1 ? label : nm, moe_store_grad(&S, i), need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            cmp_scaled(pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
             if (pass == 0 && strncmp(tn->name, "moe.experts.", 12) == 0) {
                 /* an expert that got no tokens gets exactly zero gradient */
                 size_t per = tn->numel / (size_t)E, j, nz;

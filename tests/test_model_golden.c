@@ -94,41 +94,9 @@ static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t
 
 /* ---- golden access ----------------------------------------------------------------------------- */
 
-static const float *need(golden_file *g, const char *name, size_t n) {
-    const float *p = golden_f32(g, name, n);
-    if (!p) CHECK(0, "%s", g->err);
-    return p;
-}
 
-static const int32_t *need_i32(golden_file *g, const char *name, size_t n) {
-    const int32_t *p = golden_i32(g, name, n);
-    if (!p) CHECK(0, "%s", g->err);
-    return p;
-}
 
-static int cfg_int(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    int v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_int(g, nm, -12345);
-    if (v == -12345) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0;
-    }
-    return v;
-}
 
-static float cfg_float(golden_file *g, const char *key, int *ok) {
-    char nm[64];
-    float v;
-    snprintf(nm, sizeof nm, "cfg.%s", key);
-    v = golden_float(g, nm, -12345.0f);
-    if (v == -12345.0f) {
-        *ok = CHECK(0, "%s: %s missing. %s", g->path, nm, GOLDEN_HINT) && *ok;
-        return 0.0f;
-    }
-    return v;
-}
 
 /* ---- tolerances ---------------------------------------------------------------------------------
    float32 throughout on both sides; the sums that differ in order are at most a few hundred
@@ -169,43 +137,43 @@ static void test_model(const char *which, const char *what) {
         return;
     }
     if (test_verbose) printf("   %s: %d records, %s\n", file, g.count, g.note);
-    c.vocab = cfg_int(&g, "vocab", &ok);
-    c.max_seq = cfg_int(&g, "max_seq", &ok);
-    c.d = cfg_int(&g, "d", &ok);
-    c.n_layers = cfg_int(&g, "n_layers", &ok);
-    c.n_heads = cfg_int(&g, "n_heads", &ok);
-    c.d_ff = cfg_int(&g, "d_ff", &ok);
-    c.pos = (moe_pos_kind)cfg_int(&g, "pos", &ok);
-    c.rope_theta = cfg_float(&g, "rope_theta", &ok);
-    c.norm_eps = cfg_float(&g, "norm_eps", &ok);
-    c.moe_every = cfg_int(&g, "moe_every", &ok);
-    c.dense_first = cfg_int(&g, "dense_first", &ok);
-    c.moe.d_ff = cfg_int(&g, "moe.d_ff", &ok);
-    c.moe.n_experts = cfg_int(&g, "moe.n_experts", &ok);
-    c.moe.top_k = cfg_int(&g, "moe.top_k", &ok);
-    c.moe.n_shared = cfg_int(&g, "moe.n_shared", &ok);
-    c.moe.d_ff_shared = cfg_int(&g, "moe.d_ff_shared", &ok);
-    c.moe.expert = (moe_expert_kind)cfg_int(&g, "moe.expert", &ok);
-    c.moe.activation = (moe_activation)cfg_int(&g, "moe.activation", &ok);
-    c.moe.expert_bias = cfg_int(&g, "moe.expert_bias", &ok);
-    c.moe.router = (moe_router_kind)cfg_int(&g, "moe.router", &ok);
-    c.moe.renormalize = cfg_int(&g, "moe.renormalize", &ok);
-    c.moe.router_bias = cfg_int(&g, "moe.router_bias", &ok);
-    c.moe.balance = (moe_balance_loss)cfg_int(&g, "moe.balance", &ok);
-    c.moe.capacity_factor = cfg_float(&g, "moe.capacity_factor", &ok);
-    c.moe.balance_coef = cfg_float(&g, "moe.balance_coef", &ok);
-    c.moe.z_coef = cfg_float(&g, "moe.z_coef", &ok);
-    c.moe.importance_coef = cfg_float(&g, "moe.importance_coef", &ok);
-    c.moe.load_coef = cfg_float(&g, "moe.load_coef", &ok);
-    c.moe.noise_eps = cfg_float(&g, "moe.noise_eps", &ok);
-    B = cfg_int(&g, "B", &ok);
-    T = cfg_int(&g, "T", &ok);
-    steps = cfg_int(&g, "steps", &ok);
-    lr = cfg_float(&g, "lr", &ok);
-    opt.beta1 = cfg_float(&g, "beta1", &ok);
-    opt.beta2 = cfg_float(&g, "beta2", &ok);
-    opt.eps = cfg_float(&g, "eps", &ok);
-    opt.weight_decay = cfg_float(&g, "weight_decay", &ok);
+    c.vocab = golden_cfg_int(&g, "vocab", &ok);
+    c.max_seq = golden_cfg_int(&g, "max_seq", &ok);
+    c.d = golden_cfg_int(&g, "d", &ok);
+    c.n_layers = golden_cfg_int(&g, "n_layers", &ok);
+    c.n_heads = golden_cfg_int(&g, "n_heads", &ok);
+    c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
+    c.pos = (moe_pos_kind)golden_cfg_int(&g, "pos", &ok);
+    c.rope_theta = golden_cfg_float(&g, "rope_theta", &ok);
+    c.norm_eps = golden_cfg_float(&g, "norm_eps", &ok);
+    c.moe_every = golden_cfg_int(&g, "moe_every", &ok);
+    c.dense_first = golden_cfg_int(&g, "dense_first", &ok);
+    c.moe.d_ff = golden_cfg_int(&g, "moe.d_ff", &ok);
+    c.moe.n_experts = golden_cfg_int(&g, "moe.n_experts", &ok);
+    c.moe.top_k = golden_cfg_int(&g, "moe.top_k", &ok);
+    c.moe.n_shared = golden_cfg_int(&g, "moe.n_shared", &ok);
+    c.moe.d_ff_shared = golden_cfg_int(&g, "moe.d_ff_shared", &ok);
+    c.moe.expert = (moe_expert_kind)golden_cfg_int(&g, "moe.expert", &ok);
+    c.moe.activation = (moe_activation)golden_cfg_int(&g, "moe.activation", &ok);
+    c.moe.expert_bias = golden_cfg_int(&g, "moe.expert_bias", &ok);
+    c.moe.router = (moe_router_kind)golden_cfg_int(&g, "moe.router", &ok);
+    c.moe.renormalize = golden_cfg_int(&g, "moe.renormalize", &ok);
+    c.moe.router_bias = golden_cfg_int(&g, "moe.router_bias", &ok);
+    c.moe.balance = (moe_balance_loss)golden_cfg_int(&g, "moe.balance", &ok);
+    c.moe.capacity_factor = golden_cfg_float(&g, "moe.capacity_factor", &ok);
+    c.moe.balance_coef = golden_cfg_float(&g, "moe.balance_coef", &ok);
+    c.moe.z_coef = golden_cfg_float(&g, "moe.z_coef", &ok);
+    c.moe.importance_coef = golden_cfg_float(&g, "moe.importance_coef", &ok);
+    c.moe.load_coef = golden_cfg_float(&g, "moe.load_coef", &ok);
+    c.moe.noise_eps = golden_cfg_float(&g, "moe.noise_eps", &ok);
+    B = golden_cfg_int(&g, "B", &ok);
+    T = golden_cfg_int(&g, "T", &ok);
+    steps = golden_cfg_int(&g, "steps", &ok);
+    lr = golden_cfg_float(&g, "lr", &ok);
+    opt.beta1 = golden_cfg_float(&g, "beta1", &ok);
+    opt.beta2 = golden_cfg_float(&g, "beta2", &ok);
+    opt.eps = golden_cfg_float(&g, "eps", &ok);
+    opt.weight_decay = golden_cfg_float(&g, "weight_decay", &ok);
     if (!ok) { golden_free(&g); return; }
     N = B * T; V = c.vocab; K = c.moe.top_k;
 
@@ -232,11 +200,11 @@ static void test_model(const char *which, const char *what) {
               tn->name, tn->flags, tn->ndim);
         memcpy(moe_store_param(&m.S, i), gt->f32, tn->numel * sizeof(float));
     }
-    in32 = need_i32(&g, "inputs", (size_t)N);
-    tg32 = need_i32(&g, "targets", (size_t)N);
-    traj_loss = need(&g, "traj.loss", (size_t)steps + 1);
-    traj_ce = need(&g, "traj.ce", (size_t)steps + 1);
-    traj_aux = need(&g, "traj.aux", (size_t)steps + 1);
+    in32 = golden_need_i32(&g, "inputs", (size_t)N);
+    tg32 = golden_need_i32(&g, "targets", (size_t)N);
+    traj_loss = golden_need(&g, "traj.loss", (size_t)steps + 1);
+    traj_ce = golden_need(&g, "traj.ce", (size_t)steps + 1);
+    traj_aux = golden_need(&g, "traj.aux", (size_t)steps + 1);
     if (!ok || !in32 || !tg32 || !traj_loss || !traj_ce || !traj_aux) goto done;
     inputs = (int *)malloc(sizeof(int) * (size_t)N);
     targets = (int *)malloc(sizeof(int) * (size_t)N);
@@ -246,9 +214,9 @@ static void test_model(const char *which, const char *what) {
     /* 1. forward */
     st = moe_model_forward(&m, inputs, targets, B, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
-    cmp(G_FWD, "logits", m.logits, need(&g, "logits", (size_t)N * V), (size_t)N * V, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, TOL_FWD_ATOL, TOL_FWD_RTOL);
     {
-        const float *ce = need(&g, "ce", 1), *aux = need(&g, "aux", 1);
+        const float *ce = golden_need(&g, "ce", 1), *aux = golden_need(&g, "aux", 1);
         if (ce) cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
         if (aux) cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
     }
@@ -259,13 +227,13 @@ static void test_model(const char *which, const char *what) {
         snprintf(nm, sizeof nm, "l%d.router_logits", l);
         CHECK((golden_find(&g, nm) != NULL) == (m.blocks[l].is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
         if (!m.blocks[l].is_moe) continue;
-        cmp(G_ROUTER, nm, L->logits, need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
+        cmp(G_ROUTER, nm, L->logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
             TOL_FWD_ATOL, TOL_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.topk", l);
-        cmp_ints(nm, L->topk, need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
+        cmp_ints(nm, L->topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
         snprintf(nm, sizeof nm, "l%d.aux", l);
         snprintf(label, sizeof label, "l%d aux loss", l);
-        if ((ref = need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, label, L->stats.aux_total, ref[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
+        if ((ref = golden_need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, label, L->stats.aux_total, ref[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
     }
 
     /* 2. backward: every parameter gradient (the store starts with zero gradients) */
@@ -275,7 +243,7 @@ static void test_model(const char *which, const char *what) {
     for (i = 0; i < m.S.count; i++) {
         const moe_tensor *tn = &m.S.tensors[i];
         snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        cmp(grad_group(tn->name), nm, moe_store_grad(&m.S, i), need(&g, nm, tn->numel), tn->numel, TOL_GRAD_ATOL,
+        cmp(grad_group(tn->name), nm, moe_store_grad(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, TOL_GRAD_ATOL,
             TOL_GRAD_RTOL);
     }
 
@@ -289,7 +257,7 @@ static void test_model(const char *which, const char *what) {
         const moe_tensor *tn = &m.S.tensors[i];
         const float *ref;
         snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        ref = need(&g, nm, tn->numel);
+        ref = golden_need(&g, nm, tn->numel);
         snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
         if (ref && !check_close(nm, moe_store_grad(&m.S, i), ref, tn->numel, TOL_GRAD_ATOL, TOL_GRAD_RTOL)) break;
     }
@@ -310,7 +278,7 @@ static void test_model(const char *which, const char *what) {
             char rec[64];
             if (!m.blocks[l].is_moe) continue;
             snprintf(rec, sizeof rec, "traj.l%d.topk", l);
-            ids = need_i32(&g, rec, (size_t)(steps + 1) * N * K);
+            ids = golden_need_i32(&g, rec, (size_t)(steps + 1) * N * K);
             snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
             if (ids) cmp_ints(nm, m.blocks[l].moe.topk, ids + (size_t)step * N * K, (size_t)N * K);
         }
@@ -328,7 +296,7 @@ static void test_model(const char *which, const char *what) {
             snprintf(nm, sizeof nm, "final.%s", tn->name);
             if (!golden_find(&g, nm)) continue;
             found++;
-            cmp(G_FINAL, nm, moe_store_param(&m.S, i), need(&g, nm, tn->numel), tn->numel, TOL_FINAL_ATOL, TOL_FINAL_RTOL);
+            cmp(G_FINAL, nm, moe_store_param(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, TOL_FINAL_ATOL, TOL_FINAL_RTOL);
         }
         CHECK(nfinal > 0 && found == nfinal, "%s: %d final parameter records, %d of them match a tensor", file, nfinal, found);
     }

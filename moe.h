@@ -1908,12 +1908,21 @@ MOE__IMPL void moe_rmsnorm_backward(float *dinp, float *dweight, const float *do
         dot /= (float)n;
         for (j = 0; j < n; j++) dx[j] += rs * (weight[j] * dy[j] - x[j] * rs * rs * dot);
     }
-    if (dweight)
-        for (i = 0; i < n; i++) {
-            float acc = 0.0f;
-            for (r = 0; r < rows; r++) acc += dout[(size_t)r * n + i] * inp[(size_t)r * n + i] * rstd[r];
-            dweight[i] += acc;
+    if (dweight) { /* blocks of 64 columns, rows streamed: each column still sums in row order */
+        int nb = (n + 63) / 64;
+        MOE_OMP_FOR_IF((double)rows * n > 1e5)
+        for (i = 0; i < nb; i++) {
+            int c0 = i * 64, cols = n - c0 < 64 ? n - c0 : 64, j, rr;
+            float acc[64];
+            for (j = 0; j < cols; j++) acc[j] = 0.0f;
+            for (rr = 0; rr < rows; rr++) {
+                const float *dy = dout + (size_t)rr * n + c0, *x = inp + (size_t)rr * n + c0;
+                float rs = rstd[rr];
+                for (j = 0; j < cols; j++) acc[j] += dy[j] * x[j] * rs;
+            }
+            for (j = 0; j < cols; j++) dweight[c0 + j] += acc[j];
         }
+    }
 }
 
 MOE__IMPL void moe_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
@@ -2027,17 +2036,20 @@ static int moe__task_rows(int n, int nthreads) {
    call per element, about 9 cycles, and the experts do three per hidden unit and token).
    exp(-x) = 2^k exp(r), k = round(-x / ln 2), |r| <= ln 2 / 2, exp(r) by its degree-6 Taylor
    polynomial; the relative error is below 3e-7 (a few ulp). The argument is clamped to
-   [-87, 87] (sigmoid's value is then 0 or 1 to float precision) and NaN passes through. */
-static float moe__expert_sigmoid(float x) {
-    float z = -x, zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
+   [-87, 87] (sigmoid's value is then 0 or 1 to float precision) and NaN passes through.
+   moe__expf_poly is that exp (also used by the attention softmax). */
+static float moe__expf_poly(float z) {
+    float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
     float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
     float r = (zc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
     uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x == x ? 1.0f / (1.0f + p * scale) : x;
+    return p * scale;
 }
+
+static float moe__expert_sigmoid(float x) { return x == x ? 1.0f / (1.0f + moe__expf_poly(-x)) : x; }
 
 /* h = silu(g) * u over n elements */
 MOE__GEMM_FN void moe__swiglu_rows(float *MOE_RESTRICT h, const float *MOE_RESTRICT g, const float *MOE_RESTRICT u,
@@ -3393,72 +3405,143 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
 /* ============================================================================================
    >>moe:attention
    ============================================================================================
-   One task per (sequence, head) owns its slice of out / att / dqkv: the products are small
-   GEMMs (T x T x hd) run by the single-threaded moe_gemm inside the task. */
+   One task per (sequence, head) owns its slice of out / att / dqkv. Inside a task the rows
+   (queries) go in blocks of MOE__ATT_RB and each block only computes the keys up to its last
+   row (the causal triangle, rounded up to whole blocks); the keys' gradients go by key blocks
+   over the queries at and after them. The products run on the GEMM's packed micro-kernel
+   with one workspace per thread allocated once per call; the block grid never depends on
+   the thread count, so every element gets the same arithmetic however the tasks fall. */
+
+#define MOE__ATT_RB 32 /* rows per query / key block: a multiple of MOE_GEMM_MR */
+
+/* C (M, N) = op(A) (M, K) . B (K, N) (b_trans: B stored (N, K)), single-threaded, packing
+   into the caller's workspace ws (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)) */
+static void moe__att_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B, int ldb,
+                          int b_trans, float *C, int ldc, float *ws) {
+    float *Bp = ws + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+    int npad = moe__round_up(N, MOE_GEMM_NR);
+    moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
+    moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, 0, ws);
+}
+
+static size_t moe__att_ws_floats(int T, int hd) {
+    size_t a = moe__packed_b_floats(hd, T), b = moe__packed_b_floats(T, hd);
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (a > b ? a : b);
+}
+
+/* Row sums and maxima in 16 lanes combined in a fixed order, so the loops vectorize and every
+   row gets the same arithmetic wherever it is computed. */
+#define MOE__ATT_LANES 16
+
+/* row[0..n) = softmax(scale * row[0..n)) */
+MOE__GEMM_FN void moe__att_softmax_row(float *MOE_RESTRICT row, int n, float scale) {
+    float m[MOE__ATT_LANES], acc[MOE__ATT_LANES], mx, sum = 0.0f, inv;
+    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
+    for (j = 0; j < MOE__ATT_LANES; j++) { m[j] = -FLT_MAX; acc[j] = 0.0f; }
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
+    for (j = 0; u + j < n; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
+    mx = m[0];
+    for (j = 1; j < MOE__ATT_LANES; j++) mx = m[j] > mx ? m[j] : mx;
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) {
+            float e = moe__expf_poly((row[u + j] - mx) * scale);
+            row[u + j] = e;
+            acc[j] += e;
+        }
+    for (j = 0; u + j < n; j++) {
+        float e = moe__expf_poly((row[u + j] - mx) * scale);
+        row[u + j] = e;
+        acc[j] += e;
+    }
+    for (j = 0; j < MOE__ATT_LANES; j++) sum += acc[j];
+    inv = 1.0f / sum;
+    for (u = 0; u < n; u++) row[u] *= inv;
+}
+
+/* g[0..n) = p * (g - <g, p>) * scale: the softmax backward of one row */
+MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const float *MOE_RESTRICT p, int n, float scale) {
+    float acc[MOE__ATT_LANES], dot = 0.0f;
+    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
+    for (j = 0; j < MOE__ATT_LANES; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) acc[j] += g[u + j] * p[u + j];
+    for (j = 0; u + j < n; j++) acc[j] += g[u + j] * p[u + j];
+    for (j = 0; j < MOE__ATT_LANES; j++) dot += acc[j];
+    for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
+}
 
 MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
-    int hd = d / NH, task;
+    int hd = d / NH, task, nthreads = moe_num_threads();
     float scale = 1.0f / sqrtf((float)hd);
+    /* per thread: A panel, packed k^T, then the P . v product's own workspace */
+    size_t wsz = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
+    MOE_ASSERT(ws);
     MOE_OMP_FOR_DYNAMIC
     for (task = 0; task < B * NH; task++) {
-        int b = task / NH, h = task % NH, t, u, i;
+        int b = task / NH, h = task % NH, t0, t;
         const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
         const float *k = q + d, *v = q + 2 * d;
-        float *P = att + (size_t)task * T * T;
-        float *kt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
-        MOE_ASSERT(kt);
-        for (u = 0; u < T; u++)
-            for (i = 0; i < hd; i++) kt[(size_t)i * T + u] = k[(size_t)u * 3 * d + i];
-        moe_gemm(T, T, hd, q, 3 * d, 0, kt, T, P, T, 0); /* scores = q . k^T */
-        for (t = 0; t < T; t++) {
-            float *row = P + (size_t)t * T, mx = -FLT_MAX, sum = 0.0f;
-            for (u = 0; u <= t; u++) {
-                row[u] *= scale;
-                mx = row[u] > mx ? row[u] : mx;
+        float *P = att + (size_t)task * T * T, *o = out + (size_t)b * T * d + (size_t)h * hd;
+        float *w = ws + wsz * (size_t)moe__thread_index(), *kp = w + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+        float *wv = kp + moe__packed_b_floats(hd, T); /* workspace of the P . v products */
+        int Tpad = moe__round_up(T, MOE_GEMM_NR);
+        /* k^T (hd, T) packed once; each query block uses its first t1 columns */
+        moe__pack_b_panels(kp, k, 3 * d, 1, hd, T, 0, Tpad / MOE_GEMM_NR);
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) {
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0;
+            /* scores of the block's queries against keys [0, t1): q . k^T */
+            moe__gemm_packed(rows, t1, hd, q + (size_t)t0 * 3 * d, 3 * d, 0, kp, Tpad, 0, P + (size_t)t0 * T, T, 0, w);
+            for (t = t0; t < t1; t++) {
+                float *row = P + (size_t)t * T;
+                moe__att_softmax_row(row, t + 1, scale);
+                if (t + 1 < T) memset(row + t + 1, 0, sizeof(float) * (size_t)(T - t - 1));
             }
-            for (u = 0; u <= t; u++) {
-                row[u] = expf(row[u] - mx);
-                sum += row[u];
-            }
-            for (u = 0; u <= t; u++) row[u] /= sum;
-            for (u = t + 1; u < T; u++) row[u] = 0.0f;
+            /* out = P[:, 0:t1] . v[0:t1] */
+            moe__att_gemm(rows, hd, t1, P + (size_t)t0 * T, T, 0, v, 3 * d, 0, o + (size_t)t0 * d, d, wv);
         }
-        moe_gemm(T, hd, T, P, T, 0, v, 3 * d, out + (size_t)b * T * d + (size_t)h * hd, d, 0);
-        MOE_FREE(kt);
     }
+    MOE_FREE(ws);
 }
 
 MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                       int B, int T, int d, int NH) {
-    int hd = d / NH, task;
+    int hd = d / NH, task, nthreads = moe_num_threads();
     float scale = 1.0f / sqrtf((float)hd);
+    size_t wsz = moe__att_ws_floats(T, hd) + (size_t)T * T;
+    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
+    MOE_ASSERT(ws);
     MOE_OMP_FOR_DYNAMIC
     for (task = 0; task < B * NH; task++) {
-        int b = task / NH, h = task % NH, t, u, i;
+        int b = task / NH, h = task % NH, t0, t, u;
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
         const float *q = qkv + base, *k = q + d, *v = q + 2 * d;
         const float *dy = dout + (size_t)b * T * d + (size_t)h * hd;
         const float *P = att + (size_t)task * T * T;
         float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
-        float *dP = (float *)MOE_MALLOC(sizeof(float) * (size_t)T * T);
-        float *vt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
-        MOE_ASSERT(dP && vt);
-        for (u = 0; u < T; u++)
-            for (i = 0; i < hd; i++) vt[(size_t)i * T + u] = v[(size_t)u * 3 * d + i];
-        moe_gemm(T, T, hd, dy, d, 0, vt, T, dP, T, 0); /* dP = dy . v^T */
-        for (t = 0; t < T; t++) {                       /* dS = P * (dP - <dP, P>) * scale */
-            const float *p = P + (size_t)t * T;
-            float *g = dP + (size_t)t * T, dot = 0.0f;
-            for (u = 0; u <= t; u++) dot += g[u] * p[u];
-            for (u = 0; u <= t; u++) g[u] = p[u] * (g[u] - dot) * scale;
-            for (u = t + 1; u < T; u++) g[u] = 0.0f;
+        float *dS = ws + wsz * (size_t)moe__thread_index(), *w = dS + (size_t)T * T;
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) {
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0;
+            /* dP = dy . v^T over keys [0, t1), then dS = P * (dP - <dP, P>) * scale */
+            moe__att_gemm(rows, t1, hd, dy + (size_t)t0 * d, d, 0, v, 3 * d, 1, dS + (size_t)t0 * T, T, w);
+            for (t = t0; t < t1; t++) {
+                float *g = dS + (size_t)t * T;
+                moe__att_softmax_row_backward(g, P + (size_t)t * T, t + 1, scale);
+                for (u = t + 1; u < t1; u++) g[u] = 0.0f;
+            }
+            /* dq = dS[:, 0:t1] . k[0:t1] */
+            moe__att_gemm(rows, hd, t1, dS + (size_t)t0 * T, T, 0, k, 3 * d, 0, dq + (size_t)t0 * 3 * d, 3 * d, w);
         }
-        moe_gemm(T, hd, T, dP, T, 0, k, 3 * d, dq, 3 * d, 0); /* dq = dS . k   */
-        moe_gemm(T, hd, T, dP, T, 1, q, 3 * d, dk, 3 * d, 0); /* dk = dS^T . q */
-        moe_gemm(T, hd, T, P, T, 1, dy, d, dv, 3 * d, 0);     /* dv = P^T . dy */
-        MOE_FREE(dP);
-        MOE_FREE(vt);
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) { /* key blocks: only queries t >= t0 see them */
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0, n = T - t0;
+            size_t off = (size_t)t0 * T + t0;
+            /* dk = dS[t0:T, t0:t1]^T . q[t0:T];  dv = P[t0:T, t0:t1]^T . dy[t0:T] */
+            moe__att_gemm(rows, hd, n, dS + off, T, 1, q + (size_t)t0 * 3 * d, 3 * d, 0, dk + (size_t)t0 * 3 * d, 3 * d, w);
+            moe__att_gemm(rows, hd, n, P + off, T, 1, dy + (size_t)t0 * d, d, 0, dv + (size_t)t0 * 3 * d, 3 * d, w);
+        }
     }
+    MOE_FREE(ws);
 }
 
 MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {

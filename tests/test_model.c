@@ -33,12 +33,13 @@ static void random_tokens(int *x, int n, int V, moe_rng *r) {
 }
 
 /* routing of every MoE block, to skip directions that flip a decision */
-static int routing_hash(const moe_model *m) {
-    int l, i, h = 17;
+static unsigned routing_hash(const moe_model *m) {
+    unsigned h = 17u;
+    int l, i;
     for (l = 0; l < m->cfg.n_layers; l++)
         if (m->blocks[l].is_moe)
             for (i = 0; i < m->blocks[l].moe.routed.n; i++)
-                h = h * 31 + m->blocks[l].moe.routed.token[i] * 7 + m->blocks[l].moe.routed.expert[i];
+                h = h * 31u + (unsigned)m->blocks[l].moe.routed.token[i] * 7u + (unsigned)m->blocks[l].moe.routed.expert[i];
     return h;
 }
 
@@ -47,7 +48,8 @@ static int routing_hash(const moe_model *m) {
 static void gradcheck_model(const char *name, const moe_model_config *c) {
     moe_model m;
     moe_rng r;
-    int B = 2, T = 10, inputs[20], targets[20], id, h0, skipped = 0;
+    int B = 2, T = 10, inputs[20], targets[20], id, skipped = 0;
+    unsigned h0;
     float *p0;
     size_t i, n;
     if (moe_model_init(&m, c, B, T) != MOE_OK) {

@@ -2016,10 +2016,11 @@ MOE__IMPL void moe_crossentropy_backward(float *dlogits, const float *logits, co
 /* ============================================================================================
    >>moe:experts
    ============================================================================================
-   Experts are processed one after the other; inside an expert the threads share the work:
-   first they pack the expert's weight matrices for the GEMM (panels split over threads, so
-   each matrix is packed once per call, not once per task), then they take tasks of rows
-   (tokens) or of weight-gradient rows, handed out dynamically. Every task owns what it
+   Experts are processed in chunks (see MOE__EXPERT_CHUNK_FLOATS); inside a chunk the threads
+   share the work: first they pack the chunk's weight matrices for the GEMM (panels split over
+   threads, so each matrix is packed once per call, not once per task), then they take tasks
+   of rows (tokens) or of weight-gradient rows of any expert of the chunk, handed out
+   dynamically. Every task owns what it
    writes and the GEMM gives each element the same arithmetic whatever the split, so the
    results do not depend on the thread count. */
 
@@ -2078,59 +2079,100 @@ static int moe__bank_max_rows(const int *offset, int E) {
     return m;
 }
 
+/* Experts go in chunks (as many as MOE__EXPERT_CHUNK_FLOATS of packed weights and per-expert
+   buffers allow, at least one); a chunk is ONE parallel region whose phases are separated by
+   barriers, not one region per expert and phase: under load every fork/join and barrier
+   waits for the slowest thread, so the fewer the better. */
+#ifndef MOE__EXPERT_CHUNK_FLOATS
+#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
+#endif
+#if MOE__OMP
+#define MOE__OMP_PARALLEL_IF(cond) MOE__PRAGMA(omp parallel if (cond))
+#define MOE__OMP_FOR_INNER MOE__PRAGMA(omp for schedule(dynamic, 1))
+#else
+#define MOE__OMP_PARALLEL_IF(cond)
+#define MOE__OMP_FOR_INNER
+#endif
+
+/* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
+static int moe__chunk_owner(const int *start, int nexp, int i) {
+    int j = 0;
+    while (j + 1 < nexp && start[j + 1] <= i) j++;
+    return j;
+}
+
 MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
                                    const moe_expert_weights *w, const int *offset, int E, int d, int D,
                                    moe_expert_kind kind, moe_activation act) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
+    size_t per_e = (own_gate ? 2 : 1) * szin + szout;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
-    float *buf, *pu, *pg, *pd, *thr;
+    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
+    float *buf, *thr;
     if (moe__bank_max_rows(offset, E) == 0) return;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (2 * szin + szout + work * (size_t)nthreads));
+    if (chunk < 1) chunk = 1;
+    if (chunk > E) chunk = E;
+    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
+                              sizeof(int) * (size_t)(chunk + 1));
     MOE_ASSERT(buf);
-    pu = buf;
-    pg = pu + szin;
-    pd = pg + szin;
-    thr = pd + szout;
-    for (e = 0; e < E; e++) {
-        int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
-        if (n == 0) continue;
-        /* 1. B panels: up^T and gate^T (d -> D), down^T (D -> d); the weights are (out, in) */
-        MOE_OMP_FOR_IF((double)n * d * D > 1e6)
-        for (q = 0; q < nq; q++) {
-            if (q < qD) moe__pack_b_panels(pu, wu, d, 1, d, D, q, q + 1);
-            else if (q < qD + qd) moe__pack_b_panels(pd, wd, D, 1, D, d, q - qD, q - qD + 1);
-            else moe__pack_b_panels(pg, wg, d, 1, d, D, q - qD - qd, q - qD - qd + 1);
+    thr = buf + per_e * (size_t)chunk;
+    tstart = (int *)(thr + work * (size_t)nthreads);
+    for (e0 = 0; e0 < E; e0 = e1) {
+        int ntask = 0, j;
+        double flops = 0.0;
+        e1 = e0 + chunk < E ? e0 + chunk : E;
+        for (j = 0; j < e1 - e0; j++) { /* row tasks of each expert */
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            tstart[j] = ntask;
+            ntask += n > 0 ? (n + rb - 1) / rb : 0;
+            flops += (double)n * d * D;
         }
-        /* 2. row tasks: h = act(x . W1^T) (SwiGLU: silu(x . Wg^T) * (x . Wu^T)), out = h . W2^T */
-        rb = moe__task_rows(n, nthreads);
-        nb = (n + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
-        for (b = 0; b < nb; b++) {
-            int r0 = base + b * rb, rows = base + n - r0 < rb ? base + n - r0 : rb, j;
-            float *Ap = thr + work * (size_t)moe__thread_index(), *hbuf = Ap + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
-            const float *x = xg + (size_t)r0 * d;
-            float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
-            size_t i, nh = (size_t)rows * D;
-            moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
-            if (swiglu) {
-                float *hg = h_gate + (size_t)r0 * D;
-                if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
-                moe__swiglu_rows(hbuf, hg, hu, nh);
-            } else {
-                if (w->b_up)
-                    for (i = 0; i < (size_t)rows; i++)
-                        for (j = 0; j < D; j++) hu[i * D + j] += w->b_up[(size_t)e * D + j];
-                for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+        tstart[e1 - e0] = ntask;
+        if (ntask == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b;
+            /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < (e1 - e0) * nq; q++) {
+                int je = q / nq, qq = q % nq, e = e0 + je;
+                float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                if (offset[e + 1] == offset[e]) continue;
+                if (qq < qD) moe__pack_b_panels(pu, w->up + wsz * e, d, 1, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pd, w->down + wsz * e, D, 1, D, d, qq - qD, qq - qD + 1);
+                else moe__pack_b_panels(pg, w->gate + wsz * e, d, 1, d, D, qq - qD - qd, qq - qD - qd + 1);
             }
-            moe__gemm_packed(rows, d, D, hbuf, D, 0, pd, dpad, 0, o, d, 0, Ap);
-            if (!swiglu && w->b_down)
-                for (i = 0; i < (size_t)rows; i++)
-                    for (j = 0; j < d; j++) o[i * d + j] += w->b_down[(size_t)e * d + j];
+            /* 2. row tasks: h = act(x . W1^T) (SwiGLU: silu(x . Wg^T) * (x . Wu^T)), out = h . W2^T */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < ntask; b++) {
+                int je = moe__chunk_owner(tstart, e1 - e0, b), e = e0 + je, base = offset[e], n = offset[e + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - tstart[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb, jj;
+                const float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                float *Ap = thr + work * (size_t)moe__thread_index(), *hbuf = Ap + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+                const float *x = xg + (size_t)r0 * d;
+                float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
+                size_t i, nh = (size_t)rows * D;
+                moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
+                if (swiglu) {
+                    float *hg = h_gate + (size_t)r0 * D;
+                    if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
+                    moe__swiglu_rows(hbuf, hg, hu, nh);
+                } else {
+                    if (w->b_up)
+                        for (i = 0; i < (size_t)rows; i++)
+                            for (jj = 0; jj < D; jj++) hu[i * D + jj] += w->b_up[(size_t)e * D + jj];
+                    for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+                }
+                moe__gemm_packed(rows, d, D, hbuf, D, 0, pd, dpad, 0, o, d, 0, Ap);
+                if (!swiglu && w->b_down)
+                    for (i = 0; i < (size_t)rows; i++)
+                        for (jj = 0; jj < d; jj++) o[i * d + jj] += w->b_down[(size_t)e * d + jj];
+            }
         }
     }
     MOE_FREE(buf);
@@ -2141,89 +2183,148 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
                                     const moe_expert_weights *w, const int *offset, int E, int d,
                                     int D, moe_expert_kind kind, moe_activation act, float *scratch1,
                                     float *scratch2) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
     int nq = qD + (own_gate ? 3 : 2) * qd; /* down, up, x (, gate) */
     size_t szdown = moe__packed_b_floats(d, D), szup = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
-    size_t szx = moe__packed_b_floats(nmax, d), szh = (size_t)nmax * D, szph = moe__packed_b_floats(nmax, D);
-    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+    size_t szw = szdown + (own_gate ? 2 : 1) * szup; /* packed weights of one expert */
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC, cap = 0;
     /* weight-gradient tasks: blocks of wb rows over down (d rows), up and gate (D rows each) */
     int wb = moe__task_rows(d + (own_gate ? 2 : 1) * D, nthreads);
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
-    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias;
-    float *buf, *pdown, *pup, *pgate, *px, *H, *pH, *thr;
+    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
+    float *buf, *thr;
+    size_t *dstart;
     if (nmax == 0) return;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (szdown + 2 * szup + szx + szh + szph + work * (size_t)nthreads));
+    /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
+#define MOE__BWD_EXPERT_FLOATS(n) \
+    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
+        }
+        cap = sz > cap ? sz : cap;
+    }
+    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
+                              sizeof(int) * (size_t)(3 * (E + 1)));
     MOE_ASSERT(buf);
-    pdown = buf;
-    pup = pdown + szdown;
-    pgate = pup + szup;
-    px = pgate + szup;
-    H = px + szx;
-    pH = H + szh;
-    thr = pH + szph;
-    for (e = 0; e < E; e++) {
-        int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b, t;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
-        const float *xe = xg + (size_t)base * d, *dye = dout + (size_t)base * d;
-        if (n == 0) continue;
-        /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, this expert's x for dW */
-        MOE_OMP_FOR_IF((double)n * d * D > 1e6)
-        for (q = 0; q < nq; q++) {
-            if (q < qD) moe__pack_b_panels(pdown, wd, D, 0, d, D, q, q + 1);
-            else if (q < qD + qd) moe__pack_b_panels(pup, wu, d, 0, D, d, q - qD, q - qD + 1);
-            else if (q < qD + 2 * qd) moe__pack_b_panels(px, xe, d, 0, n, d, q - qD - qd, q - qD - qd + 1);
-            else moe__pack_b_panels(pgate, wg, d, 0, D, d, q - qD - 2 * qd, q - qD - 2 * qd + 1);
+    thr = buf + cap;
+    dstart = (size_t *)(thr + work * (size_t)nthreads);
+    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        int nrow = 0, nph = 0, nw = 0, nexp, j;
+        double flops = 0.0;
+        int *trow, *tph, *tw;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
         }
-        /* 2. row tasks: dh = dout . W2; h (kept in H for dW2) and the pre-activation gradients
-              (SwiGLU: scratch1 = d gate, scratch2 = d up; FFN: scratch2); dx = dup . Wu + dgate . Wg */
-        rb = moe__task_rows(n, nthreads);
-        nb = (n + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
-        for (b = 0; b < nb; b++) {
-            int r0 = base + b * rb, rows = base + n - r0 < rb ? base + n - r0 : rb;
-            float *Ap = thr + work * (size_t)moe__thread_index();
-            size_t i, lo = (size_t)r0 * D, nh = (size_t)rows * D;
-            float *he = H + (size_t)(r0 - base) * D;
-            const float *hg = h_gate + lo, *hu = h_up + lo;
-            float *s1 = scratch1 + lo, *s2 = scratch2 + lo;
-            moe__gemm_packed(rows, D, d, dout + (size_t)r0 * d, d, 0, pdown, Dpad, 0, s2, D, 0, Ap);
-            if (swiglu) {
-                moe__swiglu_rows_backward(he, s1, s2, hg, hu, nh);
-            } else {
-                for (i = 0; i < nh; i++) {
-                    he[i] = moe__act(hu[i], act);
-                    s2[i] *= moe__act_grad(hu[i], act);
-                }
+        nexp = e1 - e0;
+        trow = ts;
+        tph = ts + nexp + 1;
+        tw = ts + 2 * (nexp + 1);
+        sz = 0;
+        for (j = 0; j < nexp; j++) {
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            dstart[j] = sz;
+            sz += MOE__BWD_EXPERT_FLOATS(n);
+            trow[j] = nrow;
+            tph[j] = nph;
+            tw[j] = nw;
+            if (n > 0) {
+                nrow += (n + rb - 1) / rb;
+                nph += qD;
+                nw += nwt;
             }
-            moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
-            if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            flops += (double)n * d * D;
         }
-        /* 3. H as B panels for dW2 */
-        MOE_OMP_FOR_IF((double)n * D > 1e5)
-        for (q = 0; q < qD; q++) moe__pack_b_panels(pH, H, D, 0, n, D, q, q + 1);
-        /* 4. weight gradients, blocks of rows: dW2 (d, D) += dout_e^T . h_e;
-              dWu (D, d) += dup_e^T . x_e; dWg (D, d) += dgate_e^T . x_e; the biases last */
-        MOE_OMP_FOR_DYNAMIC
-        for (t = 0; t < nwt; t++) {
-            float *Ap = thr + work * (size_t)moe__thread_index();
-            if (t < nbd) {
-                int r = t * wb, rows = d - r < wb ? d - r : wb;
-                moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * e + (size_t)r * D, D, 1, Ap);
-            } else if (t < nbd + (own_gate ? 2 : 1) * nbD) {
-                int k = t - nbd, gate = k >= nbD, r = (k % nbD) * wb, rows = D - r < wb ? D - r : wb;
-                const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
-                float *dw = (gate ? gw->gate : gw->up) + wsz * e + (size_t)r * d;
-                moe__gemm_packed(rows, d, n, a, D, 1, px, dpad, 0, dw, d, 1, Ap);
-            } else {
-                if (gw->b_down) moe__colsum_acc_serial(gw->b_down + (size_t)e * d, dye, n, d);
-                if (gw->b_up) moe__colsum_acc_serial(gw->b_up + (size_t)e * D, scratch2 + (size_t)base * D, n, D);
+        trow[nexp] = nrow;
+        tph[nexp] = nph;
+        tw[nexp] = nw;
+        if (nrow == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b, t;
+            /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nexp * nq; q++) {
+                int je = q / nq, qq = q % nq, ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *pdown = buf + dstart[je], *pup = pdown + szdown, *px = pup + (own_gate ? 2 : 1) * szup;
+                float *pgate = pup + szup;
+                const float *xe = xg + (size_t)offset[ee] * d;
+                if (n == 0) continue;
+                if (qq < qD) moe__pack_b_panels(pdown, w->down + wsz * ee, D, 0, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pup, w->up + wsz * ee, d, 0, D, d, qq - qD, qq - qD + 1);
+                else if (qq < qD + 2 * qd) moe__pack_b_panels(px, xe, d, 0, n, d, qq - qD - qd, qq - qD - qd + 1);
+                else moe__pack_b_panels(pgate, w->gate + wsz * ee, d, 0, D, d, qq - qD - 2 * qd, qq - qD - 2 * qd + 1);
+            }
+            /* 2. row tasks: dh = dout . W2; h (kept in H for dW2) and the pre-activation gradients
+                  (SwiGLU: scratch1 = d gate, scratch2 = d up; FFN: scratch2); dx = dup . Wu + dgate . Wg */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < nrow; b++) {
+                int je = moe__chunk_owner(trow, nexp, b), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - trow[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb;
+                const float *pdown = buf + dstart[je], *pup = pdown + szdown, *pgate = pup + szup;
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d);
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                size_t i, lo = (size_t)r0 * D, nh = (size_t)rows * D;
+                float *he = H + (size_t)(r0 - base) * D;
+                const float *hg = h_gate + lo, *hu = h_up + lo;
+                float *s1 = scratch1 + lo, *s2 = scratch2 + lo;
+                moe__gemm_packed(rows, D, d, dout + (size_t)r0 * d, d, 0, pdown, Dpad, 0, s2, D, 0, Ap);
+                if (swiglu) {
+                    moe__swiglu_rows_backward(he, s1, s2, hg, hu, nh);
+                } else {
+                    for (i = 0; i < nh; i++) {
+                        he[i] = moe__act(hu[i], act);
+                        s2[i] *= moe__act_grad(hu[i], act);
+                    }
+                }
+                moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
+                if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            }
+            /* 3. H as B panels for dW2 */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nph; q++) {
+                int je = moe__chunk_owner(tph, nexp, q), ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d), *pH = H + (size_t)n * D;
+                int qq = q - tph[je];
+                moe__pack_b_panels(pH, H, D, 0, n, D, qq, qq + 1);
+            }
+            /* 4. weight gradients, blocks of rows: dW2 (d, D) += dout_e^T . h_e;
+                  dWu (D, d) += dup_e^T . x_e; dWg (D, d) += dgate_e^T . x_e; the biases last */
+            MOE__OMP_FOR_INNER
+            for (t = 0; t < nw; t++) {
+                int je = moe__chunk_owner(tw, nexp, t), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int k = t - tw[je];
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                const float *px = buf + dstart[je] + szw, *pH = px + moe__packed_b_floats(n, d) + (size_t)n * D;
+                const float *dye = dout + (size_t)base * d;
+                if (k < nbd) {
+                    int r = k * wb, rows = d - r < wb ? d - r : wb;
+                    moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * ee + (size_t)r * D, D, 1, Ap);
+                } else if (k < nbd + (own_gate ? 2 : 1) * nbD) {
+                    int kk = k - nbd, gate = kk >= nbD, r = (kk % nbD) * wb, rows = D - r < wb ? D - r : wb;
+                    const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
+                    float *dw = (gate ? gw->gate : gw->up) + wsz * ee + (size_t)r * d;
+                    moe__gemm_packed(rows, d, n, a, D, 1, px, dpad, 0, dw, d, 1, Ap);
+                } else {
+                    if (gw->b_down) moe__colsum_acc_serial(gw->b_down + (size_t)ee * d, dye, n, d);
+                    if (gw->b_up) moe__colsum_acc_serial(gw->b_up + (size_t)ee * D, scratch2 + (size_t)base * D, n, D);
+                }
             }
         }
     }
+#undef MOE__BWD_EXPERT_FLOATS
     MOE_FREE(buf);
 }
 

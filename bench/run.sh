@@ -6,6 +6,8 @@
 #   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box
 #   ratio=ours_vs_torch bench=train_lm config=dense|moe value=V  training tokens/s, both tuned
 #   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V
+# and bench/moe_layer's router-family lines (bench=moe_layer_router ... overhead_pct=, top-k
+# and the family timed in alternation inside one process).
 #
 # Runtime settings. "tuned" (the headline): OMP_WAIT_POLICY=PASSIVE, and on AVX-512 machines
 # OPENBLAS_CORETYPE=SkylakeX, for our binaries and for the peer alike (the peer also calls
@@ -51,6 +53,8 @@ for b in "$@"; do
             plain "$b" "$c" | sed 's/^bench=moe_layer /bench=moe_layer setting=default /' | tee -a "$log"
             [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=default | tee -a "$log"
         done
+        # router families against top-k (issue 4), tuned: bench=moe_layer_router ... overhead_pct=
+        tuned "$b" --routers | tee -a "$log"
         ;;
     train_lm)
         for c in dense moe; do

@@ -21,6 +21,9 @@
             (same parameters as top-k), paper weighting (softmax over the k chosen norms)
      hyper  top-k + HyperMoE with the official code's sizes: expert embedding 128, processor
             hidden 128, condition 128, layer embedding 10, hypernetwork b = 128, adapter a = 64
+            (its adapter products are T x d x (a b) GEMMs: 2 T d a b flops each way, several
+            times the experts' own 6 T k d D at these shapes)
+     hyper_tiny  the same with the library's default tiny sizes (32, 32, 32, 4, b = 32, a = 16)
      gw     top-k + GW-MoE broadcast, gw_active = 1, normalised entropy threshold set to the
             90th percentile of the tokens' routing entropy (about 10% of tokens broadcast;
             broadcast_share reports the measured share)
@@ -158,6 +161,8 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
         c.hyper_layer_dim = 10;
         c.hyper_width = 128;
         c.hyper_adapter = 64;
+    } else if (strcmp(router, "hyper_tiny") == 0) {
+        c.hyper = 1; /* moe_layer_config_default's tiny sizes */
     } else if (strcmp(router, "gw") == 0) {
         c.gw_threshold = 1.0f; /* > 0 sizes the assignment list for broadcasts; set below */
         c.gw_normalized = 1;
@@ -257,7 +262,7 @@ static void family_backward(family *f, float *dx, const float *dy, const float *
 }
 
 static int bench_routers(const char *name, int T, int d, int D, int E, int k) {
-    static const char *routers[] = {"aoe", "hyper", "gw", "rmoe"};
+    static const char *routers[] = {"aoe", "hyper", "hyper_tiny", "gw", "rmoe"};
     family base, fam;
     moe_rng rng;
     size_t n = (size_t)T * d, i;
@@ -268,7 +273,7 @@ static int bench_routers(const char *name, int T, int d, int D, int E, int k) {
     for (i = 0; i < n; i++) x[i] = moe_rng_normal(&rng);
     for (i = 0; i < n; i++) dy[i] = moe_rng_normal(&rng) / (float)T;
     if (family_init(&base, "topk", T, d, D, E, k, x, &rng)) return 1;
-    for (ri = 0; ri < 4; ri++) {
+    for (ri = 0; ri < 5; ri++) {
         double tb[2][REPS], tf[2][REPS], mb, mf;
         if (family_init(&fam, routers[ri], T, d, D, E, k, x, &rng)) return 1;
         /* warm-up both */

@@ -1931,12 +1931,21 @@ MOE__IMPL void moe_rmsnorm_backward(float *dinp, float *dweight, const float *do
         dot /= (float)n;
         for (j = 0; j < n; j++) dx[j] += rs * (weight[j] * dy[j] - x[j] * rs * rs * dot);
     }
-    if (dweight)
-        for (i = 0; i < n; i++) {
-            float acc = 0.0f;
-            for (r = 0; r < rows; r++) acc += dout[(size_t)r * n + i] * inp[(size_t)r * n + i] * rstd[r];
-            dweight[i] += acc;
+    if (dweight) { /* blocks of 64 columns, rows streamed: each column still sums in row order */
+        int nb = (n + 63) / 64;
+        MOE_OMP_FOR_IF((double)rows * n > 1e5)
+        for (i = 0; i < nb; i++) {
+            int c0 = i * 64, cols = n - c0 < 64 ? n - c0 : 64, j, rr;
+            float acc[64];
+            for (j = 0; j < cols; j++) acc[j] = 0.0f;
+            for (rr = 0; rr < rows; rr++) {
+                const float *dy = dout + (size_t)rr * n + c0, *x = inp + (size_t)rr * n + c0;
+                float rs = rstd[rr];
+                for (j = 0; j < cols; j++) acc[j] += dy[j] * x[j] * rs;
+            }
+            for (j = 0; j < cols; j++) dweight[c0 + j] += acc[j];
         }
+    }
 }
 
 MOE__IMPL void moe_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
@@ -2030,10 +2039,11 @@ MOE__IMPL void moe_crossentropy_backward(float *dlogits, const float *logits, co
 /* ============================================================================================
    >>moe:experts
    ============================================================================================
-   Experts are processed one after the other; inside an expert the threads share the work:
-   first they pack the expert's weight matrices for the GEMM (panels split over threads, so
-   each matrix is packed once per call, not once per task), then they take tasks of rows
-   (tokens) or of weight-gradient rows, handed out dynamically. Every task owns what it
+   Experts are processed in chunks (see MOE__EXPERT_CHUNK_FLOATS); inside a chunk the threads
+   share the work: first they pack the chunk's weight matrices for the GEMM (panels split over
+   threads, so each matrix is packed once per call, not once per task), then they take tasks
+   of rows (tokens) or of weight-gradient rows of any expert of the chunk, handed out
+   dynamically. Every task owns what it
    writes and the GEMM gives each element the same arithmetic whatever the split, so the
    results do not depend on the thread count. */
 
@@ -2050,17 +2060,20 @@ static int moe__task_rows(int n, int nthreads) {
    call per element, about 9 cycles, and the experts do three per hidden unit and token).
    exp(-x) = 2^k exp(r), k = round(-x / ln 2), |r| <= ln 2 / 2, exp(r) by its degree-6 Taylor
    polynomial; the relative error is below 3e-7 (a few ulp). The argument is clamped to
-   [-87, 87] (sigmoid's value is then 0 or 1 to float precision) and NaN passes through. */
-static float moe__expert_sigmoid(float x) {
-    float z = -x, zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
+   [-87, 87] (sigmoid's value is then 0 or 1 to float precision) and NaN passes through.
+   moe__expf_poly is that exp (also used by the attention softmax). */
+static float moe__expf_poly(float z) {
+    float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
     float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
     float r = (zc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
     uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x == x ? 1.0f / (1.0f + p * scale) : x;
+    return p * scale;
 }
+
+static float moe__expert_sigmoid(float x) { return x == x ? 1.0f / (1.0f + moe__expf_poly(-x)) : x; }
 
 /* h = silu(g) * u over n elements */
 MOE__GEMM_FN void moe__swiglu_rows(float *MOE_RESTRICT h, const float *MOE_RESTRICT g, const float *MOE_RESTRICT u,
@@ -2089,59 +2102,100 @@ static int moe__bank_max_rows(const int *offset, int E) {
     return m;
 }
 
+/* Experts go in chunks (as many as MOE__EXPERT_CHUNK_FLOATS of packed weights and per-expert
+   buffers allow, at least one); a chunk is ONE parallel region whose phases are separated by
+   barriers, not one region per expert and phase: under load every fork/join and barrier
+   waits for the slowest thread, so the fewer the better. */
+#ifndef MOE__EXPERT_CHUNK_FLOATS
+#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
+#endif
+#if MOE__OMP
+#define MOE__OMP_PARALLEL_IF(cond) MOE__PRAGMA(omp parallel if (cond))
+#define MOE__OMP_FOR_INNER MOE__PRAGMA(omp for schedule(dynamic, 1))
+#else
+#define MOE__OMP_PARALLEL_IF(cond)
+#define MOE__OMP_FOR_INNER
+#endif
+
+/* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
+static int moe__chunk_owner(const int *start, int nexp, int i) {
+    int j = 0;
+    while (j + 1 < nexp && start[j + 1] <= i) j++;
+    return j;
+}
+
 MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
                                    const moe_expert_weights *w, const int *offset, int E, int d, int D,
                                    moe_expert_kind kind, moe_activation act) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
+    size_t per_e = (own_gate ? 2 : 1) * szin + szout;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
-    float *buf, *pu, *pg, *pd, *thr;
+    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
+    float *buf, *thr;
     if (moe__bank_max_rows(offset, E) == 0) return;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (2 * szin + szout + work * (size_t)nthreads));
+    if (chunk < 1) chunk = 1;
+    if (chunk > E) chunk = E;
+    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
+                              sizeof(int) * (size_t)(chunk + 1));
     MOE_ASSERT(buf);
-    pu = buf;
-    pg = pu + szin;
-    pd = pg + szin;
-    thr = pd + szout;
-    for (e = 0; e < E; e++) {
-        int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
-        if (n == 0) continue;
-        /* 1. B panels: up^T and gate^T (d -> D), down^T (D -> d); the weights are (out, in) */
-        MOE_OMP_FOR_IF((double)n * d * D > 1e6)
-        for (q = 0; q < nq; q++) {
-            if (q < qD) moe__pack_b_panels(pu, wu, d, 1, d, D, q, q + 1);
-            else if (q < qD + qd) moe__pack_b_panels(pd, wd, D, 1, D, d, q - qD, q - qD + 1);
-            else moe__pack_b_panels(pg, wg, d, 1, d, D, q - qD - qd, q - qD - qd + 1);
+    thr = buf + per_e * (size_t)chunk;
+    tstart = (int *)(thr + work * (size_t)nthreads);
+    for (e0 = 0; e0 < E; e0 = e1) {
+        int ntask = 0, j;
+        double flops = 0.0;
+        e1 = e0 + chunk < E ? e0 + chunk : E;
+        for (j = 0; j < e1 - e0; j++) { /* row tasks of each expert */
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            tstart[j] = ntask;
+            ntask += n > 0 ? (n + rb - 1) / rb : 0;
+            flops += (double)n * d * D;
         }
-        /* 2. row tasks: h = act(x . W1^T) (SwiGLU: silu(x . Wg^T) * (x . Wu^T)), out = h . W2^T */
-        rb = moe__task_rows(n, nthreads);
-        nb = (n + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
-        for (b = 0; b < nb; b++) {
-            int r0 = base + b * rb, rows = base + n - r0 < rb ? base + n - r0 : rb, j;
-            float *Ap = thr + work * (size_t)moe__thread_index(), *hbuf = Ap + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
-            const float *x = xg + (size_t)r0 * d;
-            float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
-            size_t i, nh = (size_t)rows * D;
-            moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
-            if (swiglu) {
-                float *hg = h_gate + (size_t)r0 * D;
-                if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
-                moe__swiglu_rows(hbuf, hg, hu, nh);
-            } else {
-                if (w->b_up)
-                    for (i = 0; i < (size_t)rows; i++)
-                        for (j = 0; j < D; j++) hu[i * D + j] += w->b_up[(size_t)e * D + j];
-                for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+        tstart[e1 - e0] = ntask;
+        if (ntask == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b;
+            /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < (e1 - e0) * nq; q++) {
+                int je = q / nq, qq = q % nq, e = e0 + je;
+                float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                if (offset[e + 1] == offset[e]) continue;
+                if (qq < qD) moe__pack_b_panels(pu, w->up + wsz * e, d, 1, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pd, w->down + wsz * e, D, 1, D, d, qq - qD, qq - qD + 1);
+                else moe__pack_b_panels(pg, w->gate + wsz * e, d, 1, d, D, qq - qD - qd, qq - qD - qd + 1);
             }
-            moe__gemm_packed(rows, d, D, hbuf, D, 0, pd, dpad, 0, o, d, 0, Ap);
-            if (!swiglu && w->b_down)
-                for (i = 0; i < (size_t)rows; i++)
-                    for (j = 0; j < d; j++) o[i * d + j] += w->b_down[(size_t)e * d + j];
+            /* 2. row tasks: h = act(x . W1^T) (SwiGLU: silu(x . Wg^T) * (x . Wu^T)), out = h . W2^T */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < ntask; b++) {
+                int je = moe__chunk_owner(tstart, e1 - e0, b), e = e0 + je, base = offset[e], n = offset[e + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - tstart[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb, jj;
+                const float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                float *Ap = thr + work * (size_t)moe__thread_index(), *hbuf = Ap + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+                const float *x = xg + (size_t)r0 * d;
+                float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
+                size_t i, nh = (size_t)rows * D;
+                moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
+                if (swiglu) {
+                    float *hg = h_gate + (size_t)r0 * D;
+                    if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
+                    moe__swiglu_rows(hbuf, hg, hu, nh);
+                } else {
+                    if (w->b_up)
+                        for (i = 0; i < (size_t)rows; i++)
+                            for (jj = 0; jj < D; jj++) hu[i * D + jj] += w->b_up[(size_t)e * D + jj];
+                    for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+                }
+                moe__gemm_packed(rows, d, D, hbuf, D, 0, pd, dpad, 0, o, d, 0, Ap);
+                if (!swiglu && w->b_down)
+                    for (i = 0; i < (size_t)rows; i++)
+                        for (jj = 0; jj < d; jj++) o[i * d + jj] += w->b_down[(size_t)e * d + jj];
+            }
         }
     }
     MOE_FREE(buf);
@@ -2152,89 +2206,148 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
                                     const moe_expert_weights *w, const int *offset, int E, int d,
                                     int D, moe_expert_kind kind, moe_activation act, float *scratch1,
                                     float *scratch2) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e;
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
     int nq = qD + (own_gate ? 3 : 2) * qd; /* down, up, x (, gate) */
     size_t szdown = moe__packed_b_floats(d, D), szup = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
-    size_t szx = moe__packed_b_floats(nmax, d), szh = (size_t)nmax * D, szph = moe__packed_b_floats(nmax, D);
-    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+    size_t szw = szdown + (own_gate ? 2 : 1) * szup; /* packed weights of one expert */
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC, cap = 0;
     /* weight-gradient tasks: blocks of wb rows over down (d rows), up and gate (D rows each) */
     int wb = moe__task_rows(d + (own_gate ? 2 : 1) * D, nthreads);
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
-    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias;
-    float *buf, *pdown, *pup, *pgate, *px, *H, *pH, *thr;
+    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
+    float *buf, *thr;
+    size_t *dstart;
     if (nmax == 0) return;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (szdown + 2 * szup + szx + szh + szph + work * (size_t)nthreads));
+    /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
+#define MOE__BWD_EXPERT_FLOATS(n) \
+    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
+        }
+        cap = sz > cap ? sz : cap;
+    }
+    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
+                              sizeof(int) * (size_t)(3 * (E + 1)));
     MOE_ASSERT(buf);
-    pdown = buf;
-    pup = pdown + szdown;
-    pgate = pup + szup;
-    px = pgate + szup;
-    H = px + szx;
-    pH = H + szh;
-    thr = pH + szph;
-    for (e = 0; e < E; e++) {
-        int n = offset[e + 1] - offset[e], base = offset[e], rb, nb, q, b, t;
-        const float *wu = w->up + wsz * e, *wd = w->down + wsz * e, *wg = own_gate ? w->gate + wsz * e : NULL;
-        const float *xe = xg + (size_t)base * d, *dye = dout + (size_t)base * d;
-        if (n == 0) continue;
-        /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, this expert's x for dW */
-        MOE_OMP_FOR_IF((double)n * d * D > 1e6)
-        for (q = 0; q < nq; q++) {
-            if (q < qD) moe__pack_b_panels(pdown, wd, D, 0, d, D, q, q + 1);
-            else if (q < qD + qd) moe__pack_b_panels(pup, wu, d, 0, D, d, q - qD, q - qD + 1);
-            else if (q < qD + 2 * qd) moe__pack_b_panels(px, xe, d, 0, n, d, q - qD - qd, q - qD - qd + 1);
-            else moe__pack_b_panels(pgate, wg, d, 0, D, d, q - qD - 2 * qd, q - qD - 2 * qd + 1);
+    thr = buf + cap;
+    dstart = (size_t *)(thr + work * (size_t)nthreads);
+    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        int nrow = 0, nph = 0, nw = 0, nexp, j;
+        double flops = 0.0;
+        int *trow, *tph, *tw;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
         }
-        /* 2. row tasks: dh = dout . W2; h (kept in H for dW2) and the pre-activation gradients
-              (SwiGLU: scratch1 = d gate, scratch2 = d up; FFN: scratch2); dx = dup . Wu + dgate . Wg */
-        rb = moe__task_rows(n, nthreads);
-        nb = (n + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
-        for (b = 0; b < nb; b++) {
-            int r0 = base + b * rb, rows = base + n - r0 < rb ? base + n - r0 : rb;
-            float *Ap = thr + work * (size_t)moe__thread_index();
-            size_t i, lo = (size_t)r0 * D, nh = (size_t)rows * D;
-            float *he = H + (size_t)(r0 - base) * D;
-            const float *hg = h_gate + lo, *hu = h_up + lo;
-            float *s1 = scratch1 + lo, *s2 = scratch2 + lo;
-            moe__gemm_packed(rows, D, d, dout + (size_t)r0 * d, d, 0, pdown, Dpad, 0, s2, D, 0, Ap);
-            if (swiglu) {
-                moe__swiglu_rows_backward(he, s1, s2, hg, hu, nh);
-            } else {
-                for (i = 0; i < nh; i++) {
-                    he[i] = moe__act(hu[i], act);
-                    s2[i] *= moe__act_grad(hu[i], act);
-                }
+        nexp = e1 - e0;
+        trow = ts;
+        tph = ts + nexp + 1;
+        tw = ts + 2 * (nexp + 1);
+        sz = 0;
+        for (j = 0; j < nexp; j++) {
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            dstart[j] = sz;
+            sz += MOE__BWD_EXPERT_FLOATS(n);
+            trow[j] = nrow;
+            tph[j] = nph;
+            tw[j] = nw;
+            if (n > 0) {
+                nrow += (n + rb - 1) / rb;
+                nph += qD;
+                nw += nwt;
             }
-            moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
-            if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            flops += (double)n * d * D;
         }
-        /* 3. H as B panels for dW2 */
-        MOE_OMP_FOR_IF((double)n * D > 1e5)
-        for (q = 0; q < qD; q++) moe__pack_b_panels(pH, H, D, 0, n, D, q, q + 1);
-        /* 4. weight gradients, blocks of rows: dW2 (d, D) += dout_e^T . h_e;
-              dWu (D, d) += dup_e^T . x_e; dWg (D, d) += dgate_e^T . x_e; the biases last */
-        MOE_OMP_FOR_DYNAMIC
-        for (t = 0; t < nwt; t++) {
-            float *Ap = thr + work * (size_t)moe__thread_index();
-            if (t < nbd) {
-                int r = t * wb, rows = d - r < wb ? d - r : wb;
-                moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * e + (size_t)r * D, D, 1, Ap);
-            } else if (t < nbd + (own_gate ? 2 : 1) * nbD) {
-                int k = t - nbd, gate = k >= nbD, r = (k % nbD) * wb, rows = D - r < wb ? D - r : wb;
-                const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
-                float *dw = (gate ? gw->gate : gw->up) + wsz * e + (size_t)r * d;
-                moe__gemm_packed(rows, d, n, a, D, 1, px, dpad, 0, dw, d, 1, Ap);
-            } else {
-                if (gw->b_down) moe__colsum_acc_serial(gw->b_down + (size_t)e * d, dye, n, d);
-                if (gw->b_up) moe__colsum_acc_serial(gw->b_up + (size_t)e * D, scratch2 + (size_t)base * D, n, D);
+        trow[nexp] = nrow;
+        tph[nexp] = nph;
+        tw[nexp] = nw;
+        if (nrow == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b, t;
+            /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nexp * nq; q++) {
+                int je = q / nq, qq = q % nq, ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *pdown = buf + dstart[je], *pup = pdown + szdown, *px = pup + (own_gate ? 2 : 1) * szup;
+                float *pgate = pup + szup;
+                const float *xe = xg + (size_t)offset[ee] * d;
+                if (n == 0) continue;
+                if (qq < qD) moe__pack_b_panels(pdown, w->down + wsz * ee, D, 0, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pup, w->up + wsz * ee, d, 0, D, d, qq - qD, qq - qD + 1);
+                else if (qq < qD + 2 * qd) moe__pack_b_panels(px, xe, d, 0, n, d, qq - qD - qd, qq - qD - qd + 1);
+                else moe__pack_b_panels(pgate, w->gate + wsz * ee, d, 0, D, d, qq - qD - 2 * qd, qq - qD - 2 * qd + 1);
+            }
+            /* 2. row tasks: dh = dout . W2; h (kept in H for dW2) and the pre-activation gradients
+                  (SwiGLU: scratch1 = d gate, scratch2 = d up; FFN: scratch2); dx = dup . Wu + dgate . Wg */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < nrow; b++) {
+                int je = moe__chunk_owner(trow, nexp, b), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - trow[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb;
+                const float *pdown = buf + dstart[je], *pup = pdown + szdown, *pgate = pup + szup;
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d);
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                size_t i, lo = (size_t)r0 * D, nh = (size_t)rows * D;
+                float *he = H + (size_t)(r0 - base) * D;
+                const float *hg = h_gate + lo, *hu = h_up + lo;
+                float *s1 = scratch1 + lo, *s2 = scratch2 + lo;
+                moe__gemm_packed(rows, D, d, dout + (size_t)r0 * d, d, 0, pdown, Dpad, 0, s2, D, 0, Ap);
+                if (swiglu) {
+                    moe__swiglu_rows_backward(he, s1, s2, hg, hu, nh);
+                } else {
+                    for (i = 0; i < nh; i++) {
+                        he[i] = moe__act(hu[i], act);
+                        s2[i] *= moe__act_grad(hu[i], act);
+                    }
+                }
+                moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
+                if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            }
+            /* 3. H as B panels for dW2 */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nph; q++) {
+                int je = moe__chunk_owner(tph, nexp, q), ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d), *pH = H + (size_t)n * D;
+                int qq = q - tph[je];
+                moe__pack_b_panels(pH, H, D, 0, n, D, qq, qq + 1);
+            }
+            /* 4. weight gradients, blocks of rows: dW2 (d, D) += dout_e^T . h_e;
+                  dWu (D, d) += dup_e^T . x_e; dWg (D, d) += dgate_e^T . x_e; the biases last */
+            MOE__OMP_FOR_INNER
+            for (t = 0; t < nw; t++) {
+                int je = moe__chunk_owner(tw, nexp, t), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int k = t - tw[je];
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                const float *px = buf + dstart[je] + szw, *pH = px + moe__packed_b_floats(n, d) + (size_t)n * D;
+                const float *dye = dout + (size_t)base * d;
+                if (k < nbd) {
+                    int r = k * wb, rows = d - r < wb ? d - r : wb;
+                    moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * ee + (size_t)r * D, D, 1, Ap);
+                } else if (k < nbd + (own_gate ? 2 : 1) * nbD) {
+                    int kk = k - nbd, gate = kk >= nbD, r = (kk % nbD) * wb, rows = D - r < wb ? D - r : wb;
+                    const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
+                    float *dw = (gate ? gw->gate : gw->up) + wsz * ee + (size_t)r * d;
+                    moe__gemm_packed(rows, d, n, a, D, 1, px, dpad, 0, dw, d, 1, Ap);
+                } else {
+                    if (gw->b_down) moe__colsum_acc_serial(gw->b_down + (size_t)ee * d, dye, n, d);
+                    if (gw->b_up) moe__colsum_acc_serial(gw->b_up + (size_t)ee * D, scratch2 + (size_t)base * D, n, D);
+                }
             }
         }
     }
+#undef MOE__BWD_EXPERT_FLOATS
     MOE_FREE(buf);
 }
 
@@ -3417,72 +3530,143 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
 /* ============================================================================================
    >>moe:attention
    ============================================================================================
-   One task per (sequence, head) owns its slice of out / att / dqkv: the products are small
-   GEMMs (T x T x hd) run by the single-threaded moe_gemm inside the task. */
+   One task per (sequence, head) owns its slice of out / att / dqkv. Inside a task the rows
+   (queries) go in blocks of MOE__ATT_RB and each block only computes the keys up to its last
+   row (the causal triangle, rounded up to whole blocks); the keys' gradients go by key blocks
+   over the queries at and after them. The products run on the GEMM's packed micro-kernel
+   with one workspace per thread allocated once per call; the block grid never depends on
+   the thread count, so every element gets the same arithmetic however the tasks fall. */
+
+#define MOE__ATT_RB 32 /* rows per query / key block: a multiple of MOE_GEMM_MR */
+
+/* C (M, N) = op(A) (M, K) . B (K, N) (b_trans: B stored (N, K)), single-threaded, packing
+   into the caller's workspace ws (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)) */
+static void moe__att_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B, int ldb,
+                          int b_trans, float *C, int ldc, float *ws) {
+    float *Bp = ws + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+    int npad = moe__round_up(N, MOE_GEMM_NR);
+    moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
+    moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, 0, ws);
+}
+
+static size_t moe__att_ws_floats(int T, int hd) {
+    size_t a = moe__packed_b_floats(hd, T), b = moe__packed_b_floats(T, hd);
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (a > b ? a : b);
+}
+
+/* Row sums and maxima in 16 lanes combined in a fixed order, so the loops vectorize and every
+   row gets the same arithmetic wherever it is computed. */
+#define MOE__ATT_LANES 16
+
+/* row[0..n) = softmax(scale * row[0..n)) */
+MOE__GEMM_FN void moe__att_softmax_row(float *MOE_RESTRICT row, int n, float scale) {
+    float m[MOE__ATT_LANES], acc[MOE__ATT_LANES], mx, sum = 0.0f, inv;
+    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
+    for (j = 0; j < MOE__ATT_LANES; j++) { m[j] = -FLT_MAX; acc[j] = 0.0f; }
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
+    for (j = 0; u + j < n; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
+    mx = m[0];
+    for (j = 1; j < MOE__ATT_LANES; j++) mx = m[j] > mx ? m[j] : mx;
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) {
+            float e = moe__expf_poly((row[u + j] - mx) * scale);
+            row[u + j] = e;
+            acc[j] += e;
+        }
+    for (j = 0; u + j < n; j++) {
+        float e = moe__expf_poly((row[u + j] - mx) * scale);
+        row[u + j] = e;
+        acc[j] += e;
+    }
+    for (j = 0; j < MOE__ATT_LANES; j++) sum += acc[j];
+    inv = 1.0f / sum;
+    for (u = 0; u < n; u++) row[u] *= inv;
+}
+
+/* g[0..n) = p * (g - <g, p>) * scale: the softmax backward of one row */
+MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const float *MOE_RESTRICT p, int n, float scale) {
+    float acc[MOE__ATT_LANES], dot = 0.0f;
+    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
+    for (j = 0; j < MOE__ATT_LANES; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += MOE__ATT_LANES)
+        for (j = 0; j < MOE__ATT_LANES; j++) acc[j] += g[u + j] * p[u + j];
+    for (j = 0; u + j < n; j++) acc[j] += g[u + j] * p[u + j];
+    for (j = 0; j < MOE__ATT_LANES; j++) dot += acc[j];
+    for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
+}
 
 MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
-    int hd = d / NH, task;
+    int hd = d / NH, task, nthreads = moe_num_threads();
     float scale = 1.0f / sqrtf((float)hd);
+    /* per thread: A panel, packed k^T, then the P . v product's own workspace */
+    size_t wsz = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
+    MOE_ASSERT(ws);
     MOE_OMP_FOR_DYNAMIC
     for (task = 0; task < B * NH; task++) {
-        int b = task / NH, h = task % NH, t, u, i;
+        int b = task / NH, h = task % NH, t0, t;
         const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
         const float *k = q + d, *v = q + 2 * d;
-        float *P = att + (size_t)task * T * T;
-        float *kt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
-        MOE_ASSERT(kt);
-        for (u = 0; u < T; u++)
-            for (i = 0; i < hd; i++) kt[(size_t)i * T + u] = k[(size_t)u * 3 * d + i];
-        moe_gemm(T, T, hd, q, 3 * d, 0, kt, T, P, T, 0); /* scores = q . k^T */
-        for (t = 0; t < T; t++) {
-            float *row = P + (size_t)t * T, mx = -FLT_MAX, sum = 0.0f;
-            for (u = 0; u <= t; u++) {
-                row[u] *= scale;
-                mx = row[u] > mx ? row[u] : mx;
+        float *P = att + (size_t)task * T * T, *o = out + (size_t)b * T * d + (size_t)h * hd;
+        float *w = ws + wsz * (size_t)moe__thread_index(), *kp = w + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+        float *wv = kp + moe__packed_b_floats(hd, T); /* workspace of the P . v products */
+        int Tpad = moe__round_up(T, MOE_GEMM_NR);
+        /* k^T (hd, T) packed once; each query block uses its first t1 columns */
+        moe__pack_b_panels(kp, k, 3 * d, 1, hd, T, 0, Tpad / MOE_GEMM_NR);
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) {
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0;
+            /* scores of the block's queries against keys [0, t1): q . k^T */
+            moe__gemm_packed(rows, t1, hd, q + (size_t)t0 * 3 * d, 3 * d, 0, kp, Tpad, 0, P + (size_t)t0 * T, T, 0, w);
+            for (t = t0; t < t1; t++) {
+                float *row = P + (size_t)t * T;
+                moe__att_softmax_row(row, t + 1, scale);
+                if (t + 1 < T) memset(row + t + 1, 0, sizeof(float) * (size_t)(T - t - 1));
             }
-            for (u = 0; u <= t; u++) {
-                row[u] = expf(row[u] - mx);
-                sum += row[u];
-            }
-            for (u = 0; u <= t; u++) row[u] /= sum;
-            for (u = t + 1; u < T; u++) row[u] = 0.0f;
+            /* out = P[:, 0:t1] . v[0:t1] */
+            moe__att_gemm(rows, hd, t1, P + (size_t)t0 * T, T, 0, v, 3 * d, 0, o + (size_t)t0 * d, d, wv);
         }
-        moe_gemm(T, hd, T, P, T, 0, v, 3 * d, out + (size_t)b * T * d + (size_t)h * hd, d, 0);
-        MOE_FREE(kt);
     }
+    MOE_FREE(ws);
 }
 
 MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                       int B, int T, int d, int NH) {
-    int hd = d / NH, task;
+    int hd = d / NH, task, nthreads = moe_num_threads();
     float scale = 1.0f / sqrtf((float)hd);
+    size_t wsz = moe__att_ws_floats(T, hd) + (size_t)T * T;
+    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
+    MOE_ASSERT(ws);
     MOE_OMP_FOR_DYNAMIC
     for (task = 0; task < B * NH; task++) {
-        int b = task / NH, h = task % NH, t, u, i;
+        int b = task / NH, h = task % NH, t0, t, u;
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
         const float *q = qkv + base, *k = q + d, *v = q + 2 * d;
         const float *dy = dout + (size_t)b * T * d + (size_t)h * hd;
         const float *P = att + (size_t)task * T * T;
         float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
-        float *dP = (float *)MOE_MALLOC(sizeof(float) * (size_t)T * T);
-        float *vt = (float *)MOE_MALLOC(sizeof(float) * (size_t)hd * T);
-        MOE_ASSERT(dP && vt);
-        for (u = 0; u < T; u++)
-            for (i = 0; i < hd; i++) vt[(size_t)i * T + u] = v[(size_t)u * 3 * d + i];
-        moe_gemm(T, T, hd, dy, d, 0, vt, T, dP, T, 0); /* dP = dy . v^T */
-        for (t = 0; t < T; t++) {                       /* dS = P * (dP - <dP, P>) * scale */
-            const float *p = P + (size_t)t * T;
-            float *g = dP + (size_t)t * T, dot = 0.0f;
-            for (u = 0; u <= t; u++) dot += g[u] * p[u];
-            for (u = 0; u <= t; u++) g[u] = p[u] * (g[u] - dot) * scale;
-            for (u = t + 1; u < T; u++) g[u] = 0.0f;
+        float *dS = ws + wsz * (size_t)moe__thread_index(), *w = dS + (size_t)T * T;
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) {
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0;
+            /* dP = dy . v^T over keys [0, t1), then dS = P * (dP - <dP, P>) * scale */
+            moe__att_gemm(rows, t1, hd, dy + (size_t)t0 * d, d, 0, v, 3 * d, 1, dS + (size_t)t0 * T, T, w);
+            for (t = t0; t < t1; t++) {
+                float *g = dS + (size_t)t * T;
+                moe__att_softmax_row_backward(g, P + (size_t)t * T, t + 1, scale);
+                for (u = t + 1; u < t1; u++) g[u] = 0.0f;
+            }
+            /* dq = dS[:, 0:t1] . k[0:t1] */
+            moe__att_gemm(rows, hd, t1, dS + (size_t)t0 * T, T, 0, k, 3 * d, 0, dq + (size_t)t0 * 3 * d, 3 * d, w);
         }
-        moe_gemm(T, hd, T, dP, T, 0, k, 3 * d, dq, 3 * d, 0); /* dq = dS . k   */
-        moe_gemm(T, hd, T, dP, T, 1, q, 3 * d, dk, 3 * d, 0); /* dk = dS^T . q */
-        moe_gemm(T, hd, T, P, T, 1, dy, d, dv, 3 * d, 0);     /* dv = P^T . dy */
-        MOE_FREE(dP);
-        MOE_FREE(vt);
+        for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) { /* key blocks: only queries t >= t0 see them */
+            int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0, n = T - t0;
+            size_t off = (size_t)t0 * T + t0;
+            /* dk = dS[t0:T, t0:t1]^T . q[t0:T];  dv = P[t0:T, t0:t1]^T . dy[t0:T] */
+            moe__att_gemm(rows, hd, n, dS + off, T, 1, q + (size_t)t0 * 3 * d, 3 * d, 0, dk + (size_t)t0 * 3 * d, 3 * d, w);
+            moe__att_gemm(rows, hd, n, P + off, T, 1, dy + (size_t)t0 * d, d, 0, dv + (size_t)t0 * 3 * d, 3 * d, w);
+        }
     }
+    MOE_FREE(ws);
 }
 
 MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {

@@ -11,10 +11,34 @@
      bench=moe_layer config=C pass=fwd|fwd_bwd threads=P median_ms= tokens_per_s= gflops=
    gflops counts the expert and router matmuls only: forward 2 T k (3 d D) + 2 T d E, backward
    twice the forward; fwd_bwd = 3x forward. bench/torch_moe_layer.py is the PyTorch peer.
-   Optional argument: one config name. */
+   Optional argument: one config name.
+
+   `moe_layer --routers [config]` times the router families against top-k at the same shapes
+   (issue 4). Each family's layer is timed in alternation with a top-k layer, rep by rep, so
+   the overhead compares runs made moments apart:
+     topk   the layer above (softmax top-k, renormalised, Mixtral balance loss)
+     aoe    Autonomy-of-Experts: rank r = d/3, expert width moe_aoe_matched_width(d, D, r)
+            (same parameters as top-k), paper weighting (softmax over the k chosen norms)
+     hyper  top-k + HyperMoE with the official code's sizes: expert embedding 128, processor
+            hidden 128, condition 128, layer embedding 10, hypernetwork b = 128, adapter a = 64
+            (its adapter products are T x d x (a b) GEMMs: 2 T d a b flops each way, several
+            times the experts' own 6 T k d D at these shapes)
+     hyper_tiny  the same with the library's default tiny sizes (32, 32, 32, 4, b = 32, a = 16)
+     gw     top-k + GW-MoE broadcast, gw_active = 1, normalised entropy threshold set to the
+            90th percentile of the tokens' routing entropy (about 10% of tokens broadcast;
+            broadcast_share reports the measured share)
+     rmoe   top-k whose router reads a GRU state of width p = 128 (router_dim = 128): the
+            timed pass includes one router step through the public API: projection
+            x . P^T (d -> p), moe_gru_forward from a given previous state, the layer with
+            router_input = h; backward: the layer (d_router_input), moe_gru_backward, the
+            projection's backward
+   Lines (medians of REPS): bench=moe_layer_router config=C router=R pass=fwd|fwd_bwd
+     median_ms= tokens_per_s= topk_median_ms= overhead_pct= (time over top-k's, in percent;
+     the throughput cost is 1 - 1/(1 + overhead)) [broadcast_share=] */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,13 +123,201 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     return 0;
 }
 
+/* ---- router families (--routers) ---------------------------------------------------------- */
+
+typedef struct family {
+    moe_store S;
+    moe_layer L;
+    int rmoe;                                  /* router input from one GRU step          */
+    int p, id_proj, id_wih, id_whh, id_bih, id_bhh;
+    float *xp, *h_prev, *h, *gi, *gh, *dh, *dxp, *dh_prev, *scratch;
+    float broadcast_share;
+} family;
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+static float *falloc(size_t n) { return (float *)calloc(n, sizeof(float)); }
+
+static int family_init(family *f, const char *router, int T, int d, int D, int E, int k, const float *x, moe_rng *rng) {
+    moe_layer_config c = moe_layer_config_default();
+    memset(f, 0, sizeof *f);
+    c.d = d;
+    c.d_ff = D;
+    c.n_experts = E;
+    c.top_k = k;
+    c.expert = MOE_EXPERT_SWIGLU;
+    c.router = MOE_ROUTER_TOPK;
+    c.renormalize = 1;
+    if (strcmp(router, "aoe") == 0) {
+        c.router = MOE_ROUTER_AOE;
+        c.aoe_rank = d / 3;
+        c.d_ff = moe_aoe_matched_width(d, D, c.aoe_rank);
+    } else if (strcmp(router, "hyper") == 0) {
+        c.hyper = 1;
+        c.hyper_embed = c.hyper_hidden = c.hyper_cond = 128;
+        c.hyper_layer_dim = 10;
+        c.hyper_width = 128;
+        c.hyper_adapter = 64;
+    } else if (strcmp(router, "hyper_tiny") == 0) {
+        c.hyper = 1; /* moe_layer_config_default's tiny sizes */
+    } else if (strcmp(router, "gw") == 0) {
+        c.gw_threshold = 1.0f; /* > 0 sizes the assignment list for broadcasts; set below */
+        c.gw_normalized = 1;
+    } else if (strcmp(router, "rmoe") == 0) {
+        f->rmoe = 1;
+        f->p = 128;
+        c.router_dim = f->p;
+    }
+    moe_store_init(&f->S);
+    if (moe_layer_init(&f->L, &c, &f->S, "moe.", T) != MOE_OK) {
+        printf("bench=moe_layer_router router=%s error=\"%s\"\n", router, f->L.err.msg);
+        return 1;
+    }
+    if (f->rmoe) {
+        int p = f->p;
+        size_t Tp = (size_t)T * p;
+        f->id_proj = moe_store_add(&f->S, "rmoe.proj", MOE_TENSOR_DECAY, p, d, 0, 0);
+        f->id_wih = moe_store_add(&f->S, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * p, p, 0, 0);
+        f->id_whh = moe_store_add(&f->S, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * p, p, 0, 0);
+        f->id_bih = moe_store_add(&f->S, "rmoe.gru.b_ih", 0, 3 * p, 0, 0, 0);
+        f->id_bhh = moe_store_add(&f->S, "rmoe.gru.b_hh", 0, 3 * p, 0, 0, 0);
+        f->xp = falloc(Tp); f->h_prev = falloc(Tp); f->h = falloc(Tp); f->gi = falloc(3 * Tp); f->gh = falloc(3 * Tp);
+        f->dh = falloc(Tp); f->dxp = falloc(Tp); f->dh_prev = falloc(Tp); f->scratch = falloc(6 * Tp);
+        if (!f->xp || !f->h_prev || !f->h || !f->gi || !f->gh || !f->dh || !f->dxp || !f->dh_prev || !f->scratch) {
+            printf("bench=moe_layer_router router=%s error=out_of_memory\n", router);
+            return 1;
+        }
+        f->L.router_input = f->h;
+        f->L.d_router_input = f->dh;
+    }
+    if (moe_store_alloc(&f->S, 0) != MOE_OK) {
+        printf("bench=moe_layer_router router=%s error=\"%s\"\n", router, f->S.err.msg);
+        return 1;
+    }
+    moe_layer_init_weights(&f->L, &f->S, rng);
+    if (f->rmoe) { /* torch-like scales: projection 1/sqrt(d), GRU 1/sqrt(p); a previous state */
+        int id;
+        size_t i;
+        for (id = 0; id < f->S.count; id++) {
+            const moe_tensor *t = &f->S.tensors[id];
+            float sd = id == f->id_proj ? 1.0f / sqrtf((float)d) : (id == f->id_wih || id == f->id_whh) ? 1.0f / sqrtf((float)f->p) : 0.0f;
+            if (strncmp(t->name, "rmoe.", 5) != 0) continue;
+            for (i = 0; i < t->numel; i++) f->S.params[t->offset + i] = sd * moe_rng_normal(rng);
+        }
+        for (i = 0; i < (size_t)T * f->p; i++) f->h_prev[i] = 0.5f * moe_rng_normal(rng);
+    }
+    if (c.gw_threshold > 0.0f) { /* threshold: the 90th percentile of the normalised entropy */
+        float *u = falloc((size_t)T), *y = falloc((size_t)T * d);
+        int t, e;
+        if (!u || !y) return 1;
+        f->L.gw_active = 0;
+        moe_layer_forward(&f->L, &f->S, y, x, T, NULL); /* the probabilities without broadcast */
+        for (t = 0; t < T; t++) {
+            const float *pr = f->L.probs + (size_t)t * E;
+            double h = 0.0;
+            for (e = 0; e < E; e++) h -= (double)pr[e] * log((double)pr[e] + 1e-5);
+            u[t] = (float)(h / log((double)E));
+        }
+        qsort(u, (size_t)T, sizeof(float), cmp_float);
+        f->L.cfg.gw_threshold = u[(int)(0.9 * T)];
+        f->L.gw_active = 1;
+        free(u);
+        free(y);
+    }
+    return 0;
+}
+
+static void family_free(family *f) {
+    free(f->xp); free(f->h_prev); free(f->h); free(f->gi); free(f->gh);
+    free(f->dh); free(f->dxp); free(f->dh_prev); free(f->scratch);
+    moe_layer_free(&f->L);
+    moe_store_free(&f->S);
+}
+
+static void family_forward(family *f, float *y, const float *x, int T, int d) {
+    if (f->rmoe) {
+        moe_store *S = &f->S;
+        moe_matmul_forward(f->xp, x, moe_store_param(S, f->id_proj), NULL, T, d, f->p);
+        moe_gru_forward(f->h, f->gi, f->gh, f->xp, f->h_prev, moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh),
+                        moe_store_param(S, f->id_bih), moe_store_param(S, f->id_bhh), T, f->p);
+    }
+    moe_layer_forward(&f->L, &f->S, y, x, T, NULL);
+}
+
+static void family_backward(family *f, float *dx, const float *dy, const float *x, int T, int d) {
+    moe_store *S = &f->S;
+    if (f->rmoe) memset(f->dh, 0, sizeof(float) * (size_t)T * f->p);
+    moe_layer_backward(&f->L, S, dx, dy, x);
+    if (f->rmoe) {
+        memset(f->dxp, 0, sizeof(float) * (size_t)T * f->p);
+        memset(f->dh_prev, 0, sizeof(float) * (size_t)T * f->p);
+        moe_gru_backward(f->dxp, f->dh_prev, moe_store_grad(S, f->id_wih), moe_store_grad(S, f->id_whh),
+                         moe_store_grad(S, f->id_bih), moe_store_grad(S, f->id_bhh), f->dh, f->xp, f->h_prev, f->gi, f->gh,
+                         moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh), T, f->p, f->scratch);
+        moe_matmul_backward(dx, moe_store_grad(S, f->id_proj), NULL, f->dxp, x, moe_store_param(S, f->id_proj), T, d, f->p);
+    }
+}
+
+static int bench_routers(const char *name, int T, int d, int D, int E, int k) {
+    static const char *routers[] = {"aoe", "hyper", "hyper_tiny", "gw", "rmoe"};
+    family base, fam;
+    moe_rng rng;
+    size_t n = (size_t)T * d, i;
+    float *x = falloc(n), *y = falloc(n), *dy = falloc(n), *dx = falloc(n);
+    int ri, r, pass;
+    if (!x || !y || !dy || !dx) return 1;
+    moe_rng_seed(&rng, 99);
+    for (i = 0; i < n; i++) x[i] = moe_rng_normal(&rng);
+    for (i = 0; i < n; i++) dy[i] = moe_rng_normal(&rng) / (float)T;
+    if (family_init(&base, "topk", T, d, D, E, k, x, &rng)) return 1;
+    for (ri = 0; ri < 5; ri++) {
+        double tb[2][REPS], tf[2][REPS], mb, mf;
+        if (family_init(&fam, routers[ri], T, d, D, E, k, x, &rng)) return 1;
+        /* warm-up both */
+        family_forward(&base, y, x, T, d); family_backward(&base, dx, dy, x, T, d);
+        family_forward(&fam, y, x, T, d); family_backward(&fam, dx, dy, x, T, d);
+        fam.broadcast_share = (float)fam.L.stats.broadcast / (float)T;
+        for (pass = 0; pass < 2; pass++)
+            for (r = 0; r < REPS; r++) {
+                int which;
+                for (which = 0; which < 2; which++) { /* top-k, then the family: moments apart */
+                    family *f = which ? &fam : &base;
+                    double t0 = moe_time_seconds();
+                    family_forward(f, y, x, T, d);
+                    if (pass) family_backward(f, dx, dy, x, T, d);
+                    (which ? tf : tb)[pass][r] = moe_time_seconds() - t0;
+                }
+            }
+        for (pass = 0; pass < 2; pass++) {
+            mb = median(tb[pass], REPS) * 1e3;
+            mf = median(tf[pass], REPS) * 1e3;
+            printf("bench=moe_layer_router config=%s router=%s pass=%s median_ms=%.2f tokens_per_s=%.0f topk_median_ms=%.2f "
+                   "overhead_pct=%.1f",
+                   name, routers[ri], pass ? "fwd_bwd" : "fwd", mf, T / mf * 1e3, mb, (mf / mb - 1.0) * 100.0);
+            if (strcmp(routers[ri], "gw") == 0) printf(" broadcast_share=%.3f", fam.broadcast_share);
+            if (strcmp(routers[ri], "aoe") == 0) printf(" aoe_rank=%d d_ff=%d", fam.L.cfg.aoe_rank, fam.L.cfg.d_ff);
+            printf("\n");
+        }
+        fflush(stdout);
+        family_free(&fam);
+    }
+    family_free(&base);
+    free(x); free(y); free(dy); free(dx);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     static const struct { const char *name; int T, d, D, E, k; } cfg[] = {
         {"small", 4096, 256, 512, 8, 2}, {"medium", 8192, 512, 1024, 16, 2}, {"fine", 4096, 512, 256, 64, 8}};
-    int c, rc = 0;
+    int c, rc = 0, routers = argc > 1 && strcmp(argv[1], "--routers") == 0;
+    const char *only = argc > 1 + routers ? argv[1 + routers] : NULL;
     for (c = 0; c < 3; c++) {
-        if (argc > 1 && strcmp(argv[1], cfg[c].name) != 0) continue;
-        rc |= bench_config(cfg[c].name, cfg[c].T, cfg[c].d, cfg[c].D, cfg[c].E, cfg[c].k);
+        if (only && strcmp(only, cfg[c].name) != 0) continue;
+        if (routers) rc |= bench_routers(cfg[c].name, cfg[c].T, cfg[c].d, cfg[c].D, cfg[c].E, cfg[c].k);
+        else rc |= bench_config(cfg[c].name, cfg[c].T, cfg[c].d, cfg[c].D, cfg[c].E, cfg[c].k);
     }
     return rc;
 }

@@ -4,14 +4,18 @@
 # prints the ratios measured in this run:
 #   ratio=ours_vs_torch config=C pass=fwd|fwd_bwd value=V          tokens/s, both tuned
 #   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box
+#   ratio=ours_vs_torch bench=train_lm config=dense|moe value=V  training tokens/s, both tuned
+#   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V
+# and bench/moe_layer's router-family lines (bench=moe_layer_router ... overhead_pct=, top-k
+# and the family timed in alternation inside one process).
 #
 # Runtime settings. "tuned" (the headline): OMP_WAIT_POLICY=PASSIVE, and on AVX-512 machines
 # OPENBLAS_CORETYPE=SkylakeX, for our binaries and for the peer alike (the peer also calls
 # torch.set_num_threads(2)). On a shared or virtual machine, spinning OpenMP threads that
 # wait at a barrier compete with whatever else runs there, which can cost several times the
 # run time; PASSIVE makes them sleep instead. "default": none of those variables.
-# Layer benchmarks alternate ours and the peer per config, so each ratio compares runs made
-# seconds apart on this (often busy) machine.
+# Layer and training benchmarks alternate ours and the peer per config, so each ratio compares
+# runs made seconds apart on this (often busy) machine.
 PY=${PYTHON:-/usr/bin/python3}
 HERE=$(dirname "$0")
 log=$(mktemp)
@@ -32,7 +36,7 @@ TORCH=0
 if [ -x "$PY" ] && "$PY" -c 'import torch' >/dev/null 2>&1; then
     TORCH=1
 else
-    echo "note: PyTorch not found ($PY -c 'import torch' failed): skipping bench/torch_moe_layer.py"
+    echo "note: PyTorch not found ($PY -c 'import torch' failed): skipping bench/torch_moe_layer.py, bench/torch_train_lm.py"
 fi
 echo "bench=run_info tuned=\"OMP_WAIT_POLICY=PASSIVE$([ "$AVX512" = 1 ] && echo ' OPENBLAS_CORETYPE=SkylakeX')\" OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} nproc=$(nproc 2>/dev/null || echo '?') torch=$TORCH"
 
@@ -48,6 +52,18 @@ for b in "$@"; do
         for c in small medium fine; do
             plain "$b" "$c" | sed 's/^bench=moe_layer /bench=moe_layer setting=default /' | tee -a "$log"
             [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=default | tee -a "$log"
+        done
+        # router families against top-k (issue 4), tuned: bench=moe_layer_router ... overhead_pct=
+        tuned "$b" --routers | tee -a "$log"
+        ;;
+    train_lm)
+        for c in dense moe; do
+            tuned "$b" "$c" | tee -a "$log"
+            [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_train_lm.py" "$c" --setting=tuned | tee -a "$log"
+        done
+        for c in dense moe; do
+            plain "$b" "$c" | sed 's/^bench=train_lm /bench=train_lm setting=default /' | tee -a "$log"
+            [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_train_lm.py" "$c" --setting=default | tee -a "$log"
         done
         ;;
     *)
@@ -73,6 +89,13 @@ function val(line, key,   n, i, kv, a) {
 /^bench=torch_moe_layer / {
     theirs[val($0, "setting") "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
 }
+/^bench=train_lm / {
+    s = (val($0, "setting") == "default") ? "default" : "tuned"
+    lm_ours[s "," val($0, "config")] = val($0, "tokens_per_s")
+}
+/^bench=torch_train_lm / {
+    lm_theirs[val($0, "setting") "," val($0, "config")] = val($0, "tokens_per_s")
+}
 END {
     split("small medium fine", cs, " "); split("fwd fwd_bwd", ps, " "); split("tuned default", ss, " ")
     for (si = 1; si <= 2; si++) for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
@@ -80,5 +103,12 @@ END {
         if ((k in ours) && (k in theirs) && theirs[k] > 0)
             printf("ratio=ours_vs_torch%s config=%s pass=%s value=%.3f\n", ss[si] == "tuned" ? "" : "_default",
                    cs[ci], ps[pi], ours[k] / theirs[k])
+    }
+    split("dense moe", ms, " ")
+    for (si = 1; si <= 2; si++) for (ci = 1; ci <= 2; ci++) {
+        k = ss[si] "," ms[ci]
+        if ((k in lm_ours) && (k in lm_theirs) && lm_theirs[k] > 0)
+            printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f\n", ss[si] == "tuned" ? "" : "_default",
+                   ms[ci], lm_ours[k] / lm_theirs[k])
     }
 }' "$log"

@@ -512,7 +512,7 @@ static void print_settings(const options *o, int n_pre) {
     ROW("model", "d %d, %d layers, %d heads, learned positions, bytes", o->d, o->layers, o->heads);
     ROW("MoE layers", "every layer: %d SwiGLU experts of width %d, Switch top-1", o->experts, o->expert_ff);
     ROW("router", "softmax, weight = p_top1 (no renorm), Switch balance %.3g", (double)o->balance_coef);
-    ROW("pre-train", "%s (%d genres)", o->pre_genres, n_pre);
+    ROW("pre-train", "%.100s (%d genres)", o->pre_genres, n_pre);
     ROW("", "%d steps x %d x %d bytes, lr %.2g -> %.2g, warm-up %d", o->pre_steps, o->batch, o->seq, (double)o->lr, (double)o->min_lr, o->warmup);
     ROW("fine-tune", "%s: %d steps x %d x %d bytes, lr %.2g -> %.2g, warm-up %d", o->ft_genre, o->ft_steps, o->batch, o->seq,
         (double)o->ft_lr, (double)o->ft_min_lr, o->ft_warmup);
@@ -526,7 +526,7 @@ static void print_settings(const options *o, int n_pre) {
     printf("+--------------+----------------------------------------------------------------------+\n");
     for (i = 0; i < n; i++) printf("| %-12s | %-68s |\n", k[i], v[i]);
     printf("+--------------+----------------------------------------------------------------------+\n");
-    for (i = 0; i < N_VARIANTS; i++) printf("| %-12s | %-68s |\n", variants[i].name, variants[i].what);
+    for (i = 0; i < N_VARIANTS; i++) printf("| %-13s| %-68s |\n", variants[i].name, variants[i].what);
     printf("+--------------+----------------------------------------------------------------------+\n");
     fflush(stdout);
 }

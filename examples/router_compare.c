@@ -459,7 +459,7 @@ static void print_settings(const options *o) {
     ROW("router dim", "p = %d (RMoE GRU state, MLP router hidden layer)", o->router_dim);
     ROW("balance", "coefficient %.3g (Mixtral form for top-2, Switch form for top-1)", (double)o->balance_coef);
     ROW("tokens", "%d steps x %d x %d bytes = %.0f per run", o->steps, o->batch, o->seq, (double)o->steps * o->batch * o->seq);
-    ROW("optimizer", "AdamW lr %.2g -> %.2g cosine, warm-up %d, wd %.2g, beta2 %.3g, clip %.2g", (double)o->lr, (double)o->min_lr,
+    ROW("optimizer", "AdamW lr %.2g -> %.2g cosine, warm-up %d, wd %.2g, b2 %.3g, clip %.2g", (double)o->lr, (double)o->min_lr,
         o->warmup, (double)o->wd, (double)o->beta2, (double)o->clip);
     ROW("data", "all 15 Brown genres; validation %d x %d x %d bytes per genre", o->eval_batches, o->batch, o->seq);
     ROW("seeds", "%d: init and loader seed = seed index, same for every variant", o->seeds);

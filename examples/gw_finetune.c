@@ -685,25 +685,32 @@ int main(int argc, char **argv) {
                 o.seeds, o.pre_steps, o.batch, o.seq, (double)o.pre_steps * o.batch * o.seq, o.pre_genres, o.ft_steps,
                 (double)o.ft_steps * o.batch * o.seq, o.ft_genre, o.d, o.layers, o.experts, o.expert_ff, tm, tsd, 100.0 * (1.0 - o.share));
     }
-    fprintf(md, "| variant | %s bpb | pre-training genres bpb | forgetting | broadcast share | sensitivity 2nd-best | sensitivity random | s/run |\n",
-            o.ft_genre);
-    fprintf(md, "|---|---|---|---|---|---|---|---|\n");
+    fprintf(md, "| variant | %s bpb | pre-training genres bpb | forgetting | broadcast share | sensitivity 2nd-best | sensitivity random | "
+                "bpb - ft (paired) | sens. 2nd - ft (paired) | sens. random - ft (paired) | s/run |\n", o.ft_genre);
+    fprintf(md, "|---|---|---|---|---|---|---|---|---|---|---|\n");
     printf("\nresults (%d seeds; pre-train %d steps, fine-tune %d steps of %d x %d bytes; sparse evaluation; mean +- std)\n", o.seeds, o.pre_steps,
            o.ft_steps, o.batch, o.seq);
-    printf("%-14s %-17s %-17s %-17s %-17s %-17s %-17s %s\n", "variant", "ft_bpb", "pre_bpb", "forgetting", "broadcast_share", "sens_2nd",
-           "sens_random", "s/run");
+    printf("%-14s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %s\n", "variant", "ft_bpb", "pre_bpb", "forgetting", "broadcast_share",
+           "sens_2nd", "sens_random", "bpb-ft(paired)", "sens2-ft(paired)", "sensr-ft(paired)", "s/run");
     for (vi = 0; vi < N_VARIANTS; vi++) {
-        double v[7][MAX_SEEDS], mean[7], sd[7];
-        char b[7][48];
+        double v[10][MAX_SEEDS], mean[10], sd[10];
+        char b[10][48];
         for (s = 0; s < o.seeds; s++) {
             const row_result *r = &res[vi][s];
             v[0][s] = r->ft_bpb; v[1][s] = r->pre_bpb; v[2][s] = r->forgetting; v[3][s] = r->share;
             v[4][s] = r->sens.second_mean; v[5][s] = r->sens.random_mean; v[6][s] = r->seconds;
+            /* paired with the plain fine-tuning of the same seed (row 1): same pre-trained
+               model, same batches, so seed-to-seed spread of pre-training cancels */
+            v[7][s] = r->ft_bpb - res[1][s].ft_bpb;
+            v[8][s] = r->sens.second_mean - res[1][s].sens.second_mean;
+            v[9][s] = r->sens.random_mean - res[1][s].sens.random_mean;
         }
-        for (k = 0; k < 7; k++) mean_std(v[k], o.seeds, &mean[k], &sd[k]);
-        for (k = 0; k < 6; k++) pm(b[k], sizeof b[k], mean[k], sd[k], k == 3 ? 3 : 4);
-        printf("%-14s %-17s %-17s %-17s %-17s %-17s %-17s %.1f\n", variants[vi].name, b[0], b[1], b[2], b[3], b[4], b[5], mean[6]);
-        fprintf(md, "| %s | %s | %s | %s | %s | %s | %s | %.1f |\n", variants[vi].name, b[0], b[1], b[2], b[3], b[4], b[5], mean[6]);
+        for (k = 0; k < 10; k++) mean_std(v[k], o.seeds, &mean[k], &sd[k]);
+        for (k = 0; k < 10; k++) pm(b[k], sizeof b[k], mean[k], sd[k], k == 3 ? 3 : 4);
+        printf("%-14s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %-17s %.1f\n", variants[vi].name, b[0], b[1], b[2], b[3], b[4], b[5], b[7],
+               b[8], b[9], mean[6]);
+        fprintf(md, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.1f |\n", variants[vi].name, b[0], b[1], b[2], b[3], b[4], b[5], b[7], b[8],
+                b[9], mean[6]);
     }
     fclose(md);
     /* plots */

@@ -40,9 +40,9 @@
    A row says what differs from the shared model (settings table): dense or MoE, k, the gate
    (renormalised or Switch's plain softmax weight), the balance loss, what the router reads.
    Anything the columns cannot say goes into `tweak`, a function that edits the model config.
-   When moe.h gains Autonomy-of-Experts (paper and released-code weights, with and without
-   L_aux) and HyperMoE (top-1), each is one row here, with a tweak that sets its fields; the
-   moe-top1 row (off by default) is HyperMoE's baseline, moe-top2 its compute reference. */
+   The AoE and HyperMoE rows are off by default (the default run keeps to 15 minutes); ask
+   for them with --variants, e.g. --variants moe-top1,moe-top2,hyper-top1,aoe,aoe-aux,aoe-code.
+   moe-top1 is HyperMoE's baseline, moe-top2 its compute reference. */
 typedef struct variant {
     const char *name;          /* --variants and the tables use this                       */
     const char *what;          /* one line for the settings table                          */
@@ -55,6 +55,17 @@ typedef struct variant {
     int on;                    /* run when --variants is not given                          */
 } variant;
 
+/* AoE: router-free, rank d/3 (the paper's best), expert width matched to the routed MoE's
+   parameters (paper Eq. 5) */
+static void aoe_tweak(moe_model_config *c) {
+    c->moe.router = MOE_ROUTER_AOE;
+    c->moe.aoe_rank = c->d / 3 > 0 ? c->d / 3 : 1;
+    c->moe.d_ff = moe_aoe_matched_width(c->d, c->moe.d_ff, c->moe.aoe_rank);
+}
+
+/* HyperMoE with the library's tiny hyper sizes (a 16, b 32) */
+static void hyper_tweak(moe_model_config *c) { c->moe.hyper = 1; }
+
 static const variant variants[] = {
     /* name          what                                                  moe k renorm balance              router input        tweak on */
     {"dense",       "dense SwiGLU FFN, width k x expert width",           0,  2, 0, MOE_BALANCE_NONE,    MOE_RIN_DIRECT,     NULL, 1},
@@ -64,6 +75,10 @@ static const variant variants[] = {
     {"rmoe-detach", "RMoE with h_{l-1} detached (no gradient back)",      1,  2, 1, MOE_BALANCE_MIXTRAL, MOE_RIN_GRU_DETACH, NULL, 1},
     {"mlp-router",  "SMoE-MLP: router on GELU(x P), no recurrence",       1,  2, 1, MOE_BALANCE_MIXTRAL, MOE_RIN_MLP,        NULL, 1},
     {"moe-top1",    "Switch top-1 (softmax weight), switch balance",      1,  1, 0, MOE_BALANCE_SWITCH,  MOE_RIN_DIRECT,     NULL, 0},
+    {"hyper-top1",  "HyperMoE top-1: + hyper-expert from unselected",     1,  1, 0, MOE_BALANCE_SWITCH,  MOE_RIN_DIRECT,     hyper_tweak, 0},
+    {"aoe",         "AoE (paper weights), no aux loss",                   1,  2, 1, MOE_BALANCE_NONE,    MOE_RIN_DIRECT,     aoe_tweak, 0},
+    {"aoe-aux",     "AoE (paper weights) + norm-based balance loss",      1,  2, 1, MOE_BALANCE_MIXTRAL, MOE_RIN_DIRECT,     aoe_tweak, 0},
+    {"aoe-code",    "AoE (official code: softmax over all norms) + aux",  1,  2, 0, MOE_BALANCE_MIXTRAL, MOE_RIN_DIRECT,     aoe_tweak, 0},
 };
 #define N_VARIANTS ((int)(sizeof variants / sizeof variants[0]))
 

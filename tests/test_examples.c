@@ -106,8 +106,18 @@ static void test_train_lm(void) {
     CHECK(run(cmd, log) != 0 && file_contains(log, "too short for a checkpoint"), "damaged checkpoint refused");
 }
 
+static void test_aoe_toy(void) {
+    const char *log = "build/tmp_examples/aoe_toy.log";
+    TEST_BEGIN("examples/aoe_toy --quick: AoE serves two classes with one expert, a routed MoE splits them");
+    CHECK(run("OMP_NUM_THREADS=1 build/examples/aoe_toy --quick --out build/tmp_examples", log) == 0, "aoe_toy exits 0 (see %s)", log);
+    CHECK(value_of(log, "result model=aoe", "one_expert_for_classes_0_1") == 2.0, "AoE: classes 0 and 1 on one expert in both seeds");
+    CHECK(value_of(log, "result model=moe", "one_expert_for_classes_0_1") == 0.0, "routed MoE: classes 0 and 1 split over the experts");
+    CHECK(file_size("build/tmp_examples/aoe_toy.png") > 1000, "PNG written");
+}
+
 int main(void) {
     test_train_moe();
+    test_aoe_toy();
     test_train_lm();
     return test_summary();
 }

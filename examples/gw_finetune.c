@@ -34,6 +34,7 @@
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "brown.h" /* defines: brown_genres, brown_read_file */
 
 #include <math.h>
 #include <stdio.h>
@@ -63,12 +64,9 @@ static const ft_variant variants[] = {
 };
 #define N_VARIANTS ((int)(sizeof variants / sizeof variants[0]))
 
-#define MAX_GENRES 15
+#define MAX_GENRES BROWN_GENRES
 #define MAX_SEEDS 16
 #define MAX_LAYERS 16
-static const char *all_genres[MAX_GENRES] = {
-    "news", "editorial", "reviews", "religion", "hobbies", "lore", "belles-lettres", "government",
-    "learned", "fiction", "mystery", "science-fiction", "adventure", "romance", "humor"};
 
 typedef struct options {
     int d, layers, heads, experts, expert_ff, seq, batch, seeds, quick;
@@ -86,30 +84,17 @@ typedef struct text {
     size_t train_len, val_len;
 } text;
 
-static unsigned char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    long n;
-    unsigned char *b;
-    if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return NULL; }
-    b = (unsigned char *)malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
-    fclose(f);
-    if (b) *len = (size_t)n;
-    return b;
-}
-
 static int load_text(text *t, const char *dir, const char *genre) {
     char path[1024];
     int g;
     memset(t, 0, sizeof *t);
     for (g = 0; g < MAX_GENRES; g++)
-        if (strcmp(genre, all_genres[g]) == 0) t->name = all_genres[g];
+        if (strcmp(genre, brown_genres[g]) == 0) t->name = brown_genres[g];
     if (!t->name) { fprintf(stderr, "unknown genre '%s'\n", genre); return 0; }
     snprintf(path, sizeof path, "%s/train/%s.txt", dir, genre);
-    t->train = read_file(path, &t->train_len);
+    t->train = brown_read_file(path, &t->train_len);
     snprintf(path, sizeof path, "%s/val/%s.txt", dir, genre);
-    t->val = read_file(path, &t->val_len);
+    t->val = brown_read_file(path, &t->val_len);
     if (!t->train || !t->val) {
         fprintf(stderr, "cannot read %s/{train,val}/%s.txt: run `make data` first (it fetches the Brown corpus)\n", dir, genre);
         return 0;

@@ -30,6 +30,7 @@
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
 #include <stdio.h>
@@ -82,12 +83,9 @@ static const variant variants[] = {
 };
 #define N_VARIANTS ((int)(sizeof variants / sizeof variants[0]))
 
-#define MAX_GENRES 15
+#define MAX_GENRES BROWN_GENRES
 #define MAX_SEEDS 16
 #define MAX_LAYERS 16
-static const char *all_genres[MAX_GENRES] = {
-    "news", "editorial", "reviews", "religion", "hobbies", "lore", "belles-lettres", "government",
-    "learned", "fiction", "mystery", "science-fiction", "adventure", "romance", "humor"};
 
 typedef struct options {
     int d, layers, heads, experts, expert_ff, router_dim, seq, batch, steps, warmup, eval_every, eval_batches;
@@ -96,45 +94,6 @@ typedef struct options {
     const char *data_dir, *out_dir;
     char chosen[N_VARIANTS]; /* 1 = run this row */
 } options;
-
-/* ---- corpus ------------------------------------------------------------------------------- */
-
-typedef struct corpus {
-    int n;
-    unsigned char *train[MAX_GENRES], *val[MAX_GENRES];
-    size_t train_len[MAX_GENRES], val_len[MAX_GENRES];
-} corpus;
-
-static unsigned char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    long n;
-    unsigned char *b;
-    if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return NULL; }
-    b = (unsigned char *)malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
-    fclose(f);
-    if (b) *len = (size_t)n;
-    return b;
-}
-
-static int load_corpus(corpus *cp, const char *dir) {
-    char path[1024];
-    int g;
-    memset(cp, 0, sizeof *cp);
-    for (g = 0; g < MAX_GENRES; g++) {
-        snprintf(path, sizeof path, "%s/train/%s.txt", dir, all_genres[g]);
-        cp->train[g] = read_file(path, &cp->train_len[g]);
-        snprintf(path, sizeof path, "%s/val/%s.txt", dir, all_genres[g]);
-        cp->val[g] = read_file(path, &cp->val_len[g]);
-        if (!cp->train[g] || !cp->val[g]) {
-            fprintf(stderr, "cannot read %s/{train,val}/%s.txt: run `make data` first (it fetches the Brown corpus)\n", dir, all_genres[g]);
-            return 0;
-        }
-        cp->n++;
-    }
-    return 1;
-}
 
 /* ---- routing diagnostics (candidates for moe.h's Closer-look section) ----------------------- */
 
@@ -234,7 +193,7 @@ static moe_model_config model_config(const options *o, const variant *v) {
 
 /* validation bits per byte over eval_batches batches of every genre; with r != NULL also the
    routing diagnostics of every MoE layer */
-static double evaluate(moe_model *m, const corpus *cp, const options *o, run_result *r) {
+static double evaluate(moe_model *m, const brown_corpus *cp, const options *o, run_result *r) {
     int B = o->batch, T = o->seq, N = B * T, E = m->cfg.moe.n_experts, K = m->cfg.moe.top_k;
     int *x = (int *)malloc(sizeof(int) * (size_t)N), *y = (int *)malloc(sizeof(int) * (size_t)N);
     int moe_l[MAX_LAYERS], nm = 0, l, i, j, g, t, e, cap = MAX_GENRES * o->eval_batches * N, n_tok = 0;
@@ -308,7 +267,7 @@ static double evaluate(moe_model *m, const corpus *cp, const options *o, run_res
 
 static int n_evals(const options *o) { return o->steps / o->eval_every + (o->steps % o->eval_every != 0); }
 
-static int train_one(const options *o, const corpus *cp, const variant *v, int seed, run_result *r) {
+static int train_one(const options *o, const brown_corpus *cp, const variant *v, int seed, run_result *r) {
     moe_model_config c = model_config(o, v);
     moe_model m;
     moe_loader ld;
@@ -507,14 +466,14 @@ static const char *pm(char *buf, size_t n, double m, double s, int dec) {
 
 int main(int argc, char **argv) {
     options o;
-    corpus cp;
+    brown_corpus cp;
     static run_result res[N_VARIANTS][MAX_SEEDS];
     int vi, s, i, l, ne, n_plot = 0;
     double t_start = moe_time_seconds();
     char path[1024];
     FILE *f, *md;
     if (!parse_args(argc, argv, &o)) return 2;
-    if (!load_corpus(&cp, o.data_dir)) return 1;
+    if (!brown_load(&cp, o.data_dir, NULL)) return 1;
     snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
     if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
     print_settings(&o);
@@ -647,6 +606,6 @@ int main(int argc, char **argv) {
            "router_compare_gate_entropy.png\ntotal_seconds=%.1f\n", o.out_dir, moe_time_seconds() - t_start);
     for (vi = 0; vi < N_VARIANTS; vi++)
         for (s = 0; o.chosen[vi] && s < o.seeds; s++) free(res[vi][s].curve);
-    for (i = 0; i < cp.n; i++) { free(cp.train[i]); free(cp.val[i]); }
+    brown_free(&cp);
     return 0;
 }

@@ -16,16 +16,12 @@
 #include "moe.h" /* defines: moe_model_*, moe_loader_*, moe_checkpoint_*, moe_adamw_step, moe_lr_cosine */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define MAX_GENRES 15
-static const char *all_genres[MAX_GENRES] = {
-    "news", "editorial", "reviews", "religion", "hobbies", "lore", "belles-lettres", "government",
-    "learned", "fiction", "mystery", "science-fiction", "adventure", "romance", "humor"};
 
 /* Training options: everything that decides the run besides the model config. Stored in the
    checkpoint, so --resume continues the same run. */
@@ -156,59 +152,9 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
     return 1;
 }
 
-typedef struct corpus {
-    int n;
-    const char *names[MAX_GENRES];
-    unsigned char *train[MAX_GENRES], *val[MAX_GENRES];
-    size_t train_len[MAX_GENRES], val_len[MAX_GENRES];
-} corpus;
-
-static unsigned char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    long n;
-    unsigned char *b;
-    if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return NULL; }
-    b = (unsigned char *)malloc((size_t)n + 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
-    fclose(f);
-    if (b) *len = (size_t)n;
-    return b;
-}
-
-static int load_corpus(corpus *cp, const char *dir, const char *genres) {
-    int g;
-    char path[1024];
-    memset(cp, 0, sizeof *cp);
-    for (g = 0; g < MAX_GENRES; g++) {
-        const char *name = all_genres[g];
-        if (genres[0]) { /* membership in the comma-separated list */
-            const char *p = strstr(genres, name);
-            size_t k = strlen(name);
-            int found = 0;
-            while (p && !found) {
-                found = (p == genres || p[-1] == ',') && (p[k] == ',' || p[k] == 0);
-                p = strstr(p + 1, name);
-            }
-            if (!found) continue;
-        }
-        snprintf(path, sizeof path, "%s/train/%s.txt", dir, name);
-        cp->train[cp->n] = read_file(path, &cp->train_len[cp->n]);
-        snprintf(path, sizeof path, "%s/val/%s.txt", dir, name);
-        cp->val[cp->n] = read_file(path, &cp->val_len[cp->n]);
-        if (!cp->train[cp->n] || !cp->val[cp->n]) {
-            fprintf(stderr, "cannot read %s/{train,val}/%s.txt: run `make data` first (it fetches the Brown corpus)\n", dir, name);
-            return 0;
-        }
-        cp->names[cp->n++] = name;
-    }
-    if (cp->n == 0) { fprintf(stderr, "no genre matches --genres '%s'\n", genres); return 0; }
-    return 1;
-}
-
 /* validation bits per byte over eval_batches batches of each genre; fills load (genres x E)
    with the first MoE layer's expert shares per genre when load != NULL */
-static double evaluate(moe_model *m, const corpus *cp, const train_options *o, float *load, double *per_genre) {
+static double evaluate(moe_model *m, const brown_corpus *cp, const train_options *o, float *load, double *per_genre) {
     int *x = (int *)malloc(sizeof(int) * (size_t)o->batch * o->seq), *y = (int *)malloc(sizeof(int) * (size_t)o->batch * o->seq);
     double total_nats = 0.0, total_tokens = 0.0;
     int g, l, moe_l = -1, E = m->cfg.moe.n_experts;
@@ -245,7 +191,7 @@ static double evaluate(moe_model *m, const corpus *cp, const train_options *o, f
     return total_tokens > 0 ? total_nats / total_tokens / log(2.0) : NAN;
 }
 
-static void print_settings(const moe_model *m, const train_options *o, const run_paths *p, const corpus *cp, long long start_step) {
+static void print_settings(const moe_model *m, const train_options *o, const run_paths *p, const brown_corpus *cp, long long start_step) {
     const moe_model_config *c = &m->cfg;
     const char *routers[5] = {"topk", "sigmoid", "noisy", "ec", "?"};
     char v[32][96];
@@ -286,7 +232,7 @@ int main(int argc, char **argv) {
     train_options opt;
     run_paths paths;
     train_state st;
-    corpus cp;
+    brown_corpus cp;
     moe_model m;
     moe_loader ld;
     moe_adamw_config adam;
@@ -298,7 +244,7 @@ int main(int argc, char **argv) {
     float *curve_x, *curve_train, *eval_x, *eval_y, *load = NULL;
     int n_eval = 0;
     double t0, last_loss = 0.0, last_bpb = NAN, *per_genre;
-    const unsigned char *srcs[MAX_GENRES];
+    const unsigned char *srcs[BROWN_GENRES];
     if (!parse_args(argc, argv, &cfg, &opt, &paths)) return 2;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
     memset(&st, 0, sizeof st);
@@ -312,7 +258,7 @@ int main(int argc, char **argv) {
         opt = st.opt;
         opt.steps = steps > opt.steps ? steps : opt.steps;
     }
-    if (!load_corpus(&cp, paths.data_dir, opt.genres)) return 1;
+    if (!brown_load(&cp, paths.data_dir, opt.genres)) return 1;
     if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) { fprintf(stderr, "model: %s\n", m.err.msg); return 2; }
     for (i = 0; i < cp.n; i++) srcs[i] = cp.train[i];
     if (moe_loader_init(&ld, srcs, cp.train_len, cp.n, opt.seq, (uint64_t)opt.seed, &err) != MOE_OK) { fprintf(stderr, "data: %s\n", err.msg); return 1; }
@@ -460,7 +406,7 @@ int main(int argc, char **argv) {
            (double)(opt.steps - start_step) * opt.batch * opt.seq * opt.accum / (moe_time_seconds() - t0 + 1e-9), (long long)opt.steps);
     printf("wrote %s/%s.csv, %s/%s_loss.png%s, %s\n", paths.out_dir, paths.name, paths.out_dir, paths.name, load ? ", *_load.png" : "", ckpt);
     moe_model_free(&m);
-    for (i = 0; i < cp.n; i++) { free(cp.train[i]); free(cp.val[i]); }
+    brown_free(&cp);
     free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
     return 0;
 }

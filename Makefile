@@ -35,6 +35,9 @@ endif
 ifneq ($(NATIVE),0)
   ifeq ($(call probe,-march=native),yes)
     FAST_CFLAGS += -march=native
+    # the SIMD code (the AVX-512 / AVX2 GEMM tiles, the AdamW loop) exists only in such builds:
+    # the programs that test it run a second time built for this CPU
+    NATIVE_TESTS := test_core test_gemm
   endif
 endif
 $(info [moe] CC=$(CC); fast builds: $(FAST_CFLAGS))
@@ -44,6 +47,7 @@ endif
 
 TEST_SRCS    := $(wildcard tests/test_*.c)
 TEST_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
+TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
 ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/asan/%)
 EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
@@ -57,6 +61,10 @@ all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 $(BUILD)/tests/%: tests/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%_native: tests/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
 $(BUILD)/asan/%: tests/%.c $(HEADERS)
 	@mkdir -p $(dir $@)

@@ -4,8 +4,10 @@
 # prints the ratios measured in this run:
 #   ratio=ours_vs_torch config=C pass=fwd|fwd_bwd value=V          tokens/s, both tuned
 #   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box
-#   ratio=ours_vs_torch bench=train_lm config=dense|moe value=V  training tokens/s, both tuned
-#   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V
+#   ratio=ours_vs_torch bench=train_lm config=dense|moe value=V min= max= rounds=R
+#   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V min= max= rounds=R
+#       training tokens/s; V is the median over R rounds (BENCH_ROUNDS, default 3) of the ratio
+#       of one round, min and max its range
 # and bench/moe_layer's router-family lines (bench=moe_layer_router ... overhead_pct=, top-k
 # and the family timed in alternation inside one process).
 #
@@ -17,6 +19,7 @@
 # Layer and training benchmarks alternate ours and the peer per config, so each ratio compares
 # runs made seconds apart on this (often busy) machine.
 PY=${PYTHON:-/usr/bin/python3}
+ROUNDS=${BENCH_ROUNDS:-3} # train_lm: rounds of (ours, peer) per config
 HERE=$(dirname "$0")
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -57,13 +60,19 @@ for b in "$@"; do
         tuned "$b" --routers | tee -a "$log"
         ;;
     train_lm)
-        for c in dense moe; do
-            tuned "$b" "$c" | tee -a "$log"
-            [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_train_lm.py" "$c" --setting=tuned | tee -a "$log"
-        done
-        for c in dense moe; do
-            plain "$b" "$c" | sed 's/^bench=train_lm /bench=train_lm setting=default /' | tee -a "$log"
-            [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_train_lm.py" "$c" --setting=default | tee -a "$log"
+        # ROUNDS rounds, each ours then the peer per config; a ratio per round, then the
+        # median over rounds (PyTorch's step time alone varies by up to 40% run to run here)
+        r=1
+        while [ "$r" -le "$ROUNDS" ]; do
+            for c in dense moe; do
+                tuned "$b" "$c" | sed "s/\$/ round=$r/" | tee -a "$log"
+                [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_train_lm.py" "$c" --setting=tuned | sed "s/\$/ round=$r/" | tee -a "$log"
+            done
+            for c in dense moe; do
+                plain "$b" "$c" | sed "s/^bench=train_lm /bench=train_lm setting=default /; s/\$/ round=$r/" | tee -a "$log"
+                [ "$TORCH" = 1 ] && plain "$PY" "$HERE/torch_train_lm.py" "$c" --setting=default | sed "s/\$/ round=$r/" | tee -a "$log"
+            done
+            r=$((r + 1))
         done
         ;;
     *)
@@ -91,10 +100,10 @@ function val(line, key,   n, i, kv, a) {
 }
 /^bench=train_lm / {
     s = (val($0, "setting") == "default") ? "default" : "tuned"
-    lm_ours[s "," val($0, "config")] = val($0, "tokens_per_s")
+    lm_ours[s "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
 /^bench=torch_train_lm / {
-    lm_theirs[val($0, "setting") "," val($0, "config")] = val($0, "tokens_per_s")
+    lm_theirs[val($0, "setting") "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
 END {
     split("small medium fine", cs, " "); split("fwd fwd_bwd", ps, " "); split("tuned default", ss, " ")
@@ -106,9 +115,15 @@ END {
     }
     split("dense moe", ms, " ")
     for (si = 1; si <= 2; si++) for (ci = 1; ci <= 2; ci++) {
-        k = ss[si] "," ms[ci]
-        if ((k in lm_ours) && (k in lm_theirs) && lm_theirs[k] > 0)
-            printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f\n", ss[si] == "tuned" ? "" : "_default",
-                   ms[ci], lm_ours[k] / lm_theirs[k])
+        n = 0
+        for (r = 1; (ss[si] "," ms[ci] "," r) in lm_ours; r++) {
+            k = ss[si] "," ms[ci] "," r
+            if ((k in lm_theirs) && lm_theirs[k] > 0) q[++n] = lm_ours[k] / lm_theirs[k]
+        }
+        if (n == 0) continue
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
+        med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+        printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
+               ss[si] == "tuned" ? "" : "_default", ms[ci], med, q[1], q[n], n)
     }
 }' "$log"

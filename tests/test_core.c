@@ -84,37 +84,42 @@ static void test_store(void) {
     moe_store_free(&s);
 }
 
-/* AdamW against the update written out in double, step by step, for two tensors
-   (one decayed, one not) over 5 steps with changing gradients. */
+/* AdamW against the update written out in double, step by step, for two tensors (one
+   decayed, one not) over 5 steps with changing gradients. Sizes: more than one span of the
+   parallel loop, whole vectors and a remainder (the SIMD and the portable code both run). */
 static void test_adamw(void) {
+    enum { NW = 4096 + 37, NB = 21, N = NW + NB };
     moe_store s;
     moe_adamw_config c = moe_adamw_config_default();
-    double p[6], m[6] = {0}, v[6] = {0};
+    static double p[N], m[N], v[N];
     float lr = 0.05f;
     int i, step, ok = 1;
     moe_rng r;
     TEST_BEGIN("AdamW: decoupled decay only on MOE_TENSOR_DECAY tensors, bias correction");
     moe_store_init(&s);
-    moe_store_add(&s, "w", MOE_TENSOR_DECAY, 4, 0, 0, 0);
-    moe_store_add(&s, "b", 0, 2, 0, 0, 0);
+    moe_store_add(&s, "w", MOE_TENSOR_DECAY, NW, 0, 0, 0);
+    moe_store_add(&s, "b", 0, NB, 0, 0, 0);
     moe_store_alloc(&s, 1);
     c.weight_decay = 0.1f;
     moe_rng_seed(&r, 5);
-    for (i = 0; i < 6; i++) p[i] = s.params[i] = moe_rng_normal(&r);
+    for (i = 0; i < N; i++) {
+        p[i] = s.params[i] = moe_rng_normal(&r);
+        m[i] = v[i] = 0.0;
+    }
     for (step = 1; step <= 5; step++) {
         double bc1 = 1.0 - pow(0.9, step), bc2 = 1.0 - pow(0.999, step);
-        for (i = 0; i < 6; i++) s.grads[i] = moe_rng_normal(&r);
+        for (i = 0; i < N; i++) s.grads[i] = moe_rng_normal(&r);
         CHECK(moe_adamw_step(&s, &c, lr, step) == MOE_OK, "step");
-        for (i = 0; i < 6; i++) {
+        for (i = 0; i < N; i++) {
             double g = s.grads[i];
-            if (i < 4) p[i] *= 1.0 - (double)lr * c.weight_decay;
+            if (i < NW) p[i] *= 1.0 - (double)lr * c.weight_decay;
             m[i] = 0.9 * m[i] + 0.1 * g;
             v[i] = 0.999 * v[i] + 0.001 * g * g;
             p[i] -= lr * (m[i] / bc1) / (sqrt(v[i] / bc2) + 1e-8);
             if (fabs(p[i] - s.params[i]) > 1e-5 * (1.0 + fabs(p[i]))) ok = 0;
         }
     }
-    CHECK(ok, "AdamW matches the double-precision update");
+    CHECK(ok, "AdamW matches the double-precision update on all %d elements", N);
     CHECK(moe_adamw_step(&s, &c, lr, 0) == MOE_ERR_INVALID_ARG, "step 0 rejected: %s", s.err.msg);
     moe_store_free(&s);
     moe_store_init(&s);
@@ -122,6 +127,30 @@ static void test_adamw(void) {
     moe_store_alloc(&s, 0);
     CHECK(moe_adamw_step(&s, &c, lr, 1) == MOE_ERR_STATE, "no moments: %s", s.err.msg);
     moe_store_free(&s);
+#ifdef _OPENMP
+    { /* enough elements for the parallel loop: 1 and 2 threads give the same bits */
+        moe_store t[2];
+        int k, same;
+        for (k = 0; k < 2; k++) {
+            moe_store_init(&t[k]);
+            moe_store_add(&t[k], "w", MOE_TENSOR_DECAY, 40000, 0, 0, 0);
+            moe_store_add(&t[k], "b", 0, 4097, 0, 0, 0);
+            moe_store_add(&t[k], "c", MOE_TENSOR_DECAY, 33, 0, 0, 0);
+            moe_store_alloc(&t[k], 1);
+            moe_rng_seed(&r, 9);
+            for (i = 0; i < (int)t[k].numel; i++) {
+                t[k].params[i] = moe_rng_normal(&r);
+                t[k].grads[i] = moe_rng_normal(&r);
+            }
+            omp_set_num_threads(k + 1);
+            for (step = 1; step <= 3; step++) moe_adamw_step(&t[k], &c, lr, step);
+        }
+        same = memcmp(t[0].params, t[1].params, t[0].numel * sizeof(float)) == 0 &&
+               memcmp(t[0].adam_v, t[1].adam_v, t[0].numel * sizeof(float)) == 0;
+        CHECK(same, "AdamW identical for 1 and 2 threads (%zu elements)", t[0].numel);
+        for (k = 0; k < 2; k++) moe_store_free(&t[k]);
+    }
+#endif
 }
 
 static void test_clip_and_schedule(void) {

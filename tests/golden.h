@@ -16,6 +16,7 @@
 #ifndef MOE_GOLDEN_H
 #define MOE_GOLDEN_H
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -270,6 +271,222 @@ GOLDEN_FN float golden_cfg_float(golden_file *g, const char *key, int *ok) {
     }
     return v;
 }
+
+/* ---- comparisons, with the worst errors kept per group of tensors ---------------------------
+   A program names its groups (golden_groups_begin) and passes a group to each comparison;
+   golden_groups_print gives per group the largest absolute error, the largest relative error
+   (over |ref| >= 1e-3) and the largest share of the tolerance used, each with its tensor.
+   golden_record = 0 keeps comparisons out of the summary (a re-check of the same values). */
+#define GOLDEN_MAX_GROUPS 16
+typedef struct golden_group {
+    const char *name;
+    int tensors;
+    double max_abs, max_rel, max_use; /* max_use: max |got - ref| / (atol + rtol |ref|), 1 = at the tolerance */
+    char worst_abs[80], worst_rel[80], worst_use[80];
+} golden_group;
+static golden_group golden_groups[GOLDEN_MAX_GROUPS];
+static int golden_ngroups = 0, golden_record = 1;
+
+GOLDEN_FN void golden_groups_begin(const char *const *names, int n) {
+    int i;
+    memset(golden_groups, 0, sizeof golden_groups);
+    golden_ngroups = n < GOLDEN_MAX_GROUPS ? n : GOLDEN_MAX_GROUPS;
+    for (i = 0; i < golden_ngroups; i++) golden_groups[i].name = names[i];
+    golden_record = 1;
+}
+
+GOLDEN_FN void golden_groups_print(void) {
+    int i;
+    for (i = 0; i < golden_ngroups; i++) {
+        const golden_group *q = &golden_groups[i];
+        if (q->tensors)
+            printf("   %-25s %3d tensors: max abs err %-9.3g (%s), max rel err %-9.3g (%s), %.2f of the tolerance (%s)\n",
+                   q->name, q->tensors, q->max_abs, q->max_abs > 0 ? q->worst_abs : "-", q->max_rel,
+                   q->max_rel > 0 ? q->worst_rel : "-", q->max_use, q->max_use > 0 ? q->worst_use : "-");
+    }
+}
+
+/* check_close plus the group's summary; one line per tensor when verbose */
+GOLDEN_FN int golden_cmp(int group, const char *name, const float *got, const float *ref, size_t n, double atol,
+                         double rtol) {
+    size_t i;
+    double ma = 0.0, mr = 0.0, mu = 0.0;
+    int ok, verbose = test_verbose;
+    golden_group *q = &golden_groups[group];
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
+        if (d != d) d = HUGE_VAL;
+        if (d > ma) ma = d;
+        if (r >= 1e-3 && d / r > mr) mr = d / r;
+        if (d / (atol + rtol * r) > mu) mu = d / (atol + rtol * r);
+    }
+    test_verbose = 0; /* the line below replaces check_close's */
+    ok = check_close(name, got, ref, n, atol, rtol);
+    test_verbose = verbose;
+    if (verbose)
+        printf("   %-4s %-40s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e: %.2f of it)\n",
+               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol, mu);
+    if (!golden_record) return ok;
+    q->tensors++;
+    if (mu > q->max_use) { q->max_use = mu; snprintf(q->worst_use, sizeof q->worst_use, "%s", name); }
+    if (ma > q->max_abs) { q->max_abs = ma; snprintf(q->worst_abs, sizeof q->worst_abs, "%s", name); }
+    if (mr > q->max_rel) { q->max_rel = mr; snprintf(q->worst_rel, sizeof q->worst_rel, "%s", name); }
+    return ok;
+}
+
+/* a scalar computed in double against its float32 reference */
+GOLDEN_FN int golden_cmp_scalar(int group, const char *name, double got, float ref, double atol, double rtol) {
+    float v = (float)got;
+    return golden_cmp(group, name, &v, &ref, 1, atol, rtol);
+}
+
+/* got against scale * ref (scale = 2 after two accumulating backward passes) */
+GOLDEN_FN int golden_cmp_scaled(int group, const char *name, const float *got, const float *ref, float scale,
+                                size_t n, double atol, double rtol) {
+    float *r;
+    size_t i;
+    int ok;
+    if (scale == 1.0f || !ref) return golden_cmp(group, name, got, ref, n, atol, rtol);
+    r = (float *)malloc(sizeof(float) * (n ? n : 1));
+    if (!r) return CHECK(0, "out of memory");
+    for (i = 0; i < n; i++) r[i] = scale * ref[i];
+    ok = golden_cmp(group, name, got, r, n, scale * atol, rtol);
+    free(r);
+    return ok;
+}
+
+/* integers (routing ids) must match exactly */
+GOLDEN_FN int golden_cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
+    size_t i, bad = 0, first = 0;
+    if (!got || !ref) return CHECK(0, "%s: missing data", name);
+    for (i = 0; i < n; i++)
+        if (got[i] != (int)ref[i]) {
+            if (!bad) first = i;
+            bad++;
+        }
+    if (test_verbose) printf("   %-4s %-40s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
+    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name, bad, n,
+                 first, got[first], (int)ref[first]);
+}
+
+GOLDEN_FN float *golden_zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
+
+#ifdef MOE_H_INCLUDED
+/* ---- whole models (moe.h's moe_model) ------------------------------------------------------- */
+
+/* The initial weights from records "param.<tensor>": the file and the store list the same
+   tensors with the same shapes, and decay is set exactly on the 2-d and 3-d weights. */
+GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) {
+    int i, nparam = 0, ok = 1;
+    char nm[96];
+    for (i = 0; i < g->count; i++) nparam += strncmp(g->t[i].name, "param.", 6) == 0;
+    CHECK(nparam == m->S.count, "%s holds %d parameter tensors, the model declares %d", g->path, nparam, m->S.count);
+    for (i = 0; i < m->S.count; i++) {
+        const moe_tensor *tn = &m->S.tensors[i];
+        const golden_tensor *gt;
+        int k, same;
+        snprintf(nm, sizeof nm, "param.%s", tn->name);
+        gt = golden_find(g, nm);
+        if (!CHECK(gt && gt->dtype == GOLDEN_F32 && gt->numel == tn->numel, "%s: no float32 record of %zu elements",
+                   nm, tn->numel)) { ok = 0; continue; }
+        same = gt->ndim == tn->ndim;
+        for (k = 0; same && k < tn->ndim; k++) same = gt->shape[k] == tn->shape[k];
+        CHECK(same, "%s: shape differs between the golden file and the store", tn->name);
+        CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
+              tn->name, tn->flags, tn->ndim);
+        memcpy(moe_store_param(&m->S, i), gt->f32, tn->numel * sizeof(float));
+    }
+    return ok && nparam == m->S.count;
+}
+
+/* Every parameter gradient against "grad.<tensor>" (group_of picks the group by name), then the
+   same gradients accumulated from two passes of scale 1/4 and 3/4 (micro-batches), kept out of
+   the summary. The model holds the forward of (inputs, targets) on entry. */
+GOLDEN_FN int golden_model_grads(golden_file *g, moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                 int (*group_of)(const char *), double atol, double rtol) {
+    int i, pass;
+    char nm[96];
+    moe_status st;
+    moe_store_zero_grad(&m->S);
+    st = moe_model_backward(m, 1.0f);
+    if (!CHECK(st == MOE_OK, "moe_model_backward: %s", m->err.msg)) return 0;
+    for (pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            moe_store_zero_grad(&m->S);
+            st = moe_model_backward(m, 0.25f);
+            if (st == MOE_OK) st = moe_model_forward(m, inputs, targets, B, T, NULL);
+            if (st == MOE_OK) st = moe_model_backward(m, 0.75f);
+            if (!CHECK(st == MOE_OK, "accumulating backward: %s", m->err.msg)) return 0;
+            golden_record = 0;
+        }
+        for (i = 0; i < m->S.count; i++) {
+            const moe_tensor *tn = &m->S.tensors[i];
+            const float *ref;
+            snprintf(nm, sizeof nm, "grad.%s", tn->name);
+            ref = golden_need(g, nm, tn->numel);
+            if (pass == 1) snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
+            if (!golden_cmp(group_of(tn->name), nm, moe_store_grad(&m->S, i), ref, tn->numel, atol, rtol) && pass == 1)
+                break; /* one report of a broken accumulation is enough */
+        }
+    }
+    golden_record = 1;
+    return 1;
+}
+
+/* AdamW on the same batch: forward k sees the parameters after k steps; each forward's
+   objective, cross-entropy and aux loss against traj.loss/ce/aux[k], each MoE layer's top-k
+   ids against traj.l<l>.topk; at the end the parameters that have a record "final.<tensor>"
+   (at least one; every such record names a tensor). */
+GOLDEN_FN void golden_model_trajectory(golden_file *g, moe_model *m, const int *inputs, const int *targets, int B,
+                                       int T, int steps, float lr, const moe_adamw_config *opt, int g_traj,
+                                       int g_final, double traj_atol, double traj_rtol, double final_atol,
+                                       double final_rtol) {
+    const float *loss = golden_need(g, "traj.loss", (size_t)steps + 1), *ce = golden_need(g, "traj.ce", (size_t)steps + 1);
+    const float *aux = golden_need(g, "traj.aux", (size_t)steps + 1);
+    size_t NK = (size_t)B * T * m->cfg.moe.top_k;
+    int step, l, i, nfinal = 0, found = 0;
+    char nm[96];
+    moe_status st;
+    if (!loss || !ce || !aux) return;
+    for (step = 0; step <= steps; step++) {
+        moe_store_zero_grad(&m->S);
+        st = moe_model_forward(m, inputs, targets, B, T, NULL);
+        if (!CHECK(st == MOE_OK, "step %d: moe_model_forward: %s", step, m->err.msg)) return;
+        snprintf(nm, sizeof nm, "objective after %d steps", step);
+        golden_cmp_scalar(g_traj, nm, m->loss + m->aux_loss, loss[step], traj_atol, traj_rtol);
+        snprintf(nm, sizeof nm, "cross-entropy after %d steps", step);
+        golden_cmp_scalar(g_traj, nm, m->loss, ce[step], traj_atol, traj_rtol);
+        snprintf(nm, sizeof nm, "aux loss after %d steps", step);
+        golden_cmp_scalar(g_traj, nm, m->aux_loss, aux[step], traj_atol, traj_rtol);
+        for (l = 0; l < m->cfg.n_layers; l++) {
+            const int32_t *ids;
+            char rec[64];
+            if (!m->blocks[l].is_moe) continue;
+            snprintf(rec, sizeof rec, "traj.l%d.topk", l);
+            ids = golden_need_i32(g, rec, (size_t)(steps + 1) * NK);
+            snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
+            if (ids) golden_cmp_ints(nm, m->blocks[l].moe.topk, ids + (size_t)step * NK, NK);
+        }
+        if (step == steps) break;
+        st = moe_model_backward(m, 1.0f);
+        if (!CHECK(st == MOE_OK, "step %d: moe_model_backward: %s", step, m->err.msg)) return;
+        st = moe_adamw_step(&m->S, opt, lr, step + 1);
+        if (!CHECK(st == MOE_OK, "moe_adamw_step: %s", m->S.err.msg)) return;
+    }
+    for (i = 0; i < g->count; i++) nfinal += strncmp(g->t[i].name, "final.", 6) == 0;
+    for (i = 0; i < m->S.count; i++) {
+        const moe_tensor *tn = &m->S.tensors[i];
+        snprintf(nm, sizeof nm, "final.%s", tn->name);
+        if (!golden_find(g, nm)) continue;
+        found++;
+        golden_cmp(g_final, nm, moe_store_param(&m->S, i), golden_need(g, nm, tn->numel), tn->numel, final_atol,
+                   final_rtol);
+    }
+    CHECK(nfinal > 0 && found == nfinal, "%s: %d final parameter records, %d of them match a tensor",
+          g->path, nfinal, found);
+}
+#endif /* MOE_H_INCLUDED */
 
 #endif /* MOE_TEST_H */
 

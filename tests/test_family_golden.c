@@ -35,94 +35,6 @@ static const char *group_name[G_COUNT] = {"forward", "losses", "router logits / 
                                           "grad router input path", "grad of aux alone", "loss trajectory",
                                           "final params"};
 
-typedef struct group_err {
-    int tensors;
-    double max_abs, max_rel; /* rel over elements with |ref| >= 1e-3 */
-    double max_use;          /* max |got - ref| / (atol + rtol |ref|): 1 = at the tolerance */
-    char worst_abs[80], worst_rel[80], worst_use[80];
-} group_err;
-
-static group_err groups[G_COUNT];
-static int record = 1; /* 0: checks of the accumulation pass stay out of the summary */
-
-static int cmp(int group, const char *name, const float *got, const float *ref, size_t n, double atol, double rtol) {
-    size_t i;
-    double ma = 0.0, mr = 0.0, mu = 0.0;
-    int ok, verbose = test_verbose;
-    group_err *g = &groups[group];
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
-        if (d != d) d = HUGE_VAL;
-        if (d > ma) ma = d;
-        if (r >= 1e-3 && d / r > mr) mr = d / r;
-        if (d / (atol + rtol * r) > mu) mu = d / (atol + rtol * r);
-    }
-    test_verbose = 0;
-    ok = check_close(name, got, ref, n, atol, rtol);
-    test_verbose = verbose;
-    if (verbose)
-        printf("   %-4s %-40s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e: %.2f of it)\n",
-               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol, mu);
-    if (!record) return ok;
-    g->tensors++;
-    if (mu > g->max_use) { g->max_use = mu; snprintf(g->worst_use, sizeof g->worst_use, "%s", name); }
-    if (ma > g->max_abs) { g->max_abs = ma; snprintf(g->worst_abs, sizeof g->worst_abs, "%s", name); }
-    if (mr > g->max_rel) { g->max_rel = mr; snprintf(g->worst_rel, sizeof g->worst_rel, "%s", name); }
-    return ok;
-}
-
-static int cmp_scalar(int group, const char *name, double got, float ref, double atol, double rtol) {
-    float g = (float)got;
-    return cmp(group, name, &g, &ref, 1, atol, rtol);
-}
-
-/* got against scale * ref (scale = 2 after two accumulating backward passes) */
-static int cmp_scaled(int group, const char *name, const float *got, const float *ref, float scale, size_t n,
-                      double atol, double rtol) {
-    float *r;
-    size_t i;
-    int ok;
-    if (scale == 1.0f || !ref) return cmp(group, name, got, ref, n, atol, rtol);
-    r = (float *)malloc(sizeof(float) * (n ? n : 1));
-    if (!r) return CHECK(0, "out of memory");
-    for (i = 0; i < n; i++) r[i] = scale * ref[i];
-    ok = cmp(group, name, got, r, n, scale * atol, rtol);
-    free(r);
-    return ok;
-}
-
-static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
-    size_t i, bad = 0, first = 0;
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++)
-        if (got[i] != (int)ref[i]) {
-            if (!bad) first = i;
-            bad++;
-        }
-    if (test_verbose) printf("   %-4s %-40s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
-    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name, bad, n,
-                 first, got[first], (int)ref[first]);
-}
-
-static void groups_print(void) {
-    int i;
-    for (i = 0; i < G_COUNT; i++)
-        if (groups[i].tensors)
-            printf("   %-23s %3d tensors: max abs err %-9.3g (%s), max rel err %-9.3g (%s), %.2f of the tolerance (%s)\n",
-                   group_name[i], groups[i].tensors, groups[i].max_abs, groups[i].max_abs > 0 ? groups[i].worst_abs : "-",
-                   groups[i].max_rel, groups[i].max_rel > 0 ? groups[i].worst_rel : "-", groups[i].max_use,
-                   groups[i].max_use > 0 ? groups[i].worst_use : "-");
-}
-
-/* ---- golden access ----------------------------------------------------------------------------- */
-
-
-
-
-
-
-static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 
 /* ---- one layer ----------------------------------------------------------------------------------
    Tolerances. Forward: float32 on both sides, sums of at most d + D + a b ~ 60 terms in a
@@ -150,7 +62,7 @@ static void test_layer(const char *which, const char *what) {
     snprintf(file, sizeof file, "family_%s.bin", which);
     snprintf(title, sizeof title, "golden family %s: %s", which, what);
     TEST_BEGIN(title);
-    memset(groups, 0, sizeof groups);
+    golden_groups_begin(group_name, G_COUNT);
     if (!golden_open(&g, file)) return;
     c.d = golden_cfg_int(&g, "d", &ok);
     c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
@@ -202,21 +114,21 @@ static void test_layer(const char *which, const char *what) {
     x = golden_need(&g, "x", (size_t)T * d);
     dy = golden_need(&g, "dy", (size_t)T * d);
     if (!x || !dy) goto done;
-    y = zeros((size_t)T * d);
-    dx = zeros((size_t)T * d);
-    zero_dy = zeros((size_t)T * d);
+    y = golden_zeros((size_t)T * d);
+    dx = golden_zeros((size_t)T * d);
+    zero_dy = golden_zeros((size_t)T * d);
 
     for (i = 0; i < T * d; i++) y[i] = 1e3f; /* forward overwrites y */
     st = moe_layer_forward(&L, &S, y, x, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
-    cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
+    golden_cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
         golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_ROUTER, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp_ints("top-k ids", L.topk, golden_need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    cmp_ints("uncertain (broadcast) tokens", L.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
-    cmp(G_FWD, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_FWD, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
-    if (c.hyper) cmp(G_FWD, "hyper-expert output", L.hy_out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    golden_cmp(G_ROUTER, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    golden_cmp_ints("top-k ids", L.topk, golden_need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
+    golden_cmp_ints("uncertain (broadcast) tokens", L.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
+    golden_cmp(G_FWD, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
+    golden_cmp(G_FWD, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    if (c.hyper) golden_cmp(G_FWD, "hyper-expert output", L.hy_out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
     {
         int counts[4];
         int32_t refc[4];
@@ -225,15 +137,15 @@ static void test_layer(const char *which, const char *what) {
         refc[1] = golden_int(&g, "stats.requested", -1);
         refc[2] = golden_int(&g, "stats.kept", -1);
         refc[3] = golden_int(&g, "stats.dropped", -1);
-        cmp_ints("stats broadcast/requested/kept/dropped", counts, refc, 4);
+        golden_cmp_ints("stats broadcast/requested/kept/dropped", counts, refc, 4);
     }
-    cmp(G_FWD, "stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, L_FWD_ATOL, L_FWD_RTOL);
-    cmp(G_FWD, "stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    golden_cmp(G_FWD, "stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, L_FWD_ATOL, L_FWD_RTOL);
+    golden_cmp(G_FWD, "stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, L_FWD_ATOL, L_FWD_RTOL);
     if ((ref = golden_need(&g, "stats.gate_entropy", 1)) != NULL)
-        cmp_scalar(G_FWD, "stats.gate_entropy", L.stats.gate_entropy, ref[0], L_FWD_ATOL, L_FWD_RTOL);
-    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) cmp_scalar(G_LOSS, "aux_balance", L.stats.aux_balance, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
-    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) cmp_scalar(G_LOSS, "aux_z", L.stats.aux_z, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
-    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) cmp_scalar(G_LOSS, "aux_total", L.stats.aux_total, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+        golden_cmp_scalar(G_FWD, "stats.gate_entropy", L.stats.gate_entropy, ref[0], L_FWD_ATOL, L_FWD_RTOL);
+    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) golden_cmp_scalar(G_LOSS, "aux_balance", L.stats.aux_balance, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) golden_cmp_scalar(G_LOSS, "aux_z", L.stats.aux_z, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
+    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) golden_cmp_scalar(G_LOSS, "aux_total", L.stats.aux_total, ref[0], L_LOSS_ATOL, L_LOSS_RTOL);
 
     /* backward. pass 0: sum(y*dy) + aux_total; pass 1: forward and backward once more without
        zeroing (every gradient, dx included, must double); pass 2: aux_total alone (dy = 0) */
@@ -242,7 +154,7 @@ static void test_layer(const char *which, const char *what) {
         int grp = pass == 2 ? G_AUXGRAD : G_GRAD;
         double atol = pass == 2 ? L_AUX_ATOL : L_GRAD_ATOL, rtol = pass == 2 ? L_AUX_RTOL : L_GRAD_RTOL;
         float scale = pass == 1 ? 2.0f : 1.0f;
-        record = pass != 1;
+        golden_record = pass != 1;
         if (pass > 0) {
             st = moe_layer_forward(&L, &S, y, x, T, NULL);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
@@ -254,7 +166,7 @@ static void test_layer(const char *which, const char *what) {
         st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
-        cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        golden_cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
         for (i = 0; i < S.count; i++) {
             const moe_tensor *tn = &S.tensors[i];
             char label[160];
@@ -267,13 +179,13 @@ static void test_layer(const char *which, const char *what) {
                 CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
                 continue;
             }
-            cmp_scaled(grp, pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            golden_cmp_scaled(grp, pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
         }
     }
-    record = 1;
-    groups_print();
+    golden_record = 1;
+    golden_groups_print();
 done:
-    record = 1;
+    golden_record = 1;
     free(y); free(dx); free(zero_dy);
     moe_layer_free(&L);
     moe_store_free(&S);
@@ -305,13 +217,13 @@ static void test_model(const char *which, const char *what) {
     moe_adamw_config opt = moe_adamw_config_default();
     moe_model m;
     moe_status st;
-    int ok = 1, B, T, N, V, K, P, steps, i, l, step, nparam = 0, *inputs = NULL, *targets = NULL;
+    int ok = 1, B, T, N, V, K, P, steps, i, l, *inputs = NULL, *targets = NULL;
     float lr;
     const int32_t *in32, *tg32;
     snprintf(file, sizeof file, "rmoe_%s.bin", which);
     snprintf(title, sizeof title, "golden rmoe %s: %s", which, what);
     TEST_BEGIN(title);
-    memset(groups, 0, sizeof groups);
+    golden_groups_begin(group_name, G_COUNT);
     if (!golden_open(&g, file)) return;
     c.vocab = golden_cfg_int(&g, "vocab", &ok);
     c.max_seq = golden_cfg_int(&g, "max_seq", &ok);
@@ -345,23 +257,7 @@ static void test_model(const char *which, const char *what) {
 
     st = moe_model_init(&m, &c, B + 1, T); /* one sequence more than used */
     if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
-    for (i = 0; i < g.count; i++) nparam += strncmp(g.t[i].name, "param.", 6) == 0;
-    CHECK(nparam == m.S.count, "%s holds %d parameter tensors, the model declares %d", file, nparam, m.S.count);
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        const golden_tensor *gt;
-        int k, same;
-        snprintf(nm, sizeof nm, "param.%s", tn->name);
-        gt = golden_find(&g, nm);
-        if (!CHECK(gt && gt->dtype == GOLDEN_F32 && gt->numel == tn->numel, "%s: no float32 record of %zu elements",
-                   nm, tn->numel)) { ok = 0; continue; }
-        same = gt->ndim == tn->ndim;
-        for (k = 0; same && k < tn->ndim; k++) same = gt->shape[k] == tn->shape[k];
-        CHECK(same, "%s: shape differs between the golden file and the store", tn->name);
-        CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
-              tn->name, tn->flags, tn->ndim);
-        memcpy(moe_store_param(&m.S, i), gt->f32, tn->numel * sizeof(float));
-    }
+    ok = golden_model_params(&g, &m) && ok;
     in32 = golden_need_i32(&g, "inputs", (size_t)N);
     tg32 = golden_need_i32(&g, "targets", (size_t)N);
     if (!ok || !in32 || !tg32) goto done;
@@ -373,11 +269,11 @@ static void test_model(const char *which, const char *what) {
     /* 1. forward */
     st = moe_model_forward(&m, inputs, targets, B, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
-    cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
+    golden_cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
     {
         const float *ce = golden_need(&g, "ce", 1), *aux = golden_need(&g, "aux", 1);
-        if (ce) cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], M_LOSS_ATOL, M_LOSS_RTOL);
-        if (aux) cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], M_LOSS_ATOL, M_LOSS_RTOL);
+        if (ce) golden_cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], M_LOSS_ATOL, M_LOSS_RTOL);
+        if (aux) golden_cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], M_LOSS_ATOL, M_LOSS_RTOL);
     }
     for (l = 0; l < c.n_layers; l++) {
         moe_block *b = &m.blocks[l];
@@ -385,87 +281,27 @@ static void test_model(const char *which, const char *what) {
         snprintf(nm, sizeof nm, "l%d.router_logits", l);
         CHECK((golden_find(&g, nm) != NULL) == (b->is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
         if (!b->is_moe) continue;
-        cmp(G_ROUTER, nm, b->moe.logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
+        golden_cmp(G_ROUTER, nm, b->moe.logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
             M_FWD_ATOL, M_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.router_in", l);
-        cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, golden_need(&g, nm, (size_t)N * P),
+        golden_cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, golden_need(&g, nm, (size_t)N * P),
             (size_t)N * P, M_FWD_ATOL, M_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.topk", l);
-        cmp_ints(nm, b->moe.topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
+        golden_cmp_ints(nm, b->moe.topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
         snprintf(nm, sizeof nm, "l%d.aux", l);
-        if ((ref = golden_need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
+        if ((ref = golden_need(&g, nm, 1)) != NULL) golden_cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
     }
 
     /* 2. backward: every parameter gradient; then the same accumulated as 1/4 + 3/4 */
-    moe_store_zero_grad(&m.S);
-    st = moe_model_backward(&m, 1.0f);
-    if (!CHECK(st == MOE_OK, "moe_model_backward: %s", m.err.msg)) goto done;
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        cmp(rin_group(tn->name), nm, moe_store_grad(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, M_GRAD_ATOL, M_GRAD_RTOL);
-    }
-    moe_store_zero_grad(&m.S);
-    st = moe_model_backward(&m, 0.25f);
-    if (st == MOE_OK) st = moe_model_forward(&m, inputs, targets, B, T, NULL);
-    if (st == MOE_OK) st = moe_model_backward(&m, 0.75f);
-    if (!CHECK(st == MOE_OK, "accumulating backward: %s", m.err.msg)) goto done;
-    record = 0;
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        const float *ref;
-        snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        ref = golden_need(&g, nm, tn->numel);
-        snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
-        if (ref && !cmp(G_GRAD, nm, moe_store_grad(&m.S, i), ref, tn->numel, M_GRAD_ATOL, M_GRAD_RTOL)) break;
-    }
-    record = 1;
+    if (!golden_model_grads(&g, &m, inputs, targets, B, T, rin_group, M_GRAD_ATOL, M_GRAD_RTOL)) goto done;
 
     /* 3. AdamW on the same batch (GRU case): forward k sees the parameters after k steps */
-    if (steps > 0) {
-        const float *traj_loss = golden_need(&g, "traj.loss", (size_t)steps + 1), *traj_ce = golden_need(&g, "traj.ce", (size_t)steps + 1);
-        const float *traj_aux = golden_need(&g, "traj.aux", (size_t)steps + 1);
-        int nfinal = 0, found = 0;
-        if (!traj_loss || !traj_ce || !traj_aux) goto done;
-        for (step = 0; step <= steps; step++) {
-            moe_store_zero_grad(&m.S);
-            st = moe_model_forward(&m, inputs, targets, B, T, NULL);
-            if (!CHECK(st == MOE_OK, "step %d: moe_model_forward: %s", step, m.err.msg)) goto done;
-            snprintf(nm, sizeof nm, "objective after %d steps", step);
-            cmp_scalar(G_TRAJ, nm, m.loss + m.aux_loss, traj_loss[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
-            snprintf(nm, sizeof nm, "cross-entropy after %d steps", step);
-            cmp_scalar(G_TRAJ, nm, m.loss, traj_ce[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
-            snprintf(nm, sizeof nm, "aux loss after %d steps", step);
-            cmp_scalar(G_TRAJ, nm, m.aux_loss, traj_aux[step], M_TRAJ_ATOL, M_TRAJ_RTOL);
-            for (l = 0; l < c.n_layers; l++) {
-                const int32_t *ids;
-                char rec[64];
-                if (!m.blocks[l].is_moe) continue;
-                snprintf(rec, sizeof rec, "traj.l%d.topk", l);
-                ids = golden_need_i32(&g, rec, (size_t)(steps + 1) * N * K);
-                snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
-                if (ids) cmp_ints(nm, m.blocks[l].moe.topk, ids + (size_t)step * N * K, (size_t)N * K);
-            }
-            if (step == steps) break;
-            st = moe_model_backward(&m, 1.0f);
-            if (!CHECK(st == MOE_OK, "step %d: moe_model_backward: %s", step, m.err.msg)) goto done;
-            st = moe_adamw_step(&m.S, &opt, lr, step + 1);
-            if (!CHECK(st == MOE_OK, "moe_adamw_step: %s", m.S.err.msg)) goto done;
-        }
-        for (i = 0; i < g.count; i++) nfinal += strncmp(g.t[i].name, "final.", 6) == 0;
-        for (i = 0; i < m.S.count; i++) {
-            const moe_tensor *tn = &m.S.tensors[i];
-            snprintf(nm, sizeof nm, "final.%s", tn->name);
-            if (!golden_find(&g, nm)) continue;
-            found++;
-            cmp(G_FINAL, nm, moe_store_param(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, M_FINAL_ATOL, M_FINAL_RTOL);
-        }
-        CHECK(nfinal == m.S.count && found == nfinal, "%s: %d final parameter records, %d of them match a tensor", file,
-              nfinal, found);
-    }
-    groups_print();
+    if (steps > 0)
+        golden_model_trajectory(&g, &m, inputs, targets, B, T, steps, lr, &opt, G_TRAJ, G_FINAL, M_TRAJ_ATOL,
+                                M_TRAJ_RTOL, M_FINAL_ATOL, M_FINAL_RTOL);
+    golden_groups_print();
 done:
-    record = 1;
+    golden_record = 1;
     free(inputs);
     free(targets);
     moe_model_free(&m);

@@ -23,98 +23,13 @@
 
 /* ---- comparison helpers -------------------------------------------------------------------- */
 
-typedef struct err_summary {
-    int tensors;
-    double max_abs, max_rel; /* rel = |got-ref| / |ref| over elements with |ref| >= 1e-3 */
-    const char *worst_abs, *worst_rel;
-} err_summary;
-
-static err_summary summary;
-static int summary_skip = 0; /* 1: the checks of the accumulation pass stay out of the summary */
-static char name_buf[64][96]; /* stable storage for the worst tensors' names */
-static int name_next = 0;
-
-static const char *keep_name(const char *s) {
-    char *b = name_buf[name_next++ % 64];
-    snprintf(b, 96, "%s", s);
-    return b;
+/* one summary group per test, named after it */
+static void summary_begin(const char *what) {
+    static const char *name[1];
+    name[0] = what;
+    golden_groups_begin(name, 1);
 }
 
-static void summary_reset(void) {
-    memset(&summary, 0, sizeof summary);
-    summary.worst_abs = summary.worst_rel = "-";
-}
-
-static void summary_print(const char *what) {
-    printf("   %s: %d tensors, max abs err %.3g (%s), max rel err %.3g (%s)\n", what,
-           summary.tensors, summary.max_abs, summary.worst_abs, summary.max_rel, summary.worst_rel);
-}
-
-/* check_close plus the error summary; one line per tensor when verbose */
-static int cmp(const char *name, const float *got, const float *ref, size_t n, double atol, double rtol) {
-    size_t i;
-    double ma = 0.0, mr = 0.0;
-    int ok, verbose = test_verbose;
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
-        if (d != d) d = HUGE_VAL;
-        if (d > ma) ma = d;
-        if (r >= 1e-3 && d / r > mr) mr = d / r;
-    }
-    test_verbose = 0; /* our own line below replaces check_close's */
-    ok = check_close(name, got, ref, n, atol, rtol);
-    test_verbose = verbose;
-    if (verbose)
-        printf("   %-4s %-30s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e)\n",
-               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol);
-    if (summary_skip) return ok;
-    summary.tensors++;
-    if (ma > summary.max_abs) { summary.max_abs = ma; summary.worst_abs = keep_name(name); }
-    if (mr > summary.max_rel) { summary.max_rel = mr; summary.worst_rel = keep_name(name); }
-    return ok;
-}
-
-/* a scalar computed in double against its float32 reference */
-static int cmp_scalar(const char *name, double got, float ref, double atol, double rtol) {
-    float g = (float)got;
-    return cmp(name, &g, &ref, 1, atol, rtol);
-}
-
-/* got against scale * ref (scale = 2 after two accumulating backward passes) */
-static int cmp_scaled(const char *name, const float *got, const float *ref, float scale, size_t n,
-                      double atol, double rtol) {
-    float *r;
-    size_t i;
-    int ok;
-    if (scale == 1.0f || !ref) return cmp(name, got, ref, n, atol, rtol);
-    r = (float *)malloc(sizeof(float) * (n ? n : 1));
-    if (!r) return CHECK(0, "out of memory");
-    for (i = 0; i < n; i++) r[i] = scale * ref[i];
-    ok = cmp(name, got, r, n, scale * atol, rtol);
-    free(r);
-    return ok;
-}
-
-static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
-    size_t i, bad = 0, first = 0;
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++)
-        if (got[i] != (int)ref[i]) {
-            if (!bad) first = i;
-            bad++;
-        }
-    if (test_verbose) printf("   %-4s %-30s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
-    summary.tensors++;
-    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name,
-                 bad, n, first, got[first], (int)ref[first]);
-}
-
-
-
-/* a required float32 record; NULL counts as a failure */
-
-static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 
 /* ---- the reader itself: missing file, wrong magic, wrong version ----------------------------- */
 
@@ -177,17 +92,17 @@ static void test_matmul(golden_file *g, const char *tag) {
 #undef REC
     if (!inp || !w || !b || !out || !dout || !dinp || !dw || !db) return;
     for (naive = 0; naive < 2; naive++) {
-        float *o = zeros((size_t)M * N), *gi = zeros((size_t)M * K), *gw = zeros((size_t)N * K), *gb = zeros(N);
+        float *o = golden_zeros((size_t)M * N), *gi = golden_zeros((size_t)M * K), *gw = golden_zeros((size_t)N * K), *gb = golden_zeros(N);
         const char *how = naive ? "naive" : "fast";
         (naive ? moe_matmul_forward_naive : moe_matmul_forward)(o, inp, w, b, M, K, N);
         (naive ? moe_matmul_backward_naive : moe_matmul_backward)(gi, gw, gb, dout, inp, w, M, K, N);
         /* float32 rounding grows with the sum: out and dinp add K or N terms of size ~1/sqrt(K)
            (results ~1); dweight and dbias add M = 67 terms of size ~1 (results up to ~20,
            with cancellation), so their absolute error reaches a few 1e-6 */
-        snprintf(nm, sizeof nm, "%s.out (%s)", tag, how); cmp(nm, o, out, (size_t)M * N, 1e-6, 1e-5);
-        snprintf(nm, sizeof nm, "%s.dinp (%s)", tag, how); cmp(nm, gi, dinp, (size_t)M * K, 1e-6, 1e-5);
-        snprintf(nm, sizeof nm, "%s.dweight (%s)", tag, how); cmp(nm, gw, dw, (size_t)N * K, 2e-5, 1e-5);
-        snprintf(nm, sizeof nm, "%s.dbias (%s)", tag, how); cmp(nm, gb, db, N, 1e-5, 1e-5);
+        snprintf(nm, sizeof nm, "%s.out (%s)", tag, how); golden_cmp(0, nm, o, out, (size_t)M * N, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dinp (%s)", tag, how); golden_cmp(0, nm, gi, dinp, (size_t)M * K, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dweight (%s)", tag, how); golden_cmp(0, nm, gw, dw, (size_t)N * K, 2e-5, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dbias (%s)", tag, how); golden_cmp(0, nm, gb, db, N, 1e-5, 1e-5);
         free(o); free(gi); free(gw); free(gb);
     }
 }
@@ -200,7 +115,7 @@ static void test_kernels(void) {
     char nm[64];
     int a;
     TEST_BEGIN("golden kernels: matmul, softmax, activations, SwiGLU, RMSNorm, LayerNorm, cross-entropy vs PyTorch");
-    summary_reset();
+    summary_begin("kernels");
     if (!golden_open(&g, "kernels.bin")) return;
     test_matmul(&g, "matmul_small");
     test_matmul(&g, "matmul");
@@ -211,12 +126,12 @@ static void test_kernels(void) {
         size_t sz = (size_t)rows * n;
         const float *inp = golden_need(&g, "softmax.inp", sz), *out = golden_need(&g, "softmax.out", sz);
         const float *dout = golden_need(&g, "softmax.dout", sz), *dinp = golden_need(&g, "softmax.dinp", sz);
-        float *o = zeros(sz), *gi = zeros(sz);
+        float *o = golden_zeros(sz), *gi = golden_zeros(sz);
         if (inp && out && dout && dinp) {
             moe_softmax_forward(o, inp, rows, n);
-            cmp("softmax.out", o, out, sz, 1e-7, 1e-5);
+            golden_cmp(0, "softmax.out", o, out, sz, 1e-7, 1e-5);
             moe_softmax_backward(gi, dout, o, rows, n);
-            cmp("softmax.dinp", gi, dinp, sz, 1e-6, 1e-5);
+            golden_cmp(0, "softmax.dinp", gi, dinp, sz, 1e-6, 1e-5);
         }
         free(o); free(gi);
     } else CHECK(0, "softmax records missing");
@@ -234,12 +149,12 @@ static void test_kernels(void) {
         snprintf(nm, sizeof nm, "%s.dout", acts[a]); dout = golden_need(&g, nm, n);
         snprintf(nm, sizeof nm, "%s.dinp", acts[a]); dinp = golden_need(&g, nm, n);
         if (!out || !dout || !dinp) continue;
-        o = zeros(n);
-        gi = zeros(n);
+        o = golden_zeros(n);
+        gi = golden_zeros(n);
         moe_activation_forward(o, inp, n, act_ids[a]);
         moe_activation_backward(gi, dout, inp, n, act_ids[a]);
-        snprintf(nm, sizeof nm, "%s.out", acts[a]); cmp(nm, o, out, n, 1e-6, 1e-5);
-        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); cmp(nm, gi, dinp, n, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.out", acts[a]); golden_cmp(0, nm, o, out, n, 1e-6, 1e-5);
+        snprintf(nm, sizeof nm, "%s.dinp", acts[a]); golden_cmp(0, nm, gi, dinp, n, 1e-6, 1e-5);
         free(o); free(gi);
     }
 
@@ -248,13 +163,13 @@ static void test_kernels(void) {
         size_t n = t->numel;
         const float *gate = t->f32, *up = golden_need(&g, "swiglu.up", n), *out = golden_need(&g, "swiglu.out", n);
         const float *dout = golden_need(&g, "swiglu.dout", n), *dgate = golden_need(&g, "swiglu.dgate", n), *dup = golden_need(&g, "swiglu.dup", n);
-        float *o = zeros(n), *gg = zeros(n), *gu = zeros(n);
+        float *o = golden_zeros(n), *gg = golden_zeros(n), *gu = golden_zeros(n);
         if (up && out && dout && dgate && dup) {
             moe_swiglu_forward(o, gate, up, n);
             moe_swiglu_backward(gg, gu, dout, gate, up, n);
-            cmp("swiglu.out", o, out, n, 1e-6, 1e-5);
-            cmp("swiglu.dgate", gg, dgate, n, 1e-6, 1e-5);
-            cmp("swiglu.dup", gu, dup, n, 1e-6, 1e-5);
+            golden_cmp(0, "swiglu.out", o, out, n, 1e-6, 1e-5);
+            golden_cmp(0, "swiglu.dgate", gg, dgate, n, 1e-6, 1e-5);
+            golden_cmp(0, "swiglu.dup", gu, dup, n, 1e-6, 1e-5);
         }
         free(o); free(gg); free(gu);
     } else CHECK(0, "swiglu records missing");
@@ -267,15 +182,15 @@ static void test_kernels(void) {
         const float *rstd = golden_need(&g, "rmsnorm.rstd", rows), *dout = golden_need(&g, "rmsnorm.dout", sz);
         const float *dinp = golden_need(&g, "rmsnorm.dinp", sz), *dw = golden_need(&g, "rmsnorm.dweight", n);
         float eps = golden_float(&g, "rmsnorm.eps", -1.0f);
-        float *o = zeros(sz), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n);
+        float *o = golden_zeros(sz), *rs = golden_zeros(rows), *gi = golden_zeros(sz), *gw = golden_zeros(n);
         CHECK(eps > 0.0f, "rmsnorm.eps missing");
         if (w && out && rstd && dout && dinp && dw) {
             moe_rmsnorm_forward(o, rs, inp, w, rows, n, eps);
             moe_rmsnorm_backward(gi, gw, dout, inp, w, rs, rows, n);
-            cmp("rmsnorm.out", o, out, sz, 1e-6, 1e-5);
-            cmp("rmsnorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
-            cmp("rmsnorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
-            cmp("rmsnorm.dweight", gw, dw, n, 1e-6, 1e-5);
+            golden_cmp(0, "rmsnorm.out", o, out, sz, 1e-6, 1e-5);
+            golden_cmp(0, "rmsnorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
+            golden_cmp(0, "rmsnorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
+            golden_cmp(0, "rmsnorm.dweight", gw, dw, n, 1e-6, 1e-5);
         }
         free(o); free(rs); free(gi); free(gw);
     } else CHECK(0, "rmsnorm records missing");
@@ -290,17 +205,17 @@ static void test_kernels(void) {
         const float *dinp = golden_need(&g, "layernorm.dinp", sz), *dw = golden_need(&g, "layernorm.dweight", n);
         const float *db = golden_need(&g, "layernorm.dbias", n);
         float eps = golden_float(&g, "layernorm.eps", -1.0f);
-        float *o = zeros(sz), *mu = zeros(rows), *rs = zeros(rows), *gi = zeros(sz), *gw = zeros(n), *gb = zeros(n);
+        float *o = golden_zeros(sz), *mu = golden_zeros(rows), *rs = golden_zeros(rows), *gi = golden_zeros(sz), *gw = golden_zeros(n), *gb = golden_zeros(n);
         CHECK(eps > 0.0f, "layernorm.eps missing");
         if (w && b && out && mean && rstd && dout && dinp && dw && db) {
             moe_layernorm_forward(o, mu, rs, inp, w, b, rows, n, eps);
             moe_layernorm_backward(gi, gw, gb, dout, inp, w, mu, rs, rows, n);
-            cmp("layernorm.out", o, out, sz, 1e-6, 1e-5);
-            cmp("layernorm.mean", mu, mean, rows, 1e-6, 1e-5);
-            cmp("layernorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
-            cmp("layernorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
-            cmp("layernorm.dweight", gw, dw, n, 1e-6, 1e-5);
-            cmp("layernorm.dbias", gb, db, n, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.out", o, out, sz, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.mean", mu, mean, rows, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.rstd", rs, rstd, rows, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.dinp", gi, dinp, sz, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.dweight", gw, dw, n, 1e-6, 1e-5);
+            golden_cmp(0, "layernorm.dbias", gb, db, n, 1e-6, 1e-5);
         }
         free(o); free(mu); free(rs); free(gi); free(gw); free(gb);
     } else CHECK(0, "layernorm records missing");
@@ -312,7 +227,7 @@ static void test_kernels(void) {
         const int32_t *targets = golden_i32(&g, "xent.targets", rows);
         const float *losses = golden_need(&g, "xent.losses", rows), *loss = golden_need(&g, "xent.loss", 1);
         const float *dlogits = golden_need(&g, "xent.dlogits", sz);
-        float *l = zeros(rows), *gl = zeros(sz);
+        float *l = golden_zeros(rows), *gl = golden_zeros(sz);
         CHECK(targets != NULL, "%s", g.err);
         if (targets && losses && loss && dlogits) {
             double mean;
@@ -322,13 +237,13 @@ static void test_kernels(void) {
             }
             mean = moe_crossentropy_forward(l, t->f32, tg, rows, V);
             moe_crossentropy_backward(gl, t->f32, tg, rows, V, 1.0f / (float)count);
-            cmp("xent.losses", l, losses, rows, 1e-6, 1e-5);
-            cmp_scalar("xent.loss", mean, loss[0], 1e-6, 1e-5);
-            cmp("xent.dlogits", gl, dlogits, sz, 1e-7, 1e-5);
+            golden_cmp(0, "xent.losses", l, losses, rows, 1e-6, 1e-5);
+            golden_cmp_scalar(0, "xent.loss", mean, loss[0], 1e-6, 1e-5);
+            golden_cmp(0, "xent.dlogits", gl, dlogits, sz, 1e-7, 1e-5);
         }
         free(l); free(gl); free(tg);
     } else CHECK(0, "xent records missing");
-    summary_print("kernels");
+    golden_groups_print();
     golden_free(&g);
 }
 
@@ -357,7 +272,7 @@ static void test_layer(const char *which, const char *what) {
     snprintf(file, sizeof file, "layer_%s.bin", which);
     snprintf(title, sizeof title, "golden layer %s: %s", which, what);
     TEST_BEGIN(title);
-    summary_reset();
+    summary_begin(which);
     if (!golden_open(&g, file)) return;
     c.d = golden_cfg_int(&g, "d", &ok);
     c.d_ff = golden_cfg_int(&g, "d_ff", &ok);
@@ -402,20 +317,20 @@ static void test_layer(const char *which, const char *what) {
     dy = golden_need(&g, "dy", (size_t)T * d);
     if (has_noise) noise = golden_need(&g, "noise", (size_t)T * E);
     if (!x || !dy || (has_noise && !noise)) goto done;
-    y = zeros((size_t)T * d);
-    dx = zeros((size_t)T * d);
-    zero_dy = zeros((size_t)T * d);
+    y = golden_zeros((size_t)T * d);
+    dx = golden_zeros((size_t)T * d);
+    zero_dy = golden_zeros((size_t)T * d);
 
     /* forward; y starts as garbage: forward overwrites it */
     for (i = 0; i < T * d; i++) y[i] = 1e3f;
     st = moe_layer_forward(&L, &S, y, x, T, noise);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
-    cmp("logits", L.logits, golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if (golden_find(&g, "noisy")) cmp("noisy logits H", L.noisy, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    cmp("gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp(0, "logits", L.logits, golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp(0, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if (golden_find(&g, "noisy")) golden_cmp(0, "noisy logits H", L.noisy, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
+    golden_cmp(0, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp(0, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
     {
         int counts[3];
         int32_t refc[3];
@@ -423,16 +338,16 @@ static void test_layer(const char *which, const char *what) {
         refc[0] = golden_int(&g, "stats.requested", -1);
         refc[1] = golden_int(&g, "stats.kept", -1);
         refc[2] = golden_int(&g, "stats.dropped", -1);
-        cmp_ints("stats requested/kept/dropped", counts, refc, 3);
+        golden_cmp_ints("stats requested/kept/dropped", counts, refc, 3);
     }
-    cmp("stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    cmp("stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if ((ref = golden_need(&g, "stats.gate_entropy", 1)) != NULL) cmp_scalar("stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
-    if ((ref = golden_need(&g, "stats.load_entropy", 1)) != NULL) cmp_scalar("stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
-    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) cmp_scalar("aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
-    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) cmp_scalar("aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
-    if ((ref = golden_need(&g, "aux_cv", 1)) != NULL) cmp_scalar("aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
-    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) cmp_scalar("aux_total", L.stats.aux_total, ref[0], 1e-7, 1e-5);
+    golden_cmp(0, "stats.load", L.stats.load, golden_need(&g, "stats.load", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp(0, "stats.mean_prob", L.stats.mean_prob, golden_need(&g, "stats.mean_prob", E), E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if ((ref = golden_need(&g, "stats.gate_entropy", 1)) != NULL) golden_cmp_scalar(0, "stats.gate_entropy", L.stats.gate_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = golden_need(&g, "stats.load_entropy", 1)) != NULL) golden_cmp_scalar(0, "stats.load_entropy", L.stats.load_entropy, ref[0], 1e-6, 1e-5);
+    if ((ref = golden_need(&g, "aux_balance", 1)) != NULL) golden_cmp_scalar(0, "aux_balance", L.stats.aux_balance, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_z", 1)) != NULL) golden_cmp_scalar(0, "aux_z", L.stats.aux_z, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_cv", 1)) != NULL) golden_cmp_scalar(0, "aux_cv", L.stats.aux_cv, ref[0], 1e-7, 1e-5);
+    if ((ref = golden_need(&g, "aux_total", 1)) != NULL) golden_cmp_scalar(0, "aux_total", L.stats.aux_total, ref[0], 1e-7, 1e-5);
 
     /* backward. pass 0: the gradient of sum(y*dy) + aux_total; pass 1: the same forward and
        backward once more without zeroing, so every gradient (dx included) must double, as
@@ -441,7 +356,7 @@ static void test_layer(const char *which, const char *what) {
         const char *pre = pass == 2 ? "aux_grad." : "grad.";
         double atol = pass == 2 ? TOL_AUX_ATOL : TOL_GRAD_ATOL, rtol = pass == 2 ? TOL_AUX_RTOL : TOL_GRAD_RTOL;
         float scale = pass == 1 ? 2.0f : 1.0f;
-        summary_skip = pass == 1;
+        golden_record = pass != 1;
         if (pass > 0) {
             st = moe_layer_forward(&L, &S, y, x, T, noise);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
@@ -453,7 +368,7 @@ static void test_layer(const char *which, const char *what) {
         st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
-        cmp_scaled(pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
+        golden_cmp_scaled(0, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
         for (i = 0; i < S.count; i++) {
             const moe_tensor *tn = &S.tensors[i];
             char label[160];
@@ -467,7 +382,7 @@ static void test_layer(const char *which, const char *what) {
                 CHECK(nz == 0, "%s: %zu non-zero gradients from the auxiliary losses alone", nm, nz);
                 continue;
             }
-            cmp_scaled(pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
+            golden_cmp_scaled(0, pass == 1 ? label : nm, moe_store_grad(&S, i), golden_need(&g, nm, tn->numel), scale, tn->numel, atol, rtol);
             if (pass == 0 && strncmp(tn->name, "moe.experts.", 12) == 0) {
                 /* an expert that got no tokens gets exactly zero gradient */
                 size_t per = tn->numel / (size_t)E, j, nz;
@@ -481,10 +396,10 @@ static void test_layer(const char *which, const char *what) {
             }
         }
     }
-    summary_skip = 0;
-    summary_print(which);
+    golden_record = 1;
+    golden_groups_print();
 done:
-    summary_skip = 0;
+    golden_record = 1;
     free(y); free(dx); free(zero_dy);
     moe_layer_free(&L);
     moe_store_free(&S);

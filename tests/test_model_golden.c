@@ -30,15 +30,6 @@ static const char *group_name[G_COUNT] = {
     "logits", "loss/aux (first forward)", "router logits", "grad embeddings", "grad attention",
     "grad norms", "grad dense FFN", "grad routers", "grad experts", "loss trajectory", "final params"};
 
-typedef struct group_err {
-    int tensors;
-    double max_abs, max_rel; /* rel over elements with |ref| >= 1e-3 */
-    double max_use;          /* max |got - ref| / (atol + rtol |ref|): 1 = at the tolerance */
-    char worst_abs[64], worst_rel[64];
-} group_err;
-
-static group_err groups[G_COUNT];
-
 static int grad_group(const char *name) {
     if (strcmp(name, "wte") == 0 || strcmp(name, "wpe") == 0) return G_GEMB;
     if (strstr(name, ".attn.")) return G_GATTN;
@@ -47,56 +38,6 @@ static int grad_group(const char *name) {
     if (strstr(name, ".moe.router.")) return G_GROUTER;
     return G_GEXPERT;
 }
-
-static int cmp(int group, const char *name, const float *got, const float *ref, size_t n, double atol, double rtol) {
-    size_t i;
-    double ma = 0.0, mr = 0.0, mu = 0.0;
-    int ok, verbose = test_verbose;
-    group_err *g = &groups[group];
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)ref[i]), r = fabs((double)ref[i]);
-        if (d != d) d = HUGE_VAL;
-        if (d > ma) ma = d;
-        if (r >= 1e-3 && d / r > mr) mr = d / r;
-        if (d / (atol + rtol * r) > mu) mu = d / (atol + rtol * r);
-    }
-    test_verbose = 0;
-    ok = check_close(name, got, ref, n, atol, rtol);
-    test_verbose = verbose;
-    if (verbose)
-        printf("   %-4s %-32s n=%-6zu max_abs=%-10.3g max_rel=%-10.3g (atol %.0e, rtol %.0e: %.2f of it)\n",
-               ok ? "ok" : "BAD", name, n, ma, mr, atol, rtol, mu);
-    g->tensors++;
-    if (mu > g->max_use) g->max_use = mu;
-    if (ma > g->max_abs) { g->max_abs = ma; snprintf(g->worst_abs, sizeof g->worst_abs, "%s", name); }
-    if (mr > g->max_rel) { g->max_rel = mr; snprintf(g->worst_rel, sizeof g->worst_rel, "%s", name); }
-    return ok;
-}
-
-static int cmp_scalar(int group, const char *name, double got, float ref, double atol, double rtol) {
-    float g = (float)got;
-    return cmp(group, name, &g, &ref, 1, atol, rtol);
-}
-
-static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t n) {
-    size_t i, bad = 0, first = 0;
-    if (!got || !ref) return CHECK(0, "%s: missing data", name);
-    for (i = 0; i < n; i++)
-        if (got[i] != (int)ref[i]) {
-            if (!bad) first = i;
-            bad++;
-        }
-    if (test_verbose) printf("   %-4s %-32s n=%-6zu exact, %zu differ\n", bad ? "BAD" : "ok", name, n, bad);
-    return CHECK(bad == 0, "%s: %zu of %zu integers differ, first at [%zu]: got %d, PyTorch %d", name, bad, n,
-                 first, got[first], (int)ref[first]);
-}
-
-/* ---- golden access ----------------------------------------------------------------------------- */
-
-
-
-
 
 /* ---- tolerances ---------------------------------------------------------------------------------
    float32 throughout on both sides; the sums that differ in order are at most a few hundred
@@ -117,26 +58,20 @@ static int cmp_ints(const char *name, const int *got, const int32_t *ref, size_t
 #define TOL_FINAL_RTOL 5e-5
 
 static void test_model(const char *which, const char *what) {
-    char file[200], title[256], nm[128];
+    char file[64], title[256], nm[128];
     golden_file g;
     moe_model_config c = moe_model_config_default();
     moe_adamw_config opt = moe_adamw_config_default();
     moe_model m;
     moe_status st;
-    int ok = 1, B, T, N, V, K, steps, i, l, step, nparam = 0, *inputs = NULL, *targets = NULL;
+    int ok = 1, B, T, N, V, K, steps, i, l, *inputs = NULL, *targets = NULL;
     float lr;
     const int32_t *in32, *tg32;
-    const float *traj_loss, *traj_ce, *traj_aux;
-    const char *dir = getenv("MOE_GOLDEN_DIR");
-    snprintf(file, sizeof file, "%s/model_%s.bin", dir ? dir : "tests/ref", which);
+    snprintf(file, sizeof file, "model_%s.bin", which);
     snprintf(title, sizeof title, "golden model %s: %s", which, what);
     TEST_BEGIN(title);
-    memset(groups, 0, sizeof groups);
-    if (golden_load(&g, file) != 0) {
-        CHECK(0, "%s", g.err);
-        return;
-    }
-    if (test_verbose) printf("   %s: %d records, %s\n", file, g.count, g.note);
+    golden_groups_begin(group_name, G_COUNT);
+    if (!golden_open(&g, file)) return;
     c.vocab = golden_cfg_int(&g, "vocab", &ok);
     c.max_seq = golden_cfg_int(&g, "max_seq", &ok);
     c.d = golden_cfg_int(&g, "d", &ok);
@@ -181,31 +116,11 @@ static void test_model(const char *which, const char *what) {
     st = moe_model_init(&m, &c, B + 1, T);
     if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
 
-    /* the initial weights, by name: the file and the store must list the same tensors with the
-       same shapes; decay exactly on the 2-d and 3-d weights */
-    for (i = 0; i < g.count; i++) nparam += strncmp(g.t[i].name, "param.", 6) == 0;
-    CHECK(nparam == m.S.count, "%s holds %d parameter tensors, the model declares %d", file, nparam, m.S.count);
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        const golden_tensor *gt;
-        int k, same = 1;
-        snprintf(nm, sizeof nm, "param.%s", tn->name);
-        gt = golden_find(&g, nm);
-        if (!CHECK(gt && gt->dtype == GOLDEN_F32 && gt->numel == tn->numel, "%s: no float32 record of %zu elements",
-                   nm, tn->numel)) { ok = 0; continue; }
-        same = gt->ndim == tn->ndim;
-        for (k = 0; same && k < tn->ndim; k++) same = gt->shape[k] == tn->shape[k];
-        CHECK(same, "%s: shape differs between the golden file and the store", tn->name);
-        CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
-              tn->name, tn->flags, tn->ndim);
-        memcpy(moe_store_param(&m.S, i), gt->f32, tn->numel * sizeof(float));
-    }
+    /* the initial weights, by name */
+    ok = golden_model_params(&g, &m) && ok;
     in32 = golden_need_i32(&g, "inputs", (size_t)N);
     tg32 = golden_need_i32(&g, "targets", (size_t)N);
-    traj_loss = golden_need(&g, "traj.loss", (size_t)steps + 1);
-    traj_ce = golden_need(&g, "traj.ce", (size_t)steps + 1);
-    traj_aux = golden_need(&g, "traj.aux", (size_t)steps + 1);
-    if (!ok || !in32 || !tg32 || !traj_loss || !traj_ce || !traj_aux) goto done;
+    if (!ok || !in32 || !tg32) goto done;
     inputs = (int *)malloc(sizeof(int) * (size_t)N);
     targets = (int *)malloc(sizeof(int) * (size_t)N);
     if (!CHECK(inputs && targets, "out of memory")) goto done;
@@ -214,11 +129,11 @@ static void test_model(const char *which, const char *what) {
     /* 1. forward */
     st = moe_model_forward(&m, inputs, targets, B, T, NULL);
     if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
-    cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    golden_cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, TOL_FWD_ATOL, TOL_FWD_RTOL);
     {
         const float *ce = golden_need(&g, "ce", 1), *aux = golden_need(&g, "aux", 1);
-        if (ce) cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
-        if (aux) cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
+        if (ce) golden_cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
+        if (aux) golden_cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
     }
     for (l = 0; l < c.n_layers; l++) {
         moe_layer *L = &m.blocks[l].moe;
@@ -227,84 +142,22 @@ static void test_model(const char *which, const char *what) {
         snprintf(nm, sizeof nm, "l%d.router_logits", l);
         CHECK((golden_find(&g, nm) != NULL) == (m.blocks[l].is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
         if (!m.blocks[l].is_moe) continue;
-        cmp(G_ROUTER, nm, L->logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
+        golden_cmp(G_ROUTER, nm, L->logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
             TOL_FWD_ATOL, TOL_FWD_RTOL);
         snprintf(nm, sizeof nm, "l%d.topk", l);
-        cmp_ints(nm, L->topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
+        golden_cmp_ints(nm, L->topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
         snprintf(nm, sizeof nm, "l%d.aux", l);
         snprintf(label, sizeof label, "l%d aux loss", l);
-        if ((ref = golden_need(&g, nm, 1)) != NULL) cmp_scalar(G_LOSS, label, L->stats.aux_total, ref[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
+        if ((ref = golden_need(&g, nm, 1)) != NULL) golden_cmp_scalar(G_LOSS, label, L->stats.aux_total, ref[0], TOL_LOSS_ATOL, TOL_LOSS_RTOL);
     }
 
-    /* 2. backward: every parameter gradient (the store starts with zero gradients) */
-    moe_store_zero_grad(&m.S);
-    st = moe_model_backward(&m, 1.0f);
-    if (!CHECK(st == MOE_OK, "moe_model_backward: %s", m.err.msg)) goto done;
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        cmp(grad_group(tn->name), nm, moe_store_grad(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, TOL_GRAD_ATOL,
-            TOL_GRAD_RTOL);
-    }
+    /* 2. backward: every parameter gradient; the same accumulated from 1/4 + 3/4 */
+    if (!golden_model_grads(&g, &m, inputs, targets, B, T, grad_group, TOL_GRAD_ATOL, TOL_GRAD_RTOL)) goto done;
 
-    /* the same gradients accumulated from two passes of scale 1/4 and 3/4 (micro-batches) */
-    moe_store_zero_grad(&m.S);
-    st = moe_model_backward(&m, 0.25f);
-    if (st == MOE_OK) st = moe_model_forward(&m, inputs, targets, B, T, NULL);
-    if (st == MOE_OK) st = moe_model_backward(&m, 0.75f);
-    if (!CHECK(st == MOE_OK, "accumulating backward: %s", m.err.msg)) goto done;
-    for (i = 0; i < m.S.count; i++) {
-        const moe_tensor *tn = &m.S.tensors[i];
-        const float *ref;
-        snprintf(nm, sizeof nm, "grad.%s", tn->name);
-        ref = golden_need(&g, nm, tn->numel);
-        snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
-        if (ref && !check_close(nm, moe_store_grad(&m.S, i), ref, tn->numel, TOL_GRAD_ATOL, TOL_GRAD_RTOL)) break;
-    }
-
-    /* 3. AdamW on the same batch: forward k sees the parameters after k steps */
-    for (step = 0; step <= steps; step++) {
-        moe_store_zero_grad(&m.S);
-        st = moe_model_forward(&m, inputs, targets, B, T, NULL);
-        if (!CHECK(st == MOE_OK, "step %d: moe_model_forward: %s", step, m.err.msg)) goto done;
-        snprintf(nm, sizeof nm, "objective after %d steps", step);
-        cmp_scalar(G_TRAJ, nm, m.loss + m.aux_loss, traj_loss[step], TOL_TRAJ_ATOL, TOL_TRAJ_RTOL);
-        snprintf(nm, sizeof nm, "cross-entropy after %d steps", step);
-        cmp_scalar(G_TRAJ, nm, m.loss, traj_ce[step], TOL_TRAJ_ATOL, TOL_TRAJ_RTOL);
-        snprintf(nm, sizeof nm, "aux loss after %d steps", step);
-        cmp_scalar(G_TRAJ, nm, m.aux_loss, traj_aux[step], TOL_TRAJ_ATOL, TOL_TRAJ_RTOL);
-        for (l = 0; l < c.n_layers; l++) {
-            const int32_t *ids;
-            char rec[64];
-            if (!m.blocks[l].is_moe) continue;
-            snprintf(rec, sizeof rec, "traj.l%d.topk", l);
-            ids = golden_need_i32(&g, rec, (size_t)(steps + 1) * N * K);
-            snprintf(nm, sizeof nm, "l%d top-k ids after %d steps", l, step);
-            if (ids) cmp_ints(nm, m.blocks[l].moe.topk, ids + (size_t)step * N * K, (size_t)N * K);
-        }
-        if (step == steps) break;
-        st = moe_model_backward(&m, 1.0f);
-        if (!CHECK(st == MOE_OK, "step %d: moe_model_backward: %s", step, m.err.msg)) goto done;
-        st = moe_adamw_step(&m.S, &opt, lr, step + 1);
-        if (!CHECK(st == MOE_OK, "moe_adamw_step: %s", m.S.err.msg)) goto done;
-    }
-    {
-        int nfinal = 0, found = 0;
-        for (i = 0; i < g.count; i++) nfinal += strncmp(g.t[i].name, "final.", 6) == 0;
-        for (i = 0; i < m.S.count; i++) {
-            const moe_tensor *tn = &m.S.tensors[i];
-            snprintf(nm, sizeof nm, "final.%s", tn->name);
-            if (!golden_find(&g, nm)) continue;
-            found++;
-            cmp(G_FINAL, nm, moe_store_param(&m.S, i), golden_need(&g, nm, tn->numel), tn->numel, TOL_FINAL_ATOL, TOL_FINAL_RTOL);
-        }
-        CHECK(nfinal > 0 && found == nfinal, "%s: %d final parameter records, %d of them match a tensor", file, nfinal, found);
-    }
-    for (i = 0; i < G_COUNT; i++)
-        if (groups[i].tensors)
-            printf("   %-25s %3d tensors: max abs err %-9.3g (%s), max rel err %-9.3g (%s), %.2f of the tolerance\n",
-                   group_name[i], groups[i].tensors, groups[i].max_abs, groups[i].max_abs > 0 ? groups[i].worst_abs : "-",
-                   groups[i].max_rel, groups[i].max_rel > 0 ? groups[i].worst_rel : "-", groups[i].max_use);
+    /* 3. AdamW on the same batch, then the final parameters */
+    golden_model_trajectory(&g, &m, inputs, targets, B, T, steps, lr, &opt, G_TRAJ, G_FINAL, TOL_TRAJ_ATOL,
+                            TOL_TRAJ_RTOL, TOL_FINAL_ATOL, TOL_FINAL_RTOL);
+    golden_groups_print();
 done:
     free(inputs);
     free(targets);

@@ -737,6 +737,12 @@ typedef struct moe_model {
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
+       once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
+       (swap a token's expert, ablate a layer). Backward does not see what it changes.
+       NULL (the default after moe_model_init) = none. */
+    void (*ffn_hook)(struct moe_model *m, int layer, void *user);
+    void *ffn_hook_user;
     moe_err err;
 } moe_model;
 
@@ -4148,6 +4154,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             offset[1] = N;
             moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
         }
+        if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     MOE_FREE(noise_buf);

@@ -160,83 +160,59 @@ static double eval_bpb(moe_model *m, const unsigned char *data, size_t len, cons
 }
 
 /* ---- routing sensitivity -------------------------------------------------------------------------
-   To give chosen tokens a different expert in ONE layer, the model's forward is written out
-   below with moe.h's public kernels, in the same order as moe_model_forward (and checked to
-   give the same per-token losses bit for bit when nothing is swapped). MoE layers run
-   moe_layer_forward as usual; in the swapped layer we then recompute the FFN output of each
-   chosen token t as  g_t * E_alt(x_t)  where g_t is the router's weight of its top-1 expert
-   (Switch top-1: y_t = g_t E_top1(x_t), so exactly the expert is replaced and the weight
-   kept - a pure "which expert" intervention; using the new expert's own, smaller probability
-   would mix in a change of scale). Later layers see the changed residual stream as they would
-   had the router chosen alt. No moe.h internals are touched; only top-1 routers (K = 1). */
+   To give chosen tokens a different expert in ONE layer, moe_model_forward runs with an FFN
+   hook (moe.h's intervention point): after the swapped layer's MoE output is computed, the
+   hook recomputes the FFN output of each chosen token t as  g_t * E_alt(x_t)  where g_t is the
+   router's weight of its top-1 expert (Switch top-1: y_t = g_t E_top1(x_t), so exactly the
+   expert is replaced and the weight kept - a pure "which expert" intervention; using the new
+   expert's own, smaller probability would mix in a change of scale). Later layers see the
+   changed residual stream as they would had the router chosen alt. Only top-1 routers (K = 1). */
 
 typedef struct swap_buf {
+    int layer, N;               /* the swapped layer, tokens in the batch                  */
+    const int *alt;             /* (N) the new expert of each token, -1 = keep             */
     float *xg, *hg, *hu, *out;  /* (N, d) (N, D) (N, D) (N, d) gathered rows of chosen tokens */
     int *tok;                   /* (N) token of each gathered row                          */
     int offset[65];
 } swap_buf;
 
+static void swap_hook(moe_model *m, int l, void *user) {
+    swap_buf *sb = (swap_buf *)user;
+    moe_block *b = &m->blocks[l];
+    moe_layer *L = &b->moe;
+    int d = m->cfg.d, E = m->cfg.moe.n_experts, N = sb->N, n = 0, i, j, e;
+    moe_expert_weights w;
+    if (l != sb->layer || !b->is_moe) return;
+    w = moe_layer_experts(L, &m->S, 0, 0);
+    for (e = 0; e <= E; e++) sb->offset[e] = 0;
+    for (i = 0; i < N; i++)
+        if (sb->alt[i] >= 0) sb->offset[sb->alt[i] + 1]++;
+    for (e = 0; e < E; e++) sb->offset[e + 1] += sb->offset[e];
+    for (e = 0; e < E; e++) /* rows grouped by their new expert, tokens in order */
+        for (i = 0; i < N; i++)
+            if (sb->alt[i] == e) {
+                memcpy(sb->xg + (size_t)n * d, b->ln2 + (size_t)i * d, sizeof(float) * (size_t)d);
+                sb->tok[n++] = i;
+            }
+    moe_experts_forward(sb->out, sb->hg, sb->hu, sb->xg, &w, sb->offset, E, d, L->cfg.d_ff, L->cfg.expert, L->cfg.activation);
+    for (j = 0; j < n; j++) {
+        int t = sb->tok[j];
+        float g = L->gates[(size_t)t * E + L->topk[(size_t)t * L->cfg.top_k]];
+        for (i = 0; i < d; i++) b->ffn[(size_t)t * d + i] = g * sb->out[(size_t)j * d + i];
+    }
+}
+
+/* the model's forward with the tokens of alt (-1 = keep) sent to another expert in layer swap_l */
 static void forward_swapped(moe_model *m, const int *inputs, const int *targets, int B, int T, int swap_l,
                             const int *alt, swap_buf *sb) {
-    const moe_model_config *c = &m->cfg;
-    int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, j, e, E = c->moe.n_experts;
-    const float *wte = moe_store_param(&m->S, m->id_wte), *wpe = moe_store_param(&m->S, m->id_wpe);
-    for (i = 0; i < N; i++) {
-        const float *em = wte + (size_t)inputs[i] * d;
-        float *o = m->blocks[0].x + (size_t)i * d;
-        int t = i % T;
-        for (j = 0; j < d; j++) o[j] = em[j] + (wpe ? wpe[(size_t)t * d + j] : 0.0f);
-    }
-    for (l = 0; l < c->n_layers; l++) {
-        moe_block *b = &m->blocks[l];
-        float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
-        moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
-        if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
-        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
-        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
-        moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
-        if (b->is_moe) {
-            moe_layer *L = &b->moe;
-            L->seq_len = T;
-            moe_layer_forward(L, &m->S, b->ffn, b->ln2, N, NULL);
-            if (l == swap_l && alt) {
-                moe_expert_weights w = moe_layer_experts(L, &m->S, 0, 0);
-                int n = 0;
-                for (e = 0; e <= E; e++) sb->offset[e] = 0;
-                for (i = 0; i < N; i++)
-                    if (alt[i] >= 0) sb->offset[alt[i] + 1]++;
-                for (e = 0; e < E; e++) sb->offset[e + 1] += sb->offset[e];
-                for (e = 0; e < E; e++) /* rows grouped by their new expert, tokens in order */
-                    for (i = 0; i < N; i++)
-                        if (alt[i] == e) {
-                            memcpy(sb->xg + (size_t)n * d, b->ln2 + (size_t)i * d, sizeof(float) * (size_t)d);
-                            sb->tok[n++] = i;
-                        }
-                moe_experts_forward(sb->out, sb->hg, sb->hu, sb->xg, &w, sb->offset, E, d, L->cfg.d_ff, L->cfg.expert, L->cfg.activation);
-                for (j = 0; j < n; j++) {
-                    int t = sb->tok[j];
-                    float g = L->gates[(size_t)t * E + L->topk[(size_t)t * L->cfg.top_k]];
-                    for (i = 0; i < d; i++) b->ffn[(size_t)t * d + i] = g * sb->out[(size_t)j * d + i];
-                }
-            }
-        } else {
-            moe_expert_weights w;
-            int offset[2];
-            w.gate = moe_store_param(&m->S, b->id_gate);
-            w.up = moe_store_param(&m->S, b->id_up);
-            w.down = moe_store_param(&m->S, b->id_down);
-            w.b_up = w.b_down = NULL;
-            offset[0] = 0;
-            offset[1] = N;
-            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
-        }
-        for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
-    }
-    moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
-    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
-    moe_crossentropy_forward(m->losses, m->logits, targets, N, V);
+    sb->layer = swap_l;
+    sb->N = B * T;
+    sb->alt = alt;
+    m->ffn_hook = swap_hook;
+    m->ffn_hook_user = sb;
+    moe_model_forward(m, inputs, targets, B, T, NULL);
+    m->ffn_hook = NULL;
+    m->ffn_hook_user = NULL;
 }
 
 typedef struct sensitivity {
@@ -245,10 +221,9 @@ typedef struct sensitivity {
     int n_moe;
 } sensitivity;
 
-/* returns 0 if the written-out forward does not reproduce moe_model_forward */
-static int routing_sensitivity(moe_model *m, const text *ft, const options *o, sensitivity *out) {
+static void routing_sensitivity(moe_model *m, const text *ft, const options *o, sensitivity *out) {
     int B = o->batch, T = o->seq, N = B * T, E = m->cfg.moe.n_experts, d = m->cfg.d, D = m->cfg.moe.d_ff;
-    int ids[MAX_LAYERS], nm = moe_layers_of(m, ids), i, k, t, bi, n_batches = 0, cap = o->sens_batches * N;
+    int ids[MAX_LAYERS], nm = moe_layers_of(m, ids), k, t, bi, n_batches = 0, cap = o->sens_batches * N;
     int *x = (int *)malloc(sizeof(int) * (size_t)N), *y = (int *)malloc(sizeof(int) * (size_t)N);
     int *alt2 = (int *)malloc(sizeof(int) * (size_t)N * nm), *altr = (int *)malloc(sizeof(int) * (size_t)N * nm);
     float *ent = (float *)malloc(sizeof(float) * (size_t)cap * nm), *tmp = (float *)malloc(sizeof(float) * (size_t)cap);
@@ -257,7 +232,7 @@ static int routing_sensitivity(moe_model *m, const text *ft, const options *o, s
     swap_buf sb;
     size_t start = 0;
     moe_rng rng;
-    int ok = 1, n_tok = 0;
+    int n_tok = 0;
     sb.xg = (float *)malloc(sizeof(float) * (size_t)N * d);
     sb.out = (float *)malloc(sizeof(float) * (size_t)N * d);
     sb.hg = (float *)malloc(sizeof(float) * (size_t)N * D);
@@ -286,13 +261,6 @@ static int routing_sensitivity(moe_model *m, const text *ft, const options *o, s
         moe_loader_sequential(ft->val, ft->val_len, &start, x, y, B, T);
         moe_model_forward(m, x, y, B, T, NULL);
         memcpy(clean, m->losses, sizeof(float) * (size_t)N);
-        if (bi == 0) { /* the written-out forward must be moe_model_forward */
-            forward_swapped(m, x, y, B, T, -1, NULL, &sb);
-            for (t = 0; t < N; t++)
-                if (fabsf(m->losses[t] - clean[t]) > 1e-5f) ok = 0;
-            if (!ok) break;
-            moe_model_forward(m, x, y, B, T, NULL); /* routing of the clean pass again */
-        }
         for (k = 0; k < nm; k++) {
             const moe_layer *L = &m->blocks[ids[k]].moe;
             for (t = 0; t < N; t++) {
@@ -324,10 +292,8 @@ static int routing_sensitivity(moe_model *m, const text *ft, const options *o, s
         out->second_mean += out->second[k] / nm;
         out->random_mean += out->random[k] / nm;
     }
-    (void)i;
     free(x); free(y); free(alt2); free(altr); free(ent); free(tmp); free(clean);
     free(sb.xg); free(sb.out); free(sb.hg); free(sb.hu); free(sb.tok);
-    return ok;
 }
 
 /* ---- runs ---------------------------------------------------------------------------------------- */
@@ -621,10 +587,7 @@ int main(int argc, char **argv) {
             moe_model_set_broadcast(&m, 0);
             r->ft_bpb = eval_bpb(&m, ft.val, ft.val_len, &o, o.sens_batches, NULL);
             r->pre_bpb = eval_pre(&m, pre, n_pre, &o);
-            if (!routing_sensitivity(&m, &ft, &o, &r->sens)) {
-                fprintf(stderr, "the written-out forward does not reproduce moe_model_forward\n");
-                return 1;
-            }
+            routing_sensitivity(&m, &ft, &o, &r->sens);
             r->seconds = moe_time_seconds() - t1;
             r->forgetting = r->pre_bpb - res[0][s].pre_bpb; /* row 0 is the pre-trained model */
             printf("run variant=%s seed=%d ft_bpb=%.4f pre_bpb=%.4f forgetting=%.4f broadcast_share=%.4f sens_2nd=%.4f sens_random=%.4f seconds=%.1f\n",

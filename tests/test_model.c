@@ -429,6 +429,58 @@ static void test_generate_and_loader(void) {
     CHECK(moe_loader_sequential(b, 100, &start, x, y, 2, 12) == 2 && start == 24 && x[12] == 112, "sequential windows");
 }
 
+/* the FFN hook: called once per block in order, before the FFN output joins the residual
+   stream; a no-op hook leaves the forward bit-identical, zeroing one layer's FFN changes it
+   exactly as a model whose FFN output is zero would */
+typedef struct hook_log { int calls[8], n, zero_layer; } hook_log;
+
+static void log_hook(moe_model *m, int layer, void *user) {
+    hook_log *h = (hook_log *)user;
+    size_t N = (size_t)8 * 12;
+    if (h->n < 8) h->calls[h->n] = layer;
+    h->n++;
+    if (layer == h->zero_layer) memset(m->blocks[layer].ffn, 0, sizeof(float) * N * (size_t)m->cfg.d);
+}
+
+static void test_ffn_hook(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_rng r;
+    int x[8 * 12], y[8 * 12], l, in_order = 1;
+    float *ref;
+    double clean;
+    hook_log h;
+    TEST_BEGIN("model: FFN hook (interventions) called per block in order; no-op leaves the forward unchanged");
+    c.max_seq = 12;
+    moe_rng_seed(&r, 11);
+    random_tokens(x, 96, c.vocab, &r);
+    random_tokens(y, 96, c.vocab, &r);
+    if (!CHECK(moe_model_init(&m, &c, 8, 12) == MOE_OK, "init: %s", m.err.msg)) return;
+    CHECK(m.ffn_hook == NULL, "no hook after init");
+    moe_model_init_weights(&m, 5);
+    moe_model_forward(&m, x, y, 8, 12, NULL);
+    clean = m.loss;
+    ref = (float *)malloc(sizeof(float) * 96 * (size_t)c.vocab);
+    memcpy(ref, m.logits, sizeof(float) * 96 * (size_t)c.vocab);
+    memset(&h, 0, sizeof h);
+    h.zero_layer = -1;
+    m.ffn_hook = log_hook;
+    m.ffn_hook_user = &h;
+    moe_model_forward(&m, x, y, 8, 12, NULL);
+    for (l = 0; l < c.n_layers && l < 8; l++) in_order &= h.calls[l] == l;
+    CHECK(h.n == c.n_layers && in_order, "%d calls for %d blocks, in order: %d", h.n, c.n_layers, in_order);
+    CHECK(memcmp(ref, m.logits, sizeof(float) * 96 * (size_t)c.vocab) == 0, "no-op hook: logits bit-identical");
+    h.n = 0;
+    h.zero_layer = c.n_layers - 1;
+    moe_model_forward(&m, x, y, 8, 12, NULL);
+    CHECK(m.loss != clean, "zeroing the last block's FFN changes the loss (%g vs %g)", m.loss, clean);
+    m.ffn_hook = NULL;
+    moe_model_forward(&m, x, y, 8, 12, NULL);
+    CHECK(m.loss == clean, "hook removed: the clean loss again");
+    free(ref);
+    moe_model_free(&m);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -436,5 +488,6 @@ int main(void) {
     test_learning();
     test_resume();
     test_generate_and_loader();
+    test_ffn_hook();
     return test_summary();
 }

@@ -23,28 +23,12 @@ count ("out of the box"); it runs as a child process after the tuned one.
 Usage: /usr/bin/python3 bench/torch_moe_layer.py [config] [--setting=tuned|default|both]
 """
 import os
-import subprocess
 import sys
+
+from torch_settings import dispatch
 
 CONFIGS = [("small", 4096, 256, 512, 8, 2), ("medium", 8192, 512, 1024, 16, 2), ("fine", 4096, 512, 256, 64, 8)]
 REPS = 7
-TUNE_VARS = ("OMP_WAIT_POLICY", "OPENBLAS_CORETYPE", "OMP_NUM_THREADS")
-
-
-def has_avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-def tuned_env():
-    env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if has_avx512():
-        env["OPENBLAS_CORETYPE"] = "SkylakeX"
-    return env
 
 
 def parse_args(argv):
@@ -140,22 +124,7 @@ def run(only, setting):
 
 def main():
     only, setting = parse_args(sys.argv[1:])
-    me = os.path.abspath(__file__)
-    if setting in ("both", "tuned"):
-        env = tuned_env()
-        if any(os.environ.get(v) != env.get(v) for v in TUNE_VARS):
-            # the variables must be there before torch (and its OpenMP / OpenBLAS) load
-            args = [sys.executable, me] + ([only] if only else []) + ["--setting=" + setting + "-env"]
-            os.execve(sys.executable, args, env)
-        run(only, "tuned")
-    elif setting in ("both-env", "tuned-env"):
-        run(only, "tuned")
-    if setting in ("both", "both-env"):
-        env = {kk: vv for kk, vv in os.environ.items() if kk not in TUNE_VARS}
-        sys.stdout.flush()
-        subprocess.call([sys.executable, me] + ([only] if only else []) + ["--setting=default"], env=env)
-    if setting == "default":
-        run(only, "default")
+    dispatch(os.path.abspath(__file__), [only] if only else [], setting, lambda s: run(only, s))
 
 
 if __name__ == "__main__":

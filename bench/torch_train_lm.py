@@ -29,29 +29,13 @@ Usage: /usr/bin/python3 bench/torch_train_lm.py [dense|moe] [--setting=tuned|def
        [--attn=explicit|baddbmm] [--foreach=0|1]
 """
 import os
-import subprocess
 import sys
+
+from torch_settings import dispatch
 
 B, T, D_MODEL, LAYERS, HEADS, V = 8, 256, 256, 4, 4, 256
 CONFIGS = [("dense", 0), ("moe", 1)]
 WARMUP, REPS = 2, 7
-TUNE_VARS = ("OMP_WAIT_POLICY", "OPENBLAS_CORETYPE", "OMP_NUM_THREADS")
-
-
-def has_avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-def tuned_env():
-    env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if has_avx512():
-        env["OPENBLAS_CORETYPE"] = "SkylakeX"
-    return env
 
 
 def parse_args(argv):
@@ -224,22 +208,8 @@ def run(only, setting, attn, foreach):
 
 def main():
     only, setting, attn, foreach = parse_args(sys.argv[1:])
-    me = os.path.abspath(__file__)
     extra = ([only] if only else []) + ["--attn=" + attn, "--foreach=%d" % foreach]
-    if setting in ("both", "tuned"):
-        env = tuned_env()
-        if any(os.environ.get(v) != env.get(v) for v in TUNE_VARS):
-            # the variables must be there before torch (and its OpenMP / OpenBLAS) load
-            os.execve(sys.executable, [sys.executable, me] + extra + ["--setting=" + setting + "-env"], env)
-        run(only, "tuned", attn, foreach)
-    elif setting in ("both-env", "tuned-env"):
-        run(only, "tuned", attn, foreach)
-    if setting in ("both", "both-env"):
-        env = {kk: vv for kk, vv in os.environ.items() if kk not in TUNE_VARS}
-        sys.stdout.flush()
-        subprocess.call([sys.executable, me] + extra + ["--setting=default"], env=env)
-    if setting == "default":
-        run(only, "default", attn, foreach)
+    dispatch(os.path.abspath(__file__), extra, setting, lambda s: run(only, s, attn, foreach))
 
 
 if __name__ == "__main__":

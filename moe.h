@@ -3707,22 +3707,26 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
                                       int B, int T, int d, int NH) {
     int hd = d / NH, task, nthreads = moe_num_threads();
     float scale = 1.0f / sqrtf((float)hd);
-    size_t wsz = moe__att_ws_floats(T, hd) + (size_t)T * T;
+    /* per thread: dS (T, T), packed v^T, then the other products' workspace */
+    size_t wsz = (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
     float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
     MOE_ASSERT(ws);
     MOE_OMP_FOR_DYNAMIC
     for (task = 0; task < B * NH; task++) {
-        int b = task / NH, h = task % NH, t0, t, u;
+        int b = task / NH, h = task % NH, t0, t, u, Tpad = moe__round_up(T, MOE_GEMM_NR);
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
         const float *q = qkv + base, *k = q + d, *v = q + 2 * d;
         const float *dy = dout + (size_t)b * T * d + (size_t)h * hd;
         const float *P = att + (size_t)task * T * T;
         float *dq = dqkv + base, *dk = dq + d, *dv = dq + 2 * d;
-        float *dS = ws + wsz * (size_t)moe__thread_index(), *w = dS + (size_t)T * T;
+        float *dS = ws + wsz * (size_t)moe__thread_index(), *vp = dS + (size_t)T * T;
+        float *w = vp + moe__packed_b_floats(hd, T);
+        /* v^T (hd, T) packed once; each query block uses its first t1 columns (as k^T forward) */
+        moe__pack_b_panels(vp, v, 3 * d, 1, hd, T, 0, Tpad / MOE_GEMM_NR);
         for (t0 = 0; t0 < T; t0 += MOE__ATT_RB) {
             int t1 = t0 + MOE__ATT_RB < T ? t0 + MOE__ATT_RB : T, rows = t1 - t0;
             /* dP = dy . v^T over keys [0, t1), then dS = P * (dP - <dP, P>) * scale */
-            moe__att_gemm(rows, t1, hd, dy + (size_t)t0 * d, d, 0, v, 3 * d, 1, dS + (size_t)t0 * T, T, w);
+            moe__gemm_packed(rows, t1, hd, dy + (size_t)t0 * d, d, 0, vp, Tpad, 0, dS + (size_t)t0 * T, T, 0, w);
             for (t = t0; t < t1; t++) {
                 float *g = dS + (size_t)t * T;
                 moe__att_softmax_row_backward(g, P + (size_t)t * T, t + 1, scale);

@@ -376,14 +376,15 @@ GOLDEN_FN float *golden_zeros(size_t n) { return (float *)calloc(n ? n : 1, size
 /* ---- whole models (moe.h's moe_model) ------------------------------------------------------- */
 
 /* The initial weights from records "param.<tensor>": the file and the store list the same
-   tensors with the same shapes, and decay is set exactly on the 2-d and 3-d weights. */
-GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) {
+   tensors with the same shapes; with check_decay, decay is set exactly on the 2-d and 3-d
+   weights (the model's rule). */
+GOLDEN_FN int golden_store_params(golden_file *g, moe_store *S, int check_decay) {
     int i, nparam = 0, ok = 1;
     char nm[96];
     for (i = 0; i < g->count; i++) nparam += strncmp(g->t[i].name, "param.", 6) == 0;
-    CHECK(nparam == m->S.count, "%s holds %d parameter tensors, the model declares %d", g->path, nparam, m->S.count);
-    for (i = 0; i < m->S.count; i++) {
-        const moe_tensor *tn = &m->S.tensors[i];
+    CHECK(nparam == S->count, "%s holds %d parameter tensors, the store declares %d", g->path, nparam, S->count);
+    for (i = 0; i < S->count; i++) {
+        const moe_tensor *tn = &S->tensors[i];
         const golden_tensor *gt;
         int k, same;
         snprintf(nm, sizeof nm, "param.%s", tn->name);
@@ -393,12 +394,15 @@ GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) {
         same = gt->ndim == tn->ndim;
         for (k = 0; same && k < tn->ndim; k++) same = gt->shape[k] == tn->shape[k];
         CHECK(same, "%s: shape differs between the golden file and the store", tn->name);
-        CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
-              tn->name, tn->flags, tn->ndim);
-        memcpy(moe_store_param(&m->S, i), gt->f32, tn->numel * sizeof(float));
+        if (check_decay)
+            CHECK(((tn->flags & MOE_TENSOR_DECAY) != 0) == (tn->ndim >= 2), "%s: weight decay flag %d for a %d-d tensor",
+                  tn->name, tn->flags, tn->ndim);
+        memcpy(moe_store_param(S, i), gt->f32, tn->numel * sizeof(float));
     }
-    return ok && nparam == m->S.count;
+    return ok && nparam == S->count;
 }
+
+GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) { return golden_store_params(g, &m->S, 1); }
 
 /* Every parameter gradient against "grad.<tensor>" (group_of picks the group by name), then the
    same gradients accumulated from two passes of scale 1/4 and 3/4 (micro-batches), kept out of

@@ -55,7 +55,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
-    int ok = 1, T, E, K, d, i, pass, nparam = 0, gw_active, seq_len;
+    int ok = 1, T, E, K, d, i, pass, gw_active, seq_len;
     const float *x, *dy, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
     moe_status st;
@@ -103,14 +103,7 @@ static void test_layer(const char *which, const char *what) {
     if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
     L.gw_active = gw_active;
     L.seq_len = seq_len;
-    for (i = 0; i < g.count; i++) nparam += strncmp(g.t[i].name, "param.", 6) == 0;
-    CHECK(nparam == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam, S.count);
-    for (i = 0; i < S.count; i++) {
-        snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
-        ref = golden_need(&g, nm, S.tensors[i].numel);
-        if (!ref) goto done;
-        memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
-    }
+    if (!golden_store_params(&g, &S, 0)) goto done;
     x = golden_need(&g, "x", (size_t)T * d);
     dy = golden_need(&g, "dy", (size_t)T * d);
     if (!x || !dy) goto done;

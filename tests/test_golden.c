@@ -265,7 +265,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
-    int ok = 1, T, E, K, d, i, has_noise, pass, nparam_records = 0;
+    int ok = 1, T, E, K, d, i, has_noise, pass;
     const float *x, *dy, *noise = NULL, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
     moe_status st;
@@ -304,15 +304,8 @@ static void test_layer(const char *which, const char *what) {
     if (!CHECK(st == MOE_OK, "moe_layer_init: %s", L.err.msg)) { moe_store_free(&S); golden_free(&g); return; }
     st = moe_store_alloc(&S, 0);
     if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
-    /* the initial weights, by tensor name; the file and the store must list the same tensors */
-    for (i = 0; i < g.count; i++) nparam_records += strncmp(g.t[i].name, "param.", 6) == 0;
-    CHECK(nparam_records == S.count, "%s holds %d parameter tensors, the layer declares %d", file, nparam_records, S.count);
-    for (i = 0; i < S.count; i++) {
-        snprintf(nm, sizeof nm, "param.%s", S.tensors[i].name);
-        ref = golden_need(&g, nm, S.tensors[i].numel);
-        if (!ref) goto done;
-        memcpy(moe_store_param(&S, i), ref, S.tensors[i].numel * sizeof(float));
-    }
+    /* the initial weights, by tensor name */
+    if (!golden_store_params(&g, &S, 0)) goto done;
     x = golden_need(&g, "x", (size_t)T * d);
     dy = golden_need(&g, "dy", (size_t)T * d);
     if (has_noise) noise = golden_need(&g, "noise", (size_t)T * E);

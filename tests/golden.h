@@ -375,6 +375,15 @@ GOLDEN_FN float *golden_zeros(size_t n) { return (float *)calloc(n ? n : 1, size
 #ifdef MOE_H_INCLUDED
 /* ---- whole models (moe.h's moe_model) ------------------------------------------------------- */
 
+/* absolute and relative tolerances of each kind of check */
+typedef struct golden_tol {
+    double fwd_atol, fwd_rtol;     /* logits, router logits and inputs  */
+    double loss_atol, loss_rtol;   /* cross-entropy, aux losses         */
+    double grad_atol, grad_rtol;   /* parameter gradients               */
+    double traj_atol, traj_rtol;   /* losses along the AdamW trajectory */
+    double final_atol, final_rtol; /* parameters after the last step    */
+} golden_tol;
+
 /* The initial weights from records "param.<tensor>": the file and the store list the same
    tensors with the same shapes; with check_decay, decay is set exactly on the 2-d and 3-d
    weights (the model's rule). */
@@ -404,11 +413,50 @@ GOLDEN_FN int golden_store_params(golden_file *g, moe_store *S, int check_decay)
 
 GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) { return golden_store_params(g, &m->S, 1); }
 
+/* One forward of (inputs, targets): logits, cross-entropy and aux loss; for each MoE layer
+   its router logits, top-k ids (exactly), aux loss, and the router's input where the file
+   has "l<l>.router_in" (RMoE's GRU state, the MLP router's hidden layer). The file must
+   have router logits for exactly the MoE layers. */
+GOLDEN_FN int golden_model_forward(golden_file *g, moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                   int g_fwd, int g_loss, int g_router, const golden_tol *tol) {
+    size_t N = (size_t)B * T, E = (size_t)m->cfg.moe.n_experts, K = (size_t)m->cfg.moe.top_k;
+    const float *ce, *aux;
+    char nm[96];
+    int l;
+    moe_status st = moe_model_forward(m, inputs, targets, B, T, NULL);
+    if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m->err.msg)) return 0;
+    golden_cmp(g_fwd, "logits", m->logits, golden_need(g, "logits", N * m->cfg.vocab), N * m->cfg.vocab, tol->fwd_atol,
+               tol->fwd_rtol);
+    if ((ce = golden_need(g, "ce", 1)) != NULL)
+        golden_cmp_scalar(g_loss, "cross-entropy", m->loss, ce[0], tol->loss_atol, tol->loss_rtol);
+    if ((aux = golden_need(g, "aux", 1)) != NULL)
+        golden_cmp_scalar(g_loss, "aux loss", m->aux_loss, aux[0], tol->loss_atol, tol->loss_rtol);
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        const float *ref;
+        snprintf(nm, sizeof nm, "l%d.router_logits", l);
+        CHECK((golden_find(g, nm) != NULL) == (b->is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
+        if (!b->is_moe) continue;
+        golden_cmp(g_router, nm, b->moe.logits, golden_need(g, nm, N * E), N * E, tol->fwd_atol, tol->fwd_rtol);
+        snprintf(nm, sizeof nm, "l%d.router_in", l);
+        if (golden_find(g, nm)) {
+            size_t P = (size_t)m->cfg.router_dim;
+            golden_cmp(g_router, nm, b->rh, golden_need(g, nm, N * P), N * P, tol->fwd_atol, tol->fwd_rtol);
+        }
+        snprintf(nm, sizeof nm, "l%d.topk", l);
+        golden_cmp_ints(nm, b->moe.topk, golden_need_i32(g, nm, N * K), N * K);
+        snprintf(nm, sizeof nm, "l%d.aux", l);
+        if ((ref = golden_need(g, nm, 1)) != NULL)
+            golden_cmp_scalar(g_loss, nm, b->moe.stats.aux_total, ref[0], tol->loss_atol, tol->loss_rtol);
+    }
+    return 1;
+}
+
 /* Every parameter gradient against "grad.<tensor>" (group_of picks the group by name), then the
    same gradients accumulated from two passes of scale 1/4 and 3/4 (micro-batches), kept out of
    the summary. The model holds the forward of (inputs, targets) on entry. */
 GOLDEN_FN int golden_model_grads(golden_file *g, moe_model *m, const int *inputs, const int *targets, int B, int T,
-                                 int (*group_of)(const char *), double atol, double rtol) {
+                                 int (*group_of)(const char *), const golden_tol *tol) {
     int i, pass;
     char nm[96];
     moe_status st;
@@ -430,7 +478,8 @@ GOLDEN_FN int golden_model_grads(golden_file *g, moe_model *m, const int *inputs
             snprintf(nm, sizeof nm, "grad.%s", tn->name);
             ref = golden_need(g, nm, tn->numel);
             if (pass == 1) snprintf(nm, sizeof nm, "grad.%s (1/4 + 3/4)", tn->name);
-            if (!golden_cmp(group_of(tn->name), nm, moe_store_grad(&m->S, i), ref, tn->numel, atol, rtol) && pass == 1)
+            if (!golden_cmp(group_of(tn->name), nm, moe_store_grad(&m->S, i), ref, tn->numel, tol->grad_atol,
+                            tol->grad_rtol) && pass == 1)
                 break; /* one report of a broken accumulation is enough */
         }
     }
@@ -444,8 +493,7 @@ GOLDEN_FN int golden_model_grads(golden_file *g, moe_model *m, const int *inputs
    (at least one; every such record names a tensor). */
 GOLDEN_FN void golden_model_trajectory(golden_file *g, moe_model *m, const int *inputs, const int *targets, int B,
                                        int T, int steps, float lr, const moe_adamw_config *opt, int g_traj,
-                                       int g_final, double traj_atol, double traj_rtol, double final_atol,
-                                       double final_rtol) {
+                                       int g_final, const golden_tol *tol) {
     const float *loss = golden_need(g, "traj.loss", (size_t)steps + 1), *ce = golden_need(g, "traj.ce", (size_t)steps + 1);
     const float *aux = golden_need(g, "traj.aux", (size_t)steps + 1);
     size_t NK = (size_t)B * T * m->cfg.moe.top_k;
@@ -458,11 +506,11 @@ GOLDEN_FN void golden_model_trajectory(golden_file *g, moe_model *m, const int *
         st = moe_model_forward(m, inputs, targets, B, T, NULL);
         if (!CHECK(st == MOE_OK, "step %d: moe_model_forward: %s", step, m->err.msg)) return;
         snprintf(nm, sizeof nm, "objective after %d steps", step);
-        golden_cmp_scalar(g_traj, nm, m->loss + m->aux_loss, loss[step], traj_atol, traj_rtol);
+        golden_cmp_scalar(g_traj, nm, m->loss + m->aux_loss, loss[step], tol->traj_atol, tol->traj_rtol);
         snprintf(nm, sizeof nm, "cross-entropy after %d steps", step);
-        golden_cmp_scalar(g_traj, nm, m->loss, ce[step], traj_atol, traj_rtol);
+        golden_cmp_scalar(g_traj, nm, m->loss, ce[step], tol->traj_atol, tol->traj_rtol);
         snprintf(nm, sizeof nm, "aux loss after %d steps", step);
-        golden_cmp_scalar(g_traj, nm, m->aux_loss, aux[step], traj_atol, traj_rtol);
+        golden_cmp_scalar(g_traj, nm, m->aux_loss, aux[step], tol->traj_atol, tol->traj_rtol);
         for (l = 0; l < m->cfg.n_layers; l++) {
             const int32_t *ids;
             char rec[64];
@@ -484,8 +532,8 @@ GOLDEN_FN void golden_model_trajectory(golden_file *g, moe_model *m, const int *
         snprintf(nm, sizeof nm, "final.%s", tn->name);
         if (!golden_find(g, nm)) continue;
         found++;
-        golden_cmp(g_final, nm, moe_store_param(&m->S, i), golden_need(g, nm, tn->numel), tn->numel, final_atol,
-                   final_rtol);
+        golden_cmp(g_final, nm, moe_store_param(&m->S, i), golden_need(g, nm, tn->numel), tn->numel, tol->final_atol,
+                   tol->final_rtol);
     }
     CHECK(nfinal > 0 && found == nfinal, "%s: %d final parameter records, %d of them match a tensor",
           g->path, nfinal, found);

@@ -198,19 +198,21 @@ done:
 #define M_TRAJ_RTOL 2e-6
 #define M_FINAL_ATOL 2e-6
 #define M_FINAL_RTOL 5e-5
+static const golden_tol MODEL_TOL = {M_FWD_ATOL, M_FWD_RTOL, M_LOSS_ATOL, M_LOSS_RTOL, M_GRAD_ATOL,
+                                      M_GRAD_RTOL, M_TRAJ_ATOL, M_TRAJ_RTOL, M_FINAL_ATOL, M_FINAL_RTOL};
 
 static int rin_group(const char *name) {
     return (strstr(name, "rmoe.") || strstr(name, "router.")) ? G_GRAD_RIN : G_GRAD;
 }
 
 static void test_model(const char *which, const char *what) {
-    char file[200], title[256], nm[128];
+    char file[200], title[256];
     golden_file g;
     moe_model_config c = moe_model_config_default();
     moe_adamw_config opt = moe_adamw_config_default();
     moe_model m;
     moe_status st;
-    int ok = 1, B, T, N, V, K, P, steps, i, l, *inputs = NULL, *targets = NULL;
+    int ok = 1, B, T, N, steps, i, *inputs = NULL, *targets = NULL;
     float lr;
     const int32_t *in32, *tg32;
     snprintf(file, sizeof file, "rmoe_%s.bin", which);
@@ -246,7 +248,7 @@ static void test_model(const char *which, const char *what) {
     opt.eps = golden_cfg_float(&g, "eps", &ok);
     opt.weight_decay = golden_cfg_float(&g, "weight_decay", &ok);
     if (!ok) { golden_free(&g); return; }
-    N = B * T; V = c.vocab; K = c.moe.top_k; P = c.router_dim;
+    N = B * T;
 
     st = moe_model_init(&m, &c, B + 1, T); /* one sequence more than used */
     if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
@@ -260,38 +262,14 @@ static void test_model(const char *which, const char *what) {
     for (i = 0; i < N; i++) { inputs[i] = in32[i]; targets[i] = tg32[i]; }
 
     /* 1. forward */
-    st = moe_model_forward(&m, inputs, targets, B, T, NULL);
-    if (!CHECK(st == MOE_OK, "moe_model_forward: %s", m.err.msg)) goto done;
-    golden_cmp(G_FWD, "logits", m.logits, golden_need(&g, "logits", (size_t)N * V), (size_t)N * V, M_FWD_ATOL, M_FWD_RTOL);
-    {
-        const float *ce = golden_need(&g, "ce", 1), *aux = golden_need(&g, "aux", 1);
-        if (ce) golden_cmp_scalar(G_LOSS, "cross-entropy", m.loss, ce[0], M_LOSS_ATOL, M_LOSS_RTOL);
-        if (aux) golden_cmp_scalar(G_LOSS, "aux loss", m.aux_loss, aux[0], M_LOSS_ATOL, M_LOSS_RTOL);
-    }
-    for (l = 0; l < c.n_layers; l++) {
-        moe_block *b = &m.blocks[l];
-        const float *ref;
-        snprintf(nm, sizeof nm, "l%d.router_logits", l);
-        CHECK((golden_find(&g, nm) != NULL) == (b->is_moe != 0), "layer %d: MoE in one model, dense in the other", l);
-        if (!b->is_moe) continue;
-        golden_cmp(G_ROUTER, nm, b->moe.logits, golden_need(&g, nm, (size_t)N * c.moe.n_experts), (size_t)N * c.moe.n_experts,
-            M_FWD_ATOL, M_FWD_RTOL);
-        snprintf(nm, sizeof nm, "l%d.router_in", l);
-        golden_cmp(G_ROUTER, c.router_input == MOE_RIN_MLP ? "l*.router_in (GELU(x P^T))" : nm, b->rh, golden_need(&g, nm, (size_t)N * P),
-            (size_t)N * P, M_FWD_ATOL, M_FWD_RTOL);
-        snprintf(nm, sizeof nm, "l%d.topk", l);
-        golden_cmp_ints(nm, b->moe.topk, golden_need_i32(&g, nm, (size_t)N * K), (size_t)N * K);
-        snprintf(nm, sizeof nm, "l%d.aux", l);
-        if ((ref = golden_need(&g, nm, 1)) != NULL) golden_cmp_scalar(G_LOSS, nm, b->moe.stats.aux_total, ref[0], M_LOSS_ATOL, M_LOSS_RTOL);
-    }
+    if (!golden_model_forward(&g, &m, inputs, targets, B, T, G_FWD, G_LOSS, G_ROUTER, &MODEL_TOL)) goto done;
 
     /* 2. backward: every parameter gradient; then the same accumulated as 1/4 + 3/4 */
-    if (!golden_model_grads(&g, &m, inputs, targets, B, T, rin_group, M_GRAD_ATOL, M_GRAD_RTOL)) goto done;
+    if (!golden_model_grads(&g, &m, inputs, targets, B, T, rin_group, &MODEL_TOL)) goto done;
 
     /* 3. AdamW on the same batch (GRU case): forward k sees the parameters after k steps */
     if (steps > 0)
-        golden_model_trajectory(&g, &m, inputs, targets, B, T, steps, lr, &opt, G_TRAJ, G_FINAL, M_TRAJ_ATOL,
-                                M_TRAJ_RTOL, M_FINAL_ATOL, M_FINAL_RTOL);
+        golden_model_trajectory(&g, &m, inputs, targets, B, T, steps, lr, &opt, G_TRAJ, G_FINAL, &MODEL_TOL);
     golden_groups_print();
 done:
     golden_record = 1;

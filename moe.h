@@ -1899,6 +1899,60 @@ MOE__IMPL void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbi
    >>moe:kernels
    ============================================================================================ */
 
+/* exp for vectorized loops. exp(z) = 2^k exp(r), k = round(z / ln 2), |r| <= ln 2 / 2, exp(r) by
+   its degree-6 Taylor polynomial; the relative error is below 3e-7 (a few ulp). z is clamped to
+   [-87, 87]. Used by the SwiGLU sigmoid, the attention softmax and the cross-entropy. */
+static float moe__expf_poly(float z) {
+    float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
+    float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = (zc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Row maxima and sums of exponentials in MOE__LANES lanes combined in a fixed order, so the
+   loops vectorize and every row gets the same arithmetic wherever it is computed. */
+#define MOE__LANES 16
+
+MOE__GEMM_FN float moe__max_lanes(const float *MOE_RESTRICT x, int n) {
+    float m[MOE__LANES], mx;
+    int u, j, n16 = n / MOE__LANES * MOE__LANES;
+    for (j = 0; j < MOE__LANES; j++) m[j] = -FLT_MAX;
+    for (u = 0; u < n16; u += MOE__LANES)
+        for (j = 0; j < MOE__LANES; j++) m[j] = x[u + j] > m[j] ? x[u + j] : m[j];
+    for (j = 0; u + j < n; j++) m[j] = x[u + j] > m[j] ? x[u + j] : m[j];
+    mx = m[0];
+    for (j = 1; j < MOE__LANES; j++) mx = m[j] > mx ? m[j] : mx;
+    return mx;
+}
+
+/* sum over i < n of exp(scale (x[i] - mx)) */
+MOE__GEMM_FN float moe__sum_exp_lanes(const float *MOE_RESTRICT x, int n, float mx, float scale) {
+    float acc[MOE__LANES], sum = 0.0f;
+    int u, j, n16 = n / MOE__LANES * MOE__LANES;
+    for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += MOE__LANES)
+        for (j = 0; j < MOE__LANES; j++) acc[j] += moe__expf_poly((x[u + j] - mx) * scale);
+    for (j = 0; u + j < n; j++) acc[j] += moe__expf_poly((x[u + j] - mx) * scale);
+    for (j = 0; j < MOE__LANES; j++) sum += acc[j];
+    return sum;
+}
+
+/* the same sum, each term also replacing x[i] */
+MOE__GEMM_FN float moe__exp_lanes_inplace(float *MOE_RESTRICT x, int n, float mx, float scale) {
+    float acc[MOE__LANES], sum = 0.0f;
+    int u, j, n16 = n / MOE__LANES * MOE__LANES;
+    for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += MOE__LANES)
+        for (j = 0; j < MOE__LANES; j++) acc[j] += x[u + j] = moe__expf_poly((x[u + j] - mx) * scale);
+    for (j = 0; u + j < n; j++) acc[j] += x[u + j] = moe__expf_poly((x[u + j] - mx) * scale);
+    for (j = 0; j < MOE__LANES; j++) sum += acc[j];
+    return sum;
+}
+
 MOE__IMPL void moe_softmax_forward(float *out, const float *inp, int rows, int n) {
     int r;
     MOE_OMP_FOR_IF((double)rows * n > 1e5)
@@ -2093,13 +2147,11 @@ MOE__IMPL double moe_crossentropy_forward(float *losses, const float *logits, co
     MOE_OMP_FOR_IF((double)rows * V > 1e5)
     for (r = 0; r < rows; r++) {
         const float *z = logits + (size_t)r * V;
-        int t = targets[r], i;
-        float mx = -FLT_MAX;
-        double sum = 0.0;
+        int t = targets[r];
+        float mx;
         if (t < 0 || t >= V) { losses[r] = 0.0f; continue; }
-        for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-        for (i = 0; i < V; i++) sum += exp((double)(z[i] - mx));
-        losses[r] = (float)(log(sum) + mx - z[t]);
+        mx = moe__max_lanes(z, V);
+        losses[r] = (float)(log((double)moe__sum_exp_lanes(z, V, mx, 1.0f)) + mx - z[t]);
     }
     for (r = 0; r < rows; r++)
         if (targets[r] >= 0 && targets[r] < V) { total += losses[r]; count++; }
@@ -2112,16 +2164,12 @@ MOE__IMPL void moe_crossentropy_backward(float *dlogits, const float *logits, co
     MOE_OMP_FOR_IF((double)rows * V > 1e5)
     for (r = 0; r < rows; r++) {
         const float *z = logits + (size_t)r * V;
-        float *dz = dlogits + (size_t)r * V, mx = -FLT_MAX;
+        float *dz = dlogits + (size_t)r * V, mx, inv;
         int t = targets[r], i;
-        double sum = 0.0;
         if (t < 0 || t >= V) continue;
-        for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-        for (i = 0; i < V; i++) sum += exp((double)(z[i] - mx));
-        for (i = 0; i < V; i++) {
-            float p = (float)(exp((double)(z[i] - mx)) / sum);
-            dz[i] += dloss * (p - (i == t ? 1.0f : 0.0f));
-        }
+        mx = moe__max_lanes(z, V);
+        inv = 1.0f / moe__sum_exp_lanes(z, V, mx, 1.0f);
+        for (i = 0; i < V; i++) dz[i] += dloss * (moe__expf_poly(z[i] - mx) * inv - (i == t ? 1.0f : 0.0f));
     }
 }
 
@@ -2136,23 +2184,10 @@ MOE__IMPL void moe_crossentropy_backward(float *dlogits, const float *logits, co
    writes and the GEMM gives each element the same arithmetic whatever the split, so the
    results do not depend on the thread count. */
 
-/* sigmoid for the SwiGLU experts, written so the compiler vectorizes it (libm's expf is a
-   call per element, about 9 cycles, and the experts do three per hidden unit and token).
-   exp(-x) = 2^k exp(r), k = round(-x / ln 2), |r| <= ln 2 / 2, exp(r) by its degree-6 Taylor
-   polynomial; the relative error is below 3e-7 (a few ulp). The argument is clamped to
-   [-87, 87] (sigmoid's value is then 0 or 1 to float precision) and NaN passes through.
-   moe__expf_poly is that exp (also used by the attention softmax). */
-static float moe__expf_poly(float z) {
-    float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
-    float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    float r = (zc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
+/* sigmoid for the SwiGLU experts with moe__expf_poly (see >>moe:kernels), which the compiler
+   vectorizes: libm's expf is a call per element, and the experts do three per hidden unit and
+   token. The argument is clamped inside (sigmoid's value is then 0 or 1 to float precision);
+   NaN passes through. */
 static float moe__expert_sigmoid(float x) { return x == x ? 1.0f / (1.0f + moe__expf_poly(-x)) : x; }
 
 /* h = silu(g) * u over n elements */
@@ -3627,45 +3662,22 @@ static size_t moe__att_ws_floats(int T, int hd) {
     return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (a > b ? a : b);
 }
 
-/* Row sums and maxima in 16 lanes combined in a fixed order, so the loops vectorize and every
-   row gets the same arithmetic wherever it is computed. */
-#define MOE__ATT_LANES 16
-
 /* row[0..n) = softmax(scale * row[0..n)) */
 MOE__GEMM_FN void moe__att_softmax_row(float *MOE_RESTRICT row, int n, float scale) {
-    float m[MOE__ATT_LANES], acc[MOE__ATT_LANES], mx, sum = 0.0f, inv;
-    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
-    for (j = 0; j < MOE__ATT_LANES; j++) { m[j] = -FLT_MAX; acc[j] = 0.0f; }
-    for (u = 0; u < n16; u += MOE__ATT_LANES)
-        for (j = 0; j < MOE__ATT_LANES; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
-    for (j = 0; u + j < n; j++) m[j] = row[u + j] > m[j] ? row[u + j] : m[j];
-    mx = m[0];
-    for (j = 1; j < MOE__ATT_LANES; j++) mx = m[j] > mx ? m[j] : mx;
-    for (u = 0; u < n16; u += MOE__ATT_LANES)
-        for (j = 0; j < MOE__ATT_LANES; j++) {
-            float e = moe__expf_poly((row[u + j] - mx) * scale);
-            row[u + j] = e;
-            acc[j] += e;
-        }
-    for (j = 0; u + j < n; j++) {
-        float e = moe__expf_poly((row[u + j] - mx) * scale);
-        row[u + j] = e;
-        acc[j] += e;
-    }
-    for (j = 0; j < MOE__ATT_LANES; j++) sum += acc[j];
-    inv = 1.0f / sum;
+    float inv = 1.0f / moe__exp_lanes_inplace(row, n, moe__max_lanes(row, n), scale);
+    int u;
     for (u = 0; u < n; u++) row[u] *= inv;
 }
 
 /* g[0..n) = p * (g - <g, p>) * scale: the softmax backward of one row */
 MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const float *MOE_RESTRICT p, int n, float scale) {
-    float acc[MOE__ATT_LANES], dot = 0.0f;
-    int u, j, n16 = n / MOE__ATT_LANES * MOE__ATT_LANES;
-    for (j = 0; j < MOE__ATT_LANES; j++) acc[j] = 0.0f;
-    for (u = 0; u < n16; u += MOE__ATT_LANES)
-        for (j = 0; j < MOE__ATT_LANES; j++) acc[j] += g[u + j] * p[u + j];
+    float acc[MOE__LANES], dot = 0.0f;
+    int u, j, n16 = n / MOE__LANES * MOE__LANES;
+    for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += MOE__LANES)
+        for (j = 0; j < MOE__LANES; j++) acc[j] += g[u + j] * p[u + j];
     for (j = 0; u + j < n; j++) acc[j] += g[u + j] * p[u + j];
-    for (j = 0; j < MOE__ATT_LANES; j++) dot += acc[j];
+    for (j = 0; j < MOE__LANES; j++) dot += acc[j];
     for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
 }
 

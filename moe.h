@@ -1901,7 +1901,8 @@ MOE__IMPL void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbi
 
 /* exp for vectorized loops. exp(z) = 2^k exp(r), k = round(z / ln 2), |r| <= ln 2 / 2, exp(r) by
    its degree-6 Taylor polynomial; the relative error is below 3e-7 (a few ulp). z is clamped to
-   [-87, 87]. Used by the SwiGLU sigmoid, the attention softmax and the cross-entropy. */
+   [-87, 87]; NaN passes through (a diverged run must show in its loss). Used by the SwiGLU
+   sigmoid, the attention softmax and the cross-entropy. */
 static float moe__expf_poly(float z) {
     float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
     float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
@@ -1910,7 +1911,7 @@ static float moe__expf_poly(float z) {
     uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return z == z ? p * scale : z;
 }
 
 /* Row maxima and sums of exponentials in MOE__LANES lanes combined in a fixed order, so the

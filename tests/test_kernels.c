@@ -224,6 +224,15 @@ static void test_crossentropy_value(void) {
     mean = moe_crossentropy_forward(losses, logits, targets, 2, 3);
     CHECK(fabs(losses[0] - (log(exp(1.0) + exp(2.0) + exp(3.0)) - 3.0)) < 1e-6 && losses[1] == 0.0f, "row losses");
     CHECK(fabs(mean - losses[0]) < 1e-9, "mean over counted rows only");
+    { /* a NaN anywhere in a counted row (a diverged run) shows in its loss and gradient */
+        float bad[20], dz[20] = {0};
+        int t = 3, i;
+        for (i = 0; i < 20; i++) bad[i] = 0.1f * (float)i;
+        bad[17] = NAN;
+        moe_crossentropy_forward(losses, bad, &t, 1, 20);
+        moe_crossentropy_backward(dz, bad, &t, 1, 20, 1.0f);
+        CHECK(losses[0] != losses[0] && dz[3] != dz[3], "NaN logit off the target: loss %g, dz[target] %g", losses[0], dz[3]);
+    }
 }
 
 static void test_matmul_vs_naive(void) {

@@ -411,8 +411,6 @@ GOLDEN_FN int golden_store_params(golden_file *g, moe_store *S, int check_decay)
     return ok && nparam == S->count;
 }
 
-GOLDEN_FN int golden_model_params(golden_file *g, moe_model *m) { return golden_store_params(g, &m->S, 1); }
-
 /* One forward of (inputs, targets): logits, cross-entropy and aux loss; for each MoE layer
    its router logits, top-k ids (exactly), aux loss, and the router's input where the file
    has "l<l>.router_in" (RMoE's GRU state, the MLP router's hidden layer). The file must

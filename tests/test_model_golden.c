@@ -119,7 +119,7 @@ static void test_model(const char *which, const char *what) {
     if (!CHECK(st == MOE_OK, "moe_model_init: %s", m.err.msg)) { golden_free(&g); return; }
 
     /* the initial weights, by name */
-    ok = golden_model_params(&g, &m) && ok;
+    ok = golden_store_params(&g, &m.S, 1) && ok;
     in32 = golden_need_i32(&g, "inputs", (size_t)N);
     tg32 = golden_need_i32(&g, "targets", (size_t)N);
     if (!ok || !in32 || !tg32) goto done;

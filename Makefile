@@ -1,5 +1,6 @@
 # moe.h + reward.h: tests, examples, benchmarks.
 #   make              build tests, examples and benchmarks
+#   make amalgamate   regenerate moe.h and reward.h from their parts in src/ (commit all three)
 #   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
@@ -55,8 +56,22 @@ BENCH_SRCS   := $(wildcard bench/*.c)
 BENCH_BINS   := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) $(wildcard tests/*.h)
 
-.PHONY: all test test-asan bench goldens demo clean
+.PHONY: all test test-asan bench goldens demo clean amalgamate check-amalgamation
 all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
+
+# moe.h and reward.h are generated from src/moe/ and src/reward/ (the ordered list is each
+# folder's PARTS file) and committed: the product stays two files.
+AMALGAMATE = $(BUILD)/amalgamate
+$(AMALGAMATE): src/amalgamate.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c99 -O2 $(WARN) $< -o $@
+amalgamate: $(AMALGAMATE)
+	@$(AMALGAMATE) src/moe/PARTS moe.h
+	@$(AMALGAMATE) src/reward/PARTS reward.h
+# the test suite refuses to run on headers that are not the amalgamation of src/
+check-amalgamation: $(AMALGAMATE)
+	@$(AMALGAMATE) --check src/moe/PARTS moe.h
+	@$(AMALGAMATE) --check src/reward/PARTS reward.h
 
 $(BUILD)/tests/%: tests/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -81,10 +96,10 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 
 # The suite: the build matrix first (each header alone, C++, static, two TUs, with and
 # without OpenMP), then every test program; example smoke runs (--quick) are test programs too.
-test: $(TEST_BINS) $(EXAMPLE_BINS)
+test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
 
-test-asan: $(ASAN_BINS)
+test-asan: check-amalgamation $(ASAN_BINS)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
 
 ifeq ($(BLAS),1)

@@ -61,16 +61,16 @@
    - BACKWARD FUNCTIONS ACCUMULATE (+=) INTO GRADIENTS, as in moe.h.
 
    TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
-       1. text      >>rwd:text      UTF-8 code points, JSON parser, HH-RLHF pair reader
-       2. lowess    >>rwd:lowess    LOWESS exactly as statsmodels (spec 2.4), fast + naive
-       3. calib     >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences (spec 2)
-       4. metrics   >>rwd:metrics   accuracy, RewardBench sections, Spearman/Kendall/Pearson,
-                                    length diagnostics, AlpacaEval win rates (spec 2.6)
-       5. features  >>rwd:features  hashed word/bigram features + length features of text;
-                                    a trained moe.h language model's pooled hidden states
-       6. head      >>rwd:head      linear/MLP reward head, Bradley-Terry loss, training,
-                                    save/load (spec 0.1)
-       7. poe       >>rwd:poe       Product-of-Experts length debiasing (spec 1)
+       1. text       >>rwd:text      UTF-8 code points, JSON parser, HH-RLHF pair reader
+       2. lowess     >>rwd:lowess    LOWESS exactly as statsmodels (spec 2.4), fast + naive
+       3. calib      >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences (spec 2)
+       4. metrics    >>rwd:metrics   accuracy, RewardBench sections, Spearman/Kendall/Pearson,
+                                     length diagnostics, AlpacaEval win rates (spec 2.6)
+       5. features   >>rwd:features  hashed word/bigram features + length features of text;
+                                     a trained moe.h language model's pooled hidden states
+       6. head       >>rwd:head      linear/MLP reward head, Bradley-Terry loss, training,
+                                     save/load (spec 0.1)
+       7. poe        >>rwd:poe       Product-of-Experts length debiasing (spec 1)
 
    Tests: tests/test_reward_text.c (1), tests/test_reward_calib.c (2-3),
    tests/test_reward_metrics.c (4, AlpacaEval and HH-RLHF data), tests/test_reward_model.c

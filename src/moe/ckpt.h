@@ -1,0 +1,280 @@
+/* ============================================================================================
+   >>moe:ckpt  checkpoints
+   ============================================================================================
+   One format for every model in moe.h and reward.h. Little-endian:
+     "MOECKPT\0", u32 version, u32 flags (1 = Adam moments present), u64 layout fingerprint,
+     u64 numel, i64 step, u64 config bytes, u64 state bytes,
+     config blob, state blob (caller's: RNG, data position, ...), params, [adam_m, adam_v],
+     u32 CRC-32 (zlib polynomial) of everything before it.
+   Saving writes "<path>.tmp", flushes, fsyncs (POSIX), renames: an existing checkpoint is
+   never left half-written. Loading reads and verifies the whole file before it touches the
+   store: on any error the store is unchanged. */
+
+#define MOE_CKPT_VERSION 1
+
+typedef struct moe_ckpt_info {
+    int version;
+    int has_moments;
+    uint64_t fingerprint;
+    uint64_t numel;
+    long long step;
+    uint64_t config_bytes;
+    uint64_t state_bytes;
+} moe_ckpt_info;
+
+#ifndef MOE_NO_STDIO
+MOEDEF moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
+                                      long long step, const void *config, size_t config_bytes,
+                                      const void *state, size_t state_bytes, moe_err *err);
+/* Verifies magic, version, CRC, fingerprint, sizes; config_bytes/state_bytes must equal the
+   stored sizes (pass 0 / NULL to skip). If `expect_config` is non-NULL the stored config blob
+   must equal it byte for byte. step/config_out/state_out may be NULL. */
+MOEDEF moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,
+                                      const void *expect_config, void *config_out,
+                                      size_t config_bytes, void *state_out, size_t state_bytes,
+                                      moe_err *err);
+/* Reads only the header (after checking the CRC), to learn sizes before loading. */
+MOEDEF moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, moe_err *err);
+/* Copies the config and state blobs (exact sizes; NULL/0 skips one) out of a verified
+   checkpoint, so a program can rebuild its model and options before loading parameters. */
+MOEDEF moe_status moe_checkpoint_blobs(const char *path, void *config_out, size_t config_bytes,
+                                       void *state_out, size_t state_bytes, moe_err *err);
+#endif
+MOEDEF uint32_t moe_crc32(uint32_t crc, const void *data, size_t n); /* crc = 0 to start */
+
+/* @implementation */
+/* ============================================================================================
+   >>moe:ckpt
+   ============================================================================================ */
+
+MOE__IMPL uint32_t moe_crc32(uint32_t crc, const void *data, size_t n) {
+    /* byte-at-a-time table, built per call (1 KB, 2048 steps): no global state to race on */
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t table[256];
+    size_t i;
+    int k;
+    for (i = 0; i < 256; i++) {
+        uint32_t c = (uint32_t)i;
+        for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        table[i] = c;
+    }
+    crc = ~crc;
+    for (i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+    return ~crc;
+}
+
+#ifndef MOE_NO_STDIO
+#define MOE__CKPT_MAGIC "MOECKPT"
+#define MOE__CKPT_HEADER 56 /* 8 magic + 4 version + 4 flags + 5 * 8 */
+
+static int moe__little_endian(void) {
+    const uint32_t one = 1;
+    return *(const unsigned char *)&one == 1;
+}
+
+static void moe__put_u32(unsigned char *p, uint32_t v) {
+    int i;
+    for (i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static void moe__put_u64(unsigned char *p, uint64_t v) {
+    int i;
+    for (i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+static uint32_t moe__get_u32(const unsigned char *p) {
+    uint32_t v = 0;
+    int i;
+    for (i = 3; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+static uint64_t moe__get_u64(const unsigned char *p) {
+    uint64_t v = 0;
+    int i;
+    for (i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+/* writes n bytes and folds them into the running CRC */
+static int moe__write(FILE *f, const void *p, size_t n, uint32_t *crc) {
+    if (n == 0) return 1;
+    *crc = moe_crc32(*crc, p, n);
+    return fwrite(p, 1, n, f) == n;
+}
+
+MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
+                                         long long step, const void *config, size_t config_bytes,
+                                         const void *state, size_t state_bytes, moe_err *err) {
+    unsigned char h[MOE__CKPT_HEADER], tail[4];
+    char tmp[4096];
+    uint32_t crc = 0;
+    FILE *f;
+    int ok;
+    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
+    if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
+    if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
+    if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
+    if (strlen(path) + 5 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
+    sprintf(tmp, "%s.tmp", path);
+    memset(h, 0, sizeof h);
+    memcpy(h, MOE__CKPT_MAGIC, 8);
+    moe__put_u32(h + 8, MOE_CKPT_VERSION);
+    moe__put_u32(h + 12, with_moments ? 1u : 0u);
+    moe__put_u64(h + 16, moe_store_fingerprint(s));
+    moe__put_u64(h + 24, (uint64_t)s->numel);
+    moe__put_u64(h + 32, (uint64_t)step);
+    moe__put_u64(h + 40, (uint64_t)config_bytes);
+    moe__put_u64(h + 48, (uint64_t)state_bytes);
+    f = fopen(tmp, "wb");
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open '%s' for writing", tmp);
+    ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
+         moe__write(f, state, state_bytes, &crc) &&
+         moe__write(f, s->params, s->numel * sizeof(float), &crc);
+    if (ok && with_moments)
+        ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
+             moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
+    moe__put_u32(tail, crc);
+    ok = ok && fwrite(tail, 1, 4, f) == 4 && fflush(f) == 0;
+#ifdef MOE__HAVE_FSYNC
+    ok = ok && fsync(fileno(f)) == 0;
+#endif
+    if (fclose(f) != 0) ok = 0;
+    if (!ok) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
+    }
+    if (rename(tmp, path) != 0) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
+    }
+    return MOE_OK;
+}
+
+/* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */
+static moe_status moe__ckpt_read(const char *path, unsigned char **buf, size_t *len, moe_ckpt_info *info, moe_err *err) {
+    FILE *f;
+    long size;
+    unsigned char *b;
+    uint64_t need;
+    *buf = NULL;
+    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
+    if (!path) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is NULL");
+    f = fopen(path, "rb");
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open checkpoint '%s'", path);
+    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fclose(f);
+        return moe_err_set(err, MOE_ERR_IO, "cannot determine the size of '%s'", path);
+    }
+    if ((size_t)size < MOE__CKPT_HEADER + 4) {
+        fclose(f);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is %ld bytes, too short for a checkpoint (truncated?)", path, size);
+    }
+    b = (unsigned char *)MOE_MALLOC((size_t)size);
+    if (!b) { fclose(f); return moe_err_set(err, MOE_ERR_NOMEM, "no memory to read '%s'", path); }
+    if (fread(b, 1, (size_t)size, f) != (size_t)size) {
+        fclose(f); MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_IO, "read error on '%s'", path);
+    }
+    fclose(f);
+    if (memcmp(b, MOE__CKPT_MAGIC, 8) != 0) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is not a moe.h checkpoint (bad magic)", path);
+    }
+    info->version = (int)moe__get_u32(b + 8);
+    if (info->version != MOE_CKPT_VERSION) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' has checkpoint format version %d; this moe.h reads version %d", path, info->version, MOE_CKPT_VERSION);
+    }
+    info->has_moments = (int)(moe__get_u32(b + 12) & 1u);
+    info->fingerprint = moe__get_u64(b + 16);
+    info->numel = moe__get_u64(b + 24);
+    info->step = (long long)moe__get_u64(b + 32);
+    info->config_bytes = moe__get_u64(b + 40);
+    info->state_bytes = moe__get_u64(b + 48);
+    /* sizes are checked before any multiplication can overflow */
+    if (info->numel > ((uint64_t)1 << 40) || info->config_bytes > ((uint64_t)1 << 30) || info->state_bytes > ((uint64_t)1 << 30)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' has an implausible header (corrupt?)", path);
+    }
+    need = MOE__CKPT_HEADER + info->config_bytes + info->state_bytes + info->numel * 4u * (info->has_moments ? 3u : 1u) + 4u;
+    if (need != (uint64_t)size) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is %ld bytes but its header describes %llu (truncated or corrupt)", path, size, (unsigned long long)need);
+    }
+    if (moe_crc32(0, b, (size_t)size - 4) != moe__get_u32(b + size - 4)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' fails its CRC-32 check (corrupt file)", path);
+    }
+    *buf = b;
+    *len = (size_t)size;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_checkpoint_info(const char *path, moe_ckpt_info *info, moe_err *err) {
+    unsigned char *b;
+    size_t len;
+    moe_status st = moe__ckpt_read(path, &b, &len, info, err);
+    if (st == MOE_OK) MOE_FREE(b);
+    return st;
+}
+
+MOE__IMPL moe_status moe_checkpoint_blobs(const char *path, void *config_out, size_t config_bytes,
+                                          void *state_out, size_t state_bytes, moe_err *err) {
+    unsigned char *b;
+    size_t len;
+    moe_ckpt_info info;
+    moe_status st = moe__ckpt_read(path, &b, &len, &info, err);
+    if (st != MOE_OK) return st;
+    if ((config_out && info.config_bytes != (uint64_t)config_bytes) || (state_out && info.state_bytes != (uint64_t)state_bytes)) {
+        MOE_FREE(b);
+        return moe_err_set(err, MOE_ERR_FORMAT, "'%s' holds %llu config and %llu state bytes, expected %zu and %zu (another program or version?)",
+                           path, (unsigned long long)info.config_bytes, (unsigned long long)info.state_bytes, config_bytes, state_bytes);
+    }
+    if (config_out) memcpy(config_out, b + MOE__CKPT_HEADER, config_bytes);
+    if (state_out) memcpy(state_out, b + MOE__CKPT_HEADER + info.config_bytes, state_bytes);
+    MOE_FREE(b);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,
+                                         const void *expect_config, void *config_out,
+                                         size_t config_bytes, void *state_out, size_t state_bytes,
+                                         moe_err *err) {
+    unsigned char *b, *p;
+    size_t len, nb;
+    moe_ckpt_info info;
+    moe_status st;
+    if (!s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint load needs an allocated store");
+    st = moe__ckpt_read(path, &b, &len, &info, err);
+    if (st != MOE_OK) return st;
+    st = MOE_ERR_FORMAT;
+    if (info.fingerprint != moe_store_fingerprint(s) || info.numel != (uint64_t)s->numel)
+        moe_err_set(err, st, "'%s' holds a different model layout (fingerprint or size differs from this store)", path);
+    else if ((expect_config || config_out) && info.config_bytes != (uint64_t)config_bytes)
+        moe_err_set(err, st, "'%s' has a %llu-byte config, expected %zu", path, (unsigned long long)info.config_bytes, config_bytes);
+    else if (expect_config && config_bytes && memcmp(b + MOE__CKPT_HEADER, expect_config, config_bytes) != 0)
+        moe_err_set(err, st, "'%s' was saved with a different config", path);
+    else if (state_out && info.state_bytes != (uint64_t)state_bytes)
+        moe_err_set(err, st, "'%s' has %llu bytes of state, expected %zu", path, (unsigned long long)info.state_bytes, state_bytes);
+    else
+        st = MOE_OK;
+    if (st != MOE_OK) { MOE_FREE(b); return st; }
+    p = b + MOE__CKPT_HEADER;
+    if (config_out && config_bytes) memcpy(config_out, p, config_bytes);
+    p += info.config_bytes;
+    if (state_out && state_bytes) memcpy(state_out, p, state_bytes);
+    p += info.state_bytes;
+    nb = s->numel * sizeof(float);
+    memcpy(s->params, p, nb);
+    p += nb;
+    if (info.has_moments && s->adam_m && s->adam_v) {
+        memcpy(s->adam_m, p, nb);
+        memcpy(s->adam_v, p + nb, nb);
+    } else if (s->adam_m && s->adam_v) { /* fresh moments for a store that has them */
+        memset(s->adam_m, 0, nb);
+        memset(s->adam_v, 0, nb);
+    }
+    if (step) *step = info.step;
+    MOE_FREE(b);
+    return MOE_OK;
+}
+#endif /* MOE_NO_STDIO */
+

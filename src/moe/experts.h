@@ -1,0 +1,323 @@
+/* ============================================================================================
+   >>moe:experts  experts on gathered tokens
+   ============================================================================================
+   A bank of E experts with stacked weights. Rows of xg (N, d) are the tokens routed to the
+   bank, grouped by expert: rows [offset[e], offset[e+1]) belong to expert e.
+     SwiGLU expert:  h = silu(xg . gate_e^T) * (xg . up_e^T);  out = h . down_e^T
+     FFN expert:     h = act(xg . up_e^T + b_up_e);            out = h . down_e^T + b_down_e
+   gate, up: (E, D, d); down: (E, d, D); b_up: (E, D); b_down: (E, d). */
+
+typedef enum moe_expert_kind {
+    MOE_EXPERT_SWIGLU = 0, /* A gate, B up, O down (Mixtral, DeepSeekMoE)   */
+    MOE_EXPERT_FFN = 1     /* two matrices and an activation (Switch, GPT-2) */
+} moe_expert_kind;
+
+typedef struct moe_expert_weights {
+    float *gate;   /* (E, D, d) SwiGLU only, else NULL  */
+    float *up;     /* (E, D, d)                         */
+    float *down;   /* (E, d, D)                         */
+    float *b_up;   /* (E, D) FFN with biases, else NULL */
+    float *b_down; /* (E, d) FFN with biases, else NULL */
+} moe_expert_weights;
+
+/* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). A SwiGLU bank whose
+   w->gate is NULL takes h_gate as an INPUT: the gate pre-activation computed elsewhere (AoE
+   builds it from its low-rank cache); backward then leaves d h_gate in scratch1. */
+MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                moe_expert_kind kind, moe_activation act);
+/* dxg (N,d) is OVERWRITTEN (it is a per-assignment buffer, not a gradient of a parameter);
+   weight gradients accumulate. scratch1, scratch2: (N, D) each. */
+MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                 const float *xg, const float *h_gate, const float *h_up,
+                                 const moe_expert_weights *w, const int *offset, int E, int d,
+                                 int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                 float *scratch2);
+
+/* @implementation */
+/* ============================================================================================
+   >>moe:experts
+   ============================================================================================
+   Experts are processed in chunks (see MOE__EXPERT_CHUNK_FLOATS); inside a chunk the threads
+   share the work: first they pack the chunk's weight matrices for the GEMM (panels split over
+   threads, so each matrix is packed once per call, not once per task), then they take tasks
+   of rows (tokens) or of weight-gradient rows of any expert of the chunk, handed out
+   dynamically. Every task owns what it
+   writes and the GEMM gives each element the same arithmetic whatever the split, so the
+   results do not depend on the thread count. */
+
+/* sigmoid for the SwiGLU experts with moe__expf_poly (see >>moe:kernels), which the compiler
+   vectorizes: libm's expf is a call per element, and the experts do three per hidden unit and
+   token. The argument is clamped inside (sigmoid's value is then 0 or 1 to float precision);
+   NaN passes through. */
+static float moe__expert_sigmoid(float x) { return x == x ? 1.0f / (1.0f + moe__expf_poly(-x)) : x; }
+
+/* h = silu(g) * u over n elements */
+MOE__GEMM_FN void moe__swiglu_rows(float *MOE_RESTRICT h, const float *MOE_RESTRICT g, const float *MOE_RESTRICT u,
+                                   size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) h[i] = g[i] * moe__expert_sigmoid(g[i]) * u[i];
+}
+
+/* SwiGLU backward over n elements: in dhu the gradient of h, out the gradient of u; dg gets
+   the gradient of the gate pre-activation and h the forward value (for the down gradient) */
+MOE__GEMM_FN void moe__swiglu_rows_backward(float *MOE_RESTRICT h, float *MOE_RESTRICT dg, float *MOE_RESTRICT dhu,
+                                            const float *MOE_RESTRICT g, const float *MOE_RESTRICT u, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) {
+        float gi = g[i], ui = u[i], s = moe__expert_sigmoid(gi), dh = dhu[i];
+        h[i] = gi * s * ui;
+        dg[i] = dh * ui * s * (1.0f + gi * (1.0f - s));
+        dhu[i] = dh * gi * s;
+    }
+}
+
+static int moe__bank_max_rows(const int *offset, int E) {
+    int e, m = 0;
+    for (e = 0; e < E; e++)
+        if (offset[e + 1] - offset[e] > m) m = offset[e + 1] - offset[e];
+    return m;
+}
+
+/* Experts go in chunks (as many as MOE__EXPERT_CHUNK_FLOATS of packed weights and per-expert
+   buffers allow, at least one); a chunk is ONE parallel region whose phases are separated by
+   barriers, not one region per expert and phase: under load every fork/join and barrier
+   waits for the slowest thread, so the fewer the better. */
+#ifndef MOE__EXPERT_CHUNK_FLOATS
+#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
+#endif
+
+/* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
+static int moe__chunk_owner(const int *start, int nexp, int i) {
+    int j = 0;
+    while (j + 1 < nexp && start[j + 1] <= i) j++;
+    return j;
+}
+
+MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                   const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                   moe_expert_kind kind, moe_activation act) {
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+    int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
+    int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
+    int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
+    size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
+    size_t per_e = (own_gate ? 2 : 1) * szin + szout;
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
+    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
+    float *buf, *thr;
+    if (moe__bank_max_rows(offset, E) == 0) return;
+    if (chunk < 1) chunk = 1;
+    if (chunk > E) chunk = E;
+    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
+                              sizeof(int) * (size_t)(chunk + 1));
+    MOE_ASSERT(buf);
+    thr = buf + per_e * (size_t)chunk;
+    tstart = (int *)(thr + work * (size_t)nthreads);
+    for (e0 = 0; e0 < E; e0 = e1) {
+        int ntask = 0, j;
+        double flops = 0.0;
+        e1 = e0 + chunk < E ? e0 + chunk : E;
+        for (j = 0; j < e1 - e0; j++) { /* row tasks of each expert */
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            tstart[j] = ntask;
+            ntask += n > 0 ? (n + rb - 1) / rb : 0;
+            flops += (double)n * d * D;
+        }
+        tstart[e1 - e0] = ntask;
+        if (ntask == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b;
+            /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < (e1 - e0) * nq; q++) {
+                int je = q / nq, qq = q % nq, e = e0 + je;
+                float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                if (offset[e + 1] == offset[e]) continue;
+                if (qq < qD) moe__pack_b_panels(pu, w->up + wsz * e, d, 1, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pd, w->down + wsz * e, D, 1, D, d, qq - qD, qq - qD + 1);
+                else moe__pack_b_panels(pg, w->gate + wsz * e, d, 1, d, D, qq - qD - qd, qq - qD - qd + 1);
+            }
+            /* 2. row tasks: h = act(x . W1^T) (SwiGLU: silu(x . Wg^T) * (x . Wu^T)), out = h . W2^T */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < ntask; b++) {
+                int je = moe__chunk_owner(tstart, e1 - e0, b), e = e0 + je, base = offset[e], n = offset[e + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - tstart[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb, jj;
+                const float *pu = buf + per_e * (size_t)je, *pd = pu + szin, *pg = pd + szout;
+                float *Ap = thr + work * (size_t)moe__thread_index(), *hbuf = Ap + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+                const float *x = xg + (size_t)r0 * d;
+                float *hu = h_up + (size_t)r0 * D, *o = out + (size_t)r0 * d;
+                size_t i, nh = (size_t)rows * D;
+                moe__gemm_packed(rows, D, d, x, d, 0, pu, Dpad, 0, hu, D, 0, Ap);
+                if (swiglu) {
+                    float *hg = h_gate + (size_t)r0 * D;
+                    if (own_gate) moe__gemm_packed(rows, D, d, x, d, 0, pg, Dpad, 0, hg, D, 0, Ap);
+                    moe__swiglu_rows(hbuf, hg, hu, nh);
+                } else {
+                    if (w->b_up)
+                        for (i = 0; i < (size_t)rows; i++)
+                            for (jj = 0; jj < D; jj++) hu[i * D + jj] += w->b_up[(size_t)e * D + jj];
+                    for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+                }
+                moe__gemm_packed(rows, d, D, hbuf, D, 0, pd, dpad, 0, o, d, 0, Ap);
+                if (!swiglu && w->b_down)
+                    for (i = 0; i < (size_t)rows; i++)
+                        for (jj = 0; jj < d; jj++) o[i * d + jj] += w->b_down[(size_t)e * d + jj];
+            }
+        }
+    }
+    MOE_FREE(buf);
+}
+
+MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                    const float *xg, const float *h_gate, const float *h_up,
+                                    const moe_expert_weights *w, const int *offset, int E, int d,
+                                    int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                    float *scratch2) {
+    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+    int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
+    int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
+    int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
+    int nq = qD + (own_gate ? 3 : 2) * qd; /* down, up, x (, gate) */
+    size_t szdown = moe__packed_b_floats(d, D), szup = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
+    size_t szw = szdown + (own_gate ? 2 : 1) * szup; /* packed weights of one expert */
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC, cap = 0;
+    /* weight-gradient tasks: blocks of wb rows over down (d rows), up and gate (D rows each) */
+    int wb = moe__task_rows(d + (own_gate ? 2 : 1) * D, nthreads);
+    int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
+    int has_bias = !swiglu && (gw->b_down || gw->b_up);
+    int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
+    float *buf, *thr;
+    size_t *dstart;
+    if (nmax == 0) return;
+    /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
+#define MOE__BWD_EXPERT_FLOATS(n) \
+    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
+        }
+        cap = sz > cap ? sz : cap;
+    }
+    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
+                              sizeof(int) * (size_t)(3 * (E + 1)));
+    MOE_ASSERT(buf);
+    thr = buf + cap;
+    dstart = (size_t *)(thr + work * (size_t)nthreads);
+    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    for (e0 = 0; e0 < E; e0 = e1) {
+        size_t sz = 0;
+        int nrow = 0, nph = 0, nw = 0, nexp, j;
+        double flops = 0.0;
+        int *trow, *tph, *tw;
+        for (e1 = e0; e1 < E; e1++) {
+            size_t s1 = MOE__BWD_EXPERT_FLOATS(offset[e1 + 1] - offset[e1]);
+            if (e1 > e0 && sz + s1 > MOE__EXPERT_CHUNK_FLOATS) break;
+            sz += s1;
+        }
+        nexp = e1 - e0;
+        trow = ts;
+        tph = ts + nexp + 1;
+        tw = ts + 2 * (nexp + 1);
+        sz = 0;
+        for (j = 0; j < nexp; j++) {
+            int n = offset[e0 + j + 1] - offset[e0 + j], rb = moe__task_rows(n, nthreads);
+            dstart[j] = sz;
+            sz += MOE__BWD_EXPERT_FLOATS(n);
+            trow[j] = nrow;
+            tph[j] = nph;
+            tw[j] = nw;
+            if (n > 0) {
+                nrow += (n + rb - 1) / rb;
+                nph += qD;
+                nw += nwt;
+            }
+            flops += (double)n * d * D;
+        }
+        trow[nexp] = nrow;
+        tph[nexp] = nph;
+        tw[nexp] = nw;
+        if (nrow == 0) continue;
+        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        {
+            int q, b, t;
+            /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nexp * nq; q++) {
+                int je = q / nq, qq = q % nq, ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *pdown = buf + dstart[je], *pup = pdown + szdown, *px = pup + (own_gate ? 2 : 1) * szup;
+                float *pgate = pup + szup;
+                const float *xe = xg + (size_t)offset[ee] * d;
+                if (n == 0) continue;
+                if (qq < qD) moe__pack_b_panels(pdown, w->down + wsz * ee, D, 0, d, D, qq, qq + 1);
+                else if (qq < qD + qd) moe__pack_b_panels(pup, w->up + wsz * ee, d, 0, D, d, qq - qD, qq - qD + 1);
+                else if (qq < qD + 2 * qd) moe__pack_b_panels(px, xe, d, 0, n, d, qq - qD - qd, qq - qD - qd + 1);
+                else moe__pack_b_panels(pgate, w->gate + wsz * ee, d, 0, D, d, qq - qD - 2 * qd, qq - qD - 2 * qd + 1);
+            }
+            /* 2. row tasks: dh = dout . W2; h (kept in H for dW2) and the pre-activation gradients
+                  (SwiGLU: scratch1 = d gate, scratch2 = d up; FFN: scratch2); dx = dup . Wu + dgate . Wg */
+            MOE__OMP_FOR_INNER
+            for (b = 0; b < nrow; b++) {
+                int je = moe__chunk_owner(trow, nexp, b), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int rb = moe__task_rows(n, nthreads), r0 = base + (b - trow[je]) * rb;
+                int rows = base + n - r0 < rb ? base + n - r0 : rb;
+                const float *pdown = buf + dstart[je], *pup = pdown + szdown, *pgate = pup + szup;
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d);
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                size_t i, lo = (size_t)r0 * D, nh = (size_t)rows * D;
+                float *he = H + (size_t)(r0 - base) * D;
+                const float *hg = h_gate + lo, *hu = h_up + lo;
+                float *s1 = scratch1 + lo, *s2 = scratch2 + lo;
+                moe__gemm_packed(rows, D, d, dout + (size_t)r0 * d, d, 0, pdown, Dpad, 0, s2, D, 0, Ap);
+                if (swiglu) {
+                    moe__swiglu_rows_backward(he, s1, s2, hg, hu, nh);
+                } else {
+                    for (i = 0; i < nh; i++) {
+                        he[i] = moe__act(hu[i], act);
+                        s2[i] *= moe__act_grad(hu[i], act);
+                    }
+                }
+                moe__gemm_packed(rows, d, D, s2, D, 0, pup, dpad, 0, dxg + (size_t)r0 * d, d, 0, Ap);
+                if (own_gate) moe__gemm_packed(rows, d, D, s1, D, 0, pgate, dpad, 0, dxg + (size_t)r0 * d, d, 1, Ap);
+            }
+            /* 3. H as B panels for dW2 */
+            MOE__OMP_FOR_INNER
+            for (q = 0; q < nph; q++) {
+                int je = moe__chunk_owner(tph, nexp, q), ee = e0 + je, n = offset[ee + 1] - offset[ee];
+                float *H = buf + dstart[je] + szw + moe__packed_b_floats(n, d), *pH = H + (size_t)n * D;
+                int qq = q - tph[je];
+                moe__pack_b_panels(pH, H, D, 0, n, D, qq, qq + 1);
+            }
+            /* 4. weight gradients, blocks of rows: dW2 (d, D) += dout_e^T . h_e;
+                  dWu (D, d) += dup_e^T . x_e; dWg (D, d) += dgate_e^T . x_e; the biases last */
+            MOE__OMP_FOR_INNER
+            for (t = 0; t < nw; t++) {
+                int je = moe__chunk_owner(tw, nexp, t), ee = e0 + je, base = offset[ee], n = offset[ee + 1] - base;
+                int k = t - tw[je];
+                float *Ap = thr + work * (size_t)moe__thread_index();
+                const float *px = buf + dstart[je] + szw, *pH = px + moe__packed_b_floats(n, d) + (size_t)n * D;
+                const float *dye = dout + (size_t)base * d;
+                if (k < nbd) {
+                    int r = k * wb, rows = d - r < wb ? d - r : wb;
+                    moe__gemm_packed(rows, D, n, dye + r, d, 1, pH, Dpad, 0, gw->down + wsz * ee + (size_t)r * D, D, 1, Ap);
+                } else if (k < nbd + (own_gate ? 2 : 1) * nbD) {
+                    int kk = k - nbd, gate = kk >= nbD, r = (kk % nbD) * wb, rows = D - r < wb ? D - r : wb;
+                    const float *a = (gate ? scratch1 : scratch2) + (size_t)base * D + r;
+                    float *dw = (gate ? gw->gate : gw->up) + wsz * ee + (size_t)r * d;
+                    moe__gemm_packed(rows, d, n, a, D, 1, px, dpad, 0, dw, d, 1, Ap);
+                } else {
+                    if (gw->b_down) moe__colsum_acc_serial(gw->b_down + (size_t)ee * d, dye, n, d);
+                    if (gw->b_up) moe__colsum_acc_serial(gw->b_up + (size_t)ee * D, scratch2 + (size_t)base * D, n, D);
+                }
+            }
+        }
+    }
+#undef MOE__BWD_EXPERT_FLOATS
+    MOE_FREE(buf);
+}
+

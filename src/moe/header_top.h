@@ -1,0 +1,113 @@
+/* moe.h - v0.1.0 - MIT licence - Mixture-of-Experts in one C99 header: numeric core, experts, routers.
+
+   Define MOE_IMPLEMENTATION in exactly ONE .c (or .cpp / .cu) file before including this header:
+
+       #define MOE_IMPLEMENTATION
+       #include "moe.h"
+
+   Other files include "moe.h" for the declarations only.
+
+   ABOUT
+   A reference implementation, small enough to read, of the Mixture-of-Experts research line:
+   a numeric core (kernels with their backward passes, AdamW, one flat parameter store,
+   checkpoints), experts stacked per layer, and the router families: softmax top-k with and
+   without renormalisation, sigmoid gating, Shazeer noisy top-k, expert-choice, capacity factor,
+   shared and fine-grained experts, the standard auxiliary losses, Autonomy-of-Experts,
+   the layerwise recurrent (GRU) router, Global-Workspace broadcast and HyperMoE; and a tiny
+   decoder-only MoE transformer that trains on a laptop. Everything is float32, every parallel
+   loop owns its outputs, so results are bit-identical for any number of threads.
+
+   QUICK START (one MoE layer, trained on your own data)
+
+       moe_store S;                       // THE parameter store: params/grads/Adam m,v
+       moe_layer L;                       // one MoE layer: config, tensor ids, activations
+       moe_layer_config c = moe_layer_config_default();
+       c.d = 64; c.d_ff = 128; c.n_experts = 8; c.top_k = 2;
+       moe_store_init(&S);
+       moe_layer_init(&L, &c, &S, "moe.", 1024);    // declares tensors, sizes activations
+       moe_store_alloc(&S, 1);                        // params + grads + Adam moments
+       moe_layer_init_weights(&L, &S, &rng);
+       moe_layer_forward(&L, &S, y, x, T, NULL);      // y = MoE(x), T <= 1024 tokens
+       ... dy = dLoss/dy ...
+       moe_store_zero_grad(&S);
+       moe_layer_backward(&L, &S, dx, dy);            // ACCUMULATES into S.grads (+ aux losses)
+       moe_adamw_step(&S, &opt, lr, step);
+       moe_layer_free(&L); moe_store_free(&S);
+
+   Every function that can fail on user input returns a moe_status (0 = MOE_OK, negative =
+   error) and leaves a sentence in the caller's moe_err (a field of the object it works on, or
+   an argument). The library never prints, never exits.
+
+   BUILD OPTIONS (define before including; "everywhere" = in every file that includes moe.h)
+       MOE_IMPLEMENTATION   this file holds the implementation                    (one file)
+       MOE_STATIC           all functions static (private copy per file)          (everywhere)
+       MOEDEF               override the declaration qualifier                    (everywhere)
+       MOE_ASSERT(x)        internal invariant check, default assert()            (impl. file)
+       MOE_MALLOC(n), MOE_FREE(p)  allocator, both or neither, default malloc/free (impl. file)
+       MOE_NO_STDIO         drop file I/O (checkpoints)                           (everywhere)
+       MOE_NO_OPENMP        ignore OpenMP even when the compiler enables it       (impl. file)
+       MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
+   OpenMP is used when the compiler defines _OPENMP (-fopenmp). Thread count: OMP_NUM_THREADS.
+
+   CONVENTIONS
+   - Shapes are written outermost-first, (T, d) = T rows of d contiguous floats.
+     Letters: T tokens, d model width, D expert hidden width, E experts, K experts per token,
+     S shared experts, N assignments (token, expert) pairs, V vocabulary.
+   - Weights are (out, in) as in PyTorch's nn.Linear; experts stack as (E, out, in).
+   - Forward functions: outputs, caches, inputs, weights, sizes. Backward functions: input
+     gradients, weight gradients, output gradient, forward inputs/caches, sizes.
+   - BACKWARD FUNCTIONS ACCUMULATE (+=) INTO EVERY GRADIENT. Zero the gradients once per
+     optimizer step (moe_store_zero_grad); micro-batch accumulation is then free.
+   - Routing is data: every router fills the same assignment list (token, expert, weight),
+     grouped by expert with a stable counting sort; experts consume it; combine sums each
+     token's contributions in a fixed order. Top-k ties go to the lower expert index.
+
+   TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
+@toc
+
+   Where each router family lives (forward, backward, test):
+       top-k, sigmoid, noisy, expert-choice   moe__route_token / moe__build_assignments,
+                                              moe__router_backward_token; tests/test_layer.c
+       AoE                                    moe__aoe_logits, moe__aoe_gate_forward/backward,
+                                              moe__aoe_logits_backward; test_aoe in test_layer.c
+       GW-MoE                                 moe__gw_mark; test_gw in test_layer.c
+       HyperMoE                               moe__hyper_forward/backward; test_hyper
+       RMoE (GRU through depth), MLP router   moe_gru_*, moe_model_forward, moe__router_input_
+                                              backward; test_recurrent_router in test_model.c
+
+   Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
+   tests/test_layer.c (7-10), tests/test_model.c (11-14); PyTorch goldens: tests/test_golden.c
+   (5-10), tests/test_model_golden.c (11-13), tests/test_family_golden.c (AoE, GW-MoE,
+   HyperMoE, RMoE). Benchmarks: bench/.
+
+   LICENCE: MIT, at the end of the file.
+*/
+#ifndef MOE_H_INCLUDED
+#define MOE_H_INCLUDED
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_STRING "0.1.0"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifndef MOEDEF
+#ifdef MOE_STATIC
+#define MOEDEF static
+#else
+#define MOEDEF extern
+#endif
+#endif
+
+#if defined(__cplusplus) || defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
+#define MOE_RESTRICT __restrict
+#else
+#define MOE_RESTRICT restrict
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+

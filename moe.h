@@ -863,7 +863,9 @@ MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *
 #define MOE_OMP_FOR
 #define MOE_OMP_FOR_IF(cond)
 #define MOE_OMP_FOR_DYNAMIC
-#define MOE__OMP_PARALLEL_IF(cond)
+/* still reads its condition (a variable computed only for it is then not "set but unused") and
+   keeps the block after it a block */
+#define MOE__OMP_PARALLEL_IF(cond) if ((void)(cond), 1)
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
 #endif

@@ -79,18 +79,36 @@ check-amalgamation: $(AMALGAMATE)
 	@$(AMALGAMATE) --check src/moe/PARTS moe.h
 	@$(AMALGAMATE) --check src/reward/PARTS reward.h
 
-$(BUILD)/tests/%: tests/%.c $(HEADERS)
-	@mkdir -p $(dir $@)
-	$(CC) $(TEST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+# The implementation of both headers is compiled once per flavour (tests/impl.c) and linked into
+# every test program that does not define MOE_IMPLEMENTATION itself (a test with its own
+# allocator or build options does: it is then one translation unit, as before).
+ASAN_CFLAGS = -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+              -ffp-contract=off $(WARN) $(INC)
+own_impl = $(shell grep -l '^\#define MOE_IMPLEMENTATION' $(1) 2>/dev/null)
+impl_for = $(if $(call own_impl,$(1)),,$(2))
 
-$(BUILD)/tests/%_native: tests/%.c $(HEADERS)
+$(BUILD)/tests/impl.o: tests/impl.c $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) $< -o $@ $(LDLIBS)
+	$(CC) $(TEST_CFLAGS) $(OMP_FLAG) -c $< -o $@
+$(BUILD)/tests/impl_native.o: tests/impl.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) -c $< -o $@
+$(BUILD)/asan/impl.o: tests/impl.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) -c $< -o $@
 
-$(BUILD)/asan/%: tests/%.c $(HEADERS)
+.SECONDEXPANSION:
+$(BUILD)/tests/%: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(BUILD)/tests/impl.o)
 	@mkdir -p $(dir $@)
-	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-	    -ffp-contract=off $(WARN) $(INC) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+	$(CC) $(TEST_CFLAGS) $(OMP_FLAG) $< $(call impl_for,$<,$(BUILD)/tests/impl.o) -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%_native: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(BUILD)/tests/impl_native.o)
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) $< $(call impl_for,$<,$(BUILD)/tests/impl_native.o) -o $@ $(LDLIBS)
+
+$(BUILD)/asan/%: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(BUILD)/asan/impl.o)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< $(call impl_for,$<,$(BUILD)/asan/impl.o) -o $@ $(LDLIBS)
 
 $(BUILD)/tests/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
 	@mkdir -p $(dir $@)

@@ -13,8 +13,9 @@
  *                                 directional finite-difference agreement
  *   check_grad_tol(name, analytic, numeric, rtol, atol)   the same with an absolute floor
  *
- * Only this header's functions are static, so every test is one translation
- * unit that also defines MOE_IMPLEMENTATION.
+ * This header's functions are static. The headers' implementation is compiled once
+ * (tests/impl.c) and linked in; a test that needs the implementation's internals
+ * (test_gemm.c: the GEMM block sizes) defines MOE_IMPLEMENTATION itself.
  */
 #ifndef MOE_TEST_H
 #define MOE_TEST_H
@@ -24,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
+#include <time.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define TEST_FN static __attribute__((unused))

@@ -1,7 +1,6 @@
 /* test_core.c - moe.h sections 1-4: status strings, RNG, the tensor store and its fingerprint,
    AdamW, gradient clipping, the learning-rate schedule, checkpoints (round trip, corruption,
    atomic writes). */
-#define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_rng_*, moe_store_*, moe_adamw_step, moe_clip_grad_norm, moe_checkpoint_* */
 #include "test.h"
 #ifdef _OPENMP

@@ -23,7 +23,6 @@
  * Golden folder: $MOE_GOLDEN_DIR, default tests/ref (run from the repository root).
  */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
 #include "golden.h"

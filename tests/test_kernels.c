@@ -1,7 +1,6 @@
 /* test_kernels.c - moe.h sections 5-6: every forward/backward kernel pair checked by
    directional finite differences (double objective, float kernels), and the fast matmul
    against its naive reference. PyTorch goldens for the same kernels: tests/test_golden.c. */
-#define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_matmul_*, moe_softmax_*, moe_activation_*, moe_swiglu_*,
                     moe_rmsnorm_*, moe_layernorm_*, moe_crossentropy_* */
 #include "test.h"

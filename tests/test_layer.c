@@ -1,6 +1,5 @@
 /* test_layer.c - the MoE layer (moe.h sections 7-10): dispatch, routers, gradients of every
    router variant, capacity drops, determinism across thread counts, bad input. */
-#define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_layer_*, moe_dispatch, moe_store_*, moe_rng_* */
 #include "test.h" /* defines: CHECK, check_close, check_grad, test_summary */
 #ifdef _OPENMP

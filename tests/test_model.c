@@ -2,7 +2,6 @@
    whole tiny transformer (dense and MoE, learned and rotary positions), 1-vs-2-thread
    bit-identity, gradient accumulation, a learning test, checkpoint resume bit-exactness,
    generation, the loader. PyTorch goldens of the same model: tests/test_golden.c. */
-#define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_model_*, moe_loader_*, moe_checkpoint_*, moe_adamw_step */
 #include "test.h"
 #ifdef _OPENMP

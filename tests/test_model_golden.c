@@ -18,7 +18,6 @@
  * a line per tensor. Golden folder: $MOE_GOLDEN_DIR, default tests/ref (run from the repo root).
  */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
 #include "golden.h"

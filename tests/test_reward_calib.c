@@ -3,8 +3,6 @@
  * fast against naive, bad input; RC-LWR lookup and RC-Mean against the paper's code
  * (tests/ref/rc_ref.csv) and on a hand-checked input; penalty, sequences. */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
-#define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_lowess*, rwd_lwr_*, rwd_calibrate_* */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
 #include "reward_util.h" /* defines: csv_read, csv_col, read_data */

@@ -4,8 +4,6 @@
  * shared data is there). Skips with a message when the example binaries are not built
  * (make test builds them; make test-asan does not). */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
-#define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_pair_accuracy, rwd_calibrate_pairs, rwd_rewardbench_scores */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
 #include <unistd.h>

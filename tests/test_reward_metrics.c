@@ -3,8 +3,6 @@
  * the AlpacaEval leaderboard recomputed from the judge annotations, and the HH-RLHF length
  * statistics of the data README (shared data; skipped when absent). */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
-#define RWD_IMPLEMENTATION
 #include "reward.h"      /* defines: rwd_pair_accuracy, rwd_spearman, rwd_winrate_*, rwd_hh_read ... */
 #include "test.h"        /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
 #include "reward_util.h" /* defines: csv_read, csv_col, read_data */

@@ -3,8 +3,6 @@
  * (tests/ref/bt_ref.txt from tests/ref/reward_ref.py), AdamW training against torch, learning,
  * determinism (twice, 1 vs 2 threads), save/load, bad input. */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
-#define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_featurize, rwd_head_*, rwd_bt_*, rwd_poe_* */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, check_close, check_grad, test_summary */
 #ifdef _OPENMP

@@ -1,8 +1,6 @@
 /* test_reward_text.c - reward.h section 1 (text): UTF-8 code points, the JSON parser (escapes,
  * surrogate pairs, strictness, error line numbers), the HH-RLHF line reader and bad input. */
 #define _POSIX_C_SOURCE 200809L
-#define MOE_IMPLEMENTATION
-#define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_json_*, rwd_utf8_length, rwd_hh_*, rwd_text_pairs_* */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, test_summary */
 

@@ -19,20 +19,31 @@
 
    QUICK START (one MoE layer, trained on your own data)
 
+       // x, y, dx, dy: (T, c.d) floats, T <= 1024 tokens a call; x is your input
        moe_store S;                       // THE parameter store: params/grads/Adam m,v
        moe_layer L;                       // one MoE layer: config, tensor ids, activations
+       moe_rng rng;
        moe_layer_config c = moe_layer_config_default();
+       moe_adamw_config opt = moe_adamw_config_default();
+       long long step;
        c.d = 64; c.d_ff = 128; c.n_experts = 8; c.top_k = 2;
+       moe_rng_seed(&rng, 1);
        moe_store_init(&S);
-       moe_layer_init(&L, &c, &S, "moe.", 1024);    // declares tensors, sizes activations
-       moe_store_alloc(&S, 1);                        // params + grads + Adam moments
+       if (moe_layer_init(&L, &c, &S, "moe.", 1024) != MOE_OK) return 1;  // L.err.msg: why
+       if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
        moe_layer_init_weights(&L, &S, &rng);
-       moe_layer_forward(&L, &S, y, x, T, NULL);      // y = MoE(x), T <= 1024 tokens
-       ... dy = dLoss/dy ...
-       moe_store_zero_grad(&S);
-       moe_layer_backward(&L, &S, dx, dy);            // ACCUMULATES into S.grads (+ aux losses)
-       moe_adamw_step(&S, &opt, lr, step);
-       moe_layer_free(&L); moe_store_free(&S);
+       for (step = 1; step <= n_steps; step++) {
+           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x)
+           your_loss_gradient(dy, y, T);                 // dy = dLoss/dy
+           moe_store_zero_grad(&S);
+           memset(dx, 0, sizeof(float) * T * c.d);
+           moe_layer_backward(&L, &S, dx, dy, x);        // S.grads += (aux losses too), dx +=
+           moe_adamw_step(&S, &opt, lr, step);
+       }
+       moe_layer_free(&L);  moe_store_free(&S);
+
+   The QUICK START is tests/test_quickstart.c, which compiles it, trains, and checks that
+   these lines are still its own.
 
    Every function that can fail on user input returns a moe_status (0 = MOE_OK, negative =
    error) and leaves a sentence in the caller's moe_err (a field of the object it works on, or
@@ -47,6 +58,23 @@
        MOE_NO_STDIO         drop file I/O (checkpoints)                           (everywhere)
        MOE_NO_OPENMP        ignore OpenMP even when the compiler enables it       (impl. file)
        MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
+     The blocking of the GEMM under every matmul, expert and attention product
+     (>>moe:matmul), all (impl. file):
+       MOE_GEMM_MR, MOE_GEMM_NR  the register tile: MR x NR floats of C stay in registers
+                            through the whole depth loop. Default 8 x 32 with gcc and AVX-512,
+                            6 x 16 with AVX/AVX2 (and with clang, which keeps 256-bit vectors:
+                            build with -mprefer-vector-width=512 and set 8 x 32 for AVX-512),
+                            4 x 16 otherwise. Larger tiles load less per FMA until the
+                            accumulators no longer fit the vector registers and spill.
+       MOE_GEMM_KC          depth of a packed panel pair, 256: a KC x NR panel of B stays in
+                            L1 while the A panels stream past it
+       MOE_GEMM_MC          rows of A packed per block, 192, a multiple of MR: the MC x KC
+                            block stays in L2
+       MOE_GEMM_NC          columns of B packed per block, 2048, a multiple of NR: the
+                            KC x NC block stays in L2 / L3
+     MR, NR, MC and NC change speed only. KC is where a product's partial sums meet C, so
+     another KC changes the last bits of every result (never their independence of the
+     thread count).
    OpenMP is used when the compiler defines _OPENMP (-fopenmp). Thread count: OMP_NUM_THREADS.
 
    CONVENTIONS
@@ -397,6 +425,19 @@ MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float
                                  int D, moe_expert_kind kind, moe_activation act, float *scratch1,
                                  float *scratch2);
 
+/* The readable references of the two above (plain loops, one token and one expert at a time,
+   double accumulators, no threads, no allocation), with the same arguments and the same
+   contract: caches and scratch hold what the fast pair leaves there. tests/test_gemm.c
+   compares the fast pair against them. */
+MOEDEF void moe_experts_forward_naive(float *out, float *h_gate, float *h_up, const float *xg,
+                                      const moe_expert_weights *w, const int *offset, int E, int d,
+                                      int D, moe_expert_kind kind, moe_activation act);
+MOEDEF void moe_experts_backward_naive(float *dxg, moe_expert_weights *gw, const float *dout,
+                                       const float *xg, const float *h_gate, const float *h_up,
+                                       const moe_expert_weights *w, const int *offset, int E, int d,
+                                       int D, moe_expert_kind kind, moe_activation act,
+                                       float *scratch1, float *scratch2);
+
 /* ============================================================================================
    >>moe:dispatch  the assignment list
    ============================================================================================
@@ -631,6 +672,13 @@ MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int 
 /* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
 MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                    int B, int T, int d, int NH);
+/* The readable references of the two above (llm.c's attention_forward/backward: one query
+   row at a time, plain loops, no threads, no allocation), same arguments and contract;
+   tests/test_kernels.c compares the blocked pair against them. */
+MOEDEF void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
+                                        int NH);
+MOEDEF void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                         const float *att, int B, int T, int d, int NH);
 /* Rotary positions (rotate-half pairing i, i + hd/2, as GPT-NeoX / HF LLaMA) applied in place
    to the q and k parts of qkv; inverse = 1 rotates backwards (the backward pass). cos_sin
    (T, hd/2, 2) from moe_rope_table. */
@@ -2462,6 +2510,109 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     MOE_FREE(buf);
 }
 
+/* The expert's hidden value at one unit from the forward caches: silu(g) * u or act(u). */
+static float moe__expert_hidden_naive(float g, float u, moe_expert_kind kind, moe_activation act) {
+    return kind == MOE_EXPERT_SWIGLU ? g * moe__sigmoid(g) * u : moe__act(u, act);
+}
+
+MOE__IMPL void moe_experts_forward_naive(float *out, float *h_gate, float *h_up, const float *xg,
+                                         const moe_expert_weights *w, const int *offset, int E, int d,
+                                         int D, moe_expert_kind kind, moe_activation act) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, i, j, c, p;
+    for (e = 0; e < E; e++) {
+        const float *up = w->up + (size_t)e * D * d, *gate = own_gate ? w->gate + (size_t)e * D * d : NULL;
+        const float *down = w->down + (size_t)e * d * D;
+        for (i = offset[e]; i < offset[e + 1]; i++) {
+            const float *x = xg + (size_t)i * d;
+            float *hu = h_up + (size_t)i * D, *hg = swiglu ? h_gate + (size_t)i * D : NULL;
+            for (j = 0; j < D; j++) { /* pre-activations: u = x . up_e[j] (+ b_up), g = x . gate_e[j] */
+                double su = !swiglu && w->b_up ? w->b_up[(size_t)e * D + j] : 0.0, sg = 0.0;
+                for (p = 0; p < d; p++) {
+                    su += (double)x[p] * up[(size_t)j * d + p];
+                    if (own_gate) sg += (double)x[p] * gate[(size_t)j * d + p];
+                }
+                hu[j] = (float)su;
+                if (own_gate) hg[j] = (float)sg;
+            }
+            for (c = 0; c < d; c++) { /* out = h . down_e[c] (+ b_down) */
+                double s = !swiglu && w->b_down ? w->b_down[(size_t)e * d + c] : 0.0;
+                for (j = 0; j < D; j++)
+                    s += (double)moe__expert_hidden_naive(swiglu ? hg[j] : 0.0f, hu[j], kind, act) * down[(size_t)c * D + j];
+                out[(size_t)i * d + c] = (float)s;
+            }
+        }
+    }
+}
+
+MOE__IMPL void moe_experts_backward_naive(float *dxg, moe_expert_weights *gw, const float *dout,
+                                          const float *xg, const float *h_gate, const float *h_up,
+                                          const moe_expert_weights *w, const int *offset, int E, int d,
+                                          int D, moe_expert_kind kind, moe_activation act,
+                                          float *scratch1, float *scratch2) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, i, j, c, p;
+    for (e = 0; e < E; e++) {
+        size_t wo = (size_t)e * D * d; /* offset of expert e's matrices */
+        int r0 = offset[e], r1 = offset[e + 1];
+        /* per token: dh = dout . down_e, then the pre-activation gradients (scratch2: d up,
+           SwiGLU's scratch1: d gate), then dx = d up . up_e + d gate . gate_e */
+        for (i = r0; i < r1; i++) {
+            const float *dy = dout + (size_t)i * d, *hu = h_up + (size_t)i * D;
+            const float *hg = swiglu ? h_gate + (size_t)i * D : NULL;
+            float *dg = swiglu ? scratch1 + (size_t)i * D : NULL, *du = scratch2 + (size_t)i * D;
+            for (j = 0; j < D; j++) {
+                double dh = 0.0;
+                for (c = 0; c < d; c++) dh += (double)dy[c] * w->down[wo + (size_t)c * D + j];
+                if (swiglu) { /* h = g s u, s = sigmoid(g): dh/dg = u s (1 + g (1 - s)), dh/du = g s */
+                    float g = hg[j], s = moe__sigmoid(g);
+                    dg[j] = (float)(dh * hu[j] * s * (1.0f + g * (1.0f - s)));
+                    du[j] = (float)(dh * g * s);
+                } else {
+                    du[j] = (float)(dh * moe__act_grad(hu[j], act));
+                }
+            }
+            for (p = 0; p < d; p++) {
+                double s = 0.0;
+                for (j = 0; j < D; j++) {
+                    s += (double)du[j] * w->up[wo + (size_t)j * d + p];
+                    if (own_gate) s += (double)dg[j] * w->gate[wo + (size_t)j * d + p];
+                }
+                dxg[(size_t)i * d + p] = (float)s;
+            }
+        }
+        /* weight gradients, summed over the expert's tokens: d down_e[c][j] += dout[.][c] h[.][j],
+           d up_e[j][p] += d up[.][j] x[.][p], d gate_e likewise; the biases sum the rows */
+        for (c = 0; c < d; c++)
+            for (j = 0; j < D; j++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++)
+                    s += (double)dout[(size_t)i * d + c] *
+                         moe__expert_hidden_naive(swiglu ? h_gate[(size_t)i * D + j] : 0.0f, h_up[(size_t)i * D + j], kind, act);
+                gw->down[wo + (size_t)c * D + j] += (float)s;
+            }
+        for (j = 0; j < D; j++)
+            for (p = 0; p < d; p++) {
+                double su = 0.0, sg = 0.0;
+                for (i = r0; i < r1; i++) {
+                    su += (double)scratch2[(size_t)i * D + j] * xg[(size_t)i * d + p];
+                    if (own_gate) sg += (double)scratch1[(size_t)i * D + j] * xg[(size_t)i * d + p];
+                }
+                gw->up[wo + (size_t)j * d + p] += (float)su;
+                if (own_gate) gw->gate[wo + (size_t)j * d + p] += (float)sg;
+            }
+        if (!swiglu && gw->b_down)
+            for (c = 0; c < d; c++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++) s += dout[(size_t)i * d + c];
+                gw->b_down[(size_t)e * d + c] += (float)s;
+            }
+        if (!swiglu && gw->b_up)
+            for (j = 0; j < D; j++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++) s += scratch2[(size_t)i * D + j];
+                gw->b_up[(size_t)e * D + j] += (float)s;
+            }
+    }
+}
 /* ============================================================================================
    >>moe:dispatch
    ============================================================================================ */
@@ -3759,6 +3910,68 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
         }
     }
     MOE_FREE(ws);
+}
+
+MOE__IMPL void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
+                                           int NH) {
+    int hd = d / NH, b, t, h, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                const float *q = qkv + ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+                float *P = att + (((size_t)b * NH + h) * T + t) * T, *o = out + ((size_t)b * T + t) * d + (size_t)h * hd;
+                double maxv = -HUGE_VAL, sum = 0.0;
+                /* scores against the keys u <= t, then their softmax; 0 above the diagonal */
+                for (u = 0; u <= t; u++) {
+                    const float *k = qkv + ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd;
+                    double s = 0.0;
+                    for (i = 0; i < hd; i++) s += (double)q[i] * k[i];
+                    P[u] = (float)(s * scale);
+                    if (P[u] > maxv) maxv = P[u];
+                }
+                for (u = 0; u <= t; u++) sum += exp(P[u] - maxv);
+                for (u = 0; u <= t; u++) P[u] = (float)(exp(P[u] - maxv) / sum);
+                for (u = t + 1; u < T; u++) P[u] = 0.0f;
+                /* out = sum over u <= t of P[u] v[u] */
+                for (i = 0; i < hd; i++) {
+                    double s = 0.0;
+                    for (u = 0; u <= t; u++) s += (double)P[u] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+                    o[i] = (float)s;
+                }
+            }
+}
+
+MOE__IMPL void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                            const float *att, int B, int T, int d, int NH) {
+    int hd = d / NH, b, t, h, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * d);
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                size_t qt = ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+                const float *P = att + (((size_t)b * NH + h) * T + t) * T;
+                const float *dy = dout + ((size_t)b * T + t) * d + (size_t)h * hd;
+                double dot = 0.0;
+                /* dP[u] = dy . v[u]; softmax backward dS[u] = P[u] (dP[u] - sum_u' P[u'] dP[u']) */
+                for (u = 0; u <= t; u++) {
+                    double dp = 0.0;
+                    for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+                    dot += P[u] * dp;
+                }
+                for (u = 0; u <= t; u++) {
+                    size_t ku = ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd, vu = ku + d;
+                    double dp = 0.0, ds;
+                    for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[vu + i];
+                    ds = P[u] * (dp - dot) * scale; /* the scores were scale * q . k */
+                    for (i = 0; i < hd; i++) {
+                        dqkv[qt + i] += (float)(ds * qkv[ku + i]);  /* dq[t] += dS[u] k[u] */
+                        dqkv[ku + i] += (float)(ds * qkv[qt + i]);  /* dk[u] += dS[u] q[t] */
+                        dqkv[vu + i] += P[u] * dy[i];              /* dv[u] += P[u] dy[t] */
+                    }
+                }
+            }
 }
 
 MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {

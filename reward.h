@@ -12,32 +12,46 @@
 
    ABOUT
    A teaching and reproduction library for the reward-modelling papers of the research line.
-   The math, defaults and every code-vs-paper detail are in the project's
-   methods/reward-methods.md (sections 0-2); this header cites those sections as "spec 2.4".
+   Each section cites its paper by arXiv id and the official code it follows, and says where
+   it departs from that code: Bradley-Terry reward heads (InstructGPT's loss, arXiv 2203.02155,
+   in the form of TRL's RewardTrainer), Product-of-Experts length debiasing (Shen et al., arXiv
+   2310.05199), post-hoc reward calibration (Huang et al., arXiv 2409.17407, with LOWESS as
+   statsmodels computes it), RewardBench scoring (arXiv 2403.13787).
    Everything works on plain arrays that a user already has (scores, lengths, feature rows), so
    calibration and metrics need no model at all. The reward heads reuse moe.h's core: one
    moe_store per model (params, grads, AdamW moments), moe_adamw_step, moe_matmul_*,
    moe_activation_*, moe_rng and the one checkpoint format.
 
-   QUICK START (calibrate your own reward model's scores, spec 2.3)
+   QUICK START (calibrate your own reward model's scores with RC-LWR, arXiv 2409.17407)
 
-       double cal[2 * N];                 // pooled: chosen scores then rejected scores
+       // score[2 * N]: your reward model's scores of N chosen responses, then of the N
+       // rejected ones; len[2 * N]: the responses' lengths in code points
+       double cal[2 * N];
        moe_err err;
        if (rwd_calibrate_lwr(cal, len, score, 2 * N, 1.0, 3, 1.0, &err) != MOE_OK)
            fprintf(stderr, "%s\n", err.msg);
-       acc = rwd_pair_accuracy(cal, cal + N, N);
+       acc = rwd_pair_accuracy(cal, cal + N, N);     // calibrated pair accuracy
 
-   QUICK START (train a Bradley-Terry reward head on feature rows, spec 0.1)
+   QUICK START (train a Bradley-Terry reward head on feature rows)
 
-       rwd_head_config hc = rwd_head_config_default();  hc.d_in = D;
+       // x_chosen, x_rejected: (n_pairs, D) feature rows (rwd_featurize makes them from text)
+       rwd_head_config hc = rwd_head_config_default();
        rwd_train_config tc = rwd_train_config_default();
-       moe_store S;  rwd_head H;
+       rwd_train_stats stats;
+       moe_store S;  rwd_head H;  moe_rng rng;  moe_err err;
+       hc.d_in = D;
+       moe_rng_seed(&rng, 1);
        moe_store_init(&S);
-       rwd_head_init(&H, &hc, &S, "rm.", &err);      // declares tensors, sizes activations
-       moe_store_alloc(&S, 1);
+       if (rwd_head_init(&H, &hc, &S, "rm.", &err) != MOE_OK) return 1;  // declares tensors
+       if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
        rwd_head_init_weights(&H, &S, &rng);
-       rwd_bt_train(&H, &S, x_chosen, x_rejected, NULL, n_pairs, &tc, &stats, &err);
-       rwd_head_score(&H, &S, scores, x, n);
+       if (rwd_bt_train(&H, &S, x_chosen, x_rejected, NULL, n_pairs, &tc, &stats, &err) != MOE_OK)
+           return 1;                                      // err.msg says why
+       rwd_head_score(&H, &S, scores, x, n);             // scores (n, double) of any n rows
+       rwd_head_free(&H);  moe_store_free(&S);
+
+   Both QUICK STARTs are tests/test_quickstart.c, which compiles them and checks that these
+   lines are still its own.
 
    Every function that can fail on user input returns a moe_status (0 = MOE_OK) and leaves a
    sentence, with the line number where there is one, in a moe_err the caller passes. The
@@ -56,21 +70,24 @@
      (moe.h's store). Losses and metrics accumulate in double.
    - A pair set of N pairs is given as parallel arrays: chosen (w, "winner") and rejected
      (l, "loser"). Pooled arrays of 2N responses hold all chosen first, then all rejected.
-   - Lengths are Unicode code points of the response (Python len(str)), spec 0.
-   - Accuracy counts a tie (equal scores) as wrong, as RewardBench and the paper's code do.
+   - Lengths are Unicode code points of the response (Python len(str)), as the calibration
+     paper's official code counts them (its output_len_char).
+   - Accuracy counts a tie (equal scores) as wrong, as RewardBench and the calibration code do.
    - BACKWARD FUNCTIONS ACCUMULATE (+=) INTO GRADIENTS, as in moe.h.
 
    TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
        1. text       >>rwd:text      UTF-8 code points, JSON parser, HH-RLHF pair reader
-       2. lowess     >>rwd:lowess    LOWESS exactly as statsmodels (spec 2.4), fast + naive
-       3. calib      >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences (spec 2)
-       4. metrics    >>rwd:metrics   accuracy, RewardBench sections, Spearman/Kendall/Pearson,
-                                     length diagnostics, AlpacaEval win rates (spec 2.6)
+       2. lowess     >>rwd:lowess    LOWESS exactly as statsmodels (Cleveland 1979), fast + naive
+       3. calib      >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences
+                                     (arXiv 2409.17407)
+       4. metrics    >>rwd:metrics   accuracy, RewardBench sections (arXiv 2403.13787),
+                                     Spearman/Kendall/Pearson, length diagnostics,
+                                     AlpacaEval win rates
        5. features   >>rwd:features  hashed word/bigram features + length features of text;
                                      a trained moe.h language model's pooled hidden states
        6. head       >>rwd:head      linear/MLP reward head, Bradley-Terry loss, training,
-                                     save/load (spec 0.1)
-       7. poe        >>rwd:poe       Product-of-Experts length debiasing (spec 1)
+                                     save/load
+       7. poe        >>rwd:poe       Product-of-Experts length debiasing (arXiv 2310.05199)
 
    Tests: tests/test_reward_text.c (1), tests/test_reward_calib.c (2-3),
    tests/test_reward_metrics.c (4, AlpacaEval and HH-RLHF data), tests/test_reward_model.c
@@ -175,8 +192,13 @@ RWDDEF moe_status rwd_read_all(FILE *f, char **text, size_t *len, moe_err *err);
 #endif
 
 /* ============================================================================================
-   >>rwd:lowess  LOWESS exactly as statsmodels computes it (spec 2.4)
+   >>rwd:lowess  LOWESS exactly as statsmodels computes it
    ============================================================================================
+   Cleveland's robust locally weighted regression (W. S. Cleveland, "Robust Locally Weighted
+   Regression and Smoothing Scatterplots", JASA 74(368), 1979): tricube weights, local lines,
+   bisquare robustness passes. The calibration paper's RC-LWR (arXiv 2409.17407) calls
+   statsmodels' implementation (statsmodels/nonparametric/_smoothers_lowess.pyx), whose window
+   sliding, tie handling and stopping rule change the numbers; this follows that code.
    fit (n) = statsmodels.nonparametric.lowess(y, x, frac, it=iters, delta=0,
    return_sorted=False): the fitted value of every point, in input order. frac in (0, 1],
    iters >= 0 robustness passes after the first. Tied x values share one fit.
@@ -193,12 +215,17 @@ RWDDEF moe_status rwd_lowess_naive(double *fit, const double *x, const double *y
                                    double frac, int iters, moe_err *err);
 
 /* ============================================================================================
-   >>rwd:calib  post-hoc reward calibration (spec 2)
+   >>rwd:calib  post-hoc reward calibration (Huang et al., arXiv 2409.17407, ICLR 2025)
    ============================================================================================
    r_cal = r - alpha * b(c): b is the average reward of responses with a similar
-   characteristic c (length), estimated on the pooled chosen + rejected responses. */
+   characteristic c (length), estimated on the pooled chosen + rejected responses. RC-Mean is
+   the paper's uniform local average, RC-LWR its locally weighted regression (>>rwd:lowess).
+   Settings and lookups follow the official code (github.com/ZeroYuHuang/Reward-Calibration,
+   src/calibrate_rewardbench.py and src/calibrate_alpacaeval.py); where this header departs
+   from that code, the function's comment says so. */
 
-/* RC-LWR curve for out-of-sample queries (spec 2.3, AlpacaEval setting). */
+/* RC-LWR curve for out-of-sample queries (the paper's AlpacaEval setting: the baseline's
+   outputs are scored against a fit made without them). */
 typedef struct rwd_lwr {
     double *x;   /* (n) distinct fitted x values, ascending */
     double *fit; /* (n) LOWESS fit at x[i]                  */
@@ -207,9 +234,10 @@ typedef struct rwd_lwr {
 
 RWDDEF moe_status rwd_lwr_fit(rwd_lwr *m, const double *x, const double *y, size_t n, double frac,
                               int iters, moe_err *err);
-/* b(c): the fit at the smallest fitted x >= c (the paper's bisect_left step lookup); above the
-   largest x, the last fit (the paper's code would index past its array). interpolate != 0:
-   linear interpolation between the neighbours instead, constant outside the range. */
+/* b(c): the fit at the smallest fitted x >= c (the official code's bisect_left step lookup);
+   above the largest x, the last fit (the official code would index past its array).
+   interpolate != 0: linear interpolation between the neighbours instead, constant outside the
+   range. */
 RWDDEF double rwd_lwr_predict(const rwd_lwr *m, double c, int interpolate);
 RWDDEF void rwd_lwr_free(rwd_lwr *m);
 
@@ -218,9 +246,10 @@ RWDDEF void rwd_lwr_free(rwd_lwr *m);
 RWDDEF moe_status rwd_calibrate_lwr(double *out, const double *c, const double *r, size_t n,
                                     double frac, int iters, double alpha, moe_err *err);
 
-/* RC-Mean (spec 2.2) on N pairs: T = mean |c_w - c_l| / ratio; points pooled interleaved
-   (w0, l0, w1, ...), shuffled with moe_rng(seed) if shuffle, stable-sorted by c. The window of
-   c0 holds the points with |c - c0| <= T minus the last one in sorted order (the paper's code).
+/* RC-Mean (the paper's uniform local average) on N pairs: T = mean |c_w - c_l| / ratio;
+   points pooled interleaved (w0, l0, w1, ...), shuffled with moe_rng(seed) if shuffle (the
+   official code's shuffle is unseeded), stable-sorted by c. The window of c0 holds the points
+   with |c - c0| <= T minus the last one in sorted order (the official code's slice end).
    A pair is calibrated only if both windows hold >= min_count points: r - alpha * mean(window).
    out_w/out_l may equal s_w/s_l. */
 RWDDEF moe_status rwd_calibrate_mean(double *out_w, double *out_l, const double *s_w,
@@ -229,11 +258,11 @@ RWDDEF moe_status rwd_calibrate_mean(double *out_w, double *out_l, const double 
                                      int shuffle, uint64_t seed, moe_err *err);
 
 typedef enum rwd_cal_method {
-    RWD_CAL_LWR = 0,     /* RC-LWR                                                       */
-    RWD_CAL_MEAN,        /* RC-Mean                                                      */
-    RWD_CAL_PENALTY,     /* r - penalty * text length (baseline, spec 2.5)                */
-    RWD_CAL_PENALTY_LWR, /* penalty, then RC-LWR on the penalised scores                  */
-    RWD_CAL_PENALTY_MEAN /* penalty, then RC-Mean                                         */
+    RWD_CAL_LWR = 0,     /* RC-LWR                                                         */
+    RWD_CAL_MEAN,        /* RC-Mean                                                        */
+    RWD_CAL_PENALTY,     /* r - penalty * text length (the paper's length-penalty baseline) */
+    RWD_CAL_PENALTY_LWR, /* penalty, then RC-LWR on the penalised scores                    */
+    RWD_CAL_PENALTY_MEAN /* penalty, then RC-Mean                                           */
 } rwd_cal_method;
 
 typedef struct rwd_cal_config {
@@ -251,13 +280,14 @@ typedef struct rwd_cal_config {
 RWDDEF rwd_cal_config rwd_cal_config_default(void);
 RWDDEF moe_status rwd_cal_config_check(const rwd_cal_config *c, moe_err *err);
 /* Calibrates N pairs by c->method. c_w/c_l: characteristic (response length); t_w/t_l: the
-   length the penalty uses (full chat-formatted text, as the paper's code), or NULL for c.
+   length the penalty uses (full chat-formatted text, as the official code), or NULL for c.
    Outputs may equal the score arrays. */
 RWDDEF moe_status rwd_calibrate_pairs(double *out_w, double *out_l, const double *s_w,
                                       const double *s_l, const double *c_w, const double *c_l,
                                       const double *t_w, const double *t_l, size_t n,
                                       const rwd_cal_config *c, moe_err *err);
-/* Several characteristics in sequence (spec 2.1): feature f re-estimates b on the scores
+/* Several characteristics in sequence (the official code's feature list, e.g. length then
+   markdown count, each with its alpha): feature f re-estimates b on the scores
    already calibrated for features 0..f-1, with alpha[f]. c_w[f], c_l[f]: (n) each. The
    penalty (if the method has one) is applied once, before the first feature. Unlike the
    paper's RC-Mean code, which re-reads the uncalibrated scores, RC-Mean chains too. */
@@ -290,8 +320,10 @@ RWDDEF double rwd_kendall(const double *a, const double *b, size_t n);  /* tau-b
 RWDDEF double rwd_length_correlation(const double *s_w, const double *s_l, const double *len_w,
                                      const double *len_l, size_t n);
 
-/* RewardBench (spec 2.6): four sections, each a weighted mean of subset accuracies with the
-   leaderboard's fixed weights; overall = mean of the sections present. */
+/* RewardBench (Lambert et al., arXiv 2403.13787): four sections, each a weighted mean of
+   subset accuracies with the leaderboard's fixed weights; overall = mean of the sections
+   present, as the calibration paper's released notebook scores it (arXiv 2409.17407). The 2024 leaderboard also
+   reported a score with the "prior sets" at weight 0.5 (divided by 4.5); that is not this. */
 enum { RWD_SECTION_CHAT = 0, RWD_SECTION_CHAT_HARD, RWD_SECTION_SAFETY, RWD_SECTION_REASONING,
        RWD_N_SECTIONS };
 RWDDEF const char *rwd_section_name(int section); /* "chat", "chat_hard", "safety", "reasoning" */
@@ -305,7 +337,10 @@ RWDDEF moe_status rwd_subset_accuracy(double *acc, size_t *count, const int *sub
 RWDDEF void rwd_rewardbench_scores(double *section, double *overall, const char *const *names,
                                    const double *acc, size_t n_subsets);
 
-/* AlpacaEval raw metrics of one model against the reference (data README). */
+/* AlpacaEval raw metrics of one model against the reference, as AlpacaEval's get_winrate
+   computes them (github.com/tatsu-lab/alpaca_eval, src/alpaca_eval/metrics/winrate.py); its
+   length-controlled win rate (Dubois et al., arXiv 2404.04475) needs fitted weights that are
+   not part of the annotations, so it is not here. */
 typedef struct rwd_winrate {
     double win_rate;          /* 100 * mean(p), p = preference - 1 (a stored 0 is a draw)     */
     double standard_error;    /* 100 * std(p, ddof=1) / sqrt(n)                                */
@@ -328,7 +363,9 @@ RWDDEF moe_status rwd_winrate_from_annotations(rwd_winrate *w, const char *json,
    ============================================================================================
    out = [ hashed bag of words and word bigrams of the response (and optionally of the prompt,
    in its own hash namespace), scaled by 1/sqrt(#tokens) so its norm does not grow with length |
-   log(1 + len), len / 1000 ] with len = code points of the response (spec 1.4). Words are
+   log(1 + len), len / 1000 ] with len = code points of the response: this header's stand-in
+   for a language model's input, so that the PoE bias expert of Shen et al. (arXiv 2310.05199),
+   which sees token embeddings there, can see length here (>>rwd:poe). Words are
    maximal runs of ASCII letters/digits (lower-cased) and non-ASCII bytes. Signed hashing:
    each feature adds +1 or -1 by a hash bit, so collisions cancel on average. */
 
@@ -360,14 +397,17 @@ RWDDEF moe_status rwd_lm_features(float *out, moe_model *m, const char *prompt, 
 RWDDEF moe_status rwd_lm_featurize_pairs(float *x_w, float *x_l, moe_model *m, const rwd_text_pairs *p, moe_err *err);
 
 /* ============================================================================================
-   >>rwd:head  reward heads on feature rows, Bradley-Terry loss and training (spec 0.1)
+   >>rwd:head  reward heads on feature rows, Bradley-Terry loss and training
    ============================================================================================
    linear: r = x . w1^T                             w1 (1, d_in)
    MLP:    r = act(x . w1^T + b1) . w2^T            w1 (H, d_in), b1 (H), w2 (1, H)
    No output bias (as Hugging Face's reward score head): it cancels in every BT margin, and
    Adam would only amplify the rounding noise of its ~0 gradient.
    The tensors live in a caller's moe_store (prefix + "w1" ...); weights decay, biases do not.
-   BT loss of B pairs with margins m and centering coefficient c (TRL's RewardTrainer):
+   BT loss of B pairs with margins m and centering coefficient c: the reward-model loss of
+   InstructGPT (Ouyang et al., arXiv 2203.02155) as TRL's RewardTrainer computes it
+   (github.com/huggingface/trl, trl/trainer/reward_trainer.py), whose centering term is from
+   Eisenstein et al. (arXiv 2312.09244); note it squares the SUM of a pair's two rewards:
      L = -(1/B) sum log sigmoid(r_w - r_l - m) + c (1/B) sum (r_w + r_l)^2
    Pairs are batched as 2B rows: B chosen rows, then B rejected rows. */
 
@@ -420,7 +460,7 @@ typedef struct rwd_train_config {
     float center;       /* centering coefficient c (TRL recommends 0.01); 0                     */
     float clip;         /* global gradient-norm clip, 0 = off; 0                               */
     uint64_t seed;      /* shuffling and PoE noise; 1                                          */
-    float bias_lr;      /* PoE: the bias expert's peak learning rate (larger, spec 1.2); 1e-2    */
+    float bias_lr;      /* PoE: the bias expert's peak learning rate (larger, as the paper); 1e-2 */
     float noise_std;    /* PoE: s of the N(0, s^2) noise on the bias expert's inputs; 0.1, about
                            one hashed word feature (rwd_featurize scales them by 1/sqrt(words)) */
     int noise_cols;     /* PoE: noise goes to the first noise_cols input columns (the hashed
@@ -447,8 +487,12 @@ RWDDEF moe_status rwd_head_load(rwd_head *h, moe_store *s, const char *path, moe
 #endif
 
 /* ============================================================================================
-   >>rwd:poe  Product-of-Experts length debiasing (spec 1)
+   >>rwd:poe  Product-of-Experts length debiasing
    ============================================================================================
+   Shen et al., "Loose lips sink ships: Mitigating Length Bias in Reinforcement Learning from
+   Human Feedback", arXiv 2310.05199 (Findings of EMNLP 2023); no official code was found.
+   The paper's experts are language models (the bias expert a small one with noise on its
+   token embeddings); here both are reward heads on feature rows (>>rwd:head).
    A main expert r_m and a bias expert r_b trained jointly on the product's BT probability:
      L = -(1/B) sum log sigmoid((r_m(w) + r_b(w)) - (r_m(l) + r_b(l)))
    Both get the same gradient per pair, -sigmoid(-(D_m + D_b)) / B, so pairs the bias expert
@@ -1315,7 +1359,7 @@ RWD__IMPL moe_status rwd_calibrate_lwr(double *out, const double *c, const doubl
     if (!isfinite(alpha)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "RC-LWR alpha must be finite, got %g", alpha);
     fit = (double *)MOE_MALLOC((n ? n : 1) * sizeof(double));
     if (!fit) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for RC-LWR on %zu points", n);
-    /* every query is a fitted point, so the paper's bisect_left lookup is the point's own fit */
+    /* every query is a fitted point, so the official code's bisect_left lookup is the point's own fit */
     st = rwd_lowess(fit, c, r, n, frac, iters, err);
     if (st == MOE_OK)
         for (i = 0; i < n; i++) out[i] = r[i] - alpha * fit[i];
@@ -1447,7 +1491,7 @@ static moe_status rwd__calibrate_feature(double *out_w, double *out_l, const dou
     moe_status st;
     if (c->method == RWD_CAL_MEAN || c->method == RWD_CAL_PENALTY_MEAN)
         return rwd_calibrate_mean(out_w, out_l, s_w, s_l, c_w, c_l, n, c->ratio, c->min_count, alpha, c->shuffle, c->seed, err);
-    /* RC-LWR pools all chosen, then all rejected (the paper's x_train) */
+    /* RC-LWR pools all chosen, then all rejected (the official code's x_train) */
     pool = (double *)MOE_MALLOC((4 * n + 1) * sizeof(double));
     if (!pool) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for RC-LWR on %zu pairs", n);
     memcpy(pool, c_w, n * sizeof(double));
@@ -1477,7 +1521,9 @@ RWD__IMPL moe_status rwd_calibrate_sequence(double *out_w, double *out_l, const 
         return moe_err_set(err, MOE_ERR_INVALID_ARG, "calibration needs outputs and, per feature, characteristics and an alpha");
     if ((st = rwd__check_finite(s_w, n, "chosen scores", err)) || (st = rwd__check_finite(s_l, n, "rejected scores", err))) return st;
     pen = c->method == RWD_CAL_PENALTY || c->method == RWD_CAL_PENALTY_LWR || c->method == RWD_CAL_PENALTY_MEAN;
-    if (pen) { /* the baseline: r - penalty * length of the full text (spec 2.5) */
+    if (pen) { /* the paper's baseline: r - penalty * length of the full chat-formatted text.
+                  Each response uses its own length; the official calibrate_alpacaeval.py
+                  penalises the baseline's score with the evaluated model's length instead. */
         const double *lw = t_w ? t_w : (n_features > 0 ? c_w[0] : NULL), *ll = t_l ? t_l : (n_features > 0 ? c_l[0] : NULL);
         if (!lw || !ll) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the length penalty needs text lengths");
         if ((st = rwd__check_finite(lw, n, "chosen text length", err)) || (st = rwd__check_finite(ll, n, "rejected text length", err))) return st;
@@ -1669,7 +1715,10 @@ RWD__IMPL double rwd_length_correlation(const double *s_w, const double *s_l, co
     return rho;
 }
 
-/* The RewardBench leaderboard's EXAMPLE_COUNTS (spec 2.6): weights, not always pair counts. */
+/* The RewardBench leaderboard's EXAMPLE_COUNTS (github.com/allenai/reward-bench,
+   rewardbench/constants.py): weights, not always pair counts (math-prm has 447 pairs, weight
+   984; xstest-should-refuse has 154 pairs and weight 250, xstest-should-respond the other way
+   round). */
 static const struct rwd__rb_subset {
     const char *name;
     int section;

@@ -1,5 +1,6 @@
-/* test_gemm.c - the blocked GEMM against its naive reference, the matmul and expert pairs
-   against naive compositions, and bit-identity between 1 and 2 OpenMP threads. */
+/* test_gemm.c - the blocked GEMM, the matmul pair and the expert pair against their naive
+   references (moe_gemm_naive, moe_matmul_*_naive, moe_experts_*_naive), bit-identity between
+   1 and 2 OpenMP threads, and the experts' gradients by finite differences. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #include "tests/test.h"
@@ -183,123 +184,149 @@ static void test_matmul_threads(void) {
     free(dx1); free(dx2); free(dw1); free(dw2); free(db1); free(db2);
 }
 
-/* A bank of experts with uneven (and one empty) row groups. */
+/* A bank of experts with uneven (and empty) row groups, weights uniform in [-1, 1]. */
+#define BANK_MAX_E 48
 typedef struct bank {
-    int E, d, D, N, kind;
-    int offset[8];
+    int E, d, D, N, kind, gate_input;
+    int offset[BANK_MAX_E + 1];
     float *w;        /* gate, up, down, b_up, b_down back to back */
     moe_expert_weights W;
 } bank;
 
-static void bank_init(bank *b, moe_rng *r, int kind, int E, int d, int D, const int *rows) {
-    size_t wsz;
+/* the same layout over a gradient buffer */
+static moe_expert_weights bank_view(const bank *b, float *buf) {
+    size_t wsz = (size_t)b->E * b->D * b->d;
+    moe_expert_weights v;
+    v.gate = b->kind == MOE_EXPERT_SWIGLU && !b->gate_input ? buf : NULL;
+    v.up = buf + wsz;
+    v.down = buf + 2 * wsz;
+    v.b_up = b->kind == MOE_EXPERT_FFN ? buf + 3 * wsz : NULL;
+    v.b_down = b->kind == MOE_EXPERT_FFN ? buf + 3 * wsz + (size_t)b->E * b->D : NULL;
+    return v;
+}
+
+static size_t bank_floats(const bank *b) { return 3 * (size_t)b->E * b->D * b->d + (size_t)b->E * (b->D + b->d); }
+
+/* gate_input: a SwiGLU bank without gate weights, whose gate pre-activation comes in h_gate
+   (AoE's low-rank cache) */
+static void bank_init(bank *b, moe_rng *r, int kind, int E, int d, int D, const int *rows, int gate_input) {
     int e;
-    b->E = E; b->d = d; b->D = D; b->kind = kind;
+    b->E = E; b->d = d; b->D = D; b->kind = kind; b->gate_input = gate_input;
     b->offset[0] = 0;
     for (e = 0; e < E; e++) b->offset[e + 1] = b->offset[e] + rows[e];
     b->N = b->offset[E];
-    wsz = (size_t)E * D * d;
-    b->w = falloc(3 * wsz + (size_t)E * (D + d));
-    fill(b->w, 3 * wsz + (size_t)E * (D + d), r);
-    b->W.gate = kind == MOE_EXPERT_SWIGLU ? b->w : NULL;
-    b->W.up = b->w + wsz;
-    b->W.down = b->w + 2 * wsz;
-    b->W.b_up = kind == MOE_EXPERT_FFN ? b->w + 3 * wsz : NULL;
-    b->W.b_down = kind == MOE_EXPERT_FFN ? b->w + 3 * wsz + (size_t)E * D : NULL;
+    b->w = falloc(bank_floats(b));
+    fill(b->w, bank_floats(b), r);
+    b->W = bank_view(b, b->w);
 }
 
-/* reference forward from naive matmuls and the kernels: out (N, d) */
-static void experts_ref(const bank *b, float *out, const float *xg, moe_activation act) {
-    int e, d = b->d, D = b->D;
-    size_t wsz = (size_t)D * d;
-    float *hg = falloc((size_t)b->N * D), *hu = falloc((size_t)b->N * D), *h = falloc((size_t)b->N * D);
-    for (e = 0; e < b->E; e++) {
-        int n = b->offset[e + 1] - b->offset[e], r0 = b->offset[e];
-        size_t lo = (size_t)r0 * D;
-        if (n == 0) continue;
-        moe_matmul_forward_naive(hu + lo, xg + (size_t)r0 * d, b->W.up + wsz * e, b->W.b_up ? b->W.b_up + (size_t)e * D : NULL, n, d, D);
-        if (b->kind == MOE_EXPERT_SWIGLU) {
-            moe_matmul_forward_naive(hg + lo, xg + (size_t)r0 * d, b->W.gate + wsz * e, NULL, n, d, D);
-            moe_swiglu_forward(h + lo, hg + lo, hu + lo, (size_t)n * D);
-        } else {
-            moe_activation_forward(h + lo, hu + lo, (size_t)n * D, act);
-        }
-        moe_matmul_forward_naive(out + (size_t)r0 * d, h + lo, b->W.down + wsz * e, b->W.b_down ? b->W.b_down + (size_t)e * d : NULL, n, D, d);
-    }
-    free(hg); free(hu); free(h);
-}
-
-/* forward against the reference; backward weight gradients against finite-difference-free
-   naive products; 1 vs 2 threads bit-identical for both passes */
-static void test_experts(int kind) {
-    int rows[] = {37, 0, 130, 5, 64, 1};
-    int E = 6, d = 40, D = 72, e;
-    moe_activation act = MOE_ACT_GELU;
+/* One bank shape: moe_experts_forward/backward (1 and 2 threads) against
+   moe_experts_forward_naive/backward_naive. Outputs start from garbage (they must be
+   overwritten), weight gradients from the same random values (they must accumulate); the
+   pre-activation gradients left in scratch are part of the contract (AoE reads d h_gate). */
+static void experts_case(const char *label, int kind, int E, int d, int D, const int *rows, int gate_input, int seed) {
+    moe_activation act = kind == MOE_EXPERT_SWIGLU ? MOE_ACT_SILU : MOE_ACT_GELU;
+    moe_expert_kind k = (moe_expert_kind)kind;
+    int swiglu = kind == MOE_EXPERT_SWIGLU, t, e;
     bank b;
     moe_rng r;
-    size_t wsz, nw;
-    float *xg, *dy, *out[2], *hg[2], *hu[2], *dx[2], *gwb[2], *s1, *s2, *ref;
-    int t;
-    TEST_BEGIN(kind == MOE_EXPERT_SWIGLU ? "moe_experts_forward/backward (SwiGLU): reference and 1 vs 2 threads"
-                                         : "moe_experts_forward/backward (FFN+bias): reference and 1 vs 2 threads");
-    moe_rng_seed(&r, 3 + kind);
-    bank_init(&b, &r, kind, E, d, D, rows);
+    size_t nx, nh, nw, i, wsz;
+    float *xg, *dy, *hg_in, *g0, *out[3], *hg[3], *hu[3], *dx[3], *gwb[3], *s1[3], *s2[3];
+    char name[160];
+    moe_rng_seed(&r, (uint64_t)seed);
+    bank_init(&b, &r, kind, E, d, D, rows, gate_input);
+    /* weights scaled by 1/sqrt(fan-in): activations stay about 1, one tolerance fits all shapes */
     wsz = (size_t)E * D * d;
-    nw = 3 * wsz + (size_t)E * (D + d);
-    xg = falloc((size_t)b.N * d);
-    dy = falloc((size_t)b.N * d);
-    ref = falloc((size_t)b.N * d);
-    s1 = falloc((size_t)b.N * D);
-    s2 = falloc((size_t)b.N * D);
-    fill(xg, (size_t)b.N * d, &r);
-    fill(dy, (size_t)b.N * d, &r);
-    for (t = 0; t < 2; t++) {
+    for (i = 0; i < 2 * wsz; i++) b.w[i] /= (float)sqrt((double)d);
+    for (i = 2 * wsz; i < 3 * wsz; i++) b.w[i] /= (float)sqrt((double)D);
+    nx = (size_t)b.N * d;
+    nh = (size_t)b.N * D;
+    nw = bank_floats(&b);
+    xg = falloc(nx); dy = falloc(nx); hg_in = falloc(nh); g0 = falloc(nw);
+    fill(xg, nx, &r);
+    fill(dy, nx, &r);
+    fill(hg_in, nh, &r);
+    fill(g0, nw, &r);
+    /* t = 0: the naive pair; t = 1, 2: the fast pair on 1 and 2 threads */
+    for (t = 0; t < 3; t++) {
         moe_expert_weights gw;
-        out[t] = falloc((size_t)b.N * d);
-        hg[t] = falloc((size_t)b.N * D);
-        hu[t] = falloc((size_t)b.N * D);
-        dx[t] = falloc((size_t)b.N * d);
-        gwb[t] = falloc(nw);
-        memset(gwb[t], 0, nw * sizeof(float));
-        memset(hg[t], 0, (size_t)b.N * D * sizeof(float));
-        gw.gate = kind == MOE_EXPERT_SWIGLU ? gwb[t] : NULL;
-        gw.up = gwb[t] + wsz;
-        gw.down = gwb[t] + 2 * wsz;
-        gw.b_up = kind == MOE_EXPERT_FFN ? gwb[t] + 3 * wsz : NULL;
-        gw.b_down = kind == MOE_EXPERT_FFN ? gwb[t] + 3 * wsz + (size_t)E * D : NULL;
-        set_threads(t + 1);
-        moe_experts_forward(out[t], hg[t], hu[t], xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
-        moe_experts_backward(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, s1, s2);
-        /* a second backward accumulates on top */
-        moe_experts_backward(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, s1, s2);
-    }
-    experts_ref(&b, ref, xg, act);
-    check_close("experts forward vs naive", out[0], ref, (size_t)b.N * d, 1e-5, 1e-4);
-    /* weight gradient of down against the naive product dW2_e = dout_e^T . h_e, twice */
-    {
-        float *h = falloc((size_t)b.N * D), *dw = falloc(wsz);
-        memset(dw, 0, wsz * sizeof(float));
-        if (kind == MOE_EXPERT_SWIGLU) moe_swiglu_forward(h, hg[0], hu[0], (size_t)b.N * D);
-        else moe_activation_forward(h, hu[0], (size_t)b.N * D, act);
-        for (e = 0; e < E; e++) {
-            int n = b.offset[e + 1] - b.offset[e], r0 = b.offset[e];
-            /* dW (d, D) += dy^T . h: matmul_backward's dweight with out=d, in=D */
-            moe_matmul_backward_naive(NULL, dw + (size_t)e * D * d, NULL, dy + (size_t)r0 * d, h + (size_t)r0 * D, b.W.down + (size_t)e * D * d, n, D, d);
-            moe_matmul_backward_naive(NULL, dw + (size_t)e * D * d, NULL, dy + (size_t)r0 * d, h + (size_t)r0 * D, b.W.down + (size_t)e * D * d, n, D, d);
+        out[t] = falloc(nx); hg[t] = falloc(nh); hu[t] = falloc(nh); dx[t] = falloc(nx);
+        s1[t] = falloc(nh); s2[t] = falloc(nh); gwb[t] = falloc(nw);
+        memset(out[t], 0x7f, nx * sizeof(float)); /* 3.4e38: a row left unwritten shows */
+        memset(dx[t], 0x7f, nx * sizeof(float));
+        memset(hu[t], 0x7f, nh * sizeof(float));
+        memset(s1[t], 0, nh * sizeof(float));
+        memset(s2[t], 0, nh * sizeof(float));
+        if (gate_input) memcpy(hg[t], hg_in, nh * sizeof(float));
+        else memset(hg[t], 0x7f, nh * sizeof(float));
+        memcpy(gwb[t], g0, nw * sizeof(float));
+        gw = bank_view(&b, gwb[t]);
+        if (t == 0) {
+            moe_experts_forward_naive(out[t], hg[t], hu[t], xg, &b.W, b.offset, E, d, D, k, act);
+            moe_experts_backward_naive(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, k, act, s1[t], s2[t]);
+        } else {
+            set_threads(t);
+            moe_experts_forward(out[t], hg[t], hu[t], xg, &b.W, b.offset, E, d, D, k, act);
+            moe_experts_backward(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, k, act, s1[t], s2[t]);
         }
-        check_close("experts backward dW_down vs naive", gwb[0] + 2 * wsz, dw, wsz, 1e-4, 1e-4);
-        free(h);
-        free(dw);
     }
-    CHECK(memcmp(out[0], out[1], (size_t)b.N * d * sizeof(float)) == 0, "forward output differs between 1 and 2 threads");
-    CHECK(memcmp(hu[0], hu[1], (size_t)b.N * D * sizeof(float)) == 0, "forward cache differs between 1 and 2 threads");
-    CHECK(memcmp(dx[0], dx[1], (size_t)b.N * d * sizeof(float)) == 0, "dxg differs between 1 and 2 threads");
-    CHECK(memcmp(gwb[0], gwb[1], nw * sizeof(float)) == 0, "weight gradients differ between 1 and 2 threads");
-    for (t = 0; t < 2; t++) {
-        free(out[t]); free(hg[t]); free(hu[t]); free(dx[t]); free(gwb[t]);
-    }
-    free(xg); free(dy); free(ref); free(s1); free(s2); free(b.w);
     set_threads(2);
+#define EXPERTS_CLOSE(what, arr, n, atol) \
+    (snprintf(name, sizeof name, "%s: %s", label, what), check_close(name, arr[1], arr[0], n, atol, 1e-4))
+    EXPERTS_CLOSE("out", out, nx, 1e-5);
+    EXPERTS_CLOSE("h_up cache", hu, nh, 1e-5);
+    if (swiglu) EXPERTS_CLOSE("h_gate cache", hg, nh, 1e-5);
+    EXPERTS_CLOSE("dxg", dx, nx, 1e-5);
+    EXPERTS_CLOSE("scratch2 (d up)", s2, nh, 1e-5);
+    if (swiglu) EXPERTS_CLOSE("scratch1 (d gate)", s1, nh, 1e-5);
+    EXPERTS_CLOSE("weight gradients", gwb, nw, 1e-4);
+#undef EXPERTS_CLOSE
+    /* an empty expert's gradients keep their start values in both */
+    for (e = 0; e < E; e++)
+        if (rows[e] == 0) {
+            size_t m = (size_t)D * d, o = (size_t)e * m;
+            int same = 1;
+            for (t = 0; t < 3; t++)
+                same &= memcmp(gwb[t] + wsz + o, g0 + wsz + o, m * sizeof(float)) == 0 &&
+                        memcmp(gwb[t] + 2 * wsz + o, g0 + 2 * wsz + o, m * sizeof(float)) == 0;
+            CHECK(same, "%s: expert %d has no tokens but its gradients moved", label, e);
+        }
+    CHECK(memcmp(out[1], out[2], nx * sizeof(float)) == 0 && memcmp(hu[1], hu[2], nh * sizeof(float)) == 0 &&
+              memcmp(hg[1], hg[2], nh * sizeof(float)) == 0,
+          "%s: forward differs between 1 and 2 threads", label);
+    CHECK(memcmp(dx[1], dx[2], nx * sizeof(float)) == 0 && memcmp(s1[1], s1[2], nh * sizeof(float)) == 0 &&
+              memcmp(s2[1], s2[2], nh * sizeof(float)) == 0 && memcmp(gwb[1], gwb[2], nw * sizeof(float)) == 0,
+          "%s: backward differs between 1 and 2 threads", label);
+    for (t = 0; t < 3; t++) {
+        free(out[t]); free(hg[t]); free(hu[t]); free(dx[t]); free(gwb[t]); free(s1[t]); free(s2[t]);
+    }
+    free(xg); free(dy); free(hg_in); free(g0); free(b.w);
+}
+
+static void test_experts(void) {
+    static const int ragged[] = {37, 0, 130, 5, 64, 1};
+    static const int ends_empty[] = {0, 3, 0, 17, 0};
+    static const int one_big[] = {2 * MOE_GEMM_MC + 7};
+    static const int none[] = {0, 0, 0};
+    int many[BANK_MAX_E], kind, e;
+    for (e = 0; e < BANK_MAX_E; e++) many[e] = (e * 7) % 13; /* zeros among them */
+    TEST_BEGIN("moe_experts_forward/backward against the naive pair, 1 and 2 threads");
+    for (kind = 0; kind < 2; kind++) {
+        const char *kn = kind == MOE_EXPERT_SWIGLU ? "SwiGLU" : "FFN+bias";
+        char label[96];
+        snprintf(label, sizeof label, "%s ragged E=6 d=40 D=72", kn);
+        experts_case(label, kind, 6, 40, 72, ragged, 0, 3 + kind);
+        snprintf(label, sizeof label, "%s first and last empty, d=24 D=33", kn);
+        experts_case(label, kind, 5, 24, 33, ends_empty, 0, 5 + kind);
+        snprintf(label, sizeof label, "%s one expert, %d rows, d=17 D=50", kn, one_big[0]);
+        experts_case(label, kind, 1, 17, 50, one_big, 0, 7 + kind);
+        snprintf(label, sizeof label, "%s no tokens at all", kn);
+        experts_case(label, kind, 3, 8, 8, none, 0, 9 + kind);
+        /* more experts than one chunk of packed weights holds (MOE__EXPERT_CHUNK_FLOATS) */
+        snprintf(label, sizeof label, "%s E=%d d=64 D=136 (several chunks)", kn, BANK_MAX_E);
+        experts_case(label, kind, BANK_MAX_E, 64, 136, many, 0, 11 + kind);
+    }
+    experts_case("SwiGLU, gate pre-activation as input (AoE)", MOE_EXPERT_SWIGLU, 6, 40, 72, ragged, 1, 13);
 }
 
 /* dxg and the up/gate gradients against finite differences of a scalar loss L = <dy, out> */
@@ -309,16 +336,15 @@ static void test_experts_grad(int kind) {
     moe_activation act = MOE_ACT_GELU;
     bank b;
     moe_rng r;
-    size_t wsz, nw, nx;
+    size_t nw, nx;
     float *xg, *dy, *out, *hg, *hu, *dx, *gwb, *s1, *s2, *v;
     moe_expert_weights gw;
     double an, num, eps = 1e-2;
     TEST_BEGIN(kind == MOE_EXPERT_SWIGLU ? "moe_experts_backward (SwiGLU): directional finite differences"
                                          : "moe_experts_backward (FFN+bias): directional finite differences");
     moe_rng_seed(&r, 21 + kind);
-    bank_init(&b, &r, kind, E, d, D, rows);
-    wsz = (size_t)E * D * d;
-    nw = 3 * wsz + (size_t)E * (D + d);
+    bank_init(&b, &r, kind, E, d, D, rows, 0);
+    nw = bank_floats(&b);
     nx = (size_t)b.N * d;
     xg = falloc(nx); dy = falloc(nx); out = falloc(nx); dx = falloc(nx); v = falloc(nw > nx ? nw : nx);
     hg = falloc((size_t)b.N * D); hu = falloc((size_t)b.N * D); s1 = falloc((size_t)b.N * D); s2 = falloc((size_t)b.N * D);
@@ -327,11 +353,7 @@ static void test_experts_grad(int kind) {
     memset(hg, 0, (size_t)b.N * D * sizeof(float));
     fill(xg, nx, &r);
     fill(dy, nx, &r);
-    gw.gate = kind == MOE_EXPERT_SWIGLU ? gwb : NULL;
-    gw.up = gwb + wsz;
-    gw.down = gwb + 2 * wsz;
-    gw.b_up = kind == MOE_EXPERT_FFN ? gwb + 3 * wsz : NULL;
-    gw.b_down = kind == MOE_EXPERT_FFN ? gwb + 3 * wsz + (size_t)E * D : NULL;
+    gw = bank_view(&b, gwb);
     moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
     moe_experts_backward(dx, &gw, dy, xg, hg, hu, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, s1, s2);
     /* input direction */
@@ -383,8 +405,7 @@ int main(void) {
     test_gemm_position();
     test_matmul();
     test_matmul_threads();
-    test_experts(MOE_EXPERT_SWIGLU);
-    test_experts(MOE_EXPERT_FFN);
+    test_experts();
     test_experts_grad(MOE_EXPERT_SWIGLU);
     test_experts_grad(MOE_EXPERT_FFN);
     return test_summary();

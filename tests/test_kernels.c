@@ -1,11 +1,23 @@
-/* test_kernels.c - moe.h sections 5-6: every forward/backward kernel pair checked by
-   directional finite differences (double objective, float kernels), and the fast matmul
-   against its naive reference. PyTorch goldens for the same kernels: tests/test_golden.c. */
+/* test_kernels.c - every forward/backward kernel pair checked by directional finite
+   differences (double objective, float kernels); the fast matmul and the blocked causal
+   attention against their naive references. PyTorch goldens: tests/test_golden.c. */
 #include "moe.h" /* defines: moe_matmul_*, moe_softmax_*, moe_activation_*, moe_swiglu_*,
                     moe_rmsnorm_*, moe_layernorm_*, moe_crossentropy_* */
 #include "test.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 static moe_rng rng;
+
+static void set_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
 
 static float *randn(size_t n, float scale) {
     float *p = (float *)malloc(n * sizeof(float) + 1);
@@ -260,10 +272,94 @@ static void test_matmul_vs_naive(void) {
     }
 }
 
+/* One attention shape: moe_attention_forward/backward on 1 and 2 threads against the naive
+   pair. out, att and dqkv start from garbage: every element must be written (att's upper
+   triangle with zeros). T around the query/key block (32 rows) and its multiples. */
+static void attention_case(int B, int T, int NH, int hd) {
+    int d = NH * hd, t;
+    size_t nqkv = (size_t)B * T * 3 * d, nout = (size_t)B * T * d, natt = (size_t)B * NH * T * T;
+    float *qkv = randn(nqkv, 1.0f), *dout = randn(nout, 1.0f);
+    float *out[3], *att[3], *dqkv[3];
+    char name[128];
+    for (t = 0; t < 3; t++) {
+        out[t] = (float *)malloc(nout * sizeof(float));
+        att[t] = (float *)malloc(natt * sizeof(float));
+        dqkv[t] = (float *)malloc(nqkv * sizeof(float));
+        memset(out[t], 0x7f, nout * sizeof(float));
+        memset(att[t], 0x7f, natt * sizeof(float));
+        memset(dqkv[t], 0x7f, nqkv * sizeof(float));
+        if (t == 0) {
+            moe_attention_forward_naive(out[t], att[t], qkv, B, T, d, NH);
+            moe_attention_backward_naive(dqkv[t], dout, qkv, att[t], B, T, d, NH);
+        } else {
+            set_threads(t);
+            moe_attention_forward(out[t], att[t], qkv, B, T, d, NH);
+            moe_attention_backward(dqkv[t], dout, qkv, att[t], B, T, d, NH);
+        }
+    }
+    set_threads(2);
+    snprintf(name, sizeof name, "B=%d T=%d NH=%d hd=%d out", B, T, NH, hd);
+    check_close(name, out[1], out[0], nout, 1e-5, 1e-4);
+    snprintf(name, sizeof name, "B=%d T=%d NH=%d hd=%d att", B, T, NH, hd);
+    check_close(name, att[1], att[0], natt, 1e-6, 1e-4);
+    snprintf(name, sizeof name, "B=%d T=%d NH=%d hd=%d dqkv", B, T, NH, hd);
+    check_close(name, dqkv[1], dqkv[0], nqkv, 1e-5, 1e-4);
+    {
+        size_t r, u, zeros = 1;
+        for (r = 0; r < (size_t)B * NH * T; r++)
+            for (u = r % (size_t)T + 1; u < (size_t)T; u++) zeros &= att[1][r * T + u] == 0.0f;
+        CHECK(zeros, "B=%d T=%d NH=%d: probabilities above the diagonal are not 0", B, T, NH);
+    }
+    CHECK(memcmp(out[1], out[2], nout * sizeof(float)) == 0 && memcmp(att[1], att[2], natt * sizeof(float)) == 0,
+          "B=%d T=%d NH=%d: forward differs between 1 and 2 threads", B, T, NH);
+    CHECK(memcmp(dqkv[1], dqkv[2], nqkv * sizeof(float)) == 0, "B=%d T=%d NH=%d: backward differs between 1 and 2 threads",
+          B, T, NH);
+    for (t = 0; t < 3; t++) {
+        free(out[t]); free(att[t]); free(dqkv[t]);
+    }
+    free(qkv);
+    free(dout);
+}
+
+static void test_attention_vs_naive(void) {
+    TEST_BEGIN("causal attention: blocked against the naive reference, 1 and 2 threads");
+    attention_case(1, 1, 1, 4);
+    attention_case(2, 31, 2, 8);
+    attention_case(2, 32, 4, 6);
+    attention_case(1, 33, 1, 16);
+    attention_case(3, 70, 3, 10);
+    attention_case(1, 129, 2, 32);
+}
+
+/* The naive pair's backward against finite differences, so that the reference the blocked
+   pair is compared with is itself right: J = <out, w> over a perturbation of qkv. */
+static void test_attention_naive_grad(void) {
+    int B = 2, T = 9, NH = 2, hd = 4, d = NH * hd;
+    size_t nqkv = (size_t)B * T * 3 * d, nout = (size_t)B * T * d, natt = (size_t)B * NH * T * T, i;
+    float *qkv = randn(nqkv, 1.0f), *w = randn(nout, 1.0f), *v = randn(nqkv, 1.0f);
+    float *out = (float *)malloc(nout * sizeof(float)), *att = (float *)malloc(natt * sizeof(float));
+    float *dqkv = (float *)malloc(nqkv * sizeof(float)), *x = (float *)malloc(nqkv * sizeof(float));
+    const double eps = 1e-3;
+    double jp, jm;
+    TEST_BEGIN("causal attention: the naive backward by directional finite differences");
+    moe_attention_forward_naive(out, att, qkv, B, T, d, NH);
+    moe_attention_backward_naive(dqkv, w, qkv, att, B, T, d, NH);
+    for (i = 0; i < nqkv; i++) x[i] = qkv[i] + (float)eps * v[i];
+    moe_attention_forward_naive(out, att, x, B, T, d, NH);
+    jp = dot(out, w, nout);
+    for (i = 0; i < nqkv; i++) x[i] = qkv[i] - (float)eps * v[i];
+    moe_attention_forward_naive(out, att, x, B, T, d, NH);
+    jm = dot(out, w, nout);
+    check_grad("attention (naive) dqkv", dot(dqkv, v, nqkv), (jp - jm) / (2 * eps), 1e-3);
+    free(qkv); free(w); free(v); free(out); free(att); free(dqkv); free(x);
+}
+
 int main(void) {
     moe_rng_seed(&rng, 2026);
     test_gradchecks();
     test_crossentropy_value();
     test_matmul_vs_naive();
+    test_attention_vs_naive();
+    test_attention_naive_grad();
     return test_summary();
 }

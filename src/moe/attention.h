@@ -9,6 +9,13 @@ MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int 
 /* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
 MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                    int B, int T, int d, int NH);
+/* The readable references of the two above (llm.c's attention_forward/backward: one query
+   row at a time, plain loops, no threads, no allocation), same arguments and contract;
+   tests/test_kernels.c compares the blocked pair against them. */
+MOEDEF void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
+                                        int NH);
+MOEDEF void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                         const float *att, int B, int T, int d, int NH);
 /* Rotary positions (rotate-half pairing i, i + hd/2, as GPT-NeoX / HF LLaMA) applied in place
    to the q and k parts of qkv; inverse = 1 rotates backwards (the backward pass). cos_sin
    (T, hd/2, 2) from moe_rope_table. */
@@ -137,6 +144,68 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
         }
     }
     MOE_FREE(ws);
+}
+
+MOE__IMPL void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
+                                           int NH) {
+    int hd = d / NH, b, t, h, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                const float *q = qkv + ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+                float *P = att + (((size_t)b * NH + h) * T + t) * T, *o = out + ((size_t)b * T + t) * d + (size_t)h * hd;
+                double maxv = -HUGE_VAL, sum = 0.0;
+                /* scores against the keys u <= t, then their softmax; 0 above the diagonal */
+                for (u = 0; u <= t; u++) {
+                    const float *k = qkv + ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd;
+                    double s = 0.0;
+                    for (i = 0; i < hd; i++) s += (double)q[i] * k[i];
+                    P[u] = (float)(s * scale);
+                    if (P[u] > maxv) maxv = P[u];
+                }
+                for (u = 0; u <= t; u++) sum += exp(P[u] - maxv);
+                for (u = 0; u <= t; u++) P[u] = (float)(exp(P[u] - maxv) / sum);
+                for (u = t + 1; u < T; u++) P[u] = 0.0f;
+                /* out = sum over u <= t of P[u] v[u] */
+                for (i = 0; i < hd; i++) {
+                    double s = 0.0;
+                    for (u = 0; u <= t; u++) s += (double)P[u] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+                    o[i] = (float)s;
+                }
+            }
+}
+
+MOE__IMPL void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                            const float *att, int B, int T, int d, int NH) {
+    int hd = d / NH, b, t, h, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * d);
+    for (b = 0; b < B; b++)
+        for (h = 0; h < NH; h++)
+            for (t = 0; t < T; t++) {
+                size_t qt = ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+                const float *P = att + (((size_t)b * NH + h) * T + t) * T;
+                const float *dy = dout + ((size_t)b * T + t) * d + (size_t)h * hd;
+                double dot = 0.0;
+                /* dP[u] = dy . v[u]; softmax backward dS[u] = P[u] (dP[u] - sum_u' P[u'] dP[u']) */
+                for (u = 0; u <= t; u++) {
+                    double dp = 0.0;
+                    for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+                    dot += P[u] * dp;
+                }
+                for (u = 0; u <= t; u++) {
+                    size_t ku = ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd, vu = ku + d;
+                    double dp = 0.0, ds;
+                    for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[vu + i];
+                    ds = P[u] * (dp - dot) * scale; /* the scores were scale * q . k */
+                    for (i = 0; i < hd; i++) {
+                        dqkv[qt + i] += (float)(ds * qkv[ku + i]);  /* dq[t] += dS[u] k[u] */
+                        dqkv[ku + i] += (float)(ds * qkv[qt + i]);  /* dk[u] += dS[u] q[t] */
+                        dqkv[vu + i] += P[u] * dy[i];              /* dv[u] += P[u] dy[t] */
+                    }
+                }
+            }
 }
 
 MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {

@@ -34,6 +34,19 @@ MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float
                                  int D, moe_expert_kind kind, moe_activation act, float *scratch1,
                                  float *scratch2);
 
+/* The readable references of the two above (plain loops, one token and one expert at a time,
+   double accumulators, no threads, no allocation), with the same arguments and the same
+   contract: caches and scratch hold what the fast pair leaves there. tests/test_gemm.c
+   compares the fast pair against them. */
+MOEDEF void moe_experts_forward_naive(float *out, float *h_gate, float *h_up, const float *xg,
+                                      const moe_expert_weights *w, const int *offset, int E, int d,
+                                      int D, moe_expert_kind kind, moe_activation act);
+MOEDEF void moe_experts_backward_naive(float *dxg, moe_expert_weights *gw, const float *dout,
+                                       const float *xg, const float *h_gate, const float *h_up,
+                                       const moe_expert_weights *w, const int *offset, int E, int d,
+                                       int D, moe_expert_kind kind, moe_activation act,
+                                       float *scratch1, float *scratch2);
+
 /* @implementation */
 /* ============================================================================================
    >>moe:experts
@@ -321,3 +334,106 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     MOE_FREE(buf);
 }
 
+/* The expert's hidden value at one unit from the forward caches: silu(g) * u or act(u). */
+static float moe__expert_hidden_naive(float g, float u, moe_expert_kind kind, moe_activation act) {
+    return kind == MOE_EXPERT_SWIGLU ? g * moe__sigmoid(g) * u : moe__act(u, act);
+}
+
+MOE__IMPL void moe_experts_forward_naive(float *out, float *h_gate, float *h_up, const float *xg,
+                                         const moe_expert_weights *w, const int *offset, int E, int d,
+                                         int D, moe_expert_kind kind, moe_activation act) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, i, j, c, p;
+    for (e = 0; e < E; e++) {
+        const float *up = w->up + (size_t)e * D * d, *gate = own_gate ? w->gate + (size_t)e * D * d : NULL;
+        const float *down = w->down + (size_t)e * d * D;
+        for (i = offset[e]; i < offset[e + 1]; i++) {
+            const float *x = xg + (size_t)i * d;
+            float *hu = h_up + (size_t)i * D, *hg = swiglu ? h_gate + (size_t)i * D : NULL;
+            for (j = 0; j < D; j++) { /* pre-activations: u = x . up_e[j] (+ b_up), g = x . gate_e[j] */
+                double su = !swiglu && w->b_up ? w->b_up[(size_t)e * D + j] : 0.0, sg = 0.0;
+                for (p = 0; p < d; p++) {
+                    su += (double)x[p] * up[(size_t)j * d + p];
+                    if (own_gate) sg += (double)x[p] * gate[(size_t)j * d + p];
+                }
+                hu[j] = (float)su;
+                if (own_gate) hg[j] = (float)sg;
+            }
+            for (c = 0; c < d; c++) { /* out = h . down_e[c] (+ b_down) */
+                double s = !swiglu && w->b_down ? w->b_down[(size_t)e * d + c] : 0.0;
+                for (j = 0; j < D; j++)
+                    s += (double)moe__expert_hidden_naive(swiglu ? hg[j] : 0.0f, hu[j], kind, act) * down[(size_t)c * D + j];
+                out[(size_t)i * d + c] = (float)s;
+            }
+        }
+    }
+}
+
+MOE__IMPL void moe_experts_backward_naive(float *dxg, moe_expert_weights *gw, const float *dout,
+                                          const float *xg, const float *h_gate, const float *h_up,
+                                          const moe_expert_weights *w, const int *offset, int E, int d,
+                                          int D, moe_expert_kind kind, moe_activation act,
+                                          float *scratch1, float *scratch2) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, i, j, c, p;
+    for (e = 0; e < E; e++) {
+        size_t wo = (size_t)e * D * d; /* offset of expert e's matrices */
+        int r0 = offset[e], r1 = offset[e + 1];
+        /* per token: dh = dout . down_e, then the pre-activation gradients (scratch2: d up,
+           SwiGLU's scratch1: d gate), then dx = d up . up_e + d gate . gate_e */
+        for (i = r0; i < r1; i++) {
+            const float *dy = dout + (size_t)i * d, *hu = h_up + (size_t)i * D;
+            const float *hg = swiglu ? h_gate + (size_t)i * D : NULL;
+            float *dg = swiglu ? scratch1 + (size_t)i * D : NULL, *du = scratch2 + (size_t)i * D;
+            for (j = 0; j < D; j++) {
+                double dh = 0.0;
+                for (c = 0; c < d; c++) dh += (double)dy[c] * w->down[wo + (size_t)c * D + j];
+                if (swiglu) { /* h = g s u, s = sigmoid(g): dh/dg = u s (1 + g (1 - s)), dh/du = g s */
+                    float g = hg[j], s = moe__sigmoid(g);
+                    dg[j] = (float)(dh * hu[j] * s * (1.0f + g * (1.0f - s)));
+                    du[j] = (float)(dh * g * s);
+                } else {
+                    du[j] = (float)(dh * moe__act_grad(hu[j], act));
+                }
+            }
+            for (p = 0; p < d; p++) {
+                double s = 0.0;
+                for (j = 0; j < D; j++) {
+                    s += (double)du[j] * w->up[wo + (size_t)j * d + p];
+                    if (own_gate) s += (double)dg[j] * w->gate[wo + (size_t)j * d + p];
+                }
+                dxg[(size_t)i * d + p] = (float)s;
+            }
+        }
+        /* weight gradients, summed over the expert's tokens: d down_e[c][j] += dout[.][c] h[.][j],
+           d up_e[j][p] += d up[.][j] x[.][p], d gate_e likewise; the biases sum the rows */
+        for (c = 0; c < d; c++)
+            for (j = 0; j < D; j++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++)
+                    s += (double)dout[(size_t)i * d + c] *
+                         moe__expert_hidden_naive(swiglu ? h_gate[(size_t)i * D + j] : 0.0f, h_up[(size_t)i * D + j], kind, act);
+                gw->down[wo + (size_t)c * D + j] += (float)s;
+            }
+        for (j = 0; j < D; j++)
+            for (p = 0; p < d; p++) {
+                double su = 0.0, sg = 0.0;
+                for (i = r0; i < r1; i++) {
+                    su += (double)scratch2[(size_t)i * D + j] * xg[(size_t)i * d + p];
+                    if (own_gate) sg += (double)scratch1[(size_t)i * D + j] * xg[(size_t)i * d + p];
+                }
+                gw->up[wo + (size_t)j * d + p] += (float)su;
+                if (own_gate) gw->gate[wo + (size_t)j * d + p] += (float)sg;
+            }
+        if (!swiglu && gw->b_down)
+            for (c = 0; c < d; c++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++) s += dout[(size_t)i * d + c];
+                gw->b_down[(size_t)e * d + c] += (float)s;
+            }
+        if (!swiglu && gw->b_up)
+            for (j = 0; j < D; j++) {
+                double s = 0.0;
+                for (i = r0; i < r1; i++) s += scratch2[(size_t)i * D + j];
+                gw->b_up[(size_t)e * D + j] += (float)s;
+            }
+    }
+}

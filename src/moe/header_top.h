@@ -19,20 +19,31 @@
 
    QUICK START (one MoE layer, trained on your own data)
 
+       // x, y, dx, dy: (T, c.d) floats, T <= 1024 tokens a call; x is your input
        moe_store S;                       // THE parameter store: params/grads/Adam m,v
        moe_layer L;                       // one MoE layer: config, tensor ids, activations
+       moe_rng rng;
        moe_layer_config c = moe_layer_config_default();
+       moe_adamw_config opt = moe_adamw_config_default();
+       long long step;
        c.d = 64; c.d_ff = 128; c.n_experts = 8; c.top_k = 2;
+       moe_rng_seed(&rng, 1);
        moe_store_init(&S);
-       moe_layer_init(&L, &c, &S, "moe.", 1024);    // declares tensors, sizes activations
-       moe_store_alloc(&S, 1);                        // params + grads + Adam moments
+       if (moe_layer_init(&L, &c, &S, "moe.", 1024) != MOE_OK) return 1;  // L.err.msg: why
+       if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
        moe_layer_init_weights(&L, &S, &rng);
-       moe_layer_forward(&L, &S, y, x, T, NULL);      // y = MoE(x), T <= 1024 tokens
-       ... dy = dLoss/dy ...
-       moe_store_zero_grad(&S);
-       moe_layer_backward(&L, &S, dx, dy);            // ACCUMULATES into S.grads (+ aux losses)
-       moe_adamw_step(&S, &opt, lr, step);
-       moe_layer_free(&L); moe_store_free(&S);
+       for (step = 1; step <= n_steps; step++) {
+           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x)
+           your_loss_gradient(dy, y, T);                 // dy = dLoss/dy
+           moe_store_zero_grad(&S);
+           memset(dx, 0, sizeof(float) * T * c.d);
+           moe_layer_backward(&L, &S, dx, dy, x);        // S.grads += (aux losses too), dx +=
+           moe_adamw_step(&S, &opt, lr, step);
+       }
+       moe_layer_free(&L);  moe_store_free(&S);
+
+   The QUICK START is tests/test_quickstart.c, which compiles it, trains, and checks that
+   these lines are still its own.
 
    Every function that can fail on user input returns a moe_status (0 = MOE_OK, negative =
    error) and leaves a sentence in the caller's moe_err (a field of the object it works on, or
@@ -47,6 +58,23 @@
        MOE_NO_STDIO         drop file I/O (checkpoints)                           (everywhere)
        MOE_NO_OPENMP        ignore OpenMP even when the compiler enables it       (impl. file)
        MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
+     The blocking of the GEMM under every matmul, expert and attention product
+     (>>moe:matmul), all (impl. file):
+       MOE_GEMM_MR, MOE_GEMM_NR  the register tile: MR x NR floats of C stay in registers
+                            through the whole depth loop. Default 8 x 32 with gcc and AVX-512,
+                            6 x 16 with AVX/AVX2 (and with clang, which keeps 256-bit vectors:
+                            build with -mprefer-vector-width=512 and set 8 x 32 for AVX-512),
+                            4 x 16 otherwise. Larger tiles load less per FMA until the
+                            accumulators no longer fit the vector registers and spill.
+       MOE_GEMM_KC          depth of a packed panel pair, 256: a KC x NR panel of B stays in
+                            L1 while the A panels stream past it
+       MOE_GEMM_MC          rows of A packed per block, 192, a multiple of MR: the MC x KC
+                            block stays in L2
+       MOE_GEMM_NC          columns of B packed per block, 2048, a multiple of NR: the
+                            KC x NC block stays in L2 / L3
+     MR, NR, MC and NC change speed only. KC is where a product's partial sums meet C, so
+     another KC changes the last bits of every result (never their independence of the
+     thread count).
    OpenMP is used when the compiler defines _OPENMP (-fopenmp). Thread count: OMP_NUM_THREADS.
 
    CONVENTIONS

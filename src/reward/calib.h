@@ -1,10 +1,15 @@
 /* ============================================================================================
-   >>rwd:calib  post-hoc reward calibration (spec 2)
+   >>rwd:calib  post-hoc reward calibration (Huang et al., arXiv 2409.17407, ICLR 2025)
    ============================================================================================
    r_cal = r - alpha * b(c): b is the average reward of responses with a similar
-   characteristic c (length), estimated on the pooled chosen + rejected responses. */
+   characteristic c (length), estimated on the pooled chosen + rejected responses. RC-Mean is
+   the paper's uniform local average, RC-LWR its locally weighted regression (>>rwd:lowess).
+   Settings and lookups follow the official code (github.com/ZeroYuHuang/Reward-Calibration,
+   src/calibrate_rewardbench.py and src/calibrate_alpacaeval.py); where this header departs
+   from that code, the function's comment says so. */
 
-/* RC-LWR curve for out-of-sample queries (spec 2.3, AlpacaEval setting). */
+/* RC-LWR curve for out-of-sample queries (the paper's AlpacaEval setting: the baseline's
+   outputs are scored against a fit made without them). */
 typedef struct rwd_lwr {
     double *x;   /* (n) distinct fitted x values, ascending */
     double *fit; /* (n) LOWESS fit at x[i]                  */
@@ -13,9 +18,10 @@ typedef struct rwd_lwr {
 
 RWDDEF moe_status rwd_lwr_fit(rwd_lwr *m, const double *x, const double *y, size_t n, double frac,
                               int iters, moe_err *err);
-/* b(c): the fit at the smallest fitted x >= c (the paper's bisect_left step lookup); above the
-   largest x, the last fit (the paper's code would index past its array). interpolate != 0:
-   linear interpolation between the neighbours instead, constant outside the range. */
+/* b(c): the fit at the smallest fitted x >= c (the official code's bisect_left step lookup);
+   above the largest x, the last fit (the official code would index past its array).
+   interpolate != 0: linear interpolation between the neighbours instead, constant outside the
+   range. */
 RWDDEF double rwd_lwr_predict(const rwd_lwr *m, double c, int interpolate);
 RWDDEF void rwd_lwr_free(rwd_lwr *m);
 
@@ -24,9 +30,10 @@ RWDDEF void rwd_lwr_free(rwd_lwr *m);
 RWDDEF moe_status rwd_calibrate_lwr(double *out, const double *c, const double *r, size_t n,
                                     double frac, int iters, double alpha, moe_err *err);
 
-/* RC-Mean (spec 2.2) on N pairs: T = mean |c_w - c_l| / ratio; points pooled interleaved
-   (w0, l0, w1, ...), shuffled with moe_rng(seed) if shuffle, stable-sorted by c. The window of
-   c0 holds the points with |c - c0| <= T minus the last one in sorted order (the paper's code).
+/* RC-Mean (the paper's uniform local average) on N pairs: T = mean |c_w - c_l| / ratio;
+   points pooled interleaved (w0, l0, w1, ...), shuffled with moe_rng(seed) if shuffle (the
+   official code's shuffle is unseeded), stable-sorted by c. The window of c0 holds the points
+   with |c - c0| <= T minus the last one in sorted order (the official code's slice end).
    A pair is calibrated only if both windows hold >= min_count points: r - alpha * mean(window).
    out_w/out_l may equal s_w/s_l. */
 RWDDEF moe_status rwd_calibrate_mean(double *out_w, double *out_l, const double *s_w,
@@ -35,11 +42,11 @@ RWDDEF moe_status rwd_calibrate_mean(double *out_w, double *out_l, const double 
                                      int shuffle, uint64_t seed, moe_err *err);
 
 typedef enum rwd_cal_method {
-    RWD_CAL_LWR = 0,     /* RC-LWR                                                       */
-    RWD_CAL_MEAN,        /* RC-Mean                                                      */
-    RWD_CAL_PENALTY,     /* r - penalty * text length (baseline, spec 2.5)                */
-    RWD_CAL_PENALTY_LWR, /* penalty, then RC-LWR on the penalised scores                  */
-    RWD_CAL_PENALTY_MEAN /* penalty, then RC-Mean                                         */
+    RWD_CAL_LWR = 0,     /* RC-LWR                                                         */
+    RWD_CAL_MEAN,        /* RC-Mean                                                        */
+    RWD_CAL_PENALTY,     /* r - penalty * text length (the paper's length-penalty baseline) */
+    RWD_CAL_PENALTY_LWR, /* penalty, then RC-LWR on the penalised scores                    */
+    RWD_CAL_PENALTY_MEAN /* penalty, then RC-Mean                                           */
 } rwd_cal_method;
 
 typedef struct rwd_cal_config {
@@ -57,13 +64,14 @@ typedef struct rwd_cal_config {
 RWDDEF rwd_cal_config rwd_cal_config_default(void);
 RWDDEF moe_status rwd_cal_config_check(const rwd_cal_config *c, moe_err *err);
 /* Calibrates N pairs by c->method. c_w/c_l: characteristic (response length); t_w/t_l: the
-   length the penalty uses (full chat-formatted text, as the paper's code), or NULL for c.
+   length the penalty uses (full chat-formatted text, as the official code), or NULL for c.
    Outputs may equal the score arrays. */
 RWDDEF moe_status rwd_calibrate_pairs(double *out_w, double *out_l, const double *s_w,
                                       const double *s_l, const double *c_w, const double *c_l,
                                       const double *t_w, const double *t_l, size_t n,
                                       const rwd_cal_config *c, moe_err *err);
-/* Several characteristics in sequence (spec 2.1): feature f re-estimates b on the scores
+/* Several characteristics in sequence (the official code's feature list, e.g. length then
+   markdown count, each with its alpha): feature f re-estimates b on the scores
    already calibrated for features 0..f-1, with alpha[f]. c_w[f], c_l[f]: (n) each. The
    penalty (if the method has one) is applied once, before the first feature. Unlike the
    paper's RC-Mean code, which re-reads the uncalibrated scores, RC-Mean chains too. */
@@ -143,7 +151,7 @@ RWD__IMPL moe_status rwd_calibrate_lwr(double *out, const double *c, const doubl
     if (!isfinite(alpha)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "RC-LWR alpha must be finite, got %g", alpha);
     fit = (double *)MOE_MALLOC((n ? n : 1) * sizeof(double));
     if (!fit) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for RC-LWR on %zu points", n);
-    /* every query is a fitted point, so the paper's bisect_left lookup is the point's own fit */
+    /* every query is a fitted point, so the official code's bisect_left lookup is the point's own fit */
     st = rwd_lowess(fit, c, r, n, frac, iters, err);
     if (st == MOE_OK)
         for (i = 0; i < n; i++) out[i] = r[i] - alpha * fit[i];
@@ -275,7 +283,7 @@ static moe_status rwd__calibrate_feature(double *out_w, double *out_l, const dou
     moe_status st;
     if (c->method == RWD_CAL_MEAN || c->method == RWD_CAL_PENALTY_MEAN)
         return rwd_calibrate_mean(out_w, out_l, s_w, s_l, c_w, c_l, n, c->ratio, c->min_count, alpha, c->shuffle, c->seed, err);
-    /* RC-LWR pools all chosen, then all rejected (the paper's x_train) */
+    /* RC-LWR pools all chosen, then all rejected (the official code's x_train) */
     pool = (double *)MOE_MALLOC((4 * n + 1) * sizeof(double));
     if (!pool) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for RC-LWR on %zu pairs", n);
     memcpy(pool, c_w, n * sizeof(double));
@@ -305,7 +313,9 @@ RWD__IMPL moe_status rwd_calibrate_sequence(double *out_w, double *out_l, const 
         return moe_err_set(err, MOE_ERR_INVALID_ARG, "calibration needs outputs and, per feature, characteristics and an alpha");
     if ((st = rwd__check_finite(s_w, n, "chosen scores", err)) || (st = rwd__check_finite(s_l, n, "rejected scores", err))) return st;
     pen = c->method == RWD_CAL_PENALTY || c->method == RWD_CAL_PENALTY_LWR || c->method == RWD_CAL_PENALTY_MEAN;
-    if (pen) { /* the baseline: r - penalty * length of the full text (spec 2.5) */
+    if (pen) { /* the paper's baseline: r - penalty * length of the full chat-formatted text.
+                  Each response uses its own length; the official calibrate_alpacaeval.py
+                  penalises the baseline's score with the evaluated model's length instead. */
         const double *lw = t_w ? t_w : (n_features > 0 ? c_w[0] : NULL), *ll = t_l ? t_l : (n_features > 0 ? c_l[0] : NULL);
         if (!lw || !ll) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the length penalty needs text lengths");
         if ((st = rwd__check_finite(lw, n, "chosen text length", err)) || (st = rwd__check_finite(ll, n, "rejected text length", err))) return st;

@@ -3,7 +3,9 @@
    ============================================================================================
    out = [ hashed bag of words and word bigrams of the response (and optionally of the prompt,
    in its own hash namespace), scaled by 1/sqrt(#tokens) so its norm does not grow with length |
-   log(1 + len), len / 1000 ] with len = code points of the response (spec 1.4). Words are
+   log(1 + len), len / 1000 ] with len = code points of the response: this header's stand-in
+   for a language model's input, so that the PoE bias expert of Shen et al. (arXiv 2310.05199),
+   which sees token embeddings there, can see length here (>>rwd:poe). Words are
    maximal runs of ASCII letters/digits (lower-cased) and non-ASCII bytes. Signed hashing:
    each feature adds +1 or -1 by a hash bit, so collisions cancel on average. */
 

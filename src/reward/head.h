@@ -1,12 +1,15 @@
 /* ============================================================================================
-   >>rwd:head  reward heads on feature rows, Bradley-Terry loss and training (spec 0.1)
+   >>rwd:head  reward heads on feature rows, Bradley-Terry loss and training
    ============================================================================================
    linear: r = x . w1^T                             w1 (1, d_in)
    MLP:    r = act(x . w1^T + b1) . w2^T            w1 (H, d_in), b1 (H), w2 (1, H)
    No output bias (as Hugging Face's reward score head): it cancels in every BT margin, and
    Adam would only amplify the rounding noise of its ~0 gradient.
    The tensors live in a caller's moe_store (prefix + "w1" ...); weights decay, biases do not.
-   BT loss of B pairs with margins m and centering coefficient c (TRL's RewardTrainer):
+   BT loss of B pairs with margins m and centering coefficient c: the reward-model loss of
+   InstructGPT (Ouyang et al., arXiv 2203.02155) as TRL's RewardTrainer computes it
+   (github.com/huggingface/trl, trl/trainer/reward_trainer.py), whose centering term is from
+   Eisenstein et al. (arXiv 2312.09244); note it squares the SUM of a pair's two rewards:
      L = -(1/B) sum log sigmoid(r_w - r_l - m) + c (1/B) sum (r_w + r_l)^2
    Pairs are batched as 2B rows: B chosen rows, then B rejected rows. */
 
@@ -59,7 +62,7 @@ typedef struct rwd_train_config {
     float center;       /* centering coefficient c (TRL recommends 0.01); 0                     */
     float clip;         /* global gradient-norm clip, 0 = off; 0                               */
     uint64_t seed;      /* shuffling and PoE noise; 1                                          */
-    float bias_lr;      /* PoE: the bias expert's peak learning rate (larger, spec 1.2); 1e-2    */
+    float bias_lr;      /* PoE: the bias expert's peak learning rate (larger, as the paper); 1e-2 */
     float noise_std;    /* PoE: s of the N(0, s^2) noise on the bias expert's inputs; 0.1, about
                            one hashed word feature (rwd_featurize scales them by 1/sqrt(words)) */
     int noise_cols;     /* PoE: noise goes to the first noise_cols input columns (the hashed

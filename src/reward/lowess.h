@@ -1,6 +1,11 @@
 /* ============================================================================================
-   >>rwd:lowess  LOWESS exactly as statsmodels computes it (spec 2.4)
+   >>rwd:lowess  LOWESS exactly as statsmodels computes it
    ============================================================================================
+   Cleveland's robust locally weighted regression (W. S. Cleveland, "Robust Locally Weighted
+   Regression and Smoothing Scatterplots", JASA 74(368), 1979): tricube weights, local lines,
+   bisquare robustness passes. The calibration paper's RC-LWR (arXiv 2409.17407) calls
+   statsmodels' implementation (statsmodels/nonparametric/_smoothers_lowess.pyx), whose window
+   sliding, tie handling and stopping rule change the numbers; this follows that code.
    fit (n) = statsmodels.nonparametric.lowess(y, x, frac, it=iters, delta=0,
    return_sorted=False): the fitted value of every point, in input order. frac in (0, 1],
    iters >= 0 robustness passes after the first. Tied x values share one fit.

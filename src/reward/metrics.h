@@ -21,8 +21,10 @@ RWDDEF double rwd_kendall(const double *a, const double *b, size_t n);  /* tau-b
 RWDDEF double rwd_length_correlation(const double *s_w, const double *s_l, const double *len_w,
                                      const double *len_l, size_t n);
 
-/* RewardBench (spec 2.6): four sections, each a weighted mean of subset accuracies with the
-   leaderboard's fixed weights; overall = mean of the sections present. */
+/* RewardBench (Lambert et al., arXiv 2403.13787): four sections, each a weighted mean of
+   subset accuracies with the leaderboard's fixed weights; overall = mean of the sections
+   present, as the calibration paper's released notebook scores it (arXiv 2409.17407). The 2024 leaderboard also
+   reported a score with the "prior sets" at weight 0.5 (divided by 4.5); that is not this. */
 enum { RWD_SECTION_CHAT = 0, RWD_SECTION_CHAT_HARD, RWD_SECTION_SAFETY, RWD_SECTION_REASONING,
        RWD_N_SECTIONS };
 RWDDEF const char *rwd_section_name(int section); /* "chat", "chat_hard", "safety", "reasoning" */
@@ -36,7 +38,10 @@ RWDDEF moe_status rwd_subset_accuracy(double *acc, size_t *count, const int *sub
 RWDDEF void rwd_rewardbench_scores(double *section, double *overall, const char *const *names,
                                    const double *acc, size_t n_subsets);
 
-/* AlpacaEval raw metrics of one model against the reference (data README). */
+/* AlpacaEval raw metrics of one model against the reference, as AlpacaEval's get_winrate
+   computes them (github.com/tatsu-lab/alpaca_eval, src/alpaca_eval/metrics/winrate.py); its
+   length-controlled win rate (Dubois et al., arXiv 2404.04475) needs fitted weights that are
+   not part of the annotations, so it is not here. */
 typedef struct rwd_winrate {
     double win_rate;          /* 100 * mean(p), p = preference - 1 (a stored 0 is a draw)     */
     double standard_error;    /* 100 * std(p, ddof=1) / sqrt(n)                                */
@@ -217,7 +222,10 @@ RWD__IMPL double rwd_length_correlation(const double *s_w, const double *s_l, co
     return rho;
 }
 
-/* The RewardBench leaderboard's EXAMPLE_COUNTS (spec 2.6): weights, not always pair counts. */
+/* The RewardBench leaderboard's EXAMPLE_COUNTS (github.com/allenai/reward-bench,
+   rewardbench/constants.py): weights, not always pair counts (math-prm has 447 pairs, weight
+   984; xstest-should-refuse has 154 pairs and weight 250, xstest-should-respond the other way
+   round). */
 static const struct rwd__rb_subset {
     const char *name;
     int section;

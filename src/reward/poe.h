@@ -1,6 +1,10 @@
 /* ============================================================================================
-   >>rwd:poe  Product-of-Experts length debiasing (spec 1)
+   >>rwd:poe  Product-of-Experts length debiasing
    ============================================================================================
+   Shen et al., "Loose lips sink ships: Mitigating Length Bias in Reinforcement Learning from
+   Human Feedback", arXiv 2310.05199 (Findings of EMNLP 2023); no official code was found.
+   The paper's experts are language models (the bias expert a small one with noise on its
+   token embeddings); here both are reward heads on feature rows (>>rwd:head).
    A main expert r_m and a bias expert r_b trained jointly on the product's BT probability:
      L = -(1/B) sum log sigmoid((r_m(w) + r_b(w)) - (r_m(l) + r_b(l)))
    Both get the same gradient per pair, -sigmoid(-(D_m + D_b)) / B, so pairs the bias expert

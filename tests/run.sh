@@ -63,6 +63,22 @@ if [ "$1" = "--matrix" ]; then
             fi
         done
     done
+    # model files cross the language boundary: the C test program writes them, the same
+    # program built as C++ reads them, and back (tests/test_model_io.c --write/--read)
+    io_c=${BUILD:-build}/tests/test_model_io
+    io_cxx=$B/test_model_io_cxx
+    rm -rf "$B/model_io_c" "$B/model_io_cxx"
+    if [ -x "$io_c" ] && mkdir -p "$B/model_io_c" "$B/model_io_cxx" &&
+        $CXX -x c++ -std=c++11 $W -O2 -ffp-contract=off $OMP_FLAG tests/test_model_io.c -o "$io_cxx" -lm > "$log" 2>&1 &&
+        "$io_c" --write "$B/model_io_c" >> "$log" 2>&1 && "$io_cxx" --read "$B/model_io_c" >> "$log" 2>&1 &&
+        "$io_cxx" --write "$B/model_io_cxx" >> "$log" 2>&1 && "$io_c" --read "$B/model_io_cxx" >> "$log" 2>&1; then
+        passed=$((passed + 1))
+        echo "== model files C -> C++ -> C: ok"
+    else
+        failed=$((failed + 1))
+        echo "FAIL model files C -> C++ -> C (needs $io_c; tests/test_model_io.c --write/--read)"
+        cat "$log"
+    fi
     if command -v nvcc >/dev/null 2>&1 && [ -f tests/cuda_compile.cu ]; then
         if nvcc -I. -c tests/cuda_compile.cu -o "$B/cuda.o" > "$log" 2>&1; then
             passed=$((passed + 1)); echo "== build moe.h nvcc: ok"

@@ -104,9 +104,9 @@
                                               backward; test_recurrent_router in test_model.c
 
    Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
-   tests/test_layer.c (7-10), tests/test_model.c (11-14); PyTorch goldens: tests/test_golden.c
-   (5-10), tests/test_model_golden.c (11-13), tests/test_family_golden.c (AoE, GW-MoE,
-   HyperMoE, RMoE). Benchmarks: bench/.
+   tests/test_layer.c (7-10), tests/test_model.c (11-13, 15), tests/test_model_io.c (14);
+   PyTorch goldens: tests/test_golden.c (5-10), tests/test_model_golden.c (11-13),
+   tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 
    LICENCE: MIT, at the end of the file.
 */

@@ -301,8 +301,9 @@ static void moe__assign_free(moe_assign *a) {
     memset(a, 0, sizeof *a);
 }
 
-MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
-                                    const char *prefix, int max_tokens) {
+/* declare_only: the tensors without any buffer (a model's parameter table alone) */
+static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
+                                  const char *prefix, int max_tokens, int declare_only) {
     int E, K, d, D, S, Ds, cap, rows_b, wide, ok;
     size_t TE;
     memset(L, 0, sizeof *L);
@@ -310,6 +311,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     L->id_router_w = L->id_aoe_in = L->id_aoe_out = -1;
     if (moe_layer_config_validate(cfg, &L->err) != MOE_OK) return L->err.status;
     if (!s || s->allocated) return moe_err_set(&L->err, MOE_ERR_STATE, "moe_layer_init needs a store that is not allocated yet (declare every layer, then moe_store_alloc)");
+    if (declare_only) max_tokens = 1;
     if (max_tokens <= 0 || max_tokens > (1 << 24)) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "max_tokens must be in [1, 2^24], got %d", max_tokens);
     if (!prefix) prefix = "";
     L->cfg = *cfg;
@@ -336,7 +338,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
         for (k = 0; k < 11; k++) L->id_hyper[k] = -1;
     }
     if (cfg->hyper) moe__hyper_declare(L, s, prefix);
-    if (L->err.status != MOE_OK) return L->err.status;
+    if (L->err.status != MOE_OK || declare_only) return L->err.status;
     TE = (size_t)max_tokens * E;
     rows_b = cap > S * max_tokens ? cap : S * max_tokens;
     wide = D > Ds ? D : Ds;
@@ -411,6 +413,11 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     L->stats.mean_prob = L->stat_prob;
     L->aux_grad_scale = 1.0f;
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
+                                    const char *prefix, int max_tokens) {
+    return moe__layer_init(L, cfg, s, prefix, max_tokens, 0);
 }
 
 MOE__IMPL void moe_layer_free(moe_layer *L) {

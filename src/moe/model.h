@@ -104,6 +104,11 @@ MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *
    for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
    moe_model_init_weights or a checkpoint load. */
 MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
+/* The parameter table alone: declares every tensor c implies into m->S (names, shapes,
+   m->S.numel, moe_store_fingerprint) and allocates no buffer, so a file loader can compare a
+   config with a file before reserving memory. Stops with MOE_ERR_INVALID_ARG once more than
+   max_numel parameters are declared (0 = no limit). Only moe_model_free may follow. */
+MOEDEF moe_status moe_model_declare(moe_model *m, const moe_model_config *c, size_t max_numel);
 MOEDEF void moe_model_free(moe_model *m);
 /* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
    routers N(0, moe.router_init_std), noise projections and biases 0. */
@@ -158,7 +163,7 @@ static int moe__block_is_moe(const moe_model_config *c, int l) {
 
 MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err) {
     const moe_status bad = MOE_ERR_INVALID_ARG;
-    int l, any = 0;
+    int any;
     if (!c) return moe_err_set(err, bad, "model config is NULL");
     if (c->vocab <= 0 || c->max_seq <= 0 || c->d <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->d_ff <= 0)
         return moe_err_set(err, bad, "vocab, max_seq, d, n_layers, n_heads and d_ff must be positive");
@@ -170,7 +175,7 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     if (c->moe_every < 0 || c->dense_first < 0) return moe_err_set(err, bad, "moe_every and dense_first must not be negative");
     if ((int)c->router_input < 0 || (int)c->router_input > MOE_RIN_MLP) return moe_err_set(err, bad, "unknown router input %d", (int)c->router_input);
     if (c->router_input != MOE_RIN_DIRECT && c->router_dim <= 0) return moe_err_set(err, bad, "a GRU or MLP router needs router_dim > 0");
-    for (l = 0; l < c->n_layers; l++) any |= moe__block_is_moe(c, l);
+    any = c->moe_every > 0 && c->dense_first < c->n_layers; /* layer dense_first is MoE */
     if (any) {
         moe_layer_config mc = c->moe;
         mc.d = c->d;
@@ -189,13 +194,16 @@ static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int
     return id;
 }
 
-MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+/* max_numel > 0 (moe_model_declare): declare the tensors only, within that budget */
+static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T, size_t max_numel) {
     int l, d, N, L, NH, V, F;
     char name[MOE_NAME_LEN];
     size_t Nd;
-    int ok = 1;
+    int ok = 1, declare_only = max_numel > 0;
+    moe_block one; /* declare_only: every layer's ids go here, no (n_layers) array */
     memset(m, 0, sizeof *m);
     if (moe_model_config_validate(c, &m->err) != MOE_OK) return m->err.status;
+    if (declare_only) max_B = max_T = 1;
     if (max_B <= 0 || max_T <= 0 || max_T > c->max_seq)
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch shape %d x %d: need B >= 1 and 1 <= T <= max_seq (%d)", max_B, max_T, c->max_seq);
     if ((double)max_B * max_T > (1 << 24)) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "batch of %d x %d tokens is too large", max_B, max_T);
@@ -208,8 +216,8 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     N = max_B * max_T;
     Nd = (size_t)N * d;
     moe_store_init(&m->S);
-    m->blocks = (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
-    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
+    m->blocks = declare_only ? NULL : (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
+    if (!m->blocks && !declare_only) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
     m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
     if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
@@ -220,7 +228,11 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
         m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
     }
     for (l = 0; l < L; l++) {
-        moe_block *b = &m->blocks[l];
+        moe_block *b = declare_only ? &one : &m->blocks[l];
+        if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
+            moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "the config implies more than %zu parameters (%zu by layer %d of %d)", max_numel, m->S.numel, l, L);
+        if (m->err.status != MOE_OK) break;
+        if (declare_only) memset(b, 0, sizeof *b);
         b->is_moe = moe__block_is_moe(c, l);
         sprintf(name, "l%d.ln1.w", l);
         b->id_ln1 = moe__model_add(m, name, 0, d, 0);
@@ -241,7 +253,7 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
                 moe_layer_config lc = m->cfg.moe;
                 lc.hyper_layers = L; /* the shared layer embedding has a row per layer */
                 lc.hyper_layer = l;
-                if (moe_layer_init(&b->moe, &lc, &m->S, name, N) != MOE_OK)
+                if (moe__layer_init(&b->moe, &lc, &m->S, name, N, declare_only) != MOE_OK)
                     moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
             }
         } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
@@ -254,7 +266,10 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
         }
     }
     m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
+        moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "the config implies %zu parameters, more than %zu", m->S.numel, max_numel);
     if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
+    if (declare_only) return MOE_OK;
     if (moe_store_alloc(&m->S, 1) != MOE_OK) {
         moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
         moe_model_free(m);
@@ -322,6 +337,14 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     }
     if (c->pos == MOE_POS_ROPE) moe_rope_table(m->rope, max_T, d / NH, c->rope_theta);
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+    return moe__model_init(m, c, max_B, max_T, 0);
+}
+
+MOE__IMPL moe_status moe_model_declare(moe_model *m, const moe_model_config *c, size_t max_numel) {
+    return moe__model_init(m, c, 1, 1, max_numel > 0 ? max_numel : (size_t)-1);
 }
 
 MOE__IMPL void moe_model_free(moe_model *m) {

@@ -13,6 +13,7 @@
 #define MOE_IMPLEMENTATION
 #define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_lowess, moe_rng, moe_time_seconds */
+#include "files.h"  /* defines: files_spawn_read, files_spawn_close */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +33,7 @@ static double median(double *v, int n) {
 /* runs statsmodels on (x, y); fills ref (n) and returns its median ms, or -1 if unavailable */
 static double run_statsmodels(const double *x, const double *y, size_t n, double frac, int it, int repeats, double *ref) {
     const char *py = getenv("PYTHON") ? getenv("PYTHON") : "/usr/bin/python3";
-    char in[64], out[64], cmd[512], line[512];
+    char in[64], out[64], line[512];
     double ms = -1.0;
     size_t i;
     FILE *f, *p;
@@ -42,14 +43,24 @@ static double run_statsmodels(const double *x, const double *y, size_t n, double
     if (!f) return -1.0;
     for (i = 0; i < n; i++) fprintf(f, "%.17g %.17g\n", x[i], y[i]);
     fclose(f);
-    snprintf(cmd, sizeof cmd, "%s bench/statsmodels_lowess.py %s %s %.17g %d %d 2>/dev/null", py, in, out, frac, it, repeats);
-    p = popen(cmd, "r");
-    if (p) {
-        while (fgets(line, sizeof line, p)) {
-            const char *m = strstr(line, "median_ms=");
-            if (m) ms = atof(m + 10);
+    { /* python3 bench/statsmodels_lowess.py IN OUT FRAC IT REPEATS, started without a shell */
+        const char *argv[8];
+        char a_frac[32], a_it[16], a_rep[16];
+        long pid;
+        files_err fe;
+        snprintf(a_frac, sizeof a_frac, "%.17g", frac);
+        snprintf(a_it, sizeof a_it, "%d", it);
+        snprintf(a_rep, sizeof a_rep, "%d", repeats);
+        argv[0] = py; argv[1] = "bench/statsmodels_lowess.py"; argv[2] = in; argv[3] = out;
+        argv[4] = a_frac; argv[5] = a_it; argv[6] = a_rep; argv[7] = NULL;
+        p = files_spawn_read(argv, 1, &pid, &fe);
+        if (p) {
+            while (fgets(line, sizeof line, p)) {
+                const char *m = strstr(line, "median_ms=");
+                if (m) ms = atof(m + 10);
+            }
+            if (files_spawn_close(p, pid) != 0) ms = -1.0;
         }
-        if (pclose(p) != 0) ms = -1.0;
     }
     f = ms >= 0 ? fopen(out, "r") : NULL;
     for (i = 0; f && i < n; i++)

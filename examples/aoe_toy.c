@@ -15,10 +15,12 @@
  * Prints the share of each class's tokens per expert after each stage, per seed and model, a
  * summary line per model, and writes out/aoe_toy.png (the stage-2 shares).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_layer_*, moe_matmul_*, moe_crossentropy_*, moe_adamw_step */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -146,6 +148,7 @@ int main(int argc, char **argv) {
         float grid[2 * C * E];
         const char *rows[6] = {"moe class 0", "moe class 1", "moe class 2", "aoe class 0", "aoe class 1", "aoe class 2"};
         plot_heatmap_opts o;
+        files_err fe;
         memset(&o, 0, sizeof o);
         memcpy(grid, last[0], sizeof last[0]);
         memcpy(grid + C * E, last[1], sizeof last[1]);
@@ -155,8 +158,7 @@ int main(int argc, char **argv) {
         o.annotate = 1;
         o.v_min = 0.0f;
         o.v_max = 1.0f;
-        snprintf(path, sizeof path, "mkdir -p '%s'", out);
-        if (system(path) != 0) return 1;
+        if (files_mkdirs(out, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
         snprintf(path, sizeof path, "%s/aoe_toy.png", out);
         if (plot_heatmap(path, &o, grid, 2 * C, E) != 0) fprintf(stderr, "could not write %s\n", path);
         else printf("wrote %s\n", path);

@@ -30,10 +30,12 @@
  * out/gw_finetune.md, out/gw_finetune_bpb.png (fine-tuning genre bpb over fine-tuning steps)
  * and out/gw_finetune_sensitivity.png (loss increase per layer).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "files.h" /* defines: files_mkdirs */
 #include "brown.h" /* defines: brown_genres, brown_read_file */
 
 #include <math.h>
@@ -513,8 +515,10 @@ int main(int argc, char **argv) {
         if (!load_text(&pre[n_pre++], o.data_dir, tok)) return 1;
     }
     if (n_pre == 0 || !load_text(&ft, o.data_dir, o.ft_genre)) return 1;
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+    }
     print_settings(&o, n_pre);
     nc = n_curve(&o);
     for (s = 0; s < o.seeds; s++) {

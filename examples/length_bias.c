@@ -26,6 +26,7 @@
 #include "reward.h" /* defines: rwd_featurize_pairs, rwd_head_*, rwd_bt_train, rwd_poe_train, rwd_calibrate_pairs, metrics */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "files.h" /* defines: files_open_read, files_close_read */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,18 +95,15 @@ static void sim_pairs(rwd_text_pairs *p, double *zw, double *zl, int n, double b
 /* ---- HH-RLHF ------------------------------------------------------------------------------ */
 
 static int read_hh(rwd_text_pairs *p, const char *path) {
-    size_t n = strlen(path);
-    int gz = n > 3 && strcmp(path + n - 3, ".gz") == 0;
-    char cmd[4200];
-    FILE *f;
+    files_reader r;
+    files_err fe;
     moe_err err;
     moe_status st;
-    snprintf(cmd, sizeof cmd, "gzip -dc '%s'", path);
-    f = gz ? popen(cmd, "r") : fopen(path, "rb");
-    if (!f) { fprintf(stderr, "length_bias: cannot open %s\n", path); return 1; }
+    FILE *f = files_open_read(&r, path, &fe); /* .gz through a gzip child, no shell */
+    if (!f) { fprintf(stderr, "length_bias: %s\n", fe.msg); return 1; }
     st = rwd_hh_read(p, f, &err);
-    if (gz) pclose(f);
-    else fclose(f);
+    /* gzip's exit status: a truncated archive must not pass as a shorter data set */
+    if (files_close_read(&r, &fe) != 0) { fprintf(stderr, "length_bias: %s\n", fe.msg); return 1; }
     if (st != MOE_OK) { fprintf(stderr, "length_bias: %s: %s\n", path, err.msg); return 1; }
     return 0;
 }

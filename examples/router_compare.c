@@ -26,10 +26,12 @@
  *                  equal-width bins on [0, 1]; the discrete MI (nats) of the two length-E label
  *                  sequences; averaged over tokens (and, in the summary, over layer pairs).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "files.h" /* defines: files_mkdirs */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
@@ -474,8 +476,10 @@ int main(int argc, char **argv) {
     FILE *f, *md;
     if (!parse_args(argc, argv, &o)) return 2;
     if (!brown_load(&cp, o.data_dir, NULL)) return 1;
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+    }
     print_settings(&o);
     /* seeds outermost: a partial run still compares every variant */
     for (s = 0; s < o.seeds; s++)

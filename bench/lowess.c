@@ -14,6 +14,7 @@
 #define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_lowess, moe_rng, moe_time_seconds */
 #include "files.h"  /* defines: files_spawn_read, files_spawn_close */
+#include "flags.h"  /* defines: flag_switch, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,7 +75,17 @@ static double run_statsmodels(const double *x, const double *y, size_t n, double
 int main(int argc, char **argv) {
     static const size_t sizes[3] = {1000, 10000, 100000};
     static const double fracs[2] = {0.3, 1.0};
-    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0, si, fi, have_python = 1;
+    int quick = 0, si, fi, have_python = 1, rc;
+    flag fl[1];
+    flags_program p;
+    fl[0] = flag_switch("--quick", &quick, "n = 1000 and 10000 only");
+    p = flags_program_make("lowess", "reward.h's LOWESS (rwd_lowess) against statsmodels",
+                           "No input: n integer-like lengths with ties and a bimodal reward, frac 0.3 and 1.0, it = 3.\n"
+                           "One line per (n, frac): medians of repeated runs of rwd_lowess and of statsmodels (run as\n"
+                           "$PYTHON bench/statsmodels_lowess.py, default /usr/bin/python3; skipped with a note when\n"
+                           "missing), the speed-up and the largest |difference| of the fits.",
+                           fl, 1);
+    if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
     printf("bench=lowess threads=%d data=floor(lognormal(6,0.7)) lengths with ties, bimodal reward\n", moe_num_threads());
     for (si = 0; si < (quick ? 2 : 3); si++) {
         size_t n = sizes[si], i, distinct = 0;

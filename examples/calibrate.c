@@ -20,6 +20,7 @@
 #include "reward.h" /* defines: rwd_calibrate_pairs, rwd_pair_accuracy, rwd_rewardbench_*, rwd_lowess */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <errno.h>
 #include <stdarg.h>
@@ -215,6 +216,16 @@ static void plot_scores(const char *path, const table *t, const double *cw, cons
     free(pt); free(buf); free(x);
 }
 
+static const char *const about =
+    "Input: a CSV whose header names at least id,subset,score_chosen,score_rejected,len_chosen,\n"
+    "len_rejected in any order; extra columns are kept. Optional: text_len_chosen,text_len_rejected\n"
+    "(code points of the full chat-formatted text, for the length penalty). Lengths are real numbers;\n"
+    "quoted fields (commas, doubled quotes, line breaks) are fine.\n"
+    "Output: the rows with cal_chosen,cal_rejected appended (--out, written atomically); a PNG of\n"
+    "score against length before and after (out/calibrate.png); on stdout, after the settings, one\n"
+    "key=value line per subset, per RewardBench section and overall. Exit status 0 on success, 1\n"
+    "with a sentence on stderr on bad input, 2 on a bad flag.";
+
 int main(int argc, char **argv) {
     const char *in = NULL, *out = "out/calibrated.csv", *method = "lwr";
     rwd_cal_config cfg = rwd_cal_config_default();
@@ -223,32 +234,37 @@ int main(int argc, char **argv) {
     moe_err err;
     size_t i, j;
     int a, rc;
-    for (a = 1; a < argc; a++) {
-        const char *k = argv[a], *v = a + 1 < argc ? argv[a + 1] : NULL;
-        double num = 0.0;
-        if (k[0] != '-') { in = k; continue; }
-        if (strcmp(k, "--no-shuffle") == 0) { cfg.shuffle = 0; continue; }
-        if (!v) return fail("option %s needs a value", k);
-        a++;
-        if (strcmp(k, "--method") == 0) method = v;
-        else if (strcmp(k, "--out") == 0) out = v;
-        else if (!parse_number(v, &num)) return fail("option %s needs a number", k);
-        else if (strcmp(k, "--frac") == 0) cfg.frac = num;
-        else if (strcmp(k, "--iters") == 0) cfg.iters = (int)num;
-        else if (strcmp(k, "--alpha") == 0) cfg.alpha = num;
-        else if (strcmp(k, "--ratio") == 0) cfg.ratio = num;
-        else if (strcmp(k, "--min-count") == 0) cfg.min_count = (int)num;
-        else if (strcmp(k, "--seed") == 0) { cfg.seed = (uint64_t)num; cfg.shuffle = 1; }
-        else if (strcmp(k, "--penalty") == 0) cfg.penalty = num;
-        else return fail("unknown option %s (see the top of examples/calibrate.c)", k);
+    {
+        static const int methods[5] = {RWD_CAL_LWR, RWD_CAL_MEAN, RWD_CAL_PENALTY, RWD_CAL_PENALTY_LWR, RWD_CAL_PENALTY_MEAN};
+        static const char *const method_names[5] = {"lwr", "mean", "penalty", "penalty+lwr", "penalty+mean"};
+        flag fl[10];
+        flags_program p;
+        const char *args[1];
+        int n = 0, m = 0, seed = 0, no_shuffle = 0;
+        fl[n++] = flag_choice("--method", &m, "lwr|mean|penalty|penalty+lwr|penalty+mean",
+                              "RC-LWR, RC-Mean, the length penalty, or the penalty then RC-LWR / RC-Mean");
+        fl[n++] = flag_double("--frac", &cfg.frac, 1e-9, 1, "LOWESS span (RC-LWR)");
+        fl[n++] = flag_int("--iters", &cfg.iters, 0, 100, "LOWESS robustness passes");
+        fl[n++] = flag_double("--alpha", &cfg.alpha, -1e6, 1e6, "calibration strength");
+        fl[n++] = flag_double("--ratio", &cfg.ratio, 1e-9, 1e9, "RC-Mean threshold divisor");
+        fl[n++] = flag_int("--min-count", &cfg.min_count, 0, 1e9, "RC-Mean minimum window");
+        fl[n++] = flag_int("--seed", &seed, 0, 2147483647, "RC-Mean shuffle seed");
+        fl[n++] = flag_switch("--no-shuffle", &no_shuffle, "RC-Mean: no shuffle before the stable sort");
+        fl[n++] = flag_double("--penalty", &cfg.penalty, -1e6, 1e6, "length penalty per code point");
+        fl[n++] = flag_string("--out", &out, "FILE", "the calibrated rows (written atomically)");
+        p = flags_program_make("calibrate", "post-hoc reward calibration of your own reward model's scores", about, fl, n);
+        flags_positional(&p, args, 1, "scores.csv");
+        if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+        if (p.n_args != 1) {
+            fprintf(stderr, "calibrate: give one input CSV (--help describes it)\n");
+            return 2;
+        }
+        in = args[0];
+        method = method_names[m];
+        cfg.method = methods[m];
+        if (flags_find(&p, &seed)->seen) { cfg.seed = (uint64_t)seed; cfg.shuffle = 1; }
+        if (no_shuffle) cfg.shuffle = 0;
     }
-    if (!in) return fail("usage: calibrate scores.csv [--method lwr|mean|penalty|penalty+lwr|penalty+mean] [--out FILE] ...");
-    if (strcmp(method, "lwr") == 0) cfg.method = RWD_CAL_LWR;
-    else if (strcmp(method, "mean") == 0) cfg.method = RWD_CAL_MEAN;
-    else if (strcmp(method, "penalty") == 0) cfg.method = RWD_CAL_PENALTY;
-    else if (strcmp(method, "penalty+lwr") == 0) cfg.method = RWD_CAL_PENALTY_LWR;
-    else if (strcmp(method, "penalty+mean") == 0) cfg.method = RWD_CAL_PENALTY_MEAN;
-    else return fail("unknown method '%s' (lwr, mean, penalty, penalty+lwr, penalty+mean)", method);
     if (rwd_cal_config_check(&cfg, &err) != MOE_OK) return fail("%s", err.msg);
     if (read_table(&t, in)) return 1;
 

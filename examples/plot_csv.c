@@ -8,6 +8,7 @@
  */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +41,13 @@ static int cell(const char *line, int c, double *out) {
     return end != p && *out == *out;
 }
 
+static const char *const about =
+    "Input: CSV files with a header line naming their columns, e.g. train_lm's logs; no quoting.\n"
+    "Rows whose x or y cell is empty or not a number (nan) are skipped, so sparse columns such as\n"
+    "train_lm's val_bpb plot as lines through their points. At most 8 files; FILE=label names a\n"
+    "series (default: the file name). Writes OUT.png.\n"
+    "  plot_csv out/val.png --y val_bpb out/moe.csv=MoE out/dense.csv=dense";
+
 int main(int argc, char **argv) {
     const char *out = NULL, *xname = "step", *yname = NULL, *title = NULL, *ylabel = NULL;
     const char *files[MAX_FILES];
@@ -47,19 +55,24 @@ int main(int argc, char **argv) {
     plot_chart ch;
     int nf = 0, i, log_y = 0, rc;
     char labels[MAX_FILES][1024];
-    for (i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--x") == 0 && i + 1 < argc) xname = argv[++i];
-        else if (strcmp(argv[i], "--y") == 0 && i + 1 < argc) yname = argv[++i];
-        else if (strcmp(argv[i], "--title") == 0 && i + 1 < argc) title = argv[++i];
-        else if (strcmp(argv[i], "--ylabel") == 0 && i + 1 < argc) ylabel = argv[++i];
-        else if (strcmp(argv[i], "--log") == 0) log_y = 1;
-        else if (!out) out = argv[i];
-        else if (nf < MAX_FILES) files[nf++] = argv[i];
-        else { fprintf(stderr, "at most %d files\n", MAX_FILES); return 2; }
-    }
-    if (!out || !yname || nf == 0) {
-        fprintf(stderr, "usage: plot_csv OUT.png --x COL --y COL [--title T] [--ylabel L] [--log] file.csv[=label] ...\n");
-        return 2;
+    {
+        flag fl[5];
+        flags_program p;
+        const char *args[MAX_FILES + 1];
+        fl[0] = flag_string("--x", &xname, "COL", "the x column");
+        fl[1] = flag_string("--y", &yname, "COL", "the y column (required)");
+        fl[2] = flag_default(flag_string("--title", &title, "T", "chart title"), "the y column");
+        fl[3] = flag_default(flag_string("--ylabel", &ylabel, "L", "y axis label"), "the y column");
+        fl[4] = flag_switch("--log", &log_y, "logarithmic y axis");
+        p = flags_program_make("plot_csv", "draw one column of several CSV logs against another, one series per file", about, fl, 5);
+        flags_positional(&p, args, MAX_FILES + 1, "OUT.png run1.csv[=label] ...");
+        if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+        if (!yname || p.n_args < 2) {
+            fprintf(stderr, "plot_csv: give --y COL, the output PNG and at least one CSV file (--help describes them)\n");
+            return 2;
+        }
+        out = args[0];
+        for (i = 1; i < p.n_args; i++) files[nf++] = args[i];
     }
     memset(s, 0, sizeof s);
     for (i = 0; i < nf; i++) {

@@ -18,6 +18,7 @@
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
 #include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse, flags_check */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
@@ -42,47 +43,100 @@ typedef struct train_state { /* the checkpoint's state blob */
 } train_state;
 
 typedef struct run_paths {
-    const char *data_dir, *out_dir, *name, *resume, *prompt;
+    const char *data_dir, *out_dir, *name, *resume, *prompt, *genres;
     int sample_bytes, quick, stop_at;
     float temperature, top_p;
     int top_k;
 } run_paths;
 
-static void usage(void) {
-    printf("train_lm: train a tiny byte-level MoE transformer on the Brown corpus\n"
-           "model:    --d N --layers N --heads N --d-ff N (dense FFN width) --seq N (max length)\n"
-           "          --pos learned|rope --experts N (0 = dense model) --top-k N --expert-ff N\n"
-           "          --router topk|mixtral|sigmoid|noisy|ec --capacity CF (0 = dropless)\n"
-           "          --shared N --moe-every N --dense-first N --balance none|switch|mixtral|deepseek\n"
-           "          --balance-coef X --z-coef X\n"
-           "training: --batch N --accum N --steps N --lr X --min-lr X --warmup N --wd X --clip X\n"
-           "          --beta2 X --seed N --genres a,b,c (default: all 15)\n"
-           "output:   --eval-every N --eval-batches N --log-every N --load-every N --save-every N\n"
-           "          --data DIR (data/brown) --out DIR (out) --name NAME (lm) --resume FILE\n"
-           "          --sample N --temperature X --top-k-sample N --top-p X --prompt TEXT --quick\n"
-           "          --stop-at N (save and stop after step N; --resume continues the same schedule)\n");
+static const char *const router_names = "topk|mixtral|sigmoid|noisy|ec";
+
+static void apply_router(moe_layer_config *mc, int k) {
+    static const moe_router_kind kind[5] = {MOE_ROUTER_TOPK, MOE_ROUTER_TOPK, MOE_ROUTER_SIGMOID, MOE_ROUTER_NOISY_TOPK, MOE_ROUTER_EXPERT_CHOICE};
+    mc->router = kind[k];
+    if (k <= 2) mc->renormalize = k != 0; /* topk: softmax weights; mixtral, sigmoid: renormalised */
 }
 
-static int parse_router(moe_layer_config *mc, const char *v) {
-    if (strcmp(v, "topk") == 0) { mc->router = MOE_ROUTER_TOPK; mc->renormalize = 0; }
-    else if (strcmp(v, "mixtral") == 0) { mc->router = MOE_ROUTER_TOPK; mc->renormalize = 1; }
-    else if (strcmp(v, "sigmoid") == 0) { mc->router = MOE_ROUTER_SIGMOID; mc->renormalize = 1; }
-    else if (strcmp(v, "noisy") == 0) mc->router = MOE_ROUTER_NOISY_TOPK;
-    else if (strcmp(v, "ec") == 0) mc->router = MOE_ROUTER_EXPERT_CHOICE;
-    else return 0;
-    return 1;
+static int router_index(const moe_layer_config *mc) {
+    switch (mc->router) {
+    case MOE_ROUTER_TOPK: return mc->renormalize ? 1 : 0;
+    case MOE_ROUTER_SIGMOID: return 2;
+    case MOE_ROUTER_NOISY_TOPK: return 3;
+    case MOE_ROUTER_EXPERT_CHOICE: return 4;
+    default: return 0;
+    }
 }
 
-static int parse_balance(moe_layer_config *mc, const char *v) {
-    const char *names[4] = {"none", "switch", "mixtral", "deepseek"};
-    int i;
-    for (i = 0; i < 4; i++)
-        if (strcmp(v, names[i]) == 0) { mc->balance = (moe_balance_loss)i; return 1; }
-    return 0;
+/* the choice flags' values before they are applied to the config */
+typedef struct choices { int router, pos, balance; } choices;
+
+/* every flag, in the help's order; the values start as the defaults */
+static int make_flags(flag *f, moe_model_config *c, train_options *o, run_paths *p, choices *ch) {
+    int n = 0;
+    f[n++] = flag_heading("model");
+    f[n++] = flag_int("--d", &c->d, 1, 16384, "model width");
+    f[n++] = flag_int("--layers", &c->n_layers, 1, 256, "transformer blocks");
+    f[n++] = flag_int("--heads", &c->n_heads, 1, 1024, "attention heads (divides --d)");
+    f[n++] = flag_int("--d-ff", &c->d_ff, 1, 1 << 20, "dense FFN width (dense blocks)");
+    f[n++] = flag_choice("--pos", &ch->pos, "learned|rope", "position encoding");
+    f[n++] = flag_int("--experts", &c->moe.n_experts, 0, 1024, "experts per MoE layer; 0 = a dense model");
+    f[n++] = flag_int("--top-k", &c->moe.top_k, 1, 1024, "experts per token");
+    f[n++] = flag_int("--expert-ff", &c->moe.d_ff, 1, 1 << 20, "width of one expert");
+    f[n++] = flag_choice("--router", &ch->router, router_names, "router: topk (softmax weights), mixtral (renormalised), sigmoid, noisy, ec (expert choice)");
+    f[n++] = flag_float("--capacity", &c->moe.capacity_factor, 0, 1000, "capacity factor; 0 = dropless");
+    f[n++] = flag_int("--shared", &c->moe.n_shared, 0, 64, "shared experts every token visits");
+    f[n++] = flag_int("--moe-every", &c->moe_every, 0, 256, "every n-th block is MoE");
+    f[n++] = flag_int("--dense-first", &c->dense_first, 0, 256, "the first n blocks stay dense");
+    f[n++] = flag_choice("--balance", &ch->balance, "none|switch|mixtral|deepseek", "load-balancing loss");
+    f[n++] = flag_float("--balance-coef", &c->moe.balance_coef, 0, 1000, "its coefficient");
+    f[n++] = flag_float("--z-coef", &c->moe.z_coef, 0, 1000, "router z-loss coefficient");
+    f[n++] = flag_heading("training");
+    f[n++] = flag_int("--batch", &o->batch, 1, 65536, "sequences per micro-batch");
+    f[n++] = flag_int("--seq", &o->seq, 2, 65536, "bytes per sequence");
+    f[n++] = flag_int("--accum", &o->accum, 1, 1 << 20, "micro-batches per optimizer step");
+    f[n++] = flag_int("--steps", &o->steps, 1, 1e9, "optimizer steps (with --resume: the run's new length)");
+    f[n++] = flag_float("--lr", &o->lr, 0, 1e6, "peak learning rate (AdamW)");
+    f[n++] = flag_float("--min-lr", &o->min_lr, 0, 1e6, "learning rate at the end of the cosine");
+    f[n++] = flag_int("--warmup", &o->warmup, 0, 1e9, "linear warm-up steps");
+    f[n++] = flag_float("--wd", &o->weight_decay, 0, 1000, "weight decay");
+    f[n++] = flag_float("--clip", &o->clip, 0, 1e9, "global gradient-norm clip; 0 = off");
+    f[n++] = flag_float("--beta2", &o->beta2, 0, 0.9999999, "AdamW beta2");
+    f[n++] = flag_int("--seed", &o->seed, 0, 2147483647, "initialisation and data order");
+    f[n++] = flag_default(flag_string("--genres", &p->genres, "a,b,c", "Brown genres to train on"), "all 15");
+    f[n++] = flag_heading("output");
+    f[n++] = flag_int("--eval-every", &o->eval_every, 0, 1e9, "validation every n steps (and at the end); 0 = at the end");
+    f[n++] = flag_int("--eval-batches", &o->eval_batches, 1, 1e6, "validation batches per genre");
+    f[n++] = flag_int("--log-every", &o->log_every, 1, 1e9, "a progress line every n steps");
+    f[n++] = flag_int("--load-every", &o->load_every, 0, 1e9, "expert-load lines every n steps; 0 = none");
+    f[n++] = flag_int("--save-every", &o->save_every, 0, 1e9, "a checkpoint every n steps (and at the end); 0 = at the end");
+    f[n++] = flag_string("--data", &p->data_dir, "DIR", "the corpus (make data writes it)");
+    f[n++] = flag_string("--out", &p->out_dir, "DIR", "output folder (created)");
+    f[n++] = flag_string("--name", &p->name, "NAME", "file names: DIR/NAME.csv, .ckpt, _loss.png, _load.png");
+    f[n++] = flag_string("--resume", &p->resume, "FILE", "continue the run saved in this checkpoint");
+    f[n++] = flag_int("--stop-at", &p->stop_at, 0, 1e9, "save and stop after step n (--resume continues the same schedule); 0 = off");
+    f[n++] = flag_int("--sample", &p->sample_bytes, 0, 1000000, "bytes generated at the end");
+    f[n++] = flag_float("--temperature", &p->temperature, 0, 100, "sampling temperature; 0 = greedy");
+    f[n++] = flag_int("--top-k-sample", &p->top_k, 0, 256, "sample among the k likeliest bytes; 0 = off");
+    f[n++] = flag_float("--top-p", &p->top_p, 0, 1, "nucleus sampling; 1 = off");
+    f[n++] = flag_string("--prompt", &p->prompt, "TEXT", "the sample's prompt");
+    f[n++] = flag_switch("--quick", &p->quick, "a smoke run: at most 30 steps of batch 4 x 64, frequent logs");
+    return n;
 }
 
-static int parse_args(int argc, char **argv, moe_model_config *c, train_options *o, run_paths *p) {
-    int i;
+static const char *const about =
+    "Data: the Brown corpus as `make data` writes it, DIR/{train,val}/<genre>.txt (bytes).\n"
+    "Prints a settings table, then key=value lines: one per --log-every steps (loss, aux, lr, grad\n"
+    "norm, tok/s, ETA), `eval` lines with validation bits per byte, and expert-load lines every\n"
+    "--load-every steps. Writes DIR/NAME.csv (a row per step), NAME_loss.png, NAME_load.png (expert\n"
+    "load per genre) and NAME.ckpt (atomically, with optimizer state, data position and RNGs:\n"
+    "--resume continues bit-identically), and prints a sample at the end.\n"
+    "  train_lm --steps 600 --name moe\n"
+    "  train_lm --experts 0 --d-ff 512 --name dense\n"
+    "  train_lm --resume out/moe.ckpt --steps 1200";
+
+/* defaults, then the flags; FLAGS_RUN = run, else the exit status */
+static int parse_args(int argc, char **argv, moe_model_config *c, train_options *o, run_paths *p, flags_program *prog, flag *fl, choices *ch) {
+    int rc;
     *c = moe_model_config_default();
     c->max_seq = 128;
     c->d = 128;
@@ -98,47 +152,19 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
     o->lr = 2e-3f; o->min_lr = 2e-4f; o->weight_decay = 0.1f; o->clip = 1.0f; o->beta2 = 0.99f; o->seed = 1;
     memset(p, 0, sizeof *p);
     p->data_dir = "data/brown"; p->out_dir = "out"; p->name = "lm"; p->sample_bytes = 300;
-    p->temperature = 0.8f; p->top_p = 0.95f; p->top_k = 0; p->prompt = "The ";
-    for (i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(); exit(0); }
-        if (strcmp(a, "--quick") == 0) { p->quick = 1; continue; }
-        if (!v) { fprintf(stderr, "option %s needs a value\n", a); return 0; }
-        i++;
-#define INT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = atoi(v); continue; }
-#define FLT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = (float)atof(v); continue; }
-        INT_OPT("--d", c->d) INT_OPT("--layers", c->n_layers) INT_OPT("--heads", c->n_heads)
-        INT_OPT("--d-ff", c->d_ff) INT_OPT("--experts", c->moe.n_experts) INT_OPT("--top-k", c->moe.top_k)
-        INT_OPT("--expert-ff", c->moe.d_ff) INT_OPT("--shared", c->moe.n_shared) INT_OPT("--moe-every", c->moe_every)
-        INT_OPT("--dense-first", c->dense_first) FLT_OPT("--capacity", c->moe.capacity_factor)
-        FLT_OPT("--balance-coef", c->moe.balance_coef) FLT_OPT("--z-coef", c->moe.z_coef)
-        INT_OPT("--batch", o->batch) INT_OPT("--seq", o->seq) INT_OPT("--accum", o->accum) INT_OPT("--steps", o->steps)
-        INT_OPT("--warmup", o->warmup) INT_OPT("--eval-every", o->eval_every) INT_OPT("--eval-batches", o->eval_batches)
-        INT_OPT("--log-every", o->log_every) INT_OPT("--load-every", o->load_every) INT_OPT("--save-every", o->save_every)
-        FLT_OPT("--lr", o->lr) FLT_OPT("--min-lr", o->min_lr) FLT_OPT("--wd", o->weight_decay) FLT_OPT("--clip", o->clip)
-        FLT_OPT("--beta2", o->beta2) INT_OPT("--seed", o->seed) INT_OPT("--sample", p->sample_bytes)
-        INT_OPT("--stop-at", p->stop_at)
-        FLT_OPT("--temperature", p->temperature) INT_OPT("--top-k-sample", p->top_k) FLT_OPT("--top-p", p->top_p)
-#undef INT_OPT
-#undef FLT_OPT
-        if (strcmp(a, "--pos") == 0) {
-            if (strcmp(v, "learned") == 0) c->pos = MOE_POS_LEARNED;
-            else if (strcmp(v, "rope") == 0) c->pos = MOE_POS_ROPE;
-            else { fprintf(stderr, "--pos learned|rope, not '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--router") == 0) {
-            if (!parse_router(&c->moe, v)) { fprintf(stderr, "unknown router '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--balance") == 0) {
-            if (!parse_balance(&c->moe, v)) { fprintf(stderr, "unknown balance loss '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--genres") == 0) {
-            if (strlen(v) >= sizeof o->genres) { fprintf(stderr, "--genres is too long\n"); return 0; }
-            strcpy(o->genres, v);
-        } else if (strcmp(a, "--data") == 0) p->data_dir = v;
-        else if (strcmp(a, "--out") == 0) p->out_dir = v;
-        else if (strcmp(a, "--name") == 0) p->name = v;
-        else if (strcmp(a, "--resume") == 0) p->resume = v;
-        else if (strcmp(a, "--prompt") == 0) p->prompt = v;
-        else { fprintf(stderr, "unknown option '%s' (--help lists them)\n", a); return 0; }
-    }
+    p->temperature = 0.8f; p->top_p = 0.95f; p->top_k = 0; p->prompt = "The "; p->genres = "";
+    ch->router = router_index(&c->moe);
+    ch->pos = c->pos == MOE_POS_ROPE;
+    ch->balance = (int)c->moe.balance;
+    *prog = flags_program_make("train_lm", "train a tiny byte-level MoE (or dense) transformer on the Brown corpus", about, fl,
+                               make_flags(fl, c, o, p, ch));
+    rc = flags_parse(prog, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
+    if (flags_find(prog, &ch->router)->seen) apply_router(&c->moe, ch->router);
+    if (flags_find(prog, &ch->pos)->seen) c->pos = ch->pos ? MOE_POS_ROPE : MOE_POS_LEARNED;
+    if (flags_find(prog, &ch->balance)->seen) c->moe.balance = (moe_balance_loss)ch->balance;
+    if (strlen(p->genres) >= sizeof o->genres) { fprintf(stderr, "train_lm: --genres is too long (at most %d bytes)\n", (int)sizeof o->genres - 1); return 2; }
+    strcpy(o->genres, p->genres);
     if (c->moe.n_experts == 0) c->moe_every = 0; /* --experts 0: a dense model */
     if (p->quick) {
         o->steps = o->steps < 30 ? o->steps : 30;
@@ -147,11 +173,7 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
         p->sample_bytes = 40;
     }
     if (o->seq > c->max_seq) c->max_seq = o->seq;
-    if (o->batch < 1 || o->seq < 2 || o->accum < 1 || o->steps < 1 || o->log_every < 1) {
-        fprintf(stderr, "batch, accum, steps, log-every must be >= 1 and seq >= 2\n");
-        return 0;
-    }
-    return 1;
+    return FLAGS_RUN;
 }
 
 /* validation bits per byte over eval_batches batches of each genre; fills load (genres x E)
@@ -229,6 +251,94 @@ static void print_settings(const moe_model *m, const train_options *o, const run
     fflush(stdout);
 }
 
+/* A resumed run's state is input like any other: the options must pass the flags' own checks,
+   the genre list must end, the step must lie in the run, and the parameter count the config
+   describes must be the file's, all before the model is allocated. 0, or -1 with why. */
+static int check_resumed(flags_program *prog, const moe_model_config *c, const train_state *st, const moe_ckpt_info *info, char *why,
+                         size_t cap) {
+    char msg[400];
+    moe_err e;
+    size_t numel = 0;
+    if (!memchr(st->opt.genres, 0, sizeof st->opt.genres)) {
+        snprintf(why, cap, "holds a genre list without its end (a corrupt or foreign state)");
+        return -1;
+    }
+    if (flags_check(prog, msg, sizeof msg) != 0) { /* the flags point at cfg and opt, which now hold the file's values */
+        snprintf(why, cap, "holds options no flag would accept: %s", msg);
+        return -1;
+    }
+    if (c->vocab != 256 || c->max_seq < st->opt.seq || c->max_seq > 65536) {
+        snprintf(why, cap, "holds a model this program does not build (vocab %d, max_seq %d for sequences of %d bytes)", c->vocab, c->max_seq,
+                 st->opt.seq);
+        return -1;
+    }
+    if (moe_model_config_validate(c, &e) != MOE_OK) {
+        snprintf(why, cap, "holds an invalid model config: %s", e.msg);
+        return -1;
+    }
+    if (info->step < 0 || info->step > st->opt.steps || st->loader.batches < 0 || !(st->tokens >= 0.0 && st->tokens < 1e30)) {
+        snprintf(why, cap, "holds step %lld of a %d-step run (or a negative data position): a corrupt state", info->step, st->opt.steps);
+        return -1;
+    }
+    if (moe_model_param_count(c, &numel, &e) != MOE_OK) {
+        snprintf(why, cap, "holds a model config that cannot be built: %s", e.msg);
+        return -1;
+    }
+    if ((uint64_t)numel != info->numel) {
+        snprintf(why, cap, "holds %llu parameters, but its config describes %zu (a corrupt or foreign file)", (unsigned long long)info->numel, numel);
+        return -1;
+    }
+    return 0;
+}
+
+/* 1 when a flag given on the command line asks for another model or run than the checkpoint
+   holds: `what` gets the flag and its value, `saved` the checkpoint's; --steps may differ */
+static int resume_conflict(flags_program *prog, const moe_model_config *user_cfg, const train_options *user_opt, const moe_model_config *cfg,
+                           const train_options *opt, char *what, char *saved, size_t cap) {
+    int i;
+    for (i = 0; i < prog->n_flags; i++) {
+        flag *f = &prog->flags[i];
+        const char *p = (const char *)f->value, *mine = NULL, *theirs = NULL;
+        char a[96], b[96];
+        size_t size = f->kind == FLAG_FLOAT ? sizeof(float) : sizeof(int);
+        if (!f->seen || f->kind == FLAG_HEADING || f->value == (const void *)&opt->steps) continue;
+        if (p >= (const char *)cfg && p < (const char *)(cfg + 1)) {
+            mine = (const char *)user_cfg + (p - (const char *)cfg);
+            theirs = p;
+        } else if (p >= (const char *)opt && p < (const char *)(opt + 1)) {
+            mine = (const char *)user_opt + (p - (const char *)opt);
+            theirs = p;
+        } else if (strcmp(f->name, "--genres") == 0) {
+            if (strcmp(user_opt->genres, opt->genres) != 0) {
+                snprintf(what, cap, "--genres '%.100s'", user_opt->genres);
+                snprintf(saved, cap, "--genres '%.100s'", opt->genres);
+                return 1;
+            }
+            continue;
+        } else if (f->kind == FLAG_CHOICE) { /* --router, --pos, --balance: compare what they set */
+            int u = -1, t = -1;
+            if (strcmp(f->name, "--router") == 0) { u = router_index(&user_cfg->moe); t = router_index(&cfg->moe); }
+            else if (strcmp(f->name, "--pos") == 0) { u = user_cfg->pos == MOE_POS_ROPE; t = cfg->pos == MOE_POS_ROPE; }
+            else if (strcmp(f->name, "--balance") == 0) { u = (int)user_cfg->moe.balance; t = (int)cfg->moe.balance; }
+            if (u == t) continue;
+            flags_format_value(f, &u, a, sizeof a);
+            flags_format_value(f, &t, b, sizeof b);
+            snprintf(what, cap, "%s %s", f->name, a);
+            snprintf(saved, cap, "%s %s", f->name, b);
+            return 1;
+        } else {
+            continue; /* output and sampling flags: free to change */
+        }
+        if (memcmp(mine, theirs, size) == 0) continue;
+        flags_format_value(f, mine, a, sizeof a);
+        flags_format_value(f, theirs, b, sizeof b);
+        snprintf(what, cap, "%s %s", f->name, a);
+        snprintf(saved, cap, "%s %s", f->name, b);
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     moe_model_config cfg;
     train_options opt;
@@ -247,18 +357,44 @@ int main(int argc, char **argv) {
     int n_eval = 0;
     double t0, last_loss = 0.0, last_bpb = NAN, *per_genre;
     const unsigned char *srcs[BROWN_GENRES];
-    if (!parse_args(argc, argv, &cfg, &opt, &paths)) return 2;
+    flag fl[64];
+    flags_program prog;
+    choices ch;
+    int rc;
+    rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
+    if (rc != FLAGS_RUN) return rc;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
     memset(&st, 0, sizeof st);
     if (paths.resume) {
-        int steps = opt.steps;
-        if (moe_checkpoint_blobs(paths.resume, &cfg, sizeof cfg, &st, sizeof st, &err) != MOE_OK) {
-            fprintf(stderr, "resume: %s\n", err.msg);
+        /* the run's model and options come from the checkpoint, checked like flags before
+           anything is allocated for them; only --steps may extend the run */
+        moe_model_config user_cfg = cfg;
+        train_options user_opt = opt;
+        moe_ckpt_info info;
+        char why[600], saved[600];
+        if (moe_checkpoint_info(paths.resume, &info, &err) != MOE_OK ||
+            moe_checkpoint_blobs(paths.resume, &cfg, sizeof cfg, &st, sizeof st, &err) != MOE_OK) {
+            fprintf(stderr, "train_lm: resume: %s\n", err.msg);
             return 1;
         }
-        /* the run's options come from the checkpoint; only --steps may extend it */
         opt = st.opt;
-        opt.steps = steps > opt.steps ? steps : opt.steps;
+        if (check_resumed(&prog, &cfg, &st, &info, why, sizeof why) != 0) {
+            fprintf(stderr, "train_lm: resume: '%s' %s\n", paths.resume, why);
+            return 1;
+        }
+        ch.router = router_index(&cfg.moe);
+        ch.pos = cfg.pos == MOE_POS_ROPE;
+        ch.balance = (int)cfg.moe.balance;
+        if (resume_conflict(&prog, &user_cfg, &user_opt, &cfg, &opt, why, saved, sizeof why)) {
+            fprintf(stderr, "train_lm: %s conflicts with '%s', saved with %s: a resumed run keeps the model and the training options "
+                            "it was saved with (only --steps may extend it); drop the flag, or start a new run without --resume\n",
+                    why, paths.resume, saved);
+            return 2;
+        }
+        if (flags_find(&prog, &opt.steps)->seen && user_opt.steps < opt.steps)
+            fprintf(stderr, "train_lm: note: --steps %d is below the checkpoint's run of %d steps; the run keeps %d\n", user_opt.steps,
+                    opt.steps, opt.steps);
+        opt.steps = user_opt.steps > opt.steps ? user_opt.steps : opt.steps;
     }
     if (!brown_load(&cp, paths.data_dir, opt.genres)) return 1;
     if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) { fprintf(stderr, "model: %s\n", m.err.msg); return 2; }
@@ -267,7 +403,11 @@ int main(int argc, char **argv) {
     if (paths.resume) {
         train_state saved;
         if (moe_checkpoint_load(paths.resume, &m.S, &start_step, &cfg, NULL, sizeof cfg, &saved, sizeof saved, &err) != MOE_OK) {
-            fprintf(stderr, "resume: %s\n", err.msg);
+            fprintf(stderr, "train_lm: resume: %s\n", err.msg);
+            return 1;
+        }
+        if (memcmp(&saved, &st, sizeof st) != 0 || start_step < 0 || start_step > st.opt.steps) {
+            fprintf(stderr, "train_lm: resume: '%s' changed while it was being read\n", paths.resume);
             return 1;
         }
         ld.rng = saved.loader.rng;

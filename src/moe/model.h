@@ -105,6 +105,9 @@ MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *
    moe_model_init_weights or a checkpoint load. */
 MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
 MOEDEF void moe_model_free(moe_model *m);
+/* The parameter count of a model of this config (a checkpoint's numel), with no parameter or
+   activation buffer allocated: a loader compares it with the file before it builds the model. */
+MOEDEF moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err);
 /* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
    routers N(0, moe.router_init_std), noise projections and biases 0. */
 MOEDEF void moe_model_init_weights(moe_model *m, uint64_t seed);
@@ -189,7 +192,8 @@ static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int
     return id;
 }
 
-MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+/* moe_model_init; declare_only: the tensor table without the buffers (moe_model_param_count) */
+static moe_status moe__model_build(moe_model *m, const moe_model_config *c, int max_B, int max_T, int declare_only) {
     int l, d, N, L, NH, V, F;
     char name[MOE_NAME_LEN];
     size_t Nd;
@@ -255,6 +259,7 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     }
     m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
     if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
+    if (declare_only) return MOE_OK;
     if (moe_store_alloc(&m->S, 1) != MOE_OK) {
         moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
         moe_model_free(m);
@@ -322,6 +327,19 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     }
     if (c->pos == MOE_POS_ROPE) moe_rope_table(m->rope, max_T, d / NH, c->rope_theta);
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T) {
+    return moe__model_build(m, c, max_B, max_T, 0);
+}
+
+MOE__IMPL moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err) {
+    moe_model m;
+    moe_status st = moe__model_build(&m, c, 1, 1, 1);
+    if (st == MOE_OK) *numel = m.S.numel;
+    else if (err) *err = m.err;
+    moe_model_free(&m);
+    return st;
 }
 
 MOE__IMPL void moe_model_free(moe_model *m) {

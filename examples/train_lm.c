@@ -11,6 +11,11 @@
  * out/<name>_load.png (expert load per genre, first MoE layer), out/<name>.ckpt (atomically,
  * with optimizer state, data position and RNGs: --resume continues bit-identically), and
  * prints a generated sample at the end. `--help` lists every flag.
+ *
+ * Exit status 0 only when every step ran and every file was written. A NaN or infinite loss,
+ * gradient norm or parameter stops the run before it saves (the last good checkpoint stays) and
+ * exits 1, as does a final checkpoint that cannot be written. The log gets a row per step,
+ * flushed at once; --resume keeps its rows up to the checkpoint's step and continues from there.
  */
 #define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
@@ -21,6 +26,7 @@
 #include "flags.h" /* defines: flag_*, flags_parse, flags_check */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,7 +135,9 @@ static const char *const about =
     "norm, tok/s, ETA), `eval` lines with validation bits per byte, and expert-load lines every\n"
     "--load-every steps. Writes DIR/NAME.csv (a row per step), NAME_loss.png, NAME_load.png (expert\n"
     "load per genre) and NAME.ckpt (atomically, with optimizer state, data position and RNGs:\n"
-    "--resume continues bit-identically), and prints a sample at the end.\n"
+    "--resume continues bit-identically), and prints a sample at the end. Exit status 1 when training\n"
+    "diverges (NaN or infinite loss, gradient or parameters: the last good checkpoint stays) or a file\n"
+    "cannot be written.\n"
     "  train_lm --steps 600 --name moe\n"
     "  train_lm --experts 0 --d-ff 512 --name dense\n"
     "  train_lm --resume out/moe.ckpt --steps 1200";
@@ -251,6 +259,77 @@ static void print_settings(const moe_model *m, const train_options *o, const run
     fflush(stdout);
 }
 
+/* A diverged run stops before it saves: the last good checkpoint stays. Returns the exit status. */
+static int diverged(long long step, const char *what, const char *ckpt, long long saved_step) {
+    fprintf(stderr, "train_lm: step %lld: %s: training diverged (a lower --lr, or --clip, may help); stopped without saving this state",
+            step, what);
+    if (saved_step >= 0) fprintf(stderr, "; '%s' still holds step %lld\n", ckpt, saved_step);
+    else fprintf(stderr, "; this run saved no checkpoint\n");
+    return 1;
+}
+
+static int params_finite(const moe_store *s) {
+    size_t i;
+    for (i = 0; i < s->numel; i++)
+        if (!isfinite(s->params[i])) return 0;
+    return 1;
+}
+
+static const char log_header[] = "step,train_loss,aux,lr,grad_norm,val_bpb\n";
+
+/* Opens the training log for appending. A new run starts it afresh, and says so when that
+   replaces an earlier run's log. A resumed run keeps the rows up to the checkpoint's step and
+   drops later ones (a stopped or killed run logged steps no checkpoint holds), rewriting the
+   file atomically. NULL with a sentence on failure. */
+static FILE *open_log(const char *path, int resume, long long start_step) {
+    FILE *f = fopen(path, "rb"), *w;
+    files_atomic a;
+    files_err fe;
+    char line[512];
+    int ok = 1, kept = 0, dropped = 0;
+    if (!resume || !f) {
+        if (f) {
+            if (fgetc(f) != EOF) fprintf(stderr, "train_lm: note: '%s' held an earlier run's log; this new run replaces it (--resume continues a run)\n", path);
+            fclose(f);
+        }
+        w = fopen(path, "wb");
+        if (!w || fputs(log_header, w) < 0 || fflush(w) != 0) {
+            fprintf(stderr, "train_lm: cannot write the log '%s': %s\n", path, strerror(errno));
+            if (w) fclose(w);
+            return NULL;
+        }
+        return w;
+    }
+    if (!fgets(line, sizeof line, f) || strcmp(line, log_header) != 0) {
+        fprintf(stderr, "train_lm: '%s' is not a train_lm log (its first line is not \"%.*s\"); move it away to resume\n", path,
+                (int)strlen(log_header) - 1, log_header);
+        fclose(f);
+        return NULL;
+    }
+    if (!(w = files_atomic_open(&a, path, &fe))) {
+        fprintf(stderr, "train_lm: %s\n", fe.msg);
+        fclose(f);
+        return NULL;
+    }
+    ok = fputs(log_header, w) >= 0;
+    while (ok && fgets(line, sizeof line, f)) {
+        char *end;
+        long long s = strtoll(line, &end, 10);
+        /* a whole row (a kill can cut the last one) of a step the checkpoint holds */
+        if (end != line && *end == ',' && strchr(line, '\n') && s >= 1 && s <= start_step) { ok = fputs(line, w) >= 0; kept++; }
+        else dropped++;
+    }
+    fclose(f);
+    if (files_atomic_commit(&a, ok, &fe) != 0) {
+        fprintf(stderr, "train_lm: %s\n", fe.msg);
+        return NULL;
+    }
+    if (dropped) printf("log %s: kept %d rows up to step %lld, dropped %d written after that checkpoint\n", path, kept, start_step, dropped);
+    w = fopen(path, "ab");
+    if (!w) fprintf(stderr, "train_lm: cannot append to the log '%s': %s\n", path, strerror(errno));
+    return w;
+}
+
 /* A resumed run's state is input like any other: the options must pass the flags' own checks,
    the genre list must end, the step must lie in the run, and the parameter count the config
    describes must be the file's, all before the model is allocated. 0, or -1 with why. */
@@ -360,7 +439,9 @@ int main(int argc, char **argv) {
     flag fl[64];
     flags_program prog;
     choices ch;
-    int rc;
+    char log_path[1024];
+    long long saved_step = -1;
+    int rc, save_failed = 0, log_failed = 0, plot_failed = 0;
     rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
     if (rc != FLAGS_RUN) return rc;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
@@ -428,9 +509,8 @@ int main(int argc, char **argv) {
         if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
     }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
-    csv = fopen(path, paths.resume ? "a" : "w");
-    if (!csv) { fprintf(stderr, "cannot write %s\n", path); return 1; }
-    if (!paths.resume) fprintf(csv, "step,train_loss,aux,lr,grad_norm,val_bpb\n");
+    snprintf(log_path, sizeof log_path, "%s", path);
+    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) return 1;
     x = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     y = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     src = (int *)malloc(sizeof(int) * (size_t)opt.batch);
@@ -457,6 +537,14 @@ int main(int argc, char **argv) {
             aux += m.aux_loss / opt.accum;
         }
         norm = moe_clip_grad_norm(&m.S, opt.clip);
+        if (!isfinite(loss) || !isfinite(aux) || !isfinite(norm)) {
+            double bad = !isfinite(loss) ? loss : !isfinite(aux) ? aux : (double)norm;
+            char what[96];
+            snprintf(what, sizeof what, "the %s is %s", !isfinite(loss) ? "loss" : !isfinite(aux) ? "auxiliary loss" : "gradient norm",
+                     bad != bad ? "not a number" : "infinite");
+            fclose(csv);
+            return diverged(step, what, ckpt, saved_step);
+        }
         moe_adamw_step(&m.S, &adam, lr, step);
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
         curve_x[step - 1] = (float)step;
@@ -486,21 +574,42 @@ int main(int argc, char **argv) {
             eval_y[n_eval++] = (float)last_bpb;
             printf("eval step=%lld val_bpb=%.4f\n", step, last_bpb);
         }
-        fprintf(csv, "%lld,%.6f,%.6f,%.6g,%.4f,%.6f\n", step, loss, aux, (double)lr, (double)norm, last_bpb);
+        /* a row per step, flushed: after a crash the log holds every finished step */
+        if (fprintf(csv, "%lld,%.6f,%.6f,%.6g,%.4f,%.6f\n", step, loss, aux, (double)lr, (double)norm, last_bpb) < 0 || fflush(csv) != 0) {
+            if (!log_failed) fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?); training goes on\n", log_path);
+            log_failed = 1;
+        }
         if ((opt.save_every > 0 && step % opt.save_every == 0) || step == opt.steps || step == paths.stop_at) {
             st.opt = opt;
             st.loader.rng = ld.rng;
             st.loader.batches = ld.batches;
-            if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK)
-                fprintf(stderr, "checkpoint: %s\n", err.msg);
+            if (!params_finite(&m.S)) {
+                fclose(csv);
+                return diverged(step, "a parameter is not finite", ckpt, saved_step);
+            }
+            if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK) {
+                fprintf(stderr, "train_lm: checkpoint at step %lld: %s\n", step, err.msg);
+                save_failed = 1;
+            } else {
+                saved_step = step;
+                save_failed = 0; /* a later save supersedes a failed one */
+            }
         }
         if (step == paths.stop_at) {
+            if (fclose(csv) != 0) log_failed = 1;
+            if (save_failed) {
+                fprintf(stderr, "train_lm: stopped at step %lld without a checkpoint of it\n", step);
+                return 1;
+            }
             printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
             moe_model_free(&m);
-            return 0;
+            return log_failed;
         }
     }
-    fclose(csv);
+    if (fclose(csv) != 0 && !log_failed) {
+        fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?)\n", log_path);
+        log_failed = 1;
+    }
     if (start_step >= opt.steps) last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
     else last_bpb = eval_y[n_eval - 1];
     printf("\nvalidation bits per byte by genre:\n");
@@ -515,7 +624,7 @@ int main(int argc, char **argv) {
         s[1].name = "validation"; s[1].x = eval_x; s[1].y = eval_y; s[1].n = n_eval; s[1].style = PLOT_LINE_POINTS;
         ch.title = paths.name; ch.xlabel = "step"; ch.ylabel = "bits per byte";
         snprintf(path, sizeof path, "%s/%s_loss.png", paths.out_dir, paths.name);
-        if (plot_lines(path, &ch, s, n_eval > 0 ? 2 : 1) != 0) fprintf(stderr, "could not write %s\n", path);
+        if (plot_lines(path, &ch, s, n_eval > 0 ? 2 : 1) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
     if (load) {
         plot_heatmap_opts h;
@@ -525,7 +634,7 @@ int main(int argc, char **argv) {
         h.row_labels = cp.names;
         h.v_min = 0.0f;
         snprintf(path, sizeof path, "%s/%s_load.png", paths.out_dir, paths.name);
-        if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) fprintf(stderr, "could not write %s\n", path);
+        if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
     /* a sample */
     if (paths.sample_bytes > 0 && !(cfg.moe_every > 0 && cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)) {
@@ -552,5 +661,9 @@ int main(int argc, char **argv) {
     moe_model_free(&m);
     brown_free(&cp);
     free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
-    return 0;
+    /* a run whose last checkpoint or an output file failed did not do what it says: a later
+       --resume would continue an older state */
+    if (save_failed && saved_step >= 0) fprintf(stderr, "train_lm: the final checkpoint was not written; '%s' holds step %lld\n", ckpt, saved_step);
+    else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
+    return save_failed || log_failed || plot_failed;
 }

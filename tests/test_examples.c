@@ -91,6 +91,7 @@ static void test_train_lm(void) {
     CHECK(proc_run(&two, log, bin, "--quick", "--name", "part", "--resume", "build/tmp_examples/part.ckpt", "--out", dir, "--sample", "30", END) == 0 &&
           file_contains(log, "resumed"), "resume");
     CHECK(files_equal("build/tmp_examples/full.ckpt", "build/tmp_examples/part.ckpt"), "resumed run's checkpoint is byte-identical to the uninterrupted run's");
+    CHECK(files_equal("build/tmp_examples/full.csv", "build/tmp_examples/part.csv"), "resumed run's log is byte-identical to the uninterrupted run's");
     /* a damaged checkpoint is refused with a sentence */
     f = fopen("build/tmp_examples/bad.ckpt", "wb");
     if (f) { fputs("MOECKPT", f); fclose(f); }

@@ -21,6 +21,7 @@
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
 #include "flags.h" /* defines: flag_*, flags_parse */
+#include "files.h" /* defines: files_atomic_*, files_check_input */
 
 #include <errno.h>
 #include <stdarg.h>
@@ -156,18 +157,18 @@ static int read_table(table *t, const char *path) {
     return 0;
 }
 
+/* the rows with the calibrated scores appended, through a temporary file that is synced and
+   renamed onto path (files.h): a failed write leaves an existing file as it was */
 static int write_rows(const table *t, const char *path, const char *header, const double *cw, const double *cl) {
-    char tmp[4200];
-    FILE *f;
+    files_atomic a;
+    files_err fe;
+    FILE *f = files_atomic_open(&a, path, &fe);
     size_t i;
     int ok;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    f = fopen(tmp, "wb");
-    if (!f) return fail("cannot write '%s'", tmp);
+    if (!f) return fail("%s", fe.msg);
     ok = fprintf(f, "%s,cal_chosen,cal_rejected\n", header) > 0;
     for (i = 0; ok && i < t->n; i++) ok = fprintf(f, "%s,%.17g,%.17g\n", t->record[i], cw[i], cl[i]) > 0;
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) { remove(tmp); return fail("writing '%s' failed", path); }
+    if (files_atomic_commit(&a, ok, &fe) != 0) return fail("%s", fe.msg);
     return 0;
 }
 
@@ -266,6 +267,12 @@ int main(int argc, char **argv) {
         if (no_shuffle) cfg.shuffle = 0;
     }
     if (rwd_cal_config_check(&cfg, &err) != MOE_OK) return fail("%s", err.msg);
+    {
+        files_atomic probe; /* an output that cannot be written fails before the work */
+        files_err fe;
+        if (!files_atomic_open(&probe, out, &fe)) return fail("%s", fe.msg);
+        files_atomic_abort(&probe);
+    }
     if (read_table(&t, in)) return 1;
 
     printf("%-22s %s\n%-22s %s\n%-22s %zu\n%-22s %g\n%-22s %d\n%-22s %g\n%-22s %g\n%-22s %d\n%-22s %s\n%-22s %g (%s)\n%-22s %s\n",

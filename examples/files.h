@@ -252,7 +252,7 @@ FILES_FN FILE *files_atomic_open(files_atomic *a, const char *path, files_err *e
             if (fd < 0 && errno != EEXIST) break;
         }
         if (fd < 0) {
-            files__set(e, "cannot write '%s': %s", a->tmp, strerror(errno));
+            files__set(e, "cannot write '%s': %s (creating a temporary file beside it)", path, strerror(errno));
             return NULL;
         }
         a->f = fdopen(fd, "wb");
@@ -265,7 +265,7 @@ FILES_FN FILE *files_atomic_open(files_atomic *a, const char *path, files_err *e
     snprintf(a->tmp, sizeof a->tmp, "%s.tmp", path);
     a->f = fopen(a->tmp, "wb");
 #endif
-    if (!a->f) files__set(e, "cannot write '%s': %s", a->tmp, strerror(errno));
+    if (!a->f) files__set(e, "cannot write '%s': %s (creating a temporary file beside it)", path, strerror(errno));
     return a->f;
 }
 

@@ -62,7 +62,7 @@ typedef struct files_atomic {
 /* fmt has two %s: the path (cut to 1000 bytes in the sentence) and the reason */
 static void files__set(files_err *e, const char *fmt, const char *path, const char *why) {
     char p[1001];
-    snprintf(p, sizeof p, "%s", path);
+    snprintf(p, sizeof p, "%.1000s", path);
     if (e) snprintf(e->msg, sizeof e->msg, fmt, p, why);
 }
 

@@ -531,7 +531,7 @@ int main(int argc, char **argv) {
     if (n_pre == 0 || !load_text(&ft, o.data_dir, o.ft_genre)) return 1;
     {
         files_err fe;
-        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "gw_finetune: %s\n", fe.msg); return 1; }
     }
     print_settings(&o, n_pre);
     nc = n_curve(&o);

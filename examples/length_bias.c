@@ -309,8 +309,9 @@ static const char *const about =
     "features, calibrates the vanilla scores post hoc (RC-Mean, RC-LWR, length penalty), and reports\n"
     "accuracy, accuracy where the chosen answer is shorter, and the reward-length Spearman correlation\n"
     "on held-out pairs. Data: a built-in simulator (no download; --bias sets its length bias), and with\n"
-    "--hh real HH-RLHF pairs: JSON lines {\"chosen\": \"...\", \"rejected\": \"...\"} (.gz is read\n"
-    "through gzip). Writes out/length_bias_<data>.csv and out/length_bias_<data>.png.";
+    "--hh real HH-RLHF pairs: JSON lines {\"chosen\": \"...\", \"rejected\": \"...\"} whose strings are dialogues\n"
+    "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\"), at least 10 (.gz is read through gzip). Writes\n"
+    "out/length_bias_<data>.csv and out/length_bias_<data>.png.";
 
 int main(int argc, char **argv) {
     settings st;

@@ -485,7 +485,7 @@ int main(int argc, char **argv) {
     if (!brown_load(&cp, o.data_dir, NULL)) return 1;
     {
         files_err fe;
-        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "router_compare: %s\n", fe.msg); return 1; }
     }
     print_settings(&o);
     /* seeds outermost: a partial run still compares every variant */

@@ -506,7 +506,7 @@ int main(int argc, char **argv) {
     print_settings(&m, &opt, &paths, &cp, start_step);
     {
         files_err fe;
-        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "train_lm: %s\n", fe.msg); return 1; }
     }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
     snprintf(log_path, sizeof log_path, "%s", path);

@@ -214,7 +214,7 @@ int main(int argc, char **argv) {
     }
     {
         files_err fe;
-        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "%s\n", fe.msg); return 1; }
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "train_moe: %s\n", fe.msg); return 1; }
     }
     snprintf(path, sizeof path, "%s/train_moe.csv", o.out_dir);
     csv = fopen(path, "w");

@@ -346,6 +346,32 @@ static void test_calibrate_input(void) {
     bad("output under a file", 1, "cannot write", "Not a directory", 0, C, "@scores.csv", "--out", "@scores.csv/o.csv", END);
     bad("output in a read-only folder", 1, "cannot write", "Permission denied", OPT_NOBODY, C, "@scores.csv", "--out", "@ro/o.csv", END);
     bad("a write error over an existing output", 1, "existing_out.csv", "unchanged", OPT_FSIZE, C, "@scores.csv", "--out", "@existing_out.csv", END);
+    { /* not bad, but once cut: a header record of more than 8 KB with a quoted line break is written back whole */
+        char *text = (char *)malloc(1 << 16), *out, in[128], outp[128], log[128];
+        size_t len = 0, hl;
+        int i;
+        len += (size_t)sprintf(text, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected");
+        for (i = 0; i < 400; i++) len += (size_t)sprintf(text + len, ",extra_column_number_%04d", i);
+        len += (size_t)sprintf(text + len, ",\"a note\nover two lines\"");
+        hl = len;
+        len += (size_t)sprintf(text + len, "\n");
+        for (i = 0; i < 40; i++) {
+            int k;
+            len += (size_t)sprintf(text + len, "%d,a,%d,%d,%d,%d", i, i % 3, i % 5, 10 + i, 90 - i);
+            for (k = 0; k < 400; k++) len += (size_t)sprintf(text + len, ",0");
+            len += (size_t)sprintf(text + len, ",x\n");
+        }
+        write_file("long_header.csv", text, len);
+        snprintf(in, sizeof in, "%s/long_header.csv", D);
+        snprintf(outp, sizeof outp, "%s/long_header_out.csv", D);
+        snprintf(log, sizeof log, "%s.log", D);
+        CHECK(hl > 8191 && proc_run(NULL, log, C, in, "--out", outp, END) == 0, "calibrate on a %zu-byte header record", hl);
+        out = proc_slurp(outp, NULL);
+        CHECK(out && strncmp(out, text, hl) == 0 && strncmp(out + hl, ",cal_chosen,cal_rejected\n", 25) == 0,
+              "the %zu-byte header record (a quoted line break in it) is written back whole", hl);
+        free(out);
+        free(text);
+    }
 }
 
 static void test_length_bias_input(void) {

@@ -3,6 +3,8 @@
 #   make amalgamate   regenerate moe.h and reward.h from their parts in src/ (commit all three)
 #   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make test-asan-clang  the same with clang, whose UBSan also checks pointer arithmetic on NULL
+#                     (make test-asan CC=clang is the same; its binaries go to build/asan-clang)
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
 #   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
@@ -50,19 +52,22 @@ endif
 TEST_SRCS    := $(wildcard tests/test_*.c)
 TEST_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
-ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(BUILD)/asan/%)
+# each compiler's sanitizer build in its own folder: clang's UBSan checks more than gcc's
+# (pointer arithmetic on NULL); float-to-int casts out of range are checked by both
+ASAN_DIR     := $(BUILD)/asan$(if $(findstring clang,$(notdir $(CC))),-clang,)
+ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(ASAN_DIR)/%)
 # the fuzz targets (tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/corpus/<name>/) also run as
 # plain programs over their committed corpus in the suite: every past finding stays a test
 FUZZ_NAMES   := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 TEST_BINS    += $(FUZZ_NAMES:%=$(BUILD)/tests/fuzz_replay_%)
-ASAN_BINS    += $(FUZZ_NAMES:%=$(BUILD)/asan/fuzz_replay_%)
+ASAN_BINS    += $(FUZZ_NAMES:%=$(ASAN_DIR)/fuzz_replay_%)
 EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 BENCH_SRCS   := $(wildcard bench/*.c)
 BENCH_BINS   := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 HEADERS      := moe.h $(wildcard reward.h) $(wildcard examples/*.h) $(wildcard tests/*.h)
 
-.PHONY: all test test-asan bench goldens demo clean amalgamate check-amalgamation
+.PHONY: all test test-asan test-asan-clang bench goldens demo clean amalgamate check-amalgamation
 all: $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 
 # moe.h and reward.h are generated from src/moe/ and src/reward/ (the ordered list is each
@@ -82,8 +87,8 @@ check-amalgamation: $(AMALGAMATE)
 # The implementation of both headers is compiled once per flavour (tests/impl.c) and linked into
 # every test program that does not define MOE_IMPLEMENTATION itself (a test with its own
 # allocator or build options does: it is then one translation unit, as before).
-ASAN_CFLAGS = -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-              -ffp-contract=off $(WARN) $(INC)
+ASAN_CFLAGS = -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow \
+              -fno-sanitize-recover=all -ffp-contract=off $(WARN) $(INC)
 own_impl = $(shell grep -l '^\#define MOE_IMPLEMENTATION' $(1) 2>/dev/null)
 impl_for = $(if $(call own_impl,$(1)),,$(2))
 
@@ -93,7 +98,7 @@ $(BUILD)/tests/impl.o: tests/impl.c $(HEADERS)
 $(BUILD)/tests/impl_native.o: tests/impl.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) -c $< -o $@
-$(BUILD)/asan/impl.o: tests/impl.c $(HEADERS)
+$(ASAN_DIR)/impl.o: tests/impl.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) -c $< -o $@
 
@@ -106,18 +111,17 @@ $(BUILD)/tests/%_native: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(BUI
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -march=native $(OMP_FLAG) $< $(call impl_for,$<,$(BUILD)/tests/impl_native.o) -o $@ $(LDLIBS)
 
-$(BUILD)/asan/%: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(BUILD)/asan/impl.o)
+$(ASAN_DIR)/%: tests/%.c $(HEADERS) $$(call impl_for,tests/$$*.c,$(ASAN_DIR)/impl.o)
 	@mkdir -p $(dir $@)
-	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< $(call impl_for,$<,$(BUILD)/asan/impl.o) -o $@ $(LDLIBS)
+	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< $(call impl_for,$<,$(ASAN_DIR)/impl.o) -o $@ $(LDLIBS)
 
 $(BUILD)/tests/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
 
-$(BUILD)/asan/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
+$(ASAN_DIR)/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) -std=c99 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-	    -ffp-contract=off $(WARN) $(INC) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
+	$(CC) $(ASAN_CFLAGS) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
 
 $(BUILD)/examples/%: examples/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -128,12 +132,16 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
 
 # The suite: the build matrix first (each header alone, C++, static, two TUs, with and
-# without OpenMP), then every test program; example smoke runs (--quick) are test programs too.
-test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS)
+# without OpenMP), then every test program; example smoke runs (--quick) are test programs too
+# (the benchmarks are built for the test that asks every program for --help).
+test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
 
 test-asan: check-amalgamation $(ASAN_BINS)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
+
+test-asan-clang:
+	@$(MAKE) --no-print-directory test-asan CC=clang
 
 ifeq ($(BLAS),1)
   BENCH_EXTRA += -DMOE_BENCH_BLAS
@@ -185,4 +193,4 @@ clean:
 .PHONY: data
 data:
 	@CC="$(CC)" BUILD="$(BUILD)" sh examples/data/brown.sh
-$(BUILD)/tests/test_data $(BUILD)/asan/test_data: examples/data/brown_text.h
+$(BUILD)/tests/test_data $(ASAN_DIR)/test_data: examples/data/brown_text.h

@@ -285,11 +285,18 @@ MOEDEF float moe_lr_cosine(long long step, long long warmup, long long total, fl
      u64 numel, i64 step, u64 config bytes, u64 state bytes,
      config blob, state blob (caller's: RNG, data position, ...), params, [adam_m, adam_v],
      u32 CRC-32 (zlib polynomial) of everything before it.
-   Saving writes "<path>.tmp", flushes, fsyncs (POSIX), renames: an existing checkpoint is
-   never left half-written. Loading reads and verifies the whole file before it touches the
-   store: on any error the store is unchanged. */
+   Saving writes a temporary file beside <path> whose name no other writer holds (POSIX:
+   "<path>.<pid>-<n>.tmp", created exclusively; elsewhere "<path>.tmp"), flushes and fsyncs it,
+   renames it onto <path> and fsyncs the directory: an existing checkpoint is never left
+   half-written, and two runs saving to one path each rename a whole file. Loading reads and
+   verifies the whole file before it touches the store: on any error the store is unchanged.
+   The parameters must be finite and below MOE_CKPT_MAX_ABS in magnitude, the moments finite
+   (v >= 0): a CRC protects against damage, not against a run that diverged before it saved. */
 
 #define MOE_CKPT_VERSION 1
+/* A parameter's square must stay a float: above ~1.8e19 a norm overflows to inf and the next
+   step turns it into NaN. Trained weights stay many orders of magnitude below this. */
+#define MOE_CKPT_MAX_ABS 1e15f
 
 typedef struct moe_ckpt_info {
     int version;
@@ -814,6 +821,9 @@ MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int ma
    max_numel parameters are declared (0 = no limit). Only moe_model_free may follow. */
 MOEDEF moe_status moe_model_declare(moe_model *m, const moe_model_config *c, size_t max_numel);
 MOEDEF void moe_model_free(moe_model *m);
+/* The parameter count of a model of this config (a checkpoint's numel), through
+   moe_model_declare: a loader compares it with the file before it builds the model. */
+MOEDEF moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err);
 /* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
    routers N(0, moe.router_init_std), noise projections and biases 0. */
 MOEDEF void moe_model_init_weights(moe_model *m, uint64_t seed);
@@ -1427,6 +1437,14 @@ MOE__IMPL uint32_t moe_crc32(uint32_t crc, const void *data, size_t n) {
 }
 
 #ifndef MOE_NO_STDIO
+#include <errno.h>
+#ifdef MOE__HAVE_FSYNC
+#include <fcntl.h>    /* open(O_EXCL): a temporary name no other writer holds */
+#include <sys/stat.h> /* fstat: a directory is not a checkpoint */
+#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
+extern FILE *fdopen(int, const char *); /* POSIX; hidden by strict -std=c99 headers */
+#endif
+#endif
 #define MOE__CKPT_MAGIC "MOECKPT"
 #define MOE__CKPT_HEADER 56 /* 8 magic + 4 version + 4 flags + 5 * 8 */
 
@@ -1463,6 +1481,49 @@ static int moe__write(FILE *f, const void *p, size_t n, uint32_t *crc) {
     return fwrite(p, 1, n, f) == n;
 }
 
+/* Creates the temporary file for `path`: its name goes to tmp (cap bytes). */
+static FILE *moe__ckpt_create_tmp(const char *path, char *tmp, size_t cap) {
+#ifdef MOE__HAVE_FSYNC
+    /* exclusive creation of a name with our process id (and a counter for several stores of
+       one process); mkstemp would do the same but ignores the umask (mode 0600) */
+    int k, fd = -1;
+    FILE *f;
+    for (k = 0; k < 1000 && fd < 0; k++) {
+        snprintf(tmp, cap, "%s.%ld-%d.tmp", path, (long)getpid(), k);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
+        if (fd < 0 && errno != EEXIST) return NULL;
+    }
+    if (fd < 0) return NULL;
+    f = fdopen(fd, "wb");
+    if (!f) {
+        close(fd);
+        remove(tmp);
+    }
+    return f;
+#else
+    snprintf(tmp, cap, "%s.tmp", path);
+    return fopen(tmp, "wb");
+#endif
+}
+
+/* after a rename the directory entry is durable only once the directory itself is synced */
+static void moe__ckpt_sync_dir(const char *path) {
+#ifdef MOE__HAVE_FSYNC
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    int fd;
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path) + (slash == path), path);
+    fd = open(dir, O_RDONLY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+#else
+    (void)path;
+#endif
+}
+
 MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
                                          long long step, const void *config, size_t config_bytes,
                                          const void *state, size_t state_bytes, moe_err *err) {
@@ -1475,8 +1536,7 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
     if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
     if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
-    if (strlen(path) + 5 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
-    sprintf(tmp, "%s.tmp", path);
+    if (strlen(path) + 32 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
     memset(h, 0, sizeof h);
     memcpy(h, MOE__CKPT_MAGIC, 8);
     moe__put_u32(h + 8, MOE_CKPT_VERSION);
@@ -1486,8 +1546,8 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     moe__put_u64(h + 32, (uint64_t)step);
     moe__put_u64(h + 40, (uint64_t)config_bytes);
     moe__put_u64(h + 48, (uint64_t)state_bytes);
-    f = fopen(tmp, "wb");
-    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open '%s' for writing", tmp);
+    f = moe__ckpt_create_tmp(path, tmp, sizeof tmp);
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno));
     ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
          moe__write(f, state, state_bytes, &crc) &&
          moe__write(f, s->params, s->numel * sizeof(float), &crc);
@@ -1504,10 +1564,14 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
         remove(tmp);
         return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
     }
+#ifdef _WIN32
+    remove(path); /* rename() does not replace files there */
+#endif
     if (rename(tmp, path) != 0) {
         remove(tmp);
         return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
     }
+    moe__ckpt_sync_dir(path);
     return MOE_OK;
 }
 
@@ -1521,7 +1585,16 @@ static moe_status moe__ckpt_read(const char *path, unsigned char **buf, size_t *
     if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
     if (!path) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is NULL");
     f = fopen(path, "rb");
-    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open checkpoint '%s'", path);
+    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open checkpoint '%s' (%s)", path, strerror(errno));
+#ifdef MOE__HAVE_FSYNC
+    {
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+            fclose(f);
+            return moe_err_set(err, MOE_ERR_IO, "'%s' is a directory, not a checkpoint file", path);
+        }
+    }
+#endif
     if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return moe_err_set(err, MOE_ERR_IO, "cannot determine the size of '%s'", path);
@@ -1597,6 +1670,27 @@ MOE__IMPL moe_status moe_checkpoint_blobs(const char *path, void *config_out, si
     return MOE_OK;
 }
 
+/* The stored floats (params, then m and v when present) as a model may use them: parameters
+   finite and within MOE_CKPT_MAX_ABS, moments finite, v >= 0. Names the first bad value. */
+static moe_status moe__ckpt_check_values(const char *path, const moe_store *s, const unsigned char *p, int has_moments, moe_err *err) {
+    static const char *const what[3] = {"parameter", "first Adam moment", "second Adam moment"};
+    size_t i, n = s->numel;
+    int k, t;
+    for (k = 0; k < (has_moments ? 3 : 1); k++)
+        for (i = 0; i < n; i++) {
+            float v;
+            char shown[32];
+            memcpy(&v, p + ((size_t)k * n + i) * sizeof(float), sizeof v); /* the blob need not be aligned */
+            if (k == 0 ? (v == v && v >= -MOE_CKPT_MAX_ABS && v <= MOE_CKPT_MAX_ABS) : k == 1 ? isfinite(v) : (isfinite(v) && v >= 0.0f)) continue;
+            if (v != v) snprintf(shown, sizeof shown, "NaN");
+            else snprintf(shown, sizeof shown, "%g", (double)v);
+            for (t = 0; t + 1 < s->count && s->tensors[t + 1].offset <= i; t++) {}
+            return moe_err_set(err, MOE_ERR_FORMAT, "'%s' holds the %s %s in '%s' (element %zu): a diverged run or a damaged file; it is not loaded",
+                               path, what[k], shown, s->count ? s->tensors[t].name : "?", s->count ? i - s->tensors[t].offset : i);
+        }
+    return MOE_OK;
+}
+
 MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long long *step,
                                          const void *expect_config, void *config_out,
                                          size_t config_bytes, void *state_out, size_t state_bytes,
@@ -1619,6 +1713,7 @@ MOE__IMPL moe_status moe_checkpoint_load(const char *path, moe_store *s, long lo
         moe_err_set(err, st, "'%s' has %llu bytes of state, expected %zu", path, (unsigned long long)info.state_bytes, state_bytes);
     else
         st = MOE_OK;
+    if (st == MOE_OK) st = moe__ckpt_check_values(path, s, b + MOE__CKPT_HEADER + info.config_bytes + info.state_bytes, info.has_moments, err);
     if (st != MOE_OK) { MOE_FREE(b); return st; }
     p = b + MOE__CKPT_HEADER;
     if (config_out && config_bytes) memcpy(config_out, p, config_bytes);
@@ -4378,6 +4473,15 @@ MOE__IMPL moe_status moe_model_declare(moe_model *m, const moe_model_config *c, 
     return moe__model_init(m, c, 1, 1, max_numel > 0 ? max_numel : (size_t)-1);
 }
 
+MOE__IMPL moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err) {
+    moe_model m;
+    moe_status st = moe_model_declare(&m, c, 0);
+    if (st == MOE_OK) *numel = m.S.numel;
+    else if (err) *err = m.err;
+    moe_model_free(&m);
+    return st;
+}
+
 MOE__IMPL void moe_model_free(moe_model *m) {
     int l;
     if (m->blocks) {
@@ -5222,7 +5326,7 @@ MOE__IMPL moe_status moe_model_load(moe_model *m, const char *path, int max_B, i
                                     void *user, size_t user_bytes, moe_err *err) {
     moe__model_file f;
     moe_status st;
-    moe_err local, why;
+    moe_err local;
     if (!err) err = &local;
     if (!m) return moe_err_set(err, MOE_ERR_INVALID_ARG, "moe_model_load needs a model to fill");
     memset(m, 0, sizeof *m);
@@ -5236,8 +5340,7 @@ MOE__IMPL moe_status moe_model_load(moe_model *m, const char *path, int max_B, i
     /* the file must still hold the record checked above (it is read again) */
     if (st == MOE_OK)
         st = moe_checkpoint_load(path, &m->S, step, f.record, NULL, (size_t)f.info.config_bytes, user, user ? user_bytes : 0, err);
-    if (st == MOE_OK && moe__check_finite(&m->S, f.info.has_moments, "", &why) != MOE_OK)
-        st = moe_err_set(err, MOE_ERR_FORMAT, "'%s'%s (saved from a diverged run?)", path, why.msg);
+    /* non-finite values: moe_checkpoint_load refuses them, naming the tensor */
     moe__model_file_free(&f);
     if (st != MOE_OK) {
         moe_model_free(m);

@@ -600,6 +600,7 @@ static int rwd__grow(void **buf, size_t *cap, size_t need, size_t elem) {
 }
 
 static int rwd__jput(rwd_json *d, const char *bytes, size_t n) {
+    if (n == 0) return 1; /* an empty run: d->strings may still be NULL, and NULL + 0 is undefined */
     if (!rwd__grow((void **)&d->strings, &d->cap_strings, d->n_strings + n, 1)) return 0;
     memcpy(d->strings + d->n_strings, bytes, n);
     d->n_strings += n;
@@ -1302,6 +1303,21 @@ static moe_status rwd__check_finite(const double *a, size_t n, const char *what,
     return MOE_OK;
 }
 
+/* Scores and characteristics enter sums, means and squares: beyond this magnitude the
+   arithmetic overflows (a score of 1e308 calibrated to inf, or to 0 through inf - inf). */
+#define RWD__CAL_MAX_ABS 1e150
+
+static moe_status rwd__check_magnitude(const double *a, size_t n, const char *what, moe_err *err) {
+    size_t i;
+    moe_status st = rwd__check_finite(a, n, what, err);
+    if (st != MOE_OK) return st;
+    for (i = 0; i < n; i++)
+        if (fabs(a[i]) > RWD__CAL_MAX_ABS)
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s[%zu] is %g: calibration takes magnitudes up to %g (rescale the values)", what, i,
+                               a[i], RWD__CAL_MAX_ABS);
+    return MOE_OK;
+}
+
 RWD__IMPL moe_status rwd_lwr_fit(rwd_lwr *m, const double *x, const double *y, size_t n, double frac,
                                  int iters, moe_err *err) {
     double *fit;
@@ -1519,14 +1535,17 @@ RWD__IMPL moe_status rwd_calibrate_sequence(double *out_w, double *out_l, const 
     if (n == 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "calibration needs at least one pair");
     if (!out_w || !out_l || n_features < 0 || (n_features > 0 && (!c_w || !c_l || !alpha)))
         return moe_err_set(err, MOE_ERR_INVALID_ARG, "calibration needs outputs and, per feature, characteristics and an alpha");
-    if ((st = rwd__check_finite(s_w, n, "chosen scores", err)) || (st = rwd__check_finite(s_l, n, "rejected scores", err))) return st;
+    if ((st = rwd__check_magnitude(s_w, n, "chosen scores", err)) || (st = rwd__check_magnitude(s_l, n, "rejected scores", err))) return st;
+    for (f = 0; f < n_features; f++)
+        if ((st = rwd__check_magnitude(c_w[f], n, "chosen characteristic", err)) || (st = rwd__check_magnitude(c_l[f], n, "rejected characteristic", err)))
+            return st;
     pen = c->method == RWD_CAL_PENALTY || c->method == RWD_CAL_PENALTY_LWR || c->method == RWD_CAL_PENALTY_MEAN;
     if (pen) { /* the paper's baseline: r - penalty * length of the full chat-formatted text.
                   Each response uses its own length; the official calibrate_alpacaeval.py
                   penalises the baseline's score with the evaluated model's length instead. */
         const double *lw = t_w ? t_w : (n_features > 0 ? c_w[0] : NULL), *ll = t_l ? t_l : (n_features > 0 ? c_l[0] : NULL);
         if (!lw || !ll) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the length penalty needs text lengths");
-        if ((st = rwd__check_finite(lw, n, "chosen text length", err)) || (st = rwd__check_finite(ll, n, "rejected text length", err))) return st;
+        if ((st = rwd__check_magnitude(lw, n, "chosen text length", err)) || (st = rwd__check_magnitude(ll, n, "rejected text length", err))) return st;
         for (i = 0; i < n; i++) {
             out_w[i] = s_w[i] - c->penalty * lw[i];
             out_l[i] = s_l[i] - c->penalty * ll[i];
@@ -1535,9 +1554,13 @@ RWD__IMPL moe_status rwd_calibrate_sequence(double *out_w, double *out_l, const 
         memmove(out_w, s_w, n * sizeof(double));
         memmove(out_l, s_l, n * sizeof(double));
     }
-    if (c->method == RWD_CAL_PENALTY) return MOE_OK;
-    for (f = 0; f < n_features; f++)
-        if ((st = rwd__calibrate_feature(out_w, out_l, out_w, out_l, c_w[f], c_l[f], n, alpha[f], c, err)) != MOE_OK) return st;
+    if (c->method != RWD_CAL_PENALTY)
+        for (f = 0; f < n_features; f++)
+            if ((st = rwd__calibrate_feature(out_w, out_l, out_w, out_l, c_w[f], c_l[f], n, alpha[f], c, err)) != MOE_OK) return st;
+    for (i = 0; i < n; i++) /* a calibrated score is a number, or the call says why not */
+        if (!isfinite(out_w[i]) || !isfinite(out_l[i]))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "calibrating pair %zu gave %g, %g: the scores, lengths or alpha are too large (rescale them)", i,
+                               out_w[i], out_l[i]);
     return MOE_OK;
 }
 
@@ -2076,11 +2099,13 @@ RWD__IMPL void rwd_head_forward(rwd_head *h, const moe_store *s, float *r, const
 RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const float *dr, const float *x, int rows) {
     int d = h->cfg.d_in, H = h->cfg.d_hidden;
     size_t rh = (size_t)rows * (size_t)H;
-    float *dhid = h->dhid, *dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
-    if (h->cfg.kind == RWD_HEAD_LINEAR) {
+    float *dhid, *dpre;
+    if (h->cfg.kind == RWD_HEAD_LINEAR) { /* no hidden buffers: h->dhid is NULL */
         moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1);
         return;
     }
+    dhid = h->dhid;
+    dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
     memset(dhid, 0, rh * sizeof(float)); /* activation gradients are per call, not accumulated */
     memset(dpre, 0, rh * sizeof(float));
     moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1);

@@ -13,6 +13,8 @@
 #define MOE_IMPLEMENTATION
 #define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: rwd_lowess, moe_rng, moe_time_seconds */
+#include "files.h"  /* defines: files_spawn_read, files_spawn_close */
+#include "flags.h"  /* defines: flag_switch, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +34,7 @@ static double median(double *v, int n) {
 /* runs statsmodels on (x, y); fills ref (n) and returns its median ms, or -1 if unavailable */
 static double run_statsmodels(const double *x, const double *y, size_t n, double frac, int it, int repeats, double *ref) {
     const char *py = getenv("PYTHON") ? getenv("PYTHON") : "/usr/bin/python3";
-    char in[64], out[64], cmd[512], line[512];
+    char in[64], out[64], line[512];
     double ms = -1.0;
     size_t i;
     FILE *f, *p;
@@ -42,14 +44,24 @@ static double run_statsmodels(const double *x, const double *y, size_t n, double
     if (!f) return -1.0;
     for (i = 0; i < n; i++) fprintf(f, "%.17g %.17g\n", x[i], y[i]);
     fclose(f);
-    snprintf(cmd, sizeof cmd, "%s bench/statsmodels_lowess.py %s %s %.17g %d %d 2>/dev/null", py, in, out, frac, it, repeats);
-    p = popen(cmd, "r");
-    if (p) {
-        while (fgets(line, sizeof line, p)) {
-            const char *m = strstr(line, "median_ms=");
-            if (m) ms = atof(m + 10);
+    { /* python3 bench/statsmodels_lowess.py IN OUT FRAC IT REPEATS, started without a shell */
+        const char *argv[8];
+        char a_frac[32], a_it[16], a_rep[16];
+        long pid;
+        files_err fe;
+        snprintf(a_frac, sizeof a_frac, "%.17g", frac);
+        snprintf(a_it, sizeof a_it, "%d", it);
+        snprintf(a_rep, sizeof a_rep, "%d", repeats);
+        argv[0] = py; argv[1] = "bench/statsmodels_lowess.py"; argv[2] = in; argv[3] = out;
+        argv[4] = a_frac; argv[5] = a_it; argv[6] = a_rep; argv[7] = NULL;
+        p = files_spawn_read(argv, 1, &pid, &fe);
+        if (p) {
+            while (fgets(line, sizeof line, p)) {
+                const char *m = strstr(line, "median_ms=");
+                if (m) ms = atof(m + 10);
+            }
+            if (files_spawn_close(p, pid) != 0) ms = -1.0;
         }
-        if (pclose(p) != 0) ms = -1.0;
     }
     f = ms >= 0 ? fopen(out, "r") : NULL;
     for (i = 0; f && i < n; i++)
@@ -63,7 +75,17 @@ static double run_statsmodels(const double *x, const double *y, size_t n, double
 int main(int argc, char **argv) {
     static const size_t sizes[3] = {1000, 10000, 100000};
     static const double fracs[2] = {0.3, 1.0};
-    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0, si, fi, have_python = 1;
+    int quick = 0, si, fi, have_python = 1, rc;
+    flag fl[1];
+    flags_program p;
+    fl[0] = flag_switch("--quick", &quick, "n = 1000 and 10000 only");
+    p = flags_program_make("lowess", "reward.h's LOWESS (rwd_lowess) against statsmodels",
+                           "No input: n integer-like lengths with ties and a bimodal reward, frac 0.3 and 1.0, it = 3.\n"
+                           "One line per (n, frac): medians of repeated runs of rwd_lowess and of statsmodels (run as\n"
+                           "$PYTHON bench/statsmodels_lowess.py, default /usr/bin/python3; skipped with a note when\n"
+                           "missing), the speed-up and the largest |difference| of the fits.",
+                           fl, 1);
+    if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
     printf("bench=lowess threads=%d data=floor(lognormal(6,0.7)) lengths with ties, bimodal reward\n", moe_num_threads());
     for (si = 0; si < (quick ? 2 : 3); si++) {
         size_t n = sizes[si], i, distinct = 0;

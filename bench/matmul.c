@@ -23,6 +23,7 @@
    AVX-512 machines); the first line says which kernels are in effect. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
+#include "flags.h" /* defines: flags_program_make, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,9 +137,20 @@ int main(int argc, char **argv) {
     /* name, T, d, D, E, k (as in bench/moe_layer.c) */
     static const struct { const char *name; int T, d, D, E, k; } cfg[] = {
         {"small", 4096, 256, 512, 8, 2}, {"medium", 8192, 512, 1024, 16, 2}, {"fine", 4096, 512, 256, 64, 8}};
-    int nthreads = moe_num_threads(), c;
-    const char *only = argc > 1 ? argv[1] : NULL; /* optional: one config name, or "square" */
+    int nthreads = moe_num_threads(), c, rc;
+    const char *only = NULL; /* optional: one config name, or "square" */
     const char *ct = getenv("OPENBLAS_CORETYPE");
+    flags_program p = flags_program_make("matmul", "GFLOP/s of moe.h's GEMM on the MoE layers' expert GEMM shapes and on 1024^3",
+                                         "No input. One line per shape: bench=matmul config=C op=O m= n= k= a_trans= threads= gflops=\n"
+                                         "(medians of 7 repetitions); built with BLAS=1 also OpenBLAS sgemm and the ratio.\n"
+                                         "CONFIG: small, medium, fine or square (default: all).",
+                                         NULL, 0);
+    flags_positional(&p, &only, 1, "[CONFIG]");
+    if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+    if (only && strcmp(only, "small") != 0 && strcmp(only, "medium") != 0 && strcmp(only, "fine") != 0 && strcmp(only, "square") != 0) {
+        fprintf(stderr, "matmul: unknown config '%s' (small, medium, fine, square)\n", only);
+        return 2;
+    }
     printf("bench=matmul_info threads=%d mr=%d nr=%d kc=%d mc=%d nc=%d openblas_coretype_env=%s", nthreads,
            MOE_GEMM_MR, MOE_GEMM_NR, MOE_GEMM_KC, MOE_GEMM_MC, MOE_GEMM_NC, ct && *ct ? ct : "unset");
 #ifdef MOE_BENCH_BLAS

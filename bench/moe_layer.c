@@ -37,6 +37,7 @@
      the throughput cost is 1 - 1/(1 + overhead)) [broadcast_share=] */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
+#include "flags.h" /* defines: flag_switch, flags_parse */
 
 #include <math.h>
 #include <stdio.h>
@@ -312,8 +313,24 @@ static int bench_routers(const char *name, int T, int d, int D, int E, int k) {
 int main(int argc, char **argv) {
     static const struct { const char *name; int T, d, D, E, k; } cfg[] = {
         {"small", 4096, 256, 512, 8, 2}, {"medium", 8192, 512, 1024, 16, 2}, {"fine", 4096, 512, 256, 64, 8}};
-    int c, rc = 0, routers = argc > 1 && strcmp(argv[1], "--routers") == 0;
-    const char *only = argc > 1 + routers ? argv[1 + routers] : NULL;
+    int c, rc = 0, routers = 0;
+    const char *only = NULL;
+    flag fl[1];
+    flags_program p;
+    fl[0] = flag_switch("--routers", &routers, "time the router families against top-k at the same shapes");
+    p = flags_program_make("moe_layer", "forward and forward+backward time of one MoE layer (softmax top-k, SwiGLU experts)",
+                           "No input. One line per shape and pass: bench=moe_layer config=C pass=fwd|fwd_bwd threads= median_ms=\n"
+                           "tokens_per_s= gflops=; with --routers bench=moe_layer_router lines with overhead_pct=.\n"
+                           "CONFIG: small (T=4096 d=256 D=512 E=8 k=2), medium (T=8192 d=512 D=1024 E=16 k=2) or\n"
+                           "fine (T=4096 d=512 D=256 E=64 k=8); default: all.",
+                           fl, 1);
+    flags_positional(&p, &only, 1, "[CONFIG]");
+    if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+    rc = 0;
+    if (only && strcmp(only, "small") != 0 && strcmp(only, "medium") != 0 && strcmp(only, "fine") != 0) {
+        fprintf(stderr, "moe_layer: unknown config '%s' (small, medium, fine)\n", only);
+        return 2;
+    }
     for (c = 0; c < 3; c++) {
         if (only && strcmp(only, cfg[c].name) != 0) continue;
         if (routers) rc |= bench_routers(cfg[c].name, cfg[c].T, cfg[c].d, cfg[c].D, cfg[c].E, cfg[c].k);

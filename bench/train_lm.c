@@ -11,6 +11,7 @@
    bench/torch_train_lm.py is the PyTorch peer. Optional argument: one config name. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
+#include "flags.h" /* defines: flags_program_make, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,7 +86,19 @@ static int bench_config(const char *name, int moe) {
 
 int main(int argc, char **argv) {
     int rc = 0;
-    if (argc <= 1 || strcmp(argv[1], "dense") == 0) rc |= bench_config("dense", 0);
-    if (argc <= 1 || strcmp(argv[1], "moe") == 0) rc |= bench_config("moe", 1);
+    const char *only = NULL;
+    flags_program p = flags_program_make("train_lm", "training throughput of the tiny byte-level transformer (bench)",
+                                         "No input (random bytes). One line per config: bench=train_lm config=C threads= tokens=\n"
+                                         "median_ms= tokens_per_s= params= active_params=. CONFIG: dense or moe (default: both).",
+                                         NULL, 0);
+    flags_positional(&p, &only, 1, "[CONFIG]");
+    if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+    rc = 0;
+    if (only && strcmp(only, "dense") != 0 && strcmp(only, "moe") != 0) {
+        fprintf(stderr, "train_lm: unknown config '%s' (dense, moe)\n", only);
+        return 2;
+    }
+    if (!only || strcmp(only, "dense") == 0) rc |= bench_config("dense", 0);
+    if (!only || strcmp(only, "moe") == 0) rc |= bench_config("moe", 1);
     return rc;
 }

@@ -15,10 +15,13 @@
  * Prints the share of each class's tokens per expert after each stage, per seed and model, a
  * summary line per model, and writes out/aoe_toy.png (the stage-2 shares).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_layer_*, moe_matmul_*, moe_crossentropy_*, moe_adamw_step */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,24 +78,38 @@ static void shares(toy *t, float *share, int d, moe_rng *r, float *x, int *y, fl
         for (e = 0; e < E; e++) share[c * E + e] /= (float)(count[c] ? count[c] : 1);
 }
 
+static const char *const about =
+    "Three Gaussian classes in d dimensions (no input file). One layer of 2 SwiGLU experts, top-1,\n"
+    "a linear read-out, cross-entropy. Stage 1 trains on classes 0 and 1, stage 2 adds class 2\n"
+    "(Autonomy-of-Experts, appendix B). Prints each class's share per expert after each stage,\n"
+    "per seed and model, a summary line per model, and writes DIR/aoe_toy.png.";
+
 int main(int argc, char **argv) {
-    int steps = 400, d = 32, seeds = 3, quick = 0, i, seed, kind;
+    int steps = 400, d = 32, seeds = 3, quick = 0, seed, kind;
     const char *out = "out";
     /* per model: seeds where stage 1 kept classes 0 and 1 on one expert, and stage 2 then gave
        class 2 mostly to the other one */
     int one_expert[2] = {0, 0}, idle_takes_new[2] = {0, 0};
     float last[2][C * E];
     char path[512];
-    for (i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--quick") == 0) quick = 1;
-        else if (i + 1 < argc && strcmp(argv[i], "--steps") == 0) steps = atoi(argv[++i]);
-        else if (i + 1 < argc && strcmp(argv[i], "--d") == 0) d = atoi(argv[++i]);
-        else if (i + 1 < argc && strcmp(argv[i], "--seeds") == 0) seeds = atoi(argv[++i]);
-        else if (i + 1 < argc && strcmp(argv[i], "--out") == 0) out = argv[++i];
-        else { fprintf(stderr, "usage: aoe_toy [--steps N] [--d D] [--seeds S] [--quick] [--out DIR]\n"); return 2; }
+    {
+        flag fl[5];
+        flags_program p;
+        int rc;
+        fl[0] = flag_int("--steps", &steps, 1, 1e8, "training steps per stage");
+        fl[1] = flag_int("--d", &d, 4, 4096, "input width");
+        fl[2] = flag_int("--seeds", &seeds, 1, 1000, "seeds per model");
+        fl[3] = flag_string("--out", &out, "DIR", "output folder (created)");
+        fl[4] = flag_switch("--quick", &quick, "150 steps per stage, 2 seeds");
+        p = flags_program_make("aoe_toy", "the Autonomy-of-Experts toy: which expert takes which class, routed MoE vs AoE", about, fl, 5);
+        rc = flags_parse(&p, argc, argv);
+        if (rc != FLAGS_RUN) return rc;
     }
     if (quick) { steps = 150; seeds = 2; }
-    if (steps < 1 || d < 4 || seeds < 1) { fprintf(stderr, "need steps >= 1, d >= 4, seeds >= 1\n"); return 2; }
+    {
+        files_err fe; /* the output folder first: a bad --out fails before the training */
+        if (files_mkdirs(out, &fe) != 0) { fprintf(stderr, "aoe_toy: %s\n", fe.msg); return 1; }
+    }
     printf("setting d=%d experts=2 top_k=1 classes=3 batch=%d steps_per_stage=%d seeds=%d threads=%d\n", d, BATCH, steps,
            seeds, moe_num_threads());
     for (kind = 0; kind < 2; kind++)
@@ -155,8 +172,6 @@ int main(int argc, char **argv) {
         o.annotate = 1;
         o.v_min = 0.0f;
         o.v_max = 1.0f;
-        snprintf(path, sizeof path, "mkdir -p '%s'", out);
-        if (system(path) != 0) return 1;
         snprintf(path, sizeof path, "%s/aoe_toy.png", out);
         if (plot_heatmap(path, &o, grid, 2 * C, E) != 0) fprintf(stderr, "could not write %s\n", path);
         else printf("wrote %s\n", path);

@@ -20,6 +20,8 @@
 #include "reward.h" /* defines: rwd_calibrate_pairs, rwd_pair_accuracy, rwd_rewardbench_*, rwd_lowess */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "flags.h" /* defines: flag_*, flags_parse */
+#include "files.h" /* defines: files_atomic_*, files_check_input */
 
 #include <errno.h>
 #include <stdarg.h>
@@ -37,6 +39,7 @@ typedef struct table {
     int *line;      /* (n) line where the record starts */
     char **subset;  /* (n) subset of each row */
     double *v[N_COLS]; /* numeric columns (COL_SW..COL_TL), (n) each */
+    char *header;   /* raw text of the header record (without a byte-order mark or line end) */
     size_t n;
     int has_text_len;
 } table;
@@ -86,22 +89,71 @@ static int parse_number(const char *s, double *v) {
     return end != s && *end == 0 && errno != ERANGE && isfinite(*v);
 }
 
+static void table_free(table *t) {
+    size_t i;
+    int k;
+    for (i = 0; i < t->n; i++) { free(t->record[i]); free(t->subset[i]); }
+    free(t->record); free(t->subset); free(t->line); free(t->header);
+    for (k = COL_SW; k < N_COLS; k++) free(t->v[k]);
+    memset(t, 0, sizeof *t);
+}
+
+/* every per-row array at least `cap` long; 0 when out of memory (the table stays valid) */
+static int table_grow(table *t, size_t cap) {
+    void *p;
+    int k;
+    if (!(p = realloc(t->record, cap * sizeof(char *)))) return 0;
+    t->record = (char **)p;
+    if (!(p = realloc(t->subset, cap * sizeof(char *)))) return 0;
+    t->subset = (char **)p;
+    if (!(p = realloc(t->line, cap * sizeof(int)))) return 0;
+    t->line = (int *)p;
+    for (k = COL_SW; k < N_COLS; k++) {
+        if (!(p = realloc(t->v[k], cap * sizeof(double)))) return 0;
+        t->v[k] = (double *)p;
+    }
+    return 1;
+}
+
+/* a copy of the raw text of the record that starts at rec and ends before end, line end dropped */
+static char *raw_record(const char *rec, const char *end) {
+    size_t n = (size_t)(end - rec);
+    char *r;
+    while (n > 0 && (rec[n - 1] == '\n' || rec[n - 1] == '\r')) n--;
+    r = (char *)malloc(n + 1);
+    if (r) {
+        memcpy(r, rec, n);
+        r[n] = 0;
+    }
+    return r;
+}
+
+/* Reads the CSV (.gz through gzip) into t; 0, or 1 after saying why (t is then empty). */
 static int read_table(table *t, const char *path) {
-    FILE *f = fopen(path, "rb");
-    char *text, *buf, *field[256];
-    const char *p;
+    files_reader r;
+    files_err fe;
+    FILE *f;
+    char *text = NULL, *buf = NULL, *field[256], why[600];
+    const char *p, *rec;
     size_t len, cap = 0;
     int col[N_COLS], nf, i, line = 1, header_fields;
     moe_err err;
+    moe_status st;
     memset(t, 0, sizeof *t);
-    if (!f) return fail("cannot open '%s'", path);
-    if (rwd_read_all(f, &text, &len, &err) != MOE_OK) { fclose(f); return fail("%s", err.msg); }
-    fclose(f);
+    why[0] = 0;
+    if (!(f = files_open_read(&r, path, &fe))) return fail("%s", fe.msg);
+    st = rwd_read_all(f, &text, &len, &err);
+    if (files_close_read(&r, &fe) != 0) { free(st == MOE_OK ? text : NULL); return fail("%s", fe.msg); }
+    if (st != MOE_OK) return fail("%s: %s", path, err.msg);
+    if (len == 0) { free(text); return fail("'%s' is empty: it needs a header line and rows", path); }
     buf = (char *)malloc(len + 1);
     if (!buf) { free(text); return fail("out of memory reading '%s'", path); }
     p = text;
     if (strncmp(p, "\xef\xbb\xbf", 3) == 0) p += 3; /* a UTF-8 byte-order mark */
+    rec = p;
     header_fields = split_record(&p, buf, field, 256, &line);
+    t->header = raw_record(rec, p); /* written back whole, however long, quoted line breaks and all */
+    if (!t->header) { snprintf(why, sizeof why, "out of memory reading '%.400s'", path); goto bad; }
     for (i = 0; i < N_COLS; i++) {
         int j;
         col[i] = -1;
@@ -110,63 +162,59 @@ static int read_table(table *t, const char *path) {
             while (*h == ' ') h++;
             if (strcmp(h, col_names[i]) == 0) col[i] = j;
         }
-        if (col[i] < 0 && i < COL_TW) { free(buf); free(text); return fail("line 1: the header has no column '%s'", col_names[i]); }
+        if (col[i] < 0 && i < COL_TW) { snprintf(why, sizeof why, "line 1: the header has no column '%s'", col_names[i]); goto bad; }
     }
     t->has_text_len = col[COL_TW] >= 0 && col[COL_TL] >= 0;
     while (*p) {
         int start = line;
-        const char *rec = p;
-        size_t rlen;
+        rec = p;
         nf = split_record(&p, buf, field, 256, &line);
-        rlen = (size_t)(p - rec);
-        while (rlen > 0 && (rec[rlen - 1] == '\n' || rec[rlen - 1] == '\r')) rlen--;
         if (nf == 1 && field[0][0] == 0) continue; /* blank line */
-        if (nf != header_fields) {
-            free(buf); free(text);
-            return fail("line %d: %d fields, the header has %d", start, nf, header_fields);
-        }
+        if (nf != header_fields) { snprintf(why, sizeof why, "line %d: %d fields, the header has %d", start, nf, header_fields); goto bad; }
         if (t->n == cap) {
             cap = cap ? 2 * cap : 1024;
-            t->record = (char **)realloc(t->record, cap * sizeof(char *));
-            t->subset = (char **)realloc(t->subset, cap * sizeof(char *));
-            t->line = (int *)realloc(t->line, cap * sizeof(int));
-            for (i = COL_SW; i < N_COLS; i++) t->v[i] = (double *)realloc(t->v[i], cap * sizeof(double));
-            if (!t->record || !t->subset || !t->line || !t->v[COL_TL]) { free(buf); free(text); return fail("out of memory at line %d", start); }
+            if (!table_grow(t, cap)) { snprintf(why, sizeof why, "out of memory at line %d", start); goto bad; }
         }
         for (i = COL_SW; i < N_COLS; i++) {
             if (col[i] < 0) continue;
             if (!parse_number(field[col[i]], &t->v[i][t->n])) {
-                free(buf); free(text);
-                return fail("line %d: column '%s' is not a finite number", start, col_names[i]);
+                snprintf(why, sizeof why, "line %d: column '%s' is not a finite number", start, col_names[i]);
+                goto bad;
             }
         }
-        t->record[t->n] = (char *)malloc(rlen + 1);
+        t->record[t->n] = raw_record(rec, p);
         t->subset[t->n] = (char *)malloc(strlen(field[col[COL_SUBSET]]) + 1);
-        if (!t->record[t->n] || !t->subset[t->n]) { free(buf); free(text); return fail("out of memory at line %d", start); }
-        memcpy(t->record[t->n], rec, rlen);
-        t->record[t->n][rlen] = 0;
-        strcpy(t->subset[t->n], field[col[COL_SUBSET]]);
         t->line[t->n] = start;
-        t->n++;
+        t->n++; /* table_free frees both, whatever happened */
+        if (!t->record[t->n - 1] || !t->subset[t->n - 1]) { snprintf(why, sizeof why, "out of memory at line %d", start); goto bad; }
+        strcpy(t->subset[t->n - 1], field[col[COL_SUBSET]]);
     }
     free(buf);
     free(text);
-    if (t->n == 0) return fail("'%s' has a header but no rows", path);
+    if (t->n == 0) {
+        table_free(t);
+        return fail("'%s' has a header but no rows", path);
+    }
     return 0;
+bad:
+    free(buf);
+    free(text);
+    table_free(t);
+    return fail("%s", why);
 }
 
+/* the rows with the calibrated scores appended, through a temporary file that is synced and
+   renamed onto path (files.h): a failed write leaves an existing file as it was */
 static int write_rows(const table *t, const char *path, const char *header, const double *cw, const double *cl) {
-    char tmp[4200];
-    FILE *f;
+    files_atomic a;
+    files_err fe;
+    FILE *f = files_atomic_open(&a, path, &fe);
     size_t i;
     int ok;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    f = fopen(tmp, "wb");
-    if (!f) return fail("cannot write '%s'", tmp);
+    if (!f) return fail("%s", fe.msg);
     ok = fprintf(f, "%s,cal_chosen,cal_rejected\n", header) > 0;
     for (i = 0; ok && i < t->n; i++) ok = fprintf(f, "%s,%.17g,%.17g\n", t->record[i], cw[i], cl[i]) > 0;
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) { remove(tmp); return fail("writing '%s' failed", path); }
+    if (files_atomic_commit(&a, ok, &fe) != 0) return fail("%s", fe.msg);
     return 0;
 }
 
@@ -178,7 +226,8 @@ static int by_x(const void *a, const void *b) {
 }
 
 /* score against length: points before (grey) and after, with their LOWESS curves */
-static void plot_scores(const char *path, const table *t, const double *cw, const double *cl, double frac) {
+/* 0, or 1 after saying why the plot could not be written */
+static int plot_scores(const char *path, const table *t, const double *cw, const double *cl, double frac) {
     size_t n = t->n, m = 2 * n, i;
     point *pt = (point *)malloc(2 * m * sizeof(point));
     float *buf = (float *)malloc(6 * m * sizeof(float));
@@ -186,8 +235,8 @@ static void plot_scores(const char *path, const table *t, const double *cw, cons
     plot_series s[4];
     plot_chart c;
     moe_err err;
-    int k;
-    if (!pt || !buf || !x) { free(pt); free(buf); free(x); return; }
+    int k, rc;
+    if (!pt || !buf || !x) { free(pt); free(buf); free(x); return fail("out of memory for the plot"); }
     memset(s, 0, sizeof s);
     memset(&c, 0, sizeof c);
     for (i = 0; i < n; i++) { x[i] = t->v[COL_LW][i]; x[n + i] = t->v[COL_LL][i]; }
@@ -211,9 +260,20 @@ static void plot_scores(const char *path, const table *t, const double *cw, cons
     c.title = "reward vs response length";
     c.xlabel = "length (code points)";
     c.ylabel = "reward";
-    if (k == 2 && plot_lines(path, &c, s, 4) != PLOT_OK) fprintf(stderr, "calibrate: could not write %s\n", path);
+    rc = k < 2 ? fail("the LOWESS curves of the plot failed: %s", err.msg) : plot_lines(path, &c, s, 4) != PLOT_OK ? fail("could not write %s", path) : 0;
     free(pt); free(buf); free(x);
+    return rc;
 }
+
+static const char *const about =
+    "Input: a CSV whose header names at least id,subset,score_chosen,score_rejected,len_chosen,\n"
+    "len_rejected in any order; extra columns are kept. Optional: text_len_chosen,text_len_rejected\n"
+    "(code points of the full chat-formatted text, for the length penalty). Lengths are real numbers;\n"
+    "quoted fields (commas, doubled quotes, line breaks) are fine.\n"
+    "Output: the rows with cal_chosen,cal_rejected appended (--out, written atomically); a PNG of\n"
+    "score against length before and after (out/calibrate.png); on stdout, after the settings, one\n"
+    "key=value line per subset, per RewardBench section and overall. Exit status 0 on success, 1\n"
+    "with a sentence on stderr on bad input, 2 on a bad flag.";
 
 int main(int argc, char **argv) {
     const char *in = NULL, *out = "out/calibrated.csv", *method = "lwr";
@@ -222,34 +282,45 @@ int main(int argc, char **argv) {
     double *cw, *cl;
     moe_err err;
     size_t i, j;
-    int a, rc;
-    for (a = 1; a < argc; a++) {
-        const char *k = argv[a], *v = a + 1 < argc ? argv[a + 1] : NULL;
-        double num = 0.0;
-        if (k[0] != '-') { in = k; continue; }
-        if (strcmp(k, "--no-shuffle") == 0) { cfg.shuffle = 0; continue; }
-        if (!v) return fail("option %s needs a value", k);
-        a++;
-        if (strcmp(k, "--method") == 0) method = v;
-        else if (strcmp(k, "--out") == 0) out = v;
-        else if (!parse_number(v, &num)) return fail("option %s needs a number", k);
-        else if (strcmp(k, "--frac") == 0) cfg.frac = num;
-        else if (strcmp(k, "--iters") == 0) cfg.iters = (int)num;
-        else if (strcmp(k, "--alpha") == 0) cfg.alpha = num;
-        else if (strcmp(k, "--ratio") == 0) cfg.ratio = num;
-        else if (strcmp(k, "--min-count") == 0) cfg.min_count = (int)num;
-        else if (strcmp(k, "--seed") == 0) { cfg.seed = (uint64_t)num; cfg.shuffle = 1; }
-        else if (strcmp(k, "--penalty") == 0) cfg.penalty = num;
-        else return fail("unknown option %s (see the top of examples/calibrate.c)", k);
+    int rc;
+    {
+        static const int methods[5] = {RWD_CAL_LWR, RWD_CAL_MEAN, RWD_CAL_PENALTY, RWD_CAL_PENALTY_LWR, RWD_CAL_PENALTY_MEAN};
+        static const char *const method_names[5] = {"lwr", "mean", "penalty", "penalty+lwr", "penalty+mean"};
+        flag fl[10];
+        flags_program p;
+        const char *args[1];
+        int n = 0, m = 0, seed = 0, no_shuffle = 0;
+        fl[n++] = flag_choice("--method", &m, "lwr|mean|penalty|penalty+lwr|penalty+mean",
+                              "RC-LWR, RC-Mean, the length penalty, or the penalty then RC-LWR / RC-Mean");
+        fl[n++] = flag_double("--frac", &cfg.frac, 1e-9, 1, "LOWESS span (RC-LWR)");
+        fl[n++] = flag_int("--iters", &cfg.iters, 0, 100, "LOWESS robustness passes");
+        fl[n++] = flag_double("--alpha", &cfg.alpha, -1e6, 1e6, "calibration strength");
+        fl[n++] = flag_double("--ratio", &cfg.ratio, 1e-9, 1e9, "RC-Mean threshold divisor");
+        fl[n++] = flag_int("--min-count", &cfg.min_count, 0, 1e9, "RC-Mean minimum window");
+        fl[n++] = flag_int("--seed", &seed, 0, 2147483647, "RC-Mean shuffle seed");
+        fl[n++] = flag_switch("--no-shuffle", &no_shuffle, "RC-Mean: no shuffle before the stable sort");
+        fl[n++] = flag_double("--penalty", &cfg.penalty, -1e6, 1e6, "length penalty per code point");
+        fl[n++] = flag_string("--out", &out, "FILE", "the calibrated rows (written atomically)");
+        p = flags_program_make("calibrate", "post-hoc reward calibration of your own reward model's scores", about, fl, n);
+        flags_positional(&p, args, 1, "scores.csv");
+        if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
+        if (p.n_args != 1) {
+            fprintf(stderr, "calibrate: give one input CSV (--help describes it)\n");
+            return 2;
+        }
+        in = args[0];
+        method = method_names[m];
+        cfg.method = methods[m];
+        if (flags_find(&p, &seed)->seen) { cfg.seed = (uint64_t)seed; cfg.shuffle = 1; }
+        if (no_shuffle) cfg.shuffle = 0;
     }
-    if (!in) return fail("usage: calibrate scores.csv [--method lwr|mean|penalty|penalty+lwr|penalty+mean] [--out FILE] ...");
-    if (strcmp(method, "lwr") == 0) cfg.method = RWD_CAL_LWR;
-    else if (strcmp(method, "mean") == 0) cfg.method = RWD_CAL_MEAN;
-    else if (strcmp(method, "penalty") == 0) cfg.method = RWD_CAL_PENALTY;
-    else if (strcmp(method, "penalty+lwr") == 0) cfg.method = RWD_CAL_PENALTY_LWR;
-    else if (strcmp(method, "penalty+mean") == 0) cfg.method = RWD_CAL_PENALTY_MEAN;
-    else return fail("unknown method '%s' (lwr, mean, penalty, penalty+lwr, penalty+mean)", method);
     if (rwd_cal_config_check(&cfg, &err) != MOE_OK) return fail("%s", err.msg);
+    {
+        files_atomic probe; /* an output that cannot be written fails before the work */
+        files_err fe;
+        if (!files_atomic_open(&probe, out, &fe)) return fail("%s", fe.msg);
+        files_atomic_abort(&probe);
+    }
     if (read_table(&t, in)) return 1;
 
     printf("%-22s %s\n%-22s %s\n%-22s %zu\n%-22s %g\n%-22s %d\n%-22s %g\n%-22s %g\n%-22s %d\n%-22s %s\n%-22s %g (%s)\n%-22s %s\n",
@@ -259,10 +330,13 @@ int main(int argc, char **argv) {
 
     cw = (double *)malloc(2 * t.n * sizeof(double));
     cl = cw + t.n;
-    if (!cw) return fail("out of memory");
+    if (!cw) { table_free(&t); return fail("out of memory"); }
     if (rwd_calibrate_pairs(cw, cl, t.v[COL_SW], t.v[COL_SL], t.v[COL_LW], t.v[COL_LL], t.has_text_len ? t.v[COL_TW] : NULL,
-                            t.has_text_len ? t.v[COL_TL] : NULL, t.n, &cfg, &err) != MOE_OK)
+                            t.has_text_len ? t.v[COL_TL] : NULL, t.n, &cfg, &err) != MOE_OK) {
+        table_free(&t);
+        free(cw);
         return fail("%s", err.msg);
+    }
 
     { /* per subset, in order of first appearance; then sections and overall */
         const char **names = (const char **)malloc(t.n * sizeof(char *));
@@ -294,21 +368,13 @@ int main(int argc, char **argv) {
         free(sid);
     }
     {
-        char header[8192];
-        FILE *f = fopen(in, "rb");
-        size_t hl = 0;
-        if (f && fgets(header, sizeof header, f)) hl = strcspn(header, "\r\n");
-        if (f) fclose(f);
-        header[hl] = 0;
-        if (strncmp(header, "\xef\xbb\xbf", 3) == 0) memmove(header, header + 3, hl - 2);
-        mkdir("out", 0755);
-        rc = write_rows(&t, out, header, cw, cl);
-        plot_scores("out/calibrate.png", &t, cw, cl, cfg.frac);
+        files_err fe;
+        if (files_mkdirs("out", &fe) != 0) fprintf(stderr, "calibrate: %s\n", fe.msg);
+        rc = write_rows(&t, out, t.header, cw, cl);
+        rc |= plot_scores("out/calibrate.png", &t, cw, cl, cfg.frac);
         if (!rc) printf("wrote=%s plot=out/calibrate.png\n", out);
     }
-    for (i = 0; i < t.n; i++) { free(t.record[i]); free(t.subset[i]); }
-    free(t.record); free(t.subset); free(t.line);
-    for (a = COL_SW; a < N_COLS; a++) free(t.v[a]);
+    table_free(&t);
     free(cw);
     return rc;
 }

@@ -30,10 +30,13 @@
  * out/gw_finetune.md, out/gw_finetune_bpb.png (fine-tuning genre bpb over fine-tuning steps)
  * and out/gw_finetune_sensitivity.png (loss increase per layer).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 #include "brown.h" /* defines: brown_genres, brown_read_file */
 
 #include <math.h>
@@ -392,20 +395,13 @@ static int train_steps(moe_model *m, moe_loader *ld, const options *o, int steps
 
 /* ---- arguments, settings ---------------------------------------------------------------------------- */
 
-static void usage(void) {
-    int i;
-    printf("gw_finetune: GW-MoE fine-tuning (broadcast uncertain tokens) vs plain fine-tuning on the Brown corpus\n"
-           "  --pre-genres a,b,c (news,editorial,reviews,government,learned) --ft-genre G (fiction)\n"
-           "  --share X (0.10: the share of uncertain tokens tau is set for) --gw-slots N (4, the gw-slots row)\n"
-           "  --seeds N (3) --pre-steps N --ft-steps N --lr X --min-lr X --ft-lr X --ft-min-lr X --warmup N --ft-warmup N\n"
-           "  --batch N --seq N --d N --layers N --heads N --experts N --expert-ff N --wd X --clip X --beta2 X --balance-coef X\n"
-           "  --eval-batches N (per genre) --sens-batches N --calib-batches N --ft-eval-every N --log-every N\n"
-           "  --data DIR (data/brown) --out DIR (out) --quick\nvariants:\n");
-    for (i = 0; i < N_VARIANTS; i++) printf("  %-14s %s\n", variants[i].name, variants[i].what);
-}
-
+/* FLAGS_RUN = run, else the exit status */
 static int parse_args(int argc, char **argv, options *o) {
-    int i;
+    static char about[4096];
+    const char *pre_genres = NULL, *ft_genre = NULL;
+    flag fl[40];
+    flags_program p;
+    int i, n = 0, rc, len;
     memset(o, 0, sizeof *o);
     o->d = 64; o->layers = 4; o->heads = 4; o->experts = 8; o->expert_ff = 128; o->seq = 64; o->batch = 16; o->seeds = 3;
     o->pre_steps = 1000; o->ft_steps = 300; o->warmup = 50; o->ft_warmup = 20; o->ft_eval_every = 50;
@@ -415,44 +411,64 @@ static int parse_args(int argc, char **argv, options *o) {
     strcpy(o->pre_genres, "news,editorial,reviews,government,learned");
     strcpy(o->ft_genre, "fiction");
     o->data_dir = "data/brown"; o->out_dir = "out";
-    for (i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(); exit(0); }
-        if (strcmp(a, "--quick") == 0) { o->quick = 1; continue; }
-        if (!v) { fprintf(stderr, "option %s needs a value\n", a); return 0; }
-        i++;
-#define INT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = atoi(v); continue; }
-#define FLT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = (float)atof(v); continue; }
-        INT_OPT("--d", o->d) INT_OPT("--layers", o->layers) INT_OPT("--heads", o->heads) INT_OPT("--experts", o->experts)
-        INT_OPT("--expert-ff", o->expert_ff) INT_OPT("--seq", o->seq) INT_OPT("--batch", o->batch) INT_OPT("--seeds", o->seeds)
-        INT_OPT("--pre-steps", o->pre_steps) INT_OPT("--ft-steps", o->ft_steps) INT_OPT("--warmup", o->warmup)
-        INT_OPT("--ft-warmup", o->ft_warmup) INT_OPT("--ft-eval-every", o->ft_eval_every) INT_OPT("--eval-batches", o->eval_batches)
-        INT_OPT("--sens-batches", o->sens_batches) INT_OPT("--calib-batches", o->calib_batches) INT_OPT("--log-every", o->log_every)
-        INT_OPT("--gw-slots", o->gw_slots)
-        FLT_OPT("--lr", o->lr) FLT_OPT("--min-lr", o->min_lr) FLT_OPT("--ft-lr", o->ft_lr) FLT_OPT("--ft-min-lr", o->ft_min_lr)
-        FLT_OPT("--wd", o->wd) FLT_OPT("--clip", o->clip) FLT_OPT("--beta2", o->beta2) FLT_OPT("--balance-coef", o->balance_coef)
-        FLT_OPT("--share", o->share)
-#undef INT_OPT
-#undef FLT_OPT
-        if (strcmp(a, "--data") == 0) o->data_dir = v;
-        else if (strcmp(a, "--out") == 0) o->out_dir = v;
-        else if (strcmp(a, "--pre-genres") == 0 && strlen(v) < sizeof o->pre_genres) strcpy(o->pre_genres, v);
-        else if (strcmp(a, "--ft-genre") == 0 && strlen(v) < sizeof o->ft_genre) strcpy(o->ft_genre, v);
-        else { fprintf(stderr, "unknown option '%s' or value too long (--help lists them)\n", a); return 0; }
+    fl[n++] = flag_default(flag_string("--pre-genres", &pre_genres, "a,b,c", "pre-training genres"), o->pre_genres);
+    fl[n++] = flag_default(flag_string("--ft-genre", &ft_genre, "G", "the fine-tuning genre"), o->ft_genre);
+    fl[n++] = flag_float("--share", &o->share, 1e-6, 0.999999, "the share of uncertain tokens tau is set for");
+    fl[n++] = flag_int("--gw-slots", &o->gw_slots, 0, 1 << 20, "uncertain tokens per sequence in the gw-slots row");
+    fl[n++] = flag_int("--seeds", &o->seeds, 1, MAX_SEEDS, "seeds");
+    fl[n++] = flag_int("--pre-steps", &o->pre_steps, 1, 1e8, "pre-training steps");
+    fl[n++] = flag_int("--ft-steps", &o->ft_steps, 1, 1e8, "fine-tuning steps");
+    fl[n++] = flag_float("--lr", &o->lr, 0, 1e6, "pre-training peak learning rate");
+    fl[n++] = flag_float("--min-lr", &o->min_lr, 0, 1e6, "pre-training final learning rate");
+    fl[n++] = flag_float("--ft-lr", &o->ft_lr, 0, 1e6, "fine-tuning peak learning rate");
+    fl[n++] = flag_float("--ft-min-lr", &o->ft_min_lr, 0, 1e6, "fine-tuning final learning rate");
+    fl[n++] = flag_int("--warmup", &o->warmup, 0, 1e8, "pre-training warm-up steps");
+    fl[n++] = flag_int("--ft-warmup", &o->ft_warmup, 0, 1e8, "fine-tuning warm-up steps");
+    fl[n++] = flag_int("--batch", &o->batch, 1, 4096, "sequences per batch");
+    fl[n++] = flag_int("--seq", &o->seq, 2, 4096, "bytes per sequence");
+    fl[n++] = flag_int("--d", &o->d, 1, 4096, "model width");
+    fl[n++] = flag_int("--layers", &o->layers, 1, MAX_LAYERS, "blocks (every one MoE)");
+    fl[n++] = flag_int("--heads", &o->heads, 1, 256, "attention heads (divides --d)");
+    fl[n++] = flag_int("--experts", &o->experts, 2, 64, "experts per MoE layer");
+    fl[n++] = flag_int("--expert-ff", &o->expert_ff, 1, 1 << 20, "width of one expert");
+    fl[n++] = flag_float("--wd", &o->wd, 0, 1000, "weight decay");
+    fl[n++] = flag_float("--clip", &o->clip, 0, 1e9, "gradient-norm clip; 0 = off");
+    fl[n++] = flag_float("--beta2", &o->beta2, 0, 0.9999999, "AdamW beta2");
+    fl[n++] = flag_float("--balance-coef", &o->balance_coef, 0, 1000, "Switch balance loss coefficient");
+    fl[n++] = flag_int("--eval-batches", &o->eval_batches, 1, 1e6, "validation batches per genre");
+    fl[n++] = flag_int("--sens-batches", &o->sens_batches, 1, 1e6, "routing-sensitivity batches");
+    fl[n++] = flag_int("--calib-batches", &o->calib_batches, 1, 1e6, "batches that set the threshold");
+    fl[n++] = flag_int("--ft-eval-every", &o->ft_eval_every, 1, 1e8, "validation every n fine-tuning steps");
+    fl[n++] = flag_int("--log-every", &o->log_every, 1, 1e8, "a progress line every n steps");
+    fl[n++] = flag_string("--data", &o->data_dir, "DIR", "the Brown corpus (make data)");
+    fl[n++] = flag_string("--out", &o->out_dir, "DIR", "output folder (created)");
+    fl[n++] = flag_switch("--quick", &o->quick, "a smoke run (under a minute)");
+    len = snprintf(about, sizeof about,
+                   "Data: the Brown corpus as `make data` writes it, DIR/{train,val}/<genre>.txt. Per seed: pre-train a\n"
+                   "byte-level MoE LM (Switch top-1) on some genres, then fine-tune copies of it on a held-out genre,\n"
+                   "one per variant; evaluate all with sparse routing (fine-tuning genre, forgetting, routing\n"
+                   "sensitivity). Prints a settings table, progress and a results table; writes DIR/gw_finetune.csv,\n"
+                   "_layers.csv, _curve.csv, .md, _bpb.png, _sensitivity.png.\nvariants:");
+    for (i = 0; i < N_VARIANTS && len > 0 && len < (int)sizeof about; i++)
+        len += snprintf(about + len, sizeof about - (size_t)len, "\n  %-14s %s", variants[i].name, variants[i].what);
+    p = flags_program_make("gw_finetune", "GW-MoE fine-tuning (broadcast uncertain tokens) vs plain fine-tuning on the Brown corpus",
+                           about, fl, n);
+    rc = flags_parse(&p, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
+    if (pre_genres) {
+        if (strlen(pre_genres) >= sizeof o->pre_genres) { fprintf(stderr, "gw_finetune: --pre-genres is too long\n"); return 2; }
+        strcpy(o->pre_genres, pre_genres);
+    }
+    if (ft_genre) {
+        if (strlen(ft_genre) >= sizeof o->ft_genre) { fprintf(stderr, "gw_finetune: --ft-genre is too long\n"); return 2; }
+        strcpy(o->ft_genre, ft_genre);
     }
     if (o->quick) {
         o->d = 32; o->layers = 2; o->heads = 2; o->expert_ff = 32; o->seq = 32; o->batch = 4; o->seeds = 2;
         o->pre_steps = 40; o->ft_steps = 20; o->warmup = 5; o->ft_warmup = 2; o->ft_eval_every = 10;
         o->eval_batches = 2; o->sens_batches = 4; o->calib_batches = 4; o->log_every = 20;
     }
-    if (o->seeds < 1 || o->seeds > MAX_SEEDS || o->pre_steps < 1 || o->ft_steps < 1 || o->ft_eval_every < 1 || o->log_every < 1 ||
-        o->batch < 1 || o->seq < 2 || o->eval_batches < 1 || o->sens_batches < 1 || o->calib_batches < 1 || o->layers < 1 ||
-        o->layers > MAX_LAYERS || o->experts < 2 || o->experts > 64 || !(o->share > 0.0f && o->share < 1.0f)) {
-        fprintf(stderr, "need 1 <= seeds <= %d, steps/batches/batch >= 1, seq >= 2, 1 <= layers <= %d, 2 <= experts <= 64, 0 < share < 1\n",
-                MAX_SEEDS, MAX_LAYERS);
-        return 0;
-    }
-    return 1;
+    return FLAGS_RUN;
 }
 
 static void print_settings(const options *o, int n_pre) {
@@ -502,19 +518,21 @@ int main(int argc, char **argv) {
     text pre[MAX_GENRES], ft;
     static row_result res[N_VARIANTS][MAX_SEEDS];
     double tau_seed[MAX_SEEDS];
-    int n_pre = 0, s, vi, k, i, nc, ids[MAX_LAYERS], nm = 0;
+    int n_pre = 0, s, vi, k, i, nc, ids[MAX_LAYERS], nm = 0, rc;
     double t_start = moe_time_seconds();
     char path[1024], buf[256], *tok;
     FILE *f, *md;
-    if (!parse_args(argc, argv, &o)) return 2;
+    if ((rc = parse_args(argc, argv, &o)) != FLAGS_RUN) return rc;
     snprintf(buf, sizeof buf, "%s", o.pre_genres);
     for (tok = strtok(buf, ","); tok && n_pre < MAX_GENRES; tok = strtok(NULL, ",")) {
         if (strcmp(tok, o.ft_genre) == 0) { fprintf(stderr, "the fine-tuning genre must not be a pre-training genre\n"); return 2; }
         if (!load_text(&pre[n_pre++], o.data_dir, tok)) return 1;
     }
     if (n_pre == 0 || !load_text(&ft, o.data_dir, o.ft_genre)) return 1;
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "gw_finetune: %s\n", fe.msg); return 1; }
+    }
     print_settings(&o, n_pre);
     nc = n_curve(&o);
     for (s = 0; s < o.seeds; s++) {

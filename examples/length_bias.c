@@ -26,6 +26,8 @@
 #include "reward.h" /* defines: rwd_featurize_pairs, rwd_head_*, rwd_bt_train, rwd_poe_train, rwd_calibrate_pairs, metrics */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "files.h" /* defines: files_open_read, files_close_read */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,18 +96,15 @@ static void sim_pairs(rwd_text_pairs *p, double *zw, double *zl, int n, double b
 /* ---- HH-RLHF ------------------------------------------------------------------------------ */
 
 static int read_hh(rwd_text_pairs *p, const char *path) {
-    size_t n = strlen(path);
-    int gz = n > 3 && strcmp(path + n - 3, ".gz") == 0;
-    char cmd[4200];
-    FILE *f;
+    files_reader r;
+    files_err fe;
     moe_err err;
     moe_status st;
-    snprintf(cmd, sizeof cmd, "gzip -dc '%s'", path);
-    f = gz ? popen(cmd, "r") : fopen(path, "rb");
-    if (!f) { fprintf(stderr, "length_bias: cannot open %s\n", path); return 1; }
+    FILE *f = files_open_read(&r, path, &fe); /* .gz through a gzip child, no shell */
+    if (!f) { fprintf(stderr, "length_bias: %s\n", fe.msg); return 1; }
     st = rwd_hh_read(p, f, &err);
-    if (gz) pclose(f);
-    else fclose(f);
+    /* gzip's exit status: a truncated archive must not pass as a shorter data set */
+    if (files_close_read(&r, &fe) != 0) { fprintf(stderr, "length_bias: %s\n", fe.msg); return 1; }
     if (st != MOE_OK) { fprintf(stderr, "length_bias: %s: %s\n", path, err.msg); return 1; }
     return 0;
 }
@@ -305,30 +304,57 @@ static void split_pairs(const rwd_text_pairs *p, rwd_text_pairs *a, rwd_text_pai
     free(perm);
 }
 
+static const char *const about =
+    "Trains a vanilla Bradley-Terry reward model and a Product-of-Experts reward model on hashed word\n"
+    "features, calibrates the vanilla scores post hoc (RC-Mean, RC-LWR, length penalty), and reports\n"
+    "accuracy, accuracy where the chosen answer is shorter, and the reward-length Spearman correlation\n"
+    "on held-out pairs. Data: a built-in simulator (no download; --bias sets its length bias), and with\n"
+    "--hh real HH-RLHF pairs: JSON lines {\"chosen\": \"...\", \"rejected\": \"...\"} whose strings are dialogues\n"
+    "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\"), at least 10 (.gz is read through gzip). Writes\n"
+    "out/length_bias_<data>.csv and out/length_bias_<data>.png.";
+
 int main(int argc, char **argv) {
     settings st;
-    int a;
+    rwd_text_pairs hh;
+    int seed = 1;
     memset(&st, 0, sizeof st);
     st.bias = 1.5;
     st.seed = 1;
     st.pairs = -1;
-    for (a = 1; a < argc; a++) {
-        if (strcmp(argv[a], "--quick") == 0) st.quick = 1;
-        else if (strcmp(argv[a], "--bias") == 0 && a + 1 < argc) st.bias = atof(argv[++a]);
-        else if (strcmp(argv[a], "--pairs") == 0 && a + 1 < argc) st.pairs = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--seed") == 0 && a + 1 < argc) st.seed = (uint64_t)atoll(argv[++a]);
-        else if (strcmp(argv[a], "--hh") == 0 && a + 1 < argc) st.hh = argv[++a];
-        else { fprintf(stderr, "length_bias: unknown argument %s (see the top of examples/length_bias.c)\n", argv[a]); return 1; }
+    {
+        flag fl[5];
+        flags_program p;
+        int rc;
+        fl[0] = flag_double("--bias", &st.bias, -100, 100, "the simulated humans' length bias (log-length coefficient)");
+        fl[1] = flag_default(flag_int("--pairs", &st.pairs, 50, 1e7, "simulated pairs"), "10000; 3000 with --quick");
+        fl[2] = flag_int("--seed", &seed, 0, 2147483647, "simulator, training and split");
+        fl[3] = flag_string("--hh", &st.hh, "FILE", "HH-RLHF pairs, .jsonl or .jsonl.gz (split 80/20)");
+        fl[4] = flag_switch("--quick", &st.quick, "fewer pairs, features and epochs");
+        p = flags_program_make("length_bias", "length bias in reward models, and three ways to reduce it", about, fl, 5);
+        rc = flags_parse(&p, argc, argv);
+        if (rc != FLAGS_RUN) return rc;
+        st.seed = (uint64_t)seed;
     }
     if (st.pairs < 0) st.pairs = st.quick ? 3000 : 10000;
-    if (st.pairs < 50) { fprintf(stderr, "length_bias: --pairs must be >= 50\n"); return 1; }
     st.dim = st.quick ? 2048 : 4096;
     st.epochs = st.quick ? 4 : 8;
     printf("%-22s %s\n%-22s %d (80%% train, 20%% held out)\n%-22s %g\n%-22s %d hashed + 2 length\n%-22s %d\n%-22s %llu\n%-22s %d\n%-22s %s\n",
            "mode", st.quick ? "quick" : "full", "simulated pairs", st.pairs, "length bias", st.bias, "features", st.dim, "epochs", st.epochs,
            "seed", (unsigned long long)st.seed, "threads", moe_num_threads(), "hh-rlhf", st.hh ? st.hh : "(not given: --hh FILE)");
     printf("%-22s %s\n", "models", "linear BT head; PoE: linear main + linear bias expert (noise 0.1 on the hashed words, length clean; bias lr 1e-2)");
-    mkdir("out", 0755);
+    {
+        files_err fe;
+        if (files_mkdirs("out", &fe) != 0) { fprintf(stderr, "length_bias: %s\n", fe.msg); return 1; }
+    }
+    memset(&hh, 0, sizeof hh);
+    if (st.hh) { /* read before the simulator runs: a bad file fails at once */
+        if (read_hh(&hh, st.hh)) return 1;
+        if (hh.n < 10) {
+            fprintf(stderr, "length_bias: '%s' holds %zu preference pairs; the 80/20 split needs at least 10\n", st.hh, hh.n);
+            rwd_text_pairs_free(&hh);
+            return 1;
+        }
+    }
     {
         rwd_text_pairs all, tr, te;
         double *zw = (double *)malloc(2 * (size_t)st.pairs * sizeof(double)), *zl = zw + st.pairs;
@@ -349,14 +375,12 @@ int main(int argc, char **argv) {
         free(zw);
     }
     if (st.hh) {
-        rwd_text_pairs all, tr, te;
-        memset(&all, 0, sizeof all);
+        rwd_text_pairs tr, te;
         memset(&tr, 0, sizeof tr);
         memset(&te, 0, sizeof te);
-        if (read_hh(&all, st.hh)) return 1;
-        split_pairs(&all, &tr, &te, all.n * 4 / 5, st.seed);
+        split_pairs(&hh, &tr, &te, hh.n * 4 / 5, st.seed);
         experiment("hh", &tr, &te, NULL, NULL, &st);
-        rwd_text_pairs_free(&all); rwd_text_pairs_free(&tr); rwd_text_pairs_free(&te);
+        rwd_text_pairs_free(&hh); rwd_text_pairs_free(&tr); rwd_text_pairs_free(&te);
     }
     return 0;
 }

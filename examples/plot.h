@@ -17,9 +17,10 @@
  *
  * Every function that writes a file returns 0 (PLOT_OK) on success and a
  * negative PLOT_ERR_* code on failure; nothing is printed and nothing aborts.
- * Files are written to "<path>.tmp" and renamed onto <path>, so a failed call
- * never destroys an existing file. Non-finite values are skipped (a line joins
- * the points on either side); heatmap cells that are NaN are drawn grey.
+ * Files are written to "<path>.tmp", synced (POSIX) and renamed onto <path>,
+ * so a failed call or a crash never destroys an existing file. Non-finite
+ * values are skipped (a line joins the points on either side); heatmap cells
+ * that are NaN are drawn grey.
  * The implementation defines STB_IMAGE_WRITE_IMPLEMENTATION (static), so a
  * translation unit with PLOT_IMPLEMENTATION must not include stb_image_write.h
  * itself. No global mutable state: calls are safe from several threads.
@@ -131,6 +132,14 @@ PLOTDEF int plot_canvas_save(const plot_canvas *c, const char *path); /* PNG via
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>  /* open: the directory, to sync a rename */
+#include <unistd.h> /* fsync */
+#define PLOT__POSIX 1
+#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
+extern int fileno(FILE *); /* POSIX; hidden by strict -std=c99 headers */
+#endif
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #pragma GCC diagnostic push
@@ -399,6 +408,9 @@ PLOT__IMPL int plot_canvas_save(const plot_canvas *c, const char *path) {
     }
     ok = fwrite(png, 1, (size_t)png_len, f) == (size_t)png_len;
     ok = (fflush(f) == 0) && ok;
+#ifdef PLOT__POSIX
+    ok = ok && fsync(fileno(f)) == 0; /* on disk before the rename makes it the file */
+#endif
     ok = (fclose(f) == 0) && ok;
     STBIW_FREE(png);
 #ifdef _WIN32
@@ -409,6 +421,18 @@ PLOT__IMPL int plot_canvas_save(const plot_canvas *c, const char *path) {
         free(tmp);
         return PLOT_ERR_IO;
     }
+#ifdef PLOT__POSIX
+    { /* the rename is durable once the directory is synced */
+        char *slash = strrchr(tmp, '/');
+        int fd;
+        if (slash) slash[slash == tmp] = 0; /* tmp becomes the directory ("/" for "/x.png") */
+        fd = open(slash ? tmp : ".", O_RDONLY);
+        if (fd >= 0) {
+            fsync(fd);
+            close(fd);
+        }
+    }
+#endif
     free(tmp);
     return PLOT_OK;
 }

@@ -26,10 +26,13 @@
  *                  equal-width bins on [0, 1]; the discrete MI (nats) of the two length-E label
  *                  sequences; averaged over tokens (and, in the summary, over layer pairs).
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
 #define PLOT_IMPLEMENTATION
 #include "plot.h"
+#include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
 #include <math.h>
@@ -353,20 +356,13 @@ static double layer_mean(const run_result *r, const double *field) {
     return s / r->n_moe;
 }
 
-static void usage(void) {
-    int i;
-    printf("router_compare: routers compared on the Brown corpus (equal tokens, data order, active parameters)\n"
-           "  --variants a,b,c   rows of the variant table (default: those marked on)\n"
-           "  --seeds N (3) --steps N --batch N --seq N --d N --layers N --heads N --experts N\n"
-           "  --expert-ff N (k x this = the dense FFN width) --router-dim N (RMoE p, 32)\n"
-           "  --lr X --min-lr X --warmup N --wd X --clip X --beta2 X --balance-coef X (0.01)\n"
-           "  --eval-every N --eval-batches N (per genre) --log-every N\n"
-           "  --data DIR (data/brown) --out DIR (out) --quick (a smoke run)\nvariants:\n");
-    for (i = 0; i < N_VARIANTS; i++) printf("  %-12s %s%s\n", variants[i].name, variants[i].what, variants[i].on ? "" : " (off by default)");
-}
-
+/* FLAGS_RUN = run, else the exit status */
 static int parse_args(int argc, char **argv, options *o) {
-    int i, any = 0;
+    static char about[4096];
+    const char *variant_list = NULL;
+    flag fl[32];
+    flags_program p;
+    int i, n = 0, rc, any = 0, len;
     memset(o, 0, sizeof *o);
     o->d = 64; o->layers = 6; o->heads = 4; o->experts = 8; o->expert_ff = 64; o->router_dim = 32;
     o->seq = 64; o->batch = 16; o->steps = 800; o->warmup = 50; o->eval_every = 100; o->eval_batches = 2;
@@ -374,37 +370,53 @@ static int parse_args(int argc, char **argv, options *o) {
     o->lr = 2e-3f; o->min_lr = 2e-4f; o->wd = 0.1f; o->clip = 1.0f; o->beta2 = 0.99f; o->balance_coef = 0.01f;
     o->data_dir = "data/brown"; o->out_dir = "out";
     for (i = 0; i < N_VARIANTS; i++) o->chosen[i] = (char)variants[i].on;
-    for (i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(); exit(0); }
-        if (strcmp(a, "--quick") == 0) { o->quick = 1; continue; }
-        if (!v) { fprintf(stderr, "option %s needs a value\n", a); return 0; }
-        i++;
-#define INT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = atoi(v); continue; }
-#define FLT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = (float)atof(v); continue; }
-        INT_OPT("--d", o->d) INT_OPT("--layers", o->layers) INT_OPT("--heads", o->heads) INT_OPT("--experts", o->experts)
-        INT_OPT("--expert-ff", o->expert_ff) INT_OPT("--router-dim", o->router_dim) INT_OPT("--seq", o->seq)
-        INT_OPT("--batch", o->batch) INT_OPT("--steps", o->steps) INT_OPT("--warmup", o->warmup)
-        INT_OPT("--eval-every", o->eval_every) INT_OPT("--eval-batches", o->eval_batches) INT_OPT("--log-every", o->log_every)
-        INT_OPT("--seeds", o->seeds)
-        FLT_OPT("--lr", o->lr) FLT_OPT("--min-lr", o->min_lr) FLT_OPT("--wd", o->wd) FLT_OPT("--clip", o->clip)
-        FLT_OPT("--beta2", o->beta2) FLT_OPT("--balance-coef", o->balance_coef)
-#undef INT_OPT
-#undef FLT_OPT
-        if (strcmp(a, "--data") == 0) o->data_dir = v;
-        else if (strcmp(a, "--out") == 0) o->out_dir = v;
-        else if (strcmp(a, "--variants") == 0) {
-            char buf[512], *tok;
-            int k;
-            memset(o->chosen, 0, sizeof o->chosen);
-            snprintf(buf, sizeof buf, "%s", v);
-            for (tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
-                for (k = 0; k < N_VARIANTS; k++)
-                    if (strcmp(tok, variants[k].name) == 0) break;
-                if (k == N_VARIANTS) { fprintf(stderr, "unknown variant '%s' (--help lists them)\n", tok); return 0; }
-                o->chosen[k] = 1;
-            }
-        } else { fprintf(stderr, "unknown option '%s' (--help lists them)\n", a); return 0; }
+    fl[n++] = flag_default(flag_string("--variants", &variant_list, "a,b,c", "rows of the variant table (above)"), "those marked on");
+    fl[n++] = flag_int("--seeds", &o->seeds, 1, MAX_SEEDS, "seeds per variant");
+    fl[n++] = flag_int("--steps", &o->steps, 1, 1e8, "training steps per run");
+    fl[n++] = flag_int("--batch", &o->batch, 1, 4096, "sequences per batch");
+    fl[n++] = flag_int("--seq", &o->seq, 2, 4096, "bytes per sequence");
+    fl[n++] = flag_int("--d", &o->d, 1, 4096, "model width");
+    fl[n++] = flag_int("--layers", &o->layers, 1, MAX_LAYERS, "blocks (every one MoE)");
+    fl[n++] = flag_int("--heads", &o->heads, 1, 256, "attention heads (divides --d)");
+    fl[n++] = flag_int("--experts", &o->experts, 2, 64, "experts per MoE layer");
+    fl[n++] = flag_int("--expert-ff", &o->expert_ff, 1, 1 << 20, "width of one expert (k x this = the dense FFN width)");
+    fl[n++] = flag_int("--router-dim", &o->router_dim, 1, 4096, "RMoE's p: GRU / MLP router width");
+    fl[n++] = flag_float("--lr", &o->lr, 0, 1e6, "peak learning rate");
+    fl[n++] = flag_float("--min-lr", &o->min_lr, 0, 1e6, "final learning rate (cosine)");
+    fl[n++] = flag_int("--warmup", &o->warmup, 0, 1e8, "warm-up steps");
+    fl[n++] = flag_float("--wd", &o->wd, 0, 1000, "weight decay");
+    fl[n++] = flag_float("--clip", &o->clip, 0, 1e9, "gradient-norm clip; 0 = off");
+    fl[n++] = flag_float("--beta2", &o->beta2, 0, 0.9999999, "AdamW beta2");
+    fl[n++] = flag_float("--balance-coef", &o->balance_coef, 0, 1000, "balance loss coefficient");
+    fl[n++] = flag_int("--eval-every", &o->eval_every, 1, 1e8, "validation every n steps");
+    fl[n++] = flag_int("--eval-batches", &o->eval_batches, 1, 1e6, "validation batches per genre");
+    fl[n++] = flag_int("--log-every", &o->log_every, 1, 1e8, "a progress line every n steps");
+    fl[n++] = flag_string("--data", &o->data_dir, "DIR", "the Brown corpus (make data)");
+    fl[n++] = flag_string("--out", &o->out_dir, "DIR", "output folder (created)");
+    fl[n++] = flag_switch("--quick", &o->quick, "a smoke run: every row, two seeds, a few steps of a very small model");
+    len = snprintf(about, sizeof about,
+                   "Data: the Brown corpus as `make data` writes it, DIR/{train,val}/<genre>.txt. For each seed every\n"
+                   "variant starts from the same init and reads the same batches. Prints a settings table, progress,\n"
+                   "a results table (mean +- std over seeds) and a per-layer table; writes DIR/router_compare.csv,\n"
+                   "_layers.csv, _curve.csv, .md, _val.png, _gate_entropy.png.\nvariants:");
+    for (i = 0; i < N_VARIANTS && len > 0 && len < (int)sizeof about; i++)
+        len += snprintf(about + len, sizeof about - (size_t)len, "\n  %-12s %s%s", variants[i].name, variants[i].what, variants[i].on ? "" : " (off by default)");
+    p = flags_program_make("router_compare", "routers compared on the Brown corpus at equal tokens, data order and active parameters",
+                           about, fl, n);
+    rc = flags_parse(&p, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
+    if (variant_list) {
+        char buf[512], *tok;
+        int k;
+        memset(o->chosen, 0, sizeof o->chosen);
+        if (strlen(variant_list) >= sizeof buf) { fprintf(stderr, "router_compare: --variants is too long\n"); return 2; }
+        snprintf(buf, sizeof buf, "%s", variant_list);
+        for (tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+            for (k = 0; k < N_VARIANTS; k++)
+                if (strcmp(tok, variants[k].name) == 0) break;
+            if (k == N_VARIANTS) { fprintf(stderr, "router_compare: unknown variant '%s' (--help lists them)\n", tok); return 2; }
+            o->chosen[k] = 1;
+        }
     }
     if (o->quick) { /* a smoke run: every row, two seeds, a few steps of a very small model */
         o->d = 32; o->layers = 3; o->heads = 2; o->expert_ff = 32; o->router_dim = 16;
@@ -412,14 +424,11 @@ static int parse_args(int argc, char **argv, options *o) {
         o->log_every = 15; o->seeds = 2;
     }
     for (i = 0; i < N_VARIANTS; i++) any |= o->chosen[i];
-    if (!any || o->seeds < 1 || o->seeds > MAX_SEEDS || o->steps < 1 || o->eval_every < 1 || o->log_every < 1 ||
-        o->batch < 1 || o->seq < 2 || o->eval_batches < 1 || o->layers < 1 || o->layers > MAX_LAYERS || o->experts > 64 ||
-        o->experts < 2) {
-        fprintf(stderr, "need at least one variant, 1 <= seeds <= %d, steps, eval-every, log-every, batch, eval-batches >= 1, seq >= 2, "
-                        "1 <= layers <= %d, 2 <= experts <= 64\n", MAX_SEEDS, MAX_LAYERS);
-        return 0;
+    if (!any) {
+        fprintf(stderr, "router_compare: --variants chose no variant\n");
+        return 2;
     }
-    return 1;
+    return FLAGS_RUN;
 }
 
 static void print_settings(const options *o) {
@@ -468,14 +477,16 @@ int main(int argc, char **argv) {
     options o;
     brown_corpus cp;
     static run_result res[N_VARIANTS][MAX_SEEDS];
-    int vi, s, i, l, ne, n_plot = 0;
+    int vi, s, i, l, ne, n_plot = 0, rc;
     double t_start = moe_time_seconds();
     char path[1024];
     FILE *f, *md;
-    if (!parse_args(argc, argv, &o)) return 2;
+    if ((rc = parse_args(argc, argv, &o)) != FLAGS_RUN) return rc;
     if (!brown_load(&cp, o.data_dir, NULL)) return 1;
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "router_compare: %s\n", fe.msg); return 1; }
+    }
     print_settings(&o);
     /* seeds outermost: a partial run still compares every variant */
     for (s = 0; s < o.seeds; s++)

@@ -11,13 +11,22 @@
  * out/<name>_load.png (expert load per genre, first MoE layer), out/<name>.ckpt (atomically,
  * with optimizer state, data position and RNGs: --resume continues bit-identically), and
  * prints a generated sample at the end. `--help` lists every flag.
+ *
+ * Exit status 0 only when every step ran and every file was written. A NaN or infinite loss,
+ * gradient norm or parameter stops the run before it saves (the last good checkpoint stays) and
+ * exits 1, as does a final checkpoint that cannot be written. The log gets a row per step,
+ * flushed at once; --resume keeps its rows up to the checkpoint's step and continues from there.
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_model_*, moe_loader_*, moe_checkpoint_*, moe_adamw_step, moe_lr_cosine */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse, flags_check */
 #include "brown.h" /* defines: brown_corpus, brown_load, brown_free */
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,47 +49,102 @@ typedef struct train_state { /* the checkpoint's state blob */
 } train_state;
 
 typedef struct run_paths {
-    const char *data_dir, *out_dir, *name, *resume, *prompt;
+    const char *data_dir, *out_dir, *name, *resume, *prompt, *genres;
     int sample_bytes, quick, stop_at;
     float temperature, top_p;
     int top_k;
 } run_paths;
 
-static void usage(void) {
-    printf("train_lm: train a tiny byte-level MoE transformer on the Brown corpus\n"
-           "model:    --d N --layers N --heads N --d-ff N (dense FFN width) --seq N (max length)\n"
-           "          --pos learned|rope --experts N (0 = dense model) --top-k N --expert-ff N\n"
-           "          --router topk|mixtral|sigmoid|noisy|ec --capacity CF (0 = dropless)\n"
-           "          --shared N --moe-every N --dense-first N --balance none|switch|mixtral|deepseek\n"
-           "          --balance-coef X --z-coef X\n"
-           "training: --batch N --accum N --steps N --lr X --min-lr X --warmup N --wd X --clip X\n"
-           "          --beta2 X --seed N --genres a,b,c (default: all 15)\n"
-           "output:   --eval-every N --eval-batches N --log-every N --load-every N --save-every N\n"
-           "          --data DIR (data/brown) --out DIR (out) --name NAME (lm) --resume FILE\n"
-           "          --sample N --temperature X --top-k-sample N --top-p X --prompt TEXT --quick\n"
-           "          --stop-at N (save and stop after step N; --resume continues the same schedule)\n");
+static const char *const router_names = "topk|mixtral|sigmoid|noisy|ec";
+
+static void apply_router(moe_layer_config *mc, int k) {
+    static const moe_router_kind kind[5] = {MOE_ROUTER_TOPK, MOE_ROUTER_TOPK, MOE_ROUTER_SIGMOID, MOE_ROUTER_NOISY_TOPK, MOE_ROUTER_EXPERT_CHOICE};
+    mc->router = kind[k];
+    if (k <= 2) mc->renormalize = k != 0; /* topk: softmax weights; mixtral, sigmoid: renormalised */
 }
 
-static int parse_router(moe_layer_config *mc, const char *v) {
-    if (strcmp(v, "topk") == 0) { mc->router = MOE_ROUTER_TOPK; mc->renormalize = 0; }
-    else if (strcmp(v, "mixtral") == 0) { mc->router = MOE_ROUTER_TOPK; mc->renormalize = 1; }
-    else if (strcmp(v, "sigmoid") == 0) { mc->router = MOE_ROUTER_SIGMOID; mc->renormalize = 1; }
-    else if (strcmp(v, "noisy") == 0) mc->router = MOE_ROUTER_NOISY_TOPK;
-    else if (strcmp(v, "ec") == 0) mc->router = MOE_ROUTER_EXPERT_CHOICE;
-    else return 0;
-    return 1;
+static int router_index(const moe_layer_config *mc) {
+    switch (mc->router) {
+    case MOE_ROUTER_TOPK: return mc->renormalize ? 1 : 0;
+    case MOE_ROUTER_SIGMOID: return 2;
+    case MOE_ROUTER_NOISY_TOPK: return 3;
+    case MOE_ROUTER_EXPERT_CHOICE: return 4;
+    default: return 0;
+    }
 }
 
-static int parse_balance(moe_layer_config *mc, const char *v) {
-    const char *names[4] = {"none", "switch", "mixtral", "deepseek"};
-    int i;
-    for (i = 0; i < 4; i++)
-        if (strcmp(v, names[i]) == 0) { mc->balance = (moe_balance_loss)i; return 1; }
-    return 0;
+/* the choice flags' values before they are applied to the config */
+typedef struct choices { int router, pos, balance; } choices;
+
+/* every flag, in the help's order; the values start as the defaults */
+static int make_flags(flag *f, moe_model_config *c, train_options *o, run_paths *p, choices *ch) {
+    int n = 0;
+    f[n++] = flag_heading("model");
+    f[n++] = flag_int("--d", &c->d, 1, 16384, "model width");
+    f[n++] = flag_int("--layers", &c->n_layers, 1, 256, "transformer blocks");
+    f[n++] = flag_int("--heads", &c->n_heads, 1, 1024, "attention heads (divides --d)");
+    f[n++] = flag_int("--d-ff", &c->d_ff, 1, 1 << 20, "dense FFN width (dense blocks)");
+    f[n++] = flag_choice("--pos", &ch->pos, "learned|rope", "position encoding");
+    f[n++] = flag_int("--experts", &c->moe.n_experts, 0, 1024, "experts per MoE layer; 0 = a dense model");
+    f[n++] = flag_int("--top-k", &c->moe.top_k, 1, 1024, "experts per token");
+    f[n++] = flag_int("--expert-ff", &c->moe.d_ff, 1, 1 << 20, "width of one expert");
+    f[n++] = flag_choice("--router", &ch->router, router_names, "router: topk (softmax weights), mixtral (renormalised), sigmoid, noisy, ec (expert choice)");
+    f[n++] = flag_float("--capacity", &c->moe.capacity_factor, 0, 1000, "capacity factor; 0 = dropless");
+    f[n++] = flag_int("--shared", &c->moe.n_shared, 0, 64, "shared experts every token visits");
+    f[n++] = flag_int("--moe-every", &c->moe_every, 0, 256, "every n-th block is MoE");
+    f[n++] = flag_int("--dense-first", &c->dense_first, 0, 256, "the first n blocks stay dense");
+    f[n++] = flag_choice("--balance", &ch->balance, "none|switch|mixtral|deepseek", "load-balancing loss");
+    f[n++] = flag_float("--balance-coef", &c->moe.balance_coef, 0, 1000, "its coefficient");
+    f[n++] = flag_float("--z-coef", &c->moe.z_coef, 0, 1000, "router z-loss coefficient");
+    f[n++] = flag_heading("training");
+    f[n++] = flag_int("--batch", &o->batch, 1, 65536, "sequences per micro-batch");
+    f[n++] = flag_int("--seq", &o->seq, 2, 65536, "bytes per sequence");
+    f[n++] = flag_int("--accum", &o->accum, 1, 1 << 20, "micro-batches per optimizer step");
+    f[n++] = flag_int("--steps", &o->steps, 1, 1e9, "optimizer steps (with --resume: the run's new length)");
+    f[n++] = flag_float("--lr", &o->lr, 0, 1e6, "peak learning rate (AdamW)");
+    f[n++] = flag_float("--min-lr", &o->min_lr, 0, 1e6, "learning rate at the end of the cosine");
+    f[n++] = flag_int("--warmup", &o->warmup, 0, 1e9, "linear warm-up steps");
+    f[n++] = flag_float("--wd", &o->weight_decay, 0, 1000, "weight decay");
+    f[n++] = flag_float("--clip", &o->clip, 0, 1e9, "global gradient-norm clip; 0 = off");
+    f[n++] = flag_float("--beta2", &o->beta2, 0, 0.9999999, "AdamW beta2");
+    f[n++] = flag_int("--seed", &o->seed, 0, 2147483647, "initialisation and data order");
+    f[n++] = flag_default(flag_string("--genres", &p->genres, "a,b,c", "Brown genres to train on"), "all 15");
+    f[n++] = flag_heading("output");
+    f[n++] = flag_int("--eval-every", &o->eval_every, 0, 1e9, "validation every n steps (and at the end); 0 = at the end");
+    f[n++] = flag_int("--eval-batches", &o->eval_batches, 1, 1e6, "validation batches per genre");
+    f[n++] = flag_int("--log-every", &o->log_every, 1, 1e9, "a progress line every n steps");
+    f[n++] = flag_int("--load-every", &o->load_every, 0, 1e9, "expert-load lines every n steps; 0 = none");
+    f[n++] = flag_int("--save-every", &o->save_every, 0, 1e9, "a checkpoint every n steps (and at the end); 0 = at the end");
+    f[n++] = flag_string("--data", &p->data_dir, "DIR", "the corpus (make data writes it)");
+    f[n++] = flag_string("--out", &p->out_dir, "DIR", "output folder (created)");
+    f[n++] = flag_string("--name", &p->name, "NAME", "file names: DIR/NAME.csv, .ckpt, _loss.png, _load.png");
+    f[n++] = flag_string("--resume", &p->resume, "FILE", "continue the run saved in this checkpoint");
+    f[n++] = flag_int("--stop-at", &p->stop_at, 0, 1e9, "save and stop after step n (--resume continues the same schedule); 0 = off");
+    f[n++] = flag_int("--sample", &p->sample_bytes, 0, 1000000, "bytes generated at the end");
+    f[n++] = flag_float("--temperature", &p->temperature, 0, 100, "sampling temperature; 0 = greedy");
+    f[n++] = flag_int("--top-k-sample", &p->top_k, 0, 256, "sample among the k likeliest bytes; 0 = off");
+    f[n++] = flag_float("--top-p", &p->top_p, 0, 1, "nucleus sampling; 1 = off");
+    f[n++] = flag_string("--prompt", &p->prompt, "TEXT", "the sample's prompt");
+    f[n++] = flag_switch("--quick", &p->quick, "a smoke run: at most 30 steps of batch 4 x 64, frequent logs");
+    return n;
 }
 
-static int parse_args(int argc, char **argv, moe_model_config *c, train_options *o, run_paths *p) {
-    int i;
+static const char *const about =
+    "Data: the Brown corpus as `make data` writes it, DIR/{train,val}/<genre>.txt (bytes).\n"
+    "Prints a settings table, then key=value lines: one per --log-every steps (loss, aux, lr, grad\n"
+    "norm, tok/s, ETA), `eval` lines with validation bits per byte, and expert-load lines every\n"
+    "--load-every steps. Writes DIR/NAME.csv (a row per step), NAME_loss.png, NAME_load.png (expert\n"
+    "load per genre) and NAME.ckpt (atomically, with optimizer state, data position and RNGs:\n"
+    "--resume continues bit-identically), and prints a sample at the end. Exit status 1 when training\n"
+    "diverges (NaN or infinite loss, gradient or parameters: the last good checkpoint stays) or a file\n"
+    "cannot be written.\n"
+    "  train_lm --steps 600 --name moe\n"
+    "  train_lm --experts 0 --d-ff 512 --name dense\n"
+    "  train_lm --resume out/moe.ckpt --steps 1200";
+
+/* defaults, then the flags; FLAGS_RUN = run, else the exit status */
+static int parse_args(int argc, char **argv, moe_model_config *c, train_options *o, run_paths *p, flags_program *prog, flag *fl, choices *ch) {
+    int rc;
     *c = moe_model_config_default();
     c->max_seq = 128;
     c->d = 128;
@@ -96,47 +160,19 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
     o->lr = 2e-3f; o->min_lr = 2e-4f; o->weight_decay = 0.1f; o->clip = 1.0f; o->beta2 = 0.99f; o->seed = 1;
     memset(p, 0, sizeof *p);
     p->data_dir = "data/brown"; p->out_dir = "out"; p->name = "lm"; p->sample_bytes = 300;
-    p->temperature = 0.8f; p->top_p = 0.95f; p->top_k = 0; p->prompt = "The ";
-    for (i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(); exit(0); }
-        if (strcmp(a, "--quick") == 0) { p->quick = 1; continue; }
-        if (!v) { fprintf(stderr, "option %s needs a value\n", a); return 0; }
-        i++;
-#define INT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = atoi(v); continue; }
-#define FLT_OPT(flag, field) if (strcmp(a, flag) == 0) { field = (float)atof(v); continue; }
-        INT_OPT("--d", c->d) INT_OPT("--layers", c->n_layers) INT_OPT("--heads", c->n_heads)
-        INT_OPT("--d-ff", c->d_ff) INT_OPT("--experts", c->moe.n_experts) INT_OPT("--top-k", c->moe.top_k)
-        INT_OPT("--expert-ff", c->moe.d_ff) INT_OPT("--shared", c->moe.n_shared) INT_OPT("--moe-every", c->moe_every)
-        INT_OPT("--dense-first", c->dense_first) FLT_OPT("--capacity", c->moe.capacity_factor)
-        FLT_OPT("--balance-coef", c->moe.balance_coef) FLT_OPT("--z-coef", c->moe.z_coef)
-        INT_OPT("--batch", o->batch) INT_OPT("--seq", o->seq) INT_OPT("--accum", o->accum) INT_OPT("--steps", o->steps)
-        INT_OPT("--warmup", o->warmup) INT_OPT("--eval-every", o->eval_every) INT_OPT("--eval-batches", o->eval_batches)
-        INT_OPT("--log-every", o->log_every) INT_OPT("--load-every", o->load_every) INT_OPT("--save-every", o->save_every)
-        FLT_OPT("--lr", o->lr) FLT_OPT("--min-lr", o->min_lr) FLT_OPT("--wd", o->weight_decay) FLT_OPT("--clip", o->clip)
-        FLT_OPT("--beta2", o->beta2) INT_OPT("--seed", o->seed) INT_OPT("--sample", p->sample_bytes)
-        INT_OPT("--stop-at", p->stop_at)
-        FLT_OPT("--temperature", p->temperature) INT_OPT("--top-k-sample", p->top_k) FLT_OPT("--top-p", p->top_p)
-#undef INT_OPT
-#undef FLT_OPT
-        if (strcmp(a, "--pos") == 0) {
-            if (strcmp(v, "learned") == 0) c->pos = MOE_POS_LEARNED;
-            else if (strcmp(v, "rope") == 0) c->pos = MOE_POS_ROPE;
-            else { fprintf(stderr, "--pos learned|rope, not '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--router") == 0) {
-            if (!parse_router(&c->moe, v)) { fprintf(stderr, "unknown router '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--balance") == 0) {
-            if (!parse_balance(&c->moe, v)) { fprintf(stderr, "unknown balance loss '%s'\n", v); return 0; }
-        } else if (strcmp(a, "--genres") == 0) {
-            if (strlen(v) >= sizeof o->genres) { fprintf(stderr, "--genres is too long\n"); return 0; }
-            strcpy(o->genres, v);
-        } else if (strcmp(a, "--data") == 0) p->data_dir = v;
-        else if (strcmp(a, "--out") == 0) p->out_dir = v;
-        else if (strcmp(a, "--name") == 0) p->name = v;
-        else if (strcmp(a, "--resume") == 0) p->resume = v;
-        else if (strcmp(a, "--prompt") == 0) p->prompt = v;
-        else { fprintf(stderr, "unknown option '%s' (--help lists them)\n", a); return 0; }
-    }
+    p->temperature = 0.8f; p->top_p = 0.95f; p->top_k = 0; p->prompt = "The "; p->genres = "";
+    ch->router = router_index(&c->moe);
+    ch->pos = c->pos == MOE_POS_ROPE;
+    ch->balance = (int)c->moe.balance;
+    *prog = flags_program_make("train_lm", "train a tiny byte-level MoE (or dense) transformer on the Brown corpus", about, fl,
+                               make_flags(fl, c, o, p, ch));
+    rc = flags_parse(prog, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
+    if (flags_find(prog, &ch->router)->seen) apply_router(&c->moe, ch->router);
+    if (flags_find(prog, &ch->pos)->seen) c->pos = ch->pos ? MOE_POS_ROPE : MOE_POS_LEARNED;
+    if (flags_find(prog, &ch->balance)->seen) c->moe.balance = (moe_balance_loss)ch->balance;
+    if (strlen(p->genres) >= sizeof o->genres) { fprintf(stderr, "train_lm: --genres is too long (at most %d bytes)\n", (int)sizeof o->genres - 1); return 2; }
+    strcpy(o->genres, p->genres);
     if (c->moe.n_experts == 0) c->moe_every = 0; /* --experts 0: a dense model */
     if (p->quick) {
         o->steps = o->steps < 30 ? o->steps : 30;
@@ -145,11 +181,7 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
         p->sample_bytes = 40;
     }
     if (o->seq > c->max_seq) c->max_seq = o->seq;
-    if (o->batch < 1 || o->seq < 2 || o->accum < 1 || o->steps < 1 || o->log_every < 1) {
-        fprintf(stderr, "batch, accum, steps, log-every must be >= 1 and seq >= 2\n");
-        return 0;
-    }
-    return 1;
+    return FLAGS_RUN;
 }
 
 /* validation bits per byte over eval_batches batches of each genre; fills load (genres x E)
@@ -227,6 +259,165 @@ static void print_settings(const moe_model *m, const train_options *o, const run
     fflush(stdout);
 }
 
+/* A diverged run stops before it saves: the last good checkpoint stays. Returns the exit status. */
+static int diverged(long long step, const char *what, const char *ckpt, long long saved_step) {
+    fprintf(stderr, "train_lm: step %lld: %s: training diverged (a lower --lr, or --clip, may help); stopped without saving this state",
+            step, what);
+    if (saved_step >= 0) fprintf(stderr, "; '%s' still holds step %lld\n", ckpt, saved_step);
+    else fprintf(stderr, "; this run saved no checkpoint\n");
+    return 1;
+}
+
+static int params_finite(const moe_store *s) {
+    size_t i;
+    for (i = 0; i < s->numel; i++)
+        if (!isfinite(s->params[i])) return 0;
+    return 1;
+}
+
+static const char log_header[] = "step,train_loss,aux,lr,grad_norm,val_bpb\n";
+
+/* Opens the training log for appending. A new run starts it afresh, and says so when that
+   replaces an earlier run's log. A resumed run keeps the rows up to the checkpoint's step and
+   drops later ones (a stopped or killed run logged steps no checkpoint holds), rewriting the
+   file atomically. NULL with a sentence on failure. */
+static FILE *open_log(const char *path, int resume, long long start_step) {
+    FILE *f = fopen(path, "rb"), *w;
+    files_atomic a;
+    files_err fe;
+    char line[512];
+    int ok = 1, kept = 0, dropped = 0;
+    if (!resume || !f) {
+        if (f) {
+            if (fgetc(f) != EOF) fprintf(stderr, "train_lm: note: '%s' held an earlier run's log; this new run replaces it (--resume continues a run)\n", path);
+            fclose(f);
+        }
+        w = fopen(path, "wb");
+        if (!w || fputs(log_header, w) < 0 || fflush(w) != 0) {
+            fprintf(stderr, "train_lm: cannot write the log '%s': %s\n", path, strerror(errno));
+            if (w) fclose(w);
+            return NULL;
+        }
+        return w;
+    }
+    if (!fgets(line, sizeof line, f) || strcmp(line, log_header) != 0) {
+        fprintf(stderr, "train_lm: '%s' is not a train_lm log (its first line is not \"%.*s\"); move it away to resume\n", path,
+                (int)strlen(log_header) - 1, log_header);
+        fclose(f);
+        return NULL;
+    }
+    if (!(w = files_atomic_open(&a, path, &fe))) {
+        fprintf(stderr, "train_lm: %s\n", fe.msg);
+        fclose(f);
+        return NULL;
+    }
+    ok = fputs(log_header, w) >= 0;
+    while (ok && fgets(line, sizeof line, f)) {
+        char *end;
+        long long s = strtoll(line, &end, 10);
+        /* a whole row (a kill can cut the last one) of a step the checkpoint holds */
+        if (end != line && *end == ',' && strchr(line, '\n') && s >= 1 && s <= start_step) { ok = fputs(line, w) >= 0; kept++; }
+        else dropped++;
+    }
+    fclose(f);
+    if (files_atomic_commit(&a, ok, &fe) != 0) {
+        fprintf(stderr, "train_lm: %s\n", fe.msg);
+        return NULL;
+    }
+    if (dropped) printf("log %s: kept %d rows up to step %lld, dropped %d written after that checkpoint\n", path, kept, start_step, dropped);
+    w = fopen(path, "ab");
+    if (!w) fprintf(stderr, "train_lm: cannot append to the log '%s': %s\n", path, strerror(errno));
+    return w;
+}
+
+/* A resumed run's state is input like any other: the options must pass the flags' own checks,
+   the genre list must end, the step must lie in the run, and the parameter count the config
+   describes must be the file's, all before the model is allocated. 0, or -1 with why. */
+static int check_resumed(flags_program *prog, const moe_model_config *c, const train_state *st, const moe_ckpt_info *info, char *why,
+                         size_t cap) {
+    char msg[400];
+    moe_err e;
+    size_t numel = 0;
+    if (!memchr(st->opt.genres, 0, sizeof st->opt.genres)) {
+        snprintf(why, cap, "holds a genre list without its end (a corrupt or foreign state)");
+        return -1;
+    }
+    if (flags_check(prog, msg, sizeof msg) != 0) { /* the flags point at cfg and opt, which now hold the file's values */
+        snprintf(why, cap, "holds options no flag would accept: %s", msg);
+        return -1;
+    }
+    if (c->vocab != 256 || c->max_seq < st->opt.seq || c->max_seq > 65536) {
+        snprintf(why, cap, "holds a model this program does not build (vocab %d, max_seq %d for sequences of %d bytes)", c->vocab, c->max_seq,
+                 st->opt.seq);
+        return -1;
+    }
+    if (moe_model_config_validate(c, &e) != MOE_OK) {
+        snprintf(why, cap, "holds an invalid model config: %s", e.msg);
+        return -1;
+    }
+    if (info->step < 0 || info->step > st->opt.steps || st->loader.batches < 0 || !(st->tokens >= 0.0 && st->tokens < 1e30)) {
+        snprintf(why, cap, "holds step %lld of a %d-step run (or a negative data position): a corrupt state", info->step, st->opt.steps);
+        return -1;
+    }
+    if (moe_model_param_count(c, &numel, &e) != MOE_OK) {
+        snprintf(why, cap, "holds a model config that cannot be built: %s", e.msg);
+        return -1;
+    }
+    if ((uint64_t)numel != info->numel) {
+        snprintf(why, cap, "holds %llu parameters, but its config describes %zu (a corrupt or foreign file)", (unsigned long long)info->numel, numel);
+        return -1;
+    }
+    return 0;
+}
+
+/* 1 when a flag given on the command line asks for another model or run than the checkpoint
+   holds: `what` gets the flag and its value, `saved` the checkpoint's; --steps may differ */
+static int resume_conflict(flags_program *prog, const moe_model_config *user_cfg, const train_options *user_opt, const moe_model_config *cfg,
+                           const train_options *opt, char *what, char *saved, size_t cap) {
+    int i;
+    for (i = 0; i < prog->n_flags; i++) {
+        flag *f = &prog->flags[i];
+        const char *p = (const char *)f->value, *mine = NULL, *theirs = NULL;
+        char a[96], b[96];
+        size_t size = f->kind == FLAG_FLOAT ? sizeof(float) : sizeof(int);
+        if (!f->seen || f->kind == FLAG_HEADING || f->value == (const void *)&opt->steps) continue;
+        if (p >= (const char *)cfg && p < (const char *)(cfg + 1)) {
+            mine = (const char *)user_cfg + (p - (const char *)cfg);
+            theirs = p;
+        } else if (p >= (const char *)opt && p < (const char *)(opt + 1)) {
+            mine = (const char *)user_opt + (p - (const char *)opt);
+            theirs = p;
+        } else if (strcmp(f->name, "--genres") == 0) {
+            if (strcmp(user_opt->genres, opt->genres) != 0) {
+                snprintf(what, cap, "--genres '%.100s'", user_opt->genres);
+                snprintf(saved, cap, "--genres '%.100s'", opt->genres);
+                return 1;
+            }
+            continue;
+        } else if (f->kind == FLAG_CHOICE) { /* --router, --pos, --balance: compare what they set */
+            int u = -1, t = -1;
+            if (strcmp(f->name, "--router") == 0) { u = router_index(&user_cfg->moe); t = router_index(&cfg->moe); }
+            else if (strcmp(f->name, "--pos") == 0) { u = user_cfg->pos == MOE_POS_ROPE; t = cfg->pos == MOE_POS_ROPE; }
+            else if (strcmp(f->name, "--balance") == 0) { u = (int)user_cfg->moe.balance; t = (int)cfg->moe.balance; }
+            if (u == t) continue;
+            flags_format_value(f, &u, a, sizeof a);
+            flags_format_value(f, &t, b, sizeof b);
+            snprintf(what, cap, "%s %s", f->name, a);
+            snprintf(saved, cap, "%s %s", f->name, b);
+            return 1;
+        } else {
+            continue; /* output and sampling flags: free to change */
+        }
+        if (memcmp(mine, theirs, size) == 0) continue;
+        flags_format_value(f, mine, a, sizeof a);
+        flags_format_value(f, theirs, b, sizeof b);
+        snprintf(what, cap, "%s %s", f->name, a);
+        snprintf(saved, cap, "%s %s", f->name, b);
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     moe_model_config cfg;
     train_options opt;
@@ -245,18 +436,46 @@ int main(int argc, char **argv) {
     int n_eval = 0;
     double t0, last_loss = 0.0, last_bpb = NAN, *per_genre;
     const unsigned char *srcs[BROWN_GENRES];
-    if (!parse_args(argc, argv, &cfg, &opt, &paths)) return 2;
+    flag fl[64];
+    flags_program prog;
+    choices ch;
+    char log_path[1024];
+    long long saved_step = -1;
+    int rc, save_failed = 0, log_failed = 0, plot_failed = 0;
+    rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
+    if (rc != FLAGS_RUN) return rc;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
     memset(&st, 0, sizeof st);
     if (paths.resume) {
-        int steps = opt.steps;
-        if (moe_checkpoint_blobs(paths.resume, &cfg, sizeof cfg, &st, sizeof st, &err) != MOE_OK) {
-            fprintf(stderr, "resume: %s\n", err.msg);
+        /* the run's model and options come from the checkpoint, checked like flags before
+           anything is allocated for them; only --steps may extend the run */
+        moe_model_config user_cfg = cfg;
+        train_options user_opt = opt;
+        moe_ckpt_info info;
+        char why[600], saved[600];
+        if (moe_checkpoint_info(paths.resume, &info, &err) != MOE_OK ||
+            moe_checkpoint_blobs(paths.resume, &cfg, sizeof cfg, &st, sizeof st, &err) != MOE_OK) {
+            fprintf(stderr, "train_lm: resume: %s\n", err.msg);
             return 1;
         }
-        /* the run's options come from the checkpoint; only --steps may extend it */
         opt = st.opt;
-        opt.steps = steps > opt.steps ? steps : opt.steps;
+        if (check_resumed(&prog, &cfg, &st, &info, why, sizeof why) != 0) {
+            fprintf(stderr, "train_lm: resume: '%s' %s\n", paths.resume, why);
+            return 1;
+        }
+        ch.router = router_index(&cfg.moe);
+        ch.pos = cfg.pos == MOE_POS_ROPE;
+        ch.balance = (int)cfg.moe.balance;
+        if (resume_conflict(&prog, &user_cfg, &user_opt, &cfg, &opt, why, saved, sizeof why)) {
+            fprintf(stderr, "train_lm: %s conflicts with '%s', saved with %s: a resumed run keeps the model and the training options "
+                            "it was saved with (only --steps may extend it); drop the flag, or start a new run without --resume\n",
+                    why, paths.resume, saved);
+            return 2;
+        }
+        if (flags_find(&prog, &opt.steps)->seen && user_opt.steps < opt.steps)
+            fprintf(stderr, "train_lm: note: --steps %d is below the checkpoint's run of %d steps; the run keeps %d\n", user_opt.steps,
+                    opt.steps, opt.steps);
+        opt.steps = user_opt.steps > opt.steps ? user_opt.steps : opt.steps;
     }
     if (!brown_load(&cp, paths.data_dir, opt.genres)) return 1;
     if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) { fprintf(stderr, "model: %s\n", m.err.msg); return 2; }
@@ -265,7 +484,11 @@ int main(int argc, char **argv) {
     if (paths.resume) {
         train_state saved;
         if (moe_checkpoint_load(paths.resume, &m.S, &start_step, &cfg, NULL, sizeof cfg, &saved, sizeof saved, &err) != MOE_OK) {
-            fprintf(stderr, "resume: %s\n", err.msg);
+            fprintf(stderr, "train_lm: resume: %s\n", err.msg);
+            return 1;
+        }
+        if (memcmp(&saved, &st, sizeof st) != 0 || start_step < 0 || start_step > st.opt.steps) {
+            fprintf(stderr, "train_lm: resume: '%s' changed while it was being read\n", paths.resume);
             return 1;
         }
         ld.rng = saved.loader.rng;
@@ -281,12 +504,13 @@ int main(int argc, char **argv) {
     adam.beta2 = opt.beta2;
     adam.weight_decay = opt.weight_decay;
     print_settings(&m, &opt, &paths, &cp, start_step);
-    snprintf(path, sizeof path, "mkdir -p '%s'", paths.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", paths.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "train_lm: %s\n", fe.msg); return 1; }
+    }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
-    csv = fopen(path, paths.resume ? "a" : "w");
-    if (!csv) { fprintf(stderr, "cannot write %s\n", path); return 1; }
-    if (!paths.resume) fprintf(csv, "step,train_loss,aux,lr,grad_norm,val_bpb\n");
+    snprintf(log_path, sizeof log_path, "%s", path);
+    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) return 1;
     x = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     y = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     src = (int *)malloc(sizeof(int) * (size_t)opt.batch);
@@ -313,6 +537,14 @@ int main(int argc, char **argv) {
             aux += m.aux_loss / opt.accum;
         }
         norm = moe_clip_grad_norm(&m.S, opt.clip);
+        if (!isfinite(loss) || !isfinite(aux) || !isfinite(norm)) {
+            double bad = !isfinite(loss) ? loss : !isfinite(aux) ? aux : (double)norm;
+            char what[96];
+            snprintf(what, sizeof what, "the %s is %s", !isfinite(loss) ? "loss" : !isfinite(aux) ? "auxiliary loss" : "gradient norm",
+                     bad != bad ? "not a number" : "infinite");
+            fclose(csv);
+            return diverged(step, what, ckpt, saved_step);
+        }
         moe_adamw_step(&m.S, &adam, lr, step);
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
         curve_x[step - 1] = (float)step;
@@ -342,21 +574,42 @@ int main(int argc, char **argv) {
             eval_y[n_eval++] = (float)last_bpb;
             printf("eval step=%lld val_bpb=%.4f\n", step, last_bpb);
         }
-        fprintf(csv, "%lld,%.6f,%.6f,%.6g,%.4f,%.6f\n", step, loss, aux, (double)lr, (double)norm, last_bpb);
+        /* a row per step, flushed: after a crash the log holds every finished step */
+        if (fprintf(csv, "%lld,%.6f,%.6f,%.6g,%.4f,%.6f\n", step, loss, aux, (double)lr, (double)norm, last_bpb) < 0 || fflush(csv) != 0) {
+            if (!log_failed) fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?); training goes on\n", log_path);
+            log_failed = 1;
+        }
         if ((opt.save_every > 0 && step % opt.save_every == 0) || step == opt.steps || step == paths.stop_at) {
             st.opt = opt;
             st.loader.rng = ld.rng;
             st.loader.batches = ld.batches;
-            if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK)
-                fprintf(stderr, "checkpoint: %s\n", err.msg);
+            if (!params_finite(&m.S)) {
+                fclose(csv);
+                return diverged(step, "a parameter is not finite", ckpt, saved_step);
+            }
+            if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK) {
+                fprintf(stderr, "train_lm: checkpoint at step %lld: %s\n", step, err.msg);
+                save_failed = 1;
+            } else {
+                saved_step = step;
+                save_failed = 0; /* a later save supersedes a failed one */
+            }
         }
         if (step == paths.stop_at) {
+            if (fclose(csv) != 0) log_failed = 1;
+            if (save_failed) {
+                fprintf(stderr, "train_lm: stopped at step %lld without a checkpoint of it\n", step);
+                return 1;
+            }
             printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
             moe_model_free(&m);
-            return 0;
+            return log_failed;
         }
     }
-    fclose(csv);
+    if (fclose(csv) != 0 && !log_failed) {
+        fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?)\n", log_path);
+        log_failed = 1;
+    }
     if (start_step >= opt.steps) last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
     else last_bpb = eval_y[n_eval - 1];
     printf("\nvalidation bits per byte by genre:\n");
@@ -371,7 +624,7 @@ int main(int argc, char **argv) {
         s[1].name = "validation"; s[1].x = eval_x; s[1].y = eval_y; s[1].n = n_eval; s[1].style = PLOT_LINE_POINTS;
         ch.title = paths.name; ch.xlabel = "step"; ch.ylabel = "bits per byte";
         snprintf(path, sizeof path, "%s/%s_loss.png", paths.out_dir, paths.name);
-        if (plot_lines(path, &ch, s, n_eval > 0 ? 2 : 1) != 0) fprintf(stderr, "could not write %s\n", path);
+        if (plot_lines(path, &ch, s, n_eval > 0 ? 2 : 1) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
     if (load) {
         plot_heatmap_opts h;
@@ -381,7 +634,7 @@ int main(int argc, char **argv) {
         h.row_labels = cp.names;
         h.v_min = 0.0f;
         snprintf(path, sizeof path, "%s/%s_load.png", paths.out_dir, paths.name);
-        if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) fprintf(stderr, "could not write %s\n", path);
+        if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
     /* a sample */
     if (paths.sample_bytes > 0 && !(cfg.moe_every > 0 && cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)) {
@@ -408,5 +661,9 @@ int main(int argc, char **argv) {
     moe_model_free(&m);
     brown_free(&cp);
     free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
-    return 0;
+    /* a run whose last checkpoint or an output file failed did not do what it says: a later
+       --resume would continue an older state */
+    if (save_failed && saved_step >= 0) fprintf(stderr, "train_lm: the final checkpoint was not written; '%s' holds step %lld\n", ckpt, saved_step);
+    else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
+    return save_failed || log_failed || plot_failed;
 }

@@ -15,10 +15,13 @@
  *                            [--capacity CF] [--seed S] [--out DIR] [--quick]
  *   NAME: topk (softmax, no renormalisation), mixtral (renormalised), sigmoid, noisy, ec
  */
+#define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_layer_*, moe_store_*, moe_adamw_step, moe_lr_cosine, moe_rng_* */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "files.h" /* defines: files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,42 +48,45 @@ typedef struct model {
     moe_adamw_config opt;
 } model;
 
-static void usage(void) {
-    fprintf(stderr, "usage: train_moe [--steps N] [--experts E] [--top-k K] [--router topk|mixtral|sigmoid|noisy|ec]\n"
-                    "                 [--capacity CF] [--seed S] [--out DIR] [--quick]\n");
-}
+static const char *const about =
+    "The data: tokens from C clusters (Gaussian blobs in d dimensions); each cluster has its own\n"
+    "random linear map, and a token's target is its cluster's map applied to it (no input file).\n"
+    "Trains an MoE layer and a dense baseline with the same active parameters on the same batches;\n"
+    "prints key=value progress, a comparison table and the routing share of each cluster per\n"
+    "expert; writes DIR/train_moe.csv, train_moe_loss.png and train_moe_load.png.";
 
+/* FLAGS_RUN = run, else the exit status */
 static int parse(options *o, int argc, char **argv) {
-    int i;
+    static const char *const router_names[5] = {"topk", "mixtral", "sigmoid", "noisy", "ec"};
+    int rc, router = 0;
+    flag fl[8];
+    flags_program p;
+    int n = 0;
     o->steps = 600; o->experts = 8; o->top_k = 1; o->batch = 512; o->d = 32; o->d_ff = 64;
     o->clusters = 8; o->seed = 1; o->quick = 0; o->capacity = 0.0f; o->lr = 3e-3f;
     /* Switch-style top-1: with renormalisation a single weight is always 1 and the router
        would learn from the balance loss alone */
     o->router = MOE_ROUTER_TOPK; o->renormalize = 0; o->out_dir = "out"; o->router_name = "topk";
-    for (i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--quick") == 0) { o->quick = 1; continue; }
-        if (!v) { usage(); return 0; }
-        if (strcmp(a, "--steps") == 0) o->steps = atoi(v);
-        else if (strcmp(a, "--experts") == 0) o->experts = atoi(v);
-        else if (strcmp(a, "--top-k") == 0) o->top_k = atoi(v);
-        else if (strcmp(a, "--capacity") == 0) o->capacity = (float)atof(v);
-        else if (strcmp(a, "--seed") == 0) o->seed = atoi(v);
-        else if (strcmp(a, "--out") == 0) o->out_dir = v;
-        else if (strcmp(a, "--router") == 0) {
-            o->router_name = v;
-            if (strcmp(v, "topk") == 0) { o->router = MOE_ROUTER_TOPK; o->renormalize = 0; }
-            else if (strcmp(v, "mixtral") == 0) { o->router = MOE_ROUTER_TOPK; o->renormalize = 1; }
-            else if (strcmp(v, "sigmoid") == 0) { o->router = MOE_ROUTER_SIGMOID; o->renormalize = 1; }
-            else if (strcmp(v, "noisy") == 0) o->router = MOE_ROUTER_NOISY_TOPK;
-            else if (strcmp(v, "ec") == 0) o->router = MOE_ROUTER_EXPERT_CHOICE;
-            else { fprintf(stderr, "unknown router '%s'\n", v); usage(); return 0; }
-        } else { fprintf(stderr, "unknown option '%s'\n", a); usage(); return 0; }
-        i++;
-    }
+    fl[n++] = flag_int("--steps", &o->steps, 1, 1e8, "optimizer steps");
+    fl[n++] = flag_int("--experts", &o->experts, 1, 1024, "experts E");
+    fl[n++] = flag_int("--top-k", &o->top_k, 1, 1024, "experts per token");
+    fl[n++] = flag_choice("--router", &router, "topk|mixtral|sigmoid|noisy|ec",
+                          "topk (softmax, no renormalisation), mixtral (renormalised), sigmoid, noisy, ec (expert choice)");
+    fl[n++] = flag_float("--capacity", &o->capacity, 0, 1000, "capacity factor; 0 = dropless");
+    fl[n++] = flag_int("--seed", &o->seed, 0, 2147483647, "data and initialisation");
+    fl[n++] = flag_string("--out", &o->out_dir, "DIR", "output folder (created)");
+    fl[n++] = flag_switch("--quick", &o->quick, "at most 200 steps");
+    p = flags_program_make("train_moe", "one MoE layer learns a task where experts must specialise", about, fl, n);
+    rc = flags_parse(&p, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
+    o->router_name = router_names[router];
+    if (router == 0) { o->router = MOE_ROUTER_TOPK; o->renormalize = 0; }
+    else if (router == 1) { o->router = MOE_ROUTER_TOPK; o->renormalize = 1; }
+    else if (router == 2) { o->router = MOE_ROUTER_SIGMOID; o->renormalize = 1; }
+    else if (router == 3) o->router = MOE_ROUTER_NOISY_TOPK;
+    else o->router = MOE_ROUTER_EXPERT_CHOICE;
     if (o->quick) o->steps = o->steps < 200 ? o->steps : 200;
-    if (o->steps < 1) { fprintf(stderr, "--steps must be at least 1\n"); return 0; }
-    return 1;
+    return FLAGS_RUN;
 }
 
 static void task_init(task *t, int C, int d, moe_rng *r) {
@@ -151,11 +157,12 @@ int main(int argc, char **argv) {
     moe_layer_config cm, cd;
     moe_rng rng_data, rng_init, rng_noise;
     float *x, *y, *out, *dy, *dx, *noise, *share, *curve_moe, *curve_dense, *steps_x;
-    int *cls, step, i, e, c, log_every;
+    int *cls, step, i, e, c, log_every, rc;
     double t0, loss_m = 0.0, loss_d = 0.0, spec = 0.0;
     char path[1024];
     FILE *csv;
-    if (!parse(&o, argc, argv)) return 2;
+    rc = parse(&o, argc, argv);
+    if (rc != FLAGS_RUN) return rc;
     cm = moe_layer_config_default();
     cm.d = o.d; cm.d_ff = o.d_ff; cm.n_experts = o.experts; cm.top_k = o.top_k;
     cm.router = o.router; cm.renormalize = o.renormalize; cm.capacity_factor = o.capacity;
@@ -205,8 +212,10 @@ int main(int argc, char **argv) {
         for (i = 0; i < 10; i++) printf("| %-16s | %-24s |\n", k[i], v[i]);
         printf("+------------------+--------------------------+\n");
     }
-    snprintf(path, sizeof path, "mkdir -p '%s'", o.out_dir);
-    if (system(path) != 0) { fprintf(stderr, "cannot create %s\n", o.out_dir); return 1; }
+    {
+        files_err fe;
+        if (files_mkdirs(o.out_dir, &fe) != 0) { fprintf(stderr, "train_moe: %s\n", fe.msg); return 1; }
+    }
     snprintf(path, sizeof path, "%s/train_moe.csv", o.out_dir);
     csv = fopen(path, "w");
     if (!csv) { fprintf(stderr, "cannot write %s\n", path); return 1; }

@@ -1,13 +1,11 @@
 /* test_examples.c - runs each example's --quick mode as a user would and checks what it
-   prints and writes. The examples are built by `make test` before this program runs. */
+   prints and writes; every example and benchmark answers --help. The examples and benchmarks
+   are built by `make test` before this program runs. */
+#define _POSIX_C_SOURCE 200809L
 #include "test.h"
+#include "proc.h" /* defines: proc_run, proc_log_has */
 
-/* runs cmd with its output in `log`; returns the exit status */
-static int run(const char *cmd, const char *log) {
-    char full[1024];
-    snprintf(full, sizeof full, "%s > %s 2>&1", cmd, log);
-    return system(full);
-}
+#define END ((const char *)NULL)
 
 /* value of `key=` on the last line of `log` that starts with `prefix` */
 static double value_of(const char *log, const char *prefix, const char *key) {
@@ -24,15 +22,7 @@ static double value_of(const char *log, const char *prefix, const char *key) {
     return p ? atof(p + strlen(pat)) : NAN;
 }
 
-static int file_contains(const char *path, const char *needle) {
-    FILE *f = fopen(path, "r");
-    char line[4096];
-    int found = 0;
-    if (!f) return 0;
-    while (!found && fgets(line, sizeof line, f)) found = strstr(line, needle) != NULL;
-    fclose(f);
-    return found;
-}
+static int file_contains(const char *path, const char *needle) { return proc_log_has(path, needle); }
 
 static long file_size(const char *path) {
     FILE *f = fopen(path, "rb");
@@ -45,19 +35,19 @@ static long file_size(const char *path) {
 }
 
 static void test_train_moe(void) {
-    const char *log = "build/tmp_examples/train_moe.log";
+    const char *log = "build/tmp_examples/train_moe.log", *bin = "build/examples/train_moe";
     double spec, ratio;
     TEST_BEGIN("examples/train_moe --quick: experts specialise, MoE beats the dense baseline");
-    CHECK(run("mkdir -p build/tmp_examples", "/dev/null") == 0, "mkdir");
-    CHECK(run("build/examples/train_moe --quick --out build/tmp_examples", log) == 0, "train_moe exits 0 (see %s)", log);
+    mkdir("build/tmp_examples", 0777);
+    CHECK(proc_run(NULL, log, bin, "--quick", "--out", "build/tmp_examples", END) == 0, "train_moe exits 0 (see %s)", log);
     spec = value_of(log, "result", "specialisation");
     ratio = value_of(log, "result", "ratio");
     /* one expert per cluster: on average >= 90% of a cluster's tokens go to its top expert */
     CHECK(spec > 0.9, "specialisation %.3f > 0.9", spec);
     CHECK(ratio < 0.9, "MoE/dense MSE ratio %.3f < 0.9", ratio);
     CHECK(file_size("build/tmp_examples/train_moe_loss.png") > 1000 && file_size("build/tmp_examples/train_moe_load.png") > 1000, "PNG files written");
-    CHECK(run("build/examples/train_moe --router nonsense", log) != 0, "an unknown router is refused");
-    CHECK(run("build/examples/train_moe --quick --top-k 9 --out build/tmp_examples", log) != 0 &&
+    CHECK(proc_run(NULL, log, bin, "--router", "nonsense", END) == 2 && file_contains(log, "--router must be one of"), "an unknown router is refused");
+    CHECK(proc_run(NULL, log, bin, "--quick", "--top-k", "9", "--out", "build/tmp_examples", END) != 0 &&
           file_contains(log, "top_k (9) exceeds n_experts (8)"), "top_k > experts is refused with a sentence");
 }
 
@@ -76,10 +66,10 @@ static int files_equal(const char *a, const char *b) {
 }
 
 static void test_train_lm(void) {
-    const char *log = "build/tmp_examples/train_lm.log";
-    const char *out = "--out build/tmp_examples --sample 30";
-    char cmd[512];
+    const char *log = "build/tmp_examples/train_lm.log", *bin = "build/examples/train_lm";
+    const char *dir = "build/tmp_examples";
     double bpb;
+    proc_opts one = proc_opts_default(), two = proc_opts_default();
     FILE *f = fopen("data/brown/train/news.txt", "rb");
     TEST_BEGIN("examples/train_lm --quick: trains, evaluates, resumes bit-identically");
     if (!f) {
@@ -87,29 +77,54 @@ static void test_train_lm(void) {
         return;
     }
     fclose(f);
-    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=2 build/examples/train_lm --quick --name full %s", out);
-    CHECK(run(cmd, log) == 0, "train_lm exits 0 (see %s)", log);
+    one.env[0] = "OMP_NUM_THREADS=1";
+    two.env[0] = "OMP_NUM_THREADS=2";
+    CHECK(proc_run(&two, log, bin, "--quick", "--name", "full", "--out", dir, "--sample", "30", END) == 0, "train_lm exits 0 (see %s)", log);
     bpb = value_of(log, "result", "val_bpb");
     CHECK(bpb > 3.0 && bpb < 6.0, "validation bits per byte after 30 tiny steps: %.3f (uniform bytes: 8)", bpb);
     CHECK(file_contains(log, "sample (temperature"), "a sample is printed");
     CHECK(file_size("build/tmp_examples/full_loss.png") > 1000 && file_size("build/tmp_examples/full_load.png") > 1000, "PNG files written");
     /* interrupted at step 12 with one thread, resumed with two: the same final checkpoint */
-    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=1 build/examples/train_lm --quick --name part --stop-at 12 %s", out);
-    CHECK(run(cmd, log) == 0 && file_contains(log, "stopped at step 12"), "stop at step 12");
-    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=2 build/examples/train_lm --quick --name part --resume build/tmp_examples/part.ckpt %s", out);
-    CHECK(run(cmd, log) == 0 && file_contains(log, "resumed"), "resume");
+    remove("build/tmp_examples/part.csv");
+    CHECK(proc_run(&one, log, bin, "--quick", "--name", "part", "--stop-at", "12", "--out", dir, "--sample", "30", END) == 0 &&
+          file_contains(log, "stopped at step 12"), "stop at step 12");
+    CHECK(proc_run(&two, log, bin, "--quick", "--name", "part", "--resume", "build/tmp_examples/part.ckpt", "--out", dir, "--sample", "30", END) == 0 &&
+          file_contains(log, "resumed"), "resume");
     CHECK(files_equal("build/tmp_examples/full.ckpt", "build/tmp_examples/part.ckpt"), "resumed run's checkpoint is byte-identical to the uninterrupted run's");
+    CHECK(files_equal("build/tmp_examples/full.csv", "build/tmp_examples/part.csv"), "resumed run's log is byte-identical to the uninterrupted run's");
     /* a damaged checkpoint is refused with a sentence */
     f = fopen("build/tmp_examples/bad.ckpt", "wb");
     if (f) { fputs("MOECKPT", f); fclose(f); }
-    snprintf(cmd, sizeof cmd, "build/examples/train_lm --quick --name bad --resume build/tmp_examples/bad.ckpt %s", out);
-    CHECK(run(cmd, log) != 0 && file_contains(log, "too short for a checkpoint"), "damaged checkpoint refused");
+    CHECK(proc_run(NULL, log, bin, "--quick", "--name", "bad", "--resume", "build/tmp_examples/bad.ckpt", "--out", dir, END) != 0 &&
+          file_contains(log, "too short for a checkpoint"), "damaged checkpoint refused");
+}
+
+/* every example and benchmark: --help (and -h) describes it and exits 0; an unknown flag
+   prints the usage and exits 2 */
+static void test_help(void) {
+    static const char *const programs[] = {
+        "build/examples/aoe_toy", "build/examples/calibrate", "build/examples/gw_finetune", "build/examples/length_bias",
+        "build/examples/plot_csv", "build/examples/router_compare", "build/examples/train_lm", "build/examples/train_moe",
+        "build/bench/lowess", "build/bench/matmul", "build/bench/moe_layer", "build/bench/train_lm"};
+    const char *log = "build/tmp_examples/help.log";
+    int i;
+    TEST_BEGIN("every example and benchmark answers --help and -h, and refuses an unknown flag with the usage");
+    for (i = 0; i < (int)(sizeof programs / sizeof programs[0]); i++) {
+        const char *p = programs[i];
+        CHECK(proc_run(NULL, log, p, "--help", END) == 0 && file_contains(log, "usage: ") && file_contains(log, "--help, -h") &&
+              file_contains(log, " - "), "%s --help: exit 0 with a description and the flags", p);
+        CHECK(proc_run(NULL, log, p, "-h", END) == 0 && file_contains(log, "usage: "), "%s -h", p);
+        CHECK(proc_run(NULL, log, p, "--no-such-flag", END) == 2 && file_contains(log, "unknown flag '--no-such-flag'") &&
+              file_contains(log, "usage: "), "%s --no-such-flag: exit 2 with the usage", p);
+    }
 }
 
 static void test_aoe_toy(void) {
     const char *log = "build/tmp_examples/aoe_toy.log";
     TEST_BEGIN("examples/aoe_toy --quick: AoE serves two classes with one expert, a routed MoE splits them");
-    CHECK(run("OMP_NUM_THREADS=1 build/examples/aoe_toy --quick --out build/tmp_examples", log) == 0, "aoe_toy exits 0 (see %s)", log);
+    proc_opts one = proc_opts_default();
+    one.env[0] = "OMP_NUM_THREADS=1";
+    CHECK(proc_run(&one, log, "build/examples/aoe_toy", "--quick", "--out", "build/tmp_examples", END) == 0, "aoe_toy exits 0 (see %s)", log);
     CHECK(value_of(log, "result model=aoe", "one_expert_for_classes_0_1") == 2.0, "AoE: classes 0 and 1 on one expert in both seeds");
     CHECK(value_of(log, "result model=moe", "one_expert_for_classes_0_1") == 0.0, "routed MoE: classes 0 and 1 split over the experts");
     CHECK(file_size("build/tmp_examples/aoe_toy.png") > 1000, "PNG written");
@@ -119,5 +134,6 @@ int main(void) {
     test_train_moe();
     test_aoe_toy();
     test_train_lm();
+    test_help();
     return test_summary();
 }

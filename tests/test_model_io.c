@@ -459,7 +459,7 @@ static void expect_refused(const char *what, const char *path, const char *word,
     if (want != MOE_OK) {
         CHECK(!m.S.params && !m.blocks && m.err.status == st, "%s: the model is left freed, its err set", what);
         CHECK(io_alloc_largest <= n + 4096, "%s: largest allocation %zu bytes for a %zu-byte file", what, io_alloc_largest, n);
-        CHECK(moe_model_load_config(path, &c, NULL, &err) != MOE_OK || strstr(word, "non-finite"), "%s: the config alone is refused too", what);
+        CHECK(moe_model_load_config(path, &c, NULL, &err) != MOE_OK || strstr(word, "NaN") || strstr(word, " inf "), "%s: the config alone is refused too", what);
     }
     CHECK(before && same_file(path, before, n), "%s: the file is unchanged", what);
     moe_model_free(&m);
@@ -553,11 +553,11 @@ static void test_refused(void) {
         memcpy(w, b, n);
         memcpy(w + params + 4 * (a.S.tensors[id].offset + 5), &nan_value, 4);
         file_write_crc(bad, w, n);
-        expect_refused("a NaN parameter", bad, "'l2.moe.experts.w_up' holds a non-finite parameter (element 5", MOE_ERR_FORMAT);
+        expect_refused("a NaN parameter", bad, "the parameter NaN in 'l2.moe.experts.w_up' (element 5)", MOE_ERR_FORMAT);
         memcpy(w, b, n);
         memcpy(w + params + 4 * (2 * a.S.numel + a.S.tensors[0].offset), &inf_value, 4);
         file_write_crc(bad, w, n);
-        expect_refused("an infinite moment", bad, "'wte' holds a non-finite Adam second moment", MOE_ERR_FORMAT);
+        expect_refused("an infinite moment", bad, "the second Adam moment inf in 'wte'", MOE_ERR_FORMAT);
         /* saving a NaN model is refused and leaves the good file as it was */
         a.S.params[a.S.tensors[id].offset + 2] = NAN;
         CHECK(moe_model_save(&a, path, 1, 4, NULL, 0, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "'l2.moe.experts.w_up'") &&

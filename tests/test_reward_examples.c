@@ -6,18 +6,26 @@
 #define _POSIX_C_SOURCE 200809L
 #include "reward.h" /* defines: rwd_pair_accuracy, rwd_calibrate_pairs, rwd_rewardbench_scores */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
-#include <unistd.h>
+#include "proc.h"   /* defines: proc_runv, proc_slurp */
 
-/* runs cmd, captures stdout+stderr into out (cap bytes); returns the exit status */
-static int run(const char *cmd, char *out, size_t cap) {
-    FILE *p = popen(cmd, "r");
-    size_t n = 0;
-    int rc;
-    out[0] = 0;
-    if (!p) return -1;
-    n = fread(out, 1, cap - 1, p);
-    out[n] = 0;
-    rc = pclose(p);
+#define END ((const char *)NULL)
+
+/* runs the program (argv[0], then the arguments up to NULL), its stdout and stderr into out
+   (cap bytes, through log); returns the exit status */
+static int run(char *out, size_t cap, const char *log, const char *arg0, ...) {
+    const char *argv[32];
+    char *text;
+    int n = 0, rc;
+    va_list ap;
+    argv[n++] = arg0;
+    va_start(ap, arg0);
+    while (n < 31 && (argv[n] = va_arg(ap, const char *)) != NULL) n++;
+    va_end(ap);
+    argv[n] = NULL;
+    rc = proc_runv(NULL, log, argv);
+    text = proc_slurp(log, NULL);
+    snprintf(out, cap, "%s", text ? text : "");
+    free(text);
     return rc;
 }
 
@@ -44,7 +52,7 @@ static void test_calibrate(void) {
     static char out[1 << 16];
     double sw[N], sl[N], lw[N], ll[N], cw[N], cl[N], acc_b[4], acc_a[4], sec[2][4], overall[2];
     const char *names[4];
-    char dir[64], cmd[512], path[128];
+    char dir[64], path[128], in[128], outp[128], bad[128], badout[128], log[128];
     rwd_cal_config cfg = rwd_cal_config_default();
     moe_rng rng;
     moe_err err;
@@ -53,9 +61,13 @@ static void test_calibrate(void) {
     TEST_BEGIN("examples/calibrate: sections and overall = the library's, output rows, bad input");
     if (!have("build/examples/calibrate")) return;
     snprintf(dir, sizeof dir, "/tmp/rwd_cal_%d", (int)getpid());
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", dir);
-    CHECK(system(cmd) == 0, "mkdir");
+    CHECK(mkdir(dir, 0777) == 0, "mkdir %s", dir);
     snprintf(path, sizeof path, "%s/scores.csv", dir);
+    snprintf(in, sizeof in, "%s/scores.csv", dir);
+    snprintf(outp, sizeof outp, "%s/cal.csv", dir);
+    snprintf(bad, sizeof bad, "%s/bad.csv", dir);
+    snprintf(badout, sizeof badout, "%s/b.csv", dir);
+    snprintf(log, sizeof log, "%s/log.txt", dir);
     f = fopen(path, "w");
     CHECK(f != NULL, "cannot write %s", path);
     if (!f) return;
@@ -69,8 +81,7 @@ static void test_calibrate(void) {
         fprintf(f, "%.17g,%s,%d,%.17g,\"x, \"\"y\"\"\",%.17g,%.17g\n", ll[i], subsets[i % 4], i, sw[i], sl[i], lw[i]);
     }
     fclose(f);
-    snprintf(cmd, sizeof cmd, "build/examples/calibrate %s --out %s/cal.csv 2>&1", path, dir);
-    CHECK(run(cmd, out, sizeof out) == 0, "calibrate failed: %s", out);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--out", outp, END) == 0, "calibrate failed: %s", out);
     CHECK(rwd_calibrate_pairs(cw, cl, sw, sl, lw, ll, NULL, NULL, N, &cfg, &err) == MOE_OK, "%s", err.msg);
     for (s = 0; s < 4; s++) {
         int n = 0, b = 0, a = 0;
@@ -104,8 +115,10 @@ static void test_calibrate(void) {
         fclose(f);
         CHECK(rows == N && fabs(last_w - cw[N - 1]) < 1e-12, "%d rows; the last cal_chosen %.17g vs %.17g", rows, last_w, cw[N - 1]);
     }
-    snprintf(cmd, sizeof cmd, "build/examples/calibrate %s/scores.csv --method mean --seed 7 --out %s/m.csv 2>&1", dir, dir);
-    CHECK(run(cmd, out, sizeof out) == 0 && strstr(out, "overall before="), "RC-Mean run: %s", out);
+    snprintf(path, sizeof path, "%s/m.csv", dir);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--method", "mean", "--seed", "7", "--out", path, END) == 0 &&
+          strstr(out, "overall before="), "RC-Mean run: %s", out);
+    remove(path);
     /* bad input */
     snprintf(path, sizeof path, "%s/bad.csv", dir);
     f = fopen(path, "w");
@@ -113,35 +126,35 @@ static void test_calibrate(void) {
         fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n1,a,1,2,3,4\n2,a,nan,2,3,4\n");
         fclose(f);
     }
-    snprintf(cmd, sizeof cmd, "build/examples/calibrate %s --out %s/b.csv 2>&1", path, dir);
-    CHECK(run(cmd, out, sizeof out) != 0 && strstr(out, "line 3") && strstr(out, "score_chosen"), "NaN score names line 3: %s", out);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "line 3") &&
+          strstr(out, "score_chosen"), "NaN score names line 3: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen\n1,a,1,2,3\n"); fclose(f); }
-    CHECK(run(cmd, out, sizeof out) != 0 && strstr(out, "len_rejected"), "missing column: %s", out);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "len_rejected"), "missing column: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n"); fclose(f); }
-    CHECK(run(cmd, out, sizeof out) != 0 && strstr(out, "no rows"), "empty input: %s", out);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "no rows"), "empty input: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n1,a,1,2,3,4\n2,a,1,2\n"); fclose(f); }
-    CHECK(run(cmd, out, sizeof out) != 0 && strstr(out, "line 3"), "short row: %s", out);
-    snprintf(cmd, sizeof cmd, "build/examples/calibrate %s/scores.csv --frac 1.5 --out %s/b.csv 2>&1", dir, dir);
-    CHECK(run(cmd, out, sizeof out) != 0 && strstr(out, "frac"), "frac 1.5: %s", out);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK(system(cmd) == 0, "cleanup");
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "line 3"), "short row: %s", out);
+    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--frac", "1.5", "--out", badout, END) != 0 && strstr(out, "frac"), "frac 1.5: %s", out);
+    remove(in); remove(outp); remove(bad); remove(badout); remove(log);
+    CHECK(rmdir(dir) == 0, "cleanup: %s holds no other file", dir);
 }
 
 static void test_length_bias(void) {
     static char out[1 << 16];
-    char cmd[1200];
-    const char *root = test_shared_data();
+    char hh[1200];
+    const char *root = test_shared_data(), *log = "build/length_bias_test.log";
     TEST_BEGIN("examples/length_bias --quick: PoE and calibration reduce the length correlation");
     if (!have("build/examples/length_bias")) return;
-    if (root) snprintf(cmd, sizeof cmd, "build/examples/length_bias --quick --hh %s/preferences/hh-rlhf/helpful-base/test.jsonl.gz 2>&1", root);
-    else {
+    if (root) {
+        snprintf(hh, sizeof hh, "%s/preferences/hh-rlhf/helpful-base/test.jsonl.gz", root);
+        CHECK(run(out, sizeof out, log, "build/examples/length_bias", "--quick", "--hh", hh, END) == 0, "length_bias failed: %s", out);
+    } else {
         printf("SKIP length_bias on HH-RLHF: shared data folder not found (set MOE_SHARED_DATA or put it at ../shared/data)\n");
-        snprintf(cmd, sizeof cmd, "build/examples/length_bias --quick 2>&1");
+        CHECK(run(out, sizeof out, log, "build/examples/length_bias", "--quick", END) == 0, "length_bias failed: %s", out);
     }
-    CHECK(run(cmd, out, sizeof out) == 0, "length_bias failed: %s", out);
     printf("%s", strstr(out, "data=sim method=") ? strstr(out, "data=sim method=") : out);
     CHECK(value(out, "data=sim method=vanilla", "acc") > 0.65, "the vanilla RM learns the simulator");
     CHECK(value(out, "data=sim method=poe ", "length_spearman") < value(out, "data=sim method=vanilla", "length_spearman") - 0.05, "PoE lowers the length correlation");

@@ -110,6 +110,9 @@ MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int ma
    max_numel parameters are declared (0 = no limit). Only moe_model_free may follow. */
 MOEDEF moe_status moe_model_declare(moe_model *m, const moe_model_config *c, size_t max_numel);
 MOEDEF void moe_model_free(moe_model *m);
+/* The parameter count of a model of this config (a checkpoint's numel), through
+   moe_model_declare: a loader compares it with the file before it builds the model. */
+MOEDEF moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err);
 /* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
    routers N(0, moe.router_init_std), noise projections and biases 0. */
 MOEDEF void moe_model_init_weights(moe_model *m, uint64_t seed);
@@ -345,6 +348,15 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
 
 MOE__IMPL moe_status moe_model_declare(moe_model *m, const moe_model_config *c, size_t max_numel) {
     return moe__model_init(m, c, 1, 1, max_numel > 0 ? max_numel : (size_t)-1);
+}
+
+MOE__IMPL moe_status moe_model_param_count(const moe_model_config *c, size_t *numel, moe_err *err) {
+    moe_model m;
+    moe_status st = moe_model_declare(&m, c, 0);
+    if (st == MOE_OK) *numel = m.S.numel;
+    else if (err) *err = m.err;
+    moe_model_free(&m);
+    return st;
 }
 
 MOE__IMPL void moe_model_free(moe_model *m) {

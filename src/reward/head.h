@@ -172,11 +172,13 @@ RWD__IMPL void rwd_head_forward(rwd_head *h, const moe_store *s, float *r, const
 RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const float *dr, const float *x, int rows) {
     int d = h->cfg.d_in, H = h->cfg.d_hidden;
     size_t rh = (size_t)rows * (size_t)H;
-    float *dhid = h->dhid, *dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
-    if (h->cfg.kind == RWD_HEAD_LINEAR) {
+    float *dhid, *dpre;
+    if (h->cfg.kind == RWD_HEAD_LINEAR) { /* no hidden buffers: h->dhid is NULL */
         moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1);
         return;
     }
+    dhid = h->dhid;
+    dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
     memset(dhid, 0, rh * sizeof(float)); /* activation gradients are per call, not accumulated */
     memset(dpre, 0, rh * sizeof(float));
     moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1);

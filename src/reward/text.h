@@ -124,6 +124,7 @@ static int rwd__grow(void **buf, size_t *cap, size_t need, size_t elem) {
 }
 
 static int rwd__jput(rwd_json *d, const char *bytes, size_t n) {
+    if (n == 0) return 1; /* an empty run: d->strings may still be NULL, and NULL + 0 is undefined */
     if (!rwd__grow((void **)&d->strings, &d->cap_strings, d->n_strings + n, 1)) return 0;
     memcpy(d->strings + d->n_strings, bytes, n);
     d->n_strings += n;

@@ -1,0 +1,137 @@
+/* proc.h - runs a program as a user would, without a shell, for the tests that drive the
+ * examples: argv in, exit status out, stdout and stderr together in a log file.
+ *
+ *   proc_opts o = proc_opts_default();
+ *   o.env[0] = "OMP_NUM_THREADS=1";
+ *   rc = proc_run(&o, "build/t/x.log", "build/examples/train_lm", "--quick", (const char *)NULL);
+ *   if (rc == 0 && proc_log_has("build/t/x.log", "result")) ...
+ *
+ * proc_run returns the exit status, 128 + the signal that ended the program, or -1 when it
+ * could not be started. Options: extra environment variables; a file-size limit (RLIMIT_FSIZE:
+ * writes past it fail with EFBIG, SIGXFSZ ignored; how a test injects a write error, like a full
+ * disk); and running as the unprivileged user 65534 when the test runs as root, so that read-only
+ * directories refuse writes there too. POSIX; the test file defines _POSIX_C_SOURCE 200809L
+ * before any include.
+ */
+#ifndef MOE_TEST_PROC_H
+#define MOE_TEST_PROC_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PROC_FN static __attribute__((unused))
+#else
+#define PROC_FN static
+#endif
+
+typedef struct proc_opts {
+    const char *env[4]; /* "NAME=value" put in the child's environment; NULL ends the list */
+    long fsize_limit;   /* > 0: the largest file the child may write, in bytes               */
+    int as_nobody;      /* 1: drop to uid/gid 65534 when running as root                      */
+} proc_opts;
+
+PROC_FN proc_opts proc_opts_default(void) {
+    proc_opts o;
+    memset(&o, 0, sizeof o);
+    return o;
+}
+
+/* 1 when the tests run as root (file permissions do not stop root) */
+PROC_FN int proc_is_root(void) { return geteuid() == 0; }
+
+/* runs argv (argv[0] is a path, not looked up), output to `log` ("/dev/null" to drop it) */
+PROC_FN int proc_runv(const proc_opts *o, const char *log, const char *const *argv) {
+    pid_t pid;
+    int status, k;
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+        if (fd < 0) _exit(126);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        close(fd);
+        if (o) {
+            for (k = 0; k < 4 && o->env[k]; k++) {
+                char name[128];
+                const char *eq = strchr(o->env[k], '=');
+                if (!eq || eq - o->env[k] >= (long)sizeof name) _exit(126);
+                memcpy(name, o->env[k], (size_t)(eq - o->env[k]));
+                name[eq - o->env[k]] = 0;
+                setenv(name, eq + 1, 1);
+            }
+            if (o->fsize_limit > 0) {
+                struct rlimit rl;
+                rl.rlim_cur = rl.rlim_max = (rlim_t)o->fsize_limit;
+                signal(SIGXFSZ, SIG_IGN); /* a write past the limit fails with EFBIG instead */
+                if (setrlimit(RLIMIT_FSIZE, &rl) != 0) _exit(126);
+            }
+            if (o->as_nobody && geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0)) _exit(126);
+        }
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) return -1;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return -1;
+}
+
+/* the same with the arguments listed, ending with (const char *)NULL */
+PROC_FN int proc_run(const proc_opts *o, const char *log, const char *arg0, ...) {
+    const char *argv[64];
+    int n = 0;
+    va_list ap;
+    argv[n++] = arg0;
+    va_start(ap, arg0);
+    while (n < 63 && (argv[n] = va_arg(ap, const char *)) != NULL) n++;
+    va_end(ap);
+    argv[n] = NULL;
+    return proc_runv(o, log, argv);
+}
+
+/* the whole file in a malloc'ed, NUL-terminated buffer ("" when it cannot be read) */
+PROC_FN char *proc_slurp(const char *path, long *len) {
+    FILE *f = fopen(path, "rb");
+    long n = 0;
+    char *b;
+    if (f && fseek(f, 0, SEEK_END) == 0) n = ftell(f);
+    if (n < 0) n = 0;
+    b = (char *)malloc((size_t)n + 1);
+    if (!b) {
+        if (f) fclose(f);
+        return NULL;
+    }
+    if (f) {
+        fseek(f, 0, SEEK_SET);
+        n = (long)fread(b, 1, (size_t)n, f);
+        fclose(f);
+    }
+    b[n] = 0;
+    if (len) *len = n;
+    return b;
+}
+
+/* does the file contain `needle`? */
+PROC_FN int proc_log_has(const char *path, const char *needle) {
+    char *b = proc_slurp(path, NULL);
+    int found = b && strstr(b, needle) != NULL;
+    free(b);
+    return found;
+}
+
+#endif /* MOE_TEST_PROC_H */

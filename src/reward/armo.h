@@ -177,19 +177,63 @@ RWD__IMPL rwd_ridge_config rwd_ridge_config_default(void) {
     return c;
 }
 
-/* In-place Cholesky A = L L^T of an (n, n) row-major SPD matrix (lower triangle used);
-   returns 0, or -1 on a non-positive pivot. */
+/* dot products in double with 8 independent partial sums, added in a fixed order: the
+   compiler may vectorize the lanes (no reassociation needed), and the result does not depend
+   on the thread count */
+static double rwd__dot(const double *a, const double *b, int n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int q = 0, l;
+    for (; q + 8 <= n; q += 8)
+        for (l = 0; l < 8; l++) acc[l] += a[q + l] * b[q + l];
+    for (; q < n; q++) acc[0] += a[q] * b[q];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static double rwd__dotf(const float *a, const float *b, int n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int q = 0, l;
+    for (; q + 8 <= n; q += 8)
+        for (l = 0; l < 8; l++) acc[l] += (double)a[q + l] * (double)b[q + l];
+    for (; q < n; q++) acc[0] += (double)a[q] * (double)b[q];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* In-place Cholesky A = L L^T of an (n, n) row-major SPD matrix (lower triangle used), left-
+   looking in column blocks of 64: L_ij = (A_ij - sum_{k<j} L_ik L_jk) / L_jj, the sum split into
+   the columns of earlier blocks (one long dot product, all rows in parallel) and those of the
+   block itself. Two parallel regions per block, every element owned by one thread: the same bits
+   for any thread count. Returns 0, or -1 on a non-positive pivot. */
 static int rwd__cholesky(double *A, int n) {
-    int i, j, k;
-    for (j = 0; j < n; j++) {
-        double *aj = A + (size_t)j * n, s = aj[j];
-        for (k = 0; k < j; k++) s -= aj[k] * aj[k];
-        if (!(s > 0.0) || !isfinite(s)) return -1;
-        aj[j] = sqrt(s);
-        for (i = j + 1; i < n; i++) { /* rows below own their outputs: deterministic */
-            double *ai = A + (size_t)i * n, t = ai[j];
-            for (k = 0; k < j; k++) t -= ai[k] * aj[k];
-            ai[j] = t / aj[j];
+    const int nb = 64;
+    int J0;
+    for (J0 = 0; J0 < n; J0 += nb) {
+        int J1 = J0 + nb < n ? J0 + nb : n, i, j, bad = 0;
+        if (J0 > 0) { /* (a) the earlier blocks' share, rows J0..n-1 */
+            MOE_OMP_FOR_IF((double)(n - J0) * nb * J0 > 1e6)
+            for (i = J0; i < n; i++) {
+                double *ai = A + (size_t)i * n;
+                int jj, top = i < J1 - 1 ? i : J1 - 1;
+                for (jj = J0; jj <= top; jj++) ai[jj] -= rwd__dot(ai, A + (size_t)jj * n, J0);
+            }
+        }
+        for (j = J0; j < J1 && !bad; j++) { /* (b) the diagonal block, serially */
+            double *aj = A + (size_t)j * n, d = aj[j] - rwd__dot(aj + J0, aj + J0, j - J0);
+            if (!(d > 0.0) || !isfinite(d)) { bad = 1; break; }
+            aj[j] = sqrt(d);
+            for (i = j + 1; i < J1; i++) {
+                double *ai = A + (size_t)i * n;
+                ai[j] = (ai[j] - rwd__dot(ai + J0, aj + J0, j - J0)) / aj[j];
+            }
+        }
+        if (bad) return -1;
+        MOE_OMP_FOR_IF((double)(n - J1) * nb * nb > 1e6)
+        for (i = J1; i < n; i++) { /* (c) the rows below, within the block */
+            double *ai = A + (size_t)i * n;
+            int jj;
+            for (jj = J0; jj < J1; jj++) {
+                const double *aj = A + (size_t)jj * n;
+                ai[jj] = (ai[jj] - rwd__dot(ai + J0, aj + J0, jj - J0)) / aj[jj];
+            }
         }
     }
     return 0;
@@ -238,13 +282,7 @@ static moe_status rwd__ridge_setup(rwd__ridge *R, const float *x, int d, const d
         for (i = 0; i < (long long)m; i++) {
             const float *xi = x + idx[i] * (size_t)d;
             size_t j;
-            int k;
-            for (j = 0; j <= (size_t)i; j++) {
-                const float *xj = x + idx[j] * (size_t)d;
-                double s = 0.0;
-                for (k = 0; k < d; k++) s += (double)xi[k] * (double)xj[k];
-                R->G[(size_t)i * m + j] = s;
-            }
+            for (j = 0; j <= (size_t)i; j++) R->G[(size_t)i * m + j] = rwd__dotf(xi, x + idx[j] * (size_t)d, d);
             R->b[i] = t[idx[i] * ts];
         }
     } else {
@@ -258,14 +296,8 @@ static moe_status rwd__ridge_setup(rwd__ridge *R, const float *x, int d, const d
         for (i = 0; i < d; i++) {
             const double *a = R->xt + (size_t)i * m;
             size_t j, q;
-            double s;
-            for (j = 0; j <= (size_t)i; j++) {
-                const double *bb = R->xt + j * m;
-                s = 0.0;
-                for (q = 0; q < m; q++) s += a[q] * bb[q];
-                R->G[(size_t)i * (size_t)d + j] = s;
-            }
-            s = 0.0;
+            double s = 0.0;
+            for (j = 0; j <= (size_t)i; j++) R->G[(size_t)i * (size_t)d + j] = rwd__dot(a, R->xt + j * m, (int)m);
             for (q = 0; q < m; q++) s += a[q] * t[idx[q] * ts];
             R->b[i] = s;
         }

@@ -761,6 +761,8 @@ typedef struct rwd_ssrm_head {
     const float *x_a, *x_b;  /* (n, head->cfg.d_in) the two sides of every pair in the pool */
     size_t n;
     rwd_train_config tc;     /* per-round training */
+    int min_steps;           /* > 0: more epochs when a round's pairs make fewer optimizer
+                                steps than this (a small labelled set still converges)       */
     float *buf;              /* owned gather buffer; rwd_ssrm_head_free releases it          */
     size_t buf_pairs;
 } rwd_ssrm_head;
@@ -3836,6 +3838,10 @@ static moe_status rwd__ssrm_head_train(void *ctx, const size_t *idx, const unsig
         memcpy(xl + i * d, (a_wins[i] ? h->x_b : h->x_a) + q * d, d * sizeof(float));
     }
     tc.seed = h->tc.seed + (uint64_t)round; /* a fresh shuffle each round */
+    if (h->min_steps > 0 && tc.batch > 0) {
+        long long per_epoch = ((long long)count + tc.batch - 1) / tc.batch;
+        if (per_epoch * tc.epochs < h->min_steps) tc.epochs = (int)((h->min_steps + per_epoch - 1) / per_epoch);
+    }
     return rwd_bt_train(h->head, h->store, xw, xl, NULL, count, &tc, NULL, err);
 }
 

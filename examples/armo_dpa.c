@@ -192,7 +192,7 @@ static void zscore(double *v, size_t n, size_t stride, double *mean_out, double 
 
 /* ================================ the simulator experiment ================================ */
 
-static float dpa_points[MAX_SEEDS][N_THETA][2];
+static float dpa_points[MAX_SEEDS][N_THETA][2], base_points[MAX_SEEDS][3][2]; /* (length, helpfulness) */
 static float gate_mean_all[N_TYPES][K];
 
 static void simulator(int si, uint64_t seed, const settings *st) {
@@ -462,6 +462,8 @@ static void simulator(int si, uint64_t seed, const settings *st) {
                     printf("data=sim seed=%llu dpa baseline=%s true_helpfulness=%.3f true_verbosity=%.3f length=%.0f\n", (unsigned long long)seed, label, mh, mb, mlen);
                     snprintf(key, sizeof key, "sim.dpa.%s.helpfulness", label); record(si, seed, key, mh);
                     snprintf(key, sizeof key, "sim.dpa.%s.length", label); record(si, seed, key, mlen);
+                    base_points[si][q - N_THETA][0] = (float)mlen;
+                    base_points[si][q - N_THETA][1] = (float)mh;
                 }
             }
             /* fronts in the true (helpfulness, verbosity) plane, both maximised, from one standard
@@ -642,7 +644,7 @@ static void real_signals(int si, uint64_t seed, const settings *st, const rwd_te
     if (A && A->n > 0) {
         size_t N = (size_t)A->sets * (size_t)A->n;
         double *rh = (double *)xmalloc(N * sizeof(double)), *sel_p = (double *)xmalloc((size_t)A->n * sizeof(double)), *sel_l = (double *)xmalloc((size_t)A->n * sizeof(double));
-        double v[2], rp[2 * 32], pts[N_THETA][2], ref[2], hv, oracle_p = 0.0, oracle_l = 0.0, rand_wr = 0.0, rand_len = 0.0;
+        double v[2], rp[2 * 32], pts[N_THETA][2], oracle_p = 0.0, oracle_l = 0.0, rand_wr = 0.0, rand_len = 0.0;
         size_t best, front[N_THETA], n_front;
         int c, w[2];
         rwd_winrate wr;
@@ -686,12 +688,10 @@ static void real_signals(int si, uint64_t seed, const settings *st, const rwd_te
             oracle_p += A->pref[bi * (size_t)A->n + i] - 1.0;
             oracle_l += A->len[bi * (size_t)A->n + i];
         }
-        ref[0] = 0.0;
-        ref[1] = 0.0;
+        /* both maximised: when longer also wins more often, one direction dominates the rest */
         CK(rwd_pareto_front(front, &n_front, &pts[0][0], N_THETA, 2, &e_));
-        CK(rwd_hypervolume(&hv, &pts[0][0], N_THETA, 2, ref, &e_));
-        printf("data=alpacaeval seed=%llu random_pick_win_rate=%.2f random_pick_avg_length=%.0f judge_best_of_%d_win_rate=%.2f judge_best_avg_length=%.0f front_points=%zu hypervolume=%.1f\n",
-               (unsigned long long)seed, rand_wr, rand_len, A->sets, 100.0 * oracle_p / A->n, oracle_l / A->n, n_front, hv);
+        printf("data=alpacaeval seed=%llu random_pick_win_rate=%.2f random_pick_avg_length=%.0f judge_best_of_%d_win_rate=%.2f judge_best_avg_length=%.0f front_points=%zu\n",
+               (unsigned long long)seed, rand_wr, rand_len, A->sets, 100.0 * oracle_p / A->n, oracle_l / A->n, n_front);
         record(si, seed, "alpacaeval.random_win_rate", rand_wr);
         record(si, seed, "alpacaeval.random_avg_length", rand_len);
         free(rh); free(sel_p); free(sel_l);
@@ -835,7 +835,7 @@ int main(int argc, char **argv) {
     {
         plot_heatmap_opts ho;
         memset(&ho, 0, sizeof ho);
-        ho.title = "mean gate weight (share of beta) per prompt type";
+        ho.title = "mean gate weight per prompt type";
         ho.xlabel = "objective";
         ho.ylabel = "prompt type";
         ho.row_labels = type_name;
@@ -845,9 +845,12 @@ int main(int argc, char **argv) {
         if (plot_heatmap("out/armo_dpa_gates.png", &ho, &gate_mean_all[0][0], N_TYPES, K) != PLOT_OK) fprintf(stderr, "armo_dpa: could not write out/armo_dpa_gates.png\n");
     }
     for (k = 0; k < 2; k++) {
-        float xs[N_THETA], ys[N_THETA];
-        plot_series ser;
+        static const char *const base_name[3] = {"random pick", "best of 16 by a single BT model", "best of 16 by ArmoRM"};
+        static const unsigned base_color[3] = {0x7f7f7f, 0xd62728, 0x2ca02c};
+        float xs[N_THETA], ys[N_THETA], bx[3], by[3];
+        plot_series ser[4];
         plot_chart c;
+        int b;
         int n_seeds = st.seeds;
         if (k == 1 && !have_alpaca_points) break;
         for (q = 0; q < N_THETA; q++) {
@@ -857,15 +860,21 @@ int main(int argc, char **argv) {
                 ys[q] += (k ? alpaca_points[si][q][1] : dpa_points[si][q][1]) / n_seeds;
             }
         }
-        memset(&ser, 0, sizeof ser);
+        memset(ser, 0, sizeof ser);
         memset(&c, 0, sizeof c);
-        ser.name = "best-of-n under theta = -45 .. 75 degrees";
-        ser.x = xs; ser.y = ys; ser.n = N_THETA; ser.style = PLOT_LINE_POINTS;
+        ser[0].name = "best-of-n under theta = -45 .. 75 degrees";
+        ser[0].x = xs; ser[0].y = ys; ser[0].n = N_THETA; ser[0].style = PLOT_LINE_POINTS; ser[0].color = 0x1f77b4;
+        for (b = 0; b < 3 && k == 0; b++) {
+            bx[b] = by[b] = 0.0f;
+            for (si = 0; si < n_seeds; si++) { bx[b] += base_points[si][b][0] / n_seeds; by[b] += base_points[si][b][1] / n_seeds; }
+            ser[1 + b].name = base_name[b]; ser[1 + b].x = bx + b; ser[1 + b].y = by + b; ser[1 + b].n = 1;
+            ser[1 + b].style = PLOT_POINTS; ser[1 + b].color = base_color[b];
+        }
         c.title = k ? "DPA directions on AlpacaEval (best of 11, GPT-4-turbo judge)" : "DPA directions on the simulator (best of 16)";
         c.xlabel = k ? "average length (code points)" : "length of the chosen response (code points)";
         c.ylabel = k ? "win rate vs gpt-3.5 reference (%)" : "true helpfulness of the chosen response";
         snprintf(key, sizeof key, "out/armo_dpa_%s.png", k ? "alpacaeval" : "front");
-        if (plot_lines(key, &c, &ser, 1) != PLOT_OK) fprintf(stderr, "armo_dpa: could not write %s\n", key);
+        if (plot_lines(key, &c, ser, k ? 1 : 4) != PLOT_OK) fprintf(stderr, "armo_dpa: could not write %s\n", key);
     }
     printf("wrote=out/armo_dpa.csv,out/armo_dpa_gates.png,out/armo_dpa_front.png%s\n", have_alpaca ? ",out/armo_dpa_alpacaeval.png" : "");
     rwd_text_pairs_free(&hh);

@@ -10,6 +10,8 @@
      supervised  a Bradley-Terry head trained on the labelled pairs only (SSRM's round 0)
      ssrm r1..R  rounds of: pseudo-label the unlabelled pairs, keep those with confidence
                  max(P, 1 - P) > threshold, continue training on labelled + kept
+     control     the same rounds of training on the labelled pairs alone (threshold 1: no
+                 pseudo-label passes), so a gain is the pseudo-labels', not the extra training's
      full        the head trained on the whole pool with its true labels (the 100% row)
    Both data sets go through the same loop. The paper's claim: SSRM improves a reward model trained on few labels without more labelling,
    and approaches one trained on the full labelled data.
@@ -19,7 +21,7 @@
    program runs the simulator only and says so (SKIP).
 
        build/examples/ssrm [--quick] [--seeds 10] [--fractions 0.01,0.02,0.05,0.1,1]
-           [--rounds 3] [--threshold 0.8] [--head linear|mlp] [--dim 4096] [--epochs 8]
+           [--rounds 3] [--threshold 0.8] [--head linear|mlp] [--dim 4096] [--epochs 8] [--min-steps 300]
            [--splits helpful-base,helpful-online,helpful-rejection-sampled] [--code-order]
            [--data DIR] [--seed 1] [--sim-pairs 5000]
 
@@ -43,7 +45,7 @@
 #define MAX_ROUNDS 8
 
 typedef struct settings {
-    int quick, seeds, rounds, dim, epochs, mlp, code_order, n_fracs, sim_pairs;
+    int quick, seeds, rounds, dim, epochs, min_steps, mlp, code_order, n_fracs, sim_pairs;
     double threshold, fracs[MAX_FRACS];
     uint64_t seed;
     const char *data, *splits;
@@ -103,7 +105,7 @@ typedef struct pool {
 /* supervised (stats[0]) and SSRM rounds (stats[1..]) for one labelled set; rounds = 0: only
    supervised training */
 static void run(rwd_ssrm_round *stats, const pool *P, const size_t *lab, size_t n_lab, const size_t *unl, size_t n_unl,
-                const size_t *test, size_t n_test, const settings *st, uint64_t seed) {
+                const size_t *test, size_t n_test, const settings *st, uint64_t seed, double threshold) {
     rwd_head_config hc = rwd_head_config_default();
     rwd_ssrm_config sc = rwd_ssrm_config_default();
     rwd_head h;
@@ -134,6 +136,7 @@ static void run(rwd_ssrm_round *stats, const pool *P, const size_t *lab, size_t 
     sh.tc.epochs = st->epochs;
     sh.tc.batch = 32;
     sh.tc.seed = seed;
+    sh.min_steps = st->min_steps;
     pm = rwd_ssrm_head_model(&sh);
     ec.pm = &pm; ec.test = test; ec.truth = test_truth; ec.n = n_test; ec.p = pbuf;
     pm.evaluate = held_out_accuracy;
@@ -146,7 +149,7 @@ static void run(rwd_ssrm_round *stats, const pool *P, const size_t *lab, size_t 
         stats[0].pseudo_accuracy = stats[0].kept_accuracy = stats[0].mean_confidence = NAN;
     } else {
         sc.rounds = st->rounds;
-        sc.threshold = st->threshold;
+        sc.threshold = threshold;
         sc.keep_true_order = st->code_order;
         if (rwd_ssrm_run(&pm, lab, lab_wins, n_lab, unl, unl_truth, n_unl, &sc, stats, &err) != MOE_OK) die("SSRM", err.msg);
     }
@@ -183,11 +186,12 @@ static void parse_fracs(settings *st, const char *s) {
 static void experiment(const char *name, const float *xa, const float *xb, const unsigned char *a_wins, size_t n, int d,
                        const settings *st, FILE *csv) {
     double (*acc)[MAX_ROUNDS + 1] = (double(*)[MAX_ROUNDS + 1])calloc((size_t)st->seeds * (size_t)st->n_fracs, sizeof *acc);
+    double *ctrl = (double *)calloc((size_t)st->seeds * (size_t)st->n_fracs, sizeof(double));
     double *full = (double *)calloc((size_t)st->seeds, sizeof(double));
     size_t *perm = (size_t *)malloc(n * sizeof(size_t)), i;
     int s, f, r, k, have_full = 0;
     char path[128], title[128], label[96];
-    if (!acc || !full || !perm) die("out of memory", NULL);
+    if (!acc || !ctrl || !full || !perm) die("out of memory", NULL);
     for (s = 0; s < st->seeds; s++) {
         uint64_t seed = st->seed + (uint64_t)s;
         size_t n_pool = n * 4 / 5, n_test = n - n_pool;
@@ -202,13 +206,17 @@ static void experiment(const char *name, const float *xa, const float *xb, const
         }
         for (f = 0; f < st->n_fracs; f++) {
             size_t n_lab = (size_t)ceil(st->fracs[f] * (double)n_pool);
-            rwd_ssrm_round stats[MAX_ROUNDS + 1];
+            rwd_ssrm_round stats[MAX_ROUNDS + 1], control[MAX_ROUNDS + 1];
             int rounds;
             if (n_lab < 2) n_lab = 2;
             if (n_lab > n_pool) n_lab = n_pool;
             rounds = n_lab < n_pool ? st->rounds : 0;
             /* the labelled set is the pool's first n_lab pairs: a larger fraction extends a smaller one */
-            run(stats, &P, perm, n_lab, perm + n_lab, n_pool - n_lab, perm + n_pool, n_test, st, seed);
+            run(stats, &P, perm, n_lab, perm + n_lab, n_pool - n_lab, perm + n_pool, n_test, st, seed, st->threshold);
+            if (rounds > 0) { /* the control: the same rounds of training, threshold 1 keeps no pseudo-label */
+                run(control, &P, perm, n_lab, perm + n_lab, n_pool - n_lab, perm + n_pool, n_test, st, seed, 1.0);
+                ctrl[s * st->n_fracs + f] = control[rounds].eval;
+            }
             for (r = 0; r <= rounds; r++) {
                 acc[s * st->n_fracs + f][r] = stats[r].eval;
                 printf("data=%s seed=%llu fraction=%g labelled=%zu round=%d acc=%.4f trained=%zu kept=%zu kept_fraction=%.4f mean_confidence=%.4f pseudo_acc=%.4f kept_acc=%.4f\n",
@@ -217,13 +225,16 @@ static void experiment(const char *name, const float *xa, const float *xb, const
                 if (csv) fprintf(csv, "%s,%llu,%g,%zu,%d,%.6f,%zu,%zu,%.6f,%.6f,%.6f,%.6f\n", name, (unsigned long long)seed, st->fracs[f], n_lab, r, stats[r].eval,
                                  stats[r].trained, stats[r].kept, stats[r].kept_fraction, stats[r].mean_confidence, stats[r].pseudo_accuracy, stats[r].kept_accuracy);
             }
+            if (rounds > 0)
+                printf("data=%s seed=%llu fraction=%g labelled=%zu control=labelled_only_same_rounds acc=%.4f\n", name, (unsigned long long)seed,
+                       st->fracs[f], n_lab, control[rounds].eval);
             if (rounds == 0) { full[s] = stats[0].eval; have_full = 1; }
         }
         fflush(stdout);
     }
     {
-        float xs[MAX_FRACS], ys[4][MAX_FRACS], fx[2], fy[2];
-        plot_series ser[5];
+        float xs[MAX_FRACS], ys[4][MAX_FRACS], yc[MAX_FRACS], fx[2], fy[2];
+        plot_series ser[6];
         plot_chart c;
         static const char *const names[4] = {"supervised (labelled only)", "SSRM round 1", "SSRM round 2", "SSRM round 3"};
         double m, sd, v[256];
@@ -239,14 +250,17 @@ static void experiment(const char *name, const float *xa, const float *xb, const
                 if (r == 0) printf(" supervised=%.4f supervised_sd=%.4f", m, sd);
                 else printf(" ssrm_r%d=%.4f ssrm_r%d_sd=%.4f", r, m, r, sd);
             }
-            if (partial) { /* paired over seeds: the same labelled set with and without SSRM */
+            if (partial && st->rounds > 0) { /* paired over seeds: the same labelled set and training, with and without pseudo-labels */
                 int wins = 0;
+                for (s = 0; s < st->seeds && s < 256; s++) v[s] = ctrl[s * st->n_fracs + f];
+                mean_sd(v, st->seeds < 256 ? st->seeds : 256, &m, &sd);
+                printf(" control=%.4f control_sd=%.4f", m, sd);
                 for (s = 0; s < st->seeds && s < 256; s++) {
-                    v[s] = acc[s * st->n_fracs + f][st->rounds] - acc[s * st->n_fracs + f][0];
+                    v[s] = acc[s * st->n_fracs + f][st->rounds] - ctrl[s * st->n_fracs + f];
                     wins += v[s] > 0.0;
                 }
                 mean_sd(v, st->seeds < 256 ? st->seeds : 256, &m, &sd);
-                printf(" gain_r%d=%+.4f gain_sd=%.4f ssrm_beats_supervised=%d/%d", st->rounds, m, sd, wins, st->seeds);
+                printf(" gain_r%d=%+.4f gain_sd=%.4f ssrm_beats_control=%d/%d", st->rounds, m, sd, wins, st->seeds);
             } else {
                 for (r = 1; r < 4; r++) ys[r][f] = NAN;
             }
@@ -256,6 +270,16 @@ static void experiment(const char *name, const float *xa, const float *xb, const
         memset(&c, 0, sizeof c);
         for (k = 0; k < n_series; k++) {
             ser[k].name = names[k]; ser[k].x = xs; ser[k].y = ys[k]; ser[k].n = st->n_fracs; ser[k].style = PLOT_LINE_POINTS;
+        }
+        if (st->rounds > 0) { /* the control, at the partial fractions */
+            for (f = 0; f < st->n_fracs; f++) {
+                for (s = 0; s < st->seeds && s < 256; s++) v[s] = ctrl[s * st->n_fracs + f];
+                mean_sd(v, st->seeds < 256 ? st->seeds : 256, &m, &sd);
+                yc[f] = st->fracs[f] < 1.0 ? (float)m : NAN;
+            }
+            ser[n_series].name = "control: labelled only, same rounds";
+            ser[n_series].x = xs; ser[n_series].y = yc; ser[n_series].n = st->n_fracs; ser[n_series].style = PLOT_LINE_POINTS; ser[n_series].color = 0x8c564b;
+            n_series++;
         }
         if (have_full) {
             mean_sd(full, st->seeds, &m, &sd);
@@ -273,7 +297,7 @@ static void experiment(const char *name, const float *xa, const float *xb, const
         if (plot_lines(path, &c, ser, n_series) != PLOT_OK) fprintf(stderr, "ssrm: could not write %s\n", path);
     }
     printf("data=%s wrote=out/ssrm.csv,%s\n", name, path);
-    free(acc); free(full); free(perm);
+    free(acc); free(ctrl); free(full); free(perm);
 }
 
 /* the simulator: x_a, x_b ~ N(0, I) (n, d); side a preferred with probability
@@ -314,6 +338,7 @@ int main(int argc, char **argv) {
     st.threshold = 0.8;
     st.dim = -1;
     st.epochs = 8;
+    st.min_steps = 300;
     st.seed = 1;
     st.sim_pairs = -1;
     st.data = env ? env : "../shared/data";
@@ -328,6 +353,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[a], "--head") == 0 && a + 1 < argc) { a++; st.mlp = strcmp(argv[a], "mlp") == 0; if (!st.mlp && strcmp(argv[a], "linear") != 0) die("--head is linear or mlp", argv[a]); }
         else if (strcmp(argv[a], "--dim") == 0 && a + 1 < argc) st.dim = atoi(argv[++a]);
         else if (strcmp(argv[a], "--epochs") == 0 && a + 1 < argc) st.epochs = atoi(argv[++a]);
+        else if (strcmp(argv[a], "--min-steps") == 0 && a + 1 < argc) st.min_steps = atoi(argv[++a]);
         else if (strcmp(argv[a], "--splits") == 0 && a + 1 < argc) st.splits = argv[++a];
         else if (strcmp(argv[a], "--code-order") == 0) st.code_order = 1;
         else if (strcmp(argv[a], "--data") == 0 && a + 1 < argc) st.data = argv[++a];
@@ -355,9 +381,10 @@ int main(int argc, char **argv) {
     if (have_hh) printf("%-22s %s: %zu pairs\n", "hh-rlhf", st.splits, all.n);
     printf("%-22s 80%% pool (labelled fraction + unlabelled rest), 20%% held out, per seed\n%-22s", "splits", "labelled fractions");
     for (f = 0; f < st.n_fracs; f++) printf(" %g", st.fracs[f]);
-    printf("\n%-22s %d (confidence strictly above %g; %s)\n%-22s %s; hh features: hashed words+bigrams %d + 2 length; %d epochs per round, batch 32\n",
+    printf("\n%-22s %d (confidence strictly above %g; %s)\n%-22s %s; hh features: hashed words+bigrams %d + 2 length; %d epochs per round (at least %d steps), batch 32\n",
            "ssrm rounds", st.rounds, st.threshold, st.code_order ? "kept pairs in their true order, as the released script" : "trained on the pseudo-labels, as the paper",
-           "reward model", st.mlp ? "MLP head (32 GELU)" : "linear BT head", st.dim, st.epochs);
+           "reward model", st.mlp ? "MLP head (32 GELU)" : "linear BT head", st.dim, st.epochs, st.min_steps);
+    printf("%-22s the same rounds of training on the labelled pairs alone (threshold 1 keeps no pseudo-label): gain = SSRM - control, paired by seed\n", "control");
     printf("%-22s %d (from %llu)\n%-22s %d\n", "seeds", st.seeds, (unsigned long long)st.seed, "threads", moe_num_threads());
     printf("paper_claim=\"SSRM improves reward models trained on few labels without more labelling and can match models trained on the fully labelled data (arXiv 2409.06903, abstract)\"\n");
     fflush(stdout);

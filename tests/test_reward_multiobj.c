@@ -760,83 +760,103 @@ static double eval_acc(void *ctx) {
     return (double)ok / (double)e->n;
 }
 
+/* one SSRM run (threshold 1 = the control: the same rounds, no pseudo-label passes) of a
+   linear (kind 0) or MLP (1) head or the gate (2) on the pool; fills st (4 rounds) */
+typedef struct ssrm_pool { float *xa, *xb; unsigned char *wins; size_t *ids; double *pbuf, *wtrue; int nl, nu, nt, d; } ssrm_pool;
+
+static void ssrm_one(rwd_ssrm_round *st, const ssrm_pool *P, int kind, double threshold, int min_steps) {
+    rwd_ssrm_config c = rwd_ssrm_config_default();
+    rwd_pair_model pm;
+    eval_ctx ec;
+    rwd_head h;
+    moe_store s;
+    rwd_ssrm_head sh;
+    rwd_ssrm_gate sg;
+    rwd_gate g;
+    double *ra = NULL;
+    float *xp = NULL;
+    moe_rng rng;
+    moe_err err;
+    int i, D = P->d, N = P->nl + P->nu + P->nt;
+    moe_store_init(&s);
+    moe_rng_seed(&rng, 4);
+    memset(&sh, 0, sizeof sh);
+    memset(&sg, 0, sizeof sg);
+    if (kind < 2) {
+        rwd_head_config hc = rwd_head_config_default();
+        hc.kind = kind; hc.d_in = D; hc.d_hidden = 16; hc.max_rows = 64;
+        CHECK(rwd_head_init(&h, &hc, &s, "rm.", &err) == MOE_OK, "%s", err.msg);
+        moe_store_alloc(&s, 1);
+        rwd_head_init_weights(&h, &s, &rng);
+        sh.head = &h; sh.store = &s; sh.x_a = P->xa; sh.x_b = P->xb; sh.n = (size_t)N;
+        sh.tc = rwd_train_config_default();
+        sh.tc.batch = 32; sh.tc.epochs = 10; sh.tc.lr = 0.02f; sh.tc.lr_min = 0.002f; sh.tc.weight_decay = 0.0f;
+        sh.min_steps = min_steps;
+        pm = rwd_ssrm_head_model(&sh);
+    } else {
+        /* the gate mixes K = D rewards sign(w_k) x_k (so the true mix is non-negative, as a
+           gate's is) with weights from a constant prompt */
+        rwd_gate_config gc = rwd_gate_config_default();
+        gc.d_in = 2; gc.K = D; gc.n_hidden = 1; gc.d_hidden = 8; gc.temperature = 1.0f; gc.dropout = 0.0f; gc.max_rows = 64;
+        CHECK(rwd_gate_init(&g, &gc, &s, "gate.", &err) == MOE_OK, "%s", err.msg);
+        moe_store_alloc(&s, 1);
+        rwd_gate_init_weights(&g, &s, &rng);
+        ra = (double *)malloc(2 * (size_t)N * D * sizeof(double));
+        xp = (float *)malloc(2 * (size_t)N * sizeof(float));
+        for (i = 0; i < N * D; i++) {
+            double sg_k = P->wtrue[i % D] < 0 ? -1.0 : 1.0;
+            ra[i] = sg_k * P->xa[i];
+            ra[N * D + i] = sg_k * P->xb[i];
+        }
+        for (i = 0; i < 2 * N; i++) xp[i] = 1.0f;
+        sg.gate = &g; sg.store = &s; sg.x = xp; sg.r_a = ra; sg.r_b = ra + N * D; sg.n = (size_t)N;
+        sg.tc = rwd_gate_train_config_default();
+        sg.tc.steps = 200; sg.tc.batch = 64; sg.tc.lr = 1e-2f;
+        pm = rwd_ssrm_gate_model(&sg);
+    }
+    ec.pm = &pm; ec.idx = P->ids + P->nl + P->nu; ec.truth = P->wins + P->nl + P->nu; ec.n = (size_t)P->nt; ec.p = P->pbuf;
+    pm.evaluate = eval_acc;
+    pm.eval_ctx = &ec;
+    c.threshold = threshold;
+    CHECK(rwd_ssrm_run(&pm, P->ids, P->wins, (size_t)P->nl, P->ids + P->nl, P->wins + P->nl, (size_t)P->nu, &c, st, &err) == MOE_OK, "%s", err.msg);
+    if (kind < 2) { rwd_head_free(&h); rwd_ssrm_head_free(&sh); }
+    else { rwd_gate_free(&g); rwd_ssrm_gate_free(&sg); free(ra); free(xp); }
+    moe_store_free(&s);
+}
+
 static void test_ssrm_heads(void) {
     enum { NL = 40, NU = 2000, NT = 1000, N = NL + NU + NT, D = 10 };
-    float *xa = (float *)malloc(2 * (size_t)N * D * sizeof(float)), *xb = xa + N * D;
-    unsigned char *wins = (unsigned char *)malloc(N);
-    size_t *ids = (size_t *)malloc(N * sizeof(size_t));
-    double *pbuf = (double *)malloc(NT * sizeof(double)), wtrue[D];
-    rwd_ssrm_config c = rwd_ssrm_config_default();
-    rwd_ssrm_round st[4];
-    moe_err err;
-    int kind, i;
-    TEST_BEGIN("SSRM with the linear and MLP heads and the gate: confident pseudo-labels are more accurate; held-out accuracy recorded per round");
-    make_pool(xa, xb, wins, N, D, 2.0, 7, wtrue);
-    for (i = 0; i < N; i++) ids[i] = (size_t)i;
+    ssrm_pool P;
+    rwd_ssrm_round st[4], ctl[4], slow[4];
+    double wtrue[D];
+    int kind, i, r;
+    static const char *const names[3] = {"linear", "mlp", "gate"};
+    TEST_BEGIN("SSRM with the linear and MLP heads and the gate: kept pseudo-labels are the accurate ones; the control keeps none; min_steps");
+    P.xa = (float *)malloc(2 * (size_t)N * D * sizeof(float));
+    P.xb = P.xa + N * D;
+    P.wins = (unsigned char *)malloc(N);
+    P.ids = (size_t *)malloc(N * sizeof(size_t));
+    P.pbuf = (double *)malloc(NT * sizeof(double));
+    P.wtrue = wtrue;
+    P.nl = NL; P.nu = NU; P.nt = NT; P.d = D;
+    make_pool(P.xa, P.xb, P.wins, N, D, 2.0, 7, wtrue);
+    for (i = 0; i < N; i++) P.ids[i] = (size_t)i;
     for (kind = 0; kind < 3; kind++) {
-        rwd_pair_model pm;
-        eval_ctx ec;
-        rwd_head h;
-        moe_store s;
-        rwd_ssrm_head sh;
-        rwd_ssrm_gate sg;
-        rwd_gate g;
-        double *ra = NULL;
-        float *xp = NULL;
-        moe_rng rng;
-        moe_store_init(&s);
-        moe_rng_seed(&rng, 4);
-        memset(&sh, 0, sizeof sh);
-        memset(&sg, 0, sizeof sg);
-        if (kind < 2) {
-            rwd_head_config hc = rwd_head_config_default();
-            hc.kind = kind; hc.d_in = D; hc.d_hidden = 16; hc.max_rows = 64;
-            CHECK(rwd_head_init(&h, &hc, &s, "rm.", &err) == MOE_OK, "%s", err.msg);
-            moe_store_alloc(&s, 1);
-            rwd_head_init_weights(&h, &s, &rng);
-            sh.head = &h; sh.store = &s; sh.x_a = xa; sh.x_b = xb; sh.n = N;
-            sh.tc = rwd_train_config_default();
-            sh.tc.batch = 32; sh.tc.epochs = 10; sh.tc.lr = 0.02f; sh.tc.lr_min = 0.002f; sh.tc.weight_decay = 0.0f;
-            pm = rwd_ssrm_head_model(&sh);
-        } else {
-            /* the gate mixes K = D rewards sign(w_k) x_k (so the true mix is non-negative, as a
-               gate's is) with weights from a constant prompt */
-            rwd_gate_config gc = rwd_gate_config_default();
-            gc.d_in = 2; gc.K = D; gc.n_hidden = 1; gc.d_hidden = 8; gc.temperature = 1.0f; gc.dropout = 0.0f; gc.max_rows = 64;
-            CHECK(rwd_gate_init(&g, &gc, &s, "gate.", &err) == MOE_OK, "%s", err.msg);
-            moe_store_alloc(&s, 1);
-            rwd_gate_init_weights(&g, &s, &rng);
-            ra = (double *)malloc(2 * (size_t)N * D * sizeof(double));
-            xp = (float *)malloc(2 * (size_t)N * sizeof(float));
-            for (i = 0; i < N * D; i++) {
-                double sg_k = wtrue[i % D] < 0 ? -1.0 : 1.0;
-                ra[i] = sg_k * xa[i];
-                ra[N * D + i] = sg_k * xb[i];
-            }
-            for (i = 0; i < 2 * N; i++) xp[i] = 1.0f;
-            sg.gate = &g; sg.store = &s; sg.x = xp; sg.r_a = ra; sg.r_b = ra + N * D; sg.n = N;
-            sg.tc = rwd_gate_train_config_default();
-            sg.tc.steps = 200; sg.tc.batch = 64; sg.tc.lr = 1e-2f;
-            pm = rwd_ssrm_gate_model(&sg);
-        }
-        ec.pm = &pm; ec.idx = ids + NL + NU; ec.truth = wins + NL + NU; ec.n = NT; ec.p = pbuf;
-        pm.evaluate = eval_acc;
-        pm.eval_ctx = &ec;
-        CHECK(rwd_ssrm_run(&pm, ids, wins, NL, ids + NL, wins + NL, NU, &c, st, &err) == MOE_OK, "%s", err.msg);
-        printf("   %s: eval %.3f -> %.3f %.3f %.3f; kept %.3f %.3f %.3f; pseudo acc %.3f, kept acc %.3f\n",
-               kind == 0 ? "linear" : kind == 1 ? "mlp" : "gate", st[0].eval, st[1].eval, st[2].eval, st[3].eval,
-               st[1].kept_fraction, st[2].kept_fraction, st[3].kept_fraction, st[1].pseudo_accuracy, st[1].kept_accuracy);
-        CHECK(st[0].eval > 0.6, "round 0 learns from %d labels: %.3f", NL, st[0].eval);
-        CHECK(st[1].kept > 0 && st[1].kept_accuracy > st[1].pseudo_accuracy, "confident pseudo-labels are more accurate than all (%.3f vs %.3f)", st[1].kept_accuracy, st[1].pseudo_accuracy);
-        /* the heads gain; the gate (a non-negative mix) drifts toward the objectives it already
-           trusts (confirmation bias), so for it only a floor */
-        if (kind < 2) CHECK(st[3].eval > st[0].eval + 0.02, "self-training helps the head: %.3f -> %.3f", st[0].eval, st[3].eval);
-        else CHECK(st[3].eval > 0.7, "the gate stays a good model: %.3f", st[3].eval);
-        if (kind < 2) { rwd_head_free(&h); rwd_ssrm_head_free(&sh); }
-        else { rwd_gate_free(&g); rwd_ssrm_gate_free(&sg); free(ra); free(xp); }
-        moe_store_free(&s);
+        ssrm_one(st, &P, kind, 0.8, 200);
+        ssrm_one(ctl, &P, kind, 1.0, 200);
+        printf("   %s: eval %.3f -> %.3f %.3f %.3f (control %.3f); kept %.3f %.3f %.3f; pseudo acc %.3f, kept acc %.3f\n", names[kind],
+               st[0].eval, st[1].eval, st[2].eval, st[3].eval, ctl[3].eval, st[1].kept_fraction, st[2].kept_fraction, st[3].kept_fraction,
+               st[1].pseudo_accuracy, st[1].kept_accuracy);
+        CHECK(st[0].eval > 0.6 && st[0].eval == ctl[0].eval, "%s: round 0 learns from %d labels (%.3f), the same in both runs", names[kind], NL, st[0].eval);
+        CHECK(st[1].kept > 0 && st[1].kept_accuracy > st[1].pseudo_accuracy, "%s: confident pseudo-labels are more accurate than all (%.3f vs %.3f)",
+              names[kind], st[1].kept_accuracy, st[1].pseudo_accuracy);
+        for (r = 1; r <= 3; r++) CHECK(ctl[r].kept == 0 && ctl[r].trained == NL && isfinite(st[r].eval), "%s round %d: the control trains on the labelled pairs only", names[kind], r);
+        CHECK(st[3].mean_confidence != ctl[3].mean_confidence, "%s: the pseudo-labels change the model", names[kind]);
     }
-    free(xa); free(wins); free(ids); free(pbuf);
+    ssrm_one(slow, &P, 0, 0.8, 0); /* 2 steps an epoch, 10 epochs: an unconverged start */
+    CHECK(st[1].mean_confidence > slow[1].mean_confidence + 0.05, "min_steps 200 trains the small labelled set further: confidence %.3f vs %.3f",
+          st[1].mean_confidence, slow[1].mean_confidence);
+    free(P.xa); free(P.wins); free(P.ids); free(P.pbuf);
 }
 
 int main(void) {

@@ -529,7 +529,7 @@ static void test_armo_end_to_end(void) {
 static void test_armo_bad_input(void) {
     enum { N = 10, D = 4 };
     float x[N * D], W[2 * D];
-    double y[N * 2];
+    double y[N * 2], y_pen[2];
     rwd_ridge_config c = rwd_ridge_config_default();
     rwd_ridge_report rep[2];
     rwd_gate_config gc = rwd_gate_config_default();
@@ -542,7 +542,12 @@ static void test_armo_bad_input(void) {
     for (i = 0; i < N * D; i++) x[i] = moe_rng_normal(&rng);
     for (i = 0; i < N; i++) { y[2 * i] = moe_rng_normal(&rng); y[2 * i + 1] = NAN; }
     CHECK(rwd_armo_regress(W, rep, x, y, N, D, 2, NULL, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "objective 1 has no labelled rows"), "%s", err.msg);
-    CHECK(rwd_ridge_solve(W == NULL ? NULL : (double *)rep, x, y + 1, 1, D, 1.0, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "NaN"), "%s", err.msg);
+    {
+        double t_nan[N], w[D];
+        for (i = 0; i < N; i++) t_nan[i] = NAN;
+        CHECK(rwd_ridge_solve(w, x, t_nan, N, D, 1.0, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "NaN"), "all targets missing: %s", err.msg);
+        CHECK(rwd_ridge_solve(w, x, y, N, D, 0.0, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "lambda"), "lambda 0: %s", err.msg);
+    }
     /* 10 rows, 4 features: fine; 10 rows for 40 features: underdetermined but defined */
     {
         float xb[N * 40], Wb[40];
@@ -563,8 +568,7 @@ static void test_armo_bad_input(void) {
     CHECK(rwd_armo_regress(W, rep, x, y, N, D, 2, NULL, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "infinite"), "%s", err.msg);
     c.lambdas[2] = 0.0;
     CHECK(rwd_armo_regress(W, rep, x, y, N, D, 2, &c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "> 0"), "%s", err.msg);
-    CHECK(rwd_ridge_solve((double *)rep, x, y, N, D, 0.0, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "lambda"), "%s", err.msg);
-    CHECK(rwd_armo_verbosity_penalties((double *)rep, NULL, y, N, 2, 2, 0.03, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "verbosity objective 2"), "%s", err.msg);
+    CHECK(rwd_armo_verbosity_penalties(y_pen, NULL, y, N, 2, 2, 0.03, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "verbosity objective 2"), "%s", err.msg);
     gc.d_in = 3;
     gc.n_hidden = RWD_GATE_MAX_HIDDEN + 1;
     CHECK(rwd_armo_init(&m, 2, D, 0, &gc, 1, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "hidden"), "%s", err.msg);

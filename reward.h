@@ -88,6 +88,13 @@
        6. head       >>rwd:head      linear/MLP reward head, Bradley-Terry loss, training,
                                      save/load
        7. poe        >>rwd:poe       Product-of-Experts length debiasing (arXiv 2310.05199)
+       8. rows       >>rwd:rows      multi-objective rows from CSV / JSON Lines, NaN = missing
+       9. armo       >>rwd:armo      ArmoRM: ridge per objective (official lambda choice),
+                                     verbosity de-correlation, gating network (BT-trained)
+      10. dpa        >>rwd:dpa       DPA directions, integer-weight prompts, best-of-n,
+                                     Pareto front, hypervolume
+      11. ssrm       >>rwd:ssrm      SSRM self-training loop over any pair model; head and
+                                     gate adapters
 
    Tests: tests/test_reward_text.c (1), tests/test_reward_calib.c (2-3),
    tests/test_reward_metrics.c (4, AlpacaEval and HH-RLHF data), tests/test_reward_model.c
@@ -517,6 +524,310 @@ RWDDEF moe_status rwd_poe_train(rwd_head *main_head, moe_store *sm, rwd_head *bi
                                 const float *xb_w, const float *xb_l, size_t n,
                                 const rwd_train_config *tc, rwd_train_stats *stats, moe_err *err);
 
+
+/* ============================================================================================
+   >>rwd:rows  multi-objective rows from CSV or JSON Lines; missing values are NaN
+   ============================================================================================
+   Absolute-rating data sets rate each response on only some objectives (ArmoRM's mix, arXiv
+   2406.12845 section 3: HelpSteer rates five, BeaverTails only safety), so a missing value is
+   data, not an error. The caller names the columns it wants: numbers (NaN where missing) and
+   texts. Missing number: an empty CSV field, NA, NaN, nan, null; in JSON null or an absent
+   key (true/false read as 1/0, as is_safe labels are). Anything else that is not a finite
+   number fails with its line, column number and column name. */
+
+typedef struct rwd_rows {
+    int n_num, n_text; /* columns read as numbers, as texts                                   */
+    double *num;       /* (n, n_num) row-major; NaN where a value is missing                   */
+    char **text;       /* (n, n_text) owned NUL-terminated UTF-8 (NULL when n_text == 0)        */
+    int *line;         /* (n) the input line where each row starts                             */
+    size_t n, cap;
+} rwd_rows; /* zero it to start; rows are appended, so one rwd_rows can gather several files */
+
+/* CSV (RFC 4180: comma separated, double quotes, "" inside quotes, quoted newlines; \r\n or \n;
+   blank lines skipped) with a header line naming the columns; extra columns are ignored. */
+RWDDEF moe_status rwd_rows_parse_csv(rwd_rows *r, const char *text, size_t len, const char *const *num_cols,
+                                     int n_num, const char *const *text_cols, int n_text, moe_err *err);
+/* JSON Lines: one object per line; a text column must be a string member of every object. */
+RWDDEF moe_status rwd_rows_parse_jsonl(rwd_rows *r, const char *text, size_t len, const char *const *num_cols,
+                                       int n_num, const char *const *text_cols, int n_text, moe_err *err);
+RWDDEF void rwd_rows_free(rwd_rows *r);
+
+/* ============================================================================================
+   >>rwd:armo  ArmoRM: multi-objective ridge regression, verbosity de-correlation, gating network
+   ============================================================================================
+   Absolute-Rating Multi-Objective Reward Model (Wang et al., arXiv 2406.12845), on feature rows
+   h(x, y) (d) of responses and h_x (d_prompt) of prompts: any float rows (the hashed featurizer,
+   moe.h's LM bridge, a user's embeddings).
+
+   Stage 1 (section 3.1): one ridge regression per objective k, no intercept, on the rows whose
+     target k is present (NaN = missing):  w_k = argmin sum (w.h_n - t_nk)^2 + lambda_k |w|^2.
+     lambda_k as the official code chooses it: one random 80/20 split of all rows, every lambda of
+     the grid {1e-4 .. 1e4} fitted on the 80%, the lowest validation MSE wins (the first on ties),
+     and the final w_k is that fit (on the 80% only, as the code; not refitted on all rows).
+     Rewards r(x, y) = W h (K). With fewer rows than features the ridge solution is still unique
+     for lambda > 0; it is computed in the dual, w = H^T (H H^T + lambda I)^-1 t.
+   Verbosity de-correlation (official stage-2 code): on the rewards V (M, K) of reference
+     responses, every objective j != v starts open with p_j = 1; for each penalty of the grid
+     {0, .01, .025, .05, .075, .1, .125, .15, .2, .25, ..., .95} in order, an open j whose
+     Spearman(V_j - p V_v, V_v) <= 0.03 closes with p_j = p. Never closed: p_j = 1 (and p_v = 1).
+     r~_j = r_j - p_j r_v, so r~_v = 0.
+   Stage 2 (section 3.2): gate g(x) = beta softmax(z(h_x) / tau), z an MLP (Linear-ReLU-dropout
+     x n_hidden, then Linear with bias) on the prompt's features, tau = 10, beta a learned scalar
+     (1 at start); score s = g . r~. Trained with the Bradley-Terry loss -log sigmoid(s_w - s_l)
+     on preference pairs: batches drawn with replacement, AdamW, cosine annealing to 0.
+   Where the official code differs from the paper: its stage-2 script takes the softmax over
+   dim 1 of (batch, 2, d) prompt embeddings, i.e. over the chosen/rejected pair, so every gate
+   is beta/2 and only beta learns; we take it over the objectives, as the paper says. The same
+   script builds r~ but trains on the raw rewards r; the released model applies r~ at
+   inference. Default here: train and infer on r~ (gate_on_raw = 1 selects the script's r). */
+
+#define RWD_RIDGE_MAX_LAMBDAS 16
+#define RWD_GATE_MAX_HIDDEN 8
+#define RWD_ARMO_CORR_THRESHOLD 0.03 /* stage-2 script's command-line default (its function: 0.028) */
+
+typedef struct rwd_ridge_config {
+    int n_lambdas;                          /* grid size; 9                                      */
+    double lambdas[RWD_RIDGE_MAX_LAMBDAS];  /* tried in order; 1e-4, 1e-3, ..., 1e4             */
+    double val_frac;                        /* validation share of the rows (ceil); 0.2          */
+    uint64_t seed;                          /* the split's shuffle; 42                            */
+    const unsigned char *val_mask;          /* (n) optional: 1 = validation row; overrides the
+                                               random split (e.g. to use someone else's split)  */
+    double fixed_lambda;                    /* > 0: no search, fit every labelled row at this
+                                               lambda; 0                                         */
+} rwd_ridge_config;
+
+typedef struct rwd_ridge_report {           /* one objective of rwd_armo_regress                 */
+    double lambda;                          /* the lambda used                                   */
+    size_t n_train, n_val;                  /* labelled rows fitted / validated                  */
+    double val_mse;                         /* at lambda (NaN with fixed_lambda)                  */
+    double grid_mse[RWD_RIDGE_MAX_LAMBDAS]; /* validation MSE of every lambda of the grid        */
+    int underdetermined;                    /* n_train < d: ridge still unique, solved in dual    */
+    char note[192];                         /* a sentence when underdetermined, else ""          */
+} rwd_ridge_report;
+
+RWDDEF rwd_ridge_config rwd_ridge_config_default(void);
+/* w (d) = argmin sum_i (x_i . w - t_i)^2 + lambda |w|^2 over the rows with a finite t_i, no
+   intercept; x (n, d). Primal Cholesky when rows >= d, dual otherwise; double throughout. */
+RWDDEF moe_status rwd_ridge_solve(double *w, const float *x, const double *t, size_t n, int d, double lambda,
+                                  moe_err *err);
+/* Stage 1: W (K, d) and one report per objective (rep may be NULL) from x (n, d) and targets
+   y (n, K) with NaN for missing ratings. */
+RWDDEF moe_status rwd_armo_regress(float *W, rwd_ridge_report *rep, const float *x, const double *y, size_t n,
+                                   int d, int K, const rwd_ridge_config *c, moe_err *err);
+/* r (rows, K) = x (rows, d) . W^T, in double */
+RWDDEF void rwd_armo_rewards(double *r, const float *W, const float *x, size_t rows, int d, int K);
+/* penalty (K) and corr (K, may be NULL: each objective's Spearman when it closed, else the
+   lowest seen, 1 for v) from reference rewards V (M, K); v = the verbosity objective. */
+RWDDEF moe_status rwd_armo_verbosity_penalties(double *penalty, double *corr, const double *V, size_t M, int K,
+                                               int v, double threshold, moe_err *err);
+/* out (rows, K) = r~: out_j = r_j - penalty_j r_v (out may be r); v < 0 copies */
+RWDDEF void rwd_armo_transform(double *out, const double *r, const double *penalty, size_t rows, int K, int v);
+
+/* ---- the gating network ---- */
+typedef struct rwd_gate_config {
+    int d_in;          /* prompt feature width (required)                                    */
+    int K;             /* objectives (required)                                              */
+    int n_hidden;      /* Linear-ReLU(-dropout) layers before the output layer; 3            */
+    int d_hidden;      /* their width; 1024                                                  */
+    float temperature; /* tau; 10                                                            */
+    float logit_scale; /* beta's initial value; 1                                           */
+    float dropout;     /* after every ReLU, in training only; 0.2                              */
+    int max_rows;      /* rows one forward may take (activations are sized for it); 1024       */
+} rwd_gate_config;
+
+typedef struct rwd_gate {
+    rwd_gate_config cfg;
+    int id_w[RWD_GATE_MAX_HIDDEN + 1], id_b[RWD_GATE_MAX_HIDDEN + 1]; /* layer tensors in the store */
+    int id_scale;  /* beta (1)                                                               */
+    float *pre;    /* (n_hidden, max_rows, H) pre-activations                                 */
+    float *post;   /* (n_hidden, max_rows, H) layer outputs after ReLU and dropout             */
+    float *mask;   /* (n_hidden, max_rows, H) dropout scale (0 or 1/(1-p)) of the last forward */
+    float *probs;  /* (max_rows, K) softmax(z / tau)                                          */
+    float *dz;     /* (max_rows, max(H, K)) each, dz and dh: backward scratch                 */
+    float *dh;
+    int last_dropout; /* the last forward used dropout                                        */
+} rwd_gate;
+
+RWDDEF rwd_gate_config rwd_gate_config_default(void);
+/* declares the gate's tensors in s (prefix + "l0.w", ..., "out.w", "out.b", "logit_scale")
+   before moe_store_alloc, and allocates its activations */
+RWDDEF moe_status rwd_gate_init(rwd_gate *g, const rwd_gate_config *c, moe_store *s, const char *prefix, moe_err *err);
+/* PyTorch nn.Linear's default: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); beta */
+RWDDEF void rwd_gate_init_weights(rwd_gate *g, moe_store *s, moe_rng *rng);
+RWDDEF void rwd_gate_free(rwd_gate *g);
+/* gates (rows, K) = g(x (rows, d_in)), rows <= max_rows; dropout_rng NULL = evaluation */
+RWDDEF void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, const float *x, int rows, moe_rng *dropout_rng);
+/* ACCUMULATES parameter gradients into s->grads and dx (may be NULL) given dgates (rows, K);
+   uses the caches of the last forward (same x, same rows) */
+RWDDEF void rwd_gate_backward(rwd_gate *g, moe_store *s, float *dx, const float *dgates, const float *x, int rows);
+
+typedef struct rwd_gate_train_config {
+    int steps;          /* optimizer steps; 2000                                             */
+    int batch;          /* pairs per step, drawn with replacement (<= max_rows); 1024          */
+    float lr;           /* AdamW; 1e-3                                                       */
+    float lr_min;       /* cosine annealing floor; 0                                         */
+    float weight_decay; /* 0                                                                 */
+    uint64_t seed;      /* batches and dropout; 0                                            */
+} rwd_gate_train_config;
+
+RWDDEF rwd_gate_train_config rwd_gate_train_config_default(void);
+/* BT loss of the margins g(x_i) . (r_w_i - r_l_i) over pairs i: x (n, d_in) prompt rows,
+   r_w, r_l (n, K) the (transformed) rewards of the chosen and rejected responses. stats: loss
+   and accuracy over the last 100 steps' batches (may be NULL). */
+RWDDEF moe_status rwd_gate_train(rwd_gate *g, moe_store *s, const float *x, const double *r_w, const double *r_l,
+                                 size_t n, const rwd_gate_train_config *tc, rwd_train_stats *stats, moe_err *err);
+/* the BT loss and its gradient dgates (B, K) (overwritten) of B pairs given their gates */
+RWDDEF double rwd_gate_bt_loss(float *dgates, const float *gates, const double *r_w, const double *r_l, int B, int K,
+                               int *n_correct);
+
+/* ---- the whole model ---- */
+typedef struct rwd_armo {
+    int K, d, verbosity; /* objectives, response feature width, verbosity objective (-1: none) */
+    float *W;            /* (K, d) stage-1 regression weights                                 */
+    double *penalty;     /* (K) verbosity penalties (all 0 until fitted: r~ = r)                */
+    int gate_on_raw;     /* the gate was trained on r, not r~ (the stage-2 script's variant)    */
+    rwd_gate gate;       /* stage 2, in its own store                                          */
+    moe_store store;
+    double *scratch;     /* (max_rows, 2K) inference scratch                                  */
+    float *gscratch;     /* (max_rows, K)                                                     */
+} rwd_armo;
+
+/* K objectives, d response features; gc->d_in = prompt features, gc->K is set to K */
+RWDDEF moe_status rwd_armo_init(rwd_armo *m, int K, int d, int verbosity, const rwd_gate_config *gc, uint64_t seed,
+                                moe_err *err);
+RWDDEF void rwd_armo_free(rwd_armo *m);
+RWDDEF moe_status rwd_armo_fit_regression(rwd_armo *m, rwd_ridge_report *rep, const float *x, const double *y,
+                                          size_t n, const rwd_ridge_config *c, moe_err *err);
+/* penalties from the rewards of M reference responses x_ref (M, d) (the paper: every chosen
+   and rejected response of a preference set); corr (K) may be NULL */
+RWDDEF moe_status rwd_armo_fit_verbosity(rwd_armo *m, double *corr, const float *x_ref, size_t M, double threshold,
+                                         moe_err *err);
+/* stage 2 on n pairs: prompt rows xp (n, d_in), responses x_w, x_l (n, d); on_raw = 1 trains
+   on r as the stage-2 script does (inference then uses r too) */
+RWDDEF moe_status rwd_armo_fit_gate(rwd_armo *m, const float *xp, const float *x_w, const float *x_l, size_t n,
+                                    const rwd_gate_train_config *tc, int on_raw, rwd_train_stats *stats, moe_err *err);
+/* per response: score (rows), rewards (rows, K) = r (raw, may be NULL), gates (rows, K) (may be
+   NULL); x (rows, d) responses, xp (rows, d_in) their prompts */
+RWDDEF moe_status rwd_armo_infer(rwd_armo *m, double *score, double *rewards, double *gates, const float *x,
+                                 const float *xp, size_t rows, moe_err *err);
+/* the rewards the gate mixes: r~ (or r with gate_on_raw), (rows, K) */
+RWDDEF void rwd_armo_mixed_rewards(const rwd_armo *m, double *out, const float *x, size_t rows);
+
+/* ============================================================================================
+   >>rwd:dpa  directional preferences (DPA), best-of-n, Pareto fronts, hypervolume
+   ============================================================================================
+   Directional Preference Alignment (Wang et al., arXiv 2402.18571, section 3): a user's
+   preference is a unit vector v in the space of K reward objectives and the user's reward is
+   the projection R_v = v . r. With two objectives (helpfulness, verbosity) v = (cos t, sin t).
+   The released DPA model reads v from its system prompt as integers, round(100 v_k) with numpy's
+   rounding (half to even), "... maximize weighted rating = helpfulness*{W_h} + verbosity*{W_b}".
+   Rejection sampling under a direction keeps the best of n responses by v . r. Fronts and the
+   hypervolume compare what a set of directions can reach: every objective is maximised. */
+
+/* v (k) = u / |u|; a zero (or non-finite) u is an error: it states no preference */
+RWDDEF moe_status rwd_dpa_direction(double *v, const double *u, int k, moe_err *err);
+RWDDEF void rwd_dpa_direction_angle(double v[2], double theta); /* (cos theta, sin theta), radians */
+RWDDEF double rwd_dpa_scalarize(const double *v, const double *r, int k); /* v . r */
+/* w (k) = round-half-even(100 v_k) of v as given (not renormalised: the caller's v is the
+   direction; the official prompts use v = (cos t, sin t)) */
+RWDDEF moe_status rwd_dpa_weights(int *w, const double *v, int k, moe_err *err);
+/* the direction an integer-weight prompt states: w / |w| */
+RWDDEF moe_status rwd_dpa_weights_direction(double *v, const int *w, int k, moe_err *err);
+/* the official DPA system prompt for (W_h, W_b); returns MOE_ERR_INVALID_ARG if cap is short */
+RWDDEF moe_status rwd_dpa_system_prompt(char *out, size_t cap, int w_helpfulness, int w_verbosity, moe_err *err);
+/* *best = argmax_j v . r_j over n candidates r (n, k) (ties to the lower index) */
+RWDDEF moe_status rwd_dpa_best_of_n(size_t *best, const double *v, const double *r, size_t n, int k, moe_err *err);
+/* idx gets the non-dominated points of pts (n, k) in increasing index order, *n_front their
+   number: p dominates q when p >= q everywhere and p > q somewhere, so equal points all stay */
+RWDDEF moe_status rwd_pareto_front(size_t *idx, size_t *n_front, const double *pts, size_t n, int k, moe_err *err);
+/* *hv = the volume dominated by pts (n, k) and dominating ref (k): the union of the boxes
+   [ref, p]. Points not above ref in every objective add nothing. Exact, by slicing along the
+   last objective (a sweep for k = 2): O(n^(k-1) log n), for k <= 4 and fronts of thousands. */
+RWDDEF moe_status rwd_hypervolume(double *hv, const double *pts, size_t n, int k, const double *ref, moe_err *err);
+
+/* ============================================================================================
+   >>rwd:ssrm  semi-supervised reward modelling by iterative self-training (SSRM)
+   ============================================================================================
+   SSRM (He et al., arXiv 2409.06903, section 3): train on the labelled pairs D_l; then each
+   round (1) pseudo-label every unlabelled pair (a, b) with the current model, (2) keep it if its
+   confidence max(P, 1 - P) is above the threshold (0.8 in the released script, strictly
+   greater), (3) fine-tune on D_l plus the kept pairs, continuing from the current model.
+   With a scalar reward model P(a > b) = sigmoid(r(a) - r(b)). The loop drives any model through
+   rwd_pair_model: the linear and MLP heads and ArmoRM's gate have ready-made adapters below.
+   Where the released script differs: it keeps the confident pairs but trains them in the data
+   set's own chosen/rejected order, i.e. with the true label even when the pseudo-label is wrong
+   (which is not semi-supervised). The default trains on the pseudo-labels, as the paper says;
+   keep_true_order = 1 reproduces the script (it needs the true labels). */
+
+typedef struct rwd_pair_model {
+    void *ctx;
+    /* p (count) = P(side a of pair idx[i] is preferred), i < count */
+    moe_status (*prob)(void *ctx, double *p, const size_t *idx, size_t count, moe_err *err);
+    /* train (round 0: from the start; later rounds: continue) on pairs idx with a_wins[i] = 1
+       when side a is the preferred one */
+    moe_status (*train)(void *ctx, const size_t *idx, const unsigned char *a_wins, size_t count, int round, moe_err *err);
+    /* optional: a number recorded after every round (e.g. held-out accuracy); NULL = none */
+    double (*evaluate)(void *eval_ctx);
+    void *eval_ctx;
+} rwd_pair_model;
+
+typedef struct rwd_ssrm_config {
+    int rounds;          /* self-training rounds after the supervised start; 3                */
+    double threshold;    /* keep a pseudo-label when max(P, 1-P) > threshold, in (0.5, 1]; 0.8 */
+    int keep_true_order; /* 1: the released script's variant (needs the true labels); 0        */
+} rwd_ssrm_config;
+
+typedef struct rwd_ssrm_round {
+    int round;              /* 0 = supervised on the labelled pairs only                      */
+    size_t trained;         /* pairs trained on this round (labelled + kept)                   */
+    size_t kept;            /* confident pseudo-labelled pairs (0 in round 0)                   */
+    double kept_fraction;   /* kept / unlabelled                                              */
+    double mean_confidence; /* mean max(P, 1-P) over the unlabelled pairs                      */
+    double pseudo_accuracy; /* pseudo-labels that match the true label, all unlabelled (NaN if
+                               the truth is not given)                                          */
+    double kept_accuracy;   /* the same over the kept pairs (NaN if none or no truth)           */
+    double eval;            /* evaluate() after this round's training (NaN without one)         */
+} rwd_ssrm_round;
+
+RWDDEF rwd_ssrm_config rwd_ssrm_config_default(void);
+/* Runs round 0 and c->rounds rounds; stats (rounds + 1, may be NULL). lab (n_lab) pair ids with
+   labels lab_a_wins; unl (n_unl) pair ids, unl_truth (n_unl) their hidden labels or NULL. */
+RWDDEF moe_status rwd_ssrm_run(rwd_pair_model *m, const size_t *lab, const unsigned char *lab_a_wins, size_t n_lab,
+                               const size_t *unl, const unsigned char *unl_truth, size_t n_unl,
+                               const rwd_ssrm_config *c, rwd_ssrm_round *stats, moe_err *err);
+
+/* Adapter: a reward head (linear or MLP) on pairs of feature rows x_a, x_b (n, d_in). Each
+   training call runs rwd_bt_train on the gathered pairs (its own cosine schedule, continuing
+   from the current weights). */
+typedef struct rwd_ssrm_head {
+    rwd_head *head;
+    moe_store *store;
+    const float *x_a, *x_b;  /* (n, head->cfg.d_in) the two sides of every pair in the pool */
+    size_t n;
+    rwd_train_config tc;     /* per-round training */
+    int min_steps;           /* > 0: more epochs when a round's pairs make fewer optimizer
+                                steps than this (a small labelled set still converges)       */
+    float *buf;              /* owned gather buffer; rwd_ssrm_head_free releases it          */
+    size_t buf_pairs;
+} rwd_ssrm_head;
+RWDDEF rwd_pair_model rwd_ssrm_head_model(rwd_ssrm_head *h);
+RWDDEF void rwd_ssrm_head_free(rwd_ssrm_head *h);
+
+/* Adapter: ArmoRM's gate (stage 2) on prompt rows x (n, d_in) and the rewards it mixes of the
+   two sides r_a, r_b (n, K) (rwd_armo_mixed_rewards). */
+typedef struct rwd_ssrm_gate {
+    rwd_gate *gate;
+    moe_store *store;
+    const float *x;
+    const double *r_a, *r_b;
+    size_t n;
+    rwd_gate_train_config tc;
+    float *xbuf;             /* owned gather buffers; rwd_ssrm_gate_free releases them       */
+    double *rbuf;
+    size_t buf_pairs;
+} rwd_ssrm_gate;
+RWDDEF rwd_pair_model rwd_ssrm_gate_model(rwd_ssrm_gate *g);
+RWDDEF void rwd_ssrm_gate_free(rwd_ssrm_gate *g);
 
 #ifdef __cplusplus
 }
@@ -2346,6 +2657,1350 @@ RWD__IMPL moe_status rwd_poe_train(rwd_head *main_head, moe_store *sm, rwd_head 
     return rwd__train(main_head, sm, bias_head, sb, x_w, x_l, xb_w, xb_l, NULL, n, tc, stats, err);
 }
 
+/* ============================================================================================
+   >>rwd:rows
+   ============================================================================================ */
+
+static moe_status rwd__rows_begin(rwd_rows *r, int n_num, int n_text, const char *const *num_cols,
+                                  const char *const *text_cols, moe_err *err) {
+    int k;
+    if (!r || n_num < 0 || n_text < 0 || n_num + n_text < 1 || (n_num && !num_cols) || (n_text && !text_cols))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "rows: name at least one column to read");
+    for (k = 0; k < n_num + n_text; k++)
+        if (!(k < n_num ? num_cols[k] : text_cols[k - n_num]))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "rows: column name %d is NULL", k);
+    if (r->n > 0 && (r->n_num != n_num || r->n_text != n_text))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "rows: appending %d + %d columns to rows of %d + %d", n_num, n_text, r->n_num, r->n_text);
+    r->n_num = n_num;
+    r->n_text = n_text;
+    return MOE_OK;
+}
+
+/* room for one more row; its texts start NULL */
+static moe_status rwd__rows_push(rwd_rows *r, int line, moe_err *err) {
+    size_t k;
+    if (r->n == r->cap) {
+        size_t cap = r->cap ? 2 * r->cap : 256;
+        double *num = (double *)MOE_MALLOC(cap * (size_t)(r->n_num ? r->n_num : 1) * sizeof(double));
+        char **text = r->n_text ? (char **)MOE_MALLOC(cap * (size_t)r->n_text * sizeof(char *)) : NULL;
+        int *lines = (int *)MOE_MALLOC(cap * sizeof(int));
+        if (!num || !lines || (r->n_text && !text)) {
+            MOE_FREE(num); MOE_FREE(text); MOE_FREE(lines);
+            return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for %zu rows", cap);
+        }
+        if (r->n) {
+            memcpy(num, r->num, r->n * (size_t)r->n_num * sizeof(double));
+            if (r->n_text) memcpy(text, r->text, r->n * (size_t)r->n_text * sizeof(char *));
+            memcpy(lines, r->line, r->n * sizeof(int));
+        }
+        MOE_FREE(r->num); MOE_FREE(r->text); MOE_FREE(r->line);
+        r->num = num; r->text = text; r->line = lines;
+        r->cap = cap;
+    }
+    for (k = 0; k < (size_t)r->n_text; k++) r->text[r->n * (size_t)r->n_text + k] = NULL;
+    r->line[r->n] = line;
+    r->n++;
+    return MOE_OK;
+}
+
+static void rwd__rows_drop_last(rwd_rows *r) { /* a row that failed half-way */
+    size_t k;
+    r->n--;
+    for (k = 0; k < (size_t)r->n_text; k++) MOE_FREE(r->text[r->n * (size_t)r->n_text + k]);
+}
+
+RWD__IMPL void rwd_rows_free(rwd_rows *r) {
+    size_t i;
+    if (!r) return;
+    for (i = 0; i < r->n * (size_t)r->n_text; i++) MOE_FREE(r->text[i]);
+    MOE_FREE(r->num); MOE_FREE(r->text); MOE_FREE(r->line);
+    memset(r, 0, sizeof *r);
+}
+
+/* a number field: 1 = value, 0 = missing, -1 = not a finite number */
+static int rwd__rows_number(const char *s, size_t n, double *v) {
+    char buf[64], *end;
+    while (n > 0 && (*s == ' ' || *s == '\t')) { s++; n--; }
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t')) n--;
+    if (n == 0 || (n == 2 && memcmp(s, "NA", 2) == 0) || (n == 3 && (memcmp(s, "NaN", 3) == 0 || memcmp(s, "nan", 3) == 0)) ||
+        (n == 4 && memcmp(s, "null", 4) == 0)) {
+        *v = NAN;
+        return 0;
+    }
+    if (n >= sizeof buf) { *v = NAN; return -1; }
+    memcpy(buf, s, n);
+    buf[n] = 0;
+    *v = strtod(buf, &end);
+    return (*end == 0 && isfinite(*v)) ? 1 : -1;
+}
+
+/* One CSV record from text[*pos]: fields unquoted into *scratch (each NUL-terminated), their
+   offsets in *fields. *line advances over the newlines inside. Returns the field count, or -1
+   for a quote that never closes or a stray character after a closing quote. */
+static int rwd__csv_record(const char *text, size_t len, size_t *pos, int *line, char **scratch, size_t *scap,
+                           size_t **fields, size_t *fcap, int *bad_field) {
+    size_t p = *pos, out = 0;
+    int nf = 0;
+    for (;;) {
+        int quoted = p < len && text[p] == '"';
+        if (!rwd__grow((void **)fields, fcap, (size_t)nf + 1, sizeof(size_t))) return -2;
+        (*fields)[nf] = out;
+        if (quoted) p++;
+        for (;;) {
+            char c;
+            if (p >= len) {
+                if (quoted) { *bad_field = nf; return -1; }
+                break;
+            }
+            c = text[p];
+            if (quoted) {
+                if (c == '"') {
+                    if (p + 1 < len && text[p + 1] == '"') { p += 2; c = '"'; }
+                    else {
+                        p++;
+                        if (p < len && text[p] != ',' && text[p] != '\n' && text[p] != '\r') { *bad_field = nf; return -1; }
+                        break;
+                    }
+                } else {
+                    if (c == '\n') (*line)++;
+                    p++;
+                }
+            } else {
+                if (c == ',' || c == '\n' || c == '\r') break;
+                p++;
+            }
+            if (!rwd__grow((void **)scratch, scap, out + 2, 1)) return -2;
+            (*scratch)[out++] = c;
+        }
+        if (!rwd__grow((void **)scratch, scap, out + 1, 1)) return -2;
+        (*scratch)[out++] = 0;
+        nf++;
+        if (p < len && text[p] == ',') { p++; continue; }
+        if (p < len && text[p] == '\r') p++;
+        if (p < len && text[p] == '\n') p++;
+        break;
+    }
+    *pos = p;
+    return nf;
+}
+
+static char *rwd__rows_strdup(const char *s) {
+    size_t n = strlen(s);
+    char *d = (char *)MOE_MALLOC(n + 1);
+    if (d) memcpy(d, s, n + 1);
+    return d;
+}
+
+RWD__IMPL moe_status rwd_rows_parse_csv(rwd_rows *r, const char *text, size_t len, const char *const *num_cols,
+                                        int n_num, const char *const *text_cols, int n_text, moe_err *err) {
+    char *scratch = NULL;
+    size_t scap = 0, fcap = 0, *fields = NULL, pos = 0;
+    int *col = NULL, line = 1, header_line, nf_header = 0, k, bad = 0, rows_before;
+    moe_status st = rwd__rows_begin(r, n_num, n_text, num_cols, text_cols, err);
+    if (st != MOE_OK) return st;
+    if (!text) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rows: no CSV text");
+    rows_before = (int)r->n;
+    col = (int *)MOE_MALLOC((size_t)(n_num + n_text) * sizeof(int));
+    if (!col) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    while (pos < len && (text[pos] == '\n' || text[pos] == '\r')) { line += text[pos] == '\n'; pos++; }
+    if (pos >= len) { st = moe_err_set(err, MOE_ERR_FORMAT, "CSV: no header line (empty input)"); goto done; }
+    header_line = line;
+    nf_header = rwd__csv_record(text, len, &pos, &line, &scratch, &scap, &fields, &fcap, &bad);
+    if (nf_header < 0) {
+        st = nf_header == -2 ? moe_err_set(err, MOE_ERR_NOMEM, "out of memory") : moe_err_set(err, MOE_ERR_FORMAT, "CSV line %d, column %d: unbalanced quotes", header_line, bad + 1);
+        goto done;
+    }
+    for (k = 0; k < n_num + n_text; k++) { /* the first header field of each requested name */
+        const char *want = k < n_num ? num_cols[k] : text_cols[k - n_num];
+        int j;
+        col[k] = -1;
+        for (j = 0; j < nf_header && col[k] < 0; j++)
+            if (strcmp(scratch + fields[j], want) == 0) col[k] = j;
+        if (col[k] < 0) { st = moe_err_set(err, MOE_ERR_FORMAT, "CSV line %d: no column '%s' in the header", header_line, want); goto done; }
+    }
+    line++;
+    while (pos < len && st == MOE_OK) {
+        int start = line, nf;
+        if (text[pos] == '\n' || text[pos] == '\r') { line += text[pos] == '\n'; pos++; continue; } /* blank line */
+        nf = rwd__csv_record(text, len, &pos, &line, &scratch, &scap, &fields, &fcap, &bad);
+        if (nf == -2) { st = moe_err_set(err, MOE_ERR_NOMEM, "out of memory"); break; }
+        if (nf < 0) { st = moe_err_set(err, MOE_ERR_FORMAT, "CSV line %d, column %d: unbalanced quotes", start, bad + 1); break; }
+        if (nf != nf_header) { st = moe_err_set(err, MOE_ERR_FORMAT, "CSV line %d: %d fields, the header has %d", start, nf, nf_header); break; }
+        if ((st = rwd__rows_push(r, start, err)) != MOE_OK) break;
+        for (k = 0; k < n_num + n_text && st == MOE_OK; k++) {
+            const char *f = scratch + fields[col[k]];
+            if (k < n_num) {
+                double v = NAN;
+                if (rwd__rows_number(f, strlen(f), &v) < 0)
+                    st = moe_err_set(err, MOE_ERR_FORMAT, "CSV line %d, column %d ('%s'): '%.40s' is not a number (leave it empty or NA when missing)", start, col[k] + 1, num_cols[k], f);
+                r->num[(r->n - 1) * (size_t)n_num + (size_t)k] = v;
+            } else {
+                char *s = rwd__rows_strdup(f);
+                if (!s) st = moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+                r->text[(r->n - 1) * (size_t)n_text + (size_t)(k - n_num)] = s;
+            }
+        }
+        if (st != MOE_OK) rwd__rows_drop_last(r);
+        line++;
+    }
+    if (st == MOE_OK && (int)r->n == rows_before) st = moe_err_set(err, MOE_ERR_FORMAT, "CSV: a header but no rows");
+done:
+    MOE_FREE(scratch);
+    MOE_FREE(fields);
+    MOE_FREE(col);
+    return st;
+}
+
+RWD__IMPL moe_status rwd_rows_parse_jsonl(rwd_rows *r, const char *text, size_t len, const char *const *num_cols,
+                                          int n_num, const char *const *text_cols, int n_text, moe_err *err) {
+    rwd_json doc;
+    size_t start = 0, rows_before;
+    int line = 1, k;
+    moe_status st = rwd__rows_begin(r, n_num, n_text, num_cols, text_cols, err);
+    if (st != MOE_OK) return st;
+    if (!text) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rows: no JSON Lines text");
+    rows_before = r->n;
+    memset(&doc, 0, sizeof doc);
+    while (start < len && st == MOE_OK) {
+        const char *nl = (const char *)memchr(text + start, '\n', len - start);
+        size_t end = nl ? (size_t)(nl - text) : len, e = end, b = start;
+        const rwd_json_node *root;
+        while (e > b && (text[e - 1] == '\r' || text[e - 1] == ' ' || text[e - 1] == '\t')) e--;
+        while (b < e && (text[b] == ' ' || text[b] == '\t')) b++;
+        if (e > b) {
+            if ((st = rwd_json_parse(&doc, text + b, e - b, line, err)) != MOE_OK) break;
+            root = rwd_json_root(&doc);
+            if (root->type != RWD_JSON_OBJECT) { st = moe_err_set(err, MOE_ERR_FORMAT, "JSON line %d: expected an object", line); break; }
+            if ((st = rwd__rows_push(r, line, err)) != MOE_OK) break;
+            for (k = 0; k < n_num + n_text && st == MOE_OK; k++) {
+                const char *name = k < n_num ? num_cols[k] : text_cols[k - n_num];
+                const rwd_json_node *m = rwd_json_member(&doc, root, name);
+                if (k < n_num) {
+                    double v = NAN;
+                    if (m && m->type == RWD_JSON_NUMBER) v = m->number;
+                    else if (m && (m->type == RWD_JSON_TRUE || m->type == RWD_JSON_FALSE)) v = m->type == RWD_JSON_TRUE;
+                    else if (m && m->type != RWD_JSON_NULL)
+                        st = moe_err_set(err, MOE_ERR_FORMAT, "JSON line %d, column %d ('%s'): %s is not a number (use null or leave the key out when missing)",
+                                         m->line, k + 1, name, m->type == RWD_JSON_STRING ? "a string" : m->type == RWD_JSON_ARRAY ? "an array" : "an object");
+                    r->num[(r->n - 1) * (size_t)n_num + (size_t)k] = v;
+                } else {
+                    const char *s = rwd_json_string(&doc, m);
+                    char *c;
+                    if (!s) { st = moe_err_set(err, MOE_ERR_FORMAT, "JSON line %d, column %d ('%s'): %s", line, k + 1, name, m ? "not a string" : "missing (text columns are required)"); break; }
+                    c = rwd__strndup(s, m->str_len);
+                    if (!c) st = moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+                    r->text[(r->n - 1) * (size_t)n_text + (size_t)(k - n_num)] = c;
+                }
+            }
+            if (st != MOE_OK) rwd__rows_drop_last(r);
+        }
+        start = end + 1;
+        line++;
+    }
+    rwd_json_free(&doc);
+    if (st == MOE_OK && r->n == rows_before) st = moe_err_set(err, MOE_ERR_FORMAT, "JSON Lines: no rows (empty input?)");
+    return st;
+}
+/* ============================================================================================
+   >>rwd:armo
+   ============================================================================================ */
+
+RWD__IMPL rwd_ridge_config rwd_ridge_config_default(void) {
+    rwd_ridge_config c;
+    int i;
+    memset(&c, 0, sizeof c);
+    c.n_lambdas = 9;
+    for (i = 0; i < 9; i++) c.lambdas[i] = pow(10.0, (double)(i - 4)); /* the official grid */
+    c.val_frac = 0.2;
+    c.seed = 42;
+    c.val_mask = NULL;
+    c.fixed_lambda = 0.0;
+    return c;
+}
+
+/* dot products in double with 8 independent partial sums, added in a fixed order: the
+   compiler may vectorize the lanes (no reassociation needed), and the result does not depend
+   on the thread count */
+static double rwd__dot(const double *a, const double *b, int n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int q = 0, l;
+    for (; q + 8 <= n; q += 8)
+        for (l = 0; l < 8; l++) acc[l] += a[q + l] * b[q + l];
+    for (; q < n; q++) acc[0] += a[q] * b[q];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static double rwd__dotf(const float *a, const float *b, int n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int q = 0, l;
+    for (; q + 8 <= n; q += 8)
+        for (l = 0; l < 8; l++) acc[l] += (double)a[q + l] * (double)b[q + l];
+    for (; q < n; q++) acc[0] += (double)a[q] * (double)b[q];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* In-place Cholesky A = L L^T of an (n, n) row-major SPD matrix (lower triangle used), left-
+   looking in column blocks of 64: L_ij = (A_ij - sum_{k<j} L_ik L_jk) / L_jj, the sum split into
+   the columns of earlier blocks (one long dot product, all rows in parallel) and those of the
+   block itself. Two parallel regions per block, every element owned by one thread: the same bits
+   for any thread count. Returns 0, or -1 on a non-positive pivot. */
+static int rwd__cholesky(double *A, int n) {
+    const int nb = 64;
+    int J0;
+    for (J0 = 0; J0 < n; J0 += nb) {
+        int J1 = J0 + nb < n ? J0 + nb : n, i, j, bad = 0;
+        if (J0 > 0) { /* (a) the earlier blocks' share, rows J0..n-1 */
+            MOE_OMP_FOR_IF((double)(n - J0) * nb * J0 > 1e6)
+            for (i = J0; i < n; i++) {
+                double *ai = A + (size_t)i * n;
+                int jj, top = i < J1 - 1 ? i : J1 - 1;
+                for (jj = J0; jj <= top; jj++) ai[jj] -= rwd__dot(ai, A + (size_t)jj * n, J0);
+            }
+        }
+        for (j = J0; j < J1 && !bad; j++) { /* (b) the diagonal block, serially */
+            double *aj = A + (size_t)j * n, d = aj[j] - rwd__dot(aj + J0, aj + J0, j - J0);
+            if (!(d > 0.0) || !isfinite(d)) { bad = 1; break; }
+            aj[j] = sqrt(d);
+            for (i = j + 1; i < J1; i++) {
+                double *ai = A + (size_t)i * n;
+                ai[j] = (ai[j] - rwd__dot(ai + J0, aj + J0, j - J0)) / aj[j];
+            }
+        }
+        if (bad) return -1;
+        MOE_OMP_FOR_IF((double)(n - J1) * nb * nb > 1e6)
+        for (i = J1; i < n; i++) { /* (c) the rows below, within the block */
+            double *ai = A + (size_t)i * n;
+            int jj;
+            for (jj = J0; jj < J1; jj++) {
+                const double *aj = A + (size_t)jj * n;
+                ai[jj] = (ai[jj] - rwd__dot(ai + J0, aj + J0, jj - J0)) / aj[jj];
+            }
+        }
+    }
+    return 0;
+}
+
+static void rwd__cholesky_solve(const double *L, int n, double *b) {
+    int i, k;
+    for (i = 0; i < n; i++) {
+        double s = b[i];
+        for (k = 0; k < i; k++) s -= L[(size_t)i * n + k] * b[k];
+        b[i] = s / L[(size_t)i * n + i];
+    }
+    for (i = n - 1; i >= 0; i--) {
+        double s = b[i];
+        for (k = i + 1; k < n; k++) s -= L[(size_t)k * n + i] * b[k];
+        b[i] = s / L[(size_t)i * n + i];
+    }
+}
+
+/* The ridge problem of the rows idx (m) of x (., d) with targets t (stride ts), set up once
+   for many lambdas: G = X^T X (d, d) and b = X^T t in the primal (m >= d), or G = X X^T (m, m)
+   and b = t in the dual. Parallel over G's rows, each owned by one thread. */
+typedef struct rwd__ridge {
+    int dual, n;       /* the system's size: d (primal) or m (dual) */
+    double *G, *b, *A, *sol, *xt; /* xt: (d, m) transposed rows for the primal Gram */
+} rwd__ridge;
+
+static void rwd__ridge_free(rwd__ridge *R) { MOE_FREE(R->G); memset(R, 0, sizeof *R); }
+
+static moe_status rwd__ridge_setup(rwd__ridge *R, const float *x, int d, const double *t, size_t ts,
+                                   const size_t *idx, size_t m, moe_err *err) {
+    long long i;
+    size_t n2;
+    memset(R, 0, sizeof *R);
+    R->dual = m < (size_t)d;
+    R->n = R->dual ? (int)m : d;
+    n2 = (size_t)R->n * (size_t)R->n;
+    R->G = (double *)MOE_MALLOC((2 * n2 + 2 * (size_t)R->n + (R->dual ? 0 : (size_t)d * m)) * sizeof(double) + 1);
+    if (!R->G) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for a ridge system of size %d", R->n);
+    R->A = R->G + n2;
+    R->b = R->A + n2;
+    R->sol = R->b + R->n;
+    R->xt = R->sol + R->n;
+    if (R->dual) {
+        MOE_OMP_FOR_IF(m > 64)
+        for (i = 0; i < (long long)m; i++) {
+            const float *xi = x + idx[i] * (size_t)d;
+            size_t j;
+            for (j = 0; j <= (size_t)i; j++) R->G[(size_t)i * m + j] = rwd__dotf(xi, x + idx[j] * (size_t)d, d);
+            R->b[i] = t[idx[i] * ts];
+        }
+    } else {
+        size_t r;
+        for (r = 0; r < m; r++) {
+            const float *xr = x + idx[r] * (size_t)d;
+            int k;
+            for (k = 0; k < d; k++) R->xt[(size_t)k * m + r] = (double)xr[k];
+        }
+        MOE_OMP_FOR_IF((double)d * d * (double)m > 1e6)
+        for (i = 0; i < d; i++) {
+            const double *a = R->xt + (size_t)i * m;
+            size_t j, q;
+            double s = 0.0;
+            for (j = 0; j <= (size_t)i; j++) R->G[(size_t)i * (size_t)d + j] = rwd__dot(a, R->xt + j * m, (int)m);
+            for (q = 0; q < m; q++) s += a[q] * t[idx[q] * ts];
+            R->b[i] = s;
+        }
+    }
+    return MOE_OK;
+}
+
+/* w (d) at lambda; returns -1 if the system is not positive definite in double */
+static int rwd__ridge_at(rwd__ridge *R, double *w, const float *x, int d, const size_t *idx, double lambda) {
+    int i, n = R->n;
+    for (i = 0; i < n; i++) {
+        memcpy(R->A + (size_t)i * n, R->G + (size_t)i * n, (size_t)(i + 1) * sizeof(double));
+        R->A[(size_t)i * n + i] += lambda;
+    }
+    if (rwd__cholesky(R->A, n) != 0) return -1;
+    memcpy(R->sol, R->b, (size_t)n * sizeof(double));
+    rwd__cholesky_solve(R->A, n, R->sol);
+    if (!R->dual) {
+        memcpy(w, R->sol, (size_t)d * sizeof(double));
+    } else { /* w = X^T alpha */
+        int k;
+        memset(w, 0, (size_t)d * sizeof(double));
+        for (i = 0; i < n; i++) {
+            const float *xi = x + idx[i] * (size_t)d;
+            for (k = 0; k < d; k++) w[k] += R->sol[i] * (double)xi[k];
+        }
+    }
+    return 0;
+}
+
+static moe_status rwd__check_floats(const float *x, size_t count, int d, const char *what, moe_err *err) {
+    size_t i;
+    for (i = 0; i < count; i++)
+        if (!isfinite(x[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s: row %zu, feature %zu is not finite", what, i / (size_t)d, i % (size_t)d);
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_ridge_solve(double *w, const float *x, const double *t, size_t n, int d, double lambda,
+                                     moe_err *err) {
+    size_t *idx, m = 0, i;
+    rwd__ridge R;
+    moe_status st;
+    if (!w || !x || !t || d < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_ridge_solve needs w, x, t and d >= 1");
+    if (!(lambda > 0.0) || !isfinite(lambda)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "ridge needs a finite lambda > 0, got %g", lambda);
+    if ((st = rwd__check_floats(x, n * (size_t)d, d, "ridge", err)) != MOE_OK) return st;
+    idx = (size_t *)MOE_MALLOC((n ? n : 1) * sizeof(size_t));
+    if (!idx) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    for (i = 0; i < n; i++)
+        if (isfinite(t[i])) idx[m++] = i;
+    if (m == 0) { MOE_FREE(idx); return moe_err_set(err, MOE_ERR_INVALID_ARG, "ridge: no row has a target (all %zu are NaN)", n); }
+    st = rwd__ridge_setup(&R, x, d, t, 1, idx, m, err);
+    if (st == MOE_OK && rwd__ridge_at(&R, w, x, d, idx, lambda) != 0)
+        st = moe_err_set(err, MOE_ERR_INVALID_ARG, "ridge: the system at lambda %g is not positive definite in double precision (features of huge scale?)", lambda);
+    rwd__ridge_free(&R);
+    MOE_FREE(idx);
+    return st;
+}
+
+RWD__IMPL moe_status rwd_armo_regress(float *W, rwd_ridge_report *rep, const float *x, const double *y, size_t n,
+                                      int d, int K, const rwd_ridge_config *c, moe_err *err) {
+    unsigned char *val;
+    size_t *tr, *va, i;
+    double *w, *best;
+    int k, q;
+    moe_status st = MOE_OK;
+    rwd_ridge_config def = rwd_ridge_config_default();
+    if (!c) c = &def;
+    if (!W || !x || !y || n == 0 || d < 1 || K < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_armo_regress needs W, x (n >= 1 rows, d >= 1) and targets for K >= 1 objectives");
+    if (c->fixed_lambda < 0.0 || !isfinite(c->fixed_lambda)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "fixed_lambda must be >= 0 and finite, got %g", c->fixed_lambda);
+    if (c->fixed_lambda == 0.0) {
+        if (c->n_lambdas < 1 || c->n_lambdas > RWD_RIDGE_MAX_LAMBDAS) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the lambda grid needs 1 .. %d values, got %d", RWD_RIDGE_MAX_LAMBDAS, c->n_lambdas);
+        for (q = 0; q < c->n_lambdas; q++)
+            if (!(c->lambdas[q] > 0.0) || !isfinite(c->lambdas[q])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "lambda %d of the grid is %g; every lambda must be > 0", q, c->lambdas[q]);
+        if (!c->val_mask && !(c->val_frac > 0.0 && c->val_frac < 1.0)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "val_frac must be in (0, 1) to choose lambda, got %g", c->val_frac);
+    }
+    if ((st = rwd__check_floats(x, n * (size_t)d, d, "stage-1 features", err)) != MOE_OK) return st;
+    for (i = 0; i < n * (size_t)K; i++)
+        if (isinf(y[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "target row %zu, objective %zu is infinite (NaN marks a missing rating)", i / (size_t)K, i % (size_t)K);
+    val = (unsigned char *)MOE_MALLOC(n);
+    tr = (size_t *)MOE_MALLOC(2 * n * sizeof(size_t));
+    w = (double *)MOE_MALLOC(2 * (size_t)d * sizeof(double));
+    if (!val || !tr || !w) { MOE_FREE(val); MOE_FREE(tr); MOE_FREE(w); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory"); }
+    va = tr + n;
+    best = w + d;
+    /* the one split of all rows (sklearn's train_test_split: ceil(val_frac n) validation rows) */
+    memset(val, 0, n);
+    if (c->fixed_lambda == 0.0) {
+        if (c->val_mask) {
+            for (i = 0; i < n; i++) val[i] = c->val_mask[i] != 0;
+        } else {
+            size_t n_test = (size_t)ceil(c->val_frac * (double)n);
+            moe_rng rng;
+            moe_rng_seed(&rng, c->seed);
+            for (i = 0; i < n; i++) tr[i] = i;
+            for (i = n - 1; i > 0; i--) {
+                size_t j = (size_t)moe_rng_below(&rng, (int)(i + 1)), t = tr[i];
+                tr[i] = tr[j]; tr[j] = t;
+            }
+            for (i = 0; i < n_test && i < n; i++) val[tr[i]] = 1;
+        }
+    }
+    for (k = 0; k < K && st == MOE_OK; k++) {
+        size_t m_tr = 0, m_va = 0;
+        rwd__ridge R;
+        rwd_ridge_report r;
+        memset(&r, 0, sizeof r);
+        for (q = 0; q < RWD_RIDGE_MAX_LAMBDAS; q++) r.grid_mse[q] = NAN;
+        for (i = 0; i < n; i++) {
+            if (!isfinite(y[i * (size_t)K + (size_t)k])) continue;
+            if (val[i]) va[m_va++] = i;
+            else tr[m_tr++] = i;
+        }
+        if (m_tr + m_va == 0) { st = moe_err_set(err, MOE_ERR_INVALID_ARG, "objective %d has no labelled rows (every one of its %zu targets is NaN)", k, n); break; }
+        if (c->fixed_lambda == 0.0 && (m_tr == 0 || m_va == 0)) {
+            st = moe_err_set(err, MOE_ERR_INVALID_ARG, "objective %d: %zu labelled rows, %zu of them in the validation part: lambda cannot be chosen; give more rows or a fixed_lambda", k, m_tr + m_va, m_va);
+            break;
+        }
+        r.n_train = m_tr;
+        r.n_val = m_va;
+        r.underdetermined = m_tr < (size_t)d;
+        if ((st = rwd__ridge_setup(&R, x, d, y + k, (size_t)K, tr, m_tr, err)) != MOE_OK) break;
+        if (c->fixed_lambda > 0.0) {
+            r.lambda = c->fixed_lambda;
+            r.val_mse = NAN;
+            if (rwd__ridge_at(&R, best, x, d, tr, r.lambda) != 0)
+                st = moe_err_set(err, MOE_ERR_INVALID_ARG, "objective %d: the ridge system at lambda %g is not positive definite in double precision", k, r.lambda);
+        } else {
+            r.val_mse = INFINITY;
+            for (q = 0; q < c->n_lambdas; q++) {
+                double se = 0.0;
+                size_t j;
+                int f;
+                if (rwd__ridge_at(&R, w, x, d, tr, c->lambdas[q]) != 0) { r.grid_mse[q] = INFINITY; continue; }
+                for (j = 0; j < m_va; j++) {
+                    const float *xr = x + va[j] * (size_t)d;
+                    double p = 0.0;
+                    for (f = 0; f < d; f++) p += w[f] * (double)xr[f];
+                    p -= y[va[j] * (size_t)K + (size_t)k];
+                    se += p * p;
+                }
+                r.grid_mse[q] = se / (double)m_va;
+                if (r.grid_mse[q] < r.val_mse) { /* strict: the first lambda wins ties (pandas idxmin) */
+                    r.val_mse = r.grid_mse[q];
+                    r.lambda = c->lambdas[q];
+                    memcpy(best, w, (size_t)d * sizeof(double));
+                }
+            }
+            if (!isfinite(r.val_mse))
+                st = moe_err_set(err, MOE_ERR_INVALID_ARG, "objective %d: no lambda of the grid gives a positive definite system in double precision", k);
+        }
+        rwd__ridge_free(&R);
+        if (st != MOE_OK) break;
+        for (q = 0; q < d; q++) W[(size_t)k * (size_t)d + (size_t)q] = (float)best[q];
+        if (r.underdetermined)
+            snprintf(r.note, sizeof r.note, "objective %d: %zu labelled training rows for %d features; ridge is still unique at lambda %g (%s)",
+                     k, m_tr, d, r.lambda, c->fixed_lambda > 0.0 ? "fixed" : "chosen by validation MSE");
+        if (rep) rep[k] = r;
+    }
+    MOE_FREE(val); MOE_FREE(tr); MOE_FREE(w);
+    return st;
+}
+
+RWD__IMPL void rwd_armo_rewards(double *r, const float *W, const float *x, size_t rows, int d, int K) {
+    long long i;
+    MOE_OMP_FOR_IF((double)rows * d * K > 1e5)
+    for (i = 0; i < (long long)rows; i++) {
+        const float *xi = x + (size_t)i * (size_t)d;
+        int k, f;
+        for (k = 0; k < K; k++) {
+            const float *wk = W + (size_t)k * (size_t)d;
+            double s = 0.0;
+            for (f = 0; f < d; f++) s += (double)wk[f] * (double)xi[f];
+            r[(size_t)i * (size_t)K + (size_t)k] = s;
+        }
+    }
+}
+
+RWD__IMPL moe_status rwd_armo_verbosity_penalties(double *penalty, double *corr, const double *V, size_t M, int K,
+                                                  int v, double threshold, moe_err *err) {
+    static const double grid[] = {0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4,
+                                  0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95};
+    const int n_grid = (int)(sizeof grid / sizeof grid[0]);
+    double *vv, *adj, *cr;
+    unsigned char *open;
+    size_t i;
+    int j, q, n_open;
+    if (!penalty || !V || K < 2) return moe_err_set(err, MOE_ERR_INVALID_ARG, "verbosity de-correlation needs penalties, rewards and K >= 2 objectives");
+    if (v < 0 || v >= K) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the verbosity objective %d is not one of the %d objectives", v, K);
+    if (M < 2) return moe_err_set(err, MOE_ERR_INVALID_ARG, "verbosity de-correlation needs >= 2 reference responses, got %zu", M);
+    if (!isfinite(threshold)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the correlation threshold must be finite");
+    for (i = 0; i < M * (size_t)K; i++)
+        if (!isfinite(V[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "reference reward %zu, objective %zu is not finite", i / (size_t)K, i % (size_t)K);
+    vv = (double *)MOE_MALLOC((2 * M + (size_t)K) * sizeof(double));
+    open = (unsigned char *)MOE_MALLOC((size_t)K);
+    if (!vv || !open) { MOE_FREE(vv); MOE_FREE(open); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory"); }
+    adj = vv + M;
+    cr = adj + M;
+    for (i = 0; i < M; i++) vv[i] = V[i * (size_t)K + (size_t)v];
+    for (j = 0; j < K; j++) { penalty[j] = 1.0; cr[j] = 1.0; open[j] = j != v; }
+    n_open = K - 1;
+    for (q = 0; q < n_grid && n_open > 0; q++) {
+        for (j = 0; j < K; j++) {
+            double rho;
+            if (!open[j]) continue;
+            for (i = 0; i < M; i++) adj[i] = V[i * (size_t)K + (size_t)j] - grid[q] * vv[i];
+            rho = rwd_spearman(adj, vv, M); /* NaN (a constant column) never closes, as in scipy */
+            if (rho <= threshold) {
+                open[j] = 0;
+                n_open--;
+                penalty[j] = grid[q];
+                cr[j] = rho;
+            } else if (rho < cr[j]) {
+                cr[j] = rho;
+            }
+        }
+    }
+    if (corr) memcpy(corr, cr, (size_t)K * sizeof(double));
+    MOE_FREE(vv);
+    MOE_FREE(open);
+    return MOE_OK;
+}
+
+RWD__IMPL void rwd_armo_transform(double *out, const double *r, const double *penalty, size_t rows, int K, int v) {
+    size_t i;
+    int j;
+    for (i = 0; i < rows; i++) {
+        const double *ri = r + i * (size_t)K;
+        double *oi = out + i * (size_t)K, rv = v >= 0 ? ri[v] : 0.0;
+        for (j = 0; j < K; j++) oi[j] = v >= 0 ? ri[j] - penalty[j] * rv : ri[j];
+    }
+}
+
+/* ---- the gate ---- */
+
+RWD__IMPL rwd_gate_config rwd_gate_config_default(void) {
+    rwd_gate_config c;
+    c.d_in = 0;
+    c.K = 0;
+    c.n_hidden = 3;
+    c.d_hidden = 1024;
+    c.temperature = 10.0f;
+    c.logit_scale = 1.0f;
+    c.dropout = 0.2f;
+    c.max_rows = 1024;
+    return c;
+}
+
+RWD__IMPL moe_status rwd_gate_init(rwd_gate *g, const rwd_gate_config *c, moe_store *s, const char *prefix, moe_err *err) {
+    char name[MOE_NAME_LEN];
+    int l, L, H, in;
+    size_t rh, wide;
+    memset(g, 0, sizeof *g);
+    for (l = 0; l <= RWD_GATE_MAX_HIDDEN; l++) g->id_w[l] = g->id_b[l] = -1;
+    g->id_scale = -1;
+    if (!c || !s || !prefix) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_gate_init needs a config, a store and a prefix");
+    if (c->d_in < 1 || c->K < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the gate needs d_in >= 1 and K >= 1 (got %d, %d)", c->d_in, c->K);
+    if (c->n_hidden < 0 || c->n_hidden > RWD_GATE_MAX_HIDDEN || (c->n_hidden > 0 && c->d_hidden < 1))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "the gate needs 0 .. %d hidden layers of width >= 1 (got %d of %d)", RWD_GATE_MAX_HIDDEN, c->n_hidden, c->d_hidden);
+    if (!(c->temperature > 0.0f) || !isfinite(c->temperature) || !isfinite(c->logit_scale))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "the gate's temperature must be > 0 and its logit scale finite (got %g, %g)", (double)c->temperature, (double)c->logit_scale);
+    if (!(c->dropout >= 0.0f && c->dropout < 1.0f)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "dropout must be in [0, 1), got %g", (double)c->dropout);
+    if (c->max_rows < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "max_rows must be >= 1, got %d", c->max_rows);
+    if (strlen(prefix) + 16 > sizeof name) return moe_err_set(err, MOE_ERR_INVALID_ARG, "tensor prefix '%s' is too long", prefix);
+    g->cfg = *c;
+    L = c->n_hidden;
+    H = L > 0 ? c->d_hidden : 0;
+    if (L == 0) g->cfg.d_hidden = 0;
+    in = c->d_in;
+    for (l = 0; l <= L; l++) {
+        int out = l < L ? H : c->K;
+        if (l < L) sprintf(name, "%sl%d.w", prefix, l);
+        else sprintf(name, "%sout.w", prefix);
+        g->id_w[l] = moe_store_add(s, name, MOE_TENSOR_DECAY, out, in, 0, 0);
+        if (l < L) sprintf(name, "%sl%d.b", prefix, l);
+        else sprintf(name, "%sout.b", prefix);
+        g->id_b[l] = moe_store_add(s, name, 0, out, 0, 0, 0);
+        if (g->id_w[l] < 0 || g->id_b[l] < 0) return moe_err_set(err, MOE_ERR_STATE, "declaring the gate's tensors failed: %s", s->err.msg);
+        in = out;
+    }
+    sprintf(name, "%slogit_scale", prefix);
+    if ((g->id_scale = moe_store_add(s, name, 0, 1, 0, 0, 0)) < 0) return moe_err_set(err, MOE_ERR_STATE, "declaring the gate's tensors failed: %s", s->err.msg);
+    rh = (size_t)c->max_rows * (size_t)H;
+    wide = (size_t)c->max_rows * (size_t)(H > c->K ? H : c->K);
+    g->pre = (float *)moe__calloc(3 * (size_t)L * rh + (size_t)c->max_rows * (size_t)c->K + 2 * wide, sizeof(float));
+    if (!g->pre) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the gate's activations");
+    g->post = g->pre + (size_t)L * rh;
+    g->mask = g->post + (size_t)L * rh;
+    g->probs = g->mask + (size_t)L * rh;
+    g->dz = g->probs + (size_t)c->max_rows * (size_t)c->K;
+    g->dh = g->dz + wide;
+    return MOE_OK;
+}
+
+RWD__IMPL void rwd_gate_init_weights(rwd_gate *g, moe_store *s, moe_rng *rng) {
+    int l;
+    for (l = 0; l <= g->cfg.n_hidden; l++) {
+        const moe_tensor *tw = &s->tensors[g->id_w[l]];
+        float *w = moe_store_param(s, g->id_w[l]), *b = moe_store_param(s, g->id_b[l]);
+        double bound = 1.0 / sqrt((double)tw->shape[1]);
+        size_t i;
+        for (i = 0; i < tw->numel; i++) w[i] = (float)(bound * (2.0 * moe_rng_uniform(rng) - 1.0));
+        for (i = 0; i < (size_t)tw->shape[0]; i++) b[i] = (float)(bound * (2.0 * moe_rng_uniform(rng) - 1.0));
+    }
+    moe_store_param(s, g->id_scale)[0] = g->cfg.logit_scale;
+}
+
+RWD__IMPL void rwd_gate_free(rwd_gate *g) {
+    MOE_FREE(g->pre);
+    memset(g, 0, sizeof *g);
+}
+
+RWD__IMPL void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, const float *x, int rows, moe_rng *dropout_rng) {
+    int L = g->cfg.n_hidden, H = g->cfg.d_hidden, K = g->cfg.K, l;
+    size_t rh = (size_t)rows * (size_t)H, stride = (size_t)g->cfg.max_rows * (size_t)H, i;
+    const float *in = x;
+    int in_w = g->cfg.d_in;
+    float p = g->cfg.dropout, keep = 1.0f / (1.0f - p), beta = moe_store_param(s, g->id_scale)[0];
+    float inv_t = 1.0f / g->cfg.temperature;
+    MOE_ASSERT(rows <= g->cfg.max_rows);
+    g->last_dropout = dropout_rng != NULL && p > 0.0f;
+    for (l = 0; l < L; l++) {
+        float *pre = g->pre + (size_t)l * stride, *post = g->post + (size_t)l * stride, *mask = g->mask + (size_t)l * stride;
+        moe_matmul_forward(pre, in, moe_store_param(s, g->id_w[l]), moe_store_param(s, g->id_b[l]), rows, in_w, H);
+        for (i = 0; i < rh; i++) {
+            float m = 1.0f;
+            if (g->last_dropout) m = moe_rng_uniform(dropout_rng) < p ? 0.0f : keep; /* serial: one stream */
+            mask[i] = m;
+            post[i] = (pre[i] > 0.0f ? pre[i] : 0.0f) * m;
+        }
+        in = post;
+        in_w = H;
+    }
+    moe_matmul_forward(g->dz, in, moe_store_param(s, g->id_w[L]), moe_store_param(s, g->id_b[L]), rows, in_w, K);
+    for (i = 0; i < (size_t)rows * (size_t)K; i++) g->dz[i] *= inv_t; /* z / tau */
+    moe_softmax_forward(g->probs, g->dz, rows, K);
+    for (i = 0; i < (size_t)rows * (size_t)K; i++) gates[i] = beta * g->probs[i];
+}
+
+RWD__IMPL void rwd_gate_backward(rwd_gate *g, moe_store *s, float *dx, const float *dgates, const float *x, int rows) {
+    int L = g->cfg.n_hidden, H = g->cfg.d_hidden, K = g->cfg.K, l;
+    size_t stride = (size_t)g->cfg.max_rows * (size_t)H, rk = (size_t)rows * (size_t)K, rh = (size_t)rows * (size_t)H, i;
+    float beta = moe_store_param(s, g->id_scale)[0], inv_t = 1.0f / g->cfg.temperature;
+    float *dp = g->dh; /* (rows, K) beta * dgates; dh is free until the layer loop */
+    double dbeta = 0.0;
+    float *dz = g->dz;
+    for (i = 0; i < rk; i++) {
+        dbeta += (double)dgates[i] * (double)g->probs[i];
+        dp[i] = beta * dgates[i];
+    }
+    moe_store_grad(s, g->id_scale)[0] += (float)dbeta;
+    memset(dz, 0, rk * sizeof(float));
+    moe_softmax_backward(dz, dp, g->probs, rows, K);
+    for (i = 0; i < rk; i++) dz[i] *= inv_t;
+    for (l = L; l >= 0; l--) {
+        const float *in = l == 0 ? x : g->post + (size_t)(l - 1) * stride;
+        int in_w = l == 0 ? g->cfg.d_in : H, out_w = l == L ? K : H;
+        float *din = NULL;
+        if (l > 0) {
+            din = g->dh;
+            memset(din, 0, rh * sizeof(float));
+        } else {
+            din = dx;
+        }
+        moe_matmul_backward(din, moe_store_grad(s, g->id_w[l]), moe_store_grad(s, g->id_b[l]), dz, in,
+                            moe_store_param(s, g->id_w[l]), rows, in_w, out_w);
+        if (l > 0) { /* through dropout and ReLU of layer l-1: dz <- d pre_{l-1} */
+            const float *pre = g->pre + (size_t)(l - 1) * stride, *mask = g->mask + (size_t)(l - 1) * stride;
+            for (i = 0; i < rh; i++) dz[i] = pre[i] > 0.0f ? g->dh[i] * mask[i] : 0.0f;
+        }
+    }
+}
+
+RWD__IMPL rwd_gate_train_config rwd_gate_train_config_default(void) {
+    rwd_gate_train_config c;
+    c.steps = 2000;
+    c.batch = 1024;
+    c.lr = 1e-3f;
+    c.lr_min = 0.0f;
+    c.weight_decay = 0.0f;
+    c.seed = 0;
+    return c;
+}
+
+RWD__IMPL double rwd_gate_bt_loss(float *dgates, const float *gates, const double *r_w, const double *r_l, int B, int K,
+                                  int *n_correct) {
+    double loss = 0.0;
+    int i, k, ok = 0;
+    for (i = 0; i < B; i++) {
+        const float *gi = gates + (size_t)i * (size_t)K;
+        const double *a = r_w + (size_t)i * (size_t)K, *b = r_l + (size_t)i * (size_t)K;
+        double m = 0.0, gs;
+        for (k = 0; k < K; k++) m += (double)gi[k] * (a[k] - b[k]);
+        loss += rwd__nll_sigmoid(m);
+        ok += m > 0.0;
+        gs = -rwd__sigmoid_neg(m) / B;
+        if (dgates)
+            for (k = 0; k < K; k++) dgates[(size_t)i * (size_t)K + (size_t)k] = (float)(gs * (a[k] - b[k]));
+    }
+    if (n_correct) *n_correct = ok;
+    return B > 0 ? loss / B : 0.0;
+}
+
+RWD__IMPL moe_status rwd_gate_train(rwd_gate *g, moe_store *s, const float *x, const double *r_w, const double *r_l,
+                                    size_t n, const rwd_gate_train_config *tc, rwd_train_stats *stats, moe_err *err) {
+    int d = g->cfg.d_in, K = g->cfg.K, B, step, b;
+    float *X, *G, *dG;
+    double *RW, *RL, loss_sum = 0.0;
+    long long correct = 0, counted = 0;
+    size_t i;
+    moe_rng rng;
+    moe_adamw_config opt = moe_adamw_config_default();
+    moe_status st = MOE_OK;
+    if (stats) memset(stats, 0, sizeof *stats);
+    if (!tc || !x || !r_w || !r_l || n == 0 || n > (size_t)INT_MAX) return moe_err_set(err, MOE_ERR_INVALID_ARG, "gate training needs a config, prompt rows, rewards and 1 .. %d pairs (got %zu)", INT_MAX, n);
+    if (tc->steps < 1 || tc->batch < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "steps and batch must be >= 1 (got %d, %d)", tc->steps, tc->batch);
+    if (tc->batch > g->cfg.max_rows) return moe_err_set(err, MOE_ERR_INVALID_ARG, "a batch of %d pairs is more than the gate's max_rows %d", tc->batch, g->cfg.max_rows);
+    if (!(tc->lr > 0.0f) || !isfinite(tc->lr) || !(tc->lr_min >= 0.0f) || !isfinite(tc->lr_min) || !(tc->weight_decay >= 0.0f))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "the learning rate must be > 0 and finite; lr_min and weight decay >= 0");
+    if (!s->adam_m) return moe_err_set(err, MOE_ERR_STATE, "allocate the store with optimizer moments (moe_store_alloc(s, 1)) before training");
+    if ((st = rwd__check_floats(x, n * (size_t)d, d, "gate prompt rows", err)) != MOE_OK) return st;
+    for (i = 0; i < n * (size_t)K; i++)
+        if (!isfinite(r_w[i]) || !isfinite(r_l[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair %zu, objective %zu: a reward is not finite", i / (size_t)K, i % (size_t)K);
+    B = tc->batch;
+    X = (float *)MOE_MALLOC(((size_t)B * (size_t)d + 2 * (size_t)B * (size_t)K) * sizeof(float));
+    RW = (double *)MOE_MALLOC(2 * (size_t)B * (size_t)K * sizeof(double));
+    if (!X || !RW) { MOE_FREE(X); MOE_FREE(RW); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for gate batches"); }
+    G = X + (size_t)B * (size_t)d;
+    dG = G + (size_t)B * (size_t)K;
+    RL = RW + (size_t)B * (size_t)K;
+    opt.weight_decay = tc->weight_decay;
+    moe_rng_seed(&rng, tc->seed);
+    for (step = 0; step < tc->steps && st == MOE_OK; step++) {
+        int ok = 0;
+        double loss;
+        float lr = moe_lr_cosine(step, 0, tc->steps, tc->lr, tc->lr_min);
+        for (b = 0; b < B; b++) { /* uniformly with replacement, as the stage-2 script */
+            size_t j = (size_t)moe_rng_below(&rng, (int)n);
+            memcpy(X + (size_t)b * (size_t)d, x + j * (size_t)d, (size_t)d * sizeof(float));
+            memcpy(RW + (size_t)b * (size_t)K, r_w + j * (size_t)K, (size_t)K * sizeof(double));
+            memcpy(RL + (size_t)b * (size_t)K, r_l + j * (size_t)K, (size_t)K * sizeof(double));
+        }
+        rwd_gate_forward(g, s, G, X, B, &rng);
+        loss = rwd_gate_bt_loss(dG, G, RW, RL, B, K, &ok);
+        moe_store_zero_grad(s);
+        rwd_gate_backward(g, s, NULL, dG, X, B);
+        st = moe_adamw_step(s, &opt, lr, step + 1);
+        if (step >= tc->steps - 100) {
+            loss_sum += loss * B;
+            correct += ok;
+            counted += B;
+        }
+    }
+    if (st != MOE_OK) moe_err_set(err, st, "optimizer step failed: %s", s->err.msg);
+    else if (stats) {
+        stats->loss = loss_sum / (double)counted;
+        stats->accuracy = (double)correct / (double)counted;
+        stats->steps = tc->steps;
+    }
+    MOE_FREE(X);
+    MOE_FREE(RW);
+    return st;
+}
+
+/* ---- the whole model ---- */
+
+RWD__IMPL moe_status rwd_armo_init(rwd_armo *m, int K, int d, int verbosity, const rwd_gate_config *gc, uint64_t seed,
+                                   moe_err *err) {
+    rwd_gate_config c;
+    moe_rng rng;
+    moe_status st;
+    memset(m, 0, sizeof *m);
+    if (K < 1 || d < 1 || !gc) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_armo_init needs K >= 1 objectives, d >= 1 features and a gate config");
+    if (verbosity < -1 || verbosity >= K) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the verbosity objective %d is not one of the %d objectives (-1: none)", verbosity, K);
+    c = *gc;
+    c.K = K;
+    m->K = K;
+    m->d = d;
+    m->verbosity = verbosity;
+    moe_store_init(&m->store);
+    if ((st = rwd_gate_init(&m->gate, &c, &m->store, "gate.", err)) != MOE_OK) { moe_store_free(&m->store); return st; }
+    if (moe_store_alloc(&m->store, 1) != MOE_OK) { rwd_armo_free(m); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the gate's parameters"); }
+    m->W = (float *)moe__calloc((size_t)K * (size_t)d, sizeof(float));
+    m->penalty = (double *)moe__calloc((size_t)K + 2 * (size_t)c.max_rows * (size_t)K, sizeof(double));
+    m->gscratch = (float *)moe__calloc((size_t)c.max_rows * (size_t)K, sizeof(float));
+    if (!m->W || !m->penalty || !m->gscratch) { rwd_armo_free(m); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the ArmoRM model"); }
+    m->scratch = m->penalty + K;
+    moe_rng_seed(&rng, seed);
+    rwd_gate_init_weights(&m->gate, &m->store, &rng);
+    return MOE_OK;
+}
+
+RWD__IMPL void rwd_armo_free(rwd_armo *m) {
+    rwd_gate_free(&m->gate);
+    moe_store_free(&m->store);
+    MOE_FREE(m->W);
+    MOE_FREE(m->penalty);
+    MOE_FREE(m->gscratch);
+    memset(m, 0, sizeof *m);
+}
+
+RWD__IMPL moe_status rwd_armo_fit_regression(rwd_armo *m, rwd_ridge_report *rep, const float *x, const double *y,
+                                             size_t n, const rwd_ridge_config *c, moe_err *err) {
+    return rwd_armo_regress(m->W, rep, x, y, n, m->d, m->K, c, err);
+}
+
+RWD__IMPL moe_status rwd_armo_fit_verbosity(rwd_armo *m, double *corr, const float *x_ref, size_t M, double threshold,
+                                            moe_err *err) {
+    double *V;
+    moe_status st;
+    if (m->verbosity < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the model has no verbosity objective (verbosity = -1)");
+    if (!x_ref || M < 2) return moe_err_set(err, MOE_ERR_INVALID_ARG, "verbosity de-correlation needs >= 2 reference responses, got %zu", x_ref ? M : 0);
+    if ((st = rwd__check_floats(x_ref, M * (size_t)m->d, m->d, "reference responses", err)) != MOE_OK) return st;
+    V = (double *)MOE_MALLOC(M * (size_t)m->K * sizeof(double));
+    if (!V) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    rwd_armo_rewards(V, m->W, x_ref, M, m->d, m->K);
+    st = rwd_armo_verbosity_penalties(m->penalty, corr, V, M, m->K, m->verbosity, threshold, err);
+    MOE_FREE(V);
+    return st;
+}
+
+RWD__IMPL void rwd_armo_mixed_rewards(const rwd_armo *m, double *out, const float *x, size_t rows) {
+    rwd_armo_rewards(out, m->W, x, rows, m->d, m->K);
+    if (!m->gate_on_raw) rwd_armo_transform(out, out, m->penalty, rows, m->K, m->verbosity);
+}
+
+RWD__IMPL moe_status rwd_armo_fit_gate(rwd_armo *m, const float *xp, const float *x_w, const float *x_l, size_t n,
+                                       const rwd_gate_train_config *tc, int on_raw, rwd_train_stats *stats, moe_err *err) {
+    double *R;
+    moe_status st;
+    if (!xp || !x_w || !x_l || n == 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "stage 2 needs prompt rows and the responses of >= 1 pairs");
+    if ((st = rwd__check_floats(x_w, n * (size_t)m->d, m->d, "chosen responses", err)) != MOE_OK ||
+        (st = rwd__check_floats(x_l, n * (size_t)m->d, m->d, "rejected responses", err)) != MOE_OK)
+        return st;
+    R = (double *)MOE_MALLOC(2 * n * (size_t)m->K * sizeof(double));
+    if (!R) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the pairs' rewards");
+    m->gate_on_raw = on_raw != 0;
+    rwd_armo_mixed_rewards(m, R, x_w, n);
+    rwd_armo_mixed_rewards(m, R + n * (size_t)m->K, x_l, n);
+    st = rwd_gate_train(&m->gate, &m->store, xp, R, R + n * (size_t)m->K, n, tc, stats, err);
+    MOE_FREE(R);
+    return st;
+}
+
+RWD__IMPL moe_status rwd_armo_infer(rwd_armo *m, double *score, double *rewards, double *gates, const float *x,
+                                    const float *xp, size_t rows, moe_err *err) {
+    int K = m->K, k;
+    size_t start = 0, i;
+    if (!x || !xp || (!score && !rewards && !gates)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_armo_infer needs responses, prompts and at least one output");
+    while (start < rows) {
+        int b = (int)(rows - start < (size_t)m->gate.cfg.max_rows ? rows - start : (size_t)m->gate.cfg.max_rows);
+        double *r = m->scratch, *rt = m->scratch + (size_t)b * (size_t)K;
+        rwd_armo_rewards(r, m->W, x + start * (size_t)m->d, (size_t)b, m->d, K);
+        if (m->gate_on_raw) memcpy(rt, r, (size_t)b * (size_t)K * sizeof(double));
+        else rwd_armo_transform(rt, r, m->penalty, (size_t)b, K, m->verbosity);
+        rwd_gate_forward(&m->gate, &m->store, m->gscratch, xp + start * (size_t)m->gate.cfg.d_in, b, NULL);
+        for (i = 0; i < (size_t)b; i++) {
+            double s = 0.0;
+            for (k = 0; k < K; k++) s += (double)m->gscratch[i * (size_t)K + (size_t)k] * rt[i * (size_t)K + (size_t)k];
+            if (score) score[start + i] = s;
+        }
+        if (rewards) memcpy(rewards + start * (size_t)K, r, (size_t)b * (size_t)K * sizeof(double));
+        if (gates)
+            for (i = 0; i < (size_t)b * (size_t)K; i++) gates[start * (size_t)K + i] = m->gscratch[i];
+        start += (size_t)b;
+    }
+    return MOE_OK;
+}
+/* ============================================================================================
+   >>rwd:dpa
+   ============================================================================================ */
+
+static moe_status rwd__unit(double *v, const double *u, int k, const char *what, moe_err *err) {
+    double s = 0.0;
+    int i;
+    if (!v || !u || k < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s needs a vector of k >= 1 values", what);
+    for (i = 0; i < k; i++) {
+        if (!isfinite(u[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s: component %d is not finite", what, i);
+        s += u[i] * u[i];
+    }
+    if (!(s > 0.0) || !isfinite(s)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s: a direction of length 0 states no preference; give at least one non-zero weight", what);
+    s = sqrt(s);
+    for (i = 0; i < k; i++) v[i] = u[i] / s;
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_dpa_direction(double *v, const double *u, int k, moe_err *err) {
+    return rwd__unit(v, u, k, "direction", err);
+}
+
+RWD__IMPL void rwd_dpa_direction_angle(double v[2], double theta) {
+    v[0] = cos(theta);
+    v[1] = sin(theta);
+}
+
+RWD__IMPL double rwd_dpa_scalarize(const double *v, const double *r, int k) {
+    double s = 0.0;
+    int i;
+    for (i = 0; i < k; i++) s += v[i] * r[i];
+    return s;
+}
+
+/* numpy's round: to the nearest integer, halves to the even one */
+static double rwd__round_half_even(double x) {
+    double f = floor(x), d = x - f;
+    if (d > 0.5) return f + 1.0;
+    if (d < 0.5) return f;
+    return fmod(f, 2.0) == 0.0 ? f : f + 1.0;
+}
+
+RWD__IMPL moe_status rwd_dpa_weights(int *w, const double *v, int k, moe_err *err) {
+    double s = 0.0;
+    int i;
+    if (!w || !v || k < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_dpa_weights needs k >= 1 weights");
+    for (i = 0; i < k; i++) {
+        if (!isfinite(v[i]) || fabs(v[i]) > 1e6) return moe_err_set(err, MOE_ERR_INVALID_ARG, "direction component %d is not a finite unit-scale number", i);
+        s += v[i] * v[i];
+    }
+    if (!(s > 0.0)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "a direction of length 0 states no preference; give at least one non-zero weight");
+    for (i = 0; i < k; i++) w[i] = (int)rwd__round_half_even(100.0 * v[i]);
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_dpa_weights_direction(double *v, const int *w, int k, moe_err *err) {
+    double u[64];
+    int i;
+    if (!w || k < 1 || k > 64) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_dpa_weights_direction needs 1 .. 64 weights");
+    for (i = 0; i < k; i++) u[i] = (double)w[i];
+    return rwd__unit(v, u, k, "integer weights", err);
+}
+
+RWD__IMPL moe_status rwd_dpa_system_prompt(char *out, size_t cap, int w_helpfulness, int w_verbosity, moe_err *err) {
+    int n;
+    if (!out || cap == 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_dpa_system_prompt needs an output buffer");
+    n = snprintf(out, cap,
+                 "You are a helpful, respectful, and honest assistant who always responds to the user in a harmless way. "
+                 "Your response should maximize weighted rating = helpfulness*%d + verbosity*%d",
+                 w_helpfulness, w_verbosity);
+    if (n < 0 || (size_t)n >= cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the system prompt needs %d bytes, the buffer has %zu", n + 1, cap);
+    return MOE_OK;
+}
+
+static moe_status rwd__check_points(const double *pts, size_t n, int k, const char *what, moe_err *err) {
+    size_t i;
+    if (!pts || k < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s needs points with k >= 1 objectives", what);
+    for (i = 0; i < n * (size_t)k; i++)
+        if (!isfinite(pts[i])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s: point %zu, objective %zu is not finite", what, i / (size_t)k, i % (size_t)k);
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_dpa_best_of_n(size_t *best, const double *v, const double *r, size_t n, int k, moe_err *err) {
+    size_t j;
+    double top = 0.0;
+    moe_status st;
+    if (!best || !v) return moe_err_set(err, MOE_ERR_INVALID_ARG, "best-of-n needs an output and a direction");
+    if (n == 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "best-of-n needs at least one candidate");
+    if ((st = rwd__check_points(r, n, k, "best-of-n", err)) != MOE_OK) return st;
+    for (j = 0; j < n; j++) {
+        double s = rwd_dpa_scalarize(v, r + j * (size_t)k, k);
+        if (j == 0 || s > top) { top = s; *best = j; }
+    }
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_pareto_front(size_t *idx, size_t *n_front, const double *pts, size_t n, int k, moe_err *err) {
+    size_t i, j, m = 0;
+    moe_status st;
+    if (!idx || !n_front) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_pareto_front needs idx and n_front");
+    *n_front = 0;
+    if ((st = rwd__check_points(pts, n, k, "Pareto front", err)) != MOE_OK) return st;
+    for (i = 0; i < n; i++) {
+        const double *p = pts + i * (size_t)k;
+        int dominated = 0;
+        for (j = 0; j < n && !dominated; j++) {
+            const double *q = pts + j * (size_t)k;
+            int ge = 1, gt = 0, c;
+            if (j == i) continue;
+            for (c = 0; c < k && ge; c++) {
+                ge = q[c] >= p[c];
+                gt |= q[c] > p[c];
+            }
+            dominated = ge && gt;
+        }
+        if (!dominated) idx[m++] = i;
+    }
+    *n_front = m;
+    return MOE_OK;
+}
+
+/* stable merge sort of idx (n) by key[idx] descending; tmp (n) scratch */
+static void rwd__sort_desc(size_t *idx, size_t *tmp, size_t n, const double *key, int stride) {
+    size_t w, i;
+    for (w = 1; w < n; w *= 2) {
+        for (i = 0; i < n; i += 2 * w) {
+            size_t a = i, mid = i + w < n ? i + w : n, b = mid, end = i + 2 * w < n ? i + 2 * w : n, o = i;
+            while (a < mid && b < end) tmp[o++] = key[idx[b] * (size_t)stride] > key[idx[a] * (size_t)stride] ? idx[b++] : idx[a++];
+            while (a < mid) tmp[o++] = idx[a++];
+            while (b < end) tmp[o++] = idx[b++];
+        }
+        memcpy(idx, tmp, n * sizeof(size_t));
+    }
+}
+
+/* hypervolume of the points idx (m) of pts (., stride) in their first k objectives; work holds
+   (k + 1) * m indices for the recursion's own lists */
+static double rwd__hv(const double *pts, int stride, const size_t *idx, size_t m, int k, const double *ref, size_t *work) {
+    size_t *own = work, *tmp = work + m, i;
+    double vol = 0.0;
+    if (m == 0) return 0.0;
+    memcpy(own, idx, m * sizeof(size_t));
+    rwd__sort_desc(own, tmp, m, pts + (k - 1), stride);
+    if (k == 1) return pts[own[0] * (size_t)stride] - ref[0];
+    if (k == 2) { /* sweep: going down in y, the widest x so far bounds each slab */
+        double xmax = ref[0];
+        for (i = 0; i < m; i++) {
+            const double *p = pts + own[i] * (size_t)stride;
+            double below = i + 1 < m ? pts[own[i + 1] * (size_t)stride + 1] : ref[1];
+            if (p[0] > xmax) xmax = p[0];
+            vol += (p[1] - below) * (xmax - ref[0]);
+        }
+        return vol;
+    }
+    for (i = 0; i < m; i++) { /* slab between this point's level and the next one down */
+        double top = pts[own[i] * (size_t)stride + (size_t)(k - 1)];
+        double below = i + 1 < m ? pts[own[i + 1] * (size_t)stride + (size_t)(k - 1)] : ref[k - 1];
+        if (top > below) vol += (top - below) * rwd__hv(pts, stride, own, i + 1, k - 1, ref, work + 2 * m);
+    }
+    return vol;
+}
+
+RWD__IMPL moe_status rwd_hypervolume(double *hv, const double *pts, size_t n, int k, const double *ref, moe_err *err) {
+    size_t *work, i, m = 0;
+    int c;
+    moe_status st;
+    if (!hv || !ref) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rwd_hypervolume needs an output and a reference point");
+    *hv = 0.0;
+    if ((st = rwd__check_points(pts, n, k, "hypervolume", err)) != MOE_OK) return st;
+    if ((st = rwd__check_points(ref, 1, k, "hypervolume reference", err)) != MOE_OK) return st;
+    if (n == 0) return MOE_OK;
+    work = (size_t *)MOE_MALLOC((size_t)(2 * k + 2) * n * sizeof(size_t));
+    if (!work) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    for (i = 0; i < n; i++) { /* only points above ref in every objective span a box */
+        const double *p = pts + i * (size_t)k;
+        int above = 1;
+        for (c = 0; c < k; c++) above &= p[c] > ref[c];
+        if (above) work[m++] = i;
+    }
+    *hv = rwd__hv(pts, k, work, m, k, ref, work + n);
+    MOE_FREE(work);
+    return MOE_OK;
+}
+/* ============================================================================================
+   >>rwd:ssrm
+   ============================================================================================ */
+
+RWD__IMPL rwd_ssrm_config rwd_ssrm_config_default(void) {
+    rwd_ssrm_config c;
+    c.rounds = 3;
+    c.threshold = 0.8;
+    c.keep_true_order = 0;
+    return c;
+}
+
+RWD__IMPL moe_status rwd_ssrm_run(rwd_pair_model *m, const size_t *lab, const unsigned char *lab_a_wins, size_t n_lab,
+                                  const size_t *unl, const unsigned char *unl_truth, size_t n_unl,
+                                  const rwd_ssrm_config *c, rwd_ssrm_round *stats, moe_err *err) {
+    size_t *idx, i, total;
+    unsigned char *wins;
+    double *p;
+    int t;
+    moe_status st = MOE_OK;
+    rwd_ssrm_config def = rwd_ssrm_config_default();
+    if (!c) c = &def;
+    if (!m || !m->prob || !m->train) return moe_err_set(err, MOE_ERR_INVALID_ARG, "SSRM needs a pair model with prob and train");
+    if (!(c->threshold > 0.5 && c->threshold <= 1.0))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "the confidence threshold must be in (0.5, 1]: max(P, 1-P) is never below 0.5, so %g would keep every pair", c->threshold);
+    if (c->rounds < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rounds must be >= 0, got %d", c->rounds);
+    if (n_lab == 0 || !lab || !lab_a_wins) return moe_err_set(err, MOE_ERR_INVALID_ARG, "SSRM starts from labelled pairs: none given");
+    if (n_unl == 0 || !unl) return moe_err_set(err, MOE_ERR_INVALID_ARG, "SSRM needs unlabelled pairs to pseudo-label: none given (train on the labelled pairs alone instead)");
+    if (c->keep_true_order && !unl_truth) return moe_err_set(err, MOE_ERR_INVALID_ARG, "keep_true_order (the released script's variant) needs the unlabelled pairs' true labels");
+    total = n_lab + n_unl;
+    idx = (size_t *)MOE_MALLOC(total * sizeof(size_t));
+    wins = (unsigned char *)MOE_MALLOC(total);
+    p = (double *)MOE_MALLOC(n_unl * sizeof(double));
+    if (!idx || !wins || !p) { MOE_FREE(idx); MOE_FREE(wins); MOE_FREE(p); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory"); }
+    memcpy(idx, lab, n_lab * sizeof(size_t));
+    for (i = 0; i < n_lab; i++) wins[i] = lab_a_wins[i] != 0;
+    for (t = 0; t <= c->rounds && st == MOE_OK; t++) {
+        rwd_ssrm_round r;
+        size_t kept = 0, right = 0, kept_right = 0;
+        double conf_sum = 0.0;
+        memset(&r, 0, sizeof r);
+        r.round = t;
+        r.pseudo_accuracy = r.kept_accuracy = r.mean_confidence = NAN;
+        if (t > 0) {
+            if ((st = m->prob(m->ctx, p, unl, n_unl, err)) != MOE_OK) break;
+            for (i = 0; i < n_unl; i++) {
+                double q = p[i], conf = q > 0.5 ? q : 1.0 - q;
+                unsigned char a_wins = q > 0.5; /* P = 0.5 is a tie: confidence 0.5, never kept */
+                if (!isfinite(q) || q < 0.0 || q > 1.0) { st = moe_err_set(err, MOE_ERR_INVALID_ARG, "the model's probability for unlabelled pair %zu is %g, not in [0, 1]", unl[i], q); break; }
+                conf_sum += conf;
+                if (unl_truth) right += a_wins == (unl_truth[i] != 0);
+                if (conf > c->threshold) {
+                    idx[n_lab + kept] = unl[i];
+                    wins[n_lab + kept] = c->keep_true_order ? (unl_truth[i] != 0) : a_wins;
+                    if (unl_truth) kept_right += a_wins == (unl_truth[i] != 0);
+                    kept++;
+                }
+            }
+            if (st != MOE_OK) break;
+            r.kept = kept;
+            r.kept_fraction = (double)kept / (double)n_unl;
+            r.mean_confidence = conf_sum / (double)n_unl;
+            if (unl_truth) {
+                r.pseudo_accuracy = (double)right / (double)n_unl;
+                r.kept_accuracy = kept ? (double)kept_right / (double)kept : NAN;
+            }
+        }
+        r.trained = n_lab + kept;
+        if ((st = m->train(m->ctx, idx, wins, n_lab + kept, t, err)) != MOE_OK) break;
+        r.eval = m->evaluate ? m->evaluate(m->eval_ctx) : NAN;
+        if (stats) stats[t] = r;
+    }
+    MOE_FREE(idx);
+    MOE_FREE(wins);
+    MOE_FREE(p);
+    return st;
+}
+
+/* ---- the head adapter ---- */
+
+static moe_status rwd__ssrm_head_prob(void *ctx, double *p, const size_t *idx, size_t count, moe_err *err) {
+    rwd_ssrm_head *h = (rwd_ssrm_head *)ctx;
+    size_t d = (size_t)h->head->cfg.d_in, i;
+    float buf[2 * 128], *X;
+    int chunk = h->head->cfg.max_rows / 2 < 128 ? h->head->cfg.max_rows / 2 : 128;
+    if (chunk < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "the head's max_rows is below 2");
+    X = (float *)MOE_MALLOC(2 * (size_t)chunk * d * sizeof(float));
+    if (!X) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    for (i = 0; i < count; i += (size_t)chunk) {
+        int b = (int)(count - i < (size_t)chunk ? count - i : (size_t)chunk), j;
+        for (j = 0; j < b; j++) {
+            size_t q = idx[i + (size_t)j];
+            if (q >= h->n) { MOE_FREE(X); return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair id %zu is outside the pool of %zu", q, h->n); }
+            memcpy(X + (size_t)j * d, h->x_a + q * d, d * sizeof(float));
+            memcpy(X + (size_t)(b + j) * d, h->x_b + q * d, d * sizeof(float));
+        }
+        rwd_head_forward(h->head, h->store, buf, X, 2 * b);
+        for (j = 0; j < b; j++) p[i + (size_t)j] = 1.0 / (1.0 + exp(-((double)buf[j] - (double)buf[b + j])));
+    }
+    MOE_FREE(X);
+    return MOE_OK;
+}
+
+static moe_status rwd__ssrm_head_train(void *ctx, const size_t *idx, const unsigned char *a_wins, size_t count, int round, moe_err *err) {
+    rwd_ssrm_head *h = (rwd_ssrm_head *)ctx;
+    size_t d = (size_t)h->head->cfg.d_in, i;
+    float *xw, *xl;
+    rwd_train_config tc = h->tc;
+    if (count > h->buf_pairs) {
+        MOE_FREE(h->buf);
+        h->buf = (float *)MOE_MALLOC(2 * count * d * sizeof(float));
+        h->buf_pairs = h->buf ? count : 0;
+        if (!h->buf) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for %zu training pairs", count);
+    }
+    xw = h->buf;
+    xl = h->buf + count * d;
+    for (i = 0; i < count; i++) {
+        size_t q = idx[i];
+        if (q >= h->n) return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair id %zu is outside the pool of %zu", q, h->n);
+        memcpy(xw + i * d, (a_wins[i] ? h->x_a : h->x_b) + q * d, d * sizeof(float));
+        memcpy(xl + i * d, (a_wins[i] ? h->x_b : h->x_a) + q * d, d * sizeof(float));
+    }
+    tc.seed = h->tc.seed + (uint64_t)round; /* a fresh shuffle each round */
+    if (h->min_steps > 0 && tc.batch > 0) {
+        long long per_epoch = ((long long)count + tc.batch - 1) / tc.batch;
+        if (per_epoch * tc.epochs < h->min_steps) tc.epochs = (int)((h->min_steps + per_epoch - 1) / per_epoch);
+    }
+    return rwd_bt_train(h->head, h->store, xw, xl, NULL, count, &tc, NULL, err);
+}
+
+RWD__IMPL rwd_pair_model rwd_ssrm_head_model(rwd_ssrm_head *h) {
+    rwd_pair_model m;
+    memset(&m, 0, sizeof m);
+    m.ctx = h;
+    m.prob = rwd__ssrm_head_prob;
+    m.train = rwd__ssrm_head_train;
+    return m;
+}
+
+RWD__IMPL void rwd_ssrm_head_free(rwd_ssrm_head *h) {
+    MOE_FREE(h->buf);
+    h->buf = NULL;
+    h->buf_pairs = 0;
+}
+
+/* ---- the gate adapter ---- */
+
+static moe_status rwd__ssrm_gate_prob(void *ctx, double *p, const size_t *idx, size_t count, moe_err *err) {
+    rwd_ssrm_gate *g = (rwd_ssrm_gate *)ctx;
+    int K = g->gate->cfg.K, d = g->gate->cfg.d_in, chunk = g->gate->cfg.max_rows, k;
+    size_t i;
+    float *X = (float *)MOE_MALLOC((size_t)chunk * ((size_t)d + (size_t)K) * sizeof(float));
+    if (!X) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    for (i = 0; i < count; i += (size_t)chunk) {
+        int b = (int)(count - i < (size_t)chunk ? count - i : (size_t)chunk), j;
+        float *G = X + (size_t)chunk * (size_t)d;
+        for (j = 0; j < b; j++) {
+            size_t q = idx[i + (size_t)j];
+            if (q >= g->n) { MOE_FREE(X); return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair id %zu is outside the pool of %zu", q, g->n); }
+            memcpy(X + (size_t)j * (size_t)d, g->x + q * (size_t)d, (size_t)d * sizeof(float));
+        }
+        rwd_gate_forward(g->gate, g->store, G, X, b, NULL);
+        for (j = 0; j < b; j++) {
+            size_t q = idx[i + (size_t)j];
+            double m = 0.0;
+            for (k = 0; k < K; k++) m += (double)G[(size_t)j * (size_t)K + (size_t)k] * (g->r_a[q * (size_t)K + (size_t)k] - g->r_b[q * (size_t)K + (size_t)k]);
+            p[i + (size_t)j] = 1.0 / (1.0 + exp(-m));
+        }
+    }
+    MOE_FREE(X);
+    return MOE_OK;
+}
+
+static moe_status rwd__ssrm_gate_train(void *ctx, const size_t *idx, const unsigned char *a_wins, size_t count, int round, moe_err *err) {
+    rwd_ssrm_gate *g = (rwd_ssrm_gate *)ctx;
+    size_t K = (size_t)g->gate->cfg.K, d = (size_t)g->gate->cfg.d_in, i;
+    rwd_gate_train_config tc = g->tc;
+    if (count > g->buf_pairs) {
+        MOE_FREE(g->xbuf);
+        MOE_FREE(g->rbuf);
+        g->xbuf = (float *)MOE_MALLOC(count * d * sizeof(float));
+        g->rbuf = (double *)MOE_MALLOC(2 * count * K * sizeof(double));
+        g->buf_pairs = g->xbuf && g->rbuf ? count : 0;
+        if (!g->buf_pairs) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for %zu training pairs", count);
+    }
+    for (i = 0; i < count; i++) {
+        size_t q = idx[i];
+        if (q >= g->n) return moe_err_set(err, MOE_ERR_INVALID_ARG, "pair id %zu is outside the pool of %zu", q, g->n);
+        memcpy(g->xbuf + i * d, g->x + q * d, d * sizeof(float));
+        memcpy(g->rbuf + i * K, (a_wins[i] ? g->r_a : g->r_b) + q * K, K * sizeof(double));
+        memcpy(g->rbuf + (count + i) * K, (a_wins[i] ? g->r_b : g->r_a) + q * K, K * sizeof(double));
+    }
+    tc.seed = g->tc.seed + (uint64_t)round;
+    return rwd_gate_train(g->gate, g->store, g->xbuf, g->rbuf, g->rbuf + count * K, count, &tc, NULL, err);
+}
+
+RWD__IMPL rwd_pair_model rwd_ssrm_gate_model(rwd_ssrm_gate *g) {
+    rwd_pair_model m;
+    memset(&m, 0, sizeof m);
+    m.ctx = g;
+    m.prob = rwd__ssrm_gate_prob;
+    m.train = rwd__ssrm_gate_train;
+    return m;
+}
+
+RWD__IMPL void rwd_ssrm_gate_free(rwd_ssrm_gate *g) {
+    MOE_FREE(g->xbuf);
+    MOE_FREE(g->rbuf);
+    g->xbuf = NULL;
+    g->rbuf = NULL;
+    g->buf_pairs = 0;
+}
 #endif /* RWD_IMPLEMENTATION */
 
 /*

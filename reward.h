@@ -95,6 +95,11 @@
                                      Pareto front, hypervolume
       11. ssrm       >>rwd:ssrm      SSRM self-training loop over any pair model; head and
                                      gate adapters
+      12. merge      >>rwd:merge     merging stores of one layout: linear, SLERP, task arithmetic,
+                                     TIES, DARE, breadcrumbs (mergekit's formulas); per-tensor
+                                     or per-block weights
+      13. average    >>rwd:average   model averaging against the alignment tax: MA, part-wise,
+                                     HMA and its searches (arXiv 2309.06256)
 
    Tests: tests/test_reward_text.c (1), tests/test_reward_calib.c (2-3),
    tests/test_reward_metrics.c (4, AlpacaEval and HH-RLHF data), tests/test_reward_model.c
@@ -828,6 +833,290 @@ typedef struct rwd_ssrm_gate {
 } rwd_ssrm_gate;
 RWDDEF rwd_pair_model rwd_ssrm_gate_model(rwd_ssrm_gate *g);
 RWDDEF void rwd_ssrm_gate_free(rwd_ssrm_gate *g);
+
+/* ============================================================================================
+   >>rwd:merge  merging models of the same layout: linear, SLERP, task arithmetic, TIES, DARE,
+                breadcrumbs
+   ============================================================================================
+   Works on moe.h's one tensor table (moe_store): every input store has the destination's
+   layout (same names, shapes and flags, the fingerprint of moe_store_fingerprint), and each
+   method runs tensor by tensor on the flat params, as mergekit does
+   (github.com/arcee-ai/mergekit: merge_methods/linear.py, slerp.py,
+   generalized_task_arithmetic.py, sparsify.py; its names for the methods are used below).
+   With n models theta_m, their weights w_m and (task-vector methods) a base model theta_b:
+
+   linear (model soups, Wortsman et al., arXiv 2203.05482):
+       theta = sum_m w_m theta_m,  divided by sum_m w_m when normalize (mergekit's default).
+   SLERP (Shoemake 1985; exactly two models; t = 0 gives models[0], t = 1 models[1]): with
+       unit directions v_m / |v_m| (a norm <= 1e-8 is left undivided) and d = their dot product,
+       theta = sin((1-t) O)/sin O v_0 + sin(t O)/sin O v_1,  O = acos d,
+       applied to the UNNORMALISED tensors; where |d| > 0.9995 (near-parallel or
+       near-antiparallel, as mergekit) it falls back to (1-t) v_0 + t v_1.
+   task arithmetic (Ilharco et al., arXiv 2212.04089) and its generalisations: task vectors
+       tau_m = theta_m - theta_b, then per model
+         sparsify (keep a share `density` of tau_m):
+           MAGNITUDE  TIES's trim (Yadav et al., arXiv 2306.01708): the k = floor(density n)
+                      entries of largest |tau| (ties to the lower index);
+           RANDOM     DARE (Yu et al., arXiv 2311.03099): each entry kept with probability
+                      density, drawn with a moe_rng seeded from (seed, model, tensor);
+           OUTLIERS   Model Breadcrumbs (Davari & Belilovsky, arXiv 2312.06795): drop the
+                      floor(gamma n) largest |tau| and then the smallest, so that
+                      floor(density n) stay (fewer large ones dropped when they do not fit);
+         rescale the kept entries:
+           DENSITY    divide by density (the DARE paper; older mergekit versions);
+           L1, L2, LINF  match that norm of the unmasked tau_m (current mergekit's rescale,
+                      L1 there); left unscaled when either norm is below 1e-7;
+       u_m = w_m tau_m', and elementwise
+         no consensus:  delta = sum_m u_m,  divisor = sum_m w_m
+         TIES's sign election: s = +1 where sum_m u_m >= 0 (SUM; the paper) or where
+                      sum_m sign(u_m) >= 0 (COUNT), else -1; only u_m of sign s enter (a zero
+                      never does): delta = sum_m u_m [sign u_m = s], divisor = sum_m w_m [.]
+                      (the disjoint mean), a divisor of 0 read as 1;
+       theta = theta_b + delta, or theta_b + delta / divisor with normalize.
+   rwd_merge_config_default(method) sets mergekit's defaults of each named method; every field
+   can then be changed (DARE with TIES's trim, TIES with a norm rescale, ...).
+
+   Where this departs from mergekit, on purpose:
+   - TIES keeps at least one entry per tensor where floor(density n) = 0 (mergekit stops with
+     an assertion there).
+   - Breadcrumbs with floor(gamma n) = 0 drops no large entry. mergekit's slice [n_bot:-n_top]
+     is then empty and keeps nothing: with its default gamma 0.01 every tensor under 100
+     entries lost its whole task vector.
+   - Weights that sum to (almost) 0 with normalize (linear; task arithmetic without consensus)
+     are refused with a status; mergekit divides by 0 (linear) or by 1 (|sum| < 1e-8).
+   - Everything accumulates in double and rounds once to float; mergekit computes in the
+     tensors' dtype (float32 on CPU).
+   - density >= 1 leaves a task vector as it is (no mask, no rescale), as mergekit.
+
+   Weights come in one of three layouts (rwd_merge_per), n_w values per slot, n_w = n_models
+   (SLERP: n_w = 1, the slot's t):
+     RWD_PER_MODEL   weights[m]                            one weight per model everywhere
+     RWD_PER_TENSOR  weights[t * n_w + m]                  per tensor t of the table
+     RWD_PER_BLOCK   weights[b * n_w + m], b = block[t];   per block of layers (rwd_block_map);
+                     tensors outside every layer (b = -1) use row b = n_blocks
+   A block is the tensors of one or several transformer layers, found by the name prefix
+   "l<N>." of moe.h's model ("l3.attn.wqkv" is in layer 3; "wte", "lnf.w" in none).
+
+   Nothing is half-merged: every input is checked before the destination is written, the
+   destination must be a store of its own (not an input), and on any error it is unchanged. */
+
+typedef enum rwd_merge_method {
+    RWD_MERGE_LINEAR = 0,
+    RWD_MERGE_SLERP,
+    RWD_MERGE_TASK_ARITHMETIC,  /* no sparsification, no consensus, no normalisation        */
+    RWD_MERGE_TIES,             /* MAGNITUDE + SUM election + normalize                        */
+    RWD_MERGE_DARE_LINEAR,      /* RANDOM + rescale, no consensus, no normalisation            */
+    RWD_MERGE_DARE_TIES,        /* RANDOM + rescale + SUM election, no normalisation           */
+    RWD_MERGE_BREADCRUMBS,      /* OUTLIERS, no consensus                                      */
+    RWD_MERGE_BREADCRUMBS_TIES, /* OUTLIERS + SUM election                                     */
+    RWD_MERGE_METHOD_COUNT
+} rwd_merge_method;
+
+typedef enum rwd_sparsify {
+    RWD_SPARSIFY_NONE = 0,
+    RWD_SPARSIFY_MAGNITUDE, /* top-k by |tau| (TIES)                 */
+    RWD_SPARSIFY_RANDOM,    /* Bernoulli(density) (DARE)             */
+    RWD_SPARSIFY_OUTLIERS   /* drop largest gamma, then the smallest (breadcrumbs) */
+} rwd_sparsify;
+
+typedef enum rwd_consensus {
+    RWD_CONSENSUS_NONE = 0,
+    RWD_CONSENSUS_SUM,  /* sign of sum_m u_m (TIES paper)   */
+    RWD_CONSENSUS_COUNT /* majority of the signs            */
+} rwd_consensus;
+
+typedef enum rwd_rescale {
+    RWD_RESCALE_NONE = 0,
+    RWD_RESCALE_DENSITY, /* / density (DARE paper)            */
+    RWD_RESCALE_L1,      /* match the L1 norm (mergekit now)  */
+    RWD_RESCALE_L2,
+    RWD_RESCALE_LINF
+} rwd_rescale;
+
+typedef enum rwd_merge_per { RWD_PER_MODEL = 0, RWD_PER_TENSOR, RWD_PER_BLOCK } rwd_merge_per;
+
+typedef struct rwd_merge_config {
+    rwd_merge_method method;
+    /* task-vector methods (TASK_ARITHMETIC .. BREADCRUMBS_TIES) read these four: */
+    rwd_sparsify sparsify;
+    rwd_consensus consensus;
+    int normalize;           /* divide by the (masked) sum of weights; see above              */
+    rwd_rescale rescale;
+    double density;          /* share kept by the sparsification, in (0, 1]; 1                */
+    const double *densities; /* (n_models) per-model densities, or NULL: density for all     */
+    double gamma;            /* breadcrumbs: share of the largest |tau| dropped, [0, 1); 0.01  */
+    uint64_t seed;           /* DARE's draws; 1                                                */
+    /* DARE's masks given instead of drawn (tests compare with another language's RNG this
+       way): keep_masks[m] (numel of the table) 1 = keep entry, 0 = drop; NULL = draw */
+    const unsigned char *const *keep_masks;
+    rwd_merge_per per;       /* layout of the weights; RWD_PER_MODEL                          */
+    const int *block;        /* (table count) block of each tensor (-1 = none), RWD_PER_BLOCK */
+    int n_blocks;
+} rwd_merge_config;
+
+/* mergekit's defaults for the method (normalize: linear and TIES yes, others no; DARE
+   rescales by 1/density as its paper; set rescale = RWD_RESCALE_L1 for current mergekit). */
+RWDDEF rwd_merge_config rwd_merge_config_default(rwd_merge_method method);
+
+/* dst = the merge of models[0..n_models) (and base, NULL for LINEAR and SLERP), weights in the
+   layout of c->per. dst, every model and base: allocated stores of one layout; dst none of
+   them. On error dst is unchanged and err says why. */
+RWDDEF moe_status rwd_merge(moe_store *dst, const moe_store *base, const moe_store *const *models,
+                            int n_models, const double *weights, const rwd_merge_config *c,
+                            moe_err *err);
+
+/* MOE_OK when b has a's layout; else MOE_ERR_SHAPE and a sentence naming the first tensor
+   that differs ("what" names b in it, e.g. "model 2"). */
+RWDDEF moe_status rwd_store_same_layout(const moe_store *a, const moe_store *b, const char *what,
+                                        moe_err *err);
+/* N from a name "l<N>.<...>" (moe.h's per-layer tensors), else -1 */
+RWDDEF int rwd_tensor_layer(const char *name);
+/* 1 for a normalisation or embedding tensor: a name part ('.'-separated) that starts with
+   "ln" or contains "norm" or "emb", or is "wte" / "wpe"; 0 for everything else (linear maps,
+   their biases, routers, experts). */
+RWDDEF int rwd_tensor_is_norm_or_embedding(const char *name);
+/* block (s->count): the block of every tensor, -1 outside every layer. Pivots split the
+   layers as the alignment-tax code's part-wise averaging (arXiv 2309.06256): layer l is in
+   block b = the number of pivots below l, so a pivot layer closes its block; *n_blocks =
+   n_pivots + 1. Pivots: strictly increasing, in [0, n_layers - 1). */
+RWDDEF moe_status rwd_block_map(int *block, int *n_blocks, const moe_store *s, const int *pivots,
+                                int n_pivots, moe_err *err);
+/* pivots (n_blocks - 1) of n_blocks equal blocks of floor(n_layers / n_blocks) layers, the last
+   taking the remainder (the official code's "blockN"; n_blocks = n_layers: one per layer) */
+RWDDEF moe_status rwd_pivots_equal(int *pivots, int n_layers, int n_blocks, moe_err *err);
+/* 1 + the largest layer index of s's tensor names (0: no per-layer tensors) */
+RWDDEF int rwd_store_layers(const moe_store *s);
+
+/* ============================================================================================
+   >>rwd:average  model averaging against the alignment tax: MA, part-wise, HMA
+   ============================================================================================
+   Lin et al., "Mitigating the Alignment Tax of RLHF", arXiv 2309.06256 (EMNLP 2024); official
+   code github.com/avalonstrel/Mitigating-the-Alignment-Tax-of-RLHF (scripts/postprocess/
+   weight_interpolation.py, weight_mask_merge.py; src/lmflow/pipeline/utils/mask_trainer.py).
+   Interpolation between the model before alignment (pre) and after it (post), as WiSE-FT
+   (Wortsman et al., arXiv 2109.01903) interpolates a fine-tuned model with its start:
+
+       theta(lambda) = (1 - lambda) theta_pre + lambda theta_post,   lambda in [0, 1]
+
+   lambda = 0 is the pre-alignment model, 1 the aligned one. The official code's ratio is the
+   weight of the PRE model, 1 - lambda here (its init_val 0.2 is lambda = 0.8).
+
+   Part-wise averaging (the paper's analysis): blocks of layers split at pivots
+   (rwd_block_map: a pivot layer closes its block) each with its own lambda. The official
+   script gives layers their block's ratio (norms inside a layer too), the token embedding the
+   first block's, the final norm and lm_head the global one; here every tensor outside the
+   layers gets lambda_outside (moe.h's model ties its head to the embedding "wte"). For another
+   assignment, rwd_average_tensors takes one lambda per tensor.
+
+   HMA, heterogeneous model averaging: K blocks, free parameters a_k, a floor eps, and the
+   pre-model share rho_k given by a normalised sigmoid whose mean is held EXACTLY at
+   rho = 1 - mean, so only the distribution of averaging over depth is learned:
+
+       rho_k = rho K (sigmoid(a_k) + eps) / S,   S = sum_j (sigmoid(a_j) + eps),
+       lambda_k = 1 - rho_k,   (1/K) sum_k lambda_k = mean for every a.
+
+   As the official code, the sigmoid parametrises the share of the pre model (its ratio); with
+   K blocks a ratio can exceed 1 (rho K (1 + eps) / (1 + eps + (K - 1) eps) at most): the
+   formula is kept exact, no clamp, as there.
+   dlambda_k/da_j = -rho K sigmoid'(a_j) (delta_kj S - (sigmoid(a_k) + eps)) / S^2.
+   Search: minimise J(a) = L(theta(a)) + gamma sum_k c_k |lambda_k - mean| (or squared), L the
+   merged model's loss on the aligned model's own selected samples (a callback; the official
+   code trains only the a_k with AdamW, both models frozen, for one epoch of next-token
+   cross-entropy on the samples RSF kept), c_k = the number of tensors following block k (the
+   official regulariser sums over linear modules, so each block counts once per module).
+   Defaults of the official run script: ratio 0.2 (mean 0.8 here), eps 0.2, gamma 1e-4, lr 2e-5.
+   Which tensors follow a block's ratio (rwd_hma_follow):
+     FOLLOW_LINEAR (official): the linear maps of the layers (weights and biases: attention,
+       FFN, routers, experts); norms and embeddings (rwd_tensor_is_norm_or_embedding) and every
+       tensor outside the layers are taken from the pre-alignment model unchanged. The official
+       lm_head (untied there) gets the mean ratio; moe.h's head is the embedding wte, so here it
+       comes from pre.
+     FOLLOW_ALL: every tensor of a layer follows its block, everything else the mean.
+   Where the official code differs from the parametrisation implemented here: its training
+   wrapper puts a bf16 copy of a_k, taken when the model is wrapped, in the numerator, so only
+   the denominator S follows the training (its final merge uses the trained a_k in both); its
+   default regulariser also weighs module m by 25 / (|layer(m) - 13| + 1), a choice for a
+   26-layer model (pass reg_weight for that); its "block3" with <= 30 layers cuts at layers 8
+   and 16 (2 blocks for L <= 16): give pivots instead.
+   Black-box alternative for tiny models: a grid of lambda vectors with the mean fixed, each
+   merged model scored by two callbacks (reward: higher is better; tax: lower is better, e.g.
+   bits per byte on the pre-training text), and the Pareto front of the two.
+
+   The destination is a store of its own (never pre or post); on bad input it is unchanged. */
+
+/* dst = (1 - lambda) pre + lambda post, every tensor; lambda in [0, 1] */
+RWDDEF moe_status rwd_average(moe_store *dst, const moe_store *pre, const moe_store *post, double lambda,
+                              moe_err *err);
+/* lambdas (n_pivots + 1): block b's lambda; tensors outside every layer use lambda_outside */
+RWDDEF moe_status rwd_average_partwise(moe_store *dst, const moe_store *pre, const moe_store *post,
+                                       const int *pivots, int n_pivots, const double *lambdas,
+                                       double lambda_outside, moe_err *err);
+/* lambda (table count): one lambda per tensor, each in [0, 1] */
+RWDDEF moe_status rwd_average_tensors(moe_store *dst, const moe_store *pre, const moe_store *post,
+                                      const double *lambda, moe_err *err);
+
+typedef enum rwd_hma_follow { RWD_HMA_FOLLOW_LINEAR = 0, RWD_HMA_FOLLOW_ALL = 1 } rwd_hma_follow;
+typedef enum rwd_hma_reg { RWD_HMA_REG_ABS = 0, RWD_HMA_REG_SQUARED = 1 } rwd_hma_reg;
+
+typedef struct rwd_hma_config {
+    double mean;               /* mean lambda over the blocks, in [0, 1]; 0.8 (official ratio 0.2) */
+    double eps;                /* floor inside the normalised sigmoid, >= 0; 0.2                 */
+    double gamma;              /* regulariser weight, >= 0; 1e-4                                 */
+    rwd_hma_reg reg;           /* |lambda_k - mean| (official default) or its square; ABS        */
+    const double *reg_weight;  /* (K) c_k, or NULL: tensors following block k                    */
+    rwd_hma_follow follow;     /* FOLLOW_LINEAR                                                  */
+    int steps;                 /* search: AdamW steps (one loss callback each); 50               */
+    float lr;                  /* search: learning rate; 0.05 (the official 2e-5 is for a 3B
+                                  model's thousands of steps)                                    */
+    double grid_step;          /* grid search: spacing of the lambda values; 0.1                 */
+} rwd_hma_config;
+
+/* The merged model's loss and its gradient: *loss = L(merged); grad (numel, zeroed before the
+   call) = dL/dparams in the table's layout. A status other than MOE_OK stops the search. */
+typedef moe_status (*rwd_loss_fn)(double *loss, float *grad, const moe_store *merged, void *user);
+/* One number about a merged model (reward, tax) */
+typedef moe_status (*rwd_score_fn)(double *score, const moe_store *merged, void *user);
+
+RWDDEF rwd_hma_config rwd_hma_config_default(void);
+/* lambdas (K) from a (K) */
+RWDDEF void rwd_hma_ratios(double *lambdas, const double *a, int K, double mean, double eps);
+/* da (K) += dlambdas . dlambda/da */
+RWDDEF void rwd_hma_ratios_backward(double *da, const double *dlambdas, const double *a, int K,
+                                    double mean, double eps);
+/* gamma sum_k c_k |lambda_k - mean| (or squared); dlambdas (K, may be NULL) += its gradient
+   (the gradient of |x| at 0 is 0); weight NULL: c_k = 1 */
+RWDDEF double rwd_hma_regularizer(double *dlambdas, const double *lambdas, const double *weight, int K,
+                                  double mean, double gamma, rwd_hma_reg reg);
+/* lam (table count): the lambda each tensor gets from the block lambdas (K) */
+RWDDEF void rwd_hma_tensor_lambdas(double *lam, const moe_store *s, const int *block, const double *lambdas,
+                                   double mean, rwd_hma_follow follow);
+/* dst = the HMA merge of block lambdas (K) (any real values: HMA's may leave [0, 1]) */
+RWDDEF moe_status rwd_hma_merge(moe_store *dst, const moe_store *pre, const moe_store *post, const int *block,
+                                int K, const double *lambdas, const rwd_hma_config *c, moe_err *err);
+/* dlambdas (K) += dL/dlambda_k = sum over the tensors following block k of grad . (post - pre) */
+RWDDEF void rwd_hma_lambda_grad(double *dlambdas, const moe_store *pre, const moe_store *post, const int *block,
+                                int K, rwd_hma_follow follow, const float *grad);
+/* J(a) and, if grad_a (K) != NULL, dJ/da: merges into dst, calls loss with grad_buf (numel). */
+RWDDEF moe_status rwd_hma_objective(double *objective, double *grad_a, moe_store *dst, float *grad_buf,
+                                    const double *a, const moe_store *pre, const moe_store *post,
+                                    const int *block, int K, const rwd_hma_config *c, rwd_loss_fn loss,
+                                    void *user, moe_err *err);
+/* The search: a_k start at logit(1 - mean) (every lambda_k = mean), c->steps AdamW steps on
+   J(a); a, lambdas (K) out; trace (c->steps) = J before each step, or NULL. dst = the merge of
+   the final lambdas. */
+RWDDEF moe_status rwd_hma_search(double *a, double *lambdas, double *trace, moe_store *dst,
+                                 const moe_store *pre, const moe_store *post, const int *block, int K,
+                                 const rwd_hma_config *c, rwd_loss_fn loss, void *user, moe_err *err);
+/* Points of the grid: lambda_k = mean + j_k step in [0, 1], integers j_k summing to 0 (so the
+   mean is held); -1 for bad arguments or more than 10^7 points. */
+RWDDEF long rwd_hma_grid_size(int K, double mean, double step);
+/* Scores every grid point (first block slowest): lambdas (cap, K), reward, tax, on_front
+   (cap): 1 where no other point has reward >= and tax <= with one strict. *n_points = the
+   grid size; cap must hold it (checked before anything is evaluated). dst: the last merge. */
+RWDDEF moe_status rwd_hma_grid(double *lambdas, double *reward, double *tax, int *on_front, long *n_points,
+                               long cap, moe_store *dst, const moe_store *pre, const moe_store *post,
+                               const int *block, int K, const rwd_hma_config *c, rwd_score_fn reward_fn,
+                               void *reward_user, rwd_score_fn tax_fn, void *tax_user, moe_err *err);
 
 #ifdef __cplusplus
 }
@@ -4000,6 +4289,764 @@ RWD__IMPL void rwd_ssrm_gate_free(rwd_ssrm_gate *g) {
     g->xbuf = NULL;
     g->rbuf = NULL;
     g->buf_pairs = 0;
+}
+/* ============================================================================================
+   >>rwd:merge
+   ============================================================================================ */
+
+RWD__IMPL rwd_merge_config rwd_merge_config_default(rwd_merge_method method) {
+    rwd_merge_config c;
+    memset(&c, 0, sizeof c);
+    c.method = method;
+    c.density = 1.0;
+    c.gamma = 0.01;
+    c.seed = 1;
+    c.per = RWD_PER_MODEL;
+    switch (method) {
+    case RWD_MERGE_LINEAR: c.normalize = 1; break;
+    case RWD_MERGE_TIES: c.sparsify = RWD_SPARSIFY_MAGNITUDE; c.consensus = RWD_CONSENSUS_SUM; c.normalize = 1; break;
+    case RWD_MERGE_DARE_LINEAR: c.sparsify = RWD_SPARSIFY_RANDOM; c.rescale = RWD_RESCALE_DENSITY; break;
+    case RWD_MERGE_DARE_TIES: c.sparsify = RWD_SPARSIFY_RANDOM; c.rescale = RWD_RESCALE_DENSITY; c.consensus = RWD_CONSENSUS_SUM; break;
+    case RWD_MERGE_BREADCRUMBS: c.sparsify = RWD_SPARSIFY_OUTLIERS; break;
+    case RWD_MERGE_BREADCRUMBS_TIES: c.sparsify = RWD_SPARSIFY_OUTLIERS; c.consensus = RWD_CONSENSUS_SUM; break;
+    default: break;
+    }
+    return c;
+}
+
+static void rwd__shape_str(char *buf, size_t cap, const moe_tensor *t) {
+    int i;
+    size_t len = 0;
+    buf[0] = 0;
+    for (i = 0; i < t->ndim && len + 16 < cap; i++)
+        len += (size_t)snprintf(buf + len, cap - len, "%s%d", i ? ", " : "(", t->shape[i]);
+    snprintf(buf + len, cap - len, ")");
+}
+
+RWD__IMPL moe_status rwd_store_same_layout(const moe_store *a, const moe_store *b, const char *what,
+                                           moe_err *err) {
+    int i, n;
+    if (!a || !b) return moe_err_set(err, MOE_ERR_INVALID_ARG, "%s: a store is missing (NULL)", what);
+    n = a->count < b->count ? a->count : b->count;
+    for (i = 0; i < n; i++) {
+        const moe_tensor *p = &a->tensors[i], *q = &b->tensors[i];
+        int same = strcmp(p->name, q->name) == 0 && p->ndim == q->ndim && p->flags == q->flags;
+        int d;
+        for (d = 0; same && d < p->ndim; d++) same = p->shape[d] == q->shape[d];
+        if (!same) {
+            char sp[64], sq[64];
+            rwd__shape_str(sp, sizeof sp, p);
+            rwd__shape_str(sq, sizeof sq, q);
+            return moe_err_set(err, MOE_ERR_SHAPE, "%s has a different layout: tensor %d is '%s' %s flags %d there, '%s' %s flags %d in the destination",
+                               what, i, q->name, sq, q->flags, p->name, sp, p->flags);
+        }
+    }
+    if (a->count != b->count)
+        return moe_err_set(err, MOE_ERR_SHAPE, "%s has a different layout: %d tensors, the destination %d (first extra: '%s')", what,
+                           b->count, a->count, b->count > n ? b->tensors[n].name : a->tensors[n].name);
+    if (moe_store_fingerprint(a) != moe_store_fingerprint(b))
+        return moe_err_set(err, MOE_ERR_SHAPE, "%s has a different layout fingerprint", what); /* unreachable: same table */
+    return MOE_OK;
+}
+
+RWD__IMPL int rwd_tensor_layer(const char *name) {
+    long v = 0;
+    const char *p = name;
+    if (!p || p[0] != 'l' || p[1] < '0' || p[1] > '9') return -1;
+    for (p++; *p >= '0' && *p <= '9'; p++) {
+        v = 10 * v + (*p - '0');
+        if (v > 1000000) return -1;
+    }
+    return *p == '.' ? (int)v : -1;
+}
+
+RWD__IMPL int rwd_tensor_is_norm_or_embedding(const char *name) {
+    const char *p = name;
+    while (*p) {
+        char part[MOE_NAME_LEN];
+        size_t n = 0;
+        while (p[n] && p[n] != '.' && n + 1 < sizeof part) { part[n] = p[n]; n++; }
+        part[n] = 0;
+        if (strncmp(part, "ln", 2) == 0 || strstr(part, "norm") || strstr(part, "emb") ||
+            strcmp(part, "wte") == 0 || strcmp(part, "wpe") == 0)
+            return 1;
+        p += n;
+        while (*p && *p != '.') p++; /* a part longer than the buffer */
+        if (*p == '.') p++;
+    }
+    return 0;
+}
+
+RWD__IMPL int rwd_store_layers(const moe_store *s) {
+    int i, L = 0;
+    for (i = 0; i < s->count; i++) {
+        int l = rwd_tensor_layer(s->tensors[i].name);
+        if (l + 1 > L) L = l + 1;
+    }
+    return L;
+}
+
+RWD__IMPL moe_status rwd_block_map(int *block, int *n_blocks, const moe_store *s, const int *pivots,
+                                   int n_pivots, moe_err *err) {
+    int i, j, L;
+    if (!block || !n_blocks || !s || n_pivots < 0 || (n_pivots > 0 && !pivots))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "block map: missing argument or negative pivot count");
+    L = rwd_store_layers(s);
+    for (j = 0; j < n_pivots; j++)
+        if (pivots[j] < 0 || pivots[j] >= L - 1 || (j > 0 && pivots[j] <= pivots[j - 1]))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "pivot %d is %d: pivots must increase strictly within [0, %d) for %d layers", j, pivots[j], L - 1, L);
+    for (i = 0; i < s->count; i++) {
+        int l = rwd_tensor_layer(s->tensors[i].name), b = 0;
+        if (l < 0) { block[i] = -1; continue; }
+        for (j = 0; j < n_pivots; j++) b += l > pivots[j];
+        block[i] = b;
+    }
+    *n_blocks = n_pivots + 1;
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_pivots_equal(int *pivots, int n_layers, int n_blocks, moe_err *err) {
+    int b, q;
+    if (n_blocks < 1 || n_blocks > n_layers)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "%d equal blocks of %d layers: need 1 <= blocks <= layers", n_blocks, n_layers);
+    q = n_layers / n_blocks;
+    for (b = 0; b + 1 < n_blocks; b++) pivots[b] = (b + 1) * q - 1;
+    return MOE_OK;
+}
+
+/* the weight of model m (or SLERP's t, m = 0) for tensor t */
+static double rwd__merge_weight(const rwd_merge_config *c, const double *w, int n_w, int t, int m) {
+    if (c->per == RWD_PER_TENSOR) return w[(size_t)t * n_w + m];
+    if (c->per == RWD_PER_BLOCK) return w[(size_t)(c->block[t] < 0 ? c->n_blocks : c->block[t]) * n_w + m];
+    return w[m];
+}
+
+/* splitmix64 finaliser: independent DARE streams per (seed, model, tensor) */
+static uint64_t rwd__mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static int rwd__sign(double x) { return (x > 0.0) - (x < 0.0); }
+
+static moe_status rwd__merge_check(const moe_store *dst, const moe_store *base, const moe_store *const *models,
+                                   int nm, const double *weights, const rwd_merge_config *c, int *n_w_out, moe_err *err) {
+    int m, t, n_w, slots, is_ta;
+    char what[32];
+    if (!c) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: no config");
+    if ((int)c->method < 0 || c->method >= RWD_MERGE_METHOD_COUNT) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: unknown method %d", (int)c->method);
+    is_ta = c->method >= RWD_MERGE_TASK_ARITHMETIC;
+    if (!dst || !dst->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: the destination is missing or not allocated");
+    if (nm < 1 || !models) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: %d models (need at least one)", nm);
+    if (c->method == RWD_MERGE_SLERP && nm != 2) return moe_err_set(err, MOE_ERR_INVALID_ARG, "SLERP merges exactly 2 models, not %d", nm);
+    if (is_ta && !base) return moe_err_set(err, MOE_ERR_INVALID_ARG, "task-vector merges need a base model");
+    for (m = -1; m < nm; m++) {
+        const moe_store *s = m < 0 ? base : models[m];
+        if (m < 0 && !s) continue;
+        if (m < 0) snprintf(what, sizeof what, "the base model");
+        else snprintf(what, sizeof what, "model %d", m);
+        if (!s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: %s is missing or not allocated", what);
+        if (s == dst || s->params == dst->params)
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: the destination is %s; merge into a store of its own (nothing is merged in place)", what);
+        if (rwd_store_same_layout(dst, s, what, err) != MOE_OK) return err ? err->status : MOE_ERR_SHAPE;
+    }
+    if ((int)c->sparsify < 0 || c->sparsify > RWD_SPARSIFY_OUTLIERS || (int)c->consensus < 0 || c->consensus > RWD_CONSENSUS_COUNT ||
+        (int)c->rescale < 0 || c->rescale > RWD_RESCALE_LINF)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: unknown sparsify, consensus or rescale value");
+    n_w = c->method == RWD_MERGE_SLERP ? 1 : nm;
+    switch (c->per) {
+    case RWD_PER_MODEL: slots = 1; break;
+    case RWD_PER_TENSOR: slots = dst->count; break;
+    case RWD_PER_BLOCK:
+        if (!c->block || c->n_blocks < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "per-block weights need the block map and n_blocks >= 1");
+        for (t = 0; t < dst->count; t++)
+            if (c->block[t] < -1 || c->block[t] >= c->n_blocks)
+                return moe_err_set(err, MOE_ERR_INVALID_ARG, "block map: tensor '%s' is in block %d, not in [-1, %d)", dst->tensors[t].name, c->block[t], c->n_blocks);
+        slots = c->n_blocks + 1;
+        break;
+    default: return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: unknown weight layout %d", (int)c->per);
+    }
+    if (!weights) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: no weights");
+    for (t = 0; t < slots * n_w; t++) {
+        double v = weights[t];
+        if (!(v == v) || v > 1e300 || v < -1e300) return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: weight %d is not finite", t);
+        if (c->method == RWD_MERGE_SLERP && !(v >= 0.0 && v <= 1.0))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "SLERP: t = %g (slot %d) is outside [0, 1]", v, t);
+    }
+    if (c->normalize && (c->method == RWD_MERGE_LINEAR || (is_ta && c->consensus == RWD_CONSENSUS_NONE)))
+        for (t = 0; t < dst->count; t++) {
+            double sw = 0.0;
+            for (m = 0; m < nm; m++) sw += rwd__merge_weight(c, weights, n_w, t, m);
+            if (fabs(sw) < 1e-8)
+                return moe_err_set(err, MOE_ERR_INVALID_ARG, "merge: the weights of tensor '%s' sum to %g; normalize would divide by 0", dst->tensors[t].name, sw);
+        }
+    if (is_ta && c->sparsify != RWD_SPARSIFY_NONE) {
+        for (m = 0; m < nm; m++) {
+            double d = c->densities ? c->densities[m] : c->density;
+            if (!(d > 0.0 && d <= 1.0)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "density %g of model %d is outside (0, 1]", d, m);
+            if (c->sparsify == RWD_SPARSIFY_RANDOM && c->keep_masks && !c->keep_masks[m])
+                return moe_err_set(err, MOE_ERR_INVALID_ARG, "DARE: keep_masks given without a mask for model %d", m);
+        }
+        if (c->sparsify == RWD_SPARSIFY_OUTLIERS && !(c->gamma >= 0.0 && c->gamma < 1.0))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "breadcrumbs: gamma %g is outside [0, 1)", c->gamma);
+    }
+    *n_w_out = n_w;
+    return MOE_OK;
+}
+
+/* sparsify and rescale one task vector tau (n) in place; order: scratch of n entries */
+static void rwd__sparsify(float *tau, size_t n, const rwd_merge_config *c, double d, const unsigned char *keep,
+                          uint64_t stream, rwd__xi *order) {
+    size_t i, lo = 0, hi = n; /* OUTLIERS / MAGNITUDE keep ranks [lo, hi) of the sort */
+    double before = 0.0, after = 0.0, scale = 1.0;
+    if (c->sparsify == RWD_SPARSIFY_NONE || d >= 1.0 || n == 0) return;
+    if (c->rescale == RWD_RESCALE_L1 || c->rescale == RWD_RESCALE_L2 || c->rescale == RWD_RESCALE_LINF)
+        for (i = 0; i < n; i++) {
+            double a = fabs((double)tau[i]);
+            if (c->rescale == RWD_RESCALE_L1) before += a;
+            else if (c->rescale == RWD_RESCALE_L2) before += a * a;
+            else if (a > before) before = a;
+        }
+    if (c->sparsify == RWD_SPARSIFY_RANDOM) {
+        moe_rng r;
+        moe_rng_seed(&r, stream);
+        for (i = 0; i < n; i++) {
+            int k = keep ? keep[i] != 0 : (double)moe_rng_uniform(&r) < d;
+            if (!k) tau[i] = 0.0f;
+        }
+    } else {
+        size_t keep_n = (size_t)(d * (double)n);
+        int magnitude = c->sparsify == RWD_SPARSIFY_MAGNITUDE;
+        /* MAGNITUDE: descending |tau| is ascending -|tau|; the index breaks ties either way */
+        for (i = 0; i < n; i++) { order[i].x = magnitude ? -fabs((double)tau[i]) : fabs((double)tau[i]); order[i].i = i; }
+        qsort(order, n, sizeof *order, rwd__cmp_xi);
+        if (magnitude) {
+            hi = keep_n > 0 ? keep_n : 1; /* mergekit asserts k > 0; one entry survives here */
+        } else {
+            size_t n_top = (size_t)(c->gamma * (double)n), n_bot;
+            if (keep_n + n_top > n) n_top = n - keep_n;
+            n_bot = n - keep_n - n_top;
+            lo = n_bot; hi = n - n_top;
+        }
+        for (i = 0; i < n; i++)
+            if (i < lo || i >= hi) tau[order[i].i] = 0.0f;
+    }
+    if (c->rescale == RWD_RESCALE_DENSITY) {
+        for (i = 0; i < n; i++) tau[i] = (float)((double)tau[i] / d);
+    } else if (c->rescale != RWD_RESCALE_NONE) {
+        for (i = 0; i < n; i++) {
+            double a = fabs((double)tau[i]);
+            if (c->rescale == RWD_RESCALE_L1) after += a;
+            else if (c->rescale == RWD_RESCALE_L2) after += a * a;
+            else if (a > after) after = a;
+        }
+        if (c->rescale == RWD_RESCALE_L2) { before = sqrt(before); after = sqrt(after); }
+        scale = (before < 1e-7 || after < 1e-7) ? 1.0 : before / after;
+    }
+    if (scale != 1.0)
+        for (i = 0; i < n; i++) tau[i] = (float)((double)tau[i] * scale);
+}
+
+static void rwd__merge_slerp(float *out, const float *v0, const float *v1, size_t n, double t) {
+    double n0 = 0.0, n1 = 0.0, dot = 0.0, s0, s1;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        n0 += (double)v0[i] * v0[i];
+        n1 += (double)v1[i] * v1[i];
+        dot += (double)v0[i] * v1[i];
+    }
+    n0 = sqrt(n0); n1 = sqrt(n1);
+    dot /= (n0 > 1e-8 ? n0 : 1.0) * (n1 > 1e-8 ? n1 : 1.0);
+    if (fabs(dot) > 0.9995) {
+        s0 = 1.0 - t; s1 = t;
+    } else {
+        double om = acos(dot), so = sin(om);
+        s0 = sin((1.0 - t) * om) / so;
+        s1 = sin(t * om) / so;
+    }
+    for (i = 0; i < n; i++) out[i] = (float)(s0 * v0[i] + s1 * v1[i]);
+}
+
+RWD__IMPL moe_status rwd_merge(moe_store *dst, const moe_store *base, const moe_store *const *models,
+                               int n_models, const double *weights, const rwd_merge_config *c, moe_err *err) {
+    int t, m, n_w = 0, nm = n_models;
+    size_t maxn = 0;
+    float *tau = NULL;
+    rwd__xi *order = NULL;
+    double *wt = NULL;
+    if (rwd__merge_check(dst, base, models, nm, weights, c, &n_w, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    for (t = 0; t < dst->count; t++)
+        if (dst->tensors[t].numel > maxn) maxn = dst->tensors[t].numel;
+    wt = (double *)moe__calloc((size_t)nm, sizeof(double));
+    if (c->method >= RWD_MERGE_TASK_ARITHMETIC) {
+        tau = (float *)moe__calloc((size_t)nm * maxn, sizeof(float));
+        if (c->sparsify == RWD_SPARSIFY_MAGNITUDE || c->sparsify == RWD_SPARSIFY_OUTLIERS)
+            order = (rwd__xi *)moe__calloc(maxn, sizeof(rwd__xi));
+    }
+    if (!wt || (c->method >= RWD_MERGE_TASK_ARITHMETIC && !tau) ||
+        ((c->sparsify == RWD_SPARSIFY_MAGNITUDE || c->sparsify == RWD_SPARSIFY_OUTLIERS) && c->method >= RWD_MERGE_TASK_ARITHMETIC && !order)) {
+        MOE_FREE(wt); MOE_FREE(tau); MOE_FREE(order);
+        return moe_err_set(err, MOE_ERR_NOMEM, "merge: out of memory for the scratch of %d models x %zu entries", nm, maxn);
+    }
+    for (t = 0; t < dst->count; t++) {
+        const moe_tensor *T = &dst->tensors[t];
+        size_t i, n = T->numel, off = T->offset;
+        float *out = dst->params + off;
+        for (m = 0; m < n_w; m++) wt[m] = rwd__merge_weight(c, weights, n_w, t, m); /* SLERP: wt[0] = t */
+        if (c->method == RWD_MERGE_LINEAR) {
+            double sw = 0.0;
+            for (m = 0; m < nm; m++) sw += wt[m];
+            for (i = 0; i < n; i++) {
+                double acc = 0.0;
+                for (m = 0; m < nm; m++) acc += wt[m] * models[m]->params[off + i];
+                out[i] = (float)(c->normalize ? acc / sw : acc);
+            }
+        } else if (c->method == RWD_MERGE_SLERP) {
+            rwd__merge_slerp(out, models[0]->params + off, models[1]->params + off, n, wt[0]);
+        } else {
+            const float *b = base->params + off;
+            double sw = 0.0;
+            for (m = 0; m < nm; m++) {
+                float *tm = tau + (size_t)m * maxn;
+                const float *x = models[m]->params + off;
+                double d = c->densities ? c->densities[m] : c->density;
+                for (i = 0; i < n; i++) tm[i] = x[i] - b[i];
+                rwd__sparsify(tm, n, c, d, c->keep_masks ? c->keep_masks[m] + off : NULL,
+                              rwd__mix64(c->seed ^ rwd__mix64(((uint64_t)(unsigned)m << 32) | (uint64_t)(unsigned)t)), order);
+                sw += wt[m];
+            }
+            for (i = 0; i < n; i++) {
+                double delta = 0.0, div = sw;
+                if (c->consensus == RWD_CONSENSUS_NONE) {
+                    for (m = 0; m < nm; m++) delta += wt[m] * tau[(size_t)m * maxn + i];
+                } else {
+                    double vote = 0.0;
+                    int s;
+                    for (m = 0; m < nm; m++) {
+                        double u = wt[m] * tau[(size_t)m * maxn + i];
+                        vote += c->consensus == RWD_CONSENSUS_SUM ? u : (double)rwd__sign(u);
+                    }
+                    s = vote >= 0.0 ? 1 : -1;
+                    div = 0.0;
+                    for (m = 0; m < nm; m++) {
+                        double u = wt[m] * tau[(size_t)m * maxn + i];
+                        if (rwd__sign(u) == s) { delta += u; div += wt[m]; }
+                    }
+                    if (div == 0.0) div = 1.0;
+                }
+                out[i] = (float)((double)b[i] + (c->normalize ? delta / div : delta));
+            }
+        }
+    }
+    MOE_FREE(wt); MOE_FREE(tau); MOE_FREE(order);
+    return MOE_OK;
+}
+/* ============================================================================================
+   >>rwd:average
+   ============================================================================================ */
+
+static moe_status rwd__average_check(const moe_store *dst, const moe_store *pre, const moe_store *post, moe_err *err) {
+    if (!dst || !dst->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: the destination is missing or not allocated");
+    if (!pre || !pre->params || !post || !post->params)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: the pre- or post-alignment model is missing or not allocated");
+    if (pre == dst || post == dst || pre->params == dst->params || post->params == dst->params)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: the destination is the %s-alignment model; average into a store of its own",
+                           (pre == dst || pre->params == dst->params) ? "pre" : "post");
+    if (rwd_store_same_layout(dst, pre, "the pre-alignment model", err) != MOE_OK) return err ? err->status : MOE_ERR_SHAPE;
+    if (rwd_store_same_layout(dst, post, "the post-alignment model", err) != MOE_OK) return err ? err->status : MOE_ERR_SHAPE;
+    return MOE_OK;
+}
+
+/* dst = (1 - lam_t) pre + lam_t post per tensor (checked before) */
+static void rwd__interpolate(moe_store *dst, const moe_store *pre, const moe_store *post, const double *lam) {
+    int t;
+    for (t = 0; t < dst->count; t++) {
+        size_t i, off = dst->tensors[t].offset, n = dst->tensors[t].numel;
+        double l = lam[t], k = 1.0 - l;
+        float *o = dst->params + off;
+        const float *a = pre->params + off, *b = post->params + off;
+        if (l == 0.0) memcpy(o, a, n * sizeof(float));
+        else if (l == 1.0) memcpy(o, b, n * sizeof(float));
+        else
+            for (i = 0; i < n; i++) o[i] = (float)(k * a[i] + l * b[i]);
+    }
+}
+
+static int rwd__in_unit(double x) { return x >= 0.0 && x <= 1.0; } /* false for NaN */
+
+RWD__IMPL moe_status rwd_average_tensors(moe_store *dst, const moe_store *pre, const moe_store *post,
+                                         const double *lambda, moe_err *err) {
+    int t;
+    if (rwd__average_check(dst, pre, post, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!lambda) return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: no lambdas");
+    for (t = 0; t < dst->count; t++)
+        if (!rwd__in_unit(lambda[t]))
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: lambda %g of tensor '%s' is outside [0, 1]", lambda[t], dst->tensors[t].name);
+    rwd__interpolate(dst, pre, post, lambda);
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_average(moe_store *dst, const moe_store *pre, const moe_store *post, double lambda,
+                                 moe_err *err) {
+    double *lam;
+    int t;
+    moe_status st;
+    if (!rwd__in_unit(lambda)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "averaging: lambda %g is outside [0, 1]", lambda);
+    if (rwd__average_check(dst, pre, post, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    lam = (double *)moe__calloc((size_t)dst->count, sizeof(double));
+    if (!lam) return moe_err_set(err, MOE_ERR_NOMEM, "averaging: out of memory");
+    for (t = 0; t < dst->count; t++) lam[t] = lambda;
+    st = rwd_average_tensors(dst, pre, post, lam, err);
+    MOE_FREE(lam);
+    return st;
+}
+
+RWD__IMPL moe_status rwd_average_partwise(moe_store *dst, const moe_store *pre, const moe_store *post,
+                                          const int *pivots, int n_pivots, const double *lambdas,
+                                          double lambda_outside, moe_err *err) {
+    int *block, t, K = 0, b;
+    double *lam;
+    moe_status st;
+    if (rwd__average_check(dst, pre, post, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!lambdas || n_pivots < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "part-wise averaging: no lambdas");
+    for (b = 0; b <= n_pivots; b++)
+        if (!rwd__in_unit(lambdas[b])) return moe_err_set(err, MOE_ERR_INVALID_ARG, "part-wise averaging: lambda %g of block %d is outside [0, 1]", lambdas[b], b);
+    if (!rwd__in_unit(lambda_outside)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "part-wise averaging: lambda %g outside the layers is outside [0, 1]", lambda_outside);
+    block = (int *)moe__calloc((size_t)dst->count, sizeof(int));
+    lam = (double *)moe__calloc((size_t)dst->count, sizeof(double));
+    if (!block || !lam) {
+        MOE_FREE(block); MOE_FREE(lam);
+        return moe_err_set(err, MOE_ERR_NOMEM, "part-wise averaging: out of memory");
+    }
+    st = rwd_block_map(block, &K, dst, pivots, n_pivots, err);
+    if (st == MOE_OK) {
+        for (t = 0; t < dst->count; t++) lam[t] = block[t] < 0 ? lambda_outside : lambdas[block[t]];
+        rwd__interpolate(dst, pre, post, lam);
+    }
+    MOE_FREE(block); MOE_FREE(lam);
+    return st;
+}
+
+RWD__IMPL rwd_hma_config rwd_hma_config_default(void) {
+    rwd_hma_config c;
+    memset(&c, 0, sizeof c);
+    c.mean = 0.8;
+    c.eps = 0.2;
+    c.gamma = 1e-4;
+    c.reg = RWD_HMA_REG_ABS;
+    c.reg_weight = NULL;
+    c.follow = RWD_HMA_FOLLOW_LINEAR;
+    c.steps = 50;
+    c.lr = 0.05f;
+    c.grid_step = 0.1;
+    return c;
+}
+
+static double rwd__sigmoid(double a) { return a >= 0 ? 1.0 / (1.0 + exp(-a)) : exp(a) / (1.0 + exp(a)); }
+
+RWD__IMPL void rwd_hma_ratios(double *lambdas, const double *a, int K, double mean, double eps) {
+    double S = 0.0, rho = 1.0 - mean;
+    int k;
+    for (k = 0; k < K; k++) S += rwd__sigmoid(a[k]) + eps;
+    for (k = 0; k < K; k++) lambdas[k] = 1.0 - rho * K * (rwd__sigmoid(a[k]) + eps) / S;
+}
+
+RWD__IMPL void rwd_hma_ratios_backward(double *da, const double *dlambdas, const double *a, int K,
+                                       double mean, double eps) {
+    double S = 0.0, dot = 0.0, rho = 1.0 - mean;
+    int k;
+    for (k = 0; k < K; k++) {
+        double u = rwd__sigmoid(a[k]) + eps;
+        S += u;
+        dot += dlambdas[k] * u;
+    }
+    for (k = 0; k < K; k++) {
+        double s = rwd__sigmoid(a[k]);
+        da[k] += -rho * K * s * (1.0 - s) / S * (dlambdas[k] - dot / S);
+    }
+}
+
+RWD__IMPL double rwd_hma_regularizer(double *dlambdas, const double *lambdas, const double *weight, int K,
+                                     double mean, double gamma, rwd_hma_reg reg) {
+    double r = 0.0;
+    int k;
+    for (k = 0; k < K; k++) {
+        double c = weight ? weight[k] : 1.0, x = lambdas[k] - mean;
+        if (reg == RWD_HMA_REG_SQUARED) {
+            r += gamma * c * x * x;
+            if (dlambdas) dlambdas[k] += 2.0 * gamma * c * x;
+        } else {
+            r += gamma * c * fabs(x);
+            if (dlambdas) dlambdas[k] += gamma * c * (double)((x > 0) - (x < 0));
+        }
+    }
+    return r;
+}
+
+/* the block whose lambda tensor t follows, -1 = none (pre under FOLLOW_LINEAR, mean under ALL) */
+static int rwd__hma_follows(const moe_store *s, const int *block, int t, rwd_hma_follow follow) {
+    if (block[t] < 0) return -1;
+    if (follow == RWD_HMA_FOLLOW_LINEAR && rwd_tensor_is_norm_or_embedding(s->tensors[t].name)) return -1;
+    return block[t];
+}
+
+RWD__IMPL void rwd_hma_tensor_lambdas(double *lam, const moe_store *s, const int *block, const double *lambdas,
+                                      double mean, rwd_hma_follow follow) {
+    int t;
+    for (t = 0; t < s->count; t++) {
+        int b = rwd__hma_follows(s, block, t, follow);
+        lam[t] = b >= 0 ? lambdas[b] : follow == RWD_HMA_FOLLOW_ALL ? mean : 0.0;
+    }
+}
+
+static moe_status rwd__hma_check(const moe_store *dst, const moe_store *pre, const moe_store *post, const int *block,
+                                 int K, const rwd_hma_config *c, moe_err *err) {
+    int t;
+    if (!c) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: no config");
+    if (rwd__average_check(dst, pre, post, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!rwd__in_unit(c->mean)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: mean lambda %g is outside [0, 1]", c->mean);
+    if (!(c->eps >= 0.0) || !(c->gamma >= 0.0)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: eps %g and gamma %g must be >= 0", c->eps, c->gamma);
+    if (c->follow != RWD_HMA_FOLLOW_LINEAR && c->follow != RWD_HMA_FOLLOW_ALL) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: unknown follow rule %d", (int)c->follow);
+    if (K < 1 || !block) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: %d blocks or no block map", K);
+    for (t = 0; t < dst->count; t++)
+        if (block[t] < -1 || block[t] >= K)
+            return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: tensor '%s' is in block %d, not in [-1, %d)", dst->tensors[t].name, block[t], K);
+    return MOE_OK;
+}
+
+RWD__IMPL moe_status rwd_hma_merge(moe_store *dst, const moe_store *pre, const moe_store *post, const int *block,
+                                   int K, const double *lambdas, const rwd_hma_config *c, moe_err *err) {
+    double *lam;
+    int k;
+    if (rwd__hma_check(dst, pre, post, block, K, c, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!lambdas) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: no lambdas");
+    for (k = 0; k < K; k++)
+        if (!(fabs(lambdas[k]) < 1e300)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA: lambda %d is not finite", k);
+    lam = (double *)moe__calloc((size_t)dst->count, sizeof(double));
+    if (!lam) return moe_err_set(err, MOE_ERR_NOMEM, "HMA: out of memory");
+    rwd_hma_tensor_lambdas(lam, dst, block, lambdas, c->mean, c->follow);
+    rwd__interpolate(dst, pre, post, lam);
+    MOE_FREE(lam);
+    return MOE_OK;
+}
+
+RWD__IMPL void rwd_hma_lambda_grad(double *dlambdas, const moe_store *pre, const moe_store *post, const int *block,
+                                   int K, rwd_hma_follow follow, const float *grad) {
+    int t;
+    (void)K;
+    for (t = 0; t < pre->count; t++) {
+        int b = rwd__hma_follows(pre, block, t, follow);
+        size_t i, off = pre->tensors[t].offset, n = pre->tensors[t].numel;
+        double acc = 0.0;
+        if (b < 0) continue;
+        for (i = 0; i < n; i++) acc += (double)grad[off + i] * ((double)post->params[off + i] - (double)pre->params[off + i]);
+        dlambdas[b] += acc;
+    }
+}
+
+/* c_k: the caller's, or the number of tensors following block k */
+static void rwd__hma_reg_weight(double *w, const moe_store *s, const int *block, int K, const rwd_hma_config *c) {
+    int t, k;
+    for (k = 0; k < K; k++) w[k] = c->reg_weight ? c->reg_weight[k] : 0.0;
+    if (!c->reg_weight)
+        for (t = 0; t < s->count; t++) {
+            int b = rwd__hma_follows(s, block, t, c->follow);
+            if (b >= 0) w[b] += 1.0;
+        }
+}
+
+RWD__IMPL moe_status rwd_hma_objective(double *objective, double *grad_a, moe_store *dst, float *grad_buf,
+                                       const double *a, const moe_store *pre, const moe_store *post,
+                                       const int *block, int K, const rwd_hma_config *c, rwd_loss_fn loss,
+                                       void *user, moe_err *err) {
+    double *lam, *dlam, *cw, L = 0.0;
+    moe_status st;
+    int k;
+    if (rwd__hma_check(dst, pre, post, block, K, c, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!objective || !a || !loss || !grad_buf) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA objective: missing argument");
+    lam = (double *)moe__calloc(3 * (size_t)K, sizeof(double));
+    if (!lam) return moe_err_set(err, MOE_ERR_NOMEM, "HMA: out of memory");
+    dlam = lam + K; cw = dlam + K;
+    rwd_hma_ratios(lam, a, K, c->mean, c->eps);
+    st = rwd_hma_merge(dst, pre, post, block, K, lam, c, err);
+    if (st == MOE_OK) {
+        memset(grad_buf, 0, dst->numel * sizeof(float));
+        st = loss(&L, grad_buf, dst, user);
+        if (st != MOE_OK) moe_err_set(err, st, "HMA: the loss callback failed (%s)", moe_status_string(st));
+    }
+    if (st == MOE_OK) {
+        rwd__hma_reg_weight(cw, dst, block, K, c);
+        *objective = L + rwd_hma_regularizer(dlam, lam, cw, K, c->mean, c->gamma, c->reg);
+        if (grad_a) {
+            rwd_hma_lambda_grad(dlam, pre, post, block, K, c->follow, grad_buf);
+            for (k = 0; k < K; k++) grad_a[k] = 0.0;
+            rwd_hma_ratios_backward(grad_a, dlam, a, K, c->mean, c->eps);
+        }
+    }
+    MOE_FREE(lam);
+    return st;
+}
+
+RWD__IMPL moe_status rwd_hma_search(double *a, double *lambdas, double *trace, moe_store *dst,
+                                    const moe_store *pre, const moe_store *post, const int *block, int K,
+                                    const rwd_hma_config *c, rwd_loss_fn loss, void *user, moe_err *err) {
+    moe_store A; /* the K parameters with their AdamW moments: moe.h's one optimizer */
+    moe_adamw_config ac = moe_adamw_config_default();
+    float *grad_buf;
+    double *ad, *ga, J = 0.0, rho;
+    moe_status st = MOE_OK;
+    int k, step;
+    if (rwd__hma_check(dst, pre, post, block, K, c, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!a || !lambdas || !loss || c->steps < 0 || !(c->lr >= 0.0f))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA search: missing output or callback, or negative steps / learning rate");
+    moe_store_init(&A);
+    if (moe_store_add(&A, "hma.a", 0, K, 0, 0, 0) < 0 || moe_store_alloc(&A, 1) != MOE_OK) {
+        moe_store_free(&A);
+        return moe_err_set(err, MOE_ERR_NOMEM, "HMA search: out of memory");
+    }
+    grad_buf = (float *)moe__calloc(dst->numel, sizeof(float));
+    ad = (double *)moe__calloc(2 * (size_t)K, sizeof(double));
+    if (!grad_buf || !ad) {
+        MOE_FREE(grad_buf); MOE_FREE(ad); moe_store_free(&A);
+        return moe_err_set(err, MOE_ERR_NOMEM, "HMA search: out of memory for %zu gradients", dst->numel);
+    }
+    ga = ad + K;
+    ac.weight_decay = 0.0f;
+    /* every a_k equal gives lambda_k = mean; logit(rho) is the official starting value */
+    rho = 1.0 - c->mean;
+    rho = rho < 1e-6 ? 1e-6 : rho > 1.0 - 1e-6 ? 1.0 - 1e-6 : rho;
+    for (k = 0; k < K; k++) A.params[k] = (float)log(rho / (1.0 - rho));
+    for (step = 1; step <= c->steps && st == MOE_OK; step++) {
+        for (k = 0; k < K; k++) ad[k] = A.params[k];
+        st = rwd_hma_objective(&J, ga, dst, grad_buf, ad, pre, post, block, K, c, loss, user, err);
+        if (st != MOE_OK) break;
+        if (trace) trace[step - 1] = J;
+        for (k = 0; k < K; k++) A.grads[k] = (float)ga[k];
+        st = moe_adamw_step(&A, &ac, c->lr, step);
+        if (st != MOE_OK) moe_err_set(err, st, "HMA search: %s", A.err.msg);
+    }
+    if (st == MOE_OK) {
+        for (k = 0; k < K; k++) a[k] = ad[k] = A.params[k];
+        rwd_hma_ratios(lambdas, ad, K, c->mean, c->eps);
+        st = rwd_hma_merge(dst, pre, post, block, K, lambdas, c, err);
+    }
+    MOE_FREE(grad_buf); MOE_FREE(ad); moe_store_free(&A);
+    return st;
+}
+
+/* j range of the grid values mean + j step inside [0, 1] */
+static void rwd__grid_range(long *jmin, long *jmax, double mean, double step) {
+    *jmin = (long)ceil(-mean / step - 1e-9);
+    *jmax = (long)floor((1.0 - mean) / step + 1e-9);
+}
+
+/* visits the grid (first block slowest); visit NULL counts; returns the count or -1 */
+static long rwd__grid_walk(int K, double mean, double step, long *j, long limit,
+                          int (*visit)(const long *j, void *u), void *u) {
+    long jmin, jmax, n = 0, last;
+    int k;
+    if (K < 1 || !rwd__in_unit(mean) || !(step > 0.0) || step > 1.0) return -1;
+    rwd__grid_range(&jmin, &jmax, mean, step);
+    {   /* the walk visits (jmax - jmin + 1)^(K - 1) candidates: refuse an endless one */
+        double visits = 1.0;
+        for (k = 0; k + 1 < K; k++) visits *= (double)(jmax - jmin + 1);
+        if (visits > 1e8) return -1;
+    }
+    for (k = 0; k < K; k++) j[k] = jmin;
+    for (;;) {
+        last = 0;
+        for (k = 0; k + 1 < K; k++) last -= j[k];
+        if (last >= jmin && last <= jmax) {
+            j[K - 1] = last;
+            if (++n > limit) return -1;
+            if (visit && visit(j, u)) return -1;
+        }
+        for (k = K - 2; k >= 0; k--) { /* odometer over the first K - 1 blocks */
+            if (++j[k] <= jmax) break;
+            j[k] = jmin;
+        }
+        if (k < 0) break;
+    }
+    return n;
+}
+
+RWD__IMPL long rwd_hma_grid_size(int K, double mean, double step) {
+    long *j, n;
+    if (K < 1 || K > 64) return -1;
+    j = (long *)moe__calloc((size_t)K, sizeof(long));
+    if (!j) return -1;
+    n = rwd__grid_walk(K, mean, step, j, 10000000L, NULL, NULL);
+    MOE_FREE(j);
+    return n;
+}
+
+/* on_front (n) = 1 for the points no other point dominates (higher reward, lower tax):
+   rwd_pareto_front (>>rwd:dpa) on the points (reward, -tax) */
+static moe_status rwd__reward_tax_front(int *on_front, const double *reward, const double *tax, long n, moe_err *err) {
+    double *pts = (double *)moe__calloc((size_t)n * 2, sizeof(double));
+    size_t *idx = (size_t *)moe__calloc((size_t)n, sizeof(size_t)), m = 0, i;
+    moe_status st;
+    if (!pts || !idx) {
+        MOE_FREE(pts); MOE_FREE(idx);
+        return moe_err_set(err, MOE_ERR_NOMEM, "HMA grid: out of memory for the Pareto front");
+    }
+    for (i = 0; i < (size_t)n; i++) {
+        pts[2 * i] = reward[i];
+        pts[2 * i + 1] = -tax[i];
+        on_front[i] = 0;
+    }
+    st = rwd_pareto_front(idx, &m, pts, (size_t)n, 2, err);
+    for (i = 0; st == MOE_OK && i < m; i++) on_front[idx[i]] = 1;
+    MOE_FREE(pts); MOE_FREE(idx);
+    return st;
+}
+
+typedef struct {
+    double *lambdas, *lam_t, mean, step;
+    int K;
+    long n;
+} rwd__grid_fill;
+
+static int rwd__grid_store(const long *j, void *u) {
+    rwd__grid_fill *g = (rwd__grid_fill *)u;
+    int k;
+    for (k = 0; k < g->K; k++) g->lambdas[(size_t)g->n * g->K + k] = g->mean + (double)j[k] * g->step;
+    g->n++;
+    return 0;
+}
+
+RWD__IMPL moe_status rwd_hma_grid(double *lambdas, double *reward, double *tax, int *on_front, long *n_points,
+                                  long cap, moe_store *dst, const moe_store *pre, const moe_store *post,
+                                  const int *block, int K, const rwd_hma_config *c, rwd_score_fn reward_fn,
+                                  void *reward_user, rwd_score_fn tax_fn, void *tax_user, moe_err *err) {
+    long n, p, *j;
+    double *lam;
+    rwd__grid_fill g;
+    moe_status st = MOE_OK;
+    if (rwd__hma_check(dst, pre, post, block, K, c, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
+    if (!lambdas || !reward || !tax || !on_front || !n_points || !reward_fn || !tax_fn)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA grid: missing output array or callback");
+    n = rwd_hma_grid_size(K, c->mean, c->grid_step);
+    *n_points = n;
+    if (n < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA grid: step %g for %d blocks gives no grid or more than 10^7 points", c->grid_step, K);
+    if (n > cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HMA grid: %ld points, room for %ld", n, cap);
+    j = (long *)moe__calloc((size_t)K, sizeof(long));
+    lam = (double *)moe__calloc((size_t)dst->count, sizeof(double));
+    if (!j || !lam) { MOE_FREE(j); MOE_FREE(lam); return moe_err_set(err, MOE_ERR_NOMEM, "HMA grid: out of memory"); }
+    g.lambdas = lambdas; g.lam_t = lam; g.mean = c->mean; g.step = c->grid_step; g.K = K; g.n = 0;
+    rwd__grid_walk(K, c->mean, c->grid_step, j, n, rwd__grid_store, &g);
+    for (p = 0; p < n && st == MOE_OK; p++) {
+        rwd_hma_tensor_lambdas(lam, dst, block, lambdas + (size_t)p * K, c->mean, c->follow);
+        rwd__interpolate(dst, pre, post, lam);
+        st = reward_fn(&reward[p], dst, reward_user);
+        if (st == MOE_OK) st = tax_fn(&tax[p], dst, tax_user);
+        if (st != MOE_OK) moe_err_set(err, st, "HMA grid: a score callback failed at point %ld (%s)", p, moe_status_string(st));
+    }
+    if (st == MOE_OK) st = rwd__reward_tax_front(on_front, reward, tax, n, err);
+    MOE_FREE(j); MOE_FREE(lam);
+    return st;
 }
 #endif /* RWD_IMPLEMENTATION */
 

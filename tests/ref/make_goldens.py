@@ -16,6 +16,9 @@ Writes, under tests/ref/ (format: golden.py):
     family_<case>.bin AoE, GW-MoE and HyperMoE layers, and rmoe_<case>.bin the model with
                       RMoE's GRU router and its ablations (family_ref.py, for
                       tests/test_family_golden.c).
+    merge.bin         reward.h's model merging (mergekit's linear, SLERP, task arithmetic,
+                      TIES, DARE, breadcrumbs) and averaging (MA, part-wise, HMA), from numpy
+                      (merge_ref.py, for tests/test_reward_merge.c).
 
 Everything is deterministic: inputs come from numpy generators with fixed seeds, PyTorch runs
 on one CPU thread in float32. Inputs are redrawn until every routing decision has a clear
@@ -623,6 +626,8 @@ def main():
     total += model_ref.main()
     import family_ref  # AoE, GW-MoE, HyperMoE layers; the RMoE model
     total += family_ref.main()
+    import merge_ref  # reward.h's merging and averaging (numpy only)
+    total += merge_ref.main()
     print("total %d bytes (%s)" % (total, NOTE))
 
 

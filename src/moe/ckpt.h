@@ -93,6 +93,35 @@ static uint64_t moe__get_u64(const unsigned char *p) {
     return v;
 }
 
+/* Atomic replacement of a file, for every writer in moe.h (checkpoints, model exports):
+   moe__atomic_open creates "<path>.tmp" beside the target (tmp: room for cap bytes);
+   moe__atomic_close flushes, fsyncs (POSIX) and closes it, then renames it over path when
+   ok, else removes it: an existing file is replaced whole or not at all. */
+static moe_status moe__atomic_open(FILE **f, const char *path, char *tmp, size_t cap, moe_err *err) {
+    *f = NULL;
+    if (strlen(path) + 5 > cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "path '%.64s...' is too long", path);
+    sprintf(tmp, "%s.tmp", path);
+    *f = fopen(tmp, "wb");
+    return *f ? MOE_OK : moe_err_set(err, MOE_ERR_IO, "cannot open '%s' for writing", tmp);
+}
+
+static moe_status moe__atomic_close(FILE *f, int ok, const char *tmp, const char *path, moe_err *err) {
+    ok = ok && fflush(f) == 0;
+#ifdef MOE__HAVE_FSYNC
+    ok = ok && fsync(fileno(f)) == 0;
+#endif
+    if (fclose(f) != 0) ok = 0;
+    if (!ok) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
+    }
+    if (rename(tmp, path) != 0) {
+        remove(tmp);
+        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
+    }
+    return MOE_OK;
+}
+
 /* writes n bytes and folds them into the running CRC */
 static int moe__write(FILE *f, const void *p, size_t n, uint32_t *crc) {
     if (n == 0) return 1;
@@ -108,12 +137,11 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     uint32_t crc = 0;
     FILE *f;
     int ok;
+    moe_status st;
     if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
     if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
     if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
     if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
-    if (strlen(path) + 5 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
-    sprintf(tmp, "%s.tmp", path);
     memset(h, 0, sizeof h);
     memcpy(h, MOE__CKPT_MAGIC, 8);
     moe__put_u32(h + 8, MOE_CKPT_VERSION);
@@ -123,8 +151,8 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     moe__put_u64(h + 32, (uint64_t)step);
     moe__put_u64(h + 40, (uint64_t)config_bytes);
     moe__put_u64(h + 48, (uint64_t)state_bytes);
-    f = fopen(tmp, "wb");
-    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot open '%s' for writing", tmp);
+    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
+    if (st != MOE_OK) return st;
     ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
          moe__write(f, state, state_bytes, &crc) &&
          moe__write(f, s->params, s->numel * sizeof(float), &crc);
@@ -132,20 +160,8 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
         ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
              moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
     moe__put_u32(tail, crc);
-    ok = ok && fwrite(tail, 1, 4, f) == 4 && fflush(f) == 0;
-#ifdef MOE__HAVE_FSYNC
-    ok = ok && fsync(fileno(f)) == 0;
-#endif
-    if (fclose(f) != 0) ok = 0;
-    if (!ok) {
-        remove(tmp);
-        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
-    }
-    if (rename(tmp, path) != 0) {
-        remove(tmp);
-        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
-    }
-    return MOE_OK;
+    ok = ok && fwrite(tail, 1, 4, f) == 4;
+    return moe__atomic_close(f, ok, tmp, path, err);
 }
 
 /* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */

@@ -16,6 +16,11 @@ Writes, under tests/ref/ (format: golden.py):
     family_<case>.bin AoE, GW-MoE and HyperMoE layers, and rmoe_<case>.bin the model with
                       RMoE's GRU router and its ablations (family_ref.py, for
                       tests/test_family_golden.c).
+    interchange/      safetensors, Hugging Face names and GGUF (hf_ref.py, which first runs
+                      tests/test_interchange --write-refs, then safetensors_ref.py): moe.h's
+                      exports, numpy's checks and files, PyTorch's logits on them, PyTorch's
+                      own Mixtral, llama.cpp's conventions run on our GGUF
+                      (tests/test_interchange.c).
 
 Everything is deterministic: inputs come from numpy generators with fixed seeds, PyTorch runs
 on one CPU thread in float32. Inputs are redrawn until every routing decision has a clear
@@ -623,6 +628,8 @@ def main():
     total += model_ref.main()
     import family_ref  # AoE, GW-MoE, HyperMoE layers; the RMoE model
     total += family_ref.main()
+    import hf_ref  # safetensors / HF names / GGUF: builds and runs the C writer first
+    total += hf_ref.main()
     print("total %d bytes (%s)" % (total, NOTE))
 
 

@@ -195,5 +195,9 @@ $(BUILD)/tests/test_data $(BUILD)/asan/test_data: examples/data/brown_text.h
 NODE_LLAMA_CPP_VERSION = 3.22.1
 INTEROP_THREADS ?= 1
 .PHONY: interop
-interop: $(BUILD)/tests/test_interchange
+interop: $(BUILD)/interop/test_interchange
 	@BUILD=$(BUILD) NODE_LLAMA_CPP_VERSION=$(NODE_LLAMA_CPP_VERSION) THREADS=$(INTEROP_THREADS) sh tests/interop/run.sh
+# built as a user builds for speed (the speed line compares generation)
+$(BUILD)/interop/test_interchange: tests/test_interchange.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)

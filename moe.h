@@ -129,7 +129,8 @@
                                               backward; test_recurrent_router in test_model.c
 
    Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
-   tests/test_layer.c (7-10), tests/test_model.c (11-13, 15), tests/test_model_io.c (14);
+   tests/test_layer.c (7-10), tests/test_model.c (11-13, 17), tests/test_model_io.c (14),
+   tests/test_interchange.c (15, 16; make interop: llama.cpp runs 16's files);
    PyTorch goldens: tests/test_golden.c (5-10), tests/test_model_golden.c (11-13),
    tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 
@@ -964,9 +965,10 @@ MOEDEF moe_status moe_model_load(moe_model *m, const char *path, int max_B, int 
    hole, nothing past the end: the reference's "InvalidOffset" / "MetadataIncompleteBuffer").
    Duplicate names, duplicate fields and text after the header object are refused. Only
    then is a byte of data read, in 64 KiB chunks, converted to float. What is allocated: the
-   header (its checked length, at most the file's size) and one table entry per tensor it
-   lists (at most about twice the header's size), plus, for moe_safetensors_load, a copy of
-   the store's parameters so that a failed load leaves the store unchanged.
+   header (its checked length, at most the file's size), a table of one ~100-byte entry per
+   tensor it lists (each listing takes at least 50 of its bytes), a 64 KiB chunk, and for
+   moe_safetensors_load a copy of the store's parameters, so that a failed load leaves the
+   store unchanged: never a size the file merely claims.
 
    HUGGING FACE NAMES (moe_model_export_hf / moe_model_import_hf): the tiny model as
    LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) names it:
@@ -6220,6 +6222,7 @@ MOE__IMPL moe_status moe_model_hf_check(const moe_model_config *c, moe_err *err)
     int any_moe;
     if (moe_model_config_validate(c, err) != MOE_OK) return err ? err->status : MOE_ERR_INVALID_ARG;
     if (c->pos != MOE_POS_ROPE) return moe_err_set(err, no, "learned positions (wpe) have no place in Llama/Mixtral: use pos = MOE_POS_ROPE");
+    if (!(c->rope_theta <= FLT_MAX) || !(c->norm_eps <= FLT_MAX)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "rope_theta and norm_eps must be finite");
     any_moe = c->moe_every > 0 && c->dense_first < c->n_layers;
     if (!any_moe) return MOE_OK;
     if (c->moe.router != MOE_ROUTER_TOPK) return moe_err_set(err, no, "only the softmax top-k router maps onto Mixtral's gate (router kind %d)", (int)c->moe.router);
@@ -6467,7 +6470,10 @@ static moe_status moe__hf_config_read(const char *path, moe_model_config *c, moe
                     : strcmp(key, "shared_expert_intermediate_size") == 0 ? &shared_ff
                     : strcmp(key, "decoder_sparse_step") == 0 ? &sparse_step : NULL;
             if (ip) {
-                if (ch == 'n' && (ip == &n_shared || ip == &shared_ff)) { ok = moe__js_literal(&j, "null"); if (!ok) break; continue; }
+                if (ch == 'n') { /* null: as if absent */
+                    if (!moe__js_literal(&j, "null")) break;
+                    continue;
+                }
                 if (!moe__js_uint(&j, &u)) break;
                 if (u > 1u << 30) { snprintf(why, sizeof why, "\"%s\" is %llu, too large", key, (unsigned long long)u); break; }
                 *ip = (int)u;
@@ -6575,13 +6581,17 @@ MOE__IMPL moe_status moe_model_import_hf(moe_model *m, const char *dir, int max_
     if (!err) err = &local;
     if (!m || !dir) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HF import needs a model to fill and a directory");
     memset(m, 0, sizeof *m);
-    if (!moe__path_join(path, sizeof path, dir, "config.json")) return moe_err_set(err, MOE_ERR_INVALID_ARG, "directory name too long");
-    st = moe__hf_config_read(path, &c, err);
+    if (!moe__path_join(path, sizeof path, dir, "config.json")) st = moe_err_set(err, MOE_ERR_INVALID_ARG, "directory name too long");
+    else st = moe__hf_config_read(path, &c, err);
     if (st == MOE_OK) st = moe_model_hf_check(&c, err);
-    if (st != MOE_OK) return st;
-    moe__path_join(path, sizeof path, dir, "model.safetensors");
-    st = moe__st_open(&sf, path, err);
-    if (st != MOE_OK) return st;
+    if (st == MOE_OK) {
+        moe__path_join(path, sizeof path, dir, "model.safetensors");
+        st = moe__st_open(&sf, path, err);
+    }
+    if (st != MOE_OK) {
+        m->err = *err;
+        return st;
+    }
     /* the config may not promise more parameters than the file holds (2 bytes each at least),
        so a lying config.json cannot make us reserve memory */
     if (moe_model_declare(&probe, &c, (size_t)((sf.file_size - sf.data_start) / 2) + 1) != MOE_OK)

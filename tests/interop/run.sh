@@ -38,5 +38,5 @@ if [ "$have" != "$V" ] || [ ! -d "$PREFIX/node_modules/@node-llama-cpp/$platform
         "node-llama-cpp@$V" "@node-llama-cpp/$platform@$V" >"$PREFIX/install.log" 2>&1 ||
         { tail -n 5 "$PREFIX/install.log"; skip "npm could not install node-llama-cpp@$V (see $PREFIX/install.log)"; }
 fi
-OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=PASSIVE "$BUILD/tests/test_interchange" --interop "$OUT" || exit 1
+OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=PASSIVE "$BUILD/interop/test_interchange" --interop "$OUT" || exit 1
 node tests/interop/check.mjs "$OUT" "$PREFIX"

@@ -507,6 +507,24 @@ static void test_hf_refused(void) {
             moe_model_free(&b);
             free(json);
         }
+        /* the weights file cut short, and one of its names changed */
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (CHECK(file_bytes(path, &json, &n), "read model.safetensors")) {
+            char *at;
+            moe_status st;
+            write_bytes(path, json, n - 100);
+            st = moe_model_import_hf(&b, dir, 1, 0, &e);
+            CHECK(st == MOE_ERR_FORMAT && strstr(e.msg, "outside") && strstr(b.err.msg, "outside"), "truncated weights: '%s'", e.msg);
+            json[n - 1] = '\0';
+            at = strstr((char *)json + 8, "experts.3.w2");
+            if (CHECK(at != NULL, "no expert 3 in the header")) {
+                at[8] = '9';
+                write_bytes(path, json, n);
+                st = moe_model_import_hf(&b, dir, 1, 0, &e);
+                CHECK(st == MOE_ERR_FORMAT && strstr(e.msg, "lacks tensor 'model.layers.0.block_sparse_moe.experts.3.w2.weight'"), "renamed tensor: '%s'", e.msg);
+            }
+            free(json);
+        }
         moe_model_free(&a);
     }
 }

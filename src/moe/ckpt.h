@@ -158,38 +158,20 @@ static void moe__ckpt_sync_dir(const char *path) {
 #endif
 }
 
-MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
-                                         long long step, const void *config, size_t config_bytes,
-                                         const void *state, size_t state_bytes, moe_err *err) {
-    unsigned char h[MOE__CKPT_HEADER], tail[4];
-    char tmp[4096];
-    uint32_t crc = 0;
-    FILE *f;
-    int ok;
-    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
-    if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
-    if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
-    if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
-    if (strlen(path) + 32 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
-    memset(h, 0, sizeof h);
-    memcpy(h, MOE__CKPT_MAGIC, 8);
-    moe__put_u32(h + 8, MOE_CKPT_VERSION);
-    moe__put_u32(h + 12, with_moments ? 1u : 0u);
-    moe__put_u64(h + 16, moe_store_fingerprint(s));
-    moe__put_u64(h + 24, (uint64_t)s->numel);
-    moe__put_u64(h + 32, (uint64_t)step);
-    moe__put_u64(h + 40, (uint64_t)config_bytes);
-    moe__put_u64(h + 48, (uint64_t)state_bytes);
-    f = moe__ckpt_create_tmp(path, tmp, sizeof tmp);
-    if (!f) return moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno));
-    ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
-         moe__write(f, state, state_bytes, &crc) &&
-         moe__write(f, s->params, s->numel * sizeof(float), &crc);
-    if (ok && with_moments)
-        ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
-             moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
-    moe__put_u32(tail, crc);
-    ok = ok && fwrite(tail, 1, 4, f) == 4 && fflush(f) == 0;
+/* Atomic replacement of a file, for every writer in moe.h (checkpoints, model exports):
+   moe__atomic_open creates a temporary file of a name no other writer holds beside the target
+   (tmp: room for cap bytes); moe__atomic_close flushes, fsyncs (POSIX) and closes it, then
+   renames it over path and syncs the directory when ok, else removes it: an existing file is
+   replaced whole or not at all, and two writers of one path never share a temporary file. */
+static moe_status moe__atomic_open(FILE **f, const char *path, char *tmp, size_t cap, moe_err *err) {
+    *f = NULL;
+    if (strlen(path) + 32 > cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "path '%.64s...' is too long", path);
+    *f = moe__ckpt_create_tmp(path, tmp, cap);
+    return *f ? MOE_OK : moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno));
+}
+
+static moe_status moe__atomic_close(FILE *f, int ok, const char *tmp, const char *path, moe_err *err) {
+    ok = ok && fflush(f) == 0;
 #ifdef MOE__HAVE_FSYNC
     ok = ok && fsync(fileno(f)) == 0;
 #endif
@@ -207,6 +189,41 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     }
     moe__ckpt_sync_dir(path);
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
+                                         long long step, const void *config, size_t config_bytes,
+                                         const void *state, size_t state_bytes, moe_err *err) {
+    unsigned char h[MOE__CKPT_HEADER], tail[4];
+    char tmp[4096];
+    uint32_t crc = 0;
+    FILE *f;
+    int ok;
+    moe_status st;
+    if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
+    if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
+    if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
+    if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
+    memset(h, 0, sizeof h);
+    memcpy(h, MOE__CKPT_MAGIC, 8);
+    moe__put_u32(h + 8, MOE_CKPT_VERSION);
+    moe__put_u32(h + 12, with_moments ? 1u : 0u);
+    moe__put_u64(h + 16, moe_store_fingerprint(s));
+    moe__put_u64(h + 24, (uint64_t)s->numel);
+    moe__put_u64(h + 32, (uint64_t)step);
+    moe__put_u64(h + 40, (uint64_t)config_bytes);
+    moe__put_u64(h + 48, (uint64_t)state_bytes);
+    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
+    if (st != MOE_OK) return st;
+    ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
+         moe__write(f, state, state_bytes, &crc) &&
+         moe__write(f, s->params, s->numel * sizeof(float), &crc);
+    if (ok && with_moments)
+        ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
+             moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
+    moe__put_u32(tail, crc);
+    ok = ok && fwrite(tail, 1, 4, f) == 4;
+    return moe__atomic_close(f, ok, tmp, path, err);
 }
 
 /* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */

@@ -104,7 +104,8 @@
                                               backward; test_recurrent_router in test_model.c
 
    Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
-   tests/test_layer.c (7-10), tests/test_model.c (11-13, 15), tests/test_model_io.c (14);
+   tests/test_layer.c (7-10), tests/test_model.c (11-13, 17), tests/test_model_io.c (14),
+   tests/test_interchange.c (15, 16; make interop: llama.cpp runs 16's files);
    PyTorch goldens: tests/test_golden.c (5-10), tests/test_model_golden.c (11-13),
    tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 

@@ -19,6 +19,11 @@ Writes, under tests/ref/ (format: golden.py):
     merge.bin         reward.h's model merging (mergekit's linear, SLERP, task arithmetic,
                       TIES, DARE, breadcrumbs) and averaging (MA, part-wise, HMA), from numpy
                       (merge_ref.py, for tests/test_reward_merge.c).
+    interchange/      safetensors, Hugging Face names and GGUF (hf_ref.py, which first runs
+                      tests/test_interchange --write-refs, then safetensors_ref.py): moe.h's
+                      exports, numpy's checks and files, PyTorch's logits on them, PyTorch's
+                      own Mixtral, llama.cpp's conventions run on our GGUF
+                      (tests/test_interchange.c).
 
 Everything is deterministic: inputs come from numpy generators with fixed seeds, PyTorch runs
 on one CPU thread in float32. Inputs are redrawn until every routing decision has a clear
@@ -628,6 +633,8 @@ def main():
     total += family_ref.main()
     import merge_ref  # reward.h's merging and averaging (numpy only)
     total += merge_ref.main()
+    import hf_ref  # safetensors / HF names / GGUF: builds and runs the C writer first
+    total += hf_ref.main()
     print("total %d bytes (%s)" % (total, NOTE))
 
 

@@ -54,6 +54,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
+    moe_layer_args args = moe_layer_args_default();
     int ok = 1, T, E, K, d, i, pass, gw_active, seq_len;
     const float *x, *dy, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
@@ -100,8 +101,8 @@ static void test_layer(const char *which, const char *what) {
     if (!CHECK(st == MOE_OK, "moe_layer_init: %s", L.err.msg)) { moe_store_free(&S); golden_free(&g); return; }
     st = moe_store_alloc(&S, 0);
     if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
-    L.gw_active = gw_active;
-    L.seq_len = seq_len;
+    args.gw_active = gw_active;
+    args.seq_len = seq_len;
     if (!golden_store_params(&g, &S, 0)) goto done;
     x = golden_need(&g, "x", (size_t)T * d);
     dy = golden_need(&g, "dy", (size_t)T * d);
@@ -111,16 +112,16 @@ static void test_layer(const char *which, const char *what) {
     zero_dy = golden_zeros((size_t)T * d);
 
     for (i = 0; i < T * d; i++) y[i] = 1e3f; /* forward overwrites y */
-    st = moe_layer_forward(&L, &S, y, x, T, NULL);
+    st = moe_layer_forward(&L, &S, y, x, T, &args);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
     golden_cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
         golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp(G_ROUTER, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp_ints("top-k ids", L.topk, golden_need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    golden_cmp_ints("uncertain (broadcast) tokens", L.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
+    golden_cmp_ints("uncertain (broadcast) tokens", L.gw.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
     golden_cmp(G_FWD, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp(G_FWD, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
-    if (c.hyper) golden_cmp(G_FWD, "hyper-expert output", L.hy_out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    if (c.hyper) golden_cmp(G_FWD, "hyper-expert output", L.hyper.out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
     {
         int counts[4];
         int32_t refc[4];
@@ -148,14 +149,14 @@ static void test_layer(const char *which, const char *what) {
         float scale = pass == 1 ? 2.0f : 1.0f;
         golden_record = pass != 1;
         if (pass > 0) {
-            st = moe_layer_forward(&L, &S, y, x, T, NULL);
+            st = moe_layer_forward(&L, &S, y, x, T, &args);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
         }
         if (pass != 1) {
             moe_store_zero_grad(&S);
             memset(dx, 0, sizeof(float) * (size_t)T * d);
         }
-        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x, &args);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
         golden_cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);

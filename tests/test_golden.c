@@ -264,6 +264,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
+    moe_layer_args args = moe_layer_args_default();
     int ok = 1, T, E, K, d, i, has_noise, pass;
     const float *x, *dy, *noise = NULL, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
@@ -315,11 +316,12 @@ static void test_layer(const char *which, const char *what) {
 
     /* forward; y starts as garbage: forward overwrites it */
     for (i = 0; i < T * d; i++) y[i] = 1e3f;
-    st = moe_layer_forward(&L, &S, y, x, T, noise);
+    args.noise = noise;
+    st = moe_layer_forward(&L, &S, y, x, T, &args);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
     golden_cmp(0, "logits", L.logits, golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp(0, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if (golden_find(&g, "noisy")) golden_cmp(0, "noisy logits H", L.noisy, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if (golden_find(&g, "noisy")) golden_cmp(0, "noisy logits H", L.noisy.H, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
     golden_cmp(0, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp(0, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
@@ -350,14 +352,14 @@ static void test_layer(const char *which, const char *what) {
         float scale = pass == 1 ? 2.0f : 1.0f;
         golden_record = pass != 1;
         if (pass > 0) {
-            st = moe_layer_forward(&L, &S, y, x, T, noise);
+            st = moe_layer_forward(&L, &S, y, x, T, &args);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
         }
         if (pass != 1) {
             moe_store_zero_grad(&S);
             memset(dx, 0, sizeof(float) * (size_t)T * d);
         }
-        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x, &args);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
         golden_cmp_scaled(0, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);

@@ -9,6 +9,7 @@
 typedef struct fixture {
     moe_store S;
     moe_layer L;
+    moe_layer_args args; /* the per-call inputs: GW-MoE's flag and sequence length, the noise */
     int T;
     float *x, *y, *dy, *dx, *noise;
 } fixture;
@@ -30,8 +31,9 @@ static int fixture_init(fixture *f, const moe_layer_config *c, int T, uint64_t s
         return 0;
     }
     if (moe_store_alloc(&f->S, 1) != MOE_OK) return 0;
-    f->L.gw_active = fixture_gw_active;
-    f->L.seq_len = T / 2;
+    f->args = moe_layer_args_default();
+    f->args.gw_active = fixture_gw_active;
+    f->args.seq_len = T / 2;
     moe_rng_seed(&r, seed);
     moe_layer_init_weights(&f->L, &f->S, &r);
     /* noise projection and biases start at zero; give them values so their gradients matter */
@@ -63,7 +65,8 @@ static void fixture_free(fixture *f) {
 static double objective(fixture *f, const float *noise) {
     double J = 0.0;
     size_t i, n = (size_t)f->T * f->L.cfg.d;
-    if (moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, noise) != MOE_OK) return NAN;
+    f->args.noise = noise;
+    if (moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, &f->args) != MOE_OK) return NAN;
     for (i = 0; i < n; i++) J += (double)f->y[i] * f->dy[i];
     return J + f->L.stats.aux_total;
 }
@@ -75,7 +78,7 @@ static void routing_snapshot(const fixture *f, int *ids) {
     for (i = 0; i < L->routed.n; i++) ids[i] = L->routed.token[i] * E + L->routed.expert[i];
     ids[L->cap] = L->routed.n;
     if (L->cfg.router == MOE_ROUTER_NOISY_TOPK)
-        for (i = 0; i < f->T * E; i++) ids[L->cap + 1 + i] = L->thresh[i];
+        for (i = 0; i < f->T * E; i++) ids[L->cap + 1 + i] = L->noisy.threshold[i];
 }
 
 /* Directional finite differences over all parameters and the input at once. */
@@ -108,7 +111,7 @@ static void gradcheck_layer_mode(const char *name, const moe_layer_config *c, in
     if (fixture_gw_active) CHECK(f.L.stats.broadcast > 0, "%s: some tokens are broadcast (%d)", name, f.L.stats.broadcast);
     moe_store_zero_grad(&f.S);
     memset(f.dx, 0, nx * sizeof(float));
-    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
     moe_rng_seed(&r, 99);
     for (trial = 0; trial < 6 && checked < 3; trial++) {
         const double eps = 5e-4; // small: the central difference error is O(eps^2)
@@ -170,6 +173,9 @@ static void test_gradients(void) {
     c.d_ff_shared = 8;
     c.router_bias = 1;
     gradcheck_layer("topk + shared experts, deepseek loss, router bias", &c, 20, 0);
+    c.top_k = 1;
+    c.n_shared = 3; /* more shared assignments (S T) than routed ones (k T + E) */
+    gradcheck_layer("top-1 + 3 shared experts", &c, 20, 0);
     c = small_config();
     c.router = MOE_ROUTER_SIGMOID;
     c.renormalize = 0;
@@ -217,7 +223,7 @@ static void test_aoe(void) {
     objective(&f, NULL);
     for (t = 0; t < 16; t++)
         for (e = 0; e < c.n_experts; e++) {
-            const float *w = moe_store_param(&f.S, f.L.id_aoe_in) + (size_t)e * 4 * c.d, *x = f.x + (size_t)t * c.d;
+            const float *w = moe_store_param(&f.S, f.L.aoe.id_w_in) + (size_t)e * 4 * c.d, *x = f.x + (size_t)t * c.d;
             double ss = 0.0;
             int j, k;
             for (j = 0; j < 4; j++) {
@@ -326,12 +332,12 @@ static void test_gw(void) {
         double u = 0.0;
         int n = f.L.routed.tok_offset[t + 1] - f.L.routed.tok_offset[t];
         for (e = 0; e < c.n_experts; e++) u -= p[e] * log(p[e] + 1e-5);
-        if ((u / log((double)c.n_experts) >= 0.9) != f.L.uncertain[t]) sparse_ok = 0;
-        if (n != (f.L.uncertain[t] ? c.n_experts : c.top_k)) sparse_ok = 0;
+        if ((u / log((double)c.n_experts) >= 0.9) != f.L.gw.uncertain[t]) sparse_ok = 0;
+        if (n != (f.L.gw.uncertain[t] ? c.n_experts : c.top_k)) sparse_ok = 0;
     }
     CHECK(sparse_ok, "uncertain = normalised entropy >= threshold; they reach all experts, others top-k");
     CHECK(f.L.stats.dropped == 0 && f.L.stats.requested == (20 - f.L.stats.broadcast) * 2, "broadcast tokens are outside the drop accounting");
-    f.L.gw_active = 0;
+    f.args.gw_active = 0;
     objective(&f, NULL);
     CHECK(f.L.stats.broadcast == 0 && f.L.routed.n == 40, "inference: sparse top-k only");
     fixture_free(&f);
@@ -340,8 +346,8 @@ static void test_gw(void) {
     objective(&f, NULL);
     {
         int a = 0, b = 0;
-        for (t = 0; t < 10; t++) a += f.L.uncertain[t];
-        for (t = 10; t < 20; t++) b += f.L.uncertain[t];
+        for (t = 0; t < 10; t++) a += f.L.gw.uncertain[t];
+        for (t = 10; t < 20; t++) b += f.L.gw.uncertain[t];
         CHECK(a <= 1 && b <= 1 && a + b == f.L.stats.broadcast && a + b > 0, "slot cap: at most one per sequence (%d, %d)", a, b);
     }
     fixture_free(&f);
@@ -540,9 +546,10 @@ static void test_determinism(void) {
             fixture *f = v == 0 ? &f1 : &f2;
             omp_set_num_threads(v == 0 ? 1 : 2);
             if (!fixture_init(f, &c, 600, 11)) { CHECK(0, "fixture"); return; }
-            moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, f->noise);
+            f->args.noise = f->noise;
+            moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, &f->args);
             moe_store_zero_grad(&f->S);
-            moe_layer_backward(&f->L, &f->S, f->dx, f->dy, f->x);
+            moe_layer_backward(&f->L, &f->S, f->dx, f->dy, f->x, &f->args);
         }
         omp_set_num_threads(nt);
         CHECK(memcmp(f1.y, f2.y, sizeof(float) * 600 * 64) == 0, "variant %d: y differs between 1 and 2 threads", variants);
@@ -602,7 +609,7 @@ static void test_bad_input(void) {
     moe_store_free(&S);
     /* forward/backward errors */
     if (!fixture_init(&f, &c, 4, 1)) { CHECK(0, "fixture"); return; }
-    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_ERR_STATE && strstr(f.L.err.msg, "without a forward"), "backward before forward: %s", f.L.err.msg);
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, NULL) == MOE_ERR_STATE && strstr(f.L.err.msg, "without a forward"), "backward before forward: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 5, NULL) == MOE_ERR_SHAPE && strstr(f.L.err.msg, "T = 5"), "too many tokens: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 0, NULL) == MOE_ERR_SHAPE, "zero tokens: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, NULL, f.x, 2, NULL) == MOE_ERR_INVALID_ARG, "NULL output: %s", f.L.err.msg);

@@ -127,6 +127,7 @@
      RMoE's GRU state, MLP router (what a model's routers read)           >>moe:router_input
          forward   moe__router_input_forward        backward  moe__router_input_backward
          tests     test_recurrent_router in tests/test_model.c; goldens rmoe_*
+     every family: a non-finite logit is MOE_ERR_NUMERIC (moe__router_scores); test_non_finite
 
    Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
    kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c
@@ -179,10 +180,11 @@ extern "C" {
     X(MOE_ERR_FORMAT, -5, "bad file format")                                  \
     X(MOE_ERR_STATE, -6, "call out of order")                                 \
     X(MOE_ERR_NO_DEVICE, -7, "no compute device")                             \
-    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")
+    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")                \
+    X(MOE_ERR_NUMERIC, -9, "non-finite number")
 
 #define MOE__STATUS_ENUM(name, value, text) name = value,
-typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -9 } moe_status;
+typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -10 } moe_status;
 #undef MOE__STATUS_ENUM
 
 /* The sentence that goes with a status. Lives in the caller's object, never in a global. */
@@ -485,7 +487,8 @@ MOEDEF void moe_combine_backward(float *deout, float *dweight, const float *dy, 
    select (>>moe:router_gw); HyperMoE adds a hyper-expert to the output (>>moe:router_hyper);
    the router input (RMoE's GRU state, an MLP router) replaces what the linear router reads
    (>>moe:router_input). The dispatcher in this section's implementation is the only code that
-   looks at cfg.router. */
+   looks at cfg.router. A non-finite router logit is an error: moe_layer_forward returns
+   MOE_ERR_NUMERIC with a sentence naming the token and expert, before any selection. */
 
 typedef enum moe_router_kind {
     MOE_ROUTER_TOPK = 0,          /* softmax over E, keep the top k (Switch, DeepSeekMoE;
@@ -826,7 +829,9 @@ MOEDEF moe_layer_args moe_layer_args_default(void);
 /* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
    Capacity: assignments are admitted slot by slot (every token's first choice before any
    second choice), tokens in index order; a dropped assignment contributes nothing (the token
-   keeps its residual), weights are not renormalised afterwards. */
+   keeps its residual), weights are not renormalised afterwards. A non-finite router logit
+   returns MOE_ERR_NUMERIC naming the token and expert, and leaves no forward to
+   differentiate. */
 MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
                                     int T, const moe_layer_args *args);
 /* dx (T, d) += dLoss/dx; parameter gradients += into s->grads. The auxiliary losses of the
@@ -2870,18 +2875,24 @@ static int moe__declare(moe_layer *L, moe_store *s, const char *prefix, const ch
 
 static float moe__softplus(float x) { return (x > 0.0f ? x : 0.0f) + log1pf(expf(-fabsf(x))); }
 
+/* 1 when score a (index ia) ranks above score b (index ib): larger first, ties to the lower
+   index, NaN below every number, so the order is total and a pick is always an index */
+static int moe__ranks_above(float a, int ia, float b, int ib) {
+    if (a != a || b != b) return (b != b) && (a == a || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+
 /* idx[0..k) = indices of the k largest scores, descending; ties go to the lower index.
-   Each pick is the best entry that ranks below the previous pick in (score desc, index asc). */
+   Each pick is the best entry that ranks below the previous pick. The forward refuses
+   non-finite logits before any selection; the total order keeps this function in bounds
+   even so. */
 static void moe__topk_row(const float *score, int E, int k, int *idx) {
     int s, j;
     for (s = 0; s < k; s++) {
         int best = -1;
         for (j = 0; j < E; j++) {
-            if (s > 0) {
-                float ps = score[idx[s - 1]];
-                if (!(score[j] < ps || (score[j] == ps && j > idx[s - 1]))) continue;
-            }
-            if (best < 0 || score[j] > score[best]) best = j;
+            if (s > 0 && !moe__ranks_above(score[idx[s - 1]], idx[s - 1], score[j], j)) continue;
+            if (best < 0 || moe__ranks_above(score[j], j, score[best], best)) best = j;
         }
         idx[s] = best;
     }
@@ -3025,14 +3036,20 @@ static void moe__router_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
     }
 }
 
-/* logits, lse, probabilities (and noisy top-k's H) */
+/* logits, lse, probabilities (and noisy top-k's H); a non-finite logit (or H) is an error */
 static moe_status moe__router_scores(moe_layer *L, const moe_store *s, const float *x, const float *rin,
                                      const moe_layer_args *a, int T) {
     int E = L->cfg.n_experts, t;
+    size_t i, TE = (size_t)T * E;
     if (L->cfg.router == MOE_ROUTER_AOE)
         moe__aoe_logits(L, s, x, T);
     else
         moe__linear_router_logits(L, s, rin, T);
+    for (i = 0; i < TE; i++)
+        if (!isfinite(L->logits[i]))
+            return moe_err_set(&L->err, MOE_ERR_NUMERIC, "router logit of token %d for expert %d is %g: the router's parameters "
+                               "or its input are not finite (a diverged run?); nothing was routed",
+                               (int)(i / (size_t)E), (int)(i % (size_t)E), (double)L->logits[i]);
     for (t = 0; t < T; t++) {
         const float *z = L->logits + (size_t)t * E;
         float mx = -FLT_MAX;
@@ -3047,6 +3064,11 @@ static moe_status moe__router_scores(moe_layer *L, const moe_store *s, const flo
     case MOE_ROUTER_NOISY_TOPK:
         moe_softmax_forward(L->probs, L->logits, T, E);
         moe__noisy_scores(L, s, rin, a->noise, T);
+        for (i = 0; i < TE; i++)
+            if (!isfinite(L->noisy.H[i]))
+                return moe_err_set(&L->err, MOE_ERR_NUMERIC, "noisy router score H of token %d for expert %d is %g: the noise "
+                                   "projection, the noise or the input is not finite; nothing was routed",
+                                   (int)(i / (size_t)E), (int)(i % (size_t)E), (double)L->noisy.H[i]);
         break;
     default: moe_softmax_forward(L->probs, L->logits, T, E); break;
     }
@@ -3572,7 +3594,8 @@ static void moe__ec_free(moe_layer *L) {
     L->ec.chosen = NULL;
 }
 
-/* larger score first, ties to the lower token index */
+/* larger score first, ties to the lower token index (the probabilities are finite: the
+   forward refused non-finite logits) */
 static int moe__scored_cmp(const void *pa, const void *pb) {
     const moe_scored_token *a = (const moe_scored_token *)pa, *b = (const moe_scored_token *)pb;
     if (a->score > b->score) return -1;

@@ -404,6 +404,72 @@ static void test_aux_gradients(void) {
     gradcheck_layer_mode("aux only: expert choice z-loss", &c, 20, 0, 1);
 }
 
+/* issue: NaN router parameters (a diverged run, a CRC-valid checkpoint of NaNs) made top-k
+   return expert -1 and write before its arrays. Every family refuses a non-finite logit with
+   MOE_ERR_NUMERIC and a sentence naming the token and the expert, before any selection; huge
+   but finite scores route normally. Under ASan (make test-asan) any stray index shows. */
+static void test_non_finite(void) {
+    const char *names[8] = {"softmax top-k", "softmax top-k (Switch weights) + capacity", "sigmoid top-k", "noisy top-k",
+                            "expert choice", "AoE", "GW-MoE", "HyperMoE"};
+    const float bad[3] = {NAN, INFINITY, -INFINITY};
+    int which;
+    TEST_BEGIN("non-finite router logits: MOE_ERR_NUMERIC with a sentence, never an index out of range (every family)");
+    for (which = 0; which < 8; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        int id, b, t, ok_idx = 1;
+        float *w, keep;
+        size_t i, n;
+        if (which == 1) { c.renormalize = 0; c.capacity_factor = 1.0f; }
+        if (which == 2) c.router = MOE_ROUTER_SIGMOID;
+        if (which == 3) { c.router = MOE_ROUTER_NOISY_TOPK; c.balance = MOE_BALANCE_NONE; }
+        if (which == 4) c.router = MOE_ROUTER_EXPERT_CHOICE;
+        if (which == 5) { c.router = MOE_ROUTER_AOE; c.aoe_rank = 3; }
+        if (which == 6) { c.gw_threshold = 0.5f; c.gw_normalized = 1; fixture_gw_active = 1; }
+        if (which == 7) { c.hyper = 1; c.hyper_embed = c.hyper_hidden = c.hyper_cond = c.hyper_width = 4; c.hyper_adapter = 3; }
+        if (!fixture_init(&f, &c, 12, 77)) { CHECK(0, "%s: fixture", names[which]); fixture_gw_active = 0; continue; }
+        fixture_gw_active = 0;
+        id = moe_store_find(&f.S, which == 5 ? "moe.experts.w_gate_in" : "moe.router.w");
+        w = moe_store_param(&f.S, id);
+        n = f.S.tensors[id].numel;
+        for (b = 0; b < 3; b++) { /* one router parameter NaN, +inf, -inf */
+            keep = w[5];
+            w[5] = bad[b];
+            CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "token") &&
+                  strstr(f.L.err.msg, "expert"), "%s, router parameter %g: MOE_ERR_NUMERIC naming token and expert: %s",
+                  names[which], (double)bad[b], f.L.err.msg);
+            CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_ERR_STATE,
+                  "%s: no backward after a refused forward: %s", names[which], f.L.err.msg);
+            w[5] = keep;
+        }
+        f.x[3 * c.d + 1] = NAN; /* a NaN input of token 3 */
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "token 3 "),
+              "%s, NaN input: the sentence names token 3: %s", names[which], f.L.err.msg);
+        f.x[3 * c.d + 1] = 0.5f;
+        if (which == 3) { /* finite logits, non-finite H: the noise projection */
+            float *wn = moe_store_param(&f.S, f.L.noisy.id_w_noise);
+            wn[2] = NAN;
+            f.args.noise = f.noise;
+            CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "H of token"),
+                  "noisy top-k, NaN noise projection: refused: %s", f.L.err.msg);
+            wn[2] = 0.0f;
+            f.args.noise = NULL;
+        }
+        for (i = 0; i < n; i++) w[i] *= 1e17f; /* huge but finite: routes, indices in range */
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_OK, "%s, huge finite router: %s", names[which], f.L.err.msg);
+        for (t = 0; t < 12 * c.top_k; t++)
+            if (c.router != MOE_ROUTER_EXPERT_CHOICE && (f.L.topk[t] < 0 || f.L.topk[t] >= c.n_experts)) ok_idx = 0;
+        for (i = 0; i < (size_t)f.L.routed.n; i++)
+            if (f.L.routed.expert[i] < 0 || f.L.routed.expert[i] >= c.n_experts || f.L.routed.token[i] < 0 || f.L.routed.token[i] >= 12) ok_idx = 0;
+        CHECK(ok_idx, "%s, huge finite router: every chosen expert and token in range", names[which]);
+        for (i = 0; i < n; i++) w[i] /= 1e17f;
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_OK &&
+              moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "%s: works again once the parameters are finite: %s",
+              names[which], f.L.err.msg);
+        fixture_free(&f);
+    }
+}
+
 static void test_dispatch(void) {
     /* raw list in token order; expert 1 gets tokens 0, 2, 3 (in that order) */
     int tok[] = {0, 0, 1, 2, 2, 3}, exp_[] = {1, 2, 0, 2, 1, 1}, slot[] = {0, 1, 0, 1, 0, 0};
@@ -630,5 +696,6 @@ int main(void) {
     test_hyper();
     test_determinism();
     test_bad_input();
+    test_non_finite();
     return test_summary();
 }

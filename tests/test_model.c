@@ -480,6 +480,30 @@ static void test_ffn_hook(void) {
     moe_model_free(&m);
 }
 
+/* a diverged model (or a checkpoint of NaNs): the forward refuses with the layer's sentence */
+static void test_non_finite_router(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_rng r;
+    int x[20], y[20], k;
+    TEST_BEGIN("model: a NaN router parameter is MOE_ERR_NUMERIC naming the layer and the token; no backward after it");
+    for (k = 0; k < 2; k++) {
+        int id;
+        if (k == 1) { c.router_input = MOE_RIN_GRU; c.router_dim = 6; }
+        if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+        moe_model_init_weights(&m, 3);
+        moe_rng_seed(&r, 8);
+        random_tokens(x, 20, c.vocab, &r);
+        random_tokens(y, 20, c.vocab, &r);
+        id = moe_store_find(&m.S, k == 0 ? "l1.moe.router.w" : "rmoe.gru.w_hh");
+        moe_store_param(&m.S, id)[0] = NAN;
+        CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_ERR_NUMERIC && strstr(m.err.msg, k == 0 ? "layer 1" : "layer 0") &&
+              strstr(m.err.msg, "token"), "%s: refused with a sentence: %s", k == 0 ? "router weight" : "RMoE GRU weight", m.err.msg);
+        CHECK(moe_model_backward(&m, 1.0f) == MOE_ERR_STATE, "no backward after a refused forward: %s", m.err.msg);
+        moe_model_free(&m);
+    }
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -488,5 +512,6 @@ int main(void) {
     test_resume();
     test_generate_and_loader();
     test_ffn_hook();
+    test_non_finite_router();
     return test_summary();
 }

@@ -101,6 +101,7 @@
      RMoE's GRU state, MLP router (what a model's routers read)           >>moe:router_input
          forward   moe__router_input_forward        backward  moe__router_input_backward
          tests     test_recurrent_router in tests/test_model.c; goldens rmoe_*
+     every family: a non-finite logit is MOE_ERR_NUMERIC (moe__router_scores); test_non_finite
 
    Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
    kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c

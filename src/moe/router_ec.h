@@ -33,7 +33,8 @@ static void moe__ec_free(moe_layer *L) {
     L->ec.chosen = NULL;
 }
 
-/* larger score first, ties to the lower token index */
+/* larger score first, ties to the lower token index (the probabilities are finite: the
+   forward refused non-finite logits) */
 static int moe__scored_cmp(const void *pa, const void *pb) {
     const moe_scored_token *a = (const moe_scored_token *)pa, *b = (const moe_scored_token *)pb;
     if (a->score > b->score) return -1;

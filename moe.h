@@ -579,6 +579,12 @@ typedef struct moe_routing_stats {
     float aux_z;          /* router z-loss, coefficient included                             */
     float aux_cv;         /* noisy top-k CV^2 losses, coefficients included                  */
     float aux_total;      /* the sum: what backward differentiates besides dy              */
+    /* each auxiliary term on its own, before its coefficient (computed whatever the
+       coefficient, 0 included, so a run can watch a loss it does not train on) */
+    float raw_balance;    /* E sum_i f_i P_i (DeepSeek: sum_i f_i P_i); 0 for MOE_BALANCE_NONE */
+    float raw_z;          /* mean over tokens of logsumexp(z)^2                              */
+    float raw_importance; /* noisy top-k: CV^2 of Importance (0 for other routers)           */
+    float raw_load;       /* noisy top-k: CV^2 of Load (0 for other routers)                 */
 } moe_routing_stats;
 
 /* The per-expert pieces of the auxiliary losses every family shares (balance, z-loss), in
@@ -3165,10 +3171,12 @@ static void moe__router_aux(moe_layer *L, int T) {
     acc = 0.0;
     for (e = 0; e < E; e++) acc += (double)f[e] * P[e];
     st->aux_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)(c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
+    st->raw_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)((c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
     for (t = 0; t < T; t++) z += (double)L->lse[t] * L->lse[t];
     st->aux_z = (float)(c->z_coef * z / T);
-    st->aux_cv = 0.0f;
-    if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux(L, T); /* sets aux_cv */
+    st->raw_z = (float)(z / T);
+    st->aux_cv = st->raw_importance = st->raw_load = 0.0f;
+    if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux(L, T); /* sets aux_cv, raw_importance, raw_load */
     st->aux_total = st->aux_balance + st->aux_z + st->aux_cv;
     /* statistics; broadcast (GW) tokens are outside the requested/kept/dropped accounting */
     st->tokens = T;
@@ -3510,7 +3518,7 @@ static void moe__noisy_select(moe_layer *L, int t) {
     for (s = 0; s < K; s++) g[idx[s]] = expf(H[idx[s]] - mx) / sum;
 }
 
-/* Importance and Load, and stats.aux_cv */
+/* Importance and Load; stats.aux_cv and the two raw CV^2 */
 static void moe__noisy_aux(moe_layer *L, int T) {
     moe_router_noisy *n = &L->noisy;
     int E = L->cfg.n_experts, t, e;
@@ -3529,6 +3537,8 @@ static void moe__noisy_aux(moe_layer *L, int T) {
         for (e = 0; e < E; e++) n->load[e] = L->aux.picks[e];
     }
     L->stats.aux_cv = moe__cv2(n->importance, E, L->cfg.importance_coef, NULL) + moe__cv2(n->load, E, L->cfg.load_coef, NULL);
+    L->stats.raw_importance = moe__cv2(n->importance, E, 1.0f, NULL);
+    L->stats.raw_load = moe__cv2(n->load, E, 1.0f, NULL);
 }
 
 /* the CV^2 losses' gradients (scale: the call's aux gradient scale); zeroes d_noise_logits */

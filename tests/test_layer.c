@@ -470,6 +470,49 @@ static void test_non_finite(void) {
     }
 }
 
+/* every auxiliary term is readable before its coefficient, also when the coefficient is 0 */
+static void test_raw_aux_terms(void) {
+    int which;
+    TEST_BEGIN("raw aux terms: balance, z-loss and the CV^2 losses before their coefficients");
+    for (which = 0; which < 4; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        int pass, t, e;
+        if (which == 1) { c.router = MOE_ROUTER_SIGMOID; c.balance = MOE_BALANCE_DEEPSEEK; }
+        if (which == 2) { c.router = MOE_ROUTER_NOISY_TOPK; c.importance_coef = 0.3f; c.load_coef = 0.2f; }
+        if (which == 3) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.balance = MOE_BALANCE_SWITCH; }
+        c.balance_coef = 0.05f;
+        for (pass = 0; pass < 2; pass++) {
+            double z2 = 0.0;
+            moe_routing_stats st;
+            if (pass == 1) c.balance_coef = c.z_coef = c.importance_coef = c.load_coef = 0.0f; /* watched, not trained */
+            if (!fixture_init(&f, &c, 20, 13)) { CHECK(0, "fixture"); return; }
+            objective(&f, which == 2 ? f.noise : NULL);
+            st = f.L.stats;
+            for (t = 0; t < 20; t++) {
+                const float *z = f.L.logits + (size_t)t * c.n_experts;
+                double mx = z[0], sum = 0.0;
+                for (e = 1; e < c.n_experts; e++) mx = z[e] > mx ? z[e] : mx;
+                for (e = 0; e < c.n_experts; e++) sum += exp(z[e] - mx);
+                z2 += (log(sum) + mx) * (log(sum) + mx);
+            }
+            CHECK(st.raw_balance > 0.0f && st.raw_z > 0.0f, "router %d pass %d: raw balance %g, raw z %g", which, pass, (double)st.raw_balance, (double)st.raw_z);
+            CHECK(fabs(st.raw_z - z2 / 20) <= 1e-5 * z2 / 20, "router %d: raw z = mean lse^2 (%g vs %g)", which, (double)st.raw_z, z2 / 20);
+            CHECK(fabsf(st.aux_balance - c.balance_coef * st.raw_balance) <= 1e-6f * st.raw_balance &&
+                  fabsf(st.aux_z - c.z_coef * st.raw_z) <= 1e-6f * st.raw_z, "router %d pass %d: aux = coef * raw", which, pass);
+            if (which == 2) {
+                CHECK(st.raw_importance > 0.0f && st.raw_load > 0.0f &&
+                      fabsf(st.aux_cv - (c.importance_coef * st.raw_importance + c.load_coef * st.raw_load)) <= 1e-6f * (st.raw_importance + st.raw_load),
+                      "noisy pass %d: aux_cv = coefs * raw CV^2 (%g, %g)", pass, (double)st.raw_importance, (double)st.raw_load);
+            } else {
+                CHECK(st.raw_importance == 0.0f && st.raw_load == 0.0f, "router %d: no CV^2 terms", which);
+            }
+            if (pass == 1) CHECK(st.aux_total == 0.0f, "router %d: zero coefficients, zero aux_total (%g)", which, (double)st.aux_total);
+            fixture_free(&f);
+        }
+    }
+}
+
 static void test_dispatch(void) {
     /* raw list in token order; expert 1 gets tokens 0, 2, 3 (in that order) */
     int tok[] = {0, 0, 1, 2, 2, 3}, exp_[] = {1, 2, 0, 2, 1, 1}, slot[] = {0, 1, 0, 1, 0, 0};
@@ -691,6 +734,7 @@ int main(void) {
     test_expert_choice();
     test_gradients();
     test_aux_gradients();
+    test_raw_aux_terms();
     test_gw();
     test_aoe();
     test_hyper();

@@ -78,7 +78,7 @@ static void moe__noisy_select(moe_layer *L, int t) {
     for (s = 0; s < K; s++) g[idx[s]] = expf(H[idx[s]] - mx) / sum;
 }
 
-/* Importance and Load, and stats.aux_cv */
+/* Importance and Load; stats.aux_cv and the two raw CV^2 */
 static void moe__noisy_aux(moe_layer *L, int T) {
     moe_router_noisy *n = &L->noisy;
     int E = L->cfg.n_experts, t, e;
@@ -97,6 +97,8 @@ static void moe__noisy_aux(moe_layer *L, int T) {
         for (e = 0; e < E; e++) n->load[e] = L->aux.picks[e];
     }
     L->stats.aux_cv = moe__cv2(n->importance, E, L->cfg.importance_coef, NULL) + moe__cv2(n->load, E, L->cfg.load_coef, NULL);
+    L->stats.raw_importance = moe__cv2(n->importance, E, 1.0f, NULL);
+    L->stats.raw_load = moe__cv2(n->load, E, 1.0f, NULL);
 }
 
 /* the CV^2 losses' gradients (scale: the call's aux gradient scale); zeroes d_noise_logits */

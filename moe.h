@@ -561,6 +561,9 @@ typedef struct moe_layer_config {
     int router_dim;           /* width of the router's input; 0 = d (the router reads x).
                                  Another width means the caller supplies router_input
                                  (moe_layer_args): RMoE's GRU state, an MLP router's hidden */
+    /* Conventions of the field, as options; the defaults keep this library's own choices. */
+    float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
+                                 paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
 } moe_layer_config;
 
 /* Routing statistics of the last forward, per layer. */
@@ -644,8 +647,8 @@ typedef struct moe_router_noisy {
 /* ============================================================================================
    >>moe:router_ec  expert choice (Zhou et al. 2022, arXiv 2202.09368)
    ============================================================================================
-   The experts choose: p = softmax(z) over the experts; expert e takes the C = ceil(k T / E)
-   tokens with the largest p_te (ties to the lower token index), weight p_te. Every expert is
+   The experts choose: p = softmax(z) over the experts; expert e takes the C = ceil(c T / E)
+   tokens (capacity factor c = ec_capacity_factor, or top_k when 0) with the largest p_te (ties to the lower token index), weight p_te. Every expert is
    full, a token may get any number of experts (none, too). NOT CAUSAL: a token's experts
    depend on the other tokens of the batch, so a model with it cannot generate. The forward
    is the linear router's; the backward is the full softmax's (>>moe:router_topk). */
@@ -2957,10 +2960,12 @@ static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) 
         break;
     case MOE_ROUTER_EXPERT_CHOICE:
         if (c->capacity_factor != 0.0f)
-            return moe_err_set(err, bad, "expert-choice takes its capacity from top_k (each expert keeps ceil(k*T/E) tokens); leave capacity_factor at 0");
+            return moe_err_set(err, bad, "expert-choice takes its capacity from ec_capacity_factor (or top_k): each expert keeps ceil(cf*T/E) tokens; leave capacity_factor at 0");
         break;
     default: break;
     }
+    if (c->ec_capacity_factor != 0.0f && c->router != MOE_ROUTER_EXPERT_CHOICE)
+        return moe_err_set(err, bad, "ec_capacity_factor applies to the expert-choice router only (token-choice routers use capacity_factor)");
     if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
         return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
     return MOE_OK;
@@ -2980,9 +2985,12 @@ static size_t moe__router_idle_expert_params(const moe_layer_config *c) {
 }
 
 /* rows of the routed assignment list: token choice needs T K; expert choice
-   E ceil(K T / E) <= K T + E; GW broadcast T E */
+   E ceil(cf T / E) <= ceil(cf) T + E (cf = top_k by default); GW broadcast T E */
 static int moe__router_list_rows(const moe_layer_config *c, int max_tokens) {
-    return max_tokens * (c->gw_threshold > 0.0f ? c->n_experts : c->top_k) + c->n_experts;
+    int per_token = c->top_k;
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->ec_capacity_factor > 0.0f) per_token = (int)ceil(c->ec_capacity_factor);
+    if (c->gw_threshold > 0.0f) per_token = c->n_experts;
+    return max_tokens * per_token + c->n_experts;
 }
 
 /* the router's tensors: they come first in the layer's part of the store */
@@ -3303,6 +3311,8 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
+    if (!(c->ec_capacity_factor >= 0.0f) || c->ec_capacity_factor > 1e6f)
+        return moe_err_set(err, bad, "ec_capacity_factor must be 0 (top_k) or positive, got %g", (double)c->ec_capacity_factor);
     if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");
     if (c->hyper && (c->hyper_embed <= 0 || c->hyper_hidden <= 0 || c->hyper_cond <= 0 || c->hyper_layer_dim <= 0 ||
                      c->hyper_width <= 0 || c->hyper_adapter <= 0 || c->hyper_layers <= 0 || c->hyper_layer < 0 ||
@@ -3616,7 +3626,8 @@ static int moe__scored_cmp(const void *pa, const void *pb) {
 /* each expert's C best tokens, in token order; gates and picks (C per expert) */
 static int moe__ec_assign(moe_layer *L, int T) {
     int E = L->cfg.n_experts, K = L->cfg.top_k, n = 0, t, s, e;
-    int C = (int)(((long long)K * T + E - 1) / E);
+    int C = L->cfg.ec_capacity_factor > 0.0f ? (int)ceil((double)L->cfg.ec_capacity_factor * T / E)
+                                             : (int)(((long long)K * T + E - 1) / E);
     moe_scored_token *sc = L->ec.ranked;
     int *chosen = L->ec.chosen;
     if (C > T) C = T;

@@ -637,6 +637,25 @@ static void test_expert_choice(void) {
     CHECK(ok, "5 tokens per expert, sorted");
     CHECK(f.L.stats.kept == 20 && f.L.stats.dropped == 0, "kept %d", f.L.stats.kept);
     fixture_free(&f);
+    /* the paper's capacity factor as its own field: C = ceil(1.5 * 10 / 4) = 4, whatever k is */
+    c.ec_capacity_factor = 1.5f;
+    c.top_k = 1;
+    if (!fixture_init(&f, &c, 10, 5)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    for (e = 0, ok = 1; e < 4; e++)
+        if (f.L.routed.offset[e + 1] - f.L.routed.offset[e] != 4) ok = 0;
+    CHECK(ok && f.L.stats.kept == 16 && f.L.stats.requested == 16, "ec_capacity_factor 1.5: 4 tokens per expert (kept %d)", f.L.stats.kept);
+    fixture_free(&f);
+    c.ec_capacity_factor = 3.7f; /* more than k per token: the list is sized for it (ASan) */
+    if (!fixture_init(&f, &c, 10, 5)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    CHECK(f.L.stats.kept == 40, "ec_capacity_factor 3.7: ceil(9.25) = 10 tokens per expert (kept %d)", f.L.stats.kept);
+    fixture_free(&f);
+    c = small_config();
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.balance = MOE_BALANCE_NONE;
+    c.ec_capacity_factor = 2.5f;
+    gradcheck_layer("expert choice, ec_capacity_factor 2.5", &c, 20, 0);
 }
 
 static void test_determinism(void) {
@@ -701,6 +720,8 @@ static void test_bad_input(void) {
     EXPECT_BAD(c.expert_bias = 1, "expert_bias");
     EXPECT_BAD(c.balance_coef = -0.1f, "coefficients");
     EXPECT_BAD(c.n_shared = -1, "n_shared");
+    EXPECT_BAD(c.ec_capacity_factor = 1.0f, "expert-choice router only");
+    EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.ec_capacity_factor = -1.0f), "ec_capacity_factor");
 #undef EXPECT_BAD
     /* init errors */
     c = small_config();

@@ -1,8 +1,8 @@
 /* ============================================================================================
    >>moe:router_ec  expert choice (Zhou et al. 2022, arXiv 2202.09368)
    ============================================================================================
-   The experts choose: p = softmax(z) over the experts; expert e takes the C = ceil(k T / E)
-   tokens with the largest p_te (ties to the lower token index), weight p_te. Every expert is
+   The experts choose: p = softmax(z) over the experts; expert e takes the C = ceil(c T / E)
+   tokens (capacity factor c = ec_capacity_factor, or top_k when 0) with the largest p_te (ties to the lower token index), weight p_te. Every expert is
    full, a token may get any number of experts (none, too). NOT CAUSAL: a token's experts
    depend on the other tokens of the batch, so a model with it cannot generate. The forward
    is the linear router's; the backward is the full softmax's (>>moe:router_topk). */
@@ -45,7 +45,8 @@ static int moe__scored_cmp(const void *pa, const void *pb) {
 /* each expert's C best tokens, in token order; gates and picks (C per expert) */
 static int moe__ec_assign(moe_layer *L, int T) {
     int E = L->cfg.n_experts, K = L->cfg.top_k, n = 0, t, s, e;
-    int C = (int)(((long long)K * T + E - 1) / E);
+    int C = L->cfg.ec_capacity_factor > 0.0f ? (int)ceil((double)L->cfg.ec_capacity_factor * T / E)
+                                             : (int)(((long long)K * T + E - 1) / E);
     moe_scored_token *sc = L->ec.ranked;
     int *chosen = L->ec.chosen;
     if (C > T) C = T;

@@ -3,6 +3,10 @@
 Run with Debian's interpreter, which has python3-torch and python3-numpy:
 
     /usr/bin/python3 tests/ref/make_goldens.py
+    /usr/bin/python3 tests/ref/make_goldens.py layer_<case> ...   (only those files)
+
+Another machine's PyTorch may round a few values differently: add a case by writing only its
+file, so the committed ones stay as they are.
 
 Writes, under tests/ref/ (format: golden.py):
     kernels.bin       F.linear forward and every gradient, softmax, SiLU, GELU (erf and tanh),
@@ -30,8 +34,8 @@ documented semantics, not from moe.h's C code, so the golden test is a real cros
   - capacity C = ceil(cf * k * T / E): assignments admitted slot by slot (every first choice
     before any second choice), tokens in index order; a dropped assignment contributes nothing
     and the remaining weights are not renormalised;
-  - expert choice: expert e keeps its ceil(k*T/E) best tokens by probability (ties to the lower
-    token index), weight = the probability;
+  - expert choice: expert e keeps its ceil(c*T/E) best tokens by probability (ties to the lower
+    token index; c = ec_capacity_factor, or k), weight = the probability;
   - y = sum of the shared experts (weight 1) + sum over kept assignments of weight * expert(x);
   - balance loss: coef * E * sum_i f_i P_i (Switch: f = top-1 share; Mixtral: f = picks / T) or
     coef * sum_i f_i P_i with f = E picks / (k T) (DeepSeek); P = mean of the normalised
@@ -190,7 +194,21 @@ def default_cfg():
     return dict(d=16, d_ff=32, E=8, k=2, n_shared=0, d_ff_shared=0, expert="swiglu",
                 activation="gelu", expert_bias=0, router="topk", renormalize=1, router_bias=0,
                 capacity_factor=0.0, balance="mixtral", balance_coef=0.01, z_coef=0.0,
-                importance_coef=0.01, load_coef=0.01, noise_eps=1e-2, use_noise=1)
+                importance_coef=0.01, load_coef=0.01, noise_eps=1e-2, use_noise=1,
+                **CONVENTIONS)
+
+
+# The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
+# at their defaults. A golden file records one only when a case sets it otherwise.
+CONVENTIONS = dict(ec_capacity_factor=0.0)
+CONVENTION_INTS = ()
+
+
+def ec_capacity(c, T):
+    """tokens per expert of expert choice: ceil(cf T / E) (cf = ec_capacity_factor, or k)"""
+    if c["ec_capacity_factor"] > 0:
+        return min(math.ceil(np.float32(c["ec_capacity_factor"]) * T / c["E"]), T)
+    return min(-(-c["k"] * T // c["E"]), T)
 
 
 def param_shapes(c):
@@ -263,7 +281,7 @@ def moe_reference(c, P, x, noise):
     gate_t, gate_e, gate_v = [], [], []      # dense gate entries
     assign = []                              # (token, expert, slot, index into gate_v)
     if c["router"] == "expert_choice":
-        C = min(-(-k * T // E), T)
+        C = ec_capacity(c, T)
         pc = probs.detach().tolist()
         for e in range(E):
             chosen = sorted(sorted(range(T), key=lambda t: (-pc[t][e], t))[:C])
@@ -401,7 +419,7 @@ def bad_tokens(c, P, x, noise, margin=0.02, rel_margin=1e-3):
     if c["router"] == "expert_choice":
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        C = min(-(-k * T // E), T)
+        C = ec_capacity(c, T)
         for e in range(E):
             if C >= T:
                 continue
@@ -505,6 +523,12 @@ def make_layer(path, name, c, T, seed, skew=None, expect_drops=False):
     floats = dict(capacity_factor=c["capacity_factor"], balance_coef=c["balance_coef"],
                   z_coef=c["z_coef"], importance_coef=c["importance_coef"],
                   load_coef=c["load_coef"], noise_eps=c["noise_eps"])
+    for key, v in CONVENTIONS.items():  # only what a case changes: older files stay as they were
+        if c[key] != v:
+            if key in CONVENTION_INTS:
+                ints[key] = c[key]
+            else:
+                floats[key] = c[key]
     for key, v in ints.items():
         g.add("cfg." + key, np.int32(v), "i32")
     for key, v in floats.items():
@@ -603,11 +627,26 @@ def layer_cases():
                                  activation="silu", router_bias=1, balance="switch",
                                  balance_coef=0.05),
          36, 110, np.array([1.2, 0.0, 0.0, 0.0]), True),
+        # expert choice with the paper's capacity factor as its own field: c = 1.25 with k = 2,
+        # C = ceil(1.25 * 40 / 8) = 7 tokens per expert
+        ("expert_choice_cf", dict(router="expert_choice", k=2, ec_capacity_factor=1.25,
+                                  balance="mixtral", balance_coef=0.05, z_coef=0.01),
+         40, 114, None, False),
     ]
 
 
 def main():
+    only = sys.argv[1:]  # e.g. layer_expert_choice_cf: write only the named files
     total = 0
+    if only:
+        for name, over, T, seed, skew, drops in layer_cases():
+            if "layer_" + name in only:
+                c = default_cfg()
+                c.update(over)
+                size, r = make_layer(os.path.join(OUT_DIR, "layer_%s.bin" % name), name, c, T,
+                                     seed, skew, drops)
+                print("layer_%s.bin: %d bytes, kept %d dropped %d" % (name, size, r["kept"], r["dropped"]))
+        return
     size = make_kernels(os.path.join(OUT_DIR, "kernels.bin"))
     print("kernels.bin: %d bytes" % size)
     total += size

@@ -397,6 +397,28 @@ static void test_aux_gradients(void) {
     c.importance_coef = 0.0f;
     c.load_coef = 1.0f;
     gradcheck_layer_mode("aux only: noisy top-k smooth-load CV^2", &c, 20, 1, 1);
+    c.importance_coef = 1.0f;
+    c.cv_unbiased = 1;
+    gradcheck_layer_mode("aux only: noisy top-k CV^2 with the unbiased variance", &c, 20, 1, 1);
+    {   /* the unbiased CV^2 is the population one times E / (E - 1), nothing else changes */
+        fixture f1, f2;
+        c.cv_unbiased = 0;
+        if (fixture_init(&f1, &c, 20, 9)) {
+            c.cv_unbiased = 1;
+            if (fixture_init(&f2, &c, 20, 9)) {
+                double r = (double)c.n_experts / (c.n_experts - 1);
+                objective(&f1, f1.noise);
+                objective(&f2, f2.noise);
+                CHECK(fabs(f2.L.stats.raw_importance - r * f1.L.stats.raw_importance) <= 1e-6 * r * f1.L.stats.raw_importance &&
+                      fabs(f2.L.stats.raw_load - r * f1.L.stats.raw_load) <= 1e-6 * r * f1.L.stats.raw_load &&
+                      memcmp(f1.y, f2.y, sizeof(float) * 20 * (size_t)c.d) == 0,
+                      "cv_unbiased: CV^2 times E/(E-1) (%g vs %g), the same output", (double)f2.L.stats.raw_importance,
+                      (double)f1.L.stats.raw_importance);
+                fixture_free(&f2);
+            }
+            fixture_free(&f1);
+        }
+    }
     c = small_config();
     c.router = MOE_ROUTER_EXPERT_CHOICE;
     c.balance = MOE_BALANCE_NONE;

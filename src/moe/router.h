@@ -93,6 +93,9 @@ typedef struct moe_layer_config {
     /* Conventions of the field, as options; the defaults keep this library's own choices. */
     float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
                                  paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
+    int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
+                                 E - 1), as torch.var in the HyperMoE code; 0 = the
+                                 population variance (divided by E), Shazeer's definition */
 } moe_layer_config;
 
 /* Routing statistics of the last forward, per layer. */
@@ -248,18 +251,19 @@ static int moe__int_cmp(const void *pa, const void *pb) {
     return a < b ? -1 : a > b;
 }
 
-/* population CV^2 = var / (mean^2 + 1e-10) of x (n), and its gradient dx (n) times coef */
-static float moe__cv2(const float *x, int n, float coef, float *dx) {
-    double m = 0.0, var = 0.0, den;
+/* CV^2 = var / (mean^2 + 1e-10) of x (n >= 2), var the population variance (divided by n)
+   or the unbiased one (by n - 1); times coef, and its gradient dx (n) */
+static float moe__cv2(const float *x, int n, float coef, float *dx, int unbiased) {
+    double m = 0.0, var = 0.0, den, div = unbiased ? (double)(n - 1) : (double)n;
     int i;
     for (i = 0; i < n; i++) m += x[i];
     m /= n;
     for (i = 0; i < n; i++) var += (x[i] - m) * (x[i] - m);
-    var /= n;
+    var /= div;
     den = m * m + 1e-10;
     if (dx)
         for (i = 0; i < n; i++)
-            dx[i] = (float)(coef * ((2.0 * (x[i] - m) / n) * den - var * 2.0 * m / n) / (den * den));
+            dx[i] = (float)(coef * ((2.0 * (x[i] - m) / div) * den - var * 2.0 * m / n) / (den * den));
     return (float)(coef * var / den);
 }
 

@@ -7,7 +7,8 @@
    tokens of the gates; load_coef * CV^2(Load), Load_i = sum_t Phi((z_ti - thr_ti) / sd_ti),
    the smooth probability that expert i stays chosen under fresh noise, thr = the k-th largest
    H of the other experts (the (k+1)-th for a chosen one, the k-th otherwise). Without noise
-   Load is the count of picks. CV^2 = var / (mean^2 + 1e-10), the population variance. */
+   Load is the count of picks. CV^2 = var / (mean^2 + 1e-10), var the population variance
+   (Shazeer), or with cv_unbiased the unbiased one (torch.var, the HyperMoE code's). */
 
 typedef struct moe_router_noisy {
     int id_w_noise;        /* (E, router_dim) the noise projection Wn                       */
@@ -81,7 +82,7 @@ static void moe__noisy_select(moe_layer *L, int t) {
 /* Importance and Load; stats.aux_cv and the two raw CV^2 */
 static void moe__noisy_aux(moe_layer *L, int T) {
     moe_router_noisy *n = &L->noisy;
-    int E = L->cfg.n_experts, t, e;
+    int E = L->cfg.n_experts, ub = L->cfg.cv_unbiased, t, e;
     for (e = 0; e < E; e++) n->importance[e] = n->load[e] = 0.0f;
     for (t = 0; t < T; t++)
         for (e = 0; e < E; e++) n->importance[e] += L->gates[(size_t)t * E + e];
@@ -96,9 +97,9 @@ static void moe__noisy_aux(moe_layer *L, int T) {
     } else {
         for (e = 0; e < E; e++) n->load[e] = L->aux.picks[e];
     }
-    L->stats.aux_cv = moe__cv2(n->importance, E, L->cfg.importance_coef, NULL) + moe__cv2(n->load, E, L->cfg.load_coef, NULL);
-    L->stats.raw_importance = moe__cv2(n->importance, E, 1.0f, NULL);
-    L->stats.raw_load = moe__cv2(n->load, E, 1.0f, NULL);
+    L->stats.aux_cv = moe__cv2(n->importance, E, L->cfg.importance_coef, NULL, ub) + moe__cv2(n->load, E, L->cfg.load_coef, NULL, ub);
+    L->stats.raw_importance = moe__cv2(n->importance, E, 1.0f, NULL, ub);
+    L->stats.raw_load = moe__cv2(n->load, E, 1.0f, NULL, ub);
 }
 
 /* the CV^2 losses' gradients (scale: the call's aux gradient scale); zeroes d_noise_logits */
@@ -106,8 +107,8 @@ static void moe__noisy_aux_backward(moe_layer *L, float scale) {
     moe_router_noisy *n = &L->noisy;
     int E = L->cfg.n_experts;
     memset(n->d_noise_logits, 0, sizeof(float) * (size_t)L->T * E);
-    moe__cv2(n->importance, E, L->cfg.importance_coef * scale, n->d_importance);
-    if (n->has_noise) moe__cv2(n->load, E, L->cfg.load_coef * scale, n->d_load);
+    moe__cv2(n->importance, E, L->cfg.importance_coef * scale, n->d_importance, L->cfg.cv_unbiased);
+    if (n->has_noise) moe__cv2(n->load, E, L->cfg.load_coef * scale, n->d_load, L->cfg.cv_unbiased);
 }
 
 /* token t: importance's gradient joins dgate; softmax over the kept H; the smooth load */

@@ -200,8 +200,8 @@ def default_cfg():
 
 # The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
 # at their defaults. A golden file records one only when a case sets it otherwise.
-CONVENTIONS = dict(ec_capacity_factor=0.0)
-CONVENTION_INTS = ()
+CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0)
+CONVENTION_INTS = ("cv_unbiased",)
 
 
 def ec_capacity(c, T):
@@ -364,9 +364,10 @@ def moe_reference(c, P, x, noise):
         balance = torch.zeros(())
     zloss = c["z_coef"] * (lse ** 2).mean()
 
-    def cv2(v):
+    def cv2(v):  # population variance, or torch's unbiased one (the HyperMoE code's)
         m = v.mean()
-        return ((v - m) ** 2).mean() / (m * m + 1e-10)
+        var = v.var(unbiased=True) if c["cv_unbiased"] else ((v - m) ** 2).mean()
+        return var / (m * m + 1e-10)
 
     if c["router"] == "noisy":
         importance = gates.sum(0)
@@ -627,6 +628,10 @@ def layer_cases():
                                  activation="silu", router_bias=1, balance="switch",
                                  balance_coef=0.05),
          36, 110, np.array([1.2, 0.0, 0.0, 0.0]), True),
+        # noisy top-k whose CV^2 losses use torch's unbiased variance (the HyperMoE code's)
+        ("noisy_unbiased", dict(router="noisy", k=2, balance="none", importance_coef=0.1,
+                                load_coef=0.1, cv_unbiased=1),
+         48, 115, None, False),
         # expert choice with the paper's capacity factor as its own field: c = 1.25 with k = 2,
         # C = ceil(1.25 * 40 / 8) = 7 tokens per expert
         ("expert_choice_cf", dict(router="expert_choice", k=2, ec_capacity_factor=1.25,

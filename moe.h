@@ -514,6 +514,14 @@ typedef enum moe_balance_loss {
     MOE_BALANCE_DEEPSEEK = 3  /* coef * sum_i f_i P_i, f_i = E/(k T) (picks of i)  (= 1 at balance) */
 } moe_balance_loss;
 
+/* Which assignments capacity (capacity_factor > 0) admits first. */
+typedef enum moe_capacity_order {
+    MOE_CAPACITY_SLOT_MAJOR = 0, /* every token's first choice before any second choice, tokens
+                                    in index order (GShard, arXiv 2006.16668; the default)  */
+    MOE_CAPACITY_TOKEN_MAJOR = 1 /* token by token, each token's choices in slot order (a
+                                    running count over the flattened (token, choice) list) */
+} moe_capacity_order;
+
 typedef struct moe_layer_config {
     int d;                    /* model width                                             */
     int d_ff;                 /* expert hidden width D                                   */
@@ -564,6 +572,7 @@ typedef struct moe_layer_config {
     /* Conventions of the field, as options; the defaults keep this library's own choices. */
     float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
                                  paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
+    moe_capacity_order capacity_order; /* which assignments capacity admits first         */
     int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
                                  E - 1), as torch.var in the HyperMoE code; 0 = the
                                  population variance (divided by E), Shazeer's definition */
@@ -619,8 +628,9 @@ MOEDEF moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *
    its balance loss reads the normalised scores p / sum_j p_j.
    Capacity (capacity_factor > 0; GShard, arXiv 2006.16668): each expert keeps at most
    C = ceil(cf k T / E) assignments, admitted slot by slot (every token's first choice before
-   any second choice), tokens in index order; a dropped assignment contributes nothing (the
-   token keeps its residual) and the kept weights are not renormalised. */
+   any second choice), tokens in index order, or with MOE_CAPACITY_TOKEN_MAJOR token by token;
+   a dropped assignment contributes nothing (the token keeps its residual) and the kept
+   weights are not renormalised. */
 
 /* ============================================================================================
    >>moe:router_noisy  Shazeer's noisy top-k gating and its CV^2 losses (arXiv 1701.06538 §2.1)
@@ -841,10 +851,10 @@ MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store 
 MOEDEF moe_layer_args moe_layer_args_default(void);
 /* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
    Capacity: assignments are admitted slot by slot (every token's first choice before any
-   second choice), tokens in index order; a dropped assignment contributes nothing (the token
-   keeps its residual), weights are not renormalised afterwards. A non-finite router logit
-   returns MOE_ERR_NUMERIC naming the token and expert, and leaves no forward to
-   differentiate. */
+   second choice), tokens in index order (token by token with capacity_order); a dropped
+   assignment contributes nothing (the token keeps its residual), weights are not
+   renormalised afterwards. A non-finite router logit returns MOE_ERR_NUMERIC naming the
+   token and expert, and leaves no forward to differentiate. */
 MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
                                     int T, const moe_layer_args *args);
 /* dx (T, d) += dLoss/dx; parameter gradients += into s->grads. The auxiliary losses of the
@@ -3316,6 +3326,8 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
+    if ((int)c->capacity_order < 0 || (int)c->capacity_order > MOE_CAPACITY_TOKEN_MAJOR)
+        return moe_err_set(err, bad, "unknown capacity_order %d", (int)c->capacity_order);
     if (!(c->ec_capacity_factor >= 0.0f) || c->ec_capacity_factor > 1e6f)
         return moe_err_set(err, bad, "ec_capacity_factor must be 0 (top_k) or positive, got %g", (double)c->ec_capacity_factor);
     if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");
@@ -3376,13 +3388,15 @@ static int moe__topk_assign(moe_layer *L, int T) {
     for (e = 0; e < E; e++) picks[e] = 0.0f;
     for (t = 0; t < T; t++)
         for (s = 0; s < K; s++) picks[topk[(size_t)t * K + s]] += 1.0f;
-    if (c->capacity_factor > 0.0f) {
-        /* admission: every first choice before any second choice, tokens in index order */
-        int C = (int)ceil((double)c->capacity_factor * K * T / E);
+    if (c->capacity_factor > 0.0f) { /* admission, in slot-major or token-major order */
+        int C = (int)ceil((double)c->capacity_factor * K * T / E), token_major = c->capacity_order == MOE_CAPACITY_TOKEN_MAJOR;
+        int outer = token_major ? T : K, inner = token_major ? K : T, i, j;
         int *count = L->capacity_count;
         for (e = 0; e < E; e++) count[e] = 0;
-        for (s = 0; s < K; s++)
-            for (t = 0; t < T; t++) {
+        for (i = 0; i < outer; i++)
+            for (j = 0; j < inner; j++) {
+                t = token_major ? i : j;
+                s = token_major ? j : i;
                 if (L->gw.uncertain[t]) continue; /* broadcast tokens bypass capacity */
                 e = topk[(size_t)t * K + s];
                 L->admitted[(size_t)t * K + s] = count[e] < C;

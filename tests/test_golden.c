@@ -296,6 +296,7 @@ static void test_layer(const char *which, const char *what) {
     /* the conventions of the field: recorded only by the cases that change them */
     c.ec_capacity_factor = golden_float(&g, "cfg.ec_capacity_factor", 0.0f);
     c.cv_unbiased = golden_int(&g, "cfg.cv_unbiased", 0);
+    c.capacity_order = (moe_capacity_order)golden_int(&g, "cfg.capacity_order", 0);
     T = golden_cfg_int(&g, "tokens", &ok);
     has_noise = golden_cfg_int(&g, "has_noise", &ok);
     if (!ok) { golden_free(&g); return; }
@@ -419,6 +420,7 @@ int main(int argc, char **argv) {
     test_layer("topk_ties", "exact score ties (experts 1 and 4 share a router row): the lower expert index first");
     test_layer("expert_choice_ties", "exact ties (duplicated tokens) at each expert's capacity: the lower token index kept");
     test_layer("capacity", "capacity factor 1.0 with drops, renormalised top-2, FFN(ReLU)+biases, 1 shared FFN expert, Mixtral balance, z-loss");
+    test_layer("capacity_token", "the same with token-major admission: each token's choices before the next token's");
     test_layer("capacity_switch", "capacity factor 1.25 with drops, top-1, FFN(SiLU), Switch balance");
     test_layer("noisy_unbiased", "noisy top-2 whose CV^2 losses use the unbiased variance (torch.var, the HyperMoE code)");
     test_layer("expert_choice_cf", "expert choice with ec_capacity_factor 1.25 (7 tokens per expert), Mixtral balance, z-loss");

@@ -638,6 +638,36 @@ static void test_capacity(void) {
     objective(&f, NULL);
     CHECK(f.L.stats.kept == 4 && f.L.routed.offset[1] == 2 && f.L.routed.offset[2] == 4, "experts 0 and 1 keep 2 each (kept %d)", f.L.stats.kept);
     fixture_free(&f);
+    /* admission order: slot-major (GShard, the default) and token-major keep other sets; each
+       equals a count replayed here from the chosen experts */
+    {
+        int order, kept[2][20 * 2];
+        c = small_config();
+        c.n_experts = 4;
+        c.capacity_factor = 0.5f; /* C = ceil(0.5 * 2 * 20 / 4) = 5 */
+        for (order = 0; order < 2; order++) {
+            int count[4] = {0, 0, 0, 0}, i, j, same = 1;
+            c.capacity_order = (moe_capacity_order)order;
+            if (!fixture_init(&f, &c, 20, 17)) { CHECK(0, "fixture"); return; }
+            objective(&f, NULL);
+            memset(kept[order], 0, sizeof kept[order]);
+            for (i = 0; i < (order ? 20 : 2); i++)
+                for (j = 0; j < (order ? 2 : 20); j++) {
+                    int tk = order ? i : j, s = order ? j : i, ex = f.L.topk[tk * 2 + s];
+                    if (count[ex] < 5) { count[ex]++; kept[order][tk * 2 + s] = 1; }
+                }
+            for (i = 0, j = 0; i < 40; i++) j += kept[order][i];
+            for (i = 0; i < f.L.routed.n; i++) {
+                int tk = f.L.routed.token[i], ex = f.L.routed.expert[i];
+                if (!(f.L.topk[tk * 2] == ex ? kept[order][tk * 2] : kept[order][tk * 2 + 1])) same = 0;
+            }
+            CHECK(same && j == f.L.routed.n, "order %d: the kept assignments are the replayed ones (%d of 40 kept)", order, j);
+            fixture_free(&f);
+        }
+        CHECK(memcmp(kept[0], kept[1], sizeof kept[0]) != 0, "the two orders keep different assignments here");
+        c.capacity_order = MOE_CAPACITY_TOKEN_MAJOR;
+        gradcheck_layer("capacity 0.5, token-major admission (drops)", &c, 20, 0);
+    }
 }
 
 static void test_expert_choice(void) {
@@ -743,6 +773,7 @@ static void test_bad_input(void) {
     EXPECT_BAD(c.balance_coef = -0.1f, "coefficients");
     EXPECT_BAD(c.n_shared = -1, "n_shared");
     EXPECT_BAD(c.ec_capacity_factor = 1.0f, "expert-choice router only");
+    EXPECT_BAD(c.capacity_order = (moe_capacity_order)2, "capacity_order");
     EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.ec_capacity_factor = -1.0f), "ec_capacity_factor");
 #undef EXPECT_BAD
     /* init errors */

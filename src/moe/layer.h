@@ -88,10 +88,10 @@ MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store 
 MOEDEF moe_layer_args moe_layer_args_default(void);
 /* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
    Capacity: assignments are admitted slot by slot (every token's first choice before any
-   second choice), tokens in index order; a dropped assignment contributes nothing (the token
-   keeps its residual), weights are not renormalised afterwards. A non-finite router logit
-   returns MOE_ERR_NUMERIC naming the token and expert, and leaves no forward to
-   differentiate. */
+   second choice), tokens in index order (token by token with capacity_order); a dropped
+   assignment contributes nothing (the token keeps its residual), weights are not
+   renormalised afterwards. A non-finite router logit returns MOE_ERR_NUMERIC naming the
+   token and expert, and leaves no forward to differentiate. */
 MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
                                     int T, const moe_layer_args *args);
 /* dx (T, d) += dLoss/dx; parameter gradients += into s->grads. The auxiliary losses of the

@@ -43,6 +43,14 @@ typedef enum moe_balance_loss {
     MOE_BALANCE_DEEPSEEK = 3  /* coef * sum_i f_i P_i, f_i = E/(k T) (picks of i)  (= 1 at balance) */
 } moe_balance_loss;
 
+/* Which assignments capacity (capacity_factor > 0) admits first. */
+typedef enum moe_capacity_order {
+    MOE_CAPACITY_SLOT_MAJOR = 0, /* every token's first choice before any second choice, tokens
+                                    in index order (GShard, arXiv 2006.16668; the default)  */
+    MOE_CAPACITY_TOKEN_MAJOR = 1 /* token by token, each token's choices in slot order (a
+                                    running count over the flattened (token, choice) list) */
+} moe_capacity_order;
+
 typedef struct moe_layer_config {
     int d;                    /* model width                                             */
     int d_ff;                 /* expert hidden width D                                   */
@@ -93,6 +101,7 @@ typedef struct moe_layer_config {
     /* Conventions of the field, as options; the defaults keep this library's own choices. */
     float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
                                  paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
+    moe_capacity_order capacity_order; /* which assignments capacity admits first         */
     int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
                                  E - 1), as torch.var in the HyperMoE code; 0 = the
                                  population variance (divided by E), Shazeer's definition */
@@ -646,6 +655,8 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
+    if ((int)c->capacity_order < 0 || (int)c->capacity_order > MOE_CAPACITY_TOKEN_MAJOR)
+        return moe_err_set(err, bad, "unknown capacity_order %d", (int)c->capacity_order);
     if (!(c->ec_capacity_factor >= 0.0f) || c->ec_capacity_factor > 1e6f)
         return moe_err_set(err, bad, "ec_capacity_factor must be 0 (top_k) or positive, got %g", (double)c->ec_capacity_factor);
     if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");

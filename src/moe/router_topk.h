@@ -10,8 +10,9 @@
    its balance loss reads the normalised scores p / sum_j p_j.
    Capacity (capacity_factor > 0; GShard, arXiv 2006.16668): each expert keeps at most
    C = ceil(cf k T / E) assignments, admitted slot by slot (every token's first choice before
-   any second choice), tokens in index order; a dropped assignment contributes nothing (the
-   token keeps its residual) and the kept weights are not renormalised. */
+   any second choice), tokens in index order, or with MOE_CAPACITY_TOKEN_MAJOR token by token;
+   a dropped assignment contributes nothing (the token keeps its residual) and the kept
+   weights are not renormalised. */
 
 /* @implementation */
 /* ============================================================================================
@@ -63,13 +64,15 @@ static int moe__topk_assign(moe_layer *L, int T) {
     for (e = 0; e < E; e++) picks[e] = 0.0f;
     for (t = 0; t < T; t++)
         for (s = 0; s < K; s++) picks[topk[(size_t)t * K + s]] += 1.0f;
-    if (c->capacity_factor > 0.0f) {
-        /* admission: every first choice before any second choice, tokens in index order */
-        int C = (int)ceil((double)c->capacity_factor * K * T / E);
+    if (c->capacity_factor > 0.0f) { /* admission, in slot-major or token-major order */
+        int C = (int)ceil((double)c->capacity_factor * K * T / E), token_major = c->capacity_order == MOE_CAPACITY_TOKEN_MAJOR;
+        int outer = token_major ? T : K, inner = token_major ? K : T, i, j;
         int *count = L->capacity_count;
         for (e = 0; e < E; e++) count[e] = 0;
-        for (s = 0; s < K; s++)
-            for (t = 0; t < T; t++) {
+        for (i = 0; i < outer; i++)
+            for (j = 0; j < inner; j++) {
+                t = token_major ? i : j;
+                s = token_major ? j : i;
                 if (L->gw.uncertain[t]) continue; /* broadcast tokens bypass capacity */
                 e = topk[(size_t)t * K + s];
                 L->admitted[(size_t)t * K + s] = count[e] < C;

@@ -32,8 +32,8 @@ documented semantics, not from moe.h's C code, so the golden test is a real cros
   - weights: probabilities as they are, or divided by the sum of the k chosen (renormalize);
     noisy top-k: H = z + xi * (softplus(x Wn^T) + noise_eps), weights softmax over the k kept H;
   - capacity C = ceil(cf * k * T / E): assignments admitted slot by slot (every first choice
-    before any second choice), tokens in index order; a dropped assignment contributes nothing
-    and the remaining weights are not renormalised;
+    before any second choice), tokens in index order, or token by token (capacity_order = 1);
+    a dropped assignment contributes nothing and the remaining weights are not renormalised;
   - expert choice: expert e keeps its ceil(c*T/E) best tokens by probability (ties to the lower
     token index; c = ec_capacity_factor, or k), weight = the probability;
   - y = sum of the shared experts (weight 1) + sum over kept assignments of weight * expert(x);
@@ -200,8 +200,8 @@ def default_cfg():
 
 # The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
 # at their defaults. A golden file records one only when a case sets it otherwise.
-CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0)
-CONVENTION_INTS = ("cv_unbiased",)
+CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0)
+CONVENTION_INTS = ("cv_unbiased", "capacity_order")
 
 
 def ec_capacity(c, T):
@@ -320,12 +320,15 @@ def moe_reference(c, P, x, noise):
             C = math.ceil(c["capacity_factor"] * k * T / E)
             count = [0] * E
             keep = set()
-            for s in range(k):              # slot by slot ...
-                for t in range(T):          # ... tokens in index order
-                    e = topk[t][s]
-                    if count[e] < C:
-                        count[e] += 1
-                        keep.add((t, s))
+            if c["capacity_order"] == 0:    # slot by slot, tokens in index order
+                order = [(t, s) for s in range(k) for t in range(T)]
+            else:                           # token by token, each token's choices in order
+                order = [(t, s) for t in range(T) for s in range(k)]
+            for t, s in order:
+                e = topk[t][s]
+                if count[e] < C:
+                    count[e] += 1
+                    keep.add((t, s))
             assign = [a for a in assign if (a[0], a[2]) in keep]
     gv = torch.stack(gate_v)
     gates = torch.zeros(T, E).index_put((torch.tensor(gate_t), torch.tensor(gate_e)), gv)
@@ -622,6 +625,12 @@ def layer_cases():
         ("capacity", dict(E=4, k=2, renormalize=1, capacity_factor=1.0, expert="ffn",
                           activation="relu", expert_bias=1, router_bias=1, balance="mixtral",
                           balance_coef=0.05, z_coef=0.01, n_shared=1, d_ff_shared=24),
+         48, 109, np.array([1.5, 0.5, 0.0, -0.5]), True),
+        # the same with token-major admission (each token's choices before the next token's)
+        ("capacity_token", dict(E=4, k=2, renormalize=1, capacity_factor=1.0, expert="ffn",
+                                activation="relu", expert_bias=1, router_bias=1, balance="mixtral",
+                                balance_coef=0.05, z_coef=0.01, n_shared=1, d_ff_shared=24,
+                                capacity_order=1),
          48, 109, np.array([1.5, 0.5, 0.0, -0.5]), True),
         # capacity factor 1.25 with top-1 (Switch), C = ceil(11.25) = 12, SiLU FFN experts
         ("capacity_switch", dict(E=4, k=1, renormalize=0, capacity_factor=1.25, expert="ffn",

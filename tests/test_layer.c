@@ -535,6 +535,35 @@ static void test_raw_aux_terms(void) {
     }
 }
 
+/* routed_scale multiplies every routed weight, shared_scale the shared experts' output */
+static void test_output_scales(void) {
+    moe_layer_config c = small_config();
+    fixture f1, f2;
+    size_t i, n;
+    int exact = 1;
+    TEST_BEGIN("routed and shared output scales (DeepSeek-V3's routed_scaling_factor)");
+    c.n_shared = 2;
+    c.d_ff_shared = 8;
+    if (!fixture_init(&f1, &c, 16, 23)) { CHECK(0, "fixture"); return; }
+    c.routed_scale = c.shared_scale = 2.0f;
+    if (!fixture_init(&f2, &c, 16, 23)) { CHECK(0, "fixture"); fixture_free(&f1); return; }
+    objective(&f1, NULL);
+    objective(&f2, NULL);
+    n = (size_t)16 * c.d;
+    for (i = 0; i < n; i++) exact &= f2.y[i] == 2.0f * f1.y[i];
+    CHECK(exact, "both scales 2: y doubles exactly");
+    CHECK(memcmp(f1.L.gates, f2.L.gates, sizeof(float) * 16 * (size_t)c.n_experts) == 0 && f1.L.stats.aux_total == f2.L.stats.aux_total,
+          "the gates and the aux losses are the router's, before the scale");
+    fixture_free(&f1);
+    fixture_free(&f2);
+    c.routed_scale = 1.7f;
+    c.shared_scale = 0.6f;
+    gradcheck_layer("routed_scale 1.7, shared_scale 0.6", &c, 20, 0);
+    c.n_shared = 0;
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    gradcheck_layer("expert choice, routed_scale 1.7", &c, 20, 0);
+}
+
 static void test_dispatch(void) {
     /* raw list in token order; expert 1 gets tokens 0, 2, 3 (in that order) */
     int tok[] = {0, 0, 1, 2, 2, 3}, exp_[] = {1, 2, 0, 2, 1, 1}, slot[] = {0, 1, 0, 1, 0, 0};
@@ -774,6 +803,8 @@ static void test_bad_input(void) {
     EXPECT_BAD(c.n_shared = -1, "n_shared");
     EXPECT_BAD(c.ec_capacity_factor = 1.0f, "expert-choice router only");
     EXPECT_BAD(c.capacity_order = (moe_capacity_order)2, "capacity_order");
+    EXPECT_BAD(c.routed_scale = 0.0f, "routed_scale");
+    EXPECT_BAD(c.shared_scale = NAN, "shared_scale");
     EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.ec_capacity_factor = -1.0f), "ec_capacity_factor");
 #undef EXPECT_BAD
     /* init errors */
@@ -809,6 +840,7 @@ int main(void) {
     test_gradients();
     test_aux_gradients();
     test_raw_aux_terms();
+    test_output_scales();
     test_gw();
     test_aoe();
     test_hyper();

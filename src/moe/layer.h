@@ -1,7 +1,8 @@
 /* ============================================================================================
    >>moe:layer  the MoE layer: router, routed experts, shared experts
    ============================================================================================
-   y = sum over the token's assignments of weight * expert(x)  (+ the shared experts, weight 1)
+   y = sum over the token's assignments of weight * expert(x)  (+ the shared experts, weight
+     shared_scale, 1 by default)
      (+ what a router extension adds: GW-MoE's bypass, HyperMoE's hyper-expert).
    Forward: the router fills the assignment list (>>moe:router); the experts run on the
    gathered tokens (>>moe:experts); combine scatters back in a fixed order (>>moe:dispatch).
@@ -40,7 +41,8 @@ typedef struct moe_layer {
     float *probs;           /* (T, E) softmax (sigmoid) of logits                              */
     float *lse;             /* (T) logsumexp of logits (z-loss)                                */
     int *topk;              /* (T, K) chosen experts, descending score; -1 for expert choice   */
-    float *gates;           /* (T, E) mixing weight of each (token, expert), 0 when not chosen */
+    float *gates;           /* (T, E) mixing weight of each (token, expert), 0 when not chosen
+                               (the assignments' weights are these times routed_scale)       */
     float *d_gates;         /* (T, E) backward: dLoss/dgates                                   */
     float *d_logits;        /* (T, E) backward: dLoss/dlogits                                  */
     moe_router_aux aux;     /* (E) each: the pieces of the balance loss                        */
@@ -53,7 +55,7 @@ typedef struct moe_layer {
     int id_gate, id_up, id_down, id_b_up, id_b_down;           /* routed bank, -1 when absent */
     int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank                 */
     moe_assign routed;      /* assignment list of the routed bank                              */
-    moe_assign shared;      /* assignment list of the shared bank (every token, weight 1)      */
+    moe_assign shared;      /* assignment list of the shared bank (every token, shared_scale)  */
     float *xg, *hg, *hu, *eout;         /* routed bank caches: (cap,d) (cap,D) (cap,D) (cap,d)  */
     float *s_xg, *s_hg, *s_hu, *s_eout; /* shared bank caches, (S*T, ...)                      */
     /* the raw list a router (or the shared bank) fills before dispatch; rows = max(cap, S T) */
@@ -269,7 +271,7 @@ static moe_status moe__shared_forward(moe_layer *L, const moe_store *s, float *y
     moe_status st;
     for (t = 0, k = 0; t < T; t++)
         for (j = 0; j < S; j++, k++) {
-            L->raw_token[k] = t; L->raw_expert[k] = j; L->raw_slot[k] = j; L->raw_weight[k] = 1.0f;
+            L->raw_token[k] = t; L->raw_expert[k] = j; L->raw_slot[k] = j; L->raw_weight[k] = c->shared_scale;
         }
     st = moe_dispatch(&L->shared, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, S * T, T, S, &L->err);
     if (st != MOE_OK) return st;

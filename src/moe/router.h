@@ -102,6 +102,9 @@ typedef struct moe_layer_config {
     float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
                                  paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
     moe_capacity_order capacity_order; /* which assignments capacity admits first         */
+    float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
+                                 routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
+    float shared_scale;       /* multiplies the shared experts' output; 1                 */
     int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
                                  E - 1), as torch.var in the HyperMoE code; 0 = the
                                  population variance (divided by E), Shazeer's definition */
@@ -454,7 +457,7 @@ static int moe__router_assign(moe_layer *L, int T) {
 }
 
 /* The router's forward: scores, each token's choice, GW-MoE's broadcast, the raw assignment
-   list (L->raw_*, *n entries). */
+   list (L->raw_*, *n entries) whose weights carry routed_scale. */
 static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const float *x, int T, const moe_layer_args *a,
                                       int *n) {
     const float *rin = a->router_input ? a->router_input : x;
@@ -466,6 +469,8 @@ static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const fl
     for (t = 0; t < T; t++) moe__router_select_token(L, t);
     moe__gw_mark(L, T, a);
     *n = moe__router_assign(L, T);
+    if (L->cfg.routed_scale != 1.0f)
+        for (t = 0; t < *n; t++) L->raw_weight[t] *= L->cfg.routed_scale;
     return MOE_OK;
 }
 
@@ -587,7 +592,8 @@ static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const fl
     size_t TE = (size_t)T * E;
     memset(L->d_gates, 0, TE * sizeof(float));
     memset(L->d_logits, 0, TE * sizeof(float));
-    for (i = 0; i < L->routed.n; i++) L->d_gates[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->d_weight[i];
+    for (i = 0; i < L->routed.n; i++) /* weight = gate * routed_scale */
+        L->d_gates[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->d_weight[i] * c->routed_scale;
     if (c->gw_released)
         for (t = 0; t < T; t++)
             if (L->gw.uncertain[t]) L->d_gates[(size_t)t * E + E - 1] = L->gw.d_bypass[t];
@@ -631,6 +637,7 @@ MOE__IMPL moe_layer_config moe_layer_config_default(void) {
     c.hyper_layer_dim = 4;
     c.hyper_adapter = 16;
     c.hyper_layers = 1;
+    c.routed_scale = c.shared_scale = 1.0f;
     return c;
 }
 
@@ -655,6 +662,9 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
+    if (!(c->routed_scale > 0.0f) || c->routed_scale > 1e6f || !(c->shared_scale > 0.0f) || c->shared_scale > 1e6f)
+        return moe_err_set(err, bad, "routed_scale (%g) and shared_scale (%g) must be positive and finite (1 = unscaled)",
+                           (double)c->routed_scale, (double)c->shared_scale);
     if ((int)c->capacity_order < 0 || (int)c->capacity_order > MOE_CAPACITY_TOKEN_MAJOR)
         return moe_err_set(err, bad, "unknown capacity_order %d", (int)c->capacity_order);
     if (!(c->ec_capacity_factor >= 0.0f) || c->ec_capacity_factor > 1e6f)

@@ -36,7 +36,8 @@ documented semantics, not from moe.h's C code, so the golden test is a real cros
     a dropped assignment contributes nothing and the remaining weights are not renormalised;
   - expert choice: expert e keeps its ceil(c*T/E) best tokens by probability (ties to the lower
     token index; c = ec_capacity_factor, or k), weight = the probability;
-  - y = sum of the shared experts (weight 1) + sum over kept assignments of weight * expert(x);
+  - y = shared_scale * sum of the shared experts + sum over kept assignments of routed_scale *
+    weight * expert(x) (both scales 1 by default);
   - balance loss: coef * E * sum_i f_i P_i (Switch: f = top-1 share; Mixtral: f = picks / T) or
     coef * sum_i f_i P_i with f = E picks / (k T) (DeepSeek); P = mean of the normalised
     probabilities (sigmoid scores divided by their sum); f is a constant (no gradient);
@@ -200,7 +201,8 @@ def default_cfg():
 
 # The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
 # at their defaults. A golden file records one only when a case sets it otherwise.
-CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0)
+CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0, routed_scale=1.0,
+                   shared_scale=1.0)
 CONVENTION_INTS = ("cv_unbiased", "capacity_order")
 
 
@@ -338,7 +340,7 @@ def moe_reference(c, P, x, noise):
     # 2. experts and combine: shared experts (weight 1) first, then the routed assignments
     y = torch.zeros_like(x)
     for j in range(c["n_shared"]):
-        y = y + expert_forward(c, "shared", j, P, x)
+        y = y + c["shared_scale"] * expert_forward(c, "shared", j, P, x)
     kept_per_expert = [0] * E
     for e in range(E):
         rows = [a for a in assign if a[1] == e]
@@ -346,7 +348,7 @@ def moe_reference(c, P, x, noise):
         if not rows:
             continue
         tok = torch.tensor([a[0] for a in rows])
-        w = torch.stack([gate_v[a[3]] for a in rows])
+        w = c["routed_scale"] * torch.stack([gate_v[a[3]] for a in rows])
         y = y.index_add(0, tok, w[:, None] * expert_forward(c, "experts", e, P, x[tok]))
     out["y"] = y
 
@@ -585,6 +587,11 @@ def layer_cases():
         # renormalisation, DeepSeek balance loss
         ("deepseek", dict(E=16, k=4, d_ff=8, n_shared=2, d_ff_shared=16, renormalize=0,
                           balance="deepseek", balance_coef=0.05, z_coef=0.01),
+         40, 103, None, False),
+        # the same with DeepSeek-V3's routed scaling factor 2.5 and the shared output halved
+        ("deepseek_scaled", dict(E=16, k=4, d_ff=8, n_shared=2, d_ff_shared=16, renormalize=0,
+                                 balance="deepseek", balance_coef=0.05, z_coef=0.01,
+                                 routed_scale=2.5, shared_scale=0.5),
          40, 103, None, False),
         # sigmoid top-k without renormalisation, Mixtral balance loss on normalised scores
         ("sigmoid", dict(router="sigmoid", k=2, renormalize=0, balance="mixtral",

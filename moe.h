@@ -576,6 +576,11 @@ typedef struct moe_layer_config {
     float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
                                  routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
     float shared_scale;       /* multiplies the shared experts' output; 1                 */
+    int selection_bias;       /* DeepSeek-V3's auxiliary-loss-free balancing (arXiv
+                                 2412.19437 §2.1.2): the top-k choice ranks p + b, the
+                                 weights stay p; b (E) = the tensor router.selection_bias,
+                                 no gradient, moved by moe_layer_update_selection_bias
+                                 (softmax and sigmoid top-k)                              */
     int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
                                  E - 1), as torch.var in the HyperMoE code; 0 = the
                                  population variance (divided by E), Shazeer's definition */
@@ -803,12 +808,14 @@ typedef struct moe_layer {
     /* ---- the router (>>moe:router): its decisions in the last forward, T = its tokens ---- */
     int id_router_w;        /* (E, router_dim) the linear router, -1 for AoE                   */
     int id_router_b;        /* (E) its bias, -1 when absent                                    */
+    int id_selection_bias;  /* (E) DeepSeek-V3's selection-only bias, -1 when absent           */
     float *logits;          /* (T, E) router logits r . Wr^T + b (AoE: the norms ||C_e||)      */
     float *probs;           /* (T, E) softmax (sigmoid) of logits                              */
     float *lse;             /* (T) logsumexp of logits (z-loss)                                */
     int *topk;              /* (T, K) chosen experts, descending score; -1 for expert choice   */
     float *gates;           /* (T, E) mixing weight of each (token, expert), 0 when not chosen
                                (the assignments' weights are these times routed_scale)       */
+    float *selection_scores;/* (T, E) with selection_bias: what top-k ranked, probs + b       */
     float *d_gates;         /* (T, E) backward: dLoss/dgates                                   */
     float *d_logits;        /* (T, E) backward: dLoss/dlogits                                  */
     moe_router_aux aux;     /* (E) each: the pieces of the balance loss                        */
@@ -854,6 +861,11 @@ MOEDEF void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
 /* Pointers to the layer's weights in the params (grads = 0) or grads (grads = 1) buffer. */
 MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store *s, int shared, int grads);
 MOEDEF moe_layer_args moe_layer_args_default(void);
+/* DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437 §2.1.2), for a layer with
+   selection_bias: after a step, b_i += gamma * sign(mean_j c_j - c_i), c_i = the tokens that
+   chose expert i in the last forward: an overloaded expert's bias goes down by gamma, an
+   underloaded one's up (the paper: gamma 0.001 for most of training). */
+MOEDEF moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma);
 /* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
    Capacity: assignments are admitted slot by slot (every token's first choice before any
    second choice), tokens in index order (token by token with capacity_order); a dropped
@@ -1036,6 +1048,9 @@ MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
 /* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
    inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
 MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
+/* DeepSeek-V3's auxiliary-loss-free balancing: moe_layer_update_selection_bias on every MoE
+   layer (their config needs selection_bias), from the last forward's loads. */
+MOEDEF moe_status moe_model_update_selection_bias(moe_model *m, float gamma);
 /* total parameters, and those one token uses (routers + its k experts + everything dense) */
 MOEDEF size_t moe_model_params_total(const moe_model *m);
 MOEDEF size_t moe_model_params_active(const moe_model *m);
@@ -2832,7 +2847,7 @@ static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *p
 static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T);
 static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin);
 /* softmax / sigmoid top-k (>>moe:router_topk) */
-static void moe__topk_select(moe_layer *L, int t);
+static void moe__topk_select(moe_layer *L, const moe_store *s, int t);
 static int moe__topk_assign(moe_layer *L, int T);
 static void moe__topk_backward_token(moe_layer *L, int t);
 static void moe__softmax_backward_token(moe_layer *L, int t);
@@ -2984,6 +2999,8 @@ static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) 
         break;
     default: break;
     }
+    if (c->selection_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_SIGMOID)
+        return moe_err_set(err, bad, "selection_bias applies to the softmax and sigmoid top-k routers");
     if (c->ec_capacity_factor != 0.0f && c->router != MOE_ROUTER_EXPERT_CHOICE)
         return moe_err_set(err, bad, "ec_capacity_factor applies to the expert-choice router only (token-choice routers use capacity_factor)");
     if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
@@ -3032,7 +3049,8 @@ static void moe__router_declare_extensions(moe_layer *L, moe_store *s, const cha
 
 /* the families' and extensions' buffers, sized for max_tokens; 0 when out of memory */
 static int moe__router_alloc(moe_layer *L) {
-    int ok = moe__gw_alloc(L); /* GW's per-token flags are read by every token-choice family */
+    int ok = moe__gw_alloc(L) && /* GW's per-token flags are read by every token-choice family */
+             (!L->cfg.selection_bias || MOE__ALLOC(L->selection_scores, (size_t)L->max_tokens * L->cfg.n_experts, float));
     switch (L->cfg.router) {
     case MOE_ROUTER_NOISY_TOPK: ok = ok && moe__noisy_alloc(L); break;
     case MOE_ROUTER_EXPERT_CHOICE: ok = ok && moe__ec_alloc(L); break;
@@ -3043,6 +3061,8 @@ static int moe__router_alloc(moe_layer *L) {
 }
 
 static void moe__router_free(moe_layer *L) {
+    MOE_FREE(L->selection_scores);
+    L->selection_scores = NULL;
     moe__gw_free(L);
     moe__noisy_free(L);
     moe__ec_free(L);
@@ -3059,6 +3079,7 @@ static void moe__router_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
     if (w)
         for (i = 0; i < s->tensors[L->id_router_w].numel; i++) w[i] = L->cfg.router_init_std * moe_rng_normal(rng);
     if (b) memset(b, 0, s->tensors[L->id_router_b].numel * sizeof(float));
+    if (L->id_selection_bias >= 0) memset(moe_store_param(s, L->id_selection_bias), 0, sizeof(float) * (size_t)L->cfg.n_experts);
     switch (L->cfg.router) {
     case MOE_ROUTER_AOE: moe__aoe_init_weights(L, s, rng); break;
     case MOE_ROUTER_NOISY_TOPK: {
@@ -3110,14 +3131,14 @@ static moe_status moe__router_scores(moe_layer *L, const moe_store *s, const flo
 }
 
 /* token t's choice: topk ids and dense gates (gates were zeroed) */
-static void moe__router_select_token(moe_layer *L, int t) {
+static void moe__router_select_token(moe_layer *L, const moe_store *st, int t) {
     int K = L->cfg.top_k, s;
     switch (L->cfg.router) {
     case MOE_ROUTER_NOISY_TOPK: moe__noisy_select(L, t); break;
     case MOE_ROUTER_EXPERT_CHOICE: /* the experts choose in assign: no per-token choice */
         for (s = 0; s < K; s++) L->topk[(size_t)t * K + s] = -1;
         break;
-    default: moe__topk_select(L, t); break; /* softmax, sigmoid, AoE (softmax of the norms) */
+    default: moe__topk_select(L, st, t); break; /* softmax, sigmoid, AoE (softmax of the norms) */
     }
 }
 
@@ -3139,7 +3160,7 @@ static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const fl
     if ((st = moe__router_scores(L, s, x, rin, a, T)) != MOE_OK) return st;
     memset(L->gates, 0, (size_t)T * L->cfg.n_experts * sizeof(float));
     MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) moe__router_select_token(L, t);
+    for (t = 0; t < T; t++) moe__router_select_token(L, s, t);
     moe__gw_mark(L, T, a);
     *n = moe__router_assign(L, T);
     if (L->cfg.routed_scale != 1.0f)
@@ -3358,6 +3379,8 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
 static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *prefix) {
     L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, L->cfg.n_experts, L->cfg.router_dim, 0);
     if (L->cfg.router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, L->cfg.n_experts, 0, 0);
+    /* no decay and never a gradient: AdamW leaves it alone, the balancing rule moves it */
+    if (L->cfg.selection_bias) L->id_selection_bias = moe__declare(L, s, prefix, "router.selection_bias", 0, L->cfg.n_experts, 0, 0);
 }
 
 /* logits (T, E) = rin (T, router_dim) . Wr^T + b */
@@ -3372,13 +3395,21 @@ static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin,
                         moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts);
 }
 
-/* token t: the k largest probabilities and their weights (softmax or sigmoid scores) */
-static void moe__topk_select(moe_layer *L, int t) {
+/* token t: the k largest probabilities (plus the selection bias, when there is one) and
+   their weights (softmax or sigmoid scores) */
+static void moe__topk_select(moe_layer *L, const moe_store *st, int t) {
     int E = L->cfg.n_experts, K = L->cfg.top_k, s;
     const float *p = L->probs + (size_t)t * E;
     int *idx = L->topk + (size_t)t * K;
     float *g = L->gates + (size_t)t * E;
-    moe__topk_row(p, E, K, idx);
+    if (L->cfg.selection_bias) {
+        const float *b = moe_store_param(st, L->id_selection_bias);
+        float *score = L->selection_scores + (size_t)t * E;
+        for (s = 0; s < E; s++) score[s] = p[s] + b[s];
+        moe__topk_row(score, E, K, idx);
+    } else {
+        moe__topk_row(p, E, K, idx);
+    }
     if (L->cfg.renormalize) {
         float sum = 0.0f;
         for (s = 0; s < K; s++) sum += p[idx[s]];
@@ -4116,7 +4147,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     int E, K, d, D, S, Ds, cap, rows, wide, k, ok;
     size_t TE;
     memset(L, 0, sizeof *L);
-    L->id_router_w = L->id_router_b = L->noisy.id_w_noise = L->aoe.id_w_in = L->aoe.id_w_out = -1;
+    L->id_router_w = L->id_router_b = L->id_selection_bias = L->noisy.id_w_noise = L->aoe.id_w_in = L->aoe.id_w_out = -1;
     L->id_gate = L->id_up = L->id_down = L->id_b_up = L->id_b_down = -1;
     L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
     for (k = 0; k < MOE_HYPER_TENSORS; k++) L->hyper.id[k] = -1;
@@ -4222,6 +4253,22 @@ MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) 
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
     if (!L->logits) return moe_err_set(&L->err, MOE_ERR_STATE, "layer is not initialised (moe_layer_init failed or was not called)");
     if (!s || !s->allocated || L->id_down >= s->count) return moe_err_set(&L->err, MOE_ERR_STATE, "the store is not allocated or does not hold this layer's tensors");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma) {
+    const float *c = L->aux.picks;
+    float *b;
+    double mean = 0.0;
+    int E = L->cfg.n_experts, e;
+    if (moe__layer_check(L, s) != MOE_OK) return L->err.status;
+    if (L->id_selection_bias < 0) return moe_err_set(&L->err, MOE_ERR_STATE, "the layer has no selection bias (set selection_bias in its config)");
+    if (L->T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "update_selection_bias needs a forward before it (it reads that forward's expert loads)");
+    if (!(gamma >= 0.0f) || gamma > 1e6f) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "gamma must be finite and >= 0, got %g", (double)gamma);
+    b = moe_store_param(s, L->id_selection_bias);
+    for (e = 0; e < E; e++) mean += c[e];
+    mean /= E;
+    for (e = 0; e < E; e++) b[e] += c[e] > mean ? -gamma : c[e] < mean ? gamma : 0.0f;
     return MOE_OK;
 }
 
@@ -5001,6 +5048,17 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
 }
 
 MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }
+
+MOE__IMPL moe_status moe_model_update_selection_bias(moe_model *m, float gamma) {
+    int l;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        if (b->is_moe && moe_layer_update_selection_bias(&b->moe, &m->S, gamma) != MOE_OK)
+            return moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+    }
+    return MOE_OK;
+}
 
 MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
 

@@ -299,6 +299,7 @@ static void test_layer(const char *which, const char *what) {
     c.capacity_order = (moe_capacity_order)golden_int(&g, "cfg.capacity_order", 0);
     c.routed_scale = golden_float(&g, "cfg.routed_scale", 1.0f);
     c.shared_scale = golden_float(&g, "cfg.shared_scale", 1.0f);
+    c.selection_bias = golden_int(&g, "cfg.selection_bias", 0);
     T = golden_cfg_int(&g, "tokens", &ok);
     has_noise = golden_cfg_int(&g, "has_noise", &ok);
     if (!ok) { golden_free(&g); return; }
@@ -414,6 +415,7 @@ int main(int argc, char **argv) {
     test_layer("mixtral", "renormalised softmax top-2, SwiGLU, Mixtral balance, z-loss");
     test_layer("deepseek", "2 shared + 16 fine-grained experts, softmax top-4 (no renorm), DeepSeek balance, z-loss");
     test_layer("deepseek_scaled", "the same with routed_scale 2.5 (DeepSeek-V3's routed scaling factor) and shared_scale 0.5");
+    test_layer("sigmoid_v3", "DeepSeek-V3 gating: sigmoid, top-2 by score + selection bias, renormalised, routed_scale 2.5, 1 shared expert");
     test_layer("sigmoid", "sigmoid top-2 (no renorm), Mixtral balance on normalised scores, z-loss");
     test_layer("sigmoid_renorm", "sigmoid top-3 renormalised, FFN(GELU tanh), router bias, DeepSeek balance");
     test_layer("noisy", "Shazeer noisy top-2 with stored noise, importance + smooth-load CV^2");

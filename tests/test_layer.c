@@ -564,6 +564,72 @@ static void test_output_scales(void) {
     gradcheck_layer("expert choice, routed_scale 1.7", &c, 20, 0);
 }
 
+/* DeepSeek-V3: the selection bias moves the choice, not the weights, gets no gradient, and
+   the balancing rule moves it against the load */
+static void test_selection_bias(void) {
+    int which;
+    TEST_BEGIN("selection-only bias (DeepSeek-V3): choice by p + b, weights p, no gradient, the balancing rule");
+    for (which = 0; which < 2; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        float *b, old[6];
+        int id, t, s, e, ok_choice = 1, ok_weight = 1, nz = 0;
+        c.router = which ? MOE_ROUTER_SIGMOID : MOE_ROUTER_TOPK;
+        c.selection_bias = 1;
+        c.routed_scale = 2.5f;
+        if (!fixture_init(&f, &c, 20, 29)) { CHECK(0, "fixture"); return; }
+        id = moe_store_find(&f.S, "moe.router.selection_bias");
+        CHECK(id == f.L.id_selection_bias && id >= 0 && f.S.tensors[id].flags == 0, "the bias is a tensor without weight decay");
+        b = moe_store_param(&f.S, id);
+        for (e = 0; e < 6; e++) b[e] = e == 4 ? 10.0f : 0.0f; /* expert 4 wins every choice */
+        objective(&f, NULL);
+        for (t = 0; t < 20; t++) {
+            const float *p = f.L.probs + (size_t)t * 6;
+            const int *idx = f.L.topk + (size_t)t * 2;
+            float sum = p[idx[0]] + p[idx[1]];
+            if (idx[0] != 4) ok_choice = 0;
+            for (s = 0; s < 2; s++)
+                if (fabsf(f.L.gates[(size_t)t * 6 + idx[s]] - p[idx[s]] / sum) > 1e-6f) ok_weight = 0;
+        }
+        CHECK(ok_choice, "router %d: the bias puts expert 4 first for every token", which);
+        CHECK(ok_weight, "router %d: the weights are the renormalised scores, without the bias", which);
+        moe_store_zero_grad(&f.S);
+        CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "backward");
+        for (e = 0; e < 6; e++) nz += moe_store_grad(&f.S, id)[e] != 0.0f;
+        CHECK(nz == 0, "router %d: no gradient reaches the selection bias", which);
+        for (e = 0; e < 6; e++) b[e] = 0.1f * (float)e; /* the rule: down where overloaded, up where underloaded */
+        objective(&f, NULL);
+        memcpy(old, b, sizeof old);
+        CHECK(moe_layer_update_selection_bias(&f.L, &f.S, 0.01f) == MOE_OK, "update: %s", f.L.err.msg);
+        {
+            int ok = 1;
+            for (e = 0; e < 6; e++) {
+                float want = f.L.aux.picks[e] > 20.0f * 2 / 6 ? -0.01f : f.L.aux.picks[e] < 20.0f * 2 / 6 ? 0.01f : 0.0f;
+                if (fabsf((b[e] - old[e]) - want) > 1e-7f) ok = 0;
+            }
+            CHECK(ok, "router %d: b_i += gamma * sign(mean load - load_i)", which);
+        }
+        CHECK(moe_layer_update_selection_bias(&f.L, &f.S, -1.0f) == MOE_ERR_INVALID_ARG, "negative gamma refused");
+        fixture_free(&f);
+        c.routed_scale = 1.0f;
+        gradcheck_layer(which ? "sigmoid top-k with a selection bias" : "softmax top-k with a selection bias", &c, 20, 0);
+    }
+    {
+        moe_layer_config c = small_config();
+        fixture f;
+        moe_err err;
+        if (fixture_init(&f, &c, 4, 1)) {
+            objective(&f, NULL);
+            CHECK(moe_layer_update_selection_bias(&f.L, &f.S, 0.01f) == MOE_ERR_STATE && strstr(f.L.err.msg, "selection bias"),
+                  "a layer without the bias refuses the update: %s", f.L.err.msg);
+            fixture_free(&f);
+        }
+        c.router = MOE_ROUTER_NOISY_TOPK;
+        c.selection_bias = 1;
+        CHECK(moe_layer_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "selection_bias"), "noisy top-k has none: %s", err.msg);
+    }
+}
+
 static void test_dispatch(void) {
     /* raw list in token order; expert 1 gets tokens 0, 2, 3 (in that order) */
     int tok[] = {0, 0, 1, 2, 2, 3}, exp_[] = {1, 2, 0, 2, 1, 1}, slot[] = {0, 1, 0, 1, 0, 0};
@@ -841,6 +907,7 @@ int main(void) {
     test_aux_gradients();
     test_raw_aux_terms();
     test_output_scales();
+    test_selection_bias();
     test_gw();
     test_aoe();
     test_hyper();

@@ -504,6 +504,38 @@ static void test_non_finite_router(void) {
     }
 }
 
+/* DeepSeek-V3's balancing rule on every MoE layer of a model */
+static void test_selection_bias_model(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_rng r;
+    int x[20], y[20], l, moved = 1;
+    TEST_BEGIN("model: selection-only bias (DeepSeek-V3) moved by moe_model_update_selection_bias in every MoE layer");
+    c.moe.router = MOE_ROUTER_SIGMOID;
+    c.moe.selection_bias = 1;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 3);
+    moe_rng_seed(&r, 8);
+    random_tokens(x, 20, c.vocab, &r);
+    random_tokens(y, 20, c.vocab, &r);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK, "forward: %s", m.err.msg);
+    CHECK(moe_model_update_selection_bias(&m, 0.01f) == MOE_OK, "update: %s", m.err.msg);
+    for (l = 0; l < c.n_layers; l++) {
+        const float *b = moe_store_param(&m.S, m.blocks[l].moe.id_selection_bias);
+        int e, any = 0;
+        for (e = 0; e < c.moe.n_experts; e++) any |= b[e] != 0.0f;
+        moved &= any;
+    }
+    CHECK(moved, "every layer's bias moved off zero");
+    moe_model_free(&m);
+    c.moe.selection_bias = 0;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 3);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK && moe_model_update_selection_bias(&m, 0.01f) == MOE_ERR_STATE &&
+          strstr(m.err.msg, "layer 0"), "a model without the bias refuses: %s", m.err.msg);
+    moe_model_free(&m);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -513,5 +545,6 @@ int main(void) {
     test_generate_and_loader();
     test_ffn_hook();
     test_non_finite_router();
+    test_selection_bias_model();
     return test_summary();
 }

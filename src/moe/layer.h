@@ -37,12 +37,14 @@ typedef struct moe_layer {
     /* ---- the router (>>moe:router): its decisions in the last forward, T = its tokens ---- */
     int id_router_w;        /* (E, router_dim) the linear router, -1 for AoE                   */
     int id_router_b;        /* (E) its bias, -1 when absent                                    */
+    int id_selection_bias;  /* (E) DeepSeek-V3's selection-only bias, -1 when absent           */
     float *logits;          /* (T, E) router logits r . Wr^T + b (AoE: the norms ||C_e||)      */
     float *probs;           /* (T, E) softmax (sigmoid) of logits                              */
     float *lse;             /* (T) logsumexp of logits (z-loss)                                */
     int *topk;              /* (T, K) chosen experts, descending score; -1 for expert choice   */
     float *gates;           /* (T, E) mixing weight of each (token, expert), 0 when not chosen
                                (the assignments' weights are these times routed_scale)       */
+    float *selection_scores;/* (T, E) with selection_bias: what top-k ranked, probs + b       */
     float *d_gates;         /* (T, E) backward: dLoss/dgates                                   */
     float *d_logits;        /* (T, E) backward: dLoss/dlogits                                  */
     moe_router_aux aux;     /* (E) each: the pieces of the balance loss                        */
@@ -88,6 +90,11 @@ MOEDEF void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
 /* Pointers to the layer's weights in the params (grads = 0) or grads (grads = 1) buffer. */
 MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store *s, int shared, int grads);
 MOEDEF moe_layer_args moe_layer_args_default(void);
+/* DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437 §2.1.2), for a layer with
+   selection_bias: after a step, b_i += gamma * sign(mean_j c_j - c_i), c_i = the tokens that
+   chose expert i in the last forward: an overloaded expert's bias goes down by gamma, an
+   underloaded one's up (the paper: gamma 0.001 for most of training). */
+MOEDEF moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma);
 /* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
    Capacity: assignments are admitted slot by slot (every token's first choice before any
    second choice), tokens in index order (token by token with capacity_order); a dropped
@@ -154,7 +161,7 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
     int E, K, d, D, S, Ds, cap, rows, wide, k, ok;
     size_t TE;
     memset(L, 0, sizeof *L);
-    L->id_router_w = L->id_router_b = L->noisy.id_w_noise = L->aoe.id_w_in = L->aoe.id_w_out = -1;
+    L->id_router_w = L->id_router_b = L->id_selection_bias = L->noisy.id_w_noise = L->aoe.id_w_in = L->aoe.id_w_out = -1;
     L->id_gate = L->id_up = L->id_down = L->id_b_up = L->id_b_down = -1;
     L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
     for (k = 0; k < MOE_HYPER_TENSORS; k++) L->hyper.id[k] = -1;
@@ -260,6 +267,22 @@ MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) 
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
     if (!L->logits) return moe_err_set(&L->err, MOE_ERR_STATE, "layer is not initialised (moe_layer_init failed or was not called)");
     if (!s || !s->allocated || L->id_down >= s->count) return moe_err_set(&L->err, MOE_ERR_STATE, "the store is not allocated or does not hold this layer's tensors");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma) {
+    const float *c = L->aux.picks;
+    float *b;
+    double mean = 0.0;
+    int E = L->cfg.n_experts, e;
+    if (moe__layer_check(L, s) != MOE_OK) return L->err.status;
+    if (L->id_selection_bias < 0) return moe_err_set(&L->err, MOE_ERR_STATE, "the layer has no selection bias (set selection_bias in its config)");
+    if (L->T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "update_selection_bias needs a forward before it (it reads that forward's expert loads)");
+    if (!(gamma >= 0.0f) || gamma > 1e6f) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "gamma must be finite and >= 0, got %g", (double)gamma);
+    b = moe_store_param(s, L->id_selection_bias);
+    for (e = 0; e < E; e++) mean += c[e];
+    mean /= E;
+    for (e = 0; e < E; e++) b[e] += c[e] > mean ? -gamma : c[e] < mean ? gamma : 0.0f;
     return MOE_OK;
 }
 

@@ -111,6 +111,9 @@ MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
 /* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
    inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
 MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
+/* DeepSeek-V3's auxiliary-loss-free balancing: moe_layer_update_selection_bias on every MoE
+   layer (their config needs selection_bias), from the last forward's loads. */
+MOEDEF moe_status moe_model_update_selection_bias(moe_model *m, float gamma);
 /* total parameters, and those one token uses (routers + its k experts + everything dense) */
 MOEDEF size_t moe_model_params_total(const moe_model *m);
 MOEDEF size_t moe_model_params_active(const moe_model *m);
@@ -499,6 +502,17 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
 }
 
 MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }
+
+MOE__IMPL moe_status moe_model_update_selection_bias(moe_model *m, float gamma) {
+    int l;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        if (b->is_moe && moe_layer_update_selection_bias(&b->moe, &m->S, gamma) != MOE_OK)
+            return moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+    }
+    return MOE_OK;
+}
 
 MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
 

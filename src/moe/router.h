@@ -105,6 +105,11 @@ typedef struct moe_layer_config {
     float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
                                  routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
     float shared_scale;       /* multiplies the shared experts' output; 1                 */
+    int selection_bias;       /* DeepSeek-V3's auxiliary-loss-free balancing (arXiv
+                                 2412.19437 §2.1.2): the top-k choice ranks p + b, the
+                                 weights stay p; b (E) = the tensor router.selection_bias,
+                                 no gradient, moved by moe_layer_update_selection_bias
+                                 (softmax and sigmoid top-k)                              */
     int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
                                  E - 1), as torch.var in the HyperMoE code; 0 = the
                                  population variance (divided by E), Shazeer's definition */
@@ -159,7 +164,7 @@ static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *p
 static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T);
 static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin);
 /* softmax / sigmoid top-k (>>moe:router_topk) */
-static void moe__topk_select(moe_layer *L, int t);
+static void moe__topk_select(moe_layer *L, const moe_store *s, int t);
 static int moe__topk_assign(moe_layer *L, int T);
 static void moe__topk_backward_token(moe_layer *L, int t);
 static void moe__softmax_backward_token(moe_layer *L, int t);
@@ -311,6 +316,8 @@ static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) 
         break;
     default: break;
     }
+    if (c->selection_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_SIGMOID)
+        return moe_err_set(err, bad, "selection_bias applies to the softmax and sigmoid top-k routers");
     if (c->ec_capacity_factor != 0.0f && c->router != MOE_ROUTER_EXPERT_CHOICE)
         return moe_err_set(err, bad, "ec_capacity_factor applies to the expert-choice router only (token-choice routers use capacity_factor)");
     if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
@@ -359,7 +366,8 @@ static void moe__router_declare_extensions(moe_layer *L, moe_store *s, const cha
 
 /* the families' and extensions' buffers, sized for max_tokens; 0 when out of memory */
 static int moe__router_alloc(moe_layer *L) {
-    int ok = moe__gw_alloc(L); /* GW's per-token flags are read by every token-choice family */
+    int ok = moe__gw_alloc(L) && /* GW's per-token flags are read by every token-choice family */
+             (!L->cfg.selection_bias || MOE__ALLOC(L->selection_scores, (size_t)L->max_tokens * L->cfg.n_experts, float));
     switch (L->cfg.router) {
     case MOE_ROUTER_NOISY_TOPK: ok = ok && moe__noisy_alloc(L); break;
     case MOE_ROUTER_EXPERT_CHOICE: ok = ok && moe__ec_alloc(L); break;
@@ -370,6 +378,8 @@ static int moe__router_alloc(moe_layer *L) {
 }
 
 static void moe__router_free(moe_layer *L) {
+    MOE_FREE(L->selection_scores);
+    L->selection_scores = NULL;
     moe__gw_free(L);
     moe__noisy_free(L);
     moe__ec_free(L);
@@ -386,6 +396,7 @@ static void moe__router_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
     if (w)
         for (i = 0; i < s->tensors[L->id_router_w].numel; i++) w[i] = L->cfg.router_init_std * moe_rng_normal(rng);
     if (b) memset(b, 0, s->tensors[L->id_router_b].numel * sizeof(float));
+    if (L->id_selection_bias >= 0) memset(moe_store_param(s, L->id_selection_bias), 0, sizeof(float) * (size_t)L->cfg.n_experts);
     switch (L->cfg.router) {
     case MOE_ROUTER_AOE: moe__aoe_init_weights(L, s, rng); break;
     case MOE_ROUTER_NOISY_TOPK: {
@@ -437,14 +448,14 @@ static moe_status moe__router_scores(moe_layer *L, const moe_store *s, const flo
 }
 
 /* token t's choice: topk ids and dense gates (gates were zeroed) */
-static void moe__router_select_token(moe_layer *L, int t) {
+static void moe__router_select_token(moe_layer *L, const moe_store *st, int t) {
     int K = L->cfg.top_k, s;
     switch (L->cfg.router) {
     case MOE_ROUTER_NOISY_TOPK: moe__noisy_select(L, t); break;
     case MOE_ROUTER_EXPERT_CHOICE: /* the experts choose in assign: no per-token choice */
         for (s = 0; s < K; s++) L->topk[(size_t)t * K + s] = -1;
         break;
-    default: moe__topk_select(L, t); break; /* softmax, sigmoid, AoE (softmax of the norms) */
+    default: moe__topk_select(L, st, t); break; /* softmax, sigmoid, AoE (softmax of the norms) */
     }
 }
 
@@ -466,7 +477,7 @@ static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const fl
     if ((st = moe__router_scores(L, s, x, rin, a, T)) != MOE_OK) return st;
     memset(L->gates, 0, (size_t)T * L->cfg.n_experts * sizeof(float));
     MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) moe__router_select_token(L, t);
+    for (t = 0; t < T; t++) moe__router_select_token(L, s, t);
     moe__gw_mark(L, T, a);
     *n = moe__router_assign(L, T);
     if (L->cfg.routed_scale != 1.0f)

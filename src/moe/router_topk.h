@@ -22,6 +22,8 @@
 static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *prefix) {
     L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, L->cfg.n_experts, L->cfg.router_dim, 0);
     if (L->cfg.router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, L->cfg.n_experts, 0, 0);
+    /* no decay and never a gradient: AdamW leaves it alone, the balancing rule moves it */
+    if (L->cfg.selection_bias) L->id_selection_bias = moe__declare(L, s, prefix, "router.selection_bias", 0, L->cfg.n_experts, 0, 0);
 }
 
 /* logits (T, E) = rin (T, router_dim) . Wr^T + b */
@@ -36,13 +38,21 @@ static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin,
                         moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts);
 }
 
-/* token t: the k largest probabilities and their weights (softmax or sigmoid scores) */
-static void moe__topk_select(moe_layer *L, int t) {
+/* token t: the k largest probabilities (plus the selection bias, when there is one) and
+   their weights (softmax or sigmoid scores) */
+static void moe__topk_select(moe_layer *L, const moe_store *st, int t) {
     int E = L->cfg.n_experts, K = L->cfg.top_k, s;
     const float *p = L->probs + (size_t)t * E;
     int *idx = L->topk + (size_t)t * K;
     float *g = L->gates + (size_t)t * E;
-    moe__topk_row(p, E, K, idx);
+    if (L->cfg.selection_bias) {
+        const float *b = moe_store_param(st, L->id_selection_bias);
+        float *score = L->selection_scores + (size_t)t * E;
+        for (s = 0; s < E; s++) score[s] = p[s] + b[s];
+        moe__topk_row(score, E, K, idx);
+    } else {
+        moe__topk_row(p, E, K, idx);
+    }
     if (L->cfg.renormalize) {
         float sum = 0.0f;
         for (s = 0; s < K; s++) sum += p[idx[s]];

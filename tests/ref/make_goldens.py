@@ -202,8 +202,8 @@ def default_cfg():
 # The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
 # at their defaults. A golden file records one only when a case sets it otherwise.
 CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0, routed_scale=1.0,
-                   shared_scale=1.0)
-CONVENTION_INTS = ("cv_unbiased", "capacity_order")
+                   shared_scale=1.0, selection_bias=0)
+CONVENTION_INTS = ("cv_unbiased", "capacity_order", "selection_bias")
 
 
 def ec_capacity(c, T):
@@ -220,6 +220,8 @@ def param_shapes(c):
     shapes = [("moe.router.w", (E, d))]
     if c["router_bias"]:
         shapes.append(("moe.router.b", (E,)))
+    if c["selection_bias"]:
+        shapes.append(("moe.router.selection_bias", (E,)))
     if c["router"] == "noisy":
         shapes.append(("moe.router.w_noise", (E, d)))
     banks = [("experts", E, D)] + ([("shared", S, Ds)] if S > 0 else [])
@@ -243,6 +245,8 @@ def init_params(c, rng, skew):
             v = 0.3 * rng.standard_normal(shape) + (skew if skew is not None else 0.0)
         elif name == "moe.router.w_noise":
             v = 0.3 * rng.standard_normal(shape)
+        elif name == "moe.router.selection_bias":  # of the probabilities' scale
+            v = 0.2 * rng.standard_normal(shape)
         elif len(shape) == 3:  # nn.Linear init, fan-in = last dim
             bound = 1.0 / math.sqrt(shape[2])
             v = rng.uniform(-bound, bound, shape)
@@ -300,6 +304,8 @@ def moe_reference(c, P, x, noise):
             H = z + noise * sd if noise is not None else z
             out["noisy"] = H
             score = H
+        elif c["selection_bias"]:  # DeepSeek-V3: choose by p + b, weigh by p
+            score = probs + P["moe.router.selection_bias"].detach()
         else:
             score = probs
         sc = score.detach().tolist()
@@ -439,6 +445,14 @@ def bad_tokens(c, P, x, noise, margin=0.02, rel_margin=1e-3):
         for t in range(T):
             if min(gaps(z[t], upto) + [1.0]) < margin:   # clean top-k (and Switch's argmax)
                 bad.add(t)
+        if c["selection_bias"]:  # the choice ranks p + b
+            p = 1.0 / (1.0 + np.exp(-z)) if c["router"] == "sigmoid" else np.exp(z - z.max(1, keepdims=True))
+            if c["router"] != "sigmoid":
+                p /= p.sum(1, keepdims=True)
+            sb = p + P["moe.router.selection_bias"].astype(np.float64)
+            for t in range(T):
+                if min(gaps(sb[t], k) + [1.0]) < 5e-3:
+                    bad.add(t)
         if c["router"] == "noisy" and noise is not None:
             zn = x64 @ P["moe.router.w_noise"].astype(np.float64).T
             sd = np.logaddexp(0.0, zn) + c["noise_eps"]
@@ -593,6 +607,13 @@ def layer_cases():
                                  balance="deepseek", balance_coef=0.05, z_coef=0.01,
                                  routed_scale=2.5, shared_scale=0.5),
          40, 103, None, False),
+        # DeepSeek-V3's gating: sigmoid scores, the top-k chosen by score + a selection-only
+        # bias (no gradient), weights = the chosen scores renormalised, times 2.5; one shared
+        # expert; a DeepSeek balance loss
+        ("sigmoid_v3", dict(router="sigmoid", k=2, renormalize=1, selection_bias=1,
+                            routed_scale=2.5, n_shared=1, balance="deepseek",
+                            balance_coef=0.01),
+         40, 116, None, False),
         # sigmoid top-k without renormalisation, Mixtral balance loss on normalised scores
         ("sigmoid", dict(router="sigmoid", k=2, renormalize=0, balance="mixtral",
                          balance_coef=0.05, z_coef=0.01),

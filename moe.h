@@ -573,6 +573,9 @@ typedef struct moe_layer_config {
     float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
                                  paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
     moe_capacity_order capacity_order; /* which assignments capacity admits first         */
+    int drop_passthrough;     /* a dropped assignment outputs weight * x, as HF's Switch
+                                 Transformers do (the dropped token passes through its
+                                 expert's place), instead of nothing                      */
     float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
                                  routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
     float shared_scale;       /* multiplies the shared experts' output; 1                 */
@@ -637,8 +640,10 @@ MOEDEF moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *
    Capacity (capacity_factor > 0; GShard, arXiv 2006.16668): each expert keeps at most
    C = ceil(cf k T / E) assignments, admitted slot by slot (every token's first choice before
    any second choice), tokens in index order, or with MOE_CAPACITY_TOKEN_MAJOR token by token;
-   a dropped assignment contributes nothing (the token keeps its residual) and the kept
-   weights are not renormalised. */
+   a dropped assignment contributes nothing (the token keeps its residual; with
+   drop_passthrough it contributes weight * x instead, as HF's Switch Transformers, whose
+   dropped token keeps its input as its expert output) and the kept weights are not
+   renormalised. */
 
 /* ============================================================================================
    >>moe:router_noisy  Shazeer's noisy top-k gating and its CV^2 losses (arXiv 1701.06538 §2.1)
@@ -836,6 +841,8 @@ typedef struct moe_layer {
     float *raw_weight;
     int *admitted;          /* (T, K) capacity: 1 when the token's s-th choice got a place     */
     int *capacity_count;    /* (E) capacity: places taken per expert                           */
+    float *passthrough;     /* (T) drop_passthrough: y += passthrough * x, the dropped weights */
+    float *d_passthrough;   /* (T) backward: dLoss/d passthrough                               */
     /* backward scratch; rows = max(cap, S T) */
     float *d_weight;        /* (cap) dLoss/d(assignment weight), from combine's backward       */
     float *dxg, *deout;     /* (rows, d) gradients of the gathered inputs and expert outputs   */
@@ -2852,6 +2859,9 @@ static int moe__topk_assign(moe_layer *L, int T);
 static void moe__topk_backward_token(moe_layer *L, int t);
 static void moe__softmax_backward_token(moe_layer *L, int t);
 static void moe__sigmoid_probs(moe_layer *L, int T);
+static void moe__topk_passthrough_forward(moe_layer *L, float *y, const float *x, int T);
+static void moe__topk_passthrough_backward(moe_layer *L, float *dx, const float *dy, const float *x);
+static void moe__topk_passthrough_gates_backward(moe_layer *L);
 static void moe__sigmoid_backward_token(moe_layer *L, int t);
 static void moe__sigmoid_norm_probs(const moe_layer *L, int t, float *out);
 static void moe__sigmoid_mean_prob_backward(moe_layer *L, int t);
@@ -2999,6 +3009,8 @@ static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) 
         break;
     default: break;
     }
+    if (c->drop_passthrough && (c->capacity_factor <= 0.0f || c->router == MOE_ROUTER_EXPERT_CHOICE))
+        return moe_err_set(err, bad, "drop_passthrough needs a token-choice router with capacity (capacity_factor > 0)");
     if (c->selection_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_SIGMOID)
         return moe_err_set(err, bad, "selection_bias applies to the softmax and sigmoid top-k routers");
     if (c->ec_capacity_factor != 0.0f && c->router != MOE_ROUTER_EXPERT_CHOICE)
@@ -3050,7 +3062,9 @@ static void moe__router_declare_extensions(moe_layer *L, moe_store *s, const cha
 /* the families' and extensions' buffers, sized for max_tokens; 0 when out of memory */
 static int moe__router_alloc(moe_layer *L) {
     int ok = moe__gw_alloc(L) && /* GW's per-token flags are read by every token-choice family */
-             (!L->cfg.selection_bias || MOE__ALLOC(L->selection_scores, (size_t)L->max_tokens * L->cfg.n_experts, float));
+             (!L->cfg.selection_bias || MOE__ALLOC(L->selection_scores, (size_t)L->max_tokens * L->cfg.n_experts, float)) &&
+             (!L->cfg.drop_passthrough || (MOE__ALLOC(L->passthrough, L->max_tokens, float) &&
+                                           MOE__ALLOC(L->d_passthrough, L->max_tokens, float)));
     switch (L->cfg.router) {
     case MOE_ROUTER_NOISY_TOPK: ok = ok && moe__noisy_alloc(L); break;
     case MOE_ROUTER_EXPERT_CHOICE: ok = ok && moe__ec_alloc(L); break;
@@ -3061,8 +3075,8 @@ static int moe__router_alloc(moe_layer *L) {
 }
 
 static void moe__router_free(moe_layer *L) {
-    MOE_FREE(L->selection_scores);
-    L->selection_scores = NULL;
+    MOE_FREE(L->selection_scores); MOE_FREE(L->passthrough); MOE_FREE(L->d_passthrough);
+    L->selection_scores = L->passthrough = L->d_passthrough = NULL;
     moe__gw_free(L);
     moe__noisy_free(L);
     moe__ec_free(L);
@@ -3177,15 +3191,18 @@ static void moe__router_expert_gate_backward(moe_layer *L, moe_store *s) {
     if (moe__router_owns_expert_gate(&L->cfg)) moe__aoe_gate_backward(L, s);
 }
 
-/* what the extensions add to y after the experts: GW's released-code bypass, HyperMoE's
-   hyper-expert; and their backward (dx +=; GW keeps d(bypass weight) for the router) */
+/* what else reaches y after the experts: dropped assignments passed through (HF Switch),
+   GW's released-code bypass, HyperMoE's hyper-expert; and their backward (dx +=; the
+   pass-through and the bypass keep the gradient of their weight for the router) */
 static void moe__router_output_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
+    if (L->cfg.drop_passthrough) moe__topk_passthrough_forward(L, y, x, T);
     if (L->cfg.gw_released) moe__gw_output_forward(L, y, x, T);
     if (L->cfg.hyper) moe__hyper_forward(L, s, y, x, T);
 }
 static void moe__router_output_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x) {
     if (L->cfg.hyper) moe__hyper_backward(L, s, dx, dy, x); /* no gradient to the router: the set is discrete */
     if (L->cfg.gw_released) moe__gw_output_backward(L, dx, dy, x);
+    if (L->cfg.drop_passthrough) moe__topk_passthrough_backward(L, dx, dy, x);
 }
 
 /* Auxiliary losses of the last forward and the routing statistics. P_i (the balance loss's
@@ -3291,6 +3308,7 @@ static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const fl
     if (c->gw_released)
         for (t = 0; t < T; t++)
             if (L->gw.uncertain[t]) L->d_gates[(size_t)t * E + E - 1] = L->gw.d_bypass[t];
+    if (c->drop_passthrough) moe__topk_passthrough_gates_backward(L);
     if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux_backward(L, aux_scale);
     if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
         float scale = c->balance_coef * aux_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
@@ -3447,18 +3465,52 @@ static int moe__topk_assign(moe_layer *L, int T) {
             }
     }
     for (t = 0; t < T; t++) {
+        if (c->drop_passthrough) L->passthrough[t] = 0.0f;
         if (L->gw.uncertain[t]) {
             n = moe__gw_assign_token(L, t, n);
             continue;
         }
         for (s = 0; s < K; s++) {
-            if (c->capacity_factor > 0.0f && !L->admitted[(size_t)t * K + s]) continue;
+            if (c->capacity_factor > 0.0f && !L->admitted[(size_t)t * K + s]) {
+                if (c->drop_passthrough) L->passthrough[t] += L->gates[(size_t)t * E + topk[(size_t)t * K + s]] * c->routed_scale;
+                continue;
+            }
             e = topk[(size_t)t * K + s];
             L->raw_token[n] = t; L->raw_expert[n] = e; L->raw_slot[n] = s; L->raw_weight[n] = L->gates[(size_t)t * E + e];
             n++;
         }
     }
     return n;
+}
+
+/* drop_passthrough: y += (the dropped weights) * x, and its backward: dx += w dy, and
+   d w = <dy, x> for the router (each dropped assignment's gate gets it, times routed_scale) */
+static void moe__topk_passthrough_forward(moe_layer *L, float *y, const float *x, int T) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < T; t++)
+        if (L->passthrough[t] != 0.0f)
+            for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->passthrough[t] * x[(size_t)t * d + j];
+}
+
+static void moe__topk_passthrough_backward(moe_layer *L, float *dx, const float *dy, const float *x) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < L->T; t++) {
+        const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
+        float dot = 0.0f;
+        for (j = 0; j < d; j++) {
+            dot += g[j] * xt[j];
+            dx[(size_t)t * d + j] += L->passthrough[t] * g[j];
+        }
+        L->d_passthrough[t] = dot;
+    }
+}
+
+static void moe__topk_passthrough_gates_backward(moe_layer *L) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, t, s;
+    for (t = 0; t < L->T; t++)
+        for (s = 0; s < K; s++)
+            if (!L->gw.uncertain[t] && !L->admitted[(size_t)t * K + s])
+                L->d_gates[(size_t)t * E + L->topk[(size_t)t * K + s]] = L->d_passthrough[t] * L->cfg.routed_scale;
 }
 
 /* g = softmax over all E read at the chosen experts (Switch, expert choice):

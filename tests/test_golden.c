@@ -300,6 +300,7 @@ static void test_layer(const char *which, const char *what) {
     c.routed_scale = golden_float(&g, "cfg.routed_scale", 1.0f);
     c.shared_scale = golden_float(&g, "cfg.shared_scale", 1.0f);
     c.selection_bias = golden_int(&g, "cfg.selection_bias", 0);
+    c.drop_passthrough = golden_int(&g, "cfg.drop_passthrough", 0);
     T = golden_cfg_int(&g, "tokens", &ok);
     has_noise = golden_cfg_int(&g, "has_noise", &ok);
     if (!ok) { golden_free(&g); return; }
@@ -427,6 +428,7 @@ int main(int argc, char **argv) {
     test_layer("capacity", "capacity factor 1.0 with drops, renormalised top-2, FFN(ReLU)+biases, 1 shared FFN expert, Mixtral balance, z-loss");
     test_layer("capacity_token", "the same with token-major admission: each token's choices before the next token's");
     test_layer("capacity_switch", "capacity factor 1.25 with drops, top-1, FFN(SiLU), Switch balance");
+    test_layer("capacity_switch_hf", "the same, dropped tokens output p_top1 * x as HF's Switch Transformers");
     test_layer("noisy_unbiased", "noisy top-2 whose CV^2 losses use the unbiased variance (torch.var, the HyperMoE code)");
     test_layer("expert_choice_cf", "expert choice with ec_capacity_factor 1.25 (7 tokens per expert), Mixtral balance, z-loss");
     return test_summary();

@@ -724,6 +724,21 @@ static void test_capacity(void) {
     CHECK(dropped_zero, "a dropped token's MoE output is zero");
     CHECK(f.L.stats.load[0] == 1.0f && f.L.stats.load_entropy == 0.0f, "load statistics see only kept tokens");
     fixture_free(&f);
+    /* HF's Switch Transformers: a dropped token outputs its router probability times x */
+    c.renormalize = 0;
+    c.drop_passthrough = 1;
+    if (!fixture_init(&f, &c, 8, 3)) { CHECK(0, "fixture"); return; }
+    memset(moe_store_param(&f.S, f.L.id_router_w), 0, sizeof(float) * 4 * (size_t)c.d);
+    for (e = 0; e < 4; e++) moe_store_param(&f.S, f.L.id_router_b)[e] = e == 0 ? 5.0f : 0.0f;
+    objective(&f, NULL);
+    dropped_zero = 1;
+    for (t = 2; t < 8; t++)
+        for (e = 0; e < c.d; e++)
+            if (f.y[(size_t)t * c.d + e] != f.L.probs[(size_t)t * 4] * f.x[(size_t)t * c.d + e]) dropped_zero = 0;
+    CHECK(dropped_zero && f.L.stats.dropped == 6, "drop_passthrough: a dropped token's output is p_top1 * x (dropped %d)", f.L.stats.dropped);
+    fixture_free(&f);
+    c.drop_passthrough = 0;
+    c.renormalize = 1;
     /* top-2: first choices are admitted before second choices */
     c.top_k = 2;
     c.capacity_factor = 0.5f; /* C = ceil(0.5 * 2 * 8 / 4) = 2 */
@@ -762,6 +777,10 @@ static void test_capacity(void) {
         CHECK(memcmp(kept[0], kept[1], sizeof kept[0]) != 0, "the two orders keep different assignments here");
         c.capacity_order = MOE_CAPACITY_TOKEN_MAJOR;
         gradcheck_layer("capacity 0.5, token-major admission (drops)", &c, 20, 0);
+        c.capacity_order = MOE_CAPACITY_SLOT_MAJOR;
+        c.drop_passthrough = 1;
+        c.routed_scale = 1.3f;
+        gradcheck_layer("capacity 0.5, dropped assignments pass x through (HF Switch), routed_scale 1.3", &c, 20, 0);
     }
 }
 
@@ -870,6 +889,7 @@ static void test_bad_input(void) {
     EXPECT_BAD(c.ec_capacity_factor = 1.0f, "expert-choice router only");
     EXPECT_BAD(c.capacity_order = (moe_capacity_order)2, "capacity_order");
     EXPECT_BAD(c.routed_scale = 0.0f, "routed_scale");
+    EXPECT_BAD(c.drop_passthrough = 1, "drop_passthrough");
     EXPECT_BAD(c.shared_scale = NAN, "shared_scale");
     EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.ec_capacity_factor = -1.0f), "ec_capacity_factor");
 #undef EXPECT_BAD

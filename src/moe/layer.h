@@ -65,6 +65,8 @@ typedef struct moe_layer {
     float *raw_weight;
     int *admitted;          /* (T, K) capacity: 1 when the token's s-th choice got a place     */
     int *capacity_count;    /* (E) capacity: places taken per expert                           */
+    float *passthrough;     /* (T) drop_passthrough: y += passthrough * x, the dropped weights */
+    float *d_passthrough;   /* (T) backward: dLoss/d passthrough                               */
     /* backward scratch; rows = max(cap, S T) */
     float *d_weight;        /* (cap) dLoss/d(assignment weight), from combine's backward       */
     float *dxg, *deout;     /* (rows, d) gradients of the gathered inputs and expert outputs   */

@@ -11,8 +11,10 @@
    Capacity (capacity_factor > 0; GShard, arXiv 2006.16668): each expert keeps at most
    C = ceil(cf k T / E) assignments, admitted slot by slot (every token's first choice before
    any second choice), tokens in index order, or with MOE_CAPACITY_TOKEN_MAJOR token by token;
-   a dropped assignment contributes nothing (the token keeps its residual) and the kept
-   weights are not renormalised. */
+   a dropped assignment contributes nothing (the token keeps its residual; with
+   drop_passthrough it contributes weight * x instead, as HF's Switch Transformers, whose
+   dropped token keeps its input as its expert output) and the kept weights are not
+   renormalised. */
 
 /* @implementation */
 /* ============================================================================================
@@ -90,18 +92,52 @@ static int moe__topk_assign(moe_layer *L, int T) {
             }
     }
     for (t = 0; t < T; t++) {
+        if (c->drop_passthrough) L->passthrough[t] = 0.0f;
         if (L->gw.uncertain[t]) {
             n = moe__gw_assign_token(L, t, n);
             continue;
         }
         for (s = 0; s < K; s++) {
-            if (c->capacity_factor > 0.0f && !L->admitted[(size_t)t * K + s]) continue;
+            if (c->capacity_factor > 0.0f && !L->admitted[(size_t)t * K + s]) {
+                if (c->drop_passthrough) L->passthrough[t] += L->gates[(size_t)t * E + topk[(size_t)t * K + s]] * c->routed_scale;
+                continue;
+            }
             e = topk[(size_t)t * K + s];
             L->raw_token[n] = t; L->raw_expert[n] = e; L->raw_slot[n] = s; L->raw_weight[n] = L->gates[(size_t)t * E + e];
             n++;
         }
     }
     return n;
+}
+
+/* drop_passthrough: y += (the dropped weights) * x, and its backward: dx += w dy, and
+   d w = <dy, x> for the router (each dropped assignment's gate gets it, times routed_scale) */
+static void moe__topk_passthrough_forward(moe_layer *L, float *y, const float *x, int T) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < T; t++)
+        if (L->passthrough[t] != 0.0f)
+            for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->passthrough[t] * x[(size_t)t * d + j];
+}
+
+static void moe__topk_passthrough_backward(moe_layer *L, float *dx, const float *dy, const float *x) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < L->T; t++) {
+        const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
+        float dot = 0.0f;
+        for (j = 0; j < d; j++) {
+            dot += g[j] * xt[j];
+            dx[(size_t)t * d + j] += L->passthrough[t] * g[j];
+        }
+        L->d_passthrough[t] = dot;
+    }
+}
+
+static void moe__topk_passthrough_gates_backward(moe_layer *L) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, t, s;
+    for (t = 0; t < L->T; t++)
+        for (s = 0; s < K; s++)
+            if (!L->gw.uncertain[t] && !L->admitted[(size_t)t * K + s])
+                L->d_gates[(size_t)t * E + L->topk[(size_t)t * K + s]] = L->d_passthrough[t] * L->cfg.routed_scale;
 }
 
 /* g = softmax over all E read at the chosen experts (Switch, expert choice):

@@ -33,7 +33,8 @@ documented semantics, not from moe.h's C code, so the golden test is a real cros
     noisy top-k: H = z + xi * (softplus(x Wn^T) + noise_eps), weights softmax over the k kept H;
   - capacity C = ceil(cf * k * T / E): assignments admitted slot by slot (every first choice
     before any second choice), tokens in index order, or token by token (capacity_order = 1);
-    a dropped assignment contributes nothing and the remaining weights are not renormalised;
+    a dropped assignment contributes nothing (drop_passthrough: weight * x, HF's Switch) and
+    the remaining weights are not renormalised;
   - expert choice: expert e keeps its ceil(c*T/E) best tokens by probability (ties to the lower
     token index; c = ec_capacity_factor, or k), weight = the probability;
   - y = shared_scale * sum of the shared experts + sum over kept assignments of routed_scale *
@@ -202,8 +203,8 @@ def default_cfg():
 # The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
 # at their defaults. A golden file records one only when a case sets it otherwise.
 CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0, routed_scale=1.0,
-                   shared_scale=1.0, selection_bias=0)
-CONVENTION_INTS = ("cv_unbiased", "capacity_order", "selection_bias")
+                   shared_scale=1.0, selection_bias=0, drop_passthrough=0)
+CONVENTION_INTS = ("cv_unbiased", "capacity_order", "selection_bias", "drop_passthrough")
 
 
 def ec_capacity(c, T):
@@ -286,6 +287,7 @@ def moe_reference(c, P, x, noise):
     topk = [[-1] * k for _ in range(T)]
     gate_t, gate_e, gate_v = [], [], []      # dense gate entries
     assign = []                              # (token, expert, slot, index into gate_v)
+    dropped = []                             # the assignments capacity dropped
     if c["router"] == "expert_choice":
         C = ec_capacity(c, T)
         pc = probs.detach().tolist()
@@ -337,6 +339,7 @@ def moe_reference(c, P, x, noise):
                 if count[e] < C:
                     count[e] += 1
                     keep.add((t, s))
+            dropped = [a for a in assign if (a[0], a[2]) not in keep]
             assign = [a for a in assign if (a[0], a[2]) in keep]
     gv = torch.stack(gate_v)
     gates = torch.zeros(T, E).index_put((torch.tensor(gate_t), torch.tensor(gate_e)), gv)
@@ -356,6 +359,10 @@ def moe_reference(c, P, x, noise):
         tok = torch.tensor([a[0] for a in rows])
         w = c["routed_scale"] * torch.stack([gate_v[a[3]] for a in rows])
         y = y.index_add(0, tok, w[:, None] * expert_forward(c, "experts", e, P, x[tok]))
+    if c["drop_passthrough"] and dropped:  # HF Switch: a dropped token keeps x as its output
+        tok = torch.tensor([a[0] for a in dropped])
+        w = c["routed_scale"] * torch.stack([gate_v[a[3]] for a in dropped])
+        y = y.index_add(0, tok, w[:, None] * x[tok])
     out["y"] = y
 
     # 3. auxiliary losses
@@ -669,6 +676,11 @@ def layer_cases():
         ("noisy_unbiased", dict(router="noisy", k=2, balance="none", importance_coef=0.1,
                                 load_coef=0.1, cv_unbiased=1),
          48, 115, None, False),
+        # HF's Switch Transformers: the same top-1 layer whose dropped tokens output p * x
+        ("capacity_switch_hf", dict(E=4, k=1, renormalize=0, capacity_factor=1.25, expert="ffn",
+                                    activation="silu", router_bias=1, balance="switch",
+                                    balance_coef=0.05, drop_passthrough=1),
+         36, 110, np.array([1.2, 0.0, 0.0, 0.0]), True),
         # expert choice with the paper's capacity factor as its own field: c = 1.25 with k = 2,
         # C = ceil(1.25 * 40 / 8) = 7 tokens per expert
         ("expert_choice_cf", dict(router="expert_choice", k=2, ec_capacity_factor=1.25,

@@ -804,6 +804,10 @@ typedef struct moe_layer_args {
     float aux_grad_scale;      /* backward: multiplies the aux losses' gradients; 1 in the
                                   defaults (1/n for n micro-batches whose dy carries 1/n);
                                   a zeroed struct has 0: no aux gradient                        */
+    const float *balance_f;    /* backward: (E) the f_i the balance loss's gradient uses instead
+                                  of this layer's own: one loss over several layers' tokens
+                                  gives each layer mean_l f_l / L (moe_model_config's
+                                  balance_all_layers); NULL = the layer's own loss             */
 } moe_layer_args;
 
 typedef struct moe_layer {
@@ -973,6 +977,10 @@ typedef struct moe_model_config {
     moe_router_input router_input; /* what the routers read (>>moe:router_input)      */
     int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
     float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+    int balance_all_layers; /* 1: the MoE layers' balance loss is ONE loss over all their
+                               tokens at once, f and P averaged over the layers (RMoE's
+                               official code: HF's load_balancing_loss_func over the
+                               concatenated router logits); 0: the sum of per-layer losses */
 } moe_model_config;
 
 typedef struct moe_block {
@@ -1018,7 +1026,10 @@ typedef struct moe_model {
     float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
     int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
-    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
+                               their balance terms replaced by the one over all layers) */
+    float *balance_f_all;   /* (E) balance_all_layers: mean over layers of f / L_moe, the
+                               f every layer's backward differentiates with          */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
        once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
        (swap a token's expert, ablate a layer). Backward does not see what it changes.
@@ -3295,9 +3306,9 @@ static void moe__router_backward_token(moe_layer *L, int t, float aux_scale) {
 /* The router's backward, after the experts': d(assignment weight) in L->d_weight -> gate
    gradients -> logit gradients -> the router's parameters, and its input's gradient into drin
    (the router input's when the router reads one, else dx). aux_scale multiplies the aux
-   losses' gradients. */
+   losses' gradients; balance_f, when given, replaces the layer's own f of the balance loss. */
 static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const float *x, const float *rin, float *drin,
-                                 float aux_scale) {
+                                 float aux_scale, const float *balance_f) {
     const moe_layer_config *c = &L->cfg;
     int E = c->n_experts, T = L->T, t, e, i;
     size_t TE = (size_t)T * E;
@@ -3312,7 +3323,8 @@ static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const fl
     if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux_backward(L, aux_scale);
     if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
         float scale = c->balance_coef * aux_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
-        for (e = 0; e < E; e++) L->aux.d_mean_prob[e] = scale * L->aux.balance_f[e]; /* f is a constant */
+        const float *f = balance_f ? balance_f : L->aux.balance_f;
+        for (e = 0; e < E; e++) L->aux.d_mean_prob[e] = scale * f[e]; /* f is a constant */
     }
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) moe__router_backward_token(L, t, aux_scale);
@@ -4411,7 +4423,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     moe__routed_backward(L, s, dx);
     if (L->cfg.n_shared > 0) moe__shared_backward(L, s, dx, dy);
     moe__router_backward(L, s, dx, x, a.router_input ? a.router_input : x, a.router_input ? a.d_router_input : dx,
-                         a.aux_grad_scale);
+                         a.aux_grad_scale, a.balance_f);
     return MOE_OK;
 }
 /* ============================================================================================
@@ -4882,6 +4894,7 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
     ok = ok && moe__router_input_alloc(m, N);
     if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
+    if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     if (!ok) {
@@ -4911,6 +4924,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
     moe__router_input_free(m);
     MOE_FREE(m->routing_noise);
+    MOE_FREE(m->balance_f_all);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -4951,6 +4965,35 @@ static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b,
     w.down = get(&m->S, b->id_down);
     w.b_up = w.b_down = NULL;
     return w;
+}
+
+/* balance_all_layers: one balance loss over all MoE layers' tokens, f_all = mean_l f_l and
+   P_all = mean_l P_l (every layer sees the same T tokens); it replaces the layers' own
+   balance terms in aux_loss, and each layer's backward differentiates it through its P_l with
+   f_all / L_moe */
+static void moe__model_balance_all_layers(moe_model *m) {
+    const moe_layer_config *c = &m->cfg.moe;
+    int E = c->n_experts, l, e, n = 0;
+    double acc = 0.0, own = 0.0;
+    float *f = m->balance_f_all;
+    for (e = 0; e < E; e++) f[e] = 0.0f;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_layer *L = &m->blocks[l].moe;
+        if (!m->blocks[l].is_moe) continue;
+        for (e = 0; e < E; e++) f[e] += L->aux.balance_f[e];
+        own += L->stats.aux_balance;
+        n++;
+    }
+    if (n == 0 || c->balance == MOE_BALANCE_NONE) return;
+    for (e = 0; e < E; e++) {
+        double P = 0.0;
+        for (l = 0; l < m->cfg.n_layers; l++)
+            if (m->blocks[l].is_moe) P += m->blocks[l].moe.aux.mean_prob[e];
+        f[e] /= (float)n;
+        acc += (double)f[e] * (P / n);
+        f[e] /= (float)n; /* the gradient through each P_l carries 1 / L_moe */
+    }
+    m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
 }
 
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
@@ -5021,6 +5064,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
+    if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
     moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
@@ -5054,6 +5098,7 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             moe_layer_args a = moe_layer_args_default();
             moe_status st;
             a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
             if (b->id_rproj >= 0) {
                 a.router_input = b->rh;
                 a.d_router_input = m->r_drin;

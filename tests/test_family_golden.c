@@ -232,6 +232,7 @@ static void test_model(const char *which, const char *what) {
     c.dense_first = golden_cfg_int(&g, "dense_first", &ok);
     c.router_input = (moe_router_input)golden_cfg_int(&g, "router_input", &ok);
     c.router_dim = golden_cfg_int(&g, "router_dim", &ok);
+    c.balance_all_layers = golden_int(&g, "cfg.balance_all_layers", 0); /* only where a case sets it */
     c.moe.d_ff = golden_cfg_int(&g, "moe.d_ff", &ok);
     c.moe.n_experts = golden_cfg_int(&g, "moe.n_experts", &ok);
     c.moe.top_k = golden_cfg_int(&g, "moe.top_k", &ok);
@@ -293,5 +294,6 @@ int main(int argc, char **argv) {
     test_model("gru_np", "RMoE ablation NP: h_{l-1} = 0 in every layer");
     test_model("gru_detach", "RMoE ablation detach: h_{l-1} enters layer l without a gradient");
     test_model("mlp", "SMoE-MLP: router on GELU(x P^T), 3 MoE layers");
+    test_model("gru_balance_all", "RMoE with its code's balance loss: one over all 3 layers' tokens at once, 5 AdamW steps");
     return test_summary();
 }

@@ -134,6 +134,11 @@ static void test_gradients(void) {
     c.moe.hyper_adapter = 4;
     c.moe.hyper_layer_dim = 3;
     gradcheck_model("HyperMoE, hypernetwork shared by 3 layers", &c);
+    c = tiny_config(1, MOE_POS_LEARNED);
+    c.n_layers = 3;
+    c.moe.balance_coef = 0.5f; /* large enough to matter in the sum */
+    c.balance_all_layers = 1;
+    gradcheck_model("one balance loss over all MoE layers' tokens (RMoE's code)", &c);
 }
 
 static void test_recurrent_router(void) {
@@ -536,6 +541,52 @@ static void test_selection_bias_model(void) {
     moe_model_free(&m);
 }
 
+/* balance_all_layers: aux_loss holds one balance loss over every MoE layer's tokens */
+static void test_balance_all_layers(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m, m1;
+    moe_rng r;
+    int x[20], y[20], l, e, E = c.moe.n_experts;
+    double f[8] = {0}, P[8] = {0}, own = 0.0, rest = 0.0, want = 0.0;
+    TEST_BEGIN("model: balance_all_layers = one balance loss over all MoE layers' tokens (f and P averaged over the layers)");
+    c.n_layers = 3;
+    c.moe.balance_coef = 0.1f;
+    c.balance_all_layers = 1;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 5);
+    moe_rng_seed(&r, 8);
+    random_tokens(x, 20, c.vocab, &r);
+    random_tokens(y, 20, c.vocab, &r);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK, "forward: %s", m.err.msg);
+    for (l = 0; l < 3; l++) {
+        const moe_layer *L = &m.blocks[l].moe;
+        for (e = 0; e < E; e++) { f[e] += L->aux.picks[e] / 20.0 / 3; P[e] += L->stats.mean_prob[e] / 3.0; }
+        own += L->stats.aux_balance;
+        rest += L->stats.aux_total - L->stats.aux_balance;
+    }
+    for (e = 0; e < E; e++) want += f[e] * P[e];
+    want *= 0.1 * E; /* Mixtral form: coef * E * sum f P, f = picks over all 60 tokens */
+    CHECK(fabs(m.aux_loss - (rest + want)) <= 1e-6 * (rest + want), "aux_loss = z-losses + one balance loss (%g vs %g)", m.aux_loss, rest + want);
+    CHECK(fabs(want - own) > 1e-7, "it differs from the sum of the per-layer losses here (%g vs %g)", want, own);
+    moe_model_free(&m);
+    c.n_layers = 1; /* one MoE layer: the same as its own loss */
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    c.balance_all_layers = 0;
+    if (moe_model_init(&m1, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m1.err.msg); moe_model_free(&m); return; }
+    moe_model_init_weights(&m, 5);
+    moe_model_init_weights(&m1, 5);
+    moe_model_forward(&m, x, y, 2, 10, NULL);
+    moe_model_forward(&m1, x, y, 2, 10, NULL);
+    moe_store_zero_grad(&m.S);
+    moe_store_zero_grad(&m1.S);
+    moe_model_backward(&m, 1.0f);
+    moe_model_backward(&m1, 1.0f);
+    CHECK(fabs(m.aux_loss - m1.aux_loss) <= 1e-7 && memcmp(m.S.grads, m1.S.grads, sizeof(float) * m.S.numel) == 0,
+          "one MoE layer: the same loss and bit-identical gradients as the per-layer form");
+    moe_model_free(&m);
+    moe_model_free(&m1);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -546,5 +597,6 @@ int main(void) {
     test_ffn_hook();
     test_non_finite_router();
     test_selection_bias_model();
+    test_balance_all_layers();
     return test_summary();
 }

@@ -28,6 +28,10 @@ typedef struct moe_layer_args {
     float aux_grad_scale;      /* backward: multiplies the aux losses' gradients; 1 in the
                                   defaults (1/n for n micro-batches whose dy carries 1/n);
                                   a zeroed struct has 0: no aux gradient                        */
+    const float *balance_f;    /* backward: (E) the f_i the balance loss's gradient uses instead
+                                  of this layer's own: one loss over several layers' tokens
+                                  gives each layer mean_l f_l / L (moe_model_config's
+                                  balance_all_layers); NULL = the layer's own loss             */
 } moe_layer_args;
 
 typedef struct moe_layer {
@@ -375,6 +379,6 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     moe__routed_backward(L, s, dx);
     if (L->cfg.n_shared > 0) moe__shared_backward(L, s, dx, dy);
     moe__router_backward(L, s, dx, x, a.router_input ? a.router_input : x, a.router_input ? a.d_router_input : dx,
-                         a.aux_grad_scale);
+                         a.aux_grad_scale, a.balance_f);
     return MOE_OK;
 }

@@ -29,6 +29,10 @@ typedef struct moe_model_config {
     moe_router_input router_input; /* what the routers read (>>moe:router_input)      */
     int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
     float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+    int balance_all_layers; /* 1: the MoE layers' balance loss is ONE loss over all their
+                               tokens at once, f and P averaged over the layers (RMoE's
+                               official code: HF's load_balancing_loss_func over the
+                               concatenated router logits); 0: the sum of per-layer losses */
 } moe_model_config;
 
 typedef struct moe_block {
@@ -74,7 +78,10 @@ typedef struct moe_model {
     float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
     int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
-    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
+                               their balance terms replaced by the one over all layers) */
+    float *balance_f_all;   /* (E) balance_all_layers: mean over layers of f / L_moe, the
+                               f every layer's backward differentiates with          */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
        once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
        (swap a token's expert, ablate a layer). Backward does not see what it changes.
@@ -284,6 +291,7 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
     ok = ok && moe__router_input_alloc(m, N);
     if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
+    if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     if (!ok) {
@@ -313,6 +321,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
     moe__router_input_free(m);
     MOE_FREE(m->routing_noise);
+    MOE_FREE(m->balance_f_all);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -353,6 +362,35 @@ static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b,
     w.down = get(&m->S, b->id_down);
     w.b_up = w.b_down = NULL;
     return w;
+}
+
+/* balance_all_layers: one balance loss over all MoE layers' tokens, f_all = mean_l f_l and
+   P_all = mean_l P_l (every layer sees the same T tokens); it replaces the layers' own
+   balance terms in aux_loss, and each layer's backward differentiates it through its P_l with
+   f_all / L_moe */
+static void moe__model_balance_all_layers(moe_model *m) {
+    const moe_layer_config *c = &m->cfg.moe;
+    int E = c->n_experts, l, e, n = 0;
+    double acc = 0.0, own = 0.0;
+    float *f = m->balance_f_all;
+    for (e = 0; e < E; e++) f[e] = 0.0f;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_layer *L = &m->blocks[l].moe;
+        if (!m->blocks[l].is_moe) continue;
+        for (e = 0; e < E; e++) f[e] += L->aux.balance_f[e];
+        own += L->stats.aux_balance;
+        n++;
+    }
+    if (n == 0 || c->balance == MOE_BALANCE_NONE) return;
+    for (e = 0; e < E; e++) {
+        double P = 0.0;
+        for (l = 0; l < m->cfg.n_layers; l++)
+            if (m->blocks[l].is_moe) P += m->blocks[l].moe.aux.mean_prob[e];
+        f[e] /= (float)n;
+        acc += (double)f[e] * (P / n);
+        f[e] /= (float)n; /* the gradient through each P_l carries 1 / L_moe */
+    }
+    m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
 }
 
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
@@ -423,6 +461,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
+    if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
     moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
@@ -456,6 +495,7 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             moe_layer_args a = moe_layer_args_default();
             moe_status st;
             a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
             if (b->id_rproj >= 0) {
                 a.router_input = b->rh;
                 a.d_router_input = m->r_drin;

@@ -608,9 +608,9 @@ static void moe__router_backward_token(moe_layer *L, int t, float aux_scale) {
 /* The router's backward, after the experts': d(assignment weight) in L->d_weight -> gate
    gradients -> logit gradients -> the router's parameters, and its input's gradient into drin
    (the router input's when the router reads one, else dx). aux_scale multiplies the aux
-   losses' gradients. */
+   losses' gradients; balance_f, when given, replaces the layer's own f of the balance loss. */
 static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const float *x, const float *rin, float *drin,
-                                 float aux_scale) {
+                                 float aux_scale, const float *balance_f) {
     const moe_layer_config *c = &L->cfg;
     int E = c->n_experts, T = L->T, t, e, i;
     size_t TE = (size_t)T * E;
@@ -625,7 +625,8 @@ static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const fl
     if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux_backward(L, aux_scale);
     if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
         float scale = c->balance_coef * aux_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
-        for (e = 0; e < E; e++) L->aux.d_mean_prob[e] = scale * L->aux.balance_f[e]; /* f is a constant */
+        const float *f = balance_f ? balance_f : L->aux.balance_f;
+        for (e = 0; e < E; e++) L->aux.d_mean_prob[e] = scale * f[e]; /* f is a constant */
     }
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) moe__router_backward_token(L, t, aux_scale);

@@ -2,6 +2,7 @@
 tests/test_family_golden.c. make_goldens.py calls main(); it also runs on its own:
 
     /usr/bin/python3 tests/ref/family_ref.py
+    /usr/bin/python3 tests/ref/family_ref.py rmoe_<case> ...   (only those files)
 
 Writes, under tests/ref/ (format: golden.py):
     family_<case>.bin  one MoE layer (AoE, GW-MoE, HyperMoE): config, initial weights (moe_store
@@ -35,7 +36,9 @@ not from moe.h's C code:
   RMoE     per MoE layer l: x'_l = x_l P_l^T; h_l = GRUCell(x'_l, h_{l-1}) (torch.nn.GRUCell
            itself, its weights copied into "rmoe.gru.*"), h_0 = 0, dense layers pass h on;
            router logits = h_l Wr^T, experts read x_l. NP: h_{l-1} := 0; detach: h_{l-1}.detach();
-           MLP: router on GELU(x'_l).
+           MLP: router on GELU(x'_l). balance_all_layers: ONE balance loss over all MoE
+           layers' tokens (HF's load_balancing_loss_func on the concatenated router logits,
+           as RMoE's code): coef E sum_i mean_l(f_l)_i mean_l(P_l)_i, replacing the layers' own.
 Every gradient comes from autograd. Routing decisions (top-k, uncertain flags) are python
 constants; inputs are redrawn until each has a clear margin (no near-ties among the top k + 1
 logits, no entropy near tau, no ReLU pre-activation near 0 in the hyper-expert), checked on a
@@ -271,9 +274,10 @@ def layer_ref(c, P, x, prefix="moe.", rin=None):
         f = torch.tensor(requested, dtype=x.dtype) / T
         balance = c["balance_coef"] * E * (f * Pm).sum()
     else:
+        f = torch.zeros(E, dtype=x.dtype)
         balance = torch.zeros((), dtype=x.dtype)
     zloss = c["z_coef"] * (lse ** 2).mean()
-    out.update(aux_balance=balance, aux_z=zloss, aux_total=balance + zloss)
+    out.update(aux_balance=balance, aux_z=zloss, aux_total=balance + zloss, balance_f=f)
 
     nb = sum(uncertain)
     kept = sum(kept_per_expert)
@@ -563,6 +567,11 @@ def model_forward(c, P, cell, inputs, targets):
             wg, wu, wd = (P[pre + "ffn." + n][0] for n in ("w_gate", "w_up", "w_down"))
             ffn = F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
         x = x + ffn
+    if c.get("balance_all_layers") and per and c["moe"]["balance"] != "none":
+        mc = c["moe"]  # one loss over all layers' tokens instead of the layers' own
+        f = torch.stack([r["balance_f"] for r in per.values()]).mean(0)
+        Pm = torch.stack([r["mean_prob"] for r in per.values()]).mean(0)
+        aux = aux - sum(r["aux_balance"] for r in per.values()) + mc["balance_coef"] * mc["E"] * (f * Pm).sum()
     logits = F.linear(mr.rmsnorm(x, P["lnf.w"], eps), P["wte"])
     ce = F.cross_entropy(logits.reshape(N, -1), targets.reshape(-1), ignore_index=-1)
     return logits, ce, aux, per
@@ -645,6 +654,8 @@ def make_model(path, name, c, seed):
     floats = dict(norm_eps=c["norm_eps"], lr=ADAM["lr"], beta1=ADAM["betas"][0],
                   beta2=ADAM["betas"][1], eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
     moe_floats = dict(balance_coef=mc["balance_coef"], z_coef=mc["z_coef"])
+    if c.get("balance_all_layers"):  # recorded only where set: older files stay as they were
+        ints["balance_all_layers"] = 1
     for key, v in ints.items():
         g.add("cfg." + key, np.int32(v), "i32")
     for key, v in moe_ints.items():
@@ -693,12 +704,16 @@ def model_cases():
         ("gru_detach", rmoe_cfg(router_input="gru_detach"), 404),
         # SMoE-MLP baseline: router on GELU(x P^T)
         ("mlp", rmoe_cfg(router_input="mlp"), 405),
+        # RMoE with its code's balance loss: one over all 3 layers' tokens, 5 AdamW steps
+        ("gru_balance_all", rmoe_cfg(router_input="gru", steps=STEPS, balance_all_layers=1), 406),
     ]
 
 
-def main():
+def main(only=()):
     total = 0
     for name, c, T, seed, skew, check in layer_cases():
+        if only and "family_" + name not in only:
+            continue
         path = os.path.join(OUT_DIR, "family_%s.bin" % name)
         size, r = make_layer(path, name, c, T, seed, skew, check)
         total += size
@@ -712,6 +727,8 @@ def main():
               % (name, size, T, c["E"], c["k"], r["kept"], r["dropped"], float(r["aux_total"]),
                  extra))
     for name, c, seed in model_cases():
+        if only and "rmoe_" + name not in only:
+            continue
         size, r, used = make_model(os.path.join(OUT_DIR, "rmoe_%s.bin" % name), name, c, seed)
         total += size
         tr = r["traj"]
@@ -724,4 +741,4 @@ def main():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print("total %d bytes" % main())
+    print("total %d bytes" % main(sys.argv[1:]))

@@ -85,6 +85,7 @@ static void test_layer(const char *which, const char *what) {
     c.hyper_adapter = golden_cfg_int(&g, "hyper_adapter", &ok);
     c.hyper_layers = golden_cfg_int(&g, "hyper_layers", &ok);
     c.hyper_layer = golden_cfg_int(&g, "hyper_layer", &ok);
+    c.hyper_head_bias = golden_int(&g, "cfg.hyper_head_bias", 0); /* only where a case sets it */
     c.capacity_factor = golden_cfg_float(&g, "capacity_factor", &ok);
     c.balance_coef = golden_cfg_float(&g, "balance_coef", &ok);
     c.z_coef = golden_cfg_float(&g, "z_coef", &ok);
@@ -289,6 +290,7 @@ int main(int argc, char **argv) {
     test_layer("gw_released", "GW-MoE released-code emulation: uncertain tokens output p_{E-1} x, Switch top-1");
     test_layer("hyper_switch", "HyperMoE, Switch top-1, hyper-expert from the unselected experts (layer row 1 of 2), Switch balance, z-loss");
     test_layer("hyper_top2", "HyperMoE, renormalised top-2 of 6 (layer row 1 of 3), Mixtral balance");
+    test_layer("hyper_bias", "HyperMoE as hyper_top2 with the official code's head biases (W_dn, b_dn, W_up, b_up each plus a learned constant)");
     test_model("gru", "RMoE: 3 MoE layers, one GRU (p = 8) through depth, top-2 of 4, Mixtral balance, z-loss, 5 AdamW steps");
     test_model("gru_dense", "RMoE: MoE / dense / MoE / dense, the dense layers pass the GRU state on");
     test_model("gru_np", "RMoE ablation NP: h_{l-1} = 0 in every layer");

@@ -272,6 +272,32 @@ static void test_hyper(void) {
     c.router = MOE_ROUTER_NOISY_TOPK; /* the code's gating */
     c.balance = MOE_BALANCE_NONE;
     gradcheck_layer("HyperMoE with noisy top-k", &c, 20, 1);
+    c = hyper_config();
+    c.hyper_head_bias = 1;
+    gradcheck_layer("HyperMoE with head biases (the official code's)", &c, 20, 0);
+    {   /* zero head biases: exactly the output without them */
+        fixture a, b0;
+        moe_layer_config c0 = hyper_config();
+        if (fixture_init(&a, &c, 12, 43) && fixture_init(&b0, &c0, 12, 43)) {
+            int k;
+            const char *bias[3] = {"hyper.head_down.bias", "hyper.head_down_b.bias", "hyper.head_up.bias"};
+            for (k = 0; k < b0.S.count; k++) {
+                int j = moe_store_find(&a.S, b0.S.tensors[k].name);
+                memcpy(moe_store_param(&a.S, j), moe_store_param(&b0.S, k), b0.S.tensors[k].numel * sizeof(float));
+            }
+            for (k = 0; k < 3; k++) {
+                int j = moe_store_find(&a.S, bias[k]);
+                CHECK(j >= 0 && a.S.tensors[j].flags == 0, "%s declared, without weight decay", bias[k]);
+                if (j >= 0) memset(moe_store_param(&a.S, j), 0, a.S.tensors[j].numel * sizeof(float));
+            }
+            memcpy(a.x, b0.x, sizeof(float) * 12 * (size_t)c.d);
+            objective(&a, NULL);
+            objective(&b0, NULL);
+            CHECK(memcmp(a.y, b0.y, sizeof(float) * 12 * (size_t)c.d) == 0, "zero head biases: the output without them, bit for bit");
+            fixture_free(&a);
+            fixture_free(&b0);
+        }
+    }
     /* with a zero up head the hyper-expert adds nothing */
     c = hyper_config();
     if (!fixture_init(&f, &c, 12, 41)) { CHECK(0, "fixture: %s", f.L.err.msg); return; }

@@ -134,6 +134,10 @@ static void test_gradients(void) {
     c.moe.hyper_adapter = 4;
     c.moe.hyper_layer_dim = 3;
     gradcheck_model("HyperMoE, hypernetwork shared by 3 layers", &c);
+    c.moe.hyper_head_bias = 1;
+    c.moe.z_coef = 0.0f; /* with the biases the z-loss of the doubled router grows J to ~20:
+                            its float rounding would exceed the tolerance at eps 1e-3 */
+    gradcheck_model("HyperMoE with head biases, shared by 3 layers", &c);
     c = tiny_config(1, MOE_POS_LEARNED);
     c.n_layers = 3;
     c.moe.balance_coef = 0.5f; /* large enough to matter in the sum */

@@ -108,6 +108,9 @@ typedef struct moe_layer_config {
     float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
                                  routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
     float shared_scale;       /* multiplies the shared experts' output; 1                 */
+    int hyper_head_bias;      /* HyperMoE: the hypernetwork's output heads carry biases, as
+                                 the official code's nn.Linear heads: the generated W_dn,
+                                 b_dn, W_up, b_up each get a learned constant             */
     int selection_bias;       /* DeepSeek-V3's auxiliary-loss-free balancing (arXiv
                                  2412.19437 §2.1.2): the top-k choice ranks p + b, the
                                  weights stay p; b (E) = the tensor router.selection_bias,

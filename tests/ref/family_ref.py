@@ -28,7 +28,9 @@ not from moe.h's C code:
            y_t = p_{E-1} x_t (the experts skipped, gates 0). The balance loss still counts every
            token's top-k (f is a constant); the routing counts (requested / kept / dropped /
            load) leave the broadcast tokens out.
-  HyperMoE sigma_t = sum of Q_j over the experts t did NOT choose; c_t = proc2(ReLU(proc1(sigma)));
+  HyperMoE (hyper_head_bias: each generated W_dn, b_dn, W_up, b_up plus a learned constant, the
+           official code's nn.Linear head biases)
+           sigma_t = sum of Q_j over the experts t did NOT choose; c_t = proc2(ReLU(proc1(sigma)));
            hb_t = ReLU(net([c_t ; layer_emb[l]])); the per-token adapter is generated
            explicitly: W_dn(t)[j] = sum_k hb_k head_down[j b + k] (a x d), b_dn(t)[j] =
            sum_k head_down_b[j, k] hb_k, W_up(t)[:, j] = sum_k hb_k head_up[:, j b + k],
@@ -68,7 +70,8 @@ def fam_cfg(**over):
     c = mg.default_cfg()
     c.update(aoe_rank=0, gw_threshold=0.0, gw_normalized=0, gw_slots=0, gw_released=0,
              gw_active=0, seq_len=0, hyper=0, hyper_embed=8, hyper_hidden=8, hyper_cond=6,
-             hyper_layer_dim=3, hyper_width=6, hyper_adapter=5, hyper_layers=2, hyper_layer=1)
+             hyper_layer_dim=3, hyper_width=6, hyper_adapter=5, hyper_layers=2, hyper_layer=1,
+             hyper_head_bias=0)
     c.update(over)
     return c
 
@@ -96,6 +99,9 @@ def param_shapes(c, prefix="moe.", router_dim=None):
                 ("hyper.layer_emb", (c["hyper_layers"], lam)), ("hyper.net.w", (b, q + lam)),
                 ("hyper.net.b", (b,)), ("hyper.head_down", (a * b, d)),
                 ("hyper.head_down_b", (a, b)), ("hyper.head_up", (d, (a + 1) * b))]
+        if c["hyper_head_bias"]:  # the official code's heads are nn.Linear with biases
+            out += [("hyper.head_down.bias", (a, d)), ("hyper.head_down_b.bias", (a,)),
+                    ("hyper.head_up.bias", (d, a + 1))]
     return out
 
 
@@ -120,6 +126,12 @@ def init_params(c, rng, skew=None, prefix="moe."):
             v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["hyper_width"])
         elif base == "hyper.head_up":        # hyper output comparable to the experts'
             v = 1.0 * rng.standard_normal(shape) / math.sqrt(c["hyper_width"] * c["hyper_adapter"])
+        elif base == "hyper.head_down.bias":  # the heads' biases: constants of the same order
+            v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["d"])
+        elif base == "hyper.head_down_b.bias":
+            v = 0.3 * rng.standard_normal(shape)
+        elif base == "hyper.head_up.bias":
+            v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["hyper_adapter"])
         elif len(shape) >= 2:                # nn.Linear, fan-in last
             bound = 1.0 / math.sqrt(shape[-1])
             v = rng.uniform(-bound, bound, shape)
@@ -256,6 +268,11 @@ def layer_ref(c, P, x, prefix="moe.", rin=None):
         b_dn = hb @ P["hyper.head_down_b"].t()                               # (T, a)
         W_up = torch.einsum("tk,mjk->tmj", hb, hu[:, :a_ * b_].reshape(d, a_, b_))  # (T, d, a)
         b_up = hb @ hu[:, a_ * b_:].t()                                      # (T, d)
+        if c["hyper_head_bias"]:  # each head's own bias: a constant on what it generates
+            W_dn = W_dn + P["hyper.head_down.bias"]
+            b_dn = b_dn + P["hyper.head_down_b.bias"]
+            W_up = W_up + P["hyper.head_up.bias"][:, :a_]
+            b_up = b_up + P["hyper.head_up.bias"][:, a_]
         pre_u = torch.einsum("tjd,td->tj", W_dn, x) + b_dn
         hyp = torch.einsum("tmj,tj->tm", W_up, F.relu(pre_u)) + b_up
         y = y + hyp
@@ -358,6 +375,8 @@ def make_layer(path, name, c, T, seed, skew=None, checks=None):
                 gw_slots=c["gw_slots"], gw_released=c["gw_released"], gw_active=c["gw_active"],
                 seq_len=c["seq_len"], hyper=c["hyper"])
     ints.update({key: c[key] for key in HYPER_KEYS})
+    if c["hyper_head_bias"]:  # recorded only where set: older files stay as they were
+        ints["hyper_head_bias"] = 1
     floats = dict(capacity_factor=c["capacity_factor"], balance_coef=c["balance_coef"],
                   z_coef=c["z_coef"], gw_threshold=c["gw_threshold"])
     for key, v in ints.items():
@@ -451,6 +470,13 @@ def layer_cases():
         ("hyper_top2", fam_cfg(E=6, k=2, renormalize=1, hyper=1, hyper_embed=6, hyper_hidden=7,
                                hyper_cond=5, hyper_layer_dim=4, hyper_width=5, hyper_adapter=4,
                                hyper_layers=3, hyper_layer=1, balance="mixtral",
+                               balance_coef=0.05),
+         40, 307, None, hyper_check),
+        # the same with the official code's head biases: W_dn, b_dn, W_up, b_up each plus a
+        # learned constant
+        ("hyper_bias", fam_cfg(E=6, k=2, renormalize=1, hyper=1, hyper_embed=6, hyper_hidden=7,
+                               hyper_cond=5, hyper_layer_dim=4, hyper_width=5, hyper_adapter=4,
+                               hyper_layers=3, hyper_layer=1, hyper_head_bias=1, balance="mixtral",
                                balance_coef=0.05),
          40, 307, None, hyper_check),
     ]

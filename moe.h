@@ -97,9 +97,10 @@
    and backward side by side. Tests are in tests/test_layer.c unless named otherwise; goldens
    (PyTorch) layer_* in tests/test_golden.c, family_* and rmoe_* in tests/test_family_golden.c.
      softmax top-k (Switch, Mixtral, DeepSeek), capacity                   >>moe:router_topk
-         forward   moe__linear_router_logits, moe__topk_select, moe__topk_assign
+         forward   moe__linear_router_logits, moe__topk_select, moe__topk_assign,
+                   moe__topk_passthrough_forward (HF Switch's dropped tokens)
          backward  moe__topk_backward_token, moe__softmax_backward_token,
-                   moe__linear_router_backward
+                   moe__topk_passthrough_backward, moe__linear_router_backward
          tests     test_gradients, test_topk_semantics, test_capacity; goldens layer_switch,
                    layer_mixtral, layer_deepseek, layer_capacity*, layer_topk_ties
      sigmoid top-k                                                         >>moe:router_topk
@@ -128,6 +129,14 @@
          forward   moe__router_input_forward        backward  moe__router_input_backward
          tests     test_recurrent_router in tests/test_model.c; goldens rmoe_*
      every family: a non-finite logit is MOE_ERR_NUMERIC (moe__router_scores); test_non_finite
+     the field's conventions as options (moe_layer_config's last fields; the model's
+     balance_all_layers): capacity_order, drop_passthrough, routed_scale / shared_scale,
+     selection_bias (moe_layer_update_selection_bias), hyper_head_bias, cv_unbiased,
+     ec_capacity_factor; the raw aux terms in moe_routing_stats. Tests: test_capacity,
+     test_output_scales, test_selection_bias, test_hyper, test_aux_gradients, test_expert_choice,
+     test_raw_aux_terms; test_balance_all_layers (test_model.c); goldens layer_capacity_token,
+     layer_capacity_switch_hf, layer_deepseek_scaled, layer_sigmoid_v3, layer_noisy_unbiased,
+     layer_expert_choice_cf, family_hyper_bias, rmoe_gru_balance_all
 
    Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
    kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c

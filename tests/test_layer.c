@@ -857,11 +857,16 @@ static void test_determinism(void) {
     int nt = omp_get_max_threads();
     int variants, v;
     TEST_BEGIN("determinism: 1 and 2 threads give bit-identical outputs and gradients");
-    for (variants = 0; variants < 3; variants++) {
+    for (variants = 0; variants < 5; variants++) {
         c = moe_layer_config_default();
         c.d = 64; c.d_ff = 96; c.n_experts = 8; c.top_k = 2; c.z_coef = 1e-3f;
-        if (variants == 1) { c.router = MOE_ROUTER_NOISY_TOPK; c.n_shared = 1; }
-        if (variants == 2) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.expert = MOE_EXPERT_FFN; c.expert_bias = 1; }
+        if (variants == 1) { c.router = MOE_ROUTER_NOISY_TOPK; c.n_shared = 1; c.cv_unbiased = 1; }
+        if (variants == 2) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.expert = MOE_EXPERT_FFN; c.expert_bias = 1; c.ec_capacity_factor = 1.5f; }
+        if (variants == 3) { /* the conventions: DeepSeek-V3 gating, token-major capacity, HF Switch drops, scales */
+            c.router = MOE_ROUTER_SIGMOID; c.selection_bias = 1; c.routed_scale = 2.5f; c.n_shared = 1; c.shared_scale = 0.5f;
+            c.capacity_factor = 0.8f; c.capacity_order = MOE_CAPACITY_TOKEN_MAJOR; c.drop_passthrough = 1;
+        }
+        if (variants == 4) { c.hyper = 1; c.hyper_head_bias = 1; }
         for (v = 0; v < 2; v++) {
             fixture *f = v == 0 ? &f1 : &f2;
             omp_set_num_threads(v == 0 ? 1 : 2);

@@ -33,11 +33,12 @@
        if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
        moe_layer_init_weights(&L, &S, &rng);
        for (step = 1; step <= n_steps; step++) {
-           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x)
+           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x); NULL: no per-call
+                                                         // inputs (see moe_layer_args)
            your_loss_gradient(dy, y, T);                 // dy = dLoss/dy
            moe_store_zero_grad(&S);
            memset(dx, 0, sizeof(float) * T * c.d);
-           moe_layer_backward(&L, &S, dx, dy, x);        // S.grads += (aux losses too), dx +=
+           moe_layer_backward(&L, &S, dx, dy, x, NULL);  // S.grads += (aux losses too), dx +=
            moe_adamw_step(&S, &opt, lr, step);
        }
        moe_layer_free(&L);  moe_store_free(&S);
@@ -91,47 +92,91 @@
      token's contributions in a fixed order. Top-k ties go to the lower expert index.
 
    TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
-       1. core          >>moe:core        status codes, errors, allocator, RNG, timer
-       2. store         >>moe:store       THE tensor table over flat params/grads/m/v, fingerprint
-       3. optim         >>moe:optim       AdamW, global gradient-norm clipping, warm-up + cosine
-       4. ckpt          >>moe:ckpt        checkpoint file: one versioned format, atomic, CRC-32
-       5. matmul        >>moe:matmul      packed, register-tiled GEMM; matmul forward/backward
-                                          (+ naive references)
-       6. kernels       >>moe:kernels     softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
-                                          cross-entropy: forward/backward pairs
-       7. experts       >>moe:experts     SwiGLU and two-matrix FFN experts on gathered tokens
-       8. dispatch      >>moe:dispatch    the assignment list: counting sort, gather, combine
-       9. router        >>moe:router      softmax top-k (Switch / Mixtral), sigmoid, Shazeer noisy
-                                          top-k, expert-choice, AoE; GW-MoE broadcast; capacity;
-                                          balance losses (Switch / HF-Mixtral / DeepSeek), z-loss
-      10. layer         >>moe:layer       the MoE layer: forward, backward, routing statistics;
-                                          shared experts; AoE's cache; HyperMoE's hyper-expert
-      11. attention     >>moe:attention   causal multi-head self-attention, rotary positions
-      12. gru           >>moe:gru         the GRU cell of RMoE's layerwise recurrent router
-      13. model         >>moe:model       tiny decoder-only (MoE) transformer over bytes: forward,
-                                          backward, generation; RMoE / MLP router inputs
-      14. model_io      >>moe:model_io    model files: the config as a record of named fields, save and
-                                          load (checked before anything is allocated, older files)
-      15. safetensors   >>moe:safetensors safetensors files of any store (F32, F16, BF16), bounded reading;
-                                          the model under Hugging Face Llama/Mixtral names, config.json
-      16. gguf          >>moe:gguf        GGUF files of the model that llama.cpp runs (llama architecture,
-                                          dense or Mixtral-style MoE, byte vocabulary)
-      17. data          >>moe:data        byte-window batches from one or several sources
+       1. core           >>moe:core         status codes, errors, allocator, RNG, timer
+       2. store          >>moe:store        THE tensor table over flat params/grads/m/v, fingerprint
+       3. optim          >>moe:optim        AdamW, global gradient-norm clipping, warm-up + cosine
+       4. ckpt           >>moe:ckpt         checkpoint file: one versioned format, atomic, CRC-32
+       5. matmul         >>moe:matmul       packed, register-tiled GEMM; matmul forward/backward
+                                            (+ naive references)
+       6. kernels        >>moe:kernels      softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
+                                            cross-entropy: forward/backward pairs
+       7. experts        >>moe:experts      SwiGLU and two-matrix FFN experts on gathered tokens
+       8. dispatch       >>moe:dispatch     the assignment list: counting sort, gather, combine
+       9. router         >>moe:router       the router interface: config, routing statistics, the
+                                            hooks and ONE dispatcher; balance losses (Switch /
+                                            HF-Mixtral / DeepSeek), z-loss
+      10. router_topk    >>moe:router_topk  token choice: the linear router, softmax top-k (Switch,
+                                            Mixtral, DeepSeek), sigmoid top-k, capacity
+      11. router_noisy   >>moe:router_noisy Shazeer noisy top-k and its CV^2 losses
+      12. router_ec      >>moe:router_ec    expert choice
+      13. router_aoe     >>moe:router_aoe   Autonomy-of-Experts: experts choose by their cache norms
+      14. router_gw      >>moe:router_gw    GW-MoE: uncertain tokens broadcast to every expert
+      15. router_hyper   >>moe:router_hyper HyperMoE: a hyper-expert from the unselected experts
+      16. layer          >>moe:layer        the MoE layer: routed and shared experts around the router
+      17. attention      >>moe:attention    causal multi-head self-attention, rotary positions
+      18. gru            >>moe:gru          the GRU cell of RMoE's layerwise recurrent router
+      19. router_input   >>moe:router_input what the routers read: x, RMoE's GRU state, an MLP
+      20. model          >>moe:model        tiny decoder-only (MoE) transformer over bytes: forward,
+                                            backward, generation
+      21. model_io       >>moe:model_io     model files: the config as a record of named fields, save and
+                                            load (checked before anything is allocated, older files)
+      22. safetensors    >>moe:safetensors  safetensors files of any store (F32, F16, BF16), bounded reading;
+                                            the model under Hugging Face Llama/Mixtral names, config.json
+      23. gguf           >>moe:gguf         GGUF files of the model that llama.cpp runs (llama architecture,
+                                            dense or Mixtral-style MoE, byte vocabulary)
+      24. data           >>moe:data         byte-window batches from one or several sources
 
-   Where each router family lives (forward, backward, test):
-       top-k, sigmoid, noisy, expert-choice   moe__route_token / moe__build_assignments,
-                                              moe__router_backward_token; tests/test_layer.c
-       AoE                                    moe__aoe_logits, moe__aoe_gate_forward/backward,
-                                              moe__aoe_logits_backward; test_aoe in test_layer.c
-       GW-MoE                                 moe__gw_mark; test_gw in test_layer.c
-       HyperMoE                               moe__hyper_forward/backward; test_hyper
-       RMoE (GRU through depth), MLP router   moe_gru_*, moe_model_forward, moe__router_input_
-                                              backward; test_recurrent_router in test_model.c
+   Where each router family lives. >>moe:router holds the hooks every family implements and
+   the ONE dispatcher that chooses by cfg.router; a family's anchor opens its section, forward
+   and backward side by side. Tests are in tests/test_layer.c unless named otherwise; goldens
+   (PyTorch) layer_* in tests/test_golden.c, family_* and rmoe_* in tests/test_family_golden.c.
+     softmax top-k (Switch, Mixtral, DeepSeek), capacity                   >>moe:router_topk
+         forward   moe__linear_router_logits, moe__topk_select, moe__topk_assign,
+                   moe__topk_passthrough_forward (HF Switch's dropped tokens)
+         backward  moe__topk_backward_token, moe__softmax_backward_token,
+                   moe__topk_passthrough_backward, moe__linear_router_backward
+         tests     test_gradients, test_topk_semantics, test_capacity; goldens layer_switch,
+                   layer_mixtral, layer_deepseek, layer_capacity*, layer_topk_ties
+     sigmoid top-k                                                         >>moe:router_topk
+         forward   moe__sigmoid_probs, moe__topk_select, moe__topk_assign
+         backward  moe__sigmoid_backward_token, moe__sigmoid_mean_prob_backward
+         tests     test_gradients, test_aux_gradients; goldens layer_sigmoid*
+     noisy top-k (Shazeer) and its CV^2 losses                            >>moe:router_noisy
+         forward   moe__noisy_scores, moe__noisy_select, moe__noisy_aux
+         backward  moe__noisy_aux_backward, moe__noisy_backward_token, moe__noisy_backward
+         tests     test_gradients, test_aux_gradients; goldens layer_noisy*
+     expert choice                                                           >>moe:router_ec
+         forward   moe__ec_assign          backward  moe__softmax_backward_token
+         tests     test_expert_choice; goldens layer_expert_choice*
+     AoE (router-free)                                                      >>moe:router_aoe
+         forward   moe__aoe_logits, moe__topk_select, moe__aoe_gate_forward
+         backward  moe__aoe_gate_backward, moe__topk_backward_token, moe__aoe_backward
+         tests     test_aoe; goldens family_aoe_*
+     GW-MoE broadcast (extension of softmax top-k)                           >>moe:router_gw
+         forward   moe__gw_mark, moe__gw_assign_token, moe__gw_output_forward
+         backward  moe__gw_output_backward, moe__gw_backward_token
+         tests     test_gw; goldens family_gw_*
+     HyperMoE hyper-expert (extension)                                    >>moe:router_hyper
+         forward   moe__hyper_forward      backward  moe__hyper_backward
+         tests     test_hyper; goldens family_hyper_*
+     RMoE's GRU state, MLP router (what a model's routers read)           >>moe:router_input
+         forward   moe__router_input_forward        backward  moe__router_input_backward
+         tests     test_recurrent_router in tests/test_model.c; goldens rmoe_*
+     every family: a non-finite logit is MOE_ERR_NUMERIC (moe__router_scores); test_non_finite
+     the field's conventions as options (moe_layer_config's last fields; the model's
+     balance_all_layers): capacity_order, drop_passthrough, routed_scale / shared_scale,
+     selection_bias (moe_layer_update_selection_bias), hyper_head_bias, cv_unbiased,
+     ec_capacity_factor; the raw aux terms in moe_routing_stats. Tests: test_capacity,
+     test_output_scales, test_selection_bias, test_hyper, test_aux_gradients, test_expert_choice,
+     test_raw_aux_terms; test_balance_all_layers (test_model.c); goldens layer_capacity_token,
+     layer_capacity_switch_hf, layer_deepseek_scaled, layer_sigmoid_v3, layer_noisy_unbiased,
+     layer_expert_choice_cf, family_hyper_bias, rmoe_gru_balance_all
 
-   Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
-   tests/test_layer.c (7-10), tests/test_model.c (11-13, 17), tests/test_model_io.c (14),
-   tests/test_interchange.c (15, 16; make interop: llama.cpp runs 16's files);
-   PyTorch goldens: tests/test_golden.c (5-10), tests/test_model_golden.c (11-13),
+   Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
+   kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c
+   (router_input, model, data), tests/test_model_io.c (model_io), tests/test_interchange.c
+   (safetensors, gguf; make interop: llama.cpp runs the GGUF files); PyTorch goldens:
+   tests/test_golden.c (kernels, layer), tests/test_model_golden.c (model),
    tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 
    LICENCE: MIT, at the end of the file.
@@ -179,10 +224,11 @@ extern "C" {
     X(MOE_ERR_FORMAT, -5, "bad file format")                                  \
     X(MOE_ERR_STATE, -6, "call out of order")                                 \
     X(MOE_ERR_NO_DEVICE, -7, "no compute device")                             \
-    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")
+    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")                \
+    X(MOE_ERR_NUMERIC, -9, "non-finite number")
 
 #define MOE__STATUS_ENUM(name, value, text) name = value,
-typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -9 } moe_status;
+typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -10 } moe_status;
 #undef MOE__STATUS_ENUM
 
 /* The sentence that goes with a status. Lives in the caller's object, never in a global. */
@@ -488,8 +534,25 @@ MOEDEF void moe_combine_backward(float *deout, float *dweight, const float *dy, 
                                  const moe_assign *a, int d);
 
 /* ============================================================================================
-   >>moe:router  routers and their auxiliary losses
-   ============================================================================================ */
+   >>moe:router  the router interface: config, routing statistics, the hooks, ONE dispatcher
+   ============================================================================================
+   A router turns the layer's input into routing data (DESIGN: "routing is data"): per token
+   the chosen experts (topk) and their mixing weights (gates), and ONE assignment list
+   (token, expert, slot, weight) that the experts consume (>>moe:dispatch). Every family
+   implements the same few hooks, each family in its own section with forward and backward
+   side by side:
+     declare    its tensors in the store; its buffers, sized for max_tokens at init
+     scores     logits (T, E) and probabilities (T, E)
+     select     each token's choice: topk ids and dense gates
+     assign     the raw assignment list and the picks each expert was asked for
+     backward   gate gradients -> logit gradients (per token) -> router parameters and input
+     aux        auxiliary losses and their gradients (balance and z-loss are shared by all)
+   Three extensions compose with the families: GW-MoE broadcasts uncertain tokens after
+   select (>>moe:router_gw); HyperMoE adds a hyper-expert to the output (>>moe:router_hyper);
+   the router input (RMoE's GRU state, an MLP router) replaces what the linear router reads
+   (>>moe:router_input). The dispatcher in this section's implementation is the only code that
+   looks at cfg.router. A non-finite router logit is an error: moe_layer_forward returns
+   MOE_ERR_NUMERIC with a sentence naming the token and expert, before any selection. */
 
 typedef enum moe_router_kind {
     MOE_ROUTER_TOPK = 0,          /* softmax over E, keep the top k (Switch, DeepSeekMoE;
@@ -514,6 +577,14 @@ typedef enum moe_balance_loss {
                                  perfect balance; HF transformers' load_balancing_loss_func)     */
     MOE_BALANCE_DEEPSEEK = 3  /* coef * sum_i f_i P_i, f_i = E/(k T) (picks of i)  (= 1 at balance) */
 } moe_balance_loss;
+
+/* Which assignments capacity (capacity_factor > 0) admits first. */
+typedef enum moe_capacity_order {
+    MOE_CAPACITY_SLOT_MAJOR = 0, /* every token's first choice before any second choice, tokens
+                                    in index order (GShard, arXiv 2006.16668; the default)  */
+    MOE_CAPACITY_TOKEN_MAJOR = 1 /* token by token, each token's choices in slot order (a
+                                    running count over the flattened (token, choice) list) */
+} moe_capacity_order;
 
 typedef struct moe_layer_config {
     int d;                    /* model width                                             */
@@ -540,12 +611,12 @@ typedef struct moe_layer_config {
     float noise_eps;          /* noisy top-k: added to softplus(x Wn); 1e-2                */
     float router_init_std;    /* router init N(0, std); 0 = zeros (Shazeer); 0.02         */
     /* GW-MoE (Global Workspace broadcast, fine-tuning only; softmax top-k routers): while the
-       layer's gw_active flag is set, a token whose routing entropy u = -sum p ln(p + 1e-5)
-       (the released code's form; divided by ln E when gw_normalized) is >= gw_threshold is
-       sent to ALL experts with the full softmax weights. gw_slots > 0 keeps only the first
-       gw_slots uncertain tokens of each sequence (seq_len tokens each). Broadcast
-       assignments are not subject to capacity. gw_released = 1 reproduces the released
-       code instead: an uncertain token skips the experts and outputs p_{E-1} * x.        */
+       call's gw_active flag is set (moe_layer_args), a token whose routing entropy
+       u = -sum p ln(p + 1e-5) (the released code's form; divided by ln E when gw_normalized)
+       is >= gw_threshold is sent to ALL experts with the full softmax weights. gw_slots > 0
+       keeps only the first gw_slots uncertain tokens of each sequence (seq_len tokens each).
+       Broadcast assignments are not subject to capacity. gw_released = 1 reproduces the
+       released code instead: an uncertain token skips the experts and outputs p_{E-1} * x. */
     float gw_threshold;       /* 0 = off                                                 */
     int gw_normalized;
     int gw_slots;
@@ -560,8 +631,29 @@ typedef struct moe_layer_config {
     int hyper_layers;         /* rows of the shared layer embedding (a model: its layers) */
     int hyper_layer;          /* this layer's row                                       */
     int router_dim;           /* width of the router's input; 0 = d (the router reads x).
-                                 Another width means the caller supplies router_input:
-                                 RMoE's GRU state, an MLP router's hidden layer          */
+                                 Another width means the caller supplies router_input
+                                 (moe_layer_args): RMoE's GRU state, an MLP router's hidden */
+    /* Conventions of the field, as options; the defaults keep this library's own choices. */
+    float ec_capacity_factor; /* expert choice: each expert takes ceil(cf T / E) tokens (the
+                                 paper's capacity factor c); 0 = top_k, ceil(k T / E)      */
+    moe_capacity_order capacity_order; /* which assignments capacity admits first         */
+    int drop_passthrough;     /* a dropped assignment outputs weight * x, as HF's Switch
+                                 Transformers do (the dropped token passes through its
+                                 expert's place), instead of nothing                      */
+    float routed_scale;       /* multiplies every routed assignment's weight (DeepSeek-V3's
+                                 routed_scaling_factor, arXiv 2412.19437 §2.1.2); 1        */
+    float shared_scale;       /* multiplies the shared experts' output; 1                 */
+    int hyper_head_bias;      /* HyperMoE: the hypernetwork's output heads carry biases, as
+                                 the official code's nn.Linear heads: the generated W_dn,
+                                 b_dn, W_up, b_up each get a learned constant             */
+    int selection_bias;       /* DeepSeek-V3's auxiliary-loss-free balancing (arXiv
+                                 2412.19437 §2.1.2): the top-k choice ranks p + b, the
+                                 weights stay p; b (E) = the tensor router.selection_bias,
+                                 no gradient, moved by moe_layer_update_selection_bias
+                                 (softmax and sigmoid top-k)                              */
+    int cv_unbiased;          /* noisy top-k's CV^2 with the unbiased variance (divided by
+                                 E - 1), as torch.var in the HyperMoE code; 0 = the
+                                 population variance (divided by E), Shazeer's definition */
 } moe_layer_config;
 
 /* Routing statistics of the last forward, per layer. */
@@ -580,80 +672,273 @@ typedef struct moe_routing_stats {
     float aux_z;          /* router z-loss, coefficient included                             */
     float aux_cv;         /* noisy top-k CV^2 losses, coefficients included                  */
     float aux_total;      /* the sum: what backward differentiates besides dy              */
+    /* each auxiliary term on its own, before its coefficient (computed whatever the
+       coefficient, 0 included, so a run can watch a loss it does not train on) */
+    float raw_balance;    /* E sum_i f_i P_i (DeepSeek: sum_i f_i P_i); 0 for MOE_BALANCE_NONE */
+    float raw_z;          /* mean over tokens of logsumexp(z)^2                              */
+    float raw_importance; /* noisy top-k: CV^2 of Importance (0 for other routers)           */
+    float raw_load;       /* noisy top-k: CV^2 of Load (0 for other routers)                 */
 } moe_routing_stats;
 
+/* The per-expert pieces of the auxiliary losses every family shares (balance, z-loss), in
+   the layer, sized at init. */
+typedef struct moe_router_aux {
+    float *picks;        /* (E) assignments the router asked of each expert, before capacity */
+    float *balance_f;    /* (E) f_i of the balance loss (its form: moe_balance_loss)         */
+    float *mean_prob;    /* (E) P_i: mean over tokens of the normalised probabilities        */
+    float *token_probs;  /* (E) one token's normalised probabilities, while P is summed      */
+    float *d_mean_prob;  /* (E) backward: dLoss/dP_i of the balance loss                     */
+} moe_router_aux;
+
 MOEDEF moe_layer_config moe_layer_config_default(void);
-/* AoE's parameter matching (paper Eq. 5): the expert width D' that gives a rank-r AoE layer the
-   parameters of a SwiGLU MoE layer of width D: (3 d D - r d) / (r + 2 d), rounded up. */
-MOEDEF int moe_aoe_matched_width(int d, int D, int r);
 /* Checks a config; a sentence in err on failure. */
 MOEDEF moe_status moe_layer_config_validate(const moe_layer_config *c, moe_err *err);
 
 /* ============================================================================================
-   >>moe:layer  the MoE layer
-   ============================================================================================ */
+   >>moe:router_topk  token choice: the linear router, softmax and sigmoid top-k, capacity
+   ============================================================================================
+   The linear router (every family but AoE): logits z = r . Wr^T (+ b), r = the router input
+   (x, or what the caller supplies: RMoE's GRU state, an MLP router's hidden layer).
+   Softmax top-k: p = softmax(z); token t takes the k largest p (ties to the lower index) with
+   the weights p (Switch, arXiv 2101.03961; DeepSeekMoE, arXiv 2401.06066) or, renormalize = 1,
+   p / sum of the k = the softmax over the k chosen logits (Mixtral, arXiv 2401.04088).
+   Sigmoid top-k: p = sigmoid(z), the same choice, weights p or p / sum of the k (>= 1e-20);
+   its balance loss reads the normalised scores p / sum_j p_j.
+   Capacity (capacity_factor > 0; GShard, arXiv 2006.16668): each expert keeps at most
+   C = ceil(cf k T / E) assignments, admitted slot by slot (every token's first choice before
+   any second choice), tokens in index order, or with MOE_CAPACITY_TOKEN_MAJOR token by token;
+   a dropped assignment contributes nothing (the token keeps its residual; with
+   drop_passthrough it contributes weight * x instead, as HF's Switch Transformers, whose
+   dropped token keeps its input as its expert output) and the kept weights are not
+   renormalised. */
+
+/* ============================================================================================
+   >>moe:router_noisy  Shazeer's noisy top-k gating and its CV^2 losses (arXiv 1701.06538 §2.1)
+   ============================================================================================
+   H = z + xi * (softplus(r . Wn^T) + noise_eps), xi ~ N(0, 1) drawn by the caller (training;
+   none at evaluation: H = z); token t keeps the k largest H, weights = softmax over the k kept
+   H. Auxiliary losses (§4, Appendix A): importance_coef * CV^2(Importance), Importance_i = sum over
+   tokens of the gates; load_coef * CV^2(Load), Load_i = sum_t Phi((z_ti - thr_ti) / sd_ti),
+   the smooth probability that expert i stays chosen under fresh noise, thr = the k-th largest
+   H of the other experts (the (k+1)-th for a chosen one, the k-th otherwise). Without noise
+   Load is the count of picks. CV^2 = var / (mean^2 + 1e-10), var the population variance
+   (Shazeer), or with cv_unbiased the unbiased one (torch.var, the HyperMoE code's). */
+
+typedef struct moe_router_noisy {
+    int id_w_noise;        /* (E, router_dim) the noise projection Wn                       */
+    int has_noise;         /* the last forward was given noise (training)                   */
+    float *noise;          /* (T, E) the N(0,1) draws used (0 at evaluation)                */
+    float *noise_logits;   /* (T, E) r . Wn^T                                                */
+    float *H;              /* (T, E) the noisy logits                                        */
+    int *threshold;        /* (T, E) the expert whose H each expert's load compares with    */
+    float *d_noise_logits; /* (T, E) backward                                                */
+    float *importance;     /* (E) sum over tokens of the gates                               */
+    float *load;           /* (E) the smooth load (with noise), the pick counts (without)    */
+    float *d_importance;   /* (E) backward: importance_coef * dCV^2 / dImportance            */
+    float *d_load;         /* (E) backward: load_coef * dCV^2 / dLoad                        */
+} moe_router_noisy;
+
+/* ============================================================================================
+   >>moe:router_ec  expert choice (Zhou et al. 2022, arXiv 2202.09368)
+   ============================================================================================
+   The experts choose: p = softmax(z) over the experts; expert e takes the C = ceil(c T / E)
+   tokens (capacity factor c = ec_capacity_factor, or top_k when 0) with the largest p_te (ties to the lower token index), weight p_te. Every expert is
+   full, a token may get any number of experts (none, too). NOT CAUSAL: a token's experts
+   depend on the other tokens of the batch, so a model with it cannot generate. The forward
+   is the linear router's; the backward is the full softmax's (>>moe:router_topk). */
+
+typedef struct moe_scored_token {
+    float score;
+    int index;
+} moe_scored_token;
+
+typedef struct moe_router_ec {
+    moe_scored_token *ranked; /* (T) one expert's tokens, ranked by probability        */
+    int *chosen;              /* (T) the C tokens it keeps, back in token order        */
+} moe_router_ec;
+
+/* ============================================================================================
+   >>moe:router_aoe  Autonomy-of-Experts: router-free, experts choose by their own activation
+                     norms (Lv et al. 2025, arXiv 2501.13074)
+   ============================================================================================
+   Every expert factorises its gate, W_gate_e = W_out_e . W_in_e (rank r = aoe_rank), and
+   computes its low-rank cache C_e = x . W_in_e^T (T, r) for every token; the logits are the
+   norms ||C_e||, the choice is softmax top-k over them (renormalize = 1: the
+   softmax over the k chosen norms, the paper's; 0: the softmax over all norms read at the
+   chosen, the official code's). The chosen experts reuse their cache for the gate:
+   h_gate = C_e . W_out_e^T, then SwiGLU as usual. Tensors experts.w_gate_in (E, r, d)
+   and experts.w_gate_out (E, D, r) replace the router and the experts' w_gate. */
+
+typedef struct moe_router_aoe {
+    int id_w_in;           /* (E, r, d) W_in of every expert                                 */
+    int id_w_out;          /* (E, D, r) W_out                                                */
+    float *cache;          /* (T, E r) C_e = x . W_in_e^T of every expert                    */
+    float *d_cache;        /* (T, E r) backward                                              */
+    float *cache_chosen;   /* (cap, r) the chosen experts' caches, in the assignment order   */
+    float *d_cache_chosen; /* (cap, r) backward                                              */
+} moe_router_aoe;
+
+/* AoE's parameter matching (paper Eq. 5): the expert width D' that gives a rank-r AoE layer the
+   parameters of a SwiGLU MoE layer of width D: (3 d D - r d) / (r + 2 d), rounded up. */
+MOEDEF int moe_aoe_matched_width(int d, int D, int r);
+
+/* ============================================================================================
+   >>moe:router_gw  GW-MoE: uncertain tokens broadcast to every expert while fine-tuning
+                    (Wu et al. 2024, "GW-MoE: Resolving Uncertainty in MoE Router with Global
+                    Workspace Theory", arXiv 2406.12375)
+   ============================================================================================
+   An extension of softmax top-k. While the call's gw_active flag is set (moe_layer_args;
+   fine-tuning), a token whose routing entropy u = -sum_i p_i ln(p_i + 1e-5) (the released
+   code's form; divided by ln E when gw_normalized) is >= gw_threshold is uncertain: it goes to
+   ALL experts with the full softmax as weights, outside capacity and outside the drop
+   accounting. gw_slots > 0 keeps only the first gw_slots uncertain tokens of each sequence
+   (seq_len tokens each). gw_released = 1 reproduces the released code instead: an uncertain
+   token skips the experts and outputs p_{E-1} * x (its "bypass"). Off (evaluation and
+   inference), the layer is its plain top-k. */
+
+typedef struct moe_router_gw {
+    int *uncertain;   /* (T) 1 when the token was broadcast to every expert                   */
+    float *bypass;    /* (T) released-code emulation: y += bypass * x, bypass = p_{E-1}       */
+    float *d_bypass;  /* (T) backward: dLoss/d bypass, a gradient of the gate p_{E-1}         */
+} moe_router_gw;
+
+/* ============================================================================================
+   >>moe:router_hyper  HyperMoE: a hyper-expert generated from the experts a token did NOT
+                       choose (Zhao et al. 2024, arXiv 2402.12656)
+   ============================================================================================
+   An extension of any family (it reads the gates). For token t:
+     sig_t = sum of the expert embeddings Q_j of the experts t did not choose;
+     c_t = proc(sig_t) (Linear-ReLU-Linear); z_t = [c_t ; layer_emb[l]]; hb_t = ReLU(net(z_t));
+     u_t[j] = sum_k (M_t[j][k] + head_down_b[j][k]) hb_t[k]   with M = x . head_down^T, (T, a b);
+     act = ReLU(u);  out_t = ([act_t ; 1] (x) hb_t) . head_up^T   (the "1" row is the up bias head);
+     y_t += out_t.
+   hyper_head_bias (the official code's heads are nn.Linear with biases): each generated
+   matrix and vector also gets a learned constant, W_dn += head_down.bias (a, d), b_dn +=
+   head_down_b.bias (a), [W_up | b_up] += head_up.bias (d, a + 1):
+     u_t += x_t . head_down.bias^T + head_down_b.bias;  out_t += [act_t ; 1] . head_up.bias^T.
+   The generated adapter weights W_dn(t) = sum_k hb_k head_down[:, k] are never materialised:
+   both products are single GEMMs over all tokens. net and the heads are shared by every layer
+   (found by name in the store), the embeddings and the processor are per layer. The selection
+   is discrete: no gradient reaches the router through the hyper-expert. */
+
+/* indices into moe_router_hyper.id */
+enum {
+    MOE_HYPER_EXPERT_EMB = 0, MOE_HYPER_PROC1_W, MOE_HYPER_PROC1_B, MOE_HYPER_PROC2_W, MOE_HYPER_PROC2_B, /* this layer */
+    MOE_HYPER_LAYER_EMB, MOE_HYPER_NET_W, MOE_HYPER_NET_B, MOE_HYPER_HEAD_DOWN, MOE_HYPER_HEAD_DOWN_B,   /* shared */
+    MOE_HYPER_HEAD_UP, MOE_HYPER_HEAD_DOWN_BIAS, MOE_HYPER_HEAD_DOWN_B_BIAS, MOE_HYPER_HEAD_UP_BIAS, /* shared, */
+    MOE_HYPER_TENSORS                                                                                 /* with hyper_head_bias */
+};
+
+typedef struct moe_router_hyper {
+    int id[MOE_HYPER_TENSORS]; /* tensor ids, in the order of the enum above                   */
+    /* forward caches (T rows each) */
+    float *sig;       /* (T, e) the unchosen experts' embeddings, summed                      */
+    float *h1;        /* (T, h) ReLU(proc1(sig))                                               */
+    float *cond;      /* (T, q) c = proc2(h1)                                                   */
+    float *z;         /* (T, q + lam) [c ; layer embedding]                                    */
+    float *hb;        /* (T, b) ReLU(net(z))                                                    */
+    float *m;         /* (T, a b) x . head_down^T                                               */
+    float *u;         /* (T, a) the adapter's pre-activation                                    */
+    float *o;         /* (T, (a + 1) b) [ReLU(u) ; 1] (x) hb                                     */
+    float *out;       /* (T, d) the hyper-expert's output                                        */
+    float *emb_sum;   /* (e) the sum of all expert embeddings                                    */
+    float *act1;      /* (T, a + 1) hyper_head_bias: [ReLU(u) ; 1]                               */
+    float *bias_out;  /* (T, d) hyper_head_bias: [ReLU(u) ; 1] . head_up.bias^T                  */
+    /* backward (T rows each) */
+    float *d_o, *d_m, *d_hb, *d_z, *d_cond, *d_h1, *d_sig;
+    float *d_act1;    /* (T, a + 1) hyper_head_bias: d [ReLU(u) ; 1] from head_up.bias          */
+    float *d_u;       /* (T, a) hyper_head_bias: d u                                             */
+} moe_router_hyper;
+
+/* ============================================================================================
+   >>moe:layer  the MoE layer: router, routed experts, shared experts
+   ============================================================================================
+   y = sum over the token's assignments of weight * expert(x)  (+ the shared experts, weight
+     shared_scale, 1 by default)
+     (+ what a router extension adds: GW-MoE's bypass, HyperMoE's hyper-expert).
+   Forward: the router fills the assignment list (>>moe:router); the experts run on the
+   gathered tokens (>>moe:experts); combine scatters back in a fixed order (>>moe:dispatch).
+   Backward in reverse, ending with the router's backward from the gradients of the
+   assignment weights. moe_layer_init allocates every buffer for up to max_tokens tokens:
+   forward and backward allocate nothing. */
+
+/* Per-call inputs of moe_layer_forward and moe_layer_backward. NULL means
+   moe_layer_args_default(): no noise, the router reads x, the T tokens are one sequence, no
+   GW broadcast, aux gradient scale 1. Give backward the args of the forward before it. */
+typedef struct moe_layer_args {
+    const float *noise;        /* forward: (T, E) N(0,1) draws for the noisy top-k router
+                                  (training); NULL = evaluation (H = z)                        */
+    const float *router_input; /* (T, router_dim) what the router reads when it is not x: RMoE's
+                                  GRU state, an MLP router's hidden layer (required when
+                                  router_dim != d); NULL = x. Backward checks it is the
+                                  forward's pointer                                            */
+    float *d_router_input;     /* backward: (T, router_dim) += the router input's gradient
+                                  (required with router_input; dx receives none of it)         */
+    int seq_len;               /* forward: tokens per sequence (GW-MoE's gw_slots count per
+                                  sequence); 0 = the T tokens are one sequence                 */
+    int gw_active;             /* forward: GW-MoE broadcast on (fine-tuning); 0 = sparse top-k */
+    float aux_grad_scale;      /* backward: multiplies the aux losses' gradients; 1 in the
+                                  defaults (1/n for n micro-batches whose dy carries 1/n);
+                                  a zeroed struct has 0: no aux gradient                        */
+    const float *balance_f;    /* backward: (E) the f_i the balance loss's gradient uses instead
+                                  of this layer's own: one loss over several layers' tokens
+                                  gives each layer mean_l f_l / L (moe_model_config's
+                                  balance_all_layers); NULL = the layer's own loss             */
+} moe_layer_args;
 
 typedef struct moe_layer {
     moe_layer_config cfg;
     int max_tokens;
-    int cap;              /* capacity of the routed assignment list                          */
-    /* tensor ids in the store, -1 when absent */
-    int id_router_w;      /* (E, router_dim)                                                 */
-    int id_router_b;      /* (E)                                                             */
-    int id_noise_w;       /* (E, router_dim) noisy top-k                                     */
-    int id_gate, id_up, id_down, id_b_up, id_b_down;        /* routed bank                 */
-    int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank             */
-    int id_aoe_in, id_aoe_out;     /* AoE: gate factors (E, r, d) and (E, D, r)            */
-    float *aoe_c, *aoe_dc;         /* AoE: (T, E r) every expert's cache and its gradient   */
-    float *aoe_cg, *aoe_dcg;       /* AoE: (cap, r) the chosen experts' caches, gathered    */
-    int id_hyper[11];     /* HyperMoE: expert_emb, proc1.w/b, proc2.w/b (this layer);
-                             layer_emb, net.w/b, head_down, head_down_b, head_up (shared)  */
-    float *hy_sig, *hy_h1, *hy_c, *hy_z, *hy_hb, *hy_m, *hy_u, *hy_o, *hy_out; /* caches       */
-    float *hy_do, *hy_dm, *hy_dhb, *hy_dz, *hy_dc, *hy_dh1, *hy_dsig;          /* backward     */
-    /* forward caches (sized for max_tokens) */
-    int T;                /* tokens of the last forward, 0 = none                           */
-    int has_noise;        /* last forward was given noise                                    */
-    float *logits;        /* (T, E) x . Wr^T + b                                             */
-    float *probs;         /* (T, E) softmax (or sigmoid) of logits                           */
-    float *gates;         /* (T, E) mixing weight of each (token, expert), 0 when not chosen */
-    float *noise;         /* (T, E) noisy top-k: the N(0,1) draws used                      */
-    float *noise_logits;  /* (T, E) noisy top-k: x . Wn^T                                    */
-    float *noisy;         /* (T, E) noisy top-k: H                                           */
-    float *lse;           /* (T) logsumexp of logits (z-loss)                                */
-    int *topk;            /* (T, K) chosen experts, descending score, -1 = none              */
-    int *thresh;          /* (T, E) noisy top-k: index of the threshold logit for Load       */
-    moe_assign routed;    /* assignment list of the routed bank                              */
-    moe_assign shared;    /* assignment list of the shared bank (every token, weight 1)      */
-    float *xg, *hg, *hu, *eout;     /* routed bank caches: (cap,d) (cap,D) (cap,D) (cap,d)  */
-    float *s_xg, *s_hg, *s_hu, *s_eout; /* shared bank caches, (S*T, ...)                   */
-    /* scratch */
-    int *raw_i;           /* (4 * cap) raw token/expert/slot lists before dispatch          */
-    float *raw_w;         /* (cap)                                                           */
-    float *work_a, *work_b; /* (max(cap, S*T), max(D, Ds))                                  */
-    float *dxg;           /* (max(cap, S*T), d)                                             */
-    float *deout;         /* (max(cap, S*T), d)                                             */
-    float *dgate;         /* (T, E)                                                          */
-    float *dlogits;       /* (T, E)                                                          */
-    float *dnoise_logits; /* (T, E)                                                          */
-    float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
-    float *stat_load, *stat_prob; /* (E) backing for stats                                  */
-    int *uncertain;       /* (T) GW-MoE: 1 when the token was broadcast to every expert      */
-    float *bypass;        /* (T) GW-MoE released-code emulation: y += bypass * x             */
-    int gw_active;        /* GW-MoE broadcast on (set while fine-tuning; off = sparse)       */
-    int seq_len;          /* tokens per sequence, for gw_slots (0: the batch is one sequence) */
-    /* THE extension point for routers that read something other than x (RMoE, MLP router):
-       when router_input is set, logits = router_input (T, router_dim) . Wr^T, and backward
-       accumulates the router's input gradient into d_router_input instead of dx. */
-    const float *router_input;
-    float *d_router_input;
+    int cap;                /* rows of the routed assignment list: T K + E, T E with GW        */
+    /* ---- the router (>>moe:router): its decisions in the last forward, T = its tokens ---- */
+    int id_router_w;        /* (E, router_dim) the linear router, -1 for AoE                   */
+    int id_router_b;        /* (E) its bias, -1 when absent                                    */
+    int id_selection_bias;  /* (E) DeepSeek-V3's selection-only bias, -1 when absent           */
+    float *logits;          /* (T, E) router logits r . Wr^T + b (AoE: the norms ||C_e||)      */
+    float *probs;           /* (T, E) softmax (sigmoid) of logits                              */
+    float *lse;             /* (T) logsumexp of logits (z-loss)                                */
+    int *topk;              /* (T, K) chosen experts, descending score; -1 for expert choice   */
+    float *gates;           /* (T, E) mixing weight of each (token, expert), 0 when not chosen
+                               (the assignments' weights are these times routed_scale)       */
+    float *selection_scores;/* (T, E) with selection_bias: what top-k ranked, probs + b       */
+    float *d_gates;         /* (T, E) backward: dLoss/dgates                                   */
+    float *d_logits;        /* (T, E) backward: dLoss/dlogits                                  */
+    moe_router_aux aux;     /* (E) each: the pieces of the balance loss                        */
+    moe_router_noisy noisy; /* noisy top-k: noise logits, H, load thresholds, CV^2 pieces      */
+    moe_router_ec ec;       /* expert choice: its ranking buffers                              */
+    moe_router_aoe aoe;     /* AoE: the gate factors and the low-rank caches                   */
+    moe_router_gw gw;       /* GW-MoE: the uncertain tokens (all 0 while broadcast is off)     */
+    moe_router_hyper hyper; /* HyperMoE: the hypernetwork's tensors and caches                 */
+    /* ---- the experts ---- */
+    int id_gate, id_up, id_down, id_b_up, id_b_down;           /* routed bank, -1 when absent */
+    int id_s_gate, id_s_up, id_s_down, id_s_b_up, id_s_b_down; /* shared bank                 */
+    moe_assign routed;      /* assignment list of the routed bank                              */
+    moe_assign shared;      /* assignment list of the shared bank (every token, shared_scale)  */
+    float *xg, *hg, *hu, *eout;         /* routed bank caches: (cap,d) (cap,D) (cap,D) (cap,d)  */
+    float *s_xg, *s_hg, *s_hu, *s_eout; /* shared bank caches, (S*T, ...)                      */
+    /* the raw list a router (or the shared bank) fills before dispatch; rows = max(cap, S T) */
+    int *raw_token, *raw_expert, *raw_slot;
+    float *raw_weight;
+    int *admitted;          /* (T, K) capacity: 1 when the token's s-th choice got a place     */
+    int *capacity_count;    /* (E) capacity: places taken per expert                           */
+    float *passthrough;     /* (T) drop_passthrough: y += passthrough * x, the dropped weights */
+    float *d_passthrough;   /* (T) backward: dLoss/d passthrough                               */
+    /* backward scratch; rows = max(cap, S T) */
+    float *d_weight;        /* (cap) dLoss/d(assignment weight), from combine's backward       */
+    float *dxg, *deout;     /* (rows, d) gradients of the gathered inputs and expert outputs   */
+    float *experts_dh_gate; /* (rows, max(D, Ds)) the experts' first backward scratch; it ends
+                               holding d h_gate, which AoE's gate backward reads               */
+    float *experts_scratch; /* (rows, max(D, Ds)) the experts' second backward scratch         */
+    int T;                  /* tokens of the last forward, 0 = none                            */
+    const float *fwd_router_input; /* the router input of the last forward                     */
     moe_routing_stats stats;
-    float aux_grad_scale; /* multiplies the aux losses' gradients in backward; 1 after init
-                             (set 1/n for gradient accumulation over n micro-batches)     */
+    float *stat_load, *stat_prob; /* (E) backing for stats                                     */
     moe_err err;
 } moe_layer;
 
 /* Validates cfg, declares the layer's tensors in s under `prefix` (s must not be allocated
-   yet) and allocates activations for up to max_tokens tokens. */
+   yet) and allocates every buffer for up to max_tokens tokens. On failure (a sentence in
+   L->err; out of memory is MOE_ERR_NOMEM) nothing stays allocated and moe_layer_free is safe. */
 MOEDEF moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
                                  const char *prefix, int max_tokens);
 MOEDEF void moe_layer_free(moe_layer *L);
@@ -662,18 +947,25 @@ MOEDEF void moe_layer_free(moe_layer *L);
 MOEDEF void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
 /* Pointers to the layer's weights in the params (grads = 0) or grads (grads = 1) buffer. */
 MOEDEF moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_store *s, int shared, int grads);
-/* y (T, d) = MoE(x (T, d)). noise (T, E): N(0,1) draws for the noisy top-k router during
-   training, NULL at evaluation (then H = z). Fills L->stats. Capacity: assignments are admitted
-   slot by slot (every token's first choice before any second choice), tokens in index order;
-   a dropped assignment contributes nothing (the token keeps its residual), weights are not
-   renormalised afterwards. */
+MOEDEF moe_layer_args moe_layer_args_default(void);
+/* DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437 §2.1.2), for a layer with
+   selection_bias: after a step, b_i += gamma * sign(mean_j c_j - c_i), c_i = the tokens that
+   chose expert i in the last forward: an overloaded expert's bias goes down by gamma, an
+   underloaded one's up (the paper: gamma 0.001 for most of training). */
+MOEDEF moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma);
+/* y (T, d) = MoE(x (T, d)); args may be NULL (see moe_layer_args). Fills L->stats.
+   Capacity: assignments are admitted slot by slot (every token's first choice before any
+   second choice), tokens in index order (token by token with capacity_order); a dropped
+   assignment contributes nothing (the token keeps its residual), weights are not
+   renormalised afterwards. A non-finite router logit returns MOE_ERR_NUMERIC naming the
+   token and expert, and leaves no forward to differentiate. */
 MOEDEF moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
-                                    int T, const float *noise);
+                                    int T, const moe_layer_args *args);
 /* dx (T, d) += dLoss/dx; parameter gradients += into s->grads. The auxiliary losses of the
-   last forward (L->stats.aux_total) are part of the differentiated objective. x must be the
-   forward's input. */
+   last forward (L->stats.aux_total, times args->aux_grad_scale) are part of the
+   differentiated objective. x and args must be the forward's. */
 MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, const float *dy,
-                                     const float *x);
+                                     const float *x, const moe_layer_args *args);
 
 /* ============================================================================================
    >>moe:attention  causal multi-head self-attention, rotary positions
@@ -715,6 +1007,29 @@ MOEDEF void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_
                              const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch);
 
 /* ============================================================================================
+   >>moe:router_input  what the routers of a model read: x, RMoE's recurrent GRU state, or an
+                       MLP router's hidden layer (Qiu et al., ICLR 2025, arXiv 2408.06793)
+   ============================================================================================
+   In MoE block l the router reads r_l instead of the block's normalised hidden state x_l:
+     RMoE:      x'_l = x_l . P_l^T (a projector per layer, width p = router_dim, Eq. 4);
+                h_l = GRU(x'_l, h_{l-1}) with ONE GRU shared by all MoE layers, h_0 = 0 (Eq. 5);
+                r_l = h_l (Eq. 6). The state passes through dense blocks unchanged and carries
+                full gradients back through depth.
+     ablations: "NP" h_l = GRU(x'_l, 0); "detach" h_{l-1} enters without a gradient back.
+     MLP:       r_l = GELU(x'_l), no recurrence (the paper's SMoE-MLP baseline).
+   The layer sees r_l as moe_layer_args.router_input and returns its gradient in
+   d_router_input (>>moe:layer); this section runs the GRU or the MLP around it. */
+
+typedef enum moe_router_input {
+    MOE_RIN_DIRECT = 0,     /* the layer's normalised hidden state x (a linear router)        */
+    MOE_RIN_GRU = 1,        /* RMoE: h_l = GRU(x_l P_l, h_{l-1}), one GRU shared by all MoE
+                               layers, state carried through depth with full gradients       */
+    MOE_RIN_GRU_NP = 2,     /* ablation "no previous state": h_l = GRU(x_l P_l, 0)            */
+    MOE_RIN_GRU_DETACH = 3, /* ablation: h_{l-1} enters layer l without a gradient back      */
+    MOE_RIN_MLP = 4         /* baseline SMoE-MLP: router on GELU(x_l P_l), no recurrence      */
+} moe_router_input;
+
+/* ============================================================================================
    >>moe:model  a tiny decoder-only MoE transformer over bytes
    ============================================================================================
    x = wte[token] (+ wpe[pos]);  for each layer:  x += Attn(RMSNorm(x));  x += FFN(RMSNorm(x))
@@ -729,16 +1044,6 @@ typedef enum moe_pos_kind {
     MOE_POS_ROPE = 1     /* rotary q/k, no position parameters        */
 } moe_pos_kind;
 
-/* What the MoE layers' routers read (RMoE, Qiu et al. ICLR 2025, and its ablations). */
-typedef enum moe_router_input {
-    MOE_RIN_DIRECT = 0,     /* the layer's normalised hidden state x (a linear router)        */
-    MOE_RIN_GRU = 1,        /* RMoE: h_l = GRU(x_l P_l, h_{l-1}), one GRU shared by all MoE
-                               layers, state carried through depth with full gradients       */
-    MOE_RIN_GRU_NP = 2,     /* ablation "no previous state": h_l = GRU(x_l P_l, 0)            */
-    MOE_RIN_GRU_DETACH = 3, /* ablation: h_{l-1} enters layer l without a gradient back      */
-    MOE_RIN_MLP = 4         /* baseline SMoE-MLP: router on GELU(x_l P_l), no recurrence      */
-} moe_router_input;
-
 typedef struct moe_model_config {
     int vocab;              /* 256 (bytes)                                            */
     int max_seq;            /* longest sequence (and learned position table)          */
@@ -752,9 +1057,13 @@ typedef struct moe_model_config {
     int moe_every;          /* 0 = dense model; 1 = every layer MoE; 2 = every other  */
     int dense_first;        /* that many first layers stay dense                      */
     moe_layer_config moe;   /* the MoE FFN; its d is set to the model's d             */
-    moe_router_input router_input; /* linear router, RMoE's GRU state, an MLP router  */
+    moe_router_input router_input; /* what the routers read (>>moe:router_input)      */
     int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
     float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+    int balance_all_layers; /* 1: the MoE layers' balance loss is ONE loss over all their
+                               tokens at once, f and P averaged over the layers (RMoE's
+                               official code: HF's load_balancing_loss_func over the
+                               concatenated router logits); 0: the sum of per-layer losses */
 } moe_model_config;
 
 typedef struct moe_block {
@@ -797,8 +1106,13 @@ typedef struct moe_model {
     float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
     float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
+    float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
+    int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
-    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
+                               their balance terms replaced by the one over all layers) */
+    float *balance_f_all;   /* (E) balance_all_layers: mean over layers of f / L_moe, the
+                               f every layer's backward differentiates with          */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
        once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
        (swap a token's expert, ablate a layer). Backward does not see what it changes.
@@ -843,6 +1157,9 @@ MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
 /* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
    inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
 MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
+/* DeepSeek-V3's auxiliary-loss-free balancing: moe_layer_update_selection_bias on every MoE
+   layer (their config needs selection_bias), from the last forward's loads. */
+MOEDEF moe_status moe_model_update_selection_bias(moe_model *m, float gamma);
 /* total parameters, and those one token uses (routers + its k experts + everything dense) */
 MOEDEF size_t moe_model_params_total(const moe_model *m);
 MOEDEF size_t moe_model_params_active(const moe_model *m);
@@ -3023,15 +3340,11 @@ MOE__IMPL moe_status moe_dispatch(moe_assign *a, const int *token, const int *ex
     for (t = 0; t <= T; t++) a->tok_offset[t] = 0;
     for (i = 0; i < n; i++) a->tok_offset[a->token[i] + 1]++;
     for (t = 0; t < T; t++) a->tok_offset[t + 1] += a->tok_offset[t];
-    {
-        int *cursor = (int *)moe__calloc((size_t)T + 1, sizeof(int));
-        if (!cursor) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory in dispatch");
-        for (i = 0; i < n; i++) {
-            int tk = a->token[i];
-            a->tok_index[a->tok_offset[tk] + cursor[tk]++] = i;
-        }
-        MOE_FREE(cursor);
-    }
+    /* tok_offset[t] is token t's fill cursor; filled, it holds t's end = (t+1)'s start, so one
+       shift back restores the starts (no cursor array to allocate) */
+    for (i = 0; i < n; i++) a->tok_index[a->tok_offset[a->token[i]]++] = i;
+    for (t = T; t > 0; t--) a->tok_offset[t] = a->tok_offset[t - 1];
+    a->tok_offset[0] = 0;
     for (t = 0; t < T; t++) {
         int lo = a->tok_offset[t], hi = a->tok_offset[t + 1], j;
         for (i = lo + 1; i < hi; i++) {
@@ -3096,7 +3409,488 @@ MOE__IMPL void moe_combine_backward(float *deout, float *dweight, const float *d
 
 /* ============================================================================================
    >>moe:router
-   ============================================================================================ */
+   ============================================================================================
+   THE HOOKS, family by family (each defined in its own section below this one). A hook
+   takes the layer; T is the forward's token count; t a token. */
+/* the linear router, read by every family but AoE (>>moe:router_topk) */
+static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *prefix);
+static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T);
+static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin);
+/* softmax / sigmoid top-k (>>moe:router_topk) */
+static void moe__topk_select(moe_layer *L, const moe_store *s, int t);
+static int moe__topk_assign(moe_layer *L, int T);
+static void moe__topk_backward_token(moe_layer *L, int t);
+static void moe__softmax_backward_token(moe_layer *L, int t);
+static void moe__sigmoid_probs(moe_layer *L, int T);
+static void moe__topk_passthrough_forward(moe_layer *L, float *y, const float *x, int T);
+static void moe__topk_passthrough_backward(moe_layer *L, float *dx, const float *dy, const float *x);
+static void moe__topk_passthrough_gates_backward(moe_layer *L);
+static void moe__sigmoid_backward_token(moe_layer *L, int t);
+static void moe__sigmoid_norm_probs(const moe_layer *L, int t, float *out);
+static void moe__sigmoid_mean_prob_backward(moe_layer *L, int t);
+/* noisy top-k (>>moe:router_noisy) */
+static int moe__noisy_alloc(moe_layer *L);
+static void moe__noisy_free(moe_layer *L);
+static void moe__noisy_declare(moe_layer *L, moe_store *s, const char *prefix);
+static void moe__noisy_scores(moe_layer *L, const moe_store *s, const float *rin, const float *noise, int T);
+static void moe__noisy_select(moe_layer *L, int t);
+static void moe__noisy_aux(moe_layer *L, int T);
+static void moe__noisy_aux_backward(moe_layer *L, float scale);
+static void moe__noisy_backward_token(moe_layer *L, int t);
+static void moe__noisy_backward(moe_layer *L, moe_store *s, float *drin, const float *rin);
+/* expert choice (>>moe:router_ec) */
+static int moe__ec_alloc(moe_layer *L);
+static void moe__ec_free(moe_layer *L);
+static int moe__ec_assign(moe_layer *L, int T);
+/* AoE (>>moe:router_aoe) */
+static int moe__aoe_alloc(moe_layer *L);
+static void moe__aoe_free(moe_layer *L);
+static void moe__aoe_declare(moe_layer *L, moe_store *s, const char *prefix);
+static void moe__aoe_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
+static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T);
+static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s);
+static void moe__aoe_gate_backward(moe_layer *L, moe_store *s);
+static void moe__aoe_backward(moe_layer *L, moe_store *s, float *dx, const float *x);
+/* GW-MoE broadcast, an extension of softmax top-k (>>moe:router_gw) */
+static int moe__gw_alloc(moe_layer *L);
+static void moe__gw_free(moe_layer *L);
+static void moe__gw_mark(moe_layer *L, int T, const moe_layer_args *a);
+static int moe__gw_assign_token(moe_layer *L, int t, int n);
+static void moe__gw_output_forward(moe_layer *L, float *y, const float *x, int T);
+static void moe__gw_output_backward(moe_layer *L, float *dx, const float *dy, const float *x);
+static void moe__gw_backward_token(moe_layer *L, int t);
+/* HyperMoE, an extension of any family (>>moe:router_hyper) */
+static int moe__hyper_alloc(moe_layer *L);
+static void moe__hyper_free(moe_layer *L);
+static void moe__hyper_declare(moe_layer *L, moe_store *s, const char *prefix);
+static void moe__hyper_init_weights(moe_layer *L, moe_store *s, moe_rng *rng);
+static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T);
+static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x);
+
+/* ---- helpers the families share ---- */
+
+/* ptr = count zeroed objects of type; 1 when it worked (chains with &&: after a failure the
+   remaining pointers stay NULL, so a free function can free them all) */
+#define MOE__ALLOC(ptr, count, type) (((ptr) = (type *)moe__calloc((size_t)(count), sizeof(type))) != NULL)
+
+/* declares one of the layer's tensors, `prefix` + name; the first failure stays in L->err */
+static int moe__declare(moe_layer *L, moe_store *s, const char *prefix, const char *name, int flags,
+                        int n0, int n1, int n2) {
+    char full[MOE_NAME_LEN + 64];
+    int id;
+    if (L->err.status != MOE_OK) return -1;
+    if (strlen(prefix) + strlen(name) >= MOE_NAME_LEN) {
+        moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "tensor name '%s%s' is longer than %d bytes", prefix, name, MOE_NAME_LEN - 1);
+        return -1;
+    }
+    sprintf(full, "%s%s", prefix, name);
+    id = moe_store_add(s, full, flags, n0, n1, n2, 0);
+    if (id < 0) moe_err_set(&L->err, s->err.status, "%s", s->err.msg);
+    return id;
+}
+
+static float moe__softplus(float x) { return (x > 0.0f ? x : 0.0f) + log1pf(expf(-fabsf(x))); }
+
+/* 1 when score a (index ia) ranks above score b (index ib): larger first, ties to the lower
+   index, NaN below every number, so the order is total and a pick is always an index */
+static int moe__ranks_above(float a, int ia, float b, int ib) {
+    if (a != a || b != b) return (b != b) && (a == a || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+
+/* idx[0..k) = indices of the k largest scores, descending; ties go to the lower index.
+   Each pick is the best entry that ranks below the previous pick. The forward refuses
+   non-finite logits before any selection; the total order keeps this function in bounds
+   even so. */
+static void moe__topk_row(const float *score, int E, int k, int *idx) {
+    int s, j;
+    for (s = 0; s < k; s++) {
+        int best = -1;
+        for (j = 0; j < E; j++) {
+            if (s > 0 && !moe__ranks_above(score[idx[s - 1]], idx[s - 1], score[j], j)) continue;
+            if (best < 0 || moe__ranks_above(score[j], j, score[best], best)) best = j;
+        }
+        idx[s] = best;
+    }
+}
+
+static int moe__float_desc(const void *pa, const void *pb) {
+    float a = *(const float *)pa, b = *(const float *)pb;
+    return a > b ? -1 : a < b;
+}
+
+static int moe__int_cmp(const void *pa, const void *pb) {
+    int a = *(const int *)pa, b = *(const int *)pb;
+    return a < b ? -1 : a > b;
+}
+
+/* CV^2 = var / (mean^2 + 1e-10) of x (n >= 2), var the population variance (divided by n)
+   or the unbiased one (by n - 1); times coef, and its gradient dx (n) */
+static float moe__cv2(const float *x, int n, float coef, float *dx, int unbiased) {
+    double m = 0.0, var = 0.0, den, div = unbiased ? (double)(n - 1) : (double)n;
+    int i;
+    for (i = 0; i < n; i++) m += x[i];
+    m /= n;
+    for (i = 0; i < n; i++) var += (x[i] - m) * (x[i] - m);
+    var /= div;
+    den = m * m + 1e-10;
+    if (dx)
+        for (i = 0; i < n; i++)
+            dx[i] = (float)(coef * ((2.0 * (x[i] - m) / div) * den - var * 2.0 * m / n) / (den * den));
+    return (float)(coef * var / den);
+}
+
+static double moe__entropy(const float *p, int n) {
+    double h = 0.0;
+    int i;
+    for (i = 0; i < n; i++)
+        if (p[i] > 0.0f) h -= (double)p[i] * log((double)p[i]);
+    return h;
+}
+
+/* ---- THE DISPATCHER: one switch per hook, the only code that reads cfg.router ----------------
+   A switch rather than a table of function pointers: the families share most hooks (the linear
+   router serves four of them, softmax top-k's selection serves sigmoid and AoE, its backward
+   serves expert choice), a case list says so in one line, and the extensions (GW-MoE,
+   HyperMoE, the router input) combine with any kind, which a table indexed by the kind cannot
+   express. */
+
+static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) {
+    const moe_status bad = MOE_ERR_INVALID_ARG;
+    switch (c->router) {
+    case MOE_ROUTER_AOE:
+        if (c->aoe_rank <= 0 || c->expert != MOE_EXPERT_SWIGLU || c->router_bias || c->router_dim > 0)
+            return moe_err_set(err, bad, "AoE needs aoe_rank > 0 and SwiGLU experts, and has no router (no router_bias, no router_input)");
+        break;
+    case MOE_ROUTER_NOISY_TOPK:
+        if (c->top_k >= c->n_experts)
+            return moe_err_set(err, bad, "noisy top-k needs top_k < n_experts (its load estimate compares with the (k+1)-th logit); got k=%d, E=%d", c->top_k, c->n_experts);
+        break;
+    case MOE_ROUTER_EXPERT_CHOICE:
+        if (c->capacity_factor != 0.0f)
+            return moe_err_set(err, bad, "expert-choice takes its capacity from ec_capacity_factor (or top_k): each expert keeps ceil(cf*T/E) tokens; leave capacity_factor at 0");
+        break;
+    default: break;
+    }
+    if (c->drop_passthrough && (c->capacity_factor <= 0.0f || c->router == MOE_ROUTER_EXPERT_CHOICE))
+        return moe_err_set(err, bad, "drop_passthrough needs a token-choice router with capacity (capacity_factor > 0)");
+    if (c->selection_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_SIGMOID)
+        return moe_err_set(err, bad, "selection_bias applies to the softmax and sigmoid top-k routers");
+    if (c->ec_capacity_factor != 0.0f && c->router != MOE_ROUTER_EXPERT_CHOICE)
+        return moe_err_set(err, bad, "ec_capacity_factor applies to the expert-choice router only (token-choice routers use capacity_factor)");
+    if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
+        return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
+    return MOE_OK;
+}
+
+/* a token's routing depends on that token alone (expert choice ranks tokens against each other) */
+static int moe__router_is_causal(const moe_layer_config *c) { return c->router != MOE_ROUTER_EXPERT_CHOICE; }
+/* training draws N(0, 1) routing noise (moe_layer_args.noise) */
+static int moe__router_draws_noise(const moe_layer_config *c) { return c->router == MOE_ROUTER_NOISY_TOPK; }
+/* the router declares the routed experts' gate (AoE's factorised w_gate_in, w_gate_out) */
+static int moe__router_owns_expert_gate(const moe_layer_config *c) { return c->router == MOE_ROUTER_AOE; }
+/* parameters of one routed expert that a token leaves idle when it does not choose the expert
+   (AoE: every expert's W_in runs for every token) */
+static size_t moe__router_idle_expert_params(const moe_layer_config *c) {
+    if (c->router == MOE_ROUTER_AOE) return 2 * (size_t)c->d * c->d_ff + (size_t)c->d_ff * c->aoe_rank;
+    return (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff + (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
+}
+
+/* rows of the routed assignment list: token choice needs T K; expert choice
+   E ceil(cf T / E) <= ceil(cf) T + E (cf = top_k by default); GW broadcast T E */
+static int moe__router_list_rows(const moe_layer_config *c, int max_tokens) {
+    int per_token = c->top_k;
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->ec_capacity_factor > 0.0f) per_token = (int)ceil(c->ec_capacity_factor);
+    if (c->gw_threshold > 0.0f) per_token = c->n_experts;
+    return max_tokens * per_token + c->n_experts;
+}
+
+/* the router's tensors: they come first in the layer's part of the store */
+static void moe__router_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    switch (L->cfg.router) {
+    case MOE_ROUTER_AOE: moe__aoe_declare(L, s, prefix); break;
+    case MOE_ROUTER_NOISY_TOPK:
+        moe__linear_router_declare(L, s, prefix);
+        moe__noisy_declare(L, s, prefix);
+        break;
+    default: moe__linear_router_declare(L, s, prefix); break;
+    }
+}
+
+/* the extensions' tensors: after the experts' (the store's order is the checkpoint layout) */
+static void moe__router_declare_extensions(moe_layer *L, moe_store *s, const char *prefix) {
+    if (L->cfg.hyper) moe__hyper_declare(L, s, prefix);
+}
+
+/* the families' and extensions' buffers, sized for max_tokens; 0 when out of memory */
+static int moe__router_alloc(moe_layer *L) {
+    int ok = moe__gw_alloc(L) && /* GW's per-token flags are read by every token-choice family */
+             (!L->cfg.selection_bias || MOE__ALLOC(L->selection_scores, (size_t)L->max_tokens * L->cfg.n_experts, float)) &&
+             (!L->cfg.drop_passthrough || (MOE__ALLOC(L->passthrough, L->max_tokens, float) &&
+                                           MOE__ALLOC(L->d_passthrough, L->max_tokens, float)));
+    switch (L->cfg.router) {
+    case MOE_ROUTER_NOISY_TOPK: ok = ok && moe__noisy_alloc(L); break;
+    case MOE_ROUTER_EXPERT_CHOICE: ok = ok && moe__ec_alloc(L); break;
+    case MOE_ROUTER_AOE: ok = ok && moe__aoe_alloc(L); break;
+    default: break;
+    }
+    return ok && (!L->cfg.hyper || moe__hyper_alloc(L));
+}
+
+static void moe__router_free(moe_layer *L) {
+    MOE_FREE(L->selection_scores); MOE_FREE(L->passthrough); MOE_FREE(L->d_passthrough);
+    L->selection_scores = L->passthrough = L->d_passthrough = NULL;
+    moe__gw_free(L);
+    moe__noisy_free(L);
+    moe__ec_free(L);
+    moe__aoe_free(L);
+    moe__hyper_free(L);
+}
+
+/* draws in a fixed order: HyperMoE's tensors, then the router (a linear router's weight or
+   AoE's gate factors); biases and the noise projection start at zero */
+static void moe__router_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
+    float *w = moe_store_param(s, L->id_router_w), *b = moe_store_param(s, L->id_router_b);
+    size_t i;
+    if (L->cfg.hyper) moe__hyper_init_weights(L, s, rng);
+    if (w)
+        for (i = 0; i < s->tensors[L->id_router_w].numel; i++) w[i] = L->cfg.router_init_std * moe_rng_normal(rng);
+    if (b) memset(b, 0, s->tensors[L->id_router_b].numel * sizeof(float));
+    if (L->id_selection_bias >= 0) memset(moe_store_param(s, L->id_selection_bias), 0, sizeof(float) * (size_t)L->cfg.n_experts);
+    switch (L->cfg.router) {
+    case MOE_ROUTER_AOE: moe__aoe_init_weights(L, s, rng); break;
+    case MOE_ROUTER_NOISY_TOPK: {
+        float *wn = moe_store_param(s, L->noisy.id_w_noise);
+        memset(wn, 0, s->tensors[L->noisy.id_w_noise].numel * sizeof(float)); /* Shazeer: zero */
+        break;
+    }
+    default: break;
+    }
+}
+
+/* logits, lse, probabilities (and noisy top-k's H); a non-finite logit (or H) is an error */
+static moe_status moe__router_scores(moe_layer *L, const moe_store *s, const float *x, const float *rin,
+                                     const moe_layer_args *a, int T) {
+    int E = L->cfg.n_experts, t;
+    size_t i, TE = (size_t)T * E;
+    if (L->cfg.router == MOE_ROUTER_AOE)
+        moe__aoe_logits(L, s, x, T);
+    else
+        moe__linear_router_logits(L, s, rin, T);
+    for (i = 0; i < TE; i++)
+        if (!isfinite(L->logits[i]))
+            return moe_err_set(&L->err, MOE_ERR_NUMERIC, "router logit of token %d for expert %d is %g: the router's parameters "
+                               "or its input are not finite (a diverged run?); nothing was routed",
+                               (int)(i / (size_t)E), (int)(i % (size_t)E), (double)L->logits[i]);
+    for (t = 0; t < T; t++) {
+        const float *z = L->logits + (size_t)t * E;
+        float mx = -FLT_MAX;
+        double sum = 0.0;
+        int e;
+        for (e = 0; e < E; e++) mx = z[e] > mx ? z[e] : mx;
+        for (e = 0; e < E; e++) sum += exp((double)(z[e] - mx));
+        L->lse[t] = (float)(log(sum) + mx);
+    }
+    switch (L->cfg.router) {
+    case MOE_ROUTER_SIGMOID: moe__sigmoid_probs(L, T); break;
+    case MOE_ROUTER_NOISY_TOPK:
+        moe_softmax_forward(L->probs, L->logits, T, E);
+        moe__noisy_scores(L, s, rin, a->noise, T);
+        for (i = 0; i < TE; i++)
+            if (!isfinite(L->noisy.H[i]))
+                return moe_err_set(&L->err, MOE_ERR_NUMERIC, "noisy router score H of token %d for expert %d is %g: the noise "
+                                   "projection, the noise or the input is not finite; nothing was routed",
+                                   (int)(i / (size_t)E), (int)(i % (size_t)E), (double)L->noisy.H[i]);
+        break;
+    default: moe_softmax_forward(L->probs, L->logits, T, E); break;
+    }
+    return MOE_OK;
+}
+
+/* token t's choice: topk ids and dense gates (gates were zeroed) */
+static void moe__router_select_token(moe_layer *L, const moe_store *st, int t) {
+    int K = L->cfg.top_k, s;
+    switch (L->cfg.router) {
+    case MOE_ROUTER_NOISY_TOPK: moe__noisy_select(L, t); break;
+    case MOE_ROUTER_EXPERT_CHOICE: /* the experts choose in assign: no per-token choice */
+        for (s = 0; s < K; s++) L->topk[(size_t)t * K + s] = -1;
+        break;
+    default: moe__topk_select(L, st, t); break; /* softmax, sigmoid, AoE (softmax of the norms) */
+    }
+}
+
+/* the raw assignment list and the requested picks; returns its length */
+static int moe__router_assign(moe_layer *L, int T) {
+    switch (L->cfg.router) {
+    case MOE_ROUTER_EXPERT_CHOICE: return moe__ec_assign(L, T);
+    default: return moe__topk_assign(L, T); /* token choice, capacity, GW broadcast */
+    }
+}
+
+/* The router's forward: scores, each token's choice, GW-MoE's broadcast, the raw assignment
+   list (L->raw_*, *n entries) whose weights carry routed_scale. */
+static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const float *x, int T, const moe_layer_args *a,
+                                      int *n) {
+    const float *rin = a->router_input ? a->router_input : x;
+    moe_status st;
+    int t;
+    if ((st = moe__router_scores(L, s, x, rin, a, T)) != MOE_OK) return st;
+    memset(L->gates, 0, (size_t)T * L->cfg.n_experts * sizeof(float));
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) moe__router_select_token(L, s, t);
+    moe__gw_mark(L, T, a);
+    *n = moe__router_assign(L, T);
+    if (L->cfg.routed_scale != 1.0f)
+        for (t = 0; t < *n; t++) L->raw_weight[t] *= L->cfg.routed_scale;
+    return MOE_OK;
+}
+
+/* the routed experts' gate pre-activation from the router (AoE reuses its low-rank cache),
+   before the routed experts run; and its backward (d h_gate in L->experts_dh_gate) */
+static void moe__router_expert_gate_forward(moe_layer *L, const moe_store *s) {
+    if (moe__router_owns_expert_gate(&L->cfg)) moe__aoe_gate_forward(L, s);
+}
+static void moe__router_expert_gate_backward(moe_layer *L, moe_store *s) {
+    if (moe__router_owns_expert_gate(&L->cfg)) moe__aoe_gate_backward(L, s);
+}
+
+/* what else reaches y after the experts: dropped assignments passed through (HF Switch),
+   GW's released-code bypass, HyperMoE's hyper-expert; and their backward (dx +=; the
+   pass-through and the bypass keep the gradient of their weight for the router) */
+static void moe__router_output_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
+    if (L->cfg.drop_passthrough) moe__topk_passthrough_forward(L, y, x, T);
+    if (L->cfg.gw_released) moe__gw_output_forward(L, y, x, T);
+    if (L->cfg.hyper) moe__hyper_forward(L, s, y, x, T);
+}
+static void moe__router_output_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x) {
+    if (L->cfg.hyper) moe__hyper_backward(L, s, dx, dy, x); /* no gradient to the router: the set is discrete */
+    if (L->cfg.gw_released) moe__gw_output_backward(L, dx, dy, x);
+    if (L->cfg.drop_passthrough) moe__topk_passthrough_backward(L, dx, dy, x);
+}
+
+/* Auxiliary losses of the last forward and the routing statistics. P_i (the balance loss's
+   mean probability) averages the normalised probabilities: the softmax itself, or for the
+   sigmoid router the scores divided by their sum. */
+static void moe__router_aux(moe_layer *L, int T) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, t, e;
+    float *f = L->aux.balance_f, *P = L->aux.mean_prob, *pn = L->aux.token_probs, *picks = L->aux.picks;
+    double gate_h = 0.0, acc, z = 0.0;
+    moe_routing_stats *st = &L->stats;
+    for (e = 0; e < E; e++) P[e] = f[e] = 0.0f;
+    for (t = 0; t < T; t++) { /* P_i, summed in token order */
+        if (c->router == MOE_ROUTER_SIGMOID) moe__sigmoid_norm_probs(L, t, pn);
+        else memcpy(pn, L->probs + (size_t)t * E, sizeof(float) * (size_t)E);
+        for (e = 0; e < E; e++) P[e] += pn[e];
+        gate_h += moe__entropy(pn, E);
+    }
+    for (e = 0; e < E; e++) P[e] /= (float)T;
+    if (c->balance == MOE_BALANCE_SWITCH) { /* f_i: share of tokens whose top-1 is i */
+        for (t = 0; t < T; t++) {
+            const float *p = L->probs + (size_t)t * E;
+            int best = 0;
+            for (e = 1; e < E; e++)
+                if (p[e] > p[best]) best = e;
+            f[best] += 1.0f;
+        }
+        for (e = 0; e < E; e++) f[e] /= (float)T;
+    } else if (c->balance == MOE_BALANCE_MIXTRAL) {
+        for (e = 0; e < E; e++) f[e] = picks[e] / (float)T;
+    } else if (c->balance == MOE_BALANCE_DEEPSEEK) {
+        for (e = 0; e < E; e++) f[e] = picks[e] * (float)E / ((float)K * (float)T);
+    }
+    acc = 0.0;
+    for (e = 0; e < E; e++) acc += (double)f[e] * P[e];
+    st->aux_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)(c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
+    st->raw_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)((c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
+    for (t = 0; t < T; t++) z += (double)L->lse[t] * L->lse[t];
+    st->aux_z = (float)(c->z_coef * z / T);
+    st->raw_z = (float)(z / T);
+    st->aux_cv = st->raw_importance = st->raw_load = 0.0f;
+    if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux(L, T); /* sets aux_cv, raw_importance, raw_load */
+    st->aux_total = st->aux_balance + st->aux_z + st->aux_cv;
+    /* statistics; broadcast (GW) tokens are outside the requested/kept/dropped accounting */
+    st->tokens = T;
+    st->kept = L->routed.n - (c->gw_released ? 0 : E * st->broadcast);
+    st->requested = -K * st->broadcast;
+    for (e = 0; e < E; e++) st->requested += (int)picks[e];
+    st->dropped = st->requested - st->kept;
+    st->drop_rate = st->requested ? (float)st->dropped / (float)st->requested : 0.0f;
+    for (e = 0; e < E; e++) { /* a broadcast token adds one assignment to every expert: not kept ones */
+        int n_e = L->routed.offset[e + 1] - L->routed.offset[e] - (c->gw_released ? 0 : st->broadcast);
+        st->load[e] = st->kept ? (float)n_e / (float)st->kept : 0.0f;
+        st->mean_prob[e] = P[e];
+    }
+    st->load_entropy = (float)moe__entropy(st->load, E);
+    st->gate_entropy = (float)(gate_h / T);
+}
+
+/* dlogits of token t from its gate gradients, the balance loss through P and the z-loss */
+static void moe__router_backward_token(moe_layer *L, int t, float aux_scale) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, e;
+    size_t r = (size_t)t * E;
+    const float *p = L->probs + r, *z = L->logits + r;
+    float *dz = L->d_logits + r;
+    if (L->gw.uncertain[t]) moe__gw_backward_token(L, t); /* broadcast: gates are the full softmax */
+    else switch (c->router) {
+    case MOE_ROUTER_SIGMOID: moe__sigmoid_backward_token(L, t); break;
+    case MOE_ROUTER_NOISY_TOPK: moe__noisy_backward_token(L, t); break;
+    case MOE_ROUTER_EXPERT_CHOICE: moe__softmax_backward_token(L, t); break; /* g = p at the chosen */
+    default: moe__topk_backward_token(L, t); break; /* softmax top-k, AoE */
+    }
+    if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) { /* the balance loss through P */
+        if (c->router == MOE_ROUTER_SIGMOID) {
+            moe__sigmoid_mean_prob_backward(L, t);
+        } else {
+            const float *dP = L->aux.d_mean_prob;
+            float dot = 0.0f;
+            for (e = 0; e < E; e++) dot += dP[e] * p[e];
+            for (e = 0; e < E; e++) dz[e] += p[e] * (dP[e] - dot);
+        }
+    }
+    if (c->z_coef > 0.0f) { /* z-loss: d/dz_j of c/T * lse^2 = 2c/T * lse * softmax(z)_j */
+        float g = 2.0f * c->z_coef * aux_scale / (float)L->T * L->lse[t];
+        for (e = 0; e < E; e++) dz[e] += g * expf(z[e] - L->lse[t]);
+    }
+}
+
+/* The router's backward, after the experts': d(assignment weight) in L->d_weight -> gate
+   gradients -> logit gradients -> the router's parameters, and its input's gradient into drin
+   (the router input's when the router reads one, else dx). aux_scale multiplies the aux
+   losses' gradients; balance_f, when given, replaces the layer's own f of the balance loss. */
+static void moe__router_backward(moe_layer *L, moe_store *s, float *dx, const float *x, const float *rin, float *drin,
+                                 float aux_scale, const float *balance_f) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, T = L->T, t, e, i;
+    size_t TE = (size_t)T * E;
+    memset(L->d_gates, 0, TE * sizeof(float));
+    memset(L->d_logits, 0, TE * sizeof(float));
+    for (i = 0; i < L->routed.n; i++) /* weight = gate * routed_scale */
+        L->d_gates[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->d_weight[i] * c->routed_scale;
+    if (c->gw_released)
+        for (t = 0; t < T; t++)
+            if (L->gw.uncertain[t]) L->d_gates[(size_t)t * E + E - 1] = L->gw.d_bypass[t];
+    if (c->drop_passthrough) moe__topk_passthrough_gates_backward(L);
+    if (c->router == MOE_ROUTER_NOISY_TOPK) moe__noisy_aux_backward(L, aux_scale);
+    if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
+        float scale = c->balance_coef * aux_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
+        const float *f = balance_f ? balance_f : L->aux.balance_f;
+        for (e = 0; e < E; e++) L->aux.d_mean_prob[e] = scale * f[e]; /* f is a constant */
+    }
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) moe__router_backward_token(L, t, aux_scale);
+    switch (c->router) {
+    case MOE_ROUTER_AOE: moe__aoe_backward(L, s, dx, x); break;
+    case MOE_ROUTER_NOISY_TOPK:
+        moe__linear_router_backward(L, s, drin, rin);
+        moe__noisy_backward(L, s, drin, rin);
+        break;
+    default: moe__linear_router_backward(L, s, drin, rin); break;
+    }
+}
+
+/* ---- the config ---- */
 
 MOE__IMPL moe_layer_config moe_layer_config_default(void) {
     moe_layer_config c;
@@ -3119,12 +3913,8 @@ MOE__IMPL moe_layer_config moe_layer_config_default(void) {
     c.hyper_layer_dim = 4;
     c.hyper_adapter = 16;
     c.hyper_layers = 1;
+    c.routed_scale = c.shared_scale = 1.0f;
     return c;
-}
-
-MOE__IMPL int moe_aoe_matched_width(int d, int D, int r) {
-    /* rounded up, as the paper's 6469.2 -> 6470 (the 1e-9 keeps exact integers exact) */
-    return (int)ceil((3.0 * d * D - (double)r * d) / ((double)r + 2.0 * d) - 1e-9);
 }
 
 static int moe__bad_coef(float x) { return !(x >= 0.0f) || x > 1e30f; } /* negative, NaN, inf */
@@ -3137,10 +3927,6 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (c->top_k <= 0) return moe_err_set(err, bad, "top_k must be at least 1, got %d", c->top_k);
     if (c->top_k > c->n_experts) return moe_err_set(err, bad, "top_k (%d) exceeds n_experts (%d)", c->top_k, c->n_experts);
     if ((int)c->router < 0 || (int)c->router > MOE_ROUTER_AOE) return moe_err_set(err, bad, "unknown router kind %d", (int)c->router);
-    if (c->router == MOE_ROUTER_AOE && (c->aoe_rank <= 0 || c->expert != MOE_EXPERT_SWIGLU || c->router_bias || c->router_dim > 0))
-        return moe_err_set(err, bad, "AoE needs aoe_rank > 0 and SwiGLU experts, and has no router (no router_bias, no router_input)");
-    if (c->router == MOE_ROUTER_NOISY_TOPK && c->top_k >= c->n_experts)
-        return moe_err_set(err, bad, "noisy top-k needs top_k < n_experts (its load estimate compares with the (k+1)-th logit); got k=%d, E=%d", c->top_k, c->n_experts);
     if ((int)c->expert < 0 || (int)c->expert > MOE_EXPERT_FFN) return moe_err_set(err, bad, "unknown expert kind %d", (int)c->expert);
     if ((int)c->activation < 0 || (int)c->activation > MOE_ACT_RELU) return moe_err_set(err, bad, "unknown activation %d", (int)c->activation);
     if (c->expert_bias && c->expert != MOE_EXPERT_FFN) return moe_err_set(err, bad, "expert_bias applies to MOE_EXPERT_FFN experts only");
@@ -3148,117 +3934,826 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
     if (c->n_shared < 0 || c->d_ff_shared < 0) return moe_err_set(err, bad, "n_shared (%d) and d_ff_shared (%d) must not be negative", c->n_shared, c->d_ff_shared);
     if (!(c->capacity_factor >= 0.0f) || c->capacity_factor > 1e6f)
         return moe_err_set(err, bad, "capacity_factor must be 0 (dropless) or positive, got %g", (double)c->capacity_factor);
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->capacity_factor != 0.0f)
-        return moe_err_set(err, bad, "expert-choice takes its capacity from top_k (each expert keeps ceil(k*T/E) tokens); leave capacity_factor at 0");
     if (moe__bad_coef(c->balance_coef) || moe__bad_coef(c->z_coef) || moe__bad_coef(c->importance_coef) ||
         moe__bad_coef(c->load_coef) || moe__bad_coef(c->noise_eps) || moe__bad_coef(c->router_init_std))
         return moe_err_set(err, bad, "loss coefficients, noise_eps and router_init_std must be finite and >= 0");
     if (!(c->gw_threshold >= 0.0f) || c->gw_slots < 0) return moe_err_set(err, bad, "gw_threshold and gw_slots must not be negative");
-    if (c->gw_threshold > 0.0f && c->router != MOE_ROUTER_TOPK)
-        return moe_err_set(err, bad, "GW-MoE broadcast needs the softmax top-k router (MOE_ROUTER_TOPK)");
+    if (!(c->routed_scale > 0.0f) || c->routed_scale > 1e6f || !(c->shared_scale > 0.0f) || c->shared_scale > 1e6f)
+        return moe_err_set(err, bad, "routed_scale (%g) and shared_scale (%g) must be positive and finite (1 = unscaled)",
+                           (double)c->routed_scale, (double)c->shared_scale);
+    if ((int)c->capacity_order < 0 || (int)c->capacity_order > MOE_CAPACITY_TOKEN_MAJOR)
+        return moe_err_set(err, bad, "unknown capacity_order %d", (int)c->capacity_order);
+    if (!(c->ec_capacity_factor >= 0.0f) || c->ec_capacity_factor > 1e6f)
+        return moe_err_set(err, bad, "ec_capacity_factor must be 0 (top_k) or positive, got %g", (double)c->ec_capacity_factor);
     if (c->router_dim < 0) return moe_err_set(err, bad, "router_dim must not be negative");
     if (c->hyper && (c->hyper_embed <= 0 || c->hyper_hidden <= 0 || c->hyper_cond <= 0 || c->hyper_layer_dim <= 0 ||
                      c->hyper_width <= 0 || c->hyper_adapter <= 0 || c->hyper_layers <= 0 || c->hyper_layer < 0 ||
                      c->hyper_layer >= c->hyper_layers))
         return moe_err_set(err, bad, "HyperMoE needs positive hyper sizes and 0 <= hyper_layer < hyper_layers");
+    if (moe__router_validate(c, err) != MOE_OK) return bad;
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;
 }
+/* ============================================================================================
+   >>moe:router_topk
+   ============================================================================================ */
 
-static float moe__softplus(float x) { return (x > 0.0f ? x : 0.0f) + log1pf(expf(-fabsf(x))); }
+static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, L->cfg.n_experts, L->cfg.router_dim, 0);
+    if (L->cfg.router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, L->cfg.n_experts, 0, 0);
+    /* no decay and never a gradient: AdamW leaves it alone, the balancing rule moves it */
+    if (L->cfg.selection_bias) L->id_selection_bias = moe__declare(L, s, prefix, "router.selection_bias", 0, L->cfg.n_experts, 0, 0);
+}
 
-/* idx[0..k) = indices of the k largest scores, descending; ties go to the lower index.
-   Each pick is the best entry that ranks below the previous pick in (score desc, index asc). */
-static void moe__topk_row(const float *score, int E, int k, int *idx) {
-    int s, j;
-    for (s = 0; s < k; s++) {
-        int best = -1;
-        for (j = 0; j < E; j++) {
-            if (s > 0) {
-                float ps = score[idx[s - 1]];
-                if (!(score[j] < ps || (score[j] == ps && j > idx[s - 1]))) continue;
-            }
-            if (best < 0 || score[j] > score[best]) best = j;
-        }
-        idx[s] = best;
+/* logits (T, E) = rin (T, router_dim) . Wr^T + b */
+static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T) {
+    moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T,
+                       L->cfg.router_dim, L->cfg.n_experts);
+}
+
+/* d_logits -> dWr, db, and drin += (the router input's gradient) */
+static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
+    moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->d_logits, rin,
+                        moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts);
+}
+
+/* token t: the k largest probabilities (plus the selection bias, when there is one) and
+   their weights (softmax or sigmoid scores) */
+static void moe__topk_select(moe_layer *L, const moe_store *st, int t) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, s;
+    const float *p = L->probs + (size_t)t * E;
+    int *idx = L->topk + (size_t)t * K;
+    float *g = L->gates + (size_t)t * E;
+    if (L->cfg.selection_bias) {
+        const float *b = moe_store_param(st, L->id_selection_bias);
+        float *score = L->selection_scores + (size_t)t * E;
+        for (s = 0; s < E; s++) score[s] = p[s] + b[s];
+        moe__topk_row(score, E, K, idx);
+    } else {
+        moe__topk_row(p, E, K, idx);
+    }
+    if (L->cfg.renormalize) {
+        float sum = 0.0f;
+        for (s = 0; s < K; s++) sum += p[idx[s]];
+        if (sum < 1e-20f) sum = 1e-20f;
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]] / sum;
+    } else {
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]];
     }
 }
 
-typedef struct moe__scored {
-    float score;
-    int index;
-} moe__scored;
+/* The raw assignment list of a token-choice router: each token's k choices in slot order,
+   less the drops of capacity; GW-MoE's broadcast tokens bring every expert instead. The
+   picks per expert count every choice (capacity or not). Returns the list's length. */
+static int moe__topk_assign(moe_layer *L, int T) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, K = c->top_k, n = 0, t, s, e;
+    const int *topk = L->topk;
+    float *picks = L->aux.picks;
+    for (e = 0; e < E; e++) picks[e] = 0.0f;
+    for (t = 0; t < T; t++)
+        for (s = 0; s < K; s++) picks[topk[(size_t)t * K + s]] += 1.0f;
+    if (c->capacity_factor > 0.0f) { /* admission, in slot-major or token-major order */
+        int C = (int)ceil((double)c->capacity_factor * K * T / E), token_major = c->capacity_order == MOE_CAPACITY_TOKEN_MAJOR;
+        int outer = token_major ? T : K, inner = token_major ? K : T, i, j;
+        int *count = L->capacity_count;
+        for (e = 0; e < E; e++) count[e] = 0;
+        for (i = 0; i < outer; i++)
+            for (j = 0; j < inner; j++) {
+                t = token_major ? i : j;
+                s = token_major ? j : i;
+                if (L->gw.uncertain[t]) continue; /* broadcast tokens bypass capacity */
+                e = topk[(size_t)t * K + s];
+                L->admitted[(size_t)t * K + s] = count[e] < C;
+                if (count[e] < C) count[e]++;
+            }
+    }
+    for (t = 0; t < T; t++) {
+        if (c->drop_passthrough) L->passthrough[t] = 0.0f;
+        if (L->gw.uncertain[t]) {
+            n = moe__gw_assign_token(L, t, n);
+            continue;
+        }
+        for (s = 0; s < K; s++) {
+            if (c->capacity_factor > 0.0f && !L->admitted[(size_t)t * K + s]) {
+                if (c->drop_passthrough) L->passthrough[t] += L->gates[(size_t)t * E + topk[(size_t)t * K + s]] * c->routed_scale;
+                continue;
+            }
+            e = topk[(size_t)t * K + s];
+            L->raw_token[n] = t; L->raw_expert[n] = e; L->raw_slot[n] = s; L->raw_weight[n] = L->gates[(size_t)t * E + e];
+            n++;
+        }
+    }
+    return n;
+}
 
+/* drop_passthrough: y += (the dropped weights) * x, and its backward: dx += w dy, and
+   d w = <dy, x> for the router (each dropped assignment's gate gets it, times routed_scale) */
+static void moe__topk_passthrough_forward(moe_layer *L, float *y, const float *x, int T) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < T; t++)
+        if (L->passthrough[t] != 0.0f)
+            for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->passthrough[t] * x[(size_t)t * d + j];
+}
+
+static void moe__topk_passthrough_backward(moe_layer *L, float *dx, const float *dy, const float *x) {
+    int d = L->cfg.d, t, j;
+    for (t = 0; t < L->T; t++) {
+        const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
+        float dot = 0.0f;
+        for (j = 0; j < d; j++) {
+            dot += g[j] * xt[j];
+            dx[(size_t)t * d + j] += L->passthrough[t] * g[j];
+        }
+        L->d_passthrough[t] = dot;
+    }
+}
+
+static void moe__topk_passthrough_gates_backward(moe_layer *L) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, t, s;
+    for (t = 0; t < L->T; t++)
+        for (s = 0; s < K; s++)
+            if (!L->gw.uncertain[t] && !L->admitted[(size_t)t * K + s])
+                L->d_gates[(size_t)t * E + L->topk[(size_t)t * K + s]] = L->d_passthrough[t] * L->cfg.routed_scale;
+}
+
+/* g = softmax over all E read at the chosen experts (Switch, expert choice):
+   dz = p * (dg - <dg, p>) */
+static void moe__softmax_backward_token(moe_layer *L, int t) {
+    int E = L->cfg.n_experts, e;
+    size_t r = (size_t)t * E;
+    const float *p = L->probs + r, *dg = L->d_gates + r;
+    float *dz = L->d_logits + r, dot = 0.0f;
+    for (e = 0; e < E; e++) dot += dg[e] * p[e];
+    for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
+}
+
+/* softmax top-k (and AoE's top-k of the norms): renormalised, g = softmax over the chosen
+   logits, dz_i = g_i (dg_i - <dg, g>) on the chosen; else the full softmax's backward */
+static void moe__topk_backward_token(moe_layer *L, int t) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, s;
+    size_t r = (size_t)t * E;
+    const float *g = L->gates + r, *dg = L->d_gates + r;
+    const int *idx = L->topk + (size_t)t * K;
+    float *dz = L->d_logits + r, dot = 0.0f;
+    if (!L->cfg.renormalize) {
+        moe__softmax_backward_token(L, t);
+        return;
+    }
+    for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+    for (s = 0; s < K; s++) dz[idx[s]] += g[idx[s]] * (dg[idx[s]] - dot);
+}
+
+/* sigmoid gating: independent scores p = sigmoid(z) */
+static void moe__sigmoid_probs(moe_layer *L, int T) {
+    size_t i, TE = (size_t)T * L->cfg.n_experts;
+    for (i = 0; i < TE; i++) L->probs[i] = moe__sigmoid(L->logits[i]);
+}
+
+static void moe__sigmoid_backward_token(moe_layer *L, int t) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, s, e;
+    size_t r = (size_t)t * E;
+    const float *p = L->probs + r, *g = L->gates + r, *dg = L->d_gates + r;
+    const int *idx = L->topk + (size_t)t * K;
+    float *dz = L->d_logits + r;
+    if (L->cfg.renormalize) { /* g = p / sum over the chosen */
+        float sum = 0.0f, dot = 0.0f;
+        for (s = 0; s < K; s++) sum += p[idx[s]];
+        if (sum < 1e-20f) sum = 1e-20f;
+        for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+        for (s = 0; s < K; s++) {
+            e = idx[s];
+            dz[e] += (dg[e] - dot) / sum * p[e] * (1.0f - p[e]);
+        }
+    } else {
+        for (s = 0; s < K; s++) {
+            e = idx[s];
+            dz[e] += dg[e] * p[e] * (1.0f - p[e]);
+        }
+    }
+}
+
+/* the normalised scores p / sum_j p_j of token t, which the balance loss averages into P */
+static void moe__sigmoid_norm_probs(const moe_layer *L, int t, float *out) {
+    int E = L->cfg.n_experts, j;
+    const float *p = L->probs + (size_t)t * E;
+    float s = 0.0f;
+    for (j = 0; j < E; j++) s += p[j];
+    for (j = 0; j < E; j++) out[j] = p[j] / s;
+}
+
+/* the balance loss's gradient dP through the normalised scores of token t */
+static void moe__sigmoid_mean_prob_backward(moe_layer *L, int t) {
+    int E = L->cfg.n_experts, e;
+    size_t r = (size_t)t * E;
+    const float *p = L->probs + r, *dP = L->aux.d_mean_prob;
+    float *dz = L->d_logits + r, sum = 0.0f, dot = 0.0f;
+    for (e = 0; e < E; e++) sum += p[e];
+    for (e = 0; e < E; e++) dot += dP[e] * p[e] / sum;
+    for (e = 0; e < E; e++) dz[e] += (dP[e] - dot) / sum * p[e] * (1.0f - p[e]);
+}
+/* ============================================================================================
+   >>moe:router_noisy
+   ============================================================================================ */
+
+static int moe__noisy_alloc(moe_layer *L) {
+    moe_router_noisy *n = &L->noisy;
+    size_t TE = (size_t)L->max_tokens * L->cfg.n_experts, E = (size_t)L->cfg.n_experts;
+    return MOE__ALLOC(n->noise, TE, float) && MOE__ALLOC(n->noise_logits, TE, float) && MOE__ALLOC(n->H, TE, float) &&
+           MOE__ALLOC(n->threshold, TE, int) && MOE__ALLOC(n->d_noise_logits, TE, float) &&
+           MOE__ALLOC(n->importance, E, float) && MOE__ALLOC(n->load, E, float) && MOE__ALLOC(n->d_importance, E, float) &&
+           MOE__ALLOC(n->d_load, E, float);
+}
+
+static void moe__noisy_free(moe_layer *L) {
+    moe_router_noisy *n = &L->noisy;
+    MOE_FREE(n->noise); MOE_FREE(n->noise_logits); MOE_FREE(n->H); MOE_FREE(n->threshold); MOE_FREE(n->d_noise_logits);
+    MOE_FREE(n->importance); MOE_FREE(n->load); MOE_FREE(n->d_importance); MOE_FREE(n->d_load);
+    n->noise = n->noise_logits = n->H = n->d_noise_logits = n->importance = n->load = n->d_importance = n->d_load = NULL;
+    n->threshold = NULL;
+}
+
+static void moe__noisy_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    L->noisy.id_w_noise = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, L->cfg.n_experts, L->cfg.router_dim, 0);
+}
+
+/* noise logits and H (the softmax probabilities of z are the dispatcher's) */
+static void moe__noisy_scores(moe_layer *L, const moe_store *s, const float *rin, const float *noise, int T) {
+    moe_router_noisy *n = &L->noisy;
+    size_t i, TE = (size_t)T * L->cfg.n_experts;
+    moe_matmul_forward(n->noise_logits, rin, moe_store_param(s, n->id_w_noise), NULL, T, L->cfg.router_dim, L->cfg.n_experts);
+    n->has_noise = noise != NULL;
+    for (i = 0; i < TE; i++) {
+        n->noise[i] = noise ? noise[i] : 0.0f;
+        n->H[i] = L->logits[i] + n->noise[i] * (moe__softplus(n->noise_logits[i]) + L->cfg.noise_eps);
+    }
+}
+
+/* token t: the k largest H, softmax over them; each expert's load threshold */
+static void moe__noisy_select(moe_layer *L, int t) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, s, j, kth, k1th;
+    const float *H = L->noisy.H + (size_t)t * E;
+    int *idx = L->topk + (size_t)t * K, *th = L->noisy.threshold + (size_t)t * E;
+    float *g = L->gates + (size_t)t * E, mx, sum = 0.0f;
+    moe__topk_row(H, E, K + 1, th); /* th is scratch here: the k+1 best */
+    for (s = 0; s < K; s++) idx[s] = th[s];
+    kth = th[K - 1];
+    k1th = th[K];
+    for (j = 0; j < E; j++) th[j] = kth;
+    for (s = 0; s < K; s++) th[idx[s]] = k1th; /* selected: compare with the (k+1)-th */
+    mx = H[idx[0]];
+    for (s = 0; s < K; s++) sum += expf(H[idx[s]] - mx);
+    for (s = 0; s < K; s++) g[idx[s]] = expf(H[idx[s]] - mx) / sum;
+}
+
+/* Importance and Load; stats.aux_cv and the two raw CV^2 */
+static void moe__noisy_aux(moe_layer *L, int T) {
+    moe_router_noisy *n = &L->noisy;
+    int E = L->cfg.n_experts, ub = L->cfg.cv_unbiased, t, e;
+    for (e = 0; e < E; e++) n->importance[e] = n->load[e] = 0.0f;
+    for (t = 0; t < T; t++)
+        for (e = 0; e < E; e++) n->importance[e] += L->gates[(size_t)t * E + e];
+    if (n->has_noise) {
+        for (t = 0; t < T; t++)
+            for (e = 0; e < E; e++) {
+                size_t i = (size_t)t * E + e;
+                float sd = moe__softplus(n->noise_logits[i]) + L->cfg.noise_eps;
+                float u = (L->logits[i] - n->H[(size_t)t * E + n->threshold[i]]) / sd;
+                n->load[e] += 0.5f * erfcf(-u * 0.70710678118654752f);
+            }
+    } else {
+        for (e = 0; e < E; e++) n->load[e] = L->aux.picks[e];
+    }
+    L->stats.aux_cv = moe__cv2(n->importance, E, L->cfg.importance_coef, NULL, ub) + moe__cv2(n->load, E, L->cfg.load_coef, NULL, ub);
+    L->stats.raw_importance = moe__cv2(n->importance, E, 1.0f, NULL, ub);
+    L->stats.raw_load = moe__cv2(n->load, E, 1.0f, NULL, ub);
+}
+
+/* the CV^2 losses' gradients (scale: the call's aux gradient scale); zeroes d_noise_logits */
+static void moe__noisy_aux_backward(moe_layer *L, float scale) {
+    moe_router_noisy *n = &L->noisy;
+    int E = L->cfg.n_experts;
+    memset(n->d_noise_logits, 0, sizeof(float) * (size_t)L->T * E);
+    moe__cv2(n->importance, E, L->cfg.importance_coef * scale, n->d_importance, L->cfg.cv_unbiased);
+    if (n->has_noise) moe__cv2(n->load, E, L->cfg.load_coef * scale, n->d_load, L->cfg.cv_unbiased);
+}
+
+/* token t: importance's gradient joins dgate; softmax over the kept H; the smooth load */
+static void moe__noisy_backward_token(moe_layer *L, int t) {
+    const moe_router_noisy *n = &L->noisy;
+    int E = L->cfg.n_experts, K = L->cfg.top_k, s, e;
+    size_t r = (size_t)t * E;
+    const float *g = L->gates + r, *z = L->logits + r, *xi = n->noise + r, *zn = n->noise_logits + r;
+    const int *idx = L->topk + (size_t)t * K;
+    float *dg = L->d_gates + r, *dz = L->d_logits + r, *dzn = n->d_noise_logits + r, dot = 0.0f;
+    for (s = 0; s < K; s++) dg[idx[s]] += n->d_importance[idx[s]]; /* importance = sum_t gates */
+    for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+    for (s = 0; s < K; s++) {
+        float dH;
+        e = idx[s];
+        dH = g[e] * (dg[e] - dot);
+        dz[e] += dH;
+        dzn[e] += dH * xi[e] * moe__sigmoid(zn[e]);
+    }
+    if (n->has_noise) { /* smooth load: Phi((z_i - thr_i) / sd_i) */
+        const float *H = n->H + r;
+        const int *th = n->threshold + r;
+        for (e = 0; e < E; e++) {
+            float sd = moe__softplus(zn[e]) + L->cfg.noise_eps;
+            int m = th[e];
+            float u = (z[e] - H[m]) / sd;
+            float du = n->d_load[e] * 0.3989422804014327f * expf(-0.5f * u * u);
+            float dthr = -du / sd, dsd = -du * u / sd;
+            dz[e] += du / sd;
+            dz[m] += dthr; /* H_m = z_m + xi_m * sd_m */
+            dzn[m] += dthr * xi[m] * moe__sigmoid(zn[m]);
+            dzn[e] += dsd * moe__sigmoid(zn[e]);
+        }
+    }
+}
+
+/* d_noise_logits -> dWn, drin += */
+static void moe__noisy_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
+    moe_matmul_backward(drin, moe_store_grad(s, L->noisy.id_w_noise), NULL, L->noisy.d_noise_logits, rin,
+                        moe_store_param(s, L->noisy.id_w_noise), L->T, L->cfg.router_dim, L->cfg.n_experts);
+}
+/* ============================================================================================
+   >>moe:router_ec
+   ============================================================================================ */
+
+static int moe__ec_alloc(moe_layer *L) {
+    return MOE__ALLOC(L->ec.ranked, L->max_tokens, moe_scored_token) && MOE__ALLOC(L->ec.chosen, L->max_tokens, int);
+}
+
+static void moe__ec_free(moe_layer *L) {
+    MOE_FREE(L->ec.ranked);
+    MOE_FREE(L->ec.chosen);
+    L->ec.ranked = NULL;
+    L->ec.chosen = NULL;
+}
+
+/* larger score first, ties to the lower token index (the probabilities are finite: the
+   forward refused non-finite logits) */
 static int moe__scored_cmp(const void *pa, const void *pb) {
-    const moe__scored *a = (const moe__scored *)pa, *b = (const moe__scored *)pb;
+    const moe_scored_token *a = (const moe_scored_token *)pa, *b = (const moe_scored_token *)pb;
     if (a->score > b->score) return -1;
     if (a->score < b->score) return 1;
     return a->index < b->index ? -1 : a->index > b->index;
 }
 
-static int moe__float_desc(const void *pa, const void *pb) {
-    float a = *(const float *)pa, b = *(const float *)pb;
-    return a > b ? -1 : a < b;
+/* each expert's C best tokens, in token order; gates and picks (C per expert) */
+static int moe__ec_assign(moe_layer *L, int T) {
+    int E = L->cfg.n_experts, K = L->cfg.top_k, n = 0, t, s, e;
+    int C = L->cfg.ec_capacity_factor > 0.0f ? (int)ceil((double)L->cfg.ec_capacity_factor * T / E)
+                                             : (int)(((long long)K * T + E - 1) / E);
+    moe_scored_token *sc = L->ec.ranked;
+    int *chosen = L->ec.chosen;
+    if (C > T) C = T;
+    for (e = 0; e < E; e++) {
+        for (t = 0; t < T; t++) {
+            sc[t].score = L->probs[(size_t)t * E + e];
+            sc[t].index = t;
+        }
+        qsort(sc, (size_t)T, sizeof *sc, moe__scored_cmp);
+        for (s = 0; s < C; s++) chosen[s] = sc[s].index;
+        qsort(chosen, (size_t)C, sizeof(int), moe__int_cmp);
+        for (s = 0; s < C; s++) {
+            float p = L->probs[(size_t)chosen[s] * E + e];
+            L->raw_token[n] = chosen[s]; L->raw_expert[n] = e; L->raw_slot[n] = e; L->raw_weight[n] = p;
+            L->gates[(size_t)chosen[s] * E + e] = p;
+            n++;
+        }
+        L->aux.picks[e] = (float)C;
+    }
+    return n;
+}
+/* ============================================================================================
+   >>moe:router_aoe
+   ============================================================================================ */
+
+MOE__IMPL int moe_aoe_matched_width(int d, int D, int r) {
+    /* rounded up, as the paper's 6469.2 -> 6470 (the 1e-9 keeps exact integers exact) */
+    return (int)ceil((3.0 * d * D - (double)r * d) / ((double)r + 2.0 * d) - 1e-9);
 }
 
-static int moe__int_cmp(const void *pa, const void *pb) {
-    int a = *(const int *)pa, b = *(const int *)pb;
-    return a < b ? -1 : a > b;
+static int moe__aoe_alloc(moe_layer *L) {
+    moe_router_aoe *a = &L->aoe;
+    size_t TEr = (size_t)L->max_tokens * L->cfg.n_experts * L->cfg.aoe_rank, capr = (size_t)L->cap * L->cfg.aoe_rank;
+    return MOE__ALLOC(a->cache, TEr, float) && MOE__ALLOC(a->d_cache, TEr, float) && MOE__ALLOC(a->cache_chosen, capr, float) &&
+           MOE__ALLOC(a->d_cache_chosen, capr, float);
 }
 
-/* population CV^2 = var / (mean^2 + 1e-10) of x (n), and its gradient dx (n) times coef */
-static float moe__cv2(const float *x, int n, float coef, float *dx) {
-    double m = 0.0, var = 0.0, den;
-    int i;
-    for (i = 0; i < n; i++) m += x[i];
-    m /= n;
-    for (i = 0; i < n; i++) var += (x[i] - m) * (x[i] - m);
-    var /= n;
-    den = m * m + 1e-10;
-    if (dx)
-        for (i = 0; i < n; i++)
-            dx[i] = (float)(coef * ((2.0 * (x[i] - m) / n) * den - var * 2.0 * m / n) / (den * den));
-    return (float)(coef * var / den);
+static void moe__aoe_free(moe_layer *L) {
+    moe_router_aoe *a = &L->aoe;
+    MOE_FREE(a->cache); MOE_FREE(a->d_cache); MOE_FREE(a->cache_chosen); MOE_FREE(a->d_cache_chosen);
+    a->cache = a->d_cache = a->cache_chosen = a->d_cache_chosen = NULL;
 }
 
-static double moe__entropy(const float *p, int n) {
-    double h = 0.0;
-    int i;
-    for (i = 0; i < n; i++)
-        if (p[i] > 0.0f) h -= (double)p[i] * log((double)p[i]);
-    return h;
+static void moe__aoe_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    const moe_layer_config *c = &L->cfg;
+    L->aoe.id_w_in = moe__declare(L, s, prefix, "experts.w_gate_in", MOE_TENSOR_DECAY, c->n_experts, c->aoe_rank, c->d);
+    L->aoe.id_w_out = moe__declare(L, s, prefix, "experts.w_gate_out", MOE_TENSOR_DECAY, c->n_experts, c->d_ff, c->aoe_rank);
 }
 
-/* Normalised routing probabilities of token t: the softmax itself, or sigmoid / sum. */
-static void moe__norm_probs(const moe_layer *L, int t, float *out) {
-    int E = L->cfg.n_experts, j;
-    const float *p = L->probs + (size_t)t * E;
-    if (L->cfg.router == MOE_ROUTER_SIGMOID) {
-        float s = 0.0f;
-        for (j = 0; j < E; j++) s += p[j];
-        for (j = 0; j < E; j++) out[j] = p[j] / s;
-    } else {
-        for (j = 0; j < E; j++) out[j] = p[j];
+/* nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) for both factors, as the experts' matrices */
+static void moe__aoe_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
+    int ids[2], k;
+    size_t i;
+    ids[0] = L->aoe.id_w_in;
+    ids[1] = L->aoe.id_w_out;
+    for (k = 0; k < 2; k++) {
+        const moe_tensor *t = &s->tensors[ids[k]];
+        float *p = moe_store_param(s, ids[k]), bound = 1.0f / sqrtf((float)t->shape[2]);
+        for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(rng) - 1.0f);
     }
 }
 
+/* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
+static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
+    moe_matmul_forward(L->aoe.cache, x, moe_store_param(s, L->aoe.id_w_in), NULL, T, L->cfg.d, E * r);
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) {
+        int e, j;
+        for (e = 0; e < E; e++) {
+            const float *c = L->aoe.cache + ((size_t)t * E + e) * r;
+            double ss = 0.0;
+            for (j = 0; j < r; j++) ss += (double)c[j] * c[j];
+            L->logits[(size_t)t * E + e] = (float)sqrt(ss);
+        }
+    }
+}
+
+/* the chosen experts' caches, gathered, then h_gate = C_e . W_out_e^T per expert: the routed
+   experts' forward takes it as its gate pre-activation */
+static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, i, e;
+    const moe_assign *a = &L->routed;
+    const float *wout = moe_store_param(s, L->aoe.id_w_out);
+    for (i = 0; i < a->n; i++)
+        memcpy(L->aoe.cache_chosen + (size_t)i * r, L->aoe.cache + ((size_t)a->token[i] * E + a->expert[i]) * r, sizeof(float) * (size_t)r);
+    for (e = 0; e < E; e++) {
+        int lo = a->offset[e], n = a->offset[e + 1] - lo;
+        if (n > 0)
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+    }
+}
+
+/* d h_gate (left by the experts' backward in experts_dh_gate) -> d W_out and d_cache_chosen */
+static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, e;
+    const moe_assign *a = &L->routed;
+    const float *wout = moe_store_param(s, L->aoe.id_w_out);
+    float *gout = moe_store_grad(s, L->aoe.id_w_out);
+    memset(L->aoe.d_cache_chosen, 0, sizeof(float) * (size_t)a->n * r);
+    for (e = 0; e < E; e++) {
+        int lo = a->offset[e], n = a->offset[e + 1] - lo;
+        if (n > 0)
+            moe_matmul_backward(L->aoe.d_cache_chosen + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->experts_dh_gate + (size_t)lo * D,
+                                L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+    }
+}
+
+/* the router's backward: dC = the chosen experts' cache gradients + dlogit * C / ||C||;
+   then dW_in and dx */
+static void moe__aoe_backward(moe_layer *L, moe_store *s, float *dx, const float *x) {
+    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, T = L->T, i, t;
+    const moe_assign *a = &L->routed;
+    size_t n = (size_t)T * E * r;
+    memset(L->aoe.d_cache, 0, sizeof(float) * n);
+    for (i = 0; i < a->n; i++) /* each (token, expert) appears once: plain copies */
+        memcpy(L->aoe.d_cache + ((size_t)a->token[i] * E + a->expert[i]) * r, L->aoe.d_cache_chosen + (size_t)i * r, sizeof(float) * (size_t)r);
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) {
+        int e, j;
+        for (e = 0; e < E; e++) {
+            size_t k = (size_t)t * E + e;
+            const float *c = L->aoe.cache + k * r;
+            float *dc = L->aoe.d_cache + k * r, norm = L->logits[k];
+            float g = L->d_logits[k] / (norm > 1e-12f ? norm : 1e-12f);
+            for (j = 0; j < r; j++) dc[j] += g * c[j];
+        }
+    }
+    moe_matmul_backward(dx, moe_store_grad(s, L->aoe.id_w_in), NULL, L->aoe.d_cache, x, moe_store_param(s, L->aoe.id_w_in), T,
+                        L->cfg.d, E * r);
+}
+/* ============================================================================================
+   >>moe:router_gw
+   ============================================================================================ */
+
+static int moe__gw_alloc(moe_layer *L) {
+    return MOE__ALLOC(L->gw.uncertain, L->max_tokens, int) && MOE__ALLOC(L->gw.bypass, L->max_tokens, float) &&
+           MOE__ALLOC(L->gw.d_bypass, L->max_tokens, float);
+}
+
+static void moe__gw_free(moe_layer *L) {
+    MOE_FREE(L->gw.uncertain); MOE_FREE(L->gw.bypass); MOE_FREE(L->gw.d_bypass);
+    L->gw.uncertain = NULL;
+    L->gw.bypass = L->gw.d_bypass = NULL;
+}
+
+/* marks the uncertain tokens (serial: the slot cap counts in sequence order) and gives them
+   the full softmax as gates (paper) or a bypass weight (released code) */
+static void moe__gw_mark(moe_layer *L, int T, const moe_layer_args *a) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, t, e, used = 0, seq = a->seq_len > 0 ? a->seq_len : T;
+    double norm = c->gw_normalized ? log((double)E) : 1.0;
+    L->stats.broadcast = 0;
+    for (t = 0; t < T; t++) {
+        const float *p = L->probs + (size_t)t * E;
+        double u = 0.0;
+        L->gw.uncertain[t] = 0;
+        L->gw.bypass[t] = 0.0f;
+        if (!a->gw_active || c->gw_threshold <= 0.0f) continue;
+        if (t % seq == 0) used = 0;
+        for (e = 0; e < E; e++) u -= (double)p[e] * log((double)p[e] + 1e-5);
+        if (u / norm < c->gw_threshold || (c->gw_slots > 0 && used >= c->gw_slots)) continue;
+        used++;
+        L->gw.uncertain[t] = 1;
+        L->stats.broadcast++;
+        if (c->gw_released) {
+            memset(L->gates + (size_t)t * E, 0, sizeof(float) * (size_t)E);
+            L->gw.bypass[t] = p[E - 1];
+        } else {
+            memcpy(L->gates + (size_t)t * E, p, sizeof(float) * (size_t)E);
+        }
+    }
+}
+
+/* an uncertain token's assignments: every expert, in expert order, slot = expert (none for
+   the released code's bypass); returns the list's new length */
+static int moe__gw_assign_token(moe_layer *L, int t, int n) {
+    int E = L->cfg.n_experts, e;
+    if (L->cfg.gw_released) return n;
+    for (e = 0; e < E; e++) {
+        L->raw_token[n] = t; L->raw_expert[n] = e; L->raw_slot[n] = e; L->raw_weight[n] = L->gates[(size_t)t * E + e];
+        n++;
+    }
+    return n;
+}
+
+/* released code: y += p_{E-1} x for the uncertain tokens */
+static void moe__gw_output_forward(moe_layer *L, float *y, const float *x, int T) {
+    int d = L->cfg.d, t, j;
+    if (L->stats.broadcast == 0) return;
+    for (t = 0; t < T; t++)
+        if (L->gw.bypass[t] != 0.0f)
+            for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->gw.bypass[t] * x[(size_t)t * d + j];
+}
+
+/* its backward: dx += bypass * dy; d_bypass = <dy, x> */
+static void moe__gw_output_backward(moe_layer *L, float *dx, const float *dy, const float *x) {
+    int d = L->cfg.d, t, j;
+    if (L->stats.broadcast == 0) return;
+    for (t = 0; t < L->T; t++)
+        if (L->gw.uncertain[t]) {
+            const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
+            float dot = 0.0f;
+            for (j = 0; j < d; j++) {
+                dot += g[j] * xt[j];
+                dx[(size_t)t * d + j] += L->gw.bypass[t] * g[j];
+            }
+            L->gw.d_bypass[t] = dot;
+        }
+}
+
+/* an uncertain token's gates are the full softmax (or p_{E-1} alone): its backward */
+static void moe__gw_backward_token(moe_layer *L, int t) { moe__softmax_backward_token(L, t); }
+/* ============================================================================================
+   >>moe:router_hyper
+   ============================================================================================ */
+
+static int moe__hyper_alloc(moe_layer *L) {
+    const moe_layer_config *c = &L->cfg;
+    moe_router_hyper *h = &L->hyper;
+    size_t T = (size_t)L->max_tokens, ab = (size_t)c->hyper_adapter * c->hyper_width;
+    size_t zq = (size_t)c->hyper_cond + c->hyper_layer_dim, ob = ab + (size_t)c->hyper_width;
+    return MOE__ALLOC(h->sig, T * c->hyper_embed, float) && MOE__ALLOC(h->h1, T * c->hyper_hidden, float) &&
+           MOE__ALLOC(h->cond, T * c->hyper_cond, float) && MOE__ALLOC(h->z, T * zq, float) &&
+           MOE__ALLOC(h->hb, T * c->hyper_width, float) && MOE__ALLOC(h->m, T * ab, float) &&
+           MOE__ALLOC(h->u, T * c->hyper_adapter, float) && MOE__ALLOC(h->o, T * ob, float) &&
+           MOE__ALLOC(h->out, T * c->d, float) && MOE__ALLOC(h->emb_sum, c->hyper_embed, float) &&
+           MOE__ALLOC(h->d_o, T * ob, float) && MOE__ALLOC(h->d_m, T * ab, float) &&
+           MOE__ALLOC(h->d_hb, T * c->hyper_width, float) && MOE__ALLOC(h->d_z, T * zq, float) &&
+           MOE__ALLOC(h->d_cond, T * c->hyper_cond, float) && MOE__ALLOC(h->d_h1, T * c->hyper_hidden, float) &&
+           MOE__ALLOC(h->d_sig, T * c->hyper_embed, float) &&
+           (!c->hyper_head_bias || (MOE__ALLOC(h->act1, T * (c->hyper_adapter + 1), float) &&
+                                    MOE__ALLOC(h->bias_out, T * c->d, float) &&
+                                    MOE__ALLOC(h->d_act1, T * (c->hyper_adapter + 1), float) &&
+                                    MOE__ALLOC(h->d_u, T * c->hyper_adapter, float)));
+}
+
+static void moe__hyper_free(moe_layer *L) {
+    moe_router_hyper *h = &L->hyper;
+    float **bufs[] = {&h->sig, &h->h1, &h->cond, &h->z, &h->hb, &h->m, &h->u, &h->o, &h->out, &h->emb_sum,
+                      &h->d_o, &h->d_m, &h->d_hb, &h->d_z, &h->d_cond, &h->d_h1, &h->d_sig,
+                      &h->act1, &h->bias_out, &h->d_act1, &h->d_u};
+    size_t i;
+    for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        MOE_FREE(*bufs[i]);
+        *bufs[i] = NULL;
+    }
+}
+
+static void moe__hyper_declare(moe_layer *L, moe_store *s, const char *prefix) {
+    const moe_layer_config *c = &L->cfg;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter;
+    const char *shared[9] = {"hyper.layer_emb", "hyper.net.w", "hyper.net.b", "hyper.head_down", "hyper.head_down_b", "hyper.head_up",
+                             "hyper.head_down.bias", "hyper.head_down_b.bias", "hyper.head_up.bias"};
+    int dims[9][2], k, n_shared = c->hyper_head_bias ? 9 : 6;
+    int *id = L->hyper.id;
+    dims[0][0] = c->hyper_layers; dims[0][1] = lam;
+    dims[1][0] = b; dims[1][1] = q + lam;
+    dims[2][0] = b; dims[2][1] = 0;
+    dims[3][0] = a * b; dims[3][1] = d;
+    dims[4][0] = a; dims[4][1] = b;
+    dims[5][0] = d; dims[5][1] = (a + 1) * b;
+    dims[6][0] = a; dims[6][1] = d;
+    dims[7][0] = a; dims[7][1] = 0;
+    dims[8][0] = d; dims[8][1] = a + 1;
+    id[MOE_HYPER_EXPERT_EMB] = moe__declare(L, s, prefix, "hyper.expert_emb", MOE_TENSOR_DECAY, E, e, 0);
+    id[MOE_HYPER_PROC1_W] = moe__declare(L, s, prefix, "hyper.proc1.w", MOE_TENSOR_DECAY, h, e, 0);
+    id[MOE_HYPER_PROC1_B] = moe__declare(L, s, prefix, "hyper.proc1.b", 0, h, 0, 0);
+    id[MOE_HYPER_PROC2_W] = moe__declare(L, s, prefix, "hyper.proc2.w", MOE_TENSOR_DECAY, q, h, 0);
+    id[MOE_HYPER_PROC2_B] = moe__declare(L, s, prefix, "hyper.proc2.b", 0, q, 0, 0);
+    for (k = 0; k < n_shared && L->err.status == MOE_OK; k++) { /* shared: reuse the first layer's */
+        int t = moe_store_find(s, shared[k]);
+        if (t < 0) {
+            t = moe__declare(L, s, "", shared[k], (k == 2 || k == 4 || k >= 6) ? 0 : MOE_TENSOR_DECAY, dims[k][0], dims[k][1], 0);
+        } else if (s->tensors[t].shape[0] != dims[k][0] || (dims[k][1] && s->tensors[t].shape[1] != dims[k][1])) {
+            moe_err_set(&L->err, MOE_ERR_SHAPE, "shared HyperMoE tensor '%s' exists with another shape (layers must agree on the hyper sizes)", shared[k]);
+            t = -1;
+        }
+        id[MOE_HYPER_LAYER_EMB + k] = t;
+    }
+}
+
+/* the HyperMoE tensors' initialisation; returns 0 for other tensors (the model's weight init
+   asks by name) */
+static int moe__hyper_init_tensor(const moe_tensor *t, float *p, moe_rng *r) {
+    size_t i;
+    float bound;
+    const char *name = strstr(t->name, "hyper.");
+    if (!name) return 0;
+    if (moe__ends_with(name, ".b") || moe__ends_with(name, ".bias") || strcmp(name, "hyper.head_down_b") == 0) bound = 0.0f;
+    else if (strstr(name, "hyper.head_")) bound = 1e-3f * sqrtf(3.0f / (float)t->shape[1]); /* near-zero adapter */
+    else if (moe__ends_with(name, "emb")) bound = sqrtf(3.0f); /* unit variance, as nn.Embedding */
+    else bound = 1.0f / sqrtf((float)t->shape[1]); /* nn.Linear */
+    for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(r) - 1.0f);
+    return 1;
+}
+
+/* (the shared tensors are re-drawn by every layer: harmless) */
+static void moe__hyper_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
+    int k;
+    for (k = 0; k < MOE_HYPER_TENSORS; k++)
+        if (L->hyper.id[k] >= 0) moe__hyper_init_tensor(&s->tensors[L->hyper.id[k]], moe_store_param(s, L->hyper.id[k]), rng);
+}
+
+/* y (T, d) += the hyper-expert's output */
+static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
+    const moe_layer_config *c = &L->cfg;
+    moe_router_hyper *hy = &L->hyper;
+    const int *id = hy->id;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j;
+    const float *Q = moe_store_param(s, id[MOE_HYPER_EXPERT_EMB]);
+    const float *lemb = moe_store_param(s, id[MOE_HYPER_LAYER_EMB]) + (size_t)c->hyper_layer * lam;
+    const float *bdn = moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_B]);
+    float *sum = hy->emb_sum, *out = hy->out;
+    memset(sum, 0, sizeof(float) * (size_t)e);
+    for (j = 0; j < E; j++) { /* sum of all embeddings, in expert order */
+        int i;
+        for (i = 0; i < e; i++) sum[i] += Q[(size_t)j * e + i];
+    }
+    MOE_OMP_FOR_IF(T > 256)
+    for (t = 0; t < T; t++) { /* sig_t = sum - the chosen ones */
+        float *sg = hy->sig + (size_t)t * e;
+        int i, k;
+        memcpy(sg, sum, sizeof(float) * (size_t)e);
+        for (k = 0; k < E; k++)
+            if (L->gates[(size_t)t * E + k] != 0.0f)
+                for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
+    }
+    moe_matmul_forward(hy->h1, hy->sig, moe_store_param(s, id[MOE_HYPER_PROC1_W]), moe_store_param(s, id[MOE_HYPER_PROC1_B]), T, e, h);
+    for (t = 0; t < T * h; t++) hy->h1[t] = hy->h1[t] > 0.0f ? hy->h1[t] : 0.0f;
+    moe_matmul_forward(hy->cond, hy->h1, moe_store_param(s, id[MOE_HYPER_PROC2_W]), moe_store_param(s, id[MOE_HYPER_PROC2_B]), T, h, q);
+    for (t = 0; t < T; t++) {
+        memcpy(hy->z + (size_t)t * (q + lam), hy->cond + (size_t)t * q, sizeof(float) * (size_t)q);
+        memcpy(hy->z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
+    }
+    moe_matmul_forward(hy->hb, hy->z, moe_store_param(s, id[MOE_HYPER_NET_W]), moe_store_param(s, id[MOE_HYPER_NET_B]), T, q + lam, b);
+    for (t = 0; t < T * b; t++) hy->hb[t] = hy->hb[t] > 0.0f ? hy->hb[t] : 0.0f;
+    moe_matmul_forward(hy->m, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), NULL, T, d, ab);
+    if (c->hyper_head_bias) /* u starts at x . head_down.bias^T + head_down_b.bias */
+        moe_matmul_forward(hy->u, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]),
+                           T, d, a);
+    MOE_OMP_FOR_IF(T > 64)
+    for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
+        const float *M = hy->m + (size_t)t * ab, *hb = hy->hb + (size_t)t * b;
+        float *u = hy->u + (size_t)t * a, *o = hy->o + (size_t)t * (ab + b);
+        int i, k;
+        for (i = 0; i < a; i++) {
+            float acc = 0.0f;
+            for (k = 0; k < b; k++) acc += (M[i * b + k] + bdn[i * b + k]) * hb[k];
+            u[i] = c->hyper_head_bias ? u[i] + acc : acc;
+        }
+        if (c->hyper_head_bias) {
+            float *a1 = hy->act1 + (size_t)t * (a + 1);
+            for (i = 0; i < a; i++) a1[i] = u[i] > 0.0f ? u[i] : 0.0f;
+            a1[a] = 1.0f;
+        }
+        for (i = 0; i <= a; i++) {
+            float act = i < a ? (u[i] > 0.0f ? u[i] : 0.0f) : 1.0f;
+            for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
+        }
+    }
+    moe_matmul_forward(out, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), NULL, T, ab + b, d);
+    if (c->hyper_head_bias) { /* out += [act ; 1] . head_up.bias^T */
+        moe_matmul_forward(hy->bias_out, hy->act1, moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, T, a + 1, d);
+        for (t = 0; t < T * d; t++) out[t] += hy->bias_out[t];
+    }
+    for (t = 0; t < T * d; t++) y[t] += out[t];
+}
+
+/* dx += the hyper-expert's input gradient; its tensors' gradients += */
+static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_router_hyper *hy = &L->hyper;
+    const int *id = hy->id;
+    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond, T = L->T;
+    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j, i;
+    const float *bdn = moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_B]);
+    float *dO = hy->d_o, *dM = hy->d_m, *dhb = hy->d_hb, *dz = hy->d_z, *dc = hy->d_cond, *dh1 = hy->d_h1, *dsig = hy->d_sig;
+    float *gQ = moe_store_grad(s, id[MOE_HYPER_EXPERT_EMB]);
+    float *glemb = moe_store_grad(s, id[MOE_HYPER_LAYER_EMB]) + (size_t)c->hyper_layer * lam;
+    memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
+    moe_matmul_backward(dO, moe_store_grad(s, id[MOE_HYPER_HEAD_UP]), NULL, dy, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), T, ab + b, d);
+    if (c->hyper_head_bias) { /* out += act1 . head_up.bias^T */
+        memset(hy->d_act1, 0, sizeof(float) * (size_t)T * (a + 1));
+        moe_matmul_backward(hy->d_act1, moe_store_grad(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, dy, hy->act1,
+                            moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), T, a + 1, d);
+    }
+    MOE_OMP_FOR_IF(T > 64)
+    for (t = 0; t < T; t++) {
+        const float *M = hy->m + (size_t)t * ab, *hb = hy->hb + (size_t)t * b, *u = hy->u + (size_t)t * a;
+        const float *g = dO + (size_t)t * (ab + b);
+        float *gm = dM + (size_t)t * ab, *ghb = dhb + (size_t)t * b;
+        int ii, k;
+        for (k = 0; k < b; k++) ghb[k] = g[ab + k]; /* the bias row: act = 1 */
+        for (ii = 0; ii < a; ii++) {
+            float act = u[ii] > 0.0f ? u[ii] : 0.0f, dact = 0.0f, du;
+            for (k = 0; k < b; k++) {
+                dact += g[ii * b + k] * hb[k];
+                ghb[k] += g[ii * b + k] * act;
+            }
+            if (c->hyper_head_bias) {
+                dact += hy->d_act1[(size_t)t * (a + 1) + ii];
+                hy->d_u[(size_t)t * a + ii] = u[ii] > 0.0f ? dact : 0.0f;
+            }
+            du = u[ii] > 0.0f ? dact : 0.0f;
+            for (k = 0; k < b; k++) {
+                gm[ii * b + k] = du * hb[k];
+                ghb[k] += du * (M[ii * b + k] + bdn[ii * b + k]);
+            }
+        }
+        for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
+    }
+    moe__colsum_acc(moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
+    moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN]), NULL, dM, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), T, d, ab);
+    if (c->hyper_head_bias)
+        moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]), hy->d_u,
+                            x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), T, d, a);
+    memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
+    moe_matmul_backward(dz, moe_store_grad(s, id[MOE_HYPER_NET_W]), moe_store_grad(s, id[MOE_HYPER_NET_B]), dhb, hy->z,
+                        moe_store_param(s, id[MOE_HYPER_NET_W]), T, q + lam, b);
+    for (t = 0; t < T; t++) {
+        memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
+        for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
+    }
+    memset(dh1, 0, sizeof(float) * (size_t)T * h);
+    moe_matmul_backward(dh1, moe_store_grad(s, id[MOE_HYPER_PROC2_W]), moe_store_grad(s, id[MOE_HYPER_PROC2_B]), dc, hy->h1,
+                        moe_store_param(s, id[MOE_HYPER_PROC2_W]), T, h, q);
+    for (t = 0; t < T * h; t++) dh1[t] = hy->h1[t] > 0.0f ? dh1[t] : 0.0f;
+    memset(dsig, 0, sizeof(float) * (size_t)T * e);
+    moe_matmul_backward(dsig, moe_store_grad(s, id[MOE_HYPER_PROC1_W]), moe_store_grad(s, id[MOE_HYPER_PROC1_B]), dh1, hy->sig,
+                        moe_store_param(s, id[MOE_HYPER_PROC1_W]), T, e, h);
+    /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
+    for (j = 0; j < E; j++)
+        for (t = 0; t < T; t++)
+            if (L->gates[(size_t)t * E + j] == 0.0f)
+                for (i = 0; i < e; i++) gQ[(size_t)j * e + i] += dsig[(size_t)t * e + i];
+}
 /* ============================================================================================
    >>moe:layer
    ============================================================================================ */
 
-static int moe__declare(moe_layer *L, moe_store *s, const char *prefix, const char *name, int flags,
-                        int n0, int n1, int n2) {
-    char full[MOE_NAME_LEN + 64];
-    int id;
-    if (L->err.status != MOE_OK) return -1;
-    if (strlen(prefix) + strlen(name) >= MOE_NAME_LEN) {
-        moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "tensor name '%s%s' is longer than %d bytes", prefix, name, MOE_NAME_LEN - 1);
-        return -1;
-    }
-    sprintf(full, "%s%s", prefix, name);
-    id = moe_store_add(s, full, flags, n0, n1, n2, 0);
-    if (id < 0) moe_err_set(&L->err, s->err.status, "%s", s->err.msg);
-    return id;
+MOE__IMPL moe_layer_args moe_layer_args_default(void) {
+    moe_layer_args a;
+    memset(&a, 0, sizeof a);
+    a.aux_grad_scale = 1.0f;
+    return a;
 }
 
 static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, const char *bank, int E,
@@ -3268,7 +4763,7 @@ static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, co
     int d = c->d;
     *id_gate = *id_b_up = *id_b_down = -1;
     /* AoE's routed experts factorise their gate (w_gate_in, w_gate_out), declared by the router */
-    if (c->expert == MOE_EXPERT_SWIGLU && !(c->router == MOE_ROUTER_AOE && strcmp(bank, "experts") == 0)) {
+    if (c->expert == MOE_EXPERT_SWIGLU && !(moe__router_owns_expert_gate(c) && strcmp(bank, "experts") == 0)) {
         sprintf(name, "%s.w_gate", bank);
         *id_gate = moe__declare(L, s, prefix, name, MOE_TENSOR_DECAY, E, D, d);
     }
@@ -3284,172 +4779,10 @@ static void moe__declare_bank(moe_layer *L, moe_store *s, const char *prefix, co
     }
 }
 
-/* ---- HyperMoE: a per-token hyper-expert generated from the UNselected experts ----
-   sig_t = sum of the expert embeddings Q_j of the experts t did not choose;
-   c_t = proc(sig_t) (Linear-ReLU-Linear); z_t = [c_t ; layer_emb[l]]; hb_t = ReLU(net(z_t));
-   u_t[j] = sum_k (M_t[j][k] + head_down_b[j][k]) hb_t[k]   with M = x . head_down^T, (T, a b);
-   act = ReLU(u);  out_t = ([act_t ; 1] (x) hb_t) . head_up^T   (the "1" row is the up bias head).
-   The generated adapter weights W_dn(t) = sum_k hb_k head_down[:, k] are never materialised:
-   both products are single GEMMs over all tokens. net and the heads are shared by every
-   layer (found by name in the store), the embeddings and processor are per layer. */
-
-/* the HyperMoE tensors' initialisation; returns 0 for other tensors */
-static int moe__hyper_init_tensor(const moe_tensor *t, float *p, moe_rng *r) {
-    size_t i;
-    float bound;
-    const char *name = strstr(t->name, "hyper.");
-    if (!name) return 0;
-    if (moe__ends_with(name, ".b") || strcmp(name, "hyper.head_down_b") == 0) bound = 0.0f;
-    else if (strstr(name, "hyper.head_")) bound = 1e-3f * sqrtf(3.0f / (float)t->shape[1]); /* near-zero adapter */
-    else if (moe__ends_with(name, "emb")) bound = sqrtf(3.0f); /* unit variance, as nn.Embedding */
-    else bound = 1.0f / sqrtf((float)t->shape[1]); /* nn.Linear */
-    for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(r) - 1.0f);
-    return 1;
-}
-
-static void moe__hyper_declare(moe_layer *L, moe_store *s, const char *prefix) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
-    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter;
-    const char *shared[6] = {"hyper.layer_emb", "hyper.net.w", "hyper.net.b", "hyper.head_down", "hyper.head_down_b", "hyper.head_up"};
-    int dims[6][2], k;
-    dims[0][0] = c->hyper_layers; dims[0][1] = lam;
-    dims[1][0] = b; dims[1][1] = q + lam;
-    dims[2][0] = b; dims[2][1] = 0;
-    dims[3][0] = a * b; dims[3][1] = d;
-    dims[4][0] = a; dims[4][1] = b;
-    dims[5][0] = d; dims[5][1] = (a + 1) * b;
-    L->id_hyper[0] = moe__declare(L, s, prefix, "hyper.expert_emb", MOE_TENSOR_DECAY, E, e, 0);
-    L->id_hyper[1] = moe__declare(L, s, prefix, "hyper.proc1.w", MOE_TENSOR_DECAY, h, e, 0);
-    L->id_hyper[2] = moe__declare(L, s, prefix, "hyper.proc1.b", 0, h, 0, 0);
-    L->id_hyper[3] = moe__declare(L, s, prefix, "hyper.proc2.w", MOE_TENSOR_DECAY, q, h, 0);
-    L->id_hyper[4] = moe__declare(L, s, prefix, "hyper.proc2.b", 0, q, 0, 0);
-    for (k = 0; k < 6 && L->err.status == MOE_OK; k++) { /* shared: reuse the first layer's */
-        int id = moe_store_find(s, shared[k]);
-        if (id < 0) {
-            id = moe__declare(L, s, "", shared[k], (k == 2 || k == 4) ? 0 : MOE_TENSOR_DECAY, dims[k][0], dims[k][1], 0);
-        } else if (s->tensors[id].shape[0] != dims[k][0] || (dims[k][1] && s->tensors[id].shape[1] != dims[k][1])) {
-            moe_err_set(&L->err, MOE_ERR_SHAPE, "shared HyperMoE tensor '%s' exists with another shape (layers must agree on the hyper sizes)", shared[k]);
-            id = -1;
-        }
-        L->id_hyper[5 + k] = id;
-    }
-}
-
-/* y (T, d) += the hyper-expert's output */
-static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond;
-    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j;
-    const float *Q = moe_store_param(s, L->id_hyper[0]), *lemb = moe_store_param(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
-    const float *bdn = moe_store_param(s, L->id_hyper[9]);
-    float *sum = (float *)moe__calloc((size_t)e, sizeof(float)), *out = L->hy_out;
-    MOE_ASSERT(sum);
-    for (j = 0; j < E; j++) { /* sum of all embeddings, in expert order */
-        int i;
-        for (i = 0; i < e; i++) sum[i] += Q[(size_t)j * e + i];
-    }
-    MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) { /* sig_t = sum - the chosen ones */
-        float *sg = L->hy_sig + (size_t)t * e;
-        int i, k;
-        memcpy(sg, sum, sizeof(float) * (size_t)e);
-        for (k = 0; k < E; k++)
-            if (L->gates[(size_t)t * E + k] != 0.0f)
-                for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
-    }
-    MOE_FREE(sum);
-    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h);
-    for (t = 0; t < T * h; t++) L->hy_h1[t] = L->hy_h1[t] > 0.0f ? L->hy_h1[t] : 0.0f;
-    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q);
-    for (t = 0; t < T; t++) {
-        memcpy(L->hy_z + (size_t)t * (q + lam), L->hy_c + (size_t)t * q, sizeof(float) * (size_t)q);
-        memcpy(L->hy_z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
-    }
-    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b);
-    for (t = 0; t < T * b; t++) L->hy_hb[t] = L->hy_hb[t] > 0.0f ? L->hy_hb[t] : 0.0f;
-    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab);
-    MOE_OMP_FOR_IF(T > 64)
-    for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
-        const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b;
-        float *u = L->hy_u + (size_t)t * a, *o = L->hy_o + (size_t)t * (ab + b);
-        int i, k;
-        for (i = 0; i < a; i++) {
-            float acc = 0.0f;
-            for (k = 0; k < b; k++) acc += (M[i * b + k] + bdn[i * b + k]) * hb[k];
-            u[i] = acc;
-        }
-        for (i = 0; i <= a; i++) {
-            float act = i < a ? (u[i] > 0.0f ? u[i] : 0.0f) : 1.0f;
-            for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
-        }
-    }
-    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d);
-    for (t = 0; t < T * d; t++) y[t] += out[t];
-}
-
-static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const float *dy, const float *x) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, d = c->d, e = c->hyper_embed, h = c->hyper_hidden, q = c->hyper_cond, T = L->T;
-    int lam = c->hyper_layer_dim, b = c->hyper_width, a = c->hyper_adapter, ab = a * b, t, j, i;
-    const float *bdn = moe_store_param(s, L->id_hyper[9]);
-    float *dO = L->hy_do, *dM = L->hy_dm, *dhb = L->hy_dhb, *dz = L->hy_dz, *dc = L->hy_dc, *dh1 = L->hy_dh1, *dsig = L->hy_dsig;
-    float *gQ = moe_store_grad(s, L->id_hyper[0]), *glemb = moe_store_grad(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
-    memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
-    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d);
-    MOE_OMP_FOR_IF(T > 64)
-    for (t = 0; t < T; t++) {
-        const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b, *u = L->hy_u + (size_t)t * a;
-        const float *g = dO + (size_t)t * (ab + b);
-        float *gm = dM + (size_t)t * ab, *ghb = dhb + (size_t)t * b;
-        int ii, k;
-        for (k = 0; k < b; k++) ghb[k] = g[ab + k]; /* the bias row: act = 1 */
-        for (ii = 0; ii < a; ii++) {
-            float act = u[ii] > 0.0f ? u[ii] : 0.0f, dact = 0.0f, du;
-            for (k = 0; k < b; k++) {
-                dact += g[ii * b + k] * hb[k];
-                ghb[k] += g[ii * b + k] * act;
-            }
-            du = u[ii] > 0.0f ? dact : 0.0f;
-            for (k = 0; k < b; k++) {
-                gm[ii * b + k] = du * hb[k];
-                ghb[k] += du * (M[ii * b + k] + bdn[ii * b + k]);
-            }
-        }
-        for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
-    }
-    moe__colsum_acc(moe_store_grad(s, L->id_hyper[9]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
-    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab);
-    memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
-    moe_matmul_backward(dz, moe_store_grad(s, L->id_hyper[6]), moe_store_grad(s, L->id_hyper[7]), dhb, L->hy_z,
-                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b);
-    for (t = 0; t < T; t++) {
-        memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
-        for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
-    }
-    memset(dh1, 0, sizeof(float) * (size_t)T * h);
-    moe_matmul_backward(dh1, moe_store_grad(s, L->id_hyper[3]), moe_store_grad(s, L->id_hyper[4]), dc, L->hy_h1,
-                        moe_store_param(s, L->id_hyper[3]), T, h, q);
-    for (t = 0; t < T * h; t++) dh1[t] = L->hy_h1[t] > 0.0f ? dh1[t] : 0.0f;
-    memset(dsig, 0, sizeof(float) * (size_t)T * e);
-    moe_matmul_backward(dsig, moe_store_grad(s, L->id_hyper[1]), moe_store_grad(s, L->id_hyper[2]), dh1, L->hy_sig,
-                        moe_store_param(s, L->id_hyper[1]), T, e, h);
-    /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
-    for (j = 0; j < E; j++)
-        for (t = 0; t < T; t++)
-            if (L->gates[(size_t)t * E + j] == 0.0f)
-                for (i = 0; i < e; i++) gQ[(size_t)j * e + i] += dsig[(size_t)t * e + i];
-}
-
 static int moe__assign_alloc(moe_assign *a, int cap, int T, int E) {
-    a->token = (int *)moe__calloc((size_t)cap, sizeof(int));
-    a->expert = (int *)moe__calloc((size_t)cap, sizeof(int));
-    a->slot = (int *)moe__calloc((size_t)cap, sizeof(int));
-    a->weight = (float *)moe__calloc((size_t)cap, sizeof(float));
-    a->offset = (int *)moe__calloc((size_t)E + 1, sizeof(int));
-    a->tok_offset = (int *)moe__calloc((size_t)T + 1, sizeof(int));
-    a->tok_index = (int *)moe__calloc((size_t)(cap > E ? cap : E), sizeof(int));
-    return a->token && a->expert && a->slot && a->weight && a->offset && a->tok_offset && a->tok_index;
+    return MOE__ALLOC(a->token, cap, int) && MOE__ALLOC(a->expert, cap, int) && MOE__ALLOC(a->slot, cap, int) &&
+           MOE__ALLOC(a->weight, cap, float) && MOE__ALLOC(a->offset, E + 1, int) && MOE__ALLOC(a->tok_offset, T + 1, int) &&
+           MOE__ALLOC(a->tok_index, cap > E ? cap : E, int);
 }
 
 static void moe__assign_free(moe_assign *a) {
@@ -3461,11 +4794,13 @@ static void moe__assign_free(moe_assign *a) {
 /* declare_only: the tensors without any buffer (a model's parameter table alone) */
 static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe_store *s,
                                   const char *prefix, int max_tokens, int declare_only) {
-    int E, K, d, D, S, Ds, cap, rows_b, wide, ok;
+    int E, K, d, D, S, Ds, cap, rows, wide, k, ok;
     size_t TE;
     memset(L, 0, sizeof *L);
-    L->id_router_b = L->id_noise_w = L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
-    L->id_router_w = L->id_aoe_in = L->id_aoe_out = -1;
+    L->id_router_w = L->id_router_b = L->id_selection_bias = L->noisy.id_w_noise = L->aoe.id_w_in = L->aoe.id_w_out = -1;
+    L->id_gate = L->id_up = L->id_down = L->id_b_up = L->id_b_down = -1;
+    L->id_s_gate = L->id_s_up = L->id_s_down = L->id_s_b_up = L->id_s_b_down = -1;
+    for (k = 0; k < MOE_HYPER_TENSORS; k++) L->hyper.id[k] = -1;
     if (moe_layer_config_validate(cfg, &L->err) != MOE_OK) return L->err.status;
     if (!s || s->allocated) return moe_err_set(&L->err, MOE_ERR_STATE, "moe_layer_init needs a store that is not allocated yet (declare every layer, then moe_store_alloc)");
     if (declare_only) max_tokens = 1;
@@ -3475,100 +4810,42 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
     E = cfg->n_experts; K = cfg->top_k; d = cfg->d; D = cfg->d_ff;
     S = cfg->n_shared; Ds = cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D;
     L->cfg.d_ff_shared = Ds;
-    L->max_tokens = max_tokens;
-    /* token choice needs T*K rows; expert choice E*ceil(K*T/E) <= K*T + E; GW broadcast T*E */
-    cap = max_tokens * (cfg->gw_threshold > 0.0f ? E : K) + E;
-    L->cap = cap;
     L->cfg.router_dim = cfg->router_dim > 0 ? cfg->router_dim : d;
-    if (cfg->router == MOE_ROUTER_AOE) { /* router-free: the gate factors replace router and w_gate */
-        L->id_aoe_in = moe__declare(L, s, prefix, "experts.w_gate_in", MOE_TENSOR_DECAY, E, cfg->aoe_rank, d);
-        L->id_aoe_out = moe__declare(L, s, prefix, "experts.w_gate_out", MOE_TENSOR_DECAY, E, D, cfg->aoe_rank);
-    } else {
-        L->id_router_w = moe__declare(L, s, prefix, "router.w", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
-    }
-    if (cfg->router_bias) L->id_router_b = moe__declare(L, s, prefix, "router.b", 0, E, 0, 0);
-    if (cfg->router == MOE_ROUTER_NOISY_TOPK) L->id_noise_w = moe__declare(L, s, prefix, "router.w_noise", MOE_TENSOR_DECAY, E, L->cfg.router_dim, 0);
+    L->max_tokens = max_tokens;
+    cap = L->cap = moe__router_list_rows(cfg, max_tokens);
+    moe__router_declare(L, s, prefix);
     moe__declare_bank(L, s, prefix, "experts", E, D, &L->id_gate, &L->id_up, &L->id_down, &L->id_b_up, &L->id_b_down);
     if (S > 0) moe__declare_bank(L, s, prefix, "shared", S, Ds, &L->id_s_gate, &L->id_s_up, &L->id_s_down, &L->id_s_b_up, &L->id_s_b_down);
-    {
-        int k;
-        for (k = 0; k < 11; k++) L->id_hyper[k] = -1;
-    }
-    if (cfg->hyper) moe__hyper_declare(L, s, prefix);
+    moe__router_declare_extensions(L, s, prefix);
     if (L->err.status != MOE_OK || declare_only) return L->err.status;
     TE = (size_t)max_tokens * E;
-    rows_b = cap > S * max_tokens ? cap : S * max_tokens;
+    rows = cap > S * max_tokens ? cap : S * max_tokens;
     wide = D > Ds ? D : Ds;
-    L->logits = (float *)moe__calloc(TE, sizeof(float));
-    L->probs = (float *)moe__calloc(TE, sizeof(float));
-    L->gates = (float *)moe__calloc(TE, sizeof(float));
-    L->noise = (float *)moe__calloc(TE, sizeof(float));
-    L->noise_logits = (float *)moe__calloc(TE, sizeof(float));
-    L->noisy = (float *)moe__calloc(TE, sizeof(float));
-    L->lse = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
-    L->topk = (int *)moe__calloc((size_t)max_tokens * K, sizeof(int));
-    L->thresh = (int *)moe__calloc(TE, sizeof(int));
-    L->xg = (float *)moe__calloc((size_t)cap * d, sizeof(float));
-    L->eout = (float *)moe__calloc((size_t)cap * d, sizeof(float));
-    L->hg = (float *)moe__calloc((size_t)cap * D, sizeof(float));
-    L->hu = (float *)moe__calloc((size_t)cap * D, sizeof(float));
-    L->raw_i = (int *)moe__calloc((size_t)cap * 4, sizeof(int));
-    L->raw_w = (float *)moe__calloc((size_t)cap, sizeof(float));
-    L->work_a = (float *)moe__calloc((size_t)rows_b * wide, sizeof(float));
-    L->work_b = (float *)moe__calloc((size_t)rows_b * wide, sizeof(float));
-    L->dxg = (float *)moe__calloc((size_t)rows_b * d, sizeof(float));
-    L->deout = (float *)moe__calloc((size_t)rows_b * d, sizeof(float));
-    L->dgate = (float *)moe__calloc(TE, sizeof(float));
-    L->dlogits = (float *)moe__calloc(TE, sizeof(float));
-    L->dnoise_logits = (float *)moe__calloc(TE, sizeof(float));
-    L->aux_tmp = (float *)moe__calloc((size_t)E * 5, sizeof(float));
-    L->stat_load = (float *)moe__calloc((size_t)E, sizeof(float));
-    L->stat_prob = (float *)moe__calloc((size_t)E, sizeof(float));
-    L->uncertain = (int *)moe__calloc((size_t)max_tokens, sizeof(int));
-    if (cfg->hyper) {
-        size_t T = (size_t)max_tokens, ab = (size_t)cfg->hyper_adapter * cfg->hyper_width;
-        size_t zq = (size_t)cfg->hyper_cond + cfg->hyper_layer_dim, ob = ab + (size_t)cfg->hyper_width;
-        float **hb[16];
-        size_t hn[16];
-        int k, nb = 0;
-#define MOE__HY(ptr, n) (hb[nb] = &(ptr), hn[nb++] = (n))
-        MOE__HY(L->hy_sig, T * cfg->hyper_embed); MOE__HY(L->hy_h1, T * cfg->hyper_hidden); MOE__HY(L->hy_c, T * cfg->hyper_cond);
-        MOE__HY(L->hy_z, T * zq); MOE__HY(L->hy_hb, T * cfg->hyper_width); MOE__HY(L->hy_m, T * ab);
-        MOE__HY(L->hy_u, T * cfg->hyper_adapter); MOE__HY(L->hy_o, T * ob); MOE__HY(L->hy_out, T * d);
-        MOE__HY(L->hy_do, T * ob); MOE__HY(L->hy_dm, T * ab); MOE__HY(L->hy_dhb, T * cfg->hyper_width);
-        MOE__HY(L->hy_dz, T * zq); MOE__HY(L->hy_dc, T * cfg->hyper_cond); MOE__HY(L->hy_dh1, T * cfg->hyper_hidden);
-        MOE__HY(L->hy_dsig, T * cfg->hyper_embed);
-#undef MOE__HY
-        for (k = 0; k < nb; k++) *hb[k] = (float *)moe__calloc(hn[k], sizeof(float));
-    }
-    if (cfg->router == MOE_ROUTER_AOE) {
-        size_t r = (size_t)cfg->aoe_rank;
-        L->aoe_c = (float *)moe__calloc(TE * r, sizeof(float));
-        L->aoe_dc = (float *)moe__calloc(TE * r, sizeof(float));
-        L->aoe_cg = (float *)moe__calloc((size_t)cap * r, sizeof(float));
-        L->aoe_dcg = (float *)moe__calloc((size_t)cap * r, sizeof(float));
-    }
-    L->bypass = (float *)moe__calloc((size_t)max_tokens, sizeof(float));
-    ok = L->uncertain && L->bypass && (!cfg->hyper || (L->hy_sig && L->hy_h1 && L->hy_c && L->hy_z && L->hy_hb && L->hy_m &&
-         L->hy_u && L->hy_o && L->hy_out && L->hy_do && L->hy_dm && L->hy_dhb && L->hy_dz && L->hy_dc && L->hy_dh1 && L->hy_dsig)) && (cfg->router != MOE_ROUTER_AOE || (L->aoe_c && L->aoe_dc && L->aoe_cg && L->aoe_dcg)) && L->logits && L->probs && L->gates && L->noise && L->noise_logits && L->noisy && L->lse &&
-         L->topk && L->thresh && L->xg && L->eout && L->hg && L->hu && L->raw_i && L->raw_w &&
-         L->work_a && L->work_b && L->dxg && L->deout && L->dgate && L->dlogits && L->dnoise_logits &&
-         L->aux_tmp && L->stat_load && L->stat_prob && moe__assign_alloc(&L->routed, cap, max_tokens, E);
-    if (ok && S > 0) {
-        ok = moe__assign_alloc(&L->shared, S * max_tokens, max_tokens, S);
-        L->s_xg = (float *)moe__calloc((size_t)S * max_tokens * d, sizeof(float));
-        L->s_eout = (float *)moe__calloc((size_t)S * max_tokens * d, sizeof(float));
-        L->s_hg = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
-        L->s_hu = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
-        ok = ok && L->s_xg && L->s_eout && L->s_hg && L->s_hu;
-    }
+    ok = MOE__ALLOC(L->logits, TE, float) && MOE__ALLOC(L->probs, TE, float) && MOE__ALLOC(L->lse, max_tokens, float) &&
+         MOE__ALLOC(L->topk, (size_t)max_tokens * K, int) && MOE__ALLOC(L->gates, TE, float) &&
+         MOE__ALLOC(L->d_gates, TE, float) && MOE__ALLOC(L->d_logits, TE, float) &&
+         MOE__ALLOC(L->aux.picks, E, float) && MOE__ALLOC(L->aux.balance_f, E, float) && MOE__ALLOC(L->aux.mean_prob, E, float) &&
+         MOE__ALLOC(L->aux.token_probs, E, float) && MOE__ALLOC(L->aux.d_mean_prob, E, float) &&
+         MOE__ALLOC(L->xg, (size_t)cap * d, float) && MOE__ALLOC(L->eout, (size_t)cap * d, float) &&
+         MOE__ALLOC(L->hg, (size_t)cap * D, float) && MOE__ALLOC(L->hu, (size_t)cap * D, float) &&
+         MOE__ALLOC(L->raw_token, rows, int) && MOE__ALLOC(L->raw_expert, rows, int) && MOE__ALLOC(L->raw_slot, rows, int) &&
+         MOE__ALLOC(L->raw_weight, rows, float) && MOE__ALLOC(L->admitted, (size_t)max_tokens * K, int) &&
+         MOE__ALLOC(L->capacity_count, E, int) && MOE__ALLOC(L->d_weight, cap, float) &&
+         MOE__ALLOC(L->dxg, (size_t)rows * d, float) && MOE__ALLOC(L->deout, (size_t)rows * d, float) &&
+         MOE__ALLOC(L->experts_dh_gate, (size_t)rows * wide, float) && MOE__ALLOC(L->experts_scratch, (size_t)rows * wide, float) &&
+         MOE__ALLOC(L->stat_load, E, float) && MOE__ALLOC(L->stat_prob, E, float) &&
+         moe__assign_alloc(&L->routed, cap, max_tokens, E) && moe__router_alloc(L);
+    if (ok && S > 0)
+        ok = moe__assign_alloc(&L->shared, S * max_tokens, max_tokens, S) && MOE__ALLOC(L->s_xg, (size_t)S * max_tokens * d, float) &&
+             MOE__ALLOC(L->s_eout, (size_t)S * max_tokens * d, float) && MOE__ALLOC(L->s_hg, (size_t)S * max_tokens * Ds, float) &&
+             MOE__ALLOC(L->s_hu, (size_t)S * max_tokens * Ds, float);
     if (!ok) {
         moe_layer_free(L);
-        return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the activations of %d tokens", max_tokens);
+        return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the buffers of a layer of %d tokens (E = %d, d = %d, d_ff = %d)",
+                           max_tokens, E, d, D);
     }
     L->stats.load = L->stat_load;
     L->stats.mean_prob = L->stat_prob;
-    L->aux_grad_scale = 1.0f;
     return MOE_OK;
 }
 
@@ -3578,22 +4855,24 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
 }
 
 MOE__IMPL void moe_layer_free(moe_layer *L) {
-    float **fp[] = {&L->logits, &L->probs, &L->gates, &L->noise, &L->noise_logits, &L->noisy, &L->lse,
-                    &L->xg, &L->eout, &L->hg, &L->hu, &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout,
-                    &L->raw_w, &L->work_a, &L->work_b, &L->dxg, &L->deout, &L->dgate, &L->dlogits,
-                    &L->dnoise_logits, &L->aux_tmp, &L->stat_load, &L->stat_prob, &L->bypass,
-                    &L->aoe_c, &L->aoe_dc, &L->aoe_cg, &L->aoe_dcg, &L->hy_sig, &L->hy_h1, &L->hy_c, &L->hy_z,
-                    &L->hy_hb, &L->hy_m, &L->hy_u, &L->hy_o, &L->hy_out, &L->hy_do, &L->hy_dm, &L->hy_dhb,
-                    &L->hy_dz, &L->hy_dc, &L->hy_dh1, &L->hy_dsig};
+    float **fp[] = {&L->logits, &L->probs, &L->lse, &L->gates, &L->d_gates, &L->d_logits, &L->aux.picks, &L->aux.balance_f,
+                    &L->aux.mean_prob, &L->aux.token_probs, &L->aux.d_mean_prob, &L->xg, &L->eout, &L->hg, &L->hu,
+                    &L->s_xg, &L->s_hg, &L->s_hu, &L->s_eout, &L->raw_weight, &L->d_weight, &L->dxg, &L->deout,
+                    &L->experts_dh_gate, &L->experts_scratch, &L->stat_load, &L->stat_prob};
+    int **ip[] = {&L->topk, &L->raw_token, &L->raw_expert, &L->raw_slot, &L->admitted, &L->capacity_count};
     size_t i;
     for (i = 0; i < sizeof fp / sizeof fp[0]; i++) {
         MOE_FREE(*fp[i]);
         *fp[i] = NULL;
     }
-    MOE_FREE(L->topk); MOE_FREE(L->thresh); MOE_FREE(L->raw_i); MOE_FREE(L->uncertain);
-    L->topk = L->thresh = L->raw_i = L->uncertain = NULL;
+    for (i = 0; i < sizeof ip / sizeof ip[0]; i++) {
+        MOE_FREE(*ip[i]);
+        *ip[i] = NULL;
+    }
+    moe__router_free(L);
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
+    L->stats.load = L->stats.mean_prob = NULL;
     L->T = 0;
 }
 
@@ -3609,299 +4888,22 @@ MOE__IMPL moe_expert_weights moe_layer_experts(const moe_layer *L, const moe_sto
 }
 
 MOE__IMPL void moe_layer_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
-    int ids[] = {L->id_router_w, L->id_router_b, L->id_noise_w, L->id_aoe_in, L->id_aoe_out, L->id_gate, L->id_up, L->id_down,
-                 L->id_b_up, L->id_b_down, L->id_s_gate, L->id_s_up, L->id_s_down, L->id_s_b_up, L->id_s_b_down};
+    int ids[] = {L->id_gate, L->id_up, L->id_down, L->id_b_up, L->id_b_down, L->id_s_gate, L->id_s_up, L->id_s_down,
+                 L->id_s_b_up, L->id_s_b_down};
     size_t k, i;
-    for (k = 0; k < 11; k++) /* HyperMoE tensors (shared ones are re-drawn per layer: harmless) */
-        if (L->id_hyper[k] >= 0) moe__hyper_init_tensor(&s->tensors[L->id_hyper[k]], moe_store_param(s, L->id_hyper[k]), rng);
+    moe__router_init_weights(L, s, rng); /* first: the draws' order is part of the results */
     for (k = 0; k < sizeof ids / sizeof ids[0]; k++) {
         const moe_tensor *t;
         float *p = moe_store_param(s, ids[k]);
         if (!p) continue;
         t = &s->tensors[ids[k]];
-        if (ids[k] == L->id_router_w) {
-            for (i = 0; i < t->numel; i++) p[i] = L->cfg.router_init_std * moe_rng_normal(rng);
-        } else if (t->ndim == 3) { /* (E, out, in): nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) */
+        if (t->ndim == 3) { /* (E, out, in): nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) */
             float bound = 1.0f / sqrtf((float)t->shape[2]);
             for (i = 0; i < t->numel; i++) p[i] = bound * (2.0f * moe_rng_uniform(rng) - 1.0f);
         } else {
-            memset(p, 0, t->numel * sizeof(float)); /* biases, noise projection (Shazeer: zero) */
+            memset(p, 0, t->numel * sizeof(float)); /* biases */
         }
     }
-}
-
-/* token-choice routers: top-k ids and dense gates of token t */
-static void moe__route_token(moe_layer *L, int t) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, K = c->top_k, s;
-    const float *p = L->probs + (size_t)t * E;
-    int *idx = L->topk + (size_t)t * K;
-    float *g = L->gates + (size_t)t * E;
-    if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        const float *H = L->noisy + (size_t)t * E;
-        int *th = L->thresh + (size_t)t * E, j;
-        float mx, sum = 0.0f;
-        moe__topk_row(H, E, K + 1, th); /* th is scratch here: the k+1 best */
-        for (s = 0; s < K; s++) idx[s] = th[s];
-        {
-            int kth = th[K - 1], k1th = th[K];
-            for (j = 0; j < E; j++) th[j] = kth;
-            for (s = 0; s < K; s++) th[idx[s]] = k1th; /* selected: compare with the (k+1)-th */
-        }
-        mx = H[idx[0]];
-        for (s = 0; s < K; s++) sum += expf(H[idx[s]] - mx);
-        for (s = 0; s < K; s++) g[idx[s]] = expf(H[idx[s]] - mx) / sum;
-        return;
-    }
-    moe__topk_row(p, E, K, idx);
-    if (c->renormalize) {
-        float sum = 0.0f;
-        for (s = 0; s < K; s++) sum += p[idx[s]];
-        if (sum < 1e-20f) sum = 1e-20f;
-        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]] / sum;
-    } else {
-        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]];
-    }
-}
-
-/* GW-MoE: marks the uncertain tokens (serial: the slot cap counts in sequence order) and
-   gives them the full softmax as gates (paper) or a bypass weight (released code). */
-static void moe__gw_mark(moe_layer *L, int T) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, t, e, used = 0, seq = L->seq_len > 0 ? L->seq_len : T;
-    double norm = c->gw_normalized ? log((double)E) : 1.0;
-    L->stats.broadcast = 0;
-    for (t = 0; t < T; t++) {
-        const float *p = L->probs + (size_t)t * E;
-        double u = 0.0;
-        L->uncertain[t] = 0;
-        L->bypass[t] = 0.0f;
-        if (!L->gw_active || c->gw_threshold <= 0.0f) continue;
-        if (t % seq == 0) used = 0;
-        for (e = 0; e < E; e++) u -= (double)p[e] * log((double)p[e] + 1e-5);
-        if (u / norm < c->gw_threshold || (c->gw_slots > 0 && used >= c->gw_slots)) continue;
-        used++;
-        L->uncertain[t] = 1;
-        L->stats.broadcast++;
-        if (c->gw_released) {
-            memset(L->gates + (size_t)t * E, 0, sizeof(float) * (size_t)E);
-            L->bypass[t] = p[E - 1];
-        } else {
-            memcpy(L->gates + (size_t)t * E, p, sizeof(float) * (size_t)E);
-        }
-    }
-}
-
-/* Builds the raw (token, expert, slot, weight) list of the routed bank; returns its length.
-   Counts requested picks per expert into `picks` (E). */
-static int moe__build_assignments(moe_layer *L, int T, float *picks) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, K = c->top_k, n = 0, t, s, e;
-    int *rt = L->raw_i, *re = rt + L->cap, *rs = re + L->cap, *keep = rs + L->cap;
-    float *rw = L->raw_w;
-    for (e = 0; e < E; e++) picks[e] = 0.0f;
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        int C = (int)(((long long)K * T + E - 1) / E);
-        moe__scored *sc = (moe__scored *)moe__calloc((size_t)T, sizeof *sc);
-        int *chosen = (int *)moe__calloc((size_t)C, sizeof(int));
-        MOE_ASSERT(sc && chosen);
-        if (C > T) C = T;
-        for (e = 0; e < E; e++) {
-            for (t = 0; t < T; t++) {
-                sc[t].score = L->probs[(size_t)t * E + e];
-                sc[t].index = t;
-            }
-            qsort(sc, (size_t)T, sizeof *sc, moe__scored_cmp);
-            for (s = 0; s < C; s++) chosen[s] = sc[s].index;
-            qsort(chosen, (size_t)C, sizeof(int), moe__int_cmp);
-            for (s = 0; s < C; s++) {
-                float p = L->probs[(size_t)chosen[s] * E + e];
-                rt[n] = chosen[s]; re[n] = e; rs[n] = e; rw[n] = p;
-                L->gates[(size_t)chosen[s] * E + e] = p;
-                n++;
-            }
-            picks[e] = (float)C;
-        }
-        MOE_FREE(sc);
-        MOE_FREE(chosen);
-        return n;
-    }
-    for (t = 0; t < T; t++)
-        for (s = 0; s < K; s++) picks[L->topk[(size_t)t * K + s]] += 1.0f;
-    if (c->capacity_factor > 0.0f) {
-        /* admission: every first choice before any second choice, tokens in index order */
-        int C = (int)ceil((double)c->capacity_factor * K * T / E);
-        int *count = (int *)moe__calloc((size_t)E, sizeof(int));
-        MOE_ASSERT(count);
-        for (s = 0; s < K; s++)
-            for (t = 0; t < T; t++) {
-                if (L->uncertain[t]) continue; /* broadcast tokens bypass capacity */
-                e = L->topk[(size_t)t * K + s];
-                keep[(size_t)t * K + s] = count[e] < C;
-                if (count[e] < C) count[e]++;
-            }
-        MOE_FREE(count);
-    }
-    for (t = 0; t < T; t++) {
-        if (L->uncertain[t]) { /* GW-MoE broadcast: every expert, in expert order */
-            if (!c->gw_released)
-                for (e = 0; e < E; e++) {
-                    rt[n] = t; re[n] = e; rs[n] = e; rw[n] = L->gates[(size_t)t * E + e];
-                    n++;
-                }
-            continue;
-        }
-        for (s = 0; s < K; s++) {
-            if (c->capacity_factor > 0.0f && !keep[(size_t)t * K + s]) continue;
-            e = L->topk[(size_t)t * K + s];
-            rt[n] = t; re[n] = e; rs[n] = s; rw[n] = L->gates[(size_t)t * E + e];
-            n++;
-        }
-    }
-    return n;
-}
-
-/* auxiliary losses of the last forward and the routing statistics */
-static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, K = c->top_k, t, e;
-    float *f = L->aux_tmp, *P = f + E, *imp = P + E, *load = imp + E;
-    float *pn = (float *)moe__calloc((size_t)E, sizeof(float));
-    double gate_h = 0.0, acc, z = 0.0;
-    moe_routing_stats *st = &L->stats;
-    MOE_ASSERT(pn);
-    for (e = 0; e < E; e++) P[e] = imp[e] = load[e] = f[e] = 0.0f;
-    /* P_i: mean normalised probability, summed in token order */
-    for (t = 0; t < T; t++) {
-        moe__norm_probs(L, t, pn);
-        for (e = 0; e < E; e++) P[e] += pn[e];
-        gate_h += moe__entropy(pn, E);
-    }
-    for (e = 0; e < E; e++) P[e] /= (float)T;
-    /* f_i for the balance loss */
-    if (c->balance == MOE_BALANCE_SWITCH) {
-        for (t = 0; t < T; t++) {
-            const float *p = L->probs + (size_t)t * E;
-            int best = 0;
-            for (e = 1; e < E; e++)
-                if (p[e] > p[best]) best = e;
-            f[best] += 1.0f;
-        }
-        for (e = 0; e < E; e++) f[e] /= (float)T;
-    } else if (c->balance == MOE_BALANCE_MIXTRAL) {
-        for (e = 0; e < E; e++) f[e] = picks[e] / (float)T;
-    } else if (c->balance == MOE_BALANCE_DEEPSEEK) {
-        for (e = 0; e < E; e++) f[e] = picks[e] * (float)E / ((float)K * (float)T);
-    }
-    acc = 0.0;
-    for (e = 0; e < E; e++) acc += (double)f[e] * P[e];
-    st->aux_balance = c->balance == MOE_BALANCE_NONE ? 0.0f : (float)(c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc);
-    for (t = 0; t < T; t++) z += (double)L->lse[t] * L->lse[t];
-    st->aux_z = (float)(c->z_coef * z / T);
-    st->aux_cv = 0.0f;
-    if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        for (t = 0; t < T; t++)
-            for (e = 0; e < E; e++) imp[e] += L->gates[(size_t)t * E + e];
-        if (L->has_noise) {
-            for (t = 0; t < T; t++)
-                for (e = 0; e < E; e++) {
-                    size_t i = (size_t)t * E + e;
-                    float sd = moe__softplus(L->noise_logits[i]) + c->noise_eps;
-                    float u = (L->logits[i] - L->noisy[(size_t)t * E + L->thresh[i]]) / sd;
-                    load[e] += 0.5f * erfcf(-u * 0.70710678118654752f);
-                }
-        } else {
-            for (e = 0; e < E; e++) load[e] = picks[e];
-        }
-        st->aux_cv = moe__cv2(imp, E, c->importance_coef, NULL) + moe__cv2(load, E, c->load_coef, NULL);
-    }
-    st->aux_total = st->aux_balance + st->aux_z + st->aux_cv;
-    /* statistics */
-    st->tokens = T;
-    /* broadcast (GW) tokens are outside the requested/kept/dropped accounting */
-    st->kept = L->routed.n - (c->gw_released ? 0 : E * st->broadcast);
-    st->requested = -K * st->broadcast;
-    for (e = 0; e < E; e++) st->requested += (int)picks[e];
-    st->dropped = st->requested - st->kept;
-    st->drop_rate = st->requested ? (float)st->dropped / (float)st->requested : 0.0f;
-    for (e = 0; e < E; e++) { /* a broadcast token adds one assignment to every expert: not kept ones */
-        int n_e = L->routed.offset[e + 1] - L->routed.offset[e] - (c->gw_released ? 0 : st->broadcast);
-        st->load[e] = st->kept ? (float)n_e / (float)st->kept : 0.0f;
-        st->mean_prob[e] = P[e];
-    }
-    st->load_entropy = (float)moe__entropy(st->load, E);
-    st->gate_entropy = (float)(gate_h / T);
-    MOE_FREE(pn);
-}
-
-/* ---- AoE: the router-free path (logits are norms of each expert's low-rank cache) ---- */
-
-/* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
-static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
-    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
-    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r);
-    MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) {
-        int e, j;
-        for (e = 0; e < E; e++) {
-            const float *c = L->aoe_c + ((size_t)t * E + e) * r;
-            double ss = 0.0;
-            for (j = 0; j < r; j++) ss += (double)c[j] * c[j];
-            L->logits[(size_t)t * E + e] = (float)sqrt(ss);
-        }
-    }
-}
-
-/* the chosen experts' caches, gathered, then h_gate = C_e . W_out_e^T per expert */
-static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
-    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, i, e;
-    const moe_assign *a = &L->routed;
-    const float *wout = moe_store_param(s, L->id_aoe_out);
-    for (i = 0; i < a->n; i++)
-        memcpy(L->aoe_cg + (size_t)i * r, L->aoe_c + ((size_t)a->token[i] * E + a->expert[i]) * r, sizeof(float) * (size_t)r);
-    for (e = 0; e < E; e++) {
-        int lo = a->offset[e], n = a->offset[e + 1] - lo;
-        if (n > 0)
-            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
-    }
-}
-
-/* d h_gate (in work_a) -> d W_out and the gathered caches' gradient aoe_dcg */
-static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
-    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, D = L->cfg.d_ff, e;
-    const moe_assign *a = &L->routed;
-    const float *wout = moe_store_param(s, L->id_aoe_out);
-    float *gout = moe_store_grad(s, L->id_aoe_out);
-    memset(L->aoe_dcg, 0, sizeof(float) * (size_t)a->n * r);
-    for (e = 0; e < E; e++) {
-        int lo = a->offset[e], n = a->offset[e + 1] - lo;
-        if (n > 0)
-            moe_matmul_backward(L->aoe_dcg + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->work_a + (size_t)lo * D,
-                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
-    }
-}
-
-/* dC = the chosen experts' cache gradients + dlogit * C / ||C||; then dW_in and dx */
-static void moe__aoe_logits_backward(moe_layer *L, moe_store *s, float *dx, const float *x) {
-    int E = L->cfg.n_experts, r = L->cfg.aoe_rank, T = L->T, i, t;
-    const moe_assign *a = &L->routed;
-    size_t n = (size_t)T * E * r;
-    memset(L->aoe_dc, 0, sizeof(float) * n);
-    for (i = 0; i < a->n; i++) /* each (token, expert) appears once: plain copies */
-        memcpy(L->aoe_dc + ((size_t)a->token[i] * E + a->expert[i]) * r, L->aoe_dcg + (size_t)i * r, sizeof(float) * (size_t)r);
-    MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) {
-        int e, j;
-        for (e = 0; e < E; e++) {
-            size_t k = (size_t)t * E + e;
-            const float *c = L->aoe_c + k * r;
-            float *dc = L->aoe_dc + k * r, norm = L->logits[k];
-            float g = L->dlogits[k] / (norm > 1e-12f ? norm : 1e-12f);
-            for (j = 0; j < r; j++) dc[j] += g * c[j];
-        }
-    }
-    moe_matmul_backward(dx, moe_store_grad(s, L->id_aoe_in), NULL, L->aoe_dc, x, moe_store_param(s, L->id_aoe_in), T,
-                        L->cfg.d, E * r);
 }
 
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
@@ -3910,272 +4912,112 @@ static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
-                                       int T, const float *noise) {
+MOE__IMPL moe_status moe_layer_update_selection_bias(moe_layer *L, moe_store *s, float gamma) {
+    const float *c = L->aux.picks;
+    float *b;
+    double mean = 0.0;
+    int E = L->cfg.n_experts, e;
+    if (moe__layer_check(L, s) != MOE_OK) return L->err.status;
+    if (L->id_selection_bias < 0) return moe_err_set(&L->err, MOE_ERR_STATE, "the layer has no selection bias (set selection_bias in its config)");
+    if (L->T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "update_selection_bias needs a forward before it (it reads that forward's expert loads)");
+    if (!(gamma >= 0.0f) || gamma > 1e6f) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "gamma must be finite and >= 0, got %g", (double)gamma);
+    b = moe_store_param(s, L->id_selection_bias);
+    for (e = 0; e < E; e++) mean += c[e];
+    mean /= E;
+    for (e = 0; e < E; e++) b[e] += c[e] > mean ? -gamma : c[e] < mean ? gamma : 0.0f;
+    return MOE_OK;
+}
+
+/* the shared bank: every token to every shared expert, weight 1; y is overwritten */
+static moe_status moe__shared_forward(moe_layer *L, const moe_store *s, float *y, const float *x, int T) {
     const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, K = c->top_k, d = c->d, S = c->n_shared, t, n;
-    size_t TE = (size_t)T * E, i;
-    moe_expert_weights w;
-    float *picks = L->aux_tmp + 4 * E; /* requested picks per expert */
-    const float *rin;
+    int S = c->n_shared, t, j, k;
+    moe_expert_weights w = moe_layer_experts(L, s, 1, 0);
     moe_status st;
+    for (t = 0, k = 0; t < T; t++)
+        for (j = 0; j < S; j++, k++) {
+            L->raw_token[k] = t; L->raw_expert[k] = j; L->raw_slot[k] = j; L->raw_weight[k] = c->shared_scale;
+        }
+    st = moe_dispatch(&L->shared, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, S * T, T, S, &L->err);
+    if (st != MOE_OK) return st;
+    moe_gather(L->s_xg, x, &L->shared, c->d);
+    moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, c->d, c->d_ff_shared, c->expert, c->activation);
+    moe_combine_forward(y, L->s_eout, &L->shared, c->d, 0);
+    return MOE_OK;
+}
+
+static void moe__shared_backward(moe_layer *L, moe_store *s, float *dx, const float *dy) {
+    const moe_layer_config *c = &L->cfg;
+    moe_expert_weights w = moe_layer_experts(L, s, 1, 0), gw = moe_layer_experts(L, s, 1, 1);
+    moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, c->d);
+    moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, c->n_shared, c->d,
+                         c->d_ff_shared, c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+    moe_gather_backward(dx, L->dxg, &L->shared, c->d);
+}
+
+/* the routed bank: gather, the router's gate pre-activation (AoE), experts, combine (onto the
+   shared experts' output when there are any) */
+static void moe__routed_forward(moe_layer *L, const moe_store *s, float *y, const float *x) {
+    const moe_layer_config *c = &L->cfg;
+    moe_expert_weights w = moe_layer_experts(L, s, 0, 0);
+    moe_gather(L->xg, x, &L->routed, c->d);
+    moe__router_expert_gate_forward(L, s);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation);
+    moe_combine_forward(y, L->eout, &L->routed, c->d, c->n_shared > 0);
+}
+
+/* after combine's backward (deout, d_weight) */
+static void moe__routed_backward(moe_layer *L, moe_store *s, float *dx) {
+    const moe_layer_config *c = &L->cfg;
+    moe_expert_weights w = moe_layer_experts(L, s, 0, 0), gw = moe_layer_experts(L, s, 0, 1);
+    moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, c->n_experts, c->d, c->d_ff,
+                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+    moe_gather_backward(dx, L->dxg, &L->routed, c->d);
+    moe__router_expert_gate_backward(L, s);
+}
+
+MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
+                                       int T, const moe_layer_args *args) {
+    moe_layer_args a = args ? *args : moe_layer_args_default();
+    moe_status st;
+    int n;
     if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
     if (!y || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer forward: x and y must not be NULL");
     if (T <= 0 || T > L->max_tokens) return moe_err_set(&L->err, MOE_ERR_SHAPE, "layer forward: T = %d tokens, the layer was sized for 1..%d", T, L->max_tokens);
+    if (L->cfg.router_dim != L->cfg.d && !a.router_input)
+        return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "router_dim %d differs from d %d: give the router's input in moe_layer_args.router_input", L->cfg.router_dim, L->cfg.d);
     L->T = 0;
-    /* 1. router logits and probabilities */
-    if (c->router_dim != d && !L->router_input)
-        return moe_err_set(&L->err, MOE_ERR_STATE, "router_dim %d differs from d %d: set router_input before forward", c->router_dim, d);
-    rin = L->router_input ? L->router_input : x;
-    if (c->router == MOE_ROUTER_AOE)
-        moe__aoe_logits(L, s, x, T);
-    else
-        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
-    for (t = 0; t < T; t++) {
-        const float *z = L->logits + (size_t)t * E;
-        float mx = -FLT_MAX;
-        double sum = 0.0;
-        int e;
-        for (e = 0; e < E; e++) mx = z[e] > mx ? z[e] : mx;
-        for (e = 0; e < E; e++) sum += exp((double)(z[e] - mx));
-        L->lse[t] = (float)(log(sum) + mx);
-    }
-    if (c->router == MOE_ROUTER_SIGMOID)
-        for (i = 0; i < TE; i++) L->probs[i] = moe__sigmoid(L->logits[i]);
-    else
-        moe_softmax_forward(L->probs, L->logits, T, E);
-    L->has_noise = 0;
-    if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E);
-        L->has_noise = noise != NULL;
-        for (i = 0; i < TE; i++) {
-            L->noise[i] = noise ? noise[i] : 0.0f;
-            L->noisy[i] = L->logits[i] + L->noise[i] * (moe__softplus(L->noise_logits[i]) + c->noise_eps);
-        }
-    }
-    /* 2. selection: dense gates, then the assignment list */
-    memset(L->gates, 0, TE * sizeof(float));
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        for (i = 0; i < (size_t)T * K; i++) L->topk[i] = -1;
-    } else {
-        MOE_OMP_FOR_IF(T > 256)
-        for (t = 0; t < T; t++) moe__route_token(L, t);
-    }
-    moe__gw_mark(L, T);
-    n = moe__build_assignments(L, T, picks);
-    st = moe_dispatch(&L->routed, L->raw_i, L->raw_i + L->cap, L->raw_i + 2 * L->cap, L->raw_w, n, T, E, &L->err);
+    if ((st = moe__router_forward(L, s, x, T, &a, &n)) != MOE_OK) return st;
+    st = moe_dispatch(&L->routed, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, n, T, L->cfg.n_experts, &L->err);
     if (st != MOE_OK) return st;
-    /* 3. experts on gathered tokens, then combine (shared experts first, then slots 0..k-1) */
-    if (S > 0) {
-        int *rt = L->raw_i, *re = rt + L->cap, *rs = re + L->cap, k;
-        float *rw = L->raw_w;
-        for (t = 0, k = 0; t < T; t++) {
-            int j;
-            for (j = 0; j < S; j++, k++) { rt[k] = t; re[k] = j; rs[k] = j; rw[k] = 1.0f; }
-        }
-        st = moe_dispatch(&L->shared, rt, re, rs, rw, S * T, T, S, &L->err);
-        if (st != MOE_OK) return st;
-        w = moe_layer_experts(L, s, 1, 0);
-        moe_gather(L->s_xg, x, &L->shared, d);
-        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation);
-        moe_combine_forward(y, L->s_eout, &L->shared, d, 0);
-    }
-    w = moe_layer_experts(L, s, 0, 0);
-    moe_gather(L->xg, x, &L->routed, d);
-    if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_forward(L, s); /* h_gate from the caches */
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
-    moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
-    if (c->gw_released && L->stats.broadcast > 0)
-        for (t = 0; t < T; t++)
-            if (L->bypass[t] != 0.0f) {
-                int j;
-                for (j = 0; j < d; j++) y[(size_t)t * d + j] += L->bypass[t] * x[(size_t)t * d + j];
-            }
-    if (c->hyper) moe__hyper_forward(L, s, y, x, T);
-    moe__layer_aux(L, T, picks);
+    if (L->cfg.n_shared > 0 && (st = moe__shared_forward(L, s, y, x, T)) != MOE_OK) return st;
+    moe__routed_forward(L, s, y, x);
+    moe__router_output_forward(L, s, y, x, T);
+    moe__router_aux(L, T);
+    L->fwd_router_input = a.router_input;
     L->T = T;
     return MOE_OK;
 }
 
-/* dlogits (and dnoise_logits) of token t from dgate, the router kind and the aux losses */
-static void moe__router_backward_token(moe_layer *L, int t, const float *dimp, const float *dload,
-                                       const float *dP) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, K = c->top_k, e, s;
-    size_t r = (size_t)t * E;
-    const float *p = L->probs + r, *g = L->gates + r, *z = L->logits + r;
-    float *dg = L->dgate + r, *dz = L->dlogits + r, *dzn = L->dnoise_logits + r;
-    const int *idx = L->topk + (size_t)t * K;
-    float dot;
-    /* importance = sum_t gates: its gradient joins dgate on the selected experts */
-    if (dimp)
-        for (s = 0; s < K; s++) dg[idx[s]] += dimp[idx[s]];
-    if (L->uncertain[t]) { /* GW broadcast: gates are the full softmax (or p_{E-1} bypass) */
-        dot = 0.0f;
-        for (e = 0; e < E; e++) dot += dg[e] * p[e];
-        for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
-    } else switch (c->router) {
-    case MOE_ROUTER_TOPK:
-    case MOE_ROUTER_EXPERT_CHOICE:
-    case MOE_ROUTER_AOE: /* top-k on the norm logits: the same two weightings */
-        if ((c->router == MOE_ROUTER_TOPK || c->router == MOE_ROUTER_AOE) && c->renormalize) { /* g = softmax over the selected logits */
-            dot = 0.0f;
-            for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
-            for (s = 0; s < K; s++) dz[idx[s]] += g[idx[s]] * (dg[idx[s]] - dot);
-        } else { /* g = softmax over all E, read at the selected experts */
-            dot = 0.0f;
-            for (e = 0; e < E; e++) dot += dg[e] * p[e];
-            for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
-        }
-        break;
-    case MOE_ROUTER_SIGMOID:
-        if (c->renormalize) {
-            float sum = 0.0f;
-            for (s = 0; s < K; s++) sum += p[idx[s]];
-            if (sum < 1e-20f) sum = 1e-20f;
-            dot = 0.0f;
-            for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
-            for (s = 0; s < K; s++) {
-                e = idx[s];
-                dz[e] += (dg[e] - dot) / sum * p[e] * (1.0f - p[e]);
-            }
-        } else {
-            for (s = 0; s < K; s++) {
-                e = idx[s];
-                dz[e] += dg[e] * p[e] * (1.0f - p[e]);
-            }
-        }
-        break;
-    case MOE_ROUTER_NOISY_TOPK: {
-        const float *xi = L->noise + r, *zn = L->noise_logits + r;
-        dot = 0.0f;
-        for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
-        for (s = 0; s < K; s++) {
-            float dH;
-            e = idx[s];
-            dH = g[e] * (dg[e] - dot);
-            dz[e] += dH;
-            dzn[e] += dH * xi[e] * moe__sigmoid(zn[e]);
-        }
-        if (dload && L->has_noise) { /* smooth load: Phi((z_i - thr_i) / sd_i) */
-            const float *H = L->noisy + r;
-            const int *th = L->thresh + r;
-            for (e = 0; e < E; e++) {
-                float sd = moe__softplus(zn[e]) + c->noise_eps;
-                int m = th[e];
-                float u = (z[e] - H[m]) / sd;
-                float du = dload[e] * 0.3989422804014327f * expf(-0.5f * u * u);
-                float dthr = -du / sd, dsd = -du * u / sd;
-                dz[e] += du / sd;
-                dz[m] += dthr; /* H_m = z_m + xi_m * sd_m */
-                dzn[m] += dthr * xi[m] * moe__sigmoid(zn[m]);
-                dzn[e] += dsd * moe__sigmoid(zn[e]);
-            }
-        }
-        break;
-    }
-    }
-    /* balance loss through P (normalised probabilities) */
-    if (dP) {
-        if (c->router == MOE_ROUTER_SIGMOID) {
-            float sum = 0.0f;
-            dot = 0.0f;
-            for (e = 0; e < E; e++) sum += p[e];
-            for (e = 0; e < E; e++) dot += dP[e] * p[e] / sum;
-            for (e = 0; e < E; e++) dz[e] += (dP[e] - dot) / sum * p[e] * (1.0f - p[e]);
-        } else {
-            dot = 0.0f;
-            for (e = 0; e < E; e++) dot += dP[e] * p[e];
-            for (e = 0; e < E; e++) dz[e] += p[e] * (dP[e] - dot);
-        }
-    }
-    /* z-loss: d/dz_j of c/T * lse^2 = 2c/T * lse * softmax(z)_j */
-    if (c->z_coef > 0.0f) {
-        float a = 2.0f * c->z_coef * L->aux_grad_scale / (float)L->T * L->lse[t];
-        for (e = 0; e < E; e++) dz[e] += a * expf(z[e] - L->lse[t]);
-    }
-}
-
 MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, const float *dy,
-                                        const float *x) {
-    const moe_layer_config *c = &L->cfg;
-    int E = c->n_experts, d = c->d, S = c->n_shared, T = L->T, t, i, e;
-    size_t TE = (size_t)T * E;
-    moe_expert_weights w, gw;
-    float *f = L->aux_tmp, *imp = f + 2 * E, *load = f + 3 * E;
-    float *dimp = NULL, *dload = NULL, *dP = NULL, *buf, *drin;
-    const float *rin;
+                                        const float *x, const moe_layer_args *args) {
+    moe_layer_args a = args ? *args : moe_layer_args_default();
     moe_status st;
     if ((st = moe__layer_check(L, s)) != MOE_OK) return st;
-    if (T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "layer backward called without a forward before it");
+    if (L->T == 0) return moe_err_set(&L->err, MOE_ERR_STATE, "layer backward called without a forward before it");
     if (!dx || !dy || !x) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: dx, dy and x must not be NULL");
-    if (L->router_input && !L->d_router_input) return moe_err_set(&L->err, MOE_ERR_STATE, "router_input is set: set d_router_input too before backward");
-    /* 1. routed bank: combine -> experts -> gather; the combine yields dL/dweight */
-    memset(L->dgate, 0, TE * sizeof(float));
-    memset(L->dlogits, 0, TE * sizeof(float));
-    memset(L->dnoise_logits, 0, TE * sizeof(float));
-    moe_combine_backward(L->deout, L->raw_w, dy, L->eout, &L->routed, d);
-    for (i = 0; i < L->routed.n; i++) L->dgate[(size_t)L->routed.token[i] * E + L->routed.expert[i]] = L->raw_w[i];
-    if (c->hyper) moe__hyper_backward(L, s, dx, dy, x); /* no gradient to the router: the set is discrete */
-    if (c->gw_released && L->stats.broadcast > 0) /* y += p_{E-1} x for broadcast tokens */
-        for (t = 0; t < T; t++)
-            if (L->uncertain[t]) {
-                const float *g = dy + (size_t)t * d, *xt = x + (size_t)t * d;
-                float dot = 0.0f;
-                int j;
-                for (j = 0; j < d; j++) {
-                    dot += g[j] * xt[j];
-                    dx[(size_t)t * d + j] += L->bypass[t] * g[j];
-                }
-                L->dgate[(size_t)t * E + E - 1] = dot;
-            }
-    w = moe_layer_experts(L, s, 0, 0);
-    gw = moe_layer_experts(L, s, 0, 1);
-    moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,
-                         c->expert, c->activation, L->work_a, L->work_b);
-    moe_gather_backward(dx, L->dxg, &L->routed, d);
-    if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_backward(L, s); /* work_a holds d h_gate */
-    if (S > 0) {
-        w = moe_layer_experts(L, s, 1, 0);
-        gw = moe_layer_experts(L, s, 1, 1);
-        moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, d);
-        moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, S, d,
-                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b);
-        moe_gather_backward(dx, L->dxg, &L->shared, d);
-    }
-    /* 2. auxiliary-loss gradients with respect to their per-expert pieces */
-    buf = (float *)moe__calloc((size_t)E * 3, sizeof(float));
-    if (!buf) return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory in layer backward");
-    if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        dimp = buf;
-        moe__cv2(imp, E, c->importance_coef * L->aux_grad_scale, dimp);
-        if (L->has_noise) {
-            dload = buf + E;
-            moe__cv2(load, E, c->load_coef * L->aux_grad_scale, dload);
-        }
-    }
-    if (c->balance != MOE_BALANCE_NONE && c->balance_coef > 0.0f) {
-        float scale = c->balance_coef * L->aux_grad_scale * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0f : (float)E) / (float)T;
-        dP = buf + 2 * E;
-        for (e = 0; e < E; e++) dP[e] = scale * f[e]; /* f is a constant */
-    }
-    /* 3. router: per token (owner computes), then the two small matmuls */
-    MOE_OMP_FOR_IF(T > 256)
-    for (t = 0; t < T; t++) moe__router_backward_token(L, t, dimp, dload, dP);
-    MOE_FREE(buf);
-    rin = L->router_input ? L->router_input : x;
-    drin = L->router_input ? L->d_router_input : dx;
-    if (c->router == MOE_ROUTER_AOE)
-        moe__aoe_logits_backward(L, s, dx, x);
-    else
-        moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
-                            moe_store_param(s, L->id_router_w), T, c->router_dim, E);
-    if (c->router == MOE_ROUTER_NOISY_TOPK)
-        moe_matmul_backward(drin, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, rin,
-                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E);
+    if (a.router_input != L->fwd_router_input)
+        return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: give it the router_input of the forward before it");
+    if (a.router_input && !a.d_router_input)
+        return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: router_input is set, so d_router_input must be too");
+    moe_combine_backward(L->deout, L->d_weight, dy, L->eout, &L->routed, L->cfg.d);
+    moe__router_output_backward(L, s, dx, dy, x);
+    moe__routed_backward(L, s, dx);
+    if (L->cfg.n_shared > 0) moe__shared_backward(L, s, dx, dy);
+    moe__router_backward(L, s, dx, x, a.router_input ? a.router_input : x, a.router_input ? a.d_router_input : dx,
+                         a.aux_grad_scale, a.balance_f);
     return MOE_OK;
 }
-
 /* ============================================================================================
    >>moe:attention
    ============================================================================================
@@ -4440,6 +5282,112 @@ MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *
 }
 
 /* ============================================================================================
+   >>moe:router_input
+   ============================================================================================
+   The model's fields it uses (>>moe:model): the GRU's ids (id_gru_*), per MoE block the
+   projector id_rproj and the caches rxp (N, p), rh (N, p) = r_l, rgi, rgh (N, 3p), rh_prev;
+   the model's r_zero (h_0), r_drin (dL/dr_l), r_carry (dL/dh through depth), r_dxp, r_scratch. */
+
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1); /* >>moe:model */
+
+static int moe__router_input_is_gru(const moe_model_config *c) {
+    return c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH;
+}
+
+/* the shared GRU, declared after the embeddings */
+static void moe__router_input_declare(moe_model *m) {
+    int P = m->cfg.router_dim;
+    if (!moe__router_input_is_gru(&m->cfg)) return;
+    m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
+    m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
+    m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
+    m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+}
+
+/* block l's projector P_l (p, d), declared before the block's MoE layer */
+static void moe__router_input_declare_block(moe_model *m, moe_block *b, int l) {
+    char name[MOE_NAME_LEN];
+    if (!b->is_moe || m->cfg.router_input == MOE_RIN_DIRECT) return;
+    sprintf(name, "l%d.rmoe.proj", l);
+    b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, m->cfg.router_dim, m->cfg.d);
+}
+
+/* buffers for N tokens: the block's caches; 0 when out of memory */
+static int moe__router_input_alloc_block(moe_model *m, moe_block *b, int N) {
+    size_t Np = (size_t)N * m->cfg.router_dim;
+    if (b->id_rproj < 0) return 1;
+    return MOE__ALLOC(b->rxp, Np, float) && MOE__ALLOC(b->rh, Np, float) && MOE__ALLOC(b->rgi, Np * 3, float) &&
+           MOE__ALLOC(b->rgh, Np * 3, float);
+}
+
+/* the model's: h_0, the gradients through depth, the GRU's backward scratch */
+static int moe__router_input_alloc(moe_model *m, int N) {
+    size_t Np = (size_t)N * m->cfg.router_dim;
+    if (m->cfg.router_input == MOE_RIN_DIRECT) return 1;
+    return MOE__ALLOC(m->r_zero, Np, float) && MOE__ALLOC(m->r_drin, Np, float) && MOE__ALLOC(m->r_carry, Np, float) &&
+           MOE__ALLOC(m->r_dxp, Np, float) && MOE__ALLOC(m->r_scratch, Np * 6, float);
+}
+
+static void moe__router_input_free_block(moe_block *b) {
+    MOE_FREE(b->rxp); MOE_FREE(b->rh); MOE_FREE(b->rgi); MOE_FREE(b->rgh);
+    b->rxp = b->rh = b->rgi = b->rgh = NULL;
+}
+
+static void moe__router_input_free(moe_model *m) {
+    MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
+    m->r_zero = m->r_drin = m->r_carry = m->r_dxp = m->r_scratch = NULL;
+}
+
+/* the init std of this section's tensors (1 for them, 0 for other tensors): the GRU at torch's
+   scale 1/sqrt(p), the projector so that x' has about unit scale */
+static int moe__router_input_init_std(const moe_model *m, const char *name, float *sd) {
+    if (strncmp(name, "rmoe.gru.w", 10) == 0) *sd = 1.0f / sqrtf((float)m->cfg.router_dim);
+    else if (moe__ends_with(name, "rmoe.proj")) *sd = 1.0f / sqrtf((float)m->cfg.d);
+    else return 0;
+    return 1;
+}
+
+/* block b's router input r_l (b->rh) from its normalised hidden state b->ln2; h_prev = the
+   state of the MoE layer below (m->r_zero before the first); returns the state for the next */
+static const float *moe__router_input_forward(moe_model *m, moe_block *b, const float *h_prev, int N) {
+    const moe_model_config *c = &m->cfg;
+    size_t Np = (size_t)N * c->router_dim;
+    moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, c->d, c->router_dim);
+    if (c->router_input == MOE_RIN_MLP) {
+        moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
+        return h_prev;
+    }
+    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : h_prev;
+    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
+    return b->rh;
+}
+
+/* Backward of block b's router input. On entry r_drin holds dL/dr_l from the layer and, for
+   the GRU kinds, r_carry holds dL/dh_l from the MoE layer above; on exit r_carry holds
+   dL/dh_{l-1} (0 for the NP and detach ablations) and d_ln has received the projector's input
+   gradient. */
+static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+    const moe_model_config *c = &m->cfg;
+    int N = m->B * m->T, P = c->router_dim;
+    size_t i, Np = (size_t)N * P;
+    moe_store *S = &m->S;
+    memset(m->r_dxp, 0, sizeof(float) * Np);
+    if (c->router_input == MOE_RIN_MLP) {
+        moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
+    } else {
+        for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
+        memset(m->r_carry, 0, sizeof(float) * Np);
+        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
+                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
+    }
+    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                        moe_store_param(S, b->id_rproj), N, c->d, P);
+}
+/* ============================================================================================
    >>moe:model
    ============================================================================================ */
 
@@ -4526,13 +5474,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     if (!m->blocks && !declare_only) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
     m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
-    if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
-        int P = c->router_dim;
-        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
-        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
-    }
+    moe__router_input_declare(m);
     for (l = 0; l < L; l++) {
         moe_block *b = declare_only ? &one : &m->blocks[l];
         if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
@@ -4549,10 +5491,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
         sprintf(name, "l%d.ln2.w", l);
         b->id_ln2 = moe__model_add(m, name, 0, d, 0);
         b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
-        if (b->is_moe && c->router_input != MOE_RIN_DIRECT) {
-            sprintf(name, "l%d.rmoe.proj", l);
-            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d);
-        }
+        moe__router_input_declare_block(m, b, l);
         if (b->is_moe) {
             if (m->err.status == MOE_OK) {
                 sprintf(name, "l%d.moe.", l);
@@ -4597,15 +5536,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
             b->hg = (float *)moe__calloc((size_t)N * F, sizeof(float));
             b->hu = (float *)moe__calloc((size_t)N * F, sizeof(float));
         }
-        if (b->id_rproj >= 0) {
-            size_t Np = (size_t)N * c->router_dim;
-            b->rxp = (float *)moe__calloc(Np, sizeof(float));
-            b->rh = (float *)moe__calloc(Np, sizeof(float));
-            b->rgi = (float *)moe__calloc(Np * 3, sizeof(float));
-            b->rgh = (float *)moe__calloc(Np * 3, sizeof(float));
-            ok = ok && b->rxp && b->rh && b->rgi && b->rgh;
-            b->moe.router_input = b->rh;
-        }
+        ok = ok && moe__router_input_alloc_block(m, b, N);
         ok = ok && b->x && b->ln1 && b->rstd1 && b->qkv && b->att && b->atty && b->x2 && b->ln2 &&
              b->rstd2 && b->ffn && (b->is_moe || (b->hg && b->hu));
     }
@@ -4625,16 +5556,9 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
     m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
     m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-    if (c->router_input != MOE_RIN_DIRECT) {
-        size_t Np = (size_t)N * c->router_dim;
-        m->r_zero = (float *)moe__calloc(Np, sizeof(float));
-        m->r_drin = (float *)moe__calloc(Np, sizeof(float));
-        m->r_carry = (float *)moe__calloc(Np, sizeof(float));
-        m->r_dxp = (float *)moe__calloc(Np, sizeof(float));
-        m->r_scratch = (float *)moe__calloc(Np * 6, sizeof(float));
-        ok = ok && m->r_zero && m->r_drin && m->r_carry && m->r_dxp && m->r_scratch;
-        for (l = 0; l < L; l++) m->blocks[l].moe.d_router_input = m->r_drin;
-    }
+    ok = ok && moe__router_input_alloc(m, N);
+    if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
+    if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     if (!ok) {
@@ -4671,7 +5595,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);
-            MOE_FREE(b->rxp); MOE_FREE(b->rh); MOE_FREE(b->rgi); MOE_FREE(b->rgh);
+            moe__router_input_free_block(b);
         }
         MOE_FREE(m->blocks);
     }
@@ -4679,7 +5603,9 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->logits); MOE_FREE(m->losses); MOE_FREE(m->rope); MOE_FREE(m->d_res); MOE_FREE(m->d_res2);
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
-    MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
+    moe__router_input_free(m);
+    MOE_FREE(m->routing_noise);
+    MOE_FREE(m->balance_f_all);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -4702,9 +5628,8 @@ MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
             for (i = 0; i < t->numel; i++) p[i] = 1.0f;
             continue;
         }
-        if (strncmp(t->name, "rmoe.gru.w", 10) == 0) sd = 1.0f / sqrtf((float)m->cfg.router_dim); /* torch's scale */
-        else if (moe__ends_with(t->name, "rmoe.proj")) sd = 1.0f / sqrtf((float)m->cfg.d); /* x' ~ unit scale */
-        else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
+        if (moe__router_input_init_std(m, t->name, &sd)) { /* the GRU, the projectors */
+        } else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
         else if (t->ndim == 1 || moe__ends_with(t->name, "router.w_noise") || moe__ends_with(t->name, ".b") ||
                  moe__ends_with(t->name, "b_up") || moe__ends_with(t->name, "b_down")) sd = 0.0f;
         else if (moe__ends_with(t->name, "attn.wo") || moe__ends_with(t->name, "w_down")) sd = res_std;
@@ -4723,13 +5648,41 @@ static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b,
     return w;
 }
 
+/* balance_all_layers: one balance loss over all MoE layers' tokens, f_all = mean_l f_l and
+   P_all = mean_l P_l (every layer sees the same T tokens); it replaces the layers' own
+   balance terms in aux_loss, and each layer's backward differentiates it through its P_l with
+   f_all / L_moe */
+static void moe__model_balance_all_layers(moe_model *m) {
+    const moe_layer_config *c = &m->cfg.moe;
+    int E = c->n_experts, l, e, n = 0;
+    double acc = 0.0, own = 0.0;
+    float *f = m->balance_f_all;
+    for (e = 0; e < E; e++) f[e] = 0.0f;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_layer *L = &m->blocks[l].moe;
+        if (!m->blocks[l].is_moe) continue;
+        for (e = 0; e < E; e++) f[e] += L->aux.balance_f[e];
+        own += L->stats.aux_balance;
+        n++;
+    }
+    if (n == 0 || c->balance == MOE_BALANCE_NONE) return;
+    for (e = 0; e < E; e++) {
+        double P = 0.0;
+        for (l = 0; l < m->cfg.n_layers; l++)
+            if (m->blocks[l].is_moe) P += m->blocks[l].moe.aux.mean_prob[e];
+        f[e] /= (float)n;
+        acc += (double)f[e] * (P / n);
+        f[e] /= (float)n; /* the gradient through each P_l carries 1 / L_moe */
+    }
+    m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
+}
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
     const float *wte, *wpe, *rh_prev;
     float *x;
-    float *noise_buf = NULL;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!inputs) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "inputs must not be NULL");
     if (B <= 0 || T <= 0 || B > m->max_B || T > m->max_T)
@@ -4766,32 +5719,21 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
+            moe_layer_args a = moe_layer_args_default();
             moe_status st;
+            a.seq_len = T;
+            a.gw_active = m->gw_broadcast;
             if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
-                size_t Np = (size_t)N * c->router_dim;
-                moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim);
-                if (c->router_input == MOE_RIN_MLP) {
-                    moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
-                } else {
-                    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : rh_prev;
-                    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
-                                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
-                                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
-                    rh_prev = b->rh;
-                }
+                rh_prev = moe__router_input_forward(m, b, rh_prev, N);
+                a.router_input = b->rh;
             }
-            b->moe.seq_len = T;
-            if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
+            if (noise && m->routing_noise) {
                 size_t n = (size_t)N * c->moe.n_experts, k;
-                if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
-                if (!noise_buf) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for routing noise");
-                for (k = 0; k < n; k++) noise_buf[k] = moe_rng_normal(noise);
+                for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
+                a.noise = m->routing_noise;
             }
-            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise_buf);
-            if (st != MOE_OK) {
-                MOE_FREE(noise_buf);
-                return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            }
+            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, &a);
+            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             m->aux_loss += b->moe.stats.aux_total;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0);
@@ -4803,7 +5745,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
-    MOE_FREE(noise_buf);
+    if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
     moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
@@ -4811,30 +5753,6 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     m->T = T;
     m->has_targets = targets != NULL;
     return MOE_OK;
-}
-
-/* Backward of one MoE block's router input (RMoE GRU step or MLP router). On entry r_drin
-   holds dL/d(router input) from the layer and, for the GRU kinds, r_carry holds dL/dh_l from
-   the MoE layer above; on exit r_carry holds dL/dh_{l-1} (0 for the NP and detach
-   ablations) and d_ln has received the projector's input gradient. */
-static void moe__router_input_backward(moe_model *m, const moe_block *b) {
-    const moe_model_config *c = &m->cfg;
-    int N = m->B * m->T, P = c->router_dim;
-    size_t i, Np = (size_t)N * P;
-    moe_store *S = &m->S;
-    memset(m->r_dxp, 0, sizeof(float) * Np);
-    if (c->router_input == MOE_RIN_MLP) {
-        moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
-    } else {
-        for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
-        memset(m->r_carry, 0, sizeof(float) * Np);
-        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
-                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
-                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
-        if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
-    }
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
-                        moe_store_param(S, b->id_rproj), N, c->d, P);
 }
 
 MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
@@ -4858,10 +5776,16 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
         if (b->is_moe) {
+            moe_layer_args a = moe_layer_args_default();
             moe_status st;
-            b->moe.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
-            if (b->id_rproj >= 0) memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
-            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
+            a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
+            if (b->id_rproj >= 0) {
+                a.router_input = b->rh;
+                a.d_router_input = m->r_drin;
+                memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
+            }
+            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             if (b->id_rproj >= 0) moe__router_input_backward(m, b);
         } else {
@@ -4901,10 +5825,17 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     return MOE_OK;
 }
 
-MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) {
+MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }
+
+MOE__IMPL moe_status moe_model_update_selection_bias(moe_model *m, float gamma) {
     int l;
-    for (l = 0; l < m->cfg.n_layers; l++)
-        if (m->blocks[l].is_moe) m->blocks[l].moe.gw_active = on;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        if (b->is_moe && moe_layer_update_selection_bias(&b->moe, &m->S, gamma) != MOE_OK)
+            return moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+    }
+    return MOE_OK;
 }
 
 MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
@@ -4915,13 +5846,8 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
     for (l = 0; l < m->cfg.n_layers; l++) {
         const moe_block *b = &m->blocks[l];
         const moe_layer_config *c = &b->moe.cfg;
-        size_t per_expert;
         if (!b->is_moe) continue;
-        per_expert = (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff +
-                     (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
-        if (c->router == MOE_ROUTER_AOE) /* every expert's W_in runs for every token; W_out only if chosen */
-            per_expert = 2 * (size_t)c->d * c->d_ff + (size_t)c->d_ff * c->aoe_rank;
-        total -= (size_t)(c->n_experts - c->top_k) * per_expert;
+        total -= (size_t)(c->n_experts - c->top_k) * moe__router_idle_expert_params(c);
     }
     return total;
 }
@@ -4934,7 +5860,7 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate needs a prompt of at least one token, an output buffer, a sampler and an RNG");
-    if (m->cfg.moe_every > 0 && m->cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)
+    if (m->cfg.moe_every > 0 && !moe__router_is_causal(&m->cfg.moe))
         return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
     if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
@@ -5045,9 +5971,18 @@ static const moe_field moe__model_fields[] = {
     MOE__MF(MOE_FIELD_INT, moe.hyper_layers),
     MOE__MF(MOE_FIELD_INT, moe.hyper_layer),
     MOE__MF(MOE_FIELD_INT, moe.router_dim),
+    MOE__MF(MOE_FIELD_FLOAT, moe.ec_capacity_factor),
+    MOE__MF(MOE_FIELD_INT, moe.capacity_order),
+    MOE__MF(MOE_FIELD_INT, moe.drop_passthrough),
+    MOE__MF(MOE_FIELD_FLOAT, moe.routed_scale),
+    MOE__MF(MOE_FIELD_FLOAT, moe.shared_scale),
+    MOE__MF(MOE_FIELD_INT, moe.hyper_head_bias),
+    MOE__MF(MOE_FIELD_INT, moe.selection_bias),
+    MOE__MF(MOE_FIELD_INT, moe.cv_unbiased),
     MOE__MF(MOE_FIELD_INT, router_input),
     MOE__MF(MOE_FIELD_INT, router_dim),
     MOE__MF(MOE_FIELD_FLOAT, init_std),
+    MOE__MF(MOE_FIELD_INT, balance_all_layers),
 };
 #undef MOE__MF
 

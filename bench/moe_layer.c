@@ -92,7 +92,7 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     memset(dx, 0, n * sizeof(float));
     /* warm-up: page faults of the activations, thread pool, caches */
     moe_layer_forward(&L, &S, y, x, T, NULL);
-    moe_layer_backward(&L, &S, dx, dy, x);
+    moe_layer_backward(&L, &S, dx, dy, x, NULL);
     for (e = 0; e < E; e++) mx = L.stats.load[e] > mx ? L.stats.load[e] : mx;
     for (r = 0; r < REPS; r++) {
         double t0 = moe_time_seconds();
@@ -102,7 +102,7 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     for (r = 0; r < REPS; r++) {
         double t0 = moe_time_seconds();
         moe_layer_forward(&L, &S, y, x, T, NULL);
-        moe_layer_backward(&L, &S, dx, dy, x);
+        moe_layer_backward(&L, &S, dx, dy, x, NULL);
         tb[r] = moe_time_seconds() - t0;
     }
     flops_fwd = 2.0 * T * k * 3.0 * d * D + 2.0 * T * d * E;
@@ -129,6 +129,7 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
 typedef struct family {
     moe_store S;
     moe_layer L;
+    moe_layer_args args;                       /* router input, GW broadcast flag          */
     int rmoe;                                  /* router input from one GRU step          */
     int p, id_proj, id_wih, id_whh, id_bih, id_bhh;
     float *xp, *h_prev, *h, *gi, *gh, *dh, *dxp, *dh_prev, *scratch;
@@ -145,6 +146,7 @@ static float *falloc(size_t n) { return (float *)calloc(n, sizeof(float)); }
 static int family_init(family *f, const char *router, int T, int d, int D, int E, int k, const float *x, moe_rng *rng) {
     moe_layer_config c = moe_layer_config_default();
     memset(f, 0, sizeof *f);
+    f->args = moe_layer_args_default();
     c.d = d;
     c.d_ff = D;
     c.n_experts = E;
@@ -191,8 +193,8 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
             printf("bench=moe_layer_router router=%s error=out_of_memory\n", router);
             return 1;
         }
-        f->L.router_input = f->h;
-        f->L.d_router_input = f->dh;
+        f->args.router_input = f->h;
+        f->args.d_router_input = f->dh;
     }
     if (moe_store_alloc(&f->S, 0) != MOE_OK) {
         printf("bench=moe_layer_router router=%s error=\"%s\"\n", router, f->S.err.msg);
@@ -214,8 +216,8 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
         float *u = falloc((size_t)T), *y = falloc((size_t)T * d);
         int t, e;
         if (!u || !y) return 1;
-        f->L.gw_active = 0;
-        moe_layer_forward(&f->L, &f->S, y, x, T, NULL); /* the probabilities without broadcast */
+        f->args.gw_active = 0;
+        moe_layer_forward(&f->L, &f->S, y, x, T, &f->args); /* the probabilities without broadcast */
         for (t = 0; t < T; t++) {
             const float *pr = f->L.probs + (size_t)t * E;
             double h = 0.0;
@@ -224,7 +226,7 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
         }
         qsort(u, (size_t)T, sizeof(float), cmp_float);
         f->L.cfg.gw_threshold = u[(int)(0.9 * T)];
-        f->L.gw_active = 1;
+        f->args.gw_active = 1;
         free(u);
         free(y);
     }
@@ -245,13 +247,13 @@ static void family_forward(family *f, float *y, const float *x, int T, int d) {
         moe_gru_forward(f->h, f->gi, f->gh, f->xp, f->h_prev, moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh),
                         moe_store_param(S, f->id_bih), moe_store_param(S, f->id_bhh), T, f->p);
     }
-    moe_layer_forward(&f->L, &f->S, y, x, T, NULL);
+    moe_layer_forward(&f->L, &f->S, y, x, T, &f->args);
 }
 
 static void family_backward(family *f, float *dx, const float *dy, const float *x, int T, int d) {
     moe_store *S = &f->S;
     if (f->rmoe) memset(f->dh, 0, sizeof(float) * (size_t)T * f->p);
-    moe_layer_backward(&f->L, S, dx, dy, x);
+    moe_layer_backward(&f->L, S, dx, dy, x, &f->args);
     if (f->rmoe) {
         memset(f->dxp, 0, sizeof(float) * (size_t)T * f->p);
         memset(f->dh_prev, 0, sizeof(float) * (size_t)T * f->p);

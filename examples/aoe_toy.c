@@ -60,7 +60,7 @@ static double step(toy *t, const float *x, const int *y, int n, int d, long long
     memset(dx, 0, sizeof(float) * (size_t)n * d);
     moe_crossentropy_backward(dl, logits, y, n, C, 1.0f / (float)n);
     moe_matmul_backward(dh, moe_store_grad(&t->S, t->id_out), NULL, dl, h, moe_store_param(&t->S, t->id_out), n, d, C);
-    moe_layer_backward(&t->L, &t->S, dx, dh, x);
+    moe_layer_backward(&t->L, &t->S, dx, dh, x, NULL);
     moe_adamw_step(&t->S, &opt, 3e-3f, k);
     free(losses);
     return loss;

@@ -136,7 +136,9 @@ static double model_step(model *m, const float *x, const float *y, int B, int d,
                          float lr, long long step, float *out, float *dy, float *dx) {
     double loss = 0.0;
     int i, n = B * d;
-    moe_layer_forward(&m->L, &m->S, out, x, B, noise);
+    moe_layer_args args = moe_layer_args_default();
+    args.noise = noise;
+    moe_layer_forward(&m->L, &m->S, out, x, B, &args);
     for (i = 0; i < n; i++) {
         float e = out[i] - y[i];
         loss += (double)e * e;
@@ -144,7 +146,7 @@ static double model_step(model *m, const float *x, const float *y, int B, int d,
     }
     moe_store_zero_grad(&m->S);
     memset(dx, 0, sizeof(float) * (size_t)n);
-    moe_layer_backward(&m->L, &m->S, dx, dy, x);
+    moe_layer_backward(&m->L, &m->S, dx, dy, x, &args);
     moe_clip_grad_norm(&m->S, 1.0f);
     moe_adamw_step(&m->S, &m->opt, lr, step);
     return loss / n;

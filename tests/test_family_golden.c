@@ -54,6 +54,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
+    moe_layer_args args = moe_layer_args_default();
     int ok = 1, T, E, K, d, i, pass, gw_active, seq_len;
     const float *x, *dy, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
@@ -84,6 +85,7 @@ static void test_layer(const char *which, const char *what) {
     c.hyper_adapter = golden_cfg_int(&g, "hyper_adapter", &ok);
     c.hyper_layers = golden_cfg_int(&g, "hyper_layers", &ok);
     c.hyper_layer = golden_cfg_int(&g, "hyper_layer", &ok);
+    c.hyper_head_bias = golden_int(&g, "cfg.hyper_head_bias", 0); /* only where a case sets it */
     c.capacity_factor = golden_cfg_float(&g, "capacity_factor", &ok);
     c.balance_coef = golden_cfg_float(&g, "balance_coef", &ok);
     c.z_coef = golden_cfg_float(&g, "z_coef", &ok);
@@ -100,8 +102,8 @@ static void test_layer(const char *which, const char *what) {
     if (!CHECK(st == MOE_OK, "moe_layer_init: %s", L.err.msg)) { moe_store_free(&S); golden_free(&g); return; }
     st = moe_store_alloc(&S, 0);
     if (!CHECK(st == MOE_OK, "moe_store_alloc: %s", S.err.msg)) goto done;
-    L.gw_active = gw_active;
-    L.seq_len = seq_len;
+    args.gw_active = gw_active;
+    args.seq_len = seq_len;
     if (!golden_store_params(&g, &S, 0)) goto done;
     x = golden_need(&g, "x", (size_t)T * d);
     dy = golden_need(&g, "dy", (size_t)T * d);
@@ -111,16 +113,16 @@ static void test_layer(const char *which, const char *what) {
     zero_dy = golden_zeros((size_t)T * d);
 
     for (i = 0; i < T * d; i++) y[i] = 1e3f; /* forward overwrites y */
-    st = moe_layer_forward(&L, &S, y, x, T, NULL);
+    st = moe_layer_forward(&L, &S, y, x, T, &args);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
     golden_cmp(G_ROUTER, c.router == MOE_ROUTER_AOE ? "logits (expert norms)" : "logits", L.logits,
         golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp(G_ROUTER, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp_ints("top-k ids", L.topk, golden_need_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
-    golden_cmp_ints("uncertain (broadcast) tokens", L.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
+    golden_cmp_ints("uncertain (broadcast) tokens", L.gw.uncertain, golden_need_i32(&g, "uncertain", (size_t)T), (size_t)T);
     golden_cmp(G_FWD, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, L_FWD_ATOL, L_FWD_RTOL);
     golden_cmp(G_FWD, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
-    if (c.hyper) golden_cmp(G_FWD, "hyper-expert output", L.hy_out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
+    if (c.hyper) golden_cmp(G_FWD, "hyper-expert output", L.hyper.out, golden_need(&g, "hyper_out", (size_t)T * d), (size_t)T * d, L_FWD_ATOL, L_FWD_RTOL);
     {
         int counts[4];
         int32_t refc[4];
@@ -148,14 +150,14 @@ static void test_layer(const char *which, const char *what) {
         float scale = pass == 1 ? 2.0f : 1.0f;
         golden_record = pass != 1;
         if (pass > 0) {
-            st = moe_layer_forward(&L, &S, y, x, T, NULL);
+            st = moe_layer_forward(&L, &S, y, x, T, &args);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
         }
         if (pass != 1) {
             moe_store_zero_grad(&S);
             memset(dx, 0, sizeof(float) * (size_t)T * d);
         }
-        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x, &args);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
         golden_cmp_scaled(grp, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
@@ -231,6 +233,7 @@ static void test_model(const char *which, const char *what) {
     c.dense_first = golden_cfg_int(&g, "dense_first", &ok);
     c.router_input = (moe_router_input)golden_cfg_int(&g, "router_input", &ok);
     c.router_dim = golden_cfg_int(&g, "router_dim", &ok);
+    c.balance_all_layers = golden_int(&g, "cfg.balance_all_layers", 0); /* only where a case sets it */
     c.moe.d_ff = golden_cfg_int(&g, "moe.d_ff", &ok);
     c.moe.n_experts = golden_cfg_int(&g, "moe.n_experts", &ok);
     c.moe.top_k = golden_cfg_int(&g, "moe.top_k", &ok);
@@ -287,10 +290,12 @@ int main(int argc, char **argv) {
     test_layer("gw_released", "GW-MoE released-code emulation: uncertain tokens output p_{E-1} x, Switch top-1");
     test_layer("hyper_switch", "HyperMoE, Switch top-1, hyper-expert from the unselected experts (layer row 1 of 2), Switch balance, z-loss");
     test_layer("hyper_top2", "HyperMoE, renormalised top-2 of 6 (layer row 1 of 3), Mixtral balance");
+    test_layer("hyper_bias", "HyperMoE as hyper_top2 with the official code's head biases (W_dn, b_dn, W_up, b_up each plus a learned constant)");
     test_model("gru", "RMoE: 3 MoE layers, one GRU (p = 8) through depth, top-2 of 4, Mixtral balance, z-loss, 5 AdamW steps");
     test_model("gru_dense", "RMoE: MoE / dense / MoE / dense, the dense layers pass the GRU state on");
     test_model("gru_np", "RMoE ablation NP: h_{l-1} = 0 in every layer");
     test_model("gru_detach", "RMoE ablation detach: h_{l-1} enters layer l without a gradient");
     test_model("mlp", "SMoE-MLP: router on GELU(x P^T), 3 MoE layers");
+    test_model("gru_balance_all", "RMoE with its code's balance loss: one over all 3 layers' tokens at once, 5 AdamW steps");
     return test_summary();
 }

@@ -264,6 +264,7 @@ static void test_layer(const char *which, const char *what) {
     moe_layer_config c = moe_layer_config_default();
     moe_store S;
     moe_layer L;
+    moe_layer_args args = moe_layer_args_default();
     int ok = 1, T, E, K, d, i, has_noise, pass;
     const float *x, *dy, *noise = NULL, *ref;
     float *y = NULL, *dx = NULL, *zero_dy = NULL;
@@ -292,6 +293,14 @@ static void test_layer(const char *which, const char *what) {
     c.importance_coef = golden_cfg_float(&g, "importance_coef", &ok);
     c.load_coef = golden_cfg_float(&g, "load_coef", &ok);
     c.noise_eps = golden_cfg_float(&g, "noise_eps", &ok);
+    /* the conventions of the field: recorded only by the cases that change them */
+    c.ec_capacity_factor = golden_float(&g, "cfg.ec_capacity_factor", 0.0f);
+    c.cv_unbiased = golden_int(&g, "cfg.cv_unbiased", 0);
+    c.capacity_order = (moe_capacity_order)golden_int(&g, "cfg.capacity_order", 0);
+    c.routed_scale = golden_float(&g, "cfg.routed_scale", 1.0f);
+    c.shared_scale = golden_float(&g, "cfg.shared_scale", 1.0f);
+    c.selection_bias = golden_int(&g, "cfg.selection_bias", 0);
+    c.drop_passthrough = golden_int(&g, "cfg.drop_passthrough", 0);
     T = golden_cfg_int(&g, "tokens", &ok);
     has_noise = golden_cfg_int(&g, "has_noise", &ok);
     if (!ok) { golden_free(&g); return; }
@@ -315,11 +324,12 @@ static void test_layer(const char *which, const char *what) {
 
     /* forward; y starts as garbage: forward overwrites it */
     for (i = 0; i < T * d; i++) y[i] = 1e3f;
-    st = moe_layer_forward(&L, &S, y, x, T, noise);
+    args.noise = noise;
+    st = moe_layer_forward(&L, &S, y, x, T, &args);
     if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
     golden_cmp(0, "logits", L.logits, golden_need(&g, "logits", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp(0, "probs", L.probs, golden_need(&g, "probs", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
-    if (golden_find(&g, "noisy")) golden_cmp(0, "noisy logits H", L.noisy, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
+    if (golden_find(&g, "noisy")) golden_cmp(0, "noisy logits H", L.noisy.H, golden_need(&g, "noisy", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp_ints("top-k ids", L.topk, golden_i32(&g, "topk", (size_t)T * K), (size_t)T * K);
     golden_cmp(0, "gates", L.gates, golden_need(&g, "gates", (size_t)T * E), (size_t)T * E, TOL_FWD_ATOL, TOL_FWD_RTOL);
     golden_cmp(0, "y", y, golden_need(&g, "y", (size_t)T * d), (size_t)T * d, TOL_FWD_ATOL, TOL_FWD_RTOL);
@@ -350,14 +360,14 @@ static void test_layer(const char *which, const char *what) {
         float scale = pass == 1 ? 2.0f : 1.0f;
         golden_record = pass != 1;
         if (pass > 0) {
-            st = moe_layer_forward(&L, &S, y, x, T, noise);
+            st = moe_layer_forward(&L, &S, y, x, T, &args);
             if (!CHECK(st == MOE_OK, "moe_layer_forward: %s", L.err.msg)) goto done;
         }
         if (pass != 1) {
             moe_store_zero_grad(&S);
             memset(dx, 0, sizeof(float) * (size_t)T * d);
         }
-        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x);
+        st = moe_layer_backward(&L, &S, dx, pass == 2 ? zero_dy : dy, x, &args);
         if (!CHECK(st == MOE_OK, "moe_layer_backward: %s", L.err.msg)) goto done;
         snprintf(nm, sizeof nm, "%sdx", pre);
         golden_cmp_scaled(0, pass == 1 ? "2x grad.dx (accumulated)" : nm, dx, golden_need(&g, nm, (size_t)T * d), scale, (size_t)T * d, atol, rtol);
@@ -405,6 +415,8 @@ int main(int argc, char **argv) {
     test_layer("switch", "softmax top-1 (no renorm), FFN(GELU)+biases, router bias, an idle expert, Switch balance, z-loss");
     test_layer("mixtral", "renormalised softmax top-2, SwiGLU, Mixtral balance, z-loss");
     test_layer("deepseek", "2 shared + 16 fine-grained experts, softmax top-4 (no renorm), DeepSeek balance, z-loss");
+    test_layer("deepseek_scaled", "the same with routed_scale 2.5 (DeepSeek-V3's routed scaling factor) and shared_scale 0.5");
+    test_layer("sigmoid_v3", "DeepSeek-V3 gating: sigmoid, top-2 by score + selection bias, renormalised, routed_scale 2.5, 1 shared expert");
     test_layer("sigmoid", "sigmoid top-2 (no renorm), Mixtral balance on normalised scores, z-loss");
     test_layer("sigmoid_renorm", "sigmoid top-3 renormalised, FFN(GELU tanh), router bias, DeepSeek balance");
     test_layer("noisy", "Shazeer noisy top-2 with stored noise, importance + smooth-load CV^2");
@@ -414,6 +426,10 @@ int main(int argc, char **argv) {
     test_layer("topk_ties", "exact score ties (experts 1 and 4 share a router row): the lower expert index first");
     test_layer("expert_choice_ties", "exact ties (duplicated tokens) at each expert's capacity: the lower token index kept");
     test_layer("capacity", "capacity factor 1.0 with drops, renormalised top-2, FFN(ReLU)+biases, 1 shared FFN expert, Mixtral balance, z-loss");
+    test_layer("capacity_token", "the same with token-major admission: each token's choices before the next token's");
     test_layer("capacity_switch", "capacity factor 1.25 with drops, top-1, FFN(SiLU), Switch balance");
+    test_layer("capacity_switch_hf", "the same, dropped tokens output p_top1 * x as HF's Switch Transformers");
+    test_layer("noisy_unbiased", "noisy top-2 whose CV^2 losses use the unbiased variance (torch.var, the HyperMoE code)");
+    test_layer("expert_choice_cf", "expert choice with ec_capacity_factor 1.25 (7 tokens per expert), Mixtral balance, z-loss");
     return test_summary();
 }

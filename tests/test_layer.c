@@ -9,6 +9,7 @@
 typedef struct fixture {
     moe_store S;
     moe_layer L;
+    moe_layer_args args; /* the per-call inputs: GW-MoE's flag and sequence length, the noise */
     int T;
     float *x, *y, *dy, *dx, *noise;
 } fixture;
@@ -30,8 +31,9 @@ static int fixture_init(fixture *f, const moe_layer_config *c, int T, uint64_t s
         return 0;
     }
     if (moe_store_alloc(&f->S, 1) != MOE_OK) return 0;
-    f->L.gw_active = fixture_gw_active;
-    f->L.seq_len = T / 2;
+    f->args = moe_layer_args_default();
+    f->args.gw_active = fixture_gw_active;
+    f->args.seq_len = T / 2;
     moe_rng_seed(&r, seed);
     moe_layer_init_weights(&f->L, &f->S, &r);
     /* noise projection and biases start at zero; give them values so their gradients matter */
@@ -63,7 +65,8 @@ static void fixture_free(fixture *f) {
 static double objective(fixture *f, const float *noise) {
     double J = 0.0;
     size_t i, n = (size_t)f->T * f->L.cfg.d;
-    if (moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, noise) != MOE_OK) return NAN;
+    f->args.noise = noise;
+    if (moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, &f->args) != MOE_OK) return NAN;
     for (i = 0; i < n; i++) J += (double)f->y[i] * f->dy[i];
     return J + f->L.stats.aux_total;
 }
@@ -75,7 +78,7 @@ static void routing_snapshot(const fixture *f, int *ids) {
     for (i = 0; i < L->routed.n; i++) ids[i] = L->routed.token[i] * E + L->routed.expert[i];
     ids[L->cap] = L->routed.n;
     if (L->cfg.router == MOE_ROUTER_NOISY_TOPK)
-        for (i = 0; i < f->T * E; i++) ids[L->cap + 1 + i] = L->thresh[i];
+        for (i = 0; i < f->T * E; i++) ids[L->cap + 1 + i] = L->noisy.threshold[i];
 }
 
 /* Directional finite differences over all parameters and the input at once. */
@@ -108,7 +111,7 @@ static void gradcheck_layer_mode(const char *name, const moe_layer_config *c, in
     if (fixture_gw_active) CHECK(f.L.stats.broadcast > 0, "%s: some tokens are broadcast (%d)", name, f.L.stats.broadcast);
     moe_store_zero_grad(&f.S);
     memset(f.dx, 0, nx * sizeof(float));
-    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "%s: backward: %s", name, f.L.err.msg);
     moe_rng_seed(&r, 99);
     for (trial = 0; trial < 6 && checked < 3; trial++) {
         const double eps = 5e-4; // small: the central difference error is O(eps^2)
@@ -170,6 +173,9 @@ static void test_gradients(void) {
     c.d_ff_shared = 8;
     c.router_bias = 1;
     gradcheck_layer("topk + shared experts, deepseek loss, router bias", &c, 20, 0);
+    c.top_k = 1;
+    c.n_shared = 3; /* more shared assignments (S T) than routed ones (k T + E) */
+    gradcheck_layer("top-1 + 3 shared experts", &c, 20, 0);
     c = small_config();
     c.router = MOE_ROUTER_SIGMOID;
     c.renormalize = 0;
@@ -217,7 +223,7 @@ static void test_aoe(void) {
     objective(&f, NULL);
     for (t = 0; t < 16; t++)
         for (e = 0; e < c.n_experts; e++) {
-            const float *w = moe_store_param(&f.S, f.L.id_aoe_in) + (size_t)e * 4 * c.d, *x = f.x + (size_t)t * c.d;
+            const float *w = moe_store_param(&f.S, f.L.aoe.id_w_in) + (size_t)e * 4 * c.d, *x = f.x + (size_t)t * c.d;
             double ss = 0.0;
             int j, k;
             for (j = 0; j < 4; j++) {
@@ -266,6 +272,32 @@ static void test_hyper(void) {
     c.router = MOE_ROUTER_NOISY_TOPK; /* the code's gating */
     c.balance = MOE_BALANCE_NONE;
     gradcheck_layer("HyperMoE with noisy top-k", &c, 20, 1);
+    c = hyper_config();
+    c.hyper_head_bias = 1;
+    gradcheck_layer("HyperMoE with head biases (the official code's)", &c, 20, 0);
+    {   /* zero head biases: exactly the output without them */
+        fixture a, b0;
+        moe_layer_config c0 = hyper_config();
+        if (fixture_init(&a, &c, 12, 43) && fixture_init(&b0, &c0, 12, 43)) {
+            int k;
+            const char *bias[3] = {"hyper.head_down.bias", "hyper.head_down_b.bias", "hyper.head_up.bias"};
+            for (k = 0; k < b0.S.count; k++) {
+                int j = moe_store_find(&a.S, b0.S.tensors[k].name);
+                memcpy(moe_store_param(&a.S, j), moe_store_param(&b0.S, k), b0.S.tensors[k].numel * sizeof(float));
+            }
+            for (k = 0; k < 3; k++) {
+                int j = moe_store_find(&a.S, bias[k]);
+                CHECK(j >= 0 && a.S.tensors[j].flags == 0, "%s declared, without weight decay", bias[k]);
+                if (j >= 0) memset(moe_store_param(&a.S, j), 0, a.S.tensors[j].numel * sizeof(float));
+            }
+            memcpy(a.x, b0.x, sizeof(float) * 12 * (size_t)c.d);
+            objective(&a, NULL);
+            objective(&b0, NULL);
+            CHECK(memcmp(a.y, b0.y, sizeof(float) * 12 * (size_t)c.d) == 0, "zero head biases: the output without them, bit for bit");
+            fixture_free(&a);
+            fixture_free(&b0);
+        }
+    }
     /* with a zero up head the hyper-expert adds nothing */
     c = hyper_config();
     if (!fixture_init(&f, &c, 12, 41)) { CHECK(0, "fixture: %s", f.L.err.msg); return; }
@@ -326,12 +358,12 @@ static void test_gw(void) {
         double u = 0.0;
         int n = f.L.routed.tok_offset[t + 1] - f.L.routed.tok_offset[t];
         for (e = 0; e < c.n_experts; e++) u -= p[e] * log(p[e] + 1e-5);
-        if ((u / log((double)c.n_experts) >= 0.9) != f.L.uncertain[t]) sparse_ok = 0;
-        if (n != (f.L.uncertain[t] ? c.n_experts : c.top_k)) sparse_ok = 0;
+        if ((u / log((double)c.n_experts) >= 0.9) != f.L.gw.uncertain[t]) sparse_ok = 0;
+        if (n != (f.L.gw.uncertain[t] ? c.n_experts : c.top_k)) sparse_ok = 0;
     }
     CHECK(sparse_ok, "uncertain = normalised entropy >= threshold; they reach all experts, others top-k");
     CHECK(f.L.stats.dropped == 0 && f.L.stats.requested == (20 - f.L.stats.broadcast) * 2, "broadcast tokens are outside the drop accounting");
-    f.L.gw_active = 0;
+    f.args.gw_active = 0;
     objective(&f, NULL);
     CHECK(f.L.stats.broadcast == 0 && f.L.routed.n == 40, "inference: sparse top-k only");
     fixture_free(&f);
@@ -340,8 +372,8 @@ static void test_gw(void) {
     objective(&f, NULL);
     {
         int a = 0, b = 0;
-        for (t = 0; t < 10; t++) a += f.L.uncertain[t];
-        for (t = 10; t < 20; t++) b += f.L.uncertain[t];
+        for (t = 0; t < 10; t++) a += f.L.gw.uncertain[t];
+        for (t = 10; t < 20; t++) b += f.L.gw.uncertain[t];
         CHECK(a <= 1 && b <= 1 && a + b == f.L.stats.broadcast && a + b > 0, "slot cap: at most one per sequence (%d, %d)", a, b);
     }
     fixture_free(&f);
@@ -391,11 +423,237 @@ static void test_aux_gradients(void) {
     c.importance_coef = 0.0f;
     c.load_coef = 1.0f;
     gradcheck_layer_mode("aux only: noisy top-k smooth-load CV^2", &c, 20, 1, 1);
+    c.importance_coef = 1.0f;
+    c.cv_unbiased = 1;
+    gradcheck_layer_mode("aux only: noisy top-k CV^2 with the unbiased variance", &c, 20, 1, 1);
+    {   /* the unbiased CV^2 is the population one times E / (E - 1), nothing else changes */
+        fixture f1, f2;
+        c.cv_unbiased = 0;
+        if (fixture_init(&f1, &c, 20, 9)) {
+            c.cv_unbiased = 1;
+            if (fixture_init(&f2, &c, 20, 9)) {
+                double r = (double)c.n_experts / (c.n_experts - 1);
+                objective(&f1, f1.noise);
+                objective(&f2, f2.noise);
+                CHECK(fabs(f2.L.stats.raw_importance - r * f1.L.stats.raw_importance) <= 1e-6 * r * f1.L.stats.raw_importance &&
+                      fabs(f2.L.stats.raw_load - r * f1.L.stats.raw_load) <= 1e-6 * r * f1.L.stats.raw_load &&
+                      memcmp(f1.y, f2.y, sizeof(float) * 20 * (size_t)c.d) == 0,
+                      "cv_unbiased: CV^2 times E/(E-1) (%g vs %g), the same output", (double)f2.L.stats.raw_importance,
+                      (double)f1.L.stats.raw_importance);
+                fixture_free(&f2);
+            }
+            fixture_free(&f1);
+        }
+    }
     c = small_config();
     c.router = MOE_ROUTER_EXPERT_CHOICE;
     c.balance = MOE_BALANCE_NONE;
     c.z_coef = 0.5f;
     gradcheck_layer_mode("aux only: expert choice z-loss", &c, 20, 0, 1);
+}
+
+/* issue: NaN router parameters (a diverged run, a CRC-valid checkpoint of NaNs) made top-k
+   return expert -1 and write before its arrays. Every family refuses a non-finite logit with
+   MOE_ERR_NUMERIC and a sentence naming the token and the expert, before any selection; huge
+   but finite scores route normally. Under ASan (make test-asan) any stray index shows. */
+static void test_non_finite(void) {
+    const char *names[8] = {"softmax top-k", "softmax top-k (Switch weights) + capacity", "sigmoid top-k", "noisy top-k",
+                            "expert choice", "AoE", "GW-MoE", "HyperMoE"};
+    const float bad[3] = {NAN, INFINITY, -INFINITY};
+    int which;
+    TEST_BEGIN("non-finite router logits: MOE_ERR_NUMERIC with a sentence, never an index out of range (every family)");
+    for (which = 0; which < 8; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        int id, b, t, ok_idx = 1;
+        float *w, keep;
+        size_t i, n;
+        if (which == 1) { c.renormalize = 0; c.capacity_factor = 1.0f; }
+        if (which == 2) c.router = MOE_ROUTER_SIGMOID;
+        if (which == 3) { c.router = MOE_ROUTER_NOISY_TOPK; c.balance = MOE_BALANCE_NONE; }
+        if (which == 4) c.router = MOE_ROUTER_EXPERT_CHOICE;
+        if (which == 5) { c.router = MOE_ROUTER_AOE; c.aoe_rank = 3; }
+        if (which == 6) { c.gw_threshold = 0.5f; c.gw_normalized = 1; fixture_gw_active = 1; }
+        if (which == 7) { c.hyper = 1; c.hyper_embed = c.hyper_hidden = c.hyper_cond = c.hyper_width = 4; c.hyper_adapter = 3; }
+        if (!fixture_init(&f, &c, 12, 77)) { CHECK(0, "%s: fixture", names[which]); fixture_gw_active = 0; continue; }
+        fixture_gw_active = 0;
+        id = moe_store_find(&f.S, which == 5 ? "moe.experts.w_gate_in" : "moe.router.w");
+        w = moe_store_param(&f.S, id);
+        n = f.S.tensors[id].numel;
+        for (b = 0; b < 3; b++) { /* one router parameter NaN, +inf, -inf */
+            keep = w[5];
+            w[5] = bad[b];
+            CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "token") &&
+                  strstr(f.L.err.msg, "expert"), "%s, router parameter %g: MOE_ERR_NUMERIC naming token and expert: %s",
+                  names[which], (double)bad[b], f.L.err.msg);
+            CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_ERR_STATE,
+                  "%s: no backward after a refused forward: %s", names[which], f.L.err.msg);
+            w[5] = keep;
+        }
+        f.x[3 * c.d + 1] = NAN; /* a NaN input of token 3 */
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "token 3 "),
+              "%s, NaN input: the sentence names token 3: %s", names[which], f.L.err.msg);
+        f.x[3 * c.d + 1] = 0.5f;
+        if (which == 3) { /* finite logits, non-finite H: the noise projection */
+            float *wn = moe_store_param(&f.S, f.L.noisy.id_w_noise);
+            wn[2] = NAN;
+            f.args.noise = f.noise;
+            CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_ERR_NUMERIC && strstr(f.L.err.msg, "H of token"),
+                  "noisy top-k, NaN noise projection: refused: %s", f.L.err.msg);
+            wn[2] = 0.0f;
+            f.args.noise = NULL;
+        }
+        for (i = 0; i < n; i++) w[i] *= 1e17f; /* huge but finite: routes, indices in range */
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_OK, "%s, huge finite router: %s", names[which], f.L.err.msg);
+        for (t = 0; t < 12 * c.top_k; t++)
+            if (c.router != MOE_ROUTER_EXPERT_CHOICE && (f.L.topk[t] < 0 || f.L.topk[t] >= c.n_experts)) ok_idx = 0;
+        for (i = 0; i < (size_t)f.L.routed.n; i++)
+            if (f.L.routed.expert[i] < 0 || f.L.routed.expert[i] >= c.n_experts || f.L.routed.token[i] < 0 || f.L.routed.token[i] >= 12) ok_idx = 0;
+        CHECK(ok_idx, "%s, huge finite router: every chosen expert and token in range", names[which]);
+        for (i = 0; i < n; i++) w[i] /= 1e17f;
+        CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 12, &f.args) == MOE_OK &&
+              moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "%s: works again once the parameters are finite: %s",
+              names[which], f.L.err.msg);
+        fixture_free(&f);
+    }
+}
+
+/* every auxiliary term is readable before its coefficient, also when the coefficient is 0 */
+static void test_raw_aux_terms(void) {
+    int which;
+    TEST_BEGIN("raw aux terms: balance, z-loss and the CV^2 losses before their coefficients");
+    for (which = 0; which < 4; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        int pass, t, e;
+        if (which == 1) { c.router = MOE_ROUTER_SIGMOID; c.balance = MOE_BALANCE_DEEPSEEK; }
+        if (which == 2) { c.router = MOE_ROUTER_NOISY_TOPK; c.importance_coef = 0.3f; c.load_coef = 0.2f; }
+        if (which == 3) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.balance = MOE_BALANCE_SWITCH; }
+        c.balance_coef = 0.05f;
+        for (pass = 0; pass < 2; pass++) {
+            double z2 = 0.0;
+            moe_routing_stats st;
+            if (pass == 1) c.balance_coef = c.z_coef = c.importance_coef = c.load_coef = 0.0f; /* watched, not trained */
+            if (!fixture_init(&f, &c, 20, 13)) { CHECK(0, "fixture"); return; }
+            objective(&f, which == 2 ? f.noise : NULL);
+            st = f.L.stats;
+            for (t = 0; t < 20; t++) {
+                const float *z = f.L.logits + (size_t)t * c.n_experts;
+                double mx = z[0], sum = 0.0;
+                for (e = 1; e < c.n_experts; e++) mx = z[e] > mx ? z[e] : mx;
+                for (e = 0; e < c.n_experts; e++) sum += exp(z[e] - mx);
+                z2 += (log(sum) + mx) * (log(sum) + mx);
+            }
+            CHECK(st.raw_balance > 0.0f && st.raw_z > 0.0f, "router %d pass %d: raw balance %g, raw z %g", which, pass, (double)st.raw_balance, (double)st.raw_z);
+            CHECK(fabs(st.raw_z - z2 / 20) <= 1e-5 * z2 / 20, "router %d: raw z = mean lse^2 (%g vs %g)", which, (double)st.raw_z, z2 / 20);
+            CHECK(fabsf(st.aux_balance - c.balance_coef * st.raw_balance) <= 1e-6f * st.raw_balance &&
+                  fabsf(st.aux_z - c.z_coef * st.raw_z) <= 1e-6f * st.raw_z, "router %d pass %d: aux = coef * raw", which, pass);
+            if (which == 2) {
+                CHECK(st.raw_importance > 0.0f && st.raw_load > 0.0f &&
+                      fabsf(st.aux_cv - (c.importance_coef * st.raw_importance + c.load_coef * st.raw_load)) <= 1e-6f * (st.raw_importance + st.raw_load),
+                      "noisy pass %d: aux_cv = coefs * raw CV^2 (%g, %g)", pass, (double)st.raw_importance, (double)st.raw_load);
+            } else {
+                CHECK(st.raw_importance == 0.0f && st.raw_load == 0.0f, "router %d: no CV^2 terms", which);
+            }
+            if (pass == 1) CHECK(st.aux_total == 0.0f, "router %d: zero coefficients, zero aux_total (%g)", which, (double)st.aux_total);
+            fixture_free(&f);
+        }
+    }
+}
+
+/* routed_scale multiplies every routed weight, shared_scale the shared experts' output */
+static void test_output_scales(void) {
+    moe_layer_config c = small_config();
+    fixture f1, f2;
+    size_t i, n;
+    int exact = 1;
+    TEST_BEGIN("routed and shared output scales (DeepSeek-V3's routed_scaling_factor)");
+    c.n_shared = 2;
+    c.d_ff_shared = 8;
+    if (!fixture_init(&f1, &c, 16, 23)) { CHECK(0, "fixture"); return; }
+    c.routed_scale = c.shared_scale = 2.0f;
+    if (!fixture_init(&f2, &c, 16, 23)) { CHECK(0, "fixture"); fixture_free(&f1); return; }
+    objective(&f1, NULL);
+    objective(&f2, NULL);
+    n = (size_t)16 * c.d;
+    for (i = 0; i < n; i++) exact &= f2.y[i] == 2.0f * f1.y[i];
+    CHECK(exact, "both scales 2: y doubles exactly");
+    CHECK(memcmp(f1.L.gates, f2.L.gates, sizeof(float) * 16 * (size_t)c.n_experts) == 0 && f1.L.stats.aux_total == f2.L.stats.aux_total,
+          "the gates and the aux losses are the router's, before the scale");
+    fixture_free(&f1);
+    fixture_free(&f2);
+    c.routed_scale = 1.7f;
+    c.shared_scale = 0.6f;
+    gradcheck_layer("routed_scale 1.7, shared_scale 0.6", &c, 20, 0);
+    c.n_shared = 0;
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    gradcheck_layer("expert choice, routed_scale 1.7", &c, 20, 0);
+}
+
+/* DeepSeek-V3: the selection bias moves the choice, not the weights, gets no gradient, and
+   the balancing rule moves it against the load */
+static void test_selection_bias(void) {
+    int which;
+    TEST_BEGIN("selection-only bias (DeepSeek-V3): choice by p + b, weights p, no gradient, the balancing rule");
+    for (which = 0; which < 2; which++) {
+        moe_layer_config c = small_config();
+        fixture f;
+        float *b, old[6];
+        int id, t, s, e, ok_choice = 1, ok_weight = 1, nz = 0;
+        c.router = which ? MOE_ROUTER_SIGMOID : MOE_ROUTER_TOPK;
+        c.selection_bias = 1;
+        c.routed_scale = 2.5f;
+        if (!fixture_init(&f, &c, 20, 29)) { CHECK(0, "fixture"); return; }
+        id = moe_store_find(&f.S, "moe.router.selection_bias");
+        CHECK(id == f.L.id_selection_bias && id >= 0 && f.S.tensors[id].flags == 0, "the bias is a tensor without weight decay");
+        b = moe_store_param(&f.S, id);
+        for (e = 0; e < 6; e++) b[e] = e == 4 ? 10.0f : 0.0f; /* expert 4 wins every choice */
+        objective(&f, NULL);
+        for (t = 0; t < 20; t++) {
+            const float *p = f.L.probs + (size_t)t * 6;
+            const int *idx = f.L.topk + (size_t)t * 2;
+            float sum = p[idx[0]] + p[idx[1]];
+            if (idx[0] != 4) ok_choice = 0;
+            for (s = 0; s < 2; s++)
+                if (fabsf(f.L.gates[(size_t)t * 6 + idx[s]] - p[idx[s]] / sum) > 1e-6f) ok_weight = 0;
+        }
+        CHECK(ok_choice, "router %d: the bias puts expert 4 first for every token", which);
+        CHECK(ok_weight, "router %d: the weights are the renormalised scores, without the bias", which);
+        moe_store_zero_grad(&f.S);
+        CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, &f.args) == MOE_OK, "backward");
+        for (e = 0; e < 6; e++) nz += moe_store_grad(&f.S, id)[e] != 0.0f;
+        CHECK(nz == 0, "router %d: no gradient reaches the selection bias", which);
+        for (e = 0; e < 6; e++) b[e] = 0.1f * (float)e; /* the rule: down where overloaded, up where underloaded */
+        objective(&f, NULL);
+        memcpy(old, b, sizeof old);
+        CHECK(moe_layer_update_selection_bias(&f.L, &f.S, 0.01f) == MOE_OK, "update: %s", f.L.err.msg);
+        {
+            int ok = 1;
+            for (e = 0; e < 6; e++) {
+                float want = f.L.aux.picks[e] > 20.0f * 2 / 6 ? -0.01f : f.L.aux.picks[e] < 20.0f * 2 / 6 ? 0.01f : 0.0f;
+                if (fabsf((b[e] - old[e]) - want) > 1e-7f) ok = 0;
+            }
+            CHECK(ok, "router %d: b_i += gamma * sign(mean load - load_i)", which);
+        }
+        CHECK(moe_layer_update_selection_bias(&f.L, &f.S, -1.0f) == MOE_ERR_INVALID_ARG, "negative gamma refused");
+        fixture_free(&f);
+        c.routed_scale = 1.0f;
+        gradcheck_layer(which ? "sigmoid top-k with a selection bias" : "softmax top-k with a selection bias", &c, 20, 0);
+    }
+    {
+        moe_layer_config c = small_config();
+        fixture f;
+        moe_err err;
+        if (fixture_init(&f, &c, 4, 1)) {
+            objective(&f, NULL);
+            CHECK(moe_layer_update_selection_bias(&f.L, &f.S, 0.01f) == MOE_ERR_STATE && strstr(f.L.err.msg, "selection bias"),
+                  "a layer without the bias refuses the update: %s", f.L.err.msg);
+            fixture_free(&f);
+        }
+        c.router = MOE_ROUTER_NOISY_TOPK;
+        c.selection_bias = 1;
+        CHECK(moe_layer_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "selection_bias"), "noisy top-k has none: %s", err.msg);
+    }
 }
 
 static void test_dispatch(void) {
@@ -492,6 +750,21 @@ static void test_capacity(void) {
     CHECK(dropped_zero, "a dropped token's MoE output is zero");
     CHECK(f.L.stats.load[0] == 1.0f && f.L.stats.load_entropy == 0.0f, "load statistics see only kept tokens");
     fixture_free(&f);
+    /* HF's Switch Transformers: a dropped token outputs its router probability times x */
+    c.renormalize = 0;
+    c.drop_passthrough = 1;
+    if (!fixture_init(&f, &c, 8, 3)) { CHECK(0, "fixture"); return; }
+    memset(moe_store_param(&f.S, f.L.id_router_w), 0, sizeof(float) * 4 * (size_t)c.d);
+    for (e = 0; e < 4; e++) moe_store_param(&f.S, f.L.id_router_b)[e] = e == 0 ? 5.0f : 0.0f;
+    objective(&f, NULL);
+    dropped_zero = 1;
+    for (t = 2; t < 8; t++)
+        for (e = 0; e < c.d; e++)
+            if (f.y[(size_t)t * c.d + e] != f.L.probs[(size_t)t * 4] * f.x[(size_t)t * c.d + e]) dropped_zero = 0;
+    CHECK(dropped_zero && f.L.stats.dropped == 6, "drop_passthrough: a dropped token's output is p_top1 * x (dropped %d)", f.L.stats.dropped);
+    fixture_free(&f);
+    c.drop_passthrough = 0;
+    c.renormalize = 1;
     /* top-2: first choices are admitted before second choices */
     c.top_k = 2;
     c.capacity_factor = 0.5f; /* C = ceil(0.5 * 2 * 8 / 4) = 2 */
@@ -501,6 +774,40 @@ static void test_capacity(void) {
     objective(&f, NULL);
     CHECK(f.L.stats.kept == 4 && f.L.routed.offset[1] == 2 && f.L.routed.offset[2] == 4, "experts 0 and 1 keep 2 each (kept %d)", f.L.stats.kept);
     fixture_free(&f);
+    /* admission order: slot-major (GShard, the default) and token-major keep other sets; each
+       equals a count replayed here from the chosen experts */
+    {
+        int order, kept[2][20 * 2];
+        c = small_config();
+        c.n_experts = 4;
+        c.capacity_factor = 0.5f; /* C = ceil(0.5 * 2 * 20 / 4) = 5 */
+        for (order = 0; order < 2; order++) {
+            int count[4] = {0, 0, 0, 0}, i, j, same = 1;
+            c.capacity_order = (moe_capacity_order)order;
+            if (!fixture_init(&f, &c, 20, 17)) { CHECK(0, "fixture"); return; }
+            objective(&f, NULL);
+            memset(kept[order], 0, sizeof kept[order]);
+            for (i = 0; i < (order ? 20 : 2); i++)
+                for (j = 0; j < (order ? 2 : 20); j++) {
+                    int tk = order ? i : j, s = order ? j : i, ex = f.L.topk[tk * 2 + s];
+                    if (count[ex] < 5) { count[ex]++; kept[order][tk * 2 + s] = 1; }
+                }
+            for (i = 0, j = 0; i < 40; i++) j += kept[order][i];
+            for (i = 0; i < f.L.routed.n; i++) {
+                int tk = f.L.routed.token[i], ex = f.L.routed.expert[i];
+                if (!(f.L.topk[tk * 2] == ex ? kept[order][tk * 2] : kept[order][tk * 2 + 1])) same = 0;
+            }
+            CHECK(same && j == f.L.routed.n, "order %d: the kept assignments are the replayed ones (%d of 40 kept)", order, j);
+            fixture_free(&f);
+        }
+        CHECK(memcmp(kept[0], kept[1], sizeof kept[0]) != 0, "the two orders keep different assignments here");
+        c.capacity_order = MOE_CAPACITY_TOKEN_MAJOR;
+        gradcheck_layer("capacity 0.5, token-major admission (drops)", &c, 20, 0);
+        c.capacity_order = MOE_CAPACITY_SLOT_MAJOR;
+        c.drop_passthrough = 1;
+        c.routed_scale = 1.3f;
+        gradcheck_layer("capacity 0.5, dropped assignments pass x through (HF Switch), routed_scale 1.3", &c, 20, 0);
+    }
 }
 
 static void test_expert_choice(void) {
@@ -522,6 +829,25 @@ static void test_expert_choice(void) {
     CHECK(ok, "5 tokens per expert, sorted");
     CHECK(f.L.stats.kept == 20 && f.L.stats.dropped == 0, "kept %d", f.L.stats.kept);
     fixture_free(&f);
+    /* the paper's capacity factor as its own field: C = ceil(1.5 * 10 / 4) = 4, whatever k is */
+    c.ec_capacity_factor = 1.5f;
+    c.top_k = 1;
+    if (!fixture_init(&f, &c, 10, 5)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    for (e = 0, ok = 1; e < 4; e++)
+        if (f.L.routed.offset[e + 1] - f.L.routed.offset[e] != 4) ok = 0;
+    CHECK(ok && f.L.stats.kept == 16 && f.L.stats.requested == 16, "ec_capacity_factor 1.5: 4 tokens per expert (kept %d)", f.L.stats.kept);
+    fixture_free(&f);
+    c.ec_capacity_factor = 3.7f; /* more than k per token: the list is sized for it (ASan) */
+    if (!fixture_init(&f, &c, 10, 5)) { CHECK(0, "fixture"); return; }
+    objective(&f, NULL);
+    CHECK(f.L.stats.kept == 40, "ec_capacity_factor 3.7: ceil(9.25) = 10 tokens per expert (kept %d)", f.L.stats.kept);
+    fixture_free(&f);
+    c = small_config();
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.balance = MOE_BALANCE_NONE;
+    c.ec_capacity_factor = 2.5f;
+    gradcheck_layer("expert choice, ec_capacity_factor 2.5", &c, 20, 0);
 }
 
 static void test_determinism(void) {
@@ -531,18 +857,24 @@ static void test_determinism(void) {
     int nt = omp_get_max_threads();
     int variants, v;
     TEST_BEGIN("determinism: 1 and 2 threads give bit-identical outputs and gradients");
-    for (variants = 0; variants < 3; variants++) {
+    for (variants = 0; variants < 5; variants++) {
         c = moe_layer_config_default();
         c.d = 64; c.d_ff = 96; c.n_experts = 8; c.top_k = 2; c.z_coef = 1e-3f;
-        if (variants == 1) { c.router = MOE_ROUTER_NOISY_TOPK; c.n_shared = 1; }
-        if (variants == 2) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.expert = MOE_EXPERT_FFN; c.expert_bias = 1; }
+        if (variants == 1) { c.router = MOE_ROUTER_NOISY_TOPK; c.n_shared = 1; c.cv_unbiased = 1; }
+        if (variants == 2) { c.router = MOE_ROUTER_EXPERT_CHOICE; c.expert = MOE_EXPERT_FFN; c.expert_bias = 1; c.ec_capacity_factor = 1.5f; }
+        if (variants == 3) { /* the conventions: DeepSeek-V3 gating, token-major capacity, HF Switch drops, scales */
+            c.router = MOE_ROUTER_SIGMOID; c.selection_bias = 1; c.routed_scale = 2.5f; c.n_shared = 1; c.shared_scale = 0.5f;
+            c.capacity_factor = 0.8f; c.capacity_order = MOE_CAPACITY_TOKEN_MAJOR; c.drop_passthrough = 1;
+        }
+        if (variants == 4) { c.hyper = 1; c.hyper_head_bias = 1; }
         for (v = 0; v < 2; v++) {
             fixture *f = v == 0 ? &f1 : &f2;
             omp_set_num_threads(v == 0 ? 1 : 2);
             if (!fixture_init(f, &c, 600, 11)) { CHECK(0, "fixture"); return; }
-            moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, f->noise);
+            f->args.noise = f->noise;
+            moe_layer_forward(&f->L, &f->S, f->y, f->x, f->T, &f->args);
             moe_store_zero_grad(&f->S);
-            moe_layer_backward(&f->L, &f->S, f->dx, f->dy, f->x);
+            moe_layer_backward(&f->L, &f->S, f->dx, f->dy, f->x, &f->args);
         }
         omp_set_num_threads(nt);
         CHECK(memcmp(f1.y, f2.y, sizeof(float) * 600 * 64) == 0, "variant %d: y differs between 1 and 2 threads", variants);
@@ -585,6 +917,12 @@ static void test_bad_input(void) {
     EXPECT_BAD(c.expert_bias = 1, "expert_bias");
     EXPECT_BAD(c.balance_coef = -0.1f, "coefficients");
     EXPECT_BAD(c.n_shared = -1, "n_shared");
+    EXPECT_BAD(c.ec_capacity_factor = 1.0f, "expert-choice router only");
+    EXPECT_BAD(c.capacity_order = (moe_capacity_order)2, "capacity_order");
+    EXPECT_BAD(c.routed_scale = 0.0f, "routed_scale");
+    EXPECT_BAD(c.drop_passthrough = 1, "drop_passthrough");
+    EXPECT_BAD(c.shared_scale = NAN, "shared_scale");
+    EXPECT_BAD((c.router = MOE_ROUTER_EXPERT_CHOICE, c.ec_capacity_factor = -1.0f), "ec_capacity_factor");
 #undef EXPECT_BAD
     /* init errors */
     c = small_config();
@@ -602,7 +940,7 @@ static void test_bad_input(void) {
     moe_store_free(&S);
     /* forward/backward errors */
     if (!fixture_init(&f, &c, 4, 1)) { CHECK(0, "fixture"); return; }
-    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x) == MOE_ERR_STATE && strstr(f.L.err.msg, "without a forward"), "backward before forward: %s", f.L.err.msg);
+    CHECK(moe_layer_backward(&f.L, &f.S, f.dx, f.dy, f.x, NULL) == MOE_ERR_STATE && strstr(f.L.err.msg, "without a forward"), "backward before forward: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 5, NULL) == MOE_ERR_SHAPE && strstr(f.L.err.msg, "T = 5"), "too many tokens: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, f.y, f.x, 0, NULL) == MOE_ERR_SHAPE, "zero tokens: %s", f.L.err.msg);
     CHECK(moe_layer_forward(&f.L, &f.S, NULL, f.x, 2, NULL) == MOE_ERR_INVALID_ARG, "NULL output: %s", f.L.err.msg);
@@ -618,10 +956,14 @@ int main(void) {
     test_expert_choice();
     test_gradients();
     test_aux_gradients();
+    test_raw_aux_terms();
+    test_output_scales();
+    test_selection_bias();
     test_gw();
     test_aoe();
     test_hyper();
     test_determinism();
     test_bad_input();
+    test_non_finite();
     return test_summary();
 }

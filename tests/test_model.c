@@ -134,6 +134,15 @@ static void test_gradients(void) {
     c.moe.hyper_adapter = 4;
     c.moe.hyper_layer_dim = 3;
     gradcheck_model("HyperMoE, hypernetwork shared by 3 layers", &c);
+    c.moe.hyper_head_bias = 1;
+    c.moe.z_coef = 0.0f; /* with the biases the z-loss of the doubled router grows J to ~20:
+                            its float rounding would exceed the tolerance at eps 1e-3 */
+    gradcheck_model("HyperMoE with head biases, shared by 3 layers", &c);
+    c = tiny_config(1, MOE_POS_LEARNED);
+    c.n_layers = 3;
+    c.moe.balance_coef = 0.5f; /* large enough to matter in the sum */
+    c.balance_all_layers = 1;
+    gradcheck_model("one balance loss over all MoE layers' tokens (RMoE's code)", &c);
 }
 
 static void test_recurrent_router(void) {
@@ -480,6 +489,108 @@ static void test_ffn_hook(void) {
     moe_model_free(&m);
 }
 
+/* a diverged model (or a checkpoint of NaNs): the forward refuses with the layer's sentence */
+static void test_non_finite_router(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_rng r;
+    int x[20], y[20], k;
+    TEST_BEGIN("model: a NaN router parameter is MOE_ERR_NUMERIC naming the layer and the token; no backward after it");
+    for (k = 0; k < 2; k++) {
+        int id;
+        if (k == 1) { c.router_input = MOE_RIN_GRU; c.router_dim = 6; }
+        if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+        moe_model_init_weights(&m, 3);
+        moe_rng_seed(&r, 8);
+        random_tokens(x, 20, c.vocab, &r);
+        random_tokens(y, 20, c.vocab, &r);
+        id = moe_store_find(&m.S, k == 0 ? "l1.moe.router.w" : "rmoe.gru.w_hh");
+        moe_store_param(&m.S, id)[0] = NAN;
+        CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_ERR_NUMERIC && strstr(m.err.msg, k == 0 ? "layer 1" : "layer 0") &&
+              strstr(m.err.msg, "token"), "%s: refused with a sentence: %s", k == 0 ? "router weight" : "RMoE GRU weight", m.err.msg);
+        CHECK(moe_model_backward(&m, 1.0f) == MOE_ERR_STATE, "no backward after a refused forward: %s", m.err.msg);
+        moe_model_free(&m);
+    }
+}
+
+/* DeepSeek-V3's balancing rule on every MoE layer of a model */
+static void test_selection_bias_model(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_rng r;
+    int x[20], y[20], l, moved = 1;
+    TEST_BEGIN("model: selection-only bias (DeepSeek-V3) moved by moe_model_update_selection_bias in every MoE layer");
+    c.moe.router = MOE_ROUTER_SIGMOID;
+    c.moe.selection_bias = 1;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 3);
+    moe_rng_seed(&r, 8);
+    random_tokens(x, 20, c.vocab, &r);
+    random_tokens(y, 20, c.vocab, &r);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK, "forward: %s", m.err.msg);
+    CHECK(moe_model_update_selection_bias(&m, 0.01f) == MOE_OK, "update: %s", m.err.msg);
+    for (l = 0; l < c.n_layers; l++) {
+        const float *b = moe_store_param(&m.S, m.blocks[l].moe.id_selection_bias);
+        int e, any = 0;
+        for (e = 0; e < c.moe.n_experts; e++) any |= b[e] != 0.0f;
+        moved &= any;
+    }
+    CHECK(moved, "every layer's bias moved off zero");
+    moe_model_free(&m);
+    c.moe.selection_bias = 0;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 3);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK && moe_model_update_selection_bias(&m, 0.01f) == MOE_ERR_STATE &&
+          strstr(m.err.msg, "layer 0"), "a model without the bias refuses: %s", m.err.msg);
+    moe_model_free(&m);
+}
+
+/* balance_all_layers: aux_loss holds one balance loss over every MoE layer's tokens */
+static void test_balance_all_layers(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m, m1;
+    moe_rng r;
+    int x[20], y[20], l, e, E = c.moe.n_experts;
+    double f[8] = {0}, P[8] = {0}, own = 0.0, rest = 0.0, want = 0.0;
+    TEST_BEGIN("model: balance_all_layers = one balance loss over all MoE layers' tokens (f and P averaged over the layers)");
+    c.n_layers = 3;
+    c.moe.balance_coef = 0.1f;
+    c.balance_all_layers = 1;
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    moe_model_init_weights(&m, 5);
+    moe_rng_seed(&r, 8);
+    random_tokens(x, 20, c.vocab, &r);
+    random_tokens(y, 20, c.vocab, &r);
+    CHECK(moe_model_forward(&m, x, y, 2, 10, NULL) == MOE_OK, "forward: %s", m.err.msg);
+    for (l = 0; l < 3; l++) {
+        const moe_layer *L = &m.blocks[l].moe;
+        for (e = 0; e < E; e++) { f[e] += L->aux.picks[e] / 20.0 / 3; P[e] += L->stats.mean_prob[e] / 3.0; }
+        own += L->stats.aux_balance;
+        rest += L->stats.aux_total - L->stats.aux_balance;
+    }
+    for (e = 0; e < E; e++) want += f[e] * P[e];
+    want *= 0.1 * E; /* Mixtral form: coef * E * sum f P, f = picks over all 60 tokens */
+    CHECK(fabs(m.aux_loss - (rest + want)) <= 1e-6 * (rest + want), "aux_loss = z-losses + one balance loss (%g vs %g)", m.aux_loss, rest + want);
+    CHECK(fabs(want - own) > 1e-7, "it differs from the sum of the per-layer losses here (%g vs %g)", want, own);
+    moe_model_free(&m);
+    c.n_layers = 1; /* one MoE layer: the same as its own loss */
+    if (moe_model_init(&m, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    c.balance_all_layers = 0;
+    if (moe_model_init(&m1, &c, 2, 10) != MOE_OK) { CHECK(0, "init: %s", m1.err.msg); moe_model_free(&m); return; }
+    moe_model_init_weights(&m, 5);
+    moe_model_init_weights(&m1, 5);
+    moe_model_forward(&m, x, y, 2, 10, NULL);
+    moe_model_forward(&m1, x, y, 2, 10, NULL);
+    moe_store_zero_grad(&m.S);
+    moe_store_zero_grad(&m1.S);
+    moe_model_backward(&m, 1.0f);
+    moe_model_backward(&m1, 1.0f);
+    CHECK(fabs(m.aux_loss - m1.aux_loss) <= 1e-7 && memcmp(m.S.grads, m1.S.grads, sizeof(float) * m.S.numel) == 0,
+          "one MoE layer: the same loss and bit-identical gradients as the per-layer form");
+    moe_model_free(&m);
+    moe_model_free(&m1);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -488,5 +599,8 @@ int main(void) {
     test_resume();
     test_generate_and_loader();
     test_ffn_hook();
+    test_non_finite_router();
+    test_selection_bias_model();
+    test_balance_all_layers();
     return test_summary();
 }

@@ -43,11 +43,12 @@ static int quickstart_moe(const float *x, float *y, float *dx, float *dy, int T,
     if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
     moe_layer_init_weights(&L, &S, &rng);
     for (step = 1; step <= n_steps; step++) {
-        moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x)
+        moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x); NULL: no per-call
+                                                         // inputs (see moe_layer_args)
         your_loss_gradient(dy, y, T);                 // dy = dLoss/dy
         moe_store_zero_grad(&S);
         memset(dx, 0, sizeof(float) * T * c.d);
-        moe_layer_backward(&L, &S, dx, dy, x);        // S.grads += (aux losses too), dx +=
+        moe_layer_backward(&L, &S, dx, dy, x, NULL);  // S.grads += (aux losses too), dx +=
         moe_adamw_step(&S, &opt, lr, step);
     }
     moe_layer_free(&L);  moe_store_free(&S);

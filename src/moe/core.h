@@ -12,10 +12,11 @@
     X(MOE_ERR_FORMAT, -5, "bad file format")                                  \
     X(MOE_ERR_STATE, -6, "call out of order")                                 \
     X(MOE_ERR_NO_DEVICE, -7, "no compute device")                             \
-    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")
+    X(MOE_ERR_UNSUPPORTED, -8, "unsupported on this platform")                \
+    X(MOE_ERR_NUMERIC, -9, "non-finite number")
 
 #define MOE__STATUS_ENUM(name, value, text) name = value,
-typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -9 } moe_status;
+typedef enum moe_status { MOE__STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_LAST = -10 } moe_status;
 #undef MOE__STATUS_ENUM
 
 /* The sentence that goes with a status. Lives in the caller's object, never in a global. */

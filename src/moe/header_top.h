@@ -33,11 +33,12 @@
        if (moe_store_alloc(&S, 1) != MOE_OK) return 1;   // params + grads + Adam moments
        moe_layer_init_weights(&L, &S, &rng);
        for (step = 1; step <= n_steps; step++) {
-           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x)
+           moe_layer_forward(&L, &S, y, x, T, NULL);     // y = MoE(x); NULL: no per-call
+                                                         // inputs (see moe_layer_args)
            your_loss_gradient(dy, y, T);                 // dy = dLoss/dy
            moe_store_zero_grad(&S);
            memset(dx, 0, sizeof(float) * T * c.d);
-           moe_layer_backward(&L, &S, dx, dy, x);        // S.grads += (aux losses too), dx +=
+           moe_layer_backward(&L, &S, dx, dy, x, NULL);  // S.grads += (aux losses too), dx +=
            moe_adamw_step(&S, &opt, lr, step);
        }
        moe_layer_free(&L);  moe_store_free(&S);
@@ -93,20 +94,57 @@
    TABLE OF CONTENTS (search for the anchor; it opens the section in both halves)
 @toc
 
-   Where each router family lives (forward, backward, test):
-       top-k, sigmoid, noisy, expert-choice   moe__route_token / moe__build_assignments,
-                                              moe__router_backward_token; tests/test_layer.c
-       AoE                                    moe__aoe_logits, moe__aoe_gate_forward/backward,
-                                              moe__aoe_logits_backward; test_aoe in test_layer.c
-       GW-MoE                                 moe__gw_mark; test_gw in test_layer.c
-       HyperMoE                               moe__hyper_forward/backward; test_hyper
-       RMoE (GRU through depth), MLP router   moe_gru_*, moe_model_forward, moe__router_input_
-                                              backward; test_recurrent_router in test_model.c
+   Where each router family lives. >>moe:router holds the hooks every family implements and
+   the ONE dispatcher that chooses by cfg.router; a family's anchor opens its section, forward
+   and backward side by side. Tests are in tests/test_layer.c unless named otherwise; goldens
+   (PyTorch) layer_* in tests/test_golden.c, family_* and rmoe_* in tests/test_family_golden.c.
+     softmax top-k (Switch, Mixtral, DeepSeek), capacity                   >>moe:router_topk
+         forward   moe__linear_router_logits, moe__topk_select, moe__topk_assign,
+                   moe__topk_passthrough_forward (HF Switch's dropped tokens)
+         backward  moe__topk_backward_token, moe__softmax_backward_token,
+                   moe__topk_passthrough_backward, moe__linear_router_backward
+         tests     test_gradients, test_topk_semantics, test_capacity; goldens layer_switch,
+                   layer_mixtral, layer_deepseek, layer_capacity*, layer_topk_ties
+     sigmoid top-k                                                         >>moe:router_topk
+         forward   moe__sigmoid_probs, moe__topk_select, moe__topk_assign
+         backward  moe__sigmoid_backward_token, moe__sigmoid_mean_prob_backward
+         tests     test_gradients, test_aux_gradients; goldens layer_sigmoid*
+     noisy top-k (Shazeer) and its CV^2 losses                            >>moe:router_noisy
+         forward   moe__noisy_scores, moe__noisy_select, moe__noisy_aux
+         backward  moe__noisy_aux_backward, moe__noisy_backward_token, moe__noisy_backward
+         tests     test_gradients, test_aux_gradients; goldens layer_noisy*
+     expert choice                                                           >>moe:router_ec
+         forward   moe__ec_assign          backward  moe__softmax_backward_token
+         tests     test_expert_choice; goldens layer_expert_choice*
+     AoE (router-free)                                                      >>moe:router_aoe
+         forward   moe__aoe_logits, moe__topk_select, moe__aoe_gate_forward
+         backward  moe__aoe_gate_backward, moe__topk_backward_token, moe__aoe_backward
+         tests     test_aoe; goldens family_aoe_*
+     GW-MoE broadcast (extension of softmax top-k)                           >>moe:router_gw
+         forward   moe__gw_mark, moe__gw_assign_token, moe__gw_output_forward
+         backward  moe__gw_output_backward, moe__gw_backward_token
+         tests     test_gw; goldens family_gw_*
+     HyperMoE hyper-expert (extension)                                    >>moe:router_hyper
+         forward   moe__hyper_forward      backward  moe__hyper_backward
+         tests     test_hyper; goldens family_hyper_*
+     RMoE's GRU state, MLP router (what a model's routers read)           >>moe:router_input
+         forward   moe__router_input_forward        backward  moe__router_input_backward
+         tests     test_recurrent_router in tests/test_model.c; goldens rmoe_*
+     every family: a non-finite logit is MOE_ERR_NUMERIC (moe__router_scores); test_non_finite
+     the field's conventions as options (moe_layer_config's last fields; the model's
+     balance_all_layers): capacity_order, drop_passthrough, routed_scale / shared_scale,
+     selection_bias (moe_layer_update_selection_bias), hyper_head_bias, cv_unbiased,
+     ec_capacity_factor; the raw aux terms in moe_routing_stats. Tests: test_capacity,
+     test_output_scales, test_selection_bias, test_hyper, test_aux_gradients, test_expert_choice,
+     test_raw_aux_terms; test_balance_all_layers (test_model.c); goldens layer_capacity_token,
+     layer_capacity_switch_hf, layer_deepseek_scaled, layer_sigmoid_v3, layer_noisy_unbiased,
+     layer_expert_choice_cf, family_hyper_bias, rmoe_gru_balance_all
 
-   Tests: tests/test_core.c (1-4), tests/test_kernels.c and tests/test_gemm.c (5, 6, 12),
-   tests/test_layer.c (7-10), tests/test_model.c (11-13, 17), tests/test_model_io.c (14),
-   tests/test_interchange.c (15, 16; make interop: llama.cpp runs 16's files);
-   PyTorch goldens: tests/test_golden.c (5-10), tests/test_model_golden.c (11-13),
+   Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
+   kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c
+   (router_input, model, data), tests/test_model_io.c (model_io), tests/test_interchange.c
+   (safetensors, gguf; make interop: llama.cpp runs the GGUF files); PyTorch goldens:
+   tests/test_golden.c (kernels, layer), tests/test_model_golden.c (model),
    tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 
    LICENCE: MIT, at the end of the file.

@@ -13,16 +13,6 @@ typedef enum moe_pos_kind {
     MOE_POS_ROPE = 1     /* rotary q/k, no position parameters        */
 } moe_pos_kind;
 
-/* What the MoE layers' routers read (RMoE, Qiu et al. ICLR 2025, and its ablations). */
-typedef enum moe_router_input {
-    MOE_RIN_DIRECT = 0,     /* the layer's normalised hidden state x (a linear router)        */
-    MOE_RIN_GRU = 1,        /* RMoE: h_l = GRU(x_l P_l, h_{l-1}), one GRU shared by all MoE
-                               layers, state carried through depth with full gradients       */
-    MOE_RIN_GRU_NP = 2,     /* ablation "no previous state": h_l = GRU(x_l P_l, 0)            */
-    MOE_RIN_GRU_DETACH = 3, /* ablation: h_{l-1} enters layer l without a gradient back      */
-    MOE_RIN_MLP = 4         /* baseline SMoE-MLP: router on GELU(x_l P_l), no recurrence      */
-} moe_router_input;
-
 typedef struct moe_model_config {
     int vocab;              /* 256 (bytes)                                            */
     int max_seq;            /* longest sequence (and learned position table)          */
@@ -36,9 +26,13 @@ typedef struct moe_model_config {
     int moe_every;          /* 0 = dense model; 1 = every layer MoE; 2 = every other  */
     int dense_first;        /* that many first layers stay dense                      */
     moe_layer_config moe;   /* the MoE FFN; its d is set to the model's d             */
-    moe_router_input router_input; /* linear router, RMoE's GRU state, an MLP router  */
+    moe_router_input router_input; /* what the routers read (>>moe:router_input)      */
     int router_dim;         /* p: GRU / MLP width of the router input (RMoE: 128)     */
     float init_std;         /* 0.02; residual outputs get init_std / sqrt(2 L)        */
+    int balance_all_layers; /* 1: the MoE layers' balance loss is ONE loss over all their
+                               tokens at once, f and P averaged over the layers (RMoE's
+                               official code: HF's load_balancing_loss_func over the
+                               concatenated router logits); 0: the sum of per-layer losses */
 } moe_model_config;
 
 typedef struct moe_block {
@@ -81,8 +75,13 @@ typedef struct moe_model {
     float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
     float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
+    float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
+    int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
-    double aux_loss;        /* sum of the MoE layers' aux losses                      */
+    double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
+                               their balance terms replaced by the one over all layers) */
+    float *balance_f_all;   /* (E) balance_all_layers: mean over layers of f / L_moe, the
+                               f every layer's backward differentiates with          */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
        once block l's FFN output is in blocks[l].ffn and before it joins the residual stream
        (swap a token's expert, ablate a layer). Backward does not see what it changes.
@@ -127,6 +126,9 @@ MOEDEF moe_status moe_model_backward(moe_model *m, float scale);
 /* GW-MoE: switch the broadcast of uncertain tokens on (fine-tuning) or off (evaluation and
    inference) in every MoE layer; the layers' gw_threshold decides which tokens qualify. */
 MOEDEF void moe_model_set_broadcast(moe_model *m, int on);
+/* DeepSeek-V3's auxiliary-loss-free balancing: moe_layer_update_selection_bias on every MoE
+   layer (their config needs selection_bias), from the last forward's loads. */
+MOEDEF moe_status moe_model_update_selection_bias(moe_model *m, float gamma);
 /* total parameters, and those one token uses (routers + its k experts + everything dense) */
 MOEDEF size_t moe_model_params_total(const moe_model *m);
 MOEDEF size_t moe_model_params_active(const moe_model *m);
@@ -223,13 +225,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     if (!m->blocks && !declare_only) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
     m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
-    if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
-        int P = c->router_dim;
-        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
-        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
-    }
+    moe__router_input_declare(m);
     for (l = 0; l < L; l++) {
         moe_block *b = declare_only ? &one : &m->blocks[l];
         if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
@@ -246,10 +242,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
         sprintf(name, "l%d.ln2.w", l);
         b->id_ln2 = moe__model_add(m, name, 0, d, 0);
         b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
-        if (b->is_moe && c->router_input != MOE_RIN_DIRECT) {
-            sprintf(name, "l%d.rmoe.proj", l);
-            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d);
-        }
+        moe__router_input_declare_block(m, b, l);
         if (b->is_moe) {
             if (m->err.status == MOE_OK) {
                 sprintf(name, "l%d.moe.", l);
@@ -294,15 +287,7 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
             b->hg = (float *)moe__calloc((size_t)N * F, sizeof(float));
             b->hu = (float *)moe__calloc((size_t)N * F, sizeof(float));
         }
-        if (b->id_rproj >= 0) {
-            size_t Np = (size_t)N * c->router_dim;
-            b->rxp = (float *)moe__calloc(Np, sizeof(float));
-            b->rh = (float *)moe__calloc(Np, sizeof(float));
-            b->rgi = (float *)moe__calloc(Np * 3, sizeof(float));
-            b->rgh = (float *)moe__calloc(Np * 3, sizeof(float));
-            ok = ok && b->rxp && b->rh && b->rgi && b->rgh;
-            b->moe.router_input = b->rh;
-        }
+        ok = ok && moe__router_input_alloc_block(m, b, N);
         ok = ok && b->x && b->ln1 && b->rstd1 && b->qkv && b->att && b->atty && b->x2 && b->ln2 &&
              b->rstd2 && b->ffn && (b->is_moe || (b->hg && b->hu));
     }
@@ -322,16 +307,9 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
     m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
     m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-    if (c->router_input != MOE_RIN_DIRECT) {
-        size_t Np = (size_t)N * c->router_dim;
-        m->r_zero = (float *)moe__calloc(Np, sizeof(float));
-        m->r_drin = (float *)moe__calloc(Np, sizeof(float));
-        m->r_carry = (float *)moe__calloc(Np, sizeof(float));
-        m->r_dxp = (float *)moe__calloc(Np, sizeof(float));
-        m->r_scratch = (float *)moe__calloc(Np * 6, sizeof(float));
-        ok = ok && m->r_zero && m->r_drin && m->r_carry && m->r_dxp && m->r_scratch;
-        for (l = 0; l < L; l++) m->blocks[l].moe.d_router_input = m->r_drin;
-    }
+    ok = ok && moe__router_input_alloc(m, N);
+    if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
+    if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     if (!ok) {
@@ -368,7 +346,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);
-            MOE_FREE(b->rxp); MOE_FREE(b->rh); MOE_FREE(b->rgi); MOE_FREE(b->rgh);
+            moe__router_input_free_block(b);
         }
         MOE_FREE(m->blocks);
     }
@@ -376,7 +354,9 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->logits); MOE_FREE(m->losses); MOE_FREE(m->rope); MOE_FREE(m->d_res); MOE_FREE(m->d_res2);
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
-    MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
+    moe__router_input_free(m);
+    MOE_FREE(m->routing_noise);
+    MOE_FREE(m->balance_f_all);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -399,9 +379,8 @@ MOE__IMPL void moe_model_init_weights(moe_model *m, uint64_t seed) {
             for (i = 0; i < t->numel; i++) p[i] = 1.0f;
             continue;
         }
-        if (strncmp(t->name, "rmoe.gru.w", 10) == 0) sd = 1.0f / sqrtf((float)m->cfg.router_dim); /* torch's scale */
-        else if (moe__ends_with(t->name, "rmoe.proj")) sd = 1.0f / sqrtf((float)m->cfg.d); /* x' ~ unit scale */
-        else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
+        if (moe__router_input_init_std(m, t->name, &sd)) { /* the GRU, the projectors */
+        } else if (moe__ends_with(t->name, "router.w")) sd = m->cfg.moe.router_init_std;
         else if (t->ndim == 1 || moe__ends_with(t->name, "router.w_noise") || moe__ends_with(t->name, ".b") ||
                  moe__ends_with(t->name, "b_up") || moe__ends_with(t->name, "b_down")) sd = 0.0f;
         else if (moe__ends_with(t->name, "attn.wo") || moe__ends_with(t->name, "w_down")) sd = res_std;
@@ -420,13 +399,41 @@ static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b,
     return w;
 }
 
+/* balance_all_layers: one balance loss over all MoE layers' tokens, f_all = mean_l f_l and
+   P_all = mean_l P_l (every layer sees the same T tokens); it replaces the layers' own
+   balance terms in aux_loss, and each layer's backward differentiates it through its P_l with
+   f_all / L_moe */
+static void moe__model_balance_all_layers(moe_model *m) {
+    const moe_layer_config *c = &m->cfg.moe;
+    int E = c->n_experts, l, e, n = 0;
+    double acc = 0.0, own = 0.0;
+    float *f = m->balance_f_all;
+    for (e = 0; e < E; e++) f[e] = 0.0f;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_layer *L = &m->blocks[l].moe;
+        if (!m->blocks[l].is_moe) continue;
+        for (e = 0; e < E; e++) f[e] += L->aux.balance_f[e];
+        own += L->stats.aux_balance;
+        n++;
+    }
+    if (n == 0 || c->balance == MOE_BALANCE_NONE) return;
+    for (e = 0; e < E; e++) {
+        double P = 0.0;
+        for (l = 0; l < m->cfg.n_layers; l++)
+            if (m->blocks[l].is_moe) P += m->blocks[l].moe.aux.mean_prob[e];
+        f[e] /= (float)n;
+        acc += (double)f[e] * (P / n);
+        f[e] /= (float)n; /* the gradient through each P_l carries 1 / L_moe */
+    }
+    m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
+}
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
     const float *wte, *wpe, *rh_prev;
     float *x;
-    float *noise_buf = NULL;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!inputs) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "inputs must not be NULL");
     if (B <= 0 || T <= 0 || B > m->max_B || T > m->max_T)
@@ -463,32 +470,21 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
+            moe_layer_args a = moe_layer_args_default();
             moe_status st;
+            a.seq_len = T;
+            a.gw_active = m->gw_broadcast;
             if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
-                size_t Np = (size_t)N * c->router_dim;
-                moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim);
-                if (c->router_input == MOE_RIN_MLP) {
-                    moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
-                } else {
-                    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : rh_prev;
-                    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
-                                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
-                                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
-                    rh_prev = b->rh;
-                }
+                rh_prev = moe__router_input_forward(m, b, rh_prev, N);
+                a.router_input = b->rh;
             }
-            b->moe.seq_len = T;
-            if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
+            if (noise && m->routing_noise) {
                 size_t n = (size_t)N * c->moe.n_experts, k;
-                if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
-                if (!noise_buf) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for routing noise");
-                for (k = 0; k < n; k++) noise_buf[k] = moe_rng_normal(noise);
+                for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
+                a.noise = m->routing_noise;
             }
-            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise_buf);
-            if (st != MOE_OK) {
-                MOE_FREE(noise_buf);
-                return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            }
+            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, &a);
+            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             m->aux_loss += b->moe.stats.aux_total;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0);
@@ -500,7 +496,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
-    MOE_FREE(noise_buf);
+    if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
     moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
@@ -508,30 +504,6 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     m->T = T;
     m->has_targets = targets != NULL;
     return MOE_OK;
-}
-
-/* Backward of one MoE block's router input (RMoE GRU step or MLP router). On entry r_drin
-   holds dL/d(router input) from the layer and, for the GRU kinds, r_carry holds dL/dh_l from
-   the MoE layer above; on exit r_carry holds dL/dh_{l-1} (0 for the NP and detach
-   ablations) and d_ln has received the projector's input gradient. */
-static void moe__router_input_backward(moe_model *m, const moe_block *b) {
-    const moe_model_config *c = &m->cfg;
-    int N = m->B * m->T, P = c->router_dim;
-    size_t i, Np = (size_t)N * P;
-    moe_store *S = &m->S;
-    memset(m->r_dxp, 0, sizeof(float) * Np);
-    if (c->router_input == MOE_RIN_MLP) {
-        moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
-    } else {
-        for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
-        memset(m->r_carry, 0, sizeof(float) * Np);
-        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
-                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
-                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
-        if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
-    }
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
-                        moe_store_param(S, b->id_rproj), N, c->d, P);
 }
 
 MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
@@ -555,10 +527,16 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
         if (b->is_moe) {
+            moe_layer_args a = moe_layer_args_default();
             moe_status st;
-            b->moe.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
-            if (b->id_rproj >= 0) memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
-            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
+            a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
+            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
+            if (b->id_rproj >= 0) {
+                a.router_input = b->rh;
+                a.d_router_input = m->r_drin;
+                memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
+            }
+            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             if (b->id_rproj >= 0) moe__router_input_backward(m, b);
         } else {
@@ -598,10 +576,17 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     return MOE_OK;
 }
 
-MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) {
+MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }
+
+MOE__IMPL moe_status moe_model_update_selection_bias(moe_model *m, float gamma) {
     int l;
-    for (l = 0; l < m->cfg.n_layers; l++)
-        if (m->blocks[l].is_moe) m->blocks[l].moe.gw_active = on;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        moe_block *b = &m->blocks[l];
+        if (b->is_moe && moe_layer_update_selection_bias(&b->moe, &m->S, gamma) != MOE_OK)
+            return moe_err_set(&m->err, b->moe.err.status, "layer %d: %s", l, b->moe.err.msg);
+    }
+    return MOE_OK;
 }
 
 MOE__IMPL size_t moe_model_params_total(const moe_model *m) { return m->S.numel; }
@@ -612,13 +597,8 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
     for (l = 0; l < m->cfg.n_layers; l++) {
         const moe_block *b = &m->blocks[l];
         const moe_layer_config *c = &b->moe.cfg;
-        size_t per_expert;
         if (!b->is_moe) continue;
-        per_expert = (size_t)(c->expert == MOE_EXPERT_SWIGLU ? 3 : 2) * c->d * c->d_ff +
-                     (c->expert_bias ? (size_t)c->d_ff + c->d : 0);
-        if (c->router == MOE_ROUTER_AOE) /* every expert's W_in runs for every token; W_out only if chosen */
-            per_expert = 2 * (size_t)c->d * c->d_ff + (size_t)c->d_ff * c->aoe_rank;
-        total -= (size_t)(c->n_experts - c->top_k) * per_expert;
+        total -= (size_t)(c->n_experts - c->top_k) * moe__router_idle_expert_params(c);
     }
     return total;
 }
@@ -631,7 +611,7 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate needs a prompt of at least one token, an output buffer, a sampler and an RNG");
-    if (m->cfg.moe_every > 0 && m->cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)
+    if (m->cfg.moe_every > 0 && !moe__router_is_causal(&m->cfg.moe))
         return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
     if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");

@@ -151,9 +151,18 @@ static const moe_field moe__model_fields[] = {
     MOE__MF(MOE_FIELD_INT, moe.hyper_layers),
     MOE__MF(MOE_FIELD_INT, moe.hyper_layer),
     MOE__MF(MOE_FIELD_INT, moe.router_dim),
+    MOE__MF(MOE_FIELD_FLOAT, moe.ec_capacity_factor),
+    MOE__MF(MOE_FIELD_INT, moe.capacity_order),
+    MOE__MF(MOE_FIELD_INT, moe.drop_passthrough),
+    MOE__MF(MOE_FIELD_FLOAT, moe.routed_scale),
+    MOE__MF(MOE_FIELD_FLOAT, moe.shared_scale),
+    MOE__MF(MOE_FIELD_INT, moe.hyper_head_bias),
+    MOE__MF(MOE_FIELD_INT, moe.selection_bias),
+    MOE__MF(MOE_FIELD_INT, moe.cv_unbiased),
     MOE__MF(MOE_FIELD_INT, router_input),
     MOE__MF(MOE_FIELD_INT, router_dim),
     MOE__MF(MOE_FIELD_FLOAT, init_std),
+    MOE__MF(MOE_FIELD_INT, balance_all_layers),
 };
 #undef MOE__MF
 

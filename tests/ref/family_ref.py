@@ -2,6 +2,7 @@
 tests/test_family_golden.c. make_goldens.py calls main(); it also runs on its own:
 
     /usr/bin/python3 tests/ref/family_ref.py
+    /usr/bin/python3 tests/ref/family_ref.py rmoe_<case> ...   (only those files)
 
 Writes, under tests/ref/ (format: golden.py):
     family_<case>.bin  one MoE layer (AoE, GW-MoE, HyperMoE): config, initial weights (moe_store
@@ -27,7 +28,9 @@ not from moe.h's C code:
            y_t = p_{E-1} x_t (the experts skipped, gates 0). The balance loss still counts every
            token's top-k (f is a constant); the routing counts (requested / kept / dropped /
            load) leave the broadcast tokens out.
-  HyperMoE sigma_t = sum of Q_j over the experts t did NOT choose; c_t = proc2(ReLU(proc1(sigma)));
+  HyperMoE (hyper_head_bias: each generated W_dn, b_dn, W_up, b_up plus a learned constant, the
+           official code's nn.Linear head biases)
+           sigma_t = sum of Q_j over the experts t did NOT choose; c_t = proc2(ReLU(proc1(sigma)));
            hb_t = ReLU(net([c_t ; layer_emb[l]])); the per-token adapter is generated
            explicitly: W_dn(t)[j] = sum_k hb_k head_down[j b + k] (a x d), b_dn(t)[j] =
            sum_k head_down_b[j, k] hb_k, W_up(t)[:, j] = sum_k hb_k head_up[:, j b + k],
@@ -35,7 +38,9 @@ not from moe.h's C code:
   RMoE     per MoE layer l: x'_l = x_l P_l^T; h_l = GRUCell(x'_l, h_{l-1}) (torch.nn.GRUCell
            itself, its weights copied into "rmoe.gru.*"), h_0 = 0, dense layers pass h on;
            router logits = h_l Wr^T, experts read x_l. NP: h_{l-1} := 0; detach: h_{l-1}.detach();
-           MLP: router on GELU(x'_l).
+           MLP: router on GELU(x'_l). balance_all_layers: ONE balance loss over all MoE
+           layers' tokens (HF's load_balancing_loss_func on the concatenated router logits,
+           as RMoE's code): coef E sum_i mean_l(f_l)_i mean_l(P_l)_i, replacing the layers' own.
 Every gradient comes from autograd. Routing decisions (top-k, uncertain flags) are python
 constants; inputs are redrawn until each has a clear margin (no near-ties among the top k + 1
 logits, no entropy near tau, no ReLU pre-activation near 0 in the hyper-expert), checked on a
@@ -65,7 +70,8 @@ def fam_cfg(**over):
     c = mg.default_cfg()
     c.update(aoe_rank=0, gw_threshold=0.0, gw_normalized=0, gw_slots=0, gw_released=0,
              gw_active=0, seq_len=0, hyper=0, hyper_embed=8, hyper_hidden=8, hyper_cond=6,
-             hyper_layer_dim=3, hyper_width=6, hyper_adapter=5, hyper_layers=2, hyper_layer=1)
+             hyper_layer_dim=3, hyper_width=6, hyper_adapter=5, hyper_layers=2, hyper_layer=1,
+             hyper_head_bias=0)
     c.update(over)
     return c
 
@@ -93,6 +99,9 @@ def param_shapes(c, prefix="moe.", router_dim=None):
                 ("hyper.layer_emb", (c["hyper_layers"], lam)), ("hyper.net.w", (b, q + lam)),
                 ("hyper.net.b", (b,)), ("hyper.head_down", (a * b, d)),
                 ("hyper.head_down_b", (a, b)), ("hyper.head_up", (d, (a + 1) * b))]
+        if c["hyper_head_bias"]:  # the official code's heads are nn.Linear with biases
+            out += [("hyper.head_down.bias", (a, d)), ("hyper.head_down_b.bias", (a,)),
+                    ("hyper.head_up.bias", (d, a + 1))]
     return out
 
 
@@ -117,6 +126,12 @@ def init_params(c, rng, skew=None, prefix="moe."):
             v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["hyper_width"])
         elif base == "hyper.head_up":        # hyper output comparable to the experts'
             v = 1.0 * rng.standard_normal(shape) / math.sqrt(c["hyper_width"] * c["hyper_adapter"])
+        elif base == "hyper.head_down.bias":  # the heads' biases: constants of the same order
+            v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["d"])
+        elif base == "hyper.head_down_b.bias":
+            v = 0.3 * rng.standard_normal(shape)
+        elif base == "hyper.head_up.bias":
+            v = 0.5 * rng.standard_normal(shape) / math.sqrt(c["hyper_adapter"])
         elif len(shape) >= 2:                # nn.Linear, fan-in last
             bound = 1.0 / math.sqrt(shape[-1])
             v = rng.uniform(-bound, bound, shape)
@@ -253,6 +268,11 @@ def layer_ref(c, P, x, prefix="moe.", rin=None):
         b_dn = hb @ P["hyper.head_down_b"].t()                               # (T, a)
         W_up = torch.einsum("tk,mjk->tmj", hb, hu[:, :a_ * b_].reshape(d, a_, b_))  # (T, d, a)
         b_up = hb @ hu[:, a_ * b_:].t()                                      # (T, d)
+        if c["hyper_head_bias"]:  # each head's own bias: a constant on what it generates
+            W_dn = W_dn + P["hyper.head_down.bias"]
+            b_dn = b_dn + P["hyper.head_down_b.bias"]
+            W_up = W_up + P["hyper.head_up.bias"][:, :a_]
+            b_up = b_up + P["hyper.head_up.bias"][:, a_]
         pre_u = torch.einsum("tjd,td->tj", W_dn, x) + b_dn
         hyp = torch.einsum("tmj,tj->tm", W_up, F.relu(pre_u)) + b_up
         y = y + hyp
@@ -271,9 +291,10 @@ def layer_ref(c, P, x, prefix="moe.", rin=None):
         f = torch.tensor(requested, dtype=x.dtype) / T
         balance = c["balance_coef"] * E * (f * Pm).sum()
     else:
+        f = torch.zeros(E, dtype=x.dtype)
         balance = torch.zeros((), dtype=x.dtype)
     zloss = c["z_coef"] * (lse ** 2).mean()
-    out.update(aux_balance=balance, aux_z=zloss, aux_total=balance + zloss)
+    out.update(aux_balance=balance, aux_z=zloss, aux_total=balance + zloss, balance_f=f)
 
     nb = sum(uncertain)
     kept = sum(kept_per_expert)
@@ -354,6 +375,8 @@ def make_layer(path, name, c, T, seed, skew=None, checks=None):
                 gw_slots=c["gw_slots"], gw_released=c["gw_released"], gw_active=c["gw_active"],
                 seq_len=c["seq_len"], hyper=c["hyper"])
     ints.update({key: c[key] for key in HYPER_KEYS})
+    if c["hyper_head_bias"]:  # recorded only where set: older files stay as they were
+        ints["hyper_head_bias"] = 1
     floats = dict(capacity_factor=c["capacity_factor"], balance_coef=c["balance_coef"],
                   z_coef=c["z_coef"], gw_threshold=c["gw_threshold"])
     for key, v in ints.items():
@@ -447,6 +470,13 @@ def layer_cases():
         ("hyper_top2", fam_cfg(E=6, k=2, renormalize=1, hyper=1, hyper_embed=6, hyper_hidden=7,
                                hyper_cond=5, hyper_layer_dim=4, hyper_width=5, hyper_adapter=4,
                                hyper_layers=3, hyper_layer=1, balance="mixtral",
+                               balance_coef=0.05),
+         40, 307, None, hyper_check),
+        # the same with the official code's head biases: W_dn, b_dn, W_up, b_up each plus a
+        # learned constant
+        ("hyper_bias", fam_cfg(E=6, k=2, renormalize=1, hyper=1, hyper_embed=6, hyper_hidden=7,
+                               hyper_cond=5, hyper_layer_dim=4, hyper_width=5, hyper_adapter=4,
+                               hyper_layers=3, hyper_layer=1, hyper_head_bias=1, balance="mixtral",
                                balance_coef=0.05),
          40, 307, None, hyper_check),
     ]
@@ -563,6 +593,11 @@ def model_forward(c, P, cell, inputs, targets):
             wg, wu, wd = (P[pre + "ffn." + n][0] for n in ("w_gate", "w_up", "w_down"))
             ffn = F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
         x = x + ffn
+    if c.get("balance_all_layers") and per and c["moe"]["balance"] != "none":
+        mc = c["moe"]  # one loss over all layers' tokens instead of the layers' own
+        f = torch.stack([r["balance_f"] for r in per.values()]).mean(0)
+        Pm = torch.stack([r["mean_prob"] for r in per.values()]).mean(0)
+        aux = aux - sum(r["aux_balance"] for r in per.values()) + mc["balance_coef"] * mc["E"] * (f * Pm).sum()
     logits = F.linear(mr.rmsnorm(x, P["lnf.w"], eps), P["wte"])
     ce = F.cross_entropy(logits.reshape(N, -1), targets.reshape(-1), ignore_index=-1)
     return logits, ce, aux, per
@@ -645,6 +680,8 @@ def make_model(path, name, c, seed):
     floats = dict(norm_eps=c["norm_eps"], lr=ADAM["lr"], beta1=ADAM["betas"][0],
                   beta2=ADAM["betas"][1], eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
     moe_floats = dict(balance_coef=mc["balance_coef"], z_coef=mc["z_coef"])
+    if c.get("balance_all_layers"):  # recorded only where set: older files stay as they were
+        ints["balance_all_layers"] = 1
     for key, v in ints.items():
         g.add("cfg." + key, np.int32(v), "i32")
     for key, v in moe_ints.items():
@@ -693,12 +730,16 @@ def model_cases():
         ("gru_detach", rmoe_cfg(router_input="gru_detach"), 404),
         # SMoE-MLP baseline: router on GELU(x P^T)
         ("mlp", rmoe_cfg(router_input="mlp"), 405),
+        # RMoE with its code's balance loss: one over all 3 layers' tokens, 5 AdamW steps
+        ("gru_balance_all", rmoe_cfg(router_input="gru", steps=STEPS, balance_all_layers=1), 406),
     ]
 
 
-def main():
+def main(only=()):
     total = 0
     for name, c, T, seed, skew, check in layer_cases():
+        if only and "family_" + name not in only:
+            continue
         path = os.path.join(OUT_DIR, "family_%s.bin" % name)
         size, r = make_layer(path, name, c, T, seed, skew, check)
         total += size
@@ -712,6 +753,8 @@ def main():
               % (name, size, T, c["E"], c["k"], r["kept"], r["dropped"], float(r["aux_total"]),
                  extra))
     for name, c, seed in model_cases():
+        if only and "rmoe_" + name not in only:
+            continue
         size, r, used = make_model(os.path.join(OUT_DIR, "rmoe_%s.bin" % name), name, c, seed)
         total += size
         tr = r["traj"]
@@ -724,4 +767,4 @@ def main():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print("total %d bytes" % main())
+    print("total %d bytes" % main(sys.argv[1:]))

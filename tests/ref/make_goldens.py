@@ -3,6 +3,10 @@
 Run with Debian's interpreter, which has python3-torch and python3-numpy:
 
     /usr/bin/python3 tests/ref/make_goldens.py
+    /usr/bin/python3 tests/ref/make_goldens.py layer_<case> ...   (only those files)
+
+Another machine's PyTorch may round a few values differently: add a case by writing only its
+file, so the committed ones stay as they are.
 
 Writes, under tests/ref/ (format: golden.py):
     kernels.bin       F.linear forward and every gradient, softmax, SiLU, GELU (erf and tanh),
@@ -36,11 +40,13 @@ documented semantics, not from moe.h's C code, so the golden test is a real cros
   - weights: probabilities as they are, or divided by the sum of the k chosen (renormalize);
     noisy top-k: H = z + xi * (softplus(x Wn^T) + noise_eps), weights softmax over the k kept H;
   - capacity C = ceil(cf * k * T / E): assignments admitted slot by slot (every first choice
-    before any second choice), tokens in index order; a dropped assignment contributes nothing
-    and the remaining weights are not renormalised;
-  - expert choice: expert e keeps its ceil(k*T/E) best tokens by probability (ties to the lower
-    token index), weight = the probability;
-  - y = sum of the shared experts (weight 1) + sum over kept assignments of weight * expert(x);
+    before any second choice), tokens in index order, or token by token (capacity_order = 1);
+    a dropped assignment contributes nothing (drop_passthrough: weight * x, HF's Switch) and
+    the remaining weights are not renormalised;
+  - expert choice: expert e keeps its ceil(c*T/E) best tokens by probability (ties to the lower
+    token index; c = ec_capacity_factor, or k), weight = the probability;
+  - y = shared_scale * sum of the shared experts + sum over kept assignments of routed_scale *
+    weight * expert(x) (both scales 1 by default);
   - balance loss: coef * E * sum_i f_i P_i (Switch: f = top-1 share; Mixtral: f = picks / T) or
     coef * sum_i f_i P_i with f = E picks / (k T) (DeepSeek); P = mean of the normalised
     probabilities (sigmoid scores divided by their sum); f is a constant (no gradient);
@@ -198,7 +204,22 @@ def default_cfg():
     return dict(d=16, d_ff=32, E=8, k=2, n_shared=0, d_ff_shared=0, expert="swiglu",
                 activation="gelu", expert_bias=0, router="topk", renormalize=1, router_bias=0,
                 capacity_factor=0.0, balance="mixtral", balance_coef=0.01, z_coef=0.0,
-                importance_coef=0.01, load_coef=0.01, noise_eps=1e-2, use_noise=1)
+                importance_coef=0.01, load_coef=0.01, noise_eps=1e-2, use_noise=1,
+                **CONVENTIONS)
+
+
+# The conventions of the field that moe.h offers as options (moe_layer_config's last fields),
+# at their defaults. A golden file records one only when a case sets it otherwise.
+CONVENTIONS = dict(ec_capacity_factor=0.0, cv_unbiased=0, capacity_order=0, routed_scale=1.0,
+                   shared_scale=1.0, selection_bias=0, drop_passthrough=0)
+CONVENTION_INTS = ("cv_unbiased", "capacity_order", "selection_bias", "drop_passthrough")
+
+
+def ec_capacity(c, T):
+    """tokens per expert of expert choice: ceil(cf T / E) (cf = ec_capacity_factor, or k)"""
+    if c["ec_capacity_factor"] > 0:
+        return min(math.ceil(np.float32(c["ec_capacity_factor"]) * T / c["E"]), T)
+    return min(-(-c["k"] * T // c["E"]), T)
 
 
 def param_shapes(c):
@@ -208,6 +229,8 @@ def param_shapes(c):
     shapes = [("moe.router.w", (E, d))]
     if c["router_bias"]:
         shapes.append(("moe.router.b", (E,)))
+    if c["selection_bias"]:
+        shapes.append(("moe.router.selection_bias", (E,)))
     if c["router"] == "noisy":
         shapes.append(("moe.router.w_noise", (E, d)))
     banks = [("experts", E, D)] + ([("shared", S, Ds)] if S > 0 else [])
@@ -231,6 +254,8 @@ def init_params(c, rng, skew):
             v = 0.3 * rng.standard_normal(shape) + (skew if skew is not None else 0.0)
         elif name == "moe.router.w_noise":
             v = 0.3 * rng.standard_normal(shape)
+        elif name == "moe.router.selection_bias":  # of the probabilities' scale
+            v = 0.2 * rng.standard_normal(shape)
         elif len(shape) == 3:  # nn.Linear init, fan-in = last dim
             bound = 1.0 / math.sqrt(shape[2])
             v = rng.uniform(-bound, bound, shape)
@@ -270,8 +295,9 @@ def moe_reference(c, P, x, noise):
     topk = [[-1] * k for _ in range(T)]
     gate_t, gate_e, gate_v = [], [], []      # dense gate entries
     assign = []                              # (token, expert, slot, index into gate_v)
+    dropped = []                             # the assignments capacity dropped
     if c["router"] == "expert_choice":
-        C = min(-(-k * T // E), T)
+        C = ec_capacity(c, T)
         pc = probs.detach().tolist()
         for e in range(E):
             chosen = sorted(sorted(range(T), key=lambda t: (-pc[t][e], t))[:C])
@@ -288,6 +314,8 @@ def moe_reference(c, P, x, noise):
             H = z + noise * sd if noise is not None else z
             out["noisy"] = H
             score = H
+        elif c["selection_bias"]:  # DeepSeek-V3: choose by p + b, weigh by p
+            score = probs + P["moe.router.selection_bias"].detach()
         else:
             score = probs
         sc = score.detach().tolist()
@@ -310,12 +338,16 @@ def moe_reference(c, P, x, noise):
             C = math.ceil(c["capacity_factor"] * k * T / E)
             count = [0] * E
             keep = set()
-            for s in range(k):              # slot by slot ...
-                for t in range(T):          # ... tokens in index order
-                    e = topk[t][s]
-                    if count[e] < C:
-                        count[e] += 1
-                        keep.add((t, s))
+            if c["capacity_order"] == 0:    # slot by slot, tokens in index order
+                order = [(t, s) for s in range(k) for t in range(T)]
+            else:                           # token by token, each token's choices in order
+                order = [(t, s) for t in range(T) for s in range(k)]
+            for t, s in order:
+                e = topk[t][s]
+                if count[e] < C:
+                    count[e] += 1
+                    keep.add((t, s))
+            dropped = [a for a in assign if (a[0], a[2]) not in keep]
             assign = [a for a in assign if (a[0], a[2]) in keep]
     gv = torch.stack(gate_v)
     gates = torch.zeros(T, E).index_put((torch.tensor(gate_t), torch.tensor(gate_e)), gv)
@@ -325,7 +357,7 @@ def moe_reference(c, P, x, noise):
     # 2. experts and combine: shared experts (weight 1) first, then the routed assignments
     y = torch.zeros_like(x)
     for j in range(c["n_shared"]):
-        y = y + expert_forward(c, "shared", j, P, x)
+        y = y + c["shared_scale"] * expert_forward(c, "shared", j, P, x)
     kept_per_expert = [0] * E
     for e in range(E):
         rows = [a for a in assign if a[1] == e]
@@ -333,8 +365,12 @@ def moe_reference(c, P, x, noise):
         if not rows:
             continue
         tok = torch.tensor([a[0] for a in rows])
-        w = torch.stack([gate_v[a[3]] for a in rows])
+        w = c["routed_scale"] * torch.stack([gate_v[a[3]] for a in rows])
         y = y.index_add(0, tok, w[:, None] * expert_forward(c, "experts", e, P, x[tok]))
+    if c["drop_passthrough"] and dropped:  # HF Switch: a dropped token keeps x as its output
+        tok = torch.tensor([a[0] for a in dropped])
+        w = c["routed_scale"] * torch.stack([gate_v[a[3]] for a in dropped])
+        y = y.index_add(0, tok, w[:, None] * x[tok])
     out["y"] = y
 
     # 3. auxiliary losses
@@ -354,9 +390,10 @@ def moe_reference(c, P, x, noise):
         balance = torch.zeros(())
     zloss = c["z_coef"] * (lse ** 2).mean()
 
-    def cv2(v):
+    def cv2(v):  # population variance, or torch's unbiased one (the HyperMoE code's)
         m = v.mean()
-        return ((v - m) ** 2).mean() / (m * m + 1e-10)
+        var = v.var(unbiased=True) if c["cv_unbiased"] else ((v - m) ** 2).mean()
+        return var / (m * m + 1e-10)
 
     if c["router"] == "noisy":
         importance = gates.sum(0)
@@ -409,7 +446,7 @@ def bad_tokens(c, P, x, noise, margin=0.02, rel_margin=1e-3):
     if c["router"] == "expert_choice":
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        C = min(-(-k * T // E), T)
+        C = ec_capacity(c, T)
         for e in range(E):
             if C >= T:
                 continue
@@ -423,6 +460,14 @@ def bad_tokens(c, P, x, noise, margin=0.02, rel_margin=1e-3):
         for t in range(T):
             if min(gaps(z[t], upto) + [1.0]) < margin:   # clean top-k (and Switch's argmax)
                 bad.add(t)
+        if c["selection_bias"]:  # the choice ranks p + b
+            p = 1.0 / (1.0 + np.exp(-z)) if c["router"] == "sigmoid" else np.exp(z - z.max(1, keepdims=True))
+            if c["router"] != "sigmoid":
+                p /= p.sum(1, keepdims=True)
+            sb = p + P["moe.router.selection_bias"].astype(np.float64)
+            for t in range(T):
+                if min(gaps(sb[t], k) + [1.0]) < 5e-3:
+                    bad.add(t)
         if c["router"] == "noisy" and noise is not None:
             zn = x64 @ P["moe.router.w_noise"].astype(np.float64).T
             sd = np.logaddexp(0.0, zn) + c["noise_eps"]
@@ -513,6 +558,12 @@ def make_layer(path, name, c, T, seed, skew=None, expect_drops=False):
     floats = dict(capacity_factor=c["capacity_factor"], balance_coef=c["balance_coef"],
                   z_coef=c["z_coef"], importance_coef=c["importance_coef"],
                   load_coef=c["load_coef"], noise_eps=c["noise_eps"])
+    for key, v in CONVENTIONS.items():  # only what a case changes: older files stay as they were
+        if c[key] != v:
+            if key in CONVENTION_INTS:
+                ints[key] = c[key]
+            else:
+                floats[key] = c[key]
     for key, v in ints.items():
         g.add("cfg." + key, np.int32(v), "i32")
     for key, v in floats.items():
@@ -566,6 +617,18 @@ def layer_cases():
         ("deepseek", dict(E=16, k=4, d_ff=8, n_shared=2, d_ff_shared=16, renormalize=0,
                           balance="deepseek", balance_coef=0.05, z_coef=0.01),
          40, 103, None, False),
+        # the same with DeepSeek-V3's routed scaling factor 2.5 and the shared output halved
+        ("deepseek_scaled", dict(E=16, k=4, d_ff=8, n_shared=2, d_ff_shared=16, renormalize=0,
+                                 balance="deepseek", balance_coef=0.05, z_coef=0.01,
+                                 routed_scale=2.5, shared_scale=0.5),
+         40, 103, None, False),
+        # DeepSeek-V3's gating: sigmoid scores, the top-k chosen by score + a selection-only
+        # bias (no gradient), weights = the chosen scores renormalised, times 2.5; one shared
+        # expert; a DeepSeek balance loss
+        ("sigmoid_v3", dict(router="sigmoid", k=2, renormalize=1, selection_bias=1,
+                            routed_scale=2.5, n_shared=1, balance="deepseek",
+                            balance_coef=0.01),
+         40, 116, None, False),
         # sigmoid top-k without renormalisation, Mixtral balance loss on normalised scores
         ("sigmoid", dict(router="sigmoid", k=2, renormalize=0, balance="mixtral",
                          balance_coef=0.05, z_coef=0.01),
@@ -606,16 +669,46 @@ def layer_cases():
                           activation="relu", expert_bias=1, router_bias=1, balance="mixtral",
                           balance_coef=0.05, z_coef=0.01, n_shared=1, d_ff_shared=24),
          48, 109, np.array([1.5, 0.5, 0.0, -0.5]), True),
+        # the same with token-major admission (each token's choices before the next token's)
+        ("capacity_token", dict(E=4, k=2, renormalize=1, capacity_factor=1.0, expert="ffn",
+                                activation="relu", expert_bias=1, router_bias=1, balance="mixtral",
+                                balance_coef=0.05, z_coef=0.01, n_shared=1, d_ff_shared=24,
+                                capacity_order=1),
+         48, 109, np.array([1.5, 0.5, 0.0, -0.5]), True),
         # capacity factor 1.25 with top-1 (Switch), C = ceil(11.25) = 12, SiLU FFN experts
         ("capacity_switch", dict(E=4, k=1, renormalize=0, capacity_factor=1.25, expert="ffn",
                                  activation="silu", router_bias=1, balance="switch",
                                  balance_coef=0.05),
          36, 110, np.array([1.2, 0.0, 0.0, 0.0]), True),
+        # noisy top-k whose CV^2 losses use torch's unbiased variance (the HyperMoE code's)
+        ("noisy_unbiased", dict(router="noisy", k=2, balance="none", importance_coef=0.1,
+                                load_coef=0.1, cv_unbiased=1),
+         48, 115, None, False),
+        # HF's Switch Transformers: the same top-1 layer whose dropped tokens output p * x
+        ("capacity_switch_hf", dict(E=4, k=1, renormalize=0, capacity_factor=1.25, expert="ffn",
+                                    activation="silu", router_bias=1, balance="switch",
+                                    balance_coef=0.05, drop_passthrough=1),
+         36, 110, np.array([1.2, 0.0, 0.0, 0.0]), True),
+        # expert choice with the paper's capacity factor as its own field: c = 1.25 with k = 2,
+        # C = ceil(1.25 * 40 / 8) = 7 tokens per expert
+        ("expert_choice_cf", dict(router="expert_choice", k=2, ec_capacity_factor=1.25,
+                                  balance="mixtral", balance_coef=0.05, z_coef=0.01),
+         40, 114, None, False),
     ]
 
 
 def main():
+    only = sys.argv[1:]  # e.g. layer_expert_choice_cf: write only the named files
     total = 0
+    if only:
+        for name, over, T, seed, skew, drops in layer_cases():
+            if "layer_" + name in only:
+                c = default_cfg()
+                c.update(over)
+                size, r = make_layer(os.path.join(OUT_DIR, "layer_%s.bin" % name), name, c, T,
+                                     seed, skew, drops)
+                print("layer_%s.bin: %d bytes, kept %d dropped %d" % (name, size, r["kept"], r["dropped"]))
+        return
     size = make_kernels(os.path.join(OUT_DIR, "kernels.bin"))
     print("kernels.bin: %d bytes" % size)
     total += size

@@ -38,7 +38,27 @@ int main(int argc, char **argv) {
     if (moe_checkpoint_save(p, &S, 0, 7, NULL, 0, NULL, 0, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
     snprintf(p, sizeof p, "%s/moments_blobs.bin", dir);
     if (moe_checkpoint_save(p, &S, 1, 123, config, sizeof config, state, sizeof state, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+    snprintf(dir, sizeof dir, "%s/safetensors", root);
+    snprintf(p, sizeof p, "%s/f32.safetensors", dir);
+    if (moe_safetensors_save(p, &S, MOE_DTYPE_F32, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+    snprintf(p, sizeof p, "%s/bf16.safetensors", dir);
+    if (moe_safetensors_save(p, &S, MOE_DTYPE_BF16, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
     moe_store_free(&S);
+    { /* model files: a tiny dense model and a tiny MoE one */
+        moe_model m;
+        moe_model_config c = moe_model_config_default();
+        int moe;
+        c.vocab = 16; c.max_seq = 8; c.d = 8; c.n_layers = 1; c.n_heads = 2; c.d_ff = 8; c.moe_every = 0;
+        snprintf(dir, sizeof dir, "%s/model", root);
+        for (moe = 0; moe < 2; moe++) {
+            if (moe) { c.moe.n_experts = 2; c.moe.top_k = 1; c.moe.d_ff = 4; c.moe_every = 1; }
+            if (moe_model_init(&m, &c, 1, 8) != MOE_OK) { fprintf(stderr, "%s\n", m.err.msg); return 1; }
+            moe_model_init_weights(&m, 1);
+            snprintf(p, sizeof p, "%s/%s.moe", dir, moe ? "moe" : "dense");
+            if (moe_model_save(&m, p, moe, 3, NULL, 0, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+            moe_model_free(&m);
+        }
+    }
 
     snprintf(dir, sizeof dir, "%s/json", root);
     write_text(dir, "object.json", "{\"a\": [1, 2.5e-3, -0, true, false, null], \"b\": {\"c\": \"d\\u00e9\\ud83d\\ude00\\n\"}}");
@@ -47,5 +67,10 @@ int main(int argc, char **argv) {
     write_text(dir, "deep.json", "[[[[[[[[[[[[[[[[[[[[{}]]]]]]]]]]]]]]]]]]]");
     write_text(dir, "bad_trailing_comma.json", "{\"a\": 1,}");
     write_text(dir, "empty.json", "");
+
+    snprintf(dir, sizeof dir, "%s/rows", root);
+    write_text(dir, "ratings.csv", "id,response,helpfulness,score\n1,\"a, \"\"quoted\"\"\nline\",3.5,NA\n2,plain,,1e-3\r\n");
+    write_text(dir, "ratings.jsonl", "{\"response\": \"x\", \"helpfulness\": 2, \"score\": null}\n{\"response\": \"y\", \"score\": true}\n");
+    write_text(dir, "bad_number.csv", "response,helpfulness,score\nx,1.5.2,3\n");
     return 0;
 }

@@ -754,7 +754,7 @@ static void test_numpy_reference(void) {
     }
     /* our writer is deterministic: re-writing what we read gives the committed bytes */
     for (t = 0; t < 3; t++) {
-        unsigned char *a, *b;
+        unsigned char *a = NULL, *b = NULL;
         size_t na, nb;
         char name[128];
         snprintf(name, sizeof name, "%s.safetensors", files[t]);

@@ -245,7 +245,7 @@ static void test_bad_input(void) {
     rwd_merge_config c = rwd_merge_config_default(RWD_MERGE_TIES);
     double w[NM] = {0.5, 0.3, 0.2}, wz[NM] = {0.5, -0.5, 0.0}, lam2[2] = {0.2, 0.3}, lam3[3] = {0.2, 0.3, 0.4};
     float *snap = (float *)malloc(S_dst.numel * sizeof(float));
-    int t, m, pv[2] = {1, 0}, block[16], K;
+    int t, m, pv[2] = {1, 0}, block[16], K = 0;
     moe_err err;
     TEST_BEGIN("bad input: layouts, density, lambda, zero weight sums, aliasing: a sentence, nothing written");
     for (m = 0; m < NM; m++) models[m] = &S_m[m];
@@ -366,7 +366,7 @@ static void test_hma_gradients(void) {
     double a[3] = {0.4, -1.1, 1.7}, dl[3] = {0.3, -0.7, 1.1}, da[3] = {0, 0, 0}, lp[3], lm[3], ap[3], am[3];
     double v[3] = {0.6, -0.2, 0.75}, num = 0.0, ana = 0.0, h = 1e-5, mean = 0.35, eps = 0.2;
     double lam[3], g[3], cw[3] = {2.0, 5.0, 1.0}, Jp, Jm, J;
-    int k, K, pv[2] = {0, 1}, *block = (int *)malloc((size_t)S_dst.count * sizeof(int));
+    int k, K = 0, pv[2] = {0, 1}, *block = (int *)malloc((size_t)S_dst.count * sizeof(int));
     float *target = (float *)malloc(S_dst.numel * sizeof(float)), *curv = (float *)malloc(S_dst.numel * sizeof(float));
     float *gbuf = (float *)malloc(S_dst.numel * sizeof(float));
     rwd_hma_config hc = rwd_hma_config_default();
@@ -419,7 +419,7 @@ static void test_hma_gradients(void) {
 static void test_hma_follow_and_search(void) {
     rwd_hma_config hc = rwd_hma_config_default();
     double lam[3] = {0.1, 0.9, 0.5}, a[3], found[3], trace[80], star[3] = {0.2, 0.9, 0.4}, m;
-    int t, K, pv[2] = {0, 1}, *block = (int *)malloc((size_t)S_dst.count * sizeof(int)), ok_pre = 1, ok_lin = 1, n_pre = 0;
+    int t, K = 0, pv[2] = {0, 1}, *block = (int *)malloc((size_t)S_dst.count * sizeof(int)), ok_pre = 1, ok_lin = 1, n_pre = 0;
     float *target = (float *)malloc(S_dst.numel * sizeof(float)), *curv = (float *)malloc(S_dst.numel * sizeof(float));
     moe_store tgt;
     quad q;
@@ -508,7 +508,7 @@ static void test_hma_tiny_lm(void) {
     moe_model pre, post, mix;
     rwd_hma_config hc = rwd_hma_config_default();
     enum { B = 4, T = 16 };
-    int xa[B * T], ya[B * T], xb[B * T], yb[B * T], pv[2], block[64], K;
+    int xa[B * T], ya[B * T], xb[B * T], yb[B * T], pv[2], block[64], K = 0;
     double a[3], lam[3], trace[30], post_loss, pre_loss;
     lm_loss_ctx ctx;
     moe_err err;
@@ -561,7 +561,7 @@ static moe_status pos_dist(double *score, const moe_store *merged, void *user) {
 static void test_hma_grid(void) {
     rwd_hma_config hc = rwd_hma_config_default();
     double lam[64 * 3], rew[64], tax[64], rr[4] = {1, 2, 3, 2}, tt[4] = {1, 1, 2, 3};
-    int front[64], f4[4], K, pv[2] = {0, 1}, block[16], p, ok = 1, n_front = 0;
+    int front[64], f4[4], K = 0, pv[2] = {0, 1}, block[16], p, ok = 1, n_front = 0;
     long n;
     dist_ctx rc, tc;
     moe_err err;

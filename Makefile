@@ -141,8 +141,10 @@ test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 test-asan: check-amalgamation $(ASAN_BINS)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
 
+# without OpenMP: clang 14's LeakSanitizer dies at exit while libomp's worker threads live
+# ("Tracer caught signal 11"), a tool failure, not a finding; gcc's suite runs the threads
 test-asan-clang:
-	@$(MAKE) --no-print-directory test-asan CC=clang
+	@$(MAKE) --no-print-directory test-asan CC=clang NO_OMP=1
 
 ifeq ($(BLAS),1)
   BENCH_EXTRA += -DMOE_BENCH_BLAS

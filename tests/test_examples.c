@@ -103,8 +103,9 @@ static void test_train_lm(void) {
    prints the usage and exits 2 */
 static void test_help(void) {
     static const char *const programs[] = {
-        "build/examples/aoe_toy", "build/examples/calibrate", "build/examples/gw_finetune", "build/examples/length_bias",
-        "build/examples/plot_csv", "build/examples/router_compare", "build/examples/train_lm", "build/examples/train_moe",
+        "build/examples/aoe_toy", "build/examples/armo_dpa", "build/examples/calibrate", "build/examples/gw_finetune",
+        "build/examples/length_bias", "build/examples/plot_csv", "build/examples/router_compare", "build/examples/ssrm",
+        "build/examples/train_lm", "build/examples/train_moe",
         "build/bench/lowess", "build/bench/matmul", "build/bench/moe_layer", "build/bench/train_lm"};
     const char *log = "build/tmp_examples/help.log";
     int i;

@@ -2,8 +2,9 @@
    prints and writes; every example and benchmark answers --help. The examples and benchmarks
    are built by `make test` before this program runs. */
 #define _POSIX_C_SOURCE 200809L
+#include "moe.h"  /* defines: moe_model_load_config, moe_checkpoint_blobs, moe_record_read, moe_crc32 */
 #include "test.h"
-#include "proc.h" /* defines: proc_run, proc_log_has */
+#include "proc.h" /* defines: proc_run, proc_log_has, proc_slurp */
 
 #define END ((const char *)NULL)
 
@@ -65,6 +66,82 @@ static int files_equal(const char *a, const char *b) {
     return same;
 }
 
+/* train_lm's checkpoints before they were model files held the raw moe_model_config and the
+   raw train_state below (frozen: the layout of that time). make_legacy rewrites a current
+   checkpoint so, reading the state from its record; cut_genres fills the genre list to the
+   end of its array (no NUL), as a damaged file might. */
+typedef struct legacy_options {
+    int batch, seq, accum, steps, warmup, eval_every, eval_batches, log_every, load_every, save_every;
+    float lr, min_lr, weight_decay, clip, beta2;
+    int seed;
+    char genres[256];
+} legacy_options;
+typedef struct legacy_state {
+    legacy_options opt;
+    moe_loader_state loader;
+    moe_rng noise;
+    double tokens;
+} legacy_state;
+#define LF(type, member) MOE_FIELD(type, legacy_state, member)
+static const moe_field legacy_fields[] = {
+    LF(MOE_FIELD_INT, opt.batch), LF(MOE_FIELD_INT, opt.seq), LF(MOE_FIELD_INT, opt.accum), LF(MOE_FIELD_INT, opt.steps),
+    LF(MOE_FIELD_INT, opt.warmup), LF(MOE_FIELD_INT, opt.eval_every), LF(MOE_FIELD_INT, opt.eval_batches),
+    LF(MOE_FIELD_INT, opt.log_every), LF(MOE_FIELD_INT, opt.load_every), LF(MOE_FIELD_INT, opt.save_every),
+    LF(MOE_FIELD_FLOAT, opt.lr), LF(MOE_FIELD_FLOAT, opt.min_lr), LF(MOE_FIELD_FLOAT, opt.weight_decay), LF(MOE_FIELD_FLOAT, opt.clip),
+    LF(MOE_FIELD_FLOAT, opt.beta2), LF(MOE_FIELD_INT, opt.seed), LF(MOE_FIELD_TEXT, opt.genres),
+    LF(MOE_FIELD_INT, loader.rng.state), LF(MOE_FIELD_INT, loader.rng.inc), LF(MOE_FIELD_INT, loader.batches),
+    LF(MOE_FIELD_INT, noise.state), LF(MOE_FIELD_INT, noise.inc), LF(MOE_FIELD_FLOAT, tokens),
+};
+#undef LF
+
+static void put_u64(unsigned char *p, uint64_t v) {
+    int i;
+    for (i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static int make_legacy(const char *src, const char *dst, int cut_genres) {
+    moe_model_config cfg;
+    moe_ckpt_info info;
+    moe_err err;
+    legacy_state ls;
+    unsigned char *blob = NULL, *b = NULL, *out = NULL;
+    long len = 0, payload_at, payload;
+    size_t at = 0;
+    uint32_t crc;
+    int i, ok = 0;
+    FILE *f;
+    memset(&ls, 0, sizeof ls);
+    if (moe_model_load_config(src, &cfg, &info, &err) != MOE_OK || info.state_bytes < 8) return 0;
+    blob = (unsigned char *)malloc((size_t)info.state_bytes);
+    b = (unsigned char *)proc_slurp(src, &len);
+    if (blob && b && moe_checkpoint_blobs(src, NULL, 0, blob, (size_t)info.state_bytes, &err) == MOE_OK &&
+        moe_record_read(&ls, NULL, blob + 8, (size_t)info.state_bytes - 8, legacy_fields, (int)(sizeof legacy_fields / sizeof legacy_fields[0]),
+                        &err) == MOE_OK) {
+        if (cut_genres) memset(ls.opt.genres, 'x', sizeof ls.opt.genres);
+        payload_at = 56 + (long)info.config_bytes + (long)info.state_bytes;
+        payload = len - payload_at - 4;
+        out = (unsigned char *)malloc(56 + sizeof cfg + sizeof ls + (size_t)payload + 4);
+        if (out) {
+            memcpy(out, b, 56);
+            put_u64(out + 40, sizeof cfg);
+            put_u64(out + 48, sizeof ls);
+            at = 56;
+            memcpy(out + at, &cfg, sizeof cfg), at += sizeof cfg;
+            memcpy(out + at, &ls, sizeof ls), at += sizeof ls;
+            memcpy(out + at, b + payload_at, (size_t)payload), at += (size_t)payload;
+            crc = moe_crc32(0, out, at);
+            for (i = 0; i < 4; i++) out[at++] = (unsigned char)(crc >> (8 * i));
+            f = fopen(dst, "wb");
+            ok = f && fwrite(out, 1, at, f) == at;
+            if (f && fclose(f) != 0) ok = 0;
+        }
+    }
+    free(blob);
+    free(b);
+    free(out);
+    return ok;
+}
+
 static void test_train_lm(void) {
     const char *log = "build/tmp_examples/train_lm.log", *bin = "build/examples/train_lm";
     const char *dir = "build/tmp_examples";
@@ -88,10 +165,23 @@ static void test_train_lm(void) {
     remove("build/tmp_examples/part.csv");
     CHECK(proc_run(&one, log, bin, "--quick", "--name", "part", "--stop-at", "12", "--out", dir, "--sample", "30", END) == 0 &&
           file_contains(log, "stopped at step 12"), "stop at step 12");
+    remove("build/tmp_examples/legacy.csv");
+    CHECK(make_legacy("build/tmp_examples/part.ckpt", "build/tmp_examples/legacy.ckpt", 0) &&
+          make_legacy("build/tmp_examples/part.ckpt", "build/tmp_examples/legacy_cut.ckpt", 1), "an earlier train_lm's checkpoint of step 12 made");
     CHECK(proc_run(&two, log, bin, "--quick", "--name", "part", "--resume", "build/tmp_examples/part.ckpt", "--out", dir, "--sample", "30", END) == 0 &&
           file_contains(log, "resumed"), "resume");
     CHECK(files_equal("build/tmp_examples/full.ckpt", "build/tmp_examples/part.ckpt"), "resumed run's checkpoint is byte-identical to the uninterrupted run's");
     CHECK(files_equal("build/tmp_examples/full.csv", "build/tmp_examples/part.csv"), "resumed run's log is byte-identical to the uninterrupted run's");
+    /* an earlier train_lm's checkpoint (raw config and state) resumes while this build's
+       moe_model_config has the layout of that time; after a change model_io says so */
+    if (proc_run(&two, log, bin, "--quick", "--name", "legacy", "--resume", "build/tmp_examples/legacy.ckpt", "--out", dir, "--sample", "30", END) == 0)
+        CHECK(files_equal("build/tmp_examples/full.ckpt", "build/tmp_examples/legacy.ckpt"),
+              "an earlier train_lm's checkpoint resumes to the uninterrupted run's final checkpoint, byte for byte");
+    else
+        CHECK(file_contains(log, "of an older layout"), "an earlier train_lm's checkpoint: resumed, or a sentence on the older layout (see %s)", log);
+    CHECK(proc_run(NULL, log, bin, "--quick", "--name", "legacy_cut", "--resume", "build/tmp_examples/legacy_cut.ckpt", "--out", dir, END) == 1 &&
+          (file_contains(log, "genre list without its end") || file_contains(log, "of an older layout")),
+          "an earlier train_lm's state whose genre list has no end is refused (see %s)", log);
     /* a damaged checkpoint is refused with a sentence */
     f = fopen("build/tmp_examples/bad.ckpt", "wb");
     if (f) { fputs("MOECKPT", f); fclose(f); }

@@ -120,7 +120,7 @@ FILES_FN int files_mkdirs(const char *path, files_err *e) {
             return -1;
         }
         if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            files__set(e, "cannot create directory '%s': '%s' exists and is not a directory", path, buf);
+            if (e) snprintf(e->msg, sizeof e->msg, "cannot create directory '%.500s': '%.500s' exists and is not a directory", path, buf);
             return -1;
         }
         buf[i] = path[i];

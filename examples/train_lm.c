@@ -528,22 +528,24 @@ int main(int argc, char **argv) {
     moe_adamw_config adam;
     moe_err err;
     long long step = 0, start_step = 0;
-    int *x, *y, *src, i, l;
+    int *x = NULL, *y = NULL, *src = NULL, i, l;
     char path[1024], ckpt[1024];
-    FILE *csv;
-    float *curve_x, *curve_train, *eval_x, *eval_y, *load = NULL;
+    FILE *csv = NULL;
+    float *curve_x = NULL, *curve_train = NULL, *eval_x = NULL, *eval_y = NULL, *load = NULL;
     int n_eval = 0;
-    double t0, last_loss = 0.0, last_bpb = NAN, *per_genre;
+    double t0, last_loss = 0.0, last_bpb = NAN, *per_genre = NULL;
     const unsigned char *srcs[BROWN_GENRES];
     flag fl[64];
     flags_program prog;
     choices ch;
     char log_path[1024];
     long long saved_step = -1;
-    int rc, save_failed = 0, log_failed = 0, plot_failed = 0;
+    int rc, status = 0, save_failed = 0, log_failed = 0, plot_failed = 0;
     moe_ckpt_info resume_info;
     unsigned char *state_blob = NULL; /* the resumed checkpoint's user blob, as first read */
     memset(&resume_info, 0, sizeof resume_info);
+    memset(&m, 0, sizeof m);
+    memset(&cp, 0, sizeof cp);
     rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
     if (rc != FLAGS_RUN) return rc;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
@@ -582,29 +584,40 @@ int main(int argc, char **argv) {
                     opt.steps, opt.steps);
         opt.steps = user_opt.steps > opt.steps ? user_opt.steps : opt.steps;
     }
-    if (!brown_load(&cp, paths.data_dir, opt.genres)) return 1;
+    if (!brown_load(&cp, paths.data_dir, opt.genres)) {
+        free(state_blob);
+        return 1;
+    }
+    /* from here every exit goes through `finish`, which frees what was allocated */
     if (paths.resume) {
         /* the model as the file describes it, its parameters and moments; the file must still
            hold the config and state checked above */
         size_t n = (size_t)resume_info.state_bytes;
         unsigned char *again = (unsigned char *)malloc(n);
-        if (!again) { fprintf(stderr, "train_lm: resume: out of memory\n"); return 1; }
-        if (moe_model_load(&m, paths.resume, opt.batch, opt.seq, &start_step, again, n, &err) != MOE_OK) {
+        if (!again) {
+            fprintf(stderr, "train_lm: resume: out of memory\n");
+        } else if (moe_model_load(&m, paths.resume, opt.batch, opt.seq, &start_step, again, n, &err) != MOE_OK) {
             fprintf(stderr, "train_lm: resume: %s\n", err.msg);
-            return 1;
-        }
-        if (memcmp(again, state_blob, n) != 0 || memcmp(&m.cfg, &cfg, sizeof cfg) != 0 || start_step != resume_info.step) {
+            status = 1;
+        } else if (memcmp(again, state_blob, n) != 0 || memcmp(&m.cfg, &cfg, sizeof cfg) != 0 || start_step != resume_info.step) {
             fprintf(stderr, "train_lm: resume: '%s' changed while it was being read\n", paths.resume);
-            return 1;
+            status = 1;
         }
+        if (!again) status = 1;
         free(again);
         free(state_blob);
+        if (status) goto finish;
     } else if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) {
         fprintf(stderr, "model: %s\n", m.err.msg);
-        return 2;
+        status = 2;
+        goto finish;
     }
     for (i = 0; i < cp.n; i++) srcs[i] = cp.train[i];
-    if (moe_loader_init(&ld, srcs, cp.train_len, cp.n, opt.seq, (uint64_t)opt.seed, &err) != MOE_OK) { fprintf(stderr, "data: %s\n", err.msg); return 1; }
+    if (moe_loader_init(&ld, srcs, cp.train_len, cp.n, opt.seq, (uint64_t)opt.seed, &err) != MOE_OK) {
+        fprintf(stderr, "data: %s\n", err.msg);
+        status = 1;
+        goto finish;
+    }
     if (paths.resume) {
         ld.rng = st.loader.rng;
         ld.batches = st.loader.batches;
@@ -619,11 +632,18 @@ int main(int argc, char **argv) {
     print_settings(&m, &opt, &paths, &cp, start_step);
     {
         files_err fe;
-        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "train_lm: %s\n", fe.msg); return 1; }
+        if (files_mkdirs(paths.out_dir, &fe) != 0) {
+            fprintf(stderr, "train_lm: %s\n", fe.msg);
+            status = 1;
+            goto finish;
+        }
     }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
     snprintf(log_path, sizeof log_path, "%s", path);
-    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) return 1;
+    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) {
+        status = 1;
+        goto finish;
+    }
     x = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     y = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     src = (int *)malloc(sizeof(int) * (size_t)opt.batch);
@@ -633,6 +653,11 @@ int main(int argc, char **argv) {
     eval_y = (float *)malloc(sizeof(float) * (size_t)(opt.steps / (opt.eval_every > 0 ? opt.eval_every : opt.steps) + 2));
     per_genre = (double *)malloc(sizeof(double) * (size_t)cp.n);
     if (cfg.moe_every > 0) load = (float *)calloc((size_t)cp.n * cfg.moe.n_experts, sizeof(float));
+    if (!x || !y || !src || !curve_x || !curve_train || !eval_x || !eval_y || !per_genre || (cfg.moe_every > 0 && !load)) {
+        fprintf(stderr, "train_lm: out of memory\n");
+        status = 1;
+        goto finish;
+    }
     t0 = moe_time_seconds();
     for (step = start_step + 1; step <= opt.steps; step++) {
         float lr = moe_lr_cosine(step - 1, opt.warmup, opt.steps, opt.lr, opt.min_lr), norm;
@@ -644,7 +669,8 @@ int main(int argc, char **argv) {
             if (moe_model_forward(&m, x, y, opt.batch, opt.seq, &st.noise) != MOE_OK ||
                 moe_model_backward(&m, 1.0f / (float)opt.accum) != MOE_OK) {
                 fprintf(stderr, "step %lld: %s\n", step, m.err.msg);
-                return 1;
+                status = 1;
+                goto finish;
             }
             loss += m.loss / opt.accum;
             aux += m.aux_loss / opt.accum;
@@ -655,8 +681,8 @@ int main(int argc, char **argv) {
             char what[96];
             snprintf(what, sizeof what, "the %s is %s", !isfinite(loss) ? "loss" : !isfinite(aux) ? "auxiliary loss" : "gradient norm",
                      bad != bad ? "not a number" : "infinite");
-            fclose(csv);
-            return diverged(step, what, ckpt, saved_step);
+            status = diverged(step, what, ckpt, saved_step);
+            goto finish;
         }
         moe_adamw_step(&m.S, &adam, lr, step);
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
@@ -697,8 +723,8 @@ int main(int argc, char **argv) {
             st.loader.rng = ld.rng;
             st.loader.batches = ld.batches;
             if (!params_finite(&m.S)) {
-                fclose(csv);
-                return diverged(step, "a parameter is not finite", ckpt, saved_step);
+                status = diverged(step, "a parameter is not finite", ckpt, saved_step);
+                goto finish;
             }
             if (save_checkpoint(&m, ckpt, step, &st, &err) != MOE_OK) {
                 fprintf(stderr, "train_lm: checkpoint at step %lld: %s\n", step, err.msg);
@@ -710,19 +736,22 @@ int main(int argc, char **argv) {
         }
         if (step == paths.stop_at) {
             if (fclose(csv) != 0) log_failed = 1;
+            csv = NULL;
             if (save_failed) {
                 fprintf(stderr, "train_lm: stopped at step %lld without a checkpoint of it\n", step);
-                return 1;
+                status = 1;
+            } else {
+                printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
+                status = log_failed;
             }
-            printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
-            moe_model_free(&m);
-            return log_failed;
+            goto finish;
         }
     }
     if (fclose(csv) != 0 && !log_failed) {
         fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?)\n", log_path);
         log_failed = 1;
     }
+    csv = NULL;
     if (start_step >= opt.steps) last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
     else last_bpb = eval_y[n_eval - 1];
     printf("\nvalidation bits per byte by genre:\n");
@@ -771,12 +800,15 @@ int main(int argc, char **argv) {
            last_loss, moe_model_params_total(&m), moe_model_params_active(&m),
            (double)(opt.steps - start_step) * opt.batch * opt.seq * opt.accum / (moe_time_seconds() - t0 + 1e-9), (long long)opt.steps);
     printf("wrote %s/%s.csv, %s/%s_loss.png%s, %s\n", paths.out_dir, paths.name, paths.out_dir, paths.name, load ? ", *_load.png" : "", ckpt);
-    moe_model_free(&m);
-    brown_free(&cp);
-    free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
     /* a run whose last checkpoint or an output file failed did not do what it says: a later
        --resume would continue an older state */
     if (save_failed && saved_step >= 0) fprintf(stderr, "train_lm: the final checkpoint was not written; '%s' holds step %lld\n", ckpt, saved_step);
     else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
-    return save_failed || log_failed || plot_failed;
+    status = save_failed || log_failed || plot_failed;
+finish:
+    if (csv) fclose(csv);
+    moe_model_free(&m);
+    brown_free(&cp);
+    free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
+    return status;
 }

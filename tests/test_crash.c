@@ -6,7 +6,9 @@
  * earlier than before the run, and --resume from a copy of it must finish with the checkpoint
  * and log of the uninterrupted run, byte for byte; at the end the chain of killed runs itself
  * finishes with them. Programs start without a shell (tests/proc.h). Needs the Brown corpus
- * (make data): skipped without it. */
+ * (make data): skipped without it. It runs build/examples/train_lm under make test-asan too:
+ * what it checks is the order of the save's file operations, and ~60 runs under the
+ * sanitizers would take minutes (test_examples runs the sanitized train_lm, resume included). */
 #define _POSIX_C_SOURCE 200809L
 #include "moe.h"  /* defines: moe_model_load, moe_model_load_config, moe_rng_* */
 #include "test.h" /* defines: CHECK, TEST_BEGIN, test_summary */

@@ -5,6 +5,9 @@
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-asan-clang  the same with clang, whose UBSan also checks pointer arithmetic on NULL
 #                     (make test-asan CC=clang is the same; its binaries go to build/asan-clang)
+#                     (both build the examples with the sanitizers too, for the examples' --quick runs)
+#   make valgrind     valgrind memcheck on two examples' --quick runs (train_moe; train_lm with a small
+#                     model, stopped and resumed, when data/brown is there), built without -march=native
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
 #   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
@@ -57,6 +60,9 @@ TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
 # (pointer arithmetic on NULL); float-to-int casts out of range are checked by both
 ASAN_DIR     := $(BUILD)/asan$(if $(findstring clang,$(notdir $(CC))),-clang,)
 ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(ASAN_DIR)/%)
+# the examples under the same sanitizers: tests/test_examples.c runs them when MOE_EXAMPLES_DIR
+# names their folder (make test-asan sets it)
+ASAN_EXAMPLES := $(patsubst examples/%.c,$(ASAN_DIR)/examples/%,$(wildcard examples/*.c))
 # the fuzz targets (tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/corpus/<name>/) also run as
 # plain programs over their committed corpus in the suite: every past finding stays a test
 FUZZ_NAMES   := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
@@ -128,6 +134,10 @@ $(BUILD)/examples/%: examples/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
+$(ASAN_DIR)/examples/%: examples/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
 $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
@@ -138,13 +148,43 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
 
-test-asan: check-amalgamation $(ASAN_BINS)
-	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 sh tests/run.sh $(ASAN_BINS)
+test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES)
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_EXAMPLES_DIR=$(ASAN_DIR)/examples sh tests/run.sh $(ASAN_BINS)
 
 # without OpenMP: clang 14's LeakSanitizer dies at exit while libomp's worker threads live
 # ("Tracer caught signal 11"), a tool failure, not a finding; gcc's suite runs the threads
 test-asan-clang:
 	@$(MAKE) --no-print-directory test-asan CC=clang NO_OMP=1
+
+# ---- valgrind memcheck on two examples' --quick runs ------------------------------------------
+# Their own build: no -march=native (valgrind stops at AVX-512 instructions) and no OpenMP (one
+# thread: libgomp's pool only adds noise); -O2 -g. A memcheck error or a definite or possible
+# leak fails the run (--error-exitcode). Skipped with a message where valgrind is absent.
+VALGRIND   ?= valgrind
+VG_DIR     := $(BUILD)/valgrind
+VG_CFLAGS   = -std=c99 -O2 -g -ffp-contract=off $(WARN) $(INC)
+VG_RUN      = $(VALGRIND) -q --error-exitcode=99 --leak-check=full --track-origins=yes
+# train_lm's --quick run with a model of ~15k parameters (the default one takes many minutes
+# under memcheck; the code paths are the same), stopped at step 15 and resumed
+VG_LM_SMALL = --d 16 --heads 1 --layers 2 --experts 4 --expert-ff 16 --d-ff 32
+.PHONY: valgrind valgrind-run
+$(VG_DIR)/%: examples/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(VG_CFLAGS) $< -o $@ $(LDLIBS)
+valgrind:
+	@if command -v $(VALGRIND) >/dev/null 2>&1; then $(MAKE) --no-print-directory valgrind-run; \
+	 else echo "[valgrind] SKIP: $(VALGRIND) not found (Debian: apt-get install valgrind)"; fi
+valgrind-run: $(VG_DIR)/train_moe $(VG_DIR)/train_lm
+	@out=$(VG_DIR)/out; mkdir -p $$out; \
+	 run() { log=$$1; shift; echo "[valgrind] $$*"; \
+	         if $(VG_RUN) "$$@" >$$log 2>&1; then echo "[valgrind] ok (log $$log)"; \
+	         else st=$$?; tail -n 40 $$log; echo "[valgrind] FAILED with status $$st (99: memcheck found errors; log $$log)"; exit 1; fi; }; \
+	 run $$out/train_moe.log $(VG_DIR)/train_moe --quick --out $$out; \
+	 if [ -f data/brown/train/news.txt ]; then \
+	     rm -f $$out/lm.ckpt $$out/lm.csv; \
+	     run $$out/train_lm.log $(VG_DIR)/train_lm --quick $(VG_LM_SMALL) --out $$out --name lm --stop-at 15 --sample 20; \
+	     run $$out/train_lm_resume.log $(VG_DIR)/train_lm --quick --out $$out --name lm --resume $$out/lm.ckpt --sample 20; \
+	 else echo "[valgrind] SKIP train_lm: data/brown is absent (make data)"; fi
 
 ifeq ($(BLAS),1)
   BENCH_EXTRA += -DMOE_BENCH_BLAS

@@ -31,7 +31,7 @@
    instruction (tulu-2-dpo-13b, GPT-4-turbo judge), DPA's best-of-11 under directions over (that
    BT reward, length): the judge's win rate and the average length per direction.
 
-       build/examples/armo_dpa [--quick] [--seeds 3] [--seed 1] [--data DIR]
+       build/examples/armo_dpa [--quick] [--seeds 3] [--seed 1] [--data DIR]   (--help: their ranges)
 
    Prints a settings table, key=value lines per seed and a summary (mean, sd over seeds);
    writes out/armo_dpa.csv (every value by seed) and out/armo_dpa_gates.png (mean gate weight
@@ -43,6 +43,8 @@
 #include "reward.h" /* defines: rwd_armo_*, rwd_dpa_*, rwd_pareto_front, rwd_hypervolume, rwd_featurize, rwd_bt_train */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines, plot_heatmap */
+#include "files.h" /* defines: files_open_read, files_close_read, files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -490,23 +492,23 @@ static void simulator(int si, uint64_t seed, const settings *st) {
 
 /* ================================ real signals ================================ */
 
-static FILE *open_data(const char *root, const char *rel, int *is_pipe) {
-    char path[2048], cmd[2200];
-    size_t n = strlen(rel);
+/* root/rel for reading (.gz and .xz through a gzip or xz child, no shell); NULL when the file is
+   absent (the caller skips that part); any other problem ends the run */
+static FILE *open_data(files_reader *r, const char *root, const char *rel, char *path, size_t cap) {
+    files_err fe;
+    struct stat sb;
     FILE *f;
-    snprintf(path, sizeof path, "%s/%s", root, rel);
-    f = fopen(path, "rb");
-    if (!f) return NULL;
-    *is_pipe = n > 3 && (strcmp(rel + n - 3, ".gz") == 0 || strcmp(rel + n - 3, ".xz") == 0);
-    if (!*is_pipe) return f;
-    fclose(f);
-    snprintf(cmd, sizeof cmd, "%s -dc '%s'", strcmp(rel + n - 3, ".gz") == 0 ? "gzip" : "xz", path);
-    return popen(cmd, "r");
+    snprintf(path, cap, "%s/%s", root, rel);
+    if (stat(path, &sb) != 0) return NULL;
+    f = files_open_read(r, path, &fe);
+    if (!f) die(fe.msg, NULL);
+    return f;
 }
 
-static void close_data(FILE *f, int is_pipe) {
-    if (is_pipe) pclose(f);
-    else fclose(f);
+/* the decompressing child's exit status too: a truncated archive is not a shorter data set */
+static void close_data(files_reader *r) {
+    files_err fe;
+    if (files_close_read(r, &fe) != 0) die(fe.msg, NULL);
 }
 
 /* AlpacaEval: per sample set, the preference and the output of each of the 805 instructions */
@@ -517,18 +519,19 @@ static int read_alpaca(alpaca *A, const char *dir, int sets, const rwd_featurize
     char **instr = NULL;
     memset(A, 0, sizeof *A);
     for (s = 0; s < sets; s++) {
-        char rel[256], *text;
+        char rel[256], path[2400], *text;
         size_t len;
-        int pipe_, i;
+        int i;
+        files_reader r;
         FILE *f;
         rwd_json doc;
         const rwd_json_node *root, *it;
         moe_err e_;
         snprintf(rel, sizeof rel, "preferences/alpacaeval-bon-tulu2-13b/tulu-2-dpo-13b.%d.annotations.json.xz", s);
-        f = open_data(dir, rel, &pipe_);
+        f = open_data(&r, dir, rel, path, sizeof path);
         if (!f) return 1;
         if (rwd_read_all(f, &text, &len, &e_) != MOE_OK) die(rel, e_.msg);
-        close_data(f, pipe_);
+        close_data(&r);
         memset(&doc, 0, sizeof doc);
         if (rwd_json_parse(&doc, text, len, 1, &e_) != MOE_OK) die(rel, e_.msg);
         root = rwd_json_root(&doc);
@@ -716,26 +719,44 @@ static void summary_line(const char *label, const char *const *keys, int n) {
     printf("\n");
 }
 
+static const char *const about =
+    "ArmoRM: stage-1 ridge probes per objective on ratings with missing labels, verbosity de-correlation,\n"
+    "and a gating network trained with Bradley-Terry on preference pairs; DPA: best-of-n under reward\n"
+    "directions, the Pareto front and its hypervolume. Data: a built-in simulator with known attributes\n"
+    "(helpfulness, correctness, verbosity, safety; no download), and from the shared data folder when it\n"
+    "is there (skipped with a message otherwise): <DIR>/preferences/hh-rlhf/helpful-base/test.jsonl.gz\n"
+    "(JSON lines {\"chosen\": \"...\", \"rejected\": \"...\"}) for verbosity de-correlation, and\n"
+    "<DIR>/preferences/alpacaeval-bon-tulu2-13b/tulu-2-dpo-13b.<k>.annotations.json.xz (AlpacaEval's\n"
+    "judged samples) for DPA's best-of-11. Prints a settings table, key=value lines per seed and summary\n"
+    "lines; writes out/armo_dpa.csv, out/armo_dpa_gates.png, out/armo_dpa_front.png and\n"
+    "out/armo_dpa_alpacaeval.png.";
+
 int main(int argc, char **argv) {
     settings st;
     const char *env = getenv("MOE_SHARED_DATA");
     rwd_text_pairs hh;
     alpaca A;
-    int a, si, have_hh = 0, have_alpaca = 0, k, t, q;
+    int si, have_hh = 0, have_alpaca = 0, k, t, q;
     char key[64];
     memset(&st, 0, sizeof st);
     st.seeds = -1;
     st.seed = 1;
     st.data = env ? env : "../shared/data";
-    for (a = 1; a < argc; a++) {
-        if (strcmp(argv[a], "--quick") == 0) st.quick = 1;
-        else if (strcmp(argv[a], "--seeds") == 0 && a + 1 < argc) st.seeds = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--seed") == 0 && a + 1 < argc) st.seed = (uint64_t)atoll(argv[++a]);
-        else if (strcmp(argv[a], "--data") == 0 && a + 1 < argc) st.data = argv[++a];
-        else { fprintf(stderr, "armo_dpa: unknown argument %s (see the top of examples/armo_dpa.c)\n", argv[a]); return 1; }
+    {
+        flag fl[4];
+        flags_program p;
+        int rc, seed = 1;
+        fl[0] = flag_switch("--quick", &st.quick, "1 seed and smaller sets (simulator, features, gate training; 3 AlpacaEval sample sets)");
+        fl[1] = flag_default(flag_int("--seeds", &st.seeds, 1, MAX_SEEDS, "seeds (each: a simulator draw, the splits, the initialisations)"), "3; 1 with --quick");
+        fl[2] = flag_int("--seed", &seed, 0, 2147483647, "the first seed");
+        fl[3] = flag_default(flag_string("--data", &st.data, "DIR", "the shared data folder (preferences/hh-rlhf, preferences/alpacaeval-bon-tulu2-13b)"),
+                             "$MOE_SHARED_DATA, else ../shared/data");
+        p = flags_program_make("armo_dpa", "ArmoRM's multi-objective reward and DPA's directions on a simulator, HH-RLHF and AlpacaEval", about, fl, 4);
+        rc = flags_parse(&p, argc, argv);
+        if (rc != FLAGS_RUN) return rc;
+        st.seed = (uint64_t)seed;
     }
     if (st.seeds < 0) st.seeds = st.quick ? 1 : 3;
-    if (st.seeds < 1 || st.seeds > MAX_SEEDS) die("--seeds must be 1 .. 16", NULL);
     st.n_rated = st.quick ? 1500 : 6000;
     st.n_train = st.quick ? 1500 : 6000;
     st.n_test = st.quick ? 500 : 2000;
@@ -758,19 +779,23 @@ int main(int argc, char **argv) {
     printf("%-24s %d (from %llu)\n%-24s %d\n", "seeds", st.seeds, (unsigned long long)st.seed, "threads", moe_num_threads());
     printf("%-24s %s\n", "shared data", st.data);
     fflush(stdout);
-    mkdir("out", 0755);
+    {
+        files_err fe;
+        if (files_mkdirs("out", &fe) != 0) die(fe.msg, NULL);
+    }
     csv_out = fopen("out/armo_dpa.csv", "w");
     if (csv_out) fprintf(csv_out, "seed,name,value\n");
     /* the real data */
     memset(&hh, 0, sizeof hh);
     memset(&A, 0, sizeof A);
     {
-        int pipe_;
-        FILE *f = open_data(st.data, "preferences/hh-rlhf/helpful-base/test.jsonl.gz", &pipe_);
+        char path[2400];
+        files_reader r;
+        FILE *f = open_data(&r, st.data, "preferences/hh-rlhf/helpful-base/test.jsonl.gz", path, sizeof path);
         moe_err e_;
         if (f) {
             if (rwd_hh_read(&hh, f, &e_) != MOE_OK) die("HH-RLHF", e_.msg);
-            close_data(f, pipe_);
+            close_data(&r);
             have_hh = 1;
         } else {
             printf("armo_dpa: SKIP hh and alpacaeval: %s/preferences not found (set MOE_SHARED_DATA or --data DIR to the shared data folder)\n", st.data);

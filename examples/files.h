@@ -1,8 +1,8 @@
 /* files.h - the examples' file handling, without a shell.
  *
  *   directories    files_mkdirs: mkdir(2) for each component of a path ("mkdir -p")
- *   reading        files_open_read / files_close_read: a plain file, or a .gz file through a
- *                  `gzip -dc` child started with an argument vector (no shell parses the path)
+ *   reading        files_open_read / files_close_read: a plain file, or a .gz (.xz) file through
+ *                  a `gzip -dc` (`xz -dc`) child started with an argument vector (no shell parses the path)
  *                  whose exit status is checked, so a truncated archive is an error and not
  *                  half of the data
  *   child output   files_spawn_read / files_spawn_close: any program's stdout, argv only
@@ -49,8 +49,9 @@ typedef struct files_err {
 /* an open input: a plain file, or the read end of a decompressing child */
 typedef struct files_reader {
     FILE *f;
-    long pid;         /* the gzip child, or 0 */
+    long pid;         /* the gzip or xz child, or 0 */
     const char *path; /* as given */
+    const char *tool; /* "gzip" or "xz" when pid is set */
 } files_reader;
 
 typedef struct files_atomic {
@@ -119,7 +120,7 @@ FILES_FN int files_mkdirs(const char *path, files_err *e) {
             return -1;
         }
         if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            files__set(e, "cannot create directory '%s': '%s' exists and is not a directory", path, buf);
+            if (e) snprintf(e->msg, sizeof e->msg, "cannot create directory '%.500s': '%.500s' exists and is not a directory", path, buf);
             return -1;
         }
         buf[i] = path[i];
@@ -196,15 +197,17 @@ FILES_FN int files_spawn_close(FILE *f, long pid) {
     return -1;
 }
 
-/* Opens `path` for reading; names ending in ".gz" are decompressed by a `gzip -dc` child.
-   NULL with a sentence when the file is missing, a directory, or gzip cannot start. */
+/* Opens `path` for reading; names ending in ".gz" (".xz") are decompressed by a `gzip -dc`
+   (`xz -dc`) child. NULL with a sentence when the file is missing, a directory, or the child
+   cannot start. */
 FILES_FN FILE *files_open_read(files_reader *r, const char *path, files_err *e) {
     memset(r, 0, sizeof *r);
     r->path = path;
     if (files_check_input(path, e) != 0) return NULL;
-    if (files_ends_with(path, ".gz")) {
+    if (files_ends_with(path, ".gz") || files_ends_with(path, ".xz")) {
         const char *argv[5];
-        argv[0] = "gzip"; argv[1] = "-dc"; argv[2] = "--"; argv[3] = path; argv[4] = NULL;
+        r->tool = files_ends_with(path, ".gz") ? "gzip" : "xz";
+        argv[0] = r->tool; argv[1] = "-dc"; argv[2] = "--"; argv[3] = path; argv[4] = NULL;
         r->f = files_spawn_read(argv, 0, &r->pid, e);
         return r->f;
     }
@@ -213,15 +216,15 @@ FILES_FN FILE *files_open_read(files_reader *r, const char *path, files_err *e) 
     return r->f;
 }
 
-/* Closes the input; for a .gz file, -1 with a sentence when gzip did not reach the end of a
-   valid archive (truncated, corrupt, not gzip). Call it even after a read error. */
+/* Closes the input; for a .gz (.xz) file, -1 with a sentence when gzip (xz) did not reach the
+   end of a valid archive (truncated, corrupt, not gzip). Call it even after a read error. */
 FILES_FN int files_close_read(files_reader *r, files_err *e) {
     int rc = 0;
     if (r->pid) {
         int st = files_spawn_close(r->f, r->pid);
         if (st != 0) {
-            char why[160];
-            snprintf(why, sizeof why, "gzip -dc ended with status %d: the archive is truncated, corrupt or not gzip data", st);
+            char why[150];
+            snprintf(why, sizeof why, "%s -dc ended with status %d: the archive is truncated, corrupt or not %s data", r->tool, st, r->tool);
             files__set(e, "'%s' could not be decompressed to its end (%s)", r->path, why);
             rc = -1;
         }

@@ -23,7 +23,7 @@
        build/examples/ssrm [--quick] [--seeds 10] [--fractions 0.01,0.02,0.05,0.1,1]
            [--rounds 3] [--threshold 0.8] [--head linear|mlp] [--dim 4096] [--epochs 8] [--min-steps 300]
            [--splits helpful-base,helpful-online,helpful-rejection-sampled] [--code-order]
-           [--data DIR] [--seed 1] [--sim-pairs 5000]
+           [--data DIR] [--seed 1] [--sim-pairs 5000]        (--help lists them with their ranges)
 
    --code-order trains the kept pairs with their true order, as the released script does.
    Prints a settings table, one key=value line per (seed, fraction, round) and a summary line
@@ -35,6 +35,8 @@
 #include "reward.h" /* defines: rwd_hh_read, rwd_featurize_pairs, rwd_head_*, rwd_bt_train, rwd_ssrm_* */
 #define PLOT_IMPLEMENTATION
 #include "plot.h" /* defines: plot_lines */
+#include "files.h" /* defines: files_open_read, files_close_read, files_mkdirs */
+#include "flags.h" /* defines: flag_*, flags_parse */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,20 +60,22 @@ static int die(const char *msg, const char *detail) {
 
 /* ---- data ---- */
 
+/* 1 when the split's file is absent (the caller skips HH-RLHF); any other problem ends the run */
 static int read_split(rwd_text_pairs *p, const char *root, const char *split) {
-    char path[2048], cmd[2200];
+    char path[2048];
+    files_reader r;
+    files_err fe;
     FILE *f;
     moe_err err;
     moe_status st;
+    struct stat sb;
     snprintf(path, sizeof path, "%s/preferences/hh-rlhf/%s/test.jsonl.gz", root, split);
-    f = fopen(path, "rb");
-    if (!f) return 1;
-    fclose(f);
-    snprintf(cmd, sizeof cmd, "gzip -dc '%s'", path);
-    f = popen(cmd, "r");
-    if (!f) die("cannot run gzip for", path);
+    if (stat(path, &sb) != 0) return 1;
+    f = files_open_read(&r, path, &fe); /* through a gzip child, no shell */
+    if (!f) die(fe.msg, NULL);
     st = rwd_hh_read(p, f, &err);
-    if (pclose(f) != 0 && st == MOE_OK) die("gzip failed on", path);
+    /* gzip's exit status: a truncated archive must not pass as a shorter data set */
+    if (files_close_read(&r, &fe) != 0) die(fe.msg, NULL);
     if (st != MOE_OK) die(path, err.msg);
     return 0;
 }
@@ -170,16 +174,25 @@ static void mean_sd(const double *v, int n, double *mean, double *sd) {
     *sd = n > 1 ? sqrt(s / (n - 1)) : 0.0;
 }
 
-static void parse_fracs(settings *st, const char *s) {
+/* "0.01,0.02,1": every value a number in (0, 1], at most MAX_FRACS of them; 0, or -1 after
+   saying why on stderr */
+static int parse_fracs(settings *st, const char *s) {
     char buf[256], *tok;
+    if (strlen(s) >= sizeof buf) { fprintf(stderr, "ssrm: --fractions: the list is too long\n"); return -1; }
     snprintf(buf, sizeof buf, "%s", s);
     st->n_fracs = 0;
-    for (tok = strtok(buf, ","); tok && st->n_fracs < MAX_FRACS; tok = strtok(NULL, ",")) {
-        double f = atof(tok);
-        if (!(f > 0.0 && f <= 1.0)) die("every --fractions value must be in (0, 1]", tok);
+    for (tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        char *end = NULL;
+        double f = strtod(tok, &end);
+        if (end == tok || *end != 0 || !(f > 0.0 && f <= 1.0)) {
+            fprintf(stderr, "ssrm: every --fractions value must be a number in (0, 1], not '%s'\n", tok);
+            return -1;
+        }
+        if (st->n_fracs == MAX_FRACS) { fprintf(stderr, "ssrm: --fractions takes at most %d values\n", MAX_FRACS); return -1; }
         st->fracs[st->n_fracs++] = f;
     }
-    if (st->n_fracs == 0) die("--fractions needs at least one value", s);
+    if (st->n_fracs == 0) { fprintf(stderr, "ssrm: --fractions needs at least one value, not '%s'\n", s); return -1; }
+    return 0;
 }
 
 /* seeds x fractions on one pool of pairs: key=value lines, CSV rows, summary lines, a plot */
@@ -321,6 +334,16 @@ static void simulate(float *xa, float *xb, unsigned char *a_wins, size_t n, int 
     }
 }
 
+static const char *const about =
+    "Trains a Bradley-Terry reward model on a labelled fraction of the pairs (supervised, SSRM's round 0),\n"
+    "then rounds of SSRM (pseudo-label the unlabelled pairs, keep the confident ones, train on labelled +\n"
+    "kept), and a control trained the same rounds on the labelled pairs alone, over labelled fractions and\n"
+    "seeds; held-out accuracy per round. Data: a built-in simulator (32 features, Bradley-Terry labels from\n"
+    "a hidden linear reward; no download), and HH-RLHF test pairs from the shared data folder,\n"
+    "<DIR>/preferences/hh-rlhf/<split>/test.jsonl.gz: JSON lines {\"chosen\": \"...\", \"rejected\": \"...\"}\n"
+    "(read through gzip; skipped with a message when absent). Prints a settings table, key=value lines\n"
+    "per (data, seed, fraction, round) and summary lines; writes out/ssrm.csv and out/ssrm_<data>.png.";
+
 int main(int argc, char **argv) {
     settings st;
     rwd_text_pairs all;
@@ -330,7 +353,7 @@ int main(int argc, char **argv) {
     float *xa, *xb;
     unsigned char *a_wins;
     size_t n, i;
-    int a, f, d, have_hh = 1;
+    int f, d, have_hh = 1;
     FILE *csv;
     memset(&st, 0, sizeof st);
     st.seeds = -1;
@@ -343,32 +366,47 @@ int main(int argc, char **argv) {
     st.sim_pairs = -1;
     st.data = env ? env : "../shared/data";
     st.splits = NULL;
-    parse_fracs(&st, "0.01,0.02,0.05,0.1,1");
-    for (a = 1; a < argc; a++) {
-        if (strcmp(argv[a], "--quick") == 0) st.quick = 1;
-        else if (strcmp(argv[a], "--seeds") == 0 && a + 1 < argc) st.seeds = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--fractions") == 0 && a + 1 < argc) parse_fracs(&st, argv[++a]);
-        else if (strcmp(argv[a], "--rounds") == 0 && a + 1 < argc) st.rounds = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--threshold") == 0 && a + 1 < argc) st.threshold = atof(argv[++a]);
-        else if (strcmp(argv[a], "--head") == 0 && a + 1 < argc) { a++; st.mlp = strcmp(argv[a], "mlp") == 0; if (!st.mlp && strcmp(argv[a], "linear") != 0) die("--head is linear or mlp", argv[a]); }
-        else if (strcmp(argv[a], "--dim") == 0 && a + 1 < argc) st.dim = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--epochs") == 0 && a + 1 < argc) st.epochs = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--min-steps") == 0 && a + 1 < argc) st.min_steps = atoi(argv[++a]);
-        else if (strcmp(argv[a], "--splits") == 0 && a + 1 < argc) st.splits = argv[++a];
-        else if (strcmp(argv[a], "--code-order") == 0) st.code_order = 1;
-        else if (strcmp(argv[a], "--data") == 0 && a + 1 < argc) st.data = argv[++a];
-        else if (strcmp(argv[a], "--seed") == 0 && a + 1 < argc) st.seed = (uint64_t)atoll(argv[++a]);
-        else if (strcmp(argv[a], "--sim-pairs") == 0 && a + 1 < argc) st.sim_pairs = atoi(argv[++a]);
-        else { fprintf(stderr, "ssrm: unknown argument %s (see the top of examples/ssrm.c)\n", argv[a]); return 1; }
+    {
+        flag fl[24];
+        flags_program p;
+        int rc, n = 0, seed = 1;
+        const char *fractions = NULL;
+        fl[n++] = flag_heading("experiment");
+        fl[n++] = flag_switch("--quick", &st.quick, "1 seed, fractions 0.02 and 1, fewer simulated pairs and features, helpful-base only");
+        fl[n++] = flag_default(flag_int("--seeds", &st.seeds, 1, 256, "seeds (each: a split, a labelled set, an initialisation)"), "10; 1 with --quick");
+        fl[n++] = flag_int("--seed", &seed, 0, 2147483647, "the first seed");
+        fl[n++] = flag_default(flag_string("--fractions", &fractions, "LIST", "labelled fractions of the pool, comma-separated, each in (0, 1]"),
+                               "0.01,0.02,0.05,0.1,1; 0.02,1 with --quick");
+        fl[n++] = flag_default(flag_int("--sim-pairs", &st.sim_pairs, 100, 1e8, "simulated pairs"), "5000; 2000 with --quick");
+        fl[n++] = flag_heading("SSRM");
+        fl[n++] = flag_int("--rounds", &st.rounds, 0, MAX_ROUNDS, "pseudo-labelling rounds");
+        fl[n++] = flag_double("--threshold", &st.threshold, 0.5, 1.0, "keep a pseudo-label when its confidence max(P, 1 - P) is above this; in (0.5, 1]");
+        fl[n++] = flag_switch("--code-order", &st.code_order, "train the kept pairs in their true order, as the released script does");
+        fl[n++] = flag_heading("reward model");
+        fl[n++] = flag_choice("--head", &st.mlp, "linear|mlp", "a linear Bradley-Terry head or an MLP (32 GELU)");
+        fl[n++] = flag_int("--epochs", &st.epochs, 1, 1e6, "epochs per round");
+        fl[n++] = flag_int("--min-steps", &st.min_steps, 0, 1e9, "at least this many optimizer steps per round");
+        fl[n++] = flag_default(flag_int("--dim", &st.dim, 16, 1 << 22, "hashed word and bigram features (HH-RLHF)"), "4096; 1024 with --quick");
+        fl[n++] = flag_heading("data");
+        fl[n++] = flag_default(flag_string("--data", &st.data, "DIR", "the shared data folder (preferences/hh-rlhf/<split>/test.jsonl.gz)"),
+                               "$MOE_SHARED_DATA, else ../shared/data");
+        fl[n++] = flag_default(flag_string("--splits", &st.splits, "LIST", "HH-RLHF splits, comma-separated"),
+                               "helpful-base,helpful-online,helpful-rejection-sampled; helpful-base with --quick");
+        p = flags_program_make("ssrm", "semi-supervised reward modelling (SSRM) against supervised training over labelled fractions", about,
+                               fl, n);
+        rc = flags_parse(&p, argc, argv);
+        if (rc != FLAGS_RUN) return rc;
+        st.seed = (uint64_t)seed;
+        if (!(st.threshold > 0.5)) {
+            fprintf(stderr, "ssrm: --threshold must be in (0.5, 1], not %g\n", st.threshold);
+            return 2;
+        }
+        if (parse_fracs(&st, fractions ? fractions : st.quick ? "0.02,1" : "0.01,0.02,0.05,0.1,1") != 0) return 2;
     }
     if (st.seeds < 0) st.seeds = st.quick ? 1 : 10;
     if (st.dim < 0) st.dim = st.quick ? 1024 : 4096;
     if (st.sim_pairs < 0) st.sim_pairs = st.quick ? 2000 : 5000;
     if (!st.splits) st.splits = st.quick ? "helpful-base" : "helpful-base,helpful-online,helpful-rejection-sampled";
-    if (st.seeds < 1 || st.dim < 16 || st.epochs < 1 || st.rounds < 0 || st.rounds > MAX_ROUNDS || st.sim_pairs < 100)
-        die("--seeds, --epochs >= 1, --dim >= 16, --sim-pairs >= 100 and 0 <= --rounds <= 8", NULL);
-    if (!(st.threshold > 0.5 && st.threshold <= 1.0)) die("--threshold must be in (0.5, 1]", NULL);
-    if (st.quick && st.n_fracs == 5 && st.fracs[0] == 0.01) parse_fracs(&st, "0.02,1");
     /* the real data, if there */
     memset(&all, 0, sizeof all);
     snprintf(splits, sizeof splits, "%s", st.splits);
@@ -388,7 +426,10 @@ int main(int argc, char **argv) {
     printf("%-22s %d (from %llu)\n%-22s %d\n", "seeds", st.seeds, (unsigned long long)st.seed, "threads", moe_num_threads());
     printf("paper_claim=\"SSRM improves reward models trained on few labels without more labelling and can match models trained on the fully labelled data (arXiv 2409.06903, abstract)\"\n");
     fflush(stdout);
-    mkdir("out", 0755);
+    {
+        files_err fe;
+        if (files_mkdirs("out", &fe) != 0) die(fe.msg, NULL);
+    }
     csv = fopen("out/ssrm.csv", "w");
     if (csv) fprintf(csv, "data,seed,fraction,labelled,round,accuracy,trained,kept,kept_fraction,mean_confidence,pseudo_accuracy,kept_accuracy\n");
     /* simulator */

@@ -8,8 +8,9 @@
  * Prints a settings table, then key=value lines: one per --log-every steps (loss, aux, lr,
  * grad norm, tok/s, ETA), `eval` lines with validation bits per byte, and an expert-load line
  * per MoE layer every --load-every steps. Writes out/<name>.csv, out/<name>_loss.png,
- * out/<name>_load.png (expert load per genre, first MoE layer), out/<name>.ckpt (atomically,
- * with optimizer state, data position and RNGs: --resume continues bit-identically), and
+ * out/<name>_load.png (expert load per genre, first MoE layer), out/<name>.ckpt (a model file,
+ * atomically, with optimizer state, and the options, data position and RNGs as a record of named
+ * fields: --resume continues bit-identically; moe_model_load reads it elsewhere), and
  * prints a generated sample at the end. `--help` lists every flag.
  *
  * Exit status 0 only when every step ran and every file was written. A NaN or infinite loss,
@@ -33,7 +34,7 @@
 #include <string.h>
 
 /* Training options: everything that decides the run besides the model config. Stored in the
-   checkpoint, so --resume continues the same run. */
+   checkpoint, so --resume continues the same run: a new member needs its line in state_fields. */
 typedef struct train_options {
     int batch, seq, accum, steps, warmup, eval_every, eval_batches, log_every, load_every, save_every;
     float lr, min_lr, weight_decay, clip, beta2;
@@ -41,12 +42,48 @@ typedef struct train_options {
     char genres[256]; /* comma-separated, "" = all */
 } train_options;
 
-typedef struct train_state { /* the checkpoint's state blob */
+typedef struct train_state { /* the checkpoint's user blob, as a record of state_fields */
     train_options opt;
     moe_loader_state loader;
     moe_rng noise;
     double tokens;
 } train_state;
+
+/* THE description of train_state in a checkpoint: a record of named fields (moe_record_write),
+   so the file does not depend on the struct's layout and a new option is a new line (a file
+   that lacks it resumes with its default). Names are stable: never reuse one. */
+#define STATE_FIELD(type, member) MOE_FIELD(type, train_state, member)
+static const moe_field state_fields[] = {
+    STATE_FIELD(MOE_FIELD_INT, opt.batch),
+    STATE_FIELD(MOE_FIELD_INT, opt.seq),
+    STATE_FIELD(MOE_FIELD_INT, opt.accum),
+    STATE_FIELD(MOE_FIELD_INT, opt.steps),
+    STATE_FIELD(MOE_FIELD_INT, opt.warmup),
+    STATE_FIELD(MOE_FIELD_INT, opt.eval_every),
+    STATE_FIELD(MOE_FIELD_INT, opt.eval_batches),
+    STATE_FIELD(MOE_FIELD_INT, opt.log_every),
+    STATE_FIELD(MOE_FIELD_INT, opt.load_every),
+    STATE_FIELD(MOE_FIELD_INT, opt.save_every),
+    STATE_FIELD(MOE_FIELD_FLOAT, opt.lr),
+    STATE_FIELD(MOE_FIELD_FLOAT, opt.min_lr),
+    STATE_FIELD(MOE_FIELD_FLOAT, opt.weight_decay),
+    STATE_FIELD(MOE_FIELD_FLOAT, opt.clip),
+    STATE_FIELD(MOE_FIELD_FLOAT, opt.beta2),
+    STATE_FIELD(MOE_FIELD_INT, opt.seed),
+    STATE_FIELD(MOE_FIELD_TEXT, opt.genres),
+    STATE_FIELD(MOE_FIELD_INT, loader.rng.state),
+    STATE_FIELD(MOE_FIELD_INT, loader.rng.inc),
+    STATE_FIELD(MOE_FIELD_INT, loader.batches),
+    STATE_FIELD(MOE_FIELD_INT, noise.state),
+    STATE_FIELD(MOE_FIELD_INT, noise.inc),
+    STATE_FIELD(MOE_FIELD_FLOAT, tokens),
+};
+#undef STATE_FIELD
+#define N_STATE_FIELDS ((int)(sizeof state_fields / sizeof state_fields[0]))
+/* the user blob: this tag, then the record (the tag tells train_lm's state from another
+   program's, and from the raw train_state an earlier train_lm stored) */
+static const char state_tag[8] = {'t', 'r', 'a', 'i', 'n', '_', 'l', 'm'};
+#define STATE_MAX_BYTES 65536 /* a train_lm state is well under 1 KB */
 
 typedef struct run_paths {
     const char *data_dir, *out_dir, *name, *resume, *prompt, *genres;
@@ -142,6 +179,14 @@ static const char *const about =
     "  train_lm --experts 0 --d-ff 512 --name dense\n"
     "  train_lm --resume out/moe.ckpt --steps 1200";
 
+/* the training options before any flag */
+static void default_options(train_options *o) {
+    memset(o, 0, sizeof *o);
+    o->batch = 16; o->seq = 128; o->accum = 1; o->steps = 600; o->warmup = 50;
+    o->eval_every = 200; o->eval_batches = 4; o->log_every = 20; o->load_every = 200; o->save_every = 0;
+    o->lr = 2e-3f; o->min_lr = 2e-4f; o->weight_decay = 0.1f; o->clip = 1.0f; o->beta2 = 0.99f; o->seed = 1;
+}
+
 /* defaults, then the flags; FLAGS_RUN = run, else the exit status */
 static int parse_args(int argc, char **argv, moe_model_config *c, train_options *o, run_paths *p, flags_program *prog, flag *fl, choices *ch) {
     int rc;
@@ -154,10 +199,7 @@ static int parse_args(int argc, char **argv, moe_model_config *c, train_options 
     c->moe.n_experts = 8;
     c->moe.top_k = 2;
     c->moe.d_ff = 256;
-    memset(o, 0, sizeof *o);
-    o->batch = 16; o->seq = 128; o->accum = 1; o->steps = 600; o->warmup = 50;
-    o->eval_every = 200; o->eval_batches = 4; o->log_every = 20; o->load_every = 200; o->save_every = 0;
-    o->lr = 2e-3f; o->min_lr = 2e-4f; o->weight_decay = 0.1f; o->clip = 1.0f; o->beta2 = 0.99f; o->seed = 1;
+    default_options(o);
     memset(p, 0, sizeof *p);
     p->data_dir = "data/brown"; p->out_dir = "out"; p->name = "lm"; p->sample_bytes = 300;
     p->temperature = 0.8f; p->top_p = 0.95f; p->top_k = 0; p->prompt = "The "; p->genres = "";
@@ -330,14 +372,83 @@ static FILE *open_log(const char *path, int resume, long long start_step) {
     return w;
 }
 
+/* the values a record's fields are flagged default against, and a record that lacks a field
+   (written before the field existed) takes */
+static train_state default_state(void) {
+    train_state d;
+    memset(&d, 0, sizeof d);
+    default_options(&d.opt);
+    return d;
+}
+
+/* A model file (moe_model_save: the config as a record, parameters and Adam moments) whose
+   user blob is the tag and the run's state as a record. */
+static moe_status save_checkpoint(const moe_model *m, const char *path, long long step, const train_state *st, moe_err *err) {
+    train_state d = default_state();
+    size_t n = 0;
+    unsigned char *blob;
+    moe_status rc = moe_record_write(NULL, 0, &n, st, &d, state_fields, N_STATE_FIELDS, err);
+    if (rc != MOE_OK) return rc;
+    blob = (unsigned char *)malloc(sizeof state_tag + n);
+    if (!blob) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the training state of '%s'", path);
+    memcpy(blob, state_tag, sizeof state_tag);
+    rc = moe_record_write(blob + sizeof state_tag, n, &n, st, &d, state_fields, N_STATE_FIELDS, err);
+    if (rc == MOE_OK) rc = moe_model_save(m, path, 1, step, blob, sizeof state_tag + n, err);
+    free(blob);
+    return rc;
+}
+
+/* The run's state from a checkpoint whose header moe_model_load_config returned: a tagged
+   record, or the raw train_state an earlier train_lm stored (model_io read that file's raw
+   config, so this build has the layout of that time). *blob gets the bytes read (the caller
+   frees it), for the load to check the file still holds them. 0, or -1 with why (a phrase
+   that follows the file's name). */
+static int read_state(const char *path, const moe_ckpt_info *info, train_state *st, unsigned char **blob, char *why, size_t cap) {
+    size_t n = (size_t)info->state_bytes, used = 0;
+    moe_err e;
+    *blob = NULL;
+    if (info->state_bytes == 0 || info->state_bytes > STATE_MAX_BYTES) {
+        snprintf(why, cap, "holds a %llu-byte user blob, not a train_lm state (another program's model file?)", (unsigned long long)info->state_bytes);
+        return -1;
+    }
+    *blob = (unsigned char *)malloc(n);
+    if (!*blob) {
+        snprintf(why, cap, "cannot be read: out of memory");
+        return -1;
+    }
+    if (moe_checkpoint_blobs(path, NULL, 0, *blob, n, &e) != MOE_OK) {
+        snprintf(why, cap, "cannot be read again: %s", e.msg);
+        return -1;
+    }
+    if (n >= sizeof state_tag && memcmp(*blob, state_tag, sizeof state_tag) == 0) {
+        *st = default_state();
+        if (moe_record_read(st, &used, *blob + sizeof state_tag, n - sizeof state_tag, state_fields, N_STATE_FIELDS, &e) != MOE_OK) {
+            snprintf(why, cap, "holds a training state train_lm cannot read: %s", e.msg);
+            return -1;
+        }
+        if (used != n - sizeof state_tag) {
+            snprintf(why, cap, "holds %zu bytes after its training state (a corrupt file)", n - sizeof state_tag - used);
+            return -1;
+        }
+        return 0;
+    }
+    if (n == sizeof *st) {
+        memcpy(st, *blob, n);
+        return 0;
+    }
+    snprintf(why, cap, "holds a %zu-byte user blob that is neither train_lm's state record nor the %zu-byte raw state of an earlier train_lm "
+                       "(another program's model file, or an earlier train_lm of another layout: resume it with the train_lm that wrote it)",
+             n, sizeof *st);
+    return -1;
+}
+
 /* A resumed run's state is input like any other: the options must pass the flags' own checks,
-   the genre list must end, the step must lie in the run, and the parameter count the config
-   describes must be the file's, all before the model is allocated. 0, or -1 with why. */
+   the genre list must end, the step must lie in the run and the model must be one this
+   program builds; moe_model_load_config has checked the config and that the file's
+   parameters are the ones it describes, before anything is allocated. 0, or -1 with why. */
 static int check_resumed(flags_program *prog, const moe_model_config *c, const train_state *st, const moe_ckpt_info *info, char *why,
                          size_t cap) {
     char msg[400];
-    moe_err e;
-    size_t numel = 0;
     if (!memchr(st->opt.genres, 0, sizeof st->opt.genres)) {
         snprintf(why, cap, "holds a genre list without its end (a corrupt or foreign state)");
         return -1;
@@ -351,20 +462,8 @@ static int check_resumed(flags_program *prog, const moe_model_config *c, const t
                  st->opt.seq);
         return -1;
     }
-    if (moe_model_config_validate(c, &e) != MOE_OK) {
-        snprintf(why, cap, "holds an invalid model config: %s", e.msg);
-        return -1;
-    }
     if (info->step < 0 || info->step > st->opt.steps || st->loader.batches < 0 || !(st->tokens >= 0.0 && st->tokens < 1e30)) {
         snprintf(why, cap, "holds step %lld of a %d-step run (or a negative data position): a corrupt state", info->step, st->opt.steps);
-        return -1;
-    }
-    if (moe_model_param_count(c, &numel, &e) != MOE_OK) {
-        snprintf(why, cap, "holds a model config that cannot be built: %s", e.msg);
-        return -1;
-    }
-    if ((uint64_t)numel != info->numel) {
-        snprintf(why, cap, "holds %llu parameters, but its config describes %zu (a corrupt or foreign file)", (unsigned long long)info->numel, numel);
         return -1;
     }
     return 0;
@@ -429,19 +528,24 @@ int main(int argc, char **argv) {
     moe_adamw_config adam;
     moe_err err;
     long long step = 0, start_step = 0;
-    int *x, *y, *src, i, l;
+    int *x = NULL, *y = NULL, *src = NULL, i, l;
     char path[1024], ckpt[1024];
-    FILE *csv;
-    float *curve_x, *curve_train, *eval_x, *eval_y, *load = NULL;
+    FILE *csv = NULL;
+    float *curve_x = NULL, *curve_train = NULL, *eval_x = NULL, *eval_y = NULL, *load = NULL;
     int n_eval = 0;
-    double t0, last_loss = 0.0, last_bpb = NAN, *per_genre;
+    double t0, last_loss = 0.0, last_bpb = NAN, *per_genre = NULL;
     const unsigned char *srcs[BROWN_GENRES];
     flag fl[64];
     flags_program prog;
     choices ch;
     char log_path[1024];
     long long saved_step = -1;
-    int rc, save_failed = 0, log_failed = 0, plot_failed = 0;
+    int rc, status = 0, save_failed = 0, log_failed = 0, plot_failed = 0;
+    moe_ckpt_info resume_info;
+    unsigned char *state_blob = NULL; /* the resumed checkpoint's user blob, as first read */
+    memset(&resume_info, 0, sizeof resume_info);
+    memset(&m, 0, sizeof m);
+    memset(&cp, 0, sizeof cp);
     rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
     if (rc != FLAGS_RUN) return rc;
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
@@ -451,25 +555,28 @@ int main(int argc, char **argv) {
            anything is allocated for them; only --steps may extend the run */
         moe_model_config user_cfg = cfg;
         train_options user_opt = opt;
-        moe_ckpt_info info;
-        char why[600], saved[600];
-        if (moe_checkpoint_info(paths.resume, &info, &err) != MOE_OK ||
-            moe_checkpoint_blobs(paths.resume, &cfg, sizeof cfg, &st, sizeof st, &err) != MOE_OK) {
+        char why[1200], saved[600];
+        if (moe_model_load_config(paths.resume, &cfg, &resume_info, &err) != MOE_OK) {
             fprintf(stderr, "train_lm: resume: %s\n", err.msg);
             return 1;
         }
-        opt = st.opt;
-        if (check_resumed(&prog, &cfg, &st, &info, why, sizeof why) != 0) {
+        if (read_state(paths.resume, &resume_info, &st, &state_blob, why, sizeof why) == 0) {
+            opt = st.opt;
+            if (check_resumed(&prog, &cfg, &st, &resume_info, why, sizeof why) == 0) why[0] = 0;
+        }
+        if (why[0]) {
             fprintf(stderr, "train_lm: resume: '%s' %s\n", paths.resume, why);
+            free(state_blob);
             return 1;
         }
         ch.router = router_index(&cfg.moe);
         ch.pos = cfg.pos == MOE_POS_ROPE;
         ch.balance = (int)cfg.moe.balance;
-        if (resume_conflict(&prog, &user_cfg, &user_opt, &cfg, &opt, why, saved, sizeof why)) {
+        if (resume_conflict(&prog, &user_cfg, &user_opt, &cfg, &opt, why, saved, sizeof saved)) {
             fprintf(stderr, "train_lm: %s conflicts with '%s', saved with %s: a resumed run keeps the model and the training options "
                             "it was saved with (only --steps may extend it); drop the flag, or start a new run without --resume\n",
                     why, paths.resume, saved);
+            free(state_blob);
             return 2;
         }
         if (flags_find(&prog, &opt.steps)->seen && user_opt.steps < opt.steps)
@@ -477,24 +584,43 @@ int main(int argc, char **argv) {
                     opt.steps, opt.steps);
         opt.steps = user_opt.steps > opt.steps ? user_opt.steps : opt.steps;
     }
-    if (!brown_load(&cp, paths.data_dir, opt.genres)) return 1;
-    if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) { fprintf(stderr, "model: %s\n", m.err.msg); return 2; }
-    for (i = 0; i < cp.n; i++) srcs[i] = cp.train[i];
-    if (moe_loader_init(&ld, srcs, cp.train_len, cp.n, opt.seq, (uint64_t)opt.seed, &err) != MOE_OK) { fprintf(stderr, "data: %s\n", err.msg); return 1; }
+    if (!brown_load(&cp, paths.data_dir, opt.genres)) {
+        free(state_blob);
+        return 1;
+    }
+    /* from here every exit goes through `finish`, which frees what was allocated */
     if (paths.resume) {
-        train_state saved;
-        if (moe_checkpoint_load(paths.resume, &m.S, &start_step, &cfg, NULL, sizeof cfg, &saved, sizeof saved, &err) != MOE_OK) {
+        /* the model as the file describes it, its parameters and moments; the file must still
+           hold the config and state checked above */
+        size_t n = (size_t)resume_info.state_bytes;
+        unsigned char *again = (unsigned char *)malloc(n);
+        if (!again) {
+            fprintf(stderr, "train_lm: resume: out of memory\n");
+        } else if (moe_model_load(&m, paths.resume, opt.batch, opt.seq, &start_step, again, n, &err) != MOE_OK) {
             fprintf(stderr, "train_lm: resume: %s\n", err.msg);
-            return 1;
-        }
-        if (memcmp(&saved, &st, sizeof st) != 0 || start_step < 0 || start_step > st.opt.steps) {
+            status = 1;
+        } else if (memcmp(again, state_blob, n) != 0 || memcmp(&m.cfg, &cfg, sizeof cfg) != 0 || start_step != resume_info.step) {
             fprintf(stderr, "train_lm: resume: '%s' changed while it was being read\n", paths.resume);
-            return 1;
+            status = 1;
         }
-        ld.rng = saved.loader.rng;
-        ld.batches = saved.loader.batches;
-        st.noise = saved.noise;
-        st.tokens = saved.tokens;
+        if (!again) status = 1;
+        free(again);
+        free(state_blob);
+        if (status) goto finish;
+    } else if (moe_model_init(&m, &cfg, opt.batch, opt.seq) != MOE_OK) {
+        fprintf(stderr, "model: %s\n", m.err.msg);
+        status = 2;
+        goto finish;
+    }
+    for (i = 0; i < cp.n; i++) srcs[i] = cp.train[i];
+    if (moe_loader_init(&ld, srcs, cp.train_len, cp.n, opt.seq, (uint64_t)opt.seed, &err) != MOE_OK) {
+        fprintf(stderr, "data: %s\n", err.msg);
+        status = 1;
+        goto finish;
+    }
+    if (paths.resume) {
+        ld.rng = st.loader.rng;
+        ld.batches = st.loader.batches;
         printf("resumed %s at step %lld\n", paths.resume, start_step);
     } else {
         moe_model_init_weights(&m, (uint64_t)opt.seed);
@@ -506,11 +632,18 @@ int main(int argc, char **argv) {
     print_settings(&m, &opt, &paths, &cp, start_step);
     {
         files_err fe;
-        if (files_mkdirs(paths.out_dir, &fe) != 0) { fprintf(stderr, "train_lm: %s\n", fe.msg); return 1; }
+        if (files_mkdirs(paths.out_dir, &fe) != 0) {
+            fprintf(stderr, "train_lm: %s\n", fe.msg);
+            status = 1;
+            goto finish;
+        }
     }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
     snprintf(log_path, sizeof log_path, "%s", path);
-    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) return 1;
+    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) {
+        status = 1;
+        goto finish;
+    }
     x = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     y = (int *)malloc(sizeof(int) * (size_t)opt.batch * opt.seq);
     src = (int *)malloc(sizeof(int) * (size_t)opt.batch);
@@ -520,6 +653,11 @@ int main(int argc, char **argv) {
     eval_y = (float *)malloc(sizeof(float) * (size_t)(opt.steps / (opt.eval_every > 0 ? opt.eval_every : opt.steps) + 2));
     per_genre = (double *)malloc(sizeof(double) * (size_t)cp.n);
     if (cfg.moe_every > 0) load = (float *)calloc((size_t)cp.n * cfg.moe.n_experts, sizeof(float));
+    if (!x || !y || !src || !curve_x || !curve_train || !eval_x || !eval_y || !per_genre || (cfg.moe_every > 0 && !load)) {
+        fprintf(stderr, "train_lm: out of memory\n");
+        status = 1;
+        goto finish;
+    }
     t0 = moe_time_seconds();
     for (step = start_step + 1; step <= opt.steps; step++) {
         float lr = moe_lr_cosine(step - 1, opt.warmup, opt.steps, opt.lr, opt.min_lr), norm;
@@ -531,7 +669,8 @@ int main(int argc, char **argv) {
             if (moe_model_forward(&m, x, y, opt.batch, opt.seq, &st.noise) != MOE_OK ||
                 moe_model_backward(&m, 1.0f / (float)opt.accum) != MOE_OK) {
                 fprintf(stderr, "step %lld: %s\n", step, m.err.msg);
-                return 1;
+                status = 1;
+                goto finish;
             }
             loss += m.loss / opt.accum;
             aux += m.aux_loss / opt.accum;
@@ -542,8 +681,8 @@ int main(int argc, char **argv) {
             char what[96];
             snprintf(what, sizeof what, "the %s is %s", !isfinite(loss) ? "loss" : !isfinite(aux) ? "auxiliary loss" : "gradient norm",
                      bad != bad ? "not a number" : "infinite");
-            fclose(csv);
-            return diverged(step, what, ckpt, saved_step);
+            status = diverged(step, what, ckpt, saved_step);
+            goto finish;
         }
         moe_adamw_step(&m.S, &adam, lr, step);
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
@@ -584,10 +723,10 @@ int main(int argc, char **argv) {
             st.loader.rng = ld.rng;
             st.loader.batches = ld.batches;
             if (!params_finite(&m.S)) {
-                fclose(csv);
-                return diverged(step, "a parameter is not finite", ckpt, saved_step);
+                status = diverged(step, "a parameter is not finite", ckpt, saved_step);
+                goto finish;
             }
-            if (moe_checkpoint_save(ckpt, &m.S, 1, step, &m.cfg, sizeof m.cfg, &st, sizeof st, &err) != MOE_OK) {
+            if (save_checkpoint(&m, ckpt, step, &st, &err) != MOE_OK) {
                 fprintf(stderr, "train_lm: checkpoint at step %lld: %s\n", step, err.msg);
                 save_failed = 1;
             } else {
@@ -597,19 +736,22 @@ int main(int argc, char **argv) {
         }
         if (step == paths.stop_at) {
             if (fclose(csv) != 0) log_failed = 1;
+            csv = NULL;
             if (save_failed) {
                 fprintf(stderr, "train_lm: stopped at step %lld without a checkpoint of it\n", step);
-                return 1;
+                status = 1;
+            } else {
+                printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
+                status = log_failed;
             }
-            printf("stopped at step %lld; continue with --resume %s\n", step, ckpt);
-            moe_model_free(&m);
-            return log_failed;
+            goto finish;
         }
     }
     if (fclose(csv) != 0 && !log_failed) {
         fprintf(stderr, "train_lm: writing the log '%s' failed (disk full?)\n", log_path);
         log_failed = 1;
     }
+    csv = NULL;
     if (start_step >= opt.steps) last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
     else last_bpb = eval_y[n_eval - 1];
     printf("\nvalidation bits per byte by genre:\n");
@@ -658,12 +800,15 @@ int main(int argc, char **argv) {
            last_loss, moe_model_params_total(&m), moe_model_params_active(&m),
            (double)(opt.steps - start_step) * opt.batch * opt.seq * opt.accum / (moe_time_seconds() - t0 + 1e-9), (long long)opt.steps);
     printf("wrote %s/%s.csv, %s/%s_loss.png%s, %s\n", paths.out_dir, paths.name, paths.out_dir, paths.name, load ? ", *_load.png" : "", ckpt);
-    moe_model_free(&m);
-    brown_free(&cp);
-    free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
     /* a run whose last checkpoint or an output file failed did not do what it says: a later
        --resume would continue an older state */
     if (save_failed && saved_step >= 0) fprintf(stderr, "train_lm: the final checkpoint was not written; '%s' holds step %lld\n", ckpt, saved_step);
     else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
-    return save_failed || log_failed || plot_failed;
+    status = save_failed || log_failed || plot_failed;
+finish:
+    if (csv) fclose(csv);
+    moe_model_free(&m);
+    brown_free(&cp);
+    free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);
+    return status;
 }

@@ -7,7 +7,8 @@
  *   if (rc == 0 && proc_log_has("build/t/x.log", "result")) ...
  *
  * proc_run returns the exit status, 128 + the signal that ended the program, or -1 when it
- * could not be started. Options: extra environment variables; a file-size limit (RLIMIT_FSIZE:
+ * could not be started. proc_start / proc_wait do the same in two steps (a test that kills the
+ * program in between). Options: extra environment variables; a file-size limit (RLIMIT_FSIZE:
  * writes past it fail with EFBIG, SIGXFSZ ignored; how a test injects a write error, like a full
  * disk); and running as the unprivileged user 65534 when the test runs as root, so that read-only
  * directories refuse writes there too. POSIX; the test file defines _POSIX_C_SOURCE 200809L
@@ -50,10 +51,11 @@ PROC_FN proc_opts proc_opts_default(void) {
 /* 1 when the tests run as root (file permissions do not stop root) */
 PROC_FN int proc_is_root(void) { return geteuid() == 0; }
 
-/* runs argv (argv[0] is a path, not looked up), output to `log` ("/dev/null" to drop it) */
-PROC_FN int proc_runv(const proc_opts *o, const char *log, const char *const *argv) {
+/* starts argv (argv[0] is a path, not looked up), output to `log` ("/dev/null" to drop it);
+   the child's process id, or -1. proc_wait collects it. */
+PROC_FN pid_t proc_start(const proc_opts *o, const char *log, const char *const *argv) {
     pid_t pid;
-    int status, k;
+    int k;
     fflush(stdout);
     fflush(stderr);
     pid = fork();
@@ -84,12 +86,22 @@ PROC_FN int proc_runv(const proc_opts *o, const char *log, const char *const *ar
         execv(argv[0], (char *const *)argv);
         _exit(127);
     }
+    return pid;
+}
+
+/* waits for a child of proc_start: its exit status, 128 + the signal that ended it, or -1 */
+PROC_FN int proc_wait(pid_t pid) {
+    int status;
+    if (pid < 0) return -1;
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR) return -1;
     if (WIFEXITED(status)) return WEXITSTATUS(status);
     if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
     return -1;
 }
+
+/* runs argv to its end: proc_start, then proc_wait */
+PROC_FN int proc_runv(const proc_opts *o, const char *log, const char *const *argv) { return proc_wait(proc_start(o, log, argv)); }
 
 /* the same with the arguments listed, ending with (const char *)NULL */
 PROC_FN int proc_run(const proc_opts *o, const char *log, const char *arg0, ...) {

@@ -216,9 +216,11 @@ static void make_csv_fixtures(void) {
 
 /* ---- checkpoints of train_lm ---------------------------------------------------------------- */
 
-/* train_lm's train_options (ints, then floats, then the seed and the genre list; no padding):
-   the byte offsets a crafted checkpoint changes. The state blob starts with it. */
-enum { OFF_STEPS = 12, OFF_LOG_EVERY = 28, OFF_LR = 40, OFF_GENRES = 64, CFG_OFF_D = 8 };
+/* A train_lm checkpoint is a model file: the config blob is "MOEMODEL", u32 version, then a
+   record of named fields; the state blob is the tag "train_lm", then a record. A record is u32
+   count, then per field: u8 name length, name, u8 type, u8 flags, the value (i, f: 8 bytes;
+   s: u32 length and the text). */
+enum { MODEL_RECORD_AT = 12, STATE_RECORD_AT = 8 };
 
 static long get_u64(const unsigned char *p) {
     long v = 0;
@@ -227,33 +229,71 @@ static long get_u64(const unsigned char *p) {
     return v;
 }
 
-/* copies base.ckpt to dst with `n` bytes at `off` of the header (where 'h'), config ('c'),
-   state ('s') or parameters ('p') replaced, and the CRC made valid again */
-static void craft(const char *dst, char where, long off, const void *bytes, size_t n) {
+static void put_u64(unsigned char *p, long v) {
+    int i;
+    for (i = 0; i < 8; i++) p[i] = (unsigned char)((unsigned long)v >> (8 * i));
+}
+
+/* where field `name`'s value starts in the record rec (len bytes), and its encoded length; -1
+   when the record lacks it */
+static long record_value_at(const unsigned char *rec, long len, const char *name, long *vlen) {
+    long at = 4, count = rec[0] | rec[1] << 8 | (long)rec[2] << 16 | (long)rec[3] << 24, e;
+    for (e = 0; e < count && at < len; e++) {
+        long nlen = rec[at], type = rec[at + 1 + nlen], v = at + 3 + nlen;
+        long n = type == 's' ? 4 + (rec[v] | rec[v + 1] << 8 | (long)rec[v + 2] << 16 | (long)rec[v + 3] << 24) : 8;
+        if (nlen == (long)strlen(name) && memcmp(rec + at + 1, name, (size_t)nlen) == 0) {
+            *vlen = n;
+            return v;
+        }
+        at = v + n;
+    }
+    return -1;
+}
+
+/* copies base.ckpt to dst with `n` bytes at `off` of the header (where 'h') or the parameters
+   ('p') replaced, or the value of the config's ('c') or state's ('s') record field `name`
+   replaced by the encoded value `bytes` (any length: the blob's size in the header follows);
+   the CRC made valid again */
+static void craft_at(const char *dst, char where, long off, const char *name, const void *bytes, size_t n) {
     char path[256];
-    long len = 0, base;
-    unsigned char *b;
+    long len = 0, base, vlen = (long)n, at;
+    unsigned char *b, *out;
     uint32_t crc;
     int i;
     snprintf(path, sizeof path, "%s/base.ckpt", D);
     b = (unsigned char *)proc_slurp(path, &len);
     if (!b || len < 100) { free(b); return; }
     base = where == 'h' ? 0 : where == 'c' ? 56 : where == 's' ? 56 + get_u64(b + 40) : 56 + get_u64(b + 40) + get_u64(b + 48);
-    memcpy(b + base + off, bytes, n);
-    crc = moe_crc32(0, b, (size_t)len - 4);
-    for (i = 0; i < 4; i++) b[len - 4 + i] = (unsigned char)(crc >> (8 * i));
-    write_file(dst, (const char *)b, (size_t)len);
+    if (name) {
+        long rec = base + (where == 'c' ? MODEL_RECORD_AT : STATE_RECORD_AT), blob = get_u64(b + (where == 'c' ? 40 : 48));
+        at = record_value_at(b + rec, blob - (rec - base), name, &vlen);
+        if (at < 0) { free(b); return; } /* no fixture: its case fails */
+        off = rec - base + at;
+        put_u64(b + (where == 'c' ? 40 : 48), blob + (long)n - vlen);
+    }
+    out = (unsigned char *)malloc((size_t)(len + (long)n - vlen));
+    memcpy(out, b, (size_t)(base + off));
+    memcpy(out + base + off, bytes, n);
+    memcpy(out + base + off + (long)n, b + base + off + vlen, (size_t)(len - base - off - vlen));
+    len += (long)n - vlen;
+    crc = moe_crc32(0, out, (size_t)len - 4);
+    for (i = 0; i < 4; i++) out[len - 4 + i] = (unsigned char)(crc >> (8 * i));
+    write_file(dst, (const char *)out, (size_t)len);
     free(b);
+    free(out);
 }
+static void craft(const char *dst, char where, long off, const void *bytes, size_t n) { craft_at(dst, where, off, NULL, bytes, n); }
+static void craft_field(const char *dst, char where, const char *name, const void *bytes, size_t n) { craft_at(dst, where, 0, name, bytes, n); }
 
 #define LM "build/examples/train_lm"
 #define SMALL "--quick", "--d", "16", "--heads", "1", "--layers", "2", "--experts", "4", "--expert-ff", "16", "--d-ff", "32", "--sample", "0"
 
 static int make_ckpt_fixtures(void) {
     char log[128];
-    int zero = 0, neg_step[2] = {-5, -1}, big_d = 4096;
-    float nan_v = NAN, huge_v = 1e30f;
-    char genres[256];
+    int neg_step[2] = {-5, -1};
+    unsigned char zero[8] = {0}, big_d[8] = {0}, nan_v[8], genres[4 + 256];
+    float nan_f = NAN, huge_v = 1e30f;
+    double nan_d = NAN;
     moe_store s;
     moe_err err;
     char path[256];
@@ -274,13 +314,16 @@ static int make_ckpt_fixtures(void) {
         }
         free(b);
     }
-    craft("log0.ckpt", 's', OFF_LOG_EVERY, &zero, sizeof zero);
+    craft_field("log0.ckpt", 's', "opt.log_every", zero, 8);
     craft("negstep.ckpt", 'h', 32, neg_step, sizeof neg_step);
-    memset(genres, 'x', sizeof genres);
-    craft("genres.ckpt", 's', OFF_GENRES, genres, sizeof genres);
-    craft("bigcfg.ckpt", 'c', CFG_OFF_D, &big_d, sizeof big_d);
-    craft("nanlr.ckpt", 's', OFF_LR, &nan_v, sizeof nan_v);
-    craft("nanparam.ckpt", 'p', 40, &nan_v, sizeof nan_v);
+    memset(genres, 'x', sizeof genres); /* 256 bytes of text for a 256-byte array: no room for its NUL */
+    genres[0] = 0; genres[1] = 1; genres[2] = 0; genres[3] = 0;
+    craft_field("genres.ckpt", 's', "opt.genres", genres, sizeof genres);
+    big_d[1] = 0x10; /* 4096 */
+    craft_field("bigcfg.ckpt", 'c', "d", big_d, 8);
+    memcpy(nan_v, &nan_d, 8); /* f64 bits, little-endian hosts */
+    craft_field("nanlr.ckpt", 's', "opt.lr", nan_v, 8);
+    craft("nanparam.ckpt", 'p', 40, &nan_f, sizeof nan_f);
     craft("hugeparam.ckpt", 'p', 40, &huge_v, sizeof huge_v);
     /* a checkpoint of another program: a store with no config or state blobs */
     moe_store_init(&s);
@@ -397,13 +440,14 @@ static void test_train_lm_input(void) {
     bad("--resume binary", 1, "not a moe.h checkpoint", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@binary.bin", END);
     bad("--resume log_every 0", 1, "--log-every must be between 1", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@log0.ckpt", END);
     bad("--resume step -5", 1, "holds step -5", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@negstep.ckpt", END);
-    bad("--resume a genre list without its end", 1, "genre list without its end", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume",
-        "@genres.ckpt", END);
-    bad("--resume a config of another size", 1, "but its config describes", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@bigcfg.ckpt", END);
+    bad("--resume a genre list without room for its end", 1, "'opt.genres' holds 256 bytes of text", NULL, 0, LM, SMALL, "--out", D, "--name", "r",
+        "--resume", "@genres.ckpt", END);
+    bad("--resume a config of another size", 1, "a config that does not fit them", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume",
+        "@bigcfg.ckpt", END);
     bad("--resume lr NaN", 1, "--lr is not a number", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@nanlr.ckpt", END);
     bad("--resume a NaN parameter", 1, "NaN", "not loaded", 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@nanparam.ckpt", END);
     bad("--resume a parameter of 1e30", 1, "1e+30", "not loaded", 0, LM, SMALL, "--out", D, "--name", "r", "--resume", "@hugeparam.ckpt", END);
-    bad("--resume another program's checkpoint", 1, "another program or version", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume",
+    bad("--resume another program's checkpoint", 1, "is a checkpoint, not a model file", NULL, 0, LM, SMALL, "--out", D, "--name", "r", "--resume",
         "@foreign.ckpt", END);
     bad("--resume with --d 64", 2, "--d 64 conflicts with", "saved with --d 16", 0, LM, SMALL, "--d", "64", "--out", D, "--name", "r", "--resume",
         "@base.ckpt", END);

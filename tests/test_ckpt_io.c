@@ -1,7 +1,8 @@
 /* test_ckpt_io.c - checkpoint files under stress: two processes saving to one path while a
    third loads it (every load sees a whole file; no temporary file is left), a write error in
    the middle of a save (the previous checkpoint survives byte for byte, nothing is left
-   behind), CRC-valid files holding NaN, huge or negative-variance values (refused with a
+   behind), the n-th create, write, sync, close or rename failing through the I/O hooks for
+   every n, in a checkpoint save and in a model save (the same), CRC-valid files holding NaN, huge or negative-variance values (refused with a
    sentence naming the tensor, the store unchanged), a directory given as a checkpoint, and
    moe_model_param_count against the allocated model. */
 #define _POSIX_C_SOURCE 200809L
@@ -119,6 +120,170 @@ static void test_write_error(const char *dir) {
     moe_store_free(&s);
 }
 
+/* ---- an I/O failure shim (SQLite's way): the real calls, except that the n-th call of one
+   kind fails, as a full disk, a failing device or a refused rename would ---- */
+enum { OP_CREATE, OP_WRITE, OP_SYNC, OP_CLOSE, OP_RENAME, OP_SYNC_DIR, OP_KINDS };
+static const char *const op_name[OP_KINDS] = {"create", "write", "sync", "close", "rename", "directory sync"};
+
+typedef struct shim {
+    moe_ckpt_io real;
+    int fail_op, fail_at, fail_errno; /* the fail_at-th call (from 1) of fail_op fails with fail_errno; 0: none */
+    int calls[OP_KINDS];
+} shim;
+
+static int shim_fails(shim *s, int op) {
+    if (++s->calls[op] != s->fail_at || op != s->fail_op) return 0;
+    errno = s->fail_errno;
+    return 1;
+}
+static void *shim_create(void *ctx, const char *path) {
+    shim *s = (shim *)ctx;
+    return shim_fails(s, OP_CREATE) ? NULL : s->real.create(s->real.ctx, path);
+}
+static int shim_write(void *ctx, void *file, const void *buf, size_t n) {
+    shim *s = (shim *)ctx;
+    if (shim_fails(s, OP_WRITE)) { /* half of it reaches the file, as when the disk fills */
+        int e = errno;
+        s->real.write(s->real.ctx, file, buf, n / 2);
+        errno = e;
+        return -1;
+    }
+    return s->real.write(s->real.ctx, file, buf, n);
+}
+static int shim_sync(void *ctx, void *file) {
+    shim *s = (shim *)ctx;
+    return shim_fails(s, OP_SYNC) ? -1 : s->real.sync(s->real.ctx, file);
+}
+static int shim_close(void *ctx, void *file) { /* the descriptor is released even when close fails (POSIX) */
+    shim *s = (shim *)ctx;
+    int rc = s->real.close(s->real.ctx, file);
+    return shim_fails(s, OP_CLOSE) ? -1 : rc;
+}
+static int shim_rename(void *ctx, const char *from, const char *to) {
+    shim *s = (shim *)ctx;
+    return shim_fails(s, OP_RENAME) ? -1 : s->real.rename(s->real.ctx, from, to);
+}
+static int shim_remove(void *ctx, const char *path) {
+    shim *s = (shim *)ctx;
+    return s->real.remove(s->real.ctx, path);
+}
+static int shim_sync_dir(void *ctx, const char *dir) {
+    shim *s = (shim *)ctx;
+    return shim_fails(s, OP_SYNC_DIR) ? -1 : s->real.sync_dir(s->real.ctx, dir);
+}
+
+static moe_ckpt_io shim_io(shim *s, int op, int at, int e) {
+    moe_ckpt_io io;
+    memset(s, 0, sizeof *s);
+    s->real = moe_ckpt_io_default();
+    s->fail_op = op;
+    s->fail_at = at;
+    s->fail_errno = e;
+    io.create = shim_create; io.write = shim_write; io.sync = shim_sync; io.close = shim_close;
+    io.rename = shim_rename; io.remove = shim_remove; io.sync_dir = shim_sync_dir;
+    io.ctx = s;
+    return io;
+}
+
+/* what is saved: a store of 3.0s (old) or 5.0s (new), or a small model of seed 1 or 2 */
+typedef struct saver {
+    int model;
+    moe_store s_old, s_new;
+    moe_model m_old, m_new;
+} saver;
+
+static moe_status save_with(saver *v, int newer, const char *path, const moe_ckpt_io *io, moe_err *err) {
+    static const char user[] = "the caller's state";
+    if (v->model) return moe_model_save_ex(newer ? &v->m_new : &v->m_old, path, 1, newer ? 9 : 8, user, sizeof user, io, err);
+    return moe_checkpoint_save_ex(path, newer ? &v->s_new : &v->s_old, 1, newer ? 9 : 8, NULL, 0, user, sizeof user, io, err);
+}
+
+static void test_io_failures(const char *dir, int model) {
+    char path[256], count_path[256], prefix[64];
+    char *before = NULL, *now = NULL;
+    long n_before = 0, n_now = 0;
+    saver v;
+    shim sh;
+    moe_ckpt_io io;
+    moe_err err;
+    moe_status st;
+    int op, n, calls[OP_KINDS], injected = 0, ok_cases = 0;
+    TEST_BEGIN(model ? "the n-th create, write, sync, close or rename fails in a model save, for every n: the previous file survives, nothing is left"
+                     : "the n-th create, write, sync, close or rename fails in a checkpoint save, for every n: the previous file survives, nothing is left");
+    memset(&v, 0, sizeof v);
+    v.model = model;
+    if (model) {
+        moe_model_config c = moe_model_config_default();
+        c.d = 16; c.n_heads = 2; c.n_layers = 2; c.max_seq = 8; c.d_ff = 24; c.moe.d_ff = 8; c.moe.n_experts = 4;
+        CHECK(moe_model_init(&v.m_old, &c, 1, 8) == MOE_OK && moe_model_init(&v.m_new, &c, 1, 8) == MOE_OK, "two small models");
+        moe_model_init_weights(&v.m_old, 1);
+        moe_model_init_weights(&v.m_new, 2);
+    } else {
+        make_store(&v.s_old, 3.0f);
+        make_store(&v.s_new, 5.0f);
+    }
+    snprintf(prefix, sizeof prefix, "%s.", model ? "model.bin" : "io.ckpt");
+    snprintf(path, sizeof path, "%s/%s", dir, model ? "model.bin" : "io.ckpt");
+    snprintf(count_path, sizeof count_path, "%s/count.ckpt", dir);
+    /* the calls one save makes, counted on a save elsewhere */
+    io = shim_io(&sh, -1, 0, 0);
+    CHECK(save_with(&v, 1, count_path, &io, &err) == MOE_OK, "a save through the shim that fails nothing: %s", err.msg);
+    memcpy(calls, sh.calls, sizeof calls);
+    remove(count_path);
+    CHECK(calls[OP_CREATE] == 1 && calls[OP_WRITE] >= 6 && calls[OP_SYNC] == 1 && calls[OP_CLOSE] == 1 && calls[OP_RENAME] == 1 &&
+          calls[OP_SYNC_DIR] == 1, "one save: %d creates, %d writes, %d syncs, %d closes, %d renames, %d directory syncs", calls[OP_CREATE],
+          calls[OP_WRITE], calls[OP_SYNC], calls[OP_CLOSE], calls[OP_RENAME], calls[OP_SYNC_DIR]);
+    CHECK(save_with(&v, 0, path, NULL, &err) == MOE_OK, "the previous file: %s", err.msg);
+    before = proc_slurp(path, &n_before);
+    for (op = OP_CREATE; op <= OP_RENAME; op++)
+        for (n = 1; n <= calls[op]; n++) {
+            int e = op == OP_WRITE ? ENOSPC : EIO, same, left;
+            io = shim_io(&sh, op, n, e);
+            st = save_with(&v, 1, path, &io, &err);
+            now = proc_slurp(path, &n_now);
+            same = before && now && n_now == n_before && memcmp(before, now, (size_t)n_before) == 0;
+            left = count_entries(dir, prefix);
+            injected++;
+            ok_cases += st == MOE_ERR_IO && same && left == 0 && strstr(err.msg, strerror(e)) != NULL;
+            CHECK(st == MOE_ERR_IO && same && left == 0 && strstr(err.msg, strerror(e)) && (op == OP_CREATE || strstr(err.msg, "is unchanged")),
+                  "%s %d of %d fails: status %d, '%s', the previous file %s, %d temporary files left", op_name[op], n, calls[op], (int)st, err.msg,
+                  same ? "byte-identical" : "CHANGED", left);
+            free(now);
+        }
+    printf("   %d failures injected, %d left the previous file byte-identical and nothing beside it\n", injected, ok_cases);
+    /* a name another writer holds: the next one is taken */
+    io = shim_io(&sh, OP_CREATE, 1, EEXIST);
+    CHECK(save_with(&v, 0, path, &io, &err) == MOE_OK && sh.calls[OP_CREATE] == 2 && count_entries(dir, prefix) == 0,
+          "a temporary name that exists: the save takes the next one: %s", err.msg);
+    /* after the rename: a directory that cannot be synced is no error, the new file is whole */
+    io = shim_io(&sh, OP_SYNC_DIR, 1, EINVAL);
+    st = save_with(&v, 1, path, &io, &err);
+    now = proc_slurp(path, &n_now);
+    CHECK(st == MOE_OK && now && !(n_now == n_before && memcmp(before, now, (size_t)n_before) == 0) && count_entries(dir, prefix) == 0,
+          "a failing directory sync after the rename: the save succeeds with the new file in place: %s", err.msg);
+    free(now);
+    if (model) {
+        moe_model loaded;
+        long long step = 0;
+        char user[32];
+        CHECK(moe_model_load(&loaded, path, 1, 8, &step, user, sizeof "the caller's state", &err) == MOE_OK && step == 9 &&
+              memcmp(loaded.S.params, v.m_new.S.params, v.m_new.S.numel * sizeof(float)) == 0, "the new model file loads: %s", err.msg);
+        if (loaded.S.params) moe_model_free(&loaded);
+    }
+    io = moe_ckpt_io_default();
+    io.sync = NULL;
+    CHECK(save_with(&v, 0, path, &io, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "moe_ckpt_io_default"), "a hook left unset: %s", err.msg);
+    free(before);
+    remove(path);
+    if (model) {
+        moe_model_free(&v.m_old);
+        moe_model_free(&v.m_new);
+    } else {
+        moe_store_free(&v.s_old);
+        moe_store_free(&v.s_new);
+    }
+}
+
 /* saves s, then loads it into a fresh store of 4.0s: the status, the message, and whether the
    target kept every value */
 static moe_status load_into_fresh(const char *path, moe_store *s, int moments, moe_err *err, int *unchanged) {
@@ -199,6 +364,8 @@ int main(void) {
     }
     test_concurrent_writers(dir);
     test_write_error(dir);
+    test_io_failures(dir, 0);
+    test_io_failures(dir, 1);
     test_values(dir);
     test_param_count();
     {

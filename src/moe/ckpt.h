@@ -12,7 +12,17 @@
    half-written, and two runs saving to one path each rename a whole file. Loading reads and
    verifies the whole file before it touches the store: on any error the store is unchanged.
    The parameters must be finite and below MOE_CKPT_MAX_ABS in magnitude, the moments finite
-   (v >= 0): a CRC protects against damage, not against a run that diverged before it saved. */
+   (v >= 0): a CRC protects against damage, not against a run that diverged before it saved.
+
+   I/O HOOKS (SQLite's VFS in miniature). A save does its file operations through a
+   moe_ckpt_io: moe_ckpt_io_default() holds the real calls, moe_checkpoint_save_ex (and
+   moe_model_save_ex) take another one per call; nothing global. A test fails the n-th write,
+   sync or rename and checks that the previous checkpoint survives; a program may route
+   checkpoints through its own storage layer. Each hook returns 0 (create: a handle) on success
+   and -1 (create: NULL) with errno set on failure. A failed create, write, sync, close or rename
+   leaves <path> as it was and removes the temporary file; a failed directory sync after the
+   rename is not an error (the new file is already in place, and some file systems refuse to
+   sync directories: SQLite ignores that failure too). */
 
 #define MOE_CKPT_VERSION 1
 /* A parameter's square must stay a float: above ~1.8e19 a norm overflows to inf and the next
@@ -30,9 +40,29 @@ typedef struct moe_ckpt_info {
 } moe_ckpt_info;
 
 #ifndef MOE_NO_STDIO
+typedef struct moe_ckpt_io {
+    /* creates `path` for writing, failing with errno EEXIST when it exists (POSIX: O_EXCL) */
+    void *(*create)(void *ctx, const char *path);
+    int (*write)(void *ctx, void *file, const void *buf, size_t n); /* all n bytes, or -1  */
+    int (*sync)(void *ctx, void *file);                             /* to stable storage    */
+    int (*close)(void *ctx, void *file);                            /* once per create      */
+    int (*rename)(void *ctx, const char *from, const char *to);     /* replaces `to`        */
+    int (*remove)(void *ctx, const char *path);                     /* the temporary file   */
+    int (*sync_dir)(void *ctx, const char *dir);                    /* after the rename     */
+    void *ctx;                                                      /* every hook's first argument */
+} moe_ckpt_io;
+
+/* the real calls (POSIX: open(O_EXCL), write, fsync, close, rename, remove, fsync of the
+   directory; elsewhere stdio, without the syncs), ctx NULL */
+MOEDEF moe_ckpt_io moe_ckpt_io_default(void);
 MOEDEF moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
                                       long long step, const void *config, size_t config_bytes,
                                       const void *state, size_t state_bytes, moe_err *err);
+/* the same through io (NULL: moe_ckpt_io_default()); every hook must be set */
+MOEDEF moe_status moe_checkpoint_save_ex(const char *path, const moe_store *s, int with_moments,
+                                         long long step, const void *config, size_t config_bytes,
+                                         const void *state, size_t state_bytes,
+                                         const moe_ckpt_io *io, moe_err *err);
 /* Verifies magic, version, CRC, fingerprint, sizes; config_bytes/state_bytes must equal the
    stored sizes (pass 0 / NULL to skip). If `expect_config` is non-NULL the stored config blob
    must equal it byte for byte. step/config_out/state_out may be NULL. */
@@ -75,9 +105,6 @@ MOE__IMPL uint32_t moe_crc32(uint32_t crc, const void *data, size_t n) {
 #ifdef MOE__HAVE_FSYNC
 #include <fcntl.h>    /* open(O_EXCL): a temporary name no other writer holds */
 #include <sys/stat.h> /* fstat: a directory is not a checkpoint */
-#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
-extern FILE *fdopen(int, const char *); /* POSIX; hidden by strict -std=c99 headers */
-#endif
 #endif
 #define MOE__CKPT_MAGIC "MOECKPT"
 #define MOE__CKPT_HEADER 56 /* 8 magic + 4 version + 4 flags + 5 * 8 */
@@ -108,102 +135,184 @@ static uint64_t moe__get_u64(const unsigned char *p) {
     return v;
 }
 
-/* writes n bytes and folds them into the running CRC */
-static int moe__write(FILE *f, const void *p, size_t n, uint32_t *crc) {
-    if (n == 0) return 1;
-    *crc = moe_crc32(*crc, p, n);
-    return fwrite(p, 1, n, f) == n;
+/* ---- the real calls behind moe_ckpt_io_default() ---- */
+#ifdef MOE__HAVE_FSYNC
+/* a descriptor travels as a handle shifted by one, so descriptor 0 is not NULL */
+#define MOE__FD(file) ((int)((intptr_t)(file) - 1))
+static void *moe__io_create(void *ctx, const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    (void)ctx;
+    return fd < 0 ? NULL : (void *)((intptr_t)fd + 1);
+}
+static int moe__io_write(void *ctx, void *file, const void *buf, size_t n) {
+    const char *p = (const char *)buf;
+    (void)ctx;
+    while (n > 0) { /* write(2) may write less than asked */
+        size_t chunk = n < ((size_t)1 << 30) ? n : ((size_t)1 << 30);
+        ssize_t k = write(MOE__FD(file), p, chunk);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) {
+            if (k == 0) errno = EIO;
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+static int moe__io_sync(void *ctx, void *file) { (void)ctx; return fsync(MOE__FD(file)) == 0 ? 0 : -1; }
+static int moe__io_close(void *ctx, void *file) { (void)ctx; return close(MOE__FD(file)) == 0 ? 0 : -1; }
+static int moe__io_sync_dir(void *ctx, const char *dir) {
+    int fd = open(dir, O_RDONLY), rc;
+    (void)ctx;
+    if (fd < 0) return -1;
+    rc = fsync(fd);
+    close(fd);
+    return rc == 0 ? 0 : -1;
+}
+#else
+static void *moe__io_create(void *ctx, const char *path) { (void)ctx; return fopen(path, "wb"); }
+static int moe__io_write(void *ctx, void *file, const void *buf, size_t n) {
+    (void)ctx;
+    return fwrite(buf, 1, n, (FILE *)file) == n ? 0 : -1;
+}
+static int moe__io_sync(void *ctx, void *file) { (void)ctx; return fflush((FILE *)file) == 0 ? 0 : -1; }
+static int moe__io_close(void *ctx, void *file) { (void)ctx; return fclose((FILE *)file) == 0 ? 0 : -1; }
+static int moe__io_sync_dir(void *ctx, const char *dir) { (void)ctx; (void)dir; return 0; }
+#endif
+static int moe__io_rename(void *ctx, const char *from, const char *to) {
+    (void)ctx;
+#ifdef _WIN32
+    remove(to); /* rename() does not replace files there */
+#endif
+    return rename(from, to) == 0 ? 0 : -1;
+}
+static int moe__io_remove(void *ctx, const char *path) { (void)ctx; return remove(path) == 0 ? 0 : -1; }
+
+MOE__IMPL moe_ckpt_io moe_ckpt_io_default(void) {
+    moe_ckpt_io io;
+    io.create = moe__io_create;
+    io.write = moe__io_write;
+    io.sync = moe__io_sync;
+    io.close = moe__io_close;
+    io.rename = moe__io_rename;
+    io.remove = moe__io_remove;
+    io.sync_dir = moe__io_sync_dir;
+    io.ctx = NULL;
+    return io;
 }
 
-/* Creates the temporary file for `path`: its name goes to tmp (cap bytes). */
-static FILE *moe__ckpt_create_tmp(const char *path, char *tmp, size_t cap) {
+/* a save in progress: the temporary file, the running CRC, the first error */
+typedef struct moe__ckpt_out {
+    const moe_ckpt_io *io;
+    moe_ckpt_io own;    /* moe__atomic_open: the real calls, io points here */
+    void *file;
+    uint32_t crc;
+    int failed; /* 0, or the errno of the first failure (EIO when the hook left none) */
+} moe__ckpt_out;
+
+static void moe__ckpt_fail(moe__ckpt_out *o) {
+    if (!o->failed) o->failed = errno ? errno : EIO;
+}
+
+/* writes n bytes and folds them into the running CRC; nothing after a failure */
+static void moe__write(moe__ckpt_out *o, const void *p, size_t n) {
+    if (o->failed || n == 0) return;
+    o->crc = moe_crc32(o->crc, p, n);
+    errno = 0;
+    if (o->io->write(o->io->ctx, o->file, p, n) != 0) moe__ckpt_fail(o);
+}
+
+/* Creates the temporary file for `path`: its name goes to tmp (cap bytes); NULL with errno. */
+static void *moe__ckpt_create_tmp(const moe_ckpt_io *io, const char *path, char *tmp, size_t cap) {
 #ifdef MOE__HAVE_FSYNC
     /* exclusive creation of a name with our process id (and a counter for several stores of
        one process); mkstemp would do the same but ignores the umask (mode 0600) */
-    int k, fd = -1;
-    FILE *f;
-    for (k = 0; k < 1000 && fd < 0; k++) {
+    int k;
+    for (k = 0; k < 1000; k++) {
+        void *f;
         snprintf(tmp, cap, "%s.%ld-%d.tmp", path, (long)getpid(), k);
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
-        if (fd < 0 && errno != EEXIST) return NULL;
+        errno = 0;
+        f = io->create(io->ctx, tmp);
+        if (f) return f;
+        if (errno != EEXIST) return NULL;
     }
-    if (fd < 0) return NULL;
-    f = fdopen(fd, "wb");
-    if (!f) {
-        close(fd);
-        remove(tmp);
-    }
-    return f;
+    return NULL;
 #else
     snprintf(tmp, cap, "%s.tmp", path);
-    return fopen(tmp, "wb");
+    return io->create(io->ctx, tmp);
 #endif
 }
 
-/* after a rename the directory entry is durable only once the directory itself is synced */
-static void moe__ckpt_sync_dir(const char *path) {
-#ifdef MOE__HAVE_FSYNC
-    char dir[4096];
+/* the directory holding `path` ("." for a bare name) */
+static void moe__ckpt_dir_of(const char *path, char *dir, size_t cap) {
     const char *slash = strrchr(path, '/');
-    int fd;
-    if (!slash) snprintf(dir, sizeof dir, ".");
-    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path) + (slash == path), path);
-    fd = open(dir, O_RDONLY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-#else
-    (void)path;
-#endif
+    if (!slash) snprintf(dir, cap, ".");
+    else snprintf(dir, cap, "%.*s", (int)(slash - path) + (slash == path), path);
 }
 
-/* Atomic replacement of a file, for every writer in moe.h (checkpoints, model exports):
-   moe__atomic_open creates a temporary file of a name no other writer holds beside the target
-   (tmp: room for cap bytes); moe__atomic_close flushes, fsyncs (POSIX) and closes it, then
-   renames it over path and syncs the directory when ok, else removes it: an existing file is
-   replaced whole or not at all, and two writers of one path never share a temporary file. */
-static moe_status moe__atomic_open(FILE **f, const char *path, char *tmp, size_t cap, moe_err *err) {
-    *f = NULL;
+/* Atomic replacement of a file for moe.h's other writers (safetensors, GGUF), on the same
+   calls as checkpoints: a temporary file of a name no other writer holds beside path;
+   moe__atomic_write appends (0 once anything failed); moe__atomic_close syncs, closes, renames
+   over path and syncs the directory when ok, else removes it. */
+static moe_status moe__atomic_open(moe__ckpt_out *o, const char *path, char *tmp, size_t cap, moe_err *err) {
+    memset(o, 0, sizeof *o);
+    o->own = moe_ckpt_io_default();
+    o->io = &o->own;
     if (strlen(path) + 32 > cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "path '%.64s...' is too long", path);
-    *f = moe__ckpt_create_tmp(path, tmp, cap);
-    return *f ? MOE_OK : moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno));
+    o->file = moe__ckpt_create_tmp(o->io, path, tmp, cap);
+    return o->file ? MOE_OK : moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno ? errno : EIO));
 }
 
-static moe_status moe__atomic_close(FILE *f, int ok, const char *tmp, const char *path, moe_err *err) {
-    ok = ok && fflush(f) == 0;
-#ifdef MOE__HAVE_FSYNC
-    ok = ok && fsync(fileno(f)) == 0;
-#endif
-    if (fclose(f) != 0) ok = 0;
-    if (!ok) {
-        remove(tmp);
-        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (disk full?); '%s' is unchanged", tmp, path);
+static int moe__atomic_write(moe__ckpt_out *o, const void *p, size_t n) {
+    moe__write(o, p, n);
+    return !o->failed;
+}
+
+static moe_status moe__atomic_close(moe__ckpt_out *o, int ok, const char *tmp, const char *path, moe_err *err) {
+    char dir[4096];
+    const moe_ckpt_io *io = o->io;
+    if (!ok && !o->failed) o->failed = EIO;
+    errno = 0;
+    if (!o->failed && io->sync(io->ctx, o->file) != 0) moe__ckpt_fail(o);
+    errno = 0;
+    if (io->close(io->ctx, o->file) != 0) moe__ckpt_fail(o);
+    if (o->failed) {
+        io->remove(io->ctx, tmp);
+        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (%s; disk full?); '%s' is unchanged", tmp, strerror(o->failed), path);
     }
-#ifdef _WIN32
-    remove(path); /* rename() does not replace files there */
-#endif
-    if (rename(tmp, path) != 0) {
-        remove(tmp);
-        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s'", tmp, path);
+    if (io->rename(io->ctx, tmp, path) != 0) {
+        int e = errno ? errno : EIO;
+        io->remove(io->ctx, tmp);
+        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s' (%s); '%s' is unchanged", tmp, path, strerror(e), path);
     }
-    moe__ckpt_sync_dir(path);
+    moe__ckpt_dir_of(path, dir, sizeof dir);
+    io->sync_dir(io->ctx, dir);
     return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, int with_moments,
                                          long long step, const void *config, size_t config_bytes,
                                          const void *state, size_t state_bytes, moe_err *err) {
+    return moe_checkpoint_save_ex(path, s, with_moments, step, config, config_bytes, state, state_bytes, NULL, err);
+}
+
+MOE__IMPL moe_status moe_checkpoint_save_ex(const char *path, const moe_store *s, int with_moments,
+                                            long long step, const void *config, size_t config_bytes,
+                                            const void *state, size_t state_bytes,
+                                            const moe_ckpt_io *io, moe_err *err) {
     unsigned char h[MOE__CKPT_HEADER], tail[4];
-    char tmp[4096];
-    uint32_t crc = 0;
-    FILE *f;
-    int ok;
-    moe_status st;
+    char tmp[4096], dir[4096];
+    moe_ckpt_io real = moe_ckpt_io_default();
+    moe__ckpt_out o;
     if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
     if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
     if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
     if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
+    if (strlen(path) + 32 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
+    if (!io) io = &real;
+    if (!io->create || !io->write || !io->sync || !io->close || !io->rename || !io->remove || !io->sync_dir)
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint I/O hooks: every function must be set (start from moe_ckpt_io_default())");
     memset(h, 0, sizeof h);
     memcpy(h, MOE__CKPT_MAGIC, 8);
     moe__put_u32(h + 8, MOE_CKPT_VERSION);
@@ -213,17 +322,38 @@ MOE__IMPL moe_status moe_checkpoint_save(const char *path, const moe_store *s, i
     moe__put_u64(h + 32, (uint64_t)step);
     moe__put_u64(h + 40, (uint64_t)config_bytes);
     moe__put_u64(h + 48, (uint64_t)state_bytes);
-    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
-    if (st != MOE_OK) return st;
-    ok = moe__write(f, h, sizeof h, &crc) && moe__write(f, config, config_bytes, &crc) &&
-         moe__write(f, state, state_bytes, &crc) &&
-         moe__write(f, s->params, s->numel * sizeof(float), &crc);
-    if (ok && with_moments)
-        ok = moe__write(f, s->adam_m, s->numel * sizeof(float), &crc) &&
-             moe__write(f, s->adam_v, s->numel * sizeof(float), &crc);
-    moe__put_u32(tail, crc);
-    ok = ok && fwrite(tail, 1, 4, f) == 4;
-    return moe__atomic_close(f, ok, tmp, path, err);
+    memset(&o, 0, sizeof o);
+    o.io = io;
+    o.file = moe__ckpt_create_tmp(io, path, tmp, sizeof tmp);
+    if (!o.file) return moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno ? errno : EIO));
+    moe__write(&o, h, sizeof h);
+    moe__write(&o, config, config_bytes);
+    moe__write(&o, state, state_bytes);
+    moe__write(&o, s->params, s->numel * sizeof(float));
+    if (with_moments) {
+        moe__write(&o, s->adam_m, s->numel * sizeof(float));
+        moe__write(&o, s->adam_v, s->numel * sizeof(float));
+    }
+    moe__put_u32(tail, o.crc);
+    moe__write(&o, tail, 4);
+    errno = 0;
+    if (!o.failed && io->sync(io->ctx, o.file) != 0) moe__ckpt_fail(&o);
+    errno = 0;
+    if (io->close(io->ctx, o.file) != 0) moe__ckpt_fail(&o);
+    if (o.failed) {
+        io->remove(io->ctx, tmp);
+        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (%s; disk full?); '%s' is unchanged", tmp, strerror(o.failed), path);
+    }
+    errno = 0;
+    if (io->rename(io->ctx, tmp, path) != 0) {
+        int e = errno ? errno : EIO;
+        io->remove(io->ctx, tmp);
+        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s' (%s); '%s' is unchanged", tmp, path, strerror(e), path);
+    }
+    /* the rename is durable only once the directory is synced; its failure is no error (above) */
+    moe__ckpt_dir_of(path, dir, sizeof dir);
+    io->sync_dir(io->ctx, dir);
+    return MOE_OK;
 }
 
 /* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */

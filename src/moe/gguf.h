@@ -197,7 +197,7 @@ MOE__IMPL moe_status moe_model_export_gguf(const moe_model *m, const char *path,
     moe__gguf_w g;
     unsigned char *head = NULL, *chunk = NULL, pad[MOE__GGUF_ALIGN];
     char tmp[4096], name[64], sn[MOE_NAME_LEN];
-    FILE *f;
+    moe__ckpt_out f;
     int count = 0, l, k, ok = 1, d, hd, half, p;
     uint32_t file_type;
     moe_status st;
@@ -281,21 +281,21 @@ MOE__IMPL moe_status moe_model_export_gguf(const moe_model *m, const char *path,
     memset(pad, 0, sizeof pad);
     st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
     if (st != MOE_OK) { MOE_FREE(t); MOE_FREE(head); MOE_FREE(chunk); return st; }
-    ok = fwrite(head, 1, g.w.pos, f) == g.w.pos;
-    ok = ok && fwrite(pad, 1, (MOE__GGUF_ALIGN - g.w.pos % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN, f) == (MOE__GGUF_ALIGN - g.w.pos % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN;
+    ok = moe__atomic_write(&f, head, g.w.pos);
+    ok = ok && moe__atomic_write(&f, pad, (MOE__GGUF_ALIGN - g.w.pos % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN);
     for (k = 0; k < count && ok; k++) {
         const moe__st_view *v = &t[k].v;
         size_t idx[4] = {0, 0, 0, 0}, e, numel = moe__view_numel(v), es = moe__st_dtype_size(t[k].dtype), fill = 0, bytes;
         for (e = 0; e < numel && ok; e++, moe__view_step(v, idx)) {
             moe__st_encode(chunk + fill, *moe__view_at(v, idx), t[k].dtype);
             fill += es;
-            if (fill == MOE__ST_CHUNK) { ok = fwrite(chunk, 1, fill, f) == fill; fill = 0; }
+            if (fill == MOE__ST_CHUNK) { ok = moe__atomic_write(&f, chunk, fill); fill = 0; }
         }
-        if (ok && fill) ok = fwrite(chunk, 1, fill, f) == fill;
+        if (ok && fill) ok = moe__atomic_write(&f, chunk, fill);
         bytes = numel * es;
-        ok = ok && fwrite(pad, 1, (MOE__GGUF_ALIGN - bytes % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN, f) == (MOE__GGUF_ALIGN - bytes % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN;
+        ok = ok && moe__atomic_write(&f, pad, (MOE__GGUF_ALIGN - bytes % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN);
     }
     MOE_FREE(t); MOE_FREE(head); MOE_FREE(chunk);
-    return moe__atomic_close(f, ok, tmp, path, err);
+    return moe__atomic_close(&f, ok, tmp, path, err);
 }
 #endif /* MOE_NO_STDIO */

@@ -82,6 +82,9 @@ MOEDEF const moe_field *moe_model_config_fields(int *count);
    moment, when saved), naming the tensor, and leaves the file on disk as it was. */
 MOEDEF moe_status moe_model_save(const moe_model *m, const char *path, int with_moments, long long step,
                                  const void *user, size_t user_bytes, moe_err *err);
+/* the same through the checkpoint I/O hooks io (NULL: the real calls; >>moe:ckpt) */
+MOEDEF moe_status moe_model_save_ex(const moe_model *m, const char *path, int with_moments, long long step,
+                                    const void *user, size_t user_bytes, const moe_ckpt_io *io, moe_err *err);
 /* The config of a model file alone (checked as moe_model_load checks it, nothing large
    allocated), to compare with a program's flags or size its buffers. info (may be NULL): the
    checkpoint header: step, has_moments, state_bytes = the size of the user blob. */
@@ -429,6 +432,11 @@ static moe_status moe__check_finite(const moe_store *s, int moments, const char 
 
 MOE__IMPL moe_status moe_model_save(const moe_model *m, const char *path, int with_moments, long long step,
                                     const void *user, size_t user_bytes, moe_err *err) {
+    return moe_model_save_ex(m, path, with_moments, step, user, user_bytes, NULL, err);
+}
+
+MOE__IMPL moe_status moe_model_save_ex(const moe_model *m, const char *path, int with_moments, long long step,
+                                       const void *user, size_t user_bytes, const moe_ckpt_io *io, moe_err *err) {
     moe_model_config defaults = moe_model_config_default();
     moe__wcur w;
     size_t rec_len;
@@ -464,7 +472,7 @@ MOE__IMPL moe_status moe_model_save(const moe_model *m, const char *path, int wi
             if (!w.p) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the model record");
         }
     }
-    st = moe_checkpoint_save(path, &m->S, with_moments, step, w.p, w.pos, user, user_bytes, err);
+    st = moe_checkpoint_save_ex(path, &m->S, with_moments, step, w.p, w.pos, user, user_bytes, io, err);
     MOE_FREE(w.p);
     return st;
 }

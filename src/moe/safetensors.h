@@ -517,7 +517,7 @@ static float *moe__view_at(const moe__st_view *v, const size_t idx[4]) {
 static moe_status moe__st_write(const char *path, const moe__st_view *views, int count, moe_dtype dtype, moe_err *err) {
     moe__text h;
     char tmp[4096];
-    FILE *f;
+    moe__ckpt_out f;
     unsigned char *chunk = NULL, len8[8];
     uint64_t off = 0, hlen;
     size_t es = moe__st_dtype_size(dtype), fill = 0;
@@ -543,7 +543,7 @@ static moe_status moe__st_write(const char *path, const moe__st_view *views, int
     if (st != MOE_OK) { MOE_FREE(h.p); MOE_FREE(chunk); return st; }
     hlen = h.len;
     for (d = 0; d < 8; d++) len8[d] = (unsigned char)(hlen >> (8 * d));
-    ok = fwrite(len8, 1, 8, f) == 8 && fwrite(h.p, 1, h.len, f) == h.len;
+    ok = moe__atomic_write(&f, len8, 8) && moe__atomic_write(&f, h.p, h.len);
     for (k = 0; k < count && ok; k++) {
         const moe__st_view *v = &views[k];
         size_t idx[4] = {0, 0, 0, 0}, e, numel = moe__view_numel(v);
@@ -551,16 +551,16 @@ static moe_status moe__st_write(const char *path, const moe__st_view *views, int
             moe__st_encode(chunk + fill, *moe__view_at(v, idx), dtype);
             fill += es;
             if (fill == MOE__ST_CHUNK) {
-                ok = fwrite(chunk, 1, fill, f) == fill;
+                ok = moe__atomic_write(&f, chunk, fill);
                 fill = 0;
                 if (!ok) break;
             }
         }
     }
-    if (ok && fill) ok = fwrite(chunk, 1, fill, f) == fill;
+    if (ok && fill) ok = moe__atomic_write(&f, chunk, fill);
     MOE_FREE(h.p);
     MOE_FREE(chunk);
-    return moe__atomic_close(f, ok, tmp, path, err);
+    return moe__atomic_close(&f, ok, tmp, path, err);
 }
 
 typedef struct moe__st_entry {
@@ -1095,7 +1095,7 @@ MOE__IMPL moe_status moe_model_export_hf(const moe_model *m, const char *dir, mo
     char path[4096], tmp[4200];
     moe__st_view *views;
     moe__text t;
-    FILE *f;
+    moe__ckpt_out f;
     int count, ok;
     moe_status st;
     if (!m || !m->S.params || !dir) return moe_err_set(err, MOE_ERR_INVALID_ARG, "HF export needs an initialised model and a directory");
@@ -1111,9 +1111,9 @@ MOE__IMPL moe_status moe_model_export_hf(const moe_model *m, const char *dir, mo
     moe__path_join(path, sizeof path, dir, "config.json");
     st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
     if (st != MOE_OK) { MOE_FREE(t.p); return st; }
-    ok = fwrite(t.p, 1, t.len, f) == t.len;
+    ok = moe__atomic_write(&f, t.p, t.len);
     MOE_FREE(t.p);
-    return moe__atomic_close(f, ok, tmp, path, err);
+    return moe__atomic_close(&f, ok, tmp, path, err);
 }
 
 /* config.json -> c. Keys it does not know are ignored (transformers writes many); the ones

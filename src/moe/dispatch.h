@@ -64,15 +64,11 @@ MOE__IMPL moe_status moe_dispatch(moe_assign *a, const int *token, const int *ex
     for (t = 0; t <= T; t++) a->tok_offset[t] = 0;
     for (i = 0; i < n; i++) a->tok_offset[a->token[i] + 1]++;
     for (t = 0; t < T; t++) a->tok_offset[t + 1] += a->tok_offset[t];
-    {
-        int *cursor = (int *)moe__calloc((size_t)T + 1, sizeof(int));
-        if (!cursor) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory in dispatch");
-        for (i = 0; i < n; i++) {
-            int tk = a->token[i];
-            a->tok_index[a->tok_offset[tk] + cursor[tk]++] = i;
-        }
-        MOE_FREE(cursor);
-    }
+    /* tok_offset[t] is token t's fill cursor; filled, it holds t's end = (t+1)'s start, so one
+       shift back restores the starts (no cursor array to allocate) */
+    for (i = 0; i < n; i++) a->tok_index[a->tok_offset[a->token[i]]++] = i;
+    for (t = T; t > 0; t--) a->tok_offset[t] = a->tok_offset[t - 1];
+    a->tok_offset[0] = 0;
     for (t = 0; t < T; t++) {
         int lo = a->tok_offset[t], hi = a->tok_offset[t + 1], j;
         for (i = lo + 1; i < hi; i++) {

@@ -177,6 +177,24 @@ MOEDEF float moe_rng_normal(moe_rng *r);   /* N(0,1), Box-Muller in double, no c
 MOEDEF int moe_rng_below(moe_rng *r, int n); /* uniform integer in [0, n), unbiased    */
 
 MOEDEF int moe_num_threads(void); /* threads an OpenMP loop would use here, 1 without OpenMP */
+
+/* Scratch memory planned once (ggml's work buffer, miniaudio's heap-size queries). The kernels
+   that need scratch (GEMM packing, experts, attention, the GRU) take a moe_work as their last
+   argument and say how much with a query, e.g. moe_matmul_work_floats(M, K, N, nthreads).
+   Size one workspace as the largest of the calls it will serve, allocate it at init, pass it
+   to every call: they then never allocate. NULL instead: the kernel allocates and frees its
+   own for that call and returns MOE_ERR_NOMEM when it cannot. A workspace smaller than a call
+   needs makes the call return MOE_ERR_INVALID_ARG (its outputs untouched). */
+typedef struct moe_work {
+    float *buf;    /* (floats) scratch; each call overwrites it from the start              */
+    size_t floats; /* capacity of buf                                                       */
+    int nthreads;  /* threads the per-thread regions are sized for: a call given this
+                      workspace runs at most that many (results never depend on the count) */
+} moe_work;
+
+/* buf for `floats` floats (none when 0) and per-thread regions for nthreads (< 1: 1) */
+MOEDEF moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads);
+MOEDEF void moe_work_free(moe_work *w); /* safe on a zeroed or freed workspace */
 MOEDEF double moe_time_seconds(void); /* monotonic wall clock (seconds), for benchmarks       */
 
 /* ============================================================================================
@@ -297,23 +315,29 @@ MOEDEF uint32_t moe_crc32(uint32_t crc, const void *data, size_t n); /* crc = 0 
    out (M, N) = inp (M, K) . weight (N, K)^T + bias (N): PyTorch's F.linear.
    The fast path is a cache-blocked, register-tiled GEMM written as plain loops that gcc and
    clang vectorize (-O3 -march=native); each output element is always computed by the same
-   sequence of operations, whatever the thread count or its position in the matrix. */
-
-MOEDEF void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                               int M, int K, int N);
+   sequence of operations, whatever the thread count or its position in the matrix.
+   work: scratch for the packed panels, moe_matmul_work_floats(M, K, N, threads) floats, or
+   NULL (the call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                     int M, int K, int N, moe_work *work);
 /* dinp (M,K) += dout . weight;  dweight (N,K) += dout^T . inp;  dbias (N) += colsum(dout).
    Any gradient pointer may be NULL to skip it. */
-MOEDEF void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                const float *inp, const float *weight, int M, int K, int N);
+MOEDEF moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, int M, int K, int N,
+                                      moe_work *work);
+/* scratch (floats) of moe_matmul_forward and of moe_matmul_backward at these sizes, with
+   per-thread regions for nthreads */
+MOEDEF size_t moe_matmul_work_floats(int M, int K, int N, int nthreads);
 MOEDEF void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
                                      const float *bias, int M, int K, int N);
 MOEDEF void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
                                       const float *inp, const float *weight, int M, int K, int N);
 /* The engine under both: C (M,N) (+)= op(A) (M,K) . B (K,N), row-major with leading dims.
    a_trans: A is stored (K, M). accumulate: 0 overwrites C. Single-threaded; callers split
-   C into row or column blocks per thread. */
-MOEDEF void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                     int ldb, float *C, int ldc, int accumulate);
+   C into row or column blocks per thread. work: moe_gemm_work_floats(M, N, K) floats, or NULL. */
+MOEDEF moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                           int ldb, float *C, int ldc, int accumulate, moe_work *work);
+MOEDEF size_t moe_gemm_work_floats(int M, int N, int K);
 MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
                            const float *B, int ldb, float *C, int ldc, int accumulate);
 
@@ -385,17 +409,23 @@ typedef struct moe_expert_weights {
 
 /* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). A SwiGLU bank whose
    w->gate is NULL takes h_gate as an INPUT: the gate pre-activation computed elsewhere (AoE
-   builds it from its low-rank cache); backward then leaves d h_gate in scratch1. */
-MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                moe_expert_kind kind, moe_activation act);
+   builds it from its low-rank cache); backward then leaves d h_gate in scratch1.
+   work: moe_experts_work_floats(...) floats for the packed weights and tiles, or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                      const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                      moe_expert_kind kind, moe_activation act, moe_work *work);
 /* dxg (N,d) is OVERWRITTEN (it is a per-assignment buffer, not a gradient of a parameter);
    weight gradients accumulate. scratch1, scratch2: (N, D) each. */
-MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                 const float *xg, const float *h_gate, const float *h_up,
-                                 const moe_expert_weights *w, const int *offset, int E, int d,
-                                 int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                 float *scratch2);
+MOEDEF moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                       const float *xg, const float *h_gate, const float *h_up,
+                                       const moe_expert_weights *w, const int *offset, int E, int d,
+                                       int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                       float *scratch2, moe_work *work);
+/* scratch (floats) of moe_experts_forward and of moe_experts_backward for a bank of E experts
+   when no expert gets more than max_rows rows (a router that sends each token at most once to
+   an expert: the tokens of one call), with per-thread regions for nthreads */
+MOEDEF size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads);
 
 /* ============================================================================================
    >>moe:dispatch  the assignment list
@@ -580,6 +610,7 @@ typedef struct moe_layer {
     float *dgate;         /* (T, E)                                                          */
     float *dlogits;       /* (T, E)                                                          */
     float *dnoise_logits; /* (T, E)                                                          */
+    moe_work work;        /* scratch of the layer's matmuls and experts, sized at init         */
     float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
     float *stat_load, *stat_prob; /* (E) backing for stats                                  */
     int *uncertain;       /* (T) GW-MoE: 1 when the token was broadcast to every expert      */
@@ -627,10 +658,16 @@ MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, cons
    att (B, NH, T, T) keeps the softmax probabilities for backward (tiny models: T <= 1024).
    Probabilities above the diagonal are 0 (causal). Scale 1/sqrt(hd). */
 
-MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH);
+/* work: moe_attention_work_floats(T, d, NH, threads) floats (per-thread tiles), or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                        moe_work *work);
 /* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
-MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                   int B, int T, int d, int NH);
+MOEDEF moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                         int B, int T, int d, int NH, moe_work *work);
+/* scratch (floats) of moe_attention_forward and of moe_attention_backward for sequences of up
+   to T tokens (any B), with per-thread regions for nthreads */
+MOEDEF size_t moe_attention_work_floats(int T, int d, int NH, int nthreads);
 /* Rotary positions (rotate-half pairing i, i + hd/2, as GPT-NeoX / HF LLaMA) applied in place
    to the q and k parts of qkv; inverse = 1 rotates backwards (the backward pass). cos_sin
    (T, hd/2, 2) from moe_rope_table. */
@@ -644,13 +681,17 @@ MOEDEF void moe_rope_table(float *cos_sin, int T, int hd, float theta);
    r = sig(gi_r + gh_r), z = sig(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
    h = (1 - z) * n + z * h_prev.  gi and gh are the caches backward needs. */
 
-MOEDEF void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                            const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                            int N, int p);
+/* work: the two products' scratch, moe_gru_work_floats(N, p, threads) floats, or NULL (they
+   allocate their own; MOE_ERR_NOMEM when they cannot). */
+MOEDEF moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                  const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                  int N, int p, moe_work *work);
 /* dx, dh_prev (N, p) and the weight gradients ACCUMULATE; dh (N, p) is dL/dh; scratch (N, 6p). */
-MOEDEF void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                             const float *dh, const float *x, const float *h_prev, const float *gi,
-                             const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch);
+MOEDEF moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                   const float *dh, const float *x, const float *h_prev, const float *gi,
+                                   const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                   moe_work *work);
+MOEDEF size_t moe_gru_work_floats(int N, int p, int nthreads);
 
 /* ============================================================================================
    >>moe:model  a tiny decoder-only MoE transformer over bytes
@@ -735,6 +776,10 @@ typedef struct moe_model {
     float *rope;            /* (max_T, hd/2, 2) cos, sin                              */
     float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *scratch1, *scratch2; /* backward */
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
+    float *route_noise;     /* (N, E) noisy top-k: the draws of one forward, else NULL   */
+    float *gen_probs;       /* (2 V) generation: probabilities and their sorted copy    */
+    moe_work work;          /* scratch of the model's own kernel calls (the MoE layers
+                               have theirs), sized at init                              */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses                      */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
@@ -754,9 +799,11 @@ typedef struct moe_sampler {
 
 MOEDEF moe_model_config moe_model_config_default(void);
 MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err);
-/* Declares every tensor, allocates parameters, gradients, Adam moments and the activations
-   for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
-   moe_model_init_weights or a checkpoint load. */
+/* Declares every tensor, allocates parameters, gradients, Adam moments, the activations for
+   batches of up to max_B sequences of up to max_T tokens and the kernels' scratch for the
+   thread count of this moment (moe_num_threads; later calls use at most that many): forward,
+   backward, the optimizer step and generation allocate nothing. Weights are zero until
+   moe_model_init_weights or a checkpoint load. On failure m holds only the error (free is safe). */
 MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
 MOEDEF void moe_model_free(moe_model *m);
 /* GPT-2 style: N(0, init_std), residual projections N(0, init_std/sqrt(2L)), norms 1,
@@ -858,6 +905,11 @@ MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *
 #define MOE__OMP_PARALLEL_IF(cond) MOE__PRAGMA(omp parallel if (cond))
 #define MOE__OMP_FOR_INNER MOE__PRAGMA(omp for schedule(dynamic, 1))
 #define MOE__OMP_FOR_NOWAIT MOE__PRAGMA(omp for schedule(static) nowait)
+/* The same with at most n threads: loops that index per-thread regions of a workspace sized
+   for n threads (moe_work.nthreads). */
+#define MOE__OMP_FOR_N(n) MOE__PRAGMA(omp parallel for schedule(static) num_threads(n))
+#define MOE__OMP_FOR_DYNAMIC_N(n) MOE__PRAGMA(omp parallel for schedule(dynamic, 1) num_threads(n))
+#define MOE__OMP_PARALLEL_IF_N(cond, n) MOE__PRAGMA(omp parallel if (cond) num_threads(n))
 #else
 #define MOE__OMP 0
 #define MOE_OMP_FOR
@@ -866,6 +918,9 @@ MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *
 #define MOE__OMP_PARALLEL_IF(cond)
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
+#define MOE__OMP_FOR_N(n)
+#define MOE__OMP_FOR_DYNAMIC_N(n)
+#define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -969,6 +1024,46 @@ MOE__IMPL int moe_num_threads(void) {
 #else
     return 1;
 #endif
+}
+
+MOE__IMPL moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads) {
+    w->buf = NULL;
+    w->floats = 0;
+    w->nthreads = nthreads < 1 ? 1 : nthreads;
+    if (floats == 0) return MOE_OK;
+    if (floats > (size_t)-1 / sizeof(float)) return MOE_ERR_NOMEM;
+    w->buf = (float *)MOE_MALLOC(floats * sizeof(float));
+    if (!w->buf) return MOE_ERR_NOMEM;
+    w->floats = floats;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_work_free(moe_work *w) {
+    MOE_FREE(w->buf);
+    w->buf = NULL;
+    w->floats = 0;
+}
+
+/* Threads a call may use: this machine's, at most the workspace's plan. */
+static int moe__work_threads(const moe_work *w) {
+    int n = moe_num_threads();
+    return w && w->nthreads < n ? (w->nthreads < 1 ? 1 : w->nthreads) : n;
+}
+
+/* The scratch a call runs on: the caller's workspace when it holds `need` floats, else (no
+   workspace given) a fresh allocation in *own that the call frees. NULL with *st set when
+   neither works. */
+static float *moe__work_get(moe_work *w, size_t need, float **own, moe_status *st) {
+    *own = NULL;
+    *st = MOE_OK;
+    if (w) {
+        if (need <= w->floats) return w->buf;
+        *st = MOE_ERR_INVALID_ARG;
+        return NULL;
+    }
+    *own = need ? (float *)MOE_MALLOC(need * sizeof(float)) : NULL;
+    if (need && !*own) *st = MOE_ERR_NOMEM;
+    return *own;
 }
 
 MOE__IMPL double moe_time_seconds(void) {
@@ -1693,41 +1788,41 @@ MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda,
     }
 }
 
-/* single-threaded GEMM with an optionally transposed B */
+/* Scratch of the GEMM of a (K, N) B: its packed copy, then one A block (MC x KC) per thread
+   (the single-threaded GEMM is the nthreads = 1 case). */
+static size_t moe__gemm_work(int K, int N, int nthreads) {
+    return moe__packed_b_floats(K > 0 ? K : 0, N > 0 ? N : 0) + (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+/* single-threaded GEMM with an optionally transposed B; ws: moe__gemm_work(K, N, 1) floats */
 static void moe__gemm_ex(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                         int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    float *Ap, *Bp;
+                         int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws) {
+    float *Ap = ws, *Bp = ws + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
     int npad = moe__round_up(N, MOE_GEMM_NR);
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         moe__gemm_packed(M, N, K, A, lda, a_trans, NULL, npad, 0, C, ldc, accumulate, NULL);
         return;
     }
-    Ap = (float *)MOE_MALLOC(sizeof(float) * (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)));
-    if (!Ap) { /* no memory for packing: fall back to the reference (same sums, other rounding) */
-        if (!b_trans) {
-            moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
-        } else {
-            int i, j, p;
-            for (i = 0; i < M; i++)
-                for (j = 0; j < N; j++) {
-                    double s = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
-                    for (p = 0; p < K; p++)
-                        s += (double)(a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]) * B[(size_t)j * ldb + p];
-                    C[(size_t)i * ldc + j] = (float)s;
-                }
-        }
-        return;
-    }
-    Bp = Ap + MOE_GEMM_MC * MOE_GEMM_KC;
     moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
     moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, accumulate, Ap);
-    MOE_FREE(Ap);
 }
 
-MOE__IMPL void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                        int ldb, float *C, int ldc, int accumulate) {
-    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate);
+MOE__IMPL size_t moe_gemm_work_floats(int M, int N, int K) {
+    (void)M;
+    return moe__gemm_work(K, N, 1);
+}
+
+MOE__IMPL moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                              int ldb, float *C, int ldc, int accumulate, moe_work *work) {
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, 1), &own, &st);
+    if (st != MOE_OK) return st;
+    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate, ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
@@ -1757,33 +1852,28 @@ static int moe__task_rows(int n, int nthreads) {
     return rb < MOE_GEMM_MC ? rb : MOE_GEMM_MC;
 }
 
-/* C (M, N) (+)= op(A) . op(B) on all threads. B is packed once (its panels split over the
-   threads), then each task owns a block of rows of C (or of columns when M is small). Blocks
-   are multiples of the micro-tile and K is blocked the same way in every task, so the split
-   never changes any element's arithmetic. */
+/* C (M, N) (+)= op(A) . op(B) on up to nthreads threads, on ws (moe__gemm_work(K, N, nthreads)
+   floats). B is packed once (its panels split over the threads), then each task owns a block
+   of rows of C (or of columns when M is small). Blocks are multiples of the micro-tile and K
+   is blocked the same way in every task, so the split never changes any element's arithmetic. */
 static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                               int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    int nthreads = moe_num_threads(), npad, npanel, q, nb, b;
+                               int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws, int nthreads) {
+    int npad, npanel, q, nb, b;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
-    float *Bp, *Ap;
+    float *Bp = ws, *Ap;
     if (nthreads <= 1 || 2.0 * M * N * K < 4e6 || K <= 0) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
+        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate, ws);
         return;
     }
     npad = moe__round_up(N, MOE_GEMM_NR);
     npanel = npad / MOE_GEMM_NR;
-    Bp = (float *)MOE_MALLOC(sizeof(float) * (moe__packed_b_floats(K, N) + work * (size_t)nthreads));
-    if (!Bp) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
-        return;
-    }
     Ap = Bp + moe__packed_b_floats(K, N);
-    MOE_OMP_FOR
+    MOE__OMP_FOR_N(nthreads)
     for (q = 0; q < npanel; q++) moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, q, q + 1);
     if (M >= 4 * MOE_GEMM_MR * nthreads) {
         int rb = moe__task_rows(M, nthreads);
         nb = (M + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int r0 = b * rb, rows = M - r0 < rb ? M - r0 : rb;
             const float *a = a_trans ? A + r0 : A + (size_t)r0 * lda;
@@ -1793,14 +1883,13 @@ static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int
     } else {
         int cb = (npanel + 2 * nthreads - 1) / (2 * nthreads) * MOE_GEMM_NR;
         nb = (N + cb - 1) / cb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int c0 = b * cb, cols = N - c0 < cb ? N - c0 : cb;
             moe__gemm_packed(M, cols, K, A, lda, a_trans, Bp, npad, c0, C + c0, ldc, accumulate,
                              Ap + work * (size_t)moe__thread_index());
         }
     }
-    MOE_FREE(Bp);
 }
 
 static void moe__add_bias_rows(float *out, const float *bias, int M, int N) {
@@ -1843,18 +1932,45 @@ static void moe__colsum_acc(float *db, const float *dout, int M, int N) {
     }
 }
 
-MOE__IMPL void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                                  int M, int K, int N) {
-    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
-    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0);
-    moe__add_bias_rows(out, bias, M, N);
+/* forward packs weight (K, N as B), backward's dinp packs weight (N, K), its dweight inp (M, K) */
+MOE__IMPL size_t moe_matmul_work_floats(int M, int K, int N, int nthreads) {
+    size_t f = moe__gemm_work(K, N, nthreads), di = moe__gemm_work(N, K, nthreads), dw = moe__gemm_work(M, K, nthreads);
+    f = f > di ? f : di;
+    return f > dw ? f : dw;
 }
 
-MOE__IMPL void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                   const float *inp, const float *weight, int M, int K, int N) {
-    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1);    /* dout . W   */
-    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1); /* dout^T . x */
+MOE__IMPL moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                        int M, int K, int N, moe_work *work) {
+    int nt = moe__work_threads(work);
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, nt), &own, &st);
+    if (st != MOE_OK) return st;
+    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
+    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0, ws, nt);
+    moe__add_bias_rows(out, bias, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                         const float *inp, const float *weight, int M, int K, int N,
+                                         moe_work *work) {
+    int nt = moe__work_threads(work);
+    size_t need = 0, w;
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK; /* nothing to add */
+    if (dinp) need = moe__gemm_work(N, K, nt);
+    if (dweight && (w = moe__gemm_work(M, K, nt)) > need) need = w;
+    ws = moe__work_get(work, need, &own, &st);
+    if (st != MOE_OK) return st;
+    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1, ws, nt);    /* dout . W   */
+    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1, ws, nt); /* dout^T . x */
     if (dbias) moe__colsum_acc(dbias, dout, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
@@ -2224,6 +2340,59 @@ static int moe__bank_max_rows(const int *offset, int E) {
 #define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
 #endif
 
+/* floats that hold n items of `size` bytes placed after floats, aligned to `size` */
+static size_t moe__floats_holding(size_t n, size_t size) {
+    return (n * size + size - 1 + sizeof(float) - 1) / sizeof(float);
+}
+
+/* p rounded up to a multiple of `align` bytes: integer arrays that follow floats in a workspace */
+static void *moe__align_up(void *p, size_t align) {
+    uintptr_t u = (uintptr_t)p;
+    return (void *)((u + align - 1) / align * align);
+}
+
+/* Forward scratch: the packed weights of one chunk of experts, one tile workspace per thread
+   (an A block and an (MC, D) block of h), the chunk's task starts. Chunks never depend on the
+   rows, so neither does the size. */
+static size_t moe__experts_fwd_floats(int E, int d, int D, int two_in, int nthreads, int *chunk_out) {
+    size_t per_e = (size_t)(two_in ? 2 : 1) * moe__packed_b_floats(d, D) + moe__packed_b_floats(D, d);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
+    size_t chunk = MOE__EXPERT_CHUNK_FLOATS / per_e;
+    if (chunk < 1) chunk = 1;
+    if (chunk > (size_t)E) chunk = (size_t)E;
+    if (chunk_out) *chunk_out = (int)chunk;
+    return per_e * chunk + work * (size_t)nthreads + moe__floats_holding(chunk + 1, sizeof(int));
+}
+
+/* Backward: per expert its packed weights, packed x (n, d), H (n, D) and packed H */
+static size_t moe__experts_bwd_expert_floats(int n, int d, int D, int own_gate) {
+    return moe__packed_b_floats(d, D) + (size_t)(own_gate ? 2 : 1) * moe__packed_b_floats(D, d) +
+           moe__packed_b_floats(n, d) + (size_t)n * D + moe__packed_b_floats(n, D);
+}
+
+/* the rest of the backward scratch beyond the largest chunk: tile workspaces, chunk offsets
+   (size_t) and three task prefix arrays (int) */
+static size_t moe__experts_bwd_extra_floats(int E, int nthreads) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)nthreads + moe__floats_holding((size_t)E + 1, sizeof(size_t)) +
+           moe__floats_holding(3 * ((size_t)E + 1), sizeof(int));
+}
+
+MOE__IMPL size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, nt = nthreads > 1 ? nthreads : 1;
+    size_t fwd, f0, one, all, chunk, bwd;
+    if (E <= 0 || max_rows <= 0) return 0; /* no rows: the calls return at once */
+    /* the forward's chunks are larger without a gate of its own (AoE): take both */
+    fwd = moe__experts_fwd_floats(E, d, D, swiglu, nt, NULL);
+    f0 = moe__experts_fwd_floats(E, d, D, 0, nt, NULL);
+    /* a backward chunk is one expert (at most max_rows rows), or several within the chunk size */
+    one = moe__experts_bwd_expert_floats(max_rows, d, D, swiglu);
+    all = one * (size_t)E;
+    chunk = all < MOE__EXPERT_CHUNK_FLOATS ? all : MOE__EXPERT_CHUNK_FLOATS;
+    bwd = (one > chunk ? one : chunk) + moe__experts_bwd_extra_floats(E, nt);
+    fwd = fwd > f0 ? fwd : f0;
+    return fwd > bwd ? fwd : bwd;
+}
+
 /* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
 static int moe__chunk_owner(const int *start, int nexp, int i) {
     int j = 0;
@@ -2231,26 +2400,25 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
     return j;
 }
 
-MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                   const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                   moe_expert_kind kind, moe_activation act) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                         const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                         moe_expert_kind kind, moe_activation act, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
     size_t per_e = (own_gate ? 2 : 1) * szin + szout;
-    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
-    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
-    float *buf, *thr;
-    if (moe__bank_max_rows(offset, E) == 0) return;
-    if (chunk < 1) chunk = 1;
-    if (chunk > E) chunk = E;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
-                              sizeof(int) * (size_t)(chunk + 1));
-    MOE_ASSERT(buf);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D, need;
+    int chunk, *tstart;
+    float *buf, *thr, *own;
+    moe_status st;
+    if (moe__bank_max_rows(offset, E) == 0) return MOE_OK;
+    need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
+    buf = moe__work_get(work_ws, need, &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + per_e * (size_t)chunk;
-    tstart = (int *)(thr + work * (size_t)nthreads);
+    tstart = (int *)moe__align_up(thr + work * (size_t)nthreads, sizeof(int));
     for (e0 = 0; e0 < E; e0 = e1) {
         int ntask = 0, j;
         double flops = 0.0;
@@ -2263,7 +2431,7 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
         }
         tstart[e1 - e0] = ntask;
         if (ntask == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b;
             /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
@@ -2305,15 +2473,16 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
             }
         }
     }
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                    const float *xg, const float *h_gate, const float *h_up,
-                                    const moe_expert_weights *w, const int *offset, int E, int d,
-                                    int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                    float *scratch2) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                          const float *xg, const float *h_gate, const float *h_up,
+                                          const moe_expert_weights *w, const int *offset, int E, int d,
+                                          int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                          float *scratch2, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
@@ -2326,12 +2495,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
     int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
-    float *buf, *thr;
+    float *buf, *thr, *own;
     size_t *dstart;
-    if (nmax == 0) return;
+    moe_status st;
+    if (nmax == 0) return MOE_OK;
     /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
-#define MOE__BWD_EXPERT_FLOATS(n) \
-    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+#define MOE__BWD_EXPERT_FLOATS(n) moe__experts_bwd_expert_floats((n), d, D, own_gate)
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         for (e1 = e0; e1 < E; e1++) {
@@ -2341,12 +2510,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
         cap = sz > cap ? sz : cap;
     }
-    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
-                              sizeof(int) * (size_t)(3 * (E + 1)));
-    MOE_ASSERT(buf);
+    buf = moe__work_get(work_ws, cap + moe__experts_bwd_extra_floats(E, nthreads), &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + cap;
-    dstart = (size_t *)(thr + work * (size_t)nthreads);
-    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    /* integer arrays after the floats, each at its own alignment (cap may be odd) */
+    dstart = (size_t *)moe__align_up(thr + work * (size_t)nthreads, sizeof(size_t));
+    ts = (int *)moe__align_up(dstart + E + 1, sizeof(int)); /* three prefix arrays: row tasks, H panels, weight tasks */
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         int nrow = 0, nph = 0, nw = 0, nexp, j;
@@ -2380,7 +2549,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         tph[nexp] = nph;
         tw[nexp] = nw;
         if (nrow == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b, t;
             /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
@@ -2455,7 +2624,8 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
     }
 #undef MOE__BWD_EXPERT_FLOATS
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 /* ============================================================================================
@@ -2820,16 +2990,16 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
                 for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
     }
     MOE_FREE(sum);
-    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h);
+    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h, &L->work);
     for (t = 0; t < T * h; t++) L->hy_h1[t] = L->hy_h1[t] > 0.0f ? L->hy_h1[t] : 0.0f;
-    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q);
+    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(L->hy_z + (size_t)t * (q + lam), L->hy_c + (size_t)t * q, sizeof(float) * (size_t)q);
         memcpy(L->hy_z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
     }
-    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b);
+    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b, &L->work);
     for (t = 0; t < T * b; t++) L->hy_hb[t] = L->hy_hb[t] > 0.0f ? L->hy_hb[t] : 0.0f;
-    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab);
+    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
         const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b;
@@ -2845,7 +3015,7 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
         }
     }
-    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d);
+    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d, &L->work);
     for (t = 0; t < T * d; t++) y[t] += out[t];
 }
 
@@ -2857,7 +3027,7 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
     float *dO = L->hy_do, *dM = L->hy_dm, *dhb = L->hy_dhb, *dz = L->hy_dz, *dc = L->hy_dc, *dh1 = L->hy_dh1, *dsig = L->hy_dsig;
     float *gQ = moe_store_grad(s, L->id_hyper[0]), *glemb = moe_store_grad(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
     memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
-    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d);
+    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) {
         const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b, *u = L->hy_u + (size_t)t * a;
@@ -2880,21 +3050,21 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
         for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
     }
     moe__colsum_acc(moe_store_grad(s, L->id_hyper[9]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
-    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab);
+    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab, &L->work);
     memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
     moe_matmul_backward(dz, moe_store_grad(s, L->id_hyper[6]), moe_store_grad(s, L->id_hyper[7]), dhb, L->hy_z,
-                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b);
+                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
         for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
     }
     memset(dh1, 0, sizeof(float) * (size_t)T * h);
     moe_matmul_backward(dh1, moe_store_grad(s, L->id_hyper[3]), moe_store_grad(s, L->id_hyper[4]), dc, L->hy_h1,
-                        moe_store_param(s, L->id_hyper[3]), T, h, q);
+                        moe_store_param(s, L->id_hyper[3]), T, h, q, &L->work);
     for (t = 0; t < T * h; t++) dh1[t] = L->hy_h1[t] > 0.0f ? dh1[t] : 0.0f;
     memset(dsig, 0, sizeof(float) * (size_t)T * e);
     moe_matmul_backward(dsig, moe_store_grad(s, L->id_hyper[1]), moe_store_grad(s, L->id_hyper[2]), dh1, L->hy_sig,
-                        moe_store_param(s, L->id_hyper[1]), T, e, h);
+                        moe_store_param(s, L->id_hyper[1]), T, e, h, &L->work);
     /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
     for (j = 0; j < E; j++)
         for (t = 0; t < T; t++)
@@ -3021,6 +3191,18 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
         L->s_hu = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
         ok = ok && L->s_xg && L->s_eout && L->s_hg && L->s_hu;
     }
+    { /* the work buffer: the largest of the kernel calls' scratch; an expert gets each token
+         at most once, so at most max_tokens rows. (K, N) of the matmuls (AoE, HyperMoE last): */
+        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, k;
+        int hw = cfg->hyper_width, ab = cfg->hyper_adapter * hw;
+        int mm[8][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
+                        {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d}};
+        size_t need = moe_experts_work_floats(max_tokens, E, d, D, cfg->expert, nt), w;
+        if (S > 0 && (w = moe_experts_work_floats(max_tokens, S, d, Ds, cfg->expert, nt)) > need) need = w;
+        for (k = 0; k < (cfg->hyper ? 8 : 3); k++)
+            if ((w = moe_matmul_work_floats(max_tokens, mm[k][0], mm[k][1], nt)) > need) need = w;
+        ok = ok && moe_work_alloc(&L->work, need, nt) == MOE_OK;
+    }
     if (!ok) {
         moe_layer_free(L);
         return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the activations of %d tokens", max_tokens);
@@ -3048,6 +3230,7 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     L->topk = L->thresh = L->raw_i = L->uncertain = NULL;
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
+    moe_work_free(&L->work);
     L->T = 0;
 }
 
@@ -3293,7 +3476,7 @@ static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
 /* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
 static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
     int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
-    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r);
+    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r, &L->work);
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) {
         int e, j;
@@ -3316,7 +3499,7 @@ static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
     for (e = 0; e < E; e++) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
-            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D, &L->work);
     }
 }
 
@@ -3331,7 +3514,7 @@ static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
             moe_matmul_backward(L->aoe_dcg + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->work_a + (size_t)lo * D,
-                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D, &L->work);
     }
 }
 
@@ -3355,7 +3538,7 @@ static void moe__aoe_logits_backward(moe_layer *L, moe_store *s, float *dx, cons
         }
     }
     moe_matmul_backward(dx, moe_store_grad(s, L->id_aoe_in), NULL, L->aoe_dc, x, moe_store_param(s, L->id_aoe_in), T,
-                        L->cfg.d, E * r);
+                        L->cfg.d, E * r, &L->work);
 }
 
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
@@ -3384,7 +3567,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     if (c->router == MOE_ROUTER_AOE)
         moe__aoe_logits(L, s, x, T);
     else
-        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
+        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E, &L->work);
     for (t = 0; t < T; t++) {
         const float *z = L->logits + (size_t)t * E;
         float mx = -FLT_MAX;
@@ -3400,7 +3583,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         moe_softmax_forward(L->probs, L->logits, T, E);
     L->has_noise = 0;
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E);
+        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E, &L->work);
         L->has_noise = noise != NULL;
         for (i = 0; i < TE; i++) {
             L->noise[i] = noise ? noise[i] : 0.0f;
@@ -3431,13 +3614,13 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         if (st != MOE_OK) return st;
         w = moe_layer_experts(L, s, 1, 0);
         moe_gather(L->s_xg, x, &L->shared, d);
-        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation);
+        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation, &L->work);
         moe_combine_forward(y, L->s_eout, &L->shared, d, 0);
     }
     w = moe_layer_experts(L, s, 0, 0);
     moe_gather(L->xg, x, &L->routed, d);
     if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_forward(L, s); /* h_gate from the caches */
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
     if (c->gw_released && L->stats.broadcast > 0)
         for (t = 0; t < T; t++)
@@ -3586,7 +3769,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     w = moe_layer_experts(L, s, 0, 0);
     gw = moe_layer_experts(L, s, 0, 1);
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,
-                         c->expert, c->activation, L->work_a, L->work_b);
+                         c->expert, c->activation, L->work_a, L->work_b, &L->work);
     moe_gather_backward(dx, L->dxg, &L->routed, d);
     if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_backward(L, s); /* work_a holds d h_gate */
     if (S > 0) {
@@ -3594,7 +3777,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         gw = moe_layer_experts(L, s, 1, 1);
         moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, d);
         moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, S, d,
-                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b);
+                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b, &L->work);
         moe_gather_backward(dx, L->dxg, &L->shared, d);
     }
     /* 2. auxiliary-loss gradients with respect to their per-expert pieces */
@@ -3623,10 +3806,10 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         moe__aoe_logits_backward(L, s, dx, x);
     else
         moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
-                            moe_store_param(s, L->id_router_w), T, c->router_dim, E);
+                            moe_store_param(s, L->id_router_w), T, c->router_dim, E, &L->work);
     if (c->router == MOE_ROUTER_NOISY_TOPK)
         moe_matmul_backward(drin, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, rin,
-                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E);
+                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E, &L->work);
     return MOE_OK;
 }
 
@@ -3637,8 +3820,8 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
    (queries) go in blocks of MOE__ATT_RB and each block only computes the keys up to its last
    row (the causal triangle, rounded up to whole blocks); the keys' gradients go by key blocks
    over the queries at and after them. The products run on the GEMM's packed micro-kernel
-   with one workspace per thread allocated once per call; the block grid never depends on
-   the thread count, so every element gets the same arithmetic however the tasks fall. */
+   with one workspace region per thread; the block grid never depends on the thread count,
+   so every element gets the same arithmetic however the tasks fall. */
 
 #define MOE__ATT_RB 32 /* rows per query / key block: a multiple of MOE_GEMM_MR */
 
@@ -3676,14 +3859,32 @@ MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const flo
     for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
 }
 
-MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+/* per thread, forward: A panel, packed k^T, then the P . v product's own workspace;
+   backward: dS (T, T), packed v^T, then the other products' workspace */
+static size_t moe__att_fwd_thread_floats(int T, int hd) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+static size_t moe__att_bwd_thread_floats(int T, int hd) {
+    return (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+
+MOE__IMPL size_t moe_attention_work_floats(int T, int d, int NH, int nthreads) {
+    int hd = NH > 0 ? d / NH : 0;
+    size_t f = moe__att_fwd_thread_floats(T, hd), b = moe__att_bwd_thread_floats(T, hd);
+    return (f > b ? f : b) * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+MOE__IMPL moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                           moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: A panel, packed k^T, then the P . v product's own workspace */
-    size_t wsz = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_fwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t;
         const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -3707,18 +3908,21 @@ MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, i
             moe__att_gemm(rows, hd, t1, P + (size_t)t0 * T, T, 0, v, 3 * d, 0, o + (size_t)t0 * d, d, wv);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                      int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+MOE__IMPL moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                            int B, int T, int d, int NH, moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: dS (T, T), packed v^T, then the other products' workspace */
-    size_t wsz = (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_bwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t, u, Tpad = moe__round_up(T, MOE_GEMM_NR);
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -3750,7 +3954,8 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
             moe__att_gemm(rows, hd, n, P + off, T, 1, dy + (size_t)t0 * d, d, 0, dv + (size_t)t0 * 3 * d, 3 * d, w);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_rope_table(float *cos_sin, int T, int hd, float theta) {
@@ -3786,12 +3991,15 @@ MOE__IMPL void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, in
    >>moe:gru
    ============================================================================================ */
 
-MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                               const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                               int N, int p) {
+MOE__IMPL size_t moe_gru_work_floats(int N, int p, int nthreads) { return moe_matmul_work_floats(N, p, 3 * p, nthreads); }
+
+MOE__IMPL moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                     const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                     int N, int p, moe_work *work) {
     int i;
-    moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p);
-    moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p);
+    moe_status st;
+    if ((st = moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    if ((st = moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p, work)) != MOE_OK) return st;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
         const float *a = gi + (size_t)i * 3 * p, *b = gh + (size_t)i * 3 * p, *hp = h_prev + (size_t)i * p;
@@ -3803,12 +4011,15 @@ MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, c
             o[j] = (1.0f - z) * n + z * hp[j];
         }
     }
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                                const float *dh, const float *x, const float *h_prev, const float *gi,
-                                const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch) {
+MOE__IMPL moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                      const float *dh, const float *x, const float *h_prev, const float *gi,
+                                      const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                      moe_work *work) {
     float *dgi = scratch, *dgh = scratch + (size_t)N * 3 * p;
+    moe_status st;
     int i;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
@@ -3827,8 +4038,8 @@ MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *
             dhp[j] += g[j] * z;
         }
     }
-    moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p);
-    moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p);
+    if ((st = moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    return moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p, work);
 }
 
 /* ============================================================================================
@@ -3884,10 +4095,10 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     return MOE_OK;
 }
 
-static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1) {
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1, int n2) {
     int id;
     if (m->err.status != MOE_OK) return -1;
-    id = moe_store_add(&m->S, name, flags, n0, n1, 0, 0);
+    id = moe_store_add(&m->S, name, flags, n0, n1, n2, 0);
     if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
     return id;
 }
@@ -3913,30 +4124,30 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     moe_store_init(&m->S);
     m->blocks = (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
-    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
-    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d, 0);
+    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d, 0) : -1;
     if (c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH) {
         int P = c->router_dim;
-        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
-        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
-        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+        m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P, 0);
+        m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P, 0);
+        m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0, 0);
+        m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0, 0);
     }
     for (l = 0; l < L; l++) {
         moe_block *b = &m->blocks[l];
         b->is_moe = moe__block_is_moe(c, l);
         sprintf(name, "l%d.ln1.w", l);
-        b->id_ln1 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln1 = moe__model_add(m, name, 0, d, 0, 0);
         sprintf(name, "l%d.attn.wqkv", l);
-        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d);
+        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d, 0);
         sprintf(name, "l%d.attn.wo", l);
-        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
+        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d, 0);
         sprintf(name, "l%d.ln2.w", l);
-        b->id_ln2 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln2 = moe__model_add(m, name, 0, d, 0, 0);
         b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
         if (b->is_moe && c->router_input != MOE_RIN_DIRECT) {
             sprintf(name, "l%d.rmoe.proj", l);
-            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d);
+            b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, c->router_dim, d, 0);
         }
         if (b->is_moe) {
             if (m->err.status == MOE_OK) {
@@ -3949,14 +4160,14 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
             }
         } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
             sprintf(name, "l%d.ffn.w_gate", l);
-            b->id_gate = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_gate = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_up", l);
-            b->id_up = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_up = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_down", l);
-            b->id_down = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, d, F, 0);
+            b->id_down = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, d, F);
         }
     }
-    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0, 0);
     if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
     if (moe_store_alloc(&m->S, 1) != MOE_OK) {
         moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
@@ -4019,6 +4230,26 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     }
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+    { /* the work buffer: the largest scratch of the model's own kernel calls */
+        int nt = moe_num_threads(), dense = 0, noisy = 0, P = c->router_dim;
+        size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
+        size_t mm[4];
+        mm[0] = moe_matmul_work_floats(N, d, 3 * d, nt); /* qkv */
+        mm[1] = moe_matmul_work_floats(N, d, d, nt);     /* attention output */
+        mm[2] = moe_matmul_work_floats(N, d, V, nt);     /* tied head */
+        mm[3] = c->router_input != MOE_RIN_DIRECT ? moe_matmul_work_floats(N, d, P, nt) : 0; /* router-input projector */
+        for (k = 0; k < 4; k++) need = mm[k] > need ? mm[k] : need;
+        for (l = 0; l < L; l++) {
+            dense |= !m->blocks[l].is_moe;
+            noisy |= m->blocks[l].is_moe && c->moe.router == MOE_ROUTER_NOISY_TOPK;
+        }
+        if (dense && (w = moe_experts_work_floats(N, 1, d, F, MOE_EXPERT_SWIGLU, nt)) > need) need = w;
+        if (m->id_gru_wih >= 0 && (w = moe_gru_work_floats(N, P, nt)) > need) need = w;
+        ok = ok && moe_work_alloc(&m->work, need, nt) == MOE_OK;
+        m->gen_probs = (float *)moe__calloc((size_t)V * 2, sizeof(float));
+        if (noisy) m->route_noise = (float *)moe__calloc((size_t)N * c->moe.n_experts, sizeof(float));
+        ok = ok && m->gen_probs && (!noisy || m->route_noise);
+    }
     if (!ok) {
         moe_model_free(m);
         return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the activations of %d x %d tokens", max_B, max_T);
@@ -4045,6 +4276,8 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
     MOE_FREE(m->r_zero); MOE_FREE(m->r_drin); MOE_FREE(m->r_carry); MOE_FREE(m->r_dxp); MOE_FREE(m->r_scratch);
+    MOE_FREE(m->route_noise); MOE_FREE(m->gen_probs);
+    moe_work_free(&m->work);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -4088,13 +4321,24 @@ static moe_expert_weights moe__dense_ffn(const moe_model *m, const moe_block *b,
     return w;
 }
 
+/* A kernel call that fails (only a workspace that does not fit its call can) ends the pass
+   with the kernel's status and what failed (layer l, or the model's own parts for l < 0). */
+static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, const char *what) {
+    if (l < 0) return moe_err_set(&m->err, st, "%s: %s", what, moe_status_string(st));
+    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+}
+#define MOE__MODEL_TRY(call, l, what)                                                    \
+    do {                                                                                 \
+        moe_status st_ = (call);                                                         \
+        if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
+    } while (0)
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
     int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
     const float *wte, *wpe, *rh_prev;
     float *x;
-    float *noise_buf = NULL;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!inputs) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "inputs must not be NULL");
     if (B <= 0 || T <= 0 || B > m->max_B || T > m->max_T)
@@ -4124,53 +4368,51 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
-        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
+        MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
+        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
             moe_status st;
             if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
                 size_t Np = (size_t)N * c->router_dim;
-                moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim);
+                MOE__MODEL_TRY(moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, d, c->router_dim, &m->work),
+                               l, "router-input projector");
                 if (c->router_input == MOE_RIN_MLP) {
                     moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
                 } else {
                     b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : rh_prev;
-                    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
-                                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
-                                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
+                    MOE__MODEL_TRY(moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                                                   moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                                                   moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim, &m->work),
+                                   l, "router GRU");
                     rh_prev = b->rh;
                 }
             }
             b->moe.seq_len = T;
-            if (noise && c->moe.router == MOE_ROUTER_NOISY_TOPK) {
+            if (noise && m->route_noise) { /* fresh draws per layer, into the buffer planned at init */
                 size_t n = (size_t)N * c->moe.n_experts, k;
-                if (!noise_buf) noise_buf = (float *)MOE_MALLOC(sizeof(float) * n);
-                if (!noise_buf) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for routing noise");
-                for (k = 0; k < n; k++) noise_buf[k] = moe_rng_normal(noise);
+                for (k = 0; k < n; k++) m->route_noise[k] = moe_rng_normal(noise);
             }
-            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise_buf);
-            if (st != MOE_OK) {
-                MOE_FREE(noise_buf);
-                return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            }
+            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, noise && m->route_noise ? m->route_noise : NULL);
+            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             m->aux_loss += b->moe.stats.aux_total;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0);
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
+            MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                               MOE_ACT_SILU, &m->work),
+                           l, "dense FFN");
         }
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
-    MOE_FREE(noise_buf);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
-    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
+    MOE__MODEL_TRY(moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V, &m->work), -1, "tied head");
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
     m->B = B;
     m->T = T;
@@ -4182,7 +4424,7 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
    holds dL/d(router input) from the layer and, for the GRU kinds, r_carry holds dL/dh_l from
    the MoE layer above; on exit r_carry holds dL/dh_{l-1} (0 for the NP and detach
    ablations) and d_ln has received the projector's input gradient. */
-static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+static moe_status moe__router_input_backward(moe_model *m, const moe_block *b, int l) {
     const moe_model_config *c = &m->cfg;
     int N = m->B * m->T, P = c->router_dim;
     size_t i, Np = (size_t)N * P;
@@ -4193,13 +4435,17 @@ static void moe__router_input_backward(moe_model *m, const moe_block *b) {
     } else {
         for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
         memset(m->r_carry, 0, sizeof(float) * Np);
-        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
-                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
-                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        MOE__MODEL_TRY(moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                                        moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp,
+                                        b->rh_prev, b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih),
+                                        moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch, &m->work),
+                       l, "router GRU backward");
         if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
     }
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
-                        moe_store_param(S, b->id_rproj), N, c->d, P);
+    MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                                       moe_store_param(S, b->id_rproj), N, c->d, P, &m->work),
+                   l, "router-input projector backward");
+    return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
@@ -4213,7 +4459,9 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
     /* tied head: logits = lnf . wte^T */
     memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
+    MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte),
+                                       N, d, V, &m->work),
+                   -1, "tied head backward");
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
@@ -4228,24 +4476,29 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             if (b->id_rproj >= 0) memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
             st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            if (b->id_rproj >= 0) moe__router_input_backward(m, b);
+            if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d,
-                                 c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2);
+            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
+                                                MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
+                           l, "dense FFN backward");
         }
         moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
         memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo), N, d, d);
-        moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
+                                           N, d, d, &m->work),
+                       l, "attention output backward");
+        MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv),
+                                           N, d, 3 * d, &m->work),
+                       l, "qkv backward");
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
     }
@@ -4294,7 +4547,7 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
 MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                         const moe_sampler *sampler, moe_rng *rng) {
     int V = m->cfg.vocab, n = n_prompt, step, i;
-    float *p;
+    float *p = m->gen_probs; /* (2 V) planned at init */
     moe_status st;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
@@ -4304,13 +4557,11 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
     memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
-    p = (float *)MOE_MALLOC(sizeof(float) * (size_t)V * 2);
-    if (!p) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     for (step = 0; step < n_new; step++) {
         int ctx = n < m->max_T ? n : m->max_T, next = 0;
         const float *z;
         st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
-        if (st != MOE_OK) { MOE_FREE(p); return st; }
+        if (st != MOE_OK) return st;
         z = m->logits + (size_t)(ctx - 1) * V;
         if (sampler->temperature == 0.0f) {
             for (i = 1; i < V; i++)
@@ -4350,7 +4601,6 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
         }
         out[n++] = next;
     }
-    MOE_FREE(p);
     m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
     m->has_targets = 0;
     return MOE_OK;

@@ -44,6 +44,7 @@ typedef struct moe_layer {
     float *dgate;         /* (T, E)                                                          */
     float *dlogits;       /* (T, E)                                                          */
     float *dnoise_logits; /* (T, E)                                                          */
+    moe_work work;        /* scratch of the layer's matmuls and experts, sized at init         */
     float *aux_tmp;       /* (5 * E) loss pieces: f, P, importance, load, requested picks     */
     float *stat_load, *stat_prob; /* (E) backing for stats                                  */
     int *uncertain;       /* (T) GW-MoE: 1 when the token was broadcast to every expert      */
@@ -202,16 +203,16 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
                 for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
     }
     MOE_FREE(sum);
-    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h);
+    moe_matmul_forward(L->hy_h1, L->hy_sig, moe_store_param(s, L->id_hyper[1]), moe_store_param(s, L->id_hyper[2]), T, e, h, &L->work);
     for (t = 0; t < T * h; t++) L->hy_h1[t] = L->hy_h1[t] > 0.0f ? L->hy_h1[t] : 0.0f;
-    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q);
+    moe_matmul_forward(L->hy_c, L->hy_h1, moe_store_param(s, L->id_hyper[3]), moe_store_param(s, L->id_hyper[4]), T, h, q, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(L->hy_z + (size_t)t * (q + lam), L->hy_c + (size_t)t * q, sizeof(float) * (size_t)q);
         memcpy(L->hy_z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
     }
-    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b);
+    moe_matmul_forward(L->hy_hb, L->hy_z, moe_store_param(s, L->id_hyper[6]), moe_store_param(s, L->id_hyper[7]), T, q + lam, b, &L->work);
     for (t = 0; t < T * b; t++) L->hy_hb[t] = L->hy_hb[t] > 0.0f ? L->hy_hb[t] : 0.0f;
-    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab);
+    moe_matmul_forward(L->hy_m, x, moe_store_param(s, L->id_hyper[8]), NULL, T, d, ab, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
         const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b;
@@ -227,7 +228,7 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
         }
     }
-    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d);
+    moe_matmul_forward(out, L->hy_o, moe_store_param(s, L->id_hyper[10]), NULL, T, ab + b, d, &L->work);
     for (t = 0; t < T * d; t++) y[t] += out[t];
 }
 
@@ -239,7 +240,7 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
     float *dO = L->hy_do, *dM = L->hy_dm, *dhb = L->hy_dhb, *dz = L->hy_dz, *dc = L->hy_dc, *dh1 = L->hy_dh1, *dsig = L->hy_dsig;
     float *gQ = moe_store_grad(s, L->id_hyper[0]), *glemb = moe_store_grad(s, L->id_hyper[5]) + (size_t)c->hyper_layer * lam;
     memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
-    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d);
+    moe_matmul_backward(dO, moe_store_grad(s, L->id_hyper[10]), NULL, dy, L->hy_o, moe_store_param(s, L->id_hyper[10]), T, ab + b, d, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) {
         const float *M = L->hy_m + (size_t)t * ab, *hb = L->hy_hb + (size_t)t * b, *u = L->hy_u + (size_t)t * a;
@@ -262,21 +263,21 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
         for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
     }
     moe__colsum_acc(moe_store_grad(s, L->id_hyper[9]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
-    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab);
+    moe_matmul_backward(dx, moe_store_grad(s, L->id_hyper[8]), NULL, dM, x, moe_store_param(s, L->id_hyper[8]), T, d, ab, &L->work);
     memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
     moe_matmul_backward(dz, moe_store_grad(s, L->id_hyper[6]), moe_store_grad(s, L->id_hyper[7]), dhb, L->hy_z,
-                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b);
+                        moe_store_param(s, L->id_hyper[6]), T, q + lam, b, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
         for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
     }
     memset(dh1, 0, sizeof(float) * (size_t)T * h);
     moe_matmul_backward(dh1, moe_store_grad(s, L->id_hyper[3]), moe_store_grad(s, L->id_hyper[4]), dc, L->hy_h1,
-                        moe_store_param(s, L->id_hyper[3]), T, h, q);
+                        moe_store_param(s, L->id_hyper[3]), T, h, q, &L->work);
     for (t = 0; t < T * h; t++) dh1[t] = L->hy_h1[t] > 0.0f ? dh1[t] : 0.0f;
     memset(dsig, 0, sizeof(float) * (size_t)T * e);
     moe_matmul_backward(dsig, moe_store_grad(s, L->id_hyper[1]), moe_store_grad(s, L->id_hyper[2]), dh1, L->hy_sig,
-                        moe_store_param(s, L->id_hyper[1]), T, e, h);
+                        moe_store_param(s, L->id_hyper[1]), T, e, h, &L->work);
     /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
     for (j = 0; j < E; j++)
         for (t = 0; t < T; t++)
@@ -403,6 +404,18 @@ MOE__IMPL moe_status moe_layer_init(moe_layer *L, const moe_layer_config *cfg, m
         L->s_hu = (float *)moe__calloc((size_t)S * max_tokens * Ds, sizeof(float));
         ok = ok && L->s_xg && L->s_eout && L->s_hg && L->s_hu;
     }
+    { /* the work buffer: the largest of the kernel calls' scratch; an expert gets each token
+         at most once, so at most max_tokens rows. (K, N) of the matmuls (AoE, HyperMoE last): */
+        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, k;
+        int hw = cfg->hyper_width, ab = cfg->hyper_adapter * hw;
+        int mm[8][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
+                        {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d}};
+        size_t need = moe_experts_work_floats(max_tokens, E, d, D, cfg->expert, nt), w;
+        if (S > 0 && (w = moe_experts_work_floats(max_tokens, S, d, Ds, cfg->expert, nt)) > need) need = w;
+        for (k = 0; k < (cfg->hyper ? 8 : 3); k++)
+            if ((w = moe_matmul_work_floats(max_tokens, mm[k][0], mm[k][1], nt)) > need) need = w;
+        ok = ok && moe_work_alloc(&L->work, need, nt) == MOE_OK;
+    }
     if (!ok) {
         moe_layer_free(L);
         return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the activations of %d tokens", max_tokens);
@@ -430,6 +443,7 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     L->topk = L->thresh = L->raw_i = L->uncertain = NULL;
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
+    moe_work_free(&L->work);
     L->T = 0;
 }
 
@@ -675,7 +689,7 @@ static void moe__layer_aux(moe_layer *L, int T, const float *picks) {
 /* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
 static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
     int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
-    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r);
+    moe_matmul_forward(L->aoe_c, x, moe_store_param(s, L->id_aoe_in), NULL, T, L->cfg.d, E * r, &L->work);
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) {
         int e, j;
@@ -698,7 +712,7 @@ static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
     for (e = 0; e < E; e++) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
-            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D, &L->work);
     }
 }
 
@@ -713,7 +727,7 @@ static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
             moe_matmul_backward(L->aoe_dcg + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->work_a + (size_t)lo * D,
-                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+                                L->aoe_cg + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D, &L->work);
     }
 }
 
@@ -737,7 +751,7 @@ static void moe__aoe_logits_backward(moe_layer *L, moe_store *s, float *dx, cons
         }
     }
     moe_matmul_backward(dx, moe_store_grad(s, L->id_aoe_in), NULL, L->aoe_dc, x, moe_store_param(s, L->id_aoe_in), T,
-                        L->cfg.d, E * r);
+                        L->cfg.d, E * r, &L->work);
 }
 
 static moe_status moe__layer_check(moe_layer *L, const moe_store *s) {
@@ -766,7 +780,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     if (c->router == MOE_ROUTER_AOE)
         moe__aoe_logits(L, s, x, T);
     else
-        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E);
+        moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T, c->router_dim, E, &L->work);
     for (t = 0; t < T; t++) {
         const float *z = L->logits + (size_t)t * E;
         float mx = -FLT_MAX;
@@ -782,7 +796,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         moe_softmax_forward(L->probs, L->logits, T, E);
     L->has_noise = 0;
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
-        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E);
+        moe_matmul_forward(L->noise_logits, rin, moe_store_param(s, L->id_noise_w), NULL, T, c->router_dim, E, &L->work);
         L->has_noise = noise != NULL;
         for (i = 0; i < TE; i++) {
             L->noise[i] = noise ? noise[i] : 0.0f;
@@ -813,13 +827,13 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
         if (st != MOE_OK) return st;
         w = moe_layer_experts(L, s, 1, 0);
         moe_gather(L->s_xg, x, &L->shared, d);
-        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation);
+        moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, d, c->d_ff_shared, c->expert, c->activation, &L->work);
         moe_combine_forward(y, L->s_eout, &L->shared, d, 0);
     }
     w = moe_layer_experts(L, s, 0, 0);
     moe_gather(L->xg, x, &L->routed, d);
     if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_forward(L, s); /* h_gate from the caches */
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, E, d, c->d_ff, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->eout, &L->routed, d, S > 0);
     if (c->gw_released && L->stats.broadcast > 0)
         for (t = 0; t < T; t++)
@@ -968,7 +982,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
     w = moe_layer_experts(L, s, 0, 0);
     gw = moe_layer_experts(L, s, 0, 1);
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, E, d, c->d_ff,
-                         c->expert, c->activation, L->work_a, L->work_b);
+                         c->expert, c->activation, L->work_a, L->work_b, &L->work);
     moe_gather_backward(dx, L->dxg, &L->routed, d);
     if (c->router == MOE_ROUTER_AOE) moe__aoe_gate_backward(L, s); /* work_a holds d h_gate */
     if (S > 0) {
@@ -976,7 +990,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         gw = moe_layer_experts(L, s, 1, 1);
         moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, d);
         moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, S, d,
-                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b);
+                             c->d_ff_shared, c->expert, c->activation, L->work_a, L->work_b, &L->work);
         moe_gather_backward(dx, L->dxg, &L->shared, d);
     }
     /* 2. auxiliary-loss gradients with respect to their per-expert pieces */
@@ -1005,10 +1019,10 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         moe__aoe_logits_backward(L, s, dx, x);
     else
         moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->dlogits, rin,
-                            moe_store_param(s, L->id_router_w), T, c->router_dim, E);
+                            moe_store_param(s, L->id_router_w), T, c->router_dim, E, &L->work);
     if (c->router == MOE_ROUTER_NOISY_TOPK)
         moe_matmul_backward(drin, moe_store_grad(s, L->id_noise_w), NULL, L->dnoise_logits, rin,
-                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E);
+                            moe_store_param(s, L->id_noise_w), T, c->router_dim, E, &L->work);
     return MOE_OK;
 }
 

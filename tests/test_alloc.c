@@ -133,13 +133,14 @@ static void test_training_allocates_nothing(void) {
 static void test_generation_allocates_nothing(void) {
     moe_sampler greedy = {0.0f, 0, 1.0f}, sampled = {0.8f, 5, 0.9f};
     int moe;
-    TEST_BEGIN("generation allocates nothing after init (greedy and top-k/top-p sampling)");
+    TEST_BEGIN("generation (greedy, top-k/top-p sampling) and LM features allocate nothing after init");
     for (moe = 0; moe < 2; moe++) {
         moe_model_config c = tiny(moe, MOE_ROUTER_TOPK, MOE_RIN_DIRECT);
         moe_model m;
         moe_rng r;
         int prompt[3] = {1, 2, 3}, out[3 + 20], k;
         long long before, layer = moe ? (long long)c.n_layers * LAYER_ALLOCS_FWD * 20 : 0;
+        c.vocab = 256; /* bytes, for rwd_lm_features */
         if (!CHECK(moe_model_init(&m, &c, 1, 8) == MOE_OK, "init: %s", m.err.msg)) continue;
         moe_model_init_weights(&m, 2);
         moe_rng_seed(&r, 5);
@@ -148,6 +149,13 @@ static void test_generation_allocates_nothing(void) {
             CHECK(moe_model_generate(&m, prompt, 3, 20, out, k ? &sampled : &greedy, &r) == MOE_OK, "generate: %s", m.err.msg);
             CHECK(alloc_calls - before == layer, "%s, %s: %lld allocator calls for 20 tokens, expected %lld (the MoE layers' own)",
                   moe ? "MoE" : "dense", k ? "sampled" : "greedy", alloc_calls - before, layer);
+        }
+        if (!moe) { /* reward.h's features of a language model run its forward the same way */
+            float feat[16];
+            moe_err err;
+            before = alloc_calls;
+            CHECK(rwd_lm_features(feat, &m, "Q: why? ", "because", &err) == MOE_OK, "rwd_lm_features: %s", err.msg);
+            CHECK(alloc_calls == before, "rwd_lm_features: %lld allocator calls", alloc_calls - before);
         }
         moe_model_free(&m);
     }
@@ -177,6 +185,7 @@ static void test_thread_cap(void) {
     moe_model_init(&b, &c, 4, 16);
     CHECK(a.work.nthreads == 1 && b.work.nthreads == 2 && a.blocks[0].moe.work.nthreads == 1,
           "planned threads: %d and %d", a.work.nthreads, b.work.nthreads);
+    CHECK(a.blocks[0].moe.work.buf == a.work.buf && a.blocks[1].moe.work.buf == a.work.buf, "the MoE layers run on the model's one work buffer");
     moe_model_init_weights(&a, 7);
     moe_model_init_weights(&b, 7);
     moe_store_zero_grad(&a.S);

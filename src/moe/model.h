@@ -73,7 +73,9 @@ typedef struct moe_model {
     int max_B, max_T;       /* activation buffers are sized for these                 */
     int B, T;               /* the last forward's batch shape, 0 = none              */
     int has_targets;        /* the last forward had targets: backward is allowed      */
-    int *inputs, *targets;  /* (N) copies of the last forward's tokens                */
+    int *inputs, *targets;  /* (N) copies of the last forward's tokens; a forward
+                               without targets leaves targets alone (rwd_lm_features
+                               builds its input window there)                         */
     float *x_final;         /* (N, d) residual stream after the last block            */
     float *lnf, *rstd_f;    /* (N, d), (N)                                            */
     float *logits;          /* (N, V)                                                 */
@@ -83,8 +85,8 @@ typedef struct moe_model {
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
     float *route_noise;     /* (N, E) noisy top-k: the draws of one forward, else NULL   */
     float *gen_probs;       /* (2 V) generation: probabilities and their sorted copy    */
-    moe_work work;          /* scratch of the model's own kernel calls (the MoE layers
-                               have theirs), sized at init                              */
+    moe_work work;          /* scratch of every kernel call of the model, its MoE layers'
+                               included (calls never overlap), sized at init            */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses                      */
     /* Interventions for evaluation: moe_model_forward calls ffn_hook(m, l, ffn_hook_user)
@@ -322,7 +324,7 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
     }
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
-    { /* the work buffer: the largest scratch of the model's own kernel calls */
+    { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
         int nt = moe_num_threads(), dense = 0, noisy = 0, P = c->router_dim;
         size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
         size_t mm[4];
@@ -337,7 +339,14 @@ MOE__IMPL moe_status moe_model_init(moe_model *m, const moe_model_config *c, int
         }
         if (dense && (w = moe_experts_work_floats(N, 1, d, F, MOE_EXPERT_SWIGLU, nt)) > need) need = w;
         if (m->id_gru_wih >= 0 && (w = moe_gru_work_floats(N, P, nt)) > need) need = w;
+        for (l = 0; l < L; l++)
+            if (m->blocks[l].is_moe && m->blocks[l].moe.work.floats > need) need = m->blocks[l].moe.work.floats;
         ok = ok && moe_work_alloc(&m->work, need, nt) == MOE_OK;
+        for (l = 0; ok && l < L; l++) /* the layers give theirs back and run on the model's */
+            if (m->blocks[l].is_moe) {
+                moe_work_free(&m->blocks[l].moe.work);
+                m->blocks[l].moe.work = m->work;
+            }
         m->gen_probs = (float *)moe__calloc((size_t)V * 2, sizeof(float));
         if (noisy) m->route_noise = (float *)moe__calloc((size_t)N * c->moe.n_experts, sizeof(float));
         ok = ok && m->gen_probs && (!noisy || m->route_noise);
@@ -355,7 +364,10 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     if (m->blocks) {
         for (l = 0; l < m->cfg.n_layers; l++) {
             moe_block *b = &m->blocks[l];
-            if (b->is_moe) moe_layer_free(&b->moe);
+            if (b->is_moe) {
+                if (b->moe.work.buf == m->work.buf) memset(&b->moe.work, 0, sizeof b->moe.work); /* the model's */
+                moe_layer_free(&b->moe);
+            }
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);

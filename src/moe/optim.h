@@ -128,7 +128,7 @@ MOE__IMPL float moe_clip_grad_norm(moe_store *s, float max_norm) {
     double part[ROUND], total = 0.0;
     float norm;
     for (c0 = 0; c0 < nchunk; c0 += ROUND) {
-        long long n = nchunk - c0 < ROUND ? nchunk - c0 : ROUND, c;
+        long long n = nchunk - c0 < (long long)ROUND ? nchunk - c0 : (long long)ROUND, c;
         MOE_OMP_FOR_IF(n > 4)
         for (c = 0; c < n; c++) {
             size_t i, lo = (size_t)(c0 + c) * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;

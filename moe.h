@@ -258,6 +258,24 @@ MOEDEF float moe_rng_normal(moe_rng *r);   /* N(0,1), Box-Muller in double, no c
 MOEDEF int moe_rng_below(moe_rng *r, int n); /* uniform integer in [0, n), unbiased    */
 
 MOEDEF int moe_num_threads(void); /* threads an OpenMP loop would use here, 1 without OpenMP */
+
+/* Scratch memory planned once (ggml's work buffer, miniaudio's heap-size queries). The kernels
+   that need scratch (GEMM packing, experts, attention, the GRU) take a moe_work as their last
+   argument and say how much with a query, e.g. moe_matmul_work_floats(M, K, N, nthreads).
+   Size one workspace as the largest of the calls it will serve, allocate it at init, pass it
+   to every call: they then never allocate. NULL instead: the kernel allocates and frees its
+   own for that call and returns MOE_ERR_NOMEM when it cannot. A workspace smaller than a call
+   needs makes the call return MOE_ERR_INVALID_ARG (its outputs untouched). */
+typedef struct moe_work {
+    float *buf;    /* (floats) scratch; each call overwrites it from the start              */
+    size_t floats; /* capacity of buf                                                       */
+    int nthreads;  /* threads the per-thread regions are sized for: a call given this
+                      workspace runs at most that many (results never depend on the count) */
+} moe_work;
+
+/* buf for `floats` floats (none when 0) and per-thread regions for nthreads (< 1: 1) */
+MOEDEF moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads);
+MOEDEF void moe_work_free(moe_work *w); /* safe on a zeroed or freed workspace */
 MOEDEF double moe_time_seconds(void); /* monotonic wall clock (seconds), for benchmarks       */
 
 /* ============================================================================================
@@ -415,23 +433,29 @@ MOEDEF uint32_t moe_crc32(uint32_t crc, const void *data, size_t n); /* crc = 0 
    out (M, N) = inp (M, K) . weight (N, K)^T + bias (N): PyTorch's F.linear.
    The fast path is a cache-blocked, register-tiled GEMM written as plain loops that gcc and
    clang vectorize (-O3 -march=native); each output element is always computed by the same
-   sequence of operations, whatever the thread count or its position in the matrix. */
-
-MOEDEF void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                               int M, int K, int N);
+   sequence of operations, whatever the thread count or its position in the matrix.
+   work: scratch for the packed panels, moe_matmul_work_floats(M, K, N, threads) floats, or
+   NULL (the call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                     int M, int K, int N, moe_work *work);
 /* dinp (M,K) += dout . weight;  dweight (N,K) += dout^T . inp;  dbias (N) += colsum(dout).
    Any gradient pointer may be NULL to skip it. */
-MOEDEF void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                const float *inp, const float *weight, int M, int K, int N);
+MOEDEF moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, int M, int K, int N,
+                                      moe_work *work);
+/* scratch (floats) of moe_matmul_forward and of moe_matmul_backward at these sizes, with
+   per-thread regions for nthreads */
+MOEDEF size_t moe_matmul_work_floats(int M, int K, int N, int nthreads);
 MOEDEF void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
                                      const float *bias, int M, int K, int N);
 MOEDEF void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
                                       const float *inp, const float *weight, int M, int K, int N);
 /* The engine under both: C (M,N) (+)= op(A) (M,K) . B (K,N), row-major with leading dims.
    a_trans: A is stored (K, M). accumulate: 0 overwrites C. Single-threaded; callers split
-   C into row or column blocks per thread. */
-MOEDEF void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                     int ldb, float *C, int ldc, int accumulate);
+   C into row or column blocks per thread. work: moe_gemm_work_floats(M, N, K) floats, or NULL. */
+MOEDEF moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                           int ldb, float *C, int ldc, int accumulate, moe_work *work);
+MOEDEF size_t moe_gemm_work_floats(int M, int N, int K);
 MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
                            const float *B, int ldb, float *C, int ldc, int accumulate);
 
@@ -503,17 +527,23 @@ typedef struct moe_expert_weights {
 
 /* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). A SwiGLU bank whose
    w->gate is NULL takes h_gate as an INPUT: the gate pre-activation computed elsewhere (AoE
-   builds it from its low-rank cache); backward then leaves d h_gate in scratch1. */
-MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                moe_expert_kind kind, moe_activation act);
+   builds it from its low-rank cache); backward then leaves d h_gate in scratch1.
+   work: moe_experts_work_floats(...) floats for the packed weights and tiles, or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                      const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                      moe_expert_kind kind, moe_activation act, moe_work *work);
 /* dxg (N,d) is OVERWRITTEN (it is a per-assignment buffer, not a gradient of a parameter);
    weight gradients accumulate. scratch1, scratch2: (N, D) each. */
-MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                 const float *xg, const float *h_gate, const float *h_up,
-                                 const moe_expert_weights *w, const int *offset, int E, int d,
-                                 int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                 float *scratch2);
+MOEDEF moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                       const float *xg, const float *h_gate, const float *h_up,
+                                       const moe_expert_weights *w, const int *offset, int E, int d,
+                                       int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                       float *scratch2, moe_work *work);
+/* scratch (floats) of moe_experts_forward and of moe_experts_backward for a bank of E experts
+   when no expert gets more than max_rows rows (a router that sends each token at most once to
+   an expert: the tokens of one call), with per-thread regions for nthreads */
+MOEDEF size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads);
 
 /* The readable references of the two above (plain loops, one token and one expert at a time,
    double accumulators, no threads, no allocation), with the same arguments and the same
@@ -961,6 +991,8 @@ typedef struct moe_layer {
     float *experts_scratch; /* (rows, max(D, Ds)) the experts' second backward scratch         */
     int T;                  /* tokens of the last forward, 0 = none                            */
     const float *fwd_router_input; /* the router input of the last forward                     */
+    moe_work work;          /* scratch of the layer's matmuls and experts, sized at init; a
+                               model's layers share the model's (>>moe:model)                 */
     moe_routing_stats stats;
     float *stat_load, *stat_prob; /* (E) backing for stats                                     */
     moe_err err;
@@ -1004,13 +1036,19 @@ MOEDEF moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, cons
    att (B, NH, T, T) keeps the softmax probabilities for backward (tiny models: T <= 1024).
    Probabilities above the diagonal are 0 (causal). Scale 1/sqrt(hd). */
 
-MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH);
+/* work: moe_attention_work_floats(T, d, NH, threads) floats (per-thread tiles), or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                        moe_work *work);
 /* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
-MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                   int B, int T, int d, int NH);
+MOEDEF moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                         int B, int T, int d, int NH, moe_work *work);
+/* scratch (floats) of moe_attention_forward and of moe_attention_backward for sequences of up
+   to T tokens (any B), with per-thread regions for nthreads */
+MOEDEF size_t moe_attention_work_floats(int T, int d, int NH, int nthreads);
 /* The readable references of the two above (llm.c's attention_forward/backward: one query
-   row at a time, plain loops, no threads, no allocation), same arguments and contract;
-   tests/test_kernels.c compares the blocked pair against them. */
+   row at a time, plain loops, no threads, no allocation), same arguments and contract less the
+   workspace; tests/test_kernels.c compares the blocked pair against them. */
 MOEDEF void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
                                         int NH);
 MOEDEF void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
@@ -1028,13 +1066,17 @@ MOEDEF void moe_rope_table(float *cos_sin, int T, int hd, float theta);
    r = sig(gi_r + gh_r), z = sig(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
    h = (1 - z) * n + z * h_prev.  gi and gh are the caches backward needs. */
 
-MOEDEF void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                            const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                            int N, int p);
+/* work: the two products' scratch, moe_gru_work_floats(N, p, threads) floats, or NULL (they
+   allocate their own; MOE_ERR_NOMEM when they cannot). */
+MOEDEF moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                  const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                  int N, int p, moe_work *work);
 /* dx, dh_prev (N, p) and the weight gradients ACCUMULATE; dh (N, p) is dL/dh; scratch (N, 6p). */
-MOEDEF void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                             const float *dh, const float *x, const float *h_prev, const float *gi,
-                             const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch);
+MOEDEF moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                   const float *dh, const float *x, const float *h_prev, const float *gi,
+                                   const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                   moe_work *work);
+MOEDEF size_t moe_gru_work_floats(int N, int p, int nthreads);
 
 /* ============================================================================================
    >>moe:router_input  what the routers of a model read: x, RMoE's recurrent GRU state, or an
@@ -1128,7 +1170,9 @@ typedef struct moe_model {
     int max_B, max_T;       /* activation buffers are sized for these                 */
     int B, T;               /* the last forward's batch shape, 0 = none              */
     int has_targets;        /* the last forward had targets: backward is allowed      */
-    int *inputs, *targets;  /* (N) copies of the last forward's tokens                */
+    int *inputs, *targets;  /* (N) copies of the last forward's tokens; a forward
+                               without targets leaves targets alone (rwd_lm_features
+                               builds its input window there)                         */
     float *x_final;         /* (N, d) residual stream after the last block            */
     float *lnf, *rstd_f;    /* (N, d), (N)                                            */
     float *logits;          /* (N, V)                                                 */
@@ -1138,6 +1182,9 @@ typedef struct moe_model {
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
     float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
     int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
+    float *gen_probs;       /* (2 V) generation: probabilities and their sorted copy    */
+    moe_work work;          /* scratch of every kernel call of the model, its MoE layers'
+                               included (calls never overlap), sized at init            */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
                                their balance terms replaced by the one over all layers) */
@@ -1160,9 +1207,11 @@ typedef struct moe_sampler {
 
 MOEDEF moe_model_config moe_model_config_default(void);
 MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err);
-/* Declares every tensor, allocates parameters, gradients, Adam moments and the activations
-   for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
-   moe_model_init_weights or a checkpoint load. */
+/* Declares every tensor, allocates parameters, gradients, Adam moments, the activations for
+   batches of up to max_B sequences of up to max_T tokens and the kernels' scratch for the
+   thread count of this moment (moe_num_threads; later calls use at most that many): forward,
+   backward, the optimizer step and generation allocate nothing. Weights are zero until
+   moe_model_init_weights or a checkpoint load. On failure m holds only the error (free is safe). */
 MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
 /* The parameter table alone: declares every tensor c implies into m->S (names, shapes,
    m->S.numel, moe_store_fingerprint) and allocates no buffer, so a file loader can compare a
@@ -1534,6 +1583,11 @@ MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *
 #define MOE__OMP_PARALLEL_IF(cond) MOE__PRAGMA(omp parallel if (cond))
 #define MOE__OMP_FOR_INNER MOE__PRAGMA(omp for schedule(dynamic, 1))
 #define MOE__OMP_FOR_NOWAIT MOE__PRAGMA(omp for schedule(static) nowait)
+/* The same with at most n threads: loops that index per-thread regions of a workspace sized
+   for n threads (moe_work.nthreads). */
+#define MOE__OMP_FOR_N(n) MOE__PRAGMA(omp parallel for schedule(static) num_threads(n))
+#define MOE__OMP_FOR_DYNAMIC_N(n) MOE__PRAGMA(omp parallel for schedule(dynamic, 1) num_threads(n))
+#define MOE__OMP_PARALLEL_IF_N(cond, n) MOE__PRAGMA(omp parallel if (cond) num_threads(n))
 #else
 #define MOE__OMP 0
 #define MOE_OMP_FOR
@@ -1544,6 +1598,9 @@ MOEDEF int moe_loader_sequential(const unsigned char *data, size_t len, size_t *
 #define MOE__OMP_PARALLEL_IF(cond) if ((void)(cond), 1)
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
+#define MOE__OMP_FOR_N(n)
+#define MOE__OMP_FOR_DYNAMIC_N(n)
+#define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -1647,6 +1704,46 @@ MOE__IMPL int moe_num_threads(void) {
 #else
     return 1;
 #endif
+}
+
+MOE__IMPL moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads) {
+    w->buf = NULL;
+    w->floats = 0;
+    w->nthreads = nthreads < 1 ? 1 : nthreads;
+    if (floats == 0) return MOE_OK;
+    if (floats > (size_t)-1 / sizeof(float)) return MOE_ERR_NOMEM;
+    w->buf = (float *)MOE_MALLOC(floats * sizeof(float));
+    if (!w->buf) return MOE_ERR_NOMEM;
+    w->floats = floats;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_work_free(moe_work *w) {
+    MOE_FREE(w->buf);
+    w->buf = NULL;
+    w->floats = 0;
+}
+
+/* Threads a call may use: this machine's, at most the workspace's plan. */
+static int moe__work_threads(const moe_work *w) {
+    int n = moe_num_threads();
+    return w && w->nthreads < n ? (w->nthreads < 1 ? 1 : w->nthreads) : n;
+}
+
+/* The scratch a call runs on: the caller's workspace when it holds `need` floats, else (no
+   workspace given) a fresh allocation in *own that the call frees. NULL with *st set when
+   neither works. */
+static float *moe__work_get(moe_work *w, size_t need, float **own, moe_status *st) {
+    *own = NULL;
+    *st = MOE_OK;
+    if (w) {
+        if (need <= w->floats) return w->buf;
+        *st = MOE_ERR_INVALID_ARG;
+        return NULL;
+    }
+    *own = need ? (float *)MOE_MALLOC(need * sizeof(float)) : NULL;
+    if (need && !*own) *st = MOE_ERR_NOMEM;
+    return *own;
 }
 
 MOE__IMPL double moe_time_seconds(void) {
@@ -1892,24 +1989,22 @@ MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, flo
 }
 
 MOE__IMPL float moe_clip_grad_norm(moe_store *s, float max_norm) {
-    /* fixed chunks summed in order: the same norm for any thread count */
-    enum { CHUNK = 1 << 14 };
-    long long nchunk = (long long)((s->numel + CHUNK - 1) / CHUNK), c;
-    double *part = (double *)moe__calloc((size_t)nchunk + 1, sizeof(double)), total = 0.0;
+    /* fixed chunks summed in order: the same norm for any thread count. The chunks' sums go
+       through a partial-sum array on the stack, ROUND chunks at a time (no allocation). */
+    enum { CHUNK = 1 << 14, ROUND = 256 };
+    long long nchunk = (long long)((s->numel + CHUNK - 1) / CHUNK), c0;
+    double part[ROUND], total = 0.0;
     float norm;
-    if (!part) { /* no memory: serial sum, same value */
-        size_t i;
-        for (i = 0; i < s->numel; i++) total += (double)s->grads[i] * s->grads[i];
-    } else {
-        MOE_OMP_FOR_IF(nchunk > 4)
-        for (c = 0; c < nchunk; c++) {
-            size_t i, lo = (size_t)c * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;
+    for (c0 = 0; c0 < nchunk; c0 += ROUND) {
+        long long n = nchunk - c0 < (long long)ROUND ? nchunk - c0 : (long long)ROUND, c;
+        MOE_OMP_FOR_IF(n > 4)
+        for (c = 0; c < n; c++) {
+            size_t i, lo = (size_t)(c0 + c) * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;
             double acc = 0.0;
             for (i = lo; i < hi; i++) acc += (double)s->grads[i] * s->grads[i];
             part[c] = acc;
         }
-        for (c = 0; c < nchunk; c++) total += part[c];
-        MOE_FREE(part);
+        for (c = 0; c < n; c++) total += part[c];
     }
     norm = (float)sqrt(total);
     if (max_norm > 0.0f && norm > max_norm) {
@@ -2575,41 +2670,41 @@ MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda,
     }
 }
 
-/* single-threaded GEMM with an optionally transposed B */
+/* Scratch of the GEMM of a (K, N) B: its packed copy, then one A block (MC x KC) per thread
+   (the single-threaded GEMM is the nthreads = 1 case). */
+static size_t moe__gemm_work(int K, int N, int nthreads) {
+    return moe__packed_b_floats(K > 0 ? K : 0, N > 0 ? N : 0) + (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+/* single-threaded GEMM with an optionally transposed B; ws: moe__gemm_work(K, N, 1) floats */
 static void moe__gemm_ex(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                         int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    float *Ap, *Bp;
+                         int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws) {
+    float *Ap = ws, *Bp = ws + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
     int npad = moe__round_up(N, MOE_GEMM_NR);
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         moe__gemm_packed(M, N, K, A, lda, a_trans, NULL, npad, 0, C, ldc, accumulate, NULL);
         return;
     }
-    Ap = (float *)MOE_MALLOC(sizeof(float) * (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)));
-    if (!Ap) { /* no memory for packing: fall back to the reference (same sums, other rounding) */
-        if (!b_trans) {
-            moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
-        } else {
-            int i, j, p;
-            for (i = 0; i < M; i++)
-                for (j = 0; j < N; j++) {
-                    double s = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
-                    for (p = 0; p < K; p++)
-                        s += (double)(a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]) * B[(size_t)j * ldb + p];
-                    C[(size_t)i * ldc + j] = (float)s;
-                }
-        }
-        return;
-    }
-    Bp = Ap + MOE_GEMM_MC * MOE_GEMM_KC;
     moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
     moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, accumulate, Ap);
-    MOE_FREE(Ap);
 }
 
-MOE__IMPL void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                        int ldb, float *C, int ldc, int accumulate) {
-    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate);
+MOE__IMPL size_t moe_gemm_work_floats(int M, int N, int K) {
+    (void)M;
+    return moe__gemm_work(K, N, 1);
+}
+
+MOE__IMPL moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                              int ldb, float *C, int ldc, int accumulate, moe_work *work) {
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, 1), &own, &st);
+    if (st != MOE_OK) return st;
+    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate, ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
@@ -2639,33 +2734,28 @@ static int moe__task_rows(int n, int nthreads) {
     return rb < MOE_GEMM_MC ? rb : MOE_GEMM_MC;
 }
 
-/* C (M, N) (+)= op(A) . op(B) on all threads. B is packed once (its panels split over the
-   threads), then each task owns a block of rows of C (or of columns when M is small). Blocks
-   are multiples of the micro-tile and K is blocked the same way in every task, so the split
-   never changes any element's arithmetic. */
+/* C (M, N) (+)= op(A) . op(B) on up to nthreads threads, on ws (moe__gemm_work(K, N, nthreads)
+   floats). B is packed once (its panels split over the threads), then each task owns a block
+   of rows of C (or of columns when M is small). Blocks are multiples of the micro-tile and K
+   is blocked the same way in every task, so the split never changes any element's arithmetic. */
 static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                               int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    int nthreads = moe_num_threads(), npad, npanel, q, nb, b;
+                               int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws, int nthreads) {
+    int npad, npanel, q, nb, b;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
-    float *Bp, *Ap;
+    float *Bp = ws, *Ap;
     if (nthreads <= 1 || 2.0 * M * N * K < 4e6 || K <= 0) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
+        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate, ws);
         return;
     }
     npad = moe__round_up(N, MOE_GEMM_NR);
     npanel = npad / MOE_GEMM_NR;
-    Bp = (float *)MOE_MALLOC(sizeof(float) * (moe__packed_b_floats(K, N) + work * (size_t)nthreads));
-    if (!Bp) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
-        return;
-    }
     Ap = Bp + moe__packed_b_floats(K, N);
-    MOE_OMP_FOR
+    MOE__OMP_FOR_N(nthreads)
     for (q = 0; q < npanel; q++) moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, q, q + 1);
     if (M >= 4 * MOE_GEMM_MR * nthreads) {
         int rb = moe__task_rows(M, nthreads);
         nb = (M + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int r0 = b * rb, rows = M - r0 < rb ? M - r0 : rb;
             const float *a = a_trans ? A + r0 : A + (size_t)r0 * lda;
@@ -2675,14 +2765,13 @@ static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int
     } else {
         int cb = (npanel + 2 * nthreads - 1) / (2 * nthreads) * MOE_GEMM_NR;
         nb = (N + cb - 1) / cb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int c0 = b * cb, cols = N - c0 < cb ? N - c0 : cb;
             moe__gemm_packed(M, cols, K, A, lda, a_trans, Bp, npad, c0, C + c0, ldc, accumulate,
                              Ap + work * (size_t)moe__thread_index());
         }
     }
-    MOE_FREE(Bp);
 }
 
 static void moe__add_bias_rows(float *out, const float *bias, int M, int N) {
@@ -2725,18 +2814,45 @@ static void moe__colsum_acc(float *db, const float *dout, int M, int N) {
     }
 }
 
-MOE__IMPL void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                                  int M, int K, int N) {
-    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
-    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0);
-    moe__add_bias_rows(out, bias, M, N);
+/* forward packs weight (K, N as B), backward's dinp packs weight (N, K), its dweight inp (M, K) */
+MOE__IMPL size_t moe_matmul_work_floats(int M, int K, int N, int nthreads) {
+    size_t f = moe__gemm_work(K, N, nthreads), di = moe__gemm_work(N, K, nthreads), dw = moe__gemm_work(M, K, nthreads);
+    f = f > di ? f : di;
+    return f > dw ? f : dw;
 }
 
-MOE__IMPL void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                   const float *inp, const float *weight, int M, int K, int N) {
-    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1);    /* dout . W   */
-    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1); /* dout^T . x */
+MOE__IMPL moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                        int M, int K, int N, moe_work *work) {
+    int nt = moe__work_threads(work);
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, nt), &own, &st);
+    if (st != MOE_OK) return st;
+    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
+    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0, ws, nt);
+    moe__add_bias_rows(out, bias, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                         const float *inp, const float *weight, int M, int K, int N,
+                                         moe_work *work) {
+    int nt = moe__work_threads(work);
+    size_t need = 0, w;
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK; /* nothing to add */
+    if (dinp) need = moe__gemm_work(N, K, nt);
+    if (dweight && (w = moe__gemm_work(M, K, nt)) > need) need = w;
+    ws = moe__work_get(work, need, &own, &st);
+    if (st != MOE_OK) return st;
+    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1, ws, nt);    /* dout . W   */
+    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1, ws, nt); /* dout^T . x */
     if (dbias) moe__colsum_acc(dbias, dout, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
@@ -3106,6 +3222,59 @@ static int moe__bank_max_rows(const int *offset, int E) {
 #define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
 #endif
 
+/* floats that hold n items of `size` bytes placed after floats, aligned to `size` */
+static size_t moe__floats_holding(size_t n, size_t size) {
+    return (n * size + size - 1 + sizeof(float) - 1) / sizeof(float);
+}
+
+/* p rounded up to a multiple of `align` bytes: integer arrays that follow floats in a workspace */
+static void *moe__align_up(void *p, size_t align) {
+    uintptr_t u = (uintptr_t)p;
+    return (void *)((u + align - 1) / align * align);
+}
+
+/* Forward scratch: the packed weights of one chunk of experts, one tile workspace per thread
+   (an A block and an (MC, D) block of h), the chunk's task starts. Chunks never depend on the
+   rows, so neither does the size. */
+static size_t moe__experts_fwd_floats(int E, int d, int D, int two_in, int nthreads, int *chunk_out) {
+    size_t per_e = (size_t)(two_in ? 2 : 1) * moe__packed_b_floats(d, D) + moe__packed_b_floats(D, d);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
+    size_t chunk = MOE__EXPERT_CHUNK_FLOATS / per_e;
+    if (chunk < 1) chunk = 1;
+    if (chunk > (size_t)E) chunk = (size_t)E;
+    if (chunk_out) *chunk_out = (int)chunk;
+    return per_e * chunk + work * (size_t)nthreads + moe__floats_holding(chunk + 1, sizeof(int));
+}
+
+/* Backward: per expert its packed weights, packed x (n, d), H (n, D) and packed H */
+static size_t moe__experts_bwd_expert_floats(int n, int d, int D, int own_gate) {
+    return moe__packed_b_floats(d, D) + (size_t)(own_gate ? 2 : 1) * moe__packed_b_floats(D, d) +
+           moe__packed_b_floats(n, d) + (size_t)n * D + moe__packed_b_floats(n, D);
+}
+
+/* the rest of the backward scratch beyond the largest chunk: tile workspaces, chunk offsets
+   (size_t) and three task prefix arrays (int) */
+static size_t moe__experts_bwd_extra_floats(int E, int nthreads) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)nthreads + moe__floats_holding((size_t)E + 1, sizeof(size_t)) +
+           moe__floats_holding(3 * ((size_t)E + 1), sizeof(int));
+}
+
+MOE__IMPL size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, nt = nthreads > 1 ? nthreads : 1;
+    size_t fwd, f0, one, all, chunk, bwd;
+    if (E <= 0 || max_rows <= 0) return 0; /* no rows: the calls return at once */
+    /* the forward's chunks are larger without a gate of its own (AoE): take both */
+    fwd = moe__experts_fwd_floats(E, d, D, swiglu, nt, NULL);
+    f0 = moe__experts_fwd_floats(E, d, D, 0, nt, NULL);
+    /* a backward chunk is one expert (at most max_rows rows), or several within the chunk size */
+    one = moe__experts_bwd_expert_floats(max_rows, d, D, swiglu);
+    all = one * (size_t)E;
+    chunk = all < MOE__EXPERT_CHUNK_FLOATS ? all : MOE__EXPERT_CHUNK_FLOATS;
+    bwd = (one > chunk ? one : chunk) + moe__experts_bwd_extra_floats(E, nt);
+    fwd = fwd > f0 ? fwd : f0;
+    return fwd > bwd ? fwd : bwd;
+}
+
 /* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
 static int moe__chunk_owner(const int *start, int nexp, int i) {
     int j = 0;
@@ -3113,26 +3282,25 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
     return j;
 }
 
-MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                   const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                   moe_expert_kind kind, moe_activation act) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                         const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                         moe_expert_kind kind, moe_activation act, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
     size_t per_e = (own_gate ? 2 : 1) * szin + szout;
-    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
-    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
-    float *buf, *thr;
-    if (moe__bank_max_rows(offset, E) == 0) return;
-    if (chunk < 1) chunk = 1;
-    if (chunk > E) chunk = E;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
-                              sizeof(int) * (size_t)(chunk + 1));
-    MOE_ASSERT(buf);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D, need;
+    int chunk, *tstart;
+    float *buf, *thr, *own;
+    moe_status st;
+    if (moe__bank_max_rows(offset, E) == 0) return MOE_OK;
+    need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
+    buf = moe__work_get(work_ws, need, &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + per_e * (size_t)chunk;
-    tstart = (int *)(thr + work * (size_t)nthreads);
+    tstart = (int *)moe__align_up(thr + work * (size_t)nthreads, sizeof(int));
     for (e0 = 0; e0 < E; e0 = e1) {
         int ntask = 0, j;
         double flops = 0.0;
@@ -3145,7 +3313,7 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
         }
         tstart[e1 - e0] = ntask;
         if (ntask == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b;
             /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
@@ -3187,15 +3355,16 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
             }
         }
     }
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                    const float *xg, const float *h_gate, const float *h_up,
-                                    const moe_expert_weights *w, const int *offset, int E, int d,
-                                    int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                    float *scratch2) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                          const float *xg, const float *h_gate, const float *h_up,
+                                          const moe_expert_weights *w, const int *offset, int E, int d,
+                                          int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                          float *scratch2, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
@@ -3208,12 +3377,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
     int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
-    float *buf, *thr;
+    float *buf, *thr, *own;
     size_t *dstart;
-    if (nmax == 0) return;
+    moe_status st;
+    if (nmax == 0) return MOE_OK;
     /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
-#define MOE__BWD_EXPERT_FLOATS(n) \
-    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+#define MOE__BWD_EXPERT_FLOATS(n) moe__experts_bwd_expert_floats((n), d, D, own_gate)
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         for (e1 = e0; e1 < E; e1++) {
@@ -3223,12 +3392,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
         cap = sz > cap ? sz : cap;
     }
-    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
-                              sizeof(int) * (size_t)(3 * (E + 1)));
-    MOE_ASSERT(buf);
+    buf = moe__work_get(work_ws, cap + moe__experts_bwd_extra_floats(E, nthreads), &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + cap;
-    dstart = (size_t *)(thr + work * (size_t)nthreads);
-    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    /* integer arrays after the floats, each at its own alignment (cap may be odd) */
+    dstart = (size_t *)moe__align_up(thr + work * (size_t)nthreads, sizeof(size_t));
+    ts = (int *)moe__align_up(dstart + E + 1, sizeof(int)); /* three prefix arrays: row tasks, H panels, weight tasks */
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         int nrow = 0, nph = 0, nw = 0, nexp, j;
@@ -3262,7 +3431,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         tph[nexp] = nph;
         tw[nexp] = nw;
         if (nrow == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b, t;
             /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
@@ -3337,7 +3506,8 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
     }
 #undef MOE__BWD_EXPERT_FLOATS
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 /* The expert's hidden value at one unit from the forward caches: silu(g) * u or act(u). */
@@ -4101,13 +4271,13 @@ static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *p
 /* logits (T, E) = rin (T, router_dim) . Wr^T + b */
 static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T) {
     moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T,
-                       L->cfg.router_dim, L->cfg.n_experts);
+                       L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }
 
 /* d_logits -> dWr, db, and drin += (the router input's gradient) */
 static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
     moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->d_logits, rin,
-                        moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts);
+                        moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }
 
 /* token t: the k largest probabilities (plus the selection bias, when there is one) and
@@ -4314,7 +4484,7 @@ static void moe__noisy_declare(moe_layer *L, moe_store *s, const char *prefix) {
 static void moe__noisy_scores(moe_layer *L, const moe_store *s, const float *rin, const float *noise, int T) {
     moe_router_noisy *n = &L->noisy;
     size_t i, TE = (size_t)T * L->cfg.n_experts;
-    moe_matmul_forward(n->noise_logits, rin, moe_store_param(s, n->id_w_noise), NULL, T, L->cfg.router_dim, L->cfg.n_experts);
+    moe_matmul_forward(n->noise_logits, rin, moe_store_param(s, n->id_w_noise), NULL, T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
     n->has_noise = noise != NULL;
     for (i = 0; i < TE; i++) {
         n->noise[i] = noise ? noise[i] : 0.0f;
@@ -4408,7 +4578,7 @@ static void moe__noisy_backward_token(moe_layer *L, int t) {
 /* d_noise_logits -> dWn, drin += */
 static void moe__noisy_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
     moe_matmul_backward(drin, moe_store_grad(s, L->noisy.id_w_noise), NULL, L->noisy.d_noise_logits, rin,
-                        moe_store_param(s, L->noisy.id_w_noise), L->T, L->cfg.router_dim, L->cfg.n_experts);
+                        moe_store_param(s, L->noisy.id_w_noise), L->T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }
 /* ============================================================================================
    >>moe:router_ec
@@ -4504,7 +4674,7 @@ static void moe__aoe_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
 /* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
 static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
     int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
-    moe_matmul_forward(L->aoe.cache, x, moe_store_param(s, L->aoe.id_w_in), NULL, T, L->cfg.d, E * r);
+    moe_matmul_forward(L->aoe.cache, x, moe_store_param(s, L->aoe.id_w_in), NULL, T, L->cfg.d, E * r, &L->work);
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) {
         int e, j;
@@ -4528,7 +4698,7 @@ static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
     for (e = 0; e < E; e++) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
-            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D, &L->work);
     }
 }
 
@@ -4543,7 +4713,7 @@ static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
             moe_matmul_backward(L->aoe.d_cache_chosen + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->experts_dh_gate + (size_t)lo * D,
-                                L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+                                L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D, &L->work);
     }
 }
 
@@ -4568,7 +4738,7 @@ static void moe__aoe_backward(moe_layer *L, moe_store *s, float *dx, const float
         }
     }
     moe_matmul_backward(dx, moe_store_grad(s, L->aoe.id_w_in), NULL, L->aoe.d_cache, x, moe_store_param(s, L->aoe.id_w_in), T,
-                        L->cfg.d, E * r);
+                        L->cfg.d, E * r, &L->work);
 }
 /* ============================================================================================
    >>moe:router_gw
@@ -4769,19 +4939,19 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             if (L->gates[(size_t)t * E + k] != 0.0f)
                 for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
     }
-    moe_matmul_forward(hy->h1, hy->sig, moe_store_param(s, id[MOE_HYPER_PROC1_W]), moe_store_param(s, id[MOE_HYPER_PROC1_B]), T, e, h);
+    moe_matmul_forward(hy->h1, hy->sig, moe_store_param(s, id[MOE_HYPER_PROC1_W]), moe_store_param(s, id[MOE_HYPER_PROC1_B]), T, e, h, &L->work);
     for (t = 0; t < T * h; t++) hy->h1[t] = hy->h1[t] > 0.0f ? hy->h1[t] : 0.0f;
-    moe_matmul_forward(hy->cond, hy->h1, moe_store_param(s, id[MOE_HYPER_PROC2_W]), moe_store_param(s, id[MOE_HYPER_PROC2_B]), T, h, q);
+    moe_matmul_forward(hy->cond, hy->h1, moe_store_param(s, id[MOE_HYPER_PROC2_W]), moe_store_param(s, id[MOE_HYPER_PROC2_B]), T, h, q, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(hy->z + (size_t)t * (q + lam), hy->cond + (size_t)t * q, sizeof(float) * (size_t)q);
         memcpy(hy->z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
     }
-    moe_matmul_forward(hy->hb, hy->z, moe_store_param(s, id[MOE_HYPER_NET_W]), moe_store_param(s, id[MOE_HYPER_NET_B]), T, q + lam, b);
+    moe_matmul_forward(hy->hb, hy->z, moe_store_param(s, id[MOE_HYPER_NET_W]), moe_store_param(s, id[MOE_HYPER_NET_B]), T, q + lam, b, &L->work);
     for (t = 0; t < T * b; t++) hy->hb[t] = hy->hb[t] > 0.0f ? hy->hb[t] : 0.0f;
-    moe_matmul_forward(hy->m, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), NULL, T, d, ab);
+    moe_matmul_forward(hy->m, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), NULL, T, d, ab, &L->work);
     if (c->hyper_head_bias) /* u starts at x . head_down.bias^T + head_down_b.bias */
         moe_matmul_forward(hy->u, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]),
-                           T, d, a);
+                           T, d, a, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
         const float *M = hy->m + (size_t)t * ab, *hb = hy->hb + (size_t)t * b;
@@ -4802,9 +4972,9 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
         }
     }
-    moe_matmul_forward(out, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), NULL, T, ab + b, d);
+    moe_matmul_forward(out, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), NULL, T, ab + b, d, &L->work);
     if (c->hyper_head_bias) { /* out += [act ; 1] . head_up.bias^T */
-        moe_matmul_forward(hy->bias_out, hy->act1, moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, T, a + 1, d);
+        moe_matmul_forward(hy->bias_out, hy->act1, moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, T, a + 1, d, &L->work);
         for (t = 0; t < T * d; t++) out[t] += hy->bias_out[t];
     }
     for (t = 0; t < T * d; t++) y[t] += out[t];
@@ -4822,11 +4992,11 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
     float *gQ = moe_store_grad(s, id[MOE_HYPER_EXPERT_EMB]);
     float *glemb = moe_store_grad(s, id[MOE_HYPER_LAYER_EMB]) + (size_t)c->hyper_layer * lam;
     memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
-    moe_matmul_backward(dO, moe_store_grad(s, id[MOE_HYPER_HEAD_UP]), NULL, dy, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), T, ab + b, d);
+    moe_matmul_backward(dO, moe_store_grad(s, id[MOE_HYPER_HEAD_UP]), NULL, dy, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), T, ab + b, d, &L->work);
     if (c->hyper_head_bias) { /* out += act1 . head_up.bias^T */
         memset(hy->d_act1, 0, sizeof(float) * (size_t)T * (a + 1));
         moe_matmul_backward(hy->d_act1, moe_store_grad(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, dy, hy->act1,
-                            moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), T, a + 1, d);
+                            moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), T, a + 1, d, &L->work);
     }
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) {
@@ -4854,24 +5024,24 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
         for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
     }
     moe__colsum_acc(moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
-    moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN]), NULL, dM, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), T, d, ab);
+    moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN]), NULL, dM, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), T, d, ab, &L->work);
     if (c->hyper_head_bias)
         moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]), hy->d_u,
-                            x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), T, d, a);
+                            x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), T, d, a, &L->work);
     memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
     moe_matmul_backward(dz, moe_store_grad(s, id[MOE_HYPER_NET_W]), moe_store_grad(s, id[MOE_HYPER_NET_B]), dhb, hy->z,
-                        moe_store_param(s, id[MOE_HYPER_NET_W]), T, q + lam, b);
+                        moe_store_param(s, id[MOE_HYPER_NET_W]), T, q + lam, b, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
         for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
     }
     memset(dh1, 0, sizeof(float) * (size_t)T * h);
     moe_matmul_backward(dh1, moe_store_grad(s, id[MOE_HYPER_PROC2_W]), moe_store_grad(s, id[MOE_HYPER_PROC2_B]), dc, hy->h1,
-                        moe_store_param(s, id[MOE_HYPER_PROC2_W]), T, h, q);
+                        moe_store_param(s, id[MOE_HYPER_PROC2_W]), T, h, q, &L->work);
     for (t = 0; t < T * h; t++) dh1[t] = hy->h1[t] > 0.0f ? dh1[t] : 0.0f;
     memset(dsig, 0, sizeof(float) * (size_t)T * e);
     moe_matmul_backward(dsig, moe_store_grad(s, id[MOE_HYPER_PROC1_W]), moe_store_grad(s, id[MOE_HYPER_PROC1_B]), dh1, hy->sig,
-                        moe_store_param(s, id[MOE_HYPER_PROC1_W]), T, e, h);
+                        moe_store_param(s, id[MOE_HYPER_PROC1_W]), T, e, h, &L->work);
     /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
     for (j = 0; j < E; j++)
         for (t = 0; t < T; t++)
@@ -4972,6 +5142,20 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
         ok = moe__assign_alloc(&L->shared, S * max_tokens, max_tokens, S) && MOE__ALLOC(L->s_xg, (size_t)S * max_tokens * d, float) &&
              MOE__ALLOC(L->s_eout, (size_t)S * max_tokens * d, float) && MOE__ALLOC(L->s_hg, (size_t)S * max_tokens * Ds, float) &&
              MOE__ALLOC(L->s_hu, (size_t)S * max_tokens * Ds, float);
+    { /* the work buffer: the largest of the kernel calls' scratch; every router sends a token
+         to an expert at most once, so an expert gets at most max_tokens rows. (K, N) of the
+         matmuls: the linear (and noise) router, AoE's, HyperMoE's */
+        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, a = cfg->hyper_adapter;
+        int hw = cfg->hyper_width, ab = a * hw;
+        int mm[10][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
+                         {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d},
+                         {d, a}, {a + 1, d}};
+        size_t need = moe_experts_work_floats(max_tokens, E, d, D, cfg->expert, nt), w;
+        if (S > 0 && (w = moe_experts_work_floats(max_tokens, S, d, Ds, cfg->expert, nt)) > need) need = w;
+        for (k = 0; k < (cfg->hyper ? 10 : 3); k++)
+            if ((w = moe_matmul_work_floats(max_tokens, mm[k][0], mm[k][1], nt)) > need) need = w;
+        ok = ok && moe_work_alloc(&L->work, need, nt) == MOE_OK;
+    }
     if (!ok) {
         moe_layer_free(L);
         return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the buffers of a layer of %d tokens (E = %d, d = %d, d_ff = %d)",
@@ -5005,6 +5189,7 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     moe__router_free(L);
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
+    moe_work_free(&L->work);
     L->stats.load = L->stats.mean_prob = NULL;
     L->T = 0;
 }
@@ -5074,7 +5259,7 @@ static moe_status moe__shared_forward(moe_layer *L, const moe_store *s, float *y
     st = moe_dispatch(&L->shared, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, S * T, T, S, &L->err);
     if (st != MOE_OK) return st;
     moe_gather(L->s_xg, x, &L->shared, c->d);
-    moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, c->d, c->d_ff_shared, c->expert, c->activation);
+    moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, c->d, c->d_ff_shared, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->s_eout, &L->shared, c->d, 0);
     return MOE_OK;
 }
@@ -5084,7 +5269,7 @@ static void moe__shared_backward(moe_layer *L, moe_store *s, float *dx, const fl
     moe_expert_weights w = moe_layer_experts(L, s, 1, 0), gw = moe_layer_experts(L, s, 1, 1);
     moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, c->d);
     moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, c->n_shared, c->d,
-                         c->d_ff_shared, c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+                         c->d_ff_shared, c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
     moe_gather_backward(dx, L->dxg, &L->shared, c->d);
 }
 
@@ -5095,7 +5280,7 @@ static void moe__routed_forward(moe_layer *L, const moe_store *s, float *y, cons
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0);
     moe_gather(L->xg, x, &L->routed, c->d);
     moe__router_expert_gate_forward(L, s);
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->eout, &L->routed, c->d, c->n_shared > 0);
 }
 
@@ -5104,7 +5289,7 @@ static void moe__routed_backward(moe_layer *L, moe_store *s, float *dx) {
     const moe_layer_config *c = &L->cfg;
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0), gw = moe_layer_experts(L, s, 0, 1);
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, c->n_experts, c->d, c->d_ff,
-                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
     moe_gather_backward(dx, L->dxg, &L->routed, c->d);
     moe__router_expert_gate_backward(L, s);
 }
@@ -5158,8 +5343,8 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
    (queries) go in blocks of MOE__ATT_RB and each block only computes the keys up to its last
    row (the causal triangle, rounded up to whole blocks); the keys' gradients go by key blocks
    over the queries at and after them. The products run on the GEMM's packed micro-kernel
-   with one workspace per thread allocated once per call; the block grid never depends on
-   the thread count, so every element gets the same arithmetic however the tasks fall. */
+   with one workspace region per thread; the block grid never depends on the thread count,
+   so every element gets the same arithmetic however the tasks fall. */
 
 #define MOE__ATT_RB 32 /* rows per query / key block: a multiple of MOE_GEMM_MR */
 
@@ -5197,14 +5382,32 @@ MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const flo
     for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
 }
 
-MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+/* per thread, forward: A panel, packed k^T, then the P . v product's own workspace;
+   backward: dS (T, T), packed v^T, then the other products' workspace */
+static size_t moe__att_fwd_thread_floats(int T, int hd) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+static size_t moe__att_bwd_thread_floats(int T, int hd) {
+    return (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+
+MOE__IMPL size_t moe_attention_work_floats(int T, int d, int NH, int nthreads) {
+    int hd = NH > 0 ? d / NH : 0;
+    size_t f = moe__att_fwd_thread_floats(T, hd), b = moe__att_bwd_thread_floats(T, hd);
+    return (f > b ? f : b) * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+MOE__IMPL moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                           moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: A panel, packed k^T, then the P . v product's own workspace */
-    size_t wsz = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_fwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t;
         const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -5228,18 +5431,21 @@ MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, i
             moe__att_gemm(rows, hd, t1, P + (size_t)t0 * T, T, 0, v, 3 * d, 0, o + (size_t)t0 * d, d, wv);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                      int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+MOE__IMPL moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                            int B, int T, int d, int NH, moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: dS (T, T), packed v^T, then the other products' workspace */
-    size_t wsz = (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_bwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t, u, Tpad = moe__round_up(T, MOE_GEMM_NR);
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -5271,7 +5477,8 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
             moe__att_gemm(rows, hd, n, P + off, T, 1, dy + (size_t)t0 * d, d, 0, dv + (size_t)t0 * 3 * d, 3 * d, w);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
@@ -5369,12 +5576,15 @@ MOE__IMPL void moe_rope_apply(float *qkv, const float *cos_sin, int B, int T, in
    >>moe:gru
    ============================================================================================ */
 
-MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                               const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                               int N, int p) {
+MOE__IMPL size_t moe_gru_work_floats(int N, int p, int nthreads) { return moe_matmul_work_floats(N, p, 3 * p, nthreads); }
+
+MOE__IMPL moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                     const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                     int N, int p, moe_work *work) {
     int i;
-    moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p);
-    moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p);
+    moe_status st;
+    if ((st = moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    if ((st = moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p, work)) != MOE_OK) return st;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
         const float *a = gi + (size_t)i * 3 * p, *b = gh + (size_t)i * 3 * p, *hp = h_prev + (size_t)i * p;
@@ -5386,12 +5596,15 @@ MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, c
             o[j] = (1.0f - z) * n + z * hp[j];
         }
     }
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                                const float *dh, const float *x, const float *h_prev, const float *gi,
-                                const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch) {
+MOE__IMPL moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                      const float *dh, const float *x, const float *h_prev, const float *gi,
+                                      const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                      moe_work *work) {
     float *dgi = scratch, *dgh = scratch + (size_t)N * 3 * p;
+    moe_status st;
     int i;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
@@ -5410,8 +5623,8 @@ MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *
             dhp[j] += g[j] * z;
         }
     }
-    moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p);
-    moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p);
+    if ((st = moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    return moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p, work);
 }
 
 /* ============================================================================================
@@ -5421,7 +5634,7 @@ MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *
    projector id_rproj and the caches rxp (N, p), rh (N, p) = r_l, rgi, rgh (N, 3p), rh_prev;
    the model's r_zero (h_0), r_drin (dL/dr_l), r_carry (dL/dh through depth), r_dxp, r_scratch. */
 
-static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1); /* >>moe:model */
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1, int n2); /* >>moe:model */
 
 static int moe__router_input_is_gru(const moe_model_config *c) {
     return c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH;
@@ -5431,10 +5644,10 @@ static int moe__router_input_is_gru(const moe_model_config *c) {
 static void moe__router_input_declare(moe_model *m) {
     int P = m->cfg.router_dim;
     if (!moe__router_input_is_gru(&m->cfg)) return;
-    m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
-    m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
-    m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
-    m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+    m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P, 0);
+    m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P, 0);
+    m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0, 0);
+    m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0, 0);
 }
 
 /* block l's projector P_l (p, d), declared before the block's MoE layer */
@@ -5442,7 +5655,7 @@ static void moe__router_input_declare_block(moe_model *m, moe_block *b, int l) {
     char name[MOE_NAME_LEN];
     if (!b->is_moe || m->cfg.router_input == MOE_RIN_DIRECT) return;
     sprintf(name, "l%d.rmoe.proj", l);
-    b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, m->cfg.router_dim, m->cfg.d);
+    b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, m->cfg.router_dim, m->cfg.d, 0);
 }
 
 /* buffers for N tokens: the block's caches; 0 when out of memory */
@@ -5480,45 +5693,60 @@ static int moe__router_input_init_std(const moe_model *m, const char *name, floa
     return 1;
 }
 
-/* block b's router input r_l (b->rh) from its normalised hidden state b->ln2; h_prev = the
-   state of the MoE layer below (m->r_zero before the first); returns the state for the next */
-static const float *moe__router_input_forward(moe_model *m, moe_block *b, const float *h_prev, int N) {
+/* a kernel call of block l's router input that failed (only a workspace that does not fit
+   its call can): the status, with what failed, in m->err */
+static moe_status moe__router_input_err(moe_model *m, moe_status st, int l, const char *what) {
+    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+}
+
+/* block b's (layer l's) router input r_l (b->rh) from its normalised hidden state b->ln2;
+   *h_prev = the state of the MoE layer below (m->r_zero before the first), replaced by the
+   state for the next. The kernels run on the model's workspace m->work. */
+static moe_status moe__router_input_forward(moe_model *m, moe_block *b, const float **h_prev, int N, int l) {
     const moe_model_config *c = &m->cfg;
     size_t Np = (size_t)N * c->router_dim;
-    moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, c->d, c->router_dim);
+    moe_status st = moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, c->d, c->router_dim, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router-input projector");
     if (c->router_input == MOE_RIN_MLP) {
         moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
-        return h_prev;
+        return MOE_OK;
     }
-    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : h_prev;
-    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
-                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
-                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
-    return b->rh;
+    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : *h_prev;
+    st = moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                         moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                         moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router GRU");
+    *h_prev = b->rh;
+    return MOE_OK;
 }
 
 /* Backward of block b's router input. On entry r_drin holds dL/dr_l from the layer and, for
    the GRU kinds, r_carry holds dL/dh_l from the MoE layer above; on exit r_carry holds
    dL/dh_{l-1} (0 for the NP and detach ablations) and d_ln has received the projector's input
-   gradient. */
-static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+   gradient. l: the block's index, for the error. */
+static moe_status moe__router_input_backward(moe_model *m, const moe_block *b, int l) {
     const moe_model_config *c = &m->cfg;
     int N = m->B * m->T, P = c->router_dim;
     size_t i, Np = (size_t)N * P;
     moe_store *S = &m->S;
+    moe_status st;
     memset(m->r_dxp, 0, sizeof(float) * Np);
     if (c->router_input == MOE_RIN_MLP) {
         moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
     } else {
         for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
         memset(m->r_carry, 0, sizeof(float) * Np);
-        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
-                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
-                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        st = moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                              moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp,
+                              b->rh_prev, b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih),
+                              moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch, &m->work);
+        if (st != MOE_OK) return moe__router_input_err(m, st, l, "router GRU backward");
         if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
     }
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
-                        moe_store_param(S, b->id_rproj), N, c->d, P);
+    st = moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                             moe_store_param(S, b->id_rproj), N, c->d, P, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router-input projector backward");
+    return MOE_OK;
 }
 /* ============================================================================================
    >>moe:model
@@ -5573,10 +5801,10 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     return MOE_OK;
 }
 
-static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1) {
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1, int n2) {
     int id;
     if (m->err.status != MOE_OK) return -1;
-    id = moe_store_add(&m->S, name, flags, n0, n1, 0, 0);
+    id = moe_store_add(&m->S, name, flags, n0, n1, n2, 0);
     if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
     return id;
 }
@@ -5605,8 +5833,8 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     moe_store_init(&m->S);
     m->blocks = declare_only ? NULL : (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
     if (!m->blocks && !declare_only) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
-    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
-    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d, 0);
+    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d, 0) : -1;
     moe__router_input_declare(m);
     for (l = 0; l < L; l++) {
         moe_block *b = declare_only ? &one : &m->blocks[l];
@@ -5616,13 +5844,13 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
         if (declare_only) memset(b, 0, sizeof *b);
         b->is_moe = moe__block_is_moe(c, l);
         sprintf(name, "l%d.ln1.w", l);
-        b->id_ln1 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln1 = moe__model_add(m, name, 0, d, 0, 0);
         sprintf(name, "l%d.attn.wqkv", l);
-        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d);
+        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d, 0);
         sprintf(name, "l%d.attn.wo", l);
-        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
+        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d, 0);
         sprintf(name, "l%d.ln2.w", l);
-        b->id_ln2 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln2 = moe__model_add(m, name, 0, d, 0, 0);
         b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
         moe__router_input_declare_block(m, b, l);
         if (b->is_moe) {
@@ -5636,14 +5864,14 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
             }
         } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
             sprintf(name, "l%d.ffn.w_gate", l);
-            b->id_gate = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_gate = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_up", l);
-            b->id_up = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_up = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_down", l);
-            b->id_down = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, d, F, 0);
+            b->id_down = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, d, F);
         }
     }
-    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0, 0);
     if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
         moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "the config implies %zu parameters, more than %zu", m->S.numel, max_numel);
     if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
@@ -5694,6 +5922,28 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+    { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
+        int nt = moe_num_threads(), dense = 0, P = c->router_dim;
+        size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
+        size_t mm[4];
+        mm[0] = moe_matmul_work_floats(N, d, 3 * d, nt); /* qkv */
+        mm[1] = moe_matmul_work_floats(N, d, d, nt);     /* attention output */
+        mm[2] = moe_matmul_work_floats(N, d, V, nt);     /* tied head */
+        mm[3] = c->router_input != MOE_RIN_DIRECT ? moe_matmul_work_floats(N, d, P, nt) : 0; /* router-input projector */
+        for (k = 0; k < 4; k++) need = mm[k] > need ? mm[k] : need;
+        for (l = 0; l < L; l++) dense |= !m->blocks[l].is_moe;
+        if (dense && (w = moe_experts_work_floats(N, 1, d, F, MOE_EXPERT_SWIGLU, nt)) > need) need = w;
+        if (m->id_gru_wih >= 0 && (w = moe_gru_work_floats(N, P, nt)) > need) need = w;
+        for (l = 0; l < L; l++)
+            if (m->blocks[l].is_moe && m->blocks[l].moe.work.floats > need) need = m->blocks[l].moe.work.floats;
+        ok = ok && moe_work_alloc(&m->work, need, nt) == MOE_OK;
+        for (l = 0; ok && l < L; l++) /* the layers give theirs back and run on the model's */
+            if (m->blocks[l].is_moe) {
+                moe_work_free(&m->blocks[l].moe.work);
+                m->blocks[l].moe.work = m->work;
+            }
+        ok = ok && MOE__ALLOC(m->gen_probs, (size_t)V * 2, float);
+    }
     if (!ok) {
         moe_model_free(m);
         return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the activations of %d x %d tokens", max_B, max_T);
@@ -5724,7 +5974,10 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     if (m->blocks) {
         for (l = 0; l < m->cfg.n_layers; l++) {
             moe_block *b = &m->blocks[l];
-            if (b->is_moe) moe_layer_free(&b->moe);
+            if (b->is_moe) {
+                if (b->moe.work.buf == m->work.buf) memset(&b->moe.work, 0, sizeof b->moe.work); /* the model's */
+                moe_layer_free(&b->moe);
+            }
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);
@@ -5739,6 +5992,8 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     moe__router_input_free(m);
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
+    MOE_FREE(m->gen_probs);
+    moe_work_free(&m->work);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -5810,6 +6065,18 @@ static void moe__model_balance_all_layers(moe_model *m) {
     m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
 }
 
+/* A kernel call that fails (only a workspace that does not fit its call can) ends the pass
+   with the kernel's status and what failed (layer l, or the model's own parts for l < 0). */
+static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, const char *what) {
+    if (l < 0) return moe_err_set(&m->err, st, "%s: %s", what, moe_status_string(st));
+    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+}
+#define MOE__MODEL_TRY(call, l, what)                                                    \
+    do {                                                                                 \
+        moe_status st_ = (call);                                                         \
+        if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
+    } while (0)
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
@@ -5845,10 +6112,10 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
-        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
+        MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
+        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
@@ -5857,7 +6124,8 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             a.seq_len = T;
             a.gw_active = m->gw_broadcast;
             if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
-                rh_prev = moe__router_input_forward(m, b, rh_prev, N);
+                st = moe__router_input_forward(m, b, &rh_prev, N, l);
+                if (st != MOE_OK) return st;
                 a.router_input = b->rh;
             }
             if (noise && m->routing_noise) {
@@ -5873,14 +6141,16 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
+            MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                               MOE_ACT_SILU, &m->work),
+                           l, "dense FFN");
         }
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
-    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
+    MOE__MODEL_TRY(moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V, &m->work), -1, "tied head");
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
     m->B = B;
     m->T = T;
@@ -5899,7 +6169,9 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
     /* tied head: logits = lnf . wte^T */
     memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
+    MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte),
+                                       N, d, V, &m->work),
+                   -1, "tied head backward");
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
@@ -5920,24 +6192,29 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             }
             st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            if (b->id_rproj >= 0) moe__router_input_backward(m, b);
+            if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d,
-                                 c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2);
+            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
+                                                MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
+                           l, "dense FFN backward");
         }
         moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
         memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo), N, d, d);
-        moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
+                                           N, d, d, &m->work),
+                       l, "attention output backward");
+        MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv),
+                                           N, d, 3 * d, &m->work),
+                       l, "qkv backward");
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
     }
@@ -5988,7 +6265,7 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
 MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                         const moe_sampler *sampler, moe_rng *rng) {
     int V = m->cfg.vocab, n = n_prompt, step, i;
-    float *p;
+    float *p = m->gen_probs; /* (2 V) planned at init */
     moe_status st;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
@@ -5998,13 +6275,11 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
     memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
-    p = (float *)MOE_MALLOC(sizeof(float) * (size_t)V * 2);
-    if (!p) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     for (step = 0; step < n_new; step++) {
         int ctx = n < m->max_T ? n : m->max_T, next = 0;
         const float *z;
         st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
-        if (st != MOE_OK) { MOE_FREE(p); return st; }
+        if (st != MOE_OK) return st;
         z = m->logits + (size_t)(ctx - 1) * V;
         if (sampler->temperature == 0.0f) {
             for (i = 1; i < V; i++)
@@ -6044,7 +6319,6 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
         }
         out[n++] = next;
     }
-    MOE_FREE(p);
     m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
     m->has_targets = 0;
     return MOE_OK;

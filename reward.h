@@ -440,10 +440,12 @@ typedef struct rwd_head {
     float *pre;                     /* (max_rows, H) MLP pre-activation, cached by forward     */
     float *hid;                     /* (max_rows, H) MLP activation, cached by forward         */
     float *dhid;                    /* (max_rows, 2H) backward scratch                         */
+    moe_work work;                  /* the matmuls' scratch for max_rows, sized at init        */
 } rwd_head;
 
 RWDDEF rwd_head_config rwd_head_config_default(void);
-/* declares the head's tensors in s (before moe_store_alloc) and allocates its activations */
+/* declares the head's tensors in s (before moe_store_alloc) and allocates its activations and
+   scratch (forward and backward then allocate nothing); on failure h is freeable */
 RWDDEF moe_status rwd_head_init(rwd_head *h, const rwd_head_config *c, moe_store *s, const char *prefix, moe_err *err);
 RWDDEF void rwd_head_init_weights(rwd_head *h, moe_store *s, moe_rng *rng);
 RWDDEF void rwd_head_free(rwd_head *h);
@@ -650,6 +652,7 @@ typedef struct rwd_gate {
     float *probs;  /* (max_rows, K) softmax(z / tau)                                          */
     float *dz;     /* (max_rows, max(H, K)) each, dz and dh: backward scratch                 */
     float *dh;
+    moe_work work;    /* the matmuls' scratch for max_rows, sized at init                      */
     int last_dropout; /* the last forward used dropout                                        */
 } rwd_gate;
 
@@ -2587,14 +2590,12 @@ RWD__IMPL moe_status rwd_lm_features(float *out, moe_model *m, const char *promp
     T = n < (size_t)m->max_T ? (int)n : m->max_T;
     start = n - (size_t)T;                          /* first byte inside the window      */
     first = lp > start ? lp - start : 0;            /* the response's first row in it    */
-    tok = (int *)MOE_MALLOC(sizeof(int) * (size_t)T);
-    if (!tok) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    tok = m->targets; /* (max_B max_T) ints that a forward without targets leaves alone: no allocation */
     for (t = 0; t < T; t++) {
         size_t k = start + (size_t)t;
         tok[t] = (unsigned char)(k < lp ? prompt[k] : response[k - lp]);
     }
     st = moe_model_forward(m, tok, NULL, 1, T, NULL);
-    MOE_FREE(tok);
     if (st != MOE_OK) return moe_err_set(err, st, "rwd_lm_features: %s", m->err.msg);
     for (j = 0; j < d; j++) {
         double acc = 0.0;
@@ -2656,13 +2657,22 @@ RWD__IMPL moe_status rwd_head_init(rwd_head *h, const rwd_head_config *c, moe_st
         h->id_w2 = moe_store_add(s, name, MOE_TENSOR_DECAY, 1, H, 0, 0);
     }
     if (h->id_w1 < 0 || (mlp && (h->id_b1 < 0 || h->id_w2 < 0)))
-        return moe_err_set(err, MOE_ERR_STATE, "declaring the head's tensors failed: %s", s->err.msg);
+        return moe_err_set(err, s->err.status != MOE_OK ? s->err.status : MOE_ERR_STATE, "declaring the head's tensors failed: %s", s->err.msg);
     if (mlp) {
         size_t rh = (size_t)c->max_rows * (size_t)H;
         h->pre = (float *)moe__calloc(4 * rh, sizeof(float)); /* pre, hid, dhid (2 rh) in one block */
         if (!h->pre) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the head's activations");
         h->hid = h->pre + rh;
         h->dhid = h->hid + rh;
+    }
+    { /* linear: (d_in -> 1); MLP: (d_in -> H), (H -> 1) */
+        int nt = moe_num_threads();
+        size_t need = moe_matmul_work_floats(c->max_rows, c->d_in, H, nt), w2 = moe_matmul_work_floats(c->max_rows, H, 1, nt);
+        if (mlp && w2 > need) need = w2;
+        if (moe_work_alloc(&h->work, need, nt) != MOE_OK) {
+            rwd_head_free(h);
+            return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the head's matmul scratch");
+        }
     }
     return MOE_OK;
 }
@@ -2681,6 +2691,7 @@ RWD__IMPL void rwd_head_init_weights(rwd_head *h, moe_store *s, moe_rng *rng) {
 
 RWD__IMPL void rwd_head_free(rwd_head *h) {
     MOE_FREE(h->pre);
+    moe_work_free(&h->work);
     memset(h, 0, sizeof *h);
 }
 
@@ -2688,12 +2699,12 @@ RWD__IMPL void rwd_head_forward(rwd_head *h, const moe_store *s, float *r, const
     int d = h->cfg.d_in, H = h->cfg.d_hidden;
     MOE_ASSERT(rows <= h->cfg.max_rows);
     if (h->cfg.kind == RWD_HEAD_LINEAR) {
-        moe_matmul_forward(r, x, moe_store_param(s, h->id_w1), NULL, rows, d, 1);
+        moe_matmul_forward(r, x, moe_store_param(s, h->id_w1), NULL, rows, d, 1, &h->work);
         return;
     }
-    moe_matmul_forward(h->pre, x, moe_store_param(s, h->id_w1), moe_store_param(s, h->id_b1), rows, d, H);
+    moe_matmul_forward(h->pre, x, moe_store_param(s, h->id_w1), moe_store_param(s, h->id_b1), rows, d, H, &h->work);
     moe_activation_forward(h->hid, h->pre, (size_t)rows * (size_t)H, (moe_activation)h->cfg.activation);
-    moe_matmul_forward(r, h->hid, moe_store_param(s, h->id_w2), NULL, rows, H, 1);
+    moe_matmul_forward(r, h->hid, moe_store_param(s, h->id_w2), NULL, rows, H, 1, &h->work);
 }
 
 RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const float *dr, const float *x, int rows) {
@@ -2701,17 +2712,17 @@ RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const flo
     size_t rh = (size_t)rows * (size_t)H;
     float *dhid, *dpre;
     if (h->cfg.kind == RWD_HEAD_LINEAR) { /* no hidden buffers: h->dhid is NULL */
-        moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1);
+        moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1, &h->work);
         return;
     }
     dhid = h->dhid;
     dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
     memset(dhid, 0, rh * sizeof(float)); /* activation gradients are per call, not accumulated */
     memset(dpre, 0, rh * sizeof(float));
-    moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1);
+    moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1, &h->work);
     moe_activation_backward(dpre, dhid, h->pre, rh, (moe_activation)h->cfg.activation);
     moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), moe_store_grad(s, h->id_b1), dpre, x,
-                        moe_store_param(s, h->id_w1), rows, d, H);
+                        moe_store_param(s, h->id_w1), rows, d, H, &h->work);
 }
 
 RWD__IMPL void rwd_head_score(rwd_head *h, const moe_store *s, double *r, const float *x, size_t rows) {
@@ -3618,6 +3629,19 @@ RWD__IMPL moe_status rwd_gate_init(rwd_gate *g, const rwd_gate_config *c, moe_st
     g->probs = g->mask + (size_t)L * rh;
     g->dz = g->probs + (size_t)c->max_rows * (size_t)c->K;
     g->dh = g->dz + wide;
+    { /* one workspace for the largest of the layers' matmuls */
+        int nt = moe_num_threads(), w_in = c->d_in;
+        size_t need = 0, w;
+        for (l = 0; l <= L; l++) {
+            int out = l < L ? H : c->K;
+            if ((w = moe_matmul_work_floats(c->max_rows, w_in, out, nt)) > need) need = w;
+            w_in = out;
+        }
+        if (moe_work_alloc(&g->work, need, nt) != MOE_OK) {
+            rwd_gate_free(g);
+            return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the gate's matmul scratch");
+        }
+    }
     return MOE_OK;
 }
 
@@ -3636,6 +3660,7 @@ RWD__IMPL void rwd_gate_init_weights(rwd_gate *g, moe_store *s, moe_rng *rng) {
 
 RWD__IMPL void rwd_gate_free(rwd_gate *g) {
     MOE_FREE(g->pre);
+    moe_work_free(&g->work);
     memset(g, 0, sizeof *g);
 }
 
@@ -3650,7 +3675,7 @@ RWD__IMPL void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, c
     g->last_dropout = dropout_rng != NULL && p > 0.0f;
     for (l = 0; l < L; l++) {
         float *pre = g->pre + (size_t)l * stride, *post = g->post + (size_t)l * stride, *mask = g->mask + (size_t)l * stride;
-        moe_matmul_forward(pre, in, moe_store_param(s, g->id_w[l]), moe_store_param(s, g->id_b[l]), rows, in_w, H);
+        moe_matmul_forward(pre, in, moe_store_param(s, g->id_w[l]), moe_store_param(s, g->id_b[l]), rows, in_w, H, &g->work);
         for (i = 0; i < rh; i++) {
             float m = 1.0f;
             if (g->last_dropout) m = moe_rng_uniform(dropout_rng) < p ? 0.0f : keep; /* serial: one stream */
@@ -3660,7 +3685,7 @@ RWD__IMPL void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, c
         in = post;
         in_w = H;
     }
-    moe_matmul_forward(g->dz, in, moe_store_param(s, g->id_w[L]), moe_store_param(s, g->id_b[L]), rows, in_w, K);
+    moe_matmul_forward(g->dz, in, moe_store_param(s, g->id_w[L]), moe_store_param(s, g->id_b[L]), rows, in_w, K, &g->work);
     for (i = 0; i < (size_t)rows * (size_t)K; i++) g->dz[i] *= inv_t; /* z / tau */
     moe_softmax_forward(g->probs, g->dz, rows, K);
     for (i = 0; i < (size_t)rows * (size_t)K; i++) gates[i] = beta * g->probs[i];
@@ -3692,7 +3717,7 @@ RWD__IMPL void rwd_gate_backward(rwd_gate *g, moe_store *s, float *dx, const flo
             din = dx;
         }
         moe_matmul_backward(din, moe_store_grad(s, g->id_w[l]), moe_store_grad(s, g->id_b[l]), dz, in,
-                            moe_store_param(s, g->id_w[l]), rows, in_w, out_w);
+                            moe_store_param(s, g->id_w[l]), rows, in_w, out_w, &g->work);
         if (l > 0) { /* through dropout and ReLU of layer l-1: dz <- d pre_{l-1} */
             const float *pre = g->pre + (size_t)(l - 1) * stride, *mask = g->mask + (size_t)(l - 1) * stride;
             for (i = 0; i < rh; i++) dz[i] = pre[i] > 0.0f ? g->dh[i] * mask[i] : 0.0f;

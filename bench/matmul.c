@@ -52,10 +52,10 @@ typedef void (*runner)(const problem *p, int threads);
 
 static void run_ours(const problem *p, int threads) {
     if (threads == 1) {
-        moe_gemm(p->M, p->N, p->K, p->A, p->a_trans ? p->M : p->K, p->a_trans, p->B, p->N, p->C, p->N, 0);
+        moe_gemm(p->M, p->N, p->K, p->A, p->a_trans ? p->M : p->K, p->a_trans, p->B, p->N, p->C, p->N, 0, NULL);
     } else {
         /* the threaded entry: out (M, N) = inp (M, K) . weight (N, K)^T; B read as (N, K) */
-        moe_matmul_forward(p->C, p->A, p->B, NULL, p->M, p->K, p->N);
+        moe_matmul_forward(p->C, p->A, p->B, NULL, p->M, p->K, p->N, NULL);
     }
 }
 

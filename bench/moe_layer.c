@@ -133,6 +133,7 @@ typedef struct family {
     int rmoe;                                  /* router input from one GRU step          */
     int p, id_proj, id_wih, id_whh, id_bih, id_bhh;
     float *xp, *h_prev, *h, *gi, *gh, *dh, *dxp, *dh_prev, *scratch;
+    moe_work work;                             /* the projection's and the GRU's scratch  */
     float broadcast_share;
 } family;
 
@@ -189,7 +190,12 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
         f->id_bhh = moe_store_add(&f->S, "rmoe.gru.b_hh", 0, 3 * p, 0, 0, 0);
         f->xp = falloc(Tp); f->h_prev = falloc(Tp); f->h = falloc(Tp); f->gi = falloc(3 * Tp); f->gh = falloc(3 * Tp);
         f->dh = falloc(Tp); f->dxp = falloc(Tp); f->dh_prev = falloc(Tp); f->scratch = falloc(6 * Tp);
-        if (!f->xp || !f->h_prev || !f->h || !f->gi || !f->gh || !f->dh || !f->dxp || !f->dh_prev || !f->scratch) {
+        {
+            int nt = moe_num_threads();
+            size_t a = moe_matmul_work_floats(T, d, p, nt), b = moe_gru_work_floats(T, p, nt);
+            moe_work_alloc(&f->work, a > b ? a : b, nt);
+        }
+        if (!f->xp || !f->h_prev || !f->h || !f->gi || !f->gh || !f->dh || !f->dxp || !f->dh_prev || !f->scratch || !f->work.buf) {
             printf("bench=moe_layer_router router=%s error=out_of_memory\n", router);
             return 1;
         }
@@ -236,6 +242,7 @@ static int family_init(family *f, const char *router, int T, int d, int D, int E
 static void family_free(family *f) {
     free(f->xp); free(f->h_prev); free(f->h); free(f->gi); free(f->gh);
     free(f->dh); free(f->dxp); free(f->dh_prev); free(f->scratch);
+    moe_work_free(&f->work);
     moe_layer_free(&f->L);
     moe_store_free(&f->S);
 }
@@ -243,9 +250,9 @@ static void family_free(family *f) {
 static void family_forward(family *f, float *y, const float *x, int T, int d) {
     if (f->rmoe) {
         moe_store *S = &f->S;
-        moe_matmul_forward(f->xp, x, moe_store_param(S, f->id_proj), NULL, T, d, f->p);
+        moe_matmul_forward(f->xp, x, moe_store_param(S, f->id_proj), NULL, T, d, f->p, &f->work);
         moe_gru_forward(f->h, f->gi, f->gh, f->xp, f->h_prev, moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh),
-                        moe_store_param(S, f->id_bih), moe_store_param(S, f->id_bhh), T, f->p);
+                        moe_store_param(S, f->id_bih), moe_store_param(S, f->id_bhh), T, f->p, &f->work);
     }
     moe_layer_forward(&f->L, &f->S, y, x, T, &f->args);
 }
@@ -259,8 +266,8 @@ static void family_backward(family *f, float *dx, const float *dy, const float *
         memset(f->dh_prev, 0, sizeof(float) * (size_t)T * f->p);
         moe_gru_backward(f->dxp, f->dh_prev, moe_store_grad(S, f->id_wih), moe_store_grad(S, f->id_whh),
                          moe_store_grad(S, f->id_bih), moe_store_grad(S, f->id_bhh), f->dh, f->xp, f->h_prev, f->gi, f->gh,
-                         moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh), T, f->p, f->scratch);
-        moe_matmul_backward(dx, moe_store_grad(S, f->id_proj), NULL, f->dxp, x, moe_store_param(S, f->id_proj), T, d, f->p);
+                         moe_store_param(S, f->id_wih), moe_store_param(S, f->id_whh), T, f->p, f->scratch, &f->work);
+        moe_matmul_backward(dx, moe_store_grad(S, f->id_proj), NULL, f->dxp, x, moe_store_param(S, f->id_proj), T, d, f->p, &f->work);
     }
 }
 

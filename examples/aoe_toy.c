@@ -52,14 +52,14 @@ static double step(toy *t, const float *x, const int *y, int n, int d, long long
     float *losses = (float *)malloc(sizeof(float) * (size_t)n);
     double loss;
     moe_layer_forward(&t->L, &t->S, h, x, n, NULL);
-    moe_matmul_forward(logits, h, moe_store_param(&t->S, t->id_out), NULL, n, d, C);
+    moe_matmul_forward(logits, h, moe_store_param(&t->S, t->id_out), NULL, n, d, C, NULL);
     loss = moe_crossentropy_forward(losses, logits, y, n, C);
     moe_store_zero_grad(&t->S);
     memset(dl, 0, sizeof(float) * (size_t)n * C);
     memset(dh, 0, sizeof(float) * (size_t)n * d);
     memset(dx, 0, sizeof(float) * (size_t)n * d);
     moe_crossentropy_backward(dl, logits, y, n, C, 1.0f / (float)n);
-    moe_matmul_backward(dh, moe_store_grad(&t->S, t->id_out), NULL, dl, h, moe_store_param(&t->S, t->id_out), n, d, C);
+    moe_matmul_backward(dh, moe_store_grad(&t->S, t->id_out), NULL, dl, h, moe_store_param(&t->S, t->id_out), n, d, C, NULL);
     moe_layer_backward(&t->L, &t->S, dx, dh, x, NULL);
     moe_adamw_step(&t->S, &opt, 3e-3f, k);
     free(losses);

@@ -197,7 +197,7 @@ static void swap_hook(moe_model *m, int l, void *user) {
                 memcpy(sb->xg + (size_t)n * d, b->ln2 + (size_t)i * d, sizeof(float) * (size_t)d);
                 sb->tok[n++] = i;
             }
-    moe_experts_forward(sb->out, sb->hg, sb->hu, sb->xg, &w, sb->offset, E, d, L->cfg.d_ff, L->cfg.expert, L->cfg.activation);
+    moe_experts_forward(sb->out, sb->hg, sb->hu, sb->xg, &w, sb->offset, E, d, L->cfg.d_ff, L->cfg.expert, L->cfg.activation, NULL);
     for (j = 0; j < n; j++) {
         int t = sb->tok[j];
         float g = L->gates[(size_t)t * E + L->topk[(size_t)t * L->cfg.top_k]];

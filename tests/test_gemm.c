@@ -45,7 +45,7 @@ static int gemm_case(moe_rng *r, int M, int N, int K, int a_trans, int accumulat
     fill(B, nb, r);
     fill(C, nc, r);
     memcpy(R, C, nc * sizeof(float));
-    moe_gemm(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
+    moe_gemm(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate, NULL);
     moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, R, ldc, accumulate);
     snprintf(name, sizeof name, "gemm M=%d N=%d K=%d at=%d acc=%d", M, N, K, a_trans, accumulate);
     ok = check_close(name, C, R, nc, 1e-5 * scale, 1e-5);
@@ -100,12 +100,12 @@ static void test_gemm_position(void) {
     moe_rng_seed(&r, 5);
     fill(A, (size_t)M * K, &r);
     fill(B, (size_t)K * N, &r);
-    moe_gemm(M, N, K, A, K, 0, B, N, C, N, 0);
+    moe_gemm(M, N, K, A, K, 0, B, N, C, N, 0, NULL);
     for (i = 0; i < M; i += 37) {
-        moe_gemm(1, N, K, A + (size_t)i * K, K, 0, B, N, c1, N, 0);
+        moe_gemm(1, N, K, A + (size_t)i * K, K, 0, B, N, c1, N, 0, NULL);
         if (memcmp(c1, C + (size_t)i * N, (size_t)N * sizeof(float)) != 0) same = 0;
         /* and a single column of that row */
-        moe_gemm(1, 1, K, A + (size_t)i * K, K, 0, B + N - 1, N, c1, 1, 0);
+        moe_gemm(1, 1, K, A + (size_t)i * K, K, 0, B + N - 1, N, c1, 1, 0, NULL);
         if (memcmp(c1, C + (size_t)i * N + N - 1, sizeof(float)) != 0) same = 0;
     }
     CHECK(same, "rows (and single elements) computed alone differ from the full product");
@@ -138,10 +138,10 @@ static void test_matmul(void) {
         memcpy(dw0, dw, (size_t)N * K * sizeof(float));
         fill(db, N, &r);
         memcpy(db0, db, (size_t)N * sizeof(float));
-        moe_matmul_forward(y, x, w, bias, M, K, N);
+        moe_matmul_forward(y, x, w, bias, M, K, N, NULL);
         moe_matmul_forward_naive(y0, x, w, bias, M, K, N);
         check_close("matmul forward", y, y0, (size_t)M * N, tol, 1e-5);
-        moe_matmul_backward(dx, dw, db, dy, x, w, M, K, N);
+        moe_matmul_backward(dx, dw, db, dy, x, w, M, K, N, NULL);
         moe_matmul_backward_naive(dx0, dw0, db0, dy, x, w, M, K, N);
         check_close("matmul backward dinp", dx, dx0, (size_t)M * K, tol, 1e-5);
         check_close("matmul backward dweight", dw, dw0, (size_t)N * K, tol, 1e-5);
@@ -168,14 +168,14 @@ static void test_matmul_threads(void) {
     memset(dw1, 0, (size_t)N * K * sizeof(float)); memset(dw2, 0, (size_t)N * K * sizeof(float));
     memset(db1, 0, (size_t)N * sizeof(float)); memset(db2, 0, (size_t)N * sizeof(float));
     set_threads(1);
-    moe_matmul_forward(y1, x, w, NULL, M, K, N);
-    moe_matmul_backward(dx1, dw1, db1, dy, x, w, M, K, N);
+    moe_matmul_forward(y1, x, w, NULL, M, K, N, NULL);
+    moe_matmul_backward(dx1, dw1, db1, dy, x, w, M, K, N, NULL);
     /* a small-M product takes the column split */
-    moe_matmul_backward(NULL, dw1, NULL, dy, x, w, 24, K, N);
+    moe_matmul_backward(NULL, dw1, NULL, dy, x, w, 24, K, N, NULL);
     set_threads(2);
-    moe_matmul_forward(y2, x, w, NULL, M, K, N);
-    moe_matmul_backward(dx2, dw2, db2, dy, x, w, M, K, N);
-    moe_matmul_backward(NULL, dw2, NULL, dy, x, w, 24, K, N);
+    moe_matmul_forward(y2, x, w, NULL, M, K, N, NULL);
+    moe_matmul_backward(dx2, dw2, db2, dy, x, w, M, K, N, NULL);
+    moe_matmul_backward(NULL, dw2, NULL, dy, x, w, 24, K, N, NULL);
     CHECK(memcmp(y1, y2, (size_t)M * N * sizeof(float)) == 0, "forward differs between 1 and 2 threads");
     CHECK(memcmp(dx1, dx2, (size_t)M * K * sizeof(float)) == 0, "dinp differs between 1 and 2 threads");
     CHECK(memcmp(dw1, dw2, (size_t)N * K * sizeof(float)) == 0, "dweight differs between 1 and 2 threads");
@@ -266,8 +266,8 @@ static void experts_case(const char *label, int kind, int E, int d, int D, const
             moe_experts_backward_naive(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, k, act, s1[t], s2[t]);
         } else {
             set_threads(t);
-            moe_experts_forward(out[t], hg[t], hu[t], xg, &b.W, b.offset, E, d, D, k, act);
-            moe_experts_backward(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, k, act, s1[t], s2[t]);
+            moe_experts_forward(out[t], hg[t], hu[t], xg, &b.W, b.offset, E, d, D, k, act, NULL);
+            moe_experts_backward(dx[t], &gw, dy, xg, hg[t], hu[t], &b.W, b.offset, E, d, D, k, act, s1[t], s2[t], NULL);
         }
     }
     set_threads(2);
@@ -354,8 +354,8 @@ static void test_experts_grad(int kind) {
     fill(xg, nx, &r);
     fill(dy, nx, &r);
     gw = bank_view(&b, gwb);
-    moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
-    moe_experts_backward(dx, &gw, dy, xg, hg, hu, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, s1, s2);
+    moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, NULL);
+    moe_experts_backward(dx, &gw, dy, xg, hg, hu, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, s1, s2, NULL);
     /* input direction */
     {
         float *xp = falloc(nx), *xm = falloc(nx);
@@ -367,9 +367,9 @@ static void test_experts_grad(int kind) {
             xm[i] = xg[i] - (float)eps * v[i];
             an += (double)dx[i] * v[i];
         }
-        moe_experts_forward(out, hg, hu, xp, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
+        moe_experts_forward(out, hg, hu, xp, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, NULL);
         for (i = 0; i < (int)nx; i++) lp += (double)dy[i] * out[i];
-        moe_experts_forward(out, hg, hu, xm, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
+        moe_experts_forward(out, hg, hu, xm, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, NULL);
         for (i = 0; i < (int)nx; i++) lm += (double)dy[i] * out[i];
         num = (lp - lm) / (2 * eps);
         check_grad("experts dxg", an, num, 2e-3);
@@ -385,10 +385,10 @@ static void test_experts_grad(int kind) {
         an = 0.0;
         for (i = 0; i < (int)nw; i++) an += (double)gwb[i] * v[i];
         for (i = 0; i < (int)nw; i++) b.w[i] = w0[i] + (float)eps * v[i];
-        moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
+        moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, NULL);
         for (i = 0; i < (int)nx; i++) lp += (double)dy[i] * out[i];
         for (i = 0; i < (int)nw; i++) b.w[i] = w0[i] - (float)eps * v[i];
-        moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act);
+        moe_experts_forward(out, hg, hu, xg, &b.W, b.offset, E, d, D, (moe_expert_kind)kind, act, NULL);
         for (i = 0; i < (int)nx; i++) lm += (double)dy[i] * out[i];
         num = (lp - lm) / (2 * eps);
         check_grad("experts weight gradients", an, num, 2e-3);

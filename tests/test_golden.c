@@ -93,8 +93,13 @@ static void test_matmul(golden_file *g, const char *tag) {
     for (naive = 0; naive < 2; naive++) {
         float *o = golden_zeros((size_t)M * N), *gi = golden_zeros((size_t)M * K), *gw = golden_zeros((size_t)N * K), *gb = golden_zeros(N);
         const char *how = naive ? "naive" : "fast";
-        (naive ? moe_matmul_forward_naive : moe_matmul_forward)(o, inp, w, b, M, K, N);
-        (naive ? moe_matmul_backward_naive : moe_matmul_backward)(gi, gw, gb, dout, inp, w, M, K, N);
+        if (naive) {
+            moe_matmul_forward_naive(o, inp, w, b, M, K, N);
+            moe_matmul_backward_naive(gi, gw, gb, dout, inp, w, M, K, N);
+        } else {
+            moe_matmul_forward(o, inp, w, b, M, K, N, NULL);
+            moe_matmul_backward(gi, gw, gb, dout, inp, w, M, K, N, NULL);
+        }
         /* float32 rounding grows with the sum: out and dinp add K or N terms of size ~1/sqrt(K)
            (results ~1); dweight and dbias add M = 67 terms of size ~1 (results up to ~20,
            with cancellation), so their absolute error reaches a few 1e-6 */

@@ -90,8 +90,8 @@ static void gradcheck(kcase *k, double rtol) {
 }
 
 /* ---- the cases ---- */
-static void mm_fwd(kcase *k, float *out) { moe_matmul_forward(out, k->in[0], k->in[1], k->in[2], k->rows, k->n, k->m); }
-static void mm_bwd(kcase *k, const float *d) { moe_matmul_backward(k->grad[0], k->grad[1], k->grad[2], d, k->in[0], k->in[1], k->rows, k->n, k->m); }
+static void mm_fwd(kcase *k, float *out) { moe_matmul_forward(out, k->in[0], k->in[1], k->in[2], k->rows, k->n, k->m, NULL); }
+static void mm_bwd(kcase *k, const float *d) { moe_matmul_backward(k->grad[0], k->grad[1], k->grad[2], d, k->in[0], k->in[1], k->rows, k->n, k->m, NULL); }
 static void sm_fwd(kcase *k, float *out) { moe_softmax_forward(out, k->in[0], k->rows, k->n); }
 static void sm_bwd(kcase *k, const float *d) {
     float *y = (float *)malloc(sizeof(float) * (size_t)k->rows * k->n);
@@ -143,7 +143,7 @@ static void gru_fwd(kcase *k, float *out) {
     int N = k->rows, p = k->n;
     float *gi = (float *)malloc(sizeof(float) * (size_t)N * 3 * p), *gh = (float *)malloc(sizeof(float) * (size_t)N * 3 * p);
     gru_args(k, a); /* order: x, h_prev, w_ih | w_hh, b_ih, b_hh */
-    moe_gru_forward(out, gi, gh, a[0], a[1], a[2], a[3], a[4], a[5], N, p);
+    moe_gru_forward(out, gi, gh, a[0], a[1], a[2], a[3], a[4], a[5], N, p, NULL);
     free(gi);
     free(gh);
 }
@@ -156,10 +156,10 @@ static void gru_bwd(kcase *k, const float *d) {
     int i;
     float *junk = (float *)calloc((size_t)3 * p * p + (size_t)N * p * 3, sizeof(float));
     gru_args(k, a);
-    moe_gru_forward(h, gi, gh, a[0], a[1], a[2], a[3], a[4], a[5], N, p);
+    moe_gru_forward(h, gi, gh, a[0], a[1], a[2], a[3], a[4], a[5], N, p, NULL);
     for (i = 0; i < 6; i++) g[i] = junk; /* gradients of the fixed inputs go nowhere */
     for (i = 0; i < 3; i++) g[gru_split ? 3 + i : i] = k->grad[i];
-    moe_gru_backward(g[0], g[1], g[2], g[3], g[4], g[5], d, a[0], a[1], gi, gh, a[2], a[3], N, p, scratch);
+    moe_gru_backward(g[0], g[1], g[2], g[3], g[4], g[5], d, a[0], a[1], gi, gh, a[2], a[3], N, p, scratch, NULL);
     free(gi); free(gh); free(h); free(scratch); free(junk);
 }
 
@@ -259,10 +259,10 @@ static void test_matmul_vs_naive(void) {
         float *dw1 = (float *)calloc((size_t)N * K, 4), *dw2 = (float *)calloc((size_t)N * K, 4);
         float *db1 = (float *)calloc((size_t)N, 4), *db2 = (float *)calloc((size_t)N, 4);
         double tol = 1e-5 * sqrt((double)K);
-        moe_matmul_forward(o1, x, w, b, M, K, N);
+        moe_matmul_forward(o1, x, w, b, M, K, N, NULL);
         moe_matmul_forward_naive(o2, x, w, b, M, K, N);
         check_close("matmul forward", o1, o2, (size_t)M * N, tol, 1e-5);
-        moe_matmul_backward(dx1, dw1, db1, dy, x, w, M, K, N);
+        moe_matmul_backward(dx1, dw1, db1, dy, x, w, M, K, N, NULL);
         moe_matmul_backward_naive(dx2, dw2, db2, dy, x, w, M, K, N);
         check_close("matmul dinp", dx1, dx2, (size_t)M * K, 1e-5 * sqrt((double)N), 1e-5);
         check_close("matmul dweight", dw1, dw2, (size_t)N * K, 1e-5 * sqrt((double)M), 1e-5);
@@ -293,8 +293,8 @@ static void attention_case(int B, int T, int NH, int hd) {
             moe_attention_backward_naive(dqkv[t], dout, qkv, att[t], B, T, d, NH);
         } else {
             set_threads(t);
-            moe_attention_forward(out[t], att[t], qkv, B, T, d, NH);
-            moe_attention_backward(dqkv[t], dout, qkv, att[t], B, T, d, NH);
+            moe_attention_forward(out[t], att[t], qkv, B, T, d, NH, NULL);
+            moe_attention_backward(dqkv[t], dout, qkv, att[t], B, T, d, NH, NULL);
         }
     }
     set_threads(2);

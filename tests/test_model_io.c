@@ -458,7 +458,18 @@ static void expect_refused(const char *what, const char *path, const char *word,
     CHECK(st == want && (want == MOE_OK || (err.msg[0] && strstr(err.msg, word))), "%s: status %d (want %d): %s", what, (int)st, (int)want, err.msg);
     if (want != MOE_OK) {
         CHECK(!m.S.params && !m.blocks && m.err.status == st, "%s: the model is left freed, its err set", what);
-        CHECK(io_alloc_largest <= n + 4096, "%s: largest allocation %zu bytes for a %zu-byte file", what, io_alloc_largest, n);
+        size_t largest = io_alloc_largest, bound = n + 4096;
+        if (strstr(word, "NaN") || strstr(word, " inf ")) {
+            /* a file sound up to its values builds the model before they are read: its one
+               planned kernel workspace may exceed the file of a tiny model */
+            moe_model r;
+            moe_err e2;
+            memset(&r, 0, sizeof r);
+            if (moe_model_load_config(path, &c, NULL, &e2) == MOE_OK && moe_model_init(&r, &c, IO_B, IO_T) == MOE_OK)
+                bound += r.work.floats * sizeof(float);
+            moe_model_free(&r);
+        }
+        CHECK(largest <= bound, "%s: largest allocation %zu bytes for a %zu-byte file (bound %zu)", what, largest, n, bound);
         CHECK(moe_model_load_config(path, &c, NULL, &err) != MOE_OK || strstr(word, "NaN") || strstr(word, " inf "), "%s: the config alone is refused too", what);
     }
     CHECK(before && same_file(path, before, n), "%s: the file is unchanged", what);

@@ -5,13 +5,19 @@
    att (B, NH, T, T) keeps the softmax probabilities for backward (tiny models: T <= 1024).
    Probabilities above the diagonal are 0 (causal). Scale 1/sqrt(hd). */
 
-MOEDEF void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH);
+/* work: moe_attention_work_floats(T, d, NH, threads) floats (per-thread tiles), or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                        moe_work *work);
 /* dqkv (B,T,3d) is OVERWRITTEN; dout (B,T,d) */
-MOEDEF void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                   int B, int T, int d, int NH);
+MOEDEF moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                         int B, int T, int d, int NH, moe_work *work);
+/* scratch (floats) of moe_attention_forward and of moe_attention_backward for sequences of up
+   to T tokens (any B), with per-thread regions for nthreads */
+MOEDEF size_t moe_attention_work_floats(int T, int d, int NH, int nthreads);
 /* The readable references of the two above (llm.c's attention_forward/backward: one query
-   row at a time, plain loops, no threads, no allocation), same arguments and contract;
-   tests/test_kernels.c compares the blocked pair against them. */
+   row at a time, plain loops, no threads, no allocation), same arguments and contract less the
+   workspace; tests/test_kernels.c compares the blocked pair against them. */
 MOEDEF void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,
                                         int NH);
 MOEDEF void moe_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
@@ -30,8 +36,8 @@ MOEDEF void moe_rope_table(float *cos_sin, int T, int hd, float theta);
    (queries) go in blocks of MOE__ATT_RB and each block only computes the keys up to its last
    row (the causal triangle, rounded up to whole blocks); the keys' gradients go by key blocks
    over the queries at and after them. The products run on the GEMM's packed micro-kernel
-   with one workspace per thread allocated once per call; the block grid never depends on
-   the thread count, so every element gets the same arithmetic however the tasks fall. */
+   with one workspace region per thread; the block grid never depends on the thread count,
+   so every element gets the same arithmetic however the tasks fall. */
 
 #define MOE__ATT_RB 32 /* rows per query / key block: a multiple of MOE_GEMM_MR */
 
@@ -69,14 +75,32 @@ MOE__GEMM_FN void moe__att_softmax_row_backward(float *MOE_RESTRICT g, const flo
     for (u = 0; u < n; u++) g[u] = p[u] * (g[u] - dot) * scale;
 }
 
-MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+/* per thread, forward: A panel, packed k^T, then the P . v product's own workspace;
+   backward: dS (T, T), packed v^T, then the other products' workspace */
+static size_t moe__att_fwd_thread_floats(int T, int hd) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+static size_t moe__att_bwd_thread_floats(int T, int hd) {
+    return (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
+}
+
+MOE__IMPL size_t moe_attention_work_floats(int T, int d, int NH, int nthreads) {
+    int hd = NH > 0 ? d / NH : 0;
+    size_t f = moe__att_fwd_thread_floats(T, hd), b = moe__att_bwd_thread_floats(T, hd);
+    return (f > b ? f : b) * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+MOE__IMPL moe_status moe_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int NH,
+                                           moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: A panel, packed k^T, then the P . v product's own workspace */
-    size_t wsz = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_fwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t;
         const float *q = qkv + (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -100,18 +124,21 @@ MOE__IMPL void moe_attention_forward(float *out, float *att, const float *qkv, i
             moe__att_gemm(rows, hd, t1, P + (size_t)t0 * T, T, 0, v, 3 * d, 0, o + (size_t)t0 * d, d, wv);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                      int B, int T, int d, int NH) {
-    int hd = d / NH, task, nthreads = moe_num_threads();
+MOE__IMPL moe_status moe_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                            int B, int T, int d, int NH, moe_work *work) {
+    int hd = d / NH, task, nthreads = moe__work_threads(work);
     float scale = 1.0f / sqrtf((float)hd);
-    /* per thread: dS (T, T), packed v^T, then the other products' workspace */
-    size_t wsz = (size_t)T * T + moe__packed_b_floats(hd, T) + moe__att_ws_floats(T, hd);
-    float *ws = (float *)MOE_MALLOC(sizeof(float) * wsz * (size_t)nthreads);
-    MOE_ASSERT(ws);
-    MOE_OMP_FOR_DYNAMIC
+    size_t wsz = moe__att_bwd_thread_floats(T, hd);
+    float *own, *ws;
+    moe_status st;
+    if (B <= 0 || T <= 0) return MOE_OK;
+    ws = moe__work_get(work, wsz * (size_t)nthreads, &own, &st);
+    if (st != MOE_OK) return st;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
     for (task = 0; task < B * NH; task++) {
         int b = task / NH, h = task % NH, t0, t, u, Tpad = moe__round_up(T, MOE_GEMM_NR);
         size_t base = (size_t)b * T * 3 * d + (size_t)h * hd;
@@ -143,7 +170,8 @@ MOE__IMPL void moe_attention_backward(float *dqkv, const float *dout, const floa
             moe__att_gemm(rows, hd, n, P + off, T, 1, dy + (size_t)t0 * d, d, 0, dv + (size_t)t0 * 3 * d, 3 * d, w);
         }
     }
-    MOE_FREE(ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int d,

@@ -46,6 +46,24 @@ MOEDEF float moe_rng_normal(moe_rng *r);   /* N(0,1), Box-Muller in double, no c
 MOEDEF int moe_rng_below(moe_rng *r, int n); /* uniform integer in [0, n), unbiased    */
 
 MOEDEF int moe_num_threads(void); /* threads an OpenMP loop would use here, 1 without OpenMP */
+
+/* Scratch memory planned once (ggml's work buffer, miniaudio's heap-size queries). The kernels
+   that need scratch (GEMM packing, experts, attention, the GRU) take a moe_work as their last
+   argument and say how much with a query, e.g. moe_matmul_work_floats(M, K, N, nthreads).
+   Size one workspace as the largest of the calls it will serve, allocate it at init, pass it
+   to every call: they then never allocate. NULL instead: the kernel allocates and frees its
+   own for that call and returns MOE_ERR_NOMEM when it cannot. A workspace smaller than a call
+   needs makes the call return MOE_ERR_INVALID_ARG (its outputs untouched). */
+typedef struct moe_work {
+    float *buf;    /* (floats) scratch; each call overwrites it from the start              */
+    size_t floats; /* capacity of buf                                                       */
+    int nthreads;  /* threads the per-thread regions are sized for: a call given this
+                      workspace runs at most that many (results never depend on the count) */
+} moe_work;
+
+/* buf for `floats` floats (none when 0) and per-thread regions for nthreads (< 1: 1) */
+MOEDEF moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads);
+MOEDEF void moe_work_free(moe_work *w); /* safe on a zeroed or freed workspace */
 MOEDEF double moe_time_seconds(void); /* monotonic wall clock (seconds), for benchmarks       */
 
 /* @implementation */
@@ -132,6 +150,46 @@ MOE__IMPL int moe_num_threads(void) {
 #else
     return 1;
 #endif
+}
+
+MOE__IMPL moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads) {
+    w->buf = NULL;
+    w->floats = 0;
+    w->nthreads = nthreads < 1 ? 1 : nthreads;
+    if (floats == 0) return MOE_OK;
+    if (floats > (size_t)-1 / sizeof(float)) return MOE_ERR_NOMEM;
+    w->buf = (float *)MOE_MALLOC(floats * sizeof(float));
+    if (!w->buf) return MOE_ERR_NOMEM;
+    w->floats = floats;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_work_free(moe_work *w) {
+    MOE_FREE(w->buf);
+    w->buf = NULL;
+    w->floats = 0;
+}
+
+/* Threads a call may use: this machine's, at most the workspace's plan. */
+static int moe__work_threads(const moe_work *w) {
+    int n = moe_num_threads();
+    return w && w->nthreads < n ? (w->nthreads < 1 ? 1 : w->nthreads) : n;
+}
+
+/* The scratch a call runs on: the caller's workspace when it holds `need` floats, else (no
+   workspace given) a fresh allocation in *own that the call frees. NULL with *st set when
+   neither works. */
+static float *moe__work_get(moe_work *w, size_t need, float **own, moe_status *st) {
+    *own = NULL;
+    *st = MOE_OK;
+    if (w) {
+        if (need <= w->floats) return w->buf;
+        *st = MOE_ERR_INVALID_ARG;
+        return NULL;
+    }
+    *own = need ? (float *)MOE_MALLOC(need * sizeof(float)) : NULL;
+    if (need && !*own) *st = MOE_ERR_NOMEM;
+    return *own;
 }
 
 MOE__IMPL double moe_time_seconds(void) {

@@ -22,17 +22,23 @@ typedef struct moe_expert_weights {
 
 /* out (N,d); h_gate, h_up (N,D) are caches (h_gate unused for FFN). A SwiGLU bank whose
    w->gate is NULL takes h_gate as an INPUT: the gate pre-activation computed elsewhere (AoE
-   builds it from its low-rank cache); backward then leaves d h_gate in scratch1. */
-MOEDEF void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                moe_expert_kind kind, moe_activation act);
+   builds it from its low-rank cache); backward then leaves d h_gate in scratch1.
+   work: moe_experts_work_floats(...) floats for the packed weights and tiles, or NULL (the
+   call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                      const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                      moe_expert_kind kind, moe_activation act, moe_work *work);
 /* dxg (N,d) is OVERWRITTEN (it is a per-assignment buffer, not a gradient of a parameter);
    weight gradients accumulate. scratch1, scratch2: (N, D) each. */
-MOEDEF void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                 const float *xg, const float *h_gate, const float *h_up,
-                                 const moe_expert_weights *w, const int *offset, int E, int d,
-                                 int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                 float *scratch2);
+MOEDEF moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                       const float *xg, const float *h_gate, const float *h_up,
+                                       const moe_expert_weights *w, const int *offset, int E, int d,
+                                       int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                       float *scratch2, moe_work *work);
+/* scratch (floats) of moe_experts_forward and of moe_experts_backward for a bank of E experts
+   when no expert gets more than max_rows rows (a router that sends each token at most once to
+   an expert: the tokens of one call), with per-thread regions for nthreads */
+MOEDEF size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads);
 
 /* The readable references of the two above (plain loops, one token and one expert at a time,
    double accumulators, no threads, no allocation), with the same arguments and the same
@@ -100,6 +106,59 @@ static int moe__bank_max_rows(const int *offset, int E) {
 #define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
 #endif
 
+/* floats that hold n items of `size` bytes placed after floats, aligned to `size` */
+static size_t moe__floats_holding(size_t n, size_t size) {
+    return (n * size + size - 1 + sizeof(float) - 1) / sizeof(float);
+}
+
+/* p rounded up to a multiple of `align` bytes: integer arrays that follow floats in a workspace */
+static void *moe__align_up(void *p, size_t align) {
+    uintptr_t u = (uintptr_t)p;
+    return (void *)((u + align - 1) / align * align);
+}
+
+/* Forward scratch: the packed weights of one chunk of experts, one tile workspace per thread
+   (an A block and an (MC, D) block of h), the chunk's task starts. Chunks never depend on the
+   rows, so neither does the size. */
+static size_t moe__experts_fwd_floats(int E, int d, int D, int two_in, int nthreads, int *chunk_out) {
+    size_t per_e = (size_t)(two_in ? 2 : 1) * moe__packed_b_floats(d, D) + moe__packed_b_floats(D, d);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
+    size_t chunk = MOE__EXPERT_CHUNK_FLOATS / per_e;
+    if (chunk < 1) chunk = 1;
+    if (chunk > (size_t)E) chunk = (size_t)E;
+    if (chunk_out) *chunk_out = (int)chunk;
+    return per_e * chunk + work * (size_t)nthreads + moe__floats_holding(chunk + 1, sizeof(int));
+}
+
+/* Backward: per expert its packed weights, packed x (n, d), H (n, D) and packed H */
+static size_t moe__experts_bwd_expert_floats(int n, int d, int D, int own_gate) {
+    return moe__packed_b_floats(d, D) + (size_t)(own_gate ? 2 : 1) * moe__packed_b_floats(D, d) +
+           moe__packed_b_floats(n, d) + (size_t)n * D + moe__packed_b_floats(n, D);
+}
+
+/* the rest of the backward scratch beyond the largest chunk: tile workspaces, chunk offsets
+   (size_t) and three task prefix arrays (int) */
+static size_t moe__experts_bwd_extra_floats(int E, int nthreads) {
+    return (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)nthreads + moe__floats_holding((size_t)E + 1, sizeof(size_t)) +
+           moe__floats_holding(3 * ((size_t)E + 1), sizeof(int));
+}
+
+MOE__IMPL size_t moe_experts_work_floats(int max_rows, int E, int d, int D, moe_expert_kind kind, int nthreads) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, nt = nthreads > 1 ? nthreads : 1;
+    size_t fwd, f0, one, all, chunk, bwd;
+    if (E <= 0 || max_rows <= 0) return 0; /* no rows: the calls return at once */
+    /* the forward's chunks are larger without a gate of its own (AoE): take both */
+    fwd = moe__experts_fwd_floats(E, d, D, swiglu, nt, NULL);
+    f0 = moe__experts_fwd_floats(E, d, D, 0, nt, NULL);
+    /* a backward chunk is one expert (at most max_rows rows), or several within the chunk size */
+    one = moe__experts_bwd_expert_floats(max_rows, d, D, swiglu);
+    all = one * (size_t)E;
+    chunk = all < MOE__EXPERT_CHUNK_FLOATS ? all : MOE__EXPERT_CHUNK_FLOATS;
+    bwd = (one > chunk ? one : chunk) + moe__experts_bwd_extra_floats(E, nt);
+    fwd = fwd > f0 ? fwd : f0;
+    return fwd > bwd ? fwd : bwd;
+}
+
 /* the expert that owns item i when expert j of a chunk owns [start[j], start[j + 1]) */
 static int moe__chunk_owner(const int *start, int nexp, int i) {
     int j = 0;
@@ -107,26 +166,25 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
     return j;
 }
 
-MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
-                                   const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                   moe_expert_kind kind, moe_activation act) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
+                                         const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                         moe_expert_kind kind, moe_activation act, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else h_gate is an input (AoE's cache) */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nq = (own_gate ? 2 : 1) * qD + qd;
     size_t szin = moe__packed_b_floats(d, D), szout = moe__packed_b_floats(D, d), wsz = (size_t)D * d;
     size_t per_e = (own_gate ? 2 : 1) * szin + szout;
-    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D;
-    int chunk = (int)(MOE__EXPERT_CHUNK_FLOATS / per_e), *tstart;
-    float *buf, *thr;
-    if (moe__bank_max_rows(offset, E) == 0) return;
-    if (chunk < 1) chunk = 1;
-    if (chunk > E) chunk = E;
-    buf = (float *)MOE_MALLOC(sizeof(float) * (per_e * (size_t)chunk + work * (size_t)nthreads) +
-                              sizeof(int) * (size_t)(chunk + 1));
-    MOE_ASSERT(buf);
+    size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC + (size_t)MOE_GEMM_MC * D, need;
+    int chunk, *tstart;
+    float *buf, *thr, *own;
+    moe_status st;
+    if (moe__bank_max_rows(offset, E) == 0) return MOE_OK;
+    need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
+    buf = moe__work_get(work_ws, need, &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + per_e * (size_t)chunk;
-    tstart = (int *)(thr + work * (size_t)nthreads);
+    tstart = (int *)moe__align_up(thr + work * (size_t)nthreads, sizeof(int));
     for (e0 = 0; e0 < E; e0 = e1) {
         int ntask = 0, j;
         double flops = 0.0;
@@ -139,7 +197,7 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
         }
         tstart[e1 - e0] = ntask;
         if (ntask == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b;
             /* 1. B panels of every expert with tokens: up^T and gate^T (d -> D), down^T (D -> d) */
@@ -181,15 +239,16 @@ MOE__IMPL void moe_experts_forward(float *out, float *h_gate, float *h_up, const
             }
         }
     }
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
-                                    const float *xg, const float *h_gate, const float *h_up,
-                                    const moe_expert_weights *w, const int *offset, int E, int d,
-                                    int D, moe_expert_kind kind, moe_activation act, float *scratch1,
-                                    float *scratch2) {
-    int nthreads = moe_num_threads(), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
+MOE__IMPL moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, const float *dout,
+                                          const float *xg, const float *h_gate, const float *h_up,
+                                          const moe_expert_weights *w, const int *offset, int E, int d,
+                                          int D, moe_expert_kind kind, moe_activation act, float *scratch1,
+                                          float *scratch2, moe_work *work_ws) {
+    int nthreads = moe__work_threads(work_ws), swiglu = kind == MOE_EXPERT_SWIGLU, e0, e1;
     int own_gate = swiglu && w->gate != NULL; /* else scratch1 returns d h_gate to the caller */
     int Dpad = moe__round_up(D, MOE_GEMM_NR), dpad = moe__round_up(d, MOE_GEMM_NR);
     int qD = Dpad / MOE_GEMM_NR, qd = dpad / MOE_GEMM_NR, nmax = moe__bank_max_rows(offset, E);
@@ -202,12 +261,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
     int nbd = (d + wb - 1) / wb, nbD = (D + wb - 1) / wb;
     int has_bias = !swiglu && (gw->b_down || gw->b_up);
     int nwt = nbd + (own_gate ? 2 : 1) * nbD + has_bias, *ts;
-    float *buf, *thr;
+    float *buf, *thr, *own;
     size_t *dstart;
-    if (nmax == 0) return;
+    moe_status st;
+    if (nmax == 0) return MOE_OK;
     /* per expert: packed weights, packed x (n, d), H (n, D), packed H; the largest chunk decides the buffer */
-#define MOE__BWD_EXPERT_FLOATS(n) \
-    (szw + moe__packed_b_floats((n), d) + (size_t)(n) * D + moe__packed_b_floats((n), D))
+#define MOE__BWD_EXPERT_FLOATS(n) moe__experts_bwd_expert_floats((n), d, D, own_gate)
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         for (e1 = e0; e1 < E; e1++) {
@@ -217,12 +276,12 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
         cap = sz > cap ? sz : cap;
     }
-    buf = (float *)MOE_MALLOC(sizeof(float) * (cap + work * (size_t)nthreads) + sizeof(size_t) * (size_t)(E + 1) +
-                              sizeof(int) * (size_t)(3 * (E + 1)));
-    MOE_ASSERT(buf);
+    buf = moe__work_get(work_ws, cap + moe__experts_bwd_extra_floats(E, nthreads), &own, &st);
+    if (st != MOE_OK) return st;
     thr = buf + cap;
-    dstart = (size_t *)(thr + work * (size_t)nthreads);
-    ts = (int *)(dstart + E + 1); /* three prefix arrays: row tasks, H panels, weight tasks */
+    /* integer arrays after the floats, each at its own alignment (cap may be odd) */
+    dstart = (size_t *)moe__align_up(thr + work * (size_t)nthreads, sizeof(size_t));
+    ts = (int *)moe__align_up(dstart + E + 1, sizeof(int)); /* three prefix arrays: row tasks, H panels, weight tasks */
     for (e0 = 0; e0 < E; e0 = e1) {
         size_t sz = 0;
         int nrow = 0, nph = 0, nw = 0, nexp, j;
@@ -256,7 +315,7 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         tph[nexp] = nph;
         tw[nexp] = nw;
         if (nrow == 0) continue;
-        MOE__OMP_PARALLEL_IF(flops > 1e6)
+        MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b, t;
             /* 1. B panels: down (d -> D) for dh, up and gate (D -> d) for dx, the expert's x for dW */
@@ -331,7 +390,8 @@ MOE__IMPL void moe_experts_backward(float *dxg, moe_expert_weights *gw, const fl
         }
     }
 #undef MOE__BWD_EXPERT_FLOATS
-    MOE_FREE(buf);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 /* The expert's hidden value at one unit from the forward caches: silu(g) * u or act(u). */

@@ -5,25 +5,32 @@
    r = sig(gi_r + gh_r), z = sig(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
    h = (1 - z) * n + z * h_prev.  gi and gh are the caches backward needs. */
 
-MOEDEF void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                            const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                            int N, int p);
+/* work: the two products' scratch, moe_gru_work_floats(N, p, threads) floats, or NULL (they
+   allocate their own; MOE_ERR_NOMEM when they cannot). */
+MOEDEF moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                  const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                  int N, int p, moe_work *work);
 /* dx, dh_prev (N, p) and the weight gradients ACCUMULATE; dh (N, p) is dL/dh; scratch (N, 6p). */
-MOEDEF void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                             const float *dh, const float *x, const float *h_prev, const float *gi,
-                             const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch);
+MOEDEF moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                   const float *dh, const float *x, const float *h_prev, const float *gi,
+                                   const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                   moe_work *work);
+MOEDEF size_t moe_gru_work_floats(int N, int p, int nthreads);
 
 /* @implementation */
 /* ============================================================================================
    >>moe:gru
    ============================================================================================ */
 
-MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
-                               const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
-                               int N, int p) {
+MOE__IMPL size_t moe_gru_work_floats(int N, int p, int nthreads) { return moe_matmul_work_floats(N, p, 3 * p, nthreads); }
+
+MOE__IMPL moe_status moe_gru_forward(float *h, float *gi, float *gh, const float *x, const float *h_prev,
+                                     const float *w_ih, const float *w_hh, const float *b_ih, const float *b_hh,
+                                     int N, int p, moe_work *work) {
     int i;
-    moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p);
-    moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p);
+    moe_status st;
+    if ((st = moe_matmul_forward(gi, x, w_ih, b_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    if ((st = moe_matmul_forward(gh, h_prev, w_hh, b_hh, N, p, 3 * p, work)) != MOE_OK) return st;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
         const float *a = gi + (size_t)i * 3 * p, *b = gh + (size_t)i * 3 * p, *hp = h_prev + (size_t)i * p;
@@ -35,12 +42,15 @@ MOE__IMPL void moe_gru_forward(float *h, float *gi, float *gh, const float *x, c
             o[j] = (1.0f - z) * n + z * hp[j];
         }
     }
+    return MOE_OK;
 }
 
-MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
-                                const float *dh, const float *x, const float *h_prev, const float *gi,
-                                const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch) {
+MOE__IMPL moe_status moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *dw_hh, float *db_ih, float *db_hh,
+                                      const float *dh, const float *x, const float *h_prev, const float *gi,
+                                      const float *gh, const float *w_ih, const float *w_hh, int N, int p, float *scratch,
+                                      moe_work *work) {
     float *dgi = scratch, *dgh = scratch + (size_t)N * 3 * p;
+    moe_status st;
     int i;
     MOE_OMP_FOR_IF((double)N * p > 1e5)
     for (i = 0; i < N; i++) {
@@ -59,7 +69,7 @@ MOE__IMPL void moe_gru_backward(float *dx, float *dh_prev, float *dw_ih, float *
             dhp[j] += g[j] * z;
         }
     }
-    moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p);
-    moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p);
+    if ((st = moe_matmul_backward(dx, dw_ih, db_ih, dgi, x, w_ih, N, p, 3 * p, work)) != MOE_OK) return st;
+    return moe_matmul_backward(dh_prev, dw_hh, db_hh, dgh, h_prev, w_hh, N, p, 3 * p, work);
 }
 

@@ -46,6 +46,11 @@
 #define MOE__OMP_PARALLEL_IF(cond) MOE__PRAGMA(omp parallel if (cond))
 #define MOE__OMP_FOR_INNER MOE__PRAGMA(omp for schedule(dynamic, 1))
 #define MOE__OMP_FOR_NOWAIT MOE__PRAGMA(omp for schedule(static) nowait)
+/* The same with at most n threads: loops that index per-thread regions of a workspace sized
+   for n threads (moe_work.nthreads). */
+#define MOE__OMP_FOR_N(n) MOE__PRAGMA(omp parallel for schedule(static) num_threads(n))
+#define MOE__OMP_FOR_DYNAMIC_N(n) MOE__PRAGMA(omp parallel for schedule(dynamic, 1) num_threads(n))
+#define MOE__OMP_PARALLEL_IF_N(cond, n) MOE__PRAGMA(omp parallel if (cond) num_threads(n))
 #else
 #define MOE__OMP 0
 #define MOE_OMP_FOR
@@ -56,6 +61,9 @@
 #define MOE__OMP_PARALLEL_IF(cond) if ((void)(cond), 1)
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
+#define MOE__OMP_FOR_N(n)
+#define MOE__OMP_FOR_DYNAMIC_N(n)
+#define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
 #if defined(__unix__) || defined(__APPLE__)

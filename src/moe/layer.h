@@ -79,6 +79,8 @@ typedef struct moe_layer {
     float *experts_scratch; /* (rows, max(D, Ds)) the experts' second backward scratch         */
     int T;                  /* tokens of the last forward, 0 = none                            */
     const float *fwd_router_input; /* the router input of the last forward                     */
+    moe_work work;          /* scratch of the layer's matmuls and experts, sized at init; a
+                               model's layers share the model's (>>moe:model)                 */
     moe_routing_stats stats;
     float *stat_load, *stat_prob; /* (E) backing for stats                                     */
     moe_err err;
@@ -210,6 +212,20 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
         ok = moe__assign_alloc(&L->shared, S * max_tokens, max_tokens, S) && MOE__ALLOC(L->s_xg, (size_t)S * max_tokens * d, float) &&
              MOE__ALLOC(L->s_eout, (size_t)S * max_tokens * d, float) && MOE__ALLOC(L->s_hg, (size_t)S * max_tokens * Ds, float) &&
              MOE__ALLOC(L->s_hu, (size_t)S * max_tokens * Ds, float);
+    { /* the work buffer: the largest of the kernel calls' scratch; every router sends a token
+         to an expert at most once, so an expert gets at most max_tokens rows. (K, N) of the
+         matmuls: the linear (and noise) router, AoE's, HyperMoE's */
+        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, a = cfg->hyper_adapter;
+        int hw = cfg->hyper_width, ab = a * hw;
+        int mm[10][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
+                         {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d},
+                         {d, a}, {a + 1, d}};
+        size_t need = moe_experts_work_floats(max_tokens, E, d, D, cfg->expert, nt), w;
+        if (S > 0 && (w = moe_experts_work_floats(max_tokens, S, d, Ds, cfg->expert, nt)) > need) need = w;
+        for (k = 0; k < (cfg->hyper ? 10 : 3); k++)
+            if ((w = moe_matmul_work_floats(max_tokens, mm[k][0], mm[k][1], nt)) > need) need = w;
+        ok = ok && moe_work_alloc(&L->work, need, nt) == MOE_OK;
+    }
     if (!ok) {
         moe_layer_free(L);
         return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the buffers of a layer of %d tokens (E = %d, d = %d, d_ff = %d)",
@@ -243,6 +259,7 @@ MOE__IMPL void moe_layer_free(moe_layer *L) {
     moe__router_free(L);
     moe__assign_free(&L->routed);
     moe__assign_free(&L->shared);
+    moe_work_free(&L->work);
     L->stats.load = L->stats.mean_prob = NULL;
     L->T = 0;
 }
@@ -312,7 +329,7 @@ static moe_status moe__shared_forward(moe_layer *L, const moe_store *s, float *y
     st = moe_dispatch(&L->shared, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, S * T, T, S, &L->err);
     if (st != MOE_OK) return st;
     moe_gather(L->s_xg, x, &L->shared, c->d);
-    moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, c->d, c->d_ff_shared, c->expert, c->activation);
+    moe_experts_forward(L->s_eout, L->s_hg, L->s_hu, L->s_xg, &w, L->shared.offset, S, c->d, c->d_ff_shared, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->s_eout, &L->shared, c->d, 0);
     return MOE_OK;
 }
@@ -322,7 +339,7 @@ static void moe__shared_backward(moe_layer *L, moe_store *s, float *dx, const fl
     moe_expert_weights w = moe_layer_experts(L, s, 1, 0), gw = moe_layer_experts(L, s, 1, 1);
     moe_combine_backward(L->deout, NULL, dy, L->s_eout, &L->shared, c->d);
     moe_experts_backward(L->dxg, &gw, L->deout, L->s_xg, L->s_hg, L->s_hu, &w, L->shared.offset, c->n_shared, c->d,
-                         c->d_ff_shared, c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+                         c->d_ff_shared, c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
     moe_gather_backward(dx, L->dxg, &L->shared, c->d);
 }
 
@@ -333,7 +350,7 @@ static void moe__routed_forward(moe_layer *L, const moe_store *s, float *y, cons
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0);
     moe_gather(L->xg, x, &L->routed, c->d);
     moe__router_expert_gate_forward(L, s);
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation);
+    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation, &L->work);
     moe_combine_forward(y, L->eout, &L->routed, c->d, c->n_shared > 0);
 }
 
@@ -342,7 +359,7 @@ static void moe__routed_backward(moe_layer *L, moe_store *s, float *dx) {
     const moe_layer_config *c = &L->cfg;
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0), gw = moe_layer_experts(L, s, 0, 1);
     moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, c->n_experts, c->d, c->d_ff,
-                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch);
+                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
     moe_gather_backward(dx, L->dxg, &L->routed, c->d);
     moe__router_expert_gate_backward(L, s);
 }

@@ -4,23 +4,29 @@
    out (M, N) = inp (M, K) . weight (N, K)^T + bias (N): PyTorch's F.linear.
    The fast path is a cache-blocked, register-tiled GEMM written as plain loops that gcc and
    clang vectorize (-O3 -march=native); each output element is always computed by the same
-   sequence of operations, whatever the thread count or its position in the matrix. */
-
-MOEDEF void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                               int M, int K, int N);
+   sequence of operations, whatever the thread count or its position in the matrix.
+   work: scratch for the packed panels, moe_matmul_work_floats(M, K, N, threads) floats, or
+   NULL (the call allocates its own; MOE_ERR_NOMEM when it cannot). */
+MOEDEF moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                     int M, int K, int N, moe_work *work);
 /* dinp (M,K) += dout . weight;  dweight (N,K) += dout^T . inp;  dbias (N) += colsum(dout).
    Any gradient pointer may be NULL to skip it. */
-MOEDEF void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                const float *inp, const float *weight, int M, int K, int N);
+MOEDEF moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                      const float *inp, const float *weight, int M, int K, int N,
+                                      moe_work *work);
+/* scratch (floats) of moe_matmul_forward and of moe_matmul_backward at these sizes, with
+   per-thread regions for nthreads */
+MOEDEF size_t moe_matmul_work_floats(int M, int K, int N, int nthreads);
 MOEDEF void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,
                                      const float *bias, int M, int K, int N);
 MOEDEF void moe_matmul_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
                                       const float *inp, const float *weight, int M, int K, int N);
 /* The engine under both: C (M,N) (+)= op(A) (M,K) . B (K,N), row-major with leading dims.
    a_trans: A is stored (K, M). accumulate: 0 overwrites C. Single-threaded; callers split
-   C into row or column blocks per thread. */
-MOEDEF void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                     int ldb, float *C, int ldc, int accumulate);
+   C into row or column blocks per thread. work: moe_gemm_work_floats(M, N, K) floats, or NULL. */
+MOEDEF moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                           int ldb, float *C, int ldc, int accumulate, moe_work *work);
+MOEDEF size_t moe_gemm_work_floats(int M, int N, int K);
 MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
                            const float *B, int ldb, float *C, int ldc, int accumulate);
 
@@ -234,41 +240,41 @@ MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda,
     }
 }
 
-/* single-threaded GEMM with an optionally transposed B */
+/* Scratch of the GEMM of a (K, N) B: its packed copy, then one A block (MC x KC) per thread
+   (the single-threaded GEMM is the nthreads = 1 case). */
+static size_t moe__gemm_work(int K, int N, int nthreads) {
+    return moe__packed_b_floats(K > 0 ? K : 0, N > 0 ? N : 0) + (size_t)MOE_GEMM_MC * MOE_GEMM_KC * (size_t)(nthreads > 1 ? nthreads : 1);
+}
+
+/* single-threaded GEMM with an optionally transposed B; ws: moe__gemm_work(K, N, 1) floats */
 static void moe__gemm_ex(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                         int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    float *Ap, *Bp;
+                         int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws) {
+    float *Ap = ws, *Bp = ws + (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
     int npad = moe__round_up(N, MOE_GEMM_NR);
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         moe__gemm_packed(M, N, K, A, lda, a_trans, NULL, npad, 0, C, ldc, accumulate, NULL);
         return;
     }
-    Ap = (float *)MOE_MALLOC(sizeof(float) * (MOE_GEMM_MC * MOE_GEMM_KC + moe__packed_b_floats(K, N)));
-    if (!Ap) { /* no memory for packing: fall back to the reference (same sums, other rounding) */
-        if (!b_trans) {
-            moe_gemm_naive(M, N, K, A, lda, a_trans, B, ldb, C, ldc, accumulate);
-        } else {
-            int i, j, p;
-            for (i = 0; i < M; i++)
-                for (j = 0; j < N; j++) {
-                    double s = accumulate ? (double)C[(size_t)i * ldc + j] : 0.0;
-                    for (p = 0; p < K; p++)
-                        s += (double)(a_trans ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]) * B[(size_t)j * ldb + p];
-                    C[(size_t)i * ldc + j] = (float)s;
-                }
-        }
-        return;
-    }
-    Bp = Ap + MOE_GEMM_MC * MOE_GEMM_KC;
     moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, 0, npad / MOE_GEMM_NR);
     moe__gemm_packed(M, N, K, A, lda, a_trans, Bp, npad, 0, C, ldc, accumulate, Ap);
-    MOE_FREE(Ap);
 }
 
-MOE__IMPL void moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                        int ldb, float *C, int ldc, int accumulate) {
-    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate);
+MOE__IMPL size_t moe_gemm_work_floats(int M, int N, int K) {
+    (void)M;
+    return moe__gemm_work(K, N, 1);
+}
+
+MOE__IMPL moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
+                              int ldb, float *C, int ldc, int accumulate, moe_work *work) {
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, 1), &own, &st);
+    if (st != MOE_OK) return st;
+    moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, 0, C, ldc, accumulate, ws);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
@@ -298,33 +304,28 @@ static int moe__task_rows(int n, int nthreads) {
     return rb < MOE_GEMM_MC ? rb : MOE_GEMM_MC;
 }
 
-/* C (M, N) (+)= op(A) . op(B) on all threads. B is packed once (its panels split over the
-   threads), then each task owns a block of rows of C (or of columns when M is small). Blocks
-   are multiples of the micro-tile and K is blocked the same way in every task, so the split
-   never changes any element's arithmetic. */
+/* C (M, N) (+)= op(A) . op(B) on up to nthreads threads, on ws (moe__gemm_work(K, N, nthreads)
+   floats). B is packed once (its panels split over the threads), then each task owns a block
+   of rows of C (or of columns when M is small). Blocks are multiples of the micro-tile and K
+   is blocked the same way in every task, so the split never changes any element's arithmetic. */
 static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int a_trans, const float *B,
-                               int ldb, int b_trans, float *C, int ldc, int accumulate) {
-    int nthreads = moe_num_threads(), npad, npanel, q, nb, b;
+                               int ldb, int b_trans, float *C, int ldc, int accumulate, float *ws, int nthreads) {
+    int npad, npanel, q, nb, b;
     size_t work = (size_t)MOE_GEMM_MC * MOE_GEMM_KC;
-    float *Bp, *Ap;
+    float *Bp = ws, *Ap;
     if (nthreads <= 1 || 2.0 * M * N * K < 4e6 || K <= 0) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
+        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate, ws);
         return;
     }
     npad = moe__round_up(N, MOE_GEMM_NR);
     npanel = npad / MOE_GEMM_NR;
-    Bp = (float *)MOE_MALLOC(sizeof(float) * (moe__packed_b_floats(K, N) + work * (size_t)nthreads));
-    if (!Bp) {
-        moe__gemm_ex(M, N, K, A, lda, a_trans, B, ldb, b_trans, C, ldc, accumulate);
-        return;
-    }
     Ap = Bp + moe__packed_b_floats(K, N);
-    MOE_OMP_FOR
+    MOE__OMP_FOR_N(nthreads)
     for (q = 0; q < npanel; q++) moe__pack_b_panels(Bp, B, ldb, b_trans, K, N, q, q + 1);
     if (M >= 4 * MOE_GEMM_MR * nthreads) {
         int rb = moe__task_rows(M, nthreads);
         nb = (M + rb - 1) / rb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int r0 = b * rb, rows = M - r0 < rb ? M - r0 : rb;
             const float *a = a_trans ? A + r0 : A + (size_t)r0 * lda;
@@ -334,14 +335,13 @@ static void moe__gemm_parallel(int M, int N, int K, const float *A, int lda, int
     } else {
         int cb = (npanel + 2 * nthreads - 1) / (2 * nthreads) * MOE_GEMM_NR;
         nb = (N + cb - 1) / cb;
-        MOE_OMP_FOR_DYNAMIC
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (b = 0; b < nb; b++) {
             int c0 = b * cb, cols = N - c0 < cb ? N - c0 : cb;
             moe__gemm_packed(M, cols, K, A, lda, a_trans, Bp, npad, c0, C + c0, ldc, accumulate,
                              Ap + work * (size_t)moe__thread_index());
         }
     }
-    MOE_FREE(Bp);
 }
 
 static void moe__add_bias_rows(float *out, const float *bias, int M, int N) {
@@ -384,18 +384,45 @@ static void moe__colsum_acc(float *db, const float *dout, int M, int N) {
     }
 }
 
-MOE__IMPL void moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-                                  int M, int K, int N) {
-    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
-    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0);
-    moe__add_bias_rows(out, bias, M, N);
+/* forward packs weight (K, N as B), backward's dinp packs weight (N, K), its dweight inp (M, K) */
+MOE__IMPL size_t moe_matmul_work_floats(int M, int K, int N, int nthreads) {
+    size_t f = moe__gemm_work(K, N, nthreads), di = moe__gemm_work(N, K, nthreads), dw = moe__gemm_work(M, K, nthreads);
+    f = f > di ? f : di;
+    return f > dw ? f : dw;
 }
 
-MOE__IMPL void moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                   const float *inp, const float *weight, int M, int K, int N) {
-    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1);    /* dout . W   */
-    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1); /* dout^T . x */
+MOE__IMPL moe_status moe_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                                        int M, int K, int N, moe_work *work) {
+    int nt = moe__work_threads(work);
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    ws = moe__work_get(work, moe__gemm_work(K, N, nt), &own, &st);
+    if (st != MOE_OK) return st;
+    /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
+    moe__gemm_parallel(M, N, K, inp, K, 0, weight, K, 1, out, N, 0, ws, nt);
+    moe__add_bias_rows(out, bias, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                         const float *inp, const float *weight, int M, int K, int N,
+                                         moe_work *work) {
+    int nt = moe__work_threads(work);
+    size_t need = 0, w;
+    float *own, *ws;
+    moe_status st;
+    if (M <= 0 || N <= 0) return MOE_OK; /* nothing to add */
+    if (dinp) need = moe__gemm_work(N, K, nt);
+    if (dweight && (w = moe__gemm_work(M, K, nt)) > need) need = w;
+    ws = moe__work_get(work, need, &own, &st);
+    if (st != MOE_OK) return st;
+    if (dinp) moe__gemm_parallel(M, K, N, dout, N, 0, weight, K, 0, dinp, K, 1, ws, nt);    /* dout . W   */
+    if (dweight) moe__gemm_parallel(N, K, M, dout, N, 1, inp, K, 0, dweight, K, 1, ws, nt); /* dout^T . x */
     if (dbias) moe__colsum_acc(dbias, dout, M, N);
+    MOE_FREE(own);
+    return MOE_OK;
 }
 
 MOE__IMPL void moe_matmul_forward_naive(float *out, const float *inp, const float *weight,

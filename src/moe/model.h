@@ -67,7 +67,9 @@ typedef struct moe_model {
     int max_B, max_T;       /* activation buffers are sized for these                 */
     int B, T;               /* the last forward's batch shape, 0 = none              */
     int has_targets;        /* the last forward had targets: backward is allowed      */
-    int *inputs, *targets;  /* (N) copies of the last forward's tokens                */
+    int *inputs, *targets;  /* (N) copies of the last forward's tokens; a forward
+                               without targets leaves targets alone (rwd_lm_features
+                               builds its input window there)                         */
     float *x_final;         /* (N, d) residual stream after the last block            */
     float *lnf, *rstd_f;    /* (N, d), (N)                                            */
     float *logits;          /* (N, V)                                                 */
@@ -77,6 +79,9 @@ typedef struct moe_model {
     float *r_zero, *r_drin, *r_carry, *r_dxp, *r_scratch; /* router-input buffers (N p), (N 6p) */
     float *routing_noise;   /* (N, E) noisy top-k routers: this forward's N(0,1) draws     */
     int gw_broadcast;       /* GW-MoE broadcast on in every MoE layer (set_broadcast)  */
+    float *gen_probs;       /* (2 V) generation: probabilities and their sorted copy    */
+    moe_work work;          /* scratch of every kernel call of the model, its MoE layers'
+                               included (calls never overlap), sized at init            */
     double loss;            /* mean cross-entropy of the last forward (nats)          */
     double aux_loss;        /* sum of the MoE layers' aux losses (balance_all_layers:
                                their balance terms replaced by the one over all layers) */
@@ -99,9 +104,11 @@ typedef struct moe_sampler {
 
 MOEDEF moe_model_config moe_model_config_default(void);
 MOEDEF moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err);
-/* Declares every tensor, allocates parameters, gradients, Adam moments and the activations
-   for batches of up to max_B sequences of up to max_T tokens. Weights are zero until
-   moe_model_init_weights or a checkpoint load. */
+/* Declares every tensor, allocates parameters, gradients, Adam moments, the activations for
+   batches of up to max_B sequences of up to max_T tokens and the kernels' scratch for the
+   thread count of this moment (moe_num_threads; later calls use at most that many): forward,
+   backward, the optimizer step and generation allocate nothing. Weights are zero until
+   moe_model_init_weights or a checkpoint load. On failure m holds only the error (free is safe). */
 MOEDEF moe_status moe_model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T);
 /* The parameter table alone: declares every tensor c implies into m->S (names, shapes,
    m->S.numel, moe_store_fingerprint) and allocates no buffer, so a file loader can compare a
@@ -191,10 +198,10 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     return MOE_OK;
 }
 
-static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1) {
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1, int n2) {
     int id;
     if (m->err.status != MOE_OK) return -1;
-    id = moe_store_add(&m->S, name, flags, n0, n1, 0, 0);
+    id = moe_store_add(&m->S, name, flags, n0, n1, n2, 0);
     if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
     return id;
 }
@@ -223,8 +230,8 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     moe_store_init(&m->S);
     m->blocks = declare_only ? NULL : (moe_block *)moe__calloc((size_t)L, sizeof(moe_block));
     if (!m->blocks && !declare_only) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
-    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d);
-    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d) : -1;
+    m->id_wte = moe__model_add(m, "wte", MOE_TENSOR_DECAY, V, d, 0);
+    m->id_wpe = c->pos == MOE_POS_LEARNED ? moe__model_add(m, "wpe", MOE_TENSOR_DECAY, c->max_seq, d, 0) : -1;
     moe__router_input_declare(m);
     for (l = 0; l < L; l++) {
         moe_block *b = declare_only ? &one : &m->blocks[l];
@@ -234,13 +241,13 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
         if (declare_only) memset(b, 0, sizeof *b);
         b->is_moe = moe__block_is_moe(c, l);
         sprintf(name, "l%d.ln1.w", l);
-        b->id_ln1 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln1 = moe__model_add(m, name, 0, d, 0, 0);
         sprintf(name, "l%d.attn.wqkv", l);
-        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d);
+        b->id_qkv = moe__model_add(m, name, MOE_TENSOR_DECAY, 3 * d, d, 0);
         sprintf(name, "l%d.attn.wo", l);
-        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d);
+        b->id_wo = moe__model_add(m, name, MOE_TENSOR_DECAY, d, d, 0);
         sprintf(name, "l%d.ln2.w", l);
-        b->id_ln2 = moe__model_add(m, name, 0, d, 0);
+        b->id_ln2 = moe__model_add(m, name, 0, d, 0, 0);
         b->id_gate = b->id_up = b->id_down = b->id_rproj = -1;
         moe__router_input_declare_block(m, b, l);
         if (b->is_moe) {
@@ -254,14 +261,14 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
             }
         } else if (m->err.status == MOE_OK) { /* a dense FFN is a bank of one SwiGLU expert */
             sprintf(name, "l%d.ffn.w_gate", l);
-            b->id_gate = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_gate = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_up", l);
-            b->id_up = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, F, d, 0);
+            b->id_up = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, F, d);
             sprintf(name, "l%d.ffn.w_down", l);
-            b->id_down = moe_store_add(&m->S, name, MOE_TENSOR_DECAY, 1, d, F, 0);
+            b->id_down = moe__model_add(m, name, MOE_TENSOR_DECAY, 1, d, F);
         }
     }
-    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0);
+    m->id_lnf = moe__model_add(m, "lnf.w", 0, d, 0, 0);
     if (declare_only && m->err.status == MOE_OK && m->S.numel > max_numel)
         moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "the config implies %zu parameters, more than %zu", m->S.numel, max_numel);
     if (m->err.status != MOE_OK) { moe_model_free(m); return m->err.status; }
@@ -312,6 +319,28 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
          m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+    { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
+        int nt = moe_num_threads(), dense = 0, P = c->router_dim;
+        size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
+        size_t mm[4];
+        mm[0] = moe_matmul_work_floats(N, d, 3 * d, nt); /* qkv */
+        mm[1] = moe_matmul_work_floats(N, d, d, nt);     /* attention output */
+        mm[2] = moe_matmul_work_floats(N, d, V, nt);     /* tied head */
+        mm[3] = c->router_input != MOE_RIN_DIRECT ? moe_matmul_work_floats(N, d, P, nt) : 0; /* router-input projector */
+        for (k = 0; k < 4; k++) need = mm[k] > need ? mm[k] : need;
+        for (l = 0; l < L; l++) dense |= !m->blocks[l].is_moe;
+        if (dense && (w = moe_experts_work_floats(N, 1, d, F, MOE_EXPERT_SWIGLU, nt)) > need) need = w;
+        if (m->id_gru_wih >= 0 && (w = moe_gru_work_floats(N, P, nt)) > need) need = w;
+        for (l = 0; l < L; l++)
+            if (m->blocks[l].is_moe && m->blocks[l].moe.work.floats > need) need = m->blocks[l].moe.work.floats;
+        ok = ok && moe_work_alloc(&m->work, need, nt) == MOE_OK;
+        for (l = 0; ok && l < L; l++) /* the layers give theirs back and run on the model's */
+            if (m->blocks[l].is_moe) {
+                moe_work_free(&m->blocks[l].moe.work);
+                m->blocks[l].moe.work = m->work;
+            }
+        ok = ok && MOE__ALLOC(m->gen_probs, (size_t)V * 2, float);
+    }
     if (!ok) {
         moe_model_free(m);
         return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the activations of %d x %d tokens", max_B, max_T);
@@ -342,7 +371,10 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     if (m->blocks) {
         for (l = 0; l < m->cfg.n_layers; l++) {
             moe_block *b = &m->blocks[l];
-            if (b->is_moe) moe_layer_free(&b->moe);
+            if (b->is_moe) {
+                if (b->moe.work.buf == m->work.buf) memset(&b->moe.work, 0, sizeof b->moe.work); /* the model's */
+                moe_layer_free(&b->moe);
+            }
             MOE_FREE(b->x); MOE_FREE(b->ln1); MOE_FREE(b->rstd1); MOE_FREE(b->qkv); MOE_FREE(b->att);
             MOE_FREE(b->atty); MOE_FREE(b->x2); MOE_FREE(b->ln2); MOE_FREE(b->rstd2); MOE_FREE(b->ffn);
             MOE_FREE(b->hg); MOE_FREE(b->hu);
@@ -357,6 +389,8 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     moe__router_input_free(m);
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
+    MOE_FREE(m->gen_probs);
+    moe_work_free(&m->work);
     moe_store_free(&m->S);
     {
         moe_err keep = m->err;
@@ -428,6 +462,18 @@ static void moe__model_balance_all_layers(moe_model *m) {
     m->aux_loss += c->balance_coef * (c->balance == MOE_BALANCE_DEEPSEEK ? 1.0 : (double)E) * acc - own;
 }
 
+/* A kernel call that fails (only a workspace that does not fit its call can) ends the pass
+   with the kernel's status and what failed (layer l, or the model's own parts for l < 0). */
+static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, const char *what) {
+    if (l < 0) return moe_err_set(&m->err, st, "%s: %s", what, moe_status_string(st));
+    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+}
+#define MOE__MODEL_TRY(call, l, what)                                                    \
+    do {                                                                                 \
+        moe_status st_ = (call);                                                         \
+        if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
+    } while (0)
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
@@ -463,10 +509,10 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH);
-        moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d);
+        MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
+        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
@@ -475,7 +521,8 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             a.seq_len = T;
             a.gw_active = m->gw_broadcast;
             if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
-                rh_prev = moe__router_input_forward(m, b, rh_prev, N);
+                st = moe__router_input_forward(m, b, &rh_prev, N, l);
+                if (st != MOE_OK) return st;
                 a.router_input = b->rh;
             }
             if (noise && m->routing_noise) {
@@ -491,14 +538,16 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU);
+            MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                               MOE_ACT_SILU, &m->work),
+                           l, "dense FFN");
         }
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
-    moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V);
+    MOE__MODEL_TRY(moe_matmul_forward(m->logits, m->lnf, wte, NULL, N, d, V, &m->work), -1, "tied head");
     m->loss = targets ? moe_crossentropy_forward(m->losses, m->logits, targets, N, V) : 0.0;
     m->B = B;
     m->T = T;
@@ -517,7 +566,9 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
     /* tied head: logits = lnf . wte^T */
     memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte), N, d, V);
+    MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte),
+                                       N, d, V, &m->work),
+                   -1, "tied head backward");
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
@@ -538,24 +589,29 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             }
             st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            if (b->id_rproj >= 0) moe__router_input_backward(m, b);
+            if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
         } else {
             moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d,
-                                 c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2);
+            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
+                                                MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
+                           l, "dense FFN backward");
         }
         moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
         memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo), N, d, d);
-        moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
+                                           N, d, d, &m->work),
+                       l, "attention output backward");
+        MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d);
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv),
+                                           N, d, 3 * d, &m->work),
+                       l, "qkv backward");
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
     }
@@ -606,7 +662,7 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
 MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                         const moe_sampler *sampler, moe_rng *rng) {
     int V = m->cfg.vocab, n = n_prompt, step, i;
-    float *p;
+    float *p = m->gen_probs; /* (2 V) planned at init */
     moe_status st;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
@@ -616,13 +672,11 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
     memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
-    p = (float *)MOE_MALLOC(sizeof(float) * (size_t)V * 2);
-    if (!p) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory");
     for (step = 0; step < n_new; step++) {
         int ctx = n < m->max_T ? n : m->max_T, next = 0;
         const float *z;
         st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
-        if (st != MOE_OK) { MOE_FREE(p); return st; }
+        if (st != MOE_OK) return st;
         z = m->logits + (size_t)(ctx - 1) * V;
         if (sampler->temperature == 0.0f) {
             for (i = 1; i < V; i++)
@@ -662,7 +716,6 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
         }
         out[n++] = next;
     }
-    MOE_FREE(p);
     m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
     m->has_targets = 0;
     return MOE_OK;

@@ -121,24 +121,22 @@ MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, flo
 }
 
 MOE__IMPL float moe_clip_grad_norm(moe_store *s, float max_norm) {
-    /* fixed chunks summed in order: the same norm for any thread count */
-    enum { CHUNK = 1 << 14 };
-    long long nchunk = (long long)((s->numel + CHUNK - 1) / CHUNK), c;
-    double *part = (double *)moe__calloc((size_t)nchunk + 1, sizeof(double)), total = 0.0;
+    /* fixed chunks summed in order: the same norm for any thread count. The chunks' sums go
+       through a partial-sum array on the stack, ROUND chunks at a time (no allocation). */
+    enum { CHUNK = 1 << 14, ROUND = 256 };
+    long long nchunk = (long long)((s->numel + CHUNK - 1) / CHUNK), c0;
+    double part[ROUND], total = 0.0;
     float norm;
-    if (!part) { /* no memory: serial sum, same value */
-        size_t i;
-        for (i = 0; i < s->numel; i++) total += (double)s->grads[i] * s->grads[i];
-    } else {
-        MOE_OMP_FOR_IF(nchunk > 4)
-        for (c = 0; c < nchunk; c++) {
-            size_t i, lo = (size_t)c * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;
+    for (c0 = 0; c0 < nchunk; c0 += ROUND) {
+        long long n = nchunk - c0 < (long long)ROUND ? nchunk - c0 : (long long)ROUND, c;
+        MOE_OMP_FOR_IF(n > 4)
+        for (c = 0; c < n; c++) {
+            size_t i, lo = (size_t)(c0 + c) * CHUNK, hi = lo + CHUNK < s->numel ? lo + CHUNK : s->numel;
             double acc = 0.0;
             for (i = lo; i < hi; i++) acc += (double)s->grads[i] * s->grads[i];
             part[c] = acc;
         }
-        for (c = 0; c < nchunk; c++) total += part[c];
-        MOE_FREE(part);
+        for (c = 0; c < n; c++) total += part[c];
     }
     norm = (float)sqrt(total);
     if (max_norm > 0.0f && norm > max_norm) {

@@ -68,7 +68,7 @@ static void moe__aoe_init_weights(moe_layer *L, moe_store *s, moe_rng *rng) {
 /* C = x . W_in^T (T, E r) for every expert; logits (T, E) = ||C_e|| */
 static void moe__aoe_logits(moe_layer *L, const moe_store *s, const float *x, int T) {
     int E = L->cfg.n_experts, r = L->cfg.aoe_rank, t;
-    moe_matmul_forward(L->aoe.cache, x, moe_store_param(s, L->aoe.id_w_in), NULL, T, L->cfg.d, E * r);
+    moe_matmul_forward(L->aoe.cache, x, moe_store_param(s, L->aoe.id_w_in), NULL, T, L->cfg.d, E * r, &L->work);
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) {
         int e, j;
@@ -92,7 +92,7 @@ static void moe__aoe_gate_forward(moe_layer *L, const moe_store *s) {
     for (e = 0; e < E; e++) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
-            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D);
+            moe_matmul_forward(L->hg + (size_t)lo * D, L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, NULL, n, r, D, &L->work);
     }
 }
 
@@ -107,7 +107,7 @@ static void moe__aoe_gate_backward(moe_layer *L, moe_store *s) {
         int lo = a->offset[e], n = a->offset[e + 1] - lo;
         if (n > 0)
             moe_matmul_backward(L->aoe.d_cache_chosen + (size_t)lo * r, gout + (size_t)e * D * r, NULL, L->experts_dh_gate + (size_t)lo * D,
-                                L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D);
+                                L->aoe.cache_chosen + (size_t)lo * r, wout + (size_t)e * D * r, n, r, D, &L->work);
     }
 }
 
@@ -132,5 +132,5 @@ static void moe__aoe_backward(moe_layer *L, moe_store *s, float *dx, const float
         }
     }
     moe_matmul_backward(dx, moe_store_grad(s, L->aoe.id_w_in), NULL, L->aoe.d_cache, x, moe_store_param(s, L->aoe.id_w_in), T,
-                        L->cfg.d, E * r);
+                        L->cfg.d, E * r, &L->work);
 }

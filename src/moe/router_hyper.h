@@ -164,19 +164,19 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             if (L->gates[(size_t)t * E + k] != 0.0f)
                 for (i = 0; i < e; i++) sg[i] -= Q[(size_t)k * e + i];
     }
-    moe_matmul_forward(hy->h1, hy->sig, moe_store_param(s, id[MOE_HYPER_PROC1_W]), moe_store_param(s, id[MOE_HYPER_PROC1_B]), T, e, h);
+    moe_matmul_forward(hy->h1, hy->sig, moe_store_param(s, id[MOE_HYPER_PROC1_W]), moe_store_param(s, id[MOE_HYPER_PROC1_B]), T, e, h, &L->work);
     for (t = 0; t < T * h; t++) hy->h1[t] = hy->h1[t] > 0.0f ? hy->h1[t] : 0.0f;
-    moe_matmul_forward(hy->cond, hy->h1, moe_store_param(s, id[MOE_HYPER_PROC2_W]), moe_store_param(s, id[MOE_HYPER_PROC2_B]), T, h, q);
+    moe_matmul_forward(hy->cond, hy->h1, moe_store_param(s, id[MOE_HYPER_PROC2_W]), moe_store_param(s, id[MOE_HYPER_PROC2_B]), T, h, q, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(hy->z + (size_t)t * (q + lam), hy->cond + (size_t)t * q, sizeof(float) * (size_t)q);
         memcpy(hy->z + (size_t)t * (q + lam) + q, lemb, sizeof(float) * (size_t)lam);
     }
-    moe_matmul_forward(hy->hb, hy->z, moe_store_param(s, id[MOE_HYPER_NET_W]), moe_store_param(s, id[MOE_HYPER_NET_B]), T, q + lam, b);
+    moe_matmul_forward(hy->hb, hy->z, moe_store_param(s, id[MOE_HYPER_NET_W]), moe_store_param(s, id[MOE_HYPER_NET_B]), T, q + lam, b, &L->work);
     for (t = 0; t < T * b; t++) hy->hb[t] = hy->hb[t] > 0.0f ? hy->hb[t] : 0.0f;
-    moe_matmul_forward(hy->m, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), NULL, T, d, ab);
+    moe_matmul_forward(hy->m, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), NULL, T, d, ab, &L->work);
     if (c->hyper_head_bias) /* u starts at x . head_down.bias^T + head_down_b.bias */
         moe_matmul_forward(hy->u, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]),
-                           T, d, a);
+                           T, d, a, &L->work);
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) { /* u = (M_t + B) hb_t, act = ReLU(u), O_t = [act ; 1] (x) hb_t */
         const float *M = hy->m + (size_t)t * ab, *hb = hy->hb + (size_t)t * b;
@@ -197,9 +197,9 @@ static void moe__hyper_forward(moe_layer *L, const moe_store *s, float *y, const
             for (k = 0; k < b; k++) o[i * b + k] = act * hb[k];
         }
     }
-    moe_matmul_forward(out, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), NULL, T, ab + b, d);
+    moe_matmul_forward(out, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), NULL, T, ab + b, d, &L->work);
     if (c->hyper_head_bias) { /* out += [act ; 1] . head_up.bias^T */
-        moe_matmul_forward(hy->bias_out, hy->act1, moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, T, a + 1, d);
+        moe_matmul_forward(hy->bias_out, hy->act1, moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, T, a + 1, d, &L->work);
         for (t = 0; t < T * d; t++) out[t] += hy->bias_out[t];
     }
     for (t = 0; t < T * d; t++) y[t] += out[t];
@@ -217,11 +217,11 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
     float *gQ = moe_store_grad(s, id[MOE_HYPER_EXPERT_EMB]);
     float *glemb = moe_store_grad(s, id[MOE_HYPER_LAYER_EMB]) + (size_t)c->hyper_layer * lam;
     memset(dO, 0, sizeof(float) * (size_t)T * (ab + b));
-    moe_matmul_backward(dO, moe_store_grad(s, id[MOE_HYPER_HEAD_UP]), NULL, dy, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), T, ab + b, d);
+    moe_matmul_backward(dO, moe_store_grad(s, id[MOE_HYPER_HEAD_UP]), NULL, dy, hy->o, moe_store_param(s, id[MOE_HYPER_HEAD_UP]), T, ab + b, d, &L->work);
     if (c->hyper_head_bias) { /* out += act1 . head_up.bias^T */
         memset(hy->d_act1, 0, sizeof(float) * (size_t)T * (a + 1));
         moe_matmul_backward(hy->d_act1, moe_store_grad(s, id[MOE_HYPER_HEAD_UP_BIAS]), NULL, dy, hy->act1,
-                            moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), T, a + 1, d);
+                            moe_store_param(s, id[MOE_HYPER_HEAD_UP_BIAS]), T, a + 1, d, &L->work);
     }
     MOE_OMP_FOR_IF(T > 64)
     for (t = 0; t < T; t++) {
@@ -249,24 +249,24 @@ static void moe__hyper_backward(moe_layer *L, moe_store *s, float *dx, const flo
         for (k = 0; k < b; k++) ghb[k] = hb[k] > 0.0f ? ghb[k] : 0.0f; /* through hb's ReLU */
     }
     moe__colsum_acc(moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B]), dM, T, ab); /* d head_down_b = sum_t du (x) hb */
-    moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN]), NULL, dM, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), T, d, ab);
+    moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN]), NULL, dM, x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN]), T, d, ab, &L->work);
     if (c->hyper_head_bias)
         moe_matmul_backward(dx, moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), moe_store_grad(s, id[MOE_HYPER_HEAD_DOWN_B_BIAS]), hy->d_u,
-                            x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), T, d, a);
+                            x, moe_store_param(s, id[MOE_HYPER_HEAD_DOWN_BIAS]), T, d, a, &L->work);
     memset(dz, 0, sizeof(float) * (size_t)T * (q + lam));
     moe_matmul_backward(dz, moe_store_grad(s, id[MOE_HYPER_NET_W]), moe_store_grad(s, id[MOE_HYPER_NET_B]), dhb, hy->z,
-                        moe_store_param(s, id[MOE_HYPER_NET_W]), T, q + lam, b);
+                        moe_store_param(s, id[MOE_HYPER_NET_W]), T, q + lam, b, &L->work);
     for (t = 0; t < T; t++) {
         memcpy(dc + (size_t)t * q, dz + (size_t)t * (q + lam), sizeof(float) * (size_t)q);
         for (i = 0; i < lam; i++) glemb[i] += dz[(size_t)t * (q + lam) + q + i];
     }
     memset(dh1, 0, sizeof(float) * (size_t)T * h);
     moe_matmul_backward(dh1, moe_store_grad(s, id[MOE_HYPER_PROC2_W]), moe_store_grad(s, id[MOE_HYPER_PROC2_B]), dc, hy->h1,
-                        moe_store_param(s, id[MOE_HYPER_PROC2_W]), T, h, q);
+                        moe_store_param(s, id[MOE_HYPER_PROC2_W]), T, h, q, &L->work);
     for (t = 0; t < T * h; t++) dh1[t] = hy->h1[t] > 0.0f ? dh1[t] : 0.0f;
     memset(dsig, 0, sizeof(float) * (size_t)T * e);
     moe_matmul_backward(dsig, moe_store_grad(s, id[MOE_HYPER_PROC1_W]), moe_store_grad(s, id[MOE_HYPER_PROC1_B]), dh1, hy->sig,
-                        moe_store_param(s, id[MOE_HYPER_PROC1_W]), T, e, h);
+                        moe_store_param(s, id[MOE_HYPER_PROC1_W]), T, e, h, &L->work);
     /* sig_t = sum_{j not chosen by t} Q_j: dQ_j += sum over the tokens that did not choose j */
     for (j = 0; j < E; j++)
         for (t = 0; t < T; t++)

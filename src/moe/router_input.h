@@ -29,7 +29,7 @@ typedef enum moe_router_input {
    projector id_rproj and the caches rxp (N, p), rh (N, p) = r_l, rgi, rgh (N, 3p), rh_prev;
    the model's r_zero (h_0), r_drin (dL/dr_l), r_carry (dL/dh through depth), r_dxp, r_scratch. */
 
-static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1); /* >>moe:model */
+static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int n1, int n2); /* >>moe:model */
 
 static int moe__router_input_is_gru(const moe_model_config *c) {
     return c->router_input >= MOE_RIN_GRU && c->router_input <= MOE_RIN_GRU_DETACH;
@@ -39,10 +39,10 @@ static int moe__router_input_is_gru(const moe_model_config *c) {
 static void moe__router_input_declare(moe_model *m) {
     int P = m->cfg.router_dim;
     if (!moe__router_input_is_gru(&m->cfg)) return;
-    m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P);
-    m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P);
-    m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0);
-    m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0);
+    m->id_gru_wih = moe__model_add(m, "rmoe.gru.w_ih", MOE_TENSOR_DECAY, 3 * P, P, 0);
+    m->id_gru_whh = moe__model_add(m, "rmoe.gru.w_hh", MOE_TENSOR_DECAY, 3 * P, P, 0);
+    m->id_gru_bih = moe__model_add(m, "rmoe.gru.b_ih", 0, 3 * P, 0, 0);
+    m->id_gru_bhh = moe__model_add(m, "rmoe.gru.b_hh", 0, 3 * P, 0, 0);
 }
 
 /* block l's projector P_l (p, d), declared before the block's MoE layer */
@@ -50,7 +50,7 @@ static void moe__router_input_declare_block(moe_model *m, moe_block *b, int l) {
     char name[MOE_NAME_LEN];
     if (!b->is_moe || m->cfg.router_input == MOE_RIN_DIRECT) return;
     sprintf(name, "l%d.rmoe.proj", l);
-    b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, m->cfg.router_dim, m->cfg.d);
+    b->id_rproj = moe__model_add(m, name, MOE_TENSOR_DECAY, m->cfg.router_dim, m->cfg.d, 0);
 }
 
 /* buffers for N tokens: the block's caches; 0 when out of memory */
@@ -88,43 +88,58 @@ static int moe__router_input_init_std(const moe_model *m, const char *name, floa
     return 1;
 }
 
-/* block b's router input r_l (b->rh) from its normalised hidden state b->ln2; h_prev = the
-   state of the MoE layer below (m->r_zero before the first); returns the state for the next */
-static const float *moe__router_input_forward(moe_model *m, moe_block *b, const float *h_prev, int N) {
+/* a kernel call of block l's router input that failed (only a workspace that does not fit
+   its call can): the status, with what failed, in m->err */
+static moe_status moe__router_input_err(moe_model *m, moe_status st, int l, const char *what) {
+    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+}
+
+/* block b's (layer l's) router input r_l (b->rh) from its normalised hidden state b->ln2;
+   *h_prev = the state of the MoE layer below (m->r_zero before the first), replaced by the
+   state for the next. The kernels run on the model's workspace m->work. */
+static moe_status moe__router_input_forward(moe_model *m, moe_block *b, const float **h_prev, int N, int l) {
     const moe_model_config *c = &m->cfg;
     size_t Np = (size_t)N * c->router_dim;
-    moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, c->d, c->router_dim);
+    moe_status st = moe_matmul_forward(b->rxp, b->ln2, moe_store_param(&m->S, b->id_rproj), NULL, N, c->d, c->router_dim, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router-input projector");
     if (c->router_input == MOE_RIN_MLP) {
         moe_activation_forward(b->rh, b->rxp, Np, MOE_ACT_GELU);
-        return h_prev;
+        return MOE_OK;
     }
-    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : h_prev;
-    moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
-                    moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
-                    moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim);
-    return b->rh;
+    b->rh_prev = c->router_input == MOE_RIN_GRU_NP ? m->r_zero : *h_prev;
+    st = moe_gru_forward(b->rh, b->rgi, b->rgh, b->rxp, b->rh_prev, moe_store_param(&m->S, m->id_gru_wih),
+                         moe_store_param(&m->S, m->id_gru_whh), moe_store_param(&m->S, m->id_gru_bih),
+                         moe_store_param(&m->S, m->id_gru_bhh), N, c->router_dim, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router GRU");
+    *h_prev = b->rh;
+    return MOE_OK;
 }
 
 /* Backward of block b's router input. On entry r_drin holds dL/dr_l from the layer and, for
    the GRU kinds, r_carry holds dL/dh_l from the MoE layer above; on exit r_carry holds
    dL/dh_{l-1} (0 for the NP and detach ablations) and d_ln has received the projector's input
-   gradient. */
-static void moe__router_input_backward(moe_model *m, const moe_block *b) {
+   gradient. l: the block's index, for the error. */
+static moe_status moe__router_input_backward(moe_model *m, const moe_block *b, int l) {
     const moe_model_config *c = &m->cfg;
     int N = m->B * m->T, P = c->router_dim;
     size_t i, Np = (size_t)N * P;
     moe_store *S = &m->S;
+    moe_status st;
     memset(m->r_dxp, 0, sizeof(float) * Np);
     if (c->router_input == MOE_RIN_MLP) {
         moe_activation_backward(m->r_dxp, m->r_drin, b->rxp, Np, MOE_ACT_GELU);
     } else {
         for (i = 0; i < Np; i++) m->r_drin[i] += m->r_carry[i]; /* dL/dh_l: own router + layers above */
         memset(m->r_carry, 0, sizeof(float) * Np);
-        moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
-                         moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp, b->rh_prev,
-                         b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih), moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch);
+        st = moe_gru_backward(m->r_dxp, m->r_carry, moe_store_grad(S, m->id_gru_wih), moe_store_grad(S, m->id_gru_whh),
+                              moe_store_grad(S, m->id_gru_bih), moe_store_grad(S, m->id_gru_bhh), m->r_drin, b->rxp,
+                              b->rh_prev, b->rgi, b->rgh, moe_store_param(S, m->id_gru_wih),
+                              moe_store_param(S, m->id_gru_whh), N, P, m->r_scratch, &m->work);
+        if (st != MOE_OK) return moe__router_input_err(m, st, l, "router GRU backward");
         if (c->router_input != MOE_RIN_GRU) memset(m->r_carry, 0, sizeof(float) * Np);
     }
-    moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
-                        moe_store_param(S, b->id_rproj), N, c->d, P);
+    st = moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_rproj), NULL, m->r_dxp, b->ln2,
+                             moe_store_param(S, b->id_rproj), N, c->d, P, &m->work);
+    if (st != MOE_OK) return moe__router_input_err(m, st, l, "router-input projector backward");
+    return MOE_OK;
 }

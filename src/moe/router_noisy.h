@@ -54,7 +54,7 @@ static void moe__noisy_declare(moe_layer *L, moe_store *s, const char *prefix) {
 static void moe__noisy_scores(moe_layer *L, const moe_store *s, const float *rin, const float *noise, int T) {
     moe_router_noisy *n = &L->noisy;
     size_t i, TE = (size_t)T * L->cfg.n_experts;
-    moe_matmul_forward(n->noise_logits, rin, moe_store_param(s, n->id_w_noise), NULL, T, L->cfg.router_dim, L->cfg.n_experts);
+    moe_matmul_forward(n->noise_logits, rin, moe_store_param(s, n->id_w_noise), NULL, T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
     n->has_noise = noise != NULL;
     for (i = 0; i < TE; i++) {
         n->noise[i] = noise ? noise[i] : 0.0f;
@@ -148,5 +148,5 @@ static void moe__noisy_backward_token(moe_layer *L, int t) {
 /* d_noise_logits -> dWn, drin += */
 static void moe__noisy_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
     moe_matmul_backward(drin, moe_store_grad(s, L->noisy.id_w_noise), NULL, L->noisy.d_noise_logits, rin,
-                        moe_store_param(s, L->noisy.id_w_noise), L->T, L->cfg.router_dim, L->cfg.n_experts);
+                        moe_store_param(s, L->noisy.id_w_noise), L->T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }

@@ -31,13 +31,13 @@ static void moe__linear_router_declare(moe_layer *L, moe_store *s, const char *p
 /* logits (T, E) = rin (T, router_dim) . Wr^T + b */
 static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const float *rin, int T) {
     moe_matmul_forward(L->logits, rin, moe_store_param(s, L->id_router_w), moe_store_param(s, L->id_router_b), T,
-                       L->cfg.router_dim, L->cfg.n_experts);
+                       L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }
 
 /* d_logits -> dWr, db, and drin += (the router input's gradient) */
 static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin) {
     moe_matmul_backward(drin, moe_store_grad(s, L->id_router_w), moe_store_grad(s, L->id_router_b), L->d_logits, rin,
-                        moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts);
+                        moe_store_param(s, L->id_router_w), L->T, L->cfg.router_dim, L->cfg.n_experts, &L->work);
 }
 
 /* token t: the k largest probabilities (plus the selection bias, when there is one) and

@@ -91,6 +91,7 @@ typedef struct rwd_gate {
     float *probs;  /* (max_rows, K) softmax(z / tau)                                          */
     float *dz;     /* (max_rows, max(H, K)) each, dz and dh: backward scratch                 */
     float *dh;
+    moe_work work;    /* the matmuls' scratch for max_rows, sized at init                      */
     int last_dropout; /* the last forward used dropout                                        */
 } rwd_gate;
 
@@ -588,6 +589,19 @@ RWD__IMPL moe_status rwd_gate_init(rwd_gate *g, const rwd_gate_config *c, moe_st
     g->probs = g->mask + (size_t)L * rh;
     g->dz = g->probs + (size_t)c->max_rows * (size_t)c->K;
     g->dh = g->dz + wide;
+    { /* one workspace for the largest of the layers' matmuls */
+        int nt = moe_num_threads(), w_in = c->d_in;
+        size_t need = 0, w;
+        for (l = 0; l <= L; l++) {
+            int out = l < L ? H : c->K;
+            if ((w = moe_matmul_work_floats(c->max_rows, w_in, out, nt)) > need) need = w;
+            w_in = out;
+        }
+        if (moe_work_alloc(&g->work, need, nt) != MOE_OK) {
+            rwd_gate_free(g);
+            return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the gate's matmul scratch");
+        }
+    }
     return MOE_OK;
 }
 
@@ -606,6 +620,7 @@ RWD__IMPL void rwd_gate_init_weights(rwd_gate *g, moe_store *s, moe_rng *rng) {
 
 RWD__IMPL void rwd_gate_free(rwd_gate *g) {
     MOE_FREE(g->pre);
+    moe_work_free(&g->work);
     memset(g, 0, sizeof *g);
 }
 
@@ -620,7 +635,7 @@ RWD__IMPL void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, c
     g->last_dropout = dropout_rng != NULL && p > 0.0f;
     for (l = 0; l < L; l++) {
         float *pre = g->pre + (size_t)l * stride, *post = g->post + (size_t)l * stride, *mask = g->mask + (size_t)l * stride;
-        moe_matmul_forward(pre, in, moe_store_param(s, g->id_w[l]), moe_store_param(s, g->id_b[l]), rows, in_w, H);
+        moe_matmul_forward(pre, in, moe_store_param(s, g->id_w[l]), moe_store_param(s, g->id_b[l]), rows, in_w, H, &g->work);
         for (i = 0; i < rh; i++) {
             float m = 1.0f;
             if (g->last_dropout) m = moe_rng_uniform(dropout_rng) < p ? 0.0f : keep; /* serial: one stream */
@@ -630,7 +645,7 @@ RWD__IMPL void rwd_gate_forward(rwd_gate *g, const moe_store *s, float *gates, c
         in = post;
         in_w = H;
     }
-    moe_matmul_forward(g->dz, in, moe_store_param(s, g->id_w[L]), moe_store_param(s, g->id_b[L]), rows, in_w, K);
+    moe_matmul_forward(g->dz, in, moe_store_param(s, g->id_w[L]), moe_store_param(s, g->id_b[L]), rows, in_w, K, &g->work);
     for (i = 0; i < (size_t)rows * (size_t)K; i++) g->dz[i] *= inv_t; /* z / tau */
     moe_softmax_forward(g->probs, g->dz, rows, K);
     for (i = 0; i < (size_t)rows * (size_t)K; i++) gates[i] = beta * g->probs[i];
@@ -662,7 +677,7 @@ RWD__IMPL void rwd_gate_backward(rwd_gate *g, moe_store *s, float *dx, const flo
             din = dx;
         }
         moe_matmul_backward(din, moe_store_grad(s, g->id_w[l]), moe_store_grad(s, g->id_b[l]), dz, in,
-                            moe_store_param(s, g->id_w[l]), rows, in_w, out_w);
+                            moe_store_param(s, g->id_w[l]), rows, in_w, out_w, &g->work);
         if (l > 0) { /* through dropout and ReLU of layer l-1: dz <- d pre_{l-1} */
             const float *pre = g->pre + (size_t)(l - 1) * stride, *mask = g->mask + (size_t)(l - 1) * stride;
             for (i = 0; i < rh; i++) dz[i] = pre[i] > 0.0f ? g->dh[i] * mask[i] : 0.0f;

@@ -139,14 +139,12 @@ RWD__IMPL moe_status rwd_lm_features(float *out, moe_model *m, const char *promp
     T = n < (size_t)m->max_T ? (int)n : m->max_T;
     start = n - (size_t)T;                          /* first byte inside the window      */
     first = lp > start ? lp - start : 0;            /* the response's first row in it    */
-    tok = (int *)MOE_MALLOC(sizeof(int) * (size_t)T);
-    if (!tok) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory");
+    tok = m->targets; /* (max_B max_T) ints that a forward without targets leaves alone: no allocation */
     for (t = 0; t < T; t++) {
         size_t k = start + (size_t)t;
         tok[t] = (unsigned char)(k < lp ? prompt[k] : response[k - lp]);
     }
     st = moe_model_forward(m, tok, NULL, 1, T, NULL);
-    MOE_FREE(tok);
     if (st != MOE_OK) return moe_err_set(err, st, "rwd_lm_features: %s", m->err.msg);
     for (j = 0; j < d; j++) {
         double acc = 0.0;

@@ -30,10 +30,12 @@ typedef struct rwd_head {
     float *pre;                     /* (max_rows, H) MLP pre-activation, cached by forward     */
     float *hid;                     /* (max_rows, H) MLP activation, cached by forward         */
     float *dhid;                    /* (max_rows, 2H) backward scratch                         */
+    moe_work work;                  /* the matmuls' scratch for max_rows, sized at init        */
 } rwd_head;
 
 RWDDEF rwd_head_config rwd_head_config_default(void);
-/* declares the head's tensors in s (before moe_store_alloc) and allocates its activations */
+/* declares the head's tensors in s (before moe_store_alloc) and allocates its activations and
+   scratch (forward and backward then allocate nothing); on failure h is freeable */
 RWDDEF moe_status rwd_head_init(rwd_head *h, const rwd_head_config *c, moe_store *s, const char *prefix, moe_err *err);
 RWDDEF void rwd_head_init_weights(rwd_head *h, moe_store *s, moe_rng *rng);
 RWDDEF void rwd_head_free(rwd_head *h);
@@ -129,13 +131,22 @@ RWD__IMPL moe_status rwd_head_init(rwd_head *h, const rwd_head_config *c, moe_st
         h->id_w2 = moe_store_add(s, name, MOE_TENSOR_DECAY, 1, H, 0, 0);
     }
     if (h->id_w1 < 0 || (mlp && (h->id_b1 < 0 || h->id_w2 < 0)))
-        return moe_err_set(err, MOE_ERR_STATE, "declaring the head's tensors failed: %s", s->err.msg);
+        return moe_err_set(err, s->err.status != MOE_OK ? s->err.status : MOE_ERR_STATE, "declaring the head's tensors failed: %s", s->err.msg);
     if (mlp) {
         size_t rh = (size_t)c->max_rows * (size_t)H;
         h->pre = (float *)moe__calloc(4 * rh, sizeof(float)); /* pre, hid, dhid (2 rh) in one block */
         if (!h->pre) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the head's activations");
         h->hid = h->pre + rh;
         h->dhid = h->hid + rh;
+    }
+    { /* linear: (d_in -> 1); MLP: (d_in -> H), (H -> 1) */
+        int nt = moe_num_threads();
+        size_t need = moe_matmul_work_floats(c->max_rows, c->d_in, H, nt), w2 = moe_matmul_work_floats(c->max_rows, H, 1, nt);
+        if (mlp && w2 > need) need = w2;
+        if (moe_work_alloc(&h->work, need, nt) != MOE_OK) {
+            rwd_head_free(h);
+            return moe_err_set(err, MOE_ERR_NOMEM, "out of memory for the head's matmul scratch");
+        }
     }
     return MOE_OK;
 }
@@ -154,6 +165,7 @@ RWD__IMPL void rwd_head_init_weights(rwd_head *h, moe_store *s, moe_rng *rng) {
 
 RWD__IMPL void rwd_head_free(rwd_head *h) {
     MOE_FREE(h->pre);
+    moe_work_free(&h->work);
     memset(h, 0, sizeof *h);
 }
 
@@ -161,12 +173,12 @@ RWD__IMPL void rwd_head_forward(rwd_head *h, const moe_store *s, float *r, const
     int d = h->cfg.d_in, H = h->cfg.d_hidden;
     MOE_ASSERT(rows <= h->cfg.max_rows);
     if (h->cfg.kind == RWD_HEAD_LINEAR) {
-        moe_matmul_forward(r, x, moe_store_param(s, h->id_w1), NULL, rows, d, 1);
+        moe_matmul_forward(r, x, moe_store_param(s, h->id_w1), NULL, rows, d, 1, &h->work);
         return;
     }
-    moe_matmul_forward(h->pre, x, moe_store_param(s, h->id_w1), moe_store_param(s, h->id_b1), rows, d, H);
+    moe_matmul_forward(h->pre, x, moe_store_param(s, h->id_w1), moe_store_param(s, h->id_b1), rows, d, H, &h->work);
     moe_activation_forward(h->hid, h->pre, (size_t)rows * (size_t)H, (moe_activation)h->cfg.activation);
-    moe_matmul_forward(r, h->hid, moe_store_param(s, h->id_w2), NULL, rows, H, 1);
+    moe_matmul_forward(r, h->hid, moe_store_param(s, h->id_w2), NULL, rows, H, 1, &h->work);
 }
 
 RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const float *dr, const float *x, int rows) {
@@ -174,17 +186,17 @@ RWD__IMPL void rwd_head_backward(rwd_head *h, moe_store *s, float *dx, const flo
     size_t rh = (size_t)rows * (size_t)H;
     float *dhid, *dpre;
     if (h->cfg.kind == RWD_HEAD_LINEAR) { /* no hidden buffers: h->dhid is NULL */
-        moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1);
+        moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), NULL, dr, x, moe_store_param(s, h->id_w1), rows, d, 1, &h->work);
         return;
     }
     dhid = h->dhid;
     dpre = h->dhid + (size_t)h->cfg.max_rows * (size_t)H;
     memset(dhid, 0, rh * sizeof(float)); /* activation gradients are per call, not accumulated */
     memset(dpre, 0, rh * sizeof(float));
-    moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1);
+    moe_matmul_backward(dhid, moe_store_grad(s, h->id_w2), NULL, dr, h->hid, moe_store_param(s, h->id_w2), rows, H, 1, &h->work);
     moe_activation_backward(dpre, dhid, h->pre, rh, (moe_activation)h->cfg.activation);
     moe_matmul_backward(dx, moe_store_grad(s, h->id_w1), moe_store_grad(s, h->id_b1), dpre, x,
-                        moe_store_param(s, h->id_w1), rows, d, H);
+                        moe_store_param(s, h->id_w1), rows, d, H, &h->work);
 }
 
 RWD__IMPL void rwd_head_score(rwd_head *h, const moe_store *s, double *r, const float *x, size_t rows) {

@@ -251,14 +251,15 @@ static void moe__ckpt_dir_of(const char *path, char *dir, size_t cap) {
     else snprintf(dir, cap, "%.*s", (int)(slash - path) + (slash == path), path);
 }
 
-/* Atomic replacement of a file for moe.h's other writers (safetensors, GGUF), on the same
-   calls as checkpoints: a temporary file of a name no other writer holds beside path;
-   moe__atomic_write appends (0 once anything failed); moe__atomic_close syncs, closes, renames
-   over path and syncs the directory when ok, else removes it. */
-static moe_status moe__atomic_open(moe__ckpt_out *o, const char *path, char *tmp, size_t cap, moe_err *err) {
+/* Atomic replacement of a file, for every writer in moe.h (checkpoints, safetensors, GGUF):
+   a temporary file of a name no other writer holds beside path, through io (NULL: the real
+   calls); moe__atomic_write appends (0 once anything failed); moe__atomic_close syncs, closes,
+   renames over path and syncs the directory when ok, else removes it. */
+static moe_status moe__atomic_open(moe__ckpt_out *o, const moe_ckpt_io *io, const char *path, char *tmp, size_t cap,
+                                   moe_err *err) {
     memset(o, 0, sizeof *o);
     o->own = moe_ckpt_io_default();
-    o->io = &o->own;
+    o->io = io ? io : &o->own;
     if (strlen(path) + 32 > cap) return moe_err_set(err, MOE_ERR_INVALID_ARG, "path '%.64s...' is too long", path);
     o->file = moe__ckpt_create_tmp(o->io, path, tmp, cap);
     return o->file ? MOE_OK : moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno ? errno : EIO));
@@ -281,11 +282,14 @@ static moe_status moe__atomic_close(moe__ckpt_out *o, int ok, const char *tmp, c
         io->remove(io->ctx, tmp);
         return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (%s; disk full?); '%s' is unchanged", tmp, strerror(o->failed), path);
     }
+    errno = 0;
     if (io->rename(io->ctx, tmp, path) != 0) {
         int e = errno ? errno : EIO;
         io->remove(io->ctx, tmp);
         return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s' (%s); '%s' is unchanged", tmp, path, strerror(e), path);
     }
+    /* the rename is durable only once the directory is synced; a failure there is no error:
+       the new file is already in place (SQLite does the same) */
     moe__ckpt_dir_of(path, dir, sizeof dir);
     io->sync_dir(io->ctx, dir);
     return MOE_OK;
@@ -302,16 +306,15 @@ MOE__IMPL moe_status moe_checkpoint_save_ex(const char *path, const moe_store *s
                                             const void *state, size_t state_bytes,
                                             const moe_ckpt_io *io, moe_err *err) {
     unsigned char h[MOE__CKPT_HEADER], tail[4];
-    char tmp[4096], dir[4096];
-    moe_ckpt_io real = moe_ckpt_io_default();
+    char tmp[4096];
     moe__ckpt_out o;
+    moe_status st;
     if (!moe__little_endian()) return moe_err_set(err, MOE_ERR_UNSUPPORTED, "checkpoints are little-endian; this host is not");
     if (!path || !s || !s->params) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint save needs a path and an allocated store");
     if (with_moments && (!s->adam_m || !s->adam_v)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint with moments asked for, but the store has no optimizer moments");
     if ((config_bytes && !config) || (state_bytes && !state)) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint blob size given without data");
     if (strlen(path) + 32 > sizeof tmp) return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint path is too long");
-    if (!io) io = &real;
-    if (!io->create || !io->write || !io->sync || !io->close || !io->rename || !io->remove || !io->sync_dir)
+    if (io && (!io->create || !io->write || !io->sync || !io->close || !io->rename || !io->remove || !io->sync_dir))
         return moe_err_set(err, MOE_ERR_INVALID_ARG, "checkpoint I/O hooks: every function must be set (start from moe_ckpt_io_default())");
     memset(h, 0, sizeof h);
     memcpy(h, MOE__CKPT_MAGIC, 8);
@@ -322,10 +325,7 @@ MOE__IMPL moe_status moe_checkpoint_save_ex(const char *path, const moe_store *s
     moe__put_u64(h + 32, (uint64_t)step);
     moe__put_u64(h + 40, (uint64_t)config_bytes);
     moe__put_u64(h + 48, (uint64_t)state_bytes);
-    memset(&o, 0, sizeof o);
-    o.io = io;
-    o.file = moe__ckpt_create_tmp(io, path, tmp, sizeof tmp);
-    if (!o.file) return moe_err_set(err, MOE_ERR_IO, "cannot create a temporary file beside '%s' (%s)", path, strerror(errno ? errno : EIO));
+    if ((st = moe__atomic_open(&o, io, path, tmp, sizeof tmp, err)) != MOE_OK) return st;
     moe__write(&o, h, sizeof h);
     moe__write(&o, config, config_bytes);
     moe__write(&o, state, state_bytes);
@@ -336,24 +336,7 @@ MOE__IMPL moe_status moe_checkpoint_save_ex(const char *path, const moe_store *s
     }
     moe__put_u32(tail, o.crc);
     moe__write(&o, tail, 4);
-    errno = 0;
-    if (!o.failed && io->sync(io->ctx, o.file) != 0) moe__ckpt_fail(&o);
-    errno = 0;
-    if (io->close(io->ctx, o.file) != 0) moe__ckpt_fail(&o);
-    if (o.failed) {
-        io->remove(io->ctx, tmp);
-        return moe_err_set(err, MOE_ERR_IO, "writing '%s' failed (%s; disk full?); '%s' is unchanged", tmp, strerror(o.failed), path);
-    }
-    errno = 0;
-    if (io->rename(io->ctx, tmp, path) != 0) {
-        int e = errno ? errno : EIO;
-        io->remove(io->ctx, tmp);
-        return moe_err_set(err, MOE_ERR_IO, "cannot rename '%s' to '%s' (%s); '%s' is unchanged", tmp, path, strerror(e), path);
-    }
-    /* the rename is durable only once the directory is synced; its failure is no error (above) */
-    moe__ckpt_dir_of(path, dir, sizeof dir);
-    io->sync_dir(io->ctx, dir);
-    return MOE_OK;
+    return moe__atomic_close(&o, 1, tmp, path, err);
 }
 
 /* Reads the whole file, checks magic, version and CRC; *buf owns the bytes on success. */

@@ -279,7 +279,7 @@ MOE__IMPL moe_status moe_model_export_gguf(const moe_model *m, const char *path,
     g.w.pos = 0;
     moe__gguf_header(&g, g.n_kv, c, t, count, file_type);
     memset(pad, 0, sizeof pad);
-    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
+    st = moe__atomic_open(&f, NULL, path, tmp, sizeof tmp, err);
     if (st != MOE_OK) { MOE_FREE(t); MOE_FREE(head); MOE_FREE(chunk); return st; }
     ok = moe__atomic_write(&f, head, g.w.pos);
     ok = ok && moe__atomic_write(&f, pad, (MOE__GGUF_ALIGN - g.w.pos % MOE__GGUF_ALIGN) % MOE__GGUF_ALIGN);

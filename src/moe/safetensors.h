@@ -539,7 +539,7 @@ static moe_status moe__st_write(const char *path, const moe__st_view *views, int
         MOE_FREE(h.p); MOE_FREE(chunk);
         return moe_err_set(err, MOE_ERR_NOMEM, "out of memory writing '%s'", path);
     }
-    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
+    st = moe__atomic_open(&f, NULL, path, tmp, sizeof tmp, err);
     if (st != MOE_OK) { MOE_FREE(h.p); MOE_FREE(chunk); return st; }
     hlen = h.len;
     for (d = 0; d < 8; d++) len8[d] = (unsigned char)(hlen >> (8 * d));
@@ -1109,7 +1109,7 @@ MOE__IMPL moe_status moe_model_export_hf(const moe_model *m, const char *dir, mo
     memset(&t, 0, sizeof t);
     if (moe__hf_config_text(&m->cfg, dtype, &t) != MOE_OK) { MOE_FREE(t.p); return moe_err_set(err, MOE_ERR_NOMEM, "out of memory"); }
     moe__path_join(path, sizeof path, dir, "config.json");
-    st = moe__atomic_open(&f, path, tmp, sizeof tmp, err);
+    st = moe__atomic_open(&f, NULL, path, tmp, sizeof tmp, err);
     if (st != MOE_OK) { MOE_FREE(t.p); return st; }
     ok = moe__atomic_write(&f, t.p, t.len);
     MOE_FREE(t.p);

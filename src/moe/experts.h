@@ -197,6 +197,7 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
         }
         tstart[e1 - e0] = ntask;
         if (ntask == 0) continue;
+        (void)flops; /* only the OpenMP build reads it */
         MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b;
@@ -315,6 +316,7 @@ MOE__IMPL moe_status moe_experts_backward(float *dxg, moe_expert_weights *gw, co
         tph[nexp] = nph;
         tw[nexp] = nw;
         if (nrow == 0) continue;
+        (void)flops; /* only the OpenMP build reads it */
         MOE__OMP_PARALLEL_IF_N(flops > 1e6, nthreads)
         {
             int q, b, t;

@@ -76,6 +76,7 @@ typedef struct flags_program {
     int n_args;           /* set by flags_parse                                       */
     const char *args_meta;/* their placeholder in the usage line ("scores.csv")       */
     char shown[64][48];   /* the defaults, formatted before parsing (first 64 flags)  */
+    FILE *out, *err;      /* where --help and the complaints go (NULL: stdout, stderr) */
 } flags_program;
 
 static flag flags__make(const char *name, flag_kind kind, void *value, double min, double max, const char *meta,
@@ -98,8 +99,15 @@ FLAGS_FN flag flag_int(const char *name, int *v, double min, double max, const c
     if (min < -2147483647.0) min = -2147483647.0;
     return flags__make(name, FLAG_INT, v, min, max, "N", help);
 }
+/* the range as floats, so a value is checked as the float it is stored as ("0.1" is inside
+   [0, 0.1]; flags_check then agrees with the parse) and no value overflows a float */
+static double flags__as_float(double x) {
+    if (x > FLT_MAX) return FLT_MAX;
+    if (x < -FLT_MAX) return -FLT_MAX;
+    return (double)(float)x;
+}
 FLAGS_FN flag flag_float(const char *name, float *v, double min, double max, const char *help) {
-    return flags__make(name, FLAG_FLOAT, v, min, max, "X", help);
+    return flags__make(name, FLAG_FLOAT, v, flags__as_float(min), flags__as_float(max), "X", help);
 }
 FLAGS_FN flag flag_double(const char *name, double *v, double min, double max, const char *help) {
     return flags__make(name, FLAG_DOUBLE, v, min, max, "X", help);
@@ -191,8 +199,8 @@ static void flags__list(const flags_program *p, FILE *out) {
             const char *d = f->dflt ? f->dflt : i < 64 ? p->shown[i] : "";
             if (f->kind == FLAG_INT || f->kind == FLAG_FLOAT || f->kind == FLAG_DOUBLE) {
                 char lo[32], hi[32];
-                snprintf(lo, sizeof lo, "%.10g", f->min);
-                snprintf(hi, sizeof hi, "%.10g", f->max);
+                snprintf(lo, sizeof lo, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->min);
+                snprintf(hi, sizeof hi, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->max);
                 fprintf(out, " (default %s; %s..%s)", d, lo, hi);
             } else {
                 fprintf(out, " (default %s)", d);
@@ -213,12 +221,15 @@ FLAGS_FN void flags_print_help(const flags_program *p, FILE *out) {
     flags__list(p, out);
 }
 
+static FILE *flags__err(const flags_program *p) { return p->err ? p->err : stderr; }
+
 static int flags__fail_usage(const flags_program *p, const char *fmt, const char *what) {
-    fprintf(stderr, "%s: ", p->name);
-    fprintf(stderr, fmt, what);
-    fprintf(stderr, "\n\n");
-    flags__usage_line(p, stderr);
-    flags__list(p, stderr);
+    FILE *err = flags__err(p);
+    fprintf(err, "%s: ", p->name);
+    fprintf(err, fmt, what);
+    fprintf(err, "\n\n");
+    flags__usage_line(p, err);
+    flags__list(p, err);
     return 2;
 }
 
@@ -227,8 +238,8 @@ static int flags__fail_usage(const flags_program *p, const char *fmt, const char
 static int flags__range(const flag *f, double v, const char *given, char *msg, size_t cap) {
     char lo[32], hi[32];
     if (v >= f->min && v <= f->max) return 0;
-    snprintf(lo, sizeof lo, "%.10g", f->min);
-    snprintf(hi, sizeof hi, "%.10g", f->max);
+    snprintf(lo, sizeof lo, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->min); /* a float's digits */
+    snprintf(hi, sizeof hi, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->max);
     if (given) snprintf(msg, cap, "%s must be between %s and %s, not %.60s", f->name, lo, hi, given);
     else snprintf(msg, cap, "%s must be between %s and %s, not %.17g", f->name, lo, hi, v);
     return -1;
@@ -264,6 +275,7 @@ static int flags__set(flag *f, const char *text, char *msg, size_t cap) {
             snprintf(msg, cap, "%s needs a finite number, not '%.60s'", f->name, text);
             return -1;
         }
+        if (f->kind == FLAG_FLOAT && fabs(v) <= FLT_MAX) v = (double)(float)v; /* checked as stored */
         if (flags__range(f, v, text, msg, cap) != 0) return -1;
         if (f->kind == FLAG_FLOAT) *(float *)f->value = (float)v;
         else *(double *)f->value = v;
@@ -298,7 +310,7 @@ FLAGS_FN int flags_parse(flags_program *p, int argc, char **argv) {
     for (i = 0; i < p->n_flags && i < 64; i++) flags_format_value(&p->flags[i], p->flags[i].value, p->shown[i], sizeof p->shown[i]);
     for (i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            flags_print_help(p, stdout);
+            flags_print_help(p, p->out ? p->out : stdout);
             return 0;
         }
     p->n_args = 0;
@@ -325,7 +337,7 @@ FLAGS_FN int flags_parse(flags_program *p, int argc, char **argv) {
         f->seen = 1;
         if (f->kind == FLAG_SWITCH) {
             if (eq) {
-                fprintf(stderr, "%s: %s takes no value\n", p->name, f->name);
+                fprintf(flags__err(p), "%s: %s takes no value\n", p->name, f->name);
                 return 2;
             }
             *(int *)f->value = 1;
@@ -334,11 +346,11 @@ FLAGS_FN int flags_parse(flags_program *p, int argc, char **argv) {
         if (eq) value = eq + 1;
         else if (i + 1 < argc) value = argv[++i];
         else {
-            fprintf(stderr, "%s: %s needs a value (%s)\n", p->name, f->name, f->meta);
+            fprintf(flags__err(p), "%s: %s needs a value (%s)\n", p->name, f->name, f->meta);
             return 2;
         }
         if (flags__set(f, value, msg, sizeof msg) != 0) {
-            fprintf(stderr, "%s: %s\n", p->name, msg);
+            fprintf(flags__err(p), "%s: %s\n", p->name, msg);
             return 2;
         }
     }

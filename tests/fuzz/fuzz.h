@@ -16,6 +16,16 @@ extern "C"
 #endif
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+#include <sys/stat.h>
+#include <unistd.h>
+/* the per-process file a loader target reads its input from: in memory (/dev/shm) where the
+   system has it, since the loaders take paths and the disk would bound the exec rate */
+static void fuzz_temp_path(char *buf, size_t cap, const char *name) {
+    struct stat st;
+    const char *dir = stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    snprintf(buf, cap, "%s/moe_fuzz_%ld_%s", dir, (long)getpid(), name);
+}
+
 #ifdef FUZZ_REPLAY
 #include <dirent.h>
 #include <string.h>

@@ -20,7 +20,7 @@ static void setup(void) { /* the layout the seeds were written with (tests/fuzz/
     if (moe_store_alloc(&S, 1) != MOE_OK) abort();
     for (i = 0; i < S.numel; i++) S.params[i] = (float)i;
     snapshot = (float *)malloc(sizeof(float) * S.numel * 3);
-    snprintf(path, sizeof path, "/tmp/moe_fuzz_ckpt_%ld.bin", (long)getpid());
+    fuzz_temp_path(path, sizeof path, "ckpt.bin");
 }
 
 static int unchanged(void) {

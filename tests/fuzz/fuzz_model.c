@@ -14,7 +14,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     moe_model_config c;
     moe_err err;
     FILE *f;
-    if (!path[0]) snprintf(path, sizeof path, "/tmp/moe_fuzz_model_%ld.moe", (long)getpid());
+    if (!path[0]) fuzz_temp_path(path, sizeof path, "model.moe");
     f = fopen(path, "wb");
     if (!f) abort();
     if (size > 0) fwrite(data, 1, size, f);

@@ -22,7 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (moe_store_alloc(&S, 0) != MOE_OK) abort();
         for (i = 0; i < S.numel; i++) S.params[i] = (float)i;
         snapshot = (float *)malloc(sizeof(float) * S.numel);
-        snprintf(path, sizeof path, "/tmp/moe_fuzz_st_%ld.safetensors", (long)getpid());
+        fuzz_temp_path(path, sizeof path, "st.safetensors");
     }
     f = fopen(path, "wb");
     if (!f) abort();

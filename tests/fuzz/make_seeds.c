@@ -16,6 +16,20 @@ static void write_text(const char *dir, const char *name, const char *text) {
     fclose(f);
 }
 
+static void write_bytes(const char *dir, const char *name, const char *bytes, size_t n) {
+    char p[512];
+    FILE *f;
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    f = fopen(p, "wb");
+    if (!f) { perror(p); return; }
+    fwrite(bytes, 1, n, f);
+    fclose(f);
+}
+#define WRITE_ARGS(dir, name, lit) write_bytes(dir, name, lit, sizeof lit - 1) /* NULs kept: they split argv */
+
+/* a record of fuzz_record.c's layout, with some fields missing and one unknown */
+typedef struct seed_state { signed char i1; short i2; int i4; long long i8; unsigned long long u8; float f4; double f8; char text[16]; char genres[256]; } seed_state;
+
 int main(int argc, char **argv) {
     const char *root = argc > 1 ? argv[1] : "tests/fuzz/corpus";
     char dir[512], p[600];
@@ -72,5 +86,36 @@ int main(int argc, char **argv) {
     write_text(dir, "ratings.csv", "id,response,helpfulness,score\n1,\"a, \"\"quoted\"\"\nline\",3.5,NA\n2,plain,,1e-3\r\n");
     write_text(dir, "ratings.jsonl", "{\"response\": \"x\", \"helpfulness\": 2, \"score\": null}\n{\"response\": \"y\", \"score\": true}\n");
     write_text(dir, "bad_number.csv", "response,helpfulness,score\nx,1.5.2,3\n");
+
+    snprintf(dir, sizeof dir, "%s/flags", root);
+    WRITE_ARGS(dir, "run.args", "--steps\0" "20\0--lr=3e-4\0--router\0ec\0--quick\0a.csv\0b.csv");
+    WRITE_ARGS(dir, "help.args", "--out\0x\0-h");
+    WRITE_ARGS(dir, "bad_int.args", "--seed\0" "3abc");
+    WRITE_ARGS(dir, "edge_float.args", "--frac=0.1\0--big\0" "1e300\0--margin\0-1e308\0--temp\0" "1e-6");
+    WRITE_ARGS(dir, "dashdash.args", "--\0--steps\0-");
+
+    { /* state records: written by moe_record_write from a table like the fuzz target's */
+        static const moe_field f[] = {
+            MOE_FIELD(MOE_FIELD_INT, seed_state, i1), MOE_FIELD(MOE_FIELD_INT, seed_state, i2),
+            MOE_FIELD(MOE_FIELD_INT, seed_state, i4), MOE_FIELD(MOE_FIELD_INT, seed_state, i8),
+            MOE_FIELD(MOE_FIELD_INT, seed_state, u8), MOE_FIELD(MOE_FIELD_FLOAT, seed_state, f4),
+            MOE_FIELD(MOE_FIELD_FLOAT, seed_state, f8), MOE_FIELD(MOE_FIELD_TEXT, seed_state, text),
+            MOE_FIELD(MOE_FIELD_TEXT, seed_state, genres),
+        };
+        static const moe_field renamed[] = {MOE_FIELD(MOE_FIELD_INT, seed_state, i4), {"unknown.later", MOE_FIELD_FLOAT, 0, 8}};
+        seed_state s;
+        unsigned char buf[1024];
+        size_t len;
+        memset(&s, 0, sizeof s);
+        s.i1 = 5; s.i2 = -2; s.i4 = 123456; s.i8 = -7; s.u8 = 99; s.f4 = 0.25f; s.f8 = -1e300;
+        strcpy(s.text, "hello"); strcpy(s.genres, "a,b,c");
+        snprintf(dir, sizeof dir, "%s/record", root);
+        if (moe_record_write(buf, sizeof buf, &len, &s, NULL, f, 9, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+        write_bytes(dir, "full.rec", (const char *)buf, len);
+        if (moe_record_write(buf, sizeof buf, &len, &s, NULL, f + 2, 4, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+        write_bytes(dir, "partial.rec", (const char *)buf, len);
+        if (moe_record_write(buf, sizeof buf, &len, &s, NULL, renamed, 2, &err) != MOE_OK) { fprintf(stderr, "%s\n", err.msg); return 1; }
+        write_bytes(dir, "unknown_field.rec", (const char *)buf, len);
+    }
     return 0;
 }

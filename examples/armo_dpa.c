@@ -25,7 +25,7 @@
    under directions (cos t, sin t) over (helpfulness, verbosity) rewards, with the prompt's
    integer weights, the Pareto front and its hypervolume against a scalar reward model's
    best-of-16 and a random pick.
-   Real signals (shared data, $MOE_SHARED_DATA or ../shared/data or --data DIR; skipped with a
+   Real signals (--data DIR, $MOE_SHARED_DATA, data/ after make data-preferences, or ../shared/data; skipped with a
    message when absent): on HH-RLHF helpful-base, ArmoRM's verbosity de-correlation between a BT
    reward model and a verbosity reward (stage-1 ridge on length); on AlpacaEval's 11 samples per
    instruction (tulu-2-dpo-13b, GPT-4-turbo judge), DPA's best-of-11 under directions over (that
@@ -733,7 +733,6 @@ static const char *const about =
 
 int main(int argc, char **argv) {
     settings st;
-    const char *env = getenv("MOE_SHARED_DATA");
     rwd_text_pairs hh;
     alpaca A;
     int si, have_hh = 0, have_alpaca = 0, k, t, q;
@@ -741,7 +740,7 @@ int main(int argc, char **argv) {
     memset(&st, 0, sizeof st);
     st.seeds = -1;
     st.seed = 1;
-    st.data = env ? env : "../shared/data";
+    st.data = files_data_root();
     {
         flag fl[4];
         flags_program p;
@@ -750,7 +749,7 @@ int main(int argc, char **argv) {
         fl[1] = flag_default(flag_int("--seeds", &st.seeds, 1, MAX_SEEDS, "seeds (each: a simulator draw, the splits, the initialisations)"), "3; 1 with --quick");
         fl[2] = flag_int("--seed", &seed, 0, 2147483647, "the first seed");
         fl[3] = flag_default(flag_string("--data", &st.data, "DIR", "the shared data folder (preferences/hh-rlhf, preferences/alpacaeval-bon-tulu2-13b)"),
-                             "$MOE_SHARED_DATA, else ../shared/data");
+                             "$MOE_SHARED_DATA, else data/ after make data-preferences, else ../shared/data");
         p = flags_program_make("armo_dpa", "ArmoRM's multi-objective reward and DPA's directions on a simulator, HH-RLHF and AlpacaEval", about, fl, 4);
         rc = flags_parse(&p, argc, argv);
         if (rc != FLAGS_RUN) return rc;
@@ -798,7 +797,7 @@ int main(int argc, char **argv) {
             close_data(&r);
             have_hh = 1;
         } else {
-            printf("armo_dpa: SKIP hh and alpacaeval: %s/preferences not found (set MOE_SHARED_DATA or --data DIR to the shared data folder)\n", st.data);
+            printf("armo_dpa: SKIP hh and alpacaeval: %s/preferences not found (run make data-preferences, or set MOE_SHARED_DATA or --data DIR to a folder holding preferences/)\n", st.data);
         }
     }
     if (have_hh) {

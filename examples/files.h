@@ -67,6 +67,21 @@ static void files__set(files_err *e, const char *fmt, const char *path, const ch
     if (e) snprintf(e->msg, sizeof e->msg, fmt, p, why);
 }
 
+/* The folder that holds preferences/ (HH-RLHF, AlpacaEval): $MOE_SHARED_DATA when set, else
+   data/ when `make data-preferences` has filled it, else ../shared/data. A program's --data
+   flag overrides it; the programs skip the real-data parts with a message when it is absent. */
+FILES_FN const char *files_data_root(void) {
+    const char *env = getenv("MOE_SHARED_DATA");
+    FILE *f;
+    if (env && env[0]) return env;
+    f = fopen("data/preferences/hh-rlhf/LICENSE", "rb"); /* the downloader writes it last */
+    if (f) {
+        fclose(f);
+        return "data";
+    }
+    return "../shared/data";
+}
+
 FILES_FN int files_ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && strcmp(s + n - k, suffix) == 0;

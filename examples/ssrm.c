@@ -16,7 +16,7 @@
    Both data sets go through the same loop. The paper's claim: SSRM improves a reward model trained on few labels without more labelling,
    and approaches one trained on the full labelled data.
 
-   Data: the shared data folder ($MOE_SHARED_DATA, else ../shared/data) or --data DIR, holding
+   Data: --data DIR, else $MOE_SHARED_DATA, else data/ (make data-preferences), else ../shared/data, holding
    preferences/hh-rlhf/<split>/test.jsonl.gz (github.com/anthropics/hh-rlhf); without it the
    program runs the simulator only and says so (SKIP).
 
@@ -348,7 +348,6 @@ int main(int argc, char **argv) {
     settings st;
     rwd_text_pairs all;
     rwd_featurizer fz = rwd_featurizer_default();
-    const char *env = getenv("MOE_SHARED_DATA");
     char splits[512], *tok;
     float *xa, *xb;
     unsigned char *a_wins;
@@ -364,7 +363,7 @@ int main(int argc, char **argv) {
     st.min_steps = 300;
     st.seed = 1;
     st.sim_pairs = -1;
-    st.data = env ? env : "../shared/data";
+    st.data = files_data_root();
     st.splits = NULL;
     {
         flag fl[24];
@@ -389,7 +388,7 @@ int main(int argc, char **argv) {
         fl[n++] = flag_default(flag_int("--dim", &st.dim, 16, 1 << 22, "hashed word and bigram features (HH-RLHF)"), "4096; 1024 with --quick");
         fl[n++] = flag_heading("data");
         fl[n++] = flag_default(flag_string("--data", &st.data, "DIR", "the shared data folder (preferences/hh-rlhf/<split>/test.jsonl.gz)"),
-                               "$MOE_SHARED_DATA, else ../shared/data");
+                               "$MOE_SHARED_DATA, else data/ after make data-preferences, else ../shared/data");
         fl[n++] = flag_default(flag_string("--splits", &st.splits, "LIST", "HH-RLHF splits, comma-separated"),
                                "helpful-base,helpful-online,helpful-rejection-sampled; helpful-base with --quick");
         p = flags_program_make("ssrm", "semi-supervised reward modelling (SSRM) against supervised training over labelled fractions", about,
@@ -412,7 +411,7 @@ int main(int argc, char **argv) {
     snprintf(splits, sizeof splits, "%s", st.splits);
     for (tok = strtok(splits, ","); tok && have_hh; tok = strtok(NULL, ","))
         if (read_split(&all, st.data, tok)) {
-            printf("ssrm: SKIP hh: %s/preferences/hh-rlhf/%s/test.jsonl.gz not found (set MOE_SHARED_DATA or --data DIR to the shared data folder); the simulator runs alone\n", st.data, tok);
+            printf("ssrm: SKIP hh: %s/preferences/hh-rlhf/%s/test.jsonl.gz not found (run make data-preferences, or set MOE_SHARED_DATA or --data DIR to a folder holding preferences/); the simulator runs alone\n", st.data, tok);
             have_hh = 0;
         }
     printf("%-22s %s\n%-22s %d pairs of 32 features, BT labels from a hidden linear reward (beta 3)\n", "mode", st.quick ? "quick" : "full", "sim", st.sim_pairs);

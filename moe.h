@@ -620,9 +620,9 @@ typedef enum moe_router_kind {
     MOE_ROUTER_SIGMOID = 1,       /* independent sigmoid scores, top k (renormalize optional) */
     MOE_ROUTER_NOISY_TOPK = 2,    /* Shazeer 2017: H = z + noise * (softplus(x Wn) + eps),
                                      weights = softmax over the k kept H                      */
-    MOE_ROUTER_EXPERT_CHOICE = 3, /* Zhou 2022: expert e takes its ceil(k*T/E) best tokens.
+    MOE_ROUTER_EXPERT_CHOICE = 3, /* arXiv 2202.09368: expert e takes its ceil(k*T/E) best tokens.
                                      NOT CAUSAL: a token's routing depends on later tokens    */
-    MOE_ROUTER_AOE = 4            /* Autonomy-of-Experts (Lv et al. 2025): no router. Every
+    MOE_ROUTER_AOE = 4            /* Autonomy-of-Experts (arXiv 2501.13074): no router. Every
                                      expert computes C_e = x . W_in_e^T (rank aoe_rank), the
                                      logits are the norms ||C_e||, top-k by norm; the chosen
                                      experts reuse C_e for their gate: h_gate = C_e . W_out_e^T.
@@ -682,7 +682,7 @@ typedef struct moe_layer_config {
     int gw_slots;
     int gw_released;
     int aoe_rank;             /* AoE: rank r of the factorised gate (paper: about d/3)   */
-    /* HyperMoE (Zhao et al. 2024): hyper = 1 adds a per-token hyper-expert whose weights a
+    /* HyperMoE (arXiv 2402.12656): hyper = 1 adds a per-token hyper-expert whose weights a
        hypernetwork generates from the embeddings of the experts the token did NOT choose.
        Sizes (official code / tiny): expert embedding e 128/32, processor hidden 128/32,
        condition q 128/32, layer embedding 10/4, hypernetwork b 128/32, adapter a 64/16. */

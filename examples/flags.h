@@ -109,6 +109,12 @@ static double flags__as_float(double x) {
 FLAGS_FN flag flag_float(const char *name, float *v, double min, double max, const char *help) {
     return flags__make(name, FLAG_FLOAT, v, flags__as_float(min), flags__as_float(max), "X", help);
 }
+/* a number flag's range as the help and the messages print it (a float's own digits) */
+static void flags__bounds(const flag *f, char lo[32], char hi[32]) {
+    int digits = f->kind == FLAG_FLOAT ? 7 : 10;
+    snprintf(lo, 32, "%.*g", digits, f->min);
+    snprintf(hi, 32, "%.*g", digits, f->max);
+}
 FLAGS_FN flag flag_double(const char *name, double *v, double min, double max, const char *help) {
     return flags__make(name, FLAG_DOUBLE, v, min, max, "X", help);
 }
@@ -199,8 +205,7 @@ static void flags__list(const flags_program *p, FILE *out) {
             const char *d = f->dflt ? f->dflt : i < 64 ? p->shown[i] : "";
             if (f->kind == FLAG_INT || f->kind == FLAG_FLOAT || f->kind == FLAG_DOUBLE) {
                 char lo[32], hi[32];
-                snprintf(lo, sizeof lo, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->min);
-                snprintf(hi, sizeof hi, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->max);
+                flags__bounds(f, lo, hi);
                 fprintf(out, " (default %s; %s..%s)", d, lo, hi);
             } else {
                 fprintf(out, " (default %s)", d);
@@ -238,8 +243,7 @@ static int flags__fail_usage(const flags_program *p, const char *fmt, const char
 static int flags__range(const flag *f, double v, const char *given, char *msg, size_t cap) {
     char lo[32], hi[32];
     if (v >= f->min && v <= f->max) return 0;
-    snprintf(lo, sizeof lo, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->min); /* a float's digits */
-    snprintf(hi, sizeof hi, "%.*g", f->kind == FLAG_FLOAT ? 7 : 10, f->max);
+    flags__bounds(f, lo, hi);
     if (given) snprintf(msg, cap, "%s must be between %s and %s, not %.60s", f->name, lo, hi, given);
     else snprintf(msg, cap, "%s must be between %s and %s, not %.17g", f->name, lo, hi, v);
     return -1;

@@ -20,6 +20,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #include <unistd.h>
 /* the per-process file a loader target reads its input from: in memory (/dev/shm) where the
    system has it, since the loaders take paths and the disk would bound the exec rate */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((unused)) /* only the loader targets use it */
+#endif
 static void fuzz_temp_path(char *buf, size_t cap, const char *name) {
     struct stat st;
     const char *dir = stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";

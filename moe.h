@@ -5900,13 +5900,19 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     m->d_qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
     m->d_atty = (float *)moe__calloc(Nd, sizeof(float));
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
-    m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-    m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+    /* the dense FFN's backward scratch; an all-MoE model stores a d_ff it never uses, which must
+       not size an allocation (a model file's d_ff is not bounded by its parameters then) */
+    for (l = 0; l < L && m->blocks[l].is_moe; l++) {}
+    if (l < L) {
+        m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+        m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
+        ok = ok && m->scratch1 && m->scratch2;
+    }
     ok = ok && moe__router_input_alloc(m, N);
     if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
     if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
-         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
+         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits;
     { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
         int nt = moe_num_threads(), dense = 0, P = c->router_dim;
         size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;

@@ -591,6 +591,26 @@ static void test_balance_all_layers(void) {
     moe_model_free(&m1);
 }
 
+/* An all-MoE model never runs the dense FFN, so its d_ff sizes nothing: a model file with a huge
+   d_ff (found by fuzzing the loader) once made init allocate (B T d_ff) floats of dense scratch. */
+static void test_unused_dense_width(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    size_t small;
+    int x[8] = {1, 2, 3, 4, 5, 6, 7, 0};
+    TEST_BEGIN("model: an all-MoE model's unused d_ff sizes no allocation");
+    c.dense_first = 0;
+    if (moe_model_init(&m, &c, 1, 8) != MOE_OK) { CHECK(0, "init: %s", m.err.msg); return; }
+    small = m.S.numel;
+    moe_model_free(&m);
+    c.d_ff = 1 << 30; /* dense scratch would be 2 x 32 GiB */
+    if (moe_model_init(&m, &c, 1, 8) != MOE_OK) { CHECK(0, "init with d_ff 2^30: %s", m.err.msg); return; }
+    CHECK(m.S.numel == small, "the same parameters (%zu vs %zu)", m.S.numel, small);
+    moe_model_init_weights(&m, 1);
+    CHECK(moe_model_forward(&m, x, x, 1, 8, NULL) == MOE_OK && moe_model_backward(&m, 1.0f) == MOE_OK, "forward and backward run: %s", m.err.msg);
+    moe_model_free(&m);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -602,5 +622,6 @@ int main(void) {
     test_non_finite_router();
     test_selection_bias_model();
     test_balance_all_layers();
+    test_unused_dense_width();
     return test_summary();
 }

@@ -12,13 +12,13 @@
 #define _POSIX_C_SOURCE 200809L
 #include "moe.h"  /* defines: moe_model_load, moe_model_load_config, moe_rng_* */
 #include "test.h" /* defines: CHECK, TEST_BEGIN, test_summary */
-#include "proc.h" /* defines: proc_start, proc_wait, proc_run, proc_slurp */
+#include "proc.h" /* defines: proc_start, proc_wait, proc_run, proc_slurp, proc_example, proc_rmtree */
 
 #include <dirent.h>
 #include <time.h>
 
 #define END ((const char *)NULL)
-#define LM "build/examples/train_lm"
+#define LM proc_example("train_lm")
 enum { KILLS = 30 };
 
 static char D[64]; /* the test folder */
@@ -212,8 +212,6 @@ static void test_kills(void) {
 
 int main(void) {
     FILE *f = fopen("data/brown/train/news.txt", "rb");
-    DIR *d;
-    struct dirent *e;
     if (!f) {
         printf("SKIP test_crash: data/brown is absent (run `make data` to fetch the Brown corpus)\n");
         return test_summary();
@@ -230,16 +228,6 @@ int main(void) {
     }
     test_kills();
     /* clean up on success; a failure keeps the folder to look at */
-    if (test_failed_count == 0) {
-        d = opendir(D);
-        while (d && (e = readdir(d)) != NULL) {
-            char p[400];
-            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-            snprintf(p, sizeof p, "%s/%.300s", D, e->d_name);
-            remove(p);
-        }
-        if (d) closedir(d);
-        rmdir(D);
-    }
+    if (test_failed_count == 0 && proc_rmtree(D) != 0) printf("could not remove %s\n", D);
     return test_summary();
 }

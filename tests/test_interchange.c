@@ -27,6 +27,7 @@
        test_interchange --interop DIR      GGUF models, prompts, our logits and greedy
                                            continuations, our generation speed, for
                                            tests/interop/check.mjs (make interop) */
+#define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 
 /* every allocation of the library passes here: a crafted file must not make it reserve much */

@@ -5,7 +5,7 @@
 #   make test-asan    the same programs under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-asan-clang  the same with clang, whose UBSan also checks pointer arithmetic on NULL
 #                     (make test-asan CC=clang is the same; its binaries go to build/asan-clang)
-#                     (both build the examples with the sanitizers too, for the examples' --quick runs)
+#                     (both build the examples and benchmarks with the sanitizers too, for the tests that run them)
 #   make valgrind     valgrind memcheck on two examples' --quick runs (train_moe; train_lm with a small
 #                     model, stopped and resumed, when data/brown is there), built without -march=native
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
@@ -61,9 +61,10 @@ TEST_BINS    += $(NATIVE_TESTS:%=$(BUILD)/tests/%_native)
 # (pointer arithmetic on NULL); float-to-int casts out of range are checked by both
 ASAN_DIR     := $(BUILD)/asan$(if $(findstring clang,$(notdir $(CC))),-clang,)
 ASAN_BINS    := $(TEST_SRCS:tests/%.c=$(ASAN_DIR)/%)
-# the examples under the same sanitizers: tests/test_examples.c runs them when MOE_EXAMPLES_DIR
-# names their folder (make test-asan sets it)
+# the examples and benchmarks under the same sanitizers: the tests run them when MOE_EXAMPLES_DIR
+# and MOE_BENCH_DIR name their folders (make test-asan sets both; tests/proc.h's proc_example, proc_bench)
 ASAN_EXAMPLES := $(patsubst examples/%.c,$(ASAN_DIR)/examples/%,$(wildcard examples/*.c))
+ASAN_BENCH    := $(patsubst bench/%.c,$(ASAN_DIR)/bench/%,$(wildcard bench/*.c))
 # the fuzz targets (tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/corpus/<name>/) also run as
 # plain programs over their committed corpus in the suite: every past finding stays a test
 FUZZ_NAMES   := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
@@ -139,6 +140,10 @@ $(ASAN_DIR)/examples/%: examples/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
 
+$(ASAN_DIR)/bench/%: bench/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
 $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
@@ -149,8 +154,9 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS) tests/test_data_preferences.sh
 
-test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES)
-	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_EXAMPLES_DIR=$(ASAN_DIR)/examples sh tests/run.sh $(ASAN_BINS)
+test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES) $(ASAN_BENCH)
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_EXAMPLES_DIR=$(ASAN_DIR)/examples MOE_BENCH_DIR=$(ASAN_DIR)/bench \
+	 sh tests/run.sh $(ASAN_BINS)
 
 # without OpenMP: clang 14's LeakSanitizer dies at exit while libomp's worker threads live
 # ("Tracer caught signal 11"), a tool failure, not a finding; gcc's suite runs the threads

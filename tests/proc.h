@@ -13,6 +13,13 @@
  * disk); and running as the unprivileged user 65534 when the test runs as root, so that read-only
  * directories refuse writes there too. POSIX; the test file defines _POSIX_C_SOURCE 200809L
  * before any include.
+ *
+ * Which binary: proc_example("train_lm") is build/examples/train_lm, or MOE_EXAMPLES_DIR/train_lm
+ * when that is set (make test-asan: the examples built with ASan and UBSan); proc_bench("matmul")
+ * the same for the benchmarks with MOE_BENCH_DIR. proc_sanitized() says whether the examples are
+ * the sanitized ones (a test may then give a slow run a smaller configuration).
+ * Folders: proc_mkdirs (files_mkdirs of examples/files.h, "mkdir -p") and proc_rmtree ("rm -rf"),
+ * both without a shell.
  */
 #ifndef MOE_TEST_PROC_H
 #define MOE_TEST_PROC_H
@@ -29,6 +36,9 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <dirent.h>
+
+#include "examples/files.h" /* defines: files_mkdirs */
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PROC_FN static __attribute__((unused))
@@ -138,12 +148,90 @@ PROC_FN char *proc_slurp(const char *path, long *len) {
     return b;
 }
 
+/* proc_run, and then the log's text in out (cap bytes, cut there) */
+PROC_FN int proc_run_out(const proc_opts *o, const char *log, char *out, size_t cap, const char *arg0, ...) {
+    const char *argv[64];
+    char *text;
+    int n = 0, rc;
+    va_list ap;
+    argv[n++] = arg0;
+    va_start(ap, arg0);
+    while (n < 63 && (argv[n] = va_arg(ap, const char *)) != NULL) n++;
+    va_end(ap);
+    argv[n] = NULL;
+    rc = proc_runv(o, log, argv);
+    text = proc_slurp(log, NULL);
+    snprintf(out, cap, "%s", text ? text : "");
+    free(text);
+    return rc;
+}
+
 /* does the file contain `needle`? */
 PROC_FN int proc_log_has(const char *path, const char *needle) {
     char *b = proc_slurp(path, NULL);
     int found = b && strstr(b, needle) != NULL;
     free(b);
     return found;
+}
+
+/* 1 when the examples come from MOE_EXAMPLES_DIR (make test-asan) */
+PROC_FN int proc_sanitized(void) {
+    const char *d = getenv("MOE_EXAMPLES_DIR");
+    return d && d[0];
+}
+
+/* `dflt`/<name>, or $env/<name> when that variable is set; a rotating set of buffers, so a few
+   such paths can be held at once */
+PROC_FN const char *proc__program(const char *env, const char *dflt, const char *name) {
+    static char buf[16][512];
+    static int next;
+    const char *d = getenv(env);
+    char *b = buf[next++ % 16];
+    snprintf(b, sizeof buf[0], "%s/%s", d && d[0] ? d : dflt, name);
+    return b;
+}
+
+/* an example's program: build/examples/<name>, or MOE_EXAMPLES_DIR/<name> */
+PROC_FN const char *proc_example(const char *name) { return proc__program("MOE_EXAMPLES_DIR", "build/examples", name); }
+
+/* a benchmark's program: build/bench/<name>, or MOE_BENCH_DIR/<name> */
+PROC_FN const char *proc_bench(const char *name) { return proc__program("MOE_BENCH_DIR", "build/bench", name); }
+
+/* mkdir -p `path`: 0, or -1 with the reason printed */
+PROC_FN int proc_mkdirs(const char *path) {
+    files_err e;
+    if (files_mkdirs(path, &e) == 0) return 0;
+    printf("%s\n", e.msg);
+    return -1;
+}
+
+/* rm -rf `path`: the file, or the folder and everything under it (links removed, not followed);
+   0 when nothing of it is left (a missing path included), else -1 */
+PROC_FN int proc_rmtree(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : -1;
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        struct dirent *e;
+        int rc = 0;
+        size_t n = strlen(path);
+        if (!d) return -1;
+        while ((e = readdir(d)) != NULL) {
+            char *sub;
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+            sub = (char *)malloc(n + strlen(e->d_name) + 2);
+            if (!sub) {
+                rc = -1;
+                continue;
+            }
+            sprintf(sub, "%s/%s", path, e->d_name);
+            if (proc_rmtree(sub) != 0) rc = -1;
+            free(sub);
+        }
+        closedir(d);
+        return rmdir(path) == 0 && rc == 0 ? 0 : -1;
+    }
+    return unlink(path) == 0 ? 0 : -1;
 }
 
 #endif /* MOE_TEST_PROC_H */

@@ -1,9 +1,10 @@
 /* reward_util.h - helpers shared by the tests/test_reward_*.c programs: numeric CSV tables
  * and reading compressed data files from the shared data folder. Include after reward.h and
- * test.h, with _POSIX_C_SOURCE defined first (popen).
+ * test.h, with _POSIX_C_SOURCE defined first (examples/files.h starts gzip and xz).
  *
  *   csv_table t;  csv_read(&t, "tests/ref/lowess_ref.csv");  csv_col(&t, "x")  (rows doubles)
- *   read_data(&text, &len, "preferences/hh-rlhf/helpful-base/test.jsonl.gz")   (gzip/xz via popen)
+ *   read_data(&text, &len, "preferences/hh-rlhf/helpful-base/test.jsonl.gz")
+ *       (.gz/.xz through files_open_read: a gzip/xz child with an argument vector, no shell)
  */
 #ifndef REWARD_UTIL_H
 #define REWARD_UTIL_H
@@ -11,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "examples/files.h" /* defines: files_open_read, files_close_read */
 
 typedef struct csv_table {
     int cols, rows;
@@ -72,8 +75,9 @@ TEST_FN void csv_free(csv_table *t) { free(t->data); memset(t, 0, sizeof *t); }
  * 1 (and a SKIP line) when the shared data folder is absent; -1 on error. */
 TEST_FN int read_data(char **text, size_t *len, const char *rel) {
     const char *root = test_shared_data();
-    char path[2048], cmd[2200];
-    size_t n = strlen(rel);
+    char path[2048];
+    files_reader r;
+    files_err fe;
     FILE *f;
     moe_err err;
     int rc;
@@ -84,15 +88,11 @@ TEST_FN int read_data(char **text, size_t *len, const char *rel) {
         return 1;
     }
     snprintf(path, sizeof path, "%s/%s", root, rel);
-    if (n > 3 && strcmp(rel + n - 3, ".gz") == 0) snprintf(cmd, sizeof cmd, "gzip -dc '%s'", path);
-    else if (n > 3 && strcmp(rel + n - 3, ".xz") == 0) snprintf(cmd, sizeof cmd, "xz -dc '%s'", path);
-    else cmd[0] = 0;
-    f = cmd[0] ? popen(cmd, "r") : fopen(path, "rb");
-    if (!f) { printf("cannot open %s\n", path); return -1; }
+    f = files_open_read(&r, path, &fe);
+    if (!f) { printf("%s\n", fe.msg); return -1; }
     rc = rwd_read_all(f, text, len, &err) == MOE_OK ? 0 : -1;
-    if (cmd[0]) { if (pclose(f) != 0) rc = -1; }
-    else fclose(f);
-    if (rc) printf("reading %s failed\n", path);
+    if (rc) printf("reading %s failed: %s\n", path, err.msg);
+    if (files_close_read(&r, &fe) != 0) { printf("%s\n", fe.msg); rc = -1; }
     return rc;
 }
 

@@ -12,7 +12,7 @@
 #define RWD_IMPLEMENTATION
 #include "reward.h" /* defines: moe_crc32, moe_checkpoint_save, rwd_hh_read */
 #include "test.h"
-#include "proc.h" /* defines: proc_runv, proc_slurp, proc_is_root */
+#include "proc.h" /* defines: proc_runv, proc_slurp, proc_is_root, proc_example, proc_bench, proc_rmtree */
 
 #include <dirent.h>
 #include <errno.h>
@@ -285,7 +285,7 @@ static void craft_at(const char *dst, char where, long off, const char *name, co
 static void craft(const char *dst, char where, long off, const void *bytes, size_t n) { craft_at(dst, where, off, NULL, bytes, n); }
 static void craft_field(const char *dst, char where, const char *name, const void *bytes, size_t n) { craft_at(dst, where, 0, name, bytes, n); }
 
-#define LM "build/examples/train_lm"
+#define LM proc_example("train_lm")
 #define SMALL "--quick", "--d", "16", "--heads", "1", "--layers", "2", "--experts", "4", "--expert-ff", "16", "--d-ff", "32", "--sample", "0"
 
 static int make_ckpt_fixtures(void) {
@@ -354,23 +354,23 @@ static void test_flags(void) {
     bad("train_lm --quick=1", 2, "--quick takes no value", NULL, 0, LM, "--quick=1", END);
     bad("train_lm --genres of 399 bytes", 2, "--genres is too long", NULL, 0, LM, "--genres", long_genres, END);
     bad("train_lm --frobnicate", 2, "unknown flag '--frobnicate'", "usage: train_lm", 0, LM, "--frobnicate", END);
-    bad("calibrate --iters 1e10", 2, "--iters needs a whole number", NULL, 0, "build/examples/calibrate", "@scores.csv", "--iters", "1e10", END);
-    bad("calibrate --min-count 1e12", 2, "--min-count needs a whole number", NULL, 0, "build/examples/calibrate", "@scores.csv", "--min-count", "1e12", END);
-    bad("calibrate --frac 0", 2, "--frac must be between", NULL, 0, "build/examples/calibrate", "@scores.csv", "--frac", "0", END);
-    bad("calibrate without an input", 2, "give one input CSV", NULL, 0, "build/examples/calibrate", END);
-    bad("calibrate with two inputs", 2, "one argument too many", NULL, 0, "build/examples/calibrate", "@scores.csv", "@scores.csv", END);
-    bad("length_bias --pairs 10", 2, "--pairs must be between 50", NULL, 0, "build/examples/length_bias", "--pairs", "10", END);
-    bad("length_bias --bias nan", 2, "--bias needs a finite number", NULL, 0, "build/examples/length_bias", "--bias", "nan", END);
-    bad("train_moe --experts 0", 2, "--experts must be between 1", NULL, 0, "build/examples/train_moe", "--experts", "0", END);
-    bad("aoe_toy --d 2", 2, "--d must be between 4", NULL, 0, "build/examples/aoe_toy", "--d", "2", END);
-    bad("router_compare --variants nope", 2, "unknown variant 'nope'", NULL, 0, "build/examples/router_compare", "--variants", "nope", END);
-    bad("gw_finetune --share 1", 2, "--share must be between", NULL, 0, "build/examples/gw_finetune", "--share", "1", END);
-    bad("plot_csv without --y", 2, "give --y COL", NULL, 0, "build/examples/plot_csv", "@x.png", "@scores.csv", END);
-    bad("bench/matmul nonsense", 2, "unknown config 'nonsense'", NULL, 0, "build/bench/matmul", "nonsense", END);
+    bad("calibrate --iters 1e10", 2, "--iters needs a whole number", NULL, 0, proc_example("calibrate"), "@scores.csv", "--iters", "1e10", END);
+    bad("calibrate --min-count 1e12", 2, "--min-count needs a whole number", NULL, 0, proc_example("calibrate"), "@scores.csv", "--min-count", "1e12", END);
+    bad("calibrate --frac 0", 2, "--frac must be between", NULL, 0, proc_example("calibrate"), "@scores.csv", "--frac", "0", END);
+    bad("calibrate without an input", 2, "give one input CSV", NULL, 0, proc_example("calibrate"), END);
+    bad("calibrate with two inputs", 2, "one argument too many", NULL, 0, proc_example("calibrate"), "@scores.csv", "@scores.csv", END);
+    bad("length_bias --pairs 10", 2, "--pairs must be between 50", NULL, 0, proc_example("length_bias"), "--pairs", "10", END);
+    bad("length_bias --bias nan", 2, "--bias needs a finite number", NULL, 0, proc_example("length_bias"), "--bias", "nan", END);
+    bad("train_moe --experts 0", 2, "--experts must be between 1", NULL, 0, proc_example("train_moe"), "--experts", "0", END);
+    bad("aoe_toy --d 2", 2, "--d must be between 4", NULL, 0, proc_example("aoe_toy"), "--d", "2", END);
+    bad("router_compare --variants nope", 2, "unknown variant 'nope'", NULL, 0, proc_example("router_compare"), "--variants", "nope", END);
+    bad("gw_finetune --share 1", 2, "--share must be between", NULL, 0, proc_example("gw_finetune"), "--share", "1", END);
+    bad("plot_csv without --y", 2, "give --y COL", NULL, 0, proc_example("plot_csv"), "@x.png", "@scores.csv", END);
+    bad("bench/matmul nonsense", 2, "unknown config 'nonsense'", NULL, 0, proc_bench("matmul"), "nonsense", END);
 }
 
 static void test_calibrate_input(void) {
-    const char *C = "build/examples/calibrate";
+    const char *C = proc_example("calibrate");
     TEST_BEGIN("calibrate: missing, empty, binary, truncated, NaN/Inf/1e308 input; unwritable output");
     bad("missing input", 1, "cannot open", "No such file", 0, C, "@missing.csv", "--out", "@o.csv", END);
     bad("a directory as input", 1, "is a directory, not a file", NULL, 0, C, "@ro", "--out", "@o.csv", END);
@@ -418,7 +418,7 @@ static void test_calibrate_input(void) {
 }
 
 static void test_length_bias_input(void) {
-    const char *L = "build/examples/length_bias";
+    const char *L = proc_example("length_bias");
     TEST_BEGIN("length_bias --hh: missing, directory, truncated .gz, empty, not dialogues, too few pairs");
     bad("--hh missing", 1, "cannot open", "No such file", 0, L, "--hh", "@missing.jsonl", END);
     bad("--hh missing .gz", 1, "cannot open", "No such file", 0, L, "--hh", "@missing.jsonl.gz", END);
@@ -463,7 +463,7 @@ static void test_train_lm_input(void) {
 }
 
 static void test_plot_csv_input(void) {
-    const char *P = "build/examples/plot_csv";
+    const char *P = proc_example("plot_csv");
     TEST_BEGIN("plot_csv: missing, directory, empty input, a missing column, an unwritable output");
     bad("missing input", 1, "cannot open", "No such file", 0, P, "@p.png", "--y", "score_chosen", "@missing.csv", END);
     bad("a directory as input", 1, "is a directory", NULL, 0, P, "@p.png", "--y", "score_chosen", "@ro", END);
@@ -494,12 +494,13 @@ static void test_loaders(void) {
 
 int main(void) {
     char path[128], sub[160];
-    int have_examples = access("build/examples/calibrate", X_OK) == 0 && access(LM, X_OK) == 0 && access("build/bench/matmul", X_OK) == 0;
+    int have_examples = access(proc_example("calibrate"), X_OK) == 0 && access(LM, X_OK) == 0 && access(proc_bench("matmul"), X_OK) == 0;
     FILE *f = fopen("data/brown/train/news.txt", "rb");
     snprintf(D, sizeof D, "/tmp/moe_bad_input_%d", (int)getpid());
     test_loaders();
     if (!have_examples) {
-        printf("SKIP the example cases: the examples and benchmarks are not built (make test builds them)\n");
+        printf("SKIP the example cases: %s, %s or %s is not built (make test builds them; make test-asan their sanitized builds)\n",
+               proc_example("calibrate"), LM, proc_bench("matmul"));
         return test_summary();
     }
     if (mkdir(D, 0755) != 0) {
@@ -526,17 +527,6 @@ int main(void) {
     /* clean up: the folder holds only what the fixtures and the cases wrote */
     snprintf(path, sizeof path, "%s.log", D);
     remove(path);
-    {
-        DIR *d = opendir(D);
-        struct dirent *e;
-        while (d && (e = readdir(d)) != NULL) {
-            char p[400];
-            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-            snprintf(p, sizeof p, "%s/%.300s", D, e->d_name);
-            if (remove(p) != 0) rmdir(p);
-        }
-        if (d) closedir(d);
-        rmdir(D);
-    }
+    if (proc_rmtree(D) != 0) printf("could not remove %s\n", D);
     return test_summary();
 }

@@ -1,8 +1,10 @@
 /* test_core.c - moe.h sections 1-4: status strings, RNG, the tensor store and its fingerprint,
    AdamW, gradient clipping, the learning-rate schedule, checkpoints (round trip, corruption,
    atomic writes). */
+#define _POSIX_C_SOURCE 200809L
 #include "moe.h" /* defines: moe_rng_*, moe_store_*, moe_adamw_step, moe_clip_grad_norm, moe_checkpoint_* */
 #include "test.h"
+#include "proc.h" /* defines: proc_mkdirs */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -10,10 +12,8 @@
 static char tmpdir[256];
 
 static void make_tmpdir(void) {
-    char cmd[300];
     snprintf(tmpdir, sizeof tmpdir, "build/tmp_core_%ld", (long)time(NULL) ^ (long)clock());
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", tmpdir);
-    if (system(cmd) != 0) printf("cannot create %s\n", tmpdir);
+    proc_mkdirs(tmpdir); /* says why when it cannot */
 }
 
 static void test_status_and_rng(void) {

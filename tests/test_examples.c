@@ -1,13 +1,13 @@
 /* test_examples.c - runs each example's --quick mode as a user would and checks what it
    prints and writes; every example and benchmark answers --help. The examples and benchmarks
-   are built by `make test` before this program runs. With MOE_EXAMPLES_DIR set (make test-asan:
-   the examples built with ASan and UBSan) the examples come from there, and train_lm's runs use
-   a model of ~15k parameters (the default --quick model takes minutes under the sanitizers;
-   the code paths are the same). */
+   are built by `make test` before this program runs. With MOE_EXAMPLES_DIR and MOE_BENCH_DIR set
+   (make test-asan: the programs built with ASan and UBSan) they come from there (proc_example,
+   proc_bench), and train_lm's runs use a model of ~15k parameters (the default --quick model
+   takes minutes under the sanitizers; the code paths are the same). */
 #define _POSIX_C_SOURCE 200809L
 #include "moe.h"  /* defines: moe_model_load_config, moe_checkpoint_blobs, moe_record_read, moe_crc32 */
 #include "test.h"
-#include "proc.h" /* defines: proc_run, proc_log_has, proc_slurp */
+#include "proc.h" /* defines: proc_run, proc_log_has, proc_slurp, proc_example, proc_bench, proc_sanitized */
 
 #define END ((const char *)NULL)
 
@@ -28,28 +28,14 @@ static double value_of(const char *log, const char *prefix, const char *key) {
 
 static int file_contains(const char *path, const char *needle) { return proc_log_has(path, needle); }
 
-static int sanitized(void) {
-    const char *d = getenv("MOE_EXAMPLES_DIR");
-    return d && d[0];
-}
-
-/* an example's program: build/examples/<name>, or MOE_EXAMPLES_DIR/<name> */
-static const char *example(const char *name) {
-    static char buf[16][256];
-    static int next;
-    char *b = buf[next++ % 16];
-    snprintf(b, sizeof buf[0], "%s/%s", sanitized() ? getenv("MOE_EXAMPLES_DIR") : "build/examples", name);
-    return b;
-}
-
 /* train_lm with the arguments listed (ending with END); the small model first when sanitized */
 static int run_lm(const proc_opts *o, const char *log, ...) {
     static const char *const small[] = {"--d", "16", "--heads", "1", "--layers", "2", "--experts", "4", "--expert-ff", "16", "--d-ff", "32"};
     const char *argv[64];
     int n = 0, k;
     va_list ap;
-    argv[n++] = example("train_lm");
-    if (sanitized())
+    argv[n++] = proc_example("train_lm");
+    if (proc_sanitized())
         for (k = 0; k < (int)(sizeof small / sizeof small[0]); k++) argv[n++] = small[k];
     va_start(ap, log);
     while (n < 63 && (argv[n] = va_arg(ap, const char *)) != NULL) n++;
@@ -69,7 +55,7 @@ static long file_size(const char *path) {
 }
 
 static void test_train_moe(void) {
-    const char *log = "build/tmp_examples/train_moe.log", *bin = example("train_moe");
+    const char *log = "build/tmp_examples/train_moe.log", *bin = proc_example("train_moe");
     double spec, ratio;
     TEST_BEGIN("examples/train_moe --quick: experts specialise, MoE beats the dense baseline");
     mkdir("build/tmp_examples", 0777);
@@ -191,7 +177,7 @@ static void test_train_lm(void) {
     two.env[0] = "OMP_NUM_THREADS=2";
     CHECK(run_lm(&two, log, "--quick", "--name", "full", "--out", dir, "--sample", "30", END) == 0, "train_lm exits 0 (see %s)", log);
     bpb = value_of(log, "result", "val_bpb");
-    if (sanitized()) CHECK(bpb > 3.0 && bpb < 7.9, "validation bits per byte of the small model after 30 tiny steps: %.3f (uniform bytes: 8)", bpb);
+    if (proc_sanitized()) CHECK(bpb > 3.0 && bpb < 7.9, "validation bits per byte of the small model after 30 tiny steps: %.3f (uniform bytes: 8)", bpb);
     else CHECK(bpb > 3.0 && bpb < 6.0, "validation bits per byte after 30 tiny steps: %.3f (uniform bytes: 8)", bpb);
     CHECK(file_contains(log, "sample (temperature"), "a sample is printed");
     CHECK(file_size("build/tmp_examples/full_loss.png") > 1000 && file_size("build/tmp_examples/full_load.png") > 1000, "PNG files written");
@@ -228,12 +214,12 @@ static void test_train_lm(void) {
 static void test_help(void) {
     static const char *const programs[] = {
         "aoe_toy", "armo_dpa", "calibrate", "gw_finetune", "length_bias", "plot_csv", "router_compare", "ssrm", "train_lm", "train_moe",
-        "build/bench/lowess", "build/bench/matmul", "build/bench/moe_layer", "build/bench/train_lm"};
+        "bench/lowess", "bench/matmul", "bench/moe_layer", "bench/train_lm"};
     const char *log = "build/tmp_examples/help.log";
     int i;
     TEST_BEGIN("every example and benchmark answers --help and -h, and refuses an unknown flag with the usage");
     for (i = 0; i < (int)(sizeof programs / sizeof programs[0]); i++) {
-        const char *p = strchr(programs[i], '/') ? programs[i] : example(programs[i]);
+        const char *p = strncmp(programs[i], "bench/", 6) == 0 ? proc_bench(programs[i] + 6) : proc_example(programs[i]);
         CHECK(proc_run(NULL, log, p, "--help", END) == 0 && file_contains(log, "usage: ") && file_contains(log, "--help, -h") &&
               file_contains(log, " - "), "%s --help: exit 0 with a description and the flags", p);
         CHECK(proc_run(NULL, log, p, "-h", END) == 0 && file_contains(log, "usage: "), "%s -h", p);
@@ -247,7 +233,7 @@ static void test_aoe_toy(void) {
     TEST_BEGIN("examples/aoe_toy --quick: AoE serves two classes with one expert, a routed MoE splits them");
     proc_opts one = proc_opts_default();
     one.env[0] = "OMP_NUM_THREADS=1";
-    CHECK(proc_run(&one, log, example("aoe_toy"), "--quick", "--out", "build/tmp_examples", END) == 0, "aoe_toy exits 0 (see %s)", log);
+    CHECK(proc_run(&one, log, proc_example("aoe_toy"), "--quick", "--out", "build/tmp_examples", END) == 0, "aoe_toy exits 0 (see %s)", log);
     CHECK(value_of(log, "result model=aoe", "one_expert_for_classes_0_1") == 2.0, "AoE: classes 0 and 1 on one expert in both seeds");
     CHECK(value_of(log, "result model=moe", "one_expert_for_classes_0_1") == 0.0, "routed MoE: classes 0 and 1 split over the experts");
     CHECK(file_size("build/tmp_examples/aoe_toy.png") > 1000, "PNG written");

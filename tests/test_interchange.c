@@ -27,6 +27,7 @@
        test_interchange --interop DIR      GGUF models, prompts, our logits and greedy
                                            continuations, our generation speed, for
                                            tests/interop/check.mjs (make interop) */
+#define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 
 /* every allocation of the library passes here: a crafted file must not make it reserve much */
@@ -41,6 +42,7 @@ static void *ic_malloc(size_t n) {
 #include "moe.h"
 #include "test.h"
 #include "golden.h"
+#include "proc.h" /* defines: proc_mkdirs, proc_rmtree */
 #include <time.h>
 
 #define REF_DIR "tests/ref/interchange"
@@ -49,11 +51,7 @@ static const char *ic_text = "The quick brown fox, MoE";
 
 static char tmpdir[256];
 
-static void make_dir(const char *dir) {
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s'", dir);
-    if (system(cmd) != 0) printf("cannot create %s\n", dir);
-}
+static void make_dir(const char *dir) { proc_mkdirs(dir); /* says why when it cannot */ }
 
 static void make_tmpdir(void) {
     snprintf(tmpdir, sizeof tmpdir, "build/tmp_interchange_%ld", (long)time(NULL) ^ (long)clock());
@@ -943,10 +941,6 @@ int main(int argc, char **argv) {
     test_gguf();
     test_numpy_reference();
     test_torch_reference();
-    {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
-        if (system(cmd) != 0) printf("could not remove %s\n", tmpdir);
-    }
+    if (proc_rmtree(tmpdir) != 0) printf("could not remove %s\n", tmpdir);
     return test_summary();
 }

@@ -9,6 +9,7 @@
        test_model_io --write DIR      writes one file per test config into DIR
        test_model_io --read DIR       loads them and checks config, parameters, moments,
                                       user record and logits against its own rebuild */
+#define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 
 /* every allocation of the library passes here: a crafted file must not make it reserve much */
@@ -22,6 +23,7 @@ static void *io_malloc(size_t n) {
 #define MOE_IMPLEMENTATION
 #include "moe.h" /* defines: moe_model_save/load/load_config/declare, moe_record_*, moe_checkpoint_* */
 #include "test.h"
+#include "proc.h" /* defines: proc_mkdirs, proc_rmtree */
 #include <time.h>
 
 #define IO_CONFIGS 7
@@ -31,10 +33,8 @@ static void *io_malloc(size_t n) {
 static char tmpdir[256];
 
 static void make_tmpdir(void) {
-    char cmd[300];
     snprintf(tmpdir, sizeof tmpdir, "build/tmp_model_io_%ld", (long)time(NULL) ^ (long)clock());
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", tmpdir);
-    if (system(cmd) != 0) printf("cannot create %s\n", tmpdir);
+    proc_mkdirs(tmpdir); /* says why when it cannot */
 }
 
 /* Tiny models of every kind the file must describe. */
@@ -747,10 +747,6 @@ int main(int argc, char **argv) {
     TEST_BEGIN("--write then --read in one build");
     cross_write(tmpdir);
     cross_read(tmpdir);
-    {
-        char cmd[300];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
-        if (system(cmd) != 0) printf("cannot remove %s\n", tmpdir);
-    }
+    if (proc_rmtree(tmpdir) != 0) printf("cannot remove %s\n", tmpdir);
     return test_summary();
 }

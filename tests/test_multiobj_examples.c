@@ -4,22 +4,16 @@
  * de-correlation lowers the reward-length correlation; DPA directions move along a front), the
  * real-data parts run when the shared data is there (HH-RLHF, AlpacaEval), bad flags fail with
  * a sentence. Skips with a message when the example binaries are not built (make test builds
- * them; make test-asan does not). */
+ * them; make test-asan their sanitized builds, tests/proc.h's proc_example). Programs start
+ * without a shell (tests/proc.h). */
 #define _POSIX_C_SOURCE 200809L
 #define MOE_IMPLEMENTATION
 #include "moe.h"  /* defines: moe_status (test.h's shared-data helper needs nothing else) */
 #include "test.h" /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
-#include <unistd.h>
+#include "proc.h" /* defines: proc_run_out, proc_example */
 
-/* runs cmd, captures stdout+stderr into out (cap bytes); returns the exit status */
-static int run(const char *cmd, char *out, size_t cap) {
-    FILE *p = popen(cmd, "r");
-    size_t n;
-    if (!p) return -1;
-    n = fread(out, 1, cap - 1, p);
-    out[n] = 0;
-    return pclose(p);
-}
+#define END ((const char *)NULL)
+#define LOG "build/tmp_multiobj_examples.log"
 
 /* the value after " key=" on the first line that contains `line_has` */
 static double value(const char *text, const char *line_has, const char *key) {
@@ -35,19 +29,17 @@ static double value(const char *text, const char *line_has, const char *key) {
 
 static int have(const char *bin) {
     if (access(bin, X_OK) == 0) return 1;
-    printf("SKIP %s: not built (run make, or make test)\n", bin);
+    printf("SKIP %s: not built (run make test, or make test-asan for the sanitized builds)\n", bin);
     return 0;
 }
 
 static char out[1 << 18];
 
 static void test_ssrm(void) {
-    const char *root = test_shared_data();
-    char cmd[1200];
+    const char *root = test_shared_data(), *ssrm = proc_example("ssrm");
     TEST_BEGIN("examples/ssrm --quick: SSRM against its control on the simulator; HH-RLHF runs; bad flags");
-    if (!have("build/examples/ssrm")) return;
-    snprintf(cmd, sizeof cmd, "build/examples/ssrm --quick --data '%s' 2>&1", root ? root : "/nonexistent");
-    CHECK(run(cmd, out, sizeof out) == 0, "ssrm failed: %s", out);
+    if (!have(ssrm)) return;
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, ssrm, "--quick", "--data", root ? root : "/nonexistent", END) == 0, "ssrm failed: %s", out);
     printf("%s", strstr(out, "summary") ? strstr(out, "summary") : out);
     CHECK(value(out, "summary data=sim fraction=0.02", "supervised") > 0.55, "round 0 learns from 2%% of the labels");
     CHECK(fabs(value(out, "summary data=sim fraction=0.02", "gain_r3") -
@@ -60,20 +52,18 @@ static void test_ssrm(void) {
     CHECK(strstr(out, "paper_claim=") != NULL && access("out/ssrm.csv", R_OK) == 0 && access("out/ssrm_sim.png", R_OK) == 0, "claim line, CSV and PNG");
     if (root) CHECK(value(out, "summary data=hh full_labels", "full_labels") > 0.55 && access("out/ssrm_hh.png", R_OK) == 0, "HH-RLHF: a BT head beats chance with all labels");
     else printf("SKIP ssrm on HH-RLHF: shared data folder not found (set MOE_SHARED_DATA or put it at ../shared/data)\n");
-    CHECK(run("build/examples/ssrm --quick --threshold 0.5 2>&1", out, sizeof out) != 0 && strstr(out, "(0.5, 1]"), "threshold 0.5: %s", out);
-    CHECK(run("build/examples/ssrm --fractions 0,1 2>&1", out, sizeof out) != 0 && strstr(out, "(0, 1]"), "fraction 0: %s", out);
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, ssrm, "--quick", "--threshold", "0.5", END) != 0 && strstr(out, "(0.5, 1]"), "threshold 0.5: %s", out);
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, ssrm, "--fractions", "0,1", END) != 0 && strstr(out, "(0, 1]"), "fraction 0: %s", out);
 }
 
 static void test_armo_dpa(void) {
-    const char *root = test_shared_data();
-    char cmd[1200];
+    const char *root = test_shared_data(), *armo = proc_example("armo_dpa");
     int t;
     static const char *const types[3] = {"chat", "factual", "sensitive"};
     static const char *const own[3] = {"helpfulness", "correctness", "safety"};
     TEST_BEGIN("examples/armo_dpa --quick: gate > fixed mix, gates follow the prompt type, de-correlation, DPA front; real data");
-    if (!have("build/examples/armo_dpa")) return;
-    snprintf(cmd, sizeof cmd, "build/examples/armo_dpa --quick --data '%s' 2>&1", root ? root : "/nonexistent");
-    CHECK(run(cmd, out, sizeof out) == 0, "armo_dpa failed: %s", out);
+    if (!have(armo)) return;
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, armo, "--quick", "--data", root ? root : "/nonexistent", END) == 0, "armo_dpa failed: %s", out);
     printf("%s", strstr(out, "summary") ? strstr(out, "summary") : out);
     CHECK(value(out, "summary data=sim stage1_recovery", "helpfulness") > 0.8 && value(out, "summary data=sim stage1_recovery", "correctness") > 0.8 &&
           value(out, "summary data=sim stage1_recovery", "verbosity") > 0.8, "stage 1 recovers the rated objectives");
@@ -105,8 +95,8 @@ static void test_armo_dpa(void) {
     } else {
         printf("SKIP armo_dpa on HH-RLHF and AlpacaEval: shared data folder not found (set MOE_SHARED_DATA or put it at ../shared/data)\n");
     }
-    CHECK(run("build/examples/armo_dpa --seeds 99 2>&1", out, sizeof out) != 0 && strstr(out, "between 1 and 16"), "too many seeds: %s", out);
-    CHECK(run("build/examples/armo_dpa --bogus 2>&1", out, sizeof out) != 0 && strstr(out, "unknown flag '--bogus'"), "unknown flag: %s", out);
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, armo, "--seeds", "99", END) != 0 && strstr(out, "between 1 and 16"), "too many seeds: %s", out);
+    CHECK(proc_run_out(NULL, LOG, out, sizeof out, armo, "--bogus", END) != 0 && strstr(out, "unknown flag '--bogus'"), "unknown flag: %s", out);
 }
 
 int main(void) {

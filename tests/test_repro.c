@@ -1,16 +1,19 @@
 /* test_repro.c - the paper reproductions' --quick runs (examples/router_compare.c,
    examples/gw_finetune.c): exit status, every row of the results table, finite numbers in
    plausible ranges, the CSV, markdown and PNG files. Needs the Brown corpus (make data);
-   skipped with a line when it is absent. The examples are built by `make test` first. */
+   skipped with a line when it is absent. The examples are built by `make test` first (make
+   test-asan: their sanitized builds, tests/proc.h's proc_example); started without a shell. */
+#define _POSIX_C_SOURCE 200809L
 #include "test.h"
+#include "proc.h" /* defines: proc_run, proc_example, proc_mkdirs, proc_rmtree */
 
+#define END ((const char *)NULL)
 #define DIR "build/tmp_repro"
+#define RC DIR "/router_compare" /* each example's files in a folder of their own, emptied first */
+#define GW DIR "/gw_finetune"
 
-static int run(const char *cmd, const char *lg) {
-    char full[1024];
-    snprintf(full, sizeof full, "%s > %s 2>&1", cmd, lg);
-    return system(full);
-}
+/* an empty folder `dir` */
+static int fresh_dir(const char *dir) { return proc_rmtree(dir) == 0 && proc_mkdirs(dir) == 0; }
 
 static long file_size(const char *path) {
     FILE *f = fopen(path, "rb");
@@ -97,23 +100,31 @@ static int have_data(void) {
     return 1;
 }
 
+static int have(const char *bin) {
+    if (access(bin, X_OK) == 0) return 1;
+    printf("   skipped: %s is not built (make test builds it; make test-asan its sanitized build)\n", bin);
+    return 0;
+}
+
 static csv C; /* large: static */
 
 static void test_router_compare(void) {
-    const char *lg = DIR "/router_compare.log";
+    const char *lg = DIR "/router_compare.log", *bin = proc_example("router_compare");
     const char *names[] = {"dense", "moe-top2", "rmoe", "rmoe-np", "rmoe-detach", "mlp-router"};
     char row[64];
     int i, s;
+    proc_opts one = proc_opts_default();
+    one.env[0] = "OMP_NUM_THREADS=1";
     TEST_BEGIN("examples/router_compare --quick: every variant trained, diagnostics in range, files written");
-    if (!have_data()) return;
-    CHECK(run("mkdir -p " DIR " && rm -f " DIR "/router_compare*", "/dev/null") == 0, "mkdir");
-    CHECK(run("OMP_NUM_THREADS=1 build/examples/router_compare --quick --out " DIR, lg) == 0, "router_compare exits 0 (see %s)", lg);
+    if (!have_data() || !have(bin)) return;
+    CHECK(fresh_dir(RC), "an empty folder %s", RC);
+    CHECK(proc_run(&one, lg, bin, "--quick", "--out", RC, END) == 0, "router_compare exits 0 (see %s)", lg);
     CHECK(file_contains(lg, "results (2 seeds"), "the results table is printed");
-    CHECK(csv_read(&C, DIR "/router_compare.csv"), "router_compare.csv is written");
+    CHECK(csv_read(&C, RC "/router_compare.csv"), "router_compare.csv is written");
     for (i = 0; i < 6; i++) {
         CHECK(csv_count(&C, names[i]) == 2, "%s: one CSV row per seed (2), got %d", names[i], csv_count(&C, names[i]));
         snprintf(row, sizeof row, "| %s |", names[i]);
-        CHECK(file_contains(DIR "/router_compare.md", row), "%s: a row of the markdown table", names[i]);
+        CHECK(file_contains(RC "/router_compare.md", row), "%s: a row of the markdown table", names[i]);
         for (s = 0; s < 2; s++) {
             double bpb = csv_get(&C, names[i], s, "val_bpb"), lh = csv_get(&C, names[i], s, "load_entropy");
             double gh = csv_get(&C, names[i], s, "gate_entropy"), ib = csv_get(&C, names[i], s, "ib");
@@ -131,27 +142,29 @@ static void test_router_compare(void) {
             CHECK(mi >= 0.0 && mi <= log(8.0) + 1e-6 && mis >= 0.0 && mis <= log(8.0) + 1e-6, "%s: MI %.4f and shuffled %.4f in [0, ln 8]", names[i], mi, mis);
         }
     }
-    CHECK(file_size(DIR "/router_compare_val.png") > 1000 && file_size(DIR "/router_compare_gate_entropy.png") > 1000, "PNG files written");
-    CHECK(file_size(DIR "/router_compare_layers.csv") > 100 && file_size(DIR "/router_compare_curve.csv") > 100, "per-layer and curve CSVs written");
-    CHECK(run("build/examples/router_compare --quick --variants nonsense --out " DIR, lg) != 0 && file_contains(lg, "unknown variant 'nonsense'"),
+    CHECK(file_size(RC "/router_compare_val.png") > 1000 && file_size(RC "/router_compare_gate_entropy.png") > 1000, "PNG files written");
+    CHECK(file_size(RC "/router_compare_layers.csv") > 100 && file_size(RC "/router_compare_curve.csv") > 100, "per-layer and curve CSVs written");
+    CHECK(proc_run(NULL, lg, bin, "--quick", "--variants", "nonsense", "--out", RC, END) != 0 && file_contains(lg, "unknown variant 'nonsense'"),
           "an unknown variant is refused with a sentence");
 }
 
 static void test_gw_finetune(void) {
-    const char *lg = DIR "/gw_finetune.log";
+    const char *lg = DIR "/gw_finetune.log", *bin = proc_example("gw_finetune");
     const char *names[] = {"pretrained", "ft", "gw", "gw-slots", "broadcast-all", "gw-released"};
     char row[64];
     int i, s;
+    proc_opts one = proc_opts_default();
+    one.env[0] = "OMP_NUM_THREADS=1";
     TEST_BEGIN("examples/gw_finetune --quick: every variant fine-tuned, broadcast shares as configured, files written");
-    if (!have_data()) return;
-    CHECK(run("mkdir -p " DIR " && rm -f " DIR "/gw_finetune*", "/dev/null") == 0, "mkdir");
-    CHECK(run("OMP_NUM_THREADS=1 build/examples/gw_finetune --quick --out " DIR, lg) == 0, "gw_finetune exits 0 (see %s)", lg);
+    if (!have_data() || !have(bin)) return;
+    CHECK(fresh_dir(GW), "an empty folder %s", GW);
+    CHECK(proc_run(&one, lg, bin, "--quick", "--out", GW, END) == 0, "gw_finetune exits 0 (see %s)", lg);
     CHECK(file_contains(lg, "results (2 seeds"), "the results table is printed");
-    CHECK(csv_read(&C, DIR "/gw_finetune.csv"), "gw_finetune.csv is written");
+    CHECK(csv_read(&C, GW "/gw_finetune.csv"), "gw_finetune.csv is written");
     for (i = 0; i < 6; i++) {
         CHECK(csv_count(&C, names[i]) == 2, "%s: one CSV row per seed (2), got %d", names[i], csv_count(&C, names[i]));
         snprintf(row, sizeof row, "| %s |", names[i]);
-        CHECK(file_contains(DIR "/gw_finetune.md", row), "%s: a row of the markdown table", names[i]);
+        CHECK(file_contains(GW "/gw_finetune.md", row), "%s: a row of the markdown table", names[i]);
         for (s = 0; s < 2; s++) {
             double ft = csv_get(&C, names[i], s, "ft_bpb"), pre = csv_get(&C, names[i], s, "pre_bpb");
             double sh = csv_get(&C, names[i], s, "broadcast_share"), s2 = csv_get(&C, names[i], s, "sens_2nd");
@@ -167,9 +180,9 @@ static void test_gw_finetune(void) {
             if (i == 4) CHECK(sh > 0.99, "broadcast-all: share %.3f ~ 1", sh);
         }
     }
-    CHECK(file_size(DIR "/gw_finetune_bpb.png") > 1000 && file_size(DIR "/gw_finetune_sensitivity.png") > 1000, "PNG files written");
-    CHECK(file_size(DIR "/gw_finetune_layers.csv") > 100 && file_size(DIR "/gw_finetune_curve.csv") > 100, "per-layer and curve CSVs written");
-    CHECK(run("build/examples/gw_finetune --quick --ft-genre news --out " DIR, lg) != 0 && file_contains(lg, "must not be a pre-training genre"),
+    CHECK(file_size(GW "/gw_finetune_bpb.png") > 1000 && file_size(GW "/gw_finetune_sensitivity.png") > 1000, "PNG files written");
+    CHECK(file_size(GW "/gw_finetune_layers.csv") > 100 && file_size(GW "/gw_finetune_curve.csv") > 100, "per-layer and curve CSVs written");
+    CHECK(proc_run(NULL, lg, bin, "--quick", "--ft-genre", "news", "--out", GW, END) != 0 && file_contains(lg, "must not be a pre-training genre"),
           "a fine-tuning genre among the pre-training genres is refused");
 }
 

@@ -2,32 +2,13 @@
  * generated score CSV (numbers agree with the library, output rows, bad input gives a line
  * number and a non-zero exit) and examples/length_bias --quick (simulator; HH-RLHF when the
  * shared data is there). Skips with a message when the example binaries are not built
- * (make test builds them; make test-asan does not). */
+ * (make test builds them; make test-asan their sanitized builds, tests/proc.h's proc_example). */
 #define _POSIX_C_SOURCE 200809L
 #include "reward.h" /* defines: rwd_pair_accuracy, rwd_calibrate_pairs, rwd_rewardbench_scores */
 #include "test.h"   /* defines: CHECK, TEST_BEGIN, test_summary, test_shared_data */
-#include "proc.h"   /* defines: proc_runv, proc_slurp */
+#include "proc.h"   /* defines: proc_run_out, proc_example */
 
 #define END ((const char *)NULL)
-
-/* runs the program (argv[0], then the arguments up to NULL), its stdout and stderr into out
-   (cap bytes, through log); returns the exit status */
-static int run(char *out, size_t cap, const char *log, const char *arg0, ...) {
-    const char *argv[32];
-    char *text;
-    int n = 0, rc;
-    va_list ap;
-    argv[n++] = arg0;
-    va_start(ap, arg0);
-    while (n < 31 && (argv[n] = va_arg(ap, const char *)) != NULL) n++;
-    va_end(ap);
-    argv[n] = NULL;
-    rc = proc_runv(NULL, log, argv);
-    text = proc_slurp(log, NULL);
-    snprintf(out, cap, "%s", text ? text : "");
-    free(text);
-    return rc;
-}
 
 /* the value after "key=" on the first line that contains `line_has` */
 static double value(const char *text, const char *line_has, const char *key) {
@@ -42,7 +23,7 @@ static double value(const char *text, const char *line_has, const char *key) {
 
 static int have(const char *bin) {
     if (access(bin, X_OK) == 0) return 1;
-    printf("SKIP %s: not built (run make, or make test)\n", bin);
+    printf("SKIP %s: not built (run make test, or make test-asan for the sanitized builds)\n", bin);
     return 0;
 }
 
@@ -51,7 +32,7 @@ static void test_calibrate(void) {
     static const char *const subsets[4] = {"alpacaeval-easy", "llmbar-natural", "donotanswer", "hep-go"};
     static char out[1 << 16];
     double sw[N], sl[N], lw[N], ll[N], cw[N], cl[N], acc_b[4], acc_a[4], sec[2][4], overall[2];
-    const char *names[4];
+    const char *names[4], *cal = proc_example("calibrate");
     char dir[64], path[128], in[128], outp[128], bad[128], badout[128], log[128];
     rwd_cal_config cfg = rwd_cal_config_default();
     moe_rng rng;
@@ -59,7 +40,7 @@ static void test_calibrate(void) {
     FILE *f;
     int i, s;
     TEST_BEGIN("examples/calibrate: sections and overall = the library's, output rows, bad input");
-    if (!have("build/examples/calibrate")) return;
+    if (!have(cal)) return;
     snprintf(dir, sizeof dir, "/tmp/rwd_cal_%d", (int)getpid());
     CHECK(mkdir(dir, 0777) == 0, "mkdir %s", dir);
     snprintf(path, sizeof path, "%s/scores.csv", dir);
@@ -81,7 +62,7 @@ static void test_calibrate(void) {
         fprintf(f, "%.17g,%s,%d,%.17g,\"x, \"\"y\"\"\",%.17g,%.17g\n", ll[i], subsets[i % 4], i, sw[i], sl[i], lw[i]);
     }
     fclose(f);
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--out", outp, END) == 0, "calibrate failed: %s", out);
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, in, "--out", outp, END) == 0, "calibrate failed: %s", out);
     CHECK(rwd_calibrate_pairs(cw, cl, sw, sl, lw, ll, NULL, NULL, N, &cfg, &err) == MOE_OK, "%s", err.msg);
     for (s = 0; s < 4; s++) {
         int n = 0, b = 0, a = 0;
@@ -116,7 +97,7 @@ static void test_calibrate(void) {
         CHECK(rows == N && fabs(last_w - cw[N - 1]) < 1e-12, "%d rows; the last cal_chosen %.17g vs %.17g", rows, last_w, cw[N - 1]);
     }
     snprintf(path, sizeof path, "%s/m.csv", dir);
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--method", "mean", "--seed", "7", "--out", path, END) == 0 &&
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, in, "--method", "mean", "--seed", "7", "--out", path, END) == 0 &&
           strstr(out, "overall before="), "RC-Mean run: %s", out);
     remove(path);
     /* bad input */
@@ -126,18 +107,18 @@ static void test_calibrate(void) {
         fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n1,a,1,2,3,4\n2,a,nan,2,3,4\n");
         fclose(f);
     }
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "line 3") &&
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, bad, "--out", badout, END) != 0 && strstr(out, "line 3") &&
           strstr(out, "score_chosen"), "NaN score names line 3: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen\n1,a,1,2,3\n"); fclose(f); }
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "len_rejected"), "missing column: %s", out);
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, bad, "--out", badout, END) != 0 && strstr(out, "len_rejected"), "missing column: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n"); fclose(f); }
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "no rows"), "empty input: %s", out);
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, bad, "--out", badout, END) != 0 && strstr(out, "no rows"), "empty input: %s", out);
     f = fopen(path, "w");
     if (f) { fprintf(f, "id,subset,score_chosen,score_rejected,len_chosen,len_rejected\n1,a,1,2,3,4\n2,a,1,2\n"); fclose(f); }
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", bad, "--out", badout, END) != 0 && strstr(out, "line 3"), "short row: %s", out);
-    CHECK(run(out, sizeof out, log, "build/examples/calibrate", in, "--frac", "1.5", "--out", badout, END) != 0 && strstr(out, "frac"), "frac 1.5: %s", out);
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, bad, "--out", badout, END) != 0 && strstr(out, "line 3"), "short row: %s", out);
+    CHECK(proc_run_out(NULL, log, out, sizeof out, cal, in, "--frac", "1.5", "--out", badout, END) != 0 && strstr(out, "frac"), "frac 1.5: %s", out);
     remove(in); remove(outp); remove(bad); remove(badout); remove(log);
     CHECK(rmdir(dir) == 0, "cleanup: %s holds no other file", dir);
 }
@@ -147,13 +128,13 @@ static void test_length_bias(void) {
     char hh[1200];
     const char *root = test_shared_data(), *log = "build/length_bias_test.log";
     TEST_BEGIN("examples/length_bias --quick: PoE and calibration reduce the length correlation");
-    if (!have("build/examples/length_bias")) return;
+    if (!have(proc_example("length_bias"))) return;
     if (root) {
         snprintf(hh, sizeof hh, "%s/preferences/hh-rlhf/helpful-base/test.jsonl.gz", root);
-        CHECK(run(out, sizeof out, log, "build/examples/length_bias", "--quick", "--hh", hh, END) == 0, "length_bias failed: %s", out);
+        CHECK(proc_run_out(NULL, log, out, sizeof out, proc_example("length_bias"), "--quick", "--hh", hh, END) == 0, "length_bias failed: %s", out);
     } else {
         printf("SKIP length_bias on HH-RLHF: shared data folder not found (set MOE_SHARED_DATA or put it at ../shared/data)\n");
-        CHECK(run(out, sizeof out, log, "build/examples/length_bias", "--quick", END) == 0, "length_bias failed: %s", out);
+        CHECK(proc_run_out(NULL, log, out, sizeof out, proc_example("length_bias"), "--quick", END) == 0, "length_bias failed: %s", out);
     }
     printf("%s", strstr(out, "data=sim method=") ? strstr(out, "data=sim method=") : out);
     CHECK(value(out, "data=sim method=vanilla", "acc") > 0.65, "the vanilla RM learns the simulator");

@@ -30,8 +30,8 @@ typedef struct moe_kv_cache {
                                  max_B * max_T activation rows                                */
     int nthreads;             /* threads the attention scratch is planned for                */
     int *len;                 /* (max_batch) positions each sequence holds                   */
-    float *k, *v;             /* (n_layers, max_batch, max_len, d) keys (rotated under RoPE)
-                                 and values                                                  */
+    float *k, *v;             /* (n_layers, max_batch, n_heads, max_len, d / n_heads) keys
+                                 (rotated under RoPE) and values: a head's rows contiguous    */
     float *rope;              /* (max_len, hd/2, 2) rotary cos, sin; NULL for learned         */
     float *scores;            /* (nthreads, max_len) one attention row per thread             */
     int *tok_seq, *tok_pos;   /* (chunk) the decode call's tokens: sequence and position      */
@@ -142,27 +142,57 @@ static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *q
     MOE__OMP_FOR_DYNAMIC_N(nt)
     for (task = 0; task < n * NH; task++) {
         int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
-        size_t base = (((size_t)l * c->max_batch + s) * c->max_len) * d + (size_t)h * hd;
+        size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
         const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
         float *sc = c->scores + (size_t)moe__thread_index() * c->max_len, *o = out + (size_t)i * d + (size_t)h * hd;
-        float mx = -FLT_MAX, sum = 0.0f, inv;
-        for (u = 0; u <= p; u++) {
-            const float *k = K + (size_t)u * d;
-            float dot = 0.0f;
-            for (j = 0; j < hd; j++) dot += q[j] * k[j];
-            sc[u] = dot * scale;
-            mx = sc[u] > mx ? sc[u] : mx;
+        for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
+            const float *k = K + (size_t)u * hd;
+            float acc[MOE__LANES], dot = 0.0f;
+            int j0;
+            for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+            for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
+                for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
+            for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
+            for (j = 0; j < MOE__LANES; j++) dot += acc[j];
+            sc[u] = dot;
         }
-        for (u = 0; u <= p; u++) {
-            sc[u] = expf(sc[u] - mx);
-            sum += sc[u];
-        }
-        inv = 1.0f / sum;
+        moe__att_softmax_row(sc, p + 1, scale); /* the full forward's softmax of one row */
         for (j = 0; j < hd; j++) o[j] = 0.0f;
         for (u = 0; u <= p; u++) {
-            const float *v = V + (size_t)u * d;
-            float w = sc[u] * inv;
+            const float *v = V + (size_t)u * hd;
+            float w = sc[u];
             for (j = 0; j < hd; j++) o[j] += w * v[j];
+        }
+    }
+}
+
+/* out (M, N) = inp (M, K) . W (N, K)^T for decoding: each element a dot product in
+   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
+   count or the other rows. Decoding's few rows per call would spend more time packing W into
+   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
+static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N) {
+    int nb = (N + 3) / 4, blk, nt = 1;
+    if ((double)M * K * N > 4e5) nt = moe_num_threads();
+    (void)nt; /* read only by the pragma */
+    MOE__OMP_FOR_DYNAMIC_N(nt)
+    for (blk = 0; blk < M * nb; blk++) {
+        int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
+        const float *x = inp + (size_t)i * K;
+        float acc[4][MOE__LANES];
+        for (c = 0; c < 4; c++)
+            for (k = 0; k < MOE__LANES; k++) acc[c][k] = 0.0f;
+        for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
+            for (c = 0; c < nc; c++) {
+                const float *w = W + (size_t)(j0 + c) * K + u;
+                for (k = 0; k < MOE__LANES; k++) acc[c][k] += x[u + k] * w[k];
+            }
+        for (c = 0; c < nc; c++) {
+            const float *w = W + (size_t)(j0 + c) * K;
+            int h;
+            for (k = 0; u + k < K; k++) acc[c][k] += x[u + k] * w[u + k];
+            for (h = MOE__LANES / 2; h >= 1; h /= 2)
+                for (k = 0; k < h; k++) acc[c][k] += acc[c][k + h];
+            out[(size_t)i * N + j0 + c] = acc[c][0];
         }
     }
 }
@@ -224,24 +254,27 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         a.gw_active = m->gw_broadcast;
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
-        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, n, d, 3 * d, &m->work), l, "qkv");
+        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
         for (i = 0; i < n; i++) {
             float *row = b->qkv + (size_t)i * 3 * d;
-            size_t at = (((size_t)l * c->max_batch + c->tok_seq[i]) * c->max_len + c->tok_pos[i]) * d;
+            int h;
             /* the row's own position: B = T = 1 with the table moved to it */
             if (c->rope) moe_rope_apply(row, c->rope + (size_t)c->tok_pos[i] * half * 2, 1, 1, d, NH, 0);
-            memcpy(c->k + at, row + d, sizeof(float) * (size_t)d);
-            memcpy(c->v + at, row + 2 * d, sizeof(float) * (size_t)d);
+            for (h = 0; h < NH; h++) {
+                size_t at = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len + c->tok_pos[i]) * hd;
+                memcpy(c->k + at, row + d + (size_t)h * hd, sizeof(float) * (size_t)hd);
+                memcpy(c->v + at, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
+            }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
-        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, n, d, d, &m->work), l, "attention output");
+        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
         for (i = 0; i < n * d; i++) b->x2[i] += b->x[i];
         st = moe__model_block_ffn(m, b, l, n, &a, &rh_prev, NULL);
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
-    MOE__MODEL_TRY(moe_matmul_forward(m->logits, m->lnf, wte, NULL, n, d, V, &m->work), -1, "tied head");
+    moe__decode_linear(m->logits, m->lnf, wte, n, d, V);
     return MOE_OK;
 }
 

@@ -8,6 +8,8 @@
 #   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V min= max= rounds=R
 #       training tokens/s; V is the median over R rounds (BENCH_ROUNDS, default 3) of the ratio
 #       of one round, min and max its range
+#   ratio=ours_vs_torch bench=generate config=demo|d256 batch=1|16 value=V min= max= rounds=R
+#       generation tokens/s on the KV cache (bench/generate.c, bench/torch_generate.py), tuned
 # and bench/moe_layer's router-family lines (bench=moe_layer_router ... overhead_pct=, top-k
 # and the family timed in alternation inside one process).
 #
@@ -75,6 +77,18 @@ for b in "$@"; do
             r=$((r + 1))
         done
         ;;
+    generate)
+        # ROUNDS rounds of (ours, the peer) per config, tuned: tokens/s at batch 1 and 16 and
+        # the time of one token against the context length
+        r=1
+        while [ "$r" -le "$ROUNDS" ]; do
+            for c in demo d256; do
+                tuned "$b" "$c" | sed "s/\$/ round=$r/" | tee -a "$log"
+                [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_generate.py" "$c" --setting=tuned | sed "s/\$/ round=$r/" | tee -a "$log"
+            done
+            r=$((r + 1))
+        done
+        ;;
     *)
         tuned "$b" | tee -a "$log"
         ;;
@@ -102,6 +116,12 @@ function val(line, key,   n, i, kv, a) {
     s = (val($0, "setting") == "default") ? "default" : "tuned"
     lm_ours[s "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
+/^bench=generate / && val($0, "path") == "" {
+    gen_ours[val($0, "config") "," val($0, "batch") "," val($0, "round")] = val($0, "tokens_per_s")
+}
+/^bench=torch_generate / {
+    gen_theirs[val($0, "config") "," val($0, "batch") "," val($0, "round")] = val($0, "tokens_per_s")
+}
 /^bench=torch_train_lm / {
     lm_theirs[val($0, "setting") "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
@@ -125,5 +145,18 @@ END {
         med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
         printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
                ss[si] == "tuned" ? "" : "_default", ms[ci], med, q[1], q[n], n)
+    }
+    split("demo d256", gc, " "); split("1 16", gb, " ")
+    for (ci = 1; ci <= 2; ci++) for (bi = 1; bi <= 2; bi++) {
+        n = 0
+        for (r = 1; (gc[ci] "," gb[bi] "," r) in gen_ours; r++) {
+            k = gc[ci] "," gb[bi] "," r
+            if ((k in gen_theirs) && gen_theirs[k] > 0) q[++n] = gen_ours[k] / gen_theirs[k]
+        }
+        if (n == 0) continue
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
+        med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+        printf("ratio=ours_vs_torch bench=generate config=%s batch=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
+               gc[ci], gb[bi], med, q[1], q[n], n)
     }
 }' "$log"

@@ -778,22 +778,38 @@ int main(int argc, char **argv) {
         snprintf(path, sizeof path, "%s/%s_load.png", paths.out_dir, paths.name);
         if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
-    /* a sample */
+    /* a sample, on the KV cache (moe_model_generate_batch). The cache holds the trained
+       context (opt.seq positions); when it is full, generation goes on from the last half of
+       what is written (the prompt of the next piece), as llama.cpp's context shift does. */
     if (paths.sample_bytes > 0 && !(cfg.moe_every > 0 && cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)) {
-        int np = (int)strlen(paths.prompt), *buf = (int *)malloc(sizeof(int) * (size_t)(np + paths.sample_bytes + 1));
-        moe_sampler sp;
-        moe_rng r;
+        int np = (int)strlen(paths.prompt), *buf = (int *)malloc(sizeof(int) * (size_t)(np + paths.sample_bytes + 1)), n;
+        moe_kv_cache kc;
+        moe_gen_seq q;
+        moe_status st;
         if (np == 0) { paths.prompt = " "; np = 1; }
+        if (np > m.max_T / 2) np = m.max_T / 2; /* a prompt longer than half the context: its start */
         for (i = 0; i < np; i++) buf[i] = (unsigned char)paths.prompt[i];
-        sp.temperature = paths.temperature; sp.top_k = paths.top_k; sp.top_p = paths.top_p;
-        moe_rng_seed(&r, (uint64_t)opt.seed + 99);
-        if (moe_model_generate(&m, buf, np, paths.sample_bytes, buf, &sp, &r) == MOE_OK) {
-            printf("\nsample (temperature %.2g, top-p %.2g):\n---\n", (double)sp.temperature, (double)sp.top_p);
+        memset(&q, 0, sizeof q);
+        q.sampler.temperature = paths.temperature; q.sampler.top_k = paths.top_k; q.sampler.top_p = paths.top_p;
+        q.stop = -1;
+        moe_rng_seed(&q.rng, (uint64_t)opt.seed + 99);
+        st = moe_kv_cache_init(&kc, &m, 1, m.max_T);
+        if (st != MOE_OK) fprintf(stderr, "sample: %s\n", kc.err.msg);
+        for (n = np; st == MOE_OK && n < np + paths.sample_bytes; n += q.n_out) {
+            int keep = n < m.max_T / 2 ? n : m.max_T / 2, left = np + paths.sample_bytes - n;
+            q.prompt = buf + n - keep;
+            q.n_prompt = keep;
+            q.max_new = left < m.max_T - keep + 1 ? left : m.max_T - keep + 1;
+            q.out = buf + n;
+            st = moe_model_generate_batch(&m, &kc, &q, 1);
+            if (st != MOE_OK) fprintf(stderr, "sample: %s\n", m.err.msg);
+        }
+        if (st == MOE_OK) {
+            printf("\nsample (temperature %.2g, top-p %.2g):\n---\n", (double)q.sampler.temperature, (double)q.sampler.top_p);
             for (i = 0; i < np + paths.sample_bytes; i++) putchar((buf[i] >= 32 && buf[i] < 127) || buf[i] == '\n' ? buf[i] : '?');
             printf("\n---\n");
-        } else {
-            fprintf(stderr, "sample: %s\n", m.err.msg);
         }
+        moe_kv_cache_free(&kc);
         free(buf);
     }
     printf("result name=%s val_bpb=%.4f train_loss=%.4f params_total=%zu params_active=%zu tok_s=%.0f steps=%lld\n", paths.name, last_bpb,

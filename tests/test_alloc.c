@@ -138,7 +138,7 @@ static void test_training_allocates_nothing(void) {
 static void test_generation_allocates_nothing(void) {
     moe_sampler greedy = {0.0f, 0, 1.0f}, sampled = {0.8f, 5, 0.9f};
     int moe;
-    TEST_BEGIN("generation (greedy, top-k/top-p sampling) and LM features allocate nothing after init");
+    TEST_BEGIN("generation (greedy, top-k/top-p sampling; with the KV cache, batched) and LM features allocate nothing after init");
     for (moe = 0; moe < 2; moe++) {
         moe_model_config c = tiny(moe, MOE_ROUTER_TOPK, MOE_RIN_DIRECT);
         moe_model m;
@@ -154,6 +154,36 @@ static void test_generation_allocates_nothing(void) {
             CHECK(moe_model_generate(&m, prompt, 3, 20, out, k ? &sampled : &greedy, &r) == MOE_OK, "generate: %s", m.err.msg);
             CHECK(alloc_calls - before == layer, "%s, %s: %lld allocator calls for 20 tokens, expected %lld (the MoE layers' own)",
                   moe ? "MoE" : "dense", k ? "sampled" : "greedy", alloc_calls - before, layer);
+        }
+        { /* the KV cache's path: incremental decoding and batched generation */
+            moe_kv_cache kc;
+            moe_gen_seq q[3];
+            int outs[3][12], seqs[3] = {0, 1, 2}, i;
+            long long live = alloc_live;
+            CHECK(moe_kv_cache_init(&kc, &m, 3, 8) == MOE_OK, "cache: %s", kc.err.msg);
+            memset(q, 0, sizeof q);
+            for (i = 0; i < 3; i++) {
+                q[i].prompt = prompt; q[i].n_prompt = 1 + i; q[i].max_new = 6; q[i].stop = -1; q[i].out = outs[i];
+                q[i].sampler = i ? sampled : greedy;
+                moe_rng_seed(&q[i].rng, (uint64_t)i);
+            }
+            before = alloc_calls;
+            CHECK(moe_model_decode(&m, &kc, prompt, seqs, 3) == MOE_OK, "decode: %s", m.err.msg);
+            CHECK(moe_model_generate_batch(&m, &kc, q, 3) == MOE_OK, "generate_batch: %s", m.err.msg);
+            CHECK(alloc_calls == before, "%s: decoding and batched generation made %lld allocator calls", moe ? "MoE" : "dense", alloc_calls - before);
+            moe_kv_cache_free(&kc);
+            CHECK(alloc_live == live, "the cache's free leaves %lld blocks", alloc_live - live);
+            for (i = 1; i < 100; i++) { /* the cache's init failing at each of its allocations */
+                moe_status st;
+                alloc_fail_at = alloc_calls + i;
+                st = moe_kv_cache_init(&kc, &m, 3, 8);
+                alloc_fail_at = 0;
+                moe_kv_cache_free(&kc);
+                if (st == MOE_OK) break;
+                CHECK(st == MOE_ERR_NOMEM && strstr(kc.err.msg, "out of memory"), "cache init, allocation %d fails: %s", i, kc.err.msg);
+                CHECK(alloc_live == live, "cache init, allocation %d fails: %lld blocks left", i, alloc_live - live);
+            }
+            CHECK(i > 5 && i < 100, "the cache's init made %d allocations", i - 1);
         }
         if (!moe) { /* reward.h's features of a language model run its forward the same way */
             float feat[16];

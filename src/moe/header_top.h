@@ -143,7 +143,8 @@
    Tests: tests/test_core.c (core to ckpt), tests/test_kernels.c and tests/test_gemm.c (matmul,
    kernels, experts, attention), tests/test_layer.c (dispatch to layer), tests/test_model.c
    (router_input, model, data), tests/test_model_io.c (model_io), tests/test_interchange.c
-   (safetensors, gguf; make interop: llama.cpp runs the GGUF files); PyTorch goldens:
+   (safetensors, gguf; make interop: llama.cpp runs the GGUF files), tests/test_generate.c
+   (generate: decoding = the full forward, batched = one by one); PyTorch goldens:
    tests/test_golden.c (kernels, layer), tests/test_model_golden.c (model),
    tests/test_family_golden.c (AoE, GW-MoE, HyperMoE, RMoE). Benchmarks: bench/.
 

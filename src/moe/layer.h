@@ -25,6 +25,9 @@ typedef struct moe_layer_args {
     int seq_len;               /* forward: tokens per sequence (GW-MoE's gw_slots count per
                                   sequence); 0 = the T tokens are one sequence                 */
     int gw_active;             /* forward: GW-MoE broadcast on (fine-tuning); 0 = sparse top-k */
+    int dropless;              /* forward: capacity (capacity_factor) admits every choice on this
+                                  call. Generation sets it: with a capacity, a token's experts
+                                  would depend on the other sequences of the batch             */
     float aux_grad_scale;      /* backward: multiplies the aux losses' gradients; 1 in the
                                   defaults (1/n for n micro-batches whose dy carries 1/n);
                                   a zeroed struct has 0: no aux gradient                        */

@@ -480,6 +480,42 @@ static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, cons
         if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
     } while (0)
 
+/* The FFN half of block b (layer l) on N tokens: b->ln2 = RMSNorm(b->x2), then b->ffn = the
+   dense SwiGLU or the MoE layer with the per-call args a (their router_input and noise are
+   filled here); *rh_prev carries RMoE's GRU state through depth. The full forward and the
+   cached decoding (>>moe:generate) share it, so both run the same arithmetic per token. */
+static moe_status moe__model_block_ffn(moe_model *m, moe_block *b, int l, int N, moe_layer_args *a,
+                                       const float **rh_prev, moe_rng *noise) {
+    const moe_model_config *c = &m->cfg;
+    int d = c->d;
+    moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
+    if (b->is_moe) {
+        moe_status st;
+        if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
+            st = moe__router_input_forward(m, b, rh_prev, N, l);
+            if (st != MOE_OK) return st;
+            a->router_input = b->rh;
+        }
+        if (noise && m->routing_noise) {
+            size_t n = (size_t)N * c->moe.n_experts, k;
+            for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
+            a->noise = m->routing_noise;
+        }
+        st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, a);
+        if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
+        m->aux_loss += b->moe.stats.aux_total;
+    } else {
+        moe_expert_weights w = moe__dense_ffn(m, b, 0);
+        int offset[2];
+        offset[0] = 0;
+        offset[1] = N;
+        MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                           MOE_ACT_SILU, &m->work),
+                       l, "dense FFN");
+    }
+    return MOE_OK;
+}
+
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
@@ -514,40 +550,18 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     for (l = 0; l < c->n_layers; l++) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
+        moe_layer_args a = moe_layer_args_default();
+        moe_status st;
+        a.seq_len = T;
+        a.gw_active = m->gw_broadcast;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
         MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
         MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
         MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
-        moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
-        if (b->is_moe) {
-            moe_layer_args a = moe_layer_args_default();
-            moe_status st;
-            a.seq_len = T;
-            a.gw_active = m->gw_broadcast;
-            if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
-                st = moe__router_input_forward(m, b, &rh_prev, N, l);
-                if (st != MOE_OK) return st;
-                a.router_input = b->rh;
-            }
-            if (noise && m->routing_noise) {
-                size_t n = (size_t)N * c->moe.n_experts, k;
-                for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
-                a.noise = m->routing_noise;
-            }
-            st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, &a);
-            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            m->aux_loss += b->moe.stats.aux_total;
-        } else {
-            moe_expert_weights w = moe__dense_ffn(m, b, 0);
-            int offset[2];
-            offset[0] = 0;
-            offset[1] = N;
-            MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
-                                               MOE_ACT_SILU, &m->work),
-                           l, "dense FFN");
-        }
+        st = moe__model_block_ffn(m, b, l, N, &a, &rh_prev, noise);
+        if (st != MOE_OK) return st;
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
@@ -665,62 +679,72 @@ MOE__IMPL size_t moe_model_params_active(const moe_model *m) {
     return total;
 }
 
+/* sampler's settings are usable */
+static moe_status moe__sampler_check(moe_err *err, const moe_sampler *sampler) {
+    if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
+        return moe_err_set(err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
+    return MOE_OK;
+}
+
+/* The next token from logits z (V): greedy at temperature 0 (no draw), else softmax at the
+   temperature, keep the top-k and the top-p mass, one uniform draw from rng. p: (2 V) scratch. */
+static int moe__sample_token(const float *z, int V, const moe_sampler *sampler, moe_rng *rng, float *p) {
+    int i, next = 0;
+    if (sampler->temperature == 0.0f) {
+        for (i = 1; i < V; i++)
+            if (z[i] > z[next]) next = i;
+    } else {
+        /* softmax at temperature, then keep the top-k and the top-p mass, sample */
+        float mx = -FLT_MAX, *order = p + V, cut = -FLT_MAX;
+        double sum = 0.0, acc = 0.0, u;
+        for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+        for (i = 0; i < V; i++) { p[i] = expf((z[i] - mx) / sampler->temperature); sum += p[i]; }
+        for (i = 0; i < V; i++) { p[i] = (float)(p[i] / sum); order[i] = p[i]; }
+        if (sampler->top_k > 0 || sampler->top_p < 1.0f) {
+            /* threshold = the smallest probability kept by both rules */
+            int kept = 0;
+            qsort(order, (size_t)V, sizeof(float), moe__float_desc);
+            for (i = 0; i < V; i++) {
+                if (sampler->top_k > 0 && kept >= sampler->top_k) break;
+                if (acc >= sampler->top_p) break;
+                acc += order[i];
+                cut = order[i];
+                kept++;
+            }
+            for (i = 0; i < V; i++)
+                if (p[i] < cut) p[i] = 0.0f;
+        }
+        sum = 0.0;
+        for (i = 0; i < V; i++) sum += p[i];
+        u = moe_rng_uniform(rng) * sum;
+        acc = 0.0;
+        next = -1;
+        for (i = 0; i < V; i++) {
+            if (p[i] <= 0.0f) continue;
+            acc += p[i];
+            next = i;
+            if (u < acc) break;
+        }
+    }
+    return next;
+}
+
 MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                         const moe_sampler *sampler, moe_rng *rng) {
-    int V = m->cfg.vocab, n = n_prompt, step, i;
-    float *p = m->gen_probs; /* (2 V) planned at init */
+    int V = m->cfg.vocab, n = n_prompt, step;
     moe_status st;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
     if (!prompt || !out || n_prompt < 1 || n_new < 0 || !sampler || !rng)
         return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate needs a prompt of at least one token, an output buffer, a sampler and an RNG");
     if (m->cfg.moe_every > 0 && !moe__router_is_causal(&m->cfg.moe))
         return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
-    if (!(sampler->temperature >= 0.0f) || sampler->top_k < 0 || !(sampler->top_p > 0.0f && sampler->top_p <= 1.0f))
-        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sampler: temperature >= 0, top_k >= 0, 0 < top_p <= 1");
+    if (moe__sampler_check(&m->err, sampler) != MOE_OK) return m->err.status;
     memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
     for (step = 0; step < n_new; step++) {
-        int ctx = n < m->max_T ? n : m->max_T, next = 0;
-        const float *z;
+        int ctx = n < m->max_T ? n : m->max_T;
         st = moe_model_forward(m, out + n - ctx, NULL, 1, ctx, NULL);
         if (st != MOE_OK) return st;
-        z = m->logits + (size_t)(ctx - 1) * V;
-        if (sampler->temperature == 0.0f) {
-            for (i = 1; i < V; i++)
-                if (z[i] > z[next]) next = i;
-        } else {
-            /* softmax at temperature, then keep the top-k and the top-p mass, sample */
-            float mx = -FLT_MAX, *order = p + V, cut = -FLT_MAX;
-            double sum = 0.0, acc = 0.0, u;
-            for (i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-            for (i = 0; i < V; i++) { p[i] = expf((z[i] - mx) / sampler->temperature); sum += p[i]; }
-            for (i = 0; i < V; i++) { p[i] = (float)(p[i] / sum); order[i] = p[i]; }
-            if (sampler->top_k > 0 || sampler->top_p < 1.0f) {
-                /* threshold = the smallest probability kept by both rules */
-                int kept = 0;
-                qsort(order, (size_t)V, sizeof(float), moe__float_desc);
-                for (i = 0; i < V; i++) {
-                    if (sampler->top_k > 0 && kept >= sampler->top_k) break;
-                    if (acc >= sampler->top_p) break;
-                    acc += order[i];
-                    cut = order[i];
-                    kept++;
-                }
-                for (i = 0; i < V; i++)
-                    if (p[i] < cut) p[i] = 0.0f;
-            }
-            sum = 0.0;
-            for (i = 0; i < V; i++) sum += p[i];
-            u = moe_rng_uniform(rng) * sum;
-            acc = 0.0;
-            next = -1;
-            for (i = 0; i < V; i++) {
-                if (p[i] <= 0.0f) continue;
-                acc += p[i];
-                next = i;
-                if (u < acc) break;
-            }
-        }
-        out[n++] = next;
+        out[n++] = moe__sample_token(m->logits + (size_t)(ctx - 1) * V, V, sampler, rng, m->gen_probs);
     }
     m->B = m->T = 0; /* the generation forwards leave no batch to differentiate */
     m->has_targets = 0;

@@ -171,7 +171,7 @@ static void moe__linear_router_logits(moe_layer *L, const moe_store *s, const fl
 static void moe__linear_router_backward(moe_layer *L, moe_store *s, float *drin, const float *rin);
 /* softmax / sigmoid top-k (>>moe:router_topk) */
 static void moe__topk_select(moe_layer *L, const moe_store *s, int t);
-static int moe__topk_assign(moe_layer *L, int T);
+static int moe__topk_assign(moe_layer *L, int T, int dropless);
 static void moe__topk_backward_token(moe_layer *L, int t);
 static void moe__softmax_backward_token(moe_layer *L, int t);
 static void moe__sigmoid_probs(moe_layer *L, int T);
@@ -473,10 +473,10 @@ static void moe__router_select_token(moe_layer *L, const moe_store *st, int t) {
 }
 
 /* the raw assignment list and the requested picks; returns its length */
-static int moe__router_assign(moe_layer *L, int T) {
+static int moe__router_assign(moe_layer *L, int T, const moe_layer_args *a) {
     switch (L->cfg.router) {
     case MOE_ROUTER_EXPERT_CHOICE: return moe__ec_assign(L, T);
-    default: return moe__topk_assign(L, T); /* token choice, capacity, GW broadcast */
+    default: return moe__topk_assign(L, T, a->dropless); /* token choice, capacity, GW broadcast */
     }
 }
 
@@ -492,7 +492,7 @@ static moe_status moe__router_forward(moe_layer *L, const moe_store *s, const fl
     MOE_OMP_FOR_IF(T > 256)
     for (t = 0; t < T; t++) moe__router_select_token(L, s, t);
     moe__gw_mark(L, T, a);
-    *n = moe__router_assign(L, T);
+    *n = moe__router_assign(L, T, a);
     if (L->cfg.routed_scale != 1.0f)
         for (t = 0; t < *n; t++) L->raw_weight[t] *= L->cfg.routed_scale;
     return MOE_OK;

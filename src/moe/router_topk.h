@@ -67,8 +67,9 @@ static void moe__topk_select(moe_layer *L, const moe_store *st, int t) {
 
 /* The raw assignment list of a token-choice router: each token's k choices in slot order,
    less the drops of capacity; GW-MoE's broadcast tokens bring every expert instead. The
-   picks per expert count every choice (capacity or not). Returns the list's length. */
-static int moe__topk_assign(moe_layer *L, int T) {
+   picks per expert count every choice (capacity or not). Returns the list's length.
+   dropless (moe_layer_args): capacity admits every choice on this call. */
+static int moe__topk_assign(moe_layer *L, int T, int dropless) {
     const moe_layer_config *c = &L->cfg;
     int E = c->n_experts, K = c->top_k, n = 0, t, s, e;
     const int *topk = L->topk;
@@ -76,7 +77,9 @@ static int moe__topk_assign(moe_layer *L, int T) {
     for (e = 0; e < E; e++) picks[e] = 0.0f;
     for (t = 0; t < T; t++)
         for (s = 0; s < K; s++) picks[topk[(size_t)t * K + s]] += 1.0f;
-    if (c->capacity_factor > 0.0f) { /* admission, in slot-major or token-major order */
+    if (c->capacity_factor > 0.0f && dropless) {
+        for (t = 0; t < T * K; t++) L->admitted[t] = 1;
+    } else if (c->capacity_factor > 0.0f) { /* admission, in slot-major or token-major order */
         int C = (int)ceil((double)c->capacity_factor * K * T / E), token_major = c->capacity_order == MOE_CAPACITY_TOKEN_MAJOR;
         int outer = token_major ? T : K, inner = token_major ? K : T, i, j;
         int *count = L->capacity_count;

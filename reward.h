@@ -1229,7 +1229,8 @@ RWDDEF moe_status rwd_rsf_kept_loss(rwd_rsf *r, double *loss);
    sequences; loss on the response bytes only). An empty kept set is refused. */
 RWDDEF moe_status rwd_rsf_finetune(rwd_rsf *r, int epochs);
 /* One RSF round: for each of the n_prompts prompts (direction dirs + i k; 1 <= n_prompts <=
-   max_prompts) sample, keep the best, then fine-tune cfg.epochs passes on the kept set. */
+   max_prompts) sample, keep the best (unless it is empty: a stop byte first), then fine-tune
+   cfg.epochs passes on the kept set; stats (may be NULL) gets the round's means. */
 RWDDEF moe_status rwd_rsf_round(rwd_rsf *r, const char *const *prompts, const double *dirs, int n_prompts,
                                 rwd_rsf_score_fn score, void *user, rwd_rsf_stats *stats);
 

@@ -227,7 +227,7 @@ static void test_train_lm(void) {
    prints the usage and exits 2 */
 static void test_help(void) {
     static const char *const programs[] = {
-        "aoe_toy", "armo_dpa", "calibrate", "cqil", "gw_finetune", "length_bias", "plot_csv", "router_compare", "ssrm", "train_lm", "train_moe",
+        "aoe_toy", "armo_dpa", "calibrate", "closer_look", "cqil", "gw_finetune", "length_bias", "plot_csv", "router_compare", "ssrm", "train_lm", "train_moe",
         "build/bench/lowess", "build/bench/matmul", "build/bench/moe_layer", "build/bench/train_lm"};
     const char *log = "build/tmp_examples/help.log";
     int i;

@@ -248,7 +248,7 @@ static void report(const char *name, const options *o, const moe_model *m, const
     {
         plot_heatmap_opts h;
         memset(&h, 0, sizeof h);
-        h.title = "share of each output-norm rank (rows, every layer stacked) by gate-score rank";
+        h.title = "output-norm rank (rows, layers stacked) vs gate-score rank";
         h.xlabel = "gate score rank";
         h.ylabel = "layer x output-norm rank";
         h.v_min = 0.0f;

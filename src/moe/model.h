@@ -6,7 +6,9 @@
    logits = RMSNorm(x) . wte^T (tied head). Loss: mean cross-entropy + every MoE layer's aux.
    Layer l is MoE when moe_every > 0, l >= dense_first and (l - dense_first) % moe_every == 0.
    Parameters: one moe_store; tensor names "wte", "wpe", "l3.attn.wqkv", "l3.moe.experts.w_up",
-   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind. */
+   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind.
+   CQIL (moe_model_set_groups): the layer loop reads a per-model group table and runs each
+   group's layers concurrently on one common input, summing their residual updates. */
 
 typedef enum moe_pos_kind {
     MOE_POS_LEARNED = 0, /* wpe (max_seq, d) added to the embeddings */
@@ -184,11 +186,13 @@ MOEDEF moe_status moe_model_backward_logits(moe_model *m, const float *d_logits,
    backward both follow the groups (fine-tuning in CQIL form). n_groups = 0 restores the
    sequential model. Refused: ranges outside the model, overlapping or unordered groups, a
    negative d, MoE members whose routers read a GRU state or an MLP (RMoE carries a state
-   from layer to layer), and (at forward) routing noise for grouped MoE layers. */
+   from layer to layer), HyperMoE members (one hypernetwork shared by the layers, whose
+   gradients concurrent members would race on), and (at forward) routing noise for grouped
+   MoE layers. The groups are a run-time option: model files do not record them. */
 MOEDEF moe_status moe_model_set_groups(moe_model *m, const int *first, const int *size, int n_groups, int bypass,
                                        int double_count);
-/* Sequential steps of the last layer loop: n_layers minus (P - 1) for every group (the
-   latency proxy when the members of a group run in parallel). */
+/* Sequential steps of a forward with the current groups: n_layers minus (P - 1) for every
+   group (the latency proxy when the members of a group run in parallel). */
 MOEDEF int moe_model_depth(const moe_model *m);
 
 /* @implementation */

@@ -230,6 +230,7 @@ $(BUILD)/fuzz/make_seeds: tests/fuzz/make_seeds.c $(HEADERS)
 goldens:
 	$(PYTHON) tests/ref/make_goldens.py
 	$(PYTHON) tests/ref/multiobj_ref.py
+	$(PYTHON) tests/ref/closer_look_ref.py
 
 # The main demo (README's first command): a small MoE LM and a dense LM with the same active
 # parameters on the Brown corpus (fetched by `make data` when absent). STEPS=n to change length.

@@ -117,7 +117,7 @@
       18. gru            >>moe:gru          the GRU cell of RMoE's layerwise recurrent router
       19. router_input   >>moe:router_input what the routers read: x, RMoE's GRU state, an MLP
       20. model          >>moe:model        tiny decoder-only (MoE) transformer over bytes: forward,
-                                            backward, generation
+                                            backward, generation; CQIL's concurrent layer groups
       21. model_io       >>moe:model_io     model files: the config as a record of named fields, save and
                                             load (checked before anything is allocated, older files)
       22. generate       >>moe:generate     a KV cache, incremental decoding, batched generation with a
@@ -126,7 +126,10 @@
                                             the model under Hugging Face Llama/Mixtral names, config.json
       24. gguf           >>moe:gguf         GGUF files of the model that llama.cpp runs (llama architecture,
                                             dense or Mixtral-style MoE, byte vocabulary)
-      25. data           >>moe:data         byte-window batches from one or several sources
+      25. closer_look    >>moe:closer_look  diagnostics of "A Closer Look into MoE": two-pass expert outputs,
+                                            norm-vs-score ranks, expert similarities, gate-neuron R^2, Kendall
+                                            tau; routing balance and MI; adjacent layers' input similarity
+      26. data           >>moe:data         byte-window batches from one or several sources
 
    Where each router family lives. >>moe:router holds the hooks every family implements and
    the ONE dispatcher that chooses by cfg.router; a family's anchor opens its section, forward
@@ -1115,7 +1118,9 @@ typedef enum moe_router_input {
    logits = RMSNorm(x) . wte^T (tied head). Loss: mean cross-entropy + every MoE layer's aux.
    Layer l is MoE when moe_every > 0, l >= dense_first and (l - dense_first) % moe_every == 0.
    Parameters: one moe_store; tensor names "wte", "wpe", "l3.attn.wqkv", "l3.moe.experts.w_up",
-   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind. */
+   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind.
+   CQIL (moe_model_set_groups): the layer loop reads a per-model group table and runs each
+   group's layers concurrently on one common input, summing their residual updates. */
 
 typedef enum moe_pos_kind {
     MOE_POS_LEARNED = 0, /* wpe (max_seq, d) added to the embeddings */
@@ -1167,6 +1172,18 @@ typedef struct moe_block {
     const float *rh_prev; /* (N, p) the state this layer's GRU step read               */
 } moe_block;
 
+/* The buffers one member of a CQIL group runs on, so that members run concurrently. */
+typedef struct moe_group_lane {
+    float *att;              /* (N, d) the member's attention output a_q                      */
+    float *da;               /* (N, d) backward: dL/da_q                                       */
+    float *g;                /* (N, d) backward: dL/dr_q through the member's FFN               */
+    float *d_ln, *d_atty;    /* (N, d)                                                          */
+    float *d_qkv;            /* (N, 3d)                                                         */
+    float *scratch1, *scratch2; /* (N, d_ff) dense FFN backward                                 */
+    moe_work work;           /* the member's kernel scratch, planned for one thread            */
+    moe_err err;             /* a failing member's sentence                                     */
+} moe_group_lane;
+
 typedef struct moe_model {
     moe_model_config cfg;
     moe_store S;            /* every parameter, gradient and Adam moment              */
@@ -1202,8 +1219,16 @@ typedef struct moe_model {
        NULL (the default after moe_model_init) = none. */
     void (*ffn_hook)(struct moe_model *m, int layer, void *user);
     void *ffn_hook_user;
+    /* CQIL groups (moe_model_set_groups): group_size[l] = P > 0 when layers l..l+P-1 run as one
+       group on a common input, 0 inside a group and for sequential layers; NULL = none */
+    int *group_size;        /* (n_layers)                                                  */
+    int group_bypass;       /* d: each member's MLP also reads up to d earlier attention outputs */
+    int group_double_count; /* the official training code's bypass (see moe_model_set_groups) */
+    int n_lanes;            /* the largest group: one lane of buffers per member            */
+    moe_group_lane *lanes;   /* (n_lanes)                                             */
     moe_err err;
 } moe_model;
+
 
 typedef struct moe_sampler {
     float temperature; /* 0 = greedy                         */
@@ -1252,6 +1277,35 @@ MOEDEF size_t moe_model_params_active(const moe_model *m);
    Uses the last max_T tokens as context. Refused for expert-choice routers (not causal). */
 MOEDEF moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                      const moe_sampler *sampler, moe_rng *rng);
+/* Gradients of a loss of the last forward's logits whose gradient the caller gives, plus
+   aux_loss * scale, ACCUMULATED into m->S.grads; d_logits (B T, V) already holds any scale (a
+   distillation loss: softmax(student) - softmax(teacher), divided by the tokens). The forward
+   may be without targets. */
+MOEDEF moe_status moe_model_backward_logits(moe_model *m, const float *d_logits, float scale);
+/* CQIL (Zou et al., arXiv 2404.06709, §3): n_groups groups of consecutive layers
+   [first[i], first[i] + size[i]), in increasing order and disjoint, each run on ONE common
+   input h with their residual updates summed; the other layers stay sequential. Member q of a
+   group (q = 0..P-1, layer j_q) computes a_q = Attn_q(RMSNorm(h)) and, with bypass distance d,
+   its FFN reads r_q = h + a_q + beta_q, beta_q = sum of a_u for max(0, q - d) <= u < q:
+     clean (double_count 0, the default):  h_out = h + sum_q (a_q + FFN_q(r_q))
+     official training code (double_count 1): h_out = h + sum_q (a_q + beta_q + FFN_q(r_q)),
+       the bypass added in place to the saved residual, so an earlier member's attention
+       output is counted again in every later member it reaches.
+   d = 0: every member reads h alone (the multi-GPU inference code; it never uses its bypass).
+   A group of size 1 computes what the sequential layer does. The members run concurrently
+   (OpenMP over members, each on one thread and its own lane of buffers, allocated here) and
+   are summed in member order, so results do not depend on the thread count. Forward and
+   backward both follow the groups (fine-tuning in CQIL form). n_groups = 0 restores the
+   sequential model. Refused: ranges outside the model, overlapping or unordered groups, a
+   negative d, MoE members whose routers read a GRU state or an MLP (RMoE carries a state
+   from layer to layer), HyperMoE members (one hypernetwork shared by the layers, whose
+   gradients concurrent members would race on), and (at forward) routing noise for grouped
+   MoE layers. The groups are a run-time option: model files do not record them. */
+MOEDEF moe_status moe_model_set_groups(moe_model *m, const int *first, const int *size, int n_groups, int bypass,
+                                       int double_count);
+/* Sequential steps of a forward with the current groups: n_layers minus (P - 1) for every
+   group (the latency proxy when the members of a group run in parallel). */
+MOEDEF int moe_model_depth(const moe_model *m);
 
 /* ============================================================================================
    >>moe:model_io  model files: the config as a record of named fields, save/load with checks
@@ -1591,6 +1645,89 @@ MOEDEF moe_status moe_model_gguf_check(const moe_model_config *c, moe_err *err);
 /* Writes m as a GGUF file (atomically); matrices as dtype, norms and the router as F32. */
 MOEDEF moe_status moe_model_export_gguf(const moe_model *m, const char *path, moe_dtype dtype, moe_err *err);
 #endif
+
+/* ============================================================================================
+   >>moe:closer_look  diagnostics of "A Closer Look into MoE in LLMs" and routing statistics
+   ============================================================================================
+   Lo et al., arXiv 2406.18219 (§3-§5), in this library's convention: neuron i of a SwiGLU
+   expert is row i of its gate matrix A (w_gate, (D, d)) and of its up matrix B (w_up), and
+   column i of its down matrix O (w_down, (d, D)); the router's gate embedding of expert e is
+   row e of router.w (E, d).
+     two-pass protocol (§3): pass 1 is an ordinary moe_model_forward, which keeps every
+       layer's FFN input (blocks[l].ln2) and the gate scores of every expert (the router's
+       softmax, moe_layer.probs); pass 2, moe_expert_outputs, runs EVERY expert of layer l on
+       those inputs (top-k = E) before gate weighting.
+     norm-vs-score ranks (§4.2): per token, rank the experts by output L2 norm and by gate
+       score; counts[rank_norm][rank_score] += 1 (ties: the lower expert index ranks first).
+     similarities (§4.1, §5): cosine of flattened expert matrices, or of "neuron-averaged"
+       vectors (the mean of an expert's neurons: order-invariant), the angular similarity
+       1 - arccos(cos) / pi for averaging; mean output similarity over tokens.
+     gate-vs-neuron regression (§4.3): over expert pairs m < n, X = cos of the gate embeddings,
+       Y = cos of the neuron-averaged A (or B, or O) vectors; Pearson R and R^2.
+     Kendall's tau (tau-b, with ties, as scipy.stats.kendalltau) for orders, e.g. a neuron
+       permutation found by matching (§4.1).
+   Also here: the routing statistics of the RMoE paper (arXiv 2408.06793 §4.3: inner and outer
+   balance, the cross-layer mutual information of routing vectors) and the cosine similarity
+   of adjacent layers' inputs that CQIL groups layers by (arXiv 2404.06709 §3.1).
+   Diagnostics allocate what they need (they are not on the training path); anything asked
+   of a dense layer, a layer without a linear router or experts without a gate matrix is a
+   status with a sentence in m->err (or err). */
+
+typedef enum moe_expert_matrix {
+    MOE_MATRIX_ROUTER = 0, /* the gate embedding, router.w row e (E, d)         */
+    MOE_MATRIX_GATE = 1,   /* A, w_gate (D, d) per expert: neurons are rows      */
+    MOE_MATRIX_UP = 2,     /* B, w_up (D, d): neurons are rows                   */
+    MOE_MATRIX_DOWN = 3    /* O, w_down (d, D): neurons are columns              */
+} moe_expert_matrix;
+
+/* cos(a, b) of two n-vectors in double; 0 when either is zero */
+MOEDEF double moe_cosine(const float *a, const float *b, size_t n);
+/* 1 - arccos(cos) / pi, cos clamped to [-1, 1] (arXiv 2406.18219 §5) */
+MOEDEF double moe_angular_similarity(double cos);
+/* Pearson correlation of n pairs; NaN when n < 2 or a side is constant */
+MOEDEF double moe_pearson(const double *x, const double *y, int n);
+/* Kendall's tau-b of n pairs (ties in x or y corrected as scipy.stats.kendalltau does); NaN
+   when n < 2 or a side is constant. O(n^2). */
+MOEDEF double moe_kendall_tau(const double *x, const double *y, int n);
+
+/* Inner and outer balance of n tokens' routing probabilities probs (n, E): inner[t] =
+   p_top1 / p_top2 (the denominator at least 1e-30), outer[t] = the sum of the k largest
+   (arXiv 2408.06793 §4.3). E >= 2, 1 <= k <= E. */
+MOEDEF moe_status moe_routing_balance(float *inner, float *outer, const float *probs, int n, int E, int k, moe_err *err);
+/* The RMoE paper's cross-layer mutual information of n tokens, mi (n) in nats: token t's two
+   routing vectors p, q (n, E) become labels a_e = bin of p_e, b_e = bin of q_e (bins equal-
+   width on [0, 1], the last closed); the plug-in MI of the E label pairs (as sklearn's
+   mutual_info_score): (1/E) sum_e ln(E n(a_e, b_e) / (n(a_e) n(b_e))). */
+MOEDEF moe_status moe_routing_mi(double *mi, const float *p, const float *q, int n, int E, int bins, moe_err *err);
+
+/* Pass 2 of the two-pass protocol on the last forward of m (B T tokens): out (B T, E, d) =
+   every routed expert's output on layer l's stored FFN input, before gate weighting (shared
+   experts are not among them); scores (B T, E) = the router's probabilities of that forward
+   (softmax; sigmoid scores for sigmoid routers). Either may be NULL. AoE experts (no gate
+   matrix of their own) are refused. */
+MOEDEF moe_status moe_expert_outputs(float *out, float *scores, moe_model *m, int l);
+/* counts (E, E) += per token, [rank of the expert by output norm][its rank by score] */
+MOEDEF void moe_rank_count(int64_t *counts, const float *out, const float *scores, int n, int E, int d);
+/* sim (E, E): mean over n tokens of cos (angular = 0) or the angular similarity (1) of the
+   experts' outputs out (n, E, d) */
+MOEDEF void moe_output_similarity(double *sim, const float *out, int n, int E, int d, int angular);
+/* v (E, d): each expert's mean neuron of matrix `which` of layer l (ROUTER: its gate
+   embedding row itself) */
+MOEDEF moe_status moe_neuron_means(float *v, moe_model *m, int l, moe_expert_matrix which);
+/* sim (E, E): cosine (angular: the angular similarity) of layer l's experts' matrix `which`,
+   flattened (neuron_mean 0) or neuron-averaged (1); the router's rows either way */
+MOEDEF moe_status moe_expert_similarity(double *sim, moe_model *m, int l, moe_expert_matrix which, int neuron_mean, int angular);
+/* Pearson R (and R^2) over the E (E-1)/2 expert pairs of layer l between the gate embeddings'
+   cosine and the neuron-averaged `which` vectors' cosine (arXiv 2406.18219 §4.3, Table 1) */
+MOEDEF moe_status moe_gate_neuron_regression(double *R, double *R2, moe_model *m, int l, moe_expert_matrix which);
+/* Similarity by depth: mean[l] = the mean over expert pairs m < n of moe_expert_similarity's
+   cosine for every MoE layer, NaN for dense layers. (n_layers) values. */
+MOEDEF moe_status moe_similarity_by_depth(double *mean, moe_model *m, moe_expert_matrix which, int neuron_mean);
+/* cos (n_layers - 1): cos[l] = mean over the last forward's tokens of cos(x_l, x_{l+1}), x_l
+   the residual stream entering layer l (CQIL, arXiv 2404.06709 §3.1, Figure 2). Run on the
+   sequential model (inside a CQIL group every member's input is the group's). Dense models
+   too. */
+MOEDEF moe_status moe_layer_input_similarity(double *cos, moe_model *m);
 
 /* ============================================================================================
    >>moe:data  batches of byte windows from one or several sources
@@ -5883,6 +6020,15 @@ static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int
     return id;
 }
 
+/* d_ff where some block is dense, else 0: an all-MoE model stores a d_ff it never uses, which
+   must size no buffer (a model file's d_ff is then bounded by nothing it holds) */
+static size_t moe__dense_width(const moe_model *m) {
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (!m->blocks[l].is_moe) return (size_t)m->cfg.d_ff;
+    return 0;
+}
+
 /* max_numel > 0 (moe_model_declare): declare the tensors only, within that budget */
 static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int max_B, int max_T, size_t max_numel) {
     int l, d, N, L, NH, V, F;
@@ -5989,19 +6135,13 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     m->d_qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
     m->d_atty = (float *)moe__calloc(Nd, sizeof(float));
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
-    /* the dense FFN's backward scratch; an all-MoE model stores a d_ff it never uses, which must
-       not size an allocation (a model file's d_ff is not bounded by its parameters then) */
-    for (l = 0; l < L && m->blocks[l].is_moe; l++) {}
-    if (l < L) {
-        m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-        m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-        ok = ok && m->scratch1 && m->scratch2;
-    }
+    m->scratch1 = (float *)moe__calloc((size_t)N * moe__dense_width(m), sizeof(float));
+    m->scratch2 = (float *)moe__calloc((size_t)N * moe__dense_width(m), sizeof(float));
     ok = ok && moe__router_input_alloc(m, N);
     if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
     if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
-         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits;
+         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
         int nt = moe_num_threads(), dense = 0, P = c->router_dim;
         size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
@@ -6049,6 +6189,21 @@ MOE__IMPL moe_status moe_model_param_count(const moe_model_config *c, size_t *nu
     return st;
 }
 
+static void moe__groups_free(moe_model *m) {
+    int q;
+    for (q = 0; q < m->n_lanes; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        MOE_FREE(ln->att); MOE_FREE(ln->da); MOE_FREE(ln->g); MOE_FREE(ln->d_ln); MOE_FREE(ln->d_atty);
+        MOE_FREE(ln->d_qkv); MOE_FREE(ln->scratch1); MOE_FREE(ln->scratch2);
+        moe_work_free(&ln->work);
+    }
+    MOE_FREE(m->lanes);
+    MOE_FREE(m->group_size);
+    m->lanes = NULL;
+    m->group_size = NULL;
+    m->n_lanes = 0;
+}
+
 MOE__IMPL void moe_model_free(moe_model *m) {
     int l;
     if (m->blocks) {
@@ -6070,6 +6225,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
     moe__router_input_free(m);
+    moe__groups_free(m);
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
     MOE_FREE(m->gen_probs);
@@ -6147,56 +6303,253 @@ static void moe__model_balance_all_layers(moe_model *m) {
 
 /* A kernel call that fails (only a workspace that does not fit its call can) ends the pass
    with the kernel's status and what failed (layer l, or the model's own parts for l < 0). */
-static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, const char *what) {
-    if (l < 0) return moe_err_set(&m->err, st, "%s: %s", what, moe_status_string(st));
-    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+static moe_status moe__model_kernel_err(moe_err *err, moe_status st, int l, const char *what) {
+    if (l < 0) return moe_err_set(err, st, "%s: %s", what, moe_status_string(st));
+    return moe_err_set(err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
 }
-#define MOE__MODEL_TRY(call, l, what)                                                    \
+#define MOE__ERR_TRY(err, call, l, what)                                                 \
     do {                                                                                 \
         moe_status st_ = (call);                                                         \
-        if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
+        if (st_ != MOE_OK) return moe__model_kernel_err(err, st_, l, what);              \
     } while (0)
+#define MOE__MODEL_TRY(call, l, what) MOE__ERR_TRY(&m->err, call, l, what)
 
-/* The FFN half of block b (layer l) on N tokens: b->ln2 = RMSNorm(b->x2), then b->ffn = the
-   dense SwiGLU or the MoE layer with the per-call args a (their router_input and noise are
-   filled here); *rh_prev carries RMoE's GRU state through depth. The full forward and the
-   cached decoding (>>moe:generate) share it, so both run the same arithmetic per token. */
-static moe_status moe__model_block_ffn(moe_model *m, moe_block *b, int l, int N, moe_layer_args *a,
-                                       const float **rh_prev, moe_rng *noise) {
+/* Block l's halves, forward and backward, on the given workspace, errors into err: the layer
+   loop runs them one layer at a time on the model's buffers, a CQIL group runs its members'
+   halves concurrently, each on its lane (>>moe:model, moe_model_set_groups). */
+
+/* x2 = x + Attn(RMSNorm(x)); the projection lands in att (a CQIL member's a_q, which its
+   bypass reads) or, att NULL, in x2 itself */
+static moe_status moe__block_attention_forward(moe_model *m, int l, int B, int T, float *att, moe_work *work, moe_err *err) {
     const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    int d = c->d, N = B * T, i;
+    moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
+    MOE__ERR_TRY(err, moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, work), l, "qkv");
+    if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, c->n_heads, 0);
+    MOE__ERR_TRY(err, moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, c->n_heads, work), l, "attention");
+    MOE__ERR_TRY(err, moe_matmul_forward(att ? att : b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, work), l,
+                 "attention output");
+    if (att)
+        for (i = 0; i < N * d; i++) b->x2[i] = att[i] + b->x[i];
+    else
+        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
+    return MOE_OK;
+}
+
+/* an MoE block's per-call args in a forward over sequences of T tokens (noise: its draws or NULL) */
+static moe_layer_args moe__block_args(const moe_model *m, int T, const float *noise) {
+    moe_layer_args a = moe_layer_args_default();
+    a.seq_len = T;
+    a.gw_active = m->gw_broadcast;
+    a.noise = noise;
+    return a;
+}
+
+/* ffn = FFN(RMSNorm(x2)) on N tokens; a: the MoE layer's per-call args (seq_len, gw_active,
+   noise, dropless: the caller's; router_input is set here); rh_prev: RMoE's state chain (NULL in
+   a CQIL group, where such routers are refused). The full forward, a CQIL group and the cached
+   decoding (>>moe:generate) share it, so all run the same arithmetic per token. */
+static moe_status moe__block_ffn_forward(moe_model *m, int l, int N, moe_layer_args a, const float **rh_prev, moe_work *work,
+                                         moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
     int d = c->d;
     moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
     if (b->is_moe) {
+        moe_work keep = b->moe.work; /* the model's, or a lane's for this call */
         moe_status st;
         if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
             st = moe__router_input_forward(m, b, rh_prev, N, l);
             if (st != MOE_OK) return st;
-            a->router_input = b->rh;
+            a.router_input = b->rh;
         }
-        if (noise && m->routing_noise) {
-            size_t n = (size_t)N * c->moe.n_experts, k;
-            for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
-            a->noise = m->routing_noise;
-        }
-        st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, a);
-        if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-        m->aux_loss += b->moe.stats.aux_total;
+        b->moe.work = *work;
+        st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, &a);
+        b->moe.work = keep;
+        if (st != MOE_OK) return moe_err_set(err, st, "layer %d: %s", l, b->moe.err.msg);
     } else {
         moe_expert_weights w = moe__dense_ffn(m, b, 0);
         int offset[2];
         offset[0] = 0;
         offset[1] = N;
-        MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
-                                           MOE_ACT_SILU, &m->work),
-                       l, "dense FFN");
+        MOE__ERR_TRY(err, moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, work),
+                     l, "dense FFN");
     }
+    return MOE_OK;
+}
+
+/* the FFN half backward from dout = dL/d(ffn): acc += RMSNorm2'(d ffn input) (dL/dx2 through
+   the FFN); d_ln, scratch1, scratch2 are the call's scratch */
+static moe_status moe__block_ffn_backward(moe_model *m, int l, const float *dout, float *acc, float scale, float *d_ln,
+                                          float *scratch1, float *scratch2, moe_work *work, moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    moe_store *S = &m->S;
+    int N = m->B * m->T, d = c->d;
+    memset(d_ln, 0, sizeof(float) * (size_t)N * d);
+    if (b->is_moe) {
+        moe_layer_args a = moe_layer_args_default();
+        moe_work keep = b->moe.work;
+        moe_status st;
+        a.aux_grad_scale = scale; /* dout already carries the scale from d_logits */
+        a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
+        if (b->id_rproj >= 0) {
+            a.router_input = b->rh;
+            a.d_router_input = m->r_drin;
+            memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
+        }
+        b->moe.work = *work;
+        st = moe_layer_backward(&b->moe, S, d_ln, dout, b->ln2, &a);
+        b->moe.work = keep;
+        if (st != MOE_OK) return moe_err_set(err, st, "layer %d: %s", l, b->moe.err.msg);
+        if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
+    } else {
+        moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
+        int offset[2];
+        offset[0] = 0;
+        offset[1] = N;
+        MOE__ERR_TRY(err, moe_experts_backward(d_ln, &gw, dout, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                               MOE_ACT_SILU, scratch1, scratch2, work),
+                     l, "dense FFN backward");
+    }
+    moe_rmsnorm_backward(acc, moe_store_grad(S, b->id_ln2), d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+    return MOE_OK;
+}
+
+/* the attention half backward from da = dL/d(attention output): d_ln = dL/d RMSNorm1(x) (the
+   caller adds RMSNorm1' of it to dL/dx); d_atty, d_qkv scratch */
+static moe_status moe__block_attention_backward(moe_model *m, int l, const float *da, float *d_ln, float *d_atty, float *d_qkv,
+                                                moe_work *work, moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    moe_store *S = &m->S;
+    int B = m->B, T = m->T, N = B * T, d = c->d;
+    memset(d_atty, 0, sizeof(float) * (size_t)N * d);
+    MOE__ERR_TRY(err, moe_matmul_backward(d_atty, moe_store_grad(S, b->id_wo), NULL, da, b->atty, moe_store_param(S, b->id_wo), N, d, d, work),
+                 l, "attention output backward");
+    MOE__ERR_TRY(err, moe_attention_backward(d_qkv, d_atty, b->qkv, b->att, B, T, d, c->n_heads, work), l, "attention backward");
+    if (c->pos == MOE_POS_ROPE) moe_rope_apply(d_qkv, m->rope, B, T, d, c->n_heads, 1);
+    memset(d_ln, 0, sizeof(float) * (size_t)N * d);
+    MOE__ERR_TRY(err, moe_matmul_backward(d_ln, moe_store_grad(S, b->id_qkv), NULL, d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d, work),
+                 l, "qkv backward");
+    return MOE_OK;
+}
+
+/* the first failing member's sentence becomes the model's */
+static moe_status moe__group_status(moe_model *m, int P) {
+    int q;
+    for (q = 0; q < P; q++)
+        if (m->lanes[q].err.status != MOE_OK) {
+            m->err = m->lanes[q].err;
+            return m->err.status;
+        }
+    return MOE_OK;
+}
+
+/* CQIL group forward, layers l0..l0+P-1 on the common input h = blocks[l0].x (arXiv
+   2404.06709 §3; the formulas at moe_model_set_groups). Each member's block caches hold what
+   the sequential block would for input h and FFN input r_q, so backward reuses them. */
+static moe_status moe__group_forward(moe_model *m, int l0, int P, int B, int T) {
+    const moe_model_config *c = &m->cfg;
+    int q, dist = m->group_bypass;
+    size_t i, Nd = (size_t)B * T * c->d;
+    const float *h = m->blocks[l0].x;
+    float *out = l0 + P < c->n_layers ? m->blocks[l0 + P].x : m->x_final;
+    for (q = 1; q < P; q++) memcpy(m->blocks[l0 + q].x, h, sizeof(float) * Nd);
+    for (q = 0; q < P; q++) m->lanes[q].err.status = MOE_OK;
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) moe__block_attention_forward(m, l0 + q, B, T, m->lanes[q].att, &m->lanes[q].work, &m->lanes[q].err);
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 1; dist > 0 && q < P; q++) { /* r_q = h + a_q + beta_q */
+        float *x2 = m->blocks[l0 + q].x2;
+        int u;
+        for (u = q - dist < 0 ? 0 : q - dist; u < q; u++) {
+            const float *a = m->lanes[u].att;
+            for (i = 0; i < Nd; i++) x2[i] += a[i];
+        }
+    }
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) moe__block_ffn_forward(m, l0 + q, B * T, moe__block_args(m, T, NULL), NULL, &m->lanes[q].work, &m->lanes[q].err);
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 0; q < P; q++) {
+        if (m->blocks[l0 + q].is_moe) m->aux_loss += m->blocks[l0 + q].moe.stats.aux_total;
+        if (m->ffn_hook) m->ffn_hook(m, l0 + q, m->ffn_hook_user);
+    }
+    /* h_out = (h + a_0 + FFN_0) + sum_{q>=1} (a_q [+ beta_q] + FFN_q), in member order */
+    {
+        const float *x2 = m->blocks[l0].x2, *f = m->blocks[l0].ffn;
+        for (i = 0; i < Nd; i++) out[i] = x2[i] + f[i];
+    }
+    for (q = 1; q < P; q++) {
+        const float *a = m->lanes[q].att, *f = m->blocks[l0 + q].ffn;
+        int u;
+        for (i = 0; i < Nd; i++) out[i] += a[i];
+        for (u = q - dist < 0 ? 0 : q - dist; m->group_double_count && u < q; u++) {
+            const float *b = m->lanes[u].att;
+            for (i = 0; i < Nd; i++) out[i] += b[i];
+        }
+        for (i = 0; i < Nd; i++) out[i] += f[i];
+    }
+    return MOE_OK;
+}
+
+/* CQIL group backward: d_res holds dL/dh_out on entry, dL/dh on return. With D = dL/dh_out,
+   G_q = dL/dr_q through member q's FFN and R_q = G_q (+ D when double counting):
+     dL/da_q = D + G_q + sum of R_u over the later members u whose bypass reads a_q
+               (double counting: D + G_q ... with every R_u carrying a D)
+     dL/dh   = D + sum_q G_q + sum_q RMSNorm1_q'(attention_q'(dL/da_q)) */
+static moe_status moe__group_backward(moe_model *m, int l0, int P, float scale) {
+    const moe_model_config *c = &m->cfg;
+    int q, dist = m->group_bypass, N = m->B * m->T;
+    size_t i, Nd = (size_t)N * c->d;
+    const float *D = m->d_res;
+    float *dh = m->d_res2;
+    for (q = 0; q < P; q++) m->lanes[q].err.status = MOE_OK;
+    memcpy(m->lanes[0].da, D, sizeof(float) * Nd); /* member 0 accumulates onto D, as a sequential block */
+    for (q = 1; q < P; q++) memset(m->lanes[q].g, 0, sizeof(float) * Nd);
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        moe__block_ffn_backward(m, l0 + q, D, q == 0 ? ln->da : ln->g, scale, ln->d_ln, ln->scratch1, ln->scratch2, &ln->work, &ln->err);
+    }
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    memcpy(dh, m->lanes[0].da, sizeof(float) * Nd);
+    for (q = 1; q < P; q++) {
+        const float *g = m->lanes[q].g;
+        float *da = m->lanes[q].da;
+        for (i = 0; i < Nd; i++) dh[i] += g[i];
+        for (i = 0; i < Nd; i++) da[i] = D[i] + g[i];
+    }
+    for (q = 0; dist > 0 && q + 1 < P; q++) { /* a_q reaches members q+1 .. q+dist */
+        float *da = m->lanes[q].da;
+        int u;
+        for (u = q + 1; u < P && u <= q + dist; u++) {
+            const float *g = m->lanes[u].g;
+            for (i = 0; i < Nd; i++) da[i] += g[i];
+            if (m->group_double_count)
+                for (i = 0; i < Nd; i++) da[i] += D[i];
+        }
+    }
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        moe__block_attention_backward(m, l0 + q, ln->da, ln->d_ln, ln->d_atty, ln->d_qkv, &ln->work, &ln->err);
+    }
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 0; q < P; q++) {
+        const moe_block *b = &m->blocks[l0 + q];
+        moe_rmsnorm_backward(dh, moe_store_grad(&m->S, b->id_ln1), m->lanes[q].d_ln, b->x, moe_store_param(&m->S, b->id_ln1), b->rstd1, N,
+                             c->d);
+    }
+    memcpy(m->d_res, dh, sizeof(float) * Nd);
     return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
-    int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
+    int d = c->d, V = c->vocab, N = B * T, l, i, t, P;
     const float *wte, *wpe, *rh_prev;
     float *x;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
@@ -6224,21 +6577,28 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     }
     m->aux_loss = 0.0;
     rh_prev = m->r_zero; /* RMoE: h_0 = 0 before the first MoE layer; dense layers pass h on */
-    for (l = 0; l < c->n_layers; l++) {
+    for (l = 0; l < c->n_layers; l += P) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
-        moe_layer_args a = moe_layer_args_default();
+        const float *draws = NULL;
         moe_status st;
-        a.seq_len = T;
-        a.gw_active = m->gw_broadcast;
-        moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
-        if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
-        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
-        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
-        st = moe__model_block_ffn(m, b, l, N, &a, &rh_prev, noise);
-        if (st != MOE_OK) return st;
+        P = m->group_size ? m->group_size[l] : 0;
+        if (P > 0) { /* a CQIL group */
+            for (i = l; i < l + P; i++)
+                if (noise && m->routing_noise && m->blocks[i].is_moe)
+                    return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layers %d..%d run as a CQIL group: their MoE layers cannot draw routing noise (pass no noise RNG)", l, l + P - 1);
+            if ((st = moe__group_forward(m, l, P, B, T)) != MOE_OK) return st;
+            continue;
+        }
+        P = 1;
+        if ((st = moe__block_attention_forward(m, l, B, T, NULL, &m->work, &m->err)) != MOE_OK) return st;
+        if (b->is_moe && noise && m->routing_noise) {
+            size_t n = (size_t)N * c->moe.n_experts, k;
+            for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
+            draws = m->routing_noise;
+        }
+        if ((st = moe__block_ffn_forward(m, l, N, moe__block_args(m, T, draws), &rh_prev, &m->work, &m->err)) != MOE_OK) return st;
+        if (b->is_moe) m->aux_loss += b->moe.stats.aux_total;
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
@@ -6252,15 +6612,22 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+/* the size of the CQIL group whose last member is layer l, 0 when l ends none */
+static int moe__group_ending_at(const moe_model *m, int l) {
+    int s;
+    for (s = l; m->group_size && s >= 0; s--)
+        if (m->group_size[s] > 0) return s + m->group_size[s] - 1 == l ? m->group_size[s] : 0;
+    return 0;
+}
+
+/* everything below the logits, from m->d_logits */
+static moe_status moe__model_backward_from_logits(moe_model *m, float scale) {
     const moe_model_config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T, d = c->d, NH = c->n_heads, V = c->vocab, l, i, count = 0;
+    int B = m->B, T = m->T, N = B * T, d = c->d, V = c->vocab, l, i, P;
     float *d_res = m->d_res, *d_res2 = m->d_res2;
     moe_store *S = &m->S;
-    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
-    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
-    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
-    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    moe_status st;
+    (void)B;
     /* tied head: logits = lnf . wte^T */
     memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
     MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte),
@@ -6269,46 +6636,21 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
-    for (l = c->n_layers - 1; l >= 0; l--) {
-        moe_block *b = &m->blocks[l];
+    for (l = c->n_layers - 1; l >= 0; l -= P) {
+        moe_block *b;
+        if ((P = moe__group_ending_at(m, l)) > 0) {
+            if ((st = moe__group_backward(m, l - P + 1, P, scale)) != MOE_OK) return st;
+            continue;
+        }
+        P = 1;
+        b = &m->blocks[l];
         /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
-        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        if (b->is_moe) {
-            moe_layer_args a = moe_layer_args_default();
-            moe_status st;
-            a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
-            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
-            if (b->id_rproj >= 0) {
-                a.router_input = b->rh;
-                a.d_router_input = m->r_drin;
-                memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
-            }
-            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
-            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
-        } else {
-            moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
-            int offset[2];
-            offset[0] = 0;
-            offset[1] = N;
-            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
-                                                MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
-                           l, "dense FFN backward");
-        }
-        moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+        st = moe__block_ffn_backward(m, l, d_res, d_res2, scale, m->d_ln, m->scratch1, m->scratch2, &m->work, &m->err);
+        if (st != MOE_OK) return st;
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
-        memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
-                                           N, d, d, &m->work),
-                       l, "attention output backward");
-        MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");
-        if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
-        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv),
-                                           N, d, 3 * d, &m->work),
-                       l, "qkv backward");
+        if ((st = moe__block_attention_backward(m, l, d_res2, m->d_ln, m->d_atty, m->d_qkv, &m->work, &m->err)) != MOE_OK) return st;
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
     }
@@ -6327,6 +6669,80 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         }
     }
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+    int N = m->B * m->T, V = m->cfg.vocab, i, count = 0;
+    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
+    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
+    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
+    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    return moe__model_backward_from_logits(m, scale);
+}
+
+MOE__IMPL moe_status moe_model_backward_logits(moe_model *m, const float *d_logits, float scale) {
+    if (!m->blocks || m->B == 0) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward before it");
+    if (!d_logits) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "d_logits must not be NULL");
+    memcpy(m->d_logits, d_logits, sizeof(float) * (size_t)m->B * m->T * m->cfg.vocab);
+    return moe__model_backward_from_logits(m, scale);
+}
+
+MOE__IMPL moe_status moe_model_set_groups(moe_model *m, const int *first, const int *size, int n_groups, int bypass,
+                                          int double_count) {
+    const moe_model_config *c = &m->cfg;
+    int g, l, P = 0, end = 0, q, ok = 1;
+    size_t Nd, NF;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (n_groups < 0 || (n_groups > 0 && (!first || !size)))
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL groups: n_groups must be >= 0, with first and size given");
+    if (bypass < 0) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL bypass distance %d must not be negative", bypass);
+    for (g = 0; g < n_groups; g++) {
+        if (size[g] < 1 || first[g] < 0 || first[g] > c->n_layers - size[g])
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL group %d: layers [%d, %d) are not inside the model's %d layers", g, first[g],
+                               first[g] + size[g], c->n_layers);
+        if (first[g] < end)
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL group %d starts at layer %d, inside or before the group before it (which ends at %d): give disjoint groups in increasing order",
+                               g, first[g], end);
+        end = first[g] + size[g];
+        P = size[g] > P ? size[g] : P;
+        for (l = first[g]; l < end; l++) {
+            const moe_block *b = &m->blocks[l];
+            if (b->is_moe && b->id_rproj >= 0)
+                return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "CQIL group %d: MoE layer %d's router reads a GRU state or an MLP, which runs layer after layer; group only layers with linear routers", g, l);
+            if (b->is_moe && c->moe.hyper)
+                return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "CQIL group %d: HyperMoE layers share one hypernetwork, whose gradients concurrent members would race on", g);
+        }
+    }
+    moe__groups_free(m);
+    m->group_bypass = bypass;
+    m->group_double_count = double_count != 0;
+    if (n_groups == 0) return MOE_OK;
+    Nd = (size_t)m->max_B * m->max_T * c->d;
+    NF = (size_t)m->max_B * m->max_T * moe__dense_width(m);
+    m->group_size = (int *)moe__calloc((size_t)c->n_layers, sizeof(int));
+    m->lanes = (moe_group_lane *)moe__calloc((size_t)P, sizeof(moe_group_lane));
+    ok = m->group_size && m->lanes;
+    if (ok) m->n_lanes = P;
+    for (q = 0; ok && q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        ok = MOE__ALLOC(ln->att, Nd, float) && MOE__ALLOC(ln->da, Nd, float) && MOE__ALLOC(ln->g, Nd, float) &&
+             MOE__ALLOC(ln->d_ln, Nd, float) && MOE__ALLOC(ln->d_atty, Nd, float) && MOE__ALLOC(ln->d_qkv, 3 * Nd, float) &&
+             MOE__ALLOC(ln->scratch1, NF, float) && MOE__ALLOC(ln->scratch2, NF, float) &&
+             moe_work_alloc(&ln->work, m->work.floats, 1) == MOE_OK; /* one thread: the members are the parallel loop */
+    }
+    if (!ok) {
+        moe__groups_free(m);
+        return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the CQIL groups' buffers");
+    }
+    for (g = 0; g < n_groups; g++) m->group_size[first[g]] = size[g];
+    return MOE_OK;
+}
+
+MOE__IMPL int moe_model_depth(const moe_model *m) {
+    int l, depth = m->cfg.n_layers;
+    for (l = 0; m->group_size && l < m->cfg.n_layers; l++)
+        if (m->group_size[l] > 1) depth -= m->group_size[l] - 1;
+    return depth;
 }
 
 MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }
@@ -7150,9 +7566,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
     for (l = 0; l < mc->n_layers; l++) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < mc->n_layers ? m->blocks[l + 1].x : m->x_final;
-        moe_layer_args a = moe_layer_args_default();
-        a.seq_len = 1;
-        a.gw_active = m->gw_broadcast;
+        moe_layer_args a = moe__block_args(m, 1, NULL);
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
         moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
@@ -7170,7 +7584,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         moe__kv_attention(c, l, b->atty, b->qkv, n);
         moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
         for (i = 0; i < n * d; i++) b->x2[i] += b->x[i];
-        st = moe__model_block_ffn(m, b, l, n, &a, &rh_prev, NULL);
+        st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
@@ -8694,6 +9108,341 @@ MOE__IMPL moe_status moe_model_export_gguf(const moe_model *m, const char *path,
     return moe__atomic_close(&f, ok, tmp, path, err);
 }
 #endif /* MOE_NO_STDIO */
+/* ============================================================================================
+   >>moe:closer_look
+   ============================================================================================ */
+
+MOE__IMPL double moe_cosine(const float *a, const float *b, size_t n) {
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return aa > 0.0 && bb > 0.0 ? ab / sqrt(aa * bb) : 0.0;
+}
+
+MOE__IMPL double moe_angular_similarity(double cos) {
+    cos = cos > 1.0 ? 1.0 : cos < -1.0 ? -1.0 : cos;
+    return 1.0 - acos(cos) / 3.14159265358979323846;
+}
+
+MOE__IMPL double moe_pearson(const double *x, const double *y, int n) {
+    double mx = 0.0, my = 0.0, sxy = 0.0, sxx = 0.0, syy = 0.0;
+    int i;
+    if (n < 2) return NAN;
+    for (i = 0; i < n; i++) { mx += x[i]; my += y[i]; }
+    mx /= n;
+    my /= n;
+    for (i = 0; i < n; i++) {
+        sxy += (x[i] - mx) * (y[i] - my);
+        sxx += (x[i] - mx) * (x[i] - mx);
+        syy += (y[i] - my) * (y[i] - my);
+    }
+    return sxx > 0.0 && syy > 0.0 ? sxy / sqrt(sxx * syy) : NAN;
+}
+
+/* tau-b = (concordant - discordant) / sqrt((n0 - ties_x)(n0 - ties_y)), pairs tied in x
+   (or y) counted in ties_x (ties_y), pairs tied in both in neither difference */
+MOE__IMPL double moe_kendall_tau(const double *x, const double *y, int n) {
+    double nc = 0.0, nd = 0.0, tx = 0.0, ty = 0.0, n0, den;
+    int i, j;
+    if (n < 2) return NAN;
+    for (i = 0; i < n; i++)
+        for (j = i + 1; j < n; j++) {
+            double s = (x[i] - x[j]) * (y[i] - y[j]);
+            if (x[i] == x[j]) tx += 1.0;
+            if (y[i] == y[j]) ty += 1.0;
+            if (s > 0) nc += 1.0;
+            else if (s < 0) nd += 1.0;
+        }
+    n0 = 0.5 * n * (n - 1.0);
+    den = sqrt((n0 - tx) * (n0 - ty));
+    return den > 0.0 ? (nc - nd) / den : NAN;
+}
+
+MOE__IMPL moe_status moe_routing_balance(float *inner, float *outer, const float *probs, int n, int E, int k, moe_err *err) {
+    int t;
+    if (!inner || !outer || !probs || n < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "routing balance: NULL buffer or negative token count");
+    if (E < 2 || k < 1 || k > E) return moe_err_set(err, MOE_ERR_INVALID_ARG, "routing balance needs E >= 2 and 1 <= k <= E, got E = %d, k = %d", E, k);
+    for (t = 0; t < n; t++) {
+        const float *p = probs + (size_t)t * E;
+        float top1 = -1.0f, top2 = -1.0f, sum = 0.0f, prev = 0.0f;
+        int j, i, prev_i = -1;
+        for (i = 0; i < E; i++) {
+            if (p[i] > top1) { top2 = top1; top1 = p[i]; }
+            else if (p[i] > top2) top2 = p[i];
+        }
+        inner[t] = top1 / (top2 > 1e-30f ? top2 : 1e-30f);
+        /* the k largest in descending order (ties: lower index first), summed in that order */
+        for (j = 0; j < k; j++) {
+            int best = -1;
+            for (i = 0; i < E; i++) {
+                int after = prev_i < 0 || p[i] < prev || (p[i] == prev && i > prev_i); /* not yet taken */
+                if (after && (best < 0 || p[i] > p[best])) best = i;
+            }
+            if (best < 0) break; /* NaN scores */
+            sum += p[best];
+            prev = p[best];
+            prev_i = best;
+        }
+        outer[t] = sum;
+    }
+    return MOE_OK;
+}
+
+static int moe__bin_of(float v, int bins) {
+    int b = (int)(v * bins);
+    return b < 0 ? 0 : b >= bins ? bins - 1 : b;
+}
+
+MOE__IMPL moe_status moe_routing_mi(double *mi, const float *p, const float *q, int n, int E, int bins, moe_err *err) {
+    int t, i, j;
+    if (!mi || !p || !q || n < 0) return moe_err_set(err, MOE_ERR_INVALID_ARG, "routing MI: NULL buffer or negative token count");
+    if (E < 1 || bins < 1) return moe_err_set(err, MOE_ERR_INVALID_ARG, "routing MI needs E >= 1 and bins >= 1, got E = %d, bins = %d", E, bins);
+    for (t = 0; t < n; t++) {
+        const float *pt = p + (size_t)t * E, *qt = q + (size_t)t * E;
+        double acc = 0.0;
+        for (i = 0; i < E; i++) {
+            int ai = moe__bin_of(pt[i], bins), bi = moe__bin_of(qt[i], bins), nab = 0, na = 0, nb = 0;
+            for (j = 0; j < E; j++) {
+                int aj = moe__bin_of(pt[j], bins), bj = moe__bin_of(qt[j], bins);
+                na += aj == ai;
+                nb += bj == bi;
+                nab += aj == ai && bj == bi;
+            }
+            acc += log((double)E * nab / ((double)na * nb));
+        }
+        mi[t] = acc / E;
+    }
+    return MOE_OK;
+}
+
+/* layer l of m is an MoE layer whose experts (and router, when asked) can be read */
+static moe_status moe__closer_check(moe_model *m, int l, int need_router) {
+    const moe_layer *L;
+    if (!m || !m->blocks) return m ? moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised") : MOE_ERR_INVALID_ARG;
+    if (l < 0 || l >= m->cfg.n_layers) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "layer %d is outside the model's %d layers", l, m->cfg.n_layers);
+    if (!m->blocks[l].is_moe)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d is a dense FFN: the expert diagnostics need an MoE layer (moe_every, dense_first)", l);
+    L = &m->blocks[l].moe;
+    if (need_router && L->id_router_w < 0)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d has no linear router (AoE): no gate embeddings to compare", l);
+    if (need_router && L->cfg.router_dim != 0 && L->cfg.router_dim != m->cfg.d)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d's router reads a %d-wide GRU state or MLP, not x: its gate embeddings live in another space", l, L->cfg.router_dim);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_expert_outputs(float *out, float *scores, moe_model *m, int l) {
+    moe_status st = moe__closer_check(m, l, 0);
+    const moe_layer *L;
+    moe_expert_weights w, we;
+    int N, E, d, D, e, t, offset[2];
+    float *y = NULL, *hg = NULL, *hu = NULL;
+    if (st != MOE_OK) return st;
+    if (m->B == 0) return moe_err_set(&m->err, MOE_ERR_STATE, "the two-pass protocol needs a forward first (pass 1 stores each layer's input)");
+    L = &m->blocks[l].moe;
+    N = m->B * m->T;
+    E = L->cfg.n_experts;
+    d = L->cfg.d;
+    D = L->cfg.d_ff;
+    if (scores) memcpy(scores, L->probs, sizeof(float) * (size_t)N * E);
+    if (!out) return MOE_OK;
+    w = moe_layer_experts(L, &m->S, 0, 0);
+    if (L->cfg.expert == MOE_EXPERT_SWIGLU && !w.gate)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d: AoE experts take their gate from the router's low-rank cache; their outputs are not separable from routing", l);
+    if (!MOE__ALLOC(y, (size_t)N * d, float) || !MOE__ALLOC(hg, (size_t)N * D, float) || !MOE__ALLOC(hu, (size_t)N * D, float)) {
+        MOE_FREE(y); MOE_FREE(hg); MOE_FREE(hu);
+        return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the expert outputs of %d tokens", N);
+    }
+    offset[0] = 0;
+    offset[1] = N;
+    for (e = 0; e < E && st == MOE_OK; e++) { /* expert e as a bank of one on every token */
+        we.gate = w.gate ? w.gate + (size_t)e * D * d : NULL;
+        we.up = w.up + (size_t)e * D * d;
+        we.down = w.down + (size_t)e * d * D;
+        we.b_up = w.b_up ? w.b_up + (size_t)e * D : NULL;
+        we.b_down = w.b_down ? w.b_down + (size_t)e * d : NULL;
+        st = moe_experts_forward(y, hg, hu, m->blocks[l].ln2, &we, offset, 1, d, D, L->cfg.expert, L->cfg.activation, NULL);
+        for (t = 0; st == MOE_OK && t < N; t++) memcpy(out + ((size_t)t * E + e) * d, y + (size_t)t * d, sizeof(float) * d);
+    }
+    MOE_FREE(y); MOE_FREE(hg); MOE_FREE(hu);
+    if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d, expert outputs: %s", l, moe_status_string(st));
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_rank_count(int64_t *counts, const float *out, const float *scores, int n, int E, int d) {
+    int t, e, j;
+    for (t = 0; t < n; t++) {
+        const float *o = out + (size_t)t * E * d, *s = scores + (size_t)t * E;
+        for (e = 0; e < E; e++) {
+            double ne = 0.0;
+            int rn = 0, rs = 0, k;
+            for (k = 0; k < d; k++) ne += (double)o[(size_t)e * d + k] * o[(size_t)e * d + k];
+            for (j = 0; j < E; j++) {
+                double nj = 0.0;
+                if (j == e) continue;
+                for (k = 0; k < d; k++) nj += (double)o[(size_t)j * d + k] * o[(size_t)j * d + k];
+                rn += nj > ne || (nj == ne && j < e);
+                rs += s[j] > s[e] || (s[j] == s[e] && j < e);
+            }
+            counts[(size_t)rn * E + rs] += 1;
+        }
+    }
+}
+
+MOE__IMPL void moe_output_similarity(double *sim, const float *out, int n, int E, int d, int angular) {
+    int t, a, b;
+    for (a = 0; a < E * E; a++) sim[a] = 0.0;
+    for (t = 0; t < n; t++) {
+        const float *o = out + (size_t)t * E * d;
+        for (a = 0; a < E; a++)
+            for (b = 0; b < E; b++) {
+                double c = moe_cosine(o + (size_t)a * d, o + (size_t)b * d, (size_t)d);
+                sim[a * E + b] += angular ? moe_angular_similarity(c) : c;
+            }
+    }
+    for (a = 0; n > 0 && a < E * E; a++) sim[a] /= n;
+}
+
+/* the matrix `which` of layer l: its base, per-expert stride and shape (rows, cols, neuron
+   axis: 0 = neurons are rows, 1 = columns) */
+static moe_status moe__closer_matrix(moe_model *m, int l, moe_expert_matrix which, const float **base, size_t *stride, int *rows,
+                                     int *cols, int *neuron_cols) {
+    const moe_layer *L;
+    moe_expert_weights w;
+    moe_status st = moe__closer_check(m, l, which == MOE_MATRIX_ROUTER);
+    int d = m ? m->cfg.d : 0, D;
+    if (st != MOE_OK) return st;
+    L = &m->blocks[l].moe;
+    D = L->cfg.d_ff;
+    w = moe_layer_experts(L, &m->S, 0, 0);
+    *neuron_cols = 0;
+    switch (which) {
+    case MOE_MATRIX_ROUTER: *base = moe_store_param(&m->S, L->id_router_w); *rows = 1; *cols = d; break;
+    case MOE_MATRIX_GATE:
+        if (!w.gate) return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d's experts have no gate matrix (two-matrix FFN or AoE)", l);
+        *base = w.gate; *rows = D; *cols = d; break;
+    case MOE_MATRIX_UP: *base = w.up; *rows = D; *cols = d; break;
+    case MOE_MATRIX_DOWN: *base = w.down; *rows = d; *cols = D; *neuron_cols = 1; break;
+    default: return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "unknown expert matrix %d", (int)which);
+    }
+    *stride = (size_t)*rows * *cols;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_neuron_means(float *v, moe_model *m, int l, moe_expert_matrix which) {
+    const float *W;
+    size_t stride;
+    int rows, cols, ncols, e, i, j, E;
+    moe_status st = moe__closer_matrix(m, l, which, &W, &stride, &rows, &cols, &ncols);
+    if (st != MOE_OK) return st;
+    E = m->blocks[l].moe.cfg.n_experts;
+    for (e = 0; e < E; e++) {
+        const float *M = W + (size_t)e * stride;
+        float *o = v + (size_t)e * m->cfg.d;
+        if (!ncols) { /* neurons are rows: the mean row */
+            for (j = 0; j < cols; j++) {
+                double acc = 0.0;
+                for (i = 0; i < rows; i++) acc += M[(size_t)i * cols + j];
+                o[j] = (float)(acc / rows);
+            }
+        } else { /* neurons are columns: the mean column */
+            for (i = 0; i < rows; i++) {
+                double acc = 0.0;
+                for (j = 0; j < cols; j++) acc += M[(size_t)i * cols + j];
+                o[i] = (float)(acc / cols);
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_expert_similarity(double *sim, moe_model *m, int l, moe_expert_matrix which, int neuron_mean, int angular) {
+    const float *W;
+    size_t stride;
+    int rows, cols, ncols, a, b, E, d;
+    float *v = NULL;
+    moe_status st = moe__closer_matrix(m, l, which, &W, &stride, &rows, &cols, &ncols);
+    if (st != MOE_OK) return st;
+    E = m->blocks[l].moe.cfg.n_experts;
+    d = m->cfg.d;
+    if (neuron_mean && which != MOE_MATRIX_ROUTER) {
+        if (!MOE__ALLOC(v, (size_t)E * d, float)) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for %d neuron means", E);
+        moe_neuron_means(v, m, l, which);
+        W = v;
+        stride = (size_t)d;
+    }
+    for (a = 0; a < E; a++)
+        for (b = 0; b < E; b++) {
+            double c = moe_cosine(W + (size_t)a * stride, W + (size_t)b * stride, stride);
+            sim[a * E + b] = angular ? moe_angular_similarity(c) : c;
+        }
+    MOE_FREE(v);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_gate_neuron_regression(double *R, double *R2, moe_model *m, int l, moe_expert_matrix which) {
+    double *gs = NULL, *ns = NULL, *x = NULL, *y = NULL, r;
+    int E, a, b, n = 0;
+    moe_status st = moe__closer_check(m, l, 1);
+    if (st != MOE_OK) return st;
+    E = m->blocks[l].moe.cfg.n_experts;
+    if (!MOE__ALLOC(gs, (size_t)E * E, double) || !MOE__ALLOC(ns, (size_t)E * E, double) || !MOE__ALLOC(x, (size_t)E * E, double) ||
+        !MOE__ALLOC(y, (size_t)E * E, double))
+        st = moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for %d experts' similarities", E);
+    if (st == MOE_OK) st = moe_expert_similarity(gs, m, l, MOE_MATRIX_ROUTER, 0, 0);
+    if (st == MOE_OK) st = moe_expert_similarity(ns, m, l, which, 1, 0);
+    if (st == MOE_OK) {
+        for (a = 0; a < E; a++)
+            for (b = a + 1; b < E; b++) {
+                x[n] = gs[a * E + b];
+                y[n++] = ns[a * E + b];
+            }
+        r = moe_pearson(x, y, n);
+        if (R) *R = r;
+        if (R2) *R2 = r * r;
+    }
+    MOE_FREE(gs); MOE_FREE(ns); MOE_FREE(x); MOE_FREE(y);
+    return st;
+}
+
+MOE__IMPL moe_status moe_similarity_by_depth(double *mean, moe_model *m, moe_expert_matrix which, int neuron_mean) {
+    int l, a, b, E, any = 0;
+    double *sim = NULL;
+    moe_status st = MOE_OK;
+    if (!m || !m->blocks) return m ? moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised") : MOE_ERR_INVALID_ARG;
+    E = m->cfg.moe.n_experts;
+    for (l = 0; l < m->cfg.n_layers; l++) any |= m->blocks[l].is_moe;
+    if (!any) return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "the model is dense (moe_every = 0): there are no experts to compare");
+    if (!MOE__ALLOC(sim, (size_t)E * E, double)) return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for %d experts' similarities", E);
+    for (l = 0; l < m->cfg.n_layers && st == MOE_OK; l++) {
+        double acc = 0.0;
+        mean[l] = NAN;
+        if (!m->blocks[l].is_moe) continue;
+        if ((st = moe_expert_similarity(sim, m, l, which, neuron_mean, 0)) != MOE_OK) break;
+        for (a = 0; a < E; a++)
+            for (b = a + 1; b < E; b++) acc += sim[a * E + b];
+        mean[l] = E > 1 ? acc / (0.5 * E * (E - 1)) : NAN;
+    }
+    MOE_FREE(sim);
+    return st;
+}
+
+MOE__IMPL moe_status moe_layer_input_similarity(double *cos, moe_model *m) {
+    int l, t, N, d;
+    if (!m || !m->blocks) return m ? moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised") : MOE_ERR_INVALID_ARG;
+    if (m->B == 0) return moe_err_set(&m->err, MOE_ERR_STATE, "layer input similarity needs a forward first");
+    N = m->B * m->T;
+    d = m->cfg.d;
+    for (l = 0; l + 1 < m->cfg.n_layers; l++) {
+        double acc = 0.0;
+        for (t = 0; t < N; t++) acc += moe_cosine(m->blocks[l].x + (size_t)t * d, m->blocks[l + 1].x + (size_t)t * d, (size_t)d);
+        cos[l] = acc / N;
+    }
+    return MOE_OK;
+}
 /* ============================================================================================
    >>moe:data
    ============================================================================================ */

@@ -98,7 +98,7 @@ typedef struct options {
     char chosen[N_VARIANTS]; /* 1 = run this row */
 } options;
 
-/* ---- routing diagnostics (candidates for moe.h's Closer-look section) ----------------------- */
+/* ---- routing diagnostics (inner/outer balance and the cross-layer MI: moe.h's closer_look) -- */
 
 static double entropy_of(const float *p, int n) {
     double h = 0.0;
@@ -117,47 +117,6 @@ static int cmp_float(const void *a, const void *b) {
 static float median_of(float *v, int n) {
     qsort(v, (size_t)n, sizeof(float), cmp_float);
     return n % 2 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* inner and outer balance of one token's router softmax p (E): p_top1 / p_top2, and the sum
-   of the k largest scores */
-static void balance_of(const float *p, int E, int k, float *ib, float *ob) {
-    float top[64];
-    int i, j, n = k > 2 ? k : 2;
-    for (j = 0; j < n; j++) top[j] = -1.0f;
-    for (i = 0; i < E; i++) { /* insertion into the n largest */
-        float v = p[i];
-        for (j = 0; j < n; j++)
-            if (v > top[j]) { float t = top[j]; top[j] = v; v = t; }
-    }
-    *ib = top[0] / (top[1] > 1e-30f ? top[1] : 1e-30f);
-    *ob = 0.0f;
-    for (j = 0; j < k; j++) *ob += top[j];
-}
-
-/* The RMoE paper's cross-layer MI of one token: its routing vectors p, q (E) of two layers
-   become labels a_e = bin of p_e, b_e = bin of q_e (bins equal-width on [0, 1]); the discrete
-   mutual information of the E pairs (a_e, b_e), in nats:
-     MI = (1/E) sum_e ln( E n(a_e, b_e) / (n(a_e) n(b_e)) )
-   with n() counting equal labels among the E pairs (the plug-in estimate, as sklearn's
-   mutual_info_score). */
-static double routing_mi(const float *p, const float *q, int E, int bins) {
-    int a[64], b[64], i, j;
-    double mi = 0.0;
-    for (i = 0; i < E; i++) {
-        a[i] = (int)(p[i] * bins); a[i] = a[i] < 0 ? 0 : a[i] >= bins ? bins - 1 : a[i];
-        b[i] = (int)(q[i] * bins); b[i] = b[i] < 0 ? 0 : b[i] >= bins ? bins - 1 : b[i];
-    }
-    for (i = 0; i < E; i++) {
-        int nab = 0, na = 0, nb = 0;
-        for (j = 0; j < E; j++) {
-            na += a[j] == a[i];
-            nb += b[j] == b[i];
-            nab += a[j] == a[i] && b[j] == b[i];
-        }
-        mi += log((double)E * nab / ((double)na * nb));
-    }
-    return mi / E;
 }
 
 /* ---- one training run ----------------------------------------------------------------------- */
@@ -203,6 +162,7 @@ static double evaluate(moe_model *m, const brown_corpus *cp, const options *o, r
     double nats = 0.0, tokens = 0.0, gate_h[MAX_LAYERS], mi[MAX_LAYERS][MAX_LAYERS], mi_sh = 0.0;
     double picks[MAX_LAYERS][64];
     float *ibv = NULL, *obv = NULL;
+    double *mi_tok = (double *)malloc(sizeof(double) * (size_t)N); /* one batch's per-token MI */
     for (l = 0; l < m->cfg.n_layers; l++)
         if (m->blocks[l].is_moe) moe_l[nm++] = l;
     if (r) {
@@ -230,16 +190,18 @@ static double evaluate(moe_model *m, const brown_corpus *cp, const options *o, r
                 for (t = 0; t < n; t++) {
                     const float *p = L->probs + (size_t)t * E;
                     gate_h[i] += entropy_of(p, E);
-                    balance_of(p, E, K, &ibv[(size_t)i * cap + n_tok + t], &obv[(size_t)i * cap + n_tok + t]);
                     for (j = 0; j < K; j++) picks[i][L->topk[(size_t)t * K + j]] += 1.0;
                 }
+                moe_routing_balance(ibv + (size_t)i * cap + n_tok, obv + (size_t)i * cap + n_tok, L->probs, n, E, K, NULL);
                 for (j = i + 1; j < nm; j++) {
                     const moe_layer *L2 = &m->blocks[moe_l[j]].moe;
-                    for (t = 0; t < n; t++) {
-                        mi[i][j] += routing_mi(L->probs + (size_t)t * E, L2->probs + (size_t)t * E, E, 100);
-                        /* control: token t of layer i against token t + n/2 of layer j */
-                        mi_sh += routing_mi(L->probs + (size_t)t * E, L2->probs + (size_t)((t + n / 2) % n) * E, E, 100);
-                    }
+                    int h = n / 2;
+                    moe_routing_mi(mi_tok, L->probs, L2->probs, n, E, 100, NULL);
+                    for (t = 0; t < n; t++) mi[i][j] += mi_tok[t];
+                    /* control: token t of layer i against token t + n/2 (mod n) of layer j */
+                    moe_routing_mi(mi_tok, L->probs, L2->probs + (size_t)h * E, n - h, E, 100, NULL);
+                    moe_routing_mi(mi_tok + (n - h), L->probs + (size_t)(n - h) * E, L2->probs, h, E, 100, NULL);
+                    for (t = 0; t < n; t++) mi_sh += mi_tok[t];
                 }
             }
             n_tok += n;
@@ -264,7 +226,7 @@ static double evaluate(moe_model *m, const brown_corpus *cp, const options *o, r
         r->mi_all = pairs > 0 ? r->mi_all / pairs : NAN;
         r->mi_shuffled = pairs > 0 ? mi_sh / n_tok / pairs : NAN;
     }
-    free(ibv); free(obv); free(x); free(y);
+    free(ibv); free(obv); free(x); free(y); free(mi_tok);
     return nats / tokens / log(2.0);
 }
 

@@ -213,8 +213,8 @@ static void test_train_lm(void) {
    prints the usage and exits 2 */
 static void test_help(void) {
     static const char *const programs[] = {
-        "aoe_toy", "armo_dpa", "calibrate", "gw_finetune", "length_bias", "plot_csv", "router_compare", "ssrm", "train_lm", "train_moe",
-        "bench/lowess", "bench/matmul", "bench/moe_layer", "bench/train_lm"};
+        "aoe_toy", "armo_dpa", "calibrate", "closer_look", "cqil", "gw_finetune", "length_bias", "plot_csv", "router_compare", "ssrm", "train_lm",
+        "train_moe", "bench/lowess", "bench/matmul", "bench/moe_layer", "bench/train_lm"};
     const char *log = "build/tmp_examples/help.log";
     int i;
     TEST_BEGIN("every example and benchmark answers --help and -h, and refuses an unknown flag with the usage");

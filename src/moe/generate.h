@@ -249,9 +249,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
     for (l = 0; l < mc->n_layers; l++) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < mc->n_layers ? m->blocks[l + 1].x : m->x_final;
-        moe_layer_args a = moe_layer_args_default();
-        a.seq_len = 1;
-        a.gw_active = m->gw_broadcast;
+        moe_layer_args a = moe__block_args(m, 1, NULL);
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
         moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
@@ -269,7 +267,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         moe__kv_attention(c, l, b->atty, b->qkv, n);
         moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
         for (i = 0; i < n * d; i++) b->x2[i] += b->x[i];
-        st = moe__model_block_ffn(m, b, l, n, &a, &rh_prev, NULL);
+        st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }

@@ -6,7 +6,9 @@
    logits = RMSNorm(x) . wte^T (tied head). Loss: mean cross-entropy + every MoE layer's aux.
    Layer l is MoE when moe_every > 0, l >= dense_first and (l - dense_first) % moe_every == 0.
    Parameters: one moe_store; tensor names "wte", "wpe", "l3.attn.wqkv", "l3.moe.experts.w_up",
-   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind. */
+   "lnf.w", ... Per-layer tensors (not stacked on L) because layers differ in kind.
+   CQIL (moe_model_set_groups): the layer loop reads a per-model group table and runs each
+   group's layers concurrently on one common input, summing their residual updates. */
 
 typedef enum moe_pos_kind {
     MOE_POS_LEARNED = 0, /* wpe (max_seq, d) added to the embeddings */
@@ -58,6 +60,18 @@ typedef struct moe_block {
     const float *rh_prev; /* (N, p) the state this layer's GRU step read               */
 } moe_block;
 
+/* The buffers one member of a CQIL group runs on, so that members run concurrently. */
+typedef struct moe_group_lane {
+    float *att;              /* (N, d) the member's attention output a_q                      */
+    float *da;               /* (N, d) backward: dL/da_q                                       */
+    float *g;                /* (N, d) backward: dL/dr_q through the member's FFN               */
+    float *d_ln, *d_atty;    /* (N, d)                                                          */
+    float *d_qkv;            /* (N, 3d)                                                         */
+    float *scratch1, *scratch2; /* (N, d_ff) dense FFN backward                                 */
+    moe_work work;           /* the member's kernel scratch, planned for one thread            */
+    moe_err err;             /* a failing member's sentence                                     */
+} moe_group_lane;
+
 typedef struct moe_model {
     moe_model_config cfg;
     moe_store S;            /* every parameter, gradient and Adam moment              */
@@ -93,8 +107,16 @@ typedef struct moe_model {
        NULL (the default after moe_model_init) = none. */
     void (*ffn_hook)(struct moe_model *m, int layer, void *user);
     void *ffn_hook_user;
+    /* CQIL groups (moe_model_set_groups): group_size[l] = P > 0 when layers l..l+P-1 run as one
+       group on a common input, 0 inside a group and for sequential layers; NULL = none */
+    int *group_size;        /* (n_layers)                                                  */
+    int group_bypass;       /* d: each member's MLP also reads up to d earlier attention outputs */
+    int group_double_count; /* the official training code's bypass (see moe_model_set_groups) */
+    int n_lanes;            /* the largest group: one lane of buffers per member            */
+    moe_group_lane *lanes;   /* (n_lanes)                                             */
     moe_err err;
 } moe_model;
+
 
 typedef struct moe_sampler {
     float temperature; /* 0 = greedy                         */
@@ -143,6 +165,35 @@ MOEDEF size_t moe_model_params_active(const moe_model *m);
    Uses the last max_T tokens as context. Refused for expert-choice routers (not causal). */
 MOEDEF moe_status moe_model_generate(moe_model *m, const int *prompt, int n_prompt, int n_new, int *out,
                                      const moe_sampler *sampler, moe_rng *rng);
+/* Gradients of a loss of the last forward's logits whose gradient the caller gives, plus
+   aux_loss * scale, ACCUMULATED into m->S.grads; d_logits (B T, V) already holds any scale (a
+   distillation loss: softmax(student) - softmax(teacher), divided by the tokens). The forward
+   may be without targets. */
+MOEDEF moe_status moe_model_backward_logits(moe_model *m, const float *d_logits, float scale);
+/* CQIL (Zou et al., arXiv 2404.06709, §3): n_groups groups of consecutive layers
+   [first[i], first[i] + size[i]), in increasing order and disjoint, each run on ONE common
+   input h with their residual updates summed; the other layers stay sequential. Member q of a
+   group (q = 0..P-1, layer j_q) computes a_q = Attn_q(RMSNorm(h)) and, with bypass distance d,
+   its FFN reads r_q = h + a_q + beta_q, beta_q = sum of a_u for max(0, q - d) <= u < q:
+     clean (double_count 0, the default):  h_out = h + sum_q (a_q + FFN_q(r_q))
+     official training code (double_count 1): h_out = h + sum_q (a_q + beta_q + FFN_q(r_q)),
+       the bypass added in place to the saved residual, so an earlier member's attention
+       output is counted again in every later member it reaches.
+   d = 0: every member reads h alone (the multi-GPU inference code; it never uses its bypass).
+   A group of size 1 computes what the sequential layer does. The members run concurrently
+   (OpenMP over members, each on one thread and its own lane of buffers, allocated here) and
+   are summed in member order, so results do not depend on the thread count. Forward and
+   backward both follow the groups (fine-tuning in CQIL form). n_groups = 0 restores the
+   sequential model. Refused: ranges outside the model, overlapping or unordered groups, a
+   negative d, MoE members whose routers read a GRU state or an MLP (RMoE carries a state
+   from layer to layer), HyperMoE members (one hypernetwork shared by the layers, whose
+   gradients concurrent members would race on), and (at forward) routing noise for grouped
+   MoE layers. The groups are a run-time option: model files do not record them. */
+MOEDEF moe_status moe_model_set_groups(moe_model *m, const int *first, const int *size, int n_groups, int bypass,
+                                       int double_count);
+/* Sequential steps of a forward with the current groups: n_layers minus (P - 1) for every
+   group (the latency proxy when the members of a group run in parallel). */
+MOEDEF int moe_model_depth(const moe_model *m);
 
 /* @implementation */
 /* ============================================================================================
@@ -204,6 +255,15 @@ static int moe__model_add(moe_model *m, const char *name, int flags, int n0, int
     id = moe_store_add(&m->S, name, flags, n0, n1, n2, 0);
     if (id < 0) moe_err_set(&m->err, m->S.err.status, "%s", m->S.err.msg);
     return id;
+}
+
+/* d_ff where some block is dense, else 0: an all-MoE model stores a d_ff it never uses, which
+   must size no buffer (a model file's d_ff is then bounded by nothing it holds) */
+static size_t moe__dense_width(const moe_model *m) {
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (!m->blocks[l].is_moe) return (size_t)m->cfg.d_ff;
+    return 0;
 }
 
 /* max_numel > 0 (moe_model_declare): declare the tensors only, within that budget */
@@ -312,19 +372,13 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
     m->d_qkv = (float *)moe__calloc(Nd * 3, sizeof(float));
     m->d_atty = (float *)moe__calloc(Nd, sizeof(float));
     m->d_logits = (float *)moe__calloc((size_t)N * V, sizeof(float));
-    /* the dense FFN's backward scratch; an all-MoE model stores a d_ff it never uses, which must
-       not size an allocation (a model file's d_ff is not bounded by its parameters then) */
-    for (l = 0; l < L && m->blocks[l].is_moe; l++) {}
-    if (l < L) {
-        m->scratch1 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-        m->scratch2 = (float *)moe__calloc((size_t)N * F, sizeof(float));
-        ok = ok && m->scratch1 && m->scratch2;
-    }
+    m->scratch1 = (float *)moe__calloc((size_t)N * moe__dense_width(m), sizeof(float));
+    m->scratch2 = (float *)moe__calloc((size_t)N * moe__dense_width(m), sizeof(float));
     ok = ok && moe__router_input_alloc(m, N);
     if (ok && c->moe_every > 0 && moe__router_draws_noise(&c->moe)) ok = MOE__ALLOC(m->routing_noise, (size_t)N * c->moe.n_experts, float);
     if (ok && c->balance_all_layers) ok = MOE__ALLOC(m->balance_f_all, c->moe.n_experts, float);
     ok = ok && m->inputs && m->targets && m->x_final && m->lnf && m->rstd_f && m->logits && m->losses &&
-         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits;
+         m->rope && m->d_res && m->d_res2 && m->d_ln && m->d_qkv && m->d_atty && m->d_logits && m->scratch1 && m->scratch2;
     { /* ONE work buffer: the largest scratch of the model's kernel calls and its layers' */
         int nt = moe_num_threads(), dense = 0, P = c->router_dim;
         size_t need = moe_attention_work_floats(max_T, d, NH, nt), w, k;
@@ -372,6 +426,21 @@ MOE__IMPL moe_status moe_model_param_count(const moe_model_config *c, size_t *nu
     return st;
 }
 
+static void moe__groups_free(moe_model *m) {
+    int q;
+    for (q = 0; q < m->n_lanes; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        MOE_FREE(ln->att); MOE_FREE(ln->da); MOE_FREE(ln->g); MOE_FREE(ln->d_ln); MOE_FREE(ln->d_atty);
+        MOE_FREE(ln->d_qkv); MOE_FREE(ln->scratch1); MOE_FREE(ln->scratch2);
+        moe_work_free(&ln->work);
+    }
+    MOE_FREE(m->lanes);
+    MOE_FREE(m->group_size);
+    m->lanes = NULL;
+    m->group_size = NULL;
+    m->n_lanes = 0;
+}
+
 MOE__IMPL void moe_model_free(moe_model *m) {
     int l;
     if (m->blocks) {
@@ -393,6 +462,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->d_ln); MOE_FREE(m->d_qkv); MOE_FREE(m->d_atty); MOE_FREE(m->d_logits);
     MOE_FREE(m->scratch1); MOE_FREE(m->scratch2);
     moe__router_input_free(m);
+    moe__groups_free(m);
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
     MOE_FREE(m->gen_probs);
@@ -470,56 +540,253 @@ static void moe__model_balance_all_layers(moe_model *m) {
 
 /* A kernel call that fails (only a workspace that does not fit its call can) ends the pass
    with the kernel's status and what failed (layer l, or the model's own parts for l < 0). */
-static moe_status moe__model_kernel_err(moe_model *m, moe_status st, int l, const char *what) {
-    if (l < 0) return moe_err_set(&m->err, st, "%s: %s", what, moe_status_string(st));
-    return moe_err_set(&m->err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
+static moe_status moe__model_kernel_err(moe_err *err, moe_status st, int l, const char *what) {
+    if (l < 0) return moe_err_set(err, st, "%s: %s", what, moe_status_string(st));
+    return moe_err_set(err, st, "layer %d, %s: %s", l, what, moe_status_string(st));
 }
-#define MOE__MODEL_TRY(call, l, what)                                                    \
+#define MOE__ERR_TRY(err, call, l, what)                                                 \
     do {                                                                                 \
         moe_status st_ = (call);                                                         \
-        if (st_ != MOE_OK) return moe__model_kernel_err(m, st_, l, what);                \
+        if (st_ != MOE_OK) return moe__model_kernel_err(err, st_, l, what);              \
     } while (0)
+#define MOE__MODEL_TRY(call, l, what) MOE__ERR_TRY(&m->err, call, l, what)
 
-/* The FFN half of block b (layer l) on N tokens: b->ln2 = RMSNorm(b->x2), then b->ffn = the
-   dense SwiGLU or the MoE layer with the per-call args a (their router_input and noise are
-   filled here); *rh_prev carries RMoE's GRU state through depth. The full forward and the
-   cached decoding (>>moe:generate) share it, so both run the same arithmetic per token. */
-static moe_status moe__model_block_ffn(moe_model *m, moe_block *b, int l, int N, moe_layer_args *a,
-                                       const float **rh_prev, moe_rng *noise) {
+/* Block l's halves, forward and backward, on the given workspace, errors into err: the layer
+   loop runs them one layer at a time on the model's buffers, a CQIL group runs its members'
+   halves concurrently, each on its lane (>>moe:model, moe_model_set_groups). */
+
+/* x2 = x + Attn(RMSNorm(x)); the projection lands in att (a CQIL member's a_q, which its
+   bypass reads) or, att NULL, in x2 itself */
+static moe_status moe__block_attention_forward(moe_model *m, int l, int B, int T, float *att, moe_work *work, moe_err *err) {
     const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    int d = c->d, N = B * T, i;
+    moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
+    MOE__ERR_TRY(err, moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, work), l, "qkv");
+    if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, c->n_heads, 0);
+    MOE__ERR_TRY(err, moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, c->n_heads, work), l, "attention");
+    MOE__ERR_TRY(err, moe_matmul_forward(att ? att : b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, work), l,
+                 "attention output");
+    if (att)
+        for (i = 0; i < N * d; i++) b->x2[i] = att[i] + b->x[i];
+    else
+        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
+    return MOE_OK;
+}
+
+/* an MoE block's per-call args in a forward over sequences of T tokens (noise: its draws or NULL) */
+static moe_layer_args moe__block_args(const moe_model *m, int T, const float *noise) {
+    moe_layer_args a = moe_layer_args_default();
+    a.seq_len = T;
+    a.gw_active = m->gw_broadcast;
+    a.noise = noise;
+    return a;
+}
+
+/* ffn = FFN(RMSNorm(x2)) on N tokens; a: the MoE layer's per-call args (seq_len, gw_active,
+   noise, dropless: the caller's; router_input is set here); rh_prev: RMoE's state chain (NULL in
+   a CQIL group, where such routers are refused). The full forward, a CQIL group and the cached
+   decoding (>>moe:generate) share it, so all run the same arithmetic per token. */
+static moe_status moe__block_ffn_forward(moe_model *m, int l, int N, moe_layer_args a, const float **rh_prev, moe_work *work,
+                                         moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
     int d = c->d;
     moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
     if (b->is_moe) {
+        moe_work keep = b->moe.work; /* the model's, or a lane's for this call */
         moe_status st;
         if (b->id_rproj >= 0) { /* the router's input: GRU state or MLP hidden layer */
             st = moe__router_input_forward(m, b, rh_prev, N, l);
             if (st != MOE_OK) return st;
-            a->router_input = b->rh;
+            a.router_input = b->rh;
         }
-        if (noise && m->routing_noise) {
-            size_t n = (size_t)N * c->moe.n_experts, k;
-            for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
-            a->noise = m->routing_noise;
-        }
-        st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, a);
-        if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-        m->aux_loss += b->moe.stats.aux_total;
+        b->moe.work = *work;
+        st = moe_layer_forward(&b->moe, &m->S, b->ffn, b->ln2, N, &a);
+        b->moe.work = keep;
+        if (st != MOE_OK) return moe_err_set(err, st, "layer %d: %s", l, b->moe.err.msg);
     } else {
         moe_expert_weights w = moe__dense_ffn(m, b, 0);
         int offset[2];
         offset[0] = 0;
         offset[1] = N;
-        MOE__MODEL_TRY(moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
-                                           MOE_ACT_SILU, &m->work),
-                       l, "dense FFN");
+        MOE__ERR_TRY(err, moe_experts_forward(b->ffn, b->hg, b->hu, b->ln2, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU, MOE_ACT_SILU, work),
+                     l, "dense FFN");
     }
+    return MOE_OK;
+}
+
+/* the FFN half backward from dout = dL/d(ffn): acc += RMSNorm2'(d ffn input) (dL/dx2 through
+   the FFN); d_ln, scratch1, scratch2 are the call's scratch */
+static moe_status moe__block_ffn_backward(moe_model *m, int l, const float *dout, float *acc, float scale, float *d_ln,
+                                          float *scratch1, float *scratch2, moe_work *work, moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    moe_store *S = &m->S;
+    int N = m->B * m->T, d = c->d;
+    memset(d_ln, 0, sizeof(float) * (size_t)N * d);
+    if (b->is_moe) {
+        moe_layer_args a = moe_layer_args_default();
+        moe_work keep = b->moe.work;
+        moe_status st;
+        a.aux_grad_scale = scale; /* dout already carries the scale from d_logits */
+        a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
+        if (b->id_rproj >= 0) {
+            a.router_input = b->rh;
+            a.d_router_input = m->r_drin;
+            memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
+        }
+        b->moe.work = *work;
+        st = moe_layer_backward(&b->moe, S, d_ln, dout, b->ln2, &a);
+        b->moe.work = keep;
+        if (st != MOE_OK) return moe_err_set(err, st, "layer %d: %s", l, b->moe.err.msg);
+        if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
+    } else {
+        moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
+        int offset[2];
+        offset[0] = 0;
+        offset[1] = N;
+        MOE__ERR_TRY(err, moe_experts_backward(d_ln, &gw, dout, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff, MOE_EXPERT_SWIGLU,
+                                               MOE_ACT_SILU, scratch1, scratch2, work),
+                     l, "dense FFN backward");
+    }
+    moe_rmsnorm_backward(acc, moe_store_grad(S, b->id_ln2), d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+    return MOE_OK;
+}
+
+/* the attention half backward from da = dL/d(attention output): d_ln = dL/d RMSNorm1(x) (the
+   caller adds RMSNorm1' of it to dL/dx); d_atty, d_qkv scratch */
+static moe_status moe__block_attention_backward(moe_model *m, int l, const float *da, float *d_ln, float *d_atty, float *d_qkv,
+                                                moe_work *work, moe_err *err) {
+    const moe_model_config *c = &m->cfg;
+    moe_block *b = &m->blocks[l];
+    moe_store *S = &m->S;
+    int B = m->B, T = m->T, N = B * T, d = c->d;
+    memset(d_atty, 0, sizeof(float) * (size_t)N * d);
+    MOE__ERR_TRY(err, moe_matmul_backward(d_atty, moe_store_grad(S, b->id_wo), NULL, da, b->atty, moe_store_param(S, b->id_wo), N, d, d, work),
+                 l, "attention output backward");
+    MOE__ERR_TRY(err, moe_attention_backward(d_qkv, d_atty, b->qkv, b->att, B, T, d, c->n_heads, work), l, "attention backward");
+    if (c->pos == MOE_POS_ROPE) moe_rope_apply(d_qkv, m->rope, B, T, d, c->n_heads, 1);
+    memset(d_ln, 0, sizeof(float) * (size_t)N * d);
+    MOE__ERR_TRY(err, moe_matmul_backward(d_ln, moe_store_grad(S, b->id_qkv), NULL, d_qkv, b->ln1, moe_store_param(S, b->id_qkv), N, d, 3 * d, work),
+                 l, "qkv backward");
+    return MOE_OK;
+}
+
+/* the first failing member's sentence becomes the model's */
+static moe_status moe__group_status(moe_model *m, int P) {
+    int q;
+    for (q = 0; q < P; q++)
+        if (m->lanes[q].err.status != MOE_OK) {
+            m->err = m->lanes[q].err;
+            return m->err.status;
+        }
+    return MOE_OK;
+}
+
+/* CQIL group forward, layers l0..l0+P-1 on the common input h = blocks[l0].x (arXiv
+   2404.06709 §3; the formulas at moe_model_set_groups). Each member's block caches hold what
+   the sequential block would for input h and FFN input r_q, so backward reuses them. */
+static moe_status moe__group_forward(moe_model *m, int l0, int P, int B, int T) {
+    const moe_model_config *c = &m->cfg;
+    int q, dist = m->group_bypass;
+    size_t i, Nd = (size_t)B * T * c->d;
+    const float *h = m->blocks[l0].x;
+    float *out = l0 + P < c->n_layers ? m->blocks[l0 + P].x : m->x_final;
+    for (q = 1; q < P; q++) memcpy(m->blocks[l0 + q].x, h, sizeof(float) * Nd);
+    for (q = 0; q < P; q++) m->lanes[q].err.status = MOE_OK;
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) moe__block_attention_forward(m, l0 + q, B, T, m->lanes[q].att, &m->lanes[q].work, &m->lanes[q].err);
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 1; dist > 0 && q < P; q++) { /* r_q = h + a_q + beta_q */
+        float *x2 = m->blocks[l0 + q].x2;
+        int u;
+        for (u = q - dist < 0 ? 0 : q - dist; u < q; u++) {
+            const float *a = m->lanes[u].att;
+            for (i = 0; i < Nd; i++) x2[i] += a[i];
+        }
+    }
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) moe__block_ffn_forward(m, l0 + q, B * T, moe__block_args(m, T, NULL), NULL, &m->lanes[q].work, &m->lanes[q].err);
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 0; q < P; q++) {
+        if (m->blocks[l0 + q].is_moe) m->aux_loss += m->blocks[l0 + q].moe.stats.aux_total;
+        if (m->ffn_hook) m->ffn_hook(m, l0 + q, m->ffn_hook_user);
+    }
+    /* h_out = (h + a_0 + FFN_0) + sum_{q>=1} (a_q [+ beta_q] + FFN_q), in member order */
+    {
+        const float *x2 = m->blocks[l0].x2, *f = m->blocks[l0].ffn;
+        for (i = 0; i < Nd; i++) out[i] = x2[i] + f[i];
+    }
+    for (q = 1; q < P; q++) {
+        const float *a = m->lanes[q].att, *f = m->blocks[l0 + q].ffn;
+        int u;
+        for (i = 0; i < Nd; i++) out[i] += a[i];
+        for (u = q - dist < 0 ? 0 : q - dist; m->group_double_count && u < q; u++) {
+            const float *b = m->lanes[u].att;
+            for (i = 0; i < Nd; i++) out[i] += b[i];
+        }
+        for (i = 0; i < Nd; i++) out[i] += f[i];
+    }
+    return MOE_OK;
+}
+
+/* CQIL group backward: d_res holds dL/dh_out on entry, dL/dh on return. With D = dL/dh_out,
+   G_q = dL/dr_q through member q's FFN and R_q = G_q (+ D when double counting):
+     dL/da_q = D + G_q + sum of R_u over the later members u whose bypass reads a_q
+               (double counting: D + G_q ... with every R_u carrying a D)
+     dL/dh   = D + sum_q G_q + sum_q RMSNorm1_q'(attention_q'(dL/da_q)) */
+static moe_status moe__group_backward(moe_model *m, int l0, int P, float scale) {
+    const moe_model_config *c = &m->cfg;
+    int q, dist = m->group_bypass, N = m->B * m->T;
+    size_t i, Nd = (size_t)N * c->d;
+    const float *D = m->d_res;
+    float *dh = m->d_res2;
+    for (q = 0; q < P; q++) m->lanes[q].err.status = MOE_OK;
+    memcpy(m->lanes[0].da, D, sizeof(float) * Nd); /* member 0 accumulates onto D, as a sequential block */
+    for (q = 1; q < P; q++) memset(m->lanes[q].g, 0, sizeof(float) * Nd);
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        moe__block_ffn_backward(m, l0 + q, D, q == 0 ? ln->da : ln->g, scale, ln->d_ln, ln->scratch1, ln->scratch2, &ln->work, &ln->err);
+    }
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    memcpy(dh, m->lanes[0].da, sizeof(float) * Nd);
+    for (q = 1; q < P; q++) {
+        const float *g = m->lanes[q].g;
+        float *da = m->lanes[q].da;
+        for (i = 0; i < Nd; i++) dh[i] += g[i];
+        for (i = 0; i < Nd; i++) da[i] = D[i] + g[i];
+    }
+    for (q = 0; dist > 0 && q + 1 < P; q++) { /* a_q reaches members q+1 .. q+dist */
+        float *da = m->lanes[q].da;
+        int u;
+        for (u = q + 1; u < P && u <= q + dist; u++) {
+            const float *g = m->lanes[u].g;
+            for (i = 0; i < Nd; i++) da[i] += g[i];
+            if (m->group_double_count)
+                for (i = 0; i < Nd; i++) da[i] += D[i];
+        }
+    }
+    MOE_OMP_FOR_IF(P > 1)
+    for (q = 0; q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        moe__block_attention_backward(m, l0 + q, ln->da, ln->d_ln, ln->d_atty, ln->d_qkv, &ln->work, &ln->err);
+    }
+    if (moe__group_status(m, P) != MOE_OK) return m->err.status;
+    for (q = 0; q < P; q++) {
+        const moe_block *b = &m->blocks[l0 + q];
+        moe_rmsnorm_backward(dh, moe_store_grad(&m->S, b->id_ln1), m->lanes[q].d_ln, b->x, moe_store_param(&m->S, b->id_ln1), b->rstd1, N,
+                             c->d);
+    }
+    memcpy(m->d_res, dh, sizeof(float) * Nd);
     return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const int *targets, int B, int T,
                                        moe_rng *noise) {
     const moe_model_config *c = &m->cfg;
-    int d = c->d, NH = c->n_heads, V = c->vocab, N = B * T, l, i, t;
+    int d = c->d, V = c->vocab, N = B * T, l, i, t, P;
     const float *wte, *wpe, *rh_prev;
     float *x;
     if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
@@ -547,21 +814,28 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     }
     m->aux_loss = 0.0;
     rh_prev = m->r_zero; /* RMoE: h_0 = 0 before the first MoE layer; dense layers pass h on */
-    for (l = 0; l < c->n_layers; l++) {
+    for (l = 0; l < c->n_layers; l += P) {
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < c->n_layers ? m->blocks[l + 1].x : m->x_final;
-        moe_layer_args a = moe_layer_args_default();
+        const float *draws = NULL;
         moe_status st;
-        a.seq_len = T;
-        a.gw_active = m->gw_broadcast;
-        moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), N, d, c->norm_eps);
-        MOE__MODEL_TRY(moe_matmul_forward(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), NULL, N, d, 3 * d, &m->work), l, "qkv");
-        if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
-        MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
-        MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
-        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
-        st = moe__model_block_ffn(m, b, l, N, &a, &rh_prev, noise);
-        if (st != MOE_OK) return st;
+        P = m->group_size ? m->group_size[l] : 0;
+        if (P > 0) { /* a CQIL group */
+            for (i = l; i < l + P; i++)
+                if (noise && m->routing_noise && m->blocks[i].is_moe)
+                    return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layers %d..%d run as a CQIL group: their MoE layers cannot draw routing noise (pass no noise RNG)", l, l + P - 1);
+            if ((st = moe__group_forward(m, l, P, B, T)) != MOE_OK) return st;
+            continue;
+        }
+        P = 1;
+        if ((st = moe__block_attention_forward(m, l, B, T, NULL, &m->work, &m->err)) != MOE_OK) return st;
+        if (b->is_moe && noise && m->routing_noise) {
+            size_t n = (size_t)N * c->moe.n_experts, k;
+            for (k = 0; k < n; k++) m->routing_noise[k] = moe_rng_normal(noise);
+            draws = m->routing_noise;
+        }
+        if ((st = moe__block_ffn_forward(m, l, N, moe__block_args(m, T, draws), &rh_prev, &m->work, &m->err)) != MOE_OK) return st;
+        if (b->is_moe) m->aux_loss += b->moe.stats.aux_total;
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
         for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
@@ -575,15 +849,22 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+/* the size of the CQIL group whose last member is layer l, 0 when l ends none */
+static int moe__group_ending_at(const moe_model *m, int l) {
+    int s;
+    for (s = l; m->group_size && s >= 0; s--)
+        if (m->group_size[s] > 0) return s + m->group_size[s] - 1 == l ? m->group_size[s] : 0;
+    return 0;
+}
+
+/* everything below the logits, from m->d_logits */
+static moe_status moe__model_backward_from_logits(moe_model *m, float scale) {
     const moe_model_config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T, d = c->d, NH = c->n_heads, V = c->vocab, l, i, count = 0;
+    int B = m->B, T = m->T, N = B * T, d = c->d, V = c->vocab, l, i, P;
     float *d_res = m->d_res, *d_res2 = m->d_res2;
     moe_store *S = &m->S;
-    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
-    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
-    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
-    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    moe_status st;
+    (void)B;
     /* tied head: logits = lnf . wte^T */
     memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
     MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, m->id_wte), NULL, m->d_logits, m->lnf, moe_store_param(S, m->id_wte),
@@ -592,46 +873,21 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     memset(d_res, 0, sizeof(float) * (size_t)N * d);
     moe_rmsnorm_backward(d_res, moe_store_grad(S, m->id_lnf), m->d_ln, m->x_final, moe_store_param(S, m->id_lnf), m->rstd_f, N, d);
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
-    for (l = c->n_layers - 1; l >= 0; l--) {
-        moe_block *b = &m->blocks[l];
+    for (l = c->n_layers - 1; l >= 0; l -= P) {
+        moe_block *b;
+        if ((P = moe__group_ending_at(m, l)) > 0) {
+            if ((st = moe__group_backward(m, l - P + 1, P, scale)) != MOE_OK) return st;
+            continue;
+        }
+        P = 1;
+        b = &m->blocks[l];
         /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
-        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        if (b->is_moe) {
-            moe_layer_args a = moe_layer_args_default();
-            moe_status st;
-            a.aux_grad_scale = scale; /* d_res already carries the scale from d_logits */
-            a.balance_f = m->balance_f_all; /* NULL: each layer's own balance loss */
-            if (b->id_rproj >= 0) {
-                a.router_input = b->rh;
-                a.d_router_input = m->r_drin;
-                memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
-            }
-            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
-            if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
-            if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
-        } else {
-            moe_expert_weights w = moe__dense_ffn(m, b, 0), gw = moe__dense_ffn(m, b, 1);
-            int offset[2];
-            offset[0] = 0;
-            offset[1] = N;
-            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
-                                                MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
-                           l, "dense FFN backward");
-        }
-        moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
+        st = moe__block_ffn_backward(m, l, d_res, d_res2, scale, m->d_ln, m->scratch1, m->scratch2, &m->work, &m->err);
+        if (st != MOE_OK) return st;
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
-        memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
-                                           N, d, d, &m->work),
-                       l, "attention output backward");
-        MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");
-        if (c->pos == MOE_POS_ROPE) moe_rope_apply(m->d_qkv, m->rope, B, T, d, NH, 1);
-        memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
-        MOE__MODEL_TRY(moe_matmul_backward(m->d_ln, moe_store_grad(S, b->id_qkv), NULL, m->d_qkv, b->ln1, moe_store_param(S, b->id_qkv),
-                                           N, d, 3 * d, &m->work),
-                       l, "qkv backward");
+        if ((st = moe__block_attention_backward(m, l, d_res2, m->d_ln, m->d_atty, m->d_qkv, &m->work, &m->err)) != MOE_OK) return st;
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);
     }
@@ -650,6 +906,80 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
         }
     }
     return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
+    int N = m->B * m->T, V = m->cfg.vocab, i, count = 0;
+    if (!m->has_targets) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
+    for (i = 0; i < N; i++) count += m->targets[i] >= 0;
+    memset(m->d_logits, 0, sizeof(float) * (size_t)N * V);
+    if (count > 0) moe_crossentropy_backward(m->d_logits, m->logits, m->targets, N, V, scale / (float)count);
+    return moe__model_backward_from_logits(m, scale);
+}
+
+MOE__IMPL moe_status moe_model_backward_logits(moe_model *m, const float *d_logits, float scale) {
+    if (!m->blocks || m->B == 0) return moe_err_set(&m->err, MOE_ERR_STATE, "backward needs a forward before it");
+    if (!d_logits) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "d_logits must not be NULL");
+    memcpy(m->d_logits, d_logits, sizeof(float) * (size_t)m->B * m->T * m->cfg.vocab);
+    return moe__model_backward_from_logits(m, scale);
+}
+
+MOE__IMPL moe_status moe_model_set_groups(moe_model *m, const int *first, const int *size, int n_groups, int bypass,
+                                          int double_count) {
+    const moe_model_config *c = &m->cfg;
+    int g, l, P = 0, end = 0, q, ok = 1;
+    size_t Nd, NF;
+    if (!m->blocks) return moe_err_set(&m->err, MOE_ERR_STATE, "model is not initialised");
+    if (n_groups < 0 || (n_groups > 0 && (!first || !size)))
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL groups: n_groups must be >= 0, with first and size given");
+    if (bypass < 0) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL bypass distance %d must not be negative", bypass);
+    for (g = 0; g < n_groups; g++) {
+        if (size[g] < 1 || first[g] < 0 || first[g] > c->n_layers - size[g])
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL group %d: layers [%d, %d) are not inside the model's %d layers", g, first[g],
+                               first[g] + size[g], c->n_layers);
+        if (first[g] < end)
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "CQIL group %d starts at layer %d, inside or before the group before it (which ends at %d): give disjoint groups in increasing order",
+                               g, first[g], end);
+        end = first[g] + size[g];
+        P = size[g] > P ? size[g] : P;
+        for (l = first[g]; l < end; l++) {
+            const moe_block *b = &m->blocks[l];
+            if (b->is_moe && b->id_rproj >= 0)
+                return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "CQIL group %d: MoE layer %d's router reads a GRU state or an MLP, which runs layer after layer; group only layers with linear routers", g, l);
+            if (b->is_moe && c->moe.hyper)
+                return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "CQIL group %d: HyperMoE layers share one hypernetwork, whose gradients concurrent members would race on", g);
+        }
+    }
+    moe__groups_free(m);
+    m->group_bypass = bypass;
+    m->group_double_count = double_count != 0;
+    if (n_groups == 0) return MOE_OK;
+    Nd = (size_t)m->max_B * m->max_T * c->d;
+    NF = (size_t)m->max_B * m->max_T * moe__dense_width(m);
+    m->group_size = (int *)moe__calloc((size_t)c->n_layers, sizeof(int));
+    m->lanes = (moe_group_lane *)moe__calloc((size_t)P, sizeof(moe_group_lane));
+    ok = m->group_size && m->lanes;
+    if (ok) m->n_lanes = P;
+    for (q = 0; ok && q < P; q++) {
+        moe_group_lane *ln = &m->lanes[q];
+        ok = MOE__ALLOC(ln->att, Nd, float) && MOE__ALLOC(ln->da, Nd, float) && MOE__ALLOC(ln->g, Nd, float) &&
+             MOE__ALLOC(ln->d_ln, Nd, float) && MOE__ALLOC(ln->d_atty, Nd, float) && MOE__ALLOC(ln->d_qkv, 3 * Nd, float) &&
+             MOE__ALLOC(ln->scratch1, NF, float) && MOE__ALLOC(ln->scratch2, NF, float) &&
+             moe_work_alloc(&ln->work, m->work.floats, 1) == MOE_OK; /* one thread: the members are the parallel loop */
+    }
+    if (!ok) {
+        moe__groups_free(m);
+        return moe_err_set(&m->err, MOE_ERR_NOMEM, "out of memory for the CQIL groups' buffers");
+    }
+    for (g = 0; g < n_groups; g++) m->group_size[first[g]] = size[g];
+    return MOE_OK;
+}
+
+MOE__IMPL int moe_model_depth(const moe_model *m) {
+    int l, depth = m->cfg.n_layers;
+    for (l = 0; m->group_size && l < m->cfg.n_layers; l++)
+        if (m->group_size[l] > 1) depth -= m->group_size[l] - 1;
+    return depth;
 }
 
 MOE__IMPL void moe_model_set_broadcast(moe_model *m, int on) { m->gw_broadcast = on != 0; }

@@ -93,6 +93,10 @@ typedef struct moe_model {
        NULL (the default after moe_model_init) = none. */
     void (*ffn_hook)(struct moe_model *m, int layer, void *user);
     void *ffn_hook_user;
+    /* (n_layers) the multiplier of each block's two residual updates, x += s_l Attn(..) and
+       x += s_l FFN(..), forward and backward; 1 after init. Masked growth (G_random, arXiv
+       2405.15319 §2) ramps a new layer's s_l from 0 to 1 (moe_grow_set_mask). */
+    float *layer_scale;
     moe_err err;
 } moe_model;
 
@@ -340,6 +344,8 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
                 m->blocks[l].moe.work = m->work;
             }
         ok = ok && MOE__ALLOC(m->gen_probs, (size_t)V * 2, float);
+        ok = ok && MOE__ALLOC(m->layer_scale, L, float);
+        for (l = 0; ok && l < L; l++) m->layer_scale[l] = 1.0f;
     }
     if (!ok) {
         moe_model_free(m);
@@ -390,6 +396,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
     MOE_FREE(m->gen_probs);
+    MOE_FREE(m->layer_scale);
     moe_work_free(&m->work);
     moe_store_free(&m->S);
     {
@@ -513,7 +520,11 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if (c->pos == MOE_POS_ROPE) moe_rope_apply(b->qkv, m->rope, B, T, d, NH, 0);
         MOE__MODEL_TRY(moe_attention_forward(b->atty, b->att, b->qkv, B, T, d, NH, &m->work), l, "attention");
         MOE__MODEL_TRY(moe_matmul_forward(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), NULL, N, d, d, &m->work), l, "attention output");
-        for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
+        if (m->layer_scale[l] != 1.0f) {
+            float s = m->layer_scale[l];
+            for (i = 0; i < N * d; i++) b->x2[i] = s * b->x2[i] + b->x[i];
+        } else
+            for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
         moe_rmsnorm_forward(b->ln2, b->rstd2, b->x2, moe_store_param(&m->S, b->id_ln2), N, d, c->norm_eps);
         if (b->is_moe) {
             moe_layer_args a = moe_layer_args_default();
@@ -543,7 +554,11 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
                            l, "dense FFN");
         }
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
-        for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
+        if (m->layer_scale[l] != 1.0f) {
+            float s = m->layer_scale[l];
+            for (i = 0; i < N * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
+        } else
+            for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
@@ -574,9 +589,15 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
     if (m->r_carry) memset(m->r_carry, 0, sizeof(float) * (size_t)N * c->router_dim); /* dL/dh of the layer above */
     for (l = c->n_layers - 1; l >= 0; l--) {
         moe_block *b = &m->blocks[l];
+        float s = m->layer_scale[l];
+        const float *d_ffn = d_res, *d_attn = d_res2; /* dL/d(the branches' outputs) */
         /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
         memset(m->d_ln, 0, sizeof(float) * (size_t)N * d);
+        if (s != 1.0f) { /* a scaled branch: d_atty is free until the attention branch */
+            for (i = 0; i < N * d; i++) m->d_atty[i] = s * d_res[i];
+            d_ffn = m->d_atty;
+        }
         if (b->is_moe) {
             moe_layer_args a = moe_layer_args_default();
             moe_status st;
@@ -587,7 +608,7 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
                 a.d_router_input = m->r_drin;
                 memset(m->r_drin, 0, sizeof(float) * (size_t)N * c->router_dim);
             }
-            st = moe_layer_backward(&b->moe, S, m->d_ln, d_res, b->ln2, &a);
+            st = moe_layer_backward(&b->moe, S, m->d_ln, d_ffn, b->ln2, &a);
             if (st != MOE_OK) return moe_err_set(&m->err, st, "layer %d: %s", l, b->moe.err.msg);
             if (b->id_rproj >= 0 && (st = moe__router_input_backward(m, b, l)) != MOE_OK) return st;
         } else {
@@ -595,15 +616,19 @@ MOE__IMPL moe_status moe_model_backward(moe_model *m, float scale) {
             int offset[2];
             offset[0] = 0;
             offset[1] = N;
-            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_res, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
+            MOE__MODEL_TRY(moe_experts_backward(m->d_ln, &gw, d_ffn, b->ln2, b->hg, b->hu, &w, offset, 1, d, c->d_ff,
                                                 MOE_EXPERT_SWIGLU, MOE_ACT_SILU, m->scratch1, m->scratch2, &m->work),
                            l, "dense FFN backward");
         }
         moe_rmsnorm_backward(d_res2, moe_store_grad(S, b->id_ln2), m->d_ln, b->x2, moe_store_param(S, b->id_ln2), b->rstd2, N, d);
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
+        if (s != 1.0f) { /* d_qkv is free until the attention backward below */
+            for (i = 0; i < N * d; i++) m->d_qkv[i] = s * d_res2[i];
+            d_attn = m->d_qkv;
+        }
         memset(m->d_atty, 0, sizeof(float) * (size_t)N * d);
-        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_res2, b->atty, moe_store_param(S, b->id_wo),
+        MOE__MODEL_TRY(moe_matmul_backward(m->d_atty, moe_store_grad(S, b->id_wo), NULL, d_attn, b->atty, moe_store_param(S, b->id_wo),
                                            N, d, d, &m->work),
                        l, "attention output backward");
         MOE__MODEL_TRY(moe_attention_backward(m->d_qkv, m->d_atty, b->qkv, b->att, B, T, d, NH, &m->work), l, "attention backward");

@@ -118,8 +118,8 @@ static int parse(options *o, int argc, char **argv) {
     rc = flags_parse(&p, argc, argv);
     if (rc != FLAGS_RUN) return rc;
     if (o->quick) {
-        o->d = 16; o->heads = 2; o->d_ff = 32; o->seq = 16; o->batch = 4; o->budget = 60; o->warmup = 5; o->eval_every = 10;
-        o->eval_batches = 2; o->seeds = 2; o->ramp = 10; o->learn_steps = 3;
+        o->d = 16; o->heads = 2; o->d_ff = 32; o->seq = 16; o->batch = 2; o->budget = 30; o->warmup = 5; o->eval_every = 10;
+        o->eval_batches = 1; o->seeds = 2; o->ramp = 10; o->learn_steps = 3;
     }
     if (o->d % o->heads != 0) { fprintf(stderr, "grow: --heads must divide --d\n"); return 2; }
     if (o->layers % o->g != 0 || (o->g_sweep && (o->layers % 2 != 0 || o->layers % 8 != 0))) {

@@ -3,8 +3,10 @@
    grown store's names and shapes, G_zero / G_random / width growth keeping the small model's
    logits, gradients through scaled residual branches, G_learn's map gradient, the paper's
    formulas, and bad input refused with a sentence and the target left untouched. */
+#define _POSIX_C_SOURCE 200809L /* proc.h */
 #include "moe.h"
 #include "test.h"
+#include "proc.h" /* defines: proc_run, proc_log_has */
 
 enum { B = 2, T = 8 };
 
@@ -316,6 +318,40 @@ static void test_formulas(void) {
     CHECK(fabs(moe_grow_speedup(3.0, 2.0) - 0.5) < 1e-12, "speed-up 3/2 - 1 = 50%%");
 }
 
+/* examples/grow --quick: every run trains, grows and reports a speed-up; the files appear */
+static void test_example(void) {
+    const char *bin = "build/examples/grow", *log = "build/grow_quick.log";
+    FILE *f = fopen("data/brown/train/news.txt", "rb");
+    proc_opts po = proc_opts_default();
+    TEST_BEGIN("examples/grow --quick: scratch vs grown runs at equal FLOPs");
+    if (!f) {
+        printf("   skipped: data/brown is absent (run `make data` to fetch the Brown corpus)\n");
+        return;
+    }
+    fclose(f);
+    f = fopen(bin, "rb");
+    if (!f) {
+        printf("   skipped: %s is not built (make test builds it)\n", bin);
+        return;
+    }
+    fclose(f);
+    po.env[0] = "OMP_NUM_THREADS=1"; /* a tiny model: threads only wait on each other */
+    CHECK(proc_run(&po, log, bin, "--quick", "--out", "build/tmp_grow", (const char *)NULL) == 0, "grow --quick exits 0 (see %s)", log);
+    CHECK(proc_log_has(log, "result run=stack_medium final_val_loss=") && proc_log_has(log, "result run=g8 ") &&
+              proc_log_has(log, "result run=learn ") && proc_log_has(log, "run=random seed=2 base_layers=2"),
+          "every run reports its final loss and speed-up (see %s)", log);
+    CHECK(!proc_log_has(log, "nan"), "no NaN in the results (see %s)", log);
+    f = fopen("build/tmp_grow/grow_loss.png", "rb");
+    CHECK(f != NULL, "grow_loss.png written");
+    if (f) fclose(f);
+    f = fopen("build/tmp_grow/grow_results.csv", "rb");
+    CHECK(f != NULL, "grow_results.csv written");
+    if (f) fclose(f);
+    CHECK(proc_run(NULL, "build/grow_bad.log", bin, "--layers", "6", "--quick", "--out", "build/tmp_grow", (const char *)NULL) == 2 &&
+              proc_log_has("build/grow_bad.log", "multiple"),
+          "a depth that g does not divide is refused with a sentence");
+}
+
 int main(void) {
     test_maps();
     test_stack_store(0);
@@ -336,5 +372,6 @@ int main(void) {
     test_learn();
     test_bad_input();
     test_formulas();
+    test_example();
     return test_summary();
 }

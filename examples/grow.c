@@ -77,8 +77,8 @@ static int parse(options *o, int argc, char **argv) {
     flags_program p;
     int n = 0, rc;
     memset(o, 0, sizeof *o);
-    o->d = 64; o->layers = 8; o->heads = 4; o->d_ff = 172; o->seq = 64; o->batch = 8; o->budget = 600; o->warmup = 30;
-    o->eval_every = 25; o->eval_batches = 8; o->seeds = 3; o->ramp = 100; o->learn_steps = 20; o->g = 4; o->g_sweep = 1;
+    o->d = 32; o->layers = 8; o->heads = 2; o->d_ff = 96; o->seq = 64; o->batch = 4; o->budget = 500; o->warmup = 20;
+    o->eval_every = 20; o->eval_batches = 8; o->seeds = 3; o->ramp = 50; o->learn_steps = 10; o->g = 4; o->g_sweep = 1;
     o->lr = 3e-3f; o->min_lr = 3e-4f; o->wd = 0.1f; o->clip = 1.0f; o->d_small = 0.05f; o->d_medium = 0.2f; o->d_op = 0.2f;
     o->noise = 0.2f; o->learn_lr = 0.01f;
     o->data_dir = "data/brown"; o->out_dir = "out";

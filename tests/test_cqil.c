@@ -308,6 +308,8 @@ static void test_bad_groups(void) {
     CHECK(moe_model_set_groups(&m, f, s, 1, 0, 0) == MOE_OK, "noisy MoE layers may be grouped");
     CHECK(moe_model_forward(&m, x, NULL, 2, 8, &r) == MOE_ERR_UNSUPPORTED && strstr(m.err.msg, "noise"), "with noise: %s", m.err.msg);
     CHECK(moe_model_forward(&m, x, NULL, 2, 8, NULL) == MOE_OK, "without noise: runs");
+    m.layer_scale[1] = 0.5f; /* masked growth's residual scale: grouped members run unscaled */
+    CHECK(moe_model_forward(&m, x, NULL, 2, 8, NULL) == MOE_ERR_UNSUPPORTED && strstr(m.err.msg, "residual scale"), "a scaled member: %s", m.err.msg);
     moe_model_free(&m);
 }
 

@@ -54,6 +54,8 @@ static void random_tokens(int *x, int n, int V, moe_rng *r) {
 /* the model of c, its full-forward logits of two random sequences, then the same tokens
    decoded two ways: (1) step t feeds token t of both sequences in one call; (2) sequence 0's
    first 7 tokens in one call, then the rest token by token with sequence 1's. */
+static float g_scale; /* > 0: the first layer's residual branches scaled by it (masked growth) */
+
 static void check_decode_matches_forward(const char *name, moe_model_config c, int broadcast, float capacity) {
     moe_model m;
     moe_kv_cache kc;
@@ -66,6 +68,7 @@ static void check_decode_matches_forward(const char *name, moe_model_config c, i
     if (!CHECK(moe_model_init(&m, &c, B_SEQ, T_SEQ) == MOE_OK, "%s: init: %s", name, m.err.msg)) { free(full); free(dec); return; }
     moe_model_init_weights(&m, 3);
     moe_model_set_broadcast(&m, broadcast);
+    if (g_scale > 0.0f) m.layer_scale[0] = g_scale;
     CHECK(moe_model_forward(&m, x, NULL, B_SEQ, T_SEQ, NULL) == MOE_OK, "%s: forward: %s", name, m.err.msg);
     memcpy(full, m.logits, sizeof(float) * B_SEQ * T_SEQ * V);
     if (capacity > 0.0f) /* the model decoded keeps its capacity; the reference above had none */
@@ -143,6 +146,10 @@ static void test_decode_matches_forward(void) {
     c.router_input = MOE_RIN_MLP;
     check_decode_matches_forward("MLP router input", c, 0, 0.0f);
     check_decode_matches_forward("capacity 0.5: decoding is dropless", tiny(1, MOE_POS_LEARNED), 0, 0.5f);
+    g_scale = 0.3f;
+    check_decode_matches_forward("a residual scale of 0.3 (masked growth), dense", tiny(0, MOE_POS_ROPE), 0, 0.0f);
+    check_decode_matches_forward("a residual scale of 0.3 (masked growth), MoE", tiny(1, MOE_POS_LEARNED), 0, 0.0f);
+    g_scale = 0.0f;
 }
 
 /* ---- (b) batched generation = one by one ---- */
@@ -283,6 +290,14 @@ static void test_bad_input(void) {
     moe_kv_cache_reset(&kc);
     CHECK(moe_model_decode(&other, &kc, tok, seq, 1) == MOE_OK, "GW slots with the broadcast off: %s", other.err.msg);
     moe_model_free(&other);
+    { /* CQIL groups run in the full forward only */
+        int first = 0, size = 2;
+        c = tiny(1, MOE_POS_LEARNED);
+        moe_model_init(&other, &c, 1, 4);
+        CHECK(moe_model_set_groups(&other, &first, &size, 1, 0, 0) == MOE_OK, "groups: %s", other.err.msg);
+        CHECK(moe_model_decode(&other, &kc, tok, seq, 1) == MOE_ERR_UNSUPPORTED && strstr(other.err.msg, "CQIL"), "CQIL groups: %s", other.err.msg);
+        moe_model_free(&other);
+    }
     moe_kv_cache_free(&kc);
     CHECK(moe_model_decode(&m, &kc, tok, seq, 1) == MOE_ERR_STATE, "a freed cache: %s", m.err.msg);
     moe_model_free(&m);

@@ -209,6 +209,8 @@ static moe_status moe__decode_check(moe_model *m, const moe_kv_cache *c) {
         return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "expert-choice routing is not causal (a token's experts depend on later tokens): it cannot generate");
     if (mc->moe_every > 0 && m->gw_broadcast && mc->moe.gw_slots > 0)
         return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "GW-MoE's broadcast with gw_slots counts uncertain tokens per sequence: switch the broadcast off (moe_model_set_broadcast) to decode");
+    if (m->group_size)
+        return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "the model runs CQIL layer groups, which the KV-cached decoding does not: generate with moe_model_generate, or ungroup (moe_model_set_groups with no groups)");
     return MOE_OK;
 }
 
@@ -250,6 +252,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         moe_block *b = &m->blocks[l];
         float *out = l + 1 < mc->n_layers ? m->blocks[l + 1].x : m->x_final;
         moe_layer_args a = moe__block_args(m, 1, NULL);
+        float s = m->layer_scale[l];
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
         moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
@@ -266,10 +269,10 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
         moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
-        for (i = 0; i < n * d; i++) b->x2[i] += b->x[i];
+        for (i = 0; i < n * d; i++) b->x2[i] = s * b->x2[i] + b->x[i]; /* s_l: masked growth's residual scale */
         st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
         if (st != MOE_OK) return st;
-        for (i = 0; i < n * d; i++) out[i] = b->x2[i] + b->ffn[i];
+        for (i = 0; i < n * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
     moe__decode_linear(m->logits, m->lnf, wte, n, d, V);

@@ -114,6 +114,11 @@ typedef struct moe_model {
     int group_double_count; /* the official training code's bypass (see moe_model_set_groups) */
     int n_lanes;            /* the largest group: one lane of buffers per member            */
     moe_group_lane *lanes;   /* (n_lanes)                                             */
+    /* (n_layers) the multiplier of each block's two residual updates, x += s_l Attn(..) and
+       x += s_l FFN(..), forward and backward; 1 after init. Masked growth (G_random, arXiv
+       2405.15319 §2) ramps a new layer's s_l from 0 to 1 (moe_grow_set_mask). Decoding honours it;
+       a CQIL group's members must keep 1 (the forward refuses otherwise). */
+    float *layer_scale;
     moe_err err;
 } moe_model;
 
@@ -400,6 +405,8 @@ static moe_status moe__model_init(moe_model *m, const moe_model_config *c, int m
                 m->blocks[l].moe.work = m->work;
             }
         ok = ok && MOE__ALLOC(m->gen_probs, (size_t)V * 2, float);
+        ok = ok && MOE__ALLOC(m->layer_scale, L, float);
+        for (l = 0; ok && l < L; l++) m->layer_scale[l] = 1.0f;
     }
     if (!ok) {
         moe_model_free(m);
@@ -466,6 +473,7 @@ MOE__IMPL void moe_model_free(moe_model *m) {
     MOE_FREE(m->routing_noise);
     MOE_FREE(m->balance_f_all);
     MOE_FREE(m->gen_probs);
+    MOE_FREE(m->layer_scale);
     moe_work_free(&m->work);
     moe_store_free(&m->S);
     {
@@ -569,7 +577,10 @@ static moe_status moe__block_attention_forward(moe_model *m, int l, int B, int T
                  "attention output");
     if (att)
         for (i = 0; i < N * d; i++) b->x2[i] = att[i] + b->x[i];
-    else
+    else if (m->layer_scale[l] != 1.0f) { /* masked growth: x2 = x + s_l Attn(..) */
+        float s = m->layer_scale[l];
+        for (i = 0; i < N * d; i++) b->x2[i] = s * b->x2[i] + b->x[i];
+    } else
         for (i = 0; i < N * d; i++) b->x2[i] += b->x[i];
     return MOE_OK;
 }
@@ -824,6 +835,9 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
             for (i = l; i < l + P; i++)
                 if (noise && m->routing_noise && m->blocks[i].is_moe)
                     return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layers %d..%d run as a CQIL group: their MoE layers cannot draw routing noise (pass no noise RNG)", l, l + P - 1);
+            for (i = l; i < l + P; i++)
+                if (m->layer_scale[i] != 1.0f)
+                    return moe_err_set(&m->err, MOE_ERR_UNSUPPORTED, "layer %d runs in a CQIL group (layers %d..%d) with a residual scale of %g: grouped layers run unscaled (set it to 1 or ungroup)", i, l, l + P - 1, (double)m->layer_scale[i]);
             if ((st = moe__group_forward(m, l, P, B, T)) != MOE_OK) return st;
             continue;
         }
@@ -837,7 +851,11 @@ MOE__IMPL moe_status moe_model_forward(moe_model *m, const int *inputs, const in
         if ((st = moe__block_ffn_forward(m, l, N, moe__block_args(m, T, draws), &rh_prev, &m->work, &m->err)) != MOE_OK) return st;
         if (b->is_moe) m->aux_loss += b->moe.stats.aux_total;
         if (m->ffn_hook) m->ffn_hook(m, l, m->ffn_hook_user);
-        for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
+        if (m->layer_scale[l] != 1.0f) {
+            float s = m->layer_scale[l];
+            for (i = 0; i < N * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
+        } else
+            for (i = 0; i < N * d; i++) out[i] = b->x2[i] + b->ffn[i];
     }
     if (c->balance_all_layers) moe__model_balance_all_layers(m);
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), N, d, c->norm_eps);
@@ -861,7 +879,7 @@ static int moe__group_ending_at(const moe_model *m, int l) {
 static moe_status moe__model_backward_from_logits(moe_model *m, float scale) {
     const moe_model_config *c = &m->cfg;
     int B = m->B, T = m->T, N = B * T, d = c->d, V = c->vocab, l, i, P;
-    float *d_res = m->d_res, *d_res2 = m->d_res2;
+    float *d_res = m->d_res, *d_res2 = m->d_res2, s;
     moe_store *S = &m->S;
     moe_status st;
     (void)B;
@@ -881,12 +899,17 @@ static moe_status moe__model_backward_from_logits(moe_model *m, float scale) {
         }
         P = 1;
         b = &m->blocks[l];
+        s = m->layer_scale[l];
         /* d_res = dL/d(block output). FFN branch: d x2 = d_res + RMSNorm2'(dFFN input) */
         memcpy(d_res2, d_res, sizeof(float) * (size_t)N * d);
+        if (s != 1.0f) /* masked growth: dL/d ffn = s_l d_res (d_res is rewritten below) */
+            for (i = 0; i < N * d; i++) d_res[i] *= s;
         st = moe__block_ffn_backward(m, l, d_res, d_res2, scale, m->d_ln, m->scratch1, m->scratch2, &m->work, &m->err);
         if (st != MOE_OK) return st;
         /* attention branch: d x = d x2 + RMSNorm1'(d qkv-projection input) */
         memcpy(d_res, d_res2, sizeof(float) * (size_t)N * d);
+        if (s != 1.0f) /* dL/d Attn = s_l dL/dx2; d_res2 is read only by the attention backward */
+            for (i = 0; i < N * d; i++) d_res2[i] *= s;
         if ((st = moe__block_attention_backward(m, l, d_res2, m->d_ln, m->d_atty, m->d_qkv, &m->work, &m->err)) != MOE_OK) return st;
         /* d_res now holds dL/dx of this block: the output gradient of the block below */
         moe_rmsnorm_backward(d_res, moe_store_grad(S, b->id_ln1), m->d_ln, b->x, moe_store_param(S, b->id_ln1), b->rstd1, N, d);

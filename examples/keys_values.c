@@ -182,8 +182,8 @@ int main(int argc, char **argv) {
     };
     flags_program p;
     memset(&o, 0, sizeof o);
-    o.seeds = 3; o.pre_steps = 600; o.steps = 300; o.facts = 64; o.lora_rank = 4; o.B = 16; o.threads = 1;
-    o.pre_lr = 3e-3f; o.lr = 3e-3f; o.lora_lr = 3e-3f;
+    o.seeds = 3; o.pre_steps = 600; o.steps = 300; o.facts = 32; o.lora_rank = 4; o.B = 16; o.threads = 1;
+    o.pre_lr = 3e-3f; o.lr = 1e-3f; o.lora_lr = 3e-3f;
     o.genres = "news,fiction"; o.data_dir = "data/brown"; o.out = "out";
     p = flags_program_make("keys_values", "teaching synthetic facts through FFN keys only vs values only (parameter-matched, and LoRA of equal rank)",
                            "reads <data>/{train,val}/<genre>.txt; writes <out>/keys_values.csv and <out>/keys_values.png", fl, FLAGS_COUNT(fl));

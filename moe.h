@@ -1425,8 +1425,8 @@ MOEDEF moe_status moe_lora_load(const char *path, moe_lora *L, moe_store *base, 
    MIGU (Du et al., arXiv 2406.17245 §3): per linear layer y = x W^T, the magnitude of each
    output unit j over the tokens of one optimisation step decides whether row j of W may be
    updated in that step; the top (1 - T) of the units are, the rest are masked. The statistic:
-     MOE_MIGU_L1   a_j = sum_tokens |y_j| / ||y||_1   the paper's per-token L1-normalised form
-                                                       (Eq. 2-3), summed instead of averaged
+     MOE_MIGU_L1   a_j = sum_tokens |y_j| / ||y||_1   the paper's per-token L1-normalised form,
+                                                       summed instead of averaged
                                                        (the quantile does not care);
      MOE_MIGU_SUM  a_j = sum_tokens |y_j|             the official code's raw sum.
    Units kept: a_j >= the T-quantile of the layer's a (torch.quantile's linear interpolation:

@@ -11,7 +11,7 @@
  * measured: the forgetting matrix R[after][on]. Outputs: a settings table, key=value lines
  * (per model and arm: average final bits/byte over the tasks and average forgetting
  * R[last][j] - R[j][j] over j < last, mean and sd over seeds), the pairwise overlap of the
- * units MIGU would update on different tasks (the paper's observation, §4.4), <out>/continual.csv
+ * units MIGU would update on different tasks (the paper's observation), <out>/continual.csv
  * (every matrix entry) and one heatmap PNG of the seed-mean matrix per model and arm. */
 #define _POSIX_C_SOURCE 200809L
 #define MOE_IMPLEMENTATION

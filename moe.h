@@ -95,43 +95,51 @@
        1. core           >>moe:core         status codes, errors, allocator, RNG, timer
        2. store          >>moe:store        THE tensor table over flat params/grads/m/v, fingerprint
        3. optim          >>moe:optim        AdamW, global gradient-norm clipping, warm-up + cosine
-       4. ckpt           >>moe:ckpt         checkpoint file: one versioned format, atomic, CRC-32
-       5. matmul         >>moe:matmul       packed, register-tiled GEMM; matmul forward/backward
+       4. mask           >>moe:mask         update masks over the tensor table: freeze tensors, rows,
+                                            columns; mask the gradient or the update
+       5. ckpt           >>moe:ckpt         checkpoint file: one versioned format, atomic, CRC-32
+       6. matmul         >>moe:matmul       packed, register-tiled GEMM; matmul forward/backward
                                             (+ naive references)
-       6. kernels        >>moe:kernels      softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
+       7. kernels        >>moe:kernels      softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
                                             cross-entropy: forward/backward pairs
-       7. experts        >>moe:experts      SwiGLU and two-matrix FFN experts on gathered tokens
-       8. dispatch       >>moe:dispatch     the assignment list: counting sort, gather, combine
-       9. router         >>moe:router       the router interface: config, routing statistics, the
+       8. experts        >>moe:experts      SwiGLU and two-matrix FFN experts on gathered tokens
+       9. dispatch       >>moe:dispatch     the assignment list: counting sort, gather, combine
+      10. router         >>moe:router       the router interface: config, routing statistics, the
                                             hooks and ONE dispatcher; balance losses (Switch /
                                             HF-Mixtral / DeepSeek), z-loss
-      10. router_topk    >>moe:router_topk  token choice: the linear router, softmax top-k (Switch,
+      11. router_topk    >>moe:router_topk  token choice: the linear router, softmax top-k (Switch,
                                             Mixtral, DeepSeek), sigmoid top-k, capacity
-      11. router_noisy   >>moe:router_noisy Shazeer noisy top-k and its CV^2 losses
-      12. router_ec      >>moe:router_ec    expert choice
-      13. router_aoe     >>moe:router_aoe   Autonomy-of-Experts: experts choose by their cache norms
-      14. router_gw      >>moe:router_gw    GW-MoE: uncertain tokens broadcast to every expert
-      15. router_hyper   >>moe:router_hyper HyperMoE: a hyper-expert from the unselected experts
-      16. layer          >>moe:layer        the MoE layer: routed and shared experts around the router
-      17. attention      >>moe:attention    causal multi-head self-attention, rotary positions
-      18. gru            >>moe:gru          the GRU cell of RMoE's layerwise recurrent router
-      19. router_input   >>moe:router_input what the routers read: x, RMoE's GRU state, an MLP
-      20. model          >>moe:model        tiny decoder-only (MoE) transformer over bytes: forward,
+      12. router_noisy   >>moe:router_noisy Shazeer noisy top-k and its CV^2 losses
+      13. router_ec      >>moe:router_ec    expert choice
+      14. router_aoe     >>moe:router_aoe   Autonomy-of-Experts: experts choose by their cache norms
+      15. router_gw      >>moe:router_gw    GW-MoE: uncertain tokens broadcast to every expert
+      16. router_hyper   >>moe:router_hyper HyperMoE: a hyper-expert from the unselected experts
+      17. layer          >>moe:layer        the MoE layer: routed and shared experts around the router
+      18. attention      >>moe:attention    causal multi-head self-attention, rotary positions
+      19. gru            >>moe:gru          the GRU cell of RMoE's layerwise recurrent router
+      20. router_input   >>moe:router_input what the routers read: x, RMoE's GRU state, an MLP
+      21. model          >>moe:model        tiny decoder-only (MoE) transformer over bytes: forward,
                                             backward, generation; CQIL's concurrent layer groups
-      21. model_io       >>moe:model_io     model files: the config as a record of named fields, save and
+      22. select         >>moe:select       named selections of the model's linear matrices: FFN keys
+                                            (gate, up) and values (down), attention projections
+      23. lora           >>moe:lora         low-rank adapters on any matrix or expert bank, in weight
+                                            space: merge, unmerge, gradients, adapter-only steps, files
+      24. migu           >>moe:migu         MIGU: output-magnitude statistics of every linear layer over a
+                                            step, top (1 - T) units updated, the random control
+      25. model_io       >>moe:model_io     model files: the config as a record of named fields, save and
                                             load (checked before anything is allocated, older files)
-      22. generate       >>moe:generate     a KV cache, incremental decoding, batched generation with a
+      26. generate       >>moe:generate     a KV cache, incremental decoding, batched generation with a
                                             sampler and a stop token per sequence
-      23. growth         >>moe:growth       model growth (G_stack): depth and width growth operators G_direct,
+      27. growth         >>moe:growth       model growth (G_stack): depth and width growth operators G_direct,
                                             G_zero, G_random, G_learn; the paper's growth formulas
-      24. safetensors    >>moe:safetensors  safetensors files of any store (F32, F16, BF16), bounded reading;
+      28. safetensors    >>moe:safetensors  safetensors files of any store (F32, F16, BF16), bounded reading;
                                             the model under Hugging Face Llama/Mixtral names, config.json
-      25. gguf           >>moe:gguf         GGUF files of the model that llama.cpp runs (llama architecture,
+      29. gguf           >>moe:gguf         GGUF files of the model that llama.cpp runs (llama architecture,
                                             dense or Mixtral-style MoE, byte vocabulary)
-      26. closer_look    >>moe:closer_look  diagnostics of "A Closer Look into MoE": two-pass expert outputs,
+      30. closer_look    >>moe:closer_look  diagnostics of "A Closer Look into MoE": two-pass expert outputs,
                                             norm-vs-score ranks, expert similarities, gate-neuron R^2, Kendall
                                             tau; routing balance and MI; adjacent layers' input similarity
-      27. data           >>moe:data         byte-window batches from one or several sources
+      31. data           >>moe:data         byte-window batches from one or several sources
 
    Where each router family lives. >>moe:router holds the hooks every family implements and
    the ONE dispatcher that chooses by cfg.router; a family's anchor opens its section, forward
@@ -353,6 +361,67 @@ MOEDEF moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float 
 MOEDEF float moe_clip_grad_norm(moe_store *s, float max_norm);
 /* Linear warm-up over `warmup` steps to lr_max, then cosine decay to lr_min at `total`. */
 MOEDEF float moe_lr_cosine(long long step, long long warmup, long long total, float lr_max, float lr_min);
+
+/* ============================================================================================
+   >>moe:mask  update masks over the tensor table
+   ============================================================================================
+   One byte per parameter, in the store's flat order (the table gives the layout; the mask
+   holds no copy of it): 1 = the parameter may change this step, 0 = masked. Freeze a tensor,
+   one slice of it along any axis (a row = an output unit of a (..., out, in) weight, a column
+   = an input, an expert of an (E, out, in) bank), or set a weight's rows from a per-unit
+   vector (MIGU). Two modes, because they differ under AdamW (MIGU, arXiv 2406.17245 §3 vs its
+   official code):
+     MOE_MASK_GRAD    masked gradients are zeroed before the optimizer; the first moment and
+                      the decoupled weight decay still move a masked parameter (the code);
+     MOE_MASK_UPDATE  a masked parameter, its moments included, does not change at all (the
+                      paper's W <- W - lr (M . grad)).
+   In both modes the masked gradients are zeroed before clipping, so the clipping norm is the
+   norm of the gradient that may be applied. A checkpoint carries a mask that persists (a
+   frozen tensor) in its state blob: moe_mask_pack / moe_mask_unpack. */
+
+typedef enum moe_mask_mode {
+    MOE_MASK_GRAD = 0,  /* zero masked gradients before AdamW (moments, decay still act) */
+    MOE_MASK_UPDATE = 1 /* masked parameters and their moments stay as they are          */
+} moe_mask_mode;
+
+typedef struct moe_mask {
+    unsigned char *keep;  /* (numel) 1 = may change                                       */
+    size_t numel;         /* the store's                                                  */
+    uint64_t fingerprint; /* moe_store_fingerprint of the store it was made for           */
+    moe_mask_mode mode;
+    moe_err err;
+} moe_mask;
+
+/* Everything kept. The store's table must be complete (allocated or declared). */
+MOEDEF moe_status moe_mask_init(moe_mask *k, const moe_store *s, moe_mask_mode mode);
+MOEDEF void moe_mask_free(moe_mask *k);
+MOEDEF void moe_mask_fill(moe_mask *k, int keep);
+/* The whole tensor `name` kept (1) or masked (0). Unknown name: MOE_ERR_INVALID_ARG, mask
+   unchanged (as for every call below that fails). */
+MOEDEF moe_status moe_mask_set_tensor(moe_mask *k, const moe_store *s, const char *name, int keep);
+/* Every element of `name` whose index along `axis` (0 = outermost) is `index`. A row of a
+   (out, in) weight is axis 0, a column axis 1; for an (E, out, in) bank axis 0 is an expert. */
+MOEDEF moe_status moe_mask_set_slice(moe_mask *k, const moe_store *s, const char *name, int axis,
+                                     int index, int keep);
+/* Rows of tensor `id` (a row = the last dimension: one output unit of a (..., out, in)
+   weight) from row_keep (numel / last dim entries, nonzero = keep). */
+MOEDEF moe_status moe_mask_set_rows(moe_mask *k, const moe_store *s, int id, const unsigned char *row_keep);
+/* kept parameters, of the whole store (id < 0) or of tensor id */
+MOEDEF size_t moe_mask_count(const moe_mask *k, const moe_store *s, int id);
+/* zeroes the masked gradients */
+MOEDEF moe_status moe_mask_grads(const moe_mask *k, moe_store *s);
+/* One training step under the mask: masked gradients zeroed, then global-norm clipping
+   (max_norm <= 0: none; *norm, if not NULL, gets the norm before clipping), then AdamW in the
+   mask's mode. With everything kept the result equals moe_clip_grad_norm + moe_adamw_step
+   bit for bit. */
+MOEDEF moe_status moe_mask_step(moe_mask *k, moe_store *s, const moe_adamw_config *c, float lr,
+                                long long step, float max_norm, float *norm);
+/* The mask as bytes for a checkpoint's state blob: 24 bytes of header (magic, mode, numel,
+   fingerprint) then one bit per parameter. unpack checks the header against k (made for the
+   same layout) and changes nothing on a mismatch. */
+MOEDEF size_t moe_mask_pack_bytes(const moe_mask *k);
+MOEDEF moe_status moe_mask_pack(const moe_mask *k, void *buf, size_t bytes);
+MOEDEF moe_status moe_mask_unpack(moe_mask *k, const void *buf, size_t bytes);
 
 /* ============================================================================================
    >>moe:ckpt  checkpoints
@@ -1313,6 +1382,173 @@ MOEDEF moe_status moe_model_set_groups(moe_model *m, const int *first, const int
 /* Sequential steps of a forward with the current groups: n_layers minus (P - 1) for every
    group (the latency proxy when the members of a group run in parallel). */
 MOEDEF int moe_model_depth(const moe_model *m);
+
+/* ============================================================================================
+   >>moe:select  named selections of the model's linear matrices
+   ============================================================================================
+   Which weights a mask, LoRA or MIGU acts on, by role instead of by name. An FFN is a
+   key-value memory (Geva et al., arXiv 2012.14913 §2): its first layer's rows are keys matched
+   against the input, its second layer's rows values written to the residual stream. So
+     keys   = SwiGLU gate and up (A, B), or the first matrix of a two-matrix FFN;
+     values = down (O), the second matrix;
+   for the dense FFNs and for every expert bank (routed and shared) of the MoE layers alike.
+   Parameter-matched pairs (keys vs values, arXiv 2402.12233): MOE_SEL_UP alone and
+   MOE_SEL_DOWN alone have the same size (D d each per expert); MOE_SEL_KEYS of a SwiGLU FFN
+   is twice MOE_SEL_VALUES. Routers, AoE's factorised gate, embeddings and norms are never
+   selected. The attention projections: the fused q/k/v matrix and the output matrix. */
+
+enum {
+    MOE_SEL_GATE = 1,   /* SwiGLU gate (dense FFN and expert banks)        */
+    MOE_SEL_UP = 2,     /* SwiGLU up, or a two-matrix FFN's first matrix   */
+    MOE_SEL_DOWN = 4,   /* the FFN's output matrix                         */
+    MOE_SEL_QKV = 8,    /* attention's fused q, k, v projection            */
+    MOE_SEL_ATTN_O = 16,/* attention's output projection                   */
+    MOE_SEL_KEYS = MOE_SEL_GATE | MOE_SEL_UP,
+    MOE_SEL_VALUES = MOE_SEL_DOWN,
+    MOE_SEL_FFN = MOE_SEL_KEYS | MOE_SEL_VALUES,
+    MOE_SEL_ATTN = MOE_SEL_QKV | MOE_SEL_ATTN_O,
+    MOE_SEL_LINEAR = MOE_SEL_FFN | MOE_SEL_ATTN /* every linear layer MIGU watches */
+};
+
+/* The ids of the tensors `parts` selects, in table order, into ids (at most max_ids written;
+   ids may be NULL to count). Returns how many the selection has. */
+MOEDEF int moe_model_select(const moe_model *m, int parts, int *ids, int max_ids);
+/* The parameters of a selection (a parameter-matched pair has equal counts). */
+MOEDEF size_t moe_model_select_numel(const moe_model *m, int parts);
+/* k keeps exactly the selected tensors of m (everything else masked): train keys only,
+   values only, attention only. parts without any tensor in m: MOE_ERR_INVALID_ARG, k unchanged. */
+MOEDEF moe_status moe_mask_select(moe_mask *k, const moe_model *m, int parts);
+
+/* ============================================================================================
+   >>moe:lora  low-rank adapters on any linear matrix of a store
+   ============================================================================================
+   LoRA (Hu et al., arXiv 2106.09685 §4.1): W = W0 + (alpha / r) B A, with A (r, in) and
+   B (out, r) per adapted matrix; for an expert bank (E, out, in) one pair per expert. A
+   starts U(-1/sqrt(in), 1/sqrt(in)) (peft's kaiming_uniform(a = sqrt 5)), B at zero, so an
+   attached adapter changes nothing until trained.
+   The adapters are applied in weight space: while merged, the model's tensor holds
+   W0 + s B A (the base W0 is kept aside), so every forward and backward of the model works
+   unchanged on any matrix it has, dense, per expert or attention. The model's backward
+   leaves dL/dW in the store's gradients, and since W depends on A and B only through s B A,
+     dL/dA = s B^T dL/dW,  dL/dB = s dL/dW A^T
+   exactly (moe_lora_backward). The adapters live in their own store (names
+   "<matrix>.lora_a", "<matrix>.lora_b"), so the optimizer, masks (MIGU on adapters) and
+   checkpoints work on them as on any store; moe_lora_step updates the adapters only and
+   re-merges. Adapter dropout (the paper's optional regulariser on the adapter's input) has
+   no weight-space form and is not offered.
+   Cost: one (out x in x r) product per adapted matrix per merge and per backward; the
+   model's own dW is computed anyway. */
+
+typedef struct moe_lora_config {
+    int rank;    /* r >= 1, at most min(out, in) of every adapted matrix */
+    float alpha; /* scale s = alpha / r (peft's lora_alpha)             */
+} moe_lora_config;
+
+typedef struct moe_lora {
+    moe_store S;          /* the adapters: params, grads, AdamW moments                  */
+    int n;                /* adapted matrices                                             */
+    int *target;          /* (n) their ids in the model's store                            */
+    int *id_a, *id_b;     /* (n) their adapters' ids in S                                  */
+    float *base;          /* W0 of every target, concatenated in target order             */
+    size_t *base_off;     /* (n)                                                           */
+    float scale;          /* alpha / rank                                                  */
+    moe_lora_config cfg;
+    uint64_t base_fingerprint; /* layout of the store the adapters were made for           */
+    int merged;           /* 1: the targets hold W0 + s B A, 0: they hold W0                */
+    moe_err err;
+} moe_lora;
+
+/* Adapters on the tensors ids[0..n) of base (each (out, in) or (E, out, in), no repeats;
+   typically moe_model_select's). Snapshots W0 and merges (a no-op while B = 0). On failure
+   nothing is attached, base is untouched and the sentence is in L->err. */
+MOEDEF moe_status moe_lora_attach(moe_lora *L, moe_store *base, const int *ids, int n,
+                                  const moe_lora_config *c, uint64_t seed);
+/* Puts W0 back into the targets (unless unmerged) and frees the adapters. */
+MOEDEF void moe_lora_detach(moe_lora *L, moe_store *base);
+/* Targets := W0 + s B A (merge) or W0 (unmerge: the model runs without its adapters). */
+MOEDEF moe_status moe_lora_merge(moe_lora *L, moe_store *base);
+MOEDEF moe_status moe_lora_unmerge(moe_lora *L, moe_store *base);
+/* Makes the merged weights the new W0 and the adapters start again (A redrawn from seed,
+   B = 0): PEFT's merge_and_unload followed by a fresh adapter. */
+MOEDEF moe_status moe_lora_fold(moe_lora *L, moe_store *base, uint64_t seed);
+/* Adapter gradients from the model's weight gradients (accumulated into L->S.grads). The
+   model's forward must have run merged. */
+MOEDEF moe_status moe_lora_backward(moe_lora *L, const moe_store *base);
+/* One step of the adapters alone: optional mask on the adapter store (NULL = none) and
+   clipping, AdamW, re-merge. The model's own parameters change only through the merge. */
+MOEDEF moe_status moe_lora_step(moe_lora *L, moe_store *base, moe_mask *mask,
+                                const moe_adamw_config *c, float lr, long long step, float max_norm);
+#ifndef MOE_NO_STDIO
+/* The adapters (with their moments and the step) in a checkpoint file beside the model's;
+   its config blob records rank, alpha and the base layout. Loading checks the file was made
+   for this base layout and these targets; on any error L and base are unchanged. */
+MOEDEF moe_status moe_lora_save(const char *path, const moe_lora *L, long long step, moe_err *err);
+MOEDEF moe_status moe_lora_load(const char *path, moe_lora *L, moe_store *base, long long *step, moe_err *err);
+#endif
+
+/* ============================================================================================
+   >>moe:migu  MIGU: update only the output units with large magnitudes
+   ============================================================================================
+   MIGU (Du et al., arXiv 2406.17245 §3): per linear layer y = x W^T, the magnitude of each
+   output unit j over the tokens of one optimisation step decides whether row j of W may be
+   updated in that step; the top (1 - T) of the units are, the rest are masked. The statistic:
+     MOE_MIGU_L1   a_j = sum_tokens |y_j| / ||y||_1   the paper's per-token L1-normalised form,
+                                                       summed instead of averaged
+                                                       (the quantile does not care);
+     MOE_MIGU_SUM  a_j = sum_tokens |y_j|             the official code's raw sum.
+   Units kept: a_j >= the T-quantile of the layer's a (torch.quantile's linear interpolation:
+   ties keep more, as the code); with distinct values that is n - ceil(T (n - 1)) units. The
+   random control (the code's random_update) keeps n - floor(T n) units drawn uniformly.
+   A "linear layer" is one matrix of the model: the q, k and v thirds of the fused attention
+   projection separately (they are three nn.Linear in the paper's T5), the attention output,
+   the dense FFN's gate, up and down, and every expert's gate, up and down separately (an
+   expert sees only its tokens). moe_migu_accumulate reads the outputs the forward left in the
+   model's caches after each micro-batch; moe_migu_mask turns the step's statistics into a
+   moe_mask (either mode of >>moe:mask) and resets them: statistics never span steps. Whether
+   a task is masked at all (the paper trains the first task normally) is the caller's loop.
+   Under rotary positions q and k are read after the rotation (the model caches them so); a
+   rotation mixes unit pairs, so their magnitudes differ slightly from x W_q^T's. */
+
+typedef enum moe_migu_stat {
+    MOE_MIGU_L1 = 0, /* per-token L1-normalised magnitudes (the paper) */
+    MOE_MIGU_SUM = 1 /* raw sum of magnitudes (the official code)      */
+} moe_migu_stat;
+
+typedef struct moe_migu_config {
+    float threshold;    /* T in [0, 1): the fraction of units masked per layer; 0.7     */
+    moe_migu_stat stat;
+    int random;         /* 1: the random control, same ratio, statistics ignored        */
+    int parts;          /* MOE_SEL_* of the matrices watched; MOE_SEL_LINEAR (all)      */
+    uint64_t seed;      /* the random control's                                          */
+} moe_migu_config;
+
+typedef struct moe_migu {
+    moe_migu_config cfg;
+    int n_tensors;        /* watched matrices                                             */
+    long long *off;       /* (S.count) start of a tensor's units in stat, -1 = not watched */
+    int *group;           /* (S.count) units per linear layer of the tensor               */
+    double *stat;         /* (units) this step's statistic, a row of the tensor per unit   */
+    unsigned char *keep;  /* (units) the last mask                                         */
+    double *sorted;       /* (largest group) quantile scratch                              */
+    size_t units;
+    int micro_batches;    /* accumulated since the last mask                               */
+    uint64_t fingerprint; /* the model's layout                                            */
+    moe_rng rng;
+    moe_err err;
+} moe_migu;
+
+MOEDEF moe_migu_config moe_migu_config_default(void);
+/* The model must be initialised. T outside [0, 1), an unknown statistic or a selection
+   naming no matrix: MOE_ERR_INVALID_ARG and nothing allocated. */
+MOEDEF moe_status moe_migu_init(moe_migu *g, const moe_model *m, const moe_migu_config *c);
+MOEDEF void moe_migu_free(moe_migu *g);
+/* Adds the last forward's output magnitudes (call after each micro-batch's forward). */
+MOEDEF moe_status moe_migu_accumulate(moe_migu *g, const moe_model *m);
+/* Rows of every watched matrix kept or masked from this step's statistics (or at random),
+   written into k (other tensors untouched); then the statistics reset. A step without any
+   accumulated forward is an error for the statistic (not for the random control). */
+MOEDEF moe_status moe_migu_mask(moe_migu *g, const moe_model *m, moe_mask *k);
+MOEDEF void moe_migu_reset(moe_migu *g);
 
 /* ============================================================================================
    >>moe:model_io  model files: the config as a record of named fields, save/load with checks
@@ -2290,19 +2526,29 @@ static void moe__adamw_span(float *MOE_RESTRICT p, const float *MOE_RESTRICT g, 
 /* the spans the step hands out: whole vectors, a few per thread for the smallest tensors */
 #define MOE__ADAMW_SPAN 4096
 
-MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step) {
-    moe__adamw_consts k;
+/* checks the store and step, then the step's constants (decay is per tensor); the masked
+   step (>>moe:mask) shares it */
+static moe_status moe__adamw_prepare(moe_store *s, const moe_adamw_config *c, float lr, long long step,
+                                     moe__adamw_consts *k) {
     double bc1;
     if (!s->adam_m || !s->adam_v) return moe_err_set(&s->err, MOE_ERR_STATE, "AdamW step on a store allocated without optimizer moments");
     if (step < 1) return moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "AdamW step counts from 1, got %lld", step);
     /* torch computes the corrections in double (Python floats) then uses them as scalars */
     bc1 = (double)(float)(1.0 - pow((double)c->beta1, (double)step));
-    k.bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
-    k.step_size = (float)((double)lr / bc1);
-    k.one_m_b1 = 1.0f - c->beta1;
-    k.b2 = c->beta2;
-    k.one_m_b2 = 1.0f - c->beta2;
-    k.eps = c->eps;
+    k->bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
+    k->step_size = (float)((double)lr / bc1);
+    k->one_m_b1 = 1.0f - c->beta1;
+    k->b2 = c->beta2;
+    k->one_m_b2 = 1.0f - c->beta2;
+    k->eps = c->eps;
+    k->decay = 1.0f;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step) {
+    moe__adamw_consts k;
+    moe_status st = moe__adamw_prepare(s, c, lr, step, &k);
+    if (st != MOE_OK) return st;
     /* one parallel region for all tensors, no barrier between them (their spans are disjoint) */
     MOE__OMP_PARALLEL_IF(s->numel > 32768)
     {
@@ -2359,6 +2605,191 @@ MOE__IMPL float moe_lr_cosine(long long step, long long warmup, long long total,
     return (float)(lr_min + 0.5 * (lr_max - lr_min) * (1.0 + cos(3.141592653589793 * progress)));
 }
 
+/* ============================================================================================
+   >>moe:mask
+   ============================================================================================ */
+
+static moe_status moe__mask_check(moe_mask *k, const moe_store *s) {
+    if (!k->keep) return moe_err_set(&k->err, MOE_ERR_STATE, "mask used before moe_mask_init");
+    if (s->numel != k->numel || moe_store_fingerprint(s) != k->fingerprint)
+        return moe_err_set(&k->err, MOE_ERR_SHAPE, "mask made for another parameter layout (%zu parameters, this store %zu)", k->numel, s->numel);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_mask_init(moe_mask *k, const moe_store *s, moe_mask_mode mode) {
+    memset(k, 0, sizeof *k);
+    if (mode != MOE_MASK_GRAD && mode != MOE_MASK_UPDATE) return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "unknown mask mode %d", (int)mode);
+    if (s->numel == 0) return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "mask over an empty store");
+    k->keep = (unsigned char *)moe__calloc(s->numel, 1);
+    if (!k->keep) return moe_err_set(&k->err, MOE_ERR_NOMEM, "out of memory for a mask of %zu parameters", s->numel);
+    memset(k->keep, 1, s->numel);
+    k->numel = s->numel;
+    k->fingerprint = moe_store_fingerprint(s);
+    k->mode = mode;
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_mask_free(moe_mask *k) {
+    MOE_FREE(k->keep);
+    memset(k, 0, sizeof *k);
+}
+
+MOE__IMPL void moe_mask_fill(moe_mask *k, int keep) {
+    if (k->keep) memset(k->keep, keep ? 1 : 0, k->numel);
+}
+
+static int moe__mask_find(moe_mask *k, const moe_store *s, const char *name) {
+    int id = name ? moe_store_find(s, name) : -1;
+    if (id < 0) moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "no tensor named '%s' to mask", name ? name : "(null)");
+    return id;
+}
+
+MOE__IMPL moe_status moe_mask_set_tensor(moe_mask *k, const moe_store *s, const char *name, int keep) {
+    int id;
+    if (moe__mask_check(k, s) != MOE_OK) return k->err.status;
+    if ((id = moe__mask_find(k, s, name)) < 0) return k->err.status;
+    memset(k->keep + s->tensors[id].offset, keep ? 1 : 0, s->tensors[id].numel);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_mask_set_slice(moe_mask *k, const moe_store *s, const char *name, int axis,
+                                        int index, int keep) {
+    const moe_tensor *t;
+    size_t inner = 1, outer = 1, o, i;
+    int id, a;
+    if (moe__mask_check(k, s) != MOE_OK) return k->err.status;
+    if ((id = moe__mask_find(k, s, name)) < 0) return k->err.status;
+    t = &s->tensors[id];
+    if (axis < 0 || axis >= t->ndim)
+        return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "tensor '%s' has %d dimensions, no axis %d", name, t->ndim, axis);
+    if (index < 0 || index >= t->shape[axis])
+        return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "index %d outside axis %d of tensor '%s' (size %d)", index, axis, name, t->shape[axis]);
+    for (a = 0; a < axis; a++) outer *= (size_t)t->shape[a];
+    for (a = axis + 1; a < t->ndim; a++) inner *= (size_t)t->shape[a];
+    for (o = 0; o < outer; o++) {
+        unsigned char *p = k->keep + t->offset + (o * (size_t)t->shape[axis] + (size_t)index) * inner;
+        for (i = 0; i < inner; i++) p[i] = (unsigned char)(keep ? 1 : 0);
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_mask_set_rows(moe_mask *k, const moe_store *s, int id, const unsigned char *row_keep) {
+    const moe_tensor *t;
+    size_t cols, rows, r;
+    if (moe__mask_check(k, s) != MOE_OK) return k->err.status;
+    if (id < 0 || id >= s->count) return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "no tensor with id %d to mask", id);
+    t = &s->tensors[id];
+    cols = (size_t)t->shape[t->ndim - 1];
+    rows = cols ? t->numel / cols : 0;
+    for (r = 0; r < rows; r++) memset(k->keep + t->offset + r * cols, row_keep[r] ? 1 : 0, cols);
+    return MOE_OK;
+}
+
+MOE__IMPL size_t moe_mask_count(const moe_mask *k, const moe_store *s, int id) {
+    size_t lo = 0, hi = k->numel, i, n = 0;
+    if (!k->keep) return 0;
+    if (id >= 0 && id < s->count) {
+        lo = s->tensors[id].offset;
+        hi = lo + s->tensors[id].numel;
+    }
+    for (i = lo; i < hi && i < k->numel; i++) n += k->keep[i];
+    return n;
+}
+
+MOE__IMPL moe_status moe_mask_grads(const moe_mask *k, moe_store *s) {
+    long long i, n = (long long)s->numel;
+    if (!k->keep || s->numel != k->numel) return moe_err_set(&s->err, MOE_ERR_SHAPE, "mask made for another parameter layout");
+    if (!s->grads) return moe_err_set(&s->err, MOE_ERR_STATE, "store has no gradients");
+    MOE_OMP_FOR_IF(n > 32768)
+    for (i = 0; i < n; i++)
+        if (!k->keep[i]) s->grads[i] = 0.0f;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_mask_step(moe_mask *k, moe_store *s, const moe_adamw_config *c, float lr,
+                                   long long step, float max_norm, float *norm) {
+    moe__adamw_consts kc;
+    float nrm;
+    if (moe__mask_check(k, s) != MOE_OK) return k->err.status;
+    if (moe__adamw_prepare(s, c, lr, step, &kc) != MOE_OK) return moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
+    if (moe_mask_grads(k, s) != MOE_OK) return moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
+    nrm = moe_clip_grad_norm(s, max_norm);
+    if (norm) *norm = nrm;
+    if (k->mode == MOE_MASK_GRAD) return moe_adamw_step(s, c, lr, step) == MOE_OK ? MOE_OK : moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
+    /* MOE_MASK_UPDATE: the spans of moe_adamw_step, each cut into its runs of kept
+       parameters; a run gets the same per-element arithmetic as the unmasked step */
+    MOE__OMP_PARALLEL_IF(s->numel > 32768)
+    {
+        int ti;
+        for (ti = 0; ti < s->count; ti++) {
+            const moe_tensor *t = &s->tensors[ti];
+            moe__adamw_consts kt = kc;
+            long long b, nb = ((long long)t->numel + MOE__ADAMW_SPAN - 1) / MOE__ADAMW_SPAN;
+            kt.decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * c->weight_decay : 1.0f;
+            MOE__OMP_FOR_NOWAIT
+            for (b = 0; b < nb; b++) {
+                size_t o = t->offset + (size_t)b * MOE__ADAMW_SPAN, left = t->numel - (size_t)b * MOE__ADAMW_SPAN;
+                size_t end = o + (left < MOE__ADAMW_SPAN ? left : MOE__ADAMW_SPAN), i = o;
+                while (i < end) {
+                    size_t j;
+                    while (i < end && !k->keep[i]) i++;
+                    for (j = i; j < end && k->keep[j]; j++) {}
+                    if (j > i) moe__adamw_span(s->params + i, s->grads + i, s->adam_m + i, s->adam_v + i, j - i, &kt);
+                    i = j;
+                }
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+#define MOE__MASK_MAGIC 0x4B53414Du /* "MASK" */
+#define MOE__MASK_HEADER 24
+
+MOE__IMPL size_t moe_mask_pack_bytes(const moe_mask *k) { return MOE__MASK_HEADER + (k->numel + 7) / 8; }
+
+static void moe__mask_put(unsigned char *p, uint64_t v, int n) {
+    int i;
+    for (i = 0; i < n; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t moe__mask_get(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    int i;
+    for (i = n - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+MOE__IMPL moe_status moe_mask_pack(const moe_mask *k, void *buf, size_t bytes) {
+    unsigned char *p = (unsigned char *)buf;
+    size_t i;
+    if (!k->keep || !buf || bytes != moe_mask_pack_bytes(k)) return MOE_ERR_INVALID_ARG;
+    memset(p, 0, bytes);
+    moe__mask_put(p, MOE__MASK_MAGIC, 4);
+    moe__mask_put(p + 4, (uint64_t)k->mode, 4);
+    moe__mask_put(p + 8, (uint64_t)k->numel, 8);
+    moe__mask_put(p + 16, k->fingerprint, 8);
+    for (i = 0; i < k->numel; i++)
+        if (k->keep[i]) p[MOE__MASK_HEADER + i / 8] |= (unsigned char)(1u << (i % 8));
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_mask_unpack(moe_mask *k, const void *buf, size_t bytes) {
+    const unsigned char *p = (const unsigned char *)buf;
+    uint64_t mode;
+    size_t i;
+    if (!k->keep) return moe_err_set(&k->err, MOE_ERR_STATE, "mask unpacked before moe_mask_init");
+    if (!buf || bytes < MOE__MASK_HEADER || moe__mask_get(p, 4) != MOE__MASK_MAGIC)
+        return moe_err_set(&k->err, MOE_ERR_FORMAT, "not a packed mask");
+    mode = moe__mask_get(p + 4, 4);
+    if (moe__mask_get(p + 8, 8) != (uint64_t)k->numel || moe__mask_get(p + 16, 8) != k->fingerprint)
+        return moe_err_set(&k->err, MOE_ERR_SHAPE, "packed mask made for another parameter layout");
+    if (bytes != moe_mask_pack_bytes(k)) return moe_err_set(&k->err, MOE_ERR_FORMAT, "packed mask of %zu bytes, expected %zu", bytes, moe_mask_pack_bytes(k));
+    if (mode != MOE_MASK_GRAD && mode != MOE_MASK_UPDATE) return moe_err_set(&k->err, MOE_ERR_FORMAT, "packed mask with unknown mode %u", (unsigned)mode);
+    k->mode = (moe_mask_mode)mode;
+    for (i = 0; i < k->numel; i++) k->keep[i] = (unsigned char)((p[MOE__MASK_HEADER + i / 8] >> (i % 8)) & 1u);
+    return MOE_OK;
+}
 /* ============================================================================================
    >>moe:ckpt
    ============================================================================================ */
@@ -6974,6 +7405,474 @@ MOE__IMPL moe_status moe_model_generate(moe_model *m, const int *prompt, int n_p
     return MOE_OK;
 }
 
+/* ============================================================================================
+   >>moe:select
+   ============================================================================================ */
+
+static int moe__select_role(const moe_model *m, int id) {
+    int l;
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        if (id == b->id_qkv) return MOE_SEL_QKV;
+        if (id == b->id_wo) return MOE_SEL_ATTN_O;
+        if (!b->is_moe) {
+            if (id == b->id_gate) return MOE_SEL_GATE;
+            if (id == b->id_up) return MOE_SEL_UP;
+            if (id == b->id_down) return MOE_SEL_DOWN;
+        } else {
+            const moe_layer *L = &b->moe;
+            if (id == L->id_gate || id == L->id_s_gate) return MOE_SEL_GATE;
+            if (id == L->id_up || id == L->id_s_up) return MOE_SEL_UP;
+            if (id == L->id_down || id == L->id_s_down) return MOE_SEL_DOWN;
+        }
+    }
+    return 0;
+}
+
+MOE__IMPL int moe_model_select(const moe_model *m, int parts, int *ids, int max_ids) {
+    int id, n = 0;
+    if (!m->blocks) return 0;
+    for (id = 0; id < m->S.count; id++)
+        if (moe__select_role(m, id) & parts) {
+            if (ids && n < max_ids) ids[n] = id;
+            n++;
+        }
+    return n;
+}
+
+MOE__IMPL size_t moe_model_select_numel(const moe_model *m, int parts) {
+    int id;
+    size_t n = 0;
+    if (!m->blocks) return 0;
+    for (id = 0; id < m->S.count; id++)
+        if (moe__select_role(m, id) & parts) n += m->S.tensors[id].numel;
+    return n;
+}
+
+MOE__IMPL moe_status moe_mask_select(moe_mask *k, const moe_model *m, int parts) {
+    int id;
+    if (moe__mask_check(k, &m->S) != MOE_OK) return k->err.status;
+    if (moe_model_select(m, parts, NULL, 0) == 0)
+        return moe_err_set(&k->err, MOE_ERR_INVALID_ARG, "the selection %d names no tensor of this model", parts);
+    for (id = 0; id < m->S.count; id++)
+        memset(k->keep + m->S.tensors[id].offset, (moe__select_role(m, id) & parts) ? 1 : 0, m->S.tensors[id].numel);
+    return MOE_OK;
+}
+/* ============================================================================================
+   >>moe:lora
+   ============================================================================================ */
+
+static void moe__lora_dims(const moe_tensor *t, int *E, int *out, int *in) {
+    *E = t->ndim == 3 ? t->shape[0] : 1;
+    *out = t->shape[t->ndim - 2];
+    *in = t->shape[t->ndim - 1];
+}
+
+static void moe__lora_init_adapters(moe_lora *L, uint64_t seed) {
+    moe_rng r;
+    int i;
+    size_t j;
+    moe_rng_seed(&r, seed);
+    for (i = 0; i < L->n; i++) {
+        const moe_tensor *a = &L->S.tensors[L->id_a[i]];
+        float bound = 1.0f / sqrtf((float)a->shape[a->ndim - 1]);
+        float *pa = moe_store_param(&L->S, L->id_a[i]);
+        for (j = 0; j < a->numel; j++) pa[j] = bound * (2.0f * moe_rng_uniform(&r) - 1.0f);
+        memset(moe_store_param(&L->S, L->id_b[i]), 0, L->S.tensors[L->id_b[i]].numel * sizeof(float));
+    }
+}
+
+static void moe__lora_clear(moe_lora *L) {
+    moe_store_free(&L->S);
+    MOE_FREE(L->target); MOE_FREE(L->id_a); MOE_FREE(L->id_b); MOE_FREE(L->base); MOE_FREE(L->base_off);
+    memset(L, 0, sizeof *L);
+}
+
+MOE__IMPL moe_status moe_lora_attach(moe_lora *L, moe_store *base, const int *ids, int n,
+                                     const moe_lora_config *c, uint64_t seed) {
+    int i, j;
+    size_t total = 0;
+    moe_err e;
+    memset(L, 0, sizeof *L);
+    memset(&e, 0, sizeof e);
+    if (!base->params) return moe_err_set(&L->err, MOE_ERR_STATE, "LoRA attached to a store without parameters");
+    if (!ids || n <= 0) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA needs at least one matrix to adapt");
+    if (c->rank < 1) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA rank must be >= 1, got %d", c->rank);
+    if (!(c->alpha > 0.0f) || !(c->alpha < 1e6f)) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA alpha must be positive and finite");
+    for (i = 0; i < n; i++) {
+        const moe_tensor *t;
+        int E, out, in;
+        if (ids[i] < 0 || ids[i] >= base->count) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA on tensor id %d, which the store does not have", ids[i]);
+        t = &base->tensors[ids[i]];
+        if (t->ndim != 2 && t->ndim != 3) return moe_err_set(&L->err, MOE_ERR_SHAPE, "LoRA on '%s', which is not a matrix or a bank of matrices", t->name);
+        moe__lora_dims(t, &E, &out, &in);
+        if (c->rank > out || c->rank > in)
+            return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA rank %d is larger than the %d x %d matrix '%s'", c->rank, out, in, t->name);
+        if (strlen(t->name) + 8 >= MOE_NAME_LEN) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "tensor name '%s' too long for its adapter's", t->name);
+        for (j = 0; j < i; j++)
+            if (ids[j] == ids[i]) return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "LoRA on '%s' twice", t->name);
+        total += t->numel;
+    }
+    L->n = n;
+    L->cfg = *c;
+    L->scale = c->alpha / (float)c->rank;
+    L->base_fingerprint = moe_store_fingerprint(base);
+    L->target = (int *)moe__calloc((size_t)n, sizeof(int));
+    L->id_a = (int *)moe__calloc((size_t)n, sizeof(int));
+    L->id_b = (int *)moe__calloc((size_t)n, sizeof(int));
+    L->base_off = (size_t *)moe__calloc((size_t)n, sizeof(size_t));
+    L->base = (float *)moe__calloc(total, sizeof(float));
+    if (!L->target || !L->id_a || !L->id_b || !L->base_off || !L->base) {
+        moe__lora_clear(L);
+        return moe_err_set(&L->err, MOE_ERR_NOMEM, "out of memory for the adapters");
+    }
+    moe_store_init(&L->S);
+    total = 0;
+    for (i = 0; i < n; i++) {
+        const moe_tensor *t = &base->tensors[ids[i]];
+        char name[MOE_NAME_LEN];
+        int E, out, in, d0, d1;
+        moe__lora_dims(t, &E, &out, &in);
+        L->target[i] = ids[i];
+        L->base_off[i] = total;
+        memcpy(L->base + total, base->params + t->offset, t->numel * sizeof(float));
+        total += t->numel;
+        /* an (E, out, in) bank gets (E, r, in) and (E, out, r); a matrix (r, in) and (out, r) */
+        d0 = t->ndim == 3 ? E : c->rank;
+        d1 = t->ndim == 3 ? c->rank : in;
+        snprintf(name, sizeof name, "%.*s.lora_a", MOE_NAME_LEN - 9, t->name);
+        L->id_a[i] = moe_store_add(&L->S, name, 0, d0, d1, t->ndim == 3 ? in : 0, 0);
+        d0 = t->ndim == 3 ? E : out;
+        d1 = t->ndim == 3 ? out : c->rank;
+        snprintf(name, sizeof name, "%.*s.lora_b", MOE_NAME_LEN - 9, t->name);
+        L->id_b[i] = moe_store_add(&L->S, name, 0, d0, d1, t->ndim == 3 ? c->rank : 0, 0);
+    }
+    if (L->S.err.status != MOE_OK || moe_store_alloc(&L->S, 1) != MOE_OK) {
+        e = L->S.err;
+        moe__lora_clear(L);
+        L->err = e;
+        return e.status;
+    }
+    moe__lora_init_adapters(L, seed);
+    return moe_lora_merge(L, base);
+}
+
+MOE__IMPL void moe_lora_detach(moe_lora *L, moe_store *base) {
+    if (L->S.params && L->merged && base) moe_lora_unmerge(L, base);
+    moe__lora_clear(L);
+}
+
+static moe_status moe__lora_check(moe_lora *L, const moe_store *base) {
+    if (!L->S.params) return moe_err_set(&L->err, MOE_ERR_STATE, "no adapters attached");
+    if (moe_store_fingerprint(base) != L->base_fingerprint)
+        return moe_err_set(&L->err, MOE_ERR_SHAPE, "the adapters were made for another model layout");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_lora_merge(moe_lora *L, moe_store *base) {
+    int i, e, o, j, q;
+    if (moe__lora_check(L, base) != MOE_OK) return L->err.status;
+    for (i = 0; i < L->n; i++) {
+        const moe_tensor *t = &base->tensors[L->target[i]];
+        int E, out, in, r = L->cfg.rank;
+        moe__lora_dims(t, &E, &out, &in);
+        for (e = 0; e < E; e++) {
+            const float *A = moe_store_param(&L->S, L->id_a[i]) + (size_t)e * r * in;
+            const float *B = moe_store_param(&L->S, L->id_b[i]) + (size_t)e * out * r;
+            const float *W0 = L->base + L->base_off[i] + (size_t)e * out * in;
+            float *W = base->params + t->offset + (size_t)e * out * in;
+            for (o = 0; o < out; o++)
+                for (j = 0; j < in; j++) {
+                    float acc = 0.0f;
+                    for (q = 0; q < r; q++) acc += B[(size_t)o * r + q] * A[(size_t)q * in + j];
+                    W[(size_t)o * in + j] = W0[(size_t)o * in + j] + L->scale * acc;
+                }
+        }
+    }
+    L->merged = 1;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_lora_unmerge(moe_lora *L, moe_store *base) {
+    int i;
+    if (moe__lora_check(L, base) != MOE_OK) return L->err.status;
+    for (i = 0; i < L->n; i++) {
+        const moe_tensor *t = &base->tensors[L->target[i]];
+        memcpy(base->params + t->offset, L->base + L->base_off[i], t->numel * sizeof(float));
+    }
+    L->merged = 0;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_lora_fold(moe_lora *L, moe_store *base, uint64_t seed) {
+    int i;
+    if (moe_lora_merge(L, base) != MOE_OK) return L->err.status;
+    for (i = 0; i < L->n; i++) {
+        const moe_tensor *t = &base->tensors[L->target[i]];
+        memcpy(L->base + L->base_off[i], base->params + t->offset, t->numel * sizeof(float));
+    }
+    moe__lora_init_adapters(L, seed);
+    if (L->S.adam_m) memset(L->S.adam_m, 0, L->S.numel * sizeof(float));
+    if (L->S.adam_v) memset(L->S.adam_v, 0, L->S.numel * sizeof(float));
+    return moe_lora_merge(L, base);
+}
+
+MOE__IMPL moe_status moe_lora_backward(moe_lora *L, const moe_store *base) {
+    int i, e, o, j, q;
+    if (moe__lora_check(L, base) != MOE_OK) return L->err.status;
+    if (!L->merged) return moe_err_set(&L->err, MOE_ERR_STATE, "adapter gradients need a forward with the adapters merged");
+    if (!base->grads) return moe_err_set(&L->err, MOE_ERR_STATE, "the model's store has no gradients");
+    for (i = 0; i < L->n; i++) {
+        const moe_tensor *t = &base->tensors[L->target[i]];
+        int E, out, in, r = L->cfg.rank;
+        moe__lora_dims(t, &E, &out, &in);
+        for (e = 0; e < E; e++) {
+            const float *A = moe_store_param(&L->S, L->id_a[i]) + (size_t)e * r * in;
+            const float *B = moe_store_param(&L->S, L->id_b[i]) + (size_t)e * out * r;
+            float *dA = moe_store_grad(&L->S, L->id_a[i]) + (size_t)e * r * in;
+            float *dB = moe_store_grad(&L->S, L->id_b[i]) + (size_t)e * out * r;
+            const float *dW = base->grads + t->offset + (size_t)e * out * in;
+            for (o = 0; o < out; o++) {
+                const float *g = dW + (size_t)o * in;
+                for (q = 0; q < r; q++) {
+                    /* dB[o,q] = s sum_j dW[o,j] A[q,j];  dA[q,j] += s B[o,q] dW[o,j] */
+                    const float *a = A + (size_t)q * in;
+                    float *da = dA + (size_t)q * in, bq = L->scale * B[(size_t)o * r + q];
+                    double acc = 0.0;
+                    for (j = 0; j < in; j++) {
+                        acc += (double)g[j] * a[j];
+                        da[j] += bq * g[j];
+                    }
+                    dB[(size_t)o * r + q] += L->scale * (float)acc;
+                }
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_lora_step(moe_lora *L, moe_store *base, moe_mask *mask,
+                                   const moe_adamw_config *c, float lr, long long step, float max_norm) {
+    moe_status st;
+    if (moe__lora_check(L, base) != MOE_OK) return L->err.status;
+    if (mask) {
+        st = moe_mask_step(mask, &L->S, c, lr, step, max_norm, NULL);
+        if (st != MOE_OK) return moe_err_set(&L->err, st, "%s", mask->err.msg);
+    } else {
+        moe_clip_grad_norm(&L->S, max_norm);
+        if ((st = moe_adamw_step(&L->S, c, lr, step)) != MOE_OK) return moe_err_set(&L->err, st, "%s", L->S.err.msg);
+    }
+    return moe_lora_merge(L, base);
+}
+
+#ifndef MOE_NO_STDIO
+#define MOE__LORA_BLOB 24 /* "LORA", rank, alpha bits, 4 reserved, base fingerprint */
+
+static void moe__lora_blob(const moe_lora *L, unsigned char *p) {
+    uint32_t a;
+    memset(p, 0, MOE__LORA_BLOB);
+    memcpy(&a, &L->cfg.alpha, 4);
+    moe__mask_put(p, 0x41524F4Cu, 4);
+    moe__mask_put(p + 4, (uint64_t)L->cfg.rank, 4);
+    moe__mask_put(p + 8, a, 4);
+    moe__mask_put(p + 16, L->base_fingerprint, 8);
+}
+
+MOE__IMPL moe_status moe_lora_save(const char *path, const moe_lora *L, long long step, moe_err *err) {
+    unsigned char blob[MOE__LORA_BLOB];
+    if (!L->S.params) return moe_err_set(err, MOE_ERR_STATE, "no adapters to save");
+    moe__lora_blob(L, blob);
+    return moe_checkpoint_save(path, &L->S, 1, step, blob, sizeof blob, NULL, 0, err);
+}
+
+MOE__IMPL moe_status moe_lora_load(const char *path, moe_lora *L, moe_store *base, long long *step, moe_err *err) {
+    unsigned char want[MOE__LORA_BLOB], got[MOE__LORA_BLOB];
+    moe_ckpt_info info;
+    moe_status st;
+    if (moe__lora_check(L, base) != MOE_OK) return moe_err_set(err, L->err.status, "%s", L->err.msg);
+    if ((st = moe_checkpoint_info(path, &info, err)) != MOE_OK) return st;
+    if (info.config_bytes != MOE__LORA_BLOB) return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is not an adapter file", path);
+    if ((st = moe_checkpoint_blobs(path, got, sizeof got, NULL, 0, err)) != MOE_OK) return st;
+    moe__lora_blob(L, want);
+    if (moe__mask_get(got, 4) != 0x41524F4Cu) return moe_err_set(err, MOE_ERR_FORMAT, "'%s' is not an adapter file", path);
+    if (memcmp(got + 16, want + 16, 8) != 0)
+        return moe_err_set(err, MOE_ERR_SHAPE, "'%s' holds adapters of another model layout", path);
+    if (memcmp(got, want, MOE__LORA_BLOB) != 0)
+        return moe_err_set(err, MOE_ERR_SHAPE, "'%s' holds adapters of another rank or alpha (rank %u)", path, (unsigned)moe__mask_get(got + 4, 4));
+    /* the adapter store's fingerprint (target names and shapes) is checked by the load */
+    if ((st = moe_checkpoint_load(path, &L->S, step, want, NULL, sizeof want, NULL, 0, err)) != MOE_OK) return st;
+    return moe_lora_merge(L, base) == MOE_OK ? MOE_OK : moe_err_set(err, L->err.status, "%s", L->err.msg);
+}
+#endif
+/* ============================================================================================
+   >>moe:migu
+   ============================================================================================ */
+
+MOE__IMPL moe_migu_config moe_migu_config_default(void) {
+    moe_migu_config c;
+    c.threshold = 0.7f;
+    c.stat = MOE_MIGU_L1;
+    c.random = 0;
+    c.parts = MOE_SEL_LINEAR;
+    c.seed = 1;
+    return c;
+}
+
+MOE__IMPL void moe_migu_free(moe_migu *g) {
+    MOE_FREE(g->off); MOE_FREE(g->group); MOE_FREE(g->stat); MOE_FREE(g->keep); MOE_FREE(g->sorted);
+    memset(g, 0, sizeof *g);
+}
+
+MOE__IMPL moe_status moe_migu_init(moe_migu *g, const moe_model *m, const moe_migu_config *c) {
+    int id, widest = 1;
+    memset(g, 0, sizeof *g);
+    if (!(c->threshold >= 0.0f && c->threshold < 1.0f))
+        return moe_err_set(&g->err, MOE_ERR_INVALID_ARG, "MIGU threshold T = %g is outside [0, 1)", (double)c->threshold);
+    if (c->stat != MOE_MIGU_L1 && c->stat != MOE_MIGU_SUM) return moe_err_set(&g->err, MOE_ERR_INVALID_ARG, "unknown MIGU statistic %d", (int)c->stat);
+    if (!m->blocks || !m->S.params) return moe_err_set(&g->err, MOE_ERR_STATE, "MIGU on a model that is not initialised");
+    if (moe_model_select(m, c->parts, NULL, 0) == 0) return moe_err_set(&g->err, MOE_ERR_INVALID_ARG, "the MIGU selection %d names no matrix of this model", c->parts);
+    g->cfg = *c;
+    g->off = (long long *)moe__calloc((size_t)m->S.count, sizeof(long long));
+    g->group = (int *)moe__calloc((size_t)m->S.count, sizeof(int));
+    if (!g->off || !g->group) {
+        moe_migu_free(g);
+        return moe_err_set(&g->err, MOE_ERR_NOMEM, "out of memory");
+    }
+    for (id = 0; id < m->S.count; id++) {
+        const moe_tensor *t = &m->S.tensors[id];
+        int role = moe__select_role(m, id) & c->parts, rows = (int)(t->numel / (size_t)t->shape[t->ndim - 1]);
+        g->off[id] = -1;
+        if (!role) continue;
+        g->off[id] = (long long)g->units;
+        g->group[id] = role == MOE_SEL_QKV ? rows / 3 : t->ndim == 3 ? t->shape[1] : rows;
+        if (g->group[id] > widest) widest = g->group[id];
+        g->units += (size_t)rows;
+        g->n_tensors++;
+    }
+    g->stat = (double *)moe__calloc(g->units, sizeof(double));
+    g->keep = (unsigned char *)moe__calloc(g->units, 1);
+    g->sorted = (double *)moe__calloc((size_t)widest, sizeof(double));
+    if (!g->stat || !g->keep || !g->sorted) {
+        moe_migu_free(g);
+        return moe_err_set(&g->err, MOE_ERR_NOMEM, "out of memory for MIGU statistics");
+    }
+    g->fingerprint = moe_store_fingerprint(&m->S);
+    moe_rng_seed(&g->rng, c->seed);
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_migu_reset(moe_migu *g) {
+    if (g->stat) memset(g->stat, 0, g->units * sizeof(double));
+    g->micro_batches = 0;
+}
+
+/* rows [r0, r1) of outputs h (leading dimension ld, `units` wide; minus `sub` when not NULL)
+   into stat */
+static void moe__migu_add(double *stat, const float *h, const float *sub, size_t ld, int r0, int r1, int units, int l1) {
+    int r, j;
+    for (r = r0; r < r1; r++) {
+        const float *y = h + (size_t)r * ld, *s = sub ? sub + (size_t)r * ld : NULL;
+        double norm = 1.0;
+        if (l1) {
+            norm = 0.0;
+            for (j = 0; j < units; j++) norm += fabs((double)y[j] - (s ? s[j] : 0.0f));
+            if (norm <= 0.0) continue;
+        }
+        for (j = 0; j < units; j++) stat[j] += fabs((double)y[j] - (s ? s[j] : 0.0f)) / norm;
+    }
+}
+
+/* every expert of a bank: its rows of the grouped caches */
+static void moe__migu_bank(moe_migu *g, const moe_store *S, int id, const float *h, const moe_assign *a, int l1) {
+    const moe_tensor *t;
+    int e, units;
+    if (id < 0 || g->off[id] < 0 || !h) return;
+    t = &S->tensors[id];
+    units = t->shape[1];
+    for (e = 0; e < t->shape[0] && e < a->E; e++)
+        moe__migu_add(g->stat + g->off[id] + (size_t)e * units, h, NULL, (size_t)units, a->offset[e], a->offset[e + 1], units, l1);
+}
+
+MOE__IMPL moe_status moe_migu_accumulate(moe_migu *g, const moe_model *m) {
+    int l, N = m->B * m->T, d = m->cfg.d, l1 = g->cfg.stat == MOE_MIGU_L1, k;
+    if (!g->stat) return moe_err_set(&g->err, MOE_ERR_STATE, "MIGU used before moe_migu_init");
+    if (moe_store_fingerprint(&m->S) != g->fingerprint) return moe_err_set(&g->err, MOE_ERR_SHAPE, "MIGU made for another model layout");
+    if (N == 0) return moe_err_set(&g->err, MOE_ERR_STATE, "MIGU statistics need a forward first");
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        if (g->off[b->id_qkv] >= 0)
+            for (k = 0; k < 3; k++) moe__migu_add(g->stat + g->off[b->id_qkv] + (size_t)k * d, b->qkv + (size_t)k * d, NULL, (size_t)3 * d, 0, N, d, l1);
+        /* the output projection's output is x2 - x (the residual was added in place) */
+        if (g->off[b->id_wo] >= 0) moe__migu_add(g->stat + g->off[b->id_wo], b->x2, b->x, (size_t)d, 0, N, d, l1);
+        if (!b->is_moe) {
+            int F = m->cfg.d_ff;
+            if (g->off[b->id_gate] >= 0) moe__migu_add(g->stat + g->off[b->id_gate], b->hg, NULL, (size_t)F, 0, N, F, l1);
+            if (g->off[b->id_up] >= 0) moe__migu_add(g->stat + g->off[b->id_up], b->hu, NULL, (size_t)F, 0, N, F, l1);
+            if (g->off[b->id_down] >= 0) moe__migu_add(g->stat + g->off[b->id_down], b->ffn, NULL, (size_t)d, 0, N, d, l1);
+        } else {
+            const moe_layer *L = &b->moe;
+            moe__migu_bank(g, &m->S, L->id_gate, L->hg, &L->routed, l1);
+            moe__migu_bank(g, &m->S, L->id_up, L->hu, &L->routed, l1);
+            moe__migu_bank(g, &m->S, L->id_down, L->eout, &L->routed, l1);
+            if (L->cfg.n_shared > 0) {
+                moe__migu_bank(g, &m->S, L->id_s_gate, L->s_hg, &L->shared, l1);
+                moe__migu_bank(g, &m->S, L->id_s_up, L->s_hu, &L->shared, l1);
+                moe__migu_bank(g, &m->S, L->id_s_down, L->s_eout, &L->shared, l1);
+            }
+        }
+    }
+    g->micro_batches++;
+    return MOE_OK;
+}
+
+static int moe__migu_cmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* one linear layer's keep vector from its statistics (or at random) */
+static void moe__migu_group(moe_migu *g, const double *a, unsigned char *keep, int n) {
+    double T = (double)g->cfg.threshold;
+    int j;
+    if (g->cfg.random) {
+        int want = n - (int)floor(T * n), i;
+        int *idx = (int *)g->sorted; /* n ints fit in n doubles */
+        for (j = 0; j < n; j++) { idx[j] = j; keep[j] = 0; }
+        for (i = 0; i < want; i++) { /* partial Fisher-Yates: the first `want` of a shuffle */
+            int r = i + moe_rng_below(&g->rng, n - i), tmp = idx[i];
+            idx[i] = idx[r]; idx[r] = tmp;
+            keep[idx[i]] = 1;
+        }
+    } else {
+        double pos, q;
+        int lo;
+        memcpy(g->sorted, a, (size_t)n * sizeof(double));
+        qsort(g->sorted, (size_t)n, sizeof(double), moe__migu_cmp);
+        pos = T * (n - 1);
+        lo = (int)floor(pos);
+        q = g->sorted[lo] + (lo + 1 < n ? (pos - lo) * (g->sorted[lo + 1] - g->sorted[lo]) : 0.0);
+        for (j = 0; j < n; j++) keep[j] = (unsigned char)(a[j] >= q);
+    }
+}
+
+MOE__IMPL moe_status moe_migu_mask(moe_migu *g, const moe_model *m, moe_mask *k) {
+    int id;
+    if (!g->stat) return moe_err_set(&g->err, MOE_ERR_STATE, "MIGU used before moe_migu_init");
+    if (moe_store_fingerprint(&m->S) != g->fingerprint) return moe_err_set(&g->err, MOE_ERR_SHAPE, "MIGU made for another model layout");
+    if (moe__mask_check(k, &m->S) != MOE_OK) return moe_err_set(&g->err, k->err.status, "%s", k->err.msg);
+    if (!g->cfg.random && g->micro_batches == 0) return moe_err_set(&g->err, MOE_ERR_STATE, "MIGU mask without statistics: accumulate after each forward");
+    for (id = 0; id < m->S.count; id++) {
+        const moe_tensor *t = &m->S.tensors[id];
+        size_t rows, r;
+        if (g->off[id] < 0) continue;
+        rows = t->numel / (size_t)t->shape[t->ndim - 1];
+        for (r = 0; r < rows; r += (size_t)g->group[id])
+            moe__migu_group(g, g->stat + g->off[id] + r, g->keep + g->off[id] + r, g->group[id]);
+        moe_mask_set_rows(k, &m->S, id, g->keep + g->off[id]);
+    }
+    moe_migu_reset(g);
+    return MOE_OK;
+}
 /* ============================================================================================
    >>moe:model_io
    ============================================================================================ */

@@ -47,8 +47,20 @@
    failed collective the ranks may be out of step: end the program (MPI_Abort), do not retry. */
 
 #ifdef MOE_MPI
+#ifdef __cplusplus /* mpi.h brings C++ headers along: outside the declarations' extern "C" */
+}
+#endif
+#ifndef OMPI_SKIP_MPICXX /* the C API only: not OpenMPI's (or MPICH's) old C++ bindings */
+#define OMPI_SKIP_MPICXX 1
+#endif
+#ifndef MPICH_SKIP_MPICXX
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
 #include <limits.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 typedef struct moe_mpi {
     MPI_Comm comm;     /* a duplicate of the caller's communicator, errors returned          */

@@ -318,7 +318,19 @@ static void test_expert_parallel_layer(moe_mpi *ctx, moe_router_kind router, flo
     check_close("expert-parallel y", y, yr, T * D, 1e-6, 1e-5);
     check_close("expert-parallel dx", dx, dxr, T * D, 1e-6, 1e-5);
     check_close("expert-parallel parameter gradients", S.grads, SR.grads, S.numel, 1e-6, 1e-4);
-    CHECK(ep.rows_sent > 0 && ep.rows_received > 0, "%s: rows crossed ranks (%lld sent, %lld received)", name, ep.rows_sent, ep.rows_received);
+    {   /* the bytes: this rank's assignments to other ranks' experts, each row moved 4 times
+           (there and back, forward and backward); what one rank sends another receives */
+        int e, out = 0;
+        long long sums[2], all[2];
+        for (e = 0; e < c.n_experts; e++)
+            if (e < ep.e_first || e >= ep.e_first + ep.e_count) out += L.routed.offset[e + 1] - L.routed.offset[e];
+        sums[0] = ep.rows_sent;
+        sums[1] = ep.rows_received;
+        MPI_Allreduce(sums, all, 2, MPI_LONG_LONG, MPI_SUM, ctx->comm);
+        CHECK(out > 0 && ep.rows_out == out && ep.rows_sent == 2 * ((long long)ep.rows_out + ep.rows_in) && all[0] == all[1],
+              "%s: rows across ranks as counted from the assignment list (%d out, %d in, %lld sent, %lld received)", name, out, ep.rows_in,
+              ep.rows_sent, ep.rows_received);
+    }
     moe_mpi_experts_free(&ep);
     CHECK(L.runner == NULL, "%s: free detaches the layer", name);
     moe_layer_free(&L);

@@ -114,8 +114,10 @@ typedef struct moe_mpi_experts {
     float *xg, *eout, *dout, *dxg; /* (max_rows, d) the owned experts' rows, expert-major      */
     float *hg, *hu, *scratch1, *scratch2; /* (max_rows, D) caches and backward scratch        */
     moe_work work;
-    long long rows_sent, rows_received; /* rows sent to / received from OTHER ranks, counted
-                                           over every exchange (forward and backward)       */
+    int rows_out, rows_in;     /* the last forward's rows to / from OTHER ranks per exchange  */
+    long long rows_sent, rows_received; /* rows sent to / received from OTHER ranks over every
+                                           exchange: rows there and outputs back (forward),
+                                           output gradients there, input gradients back    */
     moe_err err;
 } moe_mpi_experts;
 
@@ -316,13 +318,14 @@ MOE__IMPL void moe_mpi_experts_free(moe_mpi_experts *ep) {
 static moe_status moe__ep_counts(moe_mpi_experts *ep, int d) {
     int P = ep->mpi->size, Ec = ep->e_count, q, j, s, acc = 0;
     long long rows = 0;
+    ep->rows_out = ep->rows_in = 0;
     for (q = 0; q < P; q++) {
         int n = 0;
         for (j = 0; j < Ec; j++) n += ep->send_rows[q * Ec + j];
         ep->scount[q] = n * d;
         ep->sdispl[q] = acc * d;
         acc += n;
-        if (q != ep->mpi->rank) ep->rows_sent += n;
+        if (q != ep->mpi->rank) ep->rows_out += n;
     }
     acc = 0;
     for (s = 0; s < P; s++) {
@@ -331,7 +334,7 @@ static moe_status moe__ep_counts(moe_mpi_experts *ep, int d) {
         ep->rcount[s] = n * d;
         ep->rdispl[s] = acc * d;
         acc += n;
-        if (s != ep->mpi->rank) ep->rows_received += n;
+        if (s != ep->mpi->rank) ep->rows_in += n;
     }
     rows = acc;
     if (rows > ep->max_rows) /* cannot happen for a router that sends a token to an expert once */
@@ -398,6 +401,8 @@ static moe_status moe__ep_forward(moe_layer *L, const moe_store *s, void *user) 
     moe__ep_permute(ep, ep->rbuf, ep->eout, c->d, 0);
     rc = MPI_Alltoallv(ep->rbuf, ep->rcount, ep->rdispl, MPI_FLOAT, L->eout, ep->scount, ep->sdispl, MPI_FLOAT, ep->mpi->comm);
     if (rc != MPI_SUCCESS) goto mpi_fail;
+    ep->rows_sent += (long long)ep->rows_out + ep->rows_in; /* the rows there, the outputs back */
+    ep->rows_received += (long long)ep->rows_in + ep->rows_out;
     return MOE_OK;
 mpi_fail:
     st = moe__mpi_fail(&ep->err, rc, "expert parallelism's all-to-all (forward)");
@@ -422,11 +427,8 @@ static moe_status moe__ep_backward(moe_layer *L, moe_store *s, void *user) {
     moe__ep_permute(ep, ep->rbuf, ep->dxg, c->d, 0);
     rc = MPI_Alltoallv(ep->rbuf, ep->rcount, ep->rdispl, MPI_FLOAT, L->dxg, ep->scount, ep->sdispl, MPI_FLOAT, ep->mpi->comm);
     if (rc != MPI_SUCCESS) goto mpi_fail;
-    { /* the backward moves the forward's rows again */
-        int P = ep->mpi->size, q;
-        for (q = 0; q < P; q++)
-            if (q != ep->mpi->rank) { ep->rows_sent += ep->scount[q] / c->d; ep->rows_received += ep->rcount[q] / c->d; }
-    }
+    ep->rows_sent += (long long)ep->rows_out + ep->rows_in; /* the forward's rows again */
+    ep->rows_received += (long long)ep->rows_in + ep->rows_out;
     return MOE_OK;
 mpi_fail:
     st = moe__mpi_fail(&ep->err, rc, "expert parallelism's all-to-all (backward)");

@@ -684,7 +684,7 @@ int main(int argc, char **argv) {
         if (moe_mpi_init(&mpi, MPI_COMM_WORLD, m.S.numel) != MOE_OK || moe_mpi_check_model(&mpi, &m) != MOE_OK ||
             moe_mpi_check_same(&mpi, &opt, sizeof opt, "training options") != MOE_OK ||
             moe_mpi_share(&mpi, opt.batch, &first_row, &rows) != MOE_OK) {
-            fprintf(stderr, "train_lm: MPI: %s\n", mpi.err.msg);
+            if (mpi.rank == 0) fprintf(stderr, "train_lm: MPI: %s\n", mpi.err.msg); /* the same on every rank */
             status = 2;
             goto finish;
         }
@@ -693,7 +693,7 @@ int main(int argc, char **argv) {
         if (paths.expert_parallel && cfg.moe_every > 0) {
             eps = (moe_mpi_experts *)calloc((size_t)cfg.n_layers, sizeof *eps);
             if (!eps || moe_mpi_experts_model_init(eps, &mpi, &m) != MOE_OK) {
-                fprintf(stderr, "train_lm: MPI: %s\n", eps ? m.err.msg : "out of memory");
+                if (mpi.rank == 0 || !eps) fprintf(stderr, "train_lm: MPI: %s\n", eps ? m.err.msg : "out of memory");
                 free(eps);
                 eps = NULL;
                 status = 2;
@@ -701,7 +701,7 @@ int main(int argc, char **argv) {
             }
         }
     } else if (mpi.size > 1) {
-        fprintf(stderr, "train_lm: %d ranks: give --data-parallel or --expert-parallel\n", mpi.size);
+        if (mpi.rank == 0) fprintf(stderr, "train_lm: %d ranks: give --data-parallel or --expert-parallel\n", mpi.size);
         status = 2;
         goto finish;
     }

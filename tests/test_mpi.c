@@ -497,6 +497,69 @@ static void launch(const char *mpirun, const char *self, int np) {
     CHECK(rc == 0 && p > 0, "mpirun -np %d: exit status %d, %d checks passed on the ranks", np, rc, p);
 }
 
+/* the CSV's train_loss column (step rows 1..n) */
+static int read_losses(const char *path, double *loss, int n) {
+    FILE *f = fopen(path, "r");
+    char line[256];
+    int k = 0;
+    if (!f) return 0;
+    if (!fgets(line, sizeof line, f)) k = -1; /* the header */
+    while (k >= 0 && k < n && fgets(line, sizeof line, f)) {
+        long long step;
+        if (sscanf(line, "%lld,%lf", &step, &loss[k]) != 2 || step != k + 1) break;
+        k++;
+    }
+    fclose(f);
+    return k == n;
+}
+
+/* train_lm on 2 ranks (--data-parallel, --expert-parallel, --batch 4) against one process with
+   --batch 2 --accum 2: the same rows in the same micro-batches */
+static void test_train_lm(const char *mpirun) {
+    const char *one = "build/examples/train_lm", *par = "build/examples/train_lm_mpi";
+    const char *common[] = {"--steps", "10", "--seq", "32", "--eval-every", "10", "--eval-batches", "1", "--load-every", "0", "--sample", "0",
+                            "--d", "32", "--heads", "2", "--layers", "2", "--experts", "4", "--expert-ff", "32", "--d-ff", "64",
+                            "--out", OUT_DIR};
+    const int nc = (int)(sizeof common / sizeof common[0]);
+    const char *argv[64];
+    double ref[10], got[10];
+    int k, i, mode;
+    proc_opts o = proc_opts_default();
+    TEST_BEGIN("train_lm on 2 ranks against one process with the same micro-batches");
+    if (access(one, X_OK) != 0 || access(par, X_OK) != 0 || access("data/brown/train/news.txt", R_OK) != 0) {
+        printf("SKIP train_lm: needs %s, %s and data/brown (make data)\n", one, par);
+        return;
+    }
+    o.env[0] = "OMP_NUM_THREADS=1";
+    k = 0;
+    argv[k++] = one;
+    for (i = 0; i < nc; i++) argv[k++] = common[i];
+    argv[k++] = "--batch"; argv[k++] = "2"; argv[k++] = "--accum"; argv[k++] = "2"; argv[k++] = "--name"; argv[k++] = "lm1";
+    argv[k] = NULL;
+    CHECK(proc_runv(&o, OUT_DIR "/lm1.log", (const char *const *)argv) == 0 && read_losses(OUT_DIR "/lm1.csv", ref, 10),
+          "train_lm, one process, --batch 2 --accum 2 (log " OUT_DIR "/lm1.log)");
+    for (mode = 0; mode < 2; mode++) {
+        const char *name = mode ? "lm_ep" : "lm_dp";
+        char log[128], csv[128];
+        double worst = 0.0;
+        snprintf(log, sizeof log, OUT_DIR "/%s.log", name);
+        snprintf(csv, sizeof csv, OUT_DIR "/%s.csv", name);
+        k = 0;
+        argv[k++] = mpirun;
+        if (proc_is_root()) argv[k++] = "--allow-run-as-root";
+        argv[k++] = "-np"; argv[k++] = "2"; argv[k++] = par;
+        argv[k++] = mode ? "--expert-parallel" : "--data-parallel";
+        for (i = 0; i < nc; i++) argv[k++] = common[i];
+        argv[k++] = "--batch"; argv[k++] = "4"; argv[k++] = "--name"; argv[k++] = name;
+        argv[k] = NULL;
+        CHECK(proc_runv(&o, log, (const char *const *)argv) == 0 && read_losses(csv, got, 10) && proc_log_has(log, "| ranks       | 2, "),
+              "mpirun -np 2 train_lm_mpi %s: runs, logs, the settings table names the ranks (log %s)", argv[proc_is_root() ? 5 : 4], log);
+        for (i = 0; i < 10; i++)
+            if (fabs(got[i] - ref[i]) > worst) worst = fabs(got[i] - ref[i]);
+        CHECK(worst < 1e-4, "%s: 10 training losses within 1e-4 of one process's (worst %.3g)", name, worst);
+    }
+}
+
 int main(int argc, char **argv) {
     const char *mpirun;
     if (argc > 1 && strcmp(argv[1], "--worker") == 0) return worker();
@@ -510,6 +573,7 @@ int main(int argc, char **argv) {
     mkdir(OUT_DIR, 0755);
     launch(mpirun, argv[0], 2);
     launch(mpirun, argv[0], 4);
+    test_train_lm(mpirun);
     return test_summary();
 }
 #endif

@@ -348,24 +348,25 @@ static moe_status moe__ep_counts(moe_mpi_experts *ep, int d) {
     return MOE_OK;
 }
 
-/* rows between the source-major order MPI delivers (source s, then expert j) and the
-   expert-major order the experts read (expert j, then source s); to_expert = 0 the reverse */
-static void moe__ep_permute(moe_mpi_experts *ep, float *dst, const float *src, int d, int to_expert) {
-    int P = ep->mpi->size, Ec = ep->e_count, s, j;
-    int src_row = 0;
-    for (s = 0; s < P; s++)
+/* MPI delivers the rows source-major (source s, then owned expert j: each source's block in
+   rank order); the experts read them expert-major (expert j, then source s). to_expert = 1
+   copies source_major into expert_major, 0 the other way. */
+static void moe__ep_permute(moe_mpi_experts *ep, float *expert_major, float *source_major, int d, int to_expert) {
+    int P = ep->mpi->size, Ec = ep->e_count, s, j, s2;
+    for (s = 0; s < P; s++) {
+        int at_source = ep->rdispl[s] / d;
         for (j = 0; j < Ec; j++) {
-            int n = ep->recv_rows[s * Ec + j], before = 0, s2;
-            size_t bytes = sizeof(float) * (size_t)n * d;
-            for (s2 = 0; s2 < s; s2++) before += ep->recv_rows[s2 * Ec + j];
+            int n = ep->recv_rows[s * Ec + j], at_expert = ep->offset[j];
+            for (s2 = 0; s2 < s; s2++) at_expert += ep->recv_rows[s2 * Ec + j];
             if (n > 0) {
-                float *a = (to_expert ? dst : (float *)src) + (size_t)(ep->offset[j] + before) * d;
-                float *b = (to_expert ? (float *)src : dst) + (size_t)src_row * d;
-                if (to_expert) memcpy(a, b, bytes);
-                else memcpy(b, a, bytes);
+                float *e = expert_major + (size_t)at_expert * d, *r = source_major + (size_t)at_source * d;
+                size_t bytes = sizeof(float) * (size_t)n * d;
+                if (to_expert) memcpy(e, r, bytes);
+                else memcpy(r, e, bytes);
             }
-            src_row += n;
+            at_source += n;
         }
+    }
 }
 
 static moe_expert_weights moe__ep_weights(moe_mpi_experts *ep, const moe_store *s, int grads) {
@@ -398,7 +399,7 @@ static moe_status moe__ep_forward(moe_layer *L, const moe_store *s, void *user) 
     moe__ep_permute(ep, ep->xg, ep->rbuf, c->d, 1);
     st = moe_experts_forward(ep->eout, ep->hg, ep->hu, ep->xg, &w, ep->offset, ep->e_count, c->d, c->d_ff, c->expert, c->activation, &ep->work);
     if (st != MOE_OK) { moe_err_set(&ep->err, st, "expert parallelism: the experts' forward failed (%s)", moe_status_string(st)); goto fail; }
-    moe__ep_permute(ep, ep->rbuf, ep->eout, c->d, 0);
+    moe__ep_permute(ep, ep->eout, ep->rbuf, c->d, 0);
     rc = MPI_Alltoallv(ep->rbuf, ep->rcount, ep->rdispl, MPI_FLOAT, L->eout, ep->scount, ep->sdispl, MPI_FLOAT, ep->mpi->comm);
     if (rc != MPI_SUCCESS) goto mpi_fail;
     ep->rows_sent += (long long)ep->rows_out + ep->rows_in; /* the rows there, the outputs back */
@@ -424,7 +425,7 @@ static moe_status moe__ep_backward(moe_layer *L, moe_store *s, void *user) {
     st = moe_experts_backward(ep->dxg, &gw, ep->dout, ep->xg, ep->hg, ep->hu, &w, ep->offset, ep->e_count, c->d, c->d_ff,
                               c->expert, c->activation, ep->scratch1, ep->scratch2, &ep->work);
     if (st != MOE_OK) { moe_err_set(&ep->err, st, "expert parallelism: the experts' backward failed (%s)", moe_status_string(st)); goto fail; }
-    moe__ep_permute(ep, ep->rbuf, ep->dxg, c->d, 0);
+    moe__ep_permute(ep, ep->dxg, ep->rbuf, c->d, 0);
     rc = MPI_Alltoallv(ep->rbuf, ep->rcount, ep->rdispl, MPI_FLOAT, L->dxg, ep->scount, ep->sdispl, MPI_FLOAT, ep->mpi->comm);
     if (rc != MPI_SUCCESS) goto mpi_fail;
     ep->rows_sent += (long long)ep->rows_out + ep->rows_in; /* the forward's rows again */

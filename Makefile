@@ -132,6 +132,31 @@ $(ASAN_DIR)/fuzz_replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) -D_DEFAULT_SOURCE -DFUZZ_REPLAY -DFUZZ_CORPUS='"tests/fuzz/corpus/$*"' -Itests/fuzz $< -o $@ $(LDLIBS)
 
+# MPI (>>moe:mpi): tests/test_mpi.c and train_lm_mpi (examples/train_lm.c under MOE_MPI) are
+# built with mpicc, wrapping $(CC), where it exists; without it test_mpi only says it skips and
+# train_lm_mpi is not built
+MPICC ?= mpicc
+ifneq ($(shell command -v $(MPICC) 2>/dev/null),)
+  MPI_CC = OMPI_CC=$(CC) $(MPICC) -DMOE_MPI
+  EXAMPLE_BINS += $(BUILD)/examples/train_lm_mpi
+  $(info [moe] MPI: $(MPICC) (test_mpi runs under mpirun; build/examples/train_lm_mpi))
+else
+  MPI_CC = $(CC)
+  $(info [moe] MPI: no $(MPICC), test_mpi skips (Debian: apt-get install libopenmpi-dev openmpi-bin))
+endif
+$(BUILD)/tests/test_mpi: tests/test_mpi.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(MPI_CC) $(TEST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+$(ASAN_DIR)/test_mpi: tests/test_mpi.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(MPI_CC) $(ASAN_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+$(BUILD)/bench/mpi: bench/mpi.c tests/proc.h $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(MPI_CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+$(BUILD)/examples/train_lm_mpi: examples/train_lm.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(MPI_CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)
+
 $(BUILD)/examples/%: examples/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $< -o $@ $(LDLIBS)

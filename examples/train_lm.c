@@ -17,6 +17,12 @@
  * gradient norm or parameter stops the run before it saves (the last good checkpoint stays) and
  * exits 1, as does a final checkpoint that cannot be written. The log gets a row per step,
  * flushed at once; --resume keeps its rows up to the checkpoint's step and continues from there.
+ *
+ * Built with MOE_MPI (make builds build/examples/train_lm_mpi with mpicc), it runs under
+ * mpirun -np N with --data-parallel (each rank its share of every --batch, the gradients summed
+ * in rank order) or --expert-parallel (the same, and each MoE layer's experts split over the
+ * ranks, tokens exchanged all-to-all). Rank 0 alone prints and writes the log, the plots and the
+ * checkpoint, which a single-process run resumes, and the other way round.
  */
 #define _POSIX_C_SOURCE 200809L /* files.h: mkdir(2) */
 #define MOE_IMPLEMENTATION
@@ -90,7 +96,14 @@ typedef struct run_paths {
     int sample_bytes, quick, stop_at;
     float temperature, top_p;
     int top_k;
+    int data_parallel, expert_parallel; /* under MOE_MPI only */
 } run_paths;
+
+#ifdef MOE_MPI
+static moe_mpi mpi;        /* MPI_COMM_WORLD, set up by main before anything else */
+static int mpi_ranks = 1;  /* 1 = no parallelism (a single rank, or neither flag)  */
+static int mpi_expert_parallel = 0;
+#endif
 
 static const char *const router_names = "topk|mixtral|sigmoid|noisy|ec";
 
@@ -163,6 +176,11 @@ static int make_flags(flag *f, moe_model_config *c, train_options *o, run_paths 
     f[n++] = flag_float("--top-p", &p->top_p, 0, 1, "nucleus sampling; 1 = off");
     f[n++] = flag_string("--prompt", &p->prompt, "TEXT", "the sample's prompt");
     f[n++] = flag_switch("--quick", &p->quick, "a smoke run: at most 30 steps of batch 4 x 64, frequent logs");
+#ifdef MOE_MPI
+    f[n++] = flag_heading("MPI (under mpirun -np N)");
+    f[n++] = flag_switch("--data-parallel", &p->data_parallel, "each rank its share of --batch (a multiple of N), gradients summed in rank order");
+    f[n++] = flag_switch("--expert-parallel", &p->expert_parallel, "data parallel, and each MoE layer's experts split over the N ranks (N divides --experts)");
+#endif
     return n;
 }
 
@@ -293,6 +311,12 @@ static void print_settings(const moe_model *m, const train_options *o, const run
     ROW("steps", "%lld to %d", start_step, o->steps);
     ROW("data", "%s, %d genres%s", p->data_dir, cp->n, o->genres[0] ? " (chosen)" : "");
     ROW("threads", "%d", moe_num_threads());
+#ifdef MOE_MPI
+    if (mpi_ranks > 1)
+        ROW("ranks", "%d, %s", mpi_ranks, mpi_expert_parallel ? "expert parallel (data parallel elsewhere)" : "data parallel");
+    else
+        ROW("ranks", "1");
+#endif
     ROW("seed", "%d", o->seed);
 #undef ROW
     printf("+-------------+------------------------------------------------------------+\n");
@@ -517,7 +541,29 @@ static int resume_conflict(flags_program *prog, const moe_model_config *user_cfg
     return 0;
 }
 
+#ifdef MOE_MPI
+static int train_main(int argc, char **argv);
+/* MPI around the program: rank 0 alone prints (the others' stdout goes to /dev/null, their
+   errors stay on stderr); a rank that fails ends the job rather than leave the others waiting */
 int main(int argc, char **argv) {
+    int status, size = 1;
+    MPI_Init(&argc, &argv);
+    if (moe_mpi_init(&mpi, MPI_COMM_WORLD, 0) != MOE_OK) {
+        fprintf(stderr, "train_lm: MPI: %s\n", mpi.err.msg);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    size = mpi.size;
+    if (mpi.rank != 0 && !freopen("/dev/null", "w", stdout)) fprintf(stderr, "train_lm: rank %d: cannot silence stdout\n", mpi.rank);
+    status = train_main(argc, argv);
+    moe_mpi_free(&mpi);
+    if (status != 0 && size > 1) MPI_Abort(MPI_COMM_WORLD, status);
+    MPI_Finalize();
+    return status;
+}
+static int train_main(int argc, char **argv) {
+#else
+int main(int argc, char **argv) {
+#endif
     moe_model_config cfg;
     train_options opt;
     run_paths paths;
@@ -540,6 +586,10 @@ int main(int argc, char **argv) {
     choices ch;
     char log_path[1024];
     long long saved_step = -1;
+    int first_row = 0, rows = 0; /* this rank's rows of each micro-batch */
+#ifdef MOE_MPI
+    moe_mpi_experts *eps = NULL;
+#endif
     int rc, status = 0, save_failed = 0, log_failed = 0, plot_failed = 0;
     moe_ckpt_info resume_info;
     unsigned char *state_blob = NULL; /* the resumed checkpoint's user blob, as first read */
@@ -626,6 +676,36 @@ int main(int argc, char **argv) {
         moe_model_init_weights(&m, (uint64_t)opt.seed);
         moe_rng_seed(&st.noise, (uint64_t)opt.seed + 7);
     }
+    rows = opt.batch;
+#ifdef MOE_MPI
+    if (paths.data_parallel || paths.expert_parallel) {
+        /* the reduction's buffer is the model's: the context is rebuilt for it */
+        moe_mpi_free(&mpi);
+        if (moe_mpi_init(&mpi, MPI_COMM_WORLD, m.S.numel) != MOE_OK || moe_mpi_check_model(&mpi, &m) != MOE_OK ||
+            moe_mpi_check_same(&mpi, &opt, sizeof opt, "training options") != MOE_OK ||
+            moe_mpi_share(&mpi, opt.batch, &first_row, &rows) != MOE_OK) {
+            if (mpi.rank == 0) fprintf(stderr, "train_lm: MPI: %s\n", mpi.err.msg); /* the same on every rank */
+            status = 2;
+            goto finish;
+        }
+        mpi_ranks = mpi.size;
+        mpi_expert_parallel = paths.expert_parallel;
+        if (paths.expert_parallel && cfg.moe_every > 0) {
+            eps = (moe_mpi_experts *)calloc((size_t)cfg.n_layers, sizeof *eps);
+            if (!eps || moe_mpi_experts_model_init(eps, &mpi, &m) != MOE_OK) {
+                if (mpi.rank == 0 || !eps) fprintf(stderr, "train_lm: MPI: %s\n", eps ? m.err.msg : "out of memory");
+                free(eps);
+                eps = NULL;
+                status = 2;
+                goto finish;
+            }
+        }
+    } else if (mpi.size > 1) {
+        if (mpi.rank == 0) fprintf(stderr, "train_lm: %d ranks: give --data-parallel or --expert-parallel\n", mpi.size);
+        status = 2;
+        goto finish;
+    }
+#endif
     adam = moe_adamw_config_default();
     adam.beta2 = opt.beta2;
     adam.weight_decay = opt.weight_decay;
@@ -640,7 +720,12 @@ int main(int argc, char **argv) {
     }
     snprintf(path, sizeof path, "%s/%s.csv", paths.out_dir, paths.name);
     snprintf(log_path, sizeof log_path, "%s", path);
-    if (!(csv = open_log(log_path, paths.resume != NULL, start_step))) {
+#ifdef MOE_MPI
+    if (mpi.rank != 0) csv = fopen("/dev/null", "w"); /* rank 0 writes the log */
+    else
+#endif
+    csv = open_log(log_path, paths.resume != NULL, start_step);
+    if (!csv) {
         status = 1;
         goto finish;
     }
@@ -665,9 +750,10 @@ int main(int argc, char **argv) {
         int a;
         moe_store_zero_grad(&m.S);
         for (a = 0; a < opt.accum; a++) {
+            /* every rank draws the whole micro-batch and trains on its rows of it */
             moe_loader_next(&ld, x, y, src, opt.batch, opt.seq);
-            if (moe_model_forward(&m, x, y, opt.batch, opt.seq, &st.noise) != MOE_OK ||
-                moe_model_backward(&m, 1.0f / (float)opt.accum) != MOE_OK) {
+            if (moe_model_forward(&m, x + (size_t)first_row * opt.seq, y + (size_t)first_row * opt.seq, rows, opt.seq, &st.noise) != MOE_OK ||
+                moe_model_backward(&m, 1.0f / (float)(opt.accum * (opt.batch / rows))) != MOE_OK) {
                 fprintf(stderr, "step %lld: %s\n", step, m.err.msg);
                 status = 1;
                 goto finish;
@@ -675,6 +761,20 @@ int main(int argc, char **argv) {
             loss += m.loss / opt.accum;
             aux += m.aux_loss / opt.accum;
         }
+#ifdef MOE_MPI
+        if (mpi_ranks > 1) {
+            double la[2];
+            la[0] = loss;
+            la[1] = aux;
+            if (moe_mpi_allreduce_grads(&mpi, &m.S) != MOE_OK || moe_mpi_sum_doubles(&mpi, la, 2) != MOE_OK) {
+                fprintf(stderr, "step %lld: MPI: %s\n", step, mpi.err.msg);
+                status = 1;
+                goto finish;
+            }
+            loss = la[0] / mpi_ranks;
+            aux = la[1] / mpi_ranks;
+        }
+#endif
         norm = moe_clip_grad_norm(&m.S, opt.clip);
         if (!isfinite(loss) || !isfinite(aux) || !isfinite(norm)) {
             double bad = !isfinite(loss) ? loss : !isfinite(aux) ? aux : (double)norm;
@@ -726,7 +826,15 @@ int main(int argc, char **argv) {
                 status = diverged(step, "a parameter is not finite", ckpt, saved_step);
                 goto finish;
             }
-            if (save_checkpoint(&m, ckpt, step, &st, &err) != MOE_OK) {
+            rc = MOE_OK;
+#ifdef MOE_MPI
+            if (mpi.rank == 0)
+#endif
+            rc = save_checkpoint(&m, ckpt, step, &st, &err);
+#ifdef MOE_MPI
+            rc = moe_mpi_root_status(&mpi, (moe_status)rc, &err); /* rank 0 wrote it; every rank learns how it went */
+#endif
+            if (rc != MOE_OK) {
                 fprintf(stderr, "train_lm: checkpoint at step %lld: %s\n", step, err.msg);
                 save_failed = 1;
             } else {
@@ -757,6 +865,9 @@ int main(int argc, char **argv) {
     printf("\nvalidation bits per byte by genre:\n");
     for (i = 0; i < cp.n; i++) printf("  %-16s %.4f\n", cp.names[i], per_genre[i]);
     /* plots */
+#ifdef MOE_MPI
+    if (mpi.rank != 0) goto sample; /* rank 0 draws them */
+#endif
     if (step - 1 > start_step) {
         plot_series s[2];
         plot_chart ch;
@@ -778,9 +889,13 @@ int main(int argc, char **argv) {
         snprintf(path, sizeof path, "%s/%s_load.png", paths.out_dir, paths.name);
         if (plot_heatmap(path, &h, load, cp.n, cfg.moe.n_experts) != 0) { fprintf(stderr, "train_lm: could not write %s\n", path); plot_failed = 1; }
     }
-    /* a sample, on the KV cache (moe_model_generate_batch). The cache holds the trained
-       context (opt.seq positions); when it is full, generation goes on from the last half of
-       what is written (the prompt of the next piece), as llama.cpp's context shift does. */
+    /* a sample, on the KV cache (moe_model_generate_batch), by every rank (expert parallelism
+       needs them all). The cache holds the trained context (opt.seq positions); when it is
+       full, generation goes on from the last half of what is written (the prompt of the next
+       piece), as llama.cpp's context shift does. */
+#ifdef MOE_MPI
+sample:
+#endif
     if (paths.sample_bytes > 0 && !(cfg.moe_every > 0 && cfg.moe.router == MOE_ROUTER_EXPERT_CHOICE)) {
         int np = (int)strlen(paths.prompt), *buf = (int *)malloc(sizeof(int) * (size_t)(np + paths.sample_bytes + 1)), n;
         moe_kv_cache kc;
@@ -823,6 +938,10 @@ int main(int argc, char **argv) {
     status = save_failed || log_failed || plot_failed;
 finish:
     if (csv) fclose(csv);
+#ifdef MOE_MPI
+    if (eps) moe_mpi_experts_model_free(eps, &m);
+    free(eps);
+#endif
     moe_model_free(&m);
     brown_free(&cp);
     free(x); free(y); free(src); free(curve_x); free(curve_train); free(eval_x); free(eval_y); free(per_genre); free(load);

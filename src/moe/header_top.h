@@ -59,6 +59,8 @@
        MOE_NO_STDIO         drop file I/O (checkpoints)                           (everywhere)
        MOE_NO_OPENMP        ignore OpenMP even when the compiler enables it       (impl. file)
        MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
+       MOE_MPI              data and expert parallelism over MPI (>>moe:mpi);
+                            build with mpicc, run under mpirun                   (everywhere)
      The blocking of the GEMM under every matmul, expert and attention product
      (>>moe:matmul), all (impl. file):
        MOE_GEMM_MR, MOE_GEMM_NR  the register tile: MR x NR floats of C stay in registers

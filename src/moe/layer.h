@@ -37,6 +37,17 @@ typedef struct moe_layer_args {
                                   balance_all_layers); NULL = the layer's own loss             */
 } moe_layer_args;
 
+/* Who runs the routed bank's experts. NULL (the default) = this process, on every expert.
+   Set, forward takes the gathered rows L->xg grouped by expert (L->routed.offset) and fills
+   L->eout; backward takes L->deout, fills L->dxg and accumulates the experts' weight
+   gradients. Expert parallelism (>>moe:mpi) runs them on the ranks that own the experts. */
+struct moe_layer;
+typedef struct moe_experts_runner {
+    moe_status (*forward)(struct moe_layer *L, const moe_store *s, void *user);
+    moe_status (*backward)(struct moe_layer *L, moe_store *s, void *user);
+    void *user;
+} moe_experts_runner;
+
 typedef struct moe_layer {
     moe_layer_config cfg;
     int max_tokens;
@@ -86,6 +97,7 @@ typedef struct moe_layer {
                                model's layers share the model's (>>moe:model)                 */
     moe_routing_stats stats;
     float *stat_load, *stat_prob; /* (E) backing for stats                                     */
+    const moe_experts_runner *runner; /* NULL = the experts run here (see moe_experts_runner) */
     moe_err err;
 } moe_layer;
 
@@ -348,23 +360,35 @@ static void moe__shared_backward(moe_layer *L, moe_store *s, float *dx, const fl
 
 /* the routed bank: gather, the router's gate pre-activation (AoE), experts, combine (onto the
    shared experts' output when there are any) */
-static void moe__routed_forward(moe_layer *L, const moe_store *s, float *y, const float *x) {
+static moe_status moe__routed_forward(moe_layer *L, const moe_store *s, float *y, const float *x) {
     const moe_layer_config *c = &L->cfg;
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0);
+    moe_status st;
     moe_gather(L->xg, x, &L->routed, c->d);
     moe__router_expert_gate_forward(L, s);
-    moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation, &L->work);
+    if (L->runner) {
+        if ((st = L->runner->forward(L, s, L->runner->user)) != MOE_OK) return st;
+    } else {
+        moe_experts_forward(L->eout, L->hg, L->hu, L->xg, &w, L->routed.offset, c->n_experts, c->d, c->d_ff, c->expert, c->activation, &L->work);
+    }
     moe_combine_forward(y, L->eout, &L->routed, c->d, c->n_shared > 0);
+    return MOE_OK;
 }
 
 /* after combine's backward (deout, d_weight) */
-static void moe__routed_backward(moe_layer *L, moe_store *s, float *dx) {
+static moe_status moe__routed_backward(moe_layer *L, moe_store *s, float *dx) {
     const moe_layer_config *c = &L->cfg;
     moe_expert_weights w = moe_layer_experts(L, s, 0, 0), gw = moe_layer_experts(L, s, 0, 1);
-    moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, c->n_experts, c->d, c->d_ff,
-                         c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
+    moe_status st;
+    if (L->runner) {
+        if ((st = L->runner->backward(L, s, L->runner->user)) != MOE_OK) return st;
+    } else {
+        moe_experts_backward(L->dxg, &gw, L->deout, L->xg, L->hg, L->hu, &w, L->routed.offset, c->n_experts, c->d, c->d_ff,
+                             c->expert, c->activation, L->experts_dh_gate, L->experts_scratch, &L->work);
+    }
     moe_gather_backward(dx, L->dxg, &L->routed, c->d);
     moe__router_expert_gate_backward(L, s);
+    return MOE_OK;
 }
 
 MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *y, const float *x,
@@ -382,7 +406,7 @@ MOE__IMPL moe_status moe_layer_forward(moe_layer *L, const moe_store *s, float *
     st = moe_dispatch(&L->routed, L->raw_token, L->raw_expert, L->raw_slot, L->raw_weight, n, T, L->cfg.n_experts, &L->err);
     if (st != MOE_OK) return st;
     if (L->cfg.n_shared > 0 && (st = moe__shared_forward(L, s, y, x, T)) != MOE_OK) return st;
-    moe__routed_forward(L, s, y, x);
+    if ((st = moe__routed_forward(L, s, y, x)) != MOE_OK) return st;
     moe__router_output_forward(L, s, y, x, T);
     moe__router_aux(L, T);
     L->fwd_router_input = a.router_input;
@@ -403,7 +427,7 @@ MOE__IMPL moe_status moe_layer_backward(moe_layer *L, moe_store *s, float *dx, c
         return moe_err_set(&L->err, MOE_ERR_INVALID_ARG, "layer backward: router_input is set, so d_router_input must be too");
     moe_combine_backward(L->deout, L->d_weight, dy, L->eout, &L->routed, L->cfg.d);
     moe__router_output_backward(L, s, dx, dy, x);
-    moe__routed_backward(L, s, dx);
+    if ((st = moe__routed_backward(L, s, dx)) != MOE_OK) return st;
     if (L->cfg.n_shared > 0) moe__shared_backward(L, s, dx, dy);
     moe__router_backward(L, s, dx, x, a.router_input ? a.router_input : x, a.router_input ? a.d_router_input : dx,
                          a.aux_grad_scale, a.balance_f);

@@ -476,6 +476,51 @@ static void test_optimizer(void) {
     }
 }
 
+/* the embeddings of a real model: the forward against moe_model_forward's first block input,
+   the backward against the CPU backward's serial scatter */
+static void test_embeddings(void) {
+    int pos, k, rev, i, j;
+    TEST_BEGIN("embeddings (learned and rotary positions) forward and backward; the residual add");
+    for (pos = 0; pos < 2; pos++) {
+        moe_model_config c = moe_model_config_default();
+        moe_model m;
+        int B = 3, T = 10, N = B * T, d, V;
+        int in[30], tg[30];
+        c.vocab = 256; c.max_seq = 16; c.d = 16; c.n_layers = 1; c.n_heads = 2; c.d_ff = 24; c.moe_every = 0;
+        c.pos = pos ? MOE_POS_ROPE : MOE_POS_LEARNED;
+        d = c.d; V = c.vocab;
+        memset(&m, 0, sizeof m);
+        if (!CHECK(moe_model_init(&m, &c, B, T) == MOE_OK, "model init: %s", m.err.msg)) return;
+        moe_model_init_weights(&m, 3);
+        for (i = 0; i < N; i++) { in[i] = i % 4 == 1 ? 65 : moe_rng_below(&rng, 80); tg[i] = moe_rng_below(&rng, V); } /* repeats */
+        CHECK(moe_model_forward(&m, in, tg, B, T, NULL) == MOE_OK, "model forward: %s", m.err.msg);
+        FOR_GRIDS(k, rev) {
+            int blk = BLOCKS[k][0];
+            const float *wte = moe_store_param(&m.S, m.id_wte), *wpe = moe_store_param(&m.S, m.id_wpe);
+            float *x = fbuf((size_t)N * d), *g = randn((size_t)N * d, 1.0f), *gw1 = randn((size_t)V * d, 0.1f);
+            float *gw2 = copyf(gw1, (size_t)V * d), *gp1 = randn((size_t)T * d, 0.1f), *gp2 = copyf(gp1, (size_t)T * d);
+            float *sum = fbuf((size_t)N * d), *ref = fbuf((size_t)N * d);
+            grid_reverse = rev;
+            RUN_GRID((long long)N * d, blk, moe__cuda_embed_forward_body, x, in, wte, wpe, N, T, d);
+            SAME_F("embedding forward", x, m.blocks[0].x, (size_t)N * d);
+            RUN_GRID((long long)V * d, blk, moe__cuda_embed_backward_wte_body, gw1, g, in, N, V, d);
+            RUN_GRID((long long)T * d, blk, moe__cuda_embed_backward_wpe_body, gp1, g, B, T, d);
+            for (i = 0; i < N; i++) /* moe_model_backward's loop */
+                for (j = 0; j < d; j++) {
+                    gw2[(size_t)in[i] * d + j] += g[(size_t)i * d + j];
+                    gp2[(size_t)(i % T) * d + j] += g[(size_t)i * d + j];
+                }
+            SAME_F("embedding backward wte", gw1, gw2, (size_t)V * d);
+            SAME_F("embedding backward wpe", gp1, gp2, (size_t)T * d);
+            RUN_GRID((long long)N * d, blk, moe__cuda_add_body, sum, x, g, (long long)N * d);
+            for (i = 0; i < N * d; i++) ref[i] = x[i] + g[i];
+            SAME_F("residual add", sum, ref, (size_t)N * d);
+            free(x); free(g); free(gw1); free(gw2); free(gp1); free(gp2); free(sum); free(ref);
+        }
+        moe_model_free(&m);
+    }
+}
+
 int main(void) {
     moe_rng_seed(&rng, 2026);
     test_elementwise();
@@ -487,5 +532,6 @@ int main(void) {
     test_routing_layer();
     test_topk_ties();
     test_optimizer();
+    test_embeddings();
     return test_summary();
 }

@@ -519,27 +519,124 @@ static int resume_conflict(flags_program *prog, const moe_model_config *user_cfg
     return 0;
 }
 
-/* --device cuda. The CUDA path (MOE_CUDA) has the kernels, the optimizer and the MoE layer on
-   the device; the transformer's own twin (embeddings, attention blocks, the head) is not
-   written yet, so the training loop stays on the CPU and this says why, with the device's
-   status where the build has the CUDA path. */
-static int device_cuda_status(void) {
+/* --device cuda (a build with MOE_CUDA): the training steps run on the device (the model's
+   CUDA twin: dense and standard top-k MoE blocks without auxiliary losses); evaluation,
+   checkpoints and the sample run on the CPU from the parameters copied back first, so the
+   files are the CPU's. Expert-load lines are CPU-only. */
+typedef struct device_run {
+    int on;
 #ifdef MOE_CUDA
     moe_cuda cu;
-    if (moe_cuda_init(&cu, 0, MOE_CUDA_DETERMINISTIC) != MOE_OK) {
-        fprintf(stderr, "train_lm: --device cuda: %s\n", cu.err.msg);
+    moe_model_cuda mc;
+#endif
+} device_run;
+
+/* 0 = ready (or the CPU), else the exit status; prints why */
+static int device_start(device_run *dv, int want, moe_model *m, int B, int T) {
+    memset(dv, 0, sizeof *dv);
+    if (!want) return 0;
+#ifdef MOE_CUDA
+    if (moe_cuda_init(&dv->cu, 0, MOE_CUDA_DETERMINISTIC) != MOE_OK) {
+        fprintf(stderr, "train_lm: --device cuda: %s\n", dv->cu.err.msg);
         return 1;
     }
-    moe_cuda_free(&cu);
-    fprintf(stderr, "train_lm: --device cuda: a CUDA device is here, but the model's device twin is not written yet "
-                    "(the CUDA path covers the kernels, AdamW, clipping and the MoE layer: bench/moe_layer --device cuda); "
-                    "train with --device cpu\n");
-    return 2;
+    if (moe_model_init_cuda(&dv->mc, &dv->cu, m, B, T) != MOE_OK) {
+        fprintf(stderr, "train_lm: --device cuda: %s (the CUDA model: --router topk or mixtral, --balance none)\n", dv->cu.err.msg);
+        moe_cuda_free(&dv->cu);
+        return 2;
+    }
+    dv->on = 1;
+    return 0;
 #else
+    (void)m; (void)B; (void)T;
     fprintf(stderr, "train_lm: --device cuda: this program was built without the CUDA path (MOE_CUDA); "
                     "`make cuda` builds build/cuda/train_lm with nvcc\n");
     return 2;
 #endif
+}
+
+static void device_stop(device_run *dv) {
+#ifdef MOE_CUDA
+    if (dv->on) {
+        moe_model_free_cuda(&dv->mc);
+        moe_cuda_free(&dv->cu);
+    }
+#endif
+    dv->on = 0;
+}
+
+/* the error sentence of the last failed step */
+static const char *device_error(const device_run *dv, const moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on) return dv->cu.err.msg;
+#else
+    (void)dv;
+#endif
+    return m->err.msg;
+}
+
+static int device_zero_grad(device_run *dv, moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on) return moe_store_zero_grad_cuda(&dv->cu, &dv->mc.S) == MOE_OK;
+#else
+    (void)dv;
+#endif
+    moe_store_zero_grad(&m->S);
+    return 1;
+}
+
+/* one micro-batch's forward and backward; loss and aux of it */
+static int device_forward_backward(device_run *dv, moe_model *m, const int *x, const int *y, int B, int T, float scale,
+                                   moe_rng *noise, double *loss, double *aux) {
+#ifdef MOE_CUDA
+    if (dv->on) {
+        if (moe_model_forward_cuda(&dv->cu, &dv->mc, x, y, B, T) != MOE_OK || moe_model_backward_cuda(&dv->cu, &dv->mc, scale) != MOE_OK)
+            return 0;
+        *loss = dv->mc.loss;
+        *aux = 0.0; /* the CUDA model has no auxiliary losses */
+        return 1;
+    }
+#else
+    (void)dv;
+#endif
+    if (moe_model_forward(m, x, y, B, T, noise) != MOE_OK || moe_model_backward(m, scale) != MOE_OK) return 0;
+    *loss = m->loss;
+    *aux = m->aux_loss;
+    return 1;
+}
+
+/* the gradient norm before clipping (NaN when the device failed) */
+static float device_clip(device_run *dv, moe_model *m, float clip) {
+#ifdef MOE_CUDA
+    float norm;
+    if (dv->on) return moe_clip_grad_norm_cuda(&dv->cu, &dv->mc.S, clip, &norm) == MOE_OK ? norm : NAN;
+#else
+    (void)dv;
+#endif
+    return moe_clip_grad_norm(&m->S, clip);
+}
+
+static int device_adamw(device_run *dv, moe_model *m, const moe_adamw_config *adam, float lr, long long step) {
+#ifdef MOE_CUDA
+    if (dv->on) return moe_adamw_step_cuda(&dv->cu, &dv->mc.S, adam, lr, step) == MOE_OK;
+#else
+    (void)dv;
+#endif
+    return moe_adamw_step(&m->S, adam, lr, step) == MOE_OK;
+}
+
+/* the device's parameters and moments into the host model (before evaluating or saving) */
+static int device_to_host(device_run *dv, moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on && moe_store_download_cuda(&dv->cu, &dv->mc.S, &m->S) != MOE_OK) {
+        fprintf(stderr, "train_lm: copying the parameters from the device: %s\n", dv->cu.err.msg);
+        return 0;
+    }
+#else
+    (void)dv;
+    (void)m;
+#endif
+    return 1;
 }
 
 int main(int argc, char **argv) {
@@ -567,13 +664,17 @@ int main(int argc, char **argv) {
     long long saved_step = -1;
     int rc, status = 0, save_failed = 0, log_failed = 0, plot_failed = 0;
     moe_ckpt_info resume_info;
+    device_run dev;
     unsigned char *state_blob = NULL; /* the resumed checkpoint's user blob, as first read */
     memset(&resume_info, 0, sizeof resume_info);
+    memset(&dev, 0, sizeof dev);
     memset(&m, 0, sizeof m);
     memset(&cp, 0, sizeof cp);
     rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
     if (rc != FLAGS_RUN) return rc;
-    if (paths.device == 1) return device_cuda_status();
+#ifndef MOE_CUDA
+    if (paths.device == 1) return device_start(&dev, 1, NULL, 0, 0); /* says why not, before loading anything */
+#endif
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
     memset(&st, 0, sizeof st);
     if (paths.resume) {
@@ -684,24 +785,32 @@ int main(int argc, char **argv) {
         status = 1;
         goto finish;
     }
+    if ((rc = device_start(&dev, paths.device == 1, &m, opt.batch, opt.seq)) != 0) {
+        status = rc;
+        goto finish;
+    }
     t0 = moe_time_seconds();
     for (step = start_step + 1; step <= opt.steps; step++) {
         float lr = moe_lr_cosine(step - 1, opt.warmup, opt.steps, opt.lr, opt.min_lr), norm;
         double loss = 0.0, aux = 0.0;
         int a;
-        moe_store_zero_grad(&m.S);
+        if (!device_zero_grad(&dev, &m)) {
+            fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
+            status = 1;
+            goto finish;
+        }
         for (a = 0; a < opt.accum; a++) {
+            double l1, a1;
             moe_loader_next(&ld, x, y, src, opt.batch, opt.seq);
-            if (moe_model_forward(&m, x, y, opt.batch, opt.seq, &st.noise) != MOE_OK ||
-                moe_model_backward(&m, 1.0f / (float)opt.accum) != MOE_OK) {
-                fprintf(stderr, "step %lld: %s\n", step, m.err.msg);
+            if (!device_forward_backward(&dev, &m, x, y, opt.batch, opt.seq, 1.0f / (float)opt.accum, &st.noise, &l1, &a1)) {
+                fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
                 status = 1;
                 goto finish;
             }
-            loss += m.loss / opt.accum;
-            aux += m.aux_loss / opt.accum;
+            loss += l1 / opt.accum;
+            aux += a1 / opt.accum;
         }
-        norm = moe_clip_grad_norm(&m.S, opt.clip);
+        norm = device_clip(&dev, &m, opt.clip);
         if (!isfinite(loss) || !isfinite(aux) || !isfinite(norm)) {
             double bad = !isfinite(loss) ? loss : !isfinite(aux) ? aux : (double)norm;
             char what[96];
@@ -710,7 +819,11 @@ int main(int argc, char **argv) {
             status = diverged(step, what, ckpt, saved_step);
             goto finish;
         }
-        moe_adamw_step(&m.S, &adam, lr, step);
+        if (!device_adamw(&dev, &m, &adam, lr, step)) {
+            fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
+            status = 1;
+            goto finish;
+        }
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
         curve_x[step - 1] = (float)step;
         curve_train[step - 1] = (float)(loss / log(2.0));
@@ -722,7 +835,7 @@ int main(int argc, char **argv) {
                    el / done * (double)(opt.steps - step));
             fflush(stdout);
         }
-        if (opt.load_every > 0 && step % opt.load_every == 0)
+        if (opt.load_every > 0 && step % opt.load_every == 0 && !dev.on)
             for (l = 0; l < cfg.n_layers; l++) {
                 const moe_routing_stats *s = &m.blocks[l].moe.stats;
                 int e;
@@ -733,6 +846,12 @@ int main(int argc, char **argv) {
                 printf("\n");
             }
         last_bpb = NAN;
+        if (dev.on && (((opt.eval_every > 0 && step % opt.eval_every == 0) || step == opt.steps) ||
+                       ((opt.save_every > 0 && step % opt.save_every == 0) || step == paths.stop_at)) &&
+            !device_to_host(&dev, &m)) {
+            status = 1;
+            goto finish;
+        }
         if ((opt.eval_every > 0 && step % opt.eval_every == 0) || step == opt.steps) {
             last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
             eval_x[n_eval] = (float)step;
@@ -832,6 +951,7 @@ int main(int argc, char **argv) {
     else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
     status = save_failed || log_failed || plot_failed;
 finish:
+    device_stop(&dev);
     if (csv) fclose(csv);
     moe_model_free(&m);
     brown_free(&cp);

@@ -144,10 +144,45 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
 
+# ---- the CUDA path (MOE_CUDA) ------------------------------------------------------------------
+# nvcc from PATH, else the toolkit's standard place; without it the CUDA programs are not built and
+# the suite says so. tests/test_cuda.cu compares every device kernel, the store, the optimizer and
+# the layer with the CPU path on a GPU (without a device it checks the status and skips);
+# $(BUILD)/cuda/train_lm and $(BUILD)/cuda/moe_layer are the examples built with MOE_CUDA (--device
+# cuda). --fmad=false: no multiply-add contraction, so kernels stay comparable with the CPU.
+# NVCC_ARCH: e.g. -arch=sm_90 (default: nvcc's, whose PTX the driver compiles for newer GPUs).
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; })
+NVCC_ARCH ?=
+NVCC_FLAGS = -std=c++14 -O2 --fmad=false $(NVCC_ARCH) -Xcompiler -Wall,-Wextra,-Werror --Werror all-warnings $(INC) -Itests
+CUDA_DIR  := $(BUILD)/cuda
+ifneq ($(NVCC),)
+  CUDA_BINS      := $(CUDA_DIR)/test_cuda $(CUDA_DIR)/train_lm $(CUDA_DIR)/moe_layer
+  CUDA_TEST_BINS := $(CUDA_DIR)/test_cuda
+  # what make test compiles (each nvcc build of the whole header takes a while)
+  CUDA_TEST_DEPS := $(CUDA_DIR)/test_cuda $(CUDA_DIR)/train_lm
+  $(info [moe] nvcc: $(NVCC); the CUDA path builds into $(CUDA_DIR)/)
+else
+  CUDA_BINS      :=
+  CUDA_TEST_BINS :=
+  CUDA_TEST_DEPS :=
+  $(info [moe] nvcc not found (PATH, /usr/local/cuda/bin): the CUDA path is not compiled and its tests are skipped)
+endif
+.PHONY: cuda
+cuda: $(CUDA_BINS)
+$(CUDA_DIR)/test_cuda: tests/test_cuda.cu $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ -lcublas
+$(CUDA_DIR)/train_lm: examples/train_lm.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
+$(CUDA_DIR)/moe_layer: bench/moe_layer.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
+
 # The suite: the build matrix first (each header alone, C++, static, two TUs, with and
 # without OpenMP), then every test program; example smoke runs (--quick) are test programs too
 # (the benchmarks are built for the test that asks every program for --help).
-test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS) $(CUDA_BINS)
+test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS) $(CUDA_TEST_DEPS)
 	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS) $(CUDA_TEST_BINS)
 
 test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES)
@@ -187,38 +222,6 @@ valgrind-run: $(VG_DIR)/train_moe $(VG_DIR)/train_lm
 	     run $$out/train_lm.log $(VG_DIR)/train_lm --quick $(VG_LM_SMALL) --out $$out --name lm --stop-at 15 --sample 20; \
 	     run $$out/train_lm_resume.log $(VG_DIR)/train_lm --quick --out $$out --name lm --resume $$out/lm.ckpt --sample 20; \
 	 else echo "[valgrind] SKIP train_lm: data/brown is absent (make data)"; fi
-
-# ---- the CUDA path (MOE_CUDA) ------------------------------------------------------------------
-# nvcc from PATH, else the toolkit's standard place; without it the CUDA programs are not built and
-# the suite says so. tests/test_cuda.cu compares every device kernel, the store, the optimizer and
-# the layer with the CPU path on a GPU (without a device it checks the status and skips);
-# $(BUILD)/cuda/train_lm and $(BUILD)/cuda/moe_layer are the examples built with MOE_CUDA (--device
-# cuda). --fmad=false: no multiply-add contraction, so kernels stay comparable with the CPU.
-# NVCC_ARCH: e.g. -arch=sm_90 (default: nvcc's, whose PTX the driver compiles for newer GPUs).
-NVCC      ?= $(shell command -v nvcc 2>/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; })
-NVCC_ARCH ?=
-NVCC_FLAGS = -std=c++14 -O2 --fmad=false $(NVCC_ARCH) -Xcompiler -Wall,-Wextra,-Werror --Werror all-warnings $(INC) -Itests
-CUDA_DIR  := $(BUILD)/cuda
-ifneq ($(NVCC),)
-  CUDA_BINS      := $(CUDA_DIR)/test_cuda $(CUDA_DIR)/train_lm $(CUDA_DIR)/moe_layer
-  CUDA_TEST_BINS := $(CUDA_DIR)/test_cuda
-  $(info [moe] nvcc: $(NVCC); the CUDA path builds into $(CUDA_DIR)/)
-else
-  CUDA_BINS      :=
-  CUDA_TEST_BINS :=
-  $(info [moe] nvcc not found (PATH, /usr/local/cuda/bin): the CUDA path is not compiled and its tests are skipped)
-endif
-.PHONY: cuda
-cuda: $(CUDA_BINS)
-$(CUDA_DIR)/test_cuda: tests/test_cuda.cu $(HEADERS)
-	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCC_FLAGS) $< -o $@ -lcublas
-$(CUDA_DIR)/train_lm: examples/train_lm.c $(HEADERS)
-	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
-$(CUDA_DIR)/moe_layer: bench/moe_layer.c $(HEADERS)
-	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
 
 ifeq ($(BLAS),1)
   BENCH_EXTRA += -DMOE_BENCH_BLAS

@@ -8,6 +8,8 @@
 #                     (both build the examples and benchmarks with the sanitizers too, for the tests that run them)
 #   make valgrind     valgrind memcheck on two examples' --quick runs (train_moe; train_lm with a small
 #                     model, stopped and resumed, when data/brown is there), built without -march=native
+#   make cuda         the CUDA path (nvcc, MOE_CUDA): build/cuda/{test_cuda,train_lm,moe_layer}; make test builds
+#                     and runs it when nvcc is found (without a GPU test_cuda checks the no-device status)
 #   make bench        benchmarks (key=value lines); BLAS=1 adds OpenBLAS sgemm beside ours
 #   make fuzz         libFuzzer targets of the loaders (clang), FUZZ_SECONDS each (default 60)
 #   make goldens      regenerate tests/ref/*.bin and multiobj_ref.txt (Debian: python3-torch python3-numpy python3-scipy)
@@ -173,11 +175,46 @@ $(BUILD)/bench/%: bench/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(FAST_CFLAGS) $(OMP_FLAG) $(BENCH_EXTRA) $< -o $@ $(LDLIBS) $(BENCH_LIBS)
 
+# ---- the CUDA path (MOE_CUDA) ------------------------------------------------------------------
+# nvcc from PATH, else the toolkit's standard place; without it the CUDA programs are not built and
+# the suite says so. tests/test_cuda.cu compares every device kernel, the store, the optimizer and
+# the layer with the CPU path on a GPU (without a device it checks the status and skips);
+# $(BUILD)/cuda/train_lm and $(BUILD)/cuda/moe_layer are the examples built with MOE_CUDA (--device
+# cuda). --fmad=false: no multiply-add contraction, so kernels stay comparable with the CPU.
+# NVCC_ARCH: e.g. -arch=sm_90 (default: nvcc's, whose PTX the driver compiles for newer GPUs).
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; })
+NVCC_ARCH ?=
+NVCC_FLAGS = -std=c++14 -O2 --fmad=false $(NVCC_ARCH) -Xcompiler -Wall,-Wextra,-Werror --Werror all-warnings $(INC) -Itests
+CUDA_DIR  := $(BUILD)/cuda
+ifneq ($(NVCC),)
+  CUDA_BINS      := $(CUDA_DIR)/test_cuda $(CUDA_DIR)/train_lm $(CUDA_DIR)/moe_layer
+  CUDA_TEST_BINS := $(CUDA_DIR)/test_cuda
+  # what make test compiles (each nvcc build of the whole header takes a while)
+  CUDA_TEST_DEPS := $(CUDA_DIR)/test_cuda $(CUDA_DIR)/train_lm
+  $(info [moe] nvcc: $(NVCC); the CUDA path builds into $(CUDA_DIR)/)
+else
+  CUDA_BINS      :=
+  CUDA_TEST_BINS :=
+  CUDA_TEST_DEPS :=
+  $(info [moe] nvcc not found (PATH, /usr/local/cuda/bin): the CUDA path is not compiled and its tests are skipped)
+endif
+.PHONY: cuda
+cuda: $(CUDA_BINS)
+$(CUDA_DIR)/test_cuda: tests/test_cuda.cu $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ -lcublas
+$(CUDA_DIR)/train_lm: examples/train_lm.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
+$(CUDA_DIR)/moe_layer: bench/moe_layer.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -DMOE_CUDA -x cu $< -o $@ -lcublas
+
 # The suite: the build matrix first (each header alone, C++, static, two TUs, with and
 # without OpenMP), then every test program; example smoke runs (--quick) are test programs too
 # (the benchmarks are built for the test that asks every program for --help).
-test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS)
-	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS) tests/test_data_preferences.sh
+test: check-amalgamation $(TEST_BINS) $(EXAMPLE_BINS) $(BENCH_BINS) $(CUDA_TEST_DEPS)
+	@CC="$(CC)" CXX="$(CXX)" OMP_FLAG="$(OMP_FLAG)" BUILD="$(BUILD)" sh tests/run.sh --matrix $(TEST_BINS) $(CUDA_TEST_BINS) tests/test_data_preferences.sh
 
 test-asan: check-amalgamation $(ASAN_BINS) $(ASAN_EXAMPLES) $(ASAN_BENCH)
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 MOE_EXAMPLES_DIR=$(ASAN_DIR)/examples MOE_BENCH_DIR=$(ASAN_DIR)/bench \

@@ -61,6 +61,10 @@
        MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
        MOE_MPI              data and expert parallelism over MPI (>>moe:mpi);
                             build with mpicc, run under mpirun                   (everywhere)
+       MOE_CUDA             the CUDA twins (>>moe:cuda_core ...): the implementation file is
+                            a .cu compiled by nvcc, linked with -lcublas          (everywhere)
+       MOE_CUDA_BODIES      the CUDA kernels' per-thread bodies as plain C functions, without
+                            CUDA (the CPU test of their indexing and arithmetic)  (impl. file)
      The blocking of the GEMM under every matmul, expert and attention product
      (>>moe:matmul), all (impl. file):
        MOE_GEMM_MR, MOE_GEMM_NR  the register tile: MR x NR floats of C stay in registers
@@ -144,6 +148,14 @@
       31. data           >>moe:data         byte-window batches from one or several sources
       32. mpi            >>moe:mpi          data and expert parallelism over MPI (compiled under MOE_MPI):
                                             fixed-order gradient reduction, experts split across ranks
+      33. cuda_core      >>moe:cuda_core    MOE_CUDA: the device context, the store's device copy, AdamW
+                                            and clipping on the device (the CPU twins' names + _cuda)
+      34. cuda_kernels   >>moe:cuda_kernels MOE_CUDA: cuBLAS GEMMs, elementwise kernels, RMSNorm, softmax,
+                                            cross-entropy, attention, dispatch, softmax top-k routing
+      35. cuda_layer     >>moe:cuda_layer   MOE_CUDA: the MoE layer with the standard softmax top-k router,
+                                            experts grouped per expert, forward and backward
+      36. cuda_model     >>moe:cuda_model   MOE_CUDA: the tiny transformer's forward and backward on the
+                                            device (dense and standard top-k MoE blocks)
 
    Where each router family lives. >>moe:router holds the hooks every family implements and
    the ONE dispatcher that chooses by cfg.router; a family's anchor opens its section, forward
@@ -2257,6 +2269,224 @@ MOEDEF moe_status moe_mpi_experts_model_init(moe_mpi_experts *eps, moe_mpi *ctx,
 MOEDEF void moe_mpi_experts_model_free(moe_mpi_experts *eps, moe_model *m);
 #endif /* MOE_MPI */
 
+/* ============================================================================================
+   >>moe:cuda_core  the CUDA twins of core, store and optim (MOE_CUDA)
+   ============================================================================================
+   Compiled only when MOE_CUDA is defined, and then the MOE_IMPLEMENTATION file must be a .cu
+   file compiled by nvcc (link -lcublas). The CPU path stays the reference; every device
+   function is named after its CPU twin with _cuda and takes device pointers. A build without
+   MOE_CUDA is unchanged.
+   Modes: MOE_CUDA_DETERMINISTIC (the default) sums every reduction in a fixed order without
+   atomics (two runs are bit-identical); MOE_CUDA_FAST lets combine, gather and weight
+   gradients accumulate with atomics and lets cuBLAS use its atomic kernels.
+   TF32 stays off (cuBLAS's default math), so GEMMs stay comparable with the CPU's float32. */
+#ifdef MOE_CUDA
+
+typedef enum moe_cuda_mode { MOE_CUDA_DETERMINISTIC = 0, MOE_CUDA_FAST = 1 } moe_cuda_mode;
+
+typedef struct moe_cuda {
+    int device;         /* CUDA device ordinal                                          */
+    moe_cuda_mode mode;
+    void *cublas;       /* cublasHandle_t                                               */
+    double *scalars;    /* (8) device scratch for single numbers (a loss mean, a norm)   */
+    moe_err err;
+} moe_cuda;
+
+/* Selects `device`, creates the cuBLAS handle. No driver, no device or an old driver:
+   MOE_ERR_NO_DEVICE with the runtime's own sentence in c->err (nothing else is touched, the
+   CPU path keeps working). */
+MOEDEF moe_status moe_cuda_init(moe_cuda *c, int device, moe_cuda_mode mode);
+MOEDEF void moe_cuda_free(moe_cuda *c); /* safe on a zeroed or failed context */
+/* Waits for the device; a failed kernel shows here as a status. */
+MOEDEF moe_status moe_cuda_sync(moe_cuda *c);
+MOEDEF moe_status moe_cuda_malloc(moe_cuda *c, void **dev, size_t bytes); /* zero-filled */
+MOEDEF void moe_cuda_mfree(void *dev);
+MOEDEF moe_status moe_cuda_upload(moe_cuda *c, void *dev, const void *host, size_t bytes);
+MOEDEF moe_status moe_cuda_download(moe_cuda *c, void *host, const void *dev, size_t bytes);
+
+/* The device copy of a store: the same flat buffers in the same order, laid out by the host
+   store's tensor table (which stays on the host and must outlive this). */
+typedef struct moe_store_cuda {
+    const moe_store *host; /* the layout                                                  */
+    size_t numel;
+    float *params, *grads; /* (numel) device                                              */
+    float *adam_m, *adam_v;/* (numel) device, NULL when the host store has no moments      */
+    double *clip_part;     /* (chunks) the clipping's per-chunk sums                        */
+} moe_store_cuda;
+
+/* Allocates the device buffers for an allocated host store and uploads it (params and
+   moments; gradients zero). */
+MOEDEF moe_status moe_store_alloc_cuda(moe_store_cuda *d, moe_cuda *c, const moe_store *host);
+MOEDEF void moe_store_free_cuda(moe_store_cuda *d);
+/* host -> device: params and moments (after loading a checkpoint) */
+MOEDEF moe_status moe_store_upload_cuda(moe_cuda *c, moe_store_cuda *d, const moe_store *host);
+/* device -> host: params, grads and moments (before saving a checkpoint: the CPU writes the
+   one checkpoint format, so a device run and a CPU run read each other's files) */
+MOEDEF moe_status moe_store_download_cuda(moe_cuda *c, const moe_store_cuda *d, moe_store *host);
+MOEDEF moe_status moe_store_zero_grad_cuda(moe_cuda *c, moe_store_cuda *d);
+/* moe_adamw_step on the device: the same arithmetic per element */
+MOEDEF moe_status moe_adamw_step_cuda(moe_cuda *c, moe_store_cuda *d, const moe_adamw_config *cfg, float lr,
+                                      long long step);
+/* moe_clip_grad_norm on the device: the same chunks of 2^14 summed in double in the same
+   order, so the norm is the CPU's bit for bit. *norm (may be NULL) gets the norm before
+   clipping. */
+MOEDEF moe_status moe_clip_grad_norm_cuda(moe_cuda *c, moe_store_cuda *d, float max_norm, float *norm);
+
+#endif /* MOE_CUDA */
+
+/* ============================================================================================
+   >>moe:cuda_kernels  the CUDA twins of matmul, kernels, attention, dispatch, router_topk
+   ============================================================================================
+   Device pointers everywhere; shapes and contracts as the CPU twin's (same name without
+   _cuda). Every call only queues work on the default stream: a failed launch returns a status
+   at once, a fault inside a kernel shows at the next moe_cuda_sync. */
+#ifdef MOE_CUDA
+
+/* GEMMs through cuBLAS (float32, no TF32) */
+MOEDEF moe_status moe_matmul_forward_cuda(moe_cuda *c, float *out, const float *inp, const float *weight,
+                                          const float *bias, int M, int K, int N);
+MOEDEF moe_status moe_matmul_backward_cuda(moe_cuda *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                                           const float *inp, const float *weight, int M, int K, int N);
+MOEDEF moe_status moe_softmax_forward_cuda(moe_cuda *c, float *out, const float *inp, int rows, int n);
+MOEDEF moe_status moe_softmax_backward_cuda(moe_cuda *c, float *dinp, const float *dout, const float *out, int rows, int n);
+MOEDEF moe_status moe_activation_forward_cuda(moe_cuda *c, float *out, const float *inp, size_t n, moe_activation act);
+MOEDEF moe_status moe_activation_backward_cuda(moe_cuda *c, float *dinp, const float *dout, const float *inp, size_t n,
+                                               moe_activation act);
+MOEDEF moe_status moe_swiglu_forward_cuda(moe_cuda *c, float *out, const float *gate, const float *up, size_t n);
+MOEDEF moe_status moe_swiglu_backward_cuda(moe_cuda *c, float *dgate, float *dup, const float *dout, const float *gate,
+                                           const float *up, size_t n);
+MOEDEF moe_status moe_rmsnorm_forward_cuda(moe_cuda *c, float *out, float *rstd, const float *inp, const float *weight,
+                                           int rows, int n, float eps);
+MOEDEF moe_status moe_rmsnorm_backward_cuda(moe_cuda *c, float *dinp, float *dweight, const float *dout,
+                                            const float *inp, const float *weight, const float *rstd, int rows, int n);
+/* mean (host, may be NULL: then no wait) = the CPU twin's return value */
+MOEDEF moe_status moe_crossentropy_forward_cuda(moe_cuda *c, float *losses, const float *logits, const int *targets,
+                                                int rows, int V, double *mean);
+MOEDEF moe_status moe_crossentropy_backward_cuda(moe_cuda *c, float *dlogits, const float *logits, const int *targets,
+                                                 int rows, int V, float dloss);
+/* the naive pair's arithmetic, one thread per (sequence, head, query row) */
+MOEDEF moe_status moe_attention_forward_cuda(moe_cuda *c, float *out, float *att, const float *qkv, int B, int T, int d,
+                                             int NH);
+/* dqkv OVERWRITTEN, as the CPU's; dot: (B * NH * T) doubles of device scratch */
+MOEDEF moe_status moe_attention_backward_cuda(moe_cuda *c, float *dqkv, const float *dout, const float *qkv,
+                                              const float *att, int B, int T, int d, int NH, double *dot);
+MOEDEF moe_status moe_rope_apply_cuda(moe_cuda *c, float *qkv, const float *cos_sin, int B, int T, int d, int NH,
+                                      int inverse);
+
+/* The assignment list on the device: the same arrays as moe_assign, each (cap), plus the
+   offsets; a->n, T, E are mirrored on the host. */
+MOEDEF moe_status moe_assign_alloc_cuda(moe_cuda *c, moe_assign *a, int cap, int T, int E);
+MOEDEF void moe_assign_free_cuda(moe_assign *a);
+/* moe_dispatch on the device (a stable counting sort without atomics). The raw list comes
+   from a device router, so its ids are trusted: ids outside [0,T) / [0,E) are skipped. */
+MOEDEF moe_status moe_dispatch_cuda(moe_cuda *c, moe_assign *a, const int *token, const int *expert, const int *slot,
+                                    const float *weight, int n, int T, int E);
+MOEDEF moe_status moe_gather_cuda(moe_cuda *c, float *xg, const float *x, const moe_assign *a, int d);
+MOEDEF moe_status moe_gather_backward_cuda(moe_cuda *c, float *dx, const float *dxg, const moe_assign *a, int d);
+MOEDEF moe_status moe_combine_forward_cuda(moe_cuda *c, float *y, const float *eout, const moe_assign *a, int d,
+                                           int accumulate);
+MOEDEF moe_status moe_combine_backward_cuda(moe_cuda *c, float *deout, float *dweight, const float *dy,
+                                            const float *eout, const moe_assign *a, int d);
+/* Softmax top-k routing of the standard router (no selection bias, capacity or noise):
+   probs (T, E) -> topk (T, K) experts in rank order, gates (T, E) (zero off the chosen), and
+   the raw list token-major (t, slot): raw_* (T * K). */
+MOEDEF moe_status moe_topk_select_cuda(moe_cuda *c, int *topk, float *gates, int *raw_token, int *raw_expert,
+                                       int *raw_slot, float *raw_weight, const float *probs, int T, int E, int K,
+                                       int renormalize, float routed_scale);
+/* d_gates (T, E) = the combine's dweight times routed_scale at each (token, expert), 0 elsewhere */
+MOEDEF moe_status moe_gate_grads_cuda(moe_cuda *c, float *d_gates, const float *dweight, const moe_assign *a,
+                                      float routed_scale);
+/* d_logits (T, E) += the softmax top-k backward (the CPU's moe__topk_backward_token) */
+MOEDEF moe_status moe_topk_backward_cuda(moe_cuda *c, float *d_logits, const float *d_gates, const float *gates,
+                                         const float *probs, const int *topk, int T, int E, int K, int renormalize);
+
+#endif /* MOE_CUDA */
+
+/* ============================================================================================
+   >>moe:cuda_layer  the CUDA twin of the MoE layer (MOE_CUDA): standard softmax top-k
+   ============================================================================================
+   The CPU layer (>>moe:layer) with the standard router family on the device: the linear
+   router, softmax, top-k (renormalised or not, routed_scale), the counting sort, gather,
+   SwiGLU or FFN experts grouped per expert (one cuBLAS GEMM per expert and matrix; the
+   experts' row counts come back to the host once per forward), combine; backward in reverse.
+   The host layer gives the config and the tensor ids; its store's device copy holds the
+   weights. What the twin does not cover returns MOE_ERR_UNSUPPORTED at init: other router
+   families, shared experts, capacity, selection bias, GW-MoE, HyperMoE, a separate router
+   input, and the auxiliary losses (balance, z-loss): configure balance = MOE_BALANCE_NONE
+   and z_coef = 0 for a device layer. */
+#ifdef MOE_CUDA
+
+typedef struct moe_layer_cuda {
+    const moe_layer *host;        /* config and tensor ids                                   */
+    int max_tokens, T;            /* capacity; tokens of the last forward                    */
+    float *logits, *probs, *gates, *d_gates, *d_logits; /* (max_tokens, E) device            */
+    int *topk;                    /* (max_tokens, K)                                         */
+    int *raw_token, *raw_expert, *raw_slot; /* (max_tokens * K) the router's raw list        */
+    float *raw_weight;
+    moe_assign routed;            /* device arrays; n, T, E on the host                      */
+    int *offset_host;             /* (E + 1) the experts' rows, copied back each forward     */
+    float *xg, *hg, *hu, *h, *eout;         /* (cap, d) (cap, D) x3 (cap, d)                 */
+    float *d_weight, *dxg, *deout, *dh, *dhg, *dhu; /* backward scratch, same shapes         */
+    moe_err err;
+} moe_layer_cuda;
+
+/* Device buffers for up to max_tokens tokens of the host layer L (initialised, its store
+   allocated). */
+MOEDEF moe_status moe_layer_init_cuda(moe_layer_cuda *Lc, moe_cuda *c, const moe_layer *L, int max_tokens);
+MOEDEF void moe_layer_free_cuda(moe_layer_cuda *Lc);
+/* y (T, d) = MoE(x (T, d)), device pointers; weights from the device store d */
+MOEDEF moe_status moe_layer_forward_cuda(moe_cuda *c, moe_layer_cuda *Lc, const moe_store_cuda *d, float *y,
+                                         const float *x, int T);
+/* dx (T, d) += dLoss/dx; gradients += into d->grads; x must be the forward's */
+MOEDEF moe_status moe_layer_backward_cuda(moe_cuda *c, moe_layer_cuda *Lc, moe_store_cuda *d, float *dx,
+                                          const float *dy, const float *x);
+
+#endif /* MOE_CUDA */
+
+/* ============================================================================================
+   >>moe:cuda_model  the CUDA twin of the tiny transformer (MOE_CUDA)
+   ============================================================================================
+   moe_model_forward / moe_model_backward on the device for the models the CUDA layer covers:
+   learned or rotary positions, dense SwiGLU blocks and MoE blocks with the standard softmax
+   top-k router, no auxiliary losses (moe.balance = MOE_BALANCE_NONE, z_coef = 0), no router
+   input (GRU / MLP), no GW-MoE, no HyperMoE. The host model gives the config and the tensor
+   table; its parameters are copied to the device at init. A training step on the device:
+     moe_model_forward_cuda, moe_model_backward_cuda, moe_clip_grad_norm_cuda(&mc.S),
+     moe_adamw_step_cuda(&mc.S), moe_store_zero_grad_cuda(&mc.S);
+   before a checkpoint or a CPU evaluation, moe_store_download_cuda(cu, &mc.S, &m.S). */
+#ifdef MOE_CUDA
+
+typedef struct moe_block_cuda {
+    float *x, *ln1, *rstd1, *qkv, *att, *atty, *x2, *ln2, *rstd2, *hg, *hu, *h, *ffn; /* as moe_block's */
+} moe_block_cuda;
+
+typedef struct moe_model_cuda {
+    const moe_model *host;   /* config, tensor table                                     */
+    moe_store_cuda S;        /* the parameters, gradients and moments on the device        */
+    moe_block_cuda *blocks;  /* (n_layers) host array of device pointers                  */
+    moe_layer_cuda *layers;  /* (n_layers) the MoE blocks' device layers                  */
+    int max_B, max_T, B, T, count; /* count: targets >= 0 in the last forward            */
+    int *inputs, *targets;   /* (N) device                                                */
+    float *x_final, *lnf, *rstd_f, *logits, *losses, *rope;
+    float *d_res, *d_res2, *d_ln, *d_qkv, *d_atty, *d_logits, *dh, *dhg, *dhu;
+    double *att_dot;         /* (B NH T) attention backward scratch                       */
+    double loss;             /* mean cross-entropy of the last forward                    */
+} moe_model_cuda;
+
+/* Device buffers for batches of up to max_B x max_T of the host model m (initialised, with
+   its weights), its store copied to the device. MOE_ERR_UNSUPPORTED names what the twin does
+   not cover. */
+MOEDEF moe_status moe_model_init_cuda(moe_model_cuda *mc, moe_cuda *c, const moe_model *m, int max_B, int max_T);
+MOEDEF void moe_model_free_cuda(moe_model_cuda *mc);
+/* inputs, targets: HOST arrays (B, T) as moe_model_forward's (targets may be NULL); sets
+   mc->loss (waits for the device when there are targets) */
+MOEDEF moe_status moe_model_forward_cuda(moe_cuda *c, moe_model_cuda *mc, const int *inputs, const int *targets, int B,
+                                         int T);
+/* gradients of loss * scale, accumulated into mc->S.grads */
+MOEDEF moe_status moe_model_backward_cuda(moe_cuda *c, moe_model_cuda *mc, float scale);
+
+#endif /* MOE_CUDA */
+
 #ifdef __cplusplus
 }
 #endif
@@ -2321,7 +2551,7 @@ MOEDEF void moe_mpi_experts_model_free(moe_mpi_experts *eps, moe_model *m);
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
 #define MOE__OMP_FOR_N(n)
-#define MOE__OMP_FOR_DYNAMIC_N(n)
+#define MOE__OMP_FOR_DYNAMIC_N(n) if ((void)(n), 1) /* reads n too; the loop after it is its body */
 #define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
@@ -2677,22 +2907,27 @@ static void moe__adamw_span(float *MOE_RESTRICT p, const float *MOE_RESTRICT g, 
 /* the spans the step hands out: whole vectors, a few per thread for the smallest tensors */
 #define MOE__ADAMW_SPAN 4096
 
-/* checks the store and step, then the step's constants (decay is per tensor); the masked
-   step (>>moe:mask) shares it */
+/* the step's constants (decay is set per tensor); the device step uses the same */
+static moe__adamw_consts moe__adamw_consts_for(const moe_adamw_config *c, float lr, long long step) {
+    moe__adamw_consts k;
+    /* torch computes the corrections in double (Python floats) then uses them as scalars */
+    double bc1 = (double)(float)(1.0 - pow((double)c->beta1, (double)step));
+    k.decay = 1.0f;
+    k.bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
+    k.step_size = (float)((double)lr / bc1);
+    k.one_m_b1 = 1.0f - c->beta1;
+    k.b2 = c->beta2;
+    k.one_m_b2 = 1.0f - c->beta2;
+    k.eps = c->eps;
+    return k;
+}
+
+/* checks the store and step, then the step's constants; the masked step (>>moe:mask) shares it */
 static moe_status moe__adamw_prepare(moe_store *s, const moe_adamw_config *c, float lr, long long step,
                                      moe__adamw_consts *k) {
-    double bc1;
     if (!s->adam_m || !s->adam_v) return moe_err_set(&s->err, MOE_ERR_STATE, "AdamW step on a store allocated without optimizer moments");
     if (step < 1) return moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "AdamW step counts from 1, got %lld", step);
-    /* torch computes the corrections in double (Python floats) then uses them as scalars */
-    bc1 = (double)(float)(1.0 - pow((double)c->beta1, (double)step));
-    k->bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
-    k->step_size = (float)((double)lr / bc1);
-    k->one_m_b1 = 1.0f - c->beta1;
-    k->b2 = c->beta2;
-    k->one_m_b2 = 1.0f - c->beta2;
-    k->eps = c->eps;
-    k->decay = 1.0f;
+    *k = moe__adamw_consts_for(c, lr, step);
     return MOE_OK;
 }
 
@@ -8641,14 +8876,19 @@ MOE__IMPL void moe_kv_cache_reset(moe_kv_cache *c) {
 /* Attention of the call's n tokens over their sequences' cached keys and values in layer l
    (the call's own keys and values are in the cache already): out (n, d). One task per
    (token, head) owns its slice of out and runs the same loop whatever the thread. */
-static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
-    int d = c->d, NH = c->n_heads, hd = d / NH, task, nt = 1;
-    float scale = 1.0f / sqrtf((float)hd);
+/* threads for the attention of n new tokens: one below about 2e5 flops, else up to the
+   cache's per-thread score rows */
+static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     double flops = 0.0;
-    for (task = 0; task < n; task++) flops += (double)(c->tok_pos[task] + 1) * d * 4;
-    if (flops > 2e5) nt = moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads;
-    (void)nt; /* read only by the pragma */
-    MOE__OMP_FOR_DYNAMIC_N(nt)
+    int i, nt = moe_num_threads();
+    for (i = 0; i < n; i++) flops += (double)(c->tok_pos[i] + 1) * c->d * 4;
+    return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
+}
+
+static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
+    int d = c->d, NH = c->n_heads, hd = d / NH, task;
+    float scale = 1.0f / sqrtf((float)hd);
+    MOE__OMP_FOR_DYNAMIC_N(moe__kv_attention_threads(c, n))
     for (task = 0; task < n * NH; task++) {
         int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
         size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
@@ -8680,10 +8920,8 @@ static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *q
    count or the other rows. Decoding's few rows per call would spend more time packing W into
    the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N) {
-    int nb = (N + 3) / 4, blk, nt = 1;
-    if ((double)M * K * N > 4e5) nt = moe_num_threads();
-    (void)nt; /* read only by the pragma */
-    MOE__OMP_FOR_DYNAMIC_N(nt)
+    int nb = (N + 3) / 4, blk;
+    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? moe_num_threads() : 1)
     for (blk = 0; blk < M * nb; blk++) {
         int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
         const float *x = inp + (size_t)i * K;
@@ -11463,6 +11701,1599 @@ MOE__IMPL void moe_mpi_experts_model_free(moe_mpi_experts *eps, moe_model *m) {
 }
 
 #endif /* MOE_MPI */
+/* ============================================================================================
+   >>moe:cuda_core
+   ============================================================================================
+   Each kernel's per-thread work is a plain function (a "body") that takes its block and
+   thread index; the __global__ kernel only passes blockIdx.x, threadIdx.x and blockDim.x.
+   Without nvcc the bodies are ordinary static functions, so tests/test_cuda_bodies.c runs
+   them over the same grid on the CPU (MOE_CUDA_BODIES) and compares them with the CPU path.
+   The reference kernels use no shared memory and no warp intrinsics for that reason. */
+#if defined(MOE_CUDA) || defined(MOE_CUDA_BODIES)
+
+#if defined(MOE_CUDA) && !defined(__CUDACC__)
+#error "moe.h: MOE_CUDA with MOE_IMPLEMENTATION needs nvcc (a .cu translation unit)"
+#endif
+
+#ifdef __CUDACC__
+#define MOE__HD __host__ __device__
+#else
+#define MOE__HD
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE__BODY static MOE__HD __attribute__((unused))
+#else
+#define MOE__BODY static MOE__HD
+#endif
+
+#define MOE__CUDA_BLOCK 256 /* threads per block of the elementwise and per-row kernels */
+#define MOE__CLIP_CHUNK (1 << 14) /* the CPU clipping's chunk */
+
+MOE__BODY int moe__cuda_blocks(long long n, int block) { return (int)((n + block - 1) / block); }
+MOE__BODY long long moe__cuda_index(int bx, int tx, int bdx) { return (long long)bx * bdx + tx; }
+
+/* AdamW, one element; moe__adamw_span's scalar loop */
+MOE__BODY void moe__cuda_adamw_body(int bx, int tx, int bdx, float *p, const float *g, float *m, float *v,
+                                    long long n, moe__adamw_consts k) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    float gi, denom;
+    if (i >= n) return;
+    gi = g[i];
+    p[i] *= k.decay;
+    m[i] += (gi - m[i]) * k.one_m_b1;
+    v[i] = v[i] * k.b2 + k.one_m_b2 * gi * gi;
+    denom = sqrtf(v[i]) / k.bc2_sqrt + k.eps;
+    p[i] -= k.step_size * (m[i] / denom);
+}
+
+/* clipping: chunk c's sum of squares in double, in index order */
+MOE__BODY void moe__cuda_clip_part_body(int bx, int tx, int bdx, double *part, const float *g, long long numel) {
+    long long c = moe__cuda_index(bx, tx, bdx), i, lo, hi, nchunk = (numel + MOE__CLIP_CHUNK - 1) / MOE__CLIP_CHUNK;
+    double acc = 0.0;
+    if (c >= nchunk) return;
+    lo = c * MOE__CLIP_CHUNK;
+    hi = lo + MOE__CLIP_CHUNK < numel ? lo + MOE__CLIP_CHUNK : numel;
+    for (i = lo; i < hi; i++) acc += (double)g[i] * g[i];
+    part[c] = acc;
+}
+
+/* one thread: the chunks' sums in order; out[0] = the norm (as the CPU's float, in double) */
+MOE__BODY void moe__cuda_clip_total_body(int bx, int tx, int bdx, double *out, const double *part, long long nchunk) {
+    long long c;
+    double total = 0.0;
+    if (moe__cuda_index(bx, tx, bdx) != 0) return;
+    for (c = 0; c < nchunk; c++) total += part[c];
+    out[0] = (double)(float)sqrt(total);
+}
+
+MOE__BODY void moe__cuda_clip_scale_body(int bx, int tx, int bdx, float *g, long long numel, const double *norm_d,
+                                         float max_norm) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    float norm = (float)norm_d[0];
+    if (i >= numel || !(max_norm > 0.0f && norm > max_norm)) return;
+    g[i] *= max_norm / (norm + 1e-6f);
+}
+
+#endif /* MOE_CUDA || MOE_CUDA_BODIES */
+
+#ifdef MOE_CUDA
+#include <cublas_v2.h>
+
+/* the runtime's sentence for a failed call; returns MOE_ERR_NO_DEVICE for the errors that
+   mean "no usable device here" and MOE_ERR_STATE for the rest */
+static moe_status moe__cuda_fail(moe_cuda *c, cudaError_t e, const char *what) {
+    moe_status s = (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorInvalidDevice ||
+                    e == cudaErrorInitializationError || e == cudaErrorSystemDriverMismatch ||
+                    e == cudaErrorCompatNotSupportedOnDevice || e == cudaErrorDevicesUnavailable)
+                       ? MOE_ERR_NO_DEVICE
+                       : (e == cudaErrorMemoryAllocation ? MOE_ERR_NOMEM : MOE_ERR_STATE);
+    return moe_err_set(c ? &c->err : NULL, s, "CUDA: %s failed: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+#define MOE__CUDA_TRY(c, call, what)                               \
+    do {                                                           \
+        cudaError_t moe__e = (call);                               \
+        if (moe__e != cudaSuccess) return moe__cuda_fail(c, moe__e, what); \
+    } while (0)
+/* after a launch: a bad configuration shows at once, a fault at the next sync */
+#define MOE__CUDA_LAUNCHED(c, what) MOE__CUDA_TRY(c, cudaGetLastError(), what)
+
+static moe_status moe__cublas_check(moe_cuda *c, cublasStatus_t s, const char *what) {
+    if (s == CUBLAS_STATUS_SUCCESS) return MOE_OK;
+    return moe_err_set(&c->err, s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_ERR_NOMEM : MOE_ERR_STATE,
+                       "cuBLAS: %s failed with status %d", what, (int)s);
+}
+
+MOE__IMPL moe_status moe_cuda_init(moe_cuda *c, int device, moe_cuda_mode mode) {
+    int count = 0;
+    cudaError_t e;
+    cublasHandle_t h;
+    cublasStatus_t bs;
+    memset(c, 0, sizeof *c);
+    c->device = device;
+    c->mode = mode;
+    e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) return moe__cuda_fail(c, e, "cudaGetDeviceCount");
+    if (count <= 0) return moe_err_set(&c->err, MOE_ERR_NO_DEVICE, "CUDA: no CUDA device found");
+    if (device < 0 || device >= count)
+        return moe_err_set(&c->err, MOE_ERR_NO_DEVICE, "CUDA: device %d asked for, %d present", device, count);
+    MOE__CUDA_TRY(c, cudaSetDevice(device), "cudaSetDevice");
+    MOE__CUDA_TRY(c, cudaMalloc((void **)&c->scalars, 8 * sizeof(double)), "cudaMalloc");
+    bs = cublasCreate(&h);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        cudaFree(c->scalars);
+        c->scalars = NULL;
+        return moe__cublas_check(c, bs, "cublasCreate");
+    }
+    c->cublas = (void *)h;
+    /* float32 arithmetic (no TF32 tensor cores): comparable with the CPU path */
+    bs = cublasSetMathMode(h, CUBLAS_DEFAULT_MATH);
+    if (bs == CUBLAS_STATUS_SUCCESS)
+        bs = cublasSetAtomicsMode(h, mode == MOE_CUDA_FAST ? CUBLAS_ATOMICS_ALLOWED : CUBLAS_ATOMICS_NOT_ALLOWED);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        moe_status s = moe__cublas_check(c, bs, "cublasSetMathMode/AtomicsMode");
+        moe_cuda_free(c);
+        return s;
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_cuda_free(moe_cuda *c) {
+    if (c->cublas) cublasDestroy((cublasHandle_t)c->cublas);
+    if (c->scalars) cudaFree(c->scalars);
+    c->cublas = NULL;
+    c->scalars = NULL;
+}
+
+MOE__IMPL moe_status moe_cuda_sync(moe_cuda *c) {
+    MOE__CUDA_TRY(c, cudaDeviceSynchronize(), "a kernel (seen at cudaDeviceSynchronize)");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_cuda_malloc(moe_cuda *c, void **dev, size_t bytes) {
+    *dev = NULL;
+    if (bytes == 0) return MOE_OK;
+    MOE__CUDA_TRY(c, cudaMalloc(dev, bytes), "cudaMalloc");
+    MOE__CUDA_TRY(c, cudaMemset(*dev, 0, bytes), "cudaMemset");
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_cuda_mfree(void *dev) {
+    if (dev) cudaFree(dev);
+}
+
+MOE__IMPL moe_status moe_cuda_upload(moe_cuda *c, void *dev, const void *host, size_t bytes) {
+    if (bytes) MOE__CUDA_TRY(c, cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to the device");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_cuda_download(moe_cuda *c, void *host, const void *dev, size_t bytes) {
+    if (bytes) MOE__CUDA_TRY(c, cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to the host");
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_store_alloc_cuda(moe_store_cuda *d, moe_cuda *c, const moe_store *host) {
+    size_t bytes = sizeof(float) * host->numel, nchunk = (host->numel + MOE__CLIP_CHUNK - 1) / MOE__CLIP_CHUNK;
+    moe_status s;
+    memset(d, 0, sizeof *d);
+    if (!host->allocated) return moe_err_set(&c->err, MOE_ERR_STATE, "moe_store_alloc_cuda: the host store is not allocated");
+    d->host = host;
+    d->numel = host->numel;
+    if ((s = moe_cuda_malloc(c, (void **)&d->params, bytes)) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&d->grads, bytes)) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&d->clip_part, sizeof(double) * (nchunk ? nchunk : 1))) != MOE_OK)
+        goto fail;
+    if (host->adam_m && host->adam_v)
+        if ((s = moe_cuda_malloc(c, (void **)&d->adam_m, bytes)) != MOE_OK ||
+            (s = moe_cuda_malloc(c, (void **)&d->adam_v, bytes)) != MOE_OK)
+            goto fail;
+    if ((s = moe_store_upload_cuda(c, d, host)) != MOE_OK) goto fail;
+    return MOE_OK;
+fail:
+    moe_store_free_cuda(d);
+    return s;
+}
+
+MOE__IMPL void moe_store_free_cuda(moe_store_cuda *d) {
+    moe_cuda_mfree(d->params);
+    moe_cuda_mfree(d->grads);
+    moe_cuda_mfree(d->adam_m);
+    moe_cuda_mfree(d->adam_v);
+    moe_cuda_mfree(d->clip_part);
+    memset(d, 0, sizeof *d);
+}
+
+MOE__IMPL moe_status moe_store_upload_cuda(moe_cuda *c, moe_store_cuda *d, const moe_store *host) {
+    size_t bytes = sizeof(float) * d->numel;
+    moe_status s;
+    if (host->numel != d->numel || moe_store_fingerprint(host) != moe_store_fingerprint(d->host))
+        return moe_err_set(&c->err, MOE_ERR_SHAPE, "moe_store_upload_cuda: the host store's layout differs from the device copy's");
+    if ((s = moe_cuda_upload(c, d->params, host->params, bytes)) != MOE_OK) return s;
+    if (d->adam_m && host->adam_m && (s = moe_cuda_upload(c, d->adam_m, host->adam_m, bytes)) != MOE_OK) return s;
+    if (d->adam_v && host->adam_v && (s = moe_cuda_upload(c, d->adam_v, host->adam_v, bytes)) != MOE_OK) return s;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_store_download_cuda(moe_cuda *c, const moe_store_cuda *d, moe_store *host) {
+    size_t bytes = sizeof(float) * d->numel;
+    moe_status s;
+    if (host->numel != d->numel || moe_store_fingerprint(host) != moe_store_fingerprint(d->host))
+        return moe_err_set(&c->err, MOE_ERR_SHAPE, "moe_store_download_cuda: the host store's layout differs from the device copy's");
+    if ((s = moe_cuda_download(c, host->params, d->params, bytes)) != MOE_OK) return s;
+    if ((s = moe_cuda_download(c, host->grads, d->grads, bytes)) != MOE_OK) return s;
+    if (d->adam_m && host->adam_m && (s = moe_cuda_download(c, host->adam_m, d->adam_m, bytes)) != MOE_OK) return s;
+    if (d->adam_v && host->adam_v && (s = moe_cuda_download(c, host->adam_v, d->adam_v, bytes)) != MOE_OK) return s;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_store_zero_grad_cuda(moe_cuda *c, moe_store_cuda *d) {
+    if (d->numel) MOE__CUDA_TRY(c, cudaMemset(d->grads, 0, sizeof(float) * d->numel), "cudaMemset");
+    return MOE_OK;
+}
+
+__global__ void moe__k_adamw(float *p, const float *g, float *m, float *v, long long n, moe__adamw_consts k) {
+    moe__cuda_adamw_body(blockIdx.x, threadIdx.x, blockDim.x, p, g, m, v, n, k);
+}
+__global__ void moe__k_clip_part(double *part, const float *g, long long numel) {
+    moe__cuda_clip_part_body(blockIdx.x, threadIdx.x, blockDim.x, part, g, numel);
+}
+__global__ void moe__k_clip_total(double *out, const double *part, long long nchunk) {
+    moe__cuda_clip_total_body(blockIdx.x, threadIdx.x, blockDim.x, out, part, nchunk);
+}
+__global__ void moe__k_clip_scale(float *g, long long numel, const double *norm, float max_norm) {
+    moe__cuda_clip_scale_body(blockIdx.x, threadIdx.x, blockDim.x, g, numel, norm, max_norm);
+}
+
+MOE__IMPL moe_status moe_adamw_step_cuda(moe_cuda *c, moe_store_cuda *d, const moe_adamw_config *cfg, float lr,
+                                         long long step) {
+    moe__adamw_consts k;
+    int ti;
+    if (!d->adam_m || !d->adam_v) return moe_err_set(&c->err, MOE_ERR_STATE, "AdamW step on a device store without optimizer moments");
+    if (step < 1) return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "AdamW step counts from 1, got %lld", step);
+    k = moe__adamw_consts_for(cfg, lr, step);
+    for (ti = 0; ti < d->host->count; ti++) {
+        const moe_tensor *t = &d->host->tensors[ti];
+        moe__adamw_consts kt = k;
+        long long n = (long long)t->numel;
+        if (n == 0) continue;
+        kt.decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * cfg->weight_decay : 1.0f;
+        moe__k_adamw<<<moe__cuda_blocks(n, MOE__CUDA_BLOCK), MOE__CUDA_BLOCK>>>(
+            d->params + t->offset, d->grads + t->offset, d->adam_m + t->offset, d->adam_v + t->offset, n, kt);
+        MOE__CUDA_LAUNCHED(c, "the AdamW kernel");
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_clip_grad_norm_cuda(moe_cuda *c, moe_store_cuda *d, float max_norm, float *norm) {
+    long long numel = (long long)d->numel, nchunk = (numel + MOE__CLIP_CHUNK - 1) / MOE__CLIP_CHUNK;
+    double host_norm = 0.0;
+    if (nchunk > 0) {
+        moe__k_clip_part<<<moe__cuda_blocks(nchunk, 64), 64>>>(d->clip_part, d->grads, numel);
+        MOE__CUDA_LAUNCHED(c, "the clipping's sum kernel");
+    }
+    moe__k_clip_total<<<1, 1>>>(c->scalars, d->clip_part, nchunk);
+    MOE__CUDA_LAUNCHED(c, "the clipping's total kernel");
+    if (max_norm > 0.0f && numel > 0) {
+        moe__k_clip_scale<<<moe__cuda_blocks(numel, MOE__CUDA_BLOCK), MOE__CUDA_BLOCK>>>(d->grads, numel, c->scalars, max_norm);
+        MOE__CUDA_LAUNCHED(c, "the clipping's scale kernel");
+    }
+    if (norm) {
+        moe_status s = moe_cuda_download(c, &host_norm, c->scalars, sizeof host_norm);
+        if (s != MOE_OK) return s;
+        *norm = (float)host_norm;
+    }
+    return MOE_OK;
+}
+
+#endif /* MOE_CUDA */
+/* ============================================================================================
+   >>moe:cuda_kernels
+   ============================================================================================ */
+#if defined(MOE_CUDA) || defined(MOE_CUDA_BODIES)
+
+/* ---- matmul: the bias and its gradient (the products are cuBLAS's) ---- */
+
+/* out (M, N): row r = bias (the GEMM then adds the product) */
+MOE__BODY void moe__cuda_bias_fill_body(int bx, int tx, int bdx, float *out, const float *bias, long long M, int N) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i >= M * N) return;
+    out[i] = bias ? bias[i % N] : 0.0f;
+}
+
+/* dbias[j] += sum over rows in order of dout[r][j] (moe_matmul_backward_naive's order) */
+MOE__BODY void moe__cuda_bias_grad_body(int bx, int tx, int bdx, float *dbias, const float *dout, int M, int N) {
+    long long j = moe__cuda_index(bx, tx, bdx);
+    float acc = 0.0f;
+    int r;
+    if (j >= N) return;
+    for (r = 0; r < M; r++) acc += dout[(size_t)r * N + j];
+    dbias[j] += acc;
+}
+
+/* ---- kernels ---- */
+
+MOE__BODY void moe__cuda_softmax_forward_body(int bx, int tx, int bdx, float *out, const float *inp, int rows, int n) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *x;
+    float *y, mx = -FLT_MAX, sum = 0.0f, inv;
+    int i;
+    if (r >= rows) return;
+    x = inp + (size_t)r * n;
+    y = out + (size_t)r * n;
+    for (i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    for (i = 0; i < n; i++) { y[i] = expf(x[i] - mx); sum += y[i]; }
+    inv = 1.0f / sum;
+    for (i = 0; i < n; i++) y[i] *= inv;
+}
+
+MOE__BODY void moe__cuda_softmax_backward_body(int bx, int tx, int bdx, float *dinp, const float *dout,
+                                               const float *out, int rows, int n) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *dy, *y;
+    float *dx, dot = 0.0f;
+    int i;
+    if (r >= rows) return;
+    dy = dout + (size_t)r * n;
+    y = out + (size_t)r * n;
+    dx = dinp + (size_t)r * n;
+    for (i = 0; i < n; i++) dot += dy[i] * y[i];
+    for (i = 0; i < n; i++) dx[i] += y[i] * (dy[i] - dot);
+}
+
+/* moe__sigmoid, moe__act and moe__act_grad, callable on the device */
+MOE__BODY float moe__cuda_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+MOE__BODY float moe__cuda_act(float x, moe_activation act) {
+    switch (act) {
+    case MOE_ACT_SILU: return x * moe__cuda_sigmoid(x);
+    case MOE_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case MOE_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(u));
+    }
+    case MOE_ACT_RELU: return x > 0.0f ? x : 0.0f;
+    }
+    return x;
+}
+
+MOE__BODY float moe__cuda_act_grad(float x, moe_activation act) {
+    switch (act) {
+    case MOE_ACT_SILU: {
+        float s = moe__cuda_sigmoid(x);
+        return s * (1.0f + x * (1.0f - s));
+    }
+    case MOE_ACT_GELU: {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = 0.3989422804014327f * expf(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    case MOE_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        float t = tanhf(u);
+        float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case MOE_ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+    }
+    return 1.0f;
+}
+
+MOE__BODY void moe__cuda_activation_forward_body(int bx, int tx, int bdx, float *out, const float *inp, long long n,
+                                                 moe_activation act) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i < n) out[i] = moe__cuda_act(inp[i], act);
+}
+
+MOE__BODY void moe__cuda_activation_backward_body(int bx, int tx, int bdx, float *dinp, const float *dout,
+                                                  const float *inp, long long n, moe_activation act) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i < n) dinp[i] += dout[i] * moe__cuda_act_grad(inp[i], act);
+}
+
+MOE__BODY void moe__cuda_swiglu_forward_body(int bx, int tx, int bdx, float *out, const float *gate, const float *up,
+                                             long long n) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i < n) out[i] = gate[i] * moe__cuda_sigmoid(gate[i]) * up[i];
+}
+
+MOE__BODY void moe__cuda_swiglu_backward_body(int bx, int tx, int bdx, float *dgate, float *dup, const float *dout,
+                                              const float *gate, const float *up, long long n) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    float s, silu;
+    if (i >= n) return;
+    s = moe__cuda_sigmoid(gate[i]);
+    silu = gate[i] * s;
+    dgate[i] += dout[i] * up[i] * s * (1.0f + gate[i] * (1.0f - s));
+    dup[i] += dout[i] * silu;
+}
+
+MOE__BODY void moe__cuda_rmsnorm_forward_body(int bx, int tx, int bdx, float *out, float *rstd, const float *inp,
+                                              const float *weight, int rows, int n, float eps) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *x;
+    float *y, ss = 0.0f, rs;
+    int i;
+    if (r >= rows) return;
+    x = inp + (size_t)r * n;
+    y = out + (size_t)r * n;
+    for (i = 0; i < n; i++) ss += x[i] * x[i];
+    rs = 1.0f / sqrtf(ss / (float)n + eps);
+    rstd[r] = rs;
+    for (i = 0; i < n; i++) y[i] = x[i] * rs * weight[i];
+}
+
+/* dx of one row */
+MOE__BODY void moe__cuda_rmsnorm_backward_body(int bx, int tx, int bdx, float *dinp, const float *dout,
+                                               const float *inp, const float *weight, const float *rstd, int rows,
+                                               int n) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *x, *dy;
+    float *dx, rs, dot = 0.0f;
+    int j;
+    if (r >= rows) return;
+    x = inp + (size_t)r * n;
+    dy = dout + (size_t)r * n;
+    dx = dinp + (size_t)r * n;
+    rs = rstd[r];
+    for (j = 0; j < n; j++) dot += weight[j] * dy[j] * x[j];
+    dot /= (float)n;
+    for (j = 0; j < n; j++) dx[j] += rs * (weight[j] * dy[j] - x[j] * rs * rs * dot);
+}
+
+/* dweight of one column, rows in order (deterministic mode) */
+MOE__BODY void moe__cuda_rmsnorm_dweight_body(int bx, int tx, int bdx, float *dweight, const float *dout,
+                                              const float *inp, const float *rstd, int rows, int n) {
+    long long j = moe__cuda_index(bx, tx, bdx);
+    float acc = 0.0f;
+    int r;
+    if (j >= n) return;
+    for (r = 0; r < rows; r++) acc += dout[(size_t)r * n + j] * inp[(size_t)r * n + j] * rstd[r];
+    dweight[j] += acc;
+}
+
+/* moe__expf_poly, callable on the device */
+MOE__BODY float moe__cuda_expf_poly(float z) {
+    float zc = z > -87.0f ? (z < 87.0f ? z : 87.0f) : -87.0f;
+    float k = (zc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = (zc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return z == z ? p * scale : z;
+}
+
+/* moe__max_lanes and moe__sum_exp_lanes: the same 16 lanes in the same order */
+MOE__BODY float moe__cuda_max_lanes(const float *x, int n) {
+    float m[16], mx;
+    int u, j, n16 = n / 16 * 16;
+    for (j = 0; j < 16; j++) m[j] = -FLT_MAX;
+    for (u = 0; u < n16; u += 16)
+        for (j = 0; j < 16; j++) m[j] = x[u + j] > m[j] ? x[u + j] : m[j];
+    for (j = 0; u + j < n; j++) m[j] = x[u + j] > m[j] ? x[u + j] : m[j];
+    mx = m[0];
+    for (j = 1; j < 16; j++) mx = m[j] > mx ? m[j] : mx;
+    return mx;
+}
+
+MOE__BODY float moe__cuda_sum_exp_lanes(const float *x, int n, float mx) {
+    float acc[16], sum = 0.0f;
+    int u, j, n16 = n / 16 * 16;
+    for (j = 0; j < 16; j++) acc[j] = 0.0f;
+    for (u = 0; u < n16; u += 16)
+        for (j = 0; j < 16; j++) acc[j] += moe__cuda_expf_poly(x[u + j] - mx);
+    for (j = 0; u + j < n; j++) acc[j] += moe__cuda_expf_poly(x[u + j] - mx);
+    for (j = 0; j < 16; j++) sum += acc[j];
+    return sum;
+}
+
+MOE__BODY void moe__cuda_crossentropy_forward_body(int bx, int tx, int bdx, float *losses, const float *logits,
+                                                   const int *targets, int rows, int V) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *z;
+    float mx;
+    int t;
+    if (r >= rows) return;
+    z = logits + (size_t)r * V;
+    t = targets[r];
+    if (t < 0 || t >= V) { losses[r] = 0.0f; return; }
+    mx = moe__cuda_max_lanes(z, V);
+    losses[r] = (float)(log((double)moe__cuda_sum_exp_lanes(z, V, mx)) + mx - z[t]);
+}
+
+/* one thread: the mean over counted rows, in row order (the CPU's double sum) */
+MOE__BODY void moe__cuda_crossentropy_mean_body(int bx, int tx, int bdx, double *mean, const float *losses,
+                                                const int *targets, int rows, int V) {
+    double total = 0.0;
+    int r, count = 0;
+    if (moe__cuda_index(bx, tx, bdx) != 0) return;
+    for (r = 0; r < rows; r++)
+        if (targets[r] >= 0 && targets[r] < V) { total += losses[r]; count++; }
+    mean[0] = count ? total / count : 0.0;
+}
+
+MOE__BODY void moe__cuda_crossentropy_backward_body(int bx, int tx, int bdx, float *dlogits, const float *logits,
+                                                    const int *targets, int rows, int V, float dloss) {
+    long long r = moe__cuda_index(bx, tx, bdx);
+    const float *z;
+    float *dz, mx, inv;
+    int t, i;
+    if (r >= rows) return;
+    z = logits + (size_t)r * V;
+    dz = dlogits + (size_t)r * V;
+    t = targets[r];
+    if (t < 0 || t >= V) return;
+    mx = moe__cuda_max_lanes(z, V);
+    inv = 1.0f / moe__cuda_sum_exp_lanes(z, V, mx);
+    for (i = 0; i < V; i++) dz[i] += dloss * (moe__cuda_expf_poly(z[i] - mx) * inv - (i == t ? 1.0f : 0.0f));
+}
+
+/* ---- attention: moe_attention_forward_naive / backward_naive, one (b, h, t) per thread ---- */
+
+MOE__BODY void moe__cuda_attention_forward_body(int bx, int tx, int bdx, float *out, float *att, const float *qkv,
+                                                int B, int T, int d, int NH) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int hd = d / NH, b, h, t, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q;
+    float *P, *o;
+    double maxv = -HUGE_VAL, sum = 0.0;
+    if (id >= (long long)B * NH * T) return;
+    t = (int)(id % T);
+    h = (int)(id / T % NH);
+    b = (int)(id / T / NH);
+    q = qkv + ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+    P = att + (((size_t)b * NH + h) * T + t) * T;
+    o = out + ((size_t)b * T + t) * d + (size_t)h * hd;
+    for (u = 0; u <= t; u++) {
+        const float *k = qkv + ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd;
+        double s = 0.0;
+        for (i = 0; i < hd; i++) s += (double)q[i] * k[i];
+        P[u] = (float)(s * scale);
+        if (P[u] > maxv) maxv = P[u];
+    }
+    for (u = 0; u <= t; u++) sum += exp(P[u] - maxv);
+    for (u = 0; u <= t; u++) P[u] = (float)(exp(P[u] - maxv) / sum);
+    for (u = t + 1; u < T; u++) P[u] = 0.0f;
+    for (i = 0; i < hd; i++) {
+        double s = 0.0;
+        for (u = 0; u <= t; u++) s += (double)P[u] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+        o[i] = (float)s;
+    }
+}
+
+/* query row (b, h, t): dot[row] = sum_u P[u] dP[u], and dq[t] = sum_u dS[u] k[u] summed in u
+   order as the naive loop does (dq[t] is owned by this row alone) */
+MOE__BODY void moe__cuda_attention_backward_q_body(int bx, int tx, int bdx, float *dqkv, double *dot_out,
+                                                   const float *dout, const float *qkv, const float *att, int B,
+                                                   int T, int d, int NH) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int hd = d / NH, b, h, t, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t qt;
+    const float *P, *dy;
+    double dot = 0.0;
+    if (id >= (long long)B * NH * T) return;
+    t = (int)(id % T);
+    h = (int)(id / T % NH);
+    b = (int)(id / T / NH);
+    qt = ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+    P = att + (((size_t)b * NH + h) * T + t) * T;
+    dy = dout + ((size_t)b * T + t) * d + (size_t)h * hd;
+    for (u = 0; u <= t; u++) {
+        double dp = 0.0;
+        for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[((size_t)b * T + u) * 3 * d + 2 * d + (size_t)h * hd + i];
+        dot += P[u] * dp;
+    }
+    dot_out[id] = dot;
+    for (i = 0; i < hd; i++) dqkv[qt + i] = 0.0f;
+    for (u = 0; u <= t; u++) {
+        size_t ku = ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd, vu = ku + d;
+        double dp = 0.0, ds;
+        for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[vu + i];
+        ds = P[u] * (dp - dot) * scale;
+        for (i = 0; i < hd; i++) dqkv[qt + i] += (float)(ds * qkv[ku + i]);
+    }
+}
+
+/* key row (b, h, u): dk[u] = sum over t >= u of dS[t][u] q[t], dv[u] = sum of P[t][u] dy[t],
+   in t order as the naive loop adds them */
+MOE__BODY void moe__cuda_attention_backward_kv_body(int bx, int tx, int bdx, float *dqkv, const double *dot_in,
+                                                    const float *dout, const float *qkv, const float *att, int B,
+                                                    int T, int d, int NH) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int hd = d / NH, b, h, t, u, i;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t ku, vu;
+    if (id >= (long long)B * NH * T) return;
+    u = (int)(id % T);
+    h = (int)(id / T % NH);
+    b = (int)(id / T / NH);
+    ku = ((size_t)b * T + u) * 3 * d + d + (size_t)h * hd;
+    vu = ku + d;
+    for (i = 0; i < hd; i++) dqkv[ku + i] = dqkv[vu + i] = 0.0f;
+    for (t = u; t < T; t++) {
+        size_t qt = ((size_t)b * T + t) * 3 * d + (size_t)h * hd;
+        const float *dy = dout + ((size_t)b * T + t) * d + (size_t)h * hd;
+        float Pu = att[(((size_t)b * NH + h) * T + t) * T + u];
+        double dp = 0.0, ds;
+        for (i = 0; i < hd; i++) dp += (double)dy[i] * qkv[vu + i];
+        ds = Pu * (dp - dot_in[((size_t)b * NH + h) * T + t]) * scale;
+        for (i = 0; i < hd; i++) {
+            dqkv[ku + i] += (float)(ds * qkv[qt + i]);
+            dqkv[vu + i] += Pu * dy[i];
+        }
+    }
+}
+
+/* one (row, head, q or k) per thread */
+MOE__BODY void moe__cuda_rope_body(int bx, int tx, int bdx, float *qkv, const float *cos_sin, int B, int T, int d,
+                                   int NH, int inverse) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int hd = d / NH, half = hd / 2, row, part, h, t, i;
+    const float *cs;
+    float *x;
+    if (id >= (long long)B * T * 2 * NH) return;
+    h = (int)(id % NH);
+    part = (int)(id / NH % 2);
+    row = (int)(id / NH / 2);
+    t = row % T;
+    cs = cos_sin + (size_t)t * half * 2;
+    x = qkv + (size_t)row * 3 * d + (size_t)part * d + (size_t)h * hd;
+    for (i = 0; i < half; i++) {
+        float c = cs[2 * i], s = inverse ? -cs[2 * i + 1] : cs[2 * i + 1];
+        float a = x[i], b = x[i + half];
+        x[i] = a * c - b * s;
+        x[i + half] = a * s + b * c;
+    }
+}
+
+/* ---- dispatch: the stable counting sort as per-expert and per-token threads ---- */
+
+/* expert e: its count (offset[e + 1]; the scan makes offsets of the counts) */
+MOE__BODY void moe__cuda_dispatch_count_body(int bx, int tx, int bdx, int *offset, const int *token, const int *expert,
+                                             int n, int T, int E) {
+    long long e = moe__cuda_index(bx, tx, bdx);
+    int i, count = 0;
+    if (e > E) return;
+    if (e == E) { offset[0] = 0; return; }
+    for (i = 0; i < n; i++) count += expert[i] == e && token[i] >= 0 && token[i] < T;
+    offset[e + 1] = count;
+}
+
+/* one thread: counts (v[1..m]) to offsets (v[0] = 0) */
+MOE__BODY void moe__cuda_scan_body(int bx, int tx, int bdx, int *v, int m) {
+    int i;
+    if (moe__cuda_index(bx, tx, bdx) != 0) return;
+    v[0] = 0;
+    for (i = 0; i < m; i++) v[i + 1] += v[i];
+}
+
+/* expert e: its assignments in input order (stable) */
+MOE__BODY void moe__cuda_dispatch_place_body(int bx, int tx, int bdx, int *a_token, int *a_expert, int *a_slot,
+                                             float *a_weight, const int *offset, const int *token, const int *expert,
+                                             const int *slot, const float *weight, int n, int T, int E) {
+    long long e = moe__cuda_index(bx, tx, bdx);
+    int i, pos;
+    if (e >= E) return;
+    pos = offset[e];
+    for (i = 0; i < n; i++)
+        if (expert[i] == e && token[i] >= 0 && token[i] < T) {
+            a_token[pos] = token[i];
+            a_expert[pos] = (int)e;
+            a_slot[pos] = slot[i];
+            a_weight[pos] = weight[i];
+            pos++;
+        }
+}
+
+/* token t: how many assignments it has (tok_offset[t + 1]) */
+MOE__BODY void moe__cuda_dispatch_token_count_body(int bx, int tx, int bdx, int *tok_offset, const int *a_token,
+                                                   int n, int T) {
+    long long t = moe__cuda_index(bx, tx, bdx);
+    int i, count = 0;
+    if (t > T) return;
+    if (t == T) { tok_offset[0] = 0; return; }
+    for (i = 0; i < n; i++) count += a_token[i] == t;
+    tok_offset[t + 1] = count;
+}
+
+/* token t: its positions in the grouped list, then sorted by slot (insertion sort, as the CPU) */
+MOE__BODY void moe__cuda_dispatch_token_fill_body(int bx, int tx, int bdx, int *tok_index, const int *tok_offset,
+                                                  const int *a_token, const int *a_slot, int n, int T) {
+    long long t = moe__cuda_index(bx, tx, bdx);
+    int i, j, lo, hi, fill;
+    if (t >= T) return;
+    lo = tok_offset[t];
+    hi = tok_offset[t + 1];
+    fill = lo;
+    for (i = 0; i < n && fill < hi; i++)
+        if (a_token[i] == t) tok_index[fill++] = i;
+    for (i = lo + 1; i < hi; i++) {
+        int v = tok_index[i];
+        for (j = i - 1; j >= lo && a_slot[tok_index[j]] > a_slot[v]; j--) tok_index[j + 1] = tok_index[j];
+        tok_index[j + 1] = v;
+    }
+}
+
+/* xg element (i, j) = x[token[i]][j] */
+MOE__BODY void moe__cuda_gather_body(int bx, int tx, int bdx, float *xg, const float *x, const int *a_token, int n, int d) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    if (id >= (long long)n * d) return;
+    xg[id] = x[(size_t)a_token[id / d] * d + id % d];
+}
+
+/* dx element (t, j) += the token's dxg rows in slot order (deterministic) */
+MOE__BODY void moe__cuda_gather_backward_body(int bx, int tx, int bdx, float *dx, const float *dxg,
+                                              const int *tok_offset, const int *tok_index, int T, int d) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int t, j, k;
+    float o;
+    if (id >= (long long)T * d) return;
+    t = (int)(id / d);
+    j = (int)(id % d);
+    o = dx[id];
+    for (k = tok_offset[t]; k < tok_offset[t + 1]; k++) o += dxg[(size_t)tok_index[k] * d + j];
+    dx[id] = o;
+}
+
+/* y element (t, j) (+)= the token's weighted expert outputs in slot order (deterministic) */
+MOE__BODY void moe__cuda_combine_forward_body(int bx, int tx, int bdx, float *y, const float *eout, const float *a_weight,
+                                              const int *tok_offset, const int *tok_index, int T, int d,
+                                              int accumulate) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int t, j, k;
+    float o;
+    if (id >= (long long)T * d) return;
+    t = (int)(id / d);
+    j = (int)(id % d);
+    o = accumulate ? y[id] : 0.0f;
+    for (k = tok_offset[t]; k < tok_offset[t + 1]; k++) {
+        int pos = tok_index[k];
+        o += a_weight[pos] * eout[(size_t)pos * d + j];
+    }
+    y[id] = o;
+}
+
+/* assignment i: deout row and the weight's gradient */
+MOE__BODY void moe__cuda_combine_backward_body(int bx, int tx, int bdx, float *deout, float *dweight, const float *dy,
+                                               const float *eout, const int *a_token, const float *a_weight, int n,
+                                               int d) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    const float *g, *e;
+    float *o, w, dot = 0.0f;
+    int j;
+    if (i >= n) return;
+    g = dy + (size_t)a_token[i] * d;
+    e = eout + (size_t)i * d;
+    o = deout + (size_t)i * d;
+    w = a_weight[i];
+    for (j = 0; j < d; j++) {
+        o[j] = w * g[j];
+        dot += g[j] * e[j];
+    }
+    if (dweight) dweight[i] = dot;
+}
+
+/* ---- routing: softmax top-k ---- */
+
+/* moe__ranks_above: a ranks above b (NaN lowest, ties to the lower index) */
+MOE__BODY int moe__cuda_ranks_above(float a, int ia, float b, int ib) {
+    if (a != a || b != b) return (b != b) && (a == a || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+
+/* token t: moe__topk_row then moe__topk_select's weights; the raw list at t * K + slot */
+MOE__BODY void moe__cuda_topk_select_body(int bx, int tx, int bdx, int *topk, float *gates, int *raw_token,
+                                          int *raw_expert, int *raw_slot, float *raw_weight, const float *probs,
+                                          int T, int E, int K, int renormalize, float routed_scale) {
+    long long t = moe__cuda_index(bx, tx, bdx);
+    const float *p;
+    int *idx, s, j;
+    float *g;
+    if (t >= T) return;
+    p = probs + (size_t)t * E;
+    idx = topk + (size_t)t * K;
+    g = gates + (size_t)t * E;
+    for (s = 0; s < K; s++) {
+        int best = -1;
+        for (j = 0; j < E; j++) {
+            if (s > 0 && !moe__cuda_ranks_above(p[idx[s - 1]], idx[s - 1], p[j], j)) continue;
+            if (best < 0 || moe__cuda_ranks_above(p[j], j, p[best], best)) best = j;
+        }
+        idx[s] = best;
+    }
+    for (j = 0; j < E; j++) g[j] = 0.0f;
+    if (renormalize) {
+        float sum = 0.0f;
+        for (s = 0; s < K; s++) sum += p[idx[s]];
+        if (sum < 1e-20f) sum = 1e-20f;
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]] / sum;
+    } else {
+        for (s = 0; s < K; s++) g[idx[s]] = p[idx[s]];
+    }
+    for (s = 0; s < K; s++) {
+        size_t o = (size_t)t * K + s;
+        raw_token[o] = (int)t;
+        raw_expert[o] = idx[s];
+        raw_slot[o] = s;
+        raw_weight[o] = g[idx[s]] * routed_scale;
+    }
+}
+
+/* assignment i: its weight's gradient into d_gates (each (token, expert) pair occurs once) */
+MOE__BODY void moe__cuda_gate_grads_body(int bx, int tx, int bdx, float *d_gates, const float *dweight,
+                                         const int *a_token, const int *a_expert, int n, int E, float routed_scale) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i >= n) return;
+    d_gates[(size_t)a_token[i] * E + a_expert[i]] = dweight[i] * routed_scale;
+}
+
+/* token t: moe__topk_backward_token (renormalised) or the full softmax's backward */
+MOE__BODY void moe__cuda_topk_backward_body(int bx, int tx, int bdx, float *d_logits, const float *d_gates,
+                                            const float *gates, const float *probs, const int *topk, int T, int E,
+                                            int K, int renormalize) {
+    long long t = moe__cuda_index(bx, tx, bdx);
+    size_t r;
+    const float *g, *dg, *p;
+    const int *idx;
+    float *dz, dot = 0.0f;
+    int s, e;
+    if (t >= T) return;
+    r = (size_t)t * E;
+    g = gates + r;
+    dg = d_gates + r;
+    p = probs + r;
+    idx = topk + (size_t)t * K;
+    dz = d_logits + r;
+    if (!renormalize) {
+        for (e = 0; e < E; e++) dot += dg[e] * p[e];
+        for (e = 0; e < E; e++) dz[e] += p[e] * (dg[e] - dot);
+        return;
+    }
+    for (s = 0; s < K; s++) dot += dg[idx[s]] * g[idx[s]];
+    for (s = 0; s < K; s++) dz[idx[s]] += g[idx[s]] * (dg[idx[s]] - dot);
+}
+
+#endif /* MOE_CUDA || MOE_CUDA_BODIES */
+
+#ifdef MOE_CUDA
+
+/* one __global__ per body: the kernel passes its indices and nothing else */
+#define MOE__KERNEL(name, params, args) \
+    __global__ void moe__k_##name params { moe__cuda_##name##_body(blockIdx.x, threadIdx.x, blockDim.x, args); }
+#define MOE__A(...) __VA_ARGS__
+MOE__KERNEL(bias_fill, (float *out, const float *bias, long long M, int N), MOE__A(out, bias, M, N))
+MOE__KERNEL(bias_grad, (float *dbias, const float *dout, int M, int N), MOE__A(dbias, dout, M, N))
+MOE__KERNEL(softmax_forward, (float *out, const float *inp, int rows, int n), MOE__A(out, inp, rows, n))
+MOE__KERNEL(softmax_backward, (float *dinp, const float *dout, const float *out, int rows, int n),
+            MOE__A(dinp, dout, out, rows, n))
+MOE__KERNEL(activation_forward, (float *out, const float *inp, long long n, moe_activation act), MOE__A(out, inp, n, act))
+MOE__KERNEL(activation_backward, (float *dinp, const float *dout, const float *inp, long long n, moe_activation act),
+            MOE__A(dinp, dout, inp, n, act))
+MOE__KERNEL(swiglu_forward, (float *out, const float *gate, const float *up, long long n), MOE__A(out, gate, up, n))
+MOE__KERNEL(swiglu_backward, (float *dgate, float *dup, const float *dout, const float *gate, const float *up, long long n),
+            MOE__A(dgate, dup, dout, gate, up, n))
+MOE__KERNEL(rmsnorm_forward, (float *out, float *rstd, const float *inp, const float *weight, int rows, int n, float eps),
+            MOE__A(out, rstd, inp, weight, rows, n, eps))
+MOE__KERNEL(rmsnorm_backward, (float *dinp, const float *dout, const float *inp, const float *weight, const float *rstd,
+                               int rows, int n),
+            MOE__A(dinp, dout, inp, weight, rstd, rows, n))
+MOE__KERNEL(rmsnorm_dweight, (float *dweight, const float *dout, const float *inp, const float *rstd, int rows, int n),
+            MOE__A(dweight, dout, inp, rstd, rows, n))
+MOE__KERNEL(crossentropy_forward, (float *losses, const float *logits, const int *targets, int rows, int V),
+            MOE__A(losses, logits, targets, rows, V))
+MOE__KERNEL(crossentropy_mean, (double *mean, const float *losses, const int *targets, int rows, int V),
+            MOE__A(mean, losses, targets, rows, V))
+MOE__KERNEL(crossentropy_backward, (float *dlogits, const float *logits, const int *targets, int rows, int V, float dloss),
+            MOE__A(dlogits, logits, targets, rows, V, dloss))
+MOE__KERNEL(attention_forward, (float *out, float *att, const float *qkv, int B, int T, int d, int NH),
+            MOE__A(out, att, qkv, B, T, d, NH))
+MOE__KERNEL(attention_backward_q, (float *dqkv, double *dot, const float *dout, const float *qkv, const float *att, int B,
+                                   int T, int d, int NH),
+            MOE__A(dqkv, dot, dout, qkv, att, B, T, d, NH))
+MOE__KERNEL(attention_backward_kv, (float *dqkv, const double *dot, const float *dout, const float *qkv, const float *att,
+                                    int B, int T, int d, int NH),
+            MOE__A(dqkv, dot, dout, qkv, att, B, T, d, NH))
+MOE__KERNEL(rope, (float *qkv, const float *cos_sin, int B, int T, int d, int NH, int inverse),
+            MOE__A(qkv, cos_sin, B, T, d, NH, inverse))
+MOE__KERNEL(dispatch_count, (int *offset, const int *token, const int *expert, int n, int T, int E),
+            MOE__A(offset, token, expert, n, T, E))
+MOE__KERNEL(scan, (int *v, int m), MOE__A(v, m))
+MOE__KERNEL(dispatch_place, (int *a_token, int *a_expert, int *a_slot, float *a_weight, const int *offset, const int *token,
+                             const int *expert, const int *slot, const float *weight, int n, int T, int E),
+            MOE__A(a_token, a_expert, a_slot, a_weight, offset, token, expert, slot, weight, n, T, E))
+MOE__KERNEL(dispatch_token_count, (int *tok_offset, const int *a_token, int n, int T), MOE__A(tok_offset, a_token, n, T))
+MOE__KERNEL(dispatch_token_fill, (int *tok_index, const int *tok_offset, const int *a_token, const int *a_slot, int n, int T),
+            MOE__A(tok_index, tok_offset, a_token, a_slot, n, T))
+MOE__KERNEL(gather, (float *xg, const float *x, const int *a_token, int n, int d), MOE__A(xg, x, a_token, n, d))
+MOE__KERNEL(gather_backward, (float *dx, const float *dxg, const int *tok_offset, const int *tok_index, int T, int d),
+            MOE__A(dx, dxg, tok_offset, tok_index, T, d))
+MOE__KERNEL(combine_forward, (float *y, const float *eout, const float *a_weight, const int *tok_offset,
+                              const int *tok_index, int T, int d, int accumulate),
+            MOE__A(y, eout, a_weight, tok_offset, tok_index, T, d, accumulate))
+MOE__KERNEL(combine_backward, (float *deout, float *dweight, const float *dy, const float *eout, const int *a_token,
+                               const float *a_weight, int n, int d),
+            MOE__A(deout, dweight, dy, eout, a_token, a_weight, n, d))
+MOE__KERNEL(topk_select, (int *topk, float *gates, int *raw_token, int *raw_expert, int *raw_slot, float *raw_weight,
+                          const float *probs, int T, int E, int K, int renormalize, float routed_scale),
+            MOE__A(topk, gates, raw_token, raw_expert, raw_slot, raw_weight, probs, T, E, K, renormalize, routed_scale))
+MOE__KERNEL(gate_grads, (float *d_gates, const float *dweight, const int *a_token, const int *a_expert, int n, int E,
+                         float routed_scale),
+            MOE__A(d_gates, dweight, a_token, a_expert, n, E, routed_scale))
+MOE__KERNEL(topk_backward, (float *d_logits, const float *d_gates, const float *gates, const float *probs, const int *topk,
+                            int T, int E, int K, int renormalize),
+            MOE__A(d_logits, d_gates, gates, probs, topk, T, E, K, renormalize))
+
+/* The fast mode's scatters: one thread per element, atomics into the shared rows. */
+__global__ void moe__k_gather_backward_atomic(float *dx, const float *dxg, const int *a_token, int n, int d) {
+    long long id = moe__cuda_index(blockIdx.x, threadIdx.x, blockDim.x);
+    if (id < (long long)n * d) atomicAdd(&dx[(size_t)a_token[id / d] * d + id % d], dxg[id]);
+}
+__global__ void moe__k_combine_forward_atomic(float *y, const float *eout, const int *a_token, const float *a_weight, int n,
+                                              int d) {
+    long long id = moe__cuda_index(blockIdx.x, threadIdx.x, blockDim.x);
+    if (id < (long long)n * d) atomicAdd(&y[(size_t)a_token[id / d] * d + id % d], a_weight[id / d] * eout[id]);
+}
+__global__ void moe__k_rmsnorm_dweight_atomic(float *dweight, const float *dout, const float *inp, const float *rstd,
+                                              int rows, int n) {
+    long long id = moe__cuda_index(blockIdx.x, threadIdx.x, blockDim.x);
+    if (id < (long long)rows * n) atomicAdd(&dweight[id % n], dout[id] * inp[id] * rstd[id / n]);
+}
+
+/* launch over `count` threads in blocks of `block`; nothing to do for count 0 */
+#define MOE__LAUNCH(c, name, count, block, ...)                                                   \
+    do {                                                                                          \
+        long long moe__n = (long long)(count);                                                    \
+        if (moe__n > 0) {                                                                         \
+            moe__k_##name<<<moe__cuda_blocks(moe__n, (block)), (block)>>>(__VA_ARGS__);           \
+            MOE__CUDA_LAUNCHED(c, "the " #name " kernel");                                        \
+        }                                                                                         \
+    } while (0)
+#define MOE__ROWS 128 /* threads per block of the per-row kernels */
+
+MOE__IMPL moe_status moe_matmul_forward_cuda(moe_cuda *c, float *out, const float *inp, const float *weight,
+                                             const float *bias, int M, int K, int N) {
+    const float one = 1.0f, zero = 0.0f;
+    if (M <= 0 || N <= 0) return MOE_OK;
+    if (bias) MOE__LAUNCH(c, bias_fill, (long long)M * N, MOE__CUDA_BLOCK, out, bias, (long long)M, N);
+    /* row-major out (M,N) = inp (M,K) W(N,K)^T is column-major out^T (N,M) = W^T... : op(W) = T */
+    return moe__cublas_check(c, cublasSgemm((cublasHandle_t)c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, weight, K,
+                                            inp, K, bias ? &one : &zero, out, N),
+                             "cublasSgemm (matmul forward)");
+}
+
+MOE__IMPL moe_status moe_matmul_backward_cuda(moe_cuda *c, float *dinp, float *dweight, float *dbias, const float *dout,
+                                              const float *inp, const float *weight, int M, int K, int N) {
+    const float one = 1.0f;
+    cublasHandle_t h = (cublasHandle_t)c->cublas;
+    moe_status s;
+    if (M <= 0 || N <= 0 || K <= 0) return MOE_OK;
+    /* dinp (M,K) += dout (M,N) W (N,K): column-major dinp^T (K,M) = W^T (K,N) dout^T (N,M) */
+    if (dinp && (s = moe__cublas_check(c, cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &one, weight, K, dout, N, &one,
+                                                      dinp, K), "cublasSgemm (matmul backward, input)")) != MOE_OK)
+        return s;
+    /* dW (N,K) += dout^T (N,M) inp (M,K): column-major dW^T (K,N) = inp^T (K,M) dout (M,N) */
+    if (dweight && (s = moe__cublas_check(c, cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, &one, inp, K, dout, N, &one,
+                                                         dweight, K), "cublasSgemm (matmul backward, weight)")) != MOE_OK)
+        return s;
+    if (dbias) MOE__LAUNCH(c, bias_grad, N, MOE__ROWS, dbias, dout, M, N);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_softmax_forward_cuda(moe_cuda *c, float *out, const float *inp, int rows, int n) {
+    MOE__LAUNCH(c, softmax_forward, rows, MOE__ROWS, out, inp, rows, n);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_softmax_backward_cuda(moe_cuda *c, float *dinp, const float *dout, const float *out, int rows, int n) {
+    MOE__LAUNCH(c, softmax_backward, rows, MOE__ROWS, dinp, dout, out, rows, n);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_activation_forward_cuda(moe_cuda *c, float *out, const float *inp, size_t n, moe_activation act) {
+    MOE__LAUNCH(c, activation_forward, n, MOE__CUDA_BLOCK, out, inp, (long long)n, act);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_activation_backward_cuda(moe_cuda *c, float *dinp, const float *dout, const float *inp, size_t n,
+                                                  moe_activation act) {
+    MOE__LAUNCH(c, activation_backward, n, MOE__CUDA_BLOCK, dinp, dout, inp, (long long)n, act);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_swiglu_forward_cuda(moe_cuda *c, float *out, const float *gate, const float *up, size_t n) {
+    MOE__LAUNCH(c, swiglu_forward, n, MOE__CUDA_BLOCK, out, gate, up, (long long)n);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_swiglu_backward_cuda(moe_cuda *c, float *dgate, float *dup, const float *dout, const float *gate,
+                                              const float *up, size_t n) {
+    MOE__LAUNCH(c, swiglu_backward, n, MOE__CUDA_BLOCK, dgate, dup, dout, gate, up, (long long)n);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_rmsnorm_forward_cuda(moe_cuda *c, float *out, float *rstd, const float *inp, const float *weight,
+                                              int rows, int n, float eps) {
+    MOE__LAUNCH(c, rmsnorm_forward, rows, MOE__ROWS, out, rstd, inp, weight, rows, n, eps);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_rmsnorm_backward_cuda(moe_cuda *c, float *dinp, float *dweight, const float *dout,
+                                               const float *inp, const float *weight, const float *rstd, int rows, int n) {
+    MOE__LAUNCH(c, rmsnorm_backward, rows, MOE__ROWS, dinp, dout, inp, weight, rstd, rows, n);
+    if (dweight) {
+        if (c->mode == MOE_CUDA_FAST)
+            MOE__LAUNCH(c, rmsnorm_dweight_atomic, (long long)rows * n, MOE__CUDA_BLOCK, dweight, dout, inp, rstd, rows, n);
+        else
+            MOE__LAUNCH(c, rmsnorm_dweight, n, MOE__ROWS, dweight, dout, inp, rstd, rows, n);
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_crossentropy_forward_cuda(moe_cuda *c, float *losses, const float *logits, const int *targets,
+                                                   int rows, int V, double *mean) {
+    MOE__LAUNCH(c, crossentropy_forward, rows, MOE__ROWS, losses, logits, targets, rows, V);
+    if (mean) {
+        MOE__LAUNCH(c, crossentropy_mean, 1, 1, c->scalars, losses, targets, rows, V);
+        return moe_cuda_download(c, mean, c->scalars, sizeof *mean);
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_crossentropy_backward_cuda(moe_cuda *c, float *dlogits, const float *logits, const int *targets,
+                                                    int rows, int V, float dloss) {
+    MOE__LAUNCH(c, crossentropy_backward, rows, MOE__ROWS, dlogits, logits, targets, rows, V, dloss);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_attention_forward_cuda(moe_cuda *c, float *out, float *att, const float *qkv, int B, int T, int d,
+                                                int NH) {
+    if (NH <= 0 || d % NH) return moe_err_set(&c->err, MOE_ERR_SHAPE, "attention: d = %d is not a multiple of %d heads", d, NH);
+    MOE__LAUNCH(c, attention_forward, (long long)B * NH * T, 64, out, att, qkv, B, T, d, NH);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_attention_backward_cuda(moe_cuda *c, float *dqkv, const float *dout, const float *qkv,
+                                                 const float *att, int B, int T, int d, int NH, double *dot) {
+    long long rows = (long long)B * NH * T;
+    if (NH <= 0 || d % NH) return moe_err_set(&c->err, MOE_ERR_SHAPE, "attention: d = %d is not a multiple of %d heads", d, NH);
+    /* the q rows first (they write dot), then the k and v rows that read it */
+    MOE__LAUNCH(c, attention_backward_q, rows, 64, dqkv, dot, dout, qkv, att, B, T, d, NH);
+    MOE__LAUNCH(c, attention_backward_kv, rows, 64, dqkv, dot, dout, qkv, att, B, T, d, NH);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_rope_apply_cuda(moe_cuda *c, float *qkv, const float *cos_sin, int B, int T, int d, int NH,
+                                         int inverse) {
+    MOE__LAUNCH(c, rope, (long long)B * T * 2 * NH, MOE__ROWS, qkv, cos_sin, B, T, d, NH, inverse);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_assign_alloc_cuda(moe_cuda *c, moe_assign *a, int cap, int T, int E) {
+    moe_status s;
+    size_t ci = sizeof(int) * (size_t)(cap > 0 ? cap : 1);
+    memset(a, 0, sizeof *a);
+    a->T = T;
+    a->E = E;
+    if ((s = moe_cuda_malloc(c, (void **)&a->token, ci)) != MOE_OK || (s = moe_cuda_malloc(c, (void **)&a->expert, ci)) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&a->slot, ci)) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&a->weight, sizeof(float) * (size_t)(cap > 0 ? cap : 1))) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&a->offset, sizeof(int) * (size_t)(E + 1))) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&a->tok_offset, sizeof(int) * (size_t)(T + 1))) != MOE_OK ||
+        (s = moe_cuda_malloc(c, (void **)&a->tok_index, ci)) != MOE_OK) {
+        moe_assign_free_cuda(a);
+        return s;
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL void moe_assign_free_cuda(moe_assign *a) {
+    moe_cuda_mfree(a->token);
+    moe_cuda_mfree(a->expert);
+    moe_cuda_mfree(a->slot);
+    moe_cuda_mfree(a->weight);
+    moe_cuda_mfree(a->offset);
+    moe_cuda_mfree(a->tok_offset);
+    moe_cuda_mfree(a->tok_index);
+    memset(a, 0, sizeof *a);
+}
+
+MOE__IMPL moe_status moe_dispatch_cuda(moe_cuda *c, moe_assign *a, const int *token, const int *expert, const int *slot,
+                                       const float *weight, int n, int T, int E) {
+    a->n = n;
+    a->T = T;
+    a->E = E;
+    MOE__LAUNCH(c, dispatch_count, E + 1, MOE__ROWS, a->offset, token, expert, n, T, E);
+    MOE__LAUNCH(c, scan, 1, 1, a->offset, E);
+    MOE__LAUNCH(c, dispatch_place, E, MOE__ROWS, a->token, a->expert, a->slot, a->weight, a->offset, token, expert, slot,
+                weight, n, T, E);
+    MOE__LAUNCH(c, dispatch_token_count, T + 1, MOE__ROWS, a->tok_offset, a->token, n, T);
+    MOE__LAUNCH(c, scan, 1, 1, a->tok_offset, T);
+    MOE__LAUNCH(c, dispatch_token_fill, T, MOE__ROWS, a->tok_index, a->tok_offset, a->token, a->slot, n, T);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_gather_cuda(moe_cuda *c, float *xg, const float *x, const moe_assign *a, int d) {
+    MOE__LAUNCH(c, gather, (long long)a->n * d, MOE__CUDA_BLOCK, xg, x, a->token, a->n, d);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_gather_backward_cuda(moe_cuda *c, float *dx, const float *dxg, const moe_assign *a, int d) {
+    if (c->mode == MOE_CUDA_FAST)
+        MOE__LAUNCH(c, gather_backward_atomic, (long long)a->n * d, MOE__CUDA_BLOCK, dx, dxg, a->token, a->n, d);
+    else
+        MOE__LAUNCH(c, gather_backward, (long long)a->T * d, MOE__CUDA_BLOCK, dx, dxg, a->tok_offset, a->tok_index, a->T, d);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_combine_forward_cuda(moe_cuda *c, float *y, const float *eout, const moe_assign *a, int d,
+                                              int accumulate) {
+    if (c->mode == MOE_CUDA_FAST) {
+        if (!accumulate && a->T > 0) MOE__CUDA_TRY(c, cudaMemset(y, 0, sizeof(float) * (size_t)a->T * d), "cudaMemset");
+        MOE__LAUNCH(c, combine_forward_atomic, (long long)a->n * d, MOE__CUDA_BLOCK, y, eout, a->token, a->weight, a->n, d);
+    } else {
+        MOE__LAUNCH(c, combine_forward, (long long)a->T * d, MOE__CUDA_BLOCK, y, eout, a->weight, a->tok_offset, a->tok_index,
+                    a->T, d, accumulate);
+    }
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_combine_backward_cuda(moe_cuda *c, float *deout, float *dweight, const float *dy,
+                                               const float *eout, const moe_assign *a, int d) {
+    MOE__LAUNCH(c, combine_backward, a->n, MOE__ROWS, deout, dweight, dy, eout, a->token, a->weight, a->n, d);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_topk_select_cuda(moe_cuda *c, int *topk, float *gates, int *raw_token, int *raw_expert,
+                                          int *raw_slot, float *raw_weight, const float *probs, int T, int E, int K,
+                                          int renormalize, float routed_scale) {
+    if (K < 1 || K > E) return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "top-k: k = %d outside [1, %d]", K, E);
+    MOE__LAUNCH(c, topk_select, T, MOE__ROWS, topk, gates, raw_token, raw_expert, raw_slot, raw_weight, probs, T, E, K,
+                renormalize, routed_scale);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_gate_grads_cuda(moe_cuda *c, float *d_gates, const float *dweight, const moe_assign *a,
+                                         float routed_scale) {
+    if (a->T > 0) MOE__CUDA_TRY(c, cudaMemset(d_gates, 0, sizeof(float) * (size_t)a->T * a->E), "cudaMemset");
+    MOE__LAUNCH(c, gate_grads, a->n, MOE__CUDA_BLOCK, d_gates, dweight, a->token, a->expert, a->n, a->E, routed_scale);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_topk_backward_cuda(moe_cuda *c, float *d_logits, const float *d_gates, const float *gates,
+                                            const float *probs, const int *topk, int T, int E, int K, int renormalize) {
+    MOE__LAUNCH(c, topk_backward, T, MOE__ROWS, d_logits, d_gates, gates, probs, topk, T, E, K, renormalize);
+    return MOE_OK;
+}
+
+#endif /* MOE_CUDA */
+/* ============================================================================================
+   >>moe:cuda_layer
+   ============================================================================================ */
+#ifdef MOE_CUDA
+
+MOE__IMPL void moe_layer_free_cuda(moe_layer_cuda *Lc) {
+    void *p[] = {Lc->logits, Lc->probs, Lc->gates, Lc->d_gates, Lc->d_logits, Lc->topk, Lc->raw_token, Lc->raw_expert,
+                 Lc->raw_slot, Lc->raw_weight, Lc->xg, Lc->hg, Lc->hu, Lc->h, Lc->eout, Lc->d_weight, Lc->dxg,
+                 Lc->deout, Lc->dh, Lc->dhg, Lc->dhu};
+    size_t i;
+    for (i = 0; i < sizeof p / sizeof p[0]; i++) moe_cuda_mfree(p[i]);
+    moe_assign_free_cuda(&Lc->routed);
+    MOE_FREE(Lc->offset_host);
+    memset(Lc, 0, sizeof *Lc);
+}
+
+MOE__IMPL moe_status moe_layer_init_cuda(moe_layer_cuda *Lc, moe_cuda *c, const moe_layer *L, int max_tokens) {
+    const moe_layer_config *g = &L->cfg;
+    size_t TE, TK, cap, d, D;
+    moe_status s;
+    memset(Lc, 0, sizeof *Lc);
+    if (g->router != MOE_ROUTER_TOPK || g->n_shared || g->capacity_factor > 0.0f || g->selection_bias ||
+        g->gw_threshold > 0.0f || g->hyper || (g->router_dim && g->router_dim != g->d) ||
+        (g->balance != MOE_BALANCE_NONE && g->balance_coef > 0.0f) || g->z_coef > 0.0f)
+        return moe_err_set(&c->err, MOE_ERR_UNSUPPORTED,
+                           "the CUDA layer covers the standard softmax top-k router without shared experts, capacity, "
+                           "selection bias, GW-MoE, HyperMoE or auxiliary losses");
+    if (max_tokens <= 0 || max_tokens > L->max_tokens)
+        return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "max_tokens %d outside [1, %d] (the host layer's)", max_tokens, L->max_tokens);
+    Lc->host = L;
+    Lc->max_tokens = max_tokens;
+    TE = (size_t)max_tokens * g->n_experts;
+    TK = (size_t)max_tokens * g->top_k;
+    cap = TK;
+    d = (size_t)g->d;
+    D = (size_t)g->d_ff;
+#define MOE__DEV(ptr, count, type) (s = moe_cuda_malloc(c, (void **)&(ptr), sizeof(type) * (count))) == MOE_OK
+    if (!(MOE__DEV(Lc->logits, TE, float) && MOE__DEV(Lc->probs, TE, float) && MOE__DEV(Lc->gates, TE, float) &&
+          MOE__DEV(Lc->d_gates, TE, float) && MOE__DEV(Lc->d_logits, TE, float) && MOE__DEV(Lc->topk, TK, int) &&
+          MOE__DEV(Lc->raw_token, TK, int) && MOE__DEV(Lc->raw_expert, TK, int) && MOE__DEV(Lc->raw_slot, TK, int) &&
+          MOE__DEV(Lc->raw_weight, TK, float) && MOE__DEV(Lc->xg, cap * d, float) && MOE__DEV(Lc->hg, cap * D, float) &&
+          MOE__DEV(Lc->hu, cap * D, float) && MOE__DEV(Lc->h, cap * D, float) && MOE__DEV(Lc->eout, cap * d, float) &&
+          MOE__DEV(Lc->d_weight, cap, float) && MOE__DEV(Lc->dxg, cap * d, float) && MOE__DEV(Lc->deout, cap * d, float) &&
+          MOE__DEV(Lc->dh, cap * D, float) && MOE__DEV(Lc->dhg, cap * D, float) && MOE__DEV(Lc->dhu, cap * D, float) &&
+          (s = moe_assign_alloc_cuda(c, &Lc->routed, (int)cap, max_tokens, g->n_experts)) == MOE_OK)) {
+        moe_layer_free_cuda(Lc);
+        return s;
+    }
+#undef MOE__DEV
+    Lc->offset_host = (int *)MOE_MALLOC(sizeof(int) * (size_t)(g->n_experts + 1));
+    if (!Lc->offset_host) {
+        moe_layer_free_cuda(Lc);
+        return moe_err_set(&c->err, MOE_ERR_NOMEM, "out of memory for the CUDA layer's expert offsets");
+    }
+    return MOE_OK;
+}
+
+/* a tensor of the host layer in one of the device store's buffers (NULL for id < 0) */
+static float *moe__cuda_tensor(const moe_store_cuda *d, float *buf, int id) {
+    return id < 0 ? NULL : buf + d->host->tensors[id].offset;
+}
+
+MOE__IMPL moe_status moe_layer_forward_cuda(moe_cuda *c, moe_layer_cuda *Lc, const moe_store_cuda *d, float *y,
+                                            const float *x, int T) {
+    const moe_layer *L = Lc->host;
+    const moe_layer_config *g = &L->cfg;
+    int E = g->n_experts, K = g->top_k, dm = g->d, D = g->d_ff, e, ffn = g->expert == MOE_EXPERT_FFN;
+    float *Wg = moe__cuda_tensor(d, d->params, L->id_gate), *Wu = moe__cuda_tensor(d, d->params, L->id_up);
+    float *Wd = moe__cuda_tensor(d, d->params, L->id_down), *bu = moe__cuda_tensor(d, d->params, L->id_b_up);
+    float *bd = moe__cuda_tensor(d, d->params, L->id_b_down);
+    moe_status s;
+    if (T <= 0 || T > Lc->max_tokens) return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "T = %d outside [1, %d]", T, Lc->max_tokens);
+    Lc->T = 0;
+    if ((s = moe_matmul_forward_cuda(c, Lc->logits, x, moe__cuda_tensor(d, d->params, L->id_router_w),
+                                     moe__cuda_tensor(d, d->params, L->id_router_b), T, dm, E)) != MOE_OK ||
+        (s = moe_softmax_forward_cuda(c, Lc->probs, Lc->logits, T, E)) != MOE_OK ||
+        (s = moe_topk_select_cuda(c, Lc->topk, Lc->gates, Lc->raw_token, Lc->raw_expert, Lc->raw_slot, Lc->raw_weight,
+                                  Lc->probs, T, E, K, g->renormalize, g->routed_scale)) != MOE_OK ||
+        (s = moe_dispatch_cuda(c, &Lc->routed, Lc->raw_token, Lc->raw_expert, Lc->raw_slot, Lc->raw_weight, T * K, T, E)) != MOE_OK ||
+        (s = moe_gather_cuda(c, Lc->xg, x, &Lc->routed, dm)) != MOE_OK ||
+        (s = moe_cuda_download(c, Lc->offset_host, Lc->routed.offset, sizeof(int) * (size_t)(E + 1))) != MOE_OK)
+        return s;
+    for (e = 0; e < E; e++) { /* the experts, one GEMM per matrix on their rows */
+        int o = Lc->offset_host[e], m = Lc->offset_host[e + 1] - o;
+        size_t eD = (size_t)e * D * dm;
+        if (m == 0) continue;
+        if (!ffn && (s = moe_matmul_forward_cuda(c, Lc->hg + (size_t)o * D, Lc->xg + (size_t)o * dm, Wg + eD, NULL, m, dm, D)) != MOE_OK)
+            return s;
+        if ((s = moe_matmul_forward_cuda(c, Lc->hu + (size_t)o * D, Lc->xg + (size_t)o * dm, Wu + eD,
+                                         bu ? bu + (size_t)e * D : NULL, m, dm, D)) != MOE_OK)
+            return s;
+    }
+    {
+        size_t nD = (size_t)T * K * D;
+        s = ffn ? moe_activation_forward_cuda(c, Lc->h, Lc->hu, nD, g->activation) : moe_swiglu_forward_cuda(c, Lc->h, Lc->hg, Lc->hu, nD);
+        if (s != MOE_OK) return s;
+    }
+    for (e = 0; e < E; e++) {
+        int o = Lc->offset_host[e], m = Lc->offset_host[e + 1] - o;
+        if (m == 0) continue;
+        if ((s = moe_matmul_forward_cuda(c, Lc->eout + (size_t)o * dm, Lc->h + (size_t)o * D, Wd + (size_t)e * dm * D,
+                                         bd ? bd + (size_t)e * dm : NULL, m, D, dm)) != MOE_OK)
+            return s;
+    }
+    if ((s = moe_combine_forward_cuda(c, y, Lc->eout, &Lc->routed, dm, 0)) != MOE_OK) return s;
+    Lc->T = T;
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_layer_backward_cuda(moe_cuda *c, moe_layer_cuda *Lc, moe_store_cuda *d, float *dx,
+                                             const float *dy, const float *x) {
+    const moe_layer *L = Lc->host;
+    const moe_layer_config *g = &L->cfg;
+    int E = g->n_experts, K = g->top_k, dm = g->d, D = g->d_ff, T = Lc->T, e, ffn = g->expert == MOE_EXPERT_FFN;
+    size_t nD = (size_t)T * K * D, nd = (size_t)T * K * dm;
+    float *Wg = moe__cuda_tensor(d, d->params, L->id_gate), *Wu = moe__cuda_tensor(d, d->params, L->id_up);
+    float *Wd = moe__cuda_tensor(d, d->params, L->id_down);
+    float *gWg = moe__cuda_tensor(d, d->grads, L->id_gate), *gWu = moe__cuda_tensor(d, d->grads, L->id_up);
+    float *gWd = moe__cuda_tensor(d, d->grads, L->id_down), *gbu = moe__cuda_tensor(d, d->grads, L->id_b_up);
+    float *gbd = moe__cuda_tensor(d, d->grads, L->id_b_down);
+    moe_status s;
+    if (T <= 0) return moe_err_set(&c->err, MOE_ERR_STATE, "moe_layer_backward_cuda without a forward");
+    if ((s = moe_combine_backward_cuda(c, Lc->deout, Lc->d_weight, dy, Lc->eout, &Lc->routed, dm)) != MOE_OK) return s;
+    MOE__CUDA_TRY(c, cudaMemset(Lc->dh, 0, sizeof(float) * nD), "cudaMemset");
+    MOE__CUDA_TRY(c, cudaMemset(Lc->dhg, 0, sizeof(float) * nD), "cudaMemset");
+    MOE__CUDA_TRY(c, cudaMemset(Lc->dhu, 0, sizeof(float) * nD), "cudaMemset");
+    MOE__CUDA_TRY(c, cudaMemset(Lc->dxg, 0, sizeof(float) * nd), "cudaMemset");
+    for (e = 0; e < E; e++) { /* dh = deout . Wd_e; dWd_e += deout^T h */
+        int o = Lc->offset_host[e], m = Lc->offset_host[e + 1] - o;
+        if (m == 0) continue;
+        if ((s = moe_matmul_backward_cuda(c, Lc->dh + (size_t)o * D, gWd + (size_t)e * dm * D, gbd ? gbd + (size_t)e * dm : NULL,
+                                          Lc->deout + (size_t)o * dm, Lc->h + (size_t)o * D, Wd + (size_t)e * dm * D, m, D,
+                                          dm)) != MOE_OK)
+            return s;
+    }
+    s = ffn ? moe_activation_backward_cuda(c, Lc->dhu, Lc->dh, Lc->hu, nD, g->activation)
+            : moe_swiglu_backward_cuda(c, Lc->dhg, Lc->dhu, Lc->dh, Lc->hg, Lc->hu, nD);
+    if (s != MOE_OK) return s;
+    for (e = 0; e < E; e++) { /* dxg = dhg . Wg_e + dhu . Wu_e and the two weight gradients */
+        int o = Lc->offset_host[e], m = Lc->offset_host[e + 1] - o;
+        size_t eD = (size_t)e * D * dm;
+        if (m == 0) continue;
+        if (!ffn && (s = moe_matmul_backward_cuda(c, Lc->dxg + (size_t)o * dm, gWg + eD, NULL, Lc->dhg + (size_t)o * D,
+                                                  Lc->xg + (size_t)o * dm, Wg + eD, m, dm, D)) != MOE_OK)
+            return s;
+        if ((s = moe_matmul_backward_cuda(c, Lc->dxg + (size_t)o * dm, gWu + eD, gbu ? gbu + (size_t)e * D : NULL,
+                                          Lc->dhu + (size_t)o * D, Lc->xg + (size_t)o * dm, Wu + eD, m, dm, D)) != MOE_OK)
+            return s;
+    }
+    if ((s = moe_gather_backward_cuda(c, dx, Lc->dxg, &Lc->routed, dm)) != MOE_OK ||
+        (s = moe_gate_grads_cuda(c, Lc->d_gates, Lc->d_weight, &Lc->routed, g->routed_scale)) != MOE_OK)
+        return s;
+    MOE__CUDA_TRY(c, cudaMemset(Lc->d_logits, 0, sizeof(float) * (size_t)T * E), "cudaMemset");
+    if ((s = moe_topk_backward_cuda(c, Lc->d_logits, Lc->d_gates, Lc->gates, Lc->probs, Lc->topk, T, E, K, g->renormalize)) != MOE_OK)
+        return s;
+    return moe_matmul_backward_cuda(c, dx, moe__cuda_tensor(d, d->grads, L->id_router_w),
+                                    moe__cuda_tensor(d, d->grads, L->id_router_b), Lc->d_logits, x,
+                                    moe__cuda_tensor(d, d->params, L->id_router_w), T, dm, E);
+}
+
+#endif /* MOE_CUDA */
+/* ============================================================================================
+   >>moe:cuda_model
+   ============================================================================================ */
+#if defined(MOE_CUDA) || defined(MOE_CUDA_BODIES)
+
+/* x (N, d) element (i, j) = wte[inputs[i]][j] (+ wpe[i % T][j]) */
+MOE__BODY void moe__cuda_embed_forward_body(int bx, int tx, int bdx, float *x, const int *inputs, const float *wte,
+                                            const float *wpe, int N, int T, int d) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int i, j;
+    if (id >= (long long)N * d) return;
+    i = (int)(id / d);
+    j = (int)(id % d);
+    x[id] = wte[(size_t)inputs[i] * d + j] + (wpe ? wpe[(size_t)(i % T) * d + j] : 0.0f);
+}
+
+/* gwte element (v, j) += the gradient rows of the tokens whose id is v, in token order (the
+   CPU's serial scatter, as a gather) */
+MOE__BODY void moe__cuda_embed_backward_wte_body(int bx, int tx, int bdx, float *gwte, const float *g, const int *inputs,
+                                                 int N, int V, int d) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int v, j, i;
+    float o;
+    if (id >= (long long)V * d) return;
+    v = (int)(id / d);
+    j = (int)(id % d);
+    o = gwte[id];
+    for (i = 0; i < N; i++)
+        if (inputs[i] == v) o += g[(size_t)i * d + j];
+    gwte[id] = o;
+}
+
+/* gwpe element (t, j) += the gradient rows at position t, sequences in order */
+MOE__BODY void moe__cuda_embed_backward_wpe_body(int bx, int tx, int bdx, float *gwpe, const float *g, int B, int T, int d) {
+    long long id = moe__cuda_index(bx, tx, bdx);
+    int t, j, b;
+    float o;
+    if (id >= (long long)T * d) return;
+    t = (int)(id / d);
+    j = (int)(id % d);
+    o = gwpe[id];
+    for (b = 0; b < B; b++) o += g[((size_t)b * T + t) * d + j];
+    gwpe[id] = o;
+}
+
+/* out = a + b, elementwise (out may be a) */
+MOE__BODY void moe__cuda_add_body(int bx, int tx, int bdx, float *out, const float *a, const float *b, long long n) {
+    long long i = moe__cuda_index(bx, tx, bdx);
+    if (i < n) out[i] = a[i] + b[i];
+}
+
+#endif /* MOE_CUDA || MOE_CUDA_BODIES */
+
+#ifdef MOE_CUDA
+
+MOE__KERNEL(embed_forward, (float *x, const int *inputs, const float *wte, const float *wpe, int N, int T, int d),
+            MOE__A(x, inputs, wte, wpe, N, T, d))
+MOE__KERNEL(embed_backward_wte, (float *gwte, const float *g, const int *inputs, int N, int V, int d),
+            MOE__A(gwte, g, inputs, N, V, d))
+MOE__KERNEL(embed_backward_wpe, (float *gwpe, const float *g, int B, int T, int d), MOE__A(gwpe, g, B, T, d))
+MOE__KERNEL(add, (float *out, const float *a, const float *b, long long n), MOE__A(out, a, b, n))
+
+MOE__IMPL void moe_model_free_cuda(moe_model_cuda *mc) {
+    int l;
+    if (mc->blocks) {
+        for (l = 0; l < mc->host->cfg.n_layers; l++) {
+            moe_block_cuda *b = &mc->blocks[l];
+            void *p[] = {b->x, b->ln1, b->rstd1, b->qkv, b->att, b->atty, b->x2, b->ln2, b->rstd2, b->hg, b->hu, b->h, b->ffn};
+            size_t i;
+            for (i = 0; i < sizeof p / sizeof p[0]; i++) moe_cuda_mfree(p[i]);
+        }
+        MOE_FREE(mc->blocks);
+    }
+    if (mc->layers) {
+        for (l = 0; l < mc->host->cfg.n_layers; l++) moe_layer_free_cuda(&mc->layers[l]);
+        MOE_FREE(mc->layers);
+    }
+    {
+        void *p[] = {mc->inputs, mc->targets, mc->x_final, mc->lnf, mc->rstd_f, mc->logits, mc->losses, mc->rope,
+                     mc->d_res, mc->d_res2, mc->d_ln, mc->d_qkv, mc->d_atty, mc->d_logits, mc->dh, mc->dhg, mc->dhu,
+                     mc->att_dot};
+        size_t i;
+        for (i = 0; i < sizeof p / sizeof p[0]; i++) moe_cuda_mfree(p[i]);
+    }
+    moe_store_free_cuda(&mc->S);
+    memset(mc, 0, sizeof *mc);
+}
+
+/* what the twin runs of the host model as it is now (checked at init and at every forward) */
+static moe_status moe__model_cuda_covers(moe_cuda *c, const moe_model *m) {
+    int l;
+    if (m->cfg.router_input != MOE_RIN_DIRECT || m->cfg.balance_all_layers)
+        return moe_err_set(&c->err, MOE_ERR_UNSUPPORTED, "the CUDA model covers routers that read x, each layer its own loss");
+    if (m->group_size) return moe_err_set(&c->err, MOE_ERR_UNSUPPORTED, "the CUDA model runs its layers in sequence, not as CQIL groups");
+    for (l = 0; l < m->cfg.n_layers; l++)
+        if (m->layer_scale[l] != 1.0f)
+            return moe_err_set(&c->err, MOE_ERR_UNSUPPORTED, "layer %d's residual scale is %g: the CUDA model runs unscaled residuals (masked growth is CPU-only)", l, (double)m->layer_scale[l]);
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_init_cuda(moe_model_cuda *mc, moe_cuda *c, const moe_model *m, int max_B, int max_T) {
+    const moe_model_config *g = &m->cfg;
+    size_t N = (size_t)max_B * max_T, d = (size_t)g->d, V = (size_t)g->vocab, F, NH = (size_t)g->n_heads;
+    moe_status s = MOE_OK;
+    int l;
+    memset(mc, 0, sizeof *mc);
+    if (!m->blocks) return moe_err_set(&c->err, MOE_ERR_STATE, "moe_model_init_cuda: the host model is not initialised");
+    if (max_B <= 0 || max_T <= 0 || max_B > m->max_B || max_T > m->max_T)
+        return moe_err_set(&c->err, MOE_ERR_SHAPE, "batch %d x %d does not fit the host model's (%d x %d)", max_B, max_T, m->max_B, m->max_T);
+    if ((s = moe__model_cuda_covers(c, m)) != MOE_OK) return s;
+    mc->host = m;
+    mc->max_B = max_B;
+    mc->max_T = max_T;
+    F = moe__dense_width(m) > (size_t)g->moe.d_ff ? moe__dense_width(m) : (size_t)g->moe.d_ff;
+    mc->blocks = (moe_block_cuda *)MOE_MALLOC(sizeof(moe_block_cuda) * (size_t)g->n_layers);
+    mc->layers = (moe_layer_cuda *)MOE_MALLOC(sizeof(moe_layer_cuda) * (size_t)g->n_layers);
+    if (!mc->blocks || !mc->layers) {
+        MOE_FREE(mc->blocks);
+        MOE_FREE(mc->layers);
+        mc->blocks = NULL;
+        mc->layers = NULL;
+        return moe_err_set(&c->err, MOE_ERR_NOMEM, "out of memory for the CUDA model's block table");
+    }
+    memset(mc->blocks, 0, sizeof(moe_block_cuda) * (size_t)g->n_layers);
+    memset(mc->layers, 0, sizeof(moe_layer_cuda) * (size_t)g->n_layers);
+#define MOE__DEV(ptr, count, type) (s = moe_cuda_malloc(c, (void **)&(ptr), sizeof(type) * (count))) == MOE_OK
+    for (l = 0; l < g->n_layers && s == MOE_OK; l++) {
+        moe_block_cuda *b = &mc->blocks[l];
+        if (!(MOE__DEV(b->x, N * d, float) && MOE__DEV(b->ln1, N * d, float) && MOE__DEV(b->rstd1, N, float) &&
+              MOE__DEV(b->qkv, N * 3 * d, float) && MOE__DEV(b->att, N * NH * max_T, float) && MOE__DEV(b->atty, N * d, float) &&
+              MOE__DEV(b->x2, N * d, float) && MOE__DEV(b->ln2, N * d, float) && MOE__DEV(b->rstd2, N, float) &&
+              MOE__DEV(b->ffn, N * d, float)))
+            break;
+        if (m->blocks[l].is_moe) {
+            s = moe_layer_init_cuda(&mc->layers[l], c, &m->blocks[l].moe, (int)N);
+        } else if (!(MOE__DEV(b->hg, N * g->d_ff, float) && MOE__DEV(b->hu, N * g->d_ff, float) && MOE__DEV(b->h, N * g->d_ff, float))) {
+            break;
+        }
+    }
+    if (s == MOE_OK &&
+        !(MOE__DEV(mc->inputs, N, int) && MOE__DEV(mc->targets, N, int) && MOE__DEV(mc->x_final, N * d, float) &&
+          MOE__DEV(mc->lnf, N * d, float) && MOE__DEV(mc->rstd_f, N, float) && MOE__DEV(mc->logits, N * V, float) &&
+          MOE__DEV(mc->losses, N, float) && MOE__DEV(mc->rope, (size_t)m->max_T * (d / NH), float) &&
+          MOE__DEV(mc->d_res, N * d, float) && MOE__DEV(mc->d_res2, N * d, float) && MOE__DEV(mc->d_ln, N * d, float) &&
+          MOE__DEV(mc->d_qkv, N * 3 * d, float) && MOE__DEV(mc->d_atty, N * d, float) && MOE__DEV(mc->d_logits, N * V, float) &&
+          MOE__DEV(mc->dh, N * F, float) && MOE__DEV(mc->dhg, N * F, float) && MOE__DEV(mc->dhu, N * F, float) &&
+          MOE__DEV(mc->att_dot, N * NH, double)))
+        ;
+#undef MOE__DEV
+    if (s == MOE_OK && g->pos == MOE_POS_ROPE)
+        s = moe_cuda_upload(c, mc->rope, m->rope, sizeof(float) * (size_t)m->max_T * (d / NH));
+    if (s == MOE_OK) s = moe_store_alloc_cuda(&mc->S, c, &m->S);
+    if (s != MOE_OK) moe_model_free_cuda(mc);
+    return s;
+}
+
+#define MOE__P(mc, id) ((mc)->S.params + (mc)->host->S.tensors[id].offset)
+#define MOE__G(mc, id) ((mc)->S.grads + (mc)->host->S.tensors[id].offset)
+#define MOE__TRY(call)                     \
+    do {                                   \
+        moe_status moe__s = (call);        \
+        if (moe__s != MOE_OK) return moe__s; \
+    } while (0)
+
+MOE__IMPL moe_status moe_model_forward_cuda(moe_cuda *c, moe_model_cuda *mc, const int *inputs, const int *targets, int B,
+                                            int T) {
+    const moe_model *m = mc->host;
+    const moe_model_config *g = &m->cfg;
+    int d = g->d, NH = g->n_heads, V = g->vocab, N = B * T, l, i, F = g->d_ff;
+    moe_status s0 = moe__model_cuda_covers(c, m);
+    if (s0 != MOE_OK) return s0;
+    if (B <= 0 || T <= 0 || B > mc->max_B || T > mc->max_T)
+        return moe_err_set(&c->err, MOE_ERR_SHAPE, "batch %d x %d does not fit the device activations (%d x %d)", B, T, mc->max_B, mc->max_T);
+    for (i = 0; i < N; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "input token %d at position %d is outside [0, %d)", inputs[i], i, V);
+        if (targets && (targets[i] < -1 || targets[i] >= V)) return moe_err_set(&c->err, MOE_ERR_INVALID_ARG, "target %d at position %d is outside [-1, %d)", targets[i], i, V);
+    }
+    mc->B = mc->T = 0;
+    mc->count = 0;
+    MOE__TRY(moe_cuda_upload(c, mc->inputs, inputs, sizeof(int) * (size_t)N));
+    if (targets) {
+        MOE__TRY(moe_cuda_upload(c, mc->targets, targets, sizeof(int) * (size_t)N));
+        for (i = 0; i < N; i++) mc->count += targets[i] >= 0;
+    }
+    MOE__LAUNCH(c, embed_forward, (long long)N * d, MOE__CUDA_BLOCK, mc->blocks[0].x, mc->inputs, MOE__P(mc, m->id_wte),
+                m->id_wpe >= 0 ? MOE__P(mc, m->id_wpe) : (const float *)NULL, N, T, d);
+    for (l = 0; l < g->n_layers; l++) {
+        const moe_block *hb = &m->blocks[l];
+        moe_block_cuda *b = &mc->blocks[l];
+        float *out = l + 1 < g->n_layers ? mc->blocks[l + 1].x : mc->x_final;
+        MOE__TRY(moe_rmsnorm_forward_cuda(c, b->ln1, b->rstd1, b->x, MOE__P(mc, hb->id_ln1), N, d, g->norm_eps));
+        MOE__TRY(moe_matmul_forward_cuda(c, b->qkv, b->ln1, MOE__P(mc, hb->id_qkv), NULL, N, d, 3 * d));
+        if (g->pos == MOE_POS_ROPE) MOE__TRY(moe_rope_apply_cuda(c, b->qkv, mc->rope, B, T, d, NH, 0));
+        MOE__TRY(moe_attention_forward_cuda(c, b->atty, b->att, b->qkv, B, T, d, NH));
+        MOE__TRY(moe_matmul_forward_cuda(c, b->x2, b->atty, MOE__P(mc, hb->id_wo), NULL, N, d, d));
+        MOE__LAUNCH(c, add, (long long)N * d, MOE__CUDA_BLOCK, b->x2, b->x2, b->x, (long long)N * d);
+        MOE__TRY(moe_rmsnorm_forward_cuda(c, b->ln2, b->rstd2, b->x2, MOE__P(mc, hb->id_ln2), N, d, g->norm_eps));
+        if (hb->is_moe) {
+            MOE__TRY(moe_layer_forward_cuda(c, &mc->layers[l], &mc->S, b->ffn, b->ln2, N));
+        } else {
+            MOE__TRY(moe_matmul_forward_cuda(c, b->hg, b->ln2, MOE__P(mc, hb->id_gate), NULL, N, d, F));
+            MOE__TRY(moe_matmul_forward_cuda(c, b->hu, b->ln2, MOE__P(mc, hb->id_up), NULL, N, d, F));
+            MOE__TRY(moe_swiglu_forward_cuda(c, b->h, b->hg, b->hu, (size_t)N * F));
+            MOE__TRY(moe_matmul_forward_cuda(c, b->ffn, b->h, MOE__P(mc, hb->id_down), NULL, N, F, d));
+        }
+        MOE__LAUNCH(c, add, (long long)N * d, MOE__CUDA_BLOCK, out, b->x2, b->ffn, (long long)N * d);
+    }
+    MOE__TRY(moe_rmsnorm_forward_cuda(c, mc->lnf, mc->rstd_f, mc->x_final, MOE__P(mc, m->id_lnf), N, d, g->norm_eps));
+    MOE__TRY(moe_matmul_forward_cuda(c, mc->logits, mc->lnf, MOE__P(mc, m->id_wte), NULL, N, d, V));
+    mc->loss = 0.0;
+    if (targets) MOE__TRY(moe_crossentropy_forward_cuda(c, mc->losses, mc->logits, mc->targets, N, V, &mc->loss));
+    mc->B = B;
+    mc->T = T;
+    mc->count = targets ? (mc->count > 0 ? mc->count : -1) : 0; /* -1: targets, none counted */
+    return MOE_OK;
+}
+
+MOE__IMPL moe_status moe_model_backward_cuda(moe_cuda *c, moe_model_cuda *mc, float scale) {
+    const moe_model *m = mc->host;
+    const moe_model_config *g = &m->cfg;
+    int B = mc->B, T = mc->T, N = B * T, d = g->d, NH = g->n_heads, V = g->vocab, F = g->d_ff, l;
+    size_t Nd = (size_t)N * d * sizeof(float);
+    if (mc->count == 0 || N == 0) return moe_err_set(&c->err, MOE_ERR_STATE, "backward needs a forward with targets before it");
+    MOE__CUDA_TRY(c, cudaMemset(mc->d_logits, 0, sizeof(float) * (size_t)N * V), "cudaMemset");
+    if (mc->count > 0) MOE__TRY(moe_crossentropy_backward_cuda(c, mc->d_logits, mc->logits, mc->targets, N, V, scale / (float)mc->count));
+    MOE__CUDA_TRY(c, cudaMemset(mc->d_ln, 0, Nd), "cudaMemset");
+    MOE__TRY(moe_matmul_backward_cuda(c, mc->d_ln, MOE__G(mc, m->id_wte), NULL, mc->d_logits, mc->lnf, MOE__P(mc, m->id_wte), N, d, V));
+    MOE__CUDA_TRY(c, cudaMemset(mc->d_res, 0, Nd), "cudaMemset");
+    MOE__TRY(moe_rmsnorm_backward_cuda(c, mc->d_res, MOE__G(mc, m->id_lnf), mc->d_ln, mc->x_final, MOE__P(mc, m->id_lnf), mc->rstd_f, N, d));
+    for (l = g->n_layers - 1; l >= 0; l--) {
+        const moe_block *hb = &m->blocks[l];
+        moe_block_cuda *b = &mc->blocks[l];
+        MOE__CUDA_TRY(c, cudaMemcpy(mc->d_res2, mc->d_res, Nd, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+        MOE__CUDA_TRY(c, cudaMemset(mc->d_ln, 0, Nd), "cudaMemset");
+        if (hb->is_moe) {
+            MOE__TRY(moe_layer_backward_cuda(c, &mc->layers[l], &mc->S, mc->d_ln, mc->d_res, b->ln2));
+        } else { /* the dense SwiGLU: moe_experts_backward with one expert */
+            size_t NF = sizeof(float) * (size_t)N * F;
+            MOE__CUDA_TRY(c, cudaMemset(mc->dh, 0, NF), "cudaMemset");
+            MOE__CUDA_TRY(c, cudaMemset(mc->dhg, 0, NF), "cudaMemset");
+            MOE__CUDA_TRY(c, cudaMemset(mc->dhu, 0, NF), "cudaMemset");
+            MOE__TRY(moe_matmul_backward_cuda(c, mc->dh, MOE__G(mc, hb->id_down), NULL, mc->d_res, b->h, MOE__P(mc, hb->id_down), N, F, d));
+            MOE__TRY(moe_swiglu_backward_cuda(c, mc->dhg, mc->dhu, mc->dh, b->hg, b->hu, (size_t)N * F));
+            MOE__TRY(moe_matmul_backward_cuda(c, mc->d_ln, MOE__G(mc, hb->id_gate), NULL, mc->dhg, b->ln2, MOE__P(mc, hb->id_gate), N, d, F));
+            MOE__TRY(moe_matmul_backward_cuda(c, mc->d_ln, MOE__G(mc, hb->id_up), NULL, mc->dhu, b->ln2, MOE__P(mc, hb->id_up), N, d, F));
+        }
+        MOE__TRY(moe_rmsnorm_backward_cuda(c, mc->d_res2, MOE__G(mc, hb->id_ln2), mc->d_ln, b->x2, MOE__P(mc, hb->id_ln2), b->rstd2, N, d));
+        MOE__CUDA_TRY(c, cudaMemcpy(mc->d_res, mc->d_res2, Nd, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+        MOE__CUDA_TRY(c, cudaMemset(mc->d_atty, 0, Nd), "cudaMemset");
+        MOE__TRY(moe_matmul_backward_cuda(c, mc->d_atty, MOE__G(mc, hb->id_wo), NULL, mc->d_res2, b->atty, MOE__P(mc, hb->id_wo), N, d, d));
+        MOE__TRY(moe_attention_backward_cuda(c, mc->d_qkv, mc->d_atty, b->qkv, b->att, B, T, d, NH, mc->att_dot));
+        if (g->pos == MOE_POS_ROPE) MOE__TRY(moe_rope_apply_cuda(c, mc->d_qkv, mc->rope, B, T, d, NH, 1));
+        MOE__CUDA_TRY(c, cudaMemset(mc->d_ln, 0, Nd), "cudaMemset");
+        MOE__TRY(moe_matmul_backward_cuda(c, mc->d_ln, MOE__G(mc, hb->id_qkv), NULL, mc->d_qkv, b->ln1, MOE__P(mc, hb->id_qkv), N, d, 3 * d));
+        MOE__TRY(moe_rmsnorm_backward_cuda(c, mc->d_res, MOE__G(mc, hb->id_ln1), mc->d_ln, b->x, MOE__P(mc, hb->id_ln1), b->rstd1, N, d));
+    }
+    MOE__LAUNCH(c, embed_backward_wte, (long long)V * d, MOE__CUDA_BLOCK, MOE__G(mc, m->id_wte), mc->d_res, mc->inputs, N, V, d);
+    if (m->id_wpe >= 0) MOE__LAUNCH(c, embed_backward_wpe, (long long)T * d, MOE__CUDA_BLOCK, MOE__G(mc, m->id_wpe), mc->d_res, B, T, d);
+    return MOE_OK;
+}
+
+#undef MOE__P
+#undef MOE__G
+#undef MOE__TRY
+
+#endif /* MOE_CUDA */
 #endif /* MOE_IMPLEMENTATION */
 
 /*

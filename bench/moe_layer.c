@@ -124,6 +124,106 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     return 0;
 }
 
+/* ---- the CUDA layer (--device cuda, a build with MOE_CUDA) -------------------------------------
+   The same shapes on the device: the layer twin (softmax top-k, renormalised, SwiGLU experts;
+   no balance loss, which the device layer does not compute: balance=none in the line), and the
+   cuBLAS-only time of the same GEMMs (router and each expert's three products on its rows, the
+   rows this routing gave), which bounds what the rest of the layer costs. Lines:
+     bench=moe_layer_cuda config=C mode=deterministic|fast pass=fwd|fwd_bwd median_ms= tokens_per_s= gflops=
+     bench=moe_layer_cuda config=C mode=M pass=gemm_fwd median_ms= gflops= */
+#ifdef MOE_CUDA
+static double cuda_seconds(moe_cuda *cu) {
+    moe_cuda_sync(cu);
+    return moe_time_seconds();
+}
+
+static int bench_config_cuda(const char *name, int T, int d, int D, int E, int k, moe_cuda_mode mode) {
+    moe_layer_config c = moe_layer_config_default();
+    moe_store S;
+    moe_layer L;
+    moe_layer_cuda Lc;
+    moe_store_cuda ds;
+    moe_cuda cu;
+    moe_rng rng;
+    float *x, *dy, *Dx, *Dy, *Ddy, *Ddx;
+    double tf[REPS], tb[REPS], tg[REPS], flops_fwd, ms;
+    size_t n = (size_t)T * d, i;
+    int r, e;
+    const char *mname = mode == MOE_CUDA_FAST ? "fast" : "deterministic";
+    if (moe_cuda_init(&cu, 0, mode) != MOE_OK) {
+        printf("bench=moe_layer_cuda config=%s error=\"%s\"\n", name, cu.err.msg);
+        return 1;
+    }
+    c.d = d; c.d_ff = D; c.n_experts = E; c.top_k = k;
+    c.expert = MOE_EXPERT_SWIGLU; c.router = MOE_ROUTER_TOPK; c.renormalize = 1;
+    c.balance = MOE_BALANCE_NONE;
+    moe_store_init(&S);
+    if (moe_layer_init(&L, &c, &S, "moe.", T) != MOE_OK || moe_store_alloc(&S, 0) != MOE_OK) {
+        printf("bench=moe_layer_cuda config=%s error=\"%s%s\"\n", name, L.err.msg, S.err.msg);
+        return 1;
+    }
+    moe_rng_seed(&rng, 1234);
+    moe_layer_init_weights(&L, &S, &rng);
+    x = (float *)malloc(n * sizeof(float));
+    dy = (float *)malloc(n * sizeof(float));
+    for (i = 0; i < n; i++) x[i] = moe_rng_normal(&rng);
+    for (i = 0; i < n; i++) dy[i] = moe_rng_normal(&rng) / (float)T;
+    if (moe_store_alloc_cuda(&ds, &cu, &S) != MOE_OK || moe_layer_init_cuda(&Lc, &cu, &L, T) != MOE_OK ||
+        moe_cuda_malloc(&cu, (void **)&Dx, n * 4) != MOE_OK || moe_cuda_malloc(&cu, (void **)&Dy, n * 4) != MOE_OK ||
+        moe_cuda_malloc(&cu, (void **)&Ddy, n * 4) != MOE_OK || moe_cuda_malloc(&cu, (void **)&Ddx, n * 4) != MOE_OK ||
+        moe_cuda_upload(&cu, Dx, x, n * 4) != MOE_OK || moe_cuda_upload(&cu, Ddy, dy, n * 4) != MOE_OK ||
+        moe_layer_forward_cuda(&cu, &Lc, &ds, Dy, Dx, T) != MOE_OK || moe_layer_backward_cuda(&cu, &Lc, &ds, Ddx, Ddy, Dx) != MOE_OK ||
+        moe_cuda_sync(&cu) != MOE_OK) {
+        printf("bench=moe_layer_cuda config=%s error=\"%s\"\n", name, cu.err.msg);
+        return 1;
+    }
+    for (r = 0; r < REPS; r++) {
+        double t0 = cuda_seconds(&cu);
+        moe_layer_forward_cuda(&cu, &Lc, &ds, Dy, Dx, T);
+        tf[r] = cuda_seconds(&cu) - t0;
+    }
+    for (r = 0; r < REPS; r++) {
+        double t0 = cuda_seconds(&cu);
+        moe_layer_forward_cuda(&cu, &Lc, &ds, Dy, Dx, T);
+        moe_layer_backward_cuda(&cu, &Lc, &ds, Ddx, Ddy, Dx);
+        tb[r] = cuda_seconds(&cu) - t0;
+    }
+    for (r = 0; r < REPS; r++) { /* the forward's GEMMs alone, on the rows of the last routing */
+        double t0 = cuda_seconds(&cu);
+        const float *W = ds.params;
+        moe_matmul_forward_cuda(&cu, Lc.logits, Dx, W + S.tensors[L.id_router_w].offset, NULL, T, d, E);
+        for (e = 0; e < E; e++) {
+            int o = Lc.offset_host[e], m = Lc.offset_host[e + 1] - o;
+            size_t eD = (size_t)e * D * d;
+            if (m == 0) continue;
+            moe_matmul_forward_cuda(&cu, Lc.hg + (size_t)o * D, Lc.xg + (size_t)o * d, W + S.tensors[L.id_gate].offset + eD, NULL, m, d, D);
+            moe_matmul_forward_cuda(&cu, Lc.hu + (size_t)o * D, Lc.xg + (size_t)o * d, W + S.tensors[L.id_up].offset + eD, NULL, m, d, D);
+            moe_matmul_forward_cuda(&cu, Lc.eout + (size_t)o * d, Lc.h + (size_t)o * D, W + S.tensors[L.id_down].offset + eD, NULL, m, D, d);
+        }
+        tg[r] = cuda_seconds(&cu) - t0;
+    }
+    flops_fwd = 2.0 * T * k * 3.0 * d * D + 2.0 * T * d * E;
+    ms = median(tf, REPS) * 1e3;
+    printf("bench=moe_layer_cuda config=%s mode=%s balance=none pass=fwd median_ms=%.3f tokens_per_s=%.0f gflops=%.1f\n", name, mname,
+           ms, T / ms * 1e3, flops_fwd / ms * 1e-6);
+    ms = median(tb, REPS) * 1e3;
+    printf("bench=moe_layer_cuda config=%s mode=%s balance=none pass=fwd_bwd median_ms=%.3f tokens_per_s=%.0f gflops=%.1f\n", name,
+           mname, ms, T / ms * 1e3, 3.0 * flops_fwd / ms * 1e-6);
+    ms = median(tg, REPS) * 1e3;
+    printf("bench=moe_layer_cuda config=%s mode=%s pass=gemm_fwd median_ms=%.3f gflops=%.1f\n", name, mname, ms, flops_fwd / ms * 1e-6);
+    fflush(stdout);
+    moe_cuda_mfree(Dx); moe_cuda_mfree(Dy); moe_cuda_mfree(Ddy); moe_cuda_mfree(Ddx);
+    moe_layer_free_cuda(&Lc);
+    moe_store_free_cuda(&ds);
+    moe_cuda_free(&cu);
+    free(x);
+    free(dy);
+    moe_layer_free(&L);
+    moe_store_free(&S);
+    return 0;
+}
+#endif
+
 /* ---- router families (--routers) ---------------------------------------------------------- */
 
 typedef struct family {
@@ -322,23 +422,38 @@ static int bench_routers(const char *name, int T, int d, int D, int E, int k) {
 int main(int argc, char **argv) {
     static const struct { const char *name; int T, d, D, E, k; } cfg[] = {
         {"small", 4096, 256, 512, 8, 2}, {"medium", 8192, 512, 1024, 16, 2}, {"fine", 4096, 512, 256, 64, 8}};
-    int c, rc = 0, routers = 0;
+    int c, rc = 0, routers = 0, device = 0, fast = 0;
     const char *only = NULL;
-    flag fl[1];
+    flag fl[3];
     flags_program p;
     fl[0] = flag_switch("--routers", &routers, "time the router families against top-k at the same shapes");
+    fl[1] = flag_choice("--device", &device, "cpu|cuda", "cuda: the CUDA layer (a build with MOE_CUDA: make cuda)");
+    fl[2] = flag_switch("--fast", &fast, "with --device cuda: the fast mode (atomics) instead of the deterministic one");
     p = flags_program_make("moe_layer", "forward and forward+backward time of one MoE layer (softmax top-k, SwiGLU experts)",
                            "No input. One line per shape and pass: bench=moe_layer config=C pass=fwd|fwd_bwd threads= median_ms=\n"
                            "tokens_per_s= gflops=; with --routers bench=moe_layer_router lines with overhead_pct=.\n"
                            "CONFIG: small (T=4096 d=256 D=512 E=8 k=2), medium (T=8192 d=512 D=1024 E=16 k=2) or\n"
-                           "fine (T=4096 d=512 D=256 E=64 k=8); default: all.",
-                           fl, 1);
+                           "fine (T=4096 d=512 D=256 E=64 k=8); default: all. --device cuda: bench=moe_layer_cuda lines.",
+                           fl, 3);
     flags_positional(&p, &only, 1, "[CONFIG]");
     if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
     rc = 0;
     if (only && strcmp(only, "small") != 0 && strcmp(only, "medium") != 0 && strcmp(only, "fine") != 0) {
         fprintf(stderr, "moe_layer: unknown config '%s' (small, medium, fine)\n", only);
         return 2;
+    }
+    if (device == 1) {
+#ifdef MOE_CUDA
+        for (c = 0; c < 3; c++)
+            if (!only || strcmp(only, cfg[c].name) == 0)
+                rc |= bench_config_cuda(cfg[c].name, cfg[c].T, cfg[c].d, cfg[c].D, cfg[c].E, cfg[c].k,
+                                        fast ? MOE_CUDA_FAST : MOE_CUDA_DETERMINISTIC);
+        return rc;
+#else
+        fprintf(stderr, "moe_layer: --device cuda: this program was built without the CUDA path (MOE_CUDA); "
+                        "`make cuda` builds build/cuda/moe_layer with nvcc\n");
+        return 2;
+#endif
     }
     for (c = 0; c < 3; c++) {
         if (only && strcmp(only, cfg[c].name) != 0) continue;

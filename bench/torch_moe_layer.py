@@ -46,6 +46,12 @@ def run(only, setting):
     import torch.nn as nn
     import torch.nn.functional as F
 
+    # MOE_TORCH_DEVICE=cuda: the same layer on the GPU (the peer of moe_layer --device cuda);
+    # each timed call then ends with torch.cuda.synchronize()
+    device = os.environ.get("MOE_TORCH_DEVICE", "cpu")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 GEMMs, as moe.h's cuBLAS calls
     if setting == "tuned":
         torch.set_num_threads(2)
     threads = torch.get_num_threads()
@@ -91,10 +97,10 @@ def run(only, setting):
         if only and only != name:
             continue
         torch.manual_seed(1234)
-        m = MoE(d, D, E, k)
-        x = torch.randn(T, d, requires_grad=True)
-        dy = torch.randn(T, d) / T
-        one = torch.ones(())
+        m = MoE(d, D, E, k).to(device)
+        x = torch.randn(T, d).to(device).requires_grad_(True)
+        dy = (torch.randn(T, d) / T).to(device)
+        one = torch.ones((), device=device)
         params = list(m.parameters()) + [x]
 
         def fwd():
@@ -109,16 +115,19 @@ def run(only, setting):
             for p in params:
                 p.grad = None
             fn()  # warm-up
+            sync()
             times = []
             for _ in range(REPS):
                 for p in params:
                     p.grad = None
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times.append(time.perf_counter() - t0)
             ms = statistics.median(times) * 1e3
             print("bench=torch_moe_layer config=%s pass=%s setting=%s threads=%d median_ms=%.2f tokens_per_s=%.0f "
-                  "gflops=%.1f" % (name, pas, setting, threads, ms, T / ms * 1e3, mult * flops_fwd / ms * 1e-6),
+                  "gflops=%.1f%s" % (name, pas, setting, threads, ms, T / ms * 1e3, mult * flops_fwd / ms * 1e-6,
+                                     " device=cuda" if device == "cuda" else ""),
                   flush=True)
 
 

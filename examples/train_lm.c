@@ -94,6 +94,7 @@ static const char state_tag[8] = {'t', 'r', 'a', 'i', 'n', '_', 'l', 'm'};
 typedef struct run_paths {
     const char *data_dir, *out_dir, *name, *resume, *prompt, *genres;
     int sample_bytes, quick, stop_at;
+    int device; /* 0 cpu, 1 cuda */
     float temperature, top_p;
     int top_k;
     int data_parallel, expert_parallel; /* under MOE_MPI only */
@@ -176,6 +177,7 @@ static int make_flags(flag *f, moe_model_config *c, train_options *o, run_paths 
     f[n++] = flag_float("--top-p", &p->top_p, 0, 1, "nucleus sampling; 1 = off");
     f[n++] = flag_string("--prompt", &p->prompt, "TEXT", "the sample's prompt");
     f[n++] = flag_switch("--quick", &p->quick, "a smoke run: at most 30 steps of batch 4 x 64, frequent logs");
+    f[n++] = flag_choice("--device", &p->device, "cpu|cuda", "where to train; cuda needs the MOE_CUDA build (make cuda)");
 #ifdef MOE_MPI
     f[n++] = flag_heading("MPI (under mpirun -np N)");
     f[n++] = flag_switch("--data-parallel", &p->data_parallel, "each rank its share of --batch (a multiple of N), gradients summed in rank order");
@@ -541,6 +543,126 @@ static int resume_conflict(flags_program *prog, const moe_model_config *user_cfg
     return 0;
 }
 
+/* --device cuda (a build with MOE_CUDA): the training steps run on the device (the model's
+   CUDA twin: dense and standard top-k MoE blocks without auxiliary losses); evaluation,
+   checkpoints and the sample run on the CPU from the parameters copied back first, so the
+   files are the CPU's. Expert-load lines are CPU-only. */
+typedef struct device_run {
+    int on;
+#ifdef MOE_CUDA
+    moe_cuda cu;
+    moe_model_cuda mc;
+#endif
+} device_run;
+
+/* 0 = ready (or the CPU), else the exit status; prints why */
+static int device_start(device_run *dv, int want, moe_model *m, int B, int T) {
+    memset(dv, 0, sizeof *dv);
+    if (!want) return 0;
+#ifdef MOE_CUDA
+    if (moe_cuda_init(&dv->cu, 0, MOE_CUDA_DETERMINISTIC) != MOE_OK) {
+        fprintf(stderr, "train_lm: --device cuda: %s\n", dv->cu.err.msg);
+        return 1;
+    }
+    if (moe_model_init_cuda(&dv->mc, &dv->cu, m, B, T) != MOE_OK) {
+        fprintf(stderr, "train_lm: --device cuda: %s (the CUDA model: --router topk or mixtral, --balance none)\n", dv->cu.err.msg);
+        moe_cuda_free(&dv->cu);
+        return 2;
+    }
+    dv->on = 1;
+    return 0;
+#else
+    (void)m; (void)B; (void)T;
+    fprintf(stderr, "train_lm: --device cuda: this program was built without the CUDA path (MOE_CUDA); "
+                    "`make cuda` builds build/cuda/train_lm with nvcc\n");
+    return 2;
+#endif
+}
+
+static void device_stop(device_run *dv) {
+#ifdef MOE_CUDA
+    if (dv->on) {
+        moe_model_free_cuda(&dv->mc);
+        moe_cuda_free(&dv->cu);
+    }
+#endif
+    dv->on = 0;
+}
+
+/* the error sentence of the last failed step */
+static const char *device_error(const device_run *dv, const moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on) return dv->cu.err.msg;
+#else
+    (void)dv;
+#endif
+    return m->err.msg;
+}
+
+static int device_zero_grad(device_run *dv, moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on) return moe_store_zero_grad_cuda(&dv->cu, &dv->mc.S) == MOE_OK;
+#else
+    (void)dv;
+#endif
+    moe_store_zero_grad(&m->S);
+    return 1;
+}
+
+/* one micro-batch's forward and backward; loss and aux of it */
+static int device_forward_backward(device_run *dv, moe_model *m, const int *x, const int *y, int B, int T, float scale,
+                                   moe_rng *noise, double *loss, double *aux) {
+#ifdef MOE_CUDA
+    if (dv->on) {
+        if (moe_model_forward_cuda(&dv->cu, &dv->mc, x, y, B, T) != MOE_OK || moe_model_backward_cuda(&dv->cu, &dv->mc, scale) != MOE_OK)
+            return 0;
+        *loss = dv->mc.loss;
+        *aux = 0.0; /* the CUDA model has no auxiliary losses */
+        return 1;
+    }
+#else
+    (void)dv;
+#endif
+    if (moe_model_forward(m, x, y, B, T, noise) != MOE_OK || moe_model_backward(m, scale) != MOE_OK) return 0;
+    *loss = m->loss;
+    *aux = m->aux_loss;
+    return 1;
+}
+
+/* the gradient norm before clipping (NaN when the device failed) */
+static float device_clip(device_run *dv, moe_model *m, float clip) {
+#ifdef MOE_CUDA
+    float norm;
+    if (dv->on) return moe_clip_grad_norm_cuda(&dv->cu, &dv->mc.S, clip, &norm) == MOE_OK ? norm : NAN;
+#else
+    (void)dv;
+#endif
+    return moe_clip_grad_norm(&m->S, clip);
+}
+
+static int device_adamw(device_run *dv, moe_model *m, const moe_adamw_config *adam, float lr, long long step) {
+#ifdef MOE_CUDA
+    if (dv->on) return moe_adamw_step_cuda(&dv->cu, &dv->mc.S, adam, lr, step) == MOE_OK;
+#else
+    (void)dv;
+#endif
+    return moe_adamw_step(&m->S, adam, lr, step) == MOE_OK;
+}
+
+/* the device's parameters and moments into the host model (before evaluating or saving) */
+static int device_to_host(device_run *dv, moe_model *m) {
+#ifdef MOE_CUDA
+    if (dv->on && moe_store_download_cuda(&dv->cu, &dv->mc.S, &m->S) != MOE_OK) {
+        fprintf(stderr, "train_lm: copying the parameters from the device: %s\n", dv->cu.err.msg);
+        return 0;
+    }
+#else
+    (void)dv;
+    (void)m;
+#endif
+    return 1;
+}
+
 #ifdef MOE_MPI
 static int train_main(int argc, char **argv);
 /* MPI around the program: rank 0 alone prints (the others' stdout goes to /dev/null, their
@@ -592,12 +714,17 @@ int main(int argc, char **argv) {
 #endif
     int rc, status = 0, save_failed = 0, log_failed = 0, plot_failed = 0;
     moe_ckpt_info resume_info;
+    device_run dev;
     unsigned char *state_blob = NULL; /* the resumed checkpoint's user blob, as first read */
     memset(&resume_info, 0, sizeof resume_info);
+    memset(&dev, 0, sizeof dev);
     memset(&m, 0, sizeof m);
     memset(&cp, 0, sizeof cp);
     rc = parse_args(argc, argv, &cfg, &opt, &paths, &prog, fl, &ch);
     if (rc != FLAGS_RUN) return rc;
+#ifndef MOE_CUDA
+    if (paths.device == 1) return device_start(&dev, 1, NULL, 0, 0); /* says why not, before loading anything */
+#endif
     snprintf(ckpt, sizeof ckpt, "%s/%s.ckpt", paths.out_dir, paths.name);
     memset(&st, 0, sizeof st);
     if (paths.resume) {
@@ -743,23 +870,32 @@ int main(int argc, char **argv) {
         status = 1;
         goto finish;
     }
+    if ((rc = device_start(&dev, paths.device == 1, &m, opt.batch, opt.seq)) != 0) {
+        status = rc;
+        goto finish;
+    }
     t0 = moe_time_seconds();
     for (step = start_step + 1; step <= opt.steps; step++) {
         float lr = moe_lr_cosine(step - 1, opt.warmup, opt.steps, opt.lr, opt.min_lr), norm;
         double loss = 0.0, aux = 0.0;
         int a;
-        moe_store_zero_grad(&m.S);
+        if (!device_zero_grad(&dev, &m)) {
+            fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
+            status = 1;
+            goto finish;
+        }
         for (a = 0; a < opt.accum; a++) {
             /* every rank draws the whole micro-batch and trains on its rows of it */
+            double l1, a1;
             moe_loader_next(&ld, x, y, src, opt.batch, opt.seq);
-            if (moe_model_forward(&m, x + (size_t)first_row * opt.seq, y + (size_t)first_row * opt.seq, rows, opt.seq, &st.noise) != MOE_OK ||
-                moe_model_backward(&m, 1.0f / (float)(opt.accum * (opt.batch / rows))) != MOE_OK) {
-                fprintf(stderr, "step %lld: %s\n", step, m.err.msg);
+            if (!device_forward_backward(&dev, &m, x + (size_t)first_row * opt.seq, y + (size_t)first_row * opt.seq, rows, opt.seq,
+                                         1.0f / (float)(opt.accum * (opt.batch / rows)), &st.noise, &l1, &a1)) {
+                fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
                 status = 1;
                 goto finish;
             }
-            loss += m.loss / opt.accum;
-            aux += m.aux_loss / opt.accum;
+            loss += l1 / opt.accum;
+            aux += a1 / opt.accum;
         }
 #ifdef MOE_MPI
         if (mpi_ranks > 1) {
@@ -775,7 +911,7 @@ int main(int argc, char **argv) {
             aux = la[1] / mpi_ranks;
         }
 #endif
-        norm = moe_clip_grad_norm(&m.S, opt.clip);
+        norm = device_clip(&dev, &m, opt.clip);
         if (!isfinite(loss) || !isfinite(aux) || !isfinite(norm)) {
             double bad = !isfinite(loss) ? loss : !isfinite(aux) ? aux : (double)norm;
             char what[96];
@@ -784,7 +920,11 @@ int main(int argc, char **argv) {
             status = diverged(step, what, ckpt, saved_step);
             goto finish;
         }
-        moe_adamw_step(&m.S, &adam, lr, step);
+        if (!device_adamw(&dev, &m, &adam, lr, step)) {
+            fprintf(stderr, "step %lld: %s\n", step, device_error(&dev, &m));
+            status = 1;
+            goto finish;
+        }
         st.tokens += (double)opt.batch * opt.seq * opt.accum;
         curve_x[step - 1] = (float)step;
         curve_train[step - 1] = (float)(loss / log(2.0));
@@ -796,7 +936,7 @@ int main(int argc, char **argv) {
                    el / done * (double)(opt.steps - step));
             fflush(stdout);
         }
-        if (opt.load_every > 0 && step % opt.load_every == 0)
+        if (opt.load_every > 0 && step % opt.load_every == 0 && !dev.on)
             for (l = 0; l < cfg.n_layers; l++) {
                 const moe_routing_stats *s = &m.blocks[l].moe.stats;
                 int e;
@@ -807,6 +947,12 @@ int main(int argc, char **argv) {
                 printf("\n");
             }
         last_bpb = NAN;
+        if (dev.on && (((opt.eval_every > 0 && step % opt.eval_every == 0) || step == opt.steps) ||
+                       ((opt.save_every > 0 && step % opt.save_every == 0) || step == paths.stop_at)) &&
+            !device_to_host(&dev, &m)) {
+            status = 1;
+            goto finish;
+        }
         if ((opt.eval_every > 0 && step % opt.eval_every == 0) || step == opt.steps) {
             last_bpb = evaluate(&m, &cp, &opt, load, per_genre);
             eval_x[n_eval] = (float)step;
@@ -937,6 +1083,7 @@ sample:
     else if (save_failed) fprintf(stderr, "train_lm: the final checkpoint was not written\n");
     status = save_failed || log_failed || plot_failed;
 finish:
+    device_stop(&dev);
     if (csv) fclose(csv);
 #ifdef MOE_MPI
     if (eps) moe_mpi_experts_model_free(eps, &m);

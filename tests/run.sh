@@ -79,13 +79,6 @@ if [ "$1" = "--matrix" ]; then
         echo "FAIL model files C -> C++ -> C (needs $io_c; tests/test_model_io.c --write/--read)"
         cat "$log"
     fi
-    if command -v nvcc >/dev/null 2>&1 && [ -f tests/cuda_compile.cu ]; then
-        if nvcc -I. -c tests/cuda_compile.cu -o "$B/cuda.o" > "$log" 2>&1; then
-            passed=$((passed + 1)); echo "== build moe.h nvcc: ok"
-        else
-            failed=$((failed + 1)); echo "FAIL build moe.h nvcc"; cat "$log"
-        fi
-    fi
 fi
 
 for t in "$@"; do

@@ -132,14 +132,19 @@ MOE__IMPL void moe_kv_cache_reset(moe_kv_cache *c) {
 /* Attention of the call's n tokens over their sequences' cached keys and values in layer l
    (the call's own keys and values are in the cache already): out (n, d). One task per
    (token, head) owns its slice of out and runs the same loop whatever the thread. */
-static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
-    int d = c->d, NH = c->n_heads, hd = d / NH, task, nt = 1;
-    float scale = 1.0f / sqrtf((float)hd);
+/* threads for the attention of n new tokens: one below about 2e5 flops, else up to the
+   cache's per-thread score rows */
+static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     double flops = 0.0;
-    for (task = 0; task < n; task++) flops += (double)(c->tok_pos[task] + 1) * d * 4;
-    if (flops > 2e5) nt = moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads;
-    (void)nt; /* read only by the pragma */
-    MOE__OMP_FOR_DYNAMIC_N(nt)
+    int i, nt = moe_num_threads();
+    for (i = 0; i < n; i++) flops += (double)(c->tok_pos[i] + 1) * c->d * 4;
+    return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
+}
+
+static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
+    int d = c->d, NH = c->n_heads, hd = d / NH, task;
+    float scale = 1.0f / sqrtf((float)hd);
+    MOE__OMP_FOR_DYNAMIC_N(moe__kv_attention_threads(c, n))
     for (task = 0; task < n * NH; task++) {
         int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
         size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
@@ -171,10 +176,8 @@ static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *q
    count or the other rows. Decoding's few rows per call would spend more time packing W into
    the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N) {
-    int nb = (N + 3) / 4, blk, nt = 1;
-    if ((double)M * K * N > 4e5) nt = moe_num_threads();
-    (void)nt; /* read only by the pragma */
-    MOE__OMP_FOR_DYNAMIC_N(nt)
+    int nb = (N + 3) / 4, blk;
+    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? moe_num_threads() : 1)
     for (blk = 0; blk < M * nb; blk++) {
         int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
         const float *x = inp + (size_t)i * K;

@@ -62,7 +62,7 @@
 #define MOE__OMP_FOR_INNER
 #define MOE__OMP_FOR_NOWAIT
 #define MOE__OMP_FOR_N(n)
-#define MOE__OMP_FOR_DYNAMIC_N(n)
+#define MOE__OMP_FOR_DYNAMIC_N(n) if ((void)(n), 1) /* reads n too; the loop after it is its body */
 #define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 

@@ -61,6 +61,10 @@
        MOE_NO_SIMD          no AVX intrinsics (the AdamW loop), portable C only   (impl. file)
        MOE_MPI              data and expert parallelism over MPI (>>moe:mpi);
                             build with mpicc, run under mpirun                   (everywhere)
+       MOE_CUDA             the CUDA twins (>>moe:cuda_core ...): the implementation file is
+                            a .cu compiled by nvcc, linked with -lcublas          (everywhere)
+       MOE_CUDA_BODIES      the CUDA kernels' per-thread bodies as plain C functions, without
+                            CUDA (the CPU test of their indexing and arithmetic)  (impl. file)
      The blocking of the GEMM under every matmul, expert and attention product
      (>>moe:matmul), all (impl. file):
        MOE_GEMM_MR, MOE_GEMM_NR  the register tile: MR x NR floats of C stay in registers

@@ -87,22 +87,27 @@ static void moe__adamw_span(float *MOE_RESTRICT p, const float *MOE_RESTRICT g, 
 /* the spans the step hands out: whole vectors, a few per thread for the smallest tensors */
 #define MOE__ADAMW_SPAN 4096
 
-/* checks the store and step, then the step's constants (decay is per tensor); the masked
-   step (>>moe:mask) shares it */
+/* the step's constants (decay is set per tensor); the device step uses the same */
+static moe__adamw_consts moe__adamw_consts_for(const moe_adamw_config *c, float lr, long long step) {
+    moe__adamw_consts k;
+    /* torch computes the corrections in double (Python floats) then uses them as scalars */
+    double bc1 = (double)(float)(1.0 - pow((double)c->beta1, (double)step));
+    k.decay = 1.0f;
+    k.bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
+    k.step_size = (float)((double)lr / bc1);
+    k.one_m_b1 = 1.0f - c->beta1;
+    k.b2 = c->beta2;
+    k.one_m_b2 = 1.0f - c->beta2;
+    k.eps = c->eps;
+    return k;
+}
+
+/* checks the store and step, then the step's constants; the masked step (>>moe:mask) shares it */
 static moe_status moe__adamw_prepare(moe_store *s, const moe_adamw_config *c, float lr, long long step,
                                      moe__adamw_consts *k) {
-    double bc1;
     if (!s->adam_m || !s->adam_v) return moe_err_set(&s->err, MOE_ERR_STATE, "AdamW step on a store allocated without optimizer moments");
     if (step < 1) return moe_err_set(&s->err, MOE_ERR_INVALID_ARG, "AdamW step counts from 1, got %lld", step);
-    /* torch computes the corrections in double (Python floats) then uses them as scalars */
-    bc1 = (double)(float)(1.0 - pow((double)c->beta1, (double)step));
-    k->bc2_sqrt = (float)sqrt(1.0 - pow((double)c->beta2, (double)step));
-    k->step_size = (float)((double)lr / bc1);
-    k->one_m_b1 = 1.0f - c->beta1;
-    k->b2 = c->beta2;
-    k->one_m_b2 = 1.0f - c->beta2;
-    k->eps = c->eps;
-    k->decay = 1.0f;
+    *k = moe__adamw_consts_for(c, lr, step);
     return MOE_OK;
 }
 

@@ -230,8 +230,8 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
     { /* the work buffer: the largest of the kernel calls' scratch; every router sends a token
          to an expert at most once, so an expert gets at most max_tokens rows. (K, N) of the
          matmuls: the linear (and noise) router, AoE's, HyperMoE's */
-        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, a = cfg->hyper_adapter;
-        int hw = cfg->hyper_width, ab = a * hw;
+        int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, a = cfg->hyper ? cfg->hyper_adapter : 0;
+        int hw = cfg->hyper ? cfg->hyper_width : 0, ab = a * hw; /* HyperMoE's sizes mean nothing without it */
         int mm[10][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
                          {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d},
                          {d, a}, {a + 1, d}};

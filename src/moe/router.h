@@ -314,6 +314,8 @@ static moe_status moe__router_validate(const moe_layer_config *c, moe_err *err) 
     case MOE_ROUTER_AOE:
         if (c->aoe_rank <= 0 || c->expert != MOE_EXPERT_SWIGLU || c->router_bias || c->router_dim > 0)
             return moe_err_set(err, bad, "AoE needs aoe_rank > 0 and SwiGLU experts, and has no router (no router_bias, no router_input)");
+        if ((double)c->n_experts * c->aoe_rank * (c->d > c->d_ff ? c->d : c->d_ff) > 4e9)
+            return moe_err_set(err, bad, "aoe_rank %d is too large for %d experts", c->aoe_rank, c->n_experts);
         break;
     case MOE_ROUTER_NOISY_TOPK:
         if (c->top_k >= c->n_experts)
@@ -703,6 +705,10 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
                      c->hyper_width <= 0 || c->hyper_adapter <= 0 || c->hyper_layers <= 0 || c->hyper_layer < 0 ||
                      c->hyper_layer >= c->hyper_layers))
         return moe_err_set(err, bad, "HyperMoE needs positive hyper sizes and 0 <= hyper_layer < hyper_layers");
+    if (c->hyper && ((double)c->hyper_adapter * c->hyper_width + c->hyper_width > 1e8 || (double)c->hyper_cond + c->hyper_layer_dim > 1e8 ||
+                     (double)c->hyper_adapter * c->hyper_width * c->d > 4e9 || (double)c->hyper_embed * c->hyper_hidden > 4e9 ||
+                     (double)c->hyper_hidden * c->hyper_cond > 4e9))
+        return moe_err_set(err, bad, "HyperMoE's sizes are too large (hyper_adapter %d x hyper_width %d)", c->hyper_adapter, c->hyper_width);
     if (moe__router_validate(c, err) != MOE_OK) return bad;
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;

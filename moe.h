@@ -2061,10 +2061,10 @@ MOEDEF double moe_cosine(const float *a, const float *b, size_t n);
 /* 1 - arccos(cos) / pi, cos clamped to [-1, 1] (arXiv 2406.18219 §5) */
 MOEDEF double moe_angular_similarity(double cos);
 /* Pearson correlation of n pairs; NaN when n < 2 or a side is constant */
-MOEDEF double moe_pearson(const double *x, const double *y, int n);
+MOEDEF double moe_pearson(const double *x, const double *y, size_t n);
 /* Kendall's tau-b of n pairs (ties in x or y corrected as scipy.stats.kendalltau does); NaN
-   when n < 2 or a side is constant. O(n^2). */
-MOEDEF double moe_kendall_tau(const double *x, const double *y, int n);
+   when n < 2, a side is constant or memory runs out. O(n log n), 3n doubles of scratch. */
+MOEDEF double moe_kendall_tau(const double *x, const double *y, size_t n);
 
 /* Inner and outer balance of n tokens' routing probabilities probs (n, E): inner[t] =
    p_top1 / p_top2 (the denominator at least 1e-30), outer[t] = the sum of the k largest
@@ -10952,13 +10952,13 @@ MOE__IMPL double moe_angular_similarity(double cos) {
     return 1.0 - acos(cos) / 3.14159265358979323846;
 }
 
-MOE__IMPL double moe_pearson(const double *x, const double *y, int n) {
+MOE__IMPL double moe_pearson(const double *x, const double *y, size_t n) {
     double mx = 0.0, my = 0.0, sxy = 0.0, sxx = 0.0, syy = 0.0;
-    int i;
+    size_t i;
     if (n < 2) return NAN;
     for (i = 0; i < n; i++) { mx += x[i]; my += y[i]; }
-    mx /= n;
-    my /= n;
+    mx /= (double)n;
+    my /= (double)n;
     for (i = 0; i < n; i++) {
         sxy += (x[i] - mx) * (y[i] - my);
         sxx += (x[i] - mx) * (x[i] - mx);
@@ -10967,23 +10967,73 @@ MOE__IMPL double moe_pearson(const double *x, const double *y, int n) {
     return sxx > 0.0 && syy > 0.0 ? sxy / sqrt(sxx * syy) : NAN;
 }
 
-/* tau-b = (concordant - discordant) / sqrt((n0 - ties_x)(n0 - ties_y)), pairs tied in x
-   (or y) counted in ties_x (ties_y), pairs tied in both in neither difference */
-MOE__IMPL double moe_kendall_tau(const double *x, const double *y, int n) {
-    double nc = 0.0, nd = 0.0, tx = 0.0, ty = 0.0, n0, den;
-    int i, j;
-    if (n < 2) return NAN;
-    for (i = 0; i < n; i++)
-        for (j = i + 1; j < n; j++) {
-            double s = (x[i] - x[j]) * (y[i] - y[j]);
-            if (x[i] == x[j]) tx += 1.0;
-            if (y[i] == y[j]) ty += 1.0;
-            if (s > 0) nc += 1.0;
-            else if (s < 0) nd += 1.0;
+typedef struct moe__xy { double x, y; } moe__xy;
+
+static int moe__cmp_xy(const void *p, const void *q) {
+    const moe__xy *a = (const moe__xy *)p, *b = (const moe__xy *)q;
+    if (a->x != b->x) return a->x < b->x ? -1 : 1;
+    return (a->y > b->y) - (a->y < b->y);
+}
+
+/* merge sort of y counting strict inversions (pairs i < j with y_i > y_j) */
+static uint64_t moe__inversions(double *y, double *tmp, size_t n) {
+    size_t width, i;
+    uint64_t inv = 0;
+    for (width = 1; width < n; width *= 2) {
+        for (i = 0; i < n; i += 2 * width) {
+            size_t mid = i + width < n ? i + width : n, hi = i + 2 * width < n ? i + 2 * width : n;
+            size_t p = i, q = mid, o = i;
+            while (p < mid && q < hi) {
+                if (y[q] < y[p]) { inv += mid - p; tmp[o++] = y[q++]; }
+                else tmp[o++] = y[p++];
+            }
+            while (p < mid) tmp[o++] = y[p++];
+            while (q < hi) tmp[o++] = y[q++];
         }
-    n0 = 0.5 * n * (n - 1.0);
-    den = sqrt((n0 - tx) * (n0 - ty));
-    return den > 0.0 ? (nc - nd) / den : NAN;
+        memcpy(y, tmp, n * sizeof(double));
+    }
+    return inv;
+}
+
+/* tied pairs within runs of equal values of a sorted array */
+static double moe__tied_pairs(const double *v, size_t n) {
+    size_t i = 0, j;
+    double t = 0.0;
+    while (i < n) {
+        for (j = i + 1; j < n && v[j] == v[i]; j++) {}
+        t += 0.5 * (double)(j - i) * (double)(j - i - 1);
+        i = j;
+    }
+    return t;
+}
+
+MOE__IMPL double moe_kendall_tau(const double *a, const double *b, size_t n) {
+    /* Knight's O(n log n) tau-b, the algorithm of scipy.stats.kendalltau */
+    moe__xy *p;
+    double *y, *tmp, tot, xt, yt, jt = 0.0, dis, tau;
+    size_t i = 0, j;
+    if (n < 2) return NAN;
+    p = (moe__xy *)MOE_MALLOC(n * sizeof *p);
+    y = (double *)MOE_MALLOC(2 * n * sizeof(double));
+    if (!p || !y) { MOE_FREE(p); MOE_FREE(y); return NAN; }
+    tmp = y + n;
+    for (i = 0; i < n; i++) { p[i].x = a[i]; p[i].y = b[i]; }
+    qsort(p, n, sizeof *p, moe__cmp_xy);
+    for (i = 0; i < n; i++) { y[i] = p[i].x; }
+    xt = moe__tied_pairs(y, n);
+    for (i = 0; i < n; i = j) { /* joint ties: equal (x, y) */
+        for (j = i + 1; j < n && p[j].x == p[i].x && p[j].y == p[i].y; j++) {}
+        jt += 0.5 * (double)(j - i) * (double)(j - i - 1);
+    }
+    for (i = 0; i < n; i++) y[i] = p[i].y;
+    dis = (double)moe__inversions(y, tmp, n); /* y is now sorted */
+    yt = moe__tied_pairs(y, n);
+    tot = 0.5 * (double)n * (double)(n - 1);
+    MOE_FREE(p);
+    MOE_FREE(y);
+    if (tot - xt <= 0.0 || tot - yt <= 0.0) return NAN;
+    tau = (tot - xt - yt + jt - 2.0 * dis) / sqrt((tot - xt) * (tot - yt)); /* exactly +-1 at the ends */
+    return tau;
 }
 
 MOE__IMPL moe_status moe_routing_balance(float *inner, float *outer, const float *probs, int n, int E, int k, moe_err *err) {
@@ -11224,7 +11274,7 @@ MOE__IMPL moe_status moe_gate_neuron_regression(double *R, double *R2, moe_model
                 x[n] = gs[a * E + b];
                 y[n++] = ns[a * E + b];
             }
-        r = moe_pearson(x, y, n);
+        r = moe_pearson(x, y, (size_t)n);
         if (R) *R = r;
         if (R2) *R2 = r * r;
     }

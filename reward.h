@@ -327,9 +327,9 @@ RWDDEF double rwd_shorter_chosen_accuracy(const double *s_w, const double *s_l,
    "preference changed") */
 RWDDEF double rwd_preference_changed(const double *a_w, const double *a_l, const double *b_w,
                                      const double *b_l, size_t n);
-RWDDEF double rwd_pearson(const double *a, const double *b, size_t n);
-RWDDEF double rwd_spearman(const double *a, const double *b, size_t n); /* average ranks for ties */
-RWDDEF double rwd_kendall(const double *a, const double *b, size_t n);  /* tau-b, O(n log n)    */
+/* Spearman's rho (average ranks for ties); Pearson and Kendall's tau-b are moe.h's moe_pearson
+   and moe_kendall_tau (>>moe:closer_look) */
+RWDDEF double rwd_spearman(const double *a, const double *b, size_t n);
 /* Spearman between the lengths and the scores of all 2N responses (the paper's diagnostic) */
 RWDDEF double rwd_length_correlation(const double *s_w, const double *s_l, const double *len_w,
                                      const double *len_l, size_t n);
@@ -2347,21 +2347,6 @@ RWD__IMPL double rwd_preference_changed(const double *a_w, const double *a_l, co
     return (double)changed / (double)n;
 }
 
-RWD__IMPL double rwd_pearson(const double *a, const double *b, size_t n) {
-    double ma = 0.0, mb = 0.0, sab = 0.0, saa = 0.0, sbb = 0.0;
-    size_t i;
-    if (n < 2) return NAN;
-    for (i = 0; i < n; i++) { ma += a[i]; mb += b[i]; }
-    ma /= (double)n;
-    mb /= (double)n;
-    for (i = 0; i < n; i++) {
-        double da = a[i] - ma, db = b[i] - mb;
-        sab += da * db; saa += da * da; sbb += db * db;
-    }
-    if (saa == 0.0 || sbb == 0.0) return NAN;
-    return sab / sqrt(saa * sbb);
-}
-
 /* average ranks (1-based, ties share the mean rank), as scipy.stats.rankdata */
 static moe_status rwd__ranks(double *rank, const double *a, size_t n) {
     size_t *order = (size_t *)MOE_MALLOC((n ? n : 1) * sizeof(size_t)), i = 0, j;
@@ -2384,78 +2369,9 @@ RWD__IMPL double rwd_spearman(const double *a, const double *b, size_t n) {
     if (n < 2) return NAN;
     r = (double *)MOE_MALLOC(2 * n * sizeof(double));
     if (!r || rwd__ranks(r, a, n) != MOE_OK || rwd__ranks(r + n, b, n) != MOE_OK) { MOE_FREE(r); return NAN; }
-    rho = rwd_pearson(r, r + n, n);
+    rho = moe_pearson(r, r + n, n);
     MOE_FREE(r);
     return rho;
-}
-
-typedef struct rwd__xy { double x, y; } rwd__xy;
-
-static int rwd__cmp_xy(const void *p, const void *q) {
-    const rwd__xy *a = (const rwd__xy *)p, *b = (const rwd__xy *)q;
-    if (a->x != b->x) return a->x < b->x ? -1 : 1;
-    return (a->y > b->y) - (a->y < b->y);
-}
-
-/* merge sort of y counting strict inversions (pairs i < j with y_i > y_j) */
-static uint64_t rwd__inversions(double *y, double *tmp, size_t n) {
-    size_t width, i;
-    uint64_t inv = 0;
-    for (width = 1; width < n; width *= 2) {
-        for (i = 0; i < n; i += 2 * width) {
-            size_t mid = i + width < n ? i + width : n, hi = i + 2 * width < n ? i + 2 * width : n;
-            size_t p = i, q = mid, o = i;
-            while (p < mid && q < hi) {
-                if (y[q] < y[p]) { inv += mid - p; tmp[o++] = y[q++]; }
-                else tmp[o++] = y[p++];
-            }
-            while (p < mid) tmp[o++] = y[p++];
-            while (q < hi) tmp[o++] = y[q++];
-        }
-        memcpy(y, tmp, n * sizeof(double));
-    }
-    return inv;
-}
-
-/* tied pairs within runs of equal values of a sorted array */
-static double rwd__tied_pairs(const double *v, size_t n) {
-    size_t i = 0, j;
-    double t = 0.0;
-    while (i < n) {
-        for (j = i + 1; j < n && v[j] == v[i]; j++) {}
-        t += 0.5 * (double)(j - i) * (double)(j - i - 1);
-        i = j;
-    }
-    return t;
-}
-
-RWD__IMPL double rwd_kendall(const double *a, const double *b, size_t n) {
-    /* Knight's O(n log n) tau-b, the algorithm of scipy.stats.kendalltau */
-    rwd__xy *p;
-    double *y, *tmp, tot, xt, yt, jt = 0.0, dis, tau;
-    size_t i = 0, j;
-    if (n < 2) return NAN;
-    p = (rwd__xy *)MOE_MALLOC(n * sizeof *p);
-    y = (double *)MOE_MALLOC(2 * n * sizeof(double));
-    if (!p || !y) { MOE_FREE(p); MOE_FREE(y); return NAN; }
-    tmp = y + n;
-    for (i = 0; i < n; i++) { p[i].x = a[i]; p[i].y = b[i]; }
-    qsort(p, n, sizeof *p, rwd__cmp_xy);
-    for (i = 0; i < n; i++) { y[i] = p[i].x; }
-    xt = rwd__tied_pairs(y, n);
-    for (i = 0; i < n; i = j) { /* joint ties: equal (x, y) */
-        for (j = i + 1; j < n && p[j].x == p[i].x && p[j].y == p[i].y; j++) {}
-        jt += 0.5 * (double)(j - i) * (double)(j - i - 1);
-    }
-    for (i = 0; i < n; i++) y[i] = p[i].y;
-    dis = (double)rwd__inversions(y, tmp, n); /* y is now sorted */
-    yt = rwd__tied_pairs(y, n);
-    tot = 0.5 * (double)n * (double)(n - 1);
-    MOE_FREE(p);
-    MOE_FREE(y);
-    if (tot - xt <= 0.0 || tot - yt <= 0.0) return NAN;
-    tau = (tot - xt - yt + jt - 2.0 * dis) / sqrt(tot - xt) / sqrt(tot - yt);
-    return tau;
 }
 
 RWD__IMPL double rwd_length_correlation(const double *s_w, const double *s_l, const double *len_w,

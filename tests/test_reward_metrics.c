@@ -26,14 +26,14 @@ static void test_correlations(void) {
     if (csv_read(&t, "tests/ref/metrics_ref.csv") != 0) { CHECK(0, "cannot read tests/ref/metrics_ref.csv"); return; }
     a = csv_col(&t, "a");
     b = csv_col(&t, "b");
-    CHECK(fabs(rwd_pearson(a, b, (size_t)t.rows) - ref_value("tests/ref/metrics_ref.txt", "pearson")) < 1e-12, "Pearson");
+    CHECK(fabs(moe_pearson(a, b, (size_t)t.rows) - ref_value("tests/ref/metrics_ref.txt", "pearson")) < 1e-12, "Pearson");
     CHECK(fabs(rwd_spearman(a, b, (size_t)t.rows) - ref_value("tests/ref/metrics_ref.txt", "spearman")) < 1e-12, "Spearman");
-    CHECK(fabs(rwd_kendall(a, b, (size_t)t.rows) - ref_value("tests/ref/metrics_ref.txt", "kendall")) < 1e-12, "Kendall: %.17g vs %.17g",
-          rwd_kendall(a, b, (size_t)t.rows), ref_value("tests/ref/metrics_ref.txt", "kendall"));
+    CHECK(fabs(moe_kendall_tau(a, b, (size_t)t.rows) - ref_value("tests/ref/metrics_ref.txt", "kendall")) < 1e-12, "Kendall: %.17g vs %.17g",
+          moe_kendall_tau(a, b, (size_t)t.rows), ref_value("tests/ref/metrics_ref.txt", "kendall"));
     csv_free(&t);
-    CHECK(isnan(rwd_spearman(c, d, 4)) && isnan(rwd_pearson(c, d, 4)) && isnan(rwd_kendall(c, d, 4)), "constant input: NaN");
-    CHECK(isnan(rwd_pearson(c, d, 1)) && isnan(rwd_pair_accuracy(c, d, 0)), "too few points: NaN");
-    CHECK(fabs(rwd_kendall(c, c, 4) - 1.0) < 1e-15 && fabs(rwd_spearman(c, c, 4) - 1.0) < 1e-15, "identical series: 1");
+    CHECK(isnan(rwd_spearman(c, d, 4)) && isnan(moe_pearson(c, d, 4)) && isnan(moe_kendall_tau(c, d, 4)), "constant input: NaN");
+    CHECK(isnan(moe_pearson(c, d, 1)) && isnan(rwd_pair_accuracy(c, d, 0)), "too few points: NaN");
+    CHECK(fabs(moe_kendall_tau(c, c, 4) - 1.0) < 1e-15 && fabs(rwd_spearman(c, c, 4) - 1.0) < 1e-15, "identical series: 1");
 }
 
 static void test_accuracy_rules(void) {

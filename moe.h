@@ -5043,7 +5043,8 @@ static size_t moe__router_idle_expert_params(const moe_layer_config *c) {
 static int moe__router_list_rows(const moe_layer_config *c, int max_tokens) {
     int per_token = c->top_k;
     if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->ec_capacity_factor > 0.0f) per_token = (int)ceil(c->ec_capacity_factor);
-    if (c->gw_threshold > 0.0f) per_token = c->n_experts;
+    /* an expert takes a token at most once (expert choice caps C at T) */
+    if (c->gw_threshold > 0.0f || per_token > c->n_experts) per_token = c->n_experts;
     return max_tokens * per_token + c->n_experts;
 }
 
@@ -5396,6 +5397,8 @@ MOE__IMPL moe_status moe_layer_config_validate(const moe_layer_config *c, moe_er
                      (double)c->hyper_adapter * c->hyper_width * c->d > 4e9 || (double)c->hyper_embed * c->hyper_hidden > 4e9 ||
                      (double)c->hyper_hidden * c->hyper_cond > 4e9))
         return moe_err_set(err, bad, "HyperMoE's sizes are too large (hyper_adapter %d x hyper_width %d)", c->hyper_adapter, c->hyper_width);
+    if (c->n_shared > 0 && (double)c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff) * c->d > 4e9)
+        return moe_err_set(err, bad, "shared experts too large (n_shared*d_ff_shared*d = %.3g floats)", (double)c->n_shared * c->d_ff_shared * c->d);
     if (moe__router_validate(c, err) != MOE_OK) return bad;
     if ((double)c->n_experts * c->d_ff * c->d > 4e9) return moe_err_set(err, bad, "layer too large (E*d_ff*d = %.3g floats)", (double)c->n_experts * c->d_ff * c->d);
     return MOE_OK;
@@ -6257,7 +6260,7 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
     if (!prefix) prefix = "";
     L->cfg = *cfg;
     E = cfg->n_experts; K = cfg->top_k; d = cfg->d; D = cfg->d_ff;
-    S = cfg->n_shared; Ds = cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D;
+    S = cfg->n_shared; Ds = S > 0 && cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D; /* unused without shared experts */
     L->cfg.d_ff_shared = Ds;
     L->cfg.router_dim = cfg->router_dim > 0 ? cfg->router_dim : d;
     L->max_tokens = max_tokens;

@@ -196,7 +196,7 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
     if (!prefix) prefix = "";
     L->cfg = *cfg;
     E = cfg->n_experts; K = cfg->top_k; d = cfg->d; D = cfg->d_ff;
-    S = cfg->n_shared; Ds = cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D;
+    S = cfg->n_shared; Ds = S > 0 && cfg->d_ff_shared > 0 ? cfg->d_ff_shared : D; /* unused without shared experts */
     L->cfg.d_ff_shared = Ds;
     L->cfg.router_dim = cfg->router_dim > 0 ? cfg->router_dim : d;
     L->max_tokens = max_tokens;

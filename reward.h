@@ -81,7 +81,7 @@
        3. calib      >>rwd:calib     RC-LWR, RC-Mean, length penalty, pairs, sequences
                                      (arXiv 2409.17407)
        4. metrics    >>rwd:metrics   accuracy, RewardBench sections (arXiv 2403.13787),
-                                     Spearman/Kendall/Pearson, length diagnostics,
+                                     Spearman (Pearson, Kendall: moe.h), length diagnostics,
                                      AlpacaEval win rates
        5. features   >>rwd:features  hashed word/bigram features + length features of text;
                                      a trained moe.h language model's pooled hidden states

@@ -2931,27 +2931,44 @@ static moe_status moe__adamw_prepare(moe_store *s, const moe_adamw_config *c, fl
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step) {
-    moe__adamw_consts k;
-    moe_status st = moe__adamw_prepare(s, c, lr, step, &k);
-    if (st != MOE_OK) return st;
+/* The step over the store's spans with prepared constants; keep (numel) or NULL: a span is cut
+   into its runs of kept parameters (the masked step, >>moe:mask), each run getting the same
+   per-element arithmetic as the unmasked step */
+static void moe__adamw_apply(moe_store *s, const moe_adamw_config *c, float lr, const moe__adamw_consts *k,
+                             const unsigned char *keep) {
     /* one parallel region for all tensors, no barrier between them (their spans are disjoint) */
     MOE__OMP_PARALLEL_IF(s->numel > 32768)
     {
         int ti;
         for (ti = 0; ti < s->count; ti++) {
             const moe_tensor *t = &s->tensors[ti];
-            moe__adamw_consts kt = k;
+            moe__adamw_consts kt = *k;
             long long b, nb = ((long long)t->numel + MOE__ADAMW_SPAN - 1) / MOE__ADAMW_SPAN;
             kt.decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * c->weight_decay : 1.0f;
             MOE__OMP_FOR_NOWAIT
             for (b = 0; b < nb; b++) {
                 size_t o = t->offset + (size_t)b * MOE__ADAMW_SPAN, left = t->numel - (size_t)b * MOE__ADAMW_SPAN;
-                moe__adamw_span(s->params + o, s->grads + o, s->adam_m + o, s->adam_v + o,
-                                left < MOE__ADAMW_SPAN ? left : MOE__ADAMW_SPAN, &kt);
+                size_t end = o + (left < MOE__ADAMW_SPAN ? left : MOE__ADAMW_SPAN), i = o, j;
+                if (!keep) {
+                    moe__adamw_span(s->params + o, s->grads + o, s->adam_m + o, s->adam_v + o, end - o, &kt);
+                    continue;
+                }
+                while (i < end) {
+                    while (i < end && !keep[i]) i++;
+                    for (j = i; j < end && keep[j]; j++) {}
+                    if (j > i) moe__adamw_span(s->params + i, s->grads + i, s->adam_m + i, s->adam_v + i, j - i, &kt);
+                    i = j;
+                }
             }
         }
     }
+}
+
+MOE__IMPL moe_status moe_adamw_step(moe_store *s, const moe_adamw_config *c, float lr, long long step) {
+    moe__adamw_consts k;
+    moe_status st = moe__adamw_prepare(s, c, lr, step, &k);
+    if (st != MOE_OK) return st;
+    moe__adamw_apply(s, c, lr, &k, NULL);
     return MOE_OK;
 }
 
@@ -3101,31 +3118,9 @@ MOE__IMPL moe_status moe_mask_step(moe_mask *k, moe_store *s, const moe_adamw_co
     if (moe_mask_grads(k, s) != MOE_OK) return moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
     nrm = moe_clip_grad_norm(s, max_norm);
     if (norm) *norm = nrm;
-    if (k->mode == MOE_MASK_GRAD) return moe_adamw_step(s, c, lr, step) == MOE_OK ? MOE_OK : moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
-    /* MOE_MASK_UPDATE: the spans of moe_adamw_step, each cut into its runs of kept
-       parameters; a run gets the same per-element arithmetic as the unmasked step */
-    MOE__OMP_PARALLEL_IF(s->numel > 32768)
-    {
-        int ti;
-        for (ti = 0; ti < s->count; ti++) {
-            const moe_tensor *t = &s->tensors[ti];
-            moe__adamw_consts kt = kc;
-            long long b, nb = ((long long)t->numel + MOE__ADAMW_SPAN - 1) / MOE__ADAMW_SPAN;
-            kt.decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * c->weight_decay : 1.0f;
-            MOE__OMP_FOR_NOWAIT
-            for (b = 0; b < nb; b++) {
-                size_t o = t->offset + (size_t)b * MOE__ADAMW_SPAN, left = t->numel - (size_t)b * MOE__ADAMW_SPAN;
-                size_t end = o + (left < MOE__ADAMW_SPAN ? left : MOE__ADAMW_SPAN), i = o;
-                while (i < end) {
-                    size_t j;
-                    while (i < end && !k->keep[i]) i++;
-                    for (j = i; j < end && k->keep[j]; j++) {}
-                    if (j > i) moe__adamw_span(s->params + i, s->grads + i, s->adam_m + i, s->adam_v + i, j - i, &kt);
-                    i = j;
-                }
-            }
-        }
-    }
+    /* MOE_MASK_GRAD: the plain step on the masked gradients (moments and decay still move a
+       masked row); MOE_MASK_UPDATE: masked parameters and their moments stay */
+    moe__adamw_apply(s, c, lr, &kc, k->mode == MOE_MASK_UPDATE ? k->keep : NULL);
     return MOE_OK;
 }
 

@@ -170,31 +170,9 @@ MOE__IMPL moe_status moe_mask_step(moe_mask *k, moe_store *s, const moe_adamw_co
     if (moe_mask_grads(k, s) != MOE_OK) return moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
     nrm = moe_clip_grad_norm(s, max_norm);
     if (norm) *norm = nrm;
-    if (k->mode == MOE_MASK_GRAD) return moe_adamw_step(s, c, lr, step) == MOE_OK ? MOE_OK : moe_err_set(&k->err, s->err.status, "%s", s->err.msg);
-    /* MOE_MASK_UPDATE: the spans of moe_adamw_step, each cut into its runs of kept
-       parameters; a run gets the same per-element arithmetic as the unmasked step */
-    MOE__OMP_PARALLEL_IF(s->numel > 32768)
-    {
-        int ti;
-        for (ti = 0; ti < s->count; ti++) {
-            const moe_tensor *t = &s->tensors[ti];
-            moe__adamw_consts kt = kc;
-            long long b, nb = ((long long)t->numel + MOE__ADAMW_SPAN - 1) / MOE__ADAMW_SPAN;
-            kt.decay = (t->flags & MOE_TENSOR_DECAY) ? 1.0f - lr * c->weight_decay : 1.0f;
-            MOE__OMP_FOR_NOWAIT
-            for (b = 0; b < nb; b++) {
-                size_t o = t->offset + (size_t)b * MOE__ADAMW_SPAN, left = t->numel - (size_t)b * MOE__ADAMW_SPAN;
-                size_t end = o + (left < MOE__ADAMW_SPAN ? left : MOE__ADAMW_SPAN), i = o;
-                while (i < end) {
-                    size_t j;
-                    while (i < end && !k->keep[i]) i++;
-                    for (j = i; j < end && k->keep[j]; j++) {}
-                    if (j > i) moe__adamw_span(s->params + i, s->grads + i, s->adam_m + i, s->adam_v + i, j - i, &kt);
-                    i = j;
-                }
-            }
-        }
-    }
+    /* MOE_MASK_GRAD: the plain step on the masked gradients (moments and decay still move a
+       masked row); MOE_MASK_UPDATE: masked parameters and their moments stay */
+    moe__adamw_apply(s, c, lr, &kc, k->mode == MOE_MASK_UPDATE ? k->keep : NULL);
     return MOE_OK;
 }
 

@@ -231,9 +231,10 @@ static moe_status moe__layer_init(moe_layer *L, const moe_layer_config *cfg, moe
          to an expert at most once, so an expert gets at most max_tokens rows. (K, N) of the
          matmuls: the linear (and noise) router, AoE's, HyperMoE's */
         int nt = moe_num_threads(), r = cfg->router == MOE_ROUTER_AOE ? cfg->aoe_rank : 0, a = cfg->hyper ? cfg->hyper_adapter : 0;
-        int hw = cfg->hyper ? cfg->hyper_width : 0, ab = a * hw; /* HyperMoE's sizes mean nothing without it */
-        int mm[10][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {cfg->hyper_embed, cfg->hyper_hidden},
-                         {cfg->hyper_hidden, cfg->hyper_cond}, {cfg->hyper_cond + cfg->hyper_layer_dim, hw}, {d, ab}, {ab + hw, d},
+        /* HyperMoE's sizes mean nothing without it (and are bounded by the validation with it) */
+        int hw = cfg->hyper ? cfg->hyper_width : 0, ab = a * hw, he = cfg->hyper ? cfg->hyper_embed : 0;
+        int hh = cfg->hyper ? cfg->hyper_hidden : 0, hc = cfg->hyper ? cfg->hyper_cond : 0, hl = cfg->hyper ? cfg->hyper_layer_dim : 0;
+        int mm[10][2] = {{L->cfg.router_dim, E}, {d, E * r}, {r, D}, {he, hh}, {hh, hc}, {hc + hl, hw}, {d, ab}, {ab + hw, d},
                          {d, a}, {a + 1, d}};
         size_t need = moe_experts_work_floats(max_tokens, E, d, D, cfg->expert, nt), w;
         if (S > 0 && (w = moe_experts_work_floats(max_tokens, S, d, Ds, cfg->expert, nt)) > need) need = w;

@@ -862,7 +862,8 @@ static int write_refs(const char *dir) {
 }
 
 /* JSON for tests/interop/check.mjs: per model and prompt our next-token logits at the last
-   prompt position and our greedy continuation; our generation speed. */
+   prompt position and our greedy continuation; our generation speed, timed as llama.cpp
+   generates: KV-cached decoding (moe_model_generate_batch), batch 1, greedy. */
 static int write_interop(const char *dir) {
     static const char *prompts[] = {"Hello", "The quick brown fox jumps", "MoE layers route tokens to experts. ", "0123456789"};
     const int n_new = 24;
@@ -877,17 +878,21 @@ static int write_interop(const char *dir) {
     fprintf(f, "{\n  \"threads\": %d,\n  \"cases\": [", moe_num_threads());
     for (which = 0; which < 2; which++) {
         moe_model m;
+        moe_kv_cache kc;
         char src[300];
+        int max_len = 0;
         snprintf(src, sizeof src, "%s/hf_%s", REF_DIR, ic_case_name[which]);
         if (moe_model_import_hf(&m, src, 1, 0, &e) != MOE_OK) { printf("%s\n", e.msg); fclose(f); return 1; }
+        for (p = 0; p < (int)(sizeof prompts / sizeof prompts[0]); p++)
+            if ((int)strlen(prompts[p]) + n_new > max_len) max_len = (int)strlen(prompts[p]) + n_new;
+        if (moe_kv_cache_init(&kc, &m, 1, max_len) != MOE_OK) { printf("%s\n", kc.err.msg); moe_model_free(&m); fclose(f); return 1; }
         snprintf(path, sizeof path, "%s/%s.gguf", dir, ic_case_name[which]);
         if (moe_model_export_gguf(&m, path, MOE_DTYPE_F32, &e) != MOE_OK) { printf("%s\n", e.msg); fclose(f); return 1; }
         snprintf(path, sizeof path, "%s/%s_f16.gguf", dir, ic_case_name[which]);
         if (moe_model_export_gguf(&m, path, MOE_DTYPE_F16, &e) != MOE_OK) { printf("%s\n", e.msg); fclose(f); return 1; }
         for (p = 0; p < (int)(sizeof prompts / sizeof prompts[0]); p++) {
             int n = (int)strlen(prompts[p]), tok[128], out[160], i, reps, rep;
-            moe_sampler greedy;
-            moe_rng rng;
+            moe_gen_seq q;
             double t0, secs;
             float *z;
             for (i = 0; i < n; i++) tok[i] = (unsigned char)prompts[p][i];
@@ -898,13 +903,28 @@ static int write_interop(const char *dir) {
             for (i = 0; i < n; i++) fprintf(f, "%s%d", i ? ", " : "", tok[i]);
             fprintf(f, "],\n     \"logits\": [");
             for (i = 0; i < 256; i++) fprintf(f, "%s%.9g", i ? ", " : "", (double)z[i]);
-            greedy.temperature = 0.0f;
-            greedy.top_k = 0;
-            greedy.top_p = 1.0f;
-            moe_rng_seed(&rng, 1);
+            memset(&q, 0, sizeof q);
+            q.prompt = tok;
+            q.n_prompt = n;
+            q.max_new = n_new;
+            q.stop = -1;
+            q.sampler.temperature = 0.0f;
+            q.sampler.top_k = 0;
+            q.sampler.top_p = 1.0f;
+            q.out = out + n;
+            memcpy(out, tok, sizeof(int) * (size_t)n);
             reps = 3;
             t0 = moe_time_seconds();
-            for (rep = 0; rep < reps; rep++) moe_model_generate(&m, tok, n, n_new, out, &greedy, &rng);
+            for (rep = 0; rep < reps; rep++) {
+                moe_rng_seed(&q.rng, 1);
+                if (moe_model_generate_batch(&m, &kc, &q, 1) != MOE_OK || q.n_out != n_new) {
+                    printf("%s\n", m.err.msg);
+                    moe_kv_cache_free(&kc);
+                    moe_model_free(&m);
+                    fclose(f);
+                    return 1;
+                }
+            }
             secs = (moe_time_seconds() - t0) / reps;
             fprintf(f, "],\n     \"greedy\": [");
             for (i = 0; i < n_new; i++) fprintf(f, "%s%d", i ? ", " : "", out[n + i]);
@@ -921,6 +941,7 @@ static int write_interop(const char *dir) {
             }
             fprintf(f, "],\n     \"ours_tokens_per_s\": %.1f}", n_new / secs);
         }
+        moe_kv_cache_free(&kc);
         moe_model_free(&m);
     }
     fprintf(f, "\n  ]\n}\n");

@@ -20,7 +20,8 @@
 // INTEROP_THREADS; median over the prompts), and "N passed, N failed"; exits 1 on a failure.
 // The llama.cpp side is timed through node-llama-cpp's evaluate() loop, so it includes the
 // binding's per-token JavaScript and sampler work, which dominates for models this small;
-// ours is moe_model_generate, which recomputes the whole context at every token (no KV cache).
+// ours is moe_model_generate_batch with one sequence and greedy sampling: the prompt in one
+// decode call, then one token at a time on a KV cache, as llama.cpp decodes.
 import fs from "node:fs";
 import path from "node:path";
 import {pathToFileURL} from "node:url";

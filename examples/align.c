@@ -14,13 +14,16 @@
  *     (held-out accuracy printed), scaled to unit spread on text; the second objective is
  *     verbosity (response code points / max_new); responses stop after a '.';
  *  3. RSF (arXiv 2304.06767, Algorithm 1) from the pre-trained model for directions
- *     v = (cos t, sin t), t from 0 (style only) to 90 degrees (verbosity only), one policy per
- *     direction (plain prompts), every round evaluated: style, verbosity, tax;
+ *     v = (cos t, sin t) (--angles: by default -45 = style and brevity, 0 = style only, 45, and
+ *     90 = verbosity only), one policy per direction (plain prompts), every round evaluated:
+ *     style, verbosity, tax;
  *  4. for the style policy (t = 0, reward = style): model averaging over lambda, part-wise
  *     averaging of the early or the late half of the layers, HMA at fixed mean ratios (the
  *     gradient search on the policy's own selected samples, one block per layer, the official
  *     choice of tensors) against uniform averaging at the same mean with the same tensors;
- *  5. merging the t = 0 and t = 90 policies with linear, SLERP, TIES and DARE.
+ *  5. merging the policies of the smallest and the largest angle with linear, SLERP, TIES and
+ *     DARE, at weights (1 - w, w) (SLERP: t = w; TIES and DARE: task vectors from the
+ *     pre-trained model, density 0.5).
  * Every model is evaluated the same way: fixed validation windows for the tax and the same
  * sampler seeds on fixed validation prompts for the rewards (common random numbers).
  * Fronts: hypervolumes (rwd_hypervolume), normalised by the box from the pre-trained model's
@@ -60,7 +63,7 @@ typedef struct options {
     int quick, threads, seed, d, layers, experts, pre_steps, B, T, dirs, rounds, prompts, cands, max_new, epochs;
     int eval_prompts, eval_cands, eval_windows, head_pairs, hma_steps;
     float pre_lr, lr;
-    const char *genres, *target, *data_dir, *out;
+    const char *genres, *target, *angles, *data_dir, *out;
 } options;
 
 /* one evaluated model */
@@ -383,6 +386,7 @@ static int series_of(const ctx *c, const char *exp, const char *label, float *x,
 int main(int argc, char **argv) {
     static ctx C;
     ctx *c = &C;
+    static const char default_angles[] = "0,-45,45,90";
     options o;
     brown_corpus cp;
     files_err fe;
@@ -395,7 +399,7 @@ int main(int argc, char **argv) {
     point pre, post, fin[MAX_DIRS];
     double head_acc, t0 = moe_time_seconds(), theta[MAX_DIRS];
     double lam_grid[11], part_grid[4], hma_means[3], merge_t[3];
-    int n_lam, n_part, n_hma, n_merge, rcode, i, j, g, dd;
+    int n_lam, n_part, n_hma, n_merge, rcode, i, j, g, dd, main_dir, lo_dir, hi_dir;
     int block[256], n_blocks, pivots[MAX_LAYERS];
     char path[1024], extra[256];
     flag fl[] = {
@@ -406,7 +410,7 @@ int main(int argc, char **argv) {
         flag_int("--experts", &o.experts, 0, 64, "experts of every layer's MoE FFN (top-2, width 2d each); 0 = a dense SwiGLU FFN of width 3d"),
         flag_int("--pre-steps", &o.pre_steps, 1, 1000000, "pre-training steps"),
         flag_float("--pre-lr", &o.pre_lr, 0, 1, "pre-training peak learning rate (warm-up, cosine to a tenth)"),
-        flag_int("--dirs", &o.dirs, 2, MAX_DIRS, "directions from 0 (style only) to 90 degrees (verbosity only)"),
+        flag_string("--angles", &o.angles, "LIST", "directions t in degrees, v = (cos t, sin t) over (style, verbosity): 0 (style only; the averaging experiments' policy) among them; the smallest and largest are merged"),
         flag_int("--rounds", &o.rounds, 1, 100, "RSF rounds per direction"),
         flag_int("--prompts", &o.prompts, 1, MAX_PROMPTS, "prompts per RSF round (a fresh draw each round)"),
         flag_int("--cands", &o.cands, 1, 64, "candidates per prompt (best-of-n under the direction)"),
@@ -426,7 +430,7 @@ int main(int argc, char **argv) {
     };
     flags_program p;
     memset(&o, 0, sizeof o);
-    o.seed = 1; o.d = 64; o.layers = 4; o.experts = 4; o.pre_steps = 1500; o.pre_lr = 3e-3f; o.dirs = 5; o.rounds = 6; o.prompts = 48;
+    o.seed = 1; o.d = 64; o.layers = 4; o.experts = 4; o.pre_steps = 1500; o.pre_lr = 3e-3f; o.angles = default_angles; o.rounds = 6; o.prompts = 48;
     o.cands = 8; o.max_new = 48; o.epochs = 2; o.lr = 1e-3f; o.eval_prompts = 24; o.eval_cands = 8; o.eval_windows = 32;
     o.head_pairs = 3000; o.hma_steps = 40; o.threads = 1; o.B = 16; o.T = 96;
     o.genres = "news,hobbies,learned,fiction,romance"; o.target = "romance"; o.data_dir = "data/brown"; o.out = "out";
@@ -438,8 +442,9 @@ int main(int argc, char **argv) {
     omp_set_num_threads(o.threads);
 #endif
     if (o.quick) {
-        o.d = 32; o.layers = 2; o.pre_steps = 40; o.B = 8; o.dirs = 2; o.rounds = 2; o.prompts = 6; o.cands = 4; o.max_new = 24;
+        o.d = 32; o.layers = 2; o.pre_steps = 40; o.B = 8; o.rounds = 2; o.prompts = 6; o.cands = 4; o.max_new = 24;
         o.eval_prompts = 4; o.eval_cands = 4; o.eval_windows = 8; o.head_pairs = 200; o.hma_steps = 3; o.epochs = 1;
+        if (o.angles == default_angles) o.angles = "0,90";
     }
     c->o = &o;
     if (!brown_load(&cp, o.data_dir, o.genres)) return 1;
@@ -471,7 +476,28 @@ int main(int argc, char **argv) {
         hma_means[0] = 0.4; hma_means[1] = 0.6; hma_means[2] = 0.8; n_hma = 3;
         merge_t[0] = 0.25; merge_t[1] = 0.5; merge_t[2] = 0.75; n_merge = 3;
     }
-    for (dd = 0; dd < o.dirs; dd++) theta[dd] = 0.5 * PI * dd / (o.dirs - 1);
+    /* the directions: 0 among them (the main policy), the two extremes merged */
+    {
+        const char *a = o.angles;
+        char *end;
+        main_dir = lo_dir = hi_dir = -1;
+        for (o.dirs = 0; *a && o.dirs < MAX_DIRS; o.dirs++) {
+            double deg = strtod(a, &end);
+            if (end == a || deg < -90.0 || deg > 90.0 || (*end && *end != ',')) break;
+            theta[o.dirs] = deg * PI / 180.0;
+            if (deg == 0.0) main_dir = o.dirs;
+            a = *end ? end + 1 : end;
+        }
+        if (*a || o.dirs < 2 || main_dir < 0) {
+            fprintf(stderr, "align: --angles '%s': 2 to %d angles in [-90, 90] degrees, 0 among them\n", o.angles, MAX_DIRS);
+            brown_free(&cp);
+            return 2;
+        }
+        for (dd = 0; dd < o.dirs; dd++) {
+            if (lo_dir < 0 || theta[dd] < theta[lo_dir]) lo_dir = dd;
+            if (hi_dir < 0 || theta[dd] > theta[hi_dir]) hi_dir = dd;
+        }
+    }
 
     /* the models: policy (training batches) and evaluation copy, one layout */
     mc.vocab = 256; mc.max_seq = o.T; mc.d = o.d; mc.n_layers = o.layers; mc.n_heads = 4; mc.d_ff = 3 * o.d; mc.pos = MOE_POS_ROPE;
@@ -513,13 +539,14 @@ int main(int argc, char **argv) {
     printf("  reward           style: linear BT head on hashed words (1024 buckets, bigrams), %s vs the others, %d pairs;\n", o.target,
            o.head_pairs);
     printf("                   verbosity: response code points / %d; responses stop after '.'\n", o.max_new);
-    printf("  RSF              %d directions 0..90 deg, %d rounds of %d prompts x %d candidates, %d epochs at lr %g per round\n", o.dirs,
+    printf("  RSF              directions %s deg, %d rounds of %d prompts x %d candidates, %d epochs at lr %g per round\n", o.angles,
            o.rounds, o.prompts, o.cands, o.epochs, (double)o.lr);
     printf("  evaluation       %d validation prompts x %d responses (the same sampler seeds for every model)\n", o.eval_prompts,
            o.eval_cands);
     printf("  averaging        MA over %d lambdas; part-wise early/late half at %d lambdas; HMA (one block per layer, %d steps) at %d means\n",
            n_lam, n_part, o.hma_steps, n_hma);
-    printf("  merging          t=0 and t=90 policies: linear, SLERP, TIES (density 0.5), DARE linear (density 0.5) at %d weights\n", n_merge);
+    printf("  merging          the smallest and largest angle's policies: linear, SLERP, TIES (density 0.5), DARE linear (density 0.5) at %d weights\n",
+           n_merge);
     printf("  seed             %d; threads %d\n", o.seed, o.threads);
     fflush(stdout);
 
@@ -570,14 +597,14 @@ int main(int argc, char **argv) {
             fin[dd] = record(c, "rsf", lab, t + 1, c->pol.S.params, extra);
         }
         memcpy(S_post[dd].params, c->pol.S.params, S_pre.numel * sizeof(float));
-        if (dd == 0) {
+        if (dd == main_dir) {
             int lp, K = o.layers;
             double a[MAX_LAYERS], lam[MAX_LAYERS], trace[10000];
             rwd_hma_config hc = rwd_hma_config_default();
-            post = fin[0];
+            post = fin[dd];
             /* model averaging over lambda */
             for (i = 0; i < n_lam; i++) {
-                CK(rwd_average(&S_tmp, &S_pre, &S_post[0], lam_grid[i], &e), "average", &e);
+                CK(rwd_average(&S_tmp, &S_pre, &S_post[dd], lam_grid[i], &e), "average", &e);
                 record(c, "ma", "ma", lam_grid[i], S_tmp.params, NULL);
             }
             /* part-wise: the early or the late half averaged, the other half and everything
@@ -588,7 +615,7 @@ int main(int argc, char **argv) {
                     double lb[2];
                     lb[0] = lp == 0 ? part_grid[i] : 1.0;
                     lb[1] = lp == 0 ? 1.0 : part_grid[i];
-                    CK(rwd_average_partwise(&S_tmp, &S_pre, &S_post[0], pivots, 1, lb, 1.0, &e), "part-wise average", &e);
+                    CK(rwd_average_partwise(&S_tmp, &S_pre, &S_post[dd], pivots, 1, lb, 1.0, &e), "part-wise average", &e);
                     record(c, "part", lp == 0 ? "early" : "late", part_grid[i], S_tmp.params, NULL);
                 }
             /* HMA: the style policy's own selected samples (best of n under v on a fresh draw of
@@ -606,12 +633,12 @@ int main(int argc, char **argv) {
                 char lams[160];
                 int n = 0;
                 hc.mean = hma_means[i];
-                if (rwd_hma_search(a, lam, trace, &S_tmp, &S_pre, &S_post[0], block, K, &hc, hma_loss, c, &e) != MOE_OK) die("HMA search", e.msg);
+                if (rwd_hma_search(a, lam, trace, &S_tmp, &S_pre, &S_post[dd], block, K, &hc, hma_loss, c, &e) != MOE_OK) die("HMA search", e.msg);
                 for (j = 0; j < K; j++) n += snprintf(lams + n, sizeof lams - (size_t)n, "%s%.3f", j ? "/" : "", lam[j]);
                 snprintf(extra, sizeof extra, "lambdas=%s objective_first=%.4f objective_last=%.4f", lams, trace[0], trace[o.hma_steps - 1]);
                 record(c, "hma", "hma", hma_means[i], S_tmp.params, extra);
                 for (j = 0; j < K; j++) lam[j] = hma_means[i];
-                CK(rwd_hma_merge(&S_tmp, &S_pre, &S_post[0], block, K, lam, &hc, &e), "uniform merge", &e);
+                CK(rwd_hma_merge(&S_tmp, &S_pre, &S_post[dd], block, K, lam, &hc, &e), "uniform merge", &e);
                 record(c, "uniform", "uniform", hma_means[i], S_tmp.params, NULL);
             }
         }
@@ -624,8 +651,8 @@ int main(int argc, char **argv) {
         static const char *const names[4] = {"linear", "slerp", "ties", "dare_linear"};
         static const rwd_merge_method meth[4] = {RWD_MERGE_LINEAR, RWD_MERGE_SLERP, RWD_MERGE_TIES, RWD_MERGE_DARE_LINEAR};
         int mth;
-        models[0] = &S_post[0];
-        models[1] = &S_post[o.dirs - 1];
+        models[0] = &S_post[lo_dir];
+        models[1] = &S_post[hi_dir];
         for (mth = 0; mth < 4; mth++)
             for (i = 0; i < n_merge; i++) {
                 rwd_merge_config mg = rwd_merge_config_default(meth[mth]);
@@ -690,8 +717,8 @@ int main(int argc, char **argv) {
         rho_s = rwd_spearman(th, ss, (size_t)o.dirs);
         for (mth = 0; mth < 4; mth++) {
             n = 0;
-            pts[2 * n] = fin[0].style; pts[2 * n + 1] = fin[0].verb; n++;
-            pts[2 * n] = fin[o.dirs - 1].style; pts[2 * n + 1] = fin[o.dirs - 1].verb; n++;
+            pts[2 * n] = fin[lo_dir].style; pts[2 * n + 1] = fin[lo_dir].verb; n++;
+            pts[2 * n] = fin[hi_dir].style; pts[2 * n + 1] = fin[hi_dir].verb; n++;
             for (i = 0; i < c->n_rows; i++)
                 if (!strcmp(c->rows[i].exp, "merge") && !strcmp(c->rows[i].label, names[mth])) {
                     pts[2 * n] = c->rows[i].style;
@@ -736,8 +763,13 @@ int main(int argc, char **argv) {
         /* style against verbosity */
         ns = 0;
         memset(s, 0, sizeof s);
-        for (dd = 0; dd < o.dirs; dd++) { x[0][dd] = (float)fin[dd].verb; y[0][dd] = (float)fin[dd].style; }
-        s[0].name = "RSF policies, 0..90 deg"; s[0].x = x[0]; s[0].y = y[0]; s[0].n = o.dirs; s[0].style = PLOT_LINE_POINTS;
+        for (dd = 0; dd < o.dirs; dd++) { /* in the order of the angle */
+            int rank = 0;
+            for (j = 0; j < o.dirs; j++) rank += theta[j] < theta[dd];
+            x[0][rank] = (float)fin[dd].verb;
+            y[0][rank] = (float)fin[dd].style;
+        }
+        s[0].name = "RSF policies by angle"; s[0].x = x[0]; s[0].y = y[0]; s[0].n = o.dirs; s[0].style = PLOT_LINE_POINTS;
         ns = 1;
         {
             static const char *const names[4] = {"linear", "slerp", "ties", "dare_linear"};

@@ -20,7 +20,8 @@
  *  4. for the style policy (t = 0, reward = style): model averaging over lambda, part-wise
  *     averaging of the early or the late half of the layers, HMA at fixed mean ratios (the
  *     gradient search on the policy's own selected samples, one block per layer, the official
- *     choice of tensors) against uniform averaging at the same mean with the same tensors;
+ *     choice of tensors) against uniform averaging at the same mean with the same tensors, and
+ *     HMA with every tensor following (FOLLOW_ALL) against plain averaging at the same mean;
  *  5. merging the policies of the smallest and the largest angle with linear, SLERP, TIES and
  *     DARE, at weights (1 - w, w) (SLERP: t = w; TIES and DARE: task vectors from the
  *     pre-trained model, density 0.5).
@@ -464,7 +465,7 @@ int main(int argc, char **argv) {
     }
     /* the points of each sweep */
     if (o.quick) {
-        lam_grid[0] = 0.0; lam_grid[1] = 0.5; lam_grid[2] = 1.0; n_lam = 3;
+        lam_grid[0] = 0.0; lam_grid[1] = 0.6; lam_grid[2] = 1.0; n_lam = 3; /* 0.6: HMA's mean */
         part_grid[0] = 0.5; n_part = 1;
         hma_means[0] = 0.6; n_hma = 1;
         merge_t[0] = 0.5; n_merge = 1;
@@ -640,6 +641,14 @@ int main(int argc, char **argv) {
                 for (j = 0; j < K; j++) lam[j] = hma_means[i];
                 CK(rwd_hma_merge(&S_tmp, &S_pre, &S_post[dd], block, K, lam, &hc, &e), "uniform merge", &e);
                 record(c, "uniform", "uniform", hma_means[i], S_tmp.params, NULL);
+                /* the alternative: every tensor of a layer follows its block, the rest the mean;
+                   its uniform twin is plain averaging at lambda = the mean */
+                hc.follow = RWD_HMA_FOLLOW_ALL;
+                if (rwd_hma_search(a, lam, trace, &S_tmp, &S_pre, &S_post[dd], block, K, &hc, hma_loss, c, &e) != MOE_OK) die("HMA search", e.msg);
+                for (n = 0, j = 0; j < K; j++) n += snprintf(lams + n, sizeof lams - (size_t)n, "%s%.3f", j ? "/" : "", lam[j]);
+                snprintf(extra, sizeof extra, "lambdas=%s objective_first=%.4f objective_last=%.4f", lams, trace[0], trace[o.hma_steps - 1]);
+                record(c, "hma_all", "hma_all", hma_means[i], S_tmp.params, extra);
+                hc.follow = RWD_HMA_FOLLOW_LINEAR;
             }
         }
         rwd_rsf_free(&c->tr);
@@ -679,9 +688,9 @@ int main(int argc, char **argv) {
 
     /* fronts and hypervolumes */
     {
-        double hv_rounds, hv_ma, hv_early, hv_late, hv_hma, hv_uni, hv_dirs, hv_m[4], rho_v, rho_s;
+        double hv_rounds, hv_ma, hv_early, hv_late, hv_hma, hv_uni, hv_hma_all, hv_dirs, hv_m[4], rho_v, rho_s;
         double pts[2 * MAX_ROWS], ref[2], lo[2] = {1e300, 1e300}, hi[2] = {-1e300, -1e300}, th[MAX_DIRS], sv[MAX_DIRS], ss[MAX_DIRS];
-        int hma_better = 0, n, mth;
+        int hma_better = 0, hma_all_better = 0, n_all_pairs = 0, n, mth;
         static const char *const names[4] = {"linear", "slerp", "ties", "dare_linear"};
         char lab0[32];
         snprintf(lab0, sizeof lab0, "theta0");
@@ -691,10 +700,19 @@ int main(int argc, char **argv) {
         hv_late = hv_tax(c, "part", "late", &pre, &post, 1);
         hv_hma = hv_tax(c, "hma", NULL, &pre, &post, 1);
         hv_uni = hv_tax(c, "uniform", NULL, &pre, &post, 1);
+        hv_hma_all = hv_tax(c, "hma_all", NULL, &pre, &post, 1);
         for (i = 0; i < c->n_rows; i++)
             if (!strcmp(c->rows[i].exp, "hma")) {
                 const row *h = &c->rows[i], *u = &c->rows[i + 1]; /* its uniform twin follows it */
                 hma_better += h->style >= u->style && h->tax <= u->tax && (h->style > u->style || h->tax < u->tax);
+            } else if (!strcmp(c->rows[i].exp, "hma_all")) {
+                const row *h = &c->rows[i];
+                for (j = 0; j < c->n_rows; j++) {
+                    const row *u = &c->rows[j]; /* averaging at the same lambda */
+                    if (strcmp(u->exp, "ma") || fabs(u->param - h->param) > 1e-9) continue;
+                    n_all_pairs++;
+                    hma_all_better += h->style >= u->style && h->tax <= u->tax && (h->style > u->style || h->tax < u->tax);
+                }
             }
         /* (style, verbosity) fronts: normalised by the box of every point of the run */
         for (i = 0; i < c->n_rows; i++) {
@@ -728,10 +746,10 @@ int main(int argc, char **argv) {
             hv_m[mth] = hv(pts, n, ref, hi[0] - lo[0], hi[1] - lo[1]);
         }
         printf("summary seed=%d head_acc=%.4f pre_style=%.4f post_style=%.4f pre_tax=%.4f post_tax=%.4f hv_rounds=%.4f hv_ma=%.4f "
-               "hv_early=%.4f hv_late=%.4f hv_hma=%.4f hv_uniform=%.4f hma_dominates=%d of=%d hv_dirs=%.4f hv_linear=%.4f hv_slerp=%.4f "
-               "hv_ties=%.4f hv_dare=%.4f rho_theta_verbosity=%.3f rho_theta_style=%.3f seconds=%.1f\n",
+               "hv_early=%.4f hv_late=%.4f hv_hma=%.4f hv_uniform=%.4f hma_dominates=%d of=%d hv_hma_all=%.4f hma_all_dominates_ma=%d of=%d "
+               "hv_dirs=%.4f hv_linear=%.4f hv_slerp=%.4f hv_ties=%.4f hv_dare=%.4f rho_theta_verbosity=%.3f rho_theta_style=%.3f seconds=%.1f\n",
                o.seed, head_acc, pre.style, post.style, pre.tax, post.tax, hv_rounds, hv_ma, hv_early, hv_late, hv_hma, hv_uni, hma_better,
-               n_hma, hv_dirs, hv_m[0], hv_m[1], hv_m[2], hv_m[3], rho_v, rho_s, moe_time_seconds() - t0);
+               n_hma, hv_hma_all, hma_all_better, n_all_pairs, hv_dirs, hv_m[0], hv_m[1], hv_m[2], hv_m[3], rho_v, rho_s, moe_time_seconds() - t0);
     }
 
     /* the plots */
@@ -741,14 +759,14 @@ int main(int argc, char **argv) {
         plot_chart ch;
         char lab0[32], title[128];
         int ns = 0, k;
-        static const char *const exps[6] = {"rsf", "ma", "part", "part", "hma", "uniform"};
-        static const char *const labs[6] = {NULL, NULL, "early", "late", NULL, NULL};
-        static const char *const legend[6] = {"RSF rounds (t=0)", "averaging (lambda)", "early half averaged", "late half averaged", "HMA",
-                                              "uniform (HMA's tensors)"};
+        static const char *const exps[7] = {"rsf", "ma", "part", "part", "hma", "uniform", "hma_all"};
+        static const char *const labs[7] = {NULL, NULL, "early", "late", NULL, NULL, NULL};
+        static const char *const legend[7] = {"RSF rounds (t=0)", "averaging (lambda)", "early half averaged", "late half averaged", "HMA",
+                                              "uniform (HMA's tensors)", "HMA, all tensors"};
         memset(s, 0, sizeof s);
         snprintf(lab0, sizeof lab0, "theta0");
         x[0][0] = (float)pre.tax; y[0][0] = (float)pre.style;
-        for (k = 0; k < 6; k++) {
+        for (k = 0; k < 7; k++) {
             int off = k == 0, n = series_of(c, exps[k], k == 0 ? lab0 : labs[k], x[ns] + off, y[ns] + off, 1) + off;
             if (n == 0) continue;
             s[ns].name = legend[k]; s[ns].x = x[ns]; s[ns].y = y[ns]; s[ns].n = n;

@@ -75,14 +75,14 @@ int main(void) {
         p = strstr(out, "lambdas=");
         CHECK(p && sscanf(p, "lambdas=%lf/%lf", &l1, &l2) == 2 && fabs(0.5 * (l1 + l2) - lam) < 2e-3,
               "HMA's block ratios keep their mean %g", lam);
-        CHECK(value(out, "exp=uniform ", "param") == lam, "a uniform merge at HMA's mean follows it");
+        CHECK(value(out, "exp=uniform ", "param") == lam && value(out, "exp=hma_all ", "param") == lam, "a uniform merge at HMA's mean follows it, then HMA on all tensors");
         CHECK(!isnan(value(out, "exp=merge label=linear", "style")) && !isnan(value(out, "exp=merge label=slerp", "style")) &&
                   !isnan(value(out, "exp=merge label=ties", "style")) && !isnan(value(out, "exp=merge label=dare_linear", "style")),
               "every merge method is evaluated");
         CHECK(fabs(value(out, "summary", "rho_theta_verbosity")) <= 1.0 && value(out, "summary", "hv_linear") >= 0.0, "summary line");
     }
-    /* pre + 2 directions x 2 rounds + 3 lambdas + 2 part-wise + HMA + uniform + 4 merges, and the header */
-    CHECK(lines_of("build/tmp_align/align_s1.csv") == 1 + 1 + 4 + 3 + 2 + 2 + 4, "CSV rows: %ld", lines_of("build/tmp_align/align_s1.csv"));
+    /* pre + 2 directions x 2 rounds + 3 lambdas + 2 part-wise + HMA, uniform, HMA on all tensors + 4 merges, and the header */
+    CHECK(lines_of("build/tmp_align/align_s1.csv") == 1 + 1 + 4 + 3 + 2 + 3 + 4, "CSV rows: %ld", lines_of("build/tmp_align/align_s1.csv"));
     CHECK(lines_of("build/tmp_align/align_tax_s1.png") > 0 && lines_of("build/tmp_align/align_dirs_s1.png") > 0, "both plots written");
     CHECK(proc_run_out(NULL, LOG, out, sizeof out, align, "--quick", "--target", "humor", "--out", "build/tmp_align", END) == 2 &&
               strstr(out, "must be one of"),

@@ -372,6 +372,32 @@ static double hv_tax(const ctx *c, const char *exp, const char *label, const poi
     return hv(pts, n, ref, post->style - pre->style, post->tax - pre->tax);
 }
 
+/* mean over the rows of experiment exp (label NULL: any) of (their tax - the tax of the averaging curve at their
+   reward, linear between its lambdas): < 0 = below the averaging front (better); NaN if none
+   falls within the curve's reward range */
+static double tax_gap(const ctx *c, const char *exp, const char *label) {
+    double sum = 0.0;
+    int i, j, n = 0;
+    for (i = 0; i < c->n_rows; i++) {
+        const row *h = &c->rows[i];
+        const row *prev = NULL;
+        if (strcmp(h->exp, exp) || (label && strcmp(h->label, label))) continue;
+        for (j = 0; j < c->n_rows; j++) { /* the averaging rows come in increasing lambda */
+            const row *u = &c->rows[j];
+            if (strcmp(u->exp, "ma")) continue;
+            if (prev && ((prev->style <= h->style && h->style <= u->style) || (u->style <= h->style && h->style <= prev->style)) &&
+                prev->style != u->style) {
+                double f = (h->style - prev->style) / (u->style - prev->style);
+                sum += h->tax - (prev->tax + f * (u->tax - prev->tax));
+                n++;
+                break;
+            }
+            prev = u;
+        }
+    }
+    return n ? sum / n : NAN;
+}
+
 /* the rows of experiment exp (label NULL: any) as plot arrays */
 static int series_of(const ctx *c, const char *exp, const char *label, float *x, float *y, int tax_x) {
     int i, n = 0;
@@ -747,9 +773,11 @@ int main(int argc, char **argv) {
         }
         printf("summary seed=%d head_acc=%.4f pre_style=%.4f post_style=%.4f pre_tax=%.4f post_tax=%.4f hv_rounds=%.4f hv_ma=%.4f "
                "hv_early=%.4f hv_late=%.4f hv_hma=%.4f hv_uniform=%.4f hma_dominates=%d of=%d hv_hma_all=%.4f hma_all_dominates_ma=%d of=%d "
+               "tax_gap_rounds=%.4f tax_gap_early=%.4f tax_gap_late=%.4f tax_gap_hma=%.4f tax_gap_uniform=%.4f tax_gap_hma_all=%.4f "
                "hv_dirs=%.4f hv_linear=%.4f hv_slerp=%.4f hv_ties=%.4f hv_dare=%.4f rho_theta_verbosity=%.3f rho_theta_style=%.3f seconds=%.1f\n",
                o.seed, head_acc, pre.style, post.style, pre.tax, post.tax, hv_rounds, hv_ma, hv_early, hv_late, hv_hma, hv_uni, hma_better,
-               n_hma, hv_hma_all, hma_all_better, n_all_pairs, hv_dirs, hv_m[0], hv_m[1], hv_m[2], hv_m[3], rho_v, rho_s, moe_time_seconds() - t0);
+               n_hma, hv_hma_all, hma_all_better, n_all_pairs, tax_gap(c, "rsf", lab0), tax_gap(c, "part", "early"),
+               tax_gap(c, "part", "late"), tax_gap(c, "hma", NULL), tax_gap(c, "uniform", NULL), tax_gap(c, "hma_all", NULL), hv_dirs, hv_m[0], hv_m[1], hv_m[2], hv_m[3], rho_v, rho_s, moe_time_seconds() - t0);
     }
 
     /* the plots */

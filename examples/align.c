@@ -30,7 +30,8 @@
  * Fronts: hypervolumes (rwd_hypervolume), normalised by the box from the pre-trained model's
  * reward and the aligned model's tax to the aligned reward and the pre-trained tax (0.5 = the
  * straight line between the two models); merge fronts in (style, verbosity), normalised by the
- * box of all the run's points.
+ * box of all the run's points. The tax gap of an arm: the mean over its points of their tax minus
+ * the averaging curve's tax at the same reward (< 0: a better trade-off than averaging).
  * Outputs: a settings table, key=value lines, <out>/align_s<seed>.csv (every evaluated model),
  * <out>/align_tax_s<seed>.png (reward against tax) and <out>/align_dirs_s<seed>.png (style
  * against verbosity: the direction sweep and the merges), a closing "summary" line. */

@@ -470,7 +470,7 @@ int main(int argc, char **argv) {
     omp_set_num_threads(o.threads);
 #endif
     if (o.quick) {
-        o.d = 32; o.layers = 2; o.pre_steps = 40; o.B = 8; o.rounds = 2; o.prompts = 6; o.cands = 4; o.max_new = 24;
+        o.d = 32; o.layers = 2; o.pre_steps = 30; o.B = 8; o.T = 48; o.rounds = 2; o.prompts = 6; o.cands = 4; o.max_new = 24;
         o.eval_prompts = 4; o.eval_cands = 4; o.eval_windows = 8; o.head_pairs = 200; o.hma_steps = 3; o.epochs = 1;
         if (o.angles == default_angles) o.angles = "0,90";
     }

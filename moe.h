@@ -4337,6 +4337,36 @@ MOE__GEMM_FN void moe__swiglu_rows_backward(float *MOE_RESTRICT h, float *MOE_RE
     }
 }
 
+/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding): each element a dot product in
+   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
+   count or the other rows. A few rows per call would spend more time packing W into
+   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
+static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
+    int nb = (N + 3) / 4, blk;
+    (void)nthreads; /* only the OpenMP build reads it */
+    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? nthreads : 1)
+    for (blk = 0; blk < M * nb; blk++) {
+        int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
+        const float *x = inp + (size_t)i * K;
+        float acc[4][MOE__LANES];
+        for (c = 0; c < 4; c++)
+            for (k = 0; k < MOE__LANES; k++) acc[c][k] = 0.0f;
+        for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
+            for (c = 0; c < nc; c++) {
+                const float *w = W + (size_t)(j0 + c) * K + u;
+                for (k = 0; k < MOE__LANES; k++) acc[c][k] += x[u + k] * w[k];
+            }
+        for (c = 0; c < nc; c++) {
+            const float *w = W + (size_t)(j0 + c) * K;
+            int h;
+            for (k = 0; u + k < K; k++) acc[c][k] += x[u + k] * w[u + k];
+            for (h = MOE__LANES / 2; h >= 1; h /= 2)
+                for (k = 0; k < h; k++) acc[c][k] += acc[c][k + h];
+            out[(size_t)i * N + j0 + c] = acc[c][0];
+        }
+    }
+}
+
 static int moe__bank_max_rows(const int *offset, int E) {
     int e, m = 0;
     for (e = 0; e < E; e++)
@@ -4412,6 +4442,45 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
     return j;
 }
 
+/* Banks whose experts get at most this many rows (cached decoding: a few tokens per call)
+   skip the GEMM: packing an expert's three matrices costs about as much as multiplying them
+   by one row, so the products go through moe__decode_linear instead. The switch depends on
+   the rows alone, never on the thread count. */
+#ifndef MOE__EXPERT_DOT_ROWS
+#define MOE__EXPERT_DOT_ROWS 4
+#endif
+
+/* moe_experts_forward for few rows per expert: expert by expert, the products as dot
+   products; hbuf holds (rows, D) */
+static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up, const float *xg,
+                                          const moe_expert_weights *w, const int *offset, int E, int d, int D,
+                                          moe_expert_kind kind, moe_activation act, float *hbuf, int nthreads) {
+    int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, j;
+    size_t wsz = (size_t)D * d, i;
+    for (e = 0; e < E; e++) {
+        int base = offset[e], n = offset[e + 1] - base;
+        const float *x = xg + (size_t)base * d;
+        float *hu = h_up + (size_t)base * D, *o = out + (size_t)base * d;
+        size_t nh = (size_t)n * D;
+        if (n == 0) continue;
+        moe__decode_linear(hu, x, w->up + wsz * e, n, d, D, nthreads);
+        if (swiglu) {
+            float *hg = h_gate + (size_t)base * D;
+            if (own_gate) moe__decode_linear(hg, x, w->gate + wsz * e, n, d, D, nthreads);
+            moe__swiglu_rows(hbuf, hg, hu, nh);
+        } else {
+            if (w->b_up)
+                for (i = 0; i < (size_t)n; i++)
+                    for (j = 0; j < D; j++) hu[i * D + j] += w->b_up[(size_t)e * D + j];
+            for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
+        }
+        moe__decode_linear(o, hbuf, w->down + wsz * e, n, D, d, nthreads);
+        if (!swiglu && w->b_down)
+            for (i = 0; i < (size_t)n; i++)
+                for (j = 0; j < d; j++) o[i * d + j] += w->b_down[(size_t)e * d + j];
+    }
+}
+
 MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up, const float *xg,
                                          const moe_expert_weights *w, const int *offset, int E, int d, int D,
                                          moe_expert_kind kind, moe_activation act, moe_work *work_ws) {
@@ -4425,10 +4494,16 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
     int chunk, *tstart;
     float *buf, *thr, *own;
     moe_status st;
-    if (moe__bank_max_rows(offset, E) == 0) return MOE_OK;
+    int max_rows = moe__bank_max_rows(offset, E);
+    if (max_rows == 0) return MOE_OK;
     need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
     buf = moe__work_get(work_ws, need, &own, &st);
     if (st != MOE_OK) return st;
+    if (max_rows <= MOE__EXPERT_DOT_ROWS) { /* decoding: no packing (buf holds >= MC rows of h) */
+        moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads);
+        MOE_FREE(own);
+        return MOE_OK;
+    }
     thr = buf + per_e * (size_t)chunk;
     tstart = (int *)moe__align_up(thr + work * (size_t)nthreads, sizeof(int));
     for (e0 = 0; e0 < E; e0 = e1) {
@@ -8920,35 +8995,6 @@ static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *q
     }
 }
 
-/* out (M, N) = inp (M, K) . W (N, K)^T for decoding: each element a dot product in
-   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
-   count or the other rows. Decoding's few rows per call would spend more time packing W into
-   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
-static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N) {
-    int nb = (N + 3) / 4, blk;
-    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? moe_num_threads() : 1)
-    for (blk = 0; blk < M * nb; blk++) {
-        int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
-        const float *x = inp + (size_t)i * K;
-        float acc[4][MOE__LANES];
-        for (c = 0; c < 4; c++)
-            for (k = 0; k < MOE__LANES; k++) acc[c][k] = 0.0f;
-        for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
-            for (c = 0; c < nc; c++) {
-                const float *w = W + (size_t)(j0 + c) * K + u;
-                for (k = 0; k < MOE__LANES; k++) acc[c][k] += x[u + k] * w[k];
-            }
-        for (c = 0; c < nc; c++) {
-            const float *w = W + (size_t)(j0 + c) * K;
-            int h;
-            for (k = 0; u + k < K; k++) acc[c][k] += x[u + k] * w[u + k];
-            for (h = MOE__LANES / 2; h >= 1; h /= 2)
-                for (k = 0; k < h; k++) acc[c][k] += acc[c][k + h];
-            out[(size_t)i * N + j0 + c] = acc[c][0];
-        }
-    }
-}
-
 /* what decoding and generation need of the model and the cache */
 static moe_status moe__decode_check(moe_model *m, const moe_kv_cache *c) {
     const moe_model_config *mc = &m->cfg;
@@ -9007,7 +9053,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         float s = m->layer_scale[l];
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
-        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
+        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads());
         for (i = 0; i < n; i++) {
             float *row = b->qkv + (size_t)i * 3 * d;
             int h;
@@ -9020,14 +9066,14 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
-        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
+        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads());
         for (i = 0; i < n * d; i++) b->x2[i] = s * b->x2[i] + b->x[i]; /* s_l: masked growth's residual scale */
         st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
-    moe__decode_linear(m->logits, m->lnf, wte, n, d, V);
+    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads());
     return MOE_OK;
 }
 

@@ -38,7 +38,7 @@ static double median(double *t, int n) {
     return t[n / 2];
 }
 
-static int bench_config(const char *name, int d, int ffe) {
+static int bench_config(const char *name, int d, int ffe, int batch1) {
     moe_model_config c = moe_model_config_default();
     moe_model m;
     moe_kv_cache kc;
@@ -67,7 +67,7 @@ static int bench_config(const char *name, int d, int ffe) {
     moe_rng_seed(&rng, 42);
     for (b = 0; b < MAXB; b++)
         for (i = 0; i < PROMPT; i++) prompts[b][i] = (int)(moe_rng_u32(&rng) & 255);
-    for (b = 0; b < 2; b++) {
+    for (b = 0; b < (batch1 ? 1 : 2); b++) {
         int B = batches[b];
         for (r = -1; r < REPS; r++) {
             double t0;
@@ -91,7 +91,7 @@ static int bench_config(const char *name, int d, int ffe) {
             fflush(stdout);
         }
     }
-    { /* the path before the cache: moe_model_generate, 64 new tokens */
+    if (!batch1) { /* the path before the cache: moe_model_generate, 64 new tokens */
         int out[PROMPT + 64];
         moe_sampler s = {1.0f, 0, 1.0f};
         double ms;
@@ -122,12 +122,12 @@ static int bench_config(const char *name, int d, int ffe) {
             t[r] = moe_time_seconds() - t0;
         }
         ms = median(t, 21) * 1e3;
-        for (r = 0; r < 5; r++) {
+        for (r = 0; r < (batch1 ? 0 : 5); r++) {
             double t0 = moe_time_seconds();
             moe_model_forward(&m, ctx_tokens, NULL, 1, L + 1, NULL);
             t[r] = moe_time_seconds() - t0;
         }
-        full = median(t, 5) * 1e3;
+        full = batch1 ? 0.0 : median(t, 5) * 1e3;
         printf("bench=generate_ctx config=%s context=%d threads=%d ms_per_token=%.4f full_forward_ms=%.3f\n", name, L, threads, ms, full);
         fflush(stdout);
     }
@@ -137,13 +137,16 @@ static int bench_config(const char *name, int d, int ffe) {
 }
 
 int main(int argc, char **argv) {
-    int rc = 0;
+    int rc = 0, batch1 = 0;
     const char *only = NULL;
-    flags_program p = flags_program_make("generate", "generation throughput of the tiny byte-level MoE transformer on the KV cache (bench)",
+    flag fl[1];
+    flags_program p;
+    fl[0] = flag_switch("--batch1", &batch1, "batch 1 only, no full forward (full_forward_ms=0): the quick A/B of decoding");
+    p = flags_program_make("generate", "generation throughput of the tiny byte-level MoE transformer on the KV cache (bench)",
                                          "No input (random weights and prompts). Lines: bench=generate config=C batch=B threads= prompt= new=\n"
                                          "median_ms= tokens_per_s=; bench=generate_ctx config=C context=L ms_per_token= full_forward_ms=.\n"
                                          "CONFIG: demo (d 128) or d256 (default: both).",
-                                         NULL, 0);
+                                         fl, 1);
     flags_positional(&p, &only, 1, "[CONFIG]");
     if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
     rc = 0;
@@ -151,7 +154,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "generate: unknown config '%s' (demo, d256)\n", only);
         return 2;
     }
-    if (!only || strcmp(only, "demo") == 0) rc |= bench_config("demo", 128, 256);
-    if (!only || strcmp(only, "d256") == 0) rc |= bench_config("d256", 256, 512);
+    if (!only || strcmp(only, "demo") == 0) rc |= bench_config("demo", 128, 256, batch1);
+    if (!only || strcmp(only, "d256") == 0) rc |= bench_config("d256", 256, 512, batch1);
     return rc;
 }

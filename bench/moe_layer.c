@@ -12,6 +12,10 @@
    gflops counts the expert and router matmuls only: forward 2 T k (3 d D) + 2 T d E, backward
    twice the forward; fwd_bwd = 3x forward. bench/torch_moe_layer.py is the PyTorch peer.
    Optional argument: one config name.
+   With -DMOE_BENCH_BLAS (make bench BLAS=1) also the expert GEMMs alone through OpenBLAS sgemm
+   on the layer's last routing (each expert's 3 forward and 6 backward products on its rows; no
+   gather, activation, combine or router):
+     bench=moe_layer_blas config=C pass=fwd_bwd threads=P median_ms= layer_over_gemms=
 
    `moe_layer --routers [config]` times the router families against top-k at the same shapes
    (issue 4). Each family's layer is timed in alternation with a top-k layer, rep by rep, so
@@ -44,6 +48,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef MOE_BENCH_BLAS
+#include <cblas.h>
+#endif
+
 #define REPS 7
 
 static int cmp_double(const void *a, const void *b) {
@@ -55,6 +63,34 @@ static double median(double *t, int n) {
     qsort(t, (size_t)n, sizeof(double), cmp_double);
     return t[n / 2];
 }
+
+#ifdef MOE_BENCH_BLAS
+/* the layer's expert products alone through sgemm on its routing (L->routed.offset): forward
+   hg = x Wg^T, hu = x Wu^T, out = h Wd^T; backward dh = dout Wd, gWd += dout^T h,
+   dxg = dg Wg + du Wu, gWg += dg^T x, gWu += du^T x. Buffers hold the layer's gathered rows. */
+static double blas_expert_gemms(const moe_layer *L, const moe_expert_weights *w, moe_expert_weights *gw, float *xg,
+                                float *h1, float *h2, float *h3, float *o, float *dxg) {
+    int E = L->cfg.n_experts, d = L->cfg.d, D = L->cfg.d_ff, e;
+    size_t wsz = (size_t)D * d;
+    double t0 = moe_time_seconds();
+    for (e = 0; e < E; e++) {
+        int b = L->routed.offset[e], n = L->routed.offset[e + 1] - b;
+        float *x = xg + (size_t)b * d, *a = h1 + (size_t)b * D, *u = h2 + (size_t)b * D, *h = h3 + (size_t)b * D;
+        float *oo = o + (size_t)b * d, *dx = dxg + (size_t)b * d;
+        if (n == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, D, d, 1.0f, x, d, w->gate + wsz * e, d, 0.0f, a, D);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, D, d, 1.0f, x, d, w->up + wsz * e, d, 0.0f, u, D);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, D, 1.0f, h, D, w->down + wsz * e, D, 0.0f, oo, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, d, 1.0f, oo, d, w->down + wsz * e, D, 0.0f, h, D);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, D, n, 1.0f, oo, d, h, D, 1.0f, gw->down + wsz * e, D);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, D, 1.0f, a, D, w->gate + wsz * e, d, 0.0f, dx, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, D, 1.0f, u, D, w->up + wsz * e, d, 1.0f, dx, d);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, d, n, 1.0f, a, D, x, d, 1.0f, gw->gate + wsz * e, d);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, d, n, 1.0f, u, D, x, d, 1.0f, gw->up + wsz * e, d);
+    }
+    return moe_time_seconds() - t0;
+}
+#endif
 
 static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     moe_layer_config c = moe_layer_config_default();
@@ -114,6 +150,23 @@ static int bench_config(const char *name, int T, int d, int D, int E, int k) {
     ms = median(tb, REPS) * 1e3;
     printf("bench=moe_layer config=%s pass=fwd_bwd threads=%d median_ms=%.2f tokens_per_s=%.0f gflops=%.1f\n", name,
            threads, ms, T / ms * 1e3, 3.0 * flops_fwd / ms * 1e-6);
+#ifdef MOE_BENCH_BLAS
+    {
+        size_t N = (size_t)L.routed.offset[E], nh = N * D;
+        float *h1 = (float *)calloc(nh, sizeof(float)), *h2 = (float *)calloc(nh, sizeof(float));
+        float *h3 = (float *)calloc(nh, sizeof(float)), *o = (float *)calloc(N * d, sizeof(float));
+        float *dxg = (float *)calloc(N * d, sizeof(float));
+        moe_expert_weights w = moe_layer_experts(&L, &S, 0, 0), gw = moe_layer_experts(&L, &S, 0, 1);
+        double tg[REPS];
+        if (h1 && h2 && h3 && o && dxg) {
+            blas_expert_gemms(&L, &w, &gw, L.xg, h1, h2, h3, o, dxg); /* warm-up */
+            for (r = 0; r < REPS; r++) tg[r] = blas_expert_gemms(&L, &w, &gw, L.xg, h1, h2, h3, o, dxg);
+            printf("bench=moe_layer_blas config=%s pass=fwd_bwd threads=%d median_ms=%.2f layer_over_gemms=%.3f\n", name, threads,
+                   median(tg, REPS) * 1e3, ms / (median(tg, REPS) * 1e3));
+        }
+        free(h1); free(h2); free(h3); free(o); free(dxg);
+    }
+#endif
     fflush(stdout);
     free(x);
     free(y);

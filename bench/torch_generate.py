@@ -18,7 +18,9 @@ Lines (median of 5 runs after one warm-up; prompts of 16 random bytes, 240 new t
 Settings as bench/torch_train_lm.py (tuned: torch.set_num_threads(2), OMP_WAIT_POLICY=PASSIVE,
 OPENBLAS_CORETYPE=SkylakeX on AVX-512 machines; default: none of those).
 
-Usage: /usr/bin/python3 bench/torch_generate.py [demo|d256] [--setting=tuned|default|both]
+--batch1: batch 1 only (the quick A/B beside bench/generate --batch1).
+
+Usage: /usr/bin/python3 bench/torch_generate.py [demo|d256] [--setting=tuned|default|both] [--batch1]
 """
 import os
 import sys
@@ -33,7 +35,9 @@ PROMPT, NEW, REPS = 16, 240, 5
 def parse_args(argv):
     only, setting = None, "both"
     for a in argv:
-        if a.startswith("--setting="):
+        if a == "--batch1":
+            os.environ["BENCH_BATCH1"] = "1"  # the dispatched child reads it
+        elif a.startswith("--setting="):
             setting = a.split("=", 1)[1]
         else:
             only = a
@@ -168,7 +172,7 @@ def run(only, setting):
         g = torch.Generator().manual_seed(42)
         prompts = torch.randint(0, V, (16, PROMPT), generator=g)
         with torch.inference_mode():
-            for B in (1, 16):
+            for B in (1,) if os.environ.get("BENCH_BATCH1") else (1, 16):
                 times = []
                 for r in range(REPS + 1):
                     gen = torch.Generator().manual_seed(100 + r)

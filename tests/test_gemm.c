@@ -308,6 +308,8 @@ static void test_experts(void) {
     static const int ends_empty[] = {0, 3, 0, 17, 0};
     static const int one_big[] = {2 * MOE_GEMM_MC + 7};
     static const int none[] = {0, 0, 0};
+    static const int few[] = {1, 0, 3, MOE__EXPERT_DOT_ROWS, 2, 0}; /* the unpacked path (decoding) */
+    static const int few_wide[] = {MOE__EXPERT_DOT_ROWS, 3};
     int many[BANK_MAX_E], kind, e;
     for (e = 0; e < BANK_MAX_E; e++) many[e] = (e * 7) % 13; /* zeros among them */
     TEST_BEGIN("moe_experts_forward/backward against the naive pair, 1 and 2 threads");
@@ -325,7 +327,13 @@ static void test_experts(void) {
         /* more experts than one chunk of packed weights holds (MOE__EXPERT_CHUNK_FLOATS) */
         snprintf(label, sizeof label, "%s E=%d d=64 D=136 (several chunks)", kn, BANK_MAX_E);
         experts_case(label, kind, BANK_MAX_E, 64, 136, many, 0, 11 + kind);
+        snprintf(label, sizeof label, "%s at most %d rows per expert (no packing), d=40 D=72", kn, MOE__EXPERT_DOT_ROWS);
+        experts_case(label, kind, 6, 40, 72, few, 0, 15 + kind);
+        /* large enough that the unpacked products split over threads */
+        snprintf(label, sizeof label, "%s at most %d rows per expert, d=256 D=520", kn, MOE__EXPERT_DOT_ROWS);
+        experts_case(label, kind, 2, 256, 520, few_wide, 0, 17 + kind);
     }
+    experts_case("SwiGLU, few rows, gate pre-activation as input (AoE)", MOE_EXPERT_SWIGLU, 6, 40, 72, few, 1, 19);
     experts_case("SwiGLU, gate pre-activation as input (AoE)", MOE_EXPERT_SWIGLU, 6, 40, 72, ragged, 1, 13);
 }
 

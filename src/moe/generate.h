@@ -171,35 +171,6 @@ static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *q
     }
 }
 
-/* out (M, N) = inp (M, K) . W (N, K)^T for decoding: each element a dot product in
-   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
-   count or the other rows. Decoding's few rows per call would spend more time packing W into
-   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
-static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N) {
-    int nb = (N + 3) / 4, blk;
-    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? moe_num_threads() : 1)
-    for (blk = 0; blk < M * nb; blk++) {
-        int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
-        const float *x = inp + (size_t)i * K;
-        float acc[4][MOE__LANES];
-        for (c = 0; c < 4; c++)
-            for (k = 0; k < MOE__LANES; k++) acc[c][k] = 0.0f;
-        for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
-            for (c = 0; c < nc; c++) {
-                const float *w = W + (size_t)(j0 + c) * K + u;
-                for (k = 0; k < MOE__LANES; k++) acc[c][k] += x[u + k] * w[k];
-            }
-        for (c = 0; c < nc; c++) {
-            const float *w = W + (size_t)(j0 + c) * K;
-            int h;
-            for (k = 0; u + k < K; k++) acc[c][k] += x[u + k] * w[u + k];
-            for (h = MOE__LANES / 2; h >= 1; h /= 2)
-                for (k = 0; k < h; k++) acc[c][k] += acc[c][k + h];
-            out[(size_t)i * N + j0 + c] = acc[c][0];
-        }
-    }
-}
-
 /* what decoding and generation need of the model and the cache */
 static moe_status moe__decode_check(moe_model *m, const moe_kv_cache *c) {
     const moe_model_config *mc = &m->cfg;
@@ -258,7 +229,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         float s = m->layer_scale[l];
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
-        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d);
+        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads());
         for (i = 0; i < n; i++) {
             float *row = b->qkv + (size_t)i * 3 * d;
             int h;
@@ -271,14 +242,14 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
-        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d);
+        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads());
         for (i = 0; i < n * d; i++) b->x2[i] = s * b->x2[i] + b->x[i]; /* s_l: masked growth's residual scale */
         st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
-    moe__decode_linear(m->logits, m->lnf, wte, n, d, V);
+    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads());
     return MOE_OK;
 }
 

@@ -19,7 +19,7 @@
  * the same for the benchmarks with MOE_BENCH_DIR. proc_sanitized() says whether the examples are
  * the sanitized ones (a test may then give a slow run a smaller configuration).
  * Folders: proc_mkdirs (files_mkdirs of examples/files.h, "mkdir -p") and proc_rmtree ("rm -rf"),
- * both without a shell.
+ * both without a shell. proc_file_lines counts a file's lines.
  */
 #ifndef MOE_TEST_PROC_H
 #define MOE_TEST_PROC_H
@@ -167,6 +167,17 @@ PROC_FN int proc_run_out(const proc_opts *o, const char *log, char *out, size_t 
 }
 
 /* does the file contain `needle`? */
+/* the number of line ends in a file, -1 when it cannot be read (a CSV's rows + header) */
+PROC_FN long proc_file_lines(const char *path) {
+    FILE *f = fopen(path, "r");
+    long n = 0;
+    int ch;
+    if (!f) return -1;
+    while ((ch = fgetc(f)) != EOF) n += ch == '\n';
+    fclose(f);
+    return n;
+}
+
 PROC_FN int proc_log_has(const char *path, const char *needle) {
     char *b = proc_slurp(path, NULL);
     int found = b && strstr(b, needle) != NULL;

@@ -24,16 +24,6 @@ static double value(const char *text, const char *line_has, const char *key) {
     return atof(k + strlen(pat));
 }
 
-static long lines_of(const char *path) {
-    FILE *f = fopen(path, "r");
-    long n = 0;
-    int ch;
-    if (!f) return -1;
-    while ((ch = fgetc(f)) != EOF) n += ch == '\n';
-    fclose(f);
-    return n;
-}
-
 static char out[1 << 18];
 
 int main(void) {
@@ -82,8 +72,8 @@ int main(void) {
         CHECK(fabs(value(out, "summary", "rho_theta_verbosity")) <= 1.0 && value(out, "summary", "hv_linear") >= 0.0, "summary line");
     }
     /* pre + 2 directions x 2 rounds + 3 lambdas + 2 part-wise + HMA, uniform, HMA on all tensors + 4 merges, and the header */
-    CHECK(lines_of("build/tmp_align/align_s1.csv") == 1 + 1 + 4 + 3 + 2 + 3 + 4, "CSV rows: %ld", lines_of("build/tmp_align/align_s1.csv"));
-    CHECK(lines_of("build/tmp_align/align_tax_s1.png") > 0 && lines_of("build/tmp_align/align_dirs_s1.png") > 0, "both plots written");
+    CHECK(proc_file_lines("build/tmp_align/align_s1.csv") == 1 + 1 + 4 + 3 + 2 + 3 + 4, "CSV rows: %ld", proc_file_lines("build/tmp_align/align_s1.csv"));
+    CHECK(proc_file_lines("build/tmp_align/align_tax_s1.png") > 0 && proc_file_lines("build/tmp_align/align_dirs_s1.png") > 0, "both plots written");
     CHECK(proc_run_out(NULL, LOG, out, sizeof out, align, "--quick", "--target", "humor", "--out", "build/tmp_align", END) == 2 &&
               strstr(out, "must be one of"),
           "a target outside the pre-training genres is refused: %s", out);

@@ -24,25 +24,6 @@ static double value_of(const char *log, const char *prefix, const char *key) {
     return p ? atof(p + strlen(pat)) : NAN;
 }
 
-static const char *example(const char *name) {
-    static char buf[4][256];
-    static int next;
-    const char *d = getenv("MOE_EXAMPLES_DIR");
-    char *b = buf[next++ % 4];
-    snprintf(b, sizeof buf[0], "%s/%s", d && d[0] ? d : "build/examples", name);
-    return b;
-}
-
-static long lines_of(const char *path) {
-    FILE *f = fopen(path, "r");
-    long n = 0;
-    int ch;
-    if (!f) return -1;
-    while ((ch = fgetc(f)) != EOF) n += ch == '\n';
-    fclose(f);
-    return n;
-}
-
 static int has_brown(void) {
     FILE *f = fopen("data/brown/train/news.txt", "rb");
     if (f) fclose(f);
@@ -56,10 +37,10 @@ static void test_continual(void) {
     const char *arms[] = {"ft", "migu_l1_grad", "migu_l1_update", "migu_sum_grad", "migu_sum_update", "random_mask", "lora"};
     int a;
     TEST_BEGIN("examples/continual --quick: every arm on a dense and an MoE model, CSV and heatmaps");
-    CHECK(proc_run(NULL, log, example("continual"), "--help", END) == 0 && proc_log_has(log, "usage: "), "continual --help");
+    CHECK(proc_run(NULL, log, proc_example("continual"), "--help", END) == 0 && proc_log_has(log, "usage: "), "continual --help");
     if (!has_brown()) return;
     one.env[0] = "OMP_NUM_THREADS=1";
-    CHECK(proc_run(&one, log, example("continual"), "--quick", "--out", "build/tmp_learning", END) == 0, "continual exits 0 (see %s)", log);
+    CHECK(proc_run(&one, log, proc_example("continual"), "--quick", "--out", "build/tmp_learning", END) == 0, "continual exits 0 (see %s)", log);
     for (a = 0; a < 7; a++) {
         char prefix[64];
         double fin;
@@ -70,9 +51,9 @@ static void test_continual(void) {
     /* the masked arms update less than fine-tuning: on the last task they learn less */
     CHECK(value_of(log, "model=dense arm=migu_l1_update ", "last_task_bpb") >= value_of(log, "model=dense arm=ft ", "last_task_bpb") - 1e-3,
           "MIGU's masked update does not learn the last task faster than full fine-tuning");
-    CHECK(lines_of("build/tmp_learning/continual.csv") == 1 + 2 * 7 * 16, "CSV: header + 2 models x 7 arms x 4 x 4 entries");
-    CHECK(lines_of("build/tmp_learning/continual_moe_lora.png") > 0, "heatmap written");
-    CHECK(proc_run(NULL, log, example("continual"), "--quick", "--genres", "news", "--out", "build/tmp_learning", END) == 2 &&
+    CHECK(proc_file_lines("build/tmp_learning/continual.csv") == 1 + 2 * 7 * 16, "CSV: header + 2 models x 7 arms x 4 x 4 entries");
+    CHECK(proc_file_lines("build/tmp_learning/continual_moe_lora.png") > 0, "heatmap written");
+    CHECK(proc_run(NULL, log, proc_example("continual"), "--quick", "--genres", "news", "--out", "build/tmp_learning", END) == 2 &&
               proc_log_has(log, "2 to"), "one genre is refused with a sentence");
 }
 
@@ -80,13 +61,13 @@ static void test_keys_values(void) {
     const char *log = "build/tmp_learning/keys_values.log";
     proc_opts one = proc_opts_default();
     TEST_BEGIN("examples/keys_values --quick: facts learned through keys only and values only, parameter-matched");
-    CHECK(proc_run(NULL, log, example("keys_values"), "--help", END) == 0 && proc_log_has(log, "usage: "), "keys_values --help");
+    CHECK(proc_run(NULL, log, proc_example("keys_values"), "--help", END) == 0 && proc_log_has(log, "usage: "), "keys_values --help");
     if (!has_brown()) return;
     one.env[0] = "OMP_NUM_THREADS=1";
-    CHECK(proc_run(&one, log, example("keys_values"), "--quick", "--out", "build/tmp_learning", END) == 0, "keys_values exits 0 (see %s)", log);
+    CHECK(proc_run(&one, log, proc_example("keys_values"), "--quick", "--out", "build/tmp_learning", END) == 0, "keys_values exits 0 (see %s)", log);
     CHECK(value_of(log, "arm=keys ", "tuned_params") == value_of(log, "arm=values ", "tuned_params"), "the two arms tune equally many parameters");
     CHECK(value_of(log, "arm=keys ", "train_fact_acc") >= 0.0 && value_of(log, "arm=values ", "heldout_fact_acc") >= 0.0, "accuracies printed");
-    CHECK(lines_of("build/tmp_learning/keys_values.csv") > 1, "CSV written");
+    CHECK(proc_file_lines("build/tmp_learning/keys_values.csv") > 1, "CSV written");
 }
 
 static void test_bench_help(void) {

@@ -4341,29 +4341,72 @@ MOE__GEMM_FN void moe__swiglu_rows_backward(float *MOE_RESTRICT h, float *MOE_RE
    MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
    count or the other rows. A few rows per call would spend more time packing W into
    the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
-static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
-    int nb = (N + 3) / 4, blk;
-    (void)nthreads; /* only the OpenMP build reads it */
-    MOE__OMP_FOR_DYNAMIC_N((double)M * K * N > 4e5 ? nthreads : 1)
-    for (blk = 0; blk < M * nb; blk++) {
-        int i = blk / nb, j0 = blk % nb * 4, nc = N - j0 < 4 ? N - j0 : 4, c, u, k;
-        const float *x = inp + (size_t)i * K;
-        float acc[4][MOE__LANES];
-        for (c = 0; c < 4; c++)
-            for (k = 0; k < MOE__LANES; k++) acc[c][k] = 0.0f;
-        for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
-            for (c = 0; c < nc; c++) {
-                const float *w = W + (size_t)(j0 + c) * K + u;
-                for (k = 0; k < MOE__LANES; k++) acc[c][k] += x[u + k] * w[k];
-            }
-        for (c = 0; c < nc; c++) {
-            const float *w = W + (size_t)(j0 + c) * K;
-            int h;
-            for (k = 0; u + k < K; k++) acc[c][k] += x[u + k] * w[u + k];
-            for (h = MOE__LANES / 2; h >= 1; h /= 2)
-                for (k = 0; k < h; k++) acc[c][k] += acc[c][k + h];
-            out[(size_t)i * N + j0 + c] = acc[c][0];
+static float moe__lanes_sum(float *acc) {
+    int h, k;
+    for (h = MOE__LANES / 2; h >= 1; h /= 2)
+        for (k = 0; k < h; k++) acc[k] += acc[k + h];
+    return acc[0];
+}
+
+/* one column: the readable reference of the four below, and the last N % 4 columns */
+static float moe__decode_dot(const float *x, const float *w, int K) {
+    float acc[MOE__LANES];
+    int u, k;
+    for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
+    for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
+        for (k = 0; k < MOE__LANES; k++) acc[k] += x[u + k] * w[u + k];
+    for (k = 0; u + k < K; k++) acc[k] += x[u + k] * w[u + k];
+    return moe__lanes_sum(acc);
+}
+
+/* four columns, each summed exactly as moe__decode_dot sums it (same bits); four named
+   accumulators, not an array indexed by a variable column count, so that they stay in
+   registers instead of a store and a reload on every step */
+static void moe__decode_dot4(float *out, const float *x, const float *w, int K) {
+    const float *w0 = w, *w1 = w + K, *w2 = w + 2 * (size_t)K, *w3 = w + 3 * (size_t)K;
+    float a0[MOE__LANES], a1[MOE__LANES], a2[MOE__LANES], a3[MOE__LANES];
+    int u, k;
+    for (k = 0; k < MOE__LANES; k++) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;
+    for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
+        for (k = 0; k < MOE__LANES; k++) {
+            float xk = x[u + k];
+            a0[k] += xk * w0[u + k];
+            a1[k] += xk * w1[u + k];
+            a2[k] += xk * w2[u + k];
+            a3[k] += xk * w3[u + k];
         }
+    for (k = 0; u + k < K; k++) {
+        a0[k] += x[u + k] * w0[u + k];
+        a1[k] += x[u + k] * w1[u + k];
+        a2[k] += x[u + k] * w2[u + k];
+        a3[k] += x[u + k] * w3[u + k];
+    }
+    out[0] = moe__lanes_sum(a0);
+    out[1] = moe__lanes_sum(a1);
+    out[2] = moe__lanes_sum(a2);
+    out[3] = moe__lanes_sum(a3);
+}
+
+/* block blk of out: row blk / nb, columns 4 (blk % nb) to 4 (blk % nb) + 3 */
+static void moe__decode_block(float *out, const float *inp, const float *W, int K, int N, int blk) {
+    int nb = (N + 3) / 4, i = blk / nb, j0 = blk % nb * 4, c;
+    const float *x = inp + (size_t)i * K;
+    if (N - j0 >= 4) {
+        moe__decode_dot4(out + (size_t)i * N + j0, x, W + (size_t)j0 * K, K);
+    } else {
+        for (c = j0; c < N; c++) out[(size_t)i * N + c] = moe__decode_dot(x, W + (size_t)c * K, K);
+    }
+}
+
+static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
+    int blk, n = M * ((N + 3) / 4);
+    /* a plain loop below the threshold: an OpenMP region of one thread would still take a
+       scheduler call per block, a fifth of a batch-1 token */
+    if (nthreads > 1 && (double)M * K * N > 4e5) {
+        MOE__OMP_FOR_DYNAMIC_N(nthreads)
+        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, K, N, blk);
+    } else {
+        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, K, N, blk);
     }
 }
 
@@ -8965,33 +9008,48 @@ static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
 }
 
+/* task = (token, head) of the call: its attention into its slice of out, with score row sc */
+static void moe__kv_attention_task(moe_kv_cache *c, int l, float *out, const float *qkv, int task, float *sc) {
+    int d = c->d, NH = c->n_heads, hd = d / NH;
+    int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
+    size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
+    const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
+    float *o = out + (size_t)i * d + (size_t)h * hd;
+    for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
+        const float *k = K + (size_t)u * hd;
+        float acc[MOE__LANES], dot = 0.0f;
+        int j0;
+        for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+        for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
+            for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
+        for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
+        for (j = 0; j < MOE__LANES; j++) dot += acc[j];
+        sc[u] = dot;
+    }
+    moe__att_softmax_row(sc, p + 1, 1.0f / sqrtf((float)hd)); /* the full forward's softmax of one row */
+    for (j = 0; j < hd; j += MOE__LANES) { /* o = sum_u w_u v_u, MOE__LANES columns at a time
+        in a local accumulator (o itself may alias, so it would be reloaded for every u) */
+        float acc[MOE__LANES];
+        int k, nk = hd - j < MOE__LANES ? hd - j : MOE__LANES;
+        for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
+        if (nk == MOE__LANES)
+            for (u = 0; u <= p; u++)
+                for (k = 0; k < MOE__LANES; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
+        else
+            for (u = 0; u <= p; u++)
+                for (k = 0; k < nk; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
+        for (k = 0; k < nk; k++) o[j + k] = acc[k];
+    }
+}
+
 static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
-    int d = c->d, NH = c->n_heads, hd = d / NH, task;
-    float scale = 1.0f / sqrtf((float)hd);
-    MOE__OMP_FOR_DYNAMIC_N(moe__kv_attention_threads(c, n))
-    for (task = 0; task < n * NH; task++) {
-        int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
-        size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
-        const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
-        float *sc = c->scores + (size_t)moe__thread_index() * c->max_len, *o = out + (size_t)i * d + (size_t)h * hd;
-        for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
-            const float *k = K + (size_t)u * hd;
-            float acc[MOE__LANES], dot = 0.0f;
-            int j0;
-            for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
-            for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
-                for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
-            for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
-            for (j = 0; j < MOE__LANES; j++) dot += acc[j];
-            sc[u] = dot;
-        }
-        moe__att_softmax_row(sc, p + 1, scale); /* the full forward's softmax of one row */
-        for (j = 0; j < hd; j++) o[j] = 0.0f;
-        for (u = 0; u <= p; u++) {
-            const float *v = V + (size_t)u * hd;
-            float w = sc[u];
-            for (j = 0; j < hd; j++) o[j] += w * v[j];
-        }
+    int task, nt = moe__kv_attention_threads(c, n);
+    if (nt > 1) {
+        MOE__OMP_FOR_DYNAMIC_N(nt)
+        for (task = 0; task < n * c->n_heads; task++)
+            moe__kv_attention_task(c, l, out, qkv, task, c->scores + (size_t)moe__thread_index() * c->max_len);
+    } else { /* no OpenMP region for one thread (see moe__decode_linear) */
+        for (task = 0; task < n * c->n_heads; task++) moe__kv_attention_task(c, l, out, qkv, task, c->scores);
     }
 }
 

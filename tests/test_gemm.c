@@ -337,6 +337,42 @@ static void test_experts(void) {
     experts_case("SwiGLU, gate pre-activation as input (AoE)", MOE_EXPERT_SWIGLU, 6, 40, 72, ragged, 1, 13);
 }
 
+/* decoding's unpacked product (moe__decode_linear): four columns at a time, each column
+   bit for bit its one-column reference moe__decode_dot, close to a double dot product, and
+   the same bits on the threaded path as on the plain loop */
+static void test_decode_linear(void) {
+    static const int Ks[] = {5, 16, 37, 256}, Ns[] = {1, 3, 4, 7, 9, 520};
+    int ki, ni, i, j, k, M = 4;
+    moe_rng r;
+    moe_rng_seed(&r, 23);
+    TEST_BEGIN("decoding's unpacked product: 4-column kernel = its 1-column reference, threads");
+    for (ki = 0; ki < 4; ki++)
+        for (ni = 0; ni < 6; ni++) {
+            int K = Ks[ki], N = Ns[ni], same = 1, close = 1, same_thr;
+            float *x = falloc((size_t)M * K), *W = falloc((size_t)N * K), *o1 = falloc((size_t)M * N), *o2 = falloc((size_t)M * N);
+            fill(x, (size_t)M * K, &r);
+            fill(W, (size_t)N * K, &r);
+            moe__decode_linear(o1, x, W, M, K, N, 1);
+            moe__decode_linear(o2, x, W, M, K, N, 2); /* threaded above 4e5 multiply-adds */
+            same_thr = memcmp(o1, o2, (size_t)M * N * sizeof(float)) == 0;
+            for (i = 0; i < M; i++)
+                for (j = 0; j < N; j++) {
+                    double ref = 0.0, mag = 0.0;
+                    float one = moe__decode_dot(x + (size_t)i * K, W + (size_t)j * K, K);
+                    for (k = 0; k < K; k++) {
+                        ref += (double)x[(size_t)i * K + k] * W[(size_t)j * K + k];
+                        mag += fabs((double)x[(size_t)i * K + k] * W[(size_t)j * K + k]);
+                    }
+                    same &= memcmp(&one, &o1[(size_t)i * N + j], sizeof one) == 0;
+                    close &= fabs(o1[(size_t)i * N + j] - ref) <= 1e-6 * (mag + 1.0);
+                }
+            CHECK(same, "K=%d N=%d: a column differs from moe__decode_dot", K, N);
+            CHECK(close, "K=%d N=%d: the product is off the double reference", K, N);
+            CHECK(same_thr, "K=%d N=%d: 1 and 2 threads differ", K, N);
+            free(x); free(W); free(o1); free(o2);
+        }
+}
+
 /* dxg and the up/gate gradients against finite differences of a scalar loss L = <dy, out> */
 static void test_experts_grad(int kind) {
     int rows[] = {9, 0, 17, 3};
@@ -414,6 +450,7 @@ int main(void) {
     test_matmul();
     test_matmul_threads();
     test_experts();
+    test_decode_linear();
     test_experts_grad(MOE_EXPERT_SWIGLU);
     test_experts_grad(MOE_EXPERT_FFN);
     return test_summary();

@@ -141,33 +141,48 @@ static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
 }
 
+/* task = (token, head) of the call: its attention into its slice of out, with score row sc */
+static void moe__kv_attention_task(moe_kv_cache *c, int l, float *out, const float *qkv, int task, float *sc) {
+    int d = c->d, NH = c->n_heads, hd = d / NH;
+    int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
+    size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
+    const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
+    float *o = out + (size_t)i * d + (size_t)h * hd;
+    for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
+        const float *k = K + (size_t)u * hd;
+        float acc[MOE__LANES], dot = 0.0f;
+        int j0;
+        for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
+        for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
+            for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
+        for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
+        for (j = 0; j < MOE__LANES; j++) dot += acc[j];
+        sc[u] = dot;
+    }
+    moe__att_softmax_row(sc, p + 1, 1.0f / sqrtf((float)hd)); /* the full forward's softmax of one row */
+    for (j = 0; j < hd; j += MOE__LANES) { /* o = sum_u w_u v_u, MOE__LANES columns at a time
+        in a local accumulator (o itself may alias, so it would be reloaded for every u) */
+        float acc[MOE__LANES];
+        int k, nk = hd - j < MOE__LANES ? hd - j : MOE__LANES;
+        for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
+        if (nk == MOE__LANES)
+            for (u = 0; u <= p; u++)
+                for (k = 0; k < MOE__LANES; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
+        else
+            for (u = 0; u <= p; u++)
+                for (k = 0; k < nk; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
+        for (k = 0; k < nk; k++) o[j + k] = acc[k];
+    }
+}
+
 static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
-    int d = c->d, NH = c->n_heads, hd = d / NH, task;
-    float scale = 1.0f / sqrtf((float)hd);
-    MOE__OMP_FOR_DYNAMIC_N(moe__kv_attention_threads(c, n))
-    for (task = 0; task < n * NH; task++) {
-        int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
-        size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
-        const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
-        float *sc = c->scores + (size_t)moe__thread_index() * c->max_len, *o = out + (size_t)i * d + (size_t)h * hd;
-        for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
-            const float *k = K + (size_t)u * hd;
-            float acc[MOE__LANES], dot = 0.0f;
-            int j0;
-            for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
-            for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
-                for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
-            for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
-            for (j = 0; j < MOE__LANES; j++) dot += acc[j];
-            sc[u] = dot;
-        }
-        moe__att_softmax_row(sc, p + 1, scale); /* the full forward's softmax of one row */
-        for (j = 0; j < hd; j++) o[j] = 0.0f;
-        for (u = 0; u <= p; u++) {
-            const float *v = V + (size_t)u * hd;
-            float w = sc[u];
-            for (j = 0; j < hd; j++) o[j] += w * v[j];
-        }
+    int task, nt = moe__kv_attention_threads(c, n);
+    if (nt > 1) {
+        MOE__OMP_FOR_DYNAMIC_N(nt)
+        for (task = 0; task < n * c->n_heads; task++)
+            moe__kv_attention_task(c, l, out, qkv, task, c->scores + (size_t)moe__thread_index() * c->max_len);
+    } else { /* no OpenMP region for one thread (see moe__decode_linear) */
+        for (task = 0; task < n * c->n_heads; task++) moe__kv_attention_task(c, l, out, qkv, task, c->scores);
     }
 }
 

@@ -4387,9 +4387,11 @@ static void moe__decode_dot4(float *out, const float *x, const float *w, int K) 
     out[3] = moe__lanes_sum(a3);
 }
 
-/* block blk of out: row blk / nb, columns 4 (blk % nb) to 4 (blk % nb) + 3 */
-static void moe__decode_block(float *out, const float *inp, const float *W, int K, int N, int blk) {
-    int nb = (N + 3) / 4, i = blk / nb, j0 = blk % nb * 4, c;
+/* block blk of out: columns 4 (blk / M) to 4 (blk / M) + 3 of row blk % M. Consecutive blocks
+   are the rows of one group of columns, so those 4 rows of W are read from memory once for
+   all the rows of the call, then from L1 */
+static void moe__decode_block(float *out, const float *inp, const float *W, int M, int K, int N, int blk) {
+    int i = blk % M, j0 = blk / M * 4, c;
     const float *x = inp + (size_t)i * K;
     if (N - j0 >= 4) {
         moe__decode_dot4(out + (size_t)i * N + j0, x, W + (size_t)j0 * K, K);
@@ -4404,9 +4406,9 @@ static void moe__decode_linear(float *out, const float *inp, const float *W, int
        scheduler call per block, a fifth of a batch-1 token */
     if (nthreads > 1 && (double)M * K * N > 4e5) {
         MOE__OMP_FOR_DYNAMIC_N(nthreads)
-        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, K, N, blk);
+        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, M, K, N, blk);
     } else {
-        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, K, N, blk);
+        for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, M, K, N, blk);
     }
 }
 

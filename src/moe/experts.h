@@ -243,10 +243,12 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
 
 /* Banks whose experts get at most this many rows (cached decoding: a few tokens per call)
    skip the GEMM: packing an expert's three matrices costs about as much as multiplying them
-   by one row, so the products go through moe__decode_linear instead. The switch depends on
-   the rows alone, never on the thread count. */
+   by one row, so the products go through moe__decode_linear instead, which reads each group
+   of four weight rows once for all the expert's rows (16: batch-16 decoding of the demo model
+   22% faster than with 4, batch 1 unchanged). The switch depends on the rows alone, never on
+   the thread count. */
 #ifndef MOE__EXPERT_DOT_ROWS
-#define MOE__EXPERT_DOT_ROWS 4
+#define MOE__EXPERT_DOT_ROWS 16
 #endif
 
 /* moe_experts_forward for few rows per expert: expert by expert, the products as dot

@@ -7055,6 +7055,8 @@ static int moe__block_is_moe(const moe_model_config *c, int l) {
     return c->moe_every > 0 && l >= c->dense_first && (l - c->dense_first) % c->moe_every == 0;
 }
 
+#define MOE__MAX_WIDTH (1 << 24)
+
 MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_err *err) {
     const moe_status bad = MOE_ERR_INVALID_ARG;
     int any;
@@ -7069,6 +7071,10 @@ MOE__IMPL moe_status moe_model_config_validate(const moe_model_config *c, moe_er
     if (c->moe_every < 0 || c->dense_first < 0) return moe_err_set(err, bad, "moe_every and dense_first must not be negative");
     if ((int)c->router_input < 0 || (int)c->router_input > MOE_RIN_MLP) return moe_err_set(err, bad, "unknown router input %d", (int)c->router_input);
     if (c->router_input != MOE_RIN_DIRECT && c->router_dim <= 0) return moe_err_set(err, bad, "a GRU or MLP router needs router_dim > 0");
+    /* the declarations multiply widths by small constants in int (3 d for QKV, 3 router_dim for
+       the GRU) before the store can weigh the tensor, so every width is bounded first */
+    if (c->vocab > MOE__MAX_WIDTH || c->d > MOE__MAX_WIDTH || c->router_dim > MOE__MAX_WIDTH)
+        return moe_err_set(err, bad, "vocab (%d), d (%d) and router_dim (%d) must be at most %d", c->vocab, c->d, c->router_dim, MOE__MAX_WIDTH);
     any = c->moe_every > 0 && c->dense_first < c->n_layers; /* layer dense_first is MoE */
     if (any) {
         moe_layer_config mc = c->moe;

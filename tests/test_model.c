@@ -611,6 +611,21 @@ static void test_unused_dense_width(void) {
     moe_model_free(&m);
 }
 
+/* a GRU router input of width 2^30 + ... made the GRU's 3 * router_dim rows overflow int while
+   declaring (the model fuzz target's fifth finding): the config is refused with a sentence */
+static void test_huge_router_dim(void) {
+    moe_model_config c = tiny_config(1, MOE_POS_LEARNED);
+    moe_model m;
+    moe_err err;
+    TEST_BEGIN("model: a router_dim too wide for the declarations is refused");
+    c.router_input = MOE_RIN_GRU;
+    c.router_dim = 1090519031;
+    err.msg[0] = 0;
+    CHECK(moe_model_config_validate(&c, &err) == MOE_ERR_INVALID_ARG && strstr(err.msg, "router_dim") != NULL, "validate: '%s'", err.msg);
+    CHECK(moe_model_init(&m, &c, 1, 8) != MOE_OK && strstr(m.err.msg, "router_dim") != NULL, "init: '%s'", m.err.msg);
+    moe_model_free(&m);
+}
+
 int main(void) {
     test_gradients();
     test_recurrent_router();
@@ -623,5 +638,6 @@ int main(void) {
     test_selection_bias_model();
     test_balance_all_layers();
     test_unused_dense_width();
+    test_huge_router_dim();
     return test_summary();
 }

@@ -4400,11 +4400,16 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     }
 }
 
+/* multiply-adds below which a product runs on one thread (waking another costs more) */
+#ifndef MOE__DECODE_THREAD_MACS
+#define MOE__DECODE_THREAD_MACS 4e5
+#endif
+
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
     int blk, n = M * ((N + 3) / 4);
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a
        scheduler call per block, a fifth of a batch-1 token */
-    if (nthreads > 1 && (double)M * K * N > 4e5) {
+    if (nthreads > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
         MOE__OMP_FOR_DYNAMIC_N(nthreads)
         for (blk = 0; blk < n; blk++) moe__decode_block(out, inp, W, M, K, N, blk);
     } else {

@@ -6,8 +6,9 @@
             softmax router renormalised (Mixtral), Mixtral balance loss 0.01
             (active FFN parameters per token equal the dense model's)
 
-   One line per config (median of REPS timed steps after WARMUP steps):
+   One line per config (median of --reps timed steps, default 7, after WARMUP steps):
      bench=train_lm config=C threads=P tokens=N median_ms= tokens_per_s= params= active_params=
+         steps_s=   (wall seconds of all WARMUP + REPS steps, for bench/profile.sh)
    bench/torch_train_lm.py is the PyTorch peer. Optional argument: one config name. */
 #define MOE_IMPLEMENTATION
 #include "moe.h"
@@ -18,21 +19,22 @@
 #include <string.h>
 
 #define WARMUP 2
-#define REPS 7
+#define REPS_MAX 1000
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
 
-static int bench_config(const char *name, int moe) {
+static int bench_config(const char *name, int moe, int reps) {
     const int B = 8, T = 256, N = B * T;
     moe_model_config c = moe_model_config_default();
     moe_adamw_config opt = moe_adamw_config_default();
     moe_model m;
     moe_rng rng;
     int *inp, *tgt, r, i, threads = moe_num_threads();
-    double t[REPS], ms;
+    static double t[REPS_MAX];
+    double ms, steps_s = 0.0;
     c.vocab = 256;
     c.max_seq = T;
     c.d = 256;
@@ -56,8 +58,8 @@ static int bench_config(const char *name, int moe) {
     inp = (int *)malloc(sizeof(int) * (N + 1));
     tgt = (int *)malloc(sizeof(int) * N);
     moe_rng_seed(&rng, 42);
-    for (r = -WARMUP; r < REPS; r++) {
-        double t0;
+    for (r = -WARMUP; r < reps; r++) {
+        double t0, dt;
         moe_status st;
         for (i = 0; i <= N; i++) inp[i] = (int)(moe_rng_u32(&rng) & 255);
         for (i = 0; i < N; i++) tgt[i] = inp[i + 1];
@@ -70,13 +72,15 @@ static int bench_config(const char *name, int moe) {
             printf("bench=train_lm config=%s error=\"%s%s\"\n", name, m.err.msg, m.S.err.msg);
             return 1;
         }
-        if (r >= 0) t[r] = moe_time_seconds() - t0;
+        dt = moe_time_seconds() - t0;
+        steps_s += dt;
+        if (r >= 0) t[r] = dt;
     }
-    qsort(t, REPS, sizeof(double), cmp_double);
-    ms = t[REPS / 2] * 1e3;
+    qsort(t, (size_t)reps, sizeof(double), cmp_double);
+    ms = t[reps / 2] * 1e3;
     printf("bench=train_lm config=%s threads=%d tokens=%d median_ms=%.2f tokens_per_s=%.0f loss=%.4f params=%zu "
-           "active_params=%zu\n",
-           name, threads, N, ms, N / ms * 1e3, m.loss, moe_model_params_total(&m), moe_model_params_active(&m));
+           "active_params=%zu steps_s=%.3f\n",
+           name, threads, N, ms, N / ms * 1e3, m.loss, moe_model_params_total(&m), moe_model_params_active(&m), steps_s);
     fflush(stdout);
     free(inp);
     free(tgt);
@@ -85,12 +89,15 @@ static int bench_config(const char *name, int moe) {
 }
 
 int main(int argc, char **argv) {
-    int rc = 0;
+    int rc = 0, reps = 7;
     const char *only = NULL;
-    flags_program p = flags_program_make("train_lm", "training throughput of the tiny byte-level transformer (bench)",
+    flag fl[1];
+    flags_program p;
+    fl[0] = flag_int("--reps", &reps, 1, REPS_MAX, "timed steps (bench/profile.sh runs many, so that the warm-up steps' first touch of memory is a small share)");
+    p = flags_program_make("train_lm", "training throughput of the tiny byte-level transformer (bench)",
                                          "No input (random bytes). One line per config: bench=train_lm config=C threads= tokens=\n"
-                                         "median_ms= tokens_per_s= params= active_params=. CONFIG: dense or moe (default: both).",
-                                         NULL, 0);
+                                         "median_ms= tokens_per_s= params= active_params= steps_s=. CONFIG: dense or moe (default: both).",
+                                         fl, 1);
     flags_positional(&p, &only, 1, "[CONFIG]");
     if ((rc = flags_parse(&p, argc, argv)) != FLAGS_RUN) return rc;
     rc = 0;
@@ -98,7 +105,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "train_lm: unknown config '%s' (dense, moe)\n", only);
         return 2;
     }
-    if (!only || strcmp(only, "dense") == 0) rc |= bench_config("dense", 0);
-    if (!only || strcmp(only, "moe") == 0) rc |= bench_config("moe", 1);
+    if (!only || strcmp(only, "dense") == 0) rc |= bench_config("dense", 0, reps);
+    if (!only || strcmp(only, "moe") == 0) rc |= bench_config("moe", 1, reps);
     return rc;
 }

@@ -91,10 +91,7 @@ MOE__GEMM_FN void moe__swiglu_rows_backward(float *MOE_RESTRICT h, float *MOE_RE
     }
 }
 
-/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding): each element a dot product in
-   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
-   count or the other rows. A few rows per call would spend more time packing W into
-   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
+/* the MOE__LANES partial sums of one dot product, added by halving */
 static float moe__lanes_sum(float *acc) {
     int h, k;
     for (h = MOE__LANES / 2; h >= 1; h /= 2)
@@ -159,6 +156,10 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
 #define MOE__DECODE_THREAD_MACS 4e5
 #endif
 
+/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding): each element a dot product in
+   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
+   count or the other rows. A few rows per call would spend more time packing W into
+   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
     int blk, n = M * ((N + 3) / 4);
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a

@@ -224,6 +224,25 @@ static void test_checkpoint(void) {
     moe_ckpt_info info;
     TEST_BEGIN("checkpoints: round trip, truncated/flipped/wrong version/wrong layout rejected, atomic");
     CHECK(moe_crc32(0, "123456789", 9) == 0xCBF43926u, "CRC-32 check value of the zlib polynomial");
+    {   /* the sliced CRC against the bit-at-a-time definition, whole and split at every offset */
+        unsigned char buf[300];
+        size_t n, cut;
+        int ok = 1;
+        for (i = 0; i < sizeof buf; i++) buf[i] = (unsigned char)(i * 151u + 7u + (i >> 3));
+        for (n = 0; n <= sizeof buf; n += (n < 40 ? 1 : 37)) {
+            uint32_t want = 0xFFFFFFFFu;
+            size_t j;
+            int k;
+            for (j = 0; j < n; j++) {
+                want ^= buf[j];
+                for (k = 0; k < 8; k++) want = (want >> 1) ^ (0xEDB88320u & (0u - (want & 1u)));
+            }
+            want = ~want;
+            for (cut = 0; cut <= n; cut += (n < 40 ? 1 : 11))
+                if (moe_crc32(moe_crc32(0, buf, cut), buf + cut, n - cut) != want) ok = 0;
+        }
+        CHECK(ok, "CRC-32 of 0..300 bytes, whole and in two pieces, equals the bit-at-a-time definition");
+    }
     moe_store_init(&s);
     moe_store_add(&s, "a", 0, 10, 3, 0, 0);
     moe_store_add(&s, "b", 0, 7, 0, 0, 0);

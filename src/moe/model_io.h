@@ -477,18 +477,21 @@ MOE__IMPL moe_status moe_model_save_ex(const moe_model *m, const char *path, int
     return st;
 }
 
-/* What a model file holds besides its payload: the config, the checkpoint header, the
-   record's bytes (a later load insists the file still holds them) and the tensor table
-   (declared, never allocated; count 0 for a raw-config file). */
+/* A model file read once: its verified bytes (the values are loaded from these, so the file is
+   read and checksummed once per load), the checkpoint header, the config, the record within the
+   bytes and the tensor table (declared, never allocated; count 0 for a raw-config file). */
 typedef struct moe__model_file {
     moe_model_config cfg;
     moe_ckpt_info info;
-    unsigned char *record;
+    unsigned char *bytes;
+    size_t len;
+    const unsigned char *record;
     moe_store table;
 } moe__model_file;
 
 static void moe__model_file_free(moe__model_file *f) {
-    MOE_FREE(f->record);
+    MOE_FREE(f->bytes);
+    f->bytes = NULL;
     f->record = NULL;
     moe_store_free(&f->table);
 }
@@ -504,12 +507,9 @@ static moe_status moe__model_file_read(moe__model_file *f, const char *path, moe
     const moe_field *fields = moe_model_config_fields(&n);
     memset(f, 0, sizeof *f);
     moe_store_init(&f->table);
-    st = moe_checkpoint_info(path, &f->info, err);
+    st = moe__ckpt_read(path, &f->bytes, &f->len, &f->info, err);
     if (st != MOE_OK) return st;
-    f->record = (unsigned char *)moe__calloc((size_t)f->info.config_bytes, 1);
-    if (!f->record) return moe_err_set(err, MOE_ERR_NOMEM, "out of memory reading '%s'", path);
-    st = moe_checkpoint_blobs(path, f->record, (size_t)f->info.config_bytes, NULL, 0, err);
-    if (st != MOE_OK) { moe__model_file_free(f); return st; }
+    f->record = f->bytes + MOE__CKPT_HEADER;
     if (f->info.config_bytes < 12 || memcmp(f->record, MOE__MODEL_MAGIC, 8) != 0) {
         /* an earlier file: the raw bytes of a moe_model_config, or another object's checkpoint */
         if (f->info.config_bytes == sizeof(moe_model_config) && moe__model_raw_layout() == MOE__MODEL_RAW_LAYOUT_V0) {
@@ -640,10 +640,9 @@ MOE__IMPL moe_status moe_model_load(moe_model *m, const char *path, int max_B, i
                          (unsigned long long)f.info.state_bytes, user_bytes);
     if (st == MOE_OK && moe_model_init(m, &f.cfg, max_B > 0 ? max_B : 1, max_T > 0 ? max_T : f.cfg.max_seq) != MOE_OK)
         st = moe_err_set(err, m->err.status, "%s", m->err.msg);
-    /* the file must still hold the record checked above (it is read again) */
+    /* the values from the bytes checked above; non-finite ones are refused, naming the tensor */
     if (st == MOE_OK)
-        st = moe_checkpoint_load(path, &m->S, step, f.record, NULL, (size_t)f.info.config_bytes, user, user ? user_bytes : 0, err);
-    /* non-finite values: moe_checkpoint_load refuses them, naming the tensor */
+        st = moe__ckpt_load_bytes(path, &m->S, step, f.bytes, &f.info, NULL, NULL, 0, user, user ? user_bytes : 0, err);
     moe__model_file_free(&f);
     if (st != MOE_OK) {
         moe_model_free(m);

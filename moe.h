@@ -303,6 +303,8 @@ typedef struct moe_work {
     size_t floats; /* capacity of buf                                                       */
     int nthreads;  /* threads the per-thread regions are sized for: a call given this
                       workspace runs at most that many (results never depend on the count) */
+    const struct moe_wpack *pack; /* weights packed ahead for products of few rows (cached
+                      decoding sets it for its calls, >>moe:generate); NULL = none           */
 } moe_work;
 
 /* buf for `floats` floats (none when 0) and per-thread regions for nthreads (< 1: 1) */
@@ -551,6 +553,27 @@ MOEDEF moe_status moe_gemm(int M, int N, int K, const float *A, int lda, int a_t
 MOEDEF size_t moe_gemm_work_floats(int M, int N, int K);
 MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
                            const float *B, int ldb, float *C, int ldc, int accumulate);
+
+/* Weights packed ahead for many products of few rows (cached decoding, >>moe:generate): each
+   registered matrix W (N, K) of out = x . W^T held in the GEMM's panel layout, found by W's
+   address. Packing a matrix costs about as much as multiplying it by one row, so a product of
+   a few rows packs nothing per call only when the panels are made once for many calls. The
+   panels are a copy: they are valid while `live` is set, which their owner does only over
+   calls that cannot change the weights. */
+typedef struct moe_wpack_entry {
+    const float *src; /* W, as the model's tensor table holds it */
+    int N, K;
+    size_t at;        /* its panels: panels + at, moe__packed_b_floats(K, N) floats */
+} moe_wpack_entry;
+typedef struct moe_wpack {
+    moe_wpack_entry *mats; /* sorted by src */
+    int count, cap;
+    float *panels;
+    size_t floats;
+    float *apack;  /* MOE_GEMM_MR x MOE_GEMM_KC per thread: a tile of rows for the micro-kernel */
+    int nthreads;
+    int live;
+} moe_wpack;
 
 /* ============================================================================================
    >>moe:kernels  elementwise, normalisation, loss
@@ -1719,6 +1742,9 @@ typedef struct moe_kv_cache {
     int *gen_tok, *gen_seq;   /* (chunk) generation: the tokens of the next decode call       */
     int *gen_fed, *gen_row;   /* (max_batch) generation: tokens fed per sequence, and the row
                                  of its last token in the current call (-1 = none)           */
+    moe_wpack pack;           /* the matrices decoding multiplies, in the GEMM's panels: a
+                                 copy of the weights made by each moe_model_generate_batch
+                                 (live during that call only; about the model's size)        */
     moe_err err;              /* why init failed                                            */
 } moe_kv_cache;
 
@@ -2662,6 +2688,7 @@ MOE__IMPL moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads) {
     w->buf = NULL;
     w->floats = 0;
     w->nthreads = nthreads < 1 ? 1 : nthreads;
+    w->pack = NULL;
     if (floats == 0) return MOE_OK;
     if (floats > (size_t)-1 / sizeof(float)) return MOE_ERR_NOMEM;
     w->buf = (float *)MOE_MALLOC(floats * sizeof(float));
@@ -3821,6 +3848,142 @@ MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda,
     }
 }
 
+/* One row against four panels: the micro-kernel's operations for that row (acc = 0, then
+   acc += a . b in k order, then C = or += acc), so the same bits as moe__gemm_packed gives it,
+   with eight accumulators instead of the micro-kernel's tile of rows that one row would leave
+   empty. nr4: the valid columns of the four panels (at most 4 NR). */
+MOE__GEMM_FN void moe__gemm_row4(int kc, const float *MOE_RESTRICT a, const float *MOE_RESTRICT Bp, float *MOE_RESTRICT C,
+                                 int nr4, int accumulate) {
+    const size_t ps = (size_t)kc * MOE_GEMM_NR;
+    const float *b0 = Bp, *b1 = Bp + ps, *b2 = Bp + 2 * ps, *b3 = Bp + 3 * ps;
+    float c0[MOE_GEMM_NR], c1[MOE_GEMM_NR], c2[MOE_GEMM_NR], c3[MOE_GEMM_NR];
+    int j, p;
+    for (j = 0; j < MOE_GEMM_NR; j++) c0[j] = c1[j] = c2[j] = c3[j] = 0.0f;
+    MOE__NO_AUTOVEC
+    for (p = 0; p < kc; p++) {
+        float ap = a[p];
+        size_t o = (size_t)p * MOE_GEMM_NR;
+        for (j = 0; j < MOE_GEMM_NR; j++) {
+            c0[j] += ap * b0[o + j];
+            c1[j] += ap * b1[o + j];
+            c2[j] += ap * b2[o + j];
+            c3[j] += ap * b3[o + j];
+        }
+    }
+    if (nr4 == 4 * MOE_GEMM_NR) {
+        if (accumulate)
+            for (j = 0; j < MOE_GEMM_NR; j++) {
+                C[j] += c0[j]; C[MOE_GEMM_NR + j] += c1[j]; C[2 * MOE_GEMM_NR + j] += c2[j]; C[3 * MOE_GEMM_NR + j] += c3[j];
+            }
+        else
+            for (j = 0; j < MOE_GEMM_NR; j++) {
+                C[j] = c0[j]; C[MOE_GEMM_NR + j] = c1[j]; C[2 * MOE_GEMM_NR + j] = c2[j]; C[3 * MOE_GEMM_NR + j] = c3[j];
+            }
+    } else {
+        for (j = 0; j < nr4; j++) {
+            float v = j < MOE_GEMM_NR ? c0[j] : j < 2 * MOE_GEMM_NR ? c1[j - MOE_GEMM_NR] : j < 3 * MOE_GEMM_NR ? c2[j - 2 * MOE_GEMM_NR] : c3[j - 3 * MOE_GEMM_NR];
+            C[j] = accumulate ? C[j] + v : v;
+        }
+    }
+}
+
+/* out (M, N) columns of panels [q0, q1) = inp (M, K) . W^T from W's panels Bp
+   (moe__pack_b_panels with b_trans): moe__gemm_packed's operations for every element, hence
+   its bits whatever M or the panel range. One row: four panels at a time (moe__gemm_row4);
+   more rows: tiles of MR rows packed into Ap (MR x KC floats) for the micro-kernel. */
+MOE__GEMM_FN void moe__gemm_panels(float *out, const float *inp, const float *Bp, int M, int K, int N, int q0, int q1,
+                                   float *MOE_RESTRICT Ap) {
+    int npad = moe__round_up(N, MOE_GEMM_NR), pc, q, i;
+    for (pc = 0; pc < K; pc += MOE_GEMM_KC) {
+        int kc = K - pc < MOE_GEMM_KC ? K - pc : MOE_GEMM_KC, acc = pc > 0;
+        const float *bblock = Bp + (size_t)pc * npad;
+        if (M == 1) {
+            for (q = q0; q < q1; q += 4) {
+                int j0 = q * MOE_GEMM_NR, nq = q1 - q < 4 ? q1 - q : 4, nr4 = N - j0 < nq * MOE_GEMM_NR ? N - j0 : nq * MOE_GEMM_NR;
+                if (nq == 4) {
+                    moe__gemm_row4(kc, inp + pc, bblock + (size_t)j0 * kc, out + j0, nr4, acc);
+                } else { /* the last one to three panels: one at a time through the micro-kernel */
+                    int k;
+                    moe__pack_a(Ap, inp + pc, K, 0, 1, kc);
+                    for (k = 0; k < nq; k++) {
+                        int jk = j0 + k * MOE_GEMM_NR, nr = N - jk < MOE_GEMM_NR ? N - jk : MOE_GEMM_NR;
+                        moe__gemm_micro(kc, Ap, bblock + (size_t)jk * kc, out + jk, N, 1, nr, acc);
+                    }
+                }
+            }
+        } else {
+            for (i = 0; i < M; i += MOE_GEMM_MR) {
+                int mr = M - i < MOE_GEMM_MR ? M - i : MOE_GEMM_MR;
+                moe__pack_a(Ap, inp + (size_t)i * K + pc, K, 0, mr, kc);
+                for (q = q0; q < q1; q++) {
+                    int j0 = q * MOE_GEMM_NR, nr = N - j0 < MOE_GEMM_NR ? N - j0 : MOE_GEMM_NR;
+                    moe__gemm_micro(kc, Ap, bblock + (size_t)j0 * kc, out + (size_t)i * N + j0, N, mr, nr, acc);
+                }
+            }
+        }
+    }
+}
+
+/* the panels of W (N, K) when pk is live and holds them, else NULL */
+static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, int K) {
+    int lo = 0, hi;
+    if (!pk || !pk->live) return NULL;
+    hi = pk->count - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        const moe_wpack_entry *e = &pk->mats[mid];
+        if (e->src == W) return e->N == N && e->K == K ? pk->panels + e->at : NULL;
+        if ((uintptr_t)e->src < (uintptr_t)W) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return NULL;
+}
+
+/* Building a pack: a first pass of moe__wpack_put over the matrices counts (mats NULL), then
+   moe__wpack_alloc, a second pass records them, moe__wpack_sort; moe__wpack_fill packs. */
+static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
+    if (pk->mats) {
+        moe_wpack_entry *e = &pk->mats[pk->count];
+        e->src = W; e->N = N; e->K = K; e->at = pk->floats;
+    }
+    pk->count++;
+    pk->floats += moe__packed_b_floats(K, N);
+}
+
+static int moe__wpack_alloc(moe_wpack *pk, int nthreads) {
+    pk->nthreads = nthreads < 1 ? 1 : nthreads;
+    pk->mats = (moe_wpack_entry *)moe__calloc((size_t)pk->count, sizeof(moe_wpack_entry));
+    pk->panels = (float *)moe__calloc(pk->floats, sizeof(float));
+    pk->apack = (float *)moe__calloc((size_t)MOE_GEMM_MR * MOE_GEMM_KC * (size_t)pk->nthreads, sizeof(float));
+    pk->count = 0;
+    pk->floats = 0;
+    return pk->mats && pk->panels && pk->apack;
+}
+
+static int moe__wpack_cmp(const void *a, const void *b) {
+    uintptr_t x = (uintptr_t)((const moe_wpack_entry *)a)->src, y = (uintptr_t)((const moe_wpack_entry *)b)->src;
+    return x < y ? -1 : x > y;
+}
+
+static void moe__wpack_sort(moe_wpack *pk) { qsort(pk->mats, (size_t)pk->count, sizeof(moe_wpack_entry), moe__wpack_cmp); }
+
+/* (re)packs every matrix from its current values */
+static void moe__wpack_fill(moe_wpack *pk, int nthreads) {
+    int i;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
+    for (i = 0; i < pk->count; i++) {
+        const moe_wpack_entry *e = &pk->mats[i];
+        moe__pack_b_panels(pk->panels + e->at, e->src, e->K, 1, e->K, e->N, 0, moe__round_up(e->N, MOE_GEMM_NR) / MOE_GEMM_NR);
+    }
+}
+
+static void moe__wpack_free(moe_wpack *pk) {
+    MOE_FREE(pk->mats);
+    MOE_FREE(pk->panels);
+    MOE_FREE(pk->apack);
+    memset(pk, 0, sizeof *pk);
+}
+
 /* Scratch of the GEMM of a (K, N) B: its packed copy, then one A block (MC x KC) per thread
    (the single-threaded GEMM is the nthreads = 1 case). */
 static size_t moe__gemm_work(int K, int N, int nthreads) {
@@ -4423,12 +4586,29 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
 #define MOE__DECODE_THREAD_MACS 4e5
 #endif
 
-/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding): each element a dot product in
-   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
-   count or the other rows. A few rows per call would spend more time packing W into
-   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
-static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
+/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
+   row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
+   for a whole generation, >>moe:generate), the GEMM's own operations on them
+   (moe__gemm_panels: the full forward's bits), threads splitting the panels. Else each element
+   is a dot product in MOE__LANES lanes summed by halving: a few rows per call would spend more
+   time packing W into panels than multiplying; four columns share each load of a row. */
+static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
+                               const moe_wpack *pk) {
     int blk, n = M * ((N + 3) / 4);
+    const float *Bp = moe__wpack_find(pk, W, N, K);
+    if (Bp) {
+        int nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR, nt = nthreads < pk->nthreads ? nthreads : pk->nthreads, t;
+        if (nt > nq) nt = nq;
+        if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
+            MOE__OMP_FOR_DYNAMIC_N(nt)
+            for (t = 0; t < nt; t++)
+                moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
+                                 pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
+        } else {
+            moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
+        }
+        return;
+    }
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a
        scheduler call per block, a fifth of a batch-1 token */
     if (nthreads > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
@@ -4528,7 +4708,8 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
    products; hbuf holds (rows, D) */
 static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up, const float *xg,
                                           const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                          moe_expert_kind kind, moe_activation act, float *hbuf, int nthreads) {
+                                          moe_expert_kind kind, moe_activation act, float *hbuf, int nthreads,
+                                          const moe_wpack *pk) {
     int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, j;
     size_t wsz = (size_t)D * d, i;
     for (e = 0; e < E; e++) {
@@ -4537,10 +4718,10 @@ static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up
         float *hu = h_up + (size_t)base * D, *o = out + (size_t)base * d;
         size_t nh = (size_t)n * D;
         if (n == 0) continue;
-        moe__decode_linear(hu, x, w->up + wsz * e, n, d, D, nthreads);
+        moe__decode_linear(hu, x, w->up + wsz * e, n, d, D, nthreads, pk);
         if (swiglu) {
             float *hg = h_gate + (size_t)base * D;
-            if (own_gate) moe__decode_linear(hg, x, w->gate + wsz * e, n, d, D, nthreads);
+            if (own_gate) moe__decode_linear(hg, x, w->gate + wsz * e, n, d, D, nthreads, pk);
             moe__swiglu_rows(hbuf, hg, hu, nh);
         } else {
             if (w->b_up)
@@ -4548,7 +4729,7 @@ static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up
                     for (j = 0; j < D; j++) hu[i * D + j] += w->b_up[(size_t)e * D + j];
             for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
         }
-        moe__decode_linear(o, hbuf, w->down + wsz * e, n, D, d, nthreads);
+        moe__decode_linear(o, hbuf, w->down + wsz * e, n, D, d, nthreads, pk);
         if (!swiglu && w->b_down)
             for (i = 0; i < (size_t)n; i++)
                 for (j = 0; j < d; j++) o[i * d + j] += w->b_down[(size_t)e * d + j];
@@ -4573,8 +4754,11 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
     need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
     buf = moe__work_get(work_ws, need, &own, &st);
     if (st != MOE_OK) return st;
-    if (max_rows <= MOE__EXPERT_DOT_ROWS) { /* decoding: no packing (buf holds >= MC rows of h) */
-        moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads);
+    /* decoding: no packing (buf holds >= MC rows of h); with the weights packed ahead
+       (work_ws->pack) the products are the GEMM's on those panels, for up to MC rows */
+    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && work_ws->pack && work_ws->pack->live && max_rows <= MOE_GEMM_MC)) {
+        moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads,
+                                      work_ws ? work_ws->pack : NULL);
         MOE_FREE(own);
         return MOE_OK;
     }
@@ -8986,6 +9170,40 @@ MOE__IMPL moe_status moe_model_load(moe_model *m, const char *path, int max_B, i
    >>moe:generate
    ============================================================================================ */
 
+/* every matrix decoding multiplies, into pk (moe__wpack_put's two passes): per block the QKV
+   and output projections, the FFN's (dense, or each routed and shared expert's up, gate and
+   down), and the LM head. A matrix left out is multiplied as it is. */
+static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
+    const moe_model_config *mc = &m->cfg;
+    int d = mc->d, l, e, bank;
+    for (l = 0; l < mc->n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        moe__wpack_put(pk, moe_store_param(&m->S, b->id_qkv), 3 * d, d);
+        moe__wpack_put(pk, moe_store_param(&m->S, b->id_wo), d, d);
+        for (bank = 0; bank < 2; bank++) {
+            moe_expert_weights w;
+            int E, D;
+            if (!b->is_moe) {
+                if (bank) break;
+                w = moe__dense_ffn(m, b, 0); E = 1; D = mc->d_ff;
+            } else {
+                if (b->moe.runner) break; /* another process runs the routed experts */
+                E = bank ? b->moe.cfg.n_shared : b->moe.cfg.n_experts;
+                D = bank ? b->moe.cfg.d_ff_shared : b->moe.cfg.d_ff;
+                if (E <= 0) continue;
+                w = moe_layer_experts(&b->moe, &m->S, bank, 0);
+            }
+            for (e = 0; e < E; e++) {
+                size_t at = (size_t)e * D * d;
+                if (w.up) moe__wpack_put(pk, w.up + at, D, d);
+                if (w.gate) moe__wpack_put(pk, w.gate + at, D, d);
+                if (w.down) moe__wpack_put(pk, w.down + at, d, D);
+            }
+        }
+    }
+    moe__wpack_put(pk, moe_store_param(&m->S, m->id_wte), mc->vocab, d);
+}
+
 MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int max_batch, int max_len) {
     const moe_model_config *mc;
     size_t kv;
@@ -9011,6 +9229,14 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
          MOE__ALLOC(c->gen_seq, c->chunk, int) && MOE__ALLOC(c->gen_fed, max_batch, int) &&
          MOE__ALLOC(c->gen_row, max_batch, int);
     if (ok && mc->pos == MOE_POS_ROPE) ok = MOE__ALLOC(c->rope, (size_t)max_len * hd, float);
+    if (ok) {
+        moe__decode_matrices(m, &c->pack); /* counts */
+        ok = moe__wpack_alloc(&c->pack, c->nthreads);
+        if (ok) {
+            moe__decode_matrices(m, &c->pack);
+            moe__wpack_sort(&c->pack);
+        }
+    }
     if (!ok) {
         moe_kv_cache_free(c);
         return moe_err_set(&c->err, MOE_ERR_NOMEM, "out of memory for a KV cache of %d x %d positions", max_batch, max_len);
@@ -9024,6 +9250,7 @@ MOE__IMPL void moe_kv_cache_free(moe_kv_cache *c) {
     MOE_FREE(c->len); MOE_FREE(c->k); MOE_FREE(c->v); MOE_FREE(c->rope); MOE_FREE(c->scores);
     MOE_FREE(c->tok_seq); MOE_FREE(c->tok_pos); MOE_FREE(c->gen_tok); MOE_FREE(c->gen_seq);
     MOE_FREE(c->gen_fed); MOE_FREE(c->gen_row);
+    moe__wpack_free(&c->pack);
     memset(c, 0, sizeof *c);
     c->err = keep;
 }
@@ -9147,7 +9374,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         float s = m->layer_scale[l];
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
-        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads());
+        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads(), &c->pack);
         for (i = 0; i < n; i++) {
             float *row = b->qkv + (size_t)i * 3 * d;
             int h;
@@ -9160,42 +9387,23 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
-        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads());
+        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads(), &c->pack);
         for (i = 0; i < n * d; i++) b->x2[i] = s * b->x2[i] + b->x[i]; /* s_l: masked growth's residual scale */
+        m->work.pack = &c->pack; /* the FFN's products (found only while the pack is live) */
         st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
+        m->work.pack = NULL;
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
-    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads());
+    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads(), &c->pack);
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
-    int V = m->cfg.vocab, i, t;
-    moe_err e;
-    moe_status st = moe__decode_check(m, c);
-    if (st != MOE_OK) return st;
-    if (!seqs || n_seqs < 1 || n_seqs > c->max_batch)
-        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate_batch needs 1 to %d sequences (the cache's max_batch), got %d", c->max_batch, n_seqs);
-    for (i = 0; i < n_seqs; i++) {
-        const moe_gen_seq *q = &seqs[i];
-        if (!q->prompt || q->n_prompt < 1 || q->max_new < 0 || (q->max_new > 0 && !q->out))
-            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: a prompt of at least one token, max_new >= 0 and an output buffer are needed", i);
-        if (q->stop < -1 || q->stop >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: stop token %d is outside [-1, %d)", i, q->stop, V);
-        if (moe__sampler_check(&e, &q->sampler) != MOE_OK) return moe_err_set(&m->err, e.status, "sequence %d: %s", i, e.msg);
-        if ((double)q->n_prompt + q->max_new - 1 > c->max_len)
-            return moe_err_set(&m->err, MOE_ERR_SHAPE, "sequence %d: a prompt of %d and %d new tokens need %d positions, beyond the cache's %d", i, q->n_prompt,
-                               q->max_new, q->n_prompt + q->max_new - 1, c->max_len);
-        for (t = 0; t < q->n_prompt; t++)
-            if (q->prompt[t] < 0 || q->prompt[t] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: prompt token %d at %d is outside [0, %d)", i, q->prompt[t], t, V);
-    }
-    for (i = 0; i < n_seqs; i++) {
-        c->len[i] = 0;
-        c->gen_fed[i] = 0;
-        seqs[i].n_out = 0;
-        seqs[i].stopped = 0;
-    }
+/* the decode-and-sample loop of moe_model_generate_batch */
+static moe_status moe__generate_steps(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
+    int V = m->cfg.vocab, i;
+    moe_status st;
     for (;;) {
         /* the next call: each unfinished sequence's tokens not yet fed (prompt, then its newest
            token), sequence by sequence, up to the chunk */
@@ -9224,6 +9432,40 @@ MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe
     }
     return MOE_OK;
 }
+
+MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
+    int V = m->cfg.vocab, i, t;
+    moe_err e;
+    moe_status st = moe__decode_check(m, c);
+    if (st != MOE_OK) return st;
+    if (!seqs || n_seqs < 1 || n_seqs > c->max_batch)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate_batch needs 1 to %d sequences (the cache's max_batch), got %d", c->max_batch, n_seqs);
+    for (i = 0; i < n_seqs; i++) {
+        const moe_gen_seq *q = &seqs[i];
+        if (!q->prompt || q->n_prompt < 1 || q->max_new < 0 || (q->max_new > 0 && !q->out))
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: a prompt of at least one token, max_new >= 0 and an output buffer are needed", i);
+        if (q->stop < -1 || q->stop >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: stop token %d is outside [-1, %d)", i, q->stop, V);
+        if (moe__sampler_check(&e, &q->sampler) != MOE_OK) return moe_err_set(&m->err, e.status, "sequence %d: %s", i, e.msg);
+        if ((double)q->n_prompt + q->max_new - 1 > c->max_len)
+            return moe_err_set(&m->err, MOE_ERR_SHAPE, "sequence %d: a prompt of %d and %d new tokens need %d positions, beyond the cache's %d", i, q->n_prompt,
+                               q->max_new, q->n_prompt + q->max_new - 1, c->max_len);
+        for (t = 0; t < q->n_prompt; t++)
+            if (q->prompt[t] < 0 || q->prompt[t] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: prompt token %d at %d is outside [0, %d)", i, q->prompt[t], t, V);
+    }
+    for (i = 0; i < n_seqs; i++) {
+        c->len[i] = 0;
+        c->gen_fed[i] = 0;
+        seqs[i].n_out = 0;
+        seqs[i].stopped = 0;
+    }
+    /* the weights cannot change during this call: pack them once for all its decode calls */
+    moe__wpack_fill(&c->pack, moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads);
+    c->pack.live = 1;
+    st = moe__generate_steps(m, c, seqs, n_seqs);
+    c->pack.live = 0;
+    return st;
+}
+
 /* ============================================================================================
    >>moe:growth
    ============================================================================================ */

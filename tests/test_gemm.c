@@ -337,6 +337,65 @@ static void test_experts(void) {
     experts_case("SwiGLU, gate pre-activation as input (AoE)", MOE_EXPERT_SWIGLU, 6, 40, 72, ragged, 1, 13);
 }
 
+/* decoding's product on weights packed ahead (a moe_wpack: generation's path): every row
+   count, panel split and thread count gives the bits of the GEMM (moe_matmul_forward) on the
+   same operands; a matrix the pack does not hold, or a pack that is not live, takes the
+   unpacked product */
+static void test_decode_packed(void) {
+    static const int Ks[] = {1, 17, 128, 300}, Ns[] = {1, 31, 32, 100, 130, 384}, Ms[] = {1, 2, 3, 8, 9, 16};
+    int ki, ni, mi, all_gemm = 1, all_thr = 1, n_cases = 0;
+    moe_rng r;
+    moe_rng_seed(&r, 29);
+    TEST_BEGIN("decoding's product on packed weights = the GEMM's bits, any rows, threads and split");
+    for (ki = 0; ki < 4; ki++)
+        for (ni = 0; ni < 6; ni++) {
+            int K = Ks[ki], N = Ns[ni];
+            moe_wpack pk;
+            float *W = falloc((size_t)N * K), *Wother = falloc((size_t)N * K);
+            memset(&pk, 0, sizeof pk);
+            fill(W, (size_t)N * K, &r);
+            fill(Wother, (size_t)N * K, &r);
+            moe__wpack_put(&pk, W, N, K);
+            CHECK(moe__wpack_alloc(&pk, 2), "pack allocation");
+            moe__wpack_put(&pk, W, N, K);
+            moe__wpack_sort(&pk);
+            moe__wpack_fill(&pk, 2);
+            pk.live = 1;
+            for (mi = 0; mi < 6; mi++) {
+                int M = Ms[mi];
+                float *x = falloc((size_t)M * K), *ref = falloc((size_t)M * N), *o1 = falloc((size_t)M * N), *o2 = falloc((size_t)M * N);
+                fill(x, (size_t)M * K, &r);
+                moe_matmul_forward(ref, x, W, NULL, M, K, N, NULL);
+                moe__decode_linear(o1, x, W, M, K, N, 1, &pk);
+                moe__decode_linear(o2, x, W, M, K, N, 2, &pk);
+                if (memcmp(o1, ref, (size_t)M * N * sizeof(float)) != 0) { all_gemm = 0; printf("  M=%d K=%d N=%d: not the GEMM's bits\n", M, K, N); }
+                if (memcmp(o1, o2, (size_t)M * N * sizeof(float)) != 0) { all_thr = 0; printf("  M=%d K=%d N=%d: 1 and 2 threads differ\n", M, K, N); }
+                {   /* each panel range alone writes the same columns */
+                    int nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR, q;
+                    for (q = 0; q < nq; q++) moe__gemm_panels(o2, x, pk.panels, M, K, N, q, q + 1, pk.apack);
+                    if (memcmp(o1, o2, (size_t)M * N * sizeof(float)) != 0) { all_thr = 0; printf("  M=%d K=%d N=%d: panels one by one differ\n", M, K, N); }
+                }
+                n_cases++;
+                free(x); free(ref); free(o1); free(o2);
+            }
+            {   /* not held, or not live: the unpacked product */
+                float x1[300], a[384], b[384];
+                fill(x1, (size_t)K, &r);
+                moe__decode_linear(a, x1, Wother, 1, K, N, 1, &pk);
+                moe__decode_linear(b, x1, Wother, 1, K, N, 1, NULL);
+                CHECK(memcmp(a, b, sizeof(float) * (size_t)N) == 0, "K=%d N=%d: a matrix outside the pack takes the unpacked product", K, N);
+                pk.live = 0;
+                CHECK(moe__wpack_find(&pk, W, N, K) == NULL && moe__wpack_find(NULL, W, N, K) == NULL, "a pack that is not live holds nothing");
+                pk.live = 1;
+                CHECK(moe__wpack_find(&pk, W, N + 1, K) == NULL, "the address with another shape is not the matrix");
+            }
+            moe__wpack_free(&pk);
+            free(W); free(Wother);
+        }
+    CHECK(all_gemm, "the packed product has the GEMM's bits in all %d cases", n_cases);
+    CHECK(all_thr, "the packed product's bits do not depend on threads or panel split (%d cases)", n_cases);
+}
+
 /* decoding's unpacked product (moe__decode_linear): four columns at a time, each column
    bit for bit its one-column reference moe__decode_dot, close to a double dot product, and
    the same bits on the threaded path as on the plain loop */
@@ -352,8 +411,8 @@ static void test_decode_linear(void) {
             float *x = falloc((size_t)M * K), *W = falloc((size_t)N * K), *o1 = falloc((size_t)M * N), *o2 = falloc((size_t)M * N);
             fill(x, (size_t)M * K, &r);
             fill(W, (size_t)N * K, &r);
-            moe__decode_linear(o1, x, W, M, K, N, 1);
-            moe__decode_linear(o2, x, W, M, K, N, 2); /* threaded above 4e5 multiply-adds */
+            moe__decode_linear(o1, x, W, M, K, N, 1, NULL);
+            moe__decode_linear(o2, x, W, M, K, N, 2, NULL); /* threaded above 4e5 multiply-adds */
             same_thr = memcmp(o1, o2, (size_t)M * N * sizeof(float)) == 0;
             for (i = 0; i < M; i++)
                 for (j = 0; j < N; j++) {
@@ -451,6 +510,7 @@ int main(void) {
     test_matmul_threads();
     test_experts();
     test_decode_linear();
+    test_decode_packed();
     test_experts_grad(MOE_EXPERT_SWIGLU);
     test_experts_grad(MOE_EXPERT_FFN);
     return test_summary();

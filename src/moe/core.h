@@ -59,6 +59,8 @@ typedef struct moe_work {
     size_t floats; /* capacity of buf                                                       */
     int nthreads;  /* threads the per-thread regions are sized for: a call given this
                       workspace runs at most that many (results never depend on the count) */
+    const struct moe_wpack *pack; /* weights packed ahead for products of few rows (cached
+                      decoding sets it for its calls, >>moe:generate); NULL = none           */
 } moe_work;
 
 /* buf for `floats` floats (none when 0) and per-thread regions for nthreads (< 1: 1) */
@@ -156,6 +158,7 @@ MOE__IMPL moe_status moe_work_alloc(moe_work *w, size_t floats, int nthreads) {
     w->buf = NULL;
     w->floats = 0;
     w->nthreads = nthreads < 1 ? 1 : nthreads;
+    w->pack = NULL;
     if (floats == 0) return MOE_OK;
     if (floats > (size_t)-1 / sizeof(float)) return MOE_ERR_NOMEM;
     w->buf = (float *)MOE_MALLOC(floats * sizeof(float));

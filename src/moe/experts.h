@@ -156,12 +156,29 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
 #define MOE__DECODE_THREAD_MACS 4e5
 #endif
 
-/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding): each element a dot product in
-   MOE__LANES lanes summed by halving, the same loop for every row whatever M, the thread
-   count or the other rows. A few rows per call would spend more time packing W into
-   the GEMM's panels (>>moe:matmul) than multiplying; four columns share each load of a row. */
-static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads) {
+/* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
+   row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
+   for a whole generation, >>moe:generate), the GEMM's own operations on them
+   (moe__gemm_panels: the full forward's bits), threads splitting the panels. Else each element
+   is a dot product in MOE__LANES lanes summed by halving: a few rows per call would spend more
+   time packing W into panels than multiplying; four columns share each load of a row. */
+static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
+                               const moe_wpack *pk) {
     int blk, n = M * ((N + 3) / 4);
+    const float *Bp = moe__wpack_find(pk, W, N, K);
+    if (Bp) {
+        int nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR, nt = nthreads < pk->nthreads ? nthreads : pk->nthreads, t;
+        if (nt > nq) nt = nq;
+        if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
+            MOE__OMP_FOR_DYNAMIC_N(nt)
+            for (t = 0; t < nt; t++)
+                moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
+                                 pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
+        } else {
+            moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
+        }
+        return;
+    }
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a
        scheduler call per block, a fifth of a batch-1 token */
     if (nthreads > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
@@ -261,7 +278,8 @@ static int moe__chunk_owner(const int *start, int nexp, int i) {
    products; hbuf holds (rows, D) */
 static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up, const float *xg,
                                           const moe_expert_weights *w, const int *offset, int E, int d, int D,
-                                          moe_expert_kind kind, moe_activation act, float *hbuf, int nthreads) {
+                                          moe_expert_kind kind, moe_activation act, float *hbuf, int nthreads,
+                                          const moe_wpack *pk) {
     int swiglu = kind == MOE_EXPERT_SWIGLU, own_gate = swiglu && w->gate != NULL, e, j;
     size_t wsz = (size_t)D * d, i;
     for (e = 0; e < E; e++) {
@@ -270,10 +288,10 @@ static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up
         float *hu = h_up + (size_t)base * D, *o = out + (size_t)base * d;
         size_t nh = (size_t)n * D;
         if (n == 0) continue;
-        moe__decode_linear(hu, x, w->up + wsz * e, n, d, D, nthreads);
+        moe__decode_linear(hu, x, w->up + wsz * e, n, d, D, nthreads, pk);
         if (swiglu) {
             float *hg = h_gate + (size_t)base * D;
-            if (own_gate) moe__decode_linear(hg, x, w->gate + wsz * e, n, d, D, nthreads);
+            if (own_gate) moe__decode_linear(hg, x, w->gate + wsz * e, n, d, D, nthreads, pk);
             moe__swiglu_rows(hbuf, hg, hu, nh);
         } else {
             if (w->b_up)
@@ -281,7 +299,7 @@ static void moe__experts_forward_few_rows(float *out, float *h_gate, float *h_up
                     for (j = 0; j < D; j++) hu[i * D + j] += w->b_up[(size_t)e * D + j];
             for (i = 0; i < nh; i++) hbuf[i] = moe__act(hu[i], act);
         }
-        moe__decode_linear(o, hbuf, w->down + wsz * e, n, D, d, nthreads);
+        moe__decode_linear(o, hbuf, w->down + wsz * e, n, D, d, nthreads, pk);
         if (!swiglu && w->b_down)
             for (i = 0; i < (size_t)n; i++)
                 for (j = 0; j < d; j++) o[i * d + j] += w->b_down[(size_t)e * d + j];
@@ -306,8 +324,11 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
     need = moe__experts_fwd_floats(E, d, D, own_gate, nthreads, &chunk);
     buf = moe__work_get(work_ws, need, &own, &st);
     if (st != MOE_OK) return st;
-    if (max_rows <= MOE__EXPERT_DOT_ROWS) { /* decoding: no packing (buf holds >= MC rows of h) */
-        moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads);
+    /* decoding: no packing (buf holds >= MC rows of h); with the weights packed ahead
+       (work_ws->pack) the products are the GEMM's on those panels, for up to MC rows */
+    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && work_ws->pack && work_ws->pack->live && max_rows <= MOE_GEMM_MC)) {
+        moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads,
+                                      work_ws ? work_ws->pack : NULL);
         MOE_FREE(own);
         return MOE_OK;
     }

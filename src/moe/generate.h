@@ -38,6 +38,9 @@ typedef struct moe_kv_cache {
     int *gen_tok, *gen_seq;   /* (chunk) generation: the tokens of the next decode call       */
     int *gen_fed, *gen_row;   /* (max_batch) generation: tokens fed per sequence, and the row
                                  of its last token in the current call (-1 = none)           */
+    moe_wpack pack;           /* the matrices decoding multiplies, in the GEMM's panels: a
+                                 copy of the weights made by each moe_model_generate_batch
+                                 (live during that call only; about the model's size)        */
     moe_err err;              /* why init failed                                            */
 } moe_kv_cache;
 
@@ -83,6 +86,40 @@ MOEDEF moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_ge
    >>moe:generate
    ============================================================================================ */
 
+/* every matrix decoding multiplies, into pk (moe__wpack_put's two passes): per block the QKV
+   and output projections, the FFN's (dense, or each routed and shared expert's up, gate and
+   down), and the LM head. A matrix left out is multiplied as it is. */
+static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
+    const moe_model_config *mc = &m->cfg;
+    int d = mc->d, l, e, bank;
+    for (l = 0; l < mc->n_layers; l++) {
+        const moe_block *b = &m->blocks[l];
+        moe__wpack_put(pk, moe_store_param(&m->S, b->id_qkv), 3 * d, d);
+        moe__wpack_put(pk, moe_store_param(&m->S, b->id_wo), d, d);
+        for (bank = 0; bank < 2; bank++) {
+            moe_expert_weights w;
+            int E, D;
+            if (!b->is_moe) {
+                if (bank) break;
+                w = moe__dense_ffn(m, b, 0); E = 1; D = mc->d_ff;
+            } else {
+                if (b->moe.runner) break; /* another process runs the routed experts */
+                E = bank ? b->moe.cfg.n_shared : b->moe.cfg.n_experts;
+                D = bank ? b->moe.cfg.d_ff_shared : b->moe.cfg.d_ff;
+                if (E <= 0) continue;
+                w = moe_layer_experts(&b->moe, &m->S, bank, 0);
+            }
+            for (e = 0; e < E; e++) {
+                size_t at = (size_t)e * D * d;
+                if (w.up) moe__wpack_put(pk, w.up + at, D, d);
+                if (w.gate) moe__wpack_put(pk, w.gate + at, D, d);
+                if (w.down) moe__wpack_put(pk, w.down + at, d, D);
+            }
+        }
+    }
+    moe__wpack_put(pk, moe_store_param(&m->S, m->id_wte), mc->vocab, d);
+}
+
 MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int max_batch, int max_len) {
     const moe_model_config *mc;
     size_t kv;
@@ -108,6 +145,14 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
          MOE__ALLOC(c->gen_seq, c->chunk, int) && MOE__ALLOC(c->gen_fed, max_batch, int) &&
          MOE__ALLOC(c->gen_row, max_batch, int);
     if (ok && mc->pos == MOE_POS_ROPE) ok = MOE__ALLOC(c->rope, (size_t)max_len * hd, float);
+    if (ok) {
+        moe__decode_matrices(m, &c->pack); /* counts */
+        ok = moe__wpack_alloc(&c->pack, c->nthreads);
+        if (ok) {
+            moe__decode_matrices(m, &c->pack);
+            moe__wpack_sort(&c->pack);
+        }
+    }
     if (!ok) {
         moe_kv_cache_free(c);
         return moe_err_set(&c->err, MOE_ERR_NOMEM, "out of memory for a KV cache of %d x %d positions", max_batch, max_len);
@@ -121,6 +166,7 @@ MOE__IMPL void moe_kv_cache_free(moe_kv_cache *c) {
     MOE_FREE(c->len); MOE_FREE(c->k); MOE_FREE(c->v); MOE_FREE(c->rope); MOE_FREE(c->scores);
     MOE_FREE(c->tok_seq); MOE_FREE(c->tok_pos); MOE_FREE(c->gen_tok); MOE_FREE(c->gen_seq);
     MOE_FREE(c->gen_fed); MOE_FREE(c->gen_row);
+    moe__wpack_free(&c->pack);
     memset(c, 0, sizeof *c);
     c->err = keep;
 }
@@ -244,7 +290,7 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
         float s = m->layer_scale[l];
         a.dropless = 1;
         moe_rmsnorm_forward(b->ln1, b->rstd1, b->x, moe_store_param(&m->S, b->id_ln1), n, d, mc->norm_eps);
-        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads());
+        moe__decode_linear(b->qkv, b->ln1, moe_store_param(&m->S, b->id_qkv), n, d, 3 * d, moe_num_threads(), &c->pack);
         for (i = 0; i < n; i++) {
             float *row = b->qkv + (size_t)i * 3 * d;
             int h;
@@ -257,42 +303,23 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);
-        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads());
+        moe__decode_linear(b->x2, b->atty, moe_store_param(&m->S, b->id_wo), n, d, d, moe_num_threads(), &c->pack);
         for (i = 0; i < n * d; i++) b->x2[i] = s * b->x2[i] + b->x[i]; /* s_l: masked growth's residual scale */
+        m->work.pack = &c->pack; /* the FFN's products (found only while the pack is live) */
         st = moe__block_ffn_forward(m, l, n, a, &rh_prev, &m->work, &m->err);
+        m->work.pack = NULL;
         if (st != MOE_OK) return st;
         for (i = 0; i < n * d; i++) out[i] = b->x2[i] + s * b->ffn[i];
     }
     moe_rmsnorm_forward(m->lnf, m->rstd_f, m->x_final, moe_store_param(&m->S, m->id_lnf), n, d, mc->norm_eps);
-    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads());
+    moe__decode_linear(m->logits, m->lnf, wte, n, d, V, moe_num_threads(), &c->pack);
     return MOE_OK;
 }
 
-MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
-    int V = m->cfg.vocab, i, t;
-    moe_err e;
-    moe_status st = moe__decode_check(m, c);
-    if (st != MOE_OK) return st;
-    if (!seqs || n_seqs < 1 || n_seqs > c->max_batch)
-        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate_batch needs 1 to %d sequences (the cache's max_batch), got %d", c->max_batch, n_seqs);
-    for (i = 0; i < n_seqs; i++) {
-        const moe_gen_seq *q = &seqs[i];
-        if (!q->prompt || q->n_prompt < 1 || q->max_new < 0 || (q->max_new > 0 && !q->out))
-            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: a prompt of at least one token, max_new >= 0 and an output buffer are needed", i);
-        if (q->stop < -1 || q->stop >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: stop token %d is outside [-1, %d)", i, q->stop, V);
-        if (moe__sampler_check(&e, &q->sampler) != MOE_OK) return moe_err_set(&m->err, e.status, "sequence %d: %s", i, e.msg);
-        if ((double)q->n_prompt + q->max_new - 1 > c->max_len)
-            return moe_err_set(&m->err, MOE_ERR_SHAPE, "sequence %d: a prompt of %d and %d new tokens need %d positions, beyond the cache's %d", i, q->n_prompt,
-                               q->max_new, q->n_prompt + q->max_new - 1, c->max_len);
-        for (t = 0; t < q->n_prompt; t++)
-            if (q->prompt[t] < 0 || q->prompt[t] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: prompt token %d at %d is outside [0, %d)", i, q->prompt[t], t, V);
-    }
-    for (i = 0; i < n_seqs; i++) {
-        c->len[i] = 0;
-        c->gen_fed[i] = 0;
-        seqs[i].n_out = 0;
-        seqs[i].stopped = 0;
-    }
+/* the decode-and-sample loop of moe_model_generate_batch */
+static moe_status moe__generate_steps(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
+    int V = m->cfg.vocab, i;
+    moe_status st;
     for (;;) {
         /* the next call: each unfinished sequence's tokens not yet fed (prompt, then its newest
            token), sequence by sequence, up to the chunk */
@@ -321,3 +348,37 @@ MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe
     }
     return MOE_OK;
 }
+
+MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_gen_seq *seqs, int n_seqs) {
+    int V = m->cfg.vocab, i, t;
+    moe_err e;
+    moe_status st = moe__decode_check(m, c);
+    if (st != MOE_OK) return st;
+    if (!seqs || n_seqs < 1 || n_seqs > c->max_batch)
+        return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "generate_batch needs 1 to %d sequences (the cache's max_batch), got %d", c->max_batch, n_seqs);
+    for (i = 0; i < n_seqs; i++) {
+        const moe_gen_seq *q = &seqs[i];
+        if (!q->prompt || q->n_prompt < 1 || q->max_new < 0 || (q->max_new > 0 && !q->out))
+            return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: a prompt of at least one token, max_new >= 0 and an output buffer are needed", i);
+        if (q->stop < -1 || q->stop >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: stop token %d is outside [-1, %d)", i, q->stop, V);
+        if (moe__sampler_check(&e, &q->sampler) != MOE_OK) return moe_err_set(&m->err, e.status, "sequence %d: %s", i, e.msg);
+        if ((double)q->n_prompt + q->max_new - 1 > c->max_len)
+            return moe_err_set(&m->err, MOE_ERR_SHAPE, "sequence %d: a prompt of %d and %d new tokens need %d positions, beyond the cache's %d", i, q->n_prompt,
+                               q->max_new, q->n_prompt + q->max_new - 1, c->max_len);
+        for (t = 0; t < q->n_prompt; t++)
+            if (q->prompt[t] < 0 || q->prompt[t] >= V) return moe_err_set(&m->err, MOE_ERR_INVALID_ARG, "sequence %d: prompt token %d at %d is outside [0, %d)", i, q->prompt[t], t, V);
+    }
+    for (i = 0; i < n_seqs; i++) {
+        c->len[i] = 0;
+        c->gen_fed[i] = 0;
+        seqs[i].n_out = 0;
+        seqs[i].stopped = 0;
+    }
+    /* the weights cannot change during this call: pack them once for all its decode calls */
+    moe__wpack_fill(&c->pack, moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads);
+    c->pack.live = 1;
+    st = moe__generate_steps(m, c, seqs, n_seqs);
+    c->pack.live = 0;
+    return st;
+}
+

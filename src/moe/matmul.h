@@ -30,6 +30,27 @@ MOEDEF size_t moe_gemm_work_floats(int M, int N, int K);
 MOEDEF void moe_gemm_naive(int M, int N, int K, const float *A, int lda, int a_trans,
                            const float *B, int ldb, float *C, int ldc, int accumulate);
 
+/* Weights packed ahead for many products of few rows (cached decoding, >>moe:generate): each
+   registered matrix W (N, K) of out = x . W^T held in the GEMM's panel layout, found by W's
+   address. Packing a matrix costs about as much as multiplying it by one row, so a product of
+   a few rows packs nothing per call only when the panels are made once for many calls. The
+   panels are a copy: they are valid while `live` is set, which their owner does only over
+   calls that cannot change the weights. */
+typedef struct moe_wpack_entry {
+    const float *src; /* W, as the model's tensor table holds it */
+    int N, K;
+    size_t at;        /* its panels: panels + at, moe__packed_b_floats(K, N) floats */
+} moe_wpack_entry;
+typedef struct moe_wpack {
+    moe_wpack_entry *mats; /* sorted by src */
+    int count, cap;
+    float *panels;
+    size_t floats;
+    float *apack;  /* MOE_GEMM_MR x MOE_GEMM_KC per thread: a tile of rows for the micro-kernel */
+    int nthreads;
+    int live;
+} moe_wpack;
+
 /* @implementation */
 /* ============================================================================================
    >>moe:matmul
@@ -238,6 +259,142 @@ MOE__GEMM_FN void moe__gemm_packed(int M, int N, int K, const float *A, int lda,
             }
         }
     }
+}
+
+/* One row against four panels: the micro-kernel's operations for that row (acc = 0, then
+   acc += a . b in k order, then C = or += acc), so the same bits as moe__gemm_packed gives it,
+   with eight accumulators instead of the micro-kernel's tile of rows that one row would leave
+   empty. nr4: the valid columns of the four panels (at most 4 NR). */
+MOE__GEMM_FN void moe__gemm_row4(int kc, const float *MOE_RESTRICT a, const float *MOE_RESTRICT Bp, float *MOE_RESTRICT C,
+                                 int nr4, int accumulate) {
+    const size_t ps = (size_t)kc * MOE_GEMM_NR;
+    const float *b0 = Bp, *b1 = Bp + ps, *b2 = Bp + 2 * ps, *b3 = Bp + 3 * ps;
+    float c0[MOE_GEMM_NR], c1[MOE_GEMM_NR], c2[MOE_GEMM_NR], c3[MOE_GEMM_NR];
+    int j, p;
+    for (j = 0; j < MOE_GEMM_NR; j++) c0[j] = c1[j] = c2[j] = c3[j] = 0.0f;
+    MOE__NO_AUTOVEC
+    for (p = 0; p < kc; p++) {
+        float ap = a[p];
+        size_t o = (size_t)p * MOE_GEMM_NR;
+        for (j = 0; j < MOE_GEMM_NR; j++) {
+            c0[j] += ap * b0[o + j];
+            c1[j] += ap * b1[o + j];
+            c2[j] += ap * b2[o + j];
+            c3[j] += ap * b3[o + j];
+        }
+    }
+    if (nr4 == 4 * MOE_GEMM_NR) {
+        if (accumulate)
+            for (j = 0; j < MOE_GEMM_NR; j++) {
+                C[j] += c0[j]; C[MOE_GEMM_NR + j] += c1[j]; C[2 * MOE_GEMM_NR + j] += c2[j]; C[3 * MOE_GEMM_NR + j] += c3[j];
+            }
+        else
+            for (j = 0; j < MOE_GEMM_NR; j++) {
+                C[j] = c0[j]; C[MOE_GEMM_NR + j] = c1[j]; C[2 * MOE_GEMM_NR + j] = c2[j]; C[3 * MOE_GEMM_NR + j] = c3[j];
+            }
+    } else {
+        for (j = 0; j < nr4; j++) {
+            float v = j < MOE_GEMM_NR ? c0[j] : j < 2 * MOE_GEMM_NR ? c1[j - MOE_GEMM_NR] : j < 3 * MOE_GEMM_NR ? c2[j - 2 * MOE_GEMM_NR] : c3[j - 3 * MOE_GEMM_NR];
+            C[j] = accumulate ? C[j] + v : v;
+        }
+    }
+}
+
+/* out (M, N) columns of panels [q0, q1) = inp (M, K) . W^T from W's panels Bp
+   (moe__pack_b_panels with b_trans): moe__gemm_packed's operations for every element, hence
+   its bits whatever M or the panel range. One row: four panels at a time (moe__gemm_row4);
+   more rows: tiles of MR rows packed into Ap (MR x KC floats) for the micro-kernel. */
+MOE__GEMM_FN void moe__gemm_panels(float *out, const float *inp, const float *Bp, int M, int K, int N, int q0, int q1,
+                                   float *MOE_RESTRICT Ap) {
+    int npad = moe__round_up(N, MOE_GEMM_NR), pc, q, i;
+    for (pc = 0; pc < K; pc += MOE_GEMM_KC) {
+        int kc = K - pc < MOE_GEMM_KC ? K - pc : MOE_GEMM_KC, acc = pc > 0;
+        const float *bblock = Bp + (size_t)pc * npad;
+        if (M == 1) {
+            for (q = q0; q < q1; q += 4) {
+                int j0 = q * MOE_GEMM_NR, nq = q1 - q < 4 ? q1 - q : 4, nr4 = N - j0 < nq * MOE_GEMM_NR ? N - j0 : nq * MOE_GEMM_NR;
+                if (nq == 4) {
+                    moe__gemm_row4(kc, inp + pc, bblock + (size_t)j0 * kc, out + j0, nr4, acc);
+                } else { /* the last one to three panels: one at a time through the micro-kernel */
+                    int k;
+                    moe__pack_a(Ap, inp + pc, K, 0, 1, kc);
+                    for (k = 0; k < nq; k++) {
+                        int jk = j0 + k * MOE_GEMM_NR, nr = N - jk < MOE_GEMM_NR ? N - jk : MOE_GEMM_NR;
+                        moe__gemm_micro(kc, Ap, bblock + (size_t)jk * kc, out + jk, N, 1, nr, acc);
+                    }
+                }
+            }
+        } else {
+            for (i = 0; i < M; i += MOE_GEMM_MR) {
+                int mr = M - i < MOE_GEMM_MR ? M - i : MOE_GEMM_MR;
+                moe__pack_a(Ap, inp + (size_t)i * K + pc, K, 0, mr, kc);
+                for (q = q0; q < q1; q++) {
+                    int j0 = q * MOE_GEMM_NR, nr = N - j0 < MOE_GEMM_NR ? N - j0 : MOE_GEMM_NR;
+                    moe__gemm_micro(kc, Ap, bblock + (size_t)j0 * kc, out + (size_t)i * N + j0, N, mr, nr, acc);
+                }
+            }
+        }
+    }
+}
+
+/* the panels of W (N, K) when pk is live and holds them, else NULL */
+static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, int K) {
+    int lo = 0, hi;
+    if (!pk || !pk->live) return NULL;
+    hi = pk->count - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        const moe_wpack_entry *e = &pk->mats[mid];
+        if (e->src == W) return e->N == N && e->K == K ? pk->panels + e->at : NULL;
+        if ((uintptr_t)e->src < (uintptr_t)W) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return NULL;
+}
+
+/* Building a pack: a first pass of moe__wpack_put over the matrices counts (mats NULL), then
+   moe__wpack_alloc, a second pass records them, moe__wpack_sort; moe__wpack_fill packs. */
+static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
+    if (pk->mats) {
+        moe_wpack_entry *e = &pk->mats[pk->count];
+        e->src = W; e->N = N; e->K = K; e->at = pk->floats;
+    }
+    pk->count++;
+    pk->floats += moe__packed_b_floats(K, N);
+}
+
+static int moe__wpack_alloc(moe_wpack *pk, int nthreads) {
+    pk->nthreads = nthreads < 1 ? 1 : nthreads;
+    pk->mats = (moe_wpack_entry *)moe__calloc((size_t)pk->count, sizeof(moe_wpack_entry));
+    pk->panels = (float *)moe__calloc(pk->floats, sizeof(float));
+    pk->apack = (float *)moe__calloc((size_t)MOE_GEMM_MR * MOE_GEMM_KC * (size_t)pk->nthreads, sizeof(float));
+    pk->count = 0;
+    pk->floats = 0;
+    return pk->mats && pk->panels && pk->apack;
+}
+
+static int moe__wpack_cmp(const void *a, const void *b) {
+    uintptr_t x = (uintptr_t)((const moe_wpack_entry *)a)->src, y = (uintptr_t)((const moe_wpack_entry *)b)->src;
+    return x < y ? -1 : x > y;
+}
+
+static void moe__wpack_sort(moe_wpack *pk) { qsort(pk->mats, (size_t)pk->count, sizeof(moe_wpack_entry), moe__wpack_cmp); }
+
+/* (re)packs every matrix from its current values */
+static void moe__wpack_fill(moe_wpack *pk, int nthreads) {
+    int i;
+    MOE__OMP_FOR_DYNAMIC_N(nthreads)
+    for (i = 0; i < pk->count; i++) {
+        const moe_wpack_entry *e = &pk->mats[i];
+        moe__pack_b_panels(pk->panels + e->at, e->src, e->K, 1, e->K, e->N, 0, moe__round_up(e->N, MOE_GEMM_NR) / MOE_GEMM_NR);
+    }
+}
+
+static void moe__wpack_free(moe_wpack *pk) {
+    MOE_FREE(pk->mats);
+    MOE_FREE(pk->panels);
+    MOE_FREE(pk->apack);
+    memset(pk, 0, sizeof *pk);
 }
 
 /* Scratch of the GEMM of a (K, N) B: its packed copy, then one A block (MC x KC) per thread

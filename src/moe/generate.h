@@ -30,8 +30,10 @@ typedef struct moe_kv_cache {
                                  max_B * max_T activation rows                                */
     int nthreads;             /* threads the attention scratch is planned for                */
     int *len;                 /* (max_batch) positions each sequence holds                   */
-    float *k, *v;             /* (n_layers, max_batch, n_heads, max_len, d / n_heads) keys
-                                 (rotated under RoPE) and values: a head's rows contiguous    */
+    float *k, *v;             /* (n_layers, max_batch, n_heads, d / n_heads, max_len) keys
+                                 (rotated under RoPE), stored transposed: a key dimension's
+                                 row over the positions; (n_layers, max_batch, n_heads,
+                                 max_len, d / n_heads) values: a head's rows contiguous       */
     float *rope;              /* (max_len, hd/2, 2) rotary cos, sin; NULL for learned         */
     float *scores;            /* (nthreads, max_len) one attention row per thread             */
     int *tok_seq, *tok_pos;   /* (chunk) the decode call's tokens: sequence and position      */
@@ -187,37 +189,88 @@ static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
 }
 
-/* task = (token, head) of the call: its attention into its slice of out, with score row sc */
+/* o[0, nk) = sum_{u <= p} w_u V[u][k] over nk <= 64 columns in registers. The positions go
+   to four (32 columns) or two (64) partial sums by u mod 4 or 2, added at the end, so that
+   eight independent chains keep the FMA units busy; a fixed order whatever the thread. */
+static void moe__kv_weighted_sum(float *o, const float *w, const float *V, int hd, int p, int nk) {
+    int u, k;
+    if (nk == 32) {
+        float a0[32], a1[32], a2[32], a3[32];
+        for (k = 0; k < 32; k++) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;
+        for (u = 0; u + 3 <= p; u += 4) {
+            const float *v0 = V + (size_t)u * hd;
+            for (k = 0; k < 32; k++) {
+                a0[k] += w[u] * v0[k];
+                a1[k] += w[u + 1] * v0[hd + k];
+                a2[k] += w[u + 2] * v0[2 * hd + k];
+                a3[k] += w[u + 3] * v0[3 * hd + k];
+            }
+        }
+        for (k = 0; k < 32; k++) { /* the last p + 1 - u (< 4) positions, each to its own sum */
+            if (u <= p) a0[k] += w[u] * V[(size_t)u * hd + k];
+            if (u + 1 <= p) a1[k] += w[u + 1] * V[(size_t)(u + 1) * hd + k];
+            if (u + 2 <= p) a2[k] += w[u + 2] * V[(size_t)(u + 2) * hd + k];
+            o[k] = (a0[k] + a1[k]) + (a2[k] + a3[k]);
+        }
+    } else if (nk == 64) {
+        float a0[64], a1[64];
+        for (k = 0; k < 64; k++) a0[k] = a1[k] = 0.0f;
+        for (u = 0; u + 1 <= p; u += 2) {
+            const float *v0 = V + (size_t)u * hd;
+            for (k = 0; k < 64; k++) {
+                a0[k] += w[u] * v0[k];
+                a1[k] += w[u + 1] * v0[hd + k];
+            }
+        }
+        for (k = 0; k < 64; k++) {
+            if (u <= p) a0[k] += w[u] * V[(size_t)u * hd + k];
+            o[k] = a0[k] + a1[k];
+        }
+    } else {
+        float acc[64];
+        for (k = 0; k < nk; k++) acc[k] = 0.0f;
+        for (u = 0; u <= p; u++)
+            for (k = 0; k < nk; k++) acc[k] += w[u] * V[(size_t)u * hd + k];
+        for (k = 0; k < nk; k++) o[k] = acc[k];
+    }
+}
+
+/* scores sc[u0, u0 + nu) of q against the transposed keys Kt (rows of stride L), nb (64 or
+   128, a constant at each call) positions in registers: all nb lanes when the cache has room
+   past u0 (the extra ones unused), else nu */
+static void moe__kv_scores(float *sc, const float *q, const float *Kt, int hd, int L, int u0, int nu, int nb) {
+    float acc[128];
+    int u, j, n = u0 + nb <= L ? nb : nu;
+    for (u = 0; u < nb; u++) acc[u] = 0.0f;
+    for (j = 0; j < hd; j++) {
+        const float *kt = Kt + (size_t)j * L + u0;
+        float qj = q[j];
+        for (u = 0; u < n; u++) acc[u] += qj * kt[u];
+    }
+    for (u = 0; u < nu; u++) sc[u0 + u] = acc[u];
+}
+
+/* task = (token, head) of the call: its attention into its slice of out, with score row sc.
+   Scores: the keys are stored transposed (a key dimension's row over the positions), so each
+   dimension j adds q_j K^T[j][u] to 64 or 128 positions' scores at once, in registers; every
+   score is the sum over j in order whatever the blocking (positions past p, read where the
+   cache has room, are never used). The weighted sum: up to 64 columns of V at a time. */
 static void moe__kv_attention_task(moe_kv_cache *c, int l, float *out, const float *qkv, int task, float *sc) {
-    int d = c->d, NH = c->n_heads, hd = d / NH;
-    int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u, j;
+    int d = c->d, NH = c->n_heads, hd = d / NH, L = c->max_len;
+    int i = task / NH, h = task % NH, s = c->tok_seq[i], p = c->tok_pos[i], u0, j;
     size_t base = ((((size_t)l * c->max_batch + s) * NH + h) * c->max_len) * hd;
-    const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *K = c->k + base, *V = c->v + base;
+    const float *q = qkv + (size_t)i * 3 * d + (size_t)h * hd, *Kt = c->k + base, *V = c->v + base;
     float *o = out + (size_t)i * d + (size_t)h * hd;
-    for (u = 0; u <= p; u++) { /* q . k_u in MOE__LANES lanes, summed in a fixed order */
-        const float *k = K + (size_t)u * hd;
-        float acc[MOE__LANES], dot = 0.0f;
-        int j0;
-        for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
-        for (j0 = 0; j0 + MOE__LANES <= hd; j0 += MOE__LANES)
-            for (j = 0; j < MOE__LANES; j++) acc[j] += q[j0 + j] * k[j0 + j];
-        for (j = 0; j0 + j < hd; j++) acc[j] += q[j0 + j] * k[j0 + j];
-        for (j = 0; j < MOE__LANES; j++) dot += acc[j];
-        sc[u] = dot;
+    for (u0 = 0; u0 <= p; u0 += 128) { /* 128 positions at a time (eight chains), 64 for a short rest */
+        int nu = p + 1 - u0 < 128 ? p + 1 - u0 : 128;
+        if (nu > 64) moe__kv_scores(sc, q, Kt, hd, L, u0, nu, 128);
+        else moe__kv_scores(sc, q, Kt, hd, L, u0, nu, 64);
     }
     moe__att_softmax_row(sc, p + 1, 1.0f / sqrtf((float)hd)); /* the full forward's softmax of one row */
-    for (j = 0; j < hd; j += MOE__LANES) { /* o = sum_u w_u v_u, MOE__LANES columns at a time
-        in a local accumulator (o itself may alias, so it would be reloaded for every u) */
-        float acc[MOE__LANES];
-        int k, nk = hd - j < MOE__LANES ? hd - j : MOE__LANES;
-        for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
-        if (nk == MOE__LANES)
-            for (u = 0; u <= p; u++)
-                for (k = 0; k < MOE__LANES; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
-        else
-            for (u = 0; u <= p; u++)
-                for (k = 0; k < nk; k++) acc[k] += sc[u] * V[(size_t)u * hd + j + k];
-        for (k = 0; k < nk; k++) o[j + k] = acc[k];
+    for (j = 0; j < hd;) {
+        int nk = hd - j >= 64 ? 64 : hd - j >= 32 ? 32 : hd - j;
+        moe__kv_weighted_sum(o + j, sc, V + j, hd, p, nk);
+        j += nk;
     }
 }
 
@@ -298,7 +351,9 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             if (c->rope) moe_rope_apply(row, c->rope + (size_t)c->tok_pos[i] * half * 2, 1, 1, d, NH, 0);
             for (h = 0; h < NH; h++) {
                 size_t at = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len + c->tok_pos[i]) * hd;
-                memcpy(c->k + at, row + d + (size_t)h * hd, sizeof(float) * (size_t)hd);
+                size_t kt = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len) * hd + c->tok_pos[i];
+                int j2;
+                for (j2 = 0; j2 < hd; j2++) c->k[kt + (size_t)j2 * c->max_len] = row[d + h * hd + j2]; /* transposed */
                 memcpy(c->v + at, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
             }
         }

@@ -342,11 +342,12 @@ static void test_experts(void) {
    same operands; a matrix the pack does not hold, or a pack that is not live, takes the
    unpacked product */
 static void test_decode_packed(void) {
-    static const int Ks[] = {1, 17, 128, 300}, Ns[] = {1, 31, 32, 100, 130, 384}, Ms[] = {1, 2, 3, 8, 9, 16};
+    static const int Ks[] = {1, 17, 128, 300}, Ns[] = {1, 31, 32, 100, 130, 520}, Ms[] = {1, 2, 3, 8, 9, 16};
     int ki, ni, mi, all_gemm = 1, all_thr = 1, n_cases = 0;
     moe_rng r;
     moe_rng_seed(&r, 29);
     TEST_BEGIN("decoding's product on packed weights = the GEMM's bits, any rows, threads and split");
+    CHECK(16.0 * 300 * 520 > MOE__DECODE_THREAD_MACS, "the largest case takes the threaded path");
     for (ki = 0; ki < 4; ki++)
         for (ni = 0; ni < 6; ni++) {
             int K = Ks[ki], N = Ns[ni];
@@ -379,7 +380,7 @@ static void test_decode_packed(void) {
                 free(x); free(ref); free(o1); free(o2);
             }
             {   /* not held, or not live: the unpacked product */
-                float x1[300], a[384], b[384];
+                float x1[300], a[520], b[520];
                 fill(x1, (size_t)K, &r);
                 moe__decode_linear(a, x1, Wother, 1, K, N, 1, &pk);
                 moe__decode_linear(b, x1, Wother, 1, K, N, 1, NULL);
@@ -401,9 +402,10 @@ static void test_decode_packed(void) {
    the same bits on the threaded path as on the plain loop */
 static void test_decode_linear(void) {
     static const int Ks[] = {5, 16, 37, 256}, Ns[] = {1, 3, 4, 7, 9, 520};
-    int ki, ni, i, j, k, M = 4;
+    int ki, ni, i, j, k, M = 16;
     moe_rng r;
     moe_rng_seed(&r, 23);
+    CHECK((double)M * 256 * 520 > MOE__DECODE_THREAD_MACS, "the largest case takes the threaded path");
     TEST_BEGIN("decoding's unpacked product: 4-column kernel = its 1-column reference, threads");
     for (ki = 0; ki < 4; ki++)
         for (ni = 0; ni < 6; ni++) {
@@ -412,7 +414,7 @@ static void test_decode_linear(void) {
             fill(x, (size_t)M * K, &r);
             fill(W, (size_t)N * K, &r);
             moe__decode_linear(o1, x, W, M, K, N, 1, NULL);
-            moe__decode_linear(o2, x, W, M, K, N, 2, NULL); /* threaded above 4e5 multiply-adds */
+            moe__decode_linear(o2, x, W, M, K, N, 2, NULL); /* threaded above MOE__DECODE_THREAD_MACS */
             same_thr = memcmp(o1, o2, (size_t)M * N * sizeof(float)) == 0;
             for (i = 0; i < M; i++)
                 for (j = 0; j < N; j++) {

@@ -101,6 +101,20 @@ static void check_decode_matches_forward(const char *name, moe_model_config c, i
         sprintf(what, "%s: a prompt in one call", name);
         check_close(what, dec, full, B_SEQ * T_SEQ * V, 1e-4, 1e-3);
     }
+    moe_kv_cache_reset(&kc);
+    moe_kv_cache_pack(&kc); /* the products on the weights packed ahead, as generation runs them */
+    for (t = 0; t < T_SEQ; t++) {
+        int tok[2], seq[2] = {0, 1};
+        tok[0] = x[t];
+        tok[1] = x[T_SEQ + t];
+        if (!CHECK(moe_model_decode(&m, &kc, tok, seq, 2) == MOE_OK, "%s: packed decode step %d: %s", name, t, m.err.msg)) break;
+        memcpy(dec + (size_t)t * V, m.logits, sizeof(float) * V);
+        memcpy(dec + (size_t)(T_SEQ + t) * V, m.logits + V, sizeof(float) * V);
+    }
+    sprintf(what, "%s: step by step on packed weights", name);
+    check_close(what, dec, full, B_SEQ * T_SEQ * V, 1e-4, 1e-3);
+    moe_kv_cache_reset(&kc);
+    CHECK(!kc.pack.live, "%s: a reset drops the packed weights", name);
     moe_kv_cache_free(&kc);
     moe_model_free(&m);
     free(full);

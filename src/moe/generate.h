@@ -41,8 +41,8 @@ typedef struct moe_kv_cache {
     int *gen_fed, *gen_row;   /* (max_batch) generation: tokens fed per sequence, and the row
                                  of its last token in the current call (-1 = none)           */
     moe_wpack pack;           /* the matrices decoding multiplies, in the GEMM's panels: a
-                                 copy of the weights made by each moe_model_generate_batch
-                                 (live during that call only; about the model's size)        */
+                                 copy of the weights (about the model's size) made by
+                                 moe_kv_cache_pack and each moe_model_generate_batch          */
     moe_err err;              /* why init failed                                            */
 } moe_kv_cache;
 
@@ -66,8 +66,15 @@ typedef struct moe_gen_seq {
    moe_kv_cache_free is safe. */
 MOEDEF moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int max_batch, int max_len);
 MOEDEF void moe_kv_cache_free(moe_kv_cache *c);
-/* Empties every sequence (their positions restart at 0); the buffers stay. */
+/* Empties every sequence (their positions restart at 0) and drops the packed weights
+   (moe_kv_cache_pack); the buffers stay. */
 MOEDEF void moe_kv_cache_reset(moe_kv_cache *c);
+/* Copies the model's weights, as they are now, into the cache's panels (the GEMM's layout) for
+   moe_model_decode to multiply, as moe_model_generate_batch does for its own calls: the
+   products then take the GEMM's operations and no packing per call. The copy is used until
+   moe_kv_cache_reset or the end of the next moe_model_generate_batch: pack again after the
+   weights change (a step, a load, a merge), else decoding uses the old ones. */
+MOEDEF void moe_kv_cache_pack(moe_kv_cache *c);
 /* Runs n tokens (1 <= n <= c->chunk) through the model on top of the cache: token i joins
    sequence seqs[i] at its next position (c->len[seqs[i]], which then grows; tokens of one
    sequence go in their order in the call). Their keys and values enter the cache; their logits
@@ -153,6 +160,7 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
         if (ok) {
             moe__decode_matrices(m, &c->pack);
             moe__wpack_sort(&c->pack);
+            moe__wpack_fill(&c->pack, c->nthreads); /* touches its pages now, not in a generation */
         }
     }
     if (!ok) {
@@ -175,18 +183,31 @@ MOE__IMPL void moe_kv_cache_free(moe_kv_cache *c) {
 
 MOE__IMPL void moe_kv_cache_reset(moe_kv_cache *c) {
     if (c->len) memset(c->len, 0, sizeof(int) * (size_t)c->max_batch);
+    c->pack.live = 0;
+}
+
+MOE__IMPL void moe_kv_cache_pack(moe_kv_cache *c) {
+    if (!c->pack.panels) return;
+    moe__wpack_fill(&c->pack, moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads);
+    c->pack.live = 1;
 }
 
 /* Attention of the call's n tokens over their sequences' cached keys and values in layer l
    (the call's own keys and values are in the cache already): out (n, d). One task per
    (token, head) owns its slice of out and runs the same loop whatever the thread. */
-/* threads for the attention of n new tokens: one below about 2e5 flops, else up to the
+/* flops below which the attention of a decode call runs on one thread: waking a sleeping
+   thread (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds */
+#ifndef MOE__KV_THREAD_FLOPS
+#define MOE__KV_THREAD_FLOPS 4e6
+#endif
+
+/* threads for the attention of n new tokens: one below MOE__KV_THREAD_FLOPS, else up to the
    cache's per-thread score rows */
 static int moe__kv_attention_threads(const moe_kv_cache *c, int n) {
     double flops = 0.0;
     int i, nt = moe_num_threads();
     for (i = 0; i < n; i++) flops += (double)(c->tok_pos[i] + 1) * c->d * 4;
-    return flops <= 2e5 ? 1 : nt < c->nthreads ? nt : c->nthreads;
+    return flops <= MOE__KV_THREAD_FLOPS ? 1 : nt < c->nthreads ? nt : c->nthreads;
 }
 
 /* o[0, nk) = sum_{u <= p} w_u V[u][k] over nk <= 64 columns in registers. The positions go
@@ -430,8 +451,7 @@ MOE__IMPL moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe
         seqs[i].stopped = 0;
     }
     /* the weights cannot change during this call: pack them once for all its decode calls */
-    moe__wpack_fill(&c->pack, moe_num_threads() < c->nthreads ? moe_num_threads() : c->nthreads);
-    c->pack.live = 1;
+    moe_kv_cache_pack(c);
     st = moe__generate_steps(m, c, seqs, n_seqs);
     c->pack.live = 0;
     return st;

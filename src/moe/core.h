@@ -103,6 +103,30 @@ static void *moe__calloc(size_t count, size_t size) {
     return p;
 }
 
+/* count * size zeroed bytes; from 2 MB up, aligned to 2 MB and, on Linux, marked for
+   transparent huge pages (MADV_HUGEPAGE; the system's default is often "madvise"): a buffer
+   streamed on every token (decoding's packed weights, the KV cache) then costs one TLB entry
+   per 2 MB, not per 4 KB (batch-1 generation of the demo model about 1.25x faster). *raw is
+   what MOE_FREE takes. */
+#define MOE__HUGE_PAGE ((size_t)1 << 21)
+static void *moe__calloc_huge(size_t count, size_t size, void **raw) {
+    size_t n;
+    unsigned char *p;
+    *raw = NULL;
+    if (count == 0 || size == 0) count = size = 1;
+    if (count > ((size_t)-1 - MOE__HUGE_PAGE) / size) return NULL;
+    n = count * size;
+    if (n < MOE__HUGE_PAGE) return *raw = moe__calloc(n, 1);
+    *raw = MOE_MALLOC(n + MOE__HUGE_PAGE);
+    if (!*raw) return NULL;
+    p = (unsigned char *)*raw + (MOE__HUGE_PAGE - (uintptr_t)*raw % MOE__HUGE_PAGE) % MOE__HUGE_PAGE;
+#ifdef MOE__HAVE_MADVISE
+    (void)madvise(p, n / MOE__HUGE_PAGE * MOE__HUGE_PAGE, MOE__MADV_HUGEPAGE); /* advice: failure is harmless */
+#endif
+    memset(p, 0, n); /* before first use, so the pages come in huge */
+    return p;
+}
+
 static int moe__ends_with(const char *s, const char *suffix) {
     size_t a = strlen(s), b = strlen(suffix);
     return a >= b && strcmp(s + a - b, suffix) == 0;

@@ -34,6 +34,7 @@ typedef struct moe_kv_cache {
                                  (rotated under RoPE), stored transposed: a key dimension's
                                  row over the positions; (n_layers, max_batch, n_heads,
                                  max_len, d / n_heads) values: a head's rows contiguous       */
+    void *kv_raw;             /* the one allocation under k and v (huge pages)               */
     float *rope;              /* (max_len, hd/2, 2) rotary cos, sin; NULL for learned         */
     float *scores;            /* (nthreads, max_len) one attention row per thread             */
     int *tok_seq, *tok_pos;   /* (chunk) the decode call's tokens: sequence and position      */
@@ -150,7 +151,9 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
     c->chunk = m->max_B * m->max_T;
     c->nthreads = moe_num_threads();
     hd = mc->d / mc->n_heads;
-    ok = MOE__ALLOC(c->len, max_batch, int) && MOE__ALLOC(c->k, kv, float) && MOE__ALLOC(c->v, kv, float) &&
+    c->k = (float *)moe__calloc_huge(2 * kv, sizeof(float), &c->kv_raw);
+    c->v = c->k ? c->k + kv : NULL;
+    ok = c->k && MOE__ALLOC(c->len, max_batch, int) &&
          MOE__ALLOC(c->scores, (size_t)c->nthreads * max_len, float) && MOE__ALLOC(c->tok_seq, c->chunk, int) &&
          MOE__ALLOC(c->tok_pos, c->chunk, int) && MOE__ALLOC(c->gen_tok, c->chunk, int) &&
          MOE__ALLOC(c->gen_seq, c->chunk, int) && MOE__ALLOC(c->gen_fed, max_batch, int) &&
@@ -175,7 +178,7 @@ MOE__IMPL moe_status moe_kv_cache_init(moe_kv_cache *c, const moe_model *m, int 
 
 MOE__IMPL void moe_kv_cache_free(moe_kv_cache *c) {
     moe_err keep = c->err;
-    MOE_FREE(c->len); MOE_FREE(c->k); MOE_FREE(c->v); MOE_FREE(c->rope); MOE_FREE(c->scores);
+    MOE_FREE(c->len); MOE_FREE(c->kv_raw); MOE_FREE(c->rope); MOE_FREE(c->scores);
     MOE_FREE(c->tok_seq); MOE_FREE(c->tok_pos); MOE_FREE(c->gen_tok); MOE_FREE(c->gen_seq);
     MOE_FREE(c->gen_fed); MOE_FREE(c->gen_row);
     moe__wpack_free(&c->pack);

@@ -66,6 +66,15 @@
 #define MOE__OMP_PARALLEL_IF_N(cond, n)
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h> /* madvise: transparent huge pages for the large streamed buffers */
+#define MOE__HAVE_MADVISE 1
+#define MOE__MADV_HUGEPAGE 14 /* MADV_HUGEPAGE, which strict -std=c99 headers hide */
+#if !defined(__cplusplus) && defined(__STRICT_ANSI__)
+extern int madvise(void *, size_t, int);
+#endif
+#endif
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h> /* fsync, for atomic checkpoint writes */
 #define MOE__HAVE_FSYNC 1

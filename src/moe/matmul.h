@@ -45,6 +45,7 @@ typedef struct moe_wpack {
     moe_wpack_entry *mats; /* sorted by src */
     int count, cap;
     float *panels;
+    void *panels_raw; /* the allocation under panels (2 MB aligned, huge pages) */
     size_t floats;
     float *apack;  /* MOE_GEMM_MR x MOE_GEMM_KC per thread: a tile of rows for the micro-kernel */
     int nthreads;
@@ -394,7 +395,7 @@ static void moe__wpack_put(moe_wpack *pk, const float *W, int N, int K) {
 static int moe__wpack_alloc(moe_wpack *pk, int nthreads) {
     pk->nthreads = nthreads < 1 ? 1 : nthreads;
     pk->mats = (moe_wpack_entry *)moe__calloc((size_t)pk->count, sizeof(moe_wpack_entry));
-    pk->panels = (float *)moe__calloc(pk->floats, sizeof(float));
+    pk->panels = (float *)moe__calloc_huge(pk->floats, sizeof(float), &pk->panels_raw);
     pk->apack = (float *)moe__calloc((size_t)MOE_GEMM_MR * MOE_GEMM_KC * (size_t)pk->nthreads, sizeof(float));
     pk->count = 0;
     pk->floats = 0;
@@ -420,7 +421,7 @@ static void moe__wpack_fill(moe_wpack *pk, int nthreads) {
 
 static void moe__wpack_free(moe_wpack *pk) {
     MOE_FREE(pk->mats);
-    MOE_FREE(pk->panels);
+    MOE_FREE(pk->panels_raw);
     MOE_FREE(pk->apack);
     memset(pk, 0, sizeof *pk);
 }

@@ -52,9 +52,24 @@ static void random_tokens(int *x, int n, int V, moe_rng *r) {
 #define T_SEQ 12
 
 /* the model of c, its full-forward logits of two random sequences, then the same tokens
-   decoded two ways: (1) step t feeds token t of both sequences in one call; (2) sequence 0's
-   first 7 tokens in one call, then the rest token by token with sequence 1's. */
+   decoded three ways: (1) step t feeds token t of both sequences in one call; (2) sequence 0's
+   first 7 tokens in one call, then the rest token by token with sequence 1's; (3) as (1) on the
+   weights packed by moe_kv_cache_pack. */
 static float g_scale; /* > 0: the first layer's residual branches scaled by it (masked growth) */
+
+/* way (1): dec gets the logits of both sequences, token t of each in step t; 0 on a failure */
+static int decode_step_by_step(const char *name, moe_model *m, moe_kv_cache *kc, const int *x, float *dec) {
+    int t, V = m->cfg.vocab;
+    for (t = 0; t < T_SEQ; t++) {
+        int tok[2], seq[2] = {0, 1};
+        tok[0] = x[t];
+        tok[1] = x[T_SEQ + t];
+        if (!CHECK(moe_model_decode(m, kc, tok, seq, 2) == MOE_OK, "%s: decode step %d: %s", name, t, m->err.msg)) return 0;
+        memcpy(dec + (size_t)t * V, m->logits, sizeof(float) * V);
+        memcpy(dec + (size_t)(T_SEQ + t) * V, m->logits + V, sizeof(float) * V);
+    }
+    return 1;
+}
 
 static void check_decode_matches_forward(const char *name, moe_model_config c, int broadcast, float capacity) {
     moe_model m;
@@ -74,14 +89,7 @@ static void check_decode_matches_forward(const char *name, moe_model_config c, i
     if (capacity > 0.0f) /* the model decoded keeps its capacity; the reference above had none */
         for (i = 0; i < c.n_layers; i++) m.blocks[i].moe.cfg.capacity_factor = capacity;
     CHECK(moe_kv_cache_init(&kc, &m, B_SEQ, T_SEQ) == MOE_OK, "%s: cache: %s", name, kc.err.msg);
-    for (t = 0; t < T_SEQ; t++) {
-        int tok[2], seq[2] = {0, 1};
-        tok[0] = x[t];
-        tok[1] = x[T_SEQ + t];
-        if (!CHECK(moe_model_decode(&m, &kc, tok, seq, 2) == MOE_OK, "%s: decode step %d: %s", name, t, m.err.msg)) break;
-        memcpy(dec + (size_t)t * V, m.logits, sizeof(float) * V);
-        memcpy(dec + (size_t)(T_SEQ + t) * V, m.logits + V, sizeof(float) * V);
-    }
+    decode_step_by_step(name, &m, &kc, x, dec);
     CHECK(kc.len[0] == T_SEQ && kc.len[1] == T_SEQ, "%s: the cache holds %d and %d positions", name, kc.len[0], kc.len[1]);
     sprintf(what, "%s: step by step", name);
     check_close(what, dec, full, B_SEQ * T_SEQ * V, 1e-4, 1e-3);
@@ -103,14 +111,7 @@ static void check_decode_matches_forward(const char *name, moe_model_config c, i
     }
     moe_kv_cache_reset(&kc);
     moe_kv_cache_pack(&kc); /* the products on the weights packed ahead, as generation runs them */
-    for (t = 0; t < T_SEQ; t++) {
-        int tok[2], seq[2] = {0, 1};
-        tok[0] = x[t];
-        tok[1] = x[T_SEQ + t];
-        if (!CHECK(moe_model_decode(&m, &kc, tok, seq, 2) == MOE_OK, "%s: packed decode step %d: %s", name, t, m.err.msg)) break;
-        memcpy(dec + (size_t)t * V, m.logits, sizeof(float) * V);
-        memcpy(dec + (size_t)(T_SEQ + t) * V, m.logits + V, sizeof(float) * V);
-    }
+    decode_step_by_step(name, &m, &kc, x, dec);
     sprintf(what, "%s: step by step on packed weights", name);
     check_close(what, dec, full, B_SEQ * T_SEQ * V, 1e-4, 1e-3);
     moe_kv_cache_reset(&kc);

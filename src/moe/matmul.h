@@ -43,7 +43,7 @@ typedef struct moe_wpack_entry {
 } moe_wpack_entry;
 typedef struct moe_wpack {
     moe_wpack_entry *mats; /* sorted by src */
-    int count, cap;
+    int count;
     float *panels;
     void *panels_raw; /* the allocation under panels (2 MB aligned, huge pages) */
     size_t floats;

@@ -3969,10 +3969,12 @@ MOE__GEMM_FN void moe__gemm_panels(float *out, const float *inp, const float *Bp
     }
 }
 
+static int moe__wpack_live(const moe_wpack *pk) { return pk && pk->live; }
+
 /* the panels of W (N, K) when pk is live and holds them, else NULL */
 static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, int K) {
     int lo = 0, hi;
-    if (!pk || !pk->live) return NULL;
+    if (!moe__wpack_live(pk)) return NULL;
     hi = pk->count - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
@@ -4658,7 +4660,6 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     }
 }
 
-
 /* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
    row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
    for a whole generation, >>moe:generate), the GEMM's own operations on them
@@ -4816,7 +4817,7 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
     if (st != MOE_OK) return st;
     /* decoding: no packing (buf holds >= MC rows of h); with the weights packed ahead
        (work_ws->pack) the products are the GEMM's on those panels, for up to MC rows */
-    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && work_ws->pack && work_ws->pack->live && max_rows <= MOE_GEMM_MC)) {
+    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && moe__wpack_live(work_ws->pack) && max_rows <= MOE_GEMM_MC)) {
         moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads,
                                       work_ws ? work_ws->pack : NULL);
         MOE_FREE(own);
@@ -9059,7 +9060,6 @@ typedef struct moe__model_file {
     moe_model_config cfg;
     moe_ckpt_info info;
     unsigned char *bytes;
-    size_t len;
     const unsigned char *record;
     moe_store table;
 } moe__model_file;
@@ -9076,13 +9076,13 @@ static moe_status moe__model_file_read(moe__model_file *f, const char *path, moe
     moe_status st;
     moe__rcur r;
     moe_err why;
-    size_t used;
+    size_t used, len;
     uint32_t version, count, t;
     int n;
     const moe_field *fields = moe_model_config_fields(&n);
     memset(f, 0, sizeof *f);
     moe_store_init(&f->table);
-    st = moe__ckpt_read(path, &f->bytes, &f->len, &f->info, err);
+    st = moe__ckpt_read(path, &f->bytes, &len, &f->info, err);
     if (st != MOE_OK) return st;
     f->record = f->bytes + MOE__CKPT_HEADER;
     if (f->info.config_bytes < 12 || memcmp(f->record, MOE__MODEL_MAGIC, 8) != 0) {
@@ -9510,11 +9510,11 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             /* the row's own position: B = T = 1 with the table moved to it */
             if (c->rope) moe_rope_apply(row, c->rope + (size_t)c->tok_pos[i] * half * 2, 1, 1, d, NH, 0);
             for (h = 0; h < NH; h++) {
-                size_t at = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len + c->tok_pos[i]) * hd;
-                size_t kt = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len) * hd + c->tok_pos[i];
+                /* the head's block of the cache (max_len x hd), as moe__kv_attention_task finds it */
+                size_t head = (((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len * hd, p = (size_t)c->tok_pos[i];
                 int j2;
-                for (j2 = 0; j2 < hd; j2++) c->k[kt + (size_t)j2 * c->max_len] = row[d + h * hd + j2]; /* transposed */
-                memcpy(c->v + at, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
+                for (j2 = 0; j2 < hd; j2++) c->k[head + (size_t)j2 * c->max_len + p] = row[d + h * hd + j2]; /* transposed */
+                memcpy(c->v + head + p * hd, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);

@@ -151,7 +151,6 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     }
 }
 
-
 /* out (M, N) = inp (M, K) . W (N, K)^T for few rows (decoding), the same operations for every
    row whatever M, the thread count or the other rows. When pk holds W's panels (packed once
    for a whole generation, >>moe:generate), the GEMM's own operations on them
@@ -309,7 +308,7 @@ MOE__IMPL moe_status moe_experts_forward(float *out, float *h_gate, float *h_up,
     if (st != MOE_OK) return st;
     /* decoding: no packing (buf holds >= MC rows of h); with the weights packed ahead
        (work_ws->pack) the products are the GEMM's on those panels, for up to MC rows */
-    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && work_ws->pack && work_ws->pack->live && max_rows <= MOE_GEMM_MC)) {
+    if (max_rows <= MOE__EXPERT_DOT_ROWS || (work_ws && moe__wpack_live(work_ws->pack) && max_rows <= MOE_GEMM_MC)) {
         moe__experts_forward_few_rows(out, h_gate, h_up, xg, w, offset, E, d, D, kind, act, buf, nthreads,
                                       work_ws ? work_ws->pack : NULL);
         MOE_FREE(own);

@@ -376,11 +376,11 @@ MOE__IMPL moe_status moe_model_decode(moe_model *m, moe_kv_cache *c, const int *
             /* the row's own position: B = T = 1 with the table moved to it */
             if (c->rope) moe_rope_apply(row, c->rope + (size_t)c->tok_pos[i] * half * 2, 1, 1, d, NH, 0);
             for (h = 0; h < NH; h++) {
-                size_t at = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len + c->tok_pos[i]) * hd;
-                size_t kt = ((((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len) * hd + c->tok_pos[i];
+                /* the head's block of the cache (max_len x hd), as moe__kv_attention_task finds it */
+                size_t head = (((size_t)l * c->max_batch + c->tok_seq[i]) * NH + h) * c->max_len * hd, p = (size_t)c->tok_pos[i];
                 int j2;
-                for (j2 = 0; j2 < hd; j2++) c->k[kt + (size_t)j2 * c->max_len] = row[d + h * hd + j2]; /* transposed */
-                memcpy(c->v + at, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
+                for (j2 = 0; j2 < hd; j2++) c->k[head + (size_t)j2 * c->max_len + p] = row[d + h * hd + j2]; /* transposed */
+                memcpy(c->v + head + p * hd, row + 2 * d + (size_t)h * hd, sizeof(float) * (size_t)hd);
             }
         }
         moe__kv_attention(c, l, b->atty, b->qkv, n);

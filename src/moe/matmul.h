@@ -338,10 +338,12 @@ MOE__GEMM_FN void moe__gemm_panels(float *out, const float *inp, const float *Bp
     }
 }
 
+static int moe__wpack_live(const moe_wpack *pk) { return pk && pk->live; }
+
 /* the panels of W (N, K) when pk is live and holds them, else NULL */
 static const float *moe__wpack_find(const moe_wpack *pk, const float *W, int N, int K) {
     int lo = 0, hi;
-    if (!pk || !pk->live) return NULL;
+    if (!moe__wpack_live(pk)) return NULL;
     hi = pk->count - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;

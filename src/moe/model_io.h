@@ -484,7 +484,6 @@ typedef struct moe__model_file {
     moe_model_config cfg;
     moe_ckpt_info info;
     unsigned char *bytes;
-    size_t len;
     const unsigned char *record;
     moe_store table;
 } moe__model_file;
@@ -501,13 +500,13 @@ static moe_status moe__model_file_read(moe__model_file *f, const char *path, moe
     moe_status st;
     moe__rcur r;
     moe_err why;
-    size_t used;
+    size_t used, len;
     uint32_t version, count, t;
     int n;
     const moe_field *fields = moe_model_config_fields(&n);
     memset(f, 0, sizeof *f);
     moe_store_init(&f->table);
-    st = moe__ckpt_read(path, &f->bytes, &f->len, &f->info, err);
+    st = moe__ckpt_read(path, &f->bytes, &len, &f->info, err);
     if (st != MOE_OK) return st;
     f->record = f->bytes + MOE__CKPT_HEADER;
     if (f->info.config_bytes < 12 || memcmp(f->record, MOE__MODEL_MAGIC, 8) != 0) {

@@ -1,7 +1,11 @@
-/* test_gemm.c - the blocked GEMM, the matmul pair and the expert pair against their naive
-   references (moe_gemm_naive, moe_matmul_*_naive, moe_experts_*_naive), bit-identity between
-   1 and 2 OpenMP threads, and the experts' gradients by finite differences. */
+/* test_gemm.c - the blocked GEMM, the matmul pair, the expert pair and the one-pass top-k
+   against their readable references (moe_gemm_naive, moe_matmul_*_naive, moe_experts_*_naive,
+   moe__topk_row_naive), bit-identity between 1 and 2 OpenMP threads, and the experts'
+   gradients by finite differences. */
 #define MOE_IMPLEMENTATION
+/* small chunks of experts (the default holds 64 MB of packed weights), so that banks of test
+   size cross chunk boundaries */
+#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 16)
 #include "moe.h"
 #include "tests/test.h"
 
@@ -398,7 +402,7 @@ static void test_decode_packed(void) {
 }
 
 /* decoding's unpacked product (moe__decode_linear): four columns at a time, each column
-   bit for bit its one-column reference moe__decode_dot, close to a double dot product, and
+   bit for bit its one-column reference moe__dot_lanes, close to a double dot product, and
    the same bits on the threaded path as on the plain loop */
 static void test_decode_linear(void) {
     static const int Ks[] = {5, 16, 37, 256}, Ns[] = {1, 3, 4, 7, 9, 520};
@@ -419,7 +423,7 @@ static void test_decode_linear(void) {
             for (i = 0; i < M; i++)
                 for (j = 0; j < N; j++) {
                     double ref = 0.0, mag = 0.0;
-                    float one = moe__decode_dot(x + (size_t)i * K, W + (size_t)j * K, K);
+                    float one = moe__dot_lanes(x + (size_t)i * K, W + (size_t)j * K, K);
                     for (k = 0; k < K; k++) {
                         ref += (double)x[(size_t)i * K + k] * W[(size_t)j * K + k];
                         mag += fabs((double)x[(size_t)i * K + k] * W[(size_t)j * K + k]);
@@ -427,7 +431,7 @@ static void test_decode_linear(void) {
                     same &= memcmp(&one, &o1[(size_t)i * N + j], sizeof one) == 0;
                     close &= fabs(o1[(size_t)i * N + j] - ref) <= 1e-6 * (mag + 1.0);
                 }
-            CHECK(same, "K=%d N=%d: a column differs from moe__decode_dot", K, N);
+            CHECK(same, "K=%d N=%d: a column differs from moe__dot_lanes", K, N);
             CHECK(close, "K=%d N=%d: the product is off the double reference", K, N);
             CHECK(same_thr, "K=%d N=%d: 1 and 2 threads differ", K, N);
             free(x); free(W); free(o1); free(o2);
@@ -503,6 +507,32 @@ static void test_experts_grad(int kind) {
     free(xg); free(dy); free(out); free(dx); free(v); free(hg); free(hu); free(s1); free(s2); free(gwb); free(b.w);
 }
 
+/* the one-pass top-k picks exactly what k passes pick: every k <= E, rows with many exact ties
+   (scores on a grid of 4 values), NaN entries, infinities */
+static void test_topk_row(void) {
+    moe_rng r;
+    float score[70];
+    int fast[70], ref[70], E, k, trial, same = 1, bad_e = 0, bad_k = 0;
+    TEST_BEGIN("one-pass top-k = the k-pass reference (ties, NaN, infinities), E = 1..70");
+    moe_rng_seed(&r, 77);
+    for (E = 1; E <= 70; E++)
+        for (k = 1; k <= E; k++)
+            for (trial = 0; trial < 6; trial++) {
+                int j, s;
+                for (j = 0; j < E; j++) {
+                    float u = moe_rng_uniform(&r);
+                    score[j] = trial < 2 ? moe_rng_normal(&r) : (float)(int)(4.0f * u); /* trials 2..5: ties */
+                    if (trial >= 4 && moe_rng_uniform(&r) < 0.2f) score[j] = NAN;
+                    if (trial == 5 && moe_rng_uniform(&r) < 0.1f) score[j] = u < 0.5f ? -INFINITY : INFINITY;
+                }
+                moe__topk_row(score, E, k, fast);
+                moe__topk_row_naive(score, E, k, ref);
+                for (s = 0; s < k; s++)
+                    if (fast[s] != ref[s] && same) { same = 0; bad_e = E; bad_k = k; }
+            }
+    CHECK(same, "first difference at E=%d k=%d", bad_e, bad_k);
+}
+
 int main(void) {
     printf("GEMM tile MR=%d NR=%d KC=%d MC=%d NC=%d, threads=%d\n", MOE_GEMM_MR, MOE_GEMM_NR, MOE_GEMM_KC,
            MOE_GEMM_MC, MOE_GEMM_NC, moe_num_threads());
@@ -515,5 +545,6 @@ int main(void) {
     test_decode_packed();
     test_experts_grad(MOE_EXPERT_SWIGLU);
     test_experts_grad(MOE_EXPERT_FFN);
+    test_topk_row();
     return test_summary();
 }

@@ -121,13 +121,10 @@ MOE__IMPL void moe_combine_backward(float *deout, float *dweight, const float *d
     MOE_OMP_FOR_IF((double)a->n * d > 1e5)
     for (i = 0; i < a->n; i++) {
         const float *g = dy + (size_t)a->token[i] * d, *e = eout + (size_t)i * d;
-        float *o = deout + (size_t)i * d, w = a->weight[i], dot = 0.0f;
+        float *o = deout + (size_t)i * d, w = a->weight[i];
         int j;
-        for (j = 0; j < d; j++) {
-            o[j] = w * g[j];
-            dot += g[j] * e[j];
-        }
-        if (dweight) dweight[i] = dot;
+        for (j = 0; j < d; j++) o[j] = w * g[j];
+        if (dweight) dweight[i] = moe__dot_lanes(g, e, d); /* lanes: a single running sum would not vectorize */
     }
 }
 

@@ -91,29 +91,10 @@ MOE__GEMM_FN void moe__swiglu_rows_backward(float *MOE_RESTRICT h, float *MOE_RE
     }
 }
 
-/* the MOE__LANES partial sums of one dot product, added by halving */
-static float moe__lanes_sum(float *acc) {
-    int h, k;
-    for (h = MOE__LANES / 2; h >= 1; h /= 2)
-        for (k = 0; k < h; k++) acc[k] += acc[k + h];
-    return acc[0];
-}
-
-/* one column: the readable reference of the four below, and the last N % 4 columns */
-static float moe__decode_dot(const float *x, const float *w, int K) {
-    float acc[MOE__LANES];
-    int u, k;
-    for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
-    for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
-        for (k = 0; k < MOE__LANES; k++) acc[k] += x[u + k] * w[u + k];
-    for (k = 0; u + k < K; k++) acc[k] += x[u + k] * w[u + k];
-    return moe__lanes_sum(acc);
-}
-
-/* four columns, each summed exactly as moe__decode_dot sums it (same bits); four named
+/* four columns, each summed exactly as moe__dot_lanes sums it (same bits); four named
    accumulators, not an array indexed by a variable column count, so that they stay in
    registers instead of a store and a reload on every step */
-static void moe__decode_dot4(float *out, const float *x, const float *w, int K) {
+static void moe__dot_lanes4(float *out, const float *x, const float *w, int K) {
     const float *w0 = w, *w1 = w + K, *w2 = w + 2 * (size_t)K, *w3 = w + 3 * (size_t)K;
     float a0[MOE__LANES], a1[MOE__LANES], a2[MOE__LANES], a3[MOE__LANES];
     int u, k;
@@ -145,9 +126,9 @@ static void moe__decode_block(float *out, const float *inp, const float *W, int 
     int i = blk % M, j0 = blk / M * 4, c;
     const float *x = inp + (size_t)i * K;
     if (N - j0 >= 4) {
-        moe__decode_dot4(out + (size_t)i * N + j0, x, W + (size_t)j0 * K, K);
+        moe__dot_lanes4(out + (size_t)i * N + j0, x, W + (size_t)j0 * K, K);
     } else {
-        for (c = j0; c < N; c++) out[(size_t)i * N + c] = moe__decode_dot(x, W + (size_t)c * K, K);
+        for (c = j0; c < N; c++) out[(size_t)i * N + c] = moe__dot_lanes(x, W + (size_t)c * K, K);
     }
 }
 
@@ -181,9 +162,13 @@ static int moe__bank_max_rows(const int *offset, int E) {
 /* Experts go in chunks (as many as MOE__EXPERT_CHUNK_FLOATS of packed weights and per-expert
    buffers allow, at least one); a chunk is ONE parallel region whose phases are separated by
    barriers, not one region per expert and phase: under load every fork/join and barrier
-   waits for the slowest thread, so the fewer the better. */
+   waits for the slowest thread, so the fewer the better. The cap bounds the scratch (64 MB)
+   more than it keeps a chunk in cache: on 2 threads the fine-grained benchmark layer (E = 64,
+   1.5 MB of weights per expert) ran fwd+bwd in 290 ms with this cap, 300 ms with a quarter of
+   it and 320 ms with a sixteenth (bench/moe_layer.c's shape, in alternation); 1 thread saw no
+   difference. */
 #ifndef MOE__EXPERT_CHUNK_FLOATS
-#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 20) /* 4 MB: a chunk stays about L2-sized */
+#define MOE__EXPERT_CHUNK_FLOATS ((size_t)1 << 24)
 #endif
 
 /* floats that hold n items of `size` bytes placed after floats, aligned to `size` */

@@ -102,6 +102,26 @@ MOE__GEMM_FN float moe__exp_lanes_inplace(float *MOE_RESTRICT x, int n, float mx
     return sum;
 }
 
+/* the MOE__LANES partial sums of one dot product, added by halving */
+static float moe__lanes_sum(float *acc) {
+    int h, k;
+    for (h = MOE__LANES / 2; h >= 1; h /= 2)
+        for (k = 0; k < h; k++) acc[k] += acc[k + h];
+    return acc[0];
+}
+
+/* one dot product in MOE__LANES lanes (the router's combine backward; decoding's one-column
+   reference of moe__dot_lanes4 and its last N % 4 columns) */
+static float moe__dot_lanes(const float *x, const float *w, int K) {
+    float acc[MOE__LANES];
+    int u, k;
+    for (k = 0; k < MOE__LANES; k++) acc[k] = 0.0f;
+    for (u = 0; u + MOE__LANES <= K; u += MOE__LANES)
+        for (k = 0; k < MOE__LANES; k++) acc[k] += x[u + k] * w[u + k];
+    for (k = 0; u + k < K; k++) acc[k] += x[u + k] * w[u + k];
+    return moe__lanes_sum(acc);
+}
+
 MOE__IMPL void moe_softmax_forward(float *out, const float *inp, int rows, int n) {
     int r;
     MOE_OMP_FOR_IF((double)rows * n > 1e5)

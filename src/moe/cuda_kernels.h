@@ -543,17 +543,19 @@ MOE__BODY void moe__cuda_combine_backward_body(int bx, int tx, int bdx, float *d
     long long i = moe__cuda_index(bx, tx, bdx);
     const float *g, *e;
     float *o, w, acc[MOE__LANES];
-    int j, h;
+    int j, u, h;
     if (i >= n) return;
     g = dy + (size_t)a_token[i] * d;
     e = eout + (size_t)i * d;
     o = deout + (size_t)i * d;
     w = a_weight[i];
+    for (j = 0; j < d; j++) o[j] = w * g[j];
+    /* moe__dot_lanes's lanes and order, so the CPU's bits; constant lane indices once the
+       inner loops unroll, so acc stays in registers */
     for (j = 0; j < MOE__LANES; j++) acc[j] = 0.0f;
-    for (j = 0; j < d; j++) {
-        o[j] = w * g[j];
-        acc[j % MOE__LANES] += g[j] * e[j]; /* moe__dot_lanes's lanes and order: the CPU's bits */
-    }
+    for (u = 0; u + MOE__LANES <= d; u += MOE__LANES)
+        for (j = 0; j < MOE__LANES; j++) acc[j] += g[u + j] * e[u + j];
+    for (j = 0; u + j < d; j++) acc[j] += g[u + j] * e[u + j];
     for (h = MOE__LANES / 2; h >= 1; h /= 2)
         for (j = 0; j < h; j++) acc[j] += acc[j + h];
     if (dweight) dweight[i] = acc[0];

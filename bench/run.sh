@@ -2,8 +2,13 @@
 # bench/run.sh - runs the benchmark binaries given as arguments (make bench passes them all),
 # the PyTorch peer (bench/torch_moe_layer.py, skipped with a note when torch is missing), and
 # prints the ratios measured in this run:
-#   ratio=ours_vs_torch config=C pass=fwd|fwd_bwd value=V          tokens/s, both tuned
-#   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box
+#   ratio=ours_vs_torch config=C pass=fwd|fwd_bwd value=V min= max= rounds=R
+#       MoE layer tokens/s, both tuned; V the median over R rounds (BENCH_ROUNDS) of the
+#       ratio of one round
+#   ratio=ours_vs_torch_default config=C pass=fwd|fwd_bwd value=V  both out of the box (one run)
+#   ratio=layer_over_gemms config=C value=V min= max= rounds=R
+#       with a BLAS=1 build of moe_layer: the layer's fwd+bwd time over its expert GEMMs
+#       alone through OpenBLAS (bench=moe_layer_blas), median over the rounds
 #   ratio=ours_vs_torch bench=train_lm config=dense|moe value=V min= max= rounds=R
 #   ratio=ours_vs_torch_default bench=train_lm config=dense|moe value=V min= max= rounds=R
 #       training tokens/s; V is the median over R rounds (BENCH_ROUNDS, default 3) of the ratio
@@ -21,7 +26,7 @@
 # Layer and training benchmarks alternate ours and the peer per config, so each ratio compares
 # runs made seconds apart on this (often busy) machine.
 PY=${PYTHON:-/usr/bin/python3}
-ROUNDS=${BENCH_ROUNDS:-3} # train_lm: rounds of (ours, peer) per config
+ROUNDS=${BENCH_ROUNDS:-3} # moe_layer, train_lm, generate: rounds of (ours, peer) per config
 HERE=$(dirname "$0")
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -50,9 +55,14 @@ for b in "$@"; do
     case $(basename "$b") in
     moe_layer)
         layer_done=1
-        for c in small medium fine; do
-            tuned "$b" "$c" | tee -a "$log"
-            [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=tuned | tee -a "$log"
+        # ROUNDS rounds of (ours, the peer) per config, tuned; then once out of the box
+        r=1
+        while [ "$r" -le "$ROUNDS" ]; do
+            for c in small medium fine; do
+                tuned "$b" "$c" | sed "s/\$/ round=$r/" | tee -a "$log"
+                [ "$TORCH" = 1 ] && tuned "$PY" "$HERE/torch_moe_layer.py" "$c" --setting=tuned | sed "s/\$/ round=$r/" | tee -a "$log"
+            done
+            r=$((r + 1))
         done
         for c in small medium fine; do
             plain "$b" "$c" | sed 's/^bench=moe_layer /bench=moe_layer setting=default /' | tee -a "$log"
@@ -107,10 +117,15 @@ function val(line, key,   n, i, kv, a) {
 }
 /^bench=moe_layer / {
     s = (val($0, "setting") == "default") ? "default" : "tuned"
-    ours[s "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
+    if (s == "tuned") layer_ours[val($0, "config") "," val($0, "pass") "," val($0, "round")] = val($0, "tokens_per_s")
+    else ours[s "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
 }
 /^bench=torch_moe_layer / {
-    theirs[val($0, "setting") "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
+    if (val($0, "setting") == "tuned") layer_theirs[val($0, "config") "," val($0, "pass") "," val($0, "round")] = val($0, "tokens_per_s")
+    else theirs[val($0, "setting") "," val($0, "config") "," val($0, "pass")] = val($0, "tokens_per_s")
+}
+/^bench=moe_layer_blas / {
+    blas[val($0, "config") "," val($0, "round")] = val($0, "layer_over_gemms")
 }
 /^bench=train_lm / {
     s = (val($0, "setting") == "default") ? "default" : "tuned"
@@ -125,13 +140,35 @@ function val(line, key,   n, i, kv, a) {
 /^bench=torch_train_lm / {
     lm_theirs[val($0, "setting") "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
+# sorts q[1..n]; sets med, lo, hi
+function spread(n,   i, j, t) {
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
+    med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+    lo = q[1]; hi = q[n]
+}
 END {
     split("small medium fine", cs, " "); split("fwd fwd_bwd", ps, " "); split("tuned default", ss, " ")
-    for (si = 1; si <= 2; si++) for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
-        k = ss[si] "," cs[ci] "," ps[pi]
+    for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
+        n = 0
+        for (r = 1; (cs[ci] "," ps[pi] "," r) in layer_ours; r++) {
+            k = cs[ci] "," ps[pi] "," r
+            if ((k in layer_theirs) && layer_theirs[k] > 0) q[++n] = layer_ours[k] / layer_theirs[k]
+        }
+        if (n == 0) continue
+        spread(n)
+        printf("ratio=ours_vs_torch config=%s pass=%s value=%.3f min=%.3f max=%.3f rounds=%d\n", cs[ci], ps[pi], med, lo, hi, n)
+    }
+    for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
+        k = "default," cs[ci] "," ps[pi]
         if ((k in ours) && (k in theirs) && theirs[k] > 0)
-            printf("ratio=ours_vs_torch%s config=%s pass=%s value=%.3f\n", ss[si] == "tuned" ? "" : "_default",
-                   cs[ci], ps[pi], ours[k] / theirs[k])
+            printf("ratio=ours_vs_torch_default config=%s pass=%s value=%.3f\n", cs[ci], ps[pi], ours[k] / theirs[k])
+    }
+    for (ci = 1; ci <= 3; ci++) {
+        n = 0
+        for (r = 1; (cs[ci] "," r) in blas; r++) q[++n] = blas[cs[ci] "," r]
+        if (n == 0) continue
+        spread(n)
+        printf("ratio=layer_over_gemms config=%s value=%.3f min=%.3f max=%.3f rounds=%d\n", cs[ci], med, lo, hi, n)
     }
     split("dense moe", ms, " ")
     for (si = 1; si <= 2; si++) for (ci = 1; ci <= 2; ci++) {
@@ -141,10 +178,9 @@ END {
             if ((k in lm_theirs) && lm_theirs[k] > 0) q[++n] = lm_ours[k] / lm_theirs[k]
         }
         if (n == 0) continue
-        for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
-        med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+        spread(n)
         printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
-               ss[si] == "tuned" ? "" : "_default", ms[ci], med, q[1], q[n], n)
+               ss[si] == "tuned" ? "" : "_default", ms[ci], med, lo, hi, n)
     }
     split("demo d256", gc, " "); split("1 16", gb, " ")
     for (ci = 1; ci <= 2; ci++) for (bi = 1; bi <= 2; bi++) {
@@ -154,9 +190,8 @@ END {
             if ((k in gen_theirs) && gen_theirs[k] > 0) q[++n] = gen_ours[k] / gen_theirs[k]
         }
         if (n == 0) continue
-        for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
-        med = (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+        spread(n)
         printf("ratio=ours_vs_torch bench=generate config=%s batch=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
-               gc[ci], gb[bi], med, q[1], q[n], n)
+               gc[ci], gb[bi], med, lo, hi, n)
     }
 }' "$log"

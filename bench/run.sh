@@ -140,6 +140,15 @@ function val(line, key,   n, i, kv, a) {
 /^bench=torch_train_lm / {
     lm_theirs[val($0, "setting") "," val($0, "config") "," val($0, "round")] = val($0, "tokens_per_s")
 }
+# q[1..n] = ours[key "," r] / theirs[key "," r] for the rounds r = 1, 2, ...; returns n
+function per_round(ours, theirs, key,   r, k, n) {
+    n = 0
+    for (r = 1; (key "," r) in ours; r++) {
+        k = key "," r
+        if ((k in theirs) && theirs[k] > 0) q[++n] = ours[k] / theirs[k]
+    }
+    return n
+}
 # sorts q[1..n]; sets med, lo, hi
 function spread(n,   i, j, t) {
     for (i = 2; i <= n; i++) for (j = i; j > 1 && q[j - 1] > q[j]; j--) { t = q[j]; q[j] = q[j - 1]; q[j - 1] = t }
@@ -149,12 +158,7 @@ function spread(n,   i, j, t) {
 END {
     split("small medium fine", cs, " "); split("fwd fwd_bwd", ps, " "); split("tuned default", ss, " ")
     for (ci = 1; ci <= 3; ci++) for (pi = 1; pi <= 2; pi++) {
-        n = 0
-        for (r = 1; (cs[ci] "," ps[pi] "," r) in layer_ours; r++) {
-            k = cs[ci] "," ps[pi] "," r
-            if ((k in layer_theirs) && layer_theirs[k] > 0) q[++n] = layer_ours[k] / layer_theirs[k]
-        }
-        if (n == 0) continue
+        if ((n = per_round(layer_ours, layer_theirs, cs[ci] "," ps[pi])) == 0) continue
         spread(n)
         printf("ratio=ours_vs_torch config=%s pass=%s value=%.3f min=%.3f max=%.3f rounds=%d\n", cs[ci], ps[pi], med, lo, hi, n)
     }
@@ -172,24 +176,14 @@ END {
     }
     split("dense moe", ms, " ")
     for (si = 1; si <= 2; si++) for (ci = 1; ci <= 2; ci++) {
-        n = 0
-        for (r = 1; (ss[si] "," ms[ci] "," r) in lm_ours; r++) {
-            k = ss[si] "," ms[ci] "," r
-            if ((k in lm_theirs) && lm_theirs[k] > 0) q[++n] = lm_ours[k] / lm_theirs[k]
-        }
-        if (n == 0) continue
+        if ((n = per_round(lm_ours, lm_theirs, ss[si] "," ms[ci])) == 0) continue
         spread(n)
         printf("ratio=ours_vs_torch%s bench=train_lm config=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
                ss[si] == "tuned" ? "" : "_default", ms[ci], med, lo, hi, n)
     }
     split("demo d256", gc, " "); split("1 16", gb, " ")
     for (ci = 1; ci <= 2; ci++) for (bi = 1; bi <= 2; bi++) {
-        n = 0
-        for (r = 1; (gc[ci] "," gb[bi] "," r) in gen_ours; r++) {
-            k = gc[ci] "," gb[bi] "," r
-            if ((k in gen_theirs) && gen_theirs[k] > 0) q[++n] = gen_ours[k] / gen_theirs[k]
-        }
-        if (n == 0) continue
+        if ((n = per_round(gen_ours, gen_theirs, gc[ci] "," gb[bi])) == 0) continue
         spread(n)
         printf("ratio=ours_vs_torch bench=generate config=%s batch=%s value=%.3f min=%.3f max=%.3f rounds=%d\n",
                gc[ci], gb[bi], med, lo, hi, n)
